@@ -1,0 +1,16 @@
+//! One module per subcommand; each has `Args` (clap) and `run(Args) -> anyhow::Result<i32>`
+//! returning the process exit code.
+
+pub mod checkpoint;
+pub mod mon;
+pub mod restart;
+pub mod status;
+pub mod testbed;
+
+/// The MOSIX program names that `mosix` answers to when invoked under them (symlinks).
+pub fn alias(argv0: &str) -> Option<&'static str> {
+    match argv0 {
+        "mon" => Some("mon"),
+        _ => None,
+    }
+}

@@ -1,0 +1,71 @@
+//! `mosix`: the MOSIX command line. Thin: parsing and printing only, the work is in the
+//! library crates. Also answers to the MOSIX names through argv[0] (see `alias`).
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mosix",
+    version,
+    about = "MOSIX for today's Linux: a cluster of machines that behaves like one computer",
+    long_about = "MOSIX for today's Linux: a cluster of machines that behaves like one computer.\n\n\
+        Processes started on a node can be checkpointed, restarted, and (with mosixd running) \
+        migrate to the node where they finish soonest."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Checkpoint(cmd::checkpoint::Args),
+    Restart(cmd::restart::Args),
+    Status(cmd::status::Args),
+    Mon(cmd::mon::Args),
+    Testbed(cmd::testbed::Args),
+}
+
+/// Argument vector with the MOSIX argv[0] aliases turned into subcommands
+/// (`mon` = `mosix mon`, ...).
+fn args_with_alias() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let base = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some(sub) = cmd::alias(&base) {
+        args[0] = "mosix".into();
+        args.insert(1, sub.into());
+    }
+    args
+}
+
+fn main() {
+    let cli = Cli::parse_from(args_with_alias());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOSIX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Checkpoint(a) => cmd::checkpoint::run(a),
+        Command::Restart(a) => cmd::restart::run(a),
+        Command::Status(a) => cmd::status::run(a),
+        Command::Mon(a) => cmd::mon::run(a),
+        Command::Testbed(a) => cmd::testbed::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One clear line: what failed and why (anyhow's chain joined by ": ").
+            eprintln!("mosix: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
