@@ -1,1 +1,27 @@
-pub fn x(){}
+//! mosix-ckpt: checkpoint and restore of one unmodified, single-threaded x86_64 Linux
+//! process, without CRIU. The process is frozen with ptrace, its state read from /proc,
+//! ptrace and a few system calls injected into it, and streamed as a versioned,
+//! checksummed image; restore builds it again inside a fresh traced child.
+//!
+//! ```no_run
+//! use mosix_ckpt::{checkpoint, restore, read_image, DumpOptions, RestoreOptions, Compression};
+//! let opts = DumpOptions { leave_running: false, compression: Compression::None };
+//! let (bytes, _stats) = checkpoint(1234, Vec::new(), opts, &mut |_, _| {})?;
+//! let img = read_image(&bytes[..])?;
+//! let pid = restore(&img, RestoreOptions::default())?;
+//! # Ok::<(), mosix_ckpt::Error>(())
+//! ```
+
+pub mod check;
+mod dump;
+mod error;
+pub mod image;
+pub mod procfs;
+mod remote;
+mod restore;
+pub mod sys;
+
+pub use dump::{check, checkpoint, DumpOptions, DumpStats};
+pub use error::{Error, Result};
+pub use image::{read_image, Compression, LoadedImage, ProcessImage};
+pub use restore::{preflight, restore, RestoreOptions};

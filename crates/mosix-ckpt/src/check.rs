@@ -1,0 +1,174 @@
+//! Can this process be checkpointed faithfully? Decided from /proc alone, before the
+//! process is touched; every reason it cannot is listed.
+
+use crate::error::Result;
+use crate::image::FdKind;
+use crate::procfs::{self, FdInfo, MapLine};
+
+/// Character devices that hold no state worth saving: reopened by path.
+const STATELESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+fn is_stdio_endpoint(t: &str) -> bool {
+    t == "/dev/null"
+        || t.starts_with("/dev/pts/")
+        || t.starts_with("/dev/tty")
+        || t == "/dev/console"
+        || t.starts_with("pipe:")
+        || t.starts_with("socket:")
+}
+
+fn describe_special(t: &str) -> String {
+    if t.starts_with("pipe:") {
+        "a pipe".into()
+    } else if t.starts_with("socket:") {
+        "a socket".into()
+    } else if let Some(k) = t.strip_prefix("anon_inode:") {
+        format!(
+            "a kernel object ({})",
+            k.trim_matches(|c| c == '[' || c == ']')
+        )
+    } else if t.starts_with("/dev/") {
+        format!("the device {t}")
+    } else {
+        format!("'{t}'")
+    }
+}
+
+/// How descriptor `f` comes back, or why it cannot.
+pub fn classify_fd(f: &FdInfo) -> std::result::Result<FdKind, String> {
+    let t = &f.target;
+    let fmt = f.mode & libc::S_IFMT;
+    if t.ends_with(" (deleted)") {
+        return Err(format!("fd {} is a deleted file ({t})", f.fd));
+    }
+    if f.has_lock {
+        return Err(format!("fd {} holds a file lock ({t})", f.fd));
+    }
+    if (0..=2).contains(&f.fd) && is_stdio_endpoint(t) {
+        return Ok(FdKind::Inherit { was: t.clone() });
+    }
+    let reopen = t.starts_with('/')
+        && (fmt == libc::S_IFREG
+            || fmt == libc::S_IFDIR
+            || STATELESS_DEVICES.contains(&t.as_str()));
+    if reopen {
+        let id = if fmt == libc::S_IFREG {
+            procfs::file_id_of(t).ok()
+        } else {
+            None
+        };
+        return Ok(FdKind::File {
+            path: t.clone(),
+            flags: f.flags,
+            pos: f.pos,
+            id,
+        });
+    }
+    Err(format!("fd {} is {}", f.fd, describe_special(t)))
+}
+
+/// Why mapping `m` cannot be saved, if it cannot.
+pub fn vma_refusal(m: &MapLine) -> Option<String> {
+    let at = format!("{:#x}-{:#x}", m.start, m.end);
+    if m.name.starts_with("/SYSV") {
+        return Some(format!("it is attached to System V shared memory ({at})"));
+    }
+    if m.name.ends_with(" (deleted)") {
+        return Some(format!("it maps a deleted file {} ({at})", m.name));
+    }
+    if m.name == "[uprobes]" {
+        return Some("it has uprobes attached".into());
+    }
+    if m.shared && (m.write || !m.is_file()) {
+        let what = if m.is_file() {
+            m.name.as_str()
+        } else {
+            "anonymous memory"
+        };
+        return Some(format!("it has writable shared memory: {what} ({at})"));
+    }
+    if m.is_file() {
+        let ok = std::fs::metadata(&m.name)
+            .map(|md| md.file_type().is_file())
+            .unwrap_or(false);
+        if !ok {
+            return Some(format!(
+                "it maps {} which is not a regular file ({at})",
+                m.name
+            ));
+        }
+    } else if m.inode != 0 {
+        return Some(format!("it maps {} ({at})", m.name));
+    }
+    None
+}
+
+/// Every reason `pid` cannot be checkpointed (empty when it can).
+pub fn refusals(pid: i32) -> Result<Vec<String>> {
+    let mut why = Vec::new();
+    if pid == std::process::id() as i32 {
+        why.push("it is the checkpointing command itself".into());
+        return Ok(why);
+    }
+    let st = procfs::status(pid)?;
+    let get = |k: &str| st.get(k).map(String::as_str).unwrap_or("");
+    if get("Kthread") == "1" {
+        why.push("it is a kernel thread".into());
+        return Ok(why);
+    }
+    let state = get("State");
+    if state.starts_with('Z') || state.starts_with('X') {
+        why.push("it is exiting".into());
+        return Ok(why);
+    }
+    let threads: u32 = get("Threads").parse().unwrap_or(1);
+    if threads > 1 {
+        why.push(format!(
+            "it has {threads} threads (only single-threaded processes can be moved)"
+        ));
+    }
+    let tracer: i32 = get("TracerPid").parse().unwrap_or(0);
+    // We are the tracer once the process is frozen for the checkpoint.
+    if tracer != 0 && tracer != std::process::id() as i32 {
+        why.push(format!("it is being traced by process {tracer}"));
+    }
+    if !matches!(get("Seccomp"), "" | "0") {
+        why.push("it runs under a seccomp filter".into());
+    }
+    let mut head = [0u8; 5];
+    if let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/exe")) {
+        use std::io::Read;
+        if f.read_exact(&mut head).is_ok() && &head[..4] == b"\x7fELF" && head[4] != 2 {
+            why.push("it is a 32-bit program (only x86_64 is supported)".into());
+        }
+    }
+    let kids = procfs::children(pid);
+    if !kids.is_empty() {
+        let list: Vec<String> = kids.iter().map(|k| k.to_string()).collect();
+        why.push(format!("it has child processes ({})", list.join(", ")));
+    }
+    if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/timers")) {
+        if !t.trim().is_empty() {
+            why.push("it uses POSIX timers (timer_create)".into());
+        }
+    }
+    for m in procfs::maps(pid)? {
+        if let Some(r) = vma_refusal(&m) {
+            if !why.contains(&r) {
+                why.push(r);
+            }
+        }
+    }
+    for f in procfs::fds(pid)? {
+        if let Err(r) = classify_fd(&f) {
+            why.push(r);
+        }
+    }
+    Ok(why)
+}

@@ -1,0 +1,568 @@
+//! Checkpoint: freeze a process with ptrace, capture its state, stream the image out,
+//! then kill it or let it go on exactly as it was.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crate::check as checks;
+use crate::error::{sys_err, Error, Result};
+use crate::image::{
+    Compression, Creds, Fd, ImageWriter, MmFields, PendingSignal, ProcessImage, Rseq, SigAction,
+    Vma, VmaKind, PAGES_RECORD_MAX,
+};
+use crate::procfs::{self, MapLine, PM_FILE, PM_PRESENT, PM_SWAPPED};
+use crate::remote::{find_syscall_insn, Remote};
+use crate::sys::{self, Regs, Stop, PAGE};
+
+#[derive(Clone, Copy, Debug)]
+pub struct DumpOptions {
+    /// Let the process go on after the checkpoint instead of killing it.
+    pub leave_running: bool,
+    pub compression: Compression,
+}
+
+/// Figures of one checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct DumpStats {
+    /// Bytes of memory contents saved.
+    pub memory_bytes: u64,
+    /// Pages that were present but all zero, so not saved.
+    pub zero_pages: u64,
+    /// How long the process was stopped.
+    pub frozen: Duration,
+}
+
+/// Progress callback: (bytes of memory written so far, expected total).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+const PTRACE_EVENT_STOP: i32 = 128;
+const SCRATCH: usize = 512;
+
+/// Says whether `pid` can be checkpointed; Ok(()) or Err(Refused) with every reason.
+pub fn check(pid: i32) -> Result<()> {
+    let reasons = checks::refusals(pid)?;
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Refused { pid, reasons })
+    }
+}
+
+/// Checkpoints `pid` into `out`. On any failure the process is left running as it was.
+pub fn checkpoint<W: Write + 'static>(
+    pid: i32,
+    out: W,
+    opts: DumpOptions,
+    progress: Progress<'_>,
+) -> Result<(W, DumpStats)> {
+    check(pid)?;
+    let t0 = Instant::now();
+    let mut frozen = freeze(pid)?;
+    let res = dump_frozen(&mut frozen, out, opts, progress);
+    match res {
+        Ok((w, mut stats)) => {
+            if opts.leave_running {
+                frozen.release()?;
+            } else {
+                frozen.kill()?;
+            }
+            stats.frozen = t0.elapsed();
+            Ok((w, stats))
+        }
+        Err(e) => {
+            // Never lose the process: put it back as it was, whatever went wrong.
+            if let Err(e2) = frozen.release() {
+                tracing::error!("could not release process {pid} after a failed checkpoint: {e2}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A process held in a ptrace stop.
+struct Frozen {
+    pid: i32,
+    regs: Regs,
+    /// Signals that arrived while it was held, to be queued again on release.
+    held: Vec<Vec<u8>>,
+    /// A `syscall` instruction inside the process, once found.
+    syscall_ip: Option<u64>,
+    /// Stack scratch area (address, original bytes) while in use.
+    scratch: Option<(u64, Vec<u8>)>,
+    done: bool,
+}
+
+fn freeze(pid: i32) -> Result<Frozen> {
+    sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD as u64).map_err(|e| match e.raw_os_error() {
+        Some(libc::ESRCH) => Error::NoProcess(pid),
+        _ => sys_err(format!("attaching to process {pid}"), e),
+    })?;
+    let mut held = Vec::new();
+    sys::interrupt(pid).map_err(|e| sys_err("stopping the process", e))?;
+    loop {
+        match sys::wait(pid)? {
+            Stop::Stopped { event, .. } if event == PTRACE_EVENT_STOP => break,
+            Stop::Stopped { sig, event: 0 } => {
+                // A signal was being delivered: hold it, then stop for real.
+                held.push(sys::get_siginfo(pid)?);
+                let _ = sig;
+                sys::cont(pid, 0).map_err(|e| sys_err("ptrace", e))?;
+                sys::interrupt(pid).map_err(|e| sys_err("stopping the process", e))?;
+            }
+            Stop::Stopped { .. } => {
+                sys::cont(pid, 0).map_err(|e| sys_err("ptrace", e))?;
+            }
+            _ => return Err(Error::NoProcess(pid)),
+        }
+    }
+    let regs = sys::get_regs(pid)?;
+    Ok(Frozen {
+        pid,
+        regs,
+        held,
+        syscall_ip: None,
+        scratch: None,
+        done: false,
+    })
+}
+
+impl Frozen {
+    fn remote(&self) -> Result<Remote> {
+        let ip = self.syscall_ip.ok_or_else(|| Error::Target {
+            pid: self.pid,
+            msg: "no syscall instruction found".into(),
+        })?;
+        Ok(Remote::new(self.pid, ip, self.regs))
+    }
+
+    /// Puts everything back and lets the process go on.
+    fn release(&mut self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        if !self.held.is_empty() && self.syscall_ip.is_some() && self.scratch.is_some() {
+            let (addr, _) = self.scratch.clone().expect("checked");
+            let mut r = self.remote()?;
+            for info in std::mem::take(&mut self.held) {
+                let signo = i32::from_le_bytes(info[..4].try_into().expect("4 bytes"));
+                sys::write_mem(self.pid, addr, &info)?;
+                r.call(
+                    "queueing a held signal",
+                    libc::SYS_rt_tgsigqueueinfo,
+                    &[self.pid as u64, self.pid as u64, signo as u64, addr],
+                )?;
+                self.held.append(&mut r.held);
+            }
+        }
+        if let Some((addr, orig)) = self.scratch.take() {
+            sys::write_mem(self.pid, addr, &orig)?;
+        }
+        sys::set_regs(self.pid, &self.regs)?;
+        // A signal that still could not be queued is delivered by detach.
+        let sig = self
+            .held
+            .first()
+            .map(|i| i32::from_le_bytes(i[..4].try_into().expect("4 bytes")))
+            .unwrap_or(0);
+        sys::detach(self.pid, sig).map_err(|e| sys_err("detaching", e))?;
+        self.done = true;
+        Ok(())
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        sys::kill(self.pid, libc::SIGKILL)
+            .map_err(|e| sys_err("killing the checkpointed process", e))?;
+        loop {
+            match sys::wait(self.pid) {
+                Ok(Stop::Stopped { .. }) => {
+                    let _ = sys::cont(self.pid, 0);
+                }
+                _ => break,
+            }
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.release();
+        }
+    }
+}
+
+fn le_u64(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+}
+
+/// Queries the kernel state that only the process itself can read, by injected calls.
+struct Injected {
+    sigactions: Vec<SigAction>,
+    sigaltstack: (u64, i32, u64),
+    itimers: Vec<[i64; 4]>,
+    brk: u64,
+    clear_child_tid: u64,
+}
+
+fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
+    let pid = f.pid;
+    // A syscall instruction: the vdso always has one; any executable mapping will do.
+    let mut ip = None;
+    let mut order: Vec<&MapLine> = maps.iter().filter(|m| m.name == "[vdso]").collect();
+    order.extend(
+        maps.iter()
+            .filter(|m| m.exec && m.read && m.name != "[vdso]"),
+    );
+    for m in order {
+        let len = m.len().min(1 << 20) as usize;
+        let mut code = vec![0u8; len];
+        if sys::read_mem(pid, m.start, &mut code).unwrap_or(false) {
+            if let Some(a) = find_syscall_insn(&code, m.start) {
+                ip = Some(a);
+                break;
+            }
+        }
+    }
+    f.syscall_ip = Some(ip.ok_or_else(|| Error::Target {
+        pid,
+        msg: "no syscall instruction found in its code".into(),
+    })?);
+    // Scratch memory: below the stack's red zone if the stack is there, else the start of
+    // a writable mapping. Its bytes are saved and put back.
+    let below = (f.regs.rsp.wrapping_sub(128 + SCRATCH as u64)) & !15;
+    let writable = |a: u64| {
+        maps.iter()
+            .any(|m| m.write && !m.shared && m.start <= a && a + SCRATCH as u64 <= m.end)
+    };
+    let addr = if writable(below) {
+        below
+    } else {
+        maps.iter()
+            .find(|m| m.write && !m.shared && m.len() >= SCRATCH as u64)
+            .map(|m| m.start)
+            .ok_or_else(|| Error::Target {
+                pid,
+                msg: "no writable memory to work in".into(),
+            })?
+    };
+    let mut orig = vec![0u8; SCRATCH];
+    if !sys::read_mem(pid, addr, &mut orig)? {
+        return Err(Error::Target {
+            pid,
+            msg: "its scratch memory is unreadable".into(),
+        });
+    }
+    f.scratch = Some((addr, orig));
+    let mut r = f.remote()?;
+    let mut buf = [0u8; 32];
+    let mut sigactions = Vec::new();
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        r.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[signo as u64, 0, addr, 8],
+        )?;
+        sys::read_mem(pid, addr, &mut buf)?;
+        let (handler, flags, restorer, mask) = (
+            le_u64(&buf, 0),
+            le_u64(&buf, 1),
+            le_u64(&buf, 2),
+            le_u64(&buf, 3),
+        );
+        if handler != 0 || flags != 0 || mask != 0 {
+            sigactions.push(SigAction {
+                signo,
+                handler,
+                flags,
+                restorer,
+                mask,
+            });
+        }
+    }
+    r.call("sigaltstack", libc::SYS_sigaltstack, &[0, addr])?;
+    sys::read_mem(pid, addr, &mut buf[..24])?;
+    let sigaltstack = (
+        le_u64(&buf, 0),
+        i32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")),
+        le_u64(&buf, 2),
+    );
+    let mut itimers = Vec::new();
+    for which in 0..3u64 {
+        r.call("getitimer", libc::SYS_getitimer, &[which, addr])?;
+        sys::read_mem(pid, addr, &mut buf)?;
+        itimers.push([0, 1, 2, 3].map(|i| le_u64(&buf, i) as i64));
+    }
+    let brk = r.call("brk", libc::SYS_brk, &[0])?;
+    r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[40, addr])?;
+    sys::read_mem(pid, addr, &mut buf[..8])?;
+    let clear_child_tid = le_u64(&buf, 0);
+    f.held.append(&mut r.held);
+    // Put the scratch bytes and the registers back now: memory is read after this.
+    let (a, o) = f.scratch.clone().expect("set above");
+    sys::write_mem(pid, a, &o)?;
+    sys::set_regs(pid, &f.regs)?;
+    Ok(Injected {
+        sigactions,
+        sigaltstack,
+        itimers,
+        brk,
+        clear_child_tid,
+    })
+}
+
+fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
+    let flags = procfs::vm_flags(pid)?;
+    let mut out = Vec::new();
+    for m in maps {
+        if m.name == "[vsyscall]" {
+            continue;
+        }
+        let kind = if m.is_special() {
+            VmaKind::Special(m.name.clone())
+        } else if m.is_file() {
+            let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            let id =
+                procfs::file_id_of(&mf).map_err(|e| sys_err(format!("examining {}", m.name), e))?;
+            VmaKind::File {
+                path: m.name.clone(),
+                offset: m.offset,
+                id,
+            }
+        } else {
+            VmaKind::Anon
+        };
+        let anon_name = m
+            .name
+            .strip_prefix("[anon:")
+            .and_then(|n| n.strip_suffix(']'))
+            .map(str::to_string);
+        out.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            shared: m.shared,
+            growsdown: flags
+                .get(&m.start)
+                .is_some_and(|f| f.iter().any(|x| x == "gd")),
+            kind,
+            anon_name,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs of pages to save: (start address, page count, anonymous?).
+fn page_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64, bool)>> {
+    let pm = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| sys_err("opening the page map", e))?;
+    let mut runs = Vec::new();
+    for v in vmas {
+        if v.shared || matches!(v.kind, VmaKind::Special(_)) {
+            continue;
+        }
+        let anon = matches!(v.kind, VmaKind::Anon);
+        let entries = procfs::pagemap(&pm, v.start, v.end)?;
+        let mut run: Option<(u64, u64)> = None;
+        for (i, e) in entries.iter().enumerate() {
+            let keep = if anon {
+                e & (PM_PRESENT | PM_SWAPPED) != 0
+            } else {
+                (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
+            };
+            let addr = v.start + i as u64 * PAGE;
+            match (&mut run, keep) {
+                (Some((_, n)), true) if *n * PAGE < PAGES_RECORD_MAX as u64 => *n += 1,
+                (r, true) => {
+                    if let Some((s, n)) = r.take() {
+                        runs.push((s, n, anon));
+                    }
+                    *r = Some((addr, 1));
+                }
+                (r, false) => {
+                    if let Some((s, n)) = r.take() {
+                        runs.push((s, n, anon));
+                    }
+                }
+            }
+        }
+        if let Some((s, n)) = run {
+            runs.push((s, n, anon));
+        }
+    }
+    Ok(runs)
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: reinterpreting initialised bytes as u128 is sound; align_to keeps only
+        // the properly aligned middle.
+        unsafe { p.align_to::<u128>() }
+    };
+    pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0)
+}
+
+fn dump_frozen<W: Write + 'static>(
+    f: &mut Frozen,
+    out: W,
+    opts: DumpOptions,
+    progress: Progress<'_>,
+) -> Result<(W, DumpStats)> {
+    let pid = f.pid;
+    // Threads could have been created between the check and the stop.
+    let reasons = checks::refusals(pid)?;
+    let tasks = procfs::tasks(pid)?;
+    if !reasons.is_empty() || tasks.len() > 1 {
+        let mut reasons = reasons;
+        if tasks.len() > 1 && reasons.is_empty() {
+            reasons.push(format!("it has {} threads", tasks.len()));
+        }
+        return Err(Error::Refused { pid, reasons });
+    }
+    let maps = procfs::maps(pid)?;
+    let xstate = sys::get_xstate(pid)?;
+    let blocked = sys::get_sigmask(pid)?;
+    let mut pending = Vec::new();
+    for shared in [false, true] {
+        for s in sys::peek_siginfo(pid, shared)? {
+            pending.push(PendingSignal { shared, siginfo: s });
+        }
+    }
+    let rseq = sys::get_rseq(pid)?.map(|(addr, len, sig)| Rseq { addr, len, sig });
+    let robust_list = sys::get_robust_list(pid)?;
+    let inj = inject_queries(f, &maps)?;
+    for s in &f.held {
+        pending.push(PendingSignal {
+            shared: false,
+            siginfo: s.clone(),
+        });
+    }
+
+    let st = procfs::status(pid)?;
+    let sf = procfs::stat_fields(pid)?;
+    let groups = st
+        .get("Groups")
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut rlimits = Vec::new();
+    for res in 0..16u32 {
+        let (cur, max) = sys::getrlimit(pid, res)?;
+        rlimits.push((res, cur, max));
+    }
+    let mut fds = Vec::new();
+    for fi in procfs::fds(pid)? {
+        let kind = checks::classify_fd(&fi).map_err(|r| Error::Refused {
+            pid,
+            reasons: vec![r],
+        })?;
+        fds.push(Fd {
+            fd: fi.fd,
+            cloexec: fi.flags & libc::O_CLOEXEC != 0,
+            kind,
+        });
+    }
+    let vmas = vmas_of(pid, &maps)?;
+    let runs = page_runs(pid, &vmas)?;
+    let estimate: u64 = runs.iter().map(|r| r.1 * PAGE).sum();
+    let exe = procfs::link(pid, "exe")?;
+    let meta = ProcessImage {
+        arch: std::env::consts::ARCH.to_string(),
+        kernel: sys::uname_release(),
+        hostname: sys::hostname(),
+        pid,
+        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
+        exe_id: procfs::file_id_of(&format!("/proc/{pid}/exe")).ok(),
+        exe,
+        cwd: procfs::link(pid, "cwd")?,
+        umask: st
+            .get("Umask")
+            .and_then(|u| u32::from_str_radix(u, 8).ok())
+            .unwrap_or(0o022),
+        creds: Creds {
+            uid: procfs::ids(st.get("Uid")),
+            gid: procfs::ids(st.get("Gid")),
+            groups,
+        },
+        personality: std::fs::read_to_string(format!("/proc/{pid}/personality"))
+            .ok()
+            .and_then(|p| u64::from_str_radix(p.trim(), 16).ok())
+            .unwrap_or(0),
+        no_new_privs: st.get("NoNewPrivs").map(String::as_str) == Some("1"),
+        rlimits,
+        vmas,
+        mm: MmFields {
+            start_code: procfs::field_u64(&sf, 26),
+            end_code: procfs::field_u64(&sf, 27),
+            start_stack: procfs::field_u64(&sf, 28),
+            start_data: procfs::field_u64(&sf, 45),
+            end_data: procfs::field_u64(&sf, 46),
+            start_brk: procfs::field_u64(&sf, 47),
+            brk: inj.brk,
+            arg_start: procfs::field_u64(&sf, 48),
+            arg_end: procfs::field_u64(&sf, 49),
+            env_start: procfs::field_u64(&sf, 50),
+            env_end: procfs::field_u64(&sf, 51),
+            auxv: procfs::auxv(pid)?,
+        },
+        regs: sys::regs_to_bytes(&f.regs),
+        xstate,
+        sigactions: inj.sigactions,
+        blocked,
+        pending,
+        sigaltstack: inj.sigaltstack,
+        itimers: inj.itimers,
+        rseq,
+        robust_list,
+        clear_child_tid: inj.clear_child_tid,
+        fds,
+        memory_estimate: estimate,
+    };
+
+    let mut w = ImageWriter::new(out, opts.compression, &meta)?;
+    let mut stats = DumpStats::default();
+    let mut buf = vec![0u8; PAGES_RECORD_MAX];
+    let mut done = 0u64;
+    for &(start, n, anon) in &runs {
+        let len = (n * PAGE) as usize;
+        let chunk = &mut buf[..len];
+        sys::read_mem_many(pid, &[(start, len)], chunk)?;
+        if anon {
+            // Leave out all-zero pages: they come back as fresh anonymous memory.
+            let mut i = 0usize;
+            let pages = n as usize;
+            while i < pages {
+                let pg = |k: usize| &chunk[k * PAGE as usize..(k + 1) * PAGE as usize];
+                if is_zero(pg(i)) {
+                    stats.zero_pages += 1;
+                    i += 1;
+                    continue;
+                }
+                let s = i;
+                while i < pages && !is_zero(pg(i)) {
+                    i += 1;
+                }
+                let bytes = &chunk[s * PAGE as usize..i * PAGE as usize];
+                w.pages(start + s as u64 * PAGE, bytes)?;
+                stats.memory_bytes += bytes.len() as u64;
+            }
+        } else {
+            w.pages(start, chunk)?;
+            stats.memory_bytes += len as u64;
+        }
+        done += len as u64;
+        progress(done, estimate);
+    }
+    let out = w.finish()?;
+    Ok((out, stats))
+}

@@ -1,0 +1,648 @@
+//! Restore: build the saved process inside a fresh traced child by injecting system
+//! calls into it, then let it go.
+
+use std::collections::HashMap;
+
+use crate::error::{sys_err, Error, Result};
+use crate::image::{FdKind, FileId, LoadedImage, ProcessImage, VmaKind};
+use crate::procfs;
+use crate::remote::{find_syscall_insn, Remote};
+use crate::sys::{self, PAGE};
+
+/// Highest user address on x86_64 with 4-level paging.
+const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+const SCRATCH_LEN: u64 = 64 * 1024;
+// Layout of the work area: code, auxv, prctl_mm_map, small structs, strings.
+const AT_AUXV: u64 = 0x1000;
+const AT_MM: u64 = 0x2000;
+const AT_MISC: u64 = 0x3000;
+const AT_STR: u64 = 0x8000;
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+const PR_SET_VMA: u64 = 0x53564d41;
+const PR_SET_VMA_ANON_NAME: u64 = 0;
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// How the new process is created.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreOptions {}
+
+/// Checks that the image can be restored on this machine, before anything is created:
+/// architecture, files it maps or has open, kernel-provided mappings.
+pub fn preflight(img: &LoadedImage) -> Result<()> {
+    let m = &img.meta;
+    if m.arch != std::env::consts::ARCH {
+        return Err(Error::Unrestorable(format!(
+            "the image is of a {} process; this machine is {}",
+            m.arch,
+            std::env::consts::ARCH
+        )));
+    }
+    if sys::regs_from_bytes(&m.regs).is_none() {
+        return Err(Error::Unrestorable("registers of an unknown layout".into()));
+    }
+    let check = |path: &str, id: &FileId, strict: bool| -> Result<()> {
+        let now = procfs::file_id_of(path).map_err(|e| {
+            Error::Unrestorable(format!("{path} is needed but cannot be opened: {e}"))
+        })?;
+        let same = if strict {
+            &now == id
+        } else {
+            now.dev == id.dev && now.ino == id.ino
+        };
+        if !same {
+            return Err(Error::Unrestorable(format!(
+                "{path} is not the file it was at checkpoint time (it was replaced or changed)"
+            )));
+        }
+        Ok(())
+    };
+    if let Some(id) = &m.exe_id {
+        check(&m.exe, id, true)?;
+    }
+    for v in &m.vmas {
+        if let VmaKind::File { path, id, .. } = &v.kind {
+            check(path, id, true)?;
+        }
+    }
+    for f in &m.fds {
+        if let FdKind::File {
+            path, id: Some(id), ..
+        } = &f.kind
+        {
+            check(path, id, false)?;
+        }
+    }
+    let own = specials(&procfs::maps(std::process::id() as i32)?);
+    let want = image_specials(m);
+    for (name, (_, len)) in &want {
+        match own.get(name) {
+            Some((_, l)) if l == len => {}
+            _ => return Err(Error::Unrestorable(format!(
+                "the kernel's {name} differs from the one of the image (kernel {} there, {} here)",
+                m.kernel,
+                sys::uname_release()
+            ))),
+        }
+    }
+    Ok(())
+}
+
+fn specials(maps: &[procfs::MapLine]) -> HashMap<String, (u64, u64)> {
+    maps.iter()
+        .filter(|m| m.is_special())
+        .map(|m| (m.name.clone(), (m.start, m.len())))
+        .collect()
+}
+
+fn image_specials(m: &ProcessImage) -> HashMap<String, (u64, u64)> {
+    m.vmas
+        .iter()
+        .filter_map(|v| match &v.kind {
+            VmaKind::Special(n) => Some((n.clone(), (v.start, v.end - v.start))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A free range of `len` bytes not overlapping any of `used`, searching downwards from
+/// below `top`.
+fn free_range(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
+    let mut v: Vec<(u64, u64)> = used.to_vec();
+    v.sort();
+    let mut hi = top;
+    for &(s, e) in v.iter().rev() {
+        if e <= hi && hi - e >= len + PAGE {
+            return Some(hi - len - PAGE);
+        }
+        hi = hi.min(s);
+    }
+    (hi >= len + 0x10_0000).then(|| hi - len)
+}
+
+/// Restores the image as a new child of this process, which must stay single-threaded
+/// for ptrace's sake while this runs. Returns the new PID; the process runs on its own.
+pub fn restore(img: &LoadedImage, _opts: RestoreOptions) -> Result<i32> {
+    preflight(img)?;
+    let pid = sys::fork_traced_child()?;
+    match build(pid, img) {
+        Ok(()) => Ok(pid),
+        Err(e) => {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::wait(pid);
+            Err(e)
+        }
+    }
+}
+
+struct Builder<'a> {
+    pid: i32,
+    r: Remote,
+    scratch: u64,
+    img: &'a ProcessImage,
+}
+
+impl Builder<'_> {
+    /// Puts `data` into the scratch area at `off` and returns its address there.
+    fn put(&self, off: u64, data: &[u8]) -> Result<u64> {
+        if off + data.len() as u64 > SCRATCH_LEN {
+            return Err(Error::Unrestorable(format!(
+                "{} bytes of arguments do not fit the work area",
+                data.len()
+            )));
+        }
+        sys::write_mem(self.pid, self.scratch + off, data)?;
+        Ok(self.scratch + off)
+    }
+    fn put_str(&self, off: u64, s: &str) -> Result<u64> {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        self.put(off, &b)
+    }
+    fn call(&mut self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
+        self.r.call(what, nr, args)
+    }
+    /// Opens `path` in the new process; returns the descriptor.
+    fn open(&mut self, path: &str, flags: i32) -> Result<u64> {
+        let p = self.put_str(AT_STR, path)?;
+        self.call(
+            &format!("opening {path}"),
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, p, flags as u64, 0],
+        )
+    }
+}
+
+fn build(pid: i32, img: &LoadedImage) -> Result<()> {
+    let m = &img.meta;
+    sys::set_options(
+        pid,
+        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as u64,
+    )
+    .map_err(|e| sys_err("ptrace options", e))?;
+    // Nothing is delivered while we work.
+    sys::set_sigmask(pid, !0u64)?;
+    let base = sys::get_regs(pid)?;
+    let mut r = Remote::new(pid, sys::own_syscall_insn(), base);
+
+    // rseq registered by our own libc must go before its memory does.
+    if let Some((addr, len, sig)) = sys::get_rseq(pid)? {
+        r.call(
+            "rseq unregister",
+            libc::SYS_rseq,
+            &[addr, len as u64, 1, sig as u64],
+        )?;
+    }
+
+    // A scratch area for code and arguments, clear of the image and of what is there now.
+    let child_maps = procfs::maps(pid)?;
+    let mut used: Vec<(u64, u64)> = m.vmas.iter().map(|v| (v.start, v.end)).collect();
+    used.extend(child_maps.iter().map(|c| (c.start, c.end)));
+    let scratch = free_range(&used, SCRATCH_LEN, TASK_SIZE - (1 << 30))
+        .ok_or_else(|| Error::Unrestorable("no room for the restore work area".into()))?;
+    r.call(
+        "mmap of the work area",
+        libc::SYS_mmap,
+        &[
+            scratch,
+            SCRATCH_LEN,
+            (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    sys::write_mem(pid, scratch, &[0x0f, 0x05, 0xcc])?;
+    r.ip = scratch;
+    used.push((scratch, scratch + SCRATCH_LEN));
+
+    // Drop everything of ours but the work area and the kernel's [vdso]/[vvar].
+    let mut keep: Vec<(u64, u64)> = child_maps
+        .iter()
+        .filter(|c| c.is_special())
+        .map(|c| (c.start, c.end))
+        .collect();
+    keep.push((scratch, scratch + SCRATCH_LEN));
+    keep.sort();
+    let mut at = 0u64;
+    for &(s, e) in keep.iter().chain(std::iter::once(&(TASK_SIZE, TASK_SIZE))) {
+        if s > at {
+            r.call("munmap", libc::SYS_munmap, &[at, s - at])?;
+        }
+        at = at.max(e);
+    }
+
+    // Move [vvar]/[vdso] to where the image had them (via a free spot, in case the
+    // old and new places overlap).
+    let have = specials(&child_maps);
+    let want = image_specials(m);
+    let mut moved = Vec::new();
+    for (name, &(from, len)) in &have {
+        let Some(&(to, wlen)) = want.get(name) else {
+            return Err(Error::Unrestorable(format!("the image has no {name}")));
+        };
+        if wlen != len {
+            return Err(Error::Unrestorable(format!("{name} size differs")));
+        }
+        if from == to {
+            continue;
+        }
+        let mut all = used.clone();
+        all.extend(keep.iter().copied());
+        let tmp = free_range(&all, len, TASK_SIZE - (2 << 30))
+            .ok_or_else(|| Error::Unrestorable("no room to move the vdso".into()))?;
+        used.push((tmp, tmp + len));
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        r.call(
+            &format!("moving {name}"),
+            libc::SYS_mremap,
+            &[from, len, len, flags, tmp],
+        )?;
+        moved.push((name.clone(), tmp, to, len));
+    }
+    for (name, tmp, to, len) in moved {
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        r.call(
+            &format!("moving {name}"),
+            libc::SYS_mremap,
+            &[tmp, len, len, flags, to],
+        )?;
+    }
+
+    let mut b = Builder {
+        pid,
+        r,
+        scratch,
+        img: m,
+    };
+    map_memory(&mut b)?;
+    write_memory(pid, img)?;
+    finish_memory(&mut b)?;
+    set_mm(&mut b)?;
+    restore_fds(&mut b)?;
+    restore_misc(&mut b)?;
+    restore_signals(&mut b)?;
+    restore_creds(&mut b)?;
+
+    // Leave the work area through a syscall instruction of the restored program itself.
+    let vdso = m
+        .vmas
+        .iter()
+        .find(|v| v.kind == VmaKind::Special("[vdso]".into()));
+    let exec: Vec<_> = vdso
+        .into_iter()
+        .chain(
+            m.vmas
+                .iter()
+                .filter(|v| v.prot & libc::PROT_EXEC != 0 && v.prot & libc::PROT_READ != 0),
+        )
+        .collect();
+    let mut ip = None;
+    for v in exec {
+        let mut code = vec![0u8; (v.end - v.start).min(1 << 20) as usize];
+        if sys::read_mem(pid, v.start, &mut code).unwrap_or(false) {
+            if let Some(a) = find_syscall_insn(&code, v.start) {
+                ip = Some(a);
+                break;
+            }
+        }
+    }
+    b.r.ip = ip
+        .ok_or_else(|| Error::Unrestorable("no syscall instruction in the restored code".into()))?;
+    b.call(
+        "munmap of the work area",
+        libc::SYS_munmap,
+        &[scratch, SCRATCH_LEN],
+    )?;
+
+    // Registers last; a system call interrupted at checkpoint time is restarted.
+    let mut regs = sys::regs_from_bytes(&m.regs).expect("checked in preflight");
+    if (regs.orig_rax as i64) >= 0 {
+        match -(regs.rax as i64) {
+            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+                regs.rax = regs.orig_rax;
+                regs.rip -= 2;
+            }
+            ERESTART_RESTARTBLOCK => regs.rax = (-libc::EINTR) as i64 as u64,
+            _ => {}
+        }
+    }
+    regs.orig_rax = u64::MAX;
+    sys::set_regs(pid, &regs)?;
+    sys::set_xstate(pid, &m.xstate).map_err(|e| {
+        Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
+    })?;
+    sys::set_sigmask(pid, m.blocked)?;
+    sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))?;
+    Ok(())
+}
+
+fn map_memory(b: &mut Builder) -> Result<()> {
+    let m = b.img;
+    let mut open_files: HashMap<String, u64> = HashMap::new();
+    for v in &m.vmas {
+        let len = v.end - v.start;
+        let growsdown = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
+        match &v.kind {
+            VmaKind::Special(_) => continue,
+            VmaKind::Anon => {
+                b.call(
+                    "mmap",
+                    libc::SYS_mmap,
+                    &[
+                        v.start,
+                        len,
+                        (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                        (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | growsdown)
+                            as u64,
+                        u64::MAX,
+                        0,
+                    ],
+                )?;
+            }
+            VmaKind::File { path, offset, .. } => {
+                let fd = match open_files.get(path) {
+                    Some(&fd) => fd,
+                    None => {
+                        let fd = b.open(path, libc::O_RDONLY | libc::O_CLOEXEC)?;
+                        open_files.insert(path.clone(), fd);
+                        fd
+                    }
+                };
+                let (prot, share) = if v.shared {
+                    (v.prot, libc::MAP_SHARED)
+                } else {
+                    (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
+                };
+                b.call(
+                    &format!("mapping {path}"),
+                    libc::SYS_mmap,
+                    &[
+                        v.start,
+                        len,
+                        prot as u64,
+                        (share | libc::MAP_FIXED) as u64,
+                        fd,
+                        *offset,
+                    ],
+                )?;
+            }
+        }
+        if let Some(name) = &v.anon_name {
+            let p = b.put_str(AT_STR, name)?;
+            b.call(
+                "naming memory",
+                libc::SYS_prctl,
+                &[PR_SET_VMA, PR_SET_VMA_ANON_NAME, v.start, len, p],
+            )?;
+        }
+    }
+    for (_, fd) in open_files {
+        b.call("close", libc::SYS_close, &[fd])?;
+    }
+    Ok(())
+}
+
+fn write_memory(pid: i32, img: &LoadedImage) -> Result<()> {
+    let parts: Vec<(u64, &[u8])> = img.pages().map(|p| (p.vaddr, p.data)).collect();
+    sys::write_mem_many(pid, &parts)
+}
+
+fn finish_memory(b: &mut Builder) -> Result<()> {
+    for v in &b.img.vmas {
+        if matches!(v.kind, VmaKind::Special(_)) || v.shared {
+            continue;
+        }
+        if v.prot != libc::PROT_READ | libc::PROT_WRITE {
+            b.call(
+                "mprotect",
+                libc::SYS_mprotect,
+                &[v.start, v.end - v.start, v.prot as u64],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mm(b: &mut Builder) -> Result<()> {
+    let mm = &b.img.mm;
+    let auxv: Vec<u8> = mm.auxv.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let auxv_addr = b.put(AT_AUXV, &auxv)?;
+    let exe_fd = if nix::unistd::geteuid().is_root() {
+        b.open(&b.img.exe.clone(), libc::O_RDONLY | libc::O_CLOEXEC)? as u32
+    } else {
+        u32::MAX
+    };
+    let mut s: Vec<u8> = Vec::with_capacity(104);
+    for x in [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        auxv_addr,
+    ] {
+        s.extend_from_slice(&x.to_le_bytes());
+    }
+    s.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
+    s.extend_from_slice(&exe_fd.to_le_bytes());
+    let p = b.put(AT_MM, &s)?;
+    b.call(
+        "prctl(PR_SET_MM_MAP)",
+        libc::SYS_prctl,
+        &[PR_SET_MM, PR_SET_MM_MAP, p, s.len() as u64, 0],
+    )?;
+    if exe_fd != u32::MAX {
+        b.call("close", libc::SYS_close, &[exe_fd as u64])?;
+    }
+    Ok(())
+}
+
+fn restore_fds(b: &mut Builder) -> Result<()> {
+    let fds = b.img.fds.clone();
+    for std_fd in 0..3 {
+        if !fds.iter().any(|f| f.fd == std_fd) {
+            b.r.raw(libc::SYS_close, &[std_fd as u64])?;
+        }
+    }
+    for f in &fds {
+        match &f.kind {
+            FdKind::Inherit { .. } => {
+                if f.cloexec {
+                    b.call(
+                        "fcntl",
+                        libc::SYS_fcntl,
+                        &[f.fd as u64, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64],
+                    )?;
+                }
+            }
+            FdKind::File {
+                path, flags, pos, ..
+            } => {
+                let open_flags =
+                    flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
+                let tmp = b.open(path, open_flags)?;
+                if tmp != f.fd as u64 {
+                    let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+                    b.call("dup3", libc::SYS_dup3, &[tmp, f.fd as u64, cl as u64])?;
+                    b.call("close", libc::SYS_close, &[tmp])?;
+                }
+                if *pos != 0 {
+                    b.call(
+                        &format!("seeking in {path}"),
+                        libc::SYS_lseek,
+                        &[f.fd as u64, *pos, libc::SEEK_SET as u64],
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn restore_misc(b: &mut Builder) -> Result<()> {
+    let m = b.img;
+    let cwd = b.put_str(AT_STR, &m.cwd)?;
+    b.call(&format!("chdir to {}", m.cwd), libc::SYS_chdir, &[cwd])?;
+    b.call("umask", libc::SYS_umask, &[m.umask as u64])?;
+    b.call("personality", libc::SYS_personality, &[m.personality])?;
+    let comm = b.put_str(AT_STR, &m.comm)?;
+    b.call(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, comm],
+    )?;
+    if m.no_new_privs {
+        b.call(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+        )?;
+    }
+    for &(res, cur, max) in &m.rlimits {
+        if let Err(e) = sys::setrlimit(b.pid, res, cur, max) {
+            // Raising a hard limit needs CAP_SYS_RESOURCE: keep ours, and say so.
+            let (_, our_max) = sys::getrlimit(b.pid, res)?;
+            sys::setrlimit(b.pid, res, cur.min(our_max), max.min(our_max))
+                .map_err(|e2| sys_err(format!("setting resource limit {res}"), e2))?;
+            tracing::warn!("resource limit {res} lowered to {our_max}: {e}");
+        }
+    }
+    if let Some(rs) = &m.rseq {
+        b.call(
+            "rseq",
+            libc::SYS_rseq,
+            &[rs.addr, rs.len as u64, 0, rs.sig as u64],
+        )?;
+    }
+    if m.robust_list.0 != 0 {
+        b.call(
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            &[m.robust_list.0, m.robust_list.1],
+        )?;
+    }
+    b.call(
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        &[m.clear_child_tid],
+    )?;
+    Ok(())
+}
+
+fn restore_signals(b: &mut Builder) -> Result<()> {
+    let m = b.img;
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        let sa = m.sigactions.iter().find(|s| s.signo == signo);
+        let mut buf = Vec::with_capacity(32);
+        for x in sa.map_or([0; 4], |s| [s.handler, s.flags, s.restorer, s.mask]) {
+            buf.extend_from_slice(&x.to_le_bytes());
+        }
+        let p = b.put(AT_MISC, &buf)?;
+        b.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[signo as u64, p, 0, 8],
+        )?;
+    }
+    let (sp, flags, size) = m.sigaltstack;
+    if flags & libc::SS_DISABLE == 0 {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&sp.to_le_bytes());
+        buf.extend_from_slice(&(flags as i64).to_le_bytes());
+        buf.extend_from_slice(&size.to_le_bytes());
+        let p = b.put(AT_MISC, &buf)?;
+        b.call("sigaltstack", libc::SYS_sigaltstack, &[p, 0])?;
+    }
+    for (which, t) in m.itimers.iter().enumerate() {
+        if t.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let buf: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let p = b.put(AT_MISC, &buf)?;
+        b.call("setitimer", libc::SYS_setitimer, &[which as u64, p, 0])?;
+    }
+    for s in &m.pending {
+        if s.siginfo.len() != 128 {
+            return Err(Error::BadImage("pending signal of wrong size".into()));
+        }
+        let signo = i32::from_le_bytes(s.siginfo[..4].try_into().expect("4 bytes"));
+        let p = b.put(AT_MISC, &s.siginfo)?;
+        if s.shared {
+            b.call(
+                "rt_sigqueueinfo",
+                libc::SYS_rt_sigqueueinfo,
+                &[b.pid as u64, signo as u64, p],
+            )?;
+        } else {
+            b.call(
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                &[b.pid as u64, b.pid as u64, signo as u64, p],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn restore_creds(b: &mut Builder) -> Result<()> {
+    let c = &b.img.creds;
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+    let p = b.put(AT_MISC, &groups)?;
+    if nix::unistd::geteuid().is_root() {
+        b.call(
+            "setgroups",
+            libc::SYS_setgroups,
+            &[c.groups.len() as u64, p],
+        )?;
+    }
+    b.call(
+        "setresgid",
+        libc::SYS_setresgid,
+        &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64],
+    )?;
+    b.call(
+        "setresuid",
+        libc::SYS_setresuid,
+        &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
+    )?;
+    // A change of user makes the process undumpable; a normally started one is not.
+    b.call(
+        "prctl(PR_SET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_DUMPABLE as u64, 1],
+    )?;
+    Ok(())
+}

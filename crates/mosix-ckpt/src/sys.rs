@@ -1,0 +1,452 @@
+//! The system-call edge: ptrace requests, remote memory access, wait. All `unsafe` of the
+//! engine lives here.
+
+use std::io;
+
+use crate::error::{sys, sys_err, Result};
+
+pub type Regs = libc::user_regs_struct;
+pub const PAGE: u64 = 4096;
+
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+const NT_X86_XSTATE: libc::c_ulong = 0x202;
+/// Enough for any XSAVE layout the kernel exports (AMX included).
+const XSTATE_MAX: usize = 16 * 1024;
+
+fn ptrace(req: libc::c_uint, pid: i32, addr: u64, data: u64) -> io::Result<libc::c_long> {
+    // SAFETY: raw ptrace request; the kernel validates pid, and every pointer passed in
+    // addr/data by the callers below points to a live buffer of the size the request uses.
+    let r = unsafe {
+        libc::ptrace(
+            req,
+            pid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn seize(pid: i32, options: u64) -> io::Result<()> {
+    ptrace(libc::PTRACE_SEIZE, pid, 0, options).map(drop)
+}
+pub fn interrupt(pid: i32) -> io::Result<()> {
+    ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0).map(drop)
+}
+pub fn set_options(pid: i32, options: u64) -> io::Result<()> {
+    ptrace(libc::PTRACE_SETOPTIONS, pid, 0, options).map(drop)
+}
+pub fn cont(pid: i32, sig: i32) -> io::Result<()> {
+    ptrace(libc::PTRACE_CONT, pid, 0, sig as u64).map(drop)
+}
+pub fn syscall_step(pid: i32, sig: i32) -> io::Result<()> {
+    ptrace(libc::PTRACE_SYSCALL, pid, 0, sig as u64).map(drop)
+}
+pub fn detach(pid: i32, sig: i32) -> io::Result<()> {
+    ptrace(libc::PTRACE_DETACH, pid, 0, sig as u64).map(drop)
+}
+
+pub fn get_regs(pid: i32) -> Result<Regs> {
+    // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
+    let mut r: Regs = unsafe { std::mem::zeroed() };
+    ptrace(libc::PTRACE_GETREGS, pid, 0, &mut r as *mut Regs as u64)
+        .map_err(|e| sys_err("reading registers", e))?;
+    Ok(r)
+}
+pub fn set_regs(pid: i32, r: &Regs) -> Result<()> {
+    ptrace(libc::PTRACE_SETREGS, pid, 0, r as *const Regs as u64)
+        .map_err(|e| sys_err("writing registers", e))?;
+    Ok(())
+}
+
+pub fn regs_to_bytes(r: &Regs) -> Vec<u8> {
+    // SAFETY: Regs is a repr(C) struct of u64 fields without padding; viewing it as bytes
+    // for its exact size is sound.
+    unsafe {
+        std::slice::from_raw_parts(r as *const Regs as *const u8, std::mem::size_of::<Regs>())
+    }
+    .to_vec()
+}
+pub fn regs_from_bytes(b: &[u8]) -> Option<Regs> {
+    if b.len() != std::mem::size_of::<Regs>() {
+        return None;
+    }
+    // SAFETY: Regs is plain old data (u64 fields), any bit pattern is valid; the length
+    // was checked above and read_unaligned tolerates any alignment of the source.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr() as *const Regs) })
+}
+
+/// Reads the XSAVE area (FPU, SSE, AVX, PKRU, ...).
+pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    ptrace(
+        libc::PTRACE_GETREGSET,
+        pid,
+        NT_X86_XSTATE,
+        &mut iov as *mut libc::iovec as u64,
+    )
+    .map_err(|e| sys_err("reading FPU/AVX state", e))?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+pub fn set_xstate(pid: i32, x: &[u8]) -> Result<()> {
+    let mut copy = x.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr() as *mut libc::c_void,
+        iov_len: copy.len(),
+    };
+    ptrace(
+        libc::PTRACE_SETREGSET,
+        pid,
+        NT_X86_XSTATE,
+        &mut iov as *mut libc::iovec as u64,
+    )
+    .map_err(|e| sys_err("writing FPU/AVX state", e))?;
+    Ok(())
+}
+
+pub fn get_sigmask(pid: i32) -> Result<u64> {
+    let mut m = 0u64;
+    ptrace(libc::PTRACE_GETSIGMASK, pid, 8, &mut m as *mut u64 as u64)
+        .map_err(|e| sys_err("reading the signal mask", e))?;
+    Ok(m)
+}
+pub fn set_sigmask(pid: i32, m: u64) -> Result<()> {
+    ptrace(libc::PTRACE_SETSIGMASK, pid, 8, &m as *const u64 as u64)
+        .map_err(|e| sys_err("writing the signal mask", e))?;
+    Ok(())
+}
+
+pub fn get_siginfo(pid: i32) -> Result<Vec<u8>> {
+    let mut b = [0u8; 128];
+    ptrace(libc::PTRACE_GETSIGINFO, pid, 0, b.as_mut_ptr() as u64)
+        .map_err(|e| sys_err("reading siginfo", e))?;
+    Ok(b.to_vec())
+}
+
+/// Pending signals (thread queue, or the shared process queue), each as a raw siginfo.
+pub fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<Vec<u8>>> {
+    #[repr(C)]
+    struct Args {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [0u8; 128 * 32];
+        let args = Args {
+            off: out.len() as u64,
+            flags: if shared { 1 } else { 0 },
+            nr: 32,
+        };
+        let n = ptrace(
+            libc::PTRACE_PEEKSIGINFO,
+            pid,
+            &args as *const Args as u64,
+            buf.as_mut_ptr() as u64,
+        )
+        .map_err(|e| sys_err("reading pending signals", e))?;
+        if n <= 0 {
+            return Ok(out);
+        }
+        for i in 0..n as usize {
+            out.push(buf[i * 128..(i + 1) * 128].to_vec());
+        }
+    }
+}
+
+/// rseq registration: (address, length, signature), None when not registered.
+pub fn get_rseq(pid: i32) -> Result<Option<(u64, u32, u32)>> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Conf {
+        ptr: u64,
+        size: u32,
+        sig: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut c = Conf::default();
+    ptrace(
+        PTRACE_GET_RSEQ_CONFIGURATION,
+        pid,
+        std::mem::size_of::<Conf>() as u64,
+        &mut c as *mut Conf as u64,
+    )
+    .map_err(|e| sys_err("reading the rseq registration", e))?;
+    Ok((c.ptr != 0).then_some((c.ptr, c.size, c.sig)))
+}
+
+/// The robust futex list of `pid`: (head, length).
+pub fn get_robust_list(pid: i32) -> Result<(u64, u64)> {
+    let mut head = 0u64;
+    let mut len = 0u64;
+    // SAFETY: get_robust_list writes one pointer and one size_t to the two locals.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            pid,
+            &mut head as *mut u64,
+            &mut len as *mut u64,
+        )
+    };
+    if r != 0 {
+        return Err(sys("reading the robust futex list"));
+    }
+    Ok((head, len))
+}
+
+/// Copies `local` ranges from/to `remote` ranges of `pid` (one system call per 1024).
+fn vm_rw(pid: i32, local: &[(u64, usize)], remote: &[(u64, usize)], write: bool) -> Result<usize> {
+    let mut total = 0usize;
+    for (l, r) in local.chunks(1024).zip(remote.chunks(1024)) {
+        let liov: Vec<libc::iovec> = l
+            .iter()
+            .map(|&(p, n)| libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: n,
+            })
+            .collect();
+        let riov: Vec<libc::iovec> = r
+            .iter()
+            .map(|&(p, n)| libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: n,
+            })
+            .collect();
+        // SAFETY: every local iovec points into a buffer the caller keeps alive and owns
+        // for the call (mutably when reading); remote iovecs are checked by the kernel.
+        let n = unsafe {
+            if write {
+                libc::process_vm_writev(
+                    pid,
+                    liov.as_ptr(),
+                    liov.len() as _,
+                    riov.as_ptr(),
+                    riov.len() as _,
+                    0,
+                )
+            } else {
+                libc::process_vm_readv(
+                    pid,
+                    liov.as_ptr(),
+                    liov.len() as _,
+                    riov.as_ptr(),
+                    riov.len() as _,
+                    0,
+                )
+            }
+        };
+        if n < 0 {
+            return Err(sys(if write {
+                "writing the process's memory"
+            } else {
+                "reading the process's memory"
+            }));
+        }
+        total += n as usize;
+        let want: usize = l.iter().map(|x| x.1).sum();
+        if (n as usize) < want {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// Reads `buf.len()` bytes at `addr` of `pid`; Ok(false) when part of it is not mapped.
+pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> Result<bool> {
+    let n = vm_rw(
+        pid,
+        &[(buf.as_mut_ptr() as u64, buf.len())],
+        &[(addr, buf.len())],
+        false,
+    )?;
+    Ok(n == buf.len())
+}
+
+/// Writes `data` at `addr` of `pid` (the pages must be writable).
+pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+    let n = vm_rw(
+        pid,
+        &[(data.as_ptr() as u64, data.len())],
+        &[(addr, data.len())],
+        true,
+    )?;
+    if n != data.len() {
+        return Err(sys_err(
+            format!("writing memory at {addr:#x}"),
+            io::Error::from_raw_os_error(libc::EFAULT),
+        ));
+    }
+    Ok(())
+}
+
+/// Scatter-write: each (remote address, bytes).
+pub fn write_mem_many(pid: i32, parts: &[(u64, &[u8])]) -> Result<()> {
+    let local: Vec<(u64, usize)> = parts
+        .iter()
+        .map(|(_, d)| (d.as_ptr() as u64, d.len()))
+        .collect();
+    let remote: Vec<(u64, usize)> = parts.iter().map(|(a, d)| (*a, d.len())).collect();
+    let want: usize = local.iter().map(|x| x.1).sum();
+    let n = vm_rw(pid, &local, &remote, true)?;
+    if n != want {
+        return Err(sys_err(
+            "writing the process's memory",
+            io::Error::from_raw_os_error(libc::EFAULT),
+        ));
+    }
+    Ok(())
+}
+
+/// Gather-read into one buffer: each (remote address, length), in order.
+pub fn read_mem_many(pid: i32, parts: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
+    let mut local = Vec::with_capacity(parts.len());
+    let mut off = 0usize;
+    for &(_, n) in parts {
+        local.push((buf[off..].as_mut_ptr() as u64, n));
+        off += n;
+    }
+    let n = vm_rw(pid, &local, parts, false)?;
+    if n != off {
+        return Err(sys_err(
+            "reading the process's memory",
+            io::Error::from_raw_os_error(libc::EFAULT),
+        ));
+    }
+    Ok(())
+}
+
+/// What waitpid reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Stopped; `sig` is WSTOPSIG, `event` is status >> 16.
+    Stopped {
+        sig: i32,
+        event: i32,
+    },
+    Exited(i32),
+    Signaled(i32),
+}
+
+pub fn wait(pid: i32) -> Result<Stop> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status int.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(sys_err(format!("waiting for process {pid}"), e));
+        }
+        return Ok(if libc::WIFSTOPPED(status) {
+            Stop::Stopped {
+                sig: libc::WSTOPSIG(status),
+                event: status >> 16,
+            }
+        } else if libc::WIFSIGNALED(status) {
+            Stop::Signaled(libc::WTERMSIG(status))
+        } else {
+            Stop::Exited(libc::WEXITSTATUS(status))
+        });
+    }
+}
+
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory arguments.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn getrlimit(pid: i32, res: u32) -> Result<(u64, u64)> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit64 writes the old limit into `old`.
+    let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
+    if r != 0 {
+        return Err(sys(format!("reading resource limit {res}")));
+    }
+    Ok((old.rlim_cur, old.rlim_max))
+}
+pub fn setrlimit(pid: i32, res: u32, cur: u64, max: u64) -> io::Result<()> {
+    let new = libc::rlimit64 {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
+    // SAFETY: prlimit64 reads the new limit from `new`.
+    let r = unsafe { libc::prlimit64(pid, res as _, &new, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.mosix_syscall_insn,\"ax\",@progbits",
+    ".globl mosix_syscall_insn",
+    "mosix_syscall_insn:",
+    "syscall",
+    "int3",
+    ".popsection"
+);
+extern "C" {
+    fn mosix_syscall_insn();
+}
+
+/// Address of a `syscall` instruction in this program's text; a forked child has it at
+/// the same address, which lets us inject the first system calls into it.
+pub fn own_syscall_insn() -> u64 {
+    mosix_syscall_insn as *const () as usize as u64
+}
+
+/// Forks a child that asks to be traced and stops itself; returns its PID once stopped.
+pub fn fork_traced_child() -> Result<i32> {
+    // SAFETY: fork; the child only makes async-signal-safe raw system calls and never
+    // returns into Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(sys("fork"));
+    }
+    if pid == 0 {
+        // SAFETY: raw system calls in the forked child; nothing here allocates or locks.
+        unsafe {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize);
+            libc::kill(libc::getpid(), libc::SIGSTOP);
+            libc::_exit(127);
+        }
+    }
+    match wait(pid)? {
+        Stop::Stopped { sig, .. } if sig == libc::SIGSTOP => Ok(pid),
+        other => Err(crate::error::Error::Target {
+            pid,
+            msg: format!("new process did not stop as expected ({other:?})"),
+        }),
+    }
+}
+
+pub fn uname_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
