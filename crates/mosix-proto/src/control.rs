@@ -1,0 +1,171 @@
+//! The control socket protocol between the CLI (or scripts) and the local `mosixd`.
+//!
+//! A Unix stream socket; each message is one line of JSON. The client writes a [`Request`],
+//! the daemon answers with one [`Response`] line; a connection may carry several requests.
+//! The daemon authorises by the peer's credentials (SO_PEERCRED). Unknown operations get a
+//! [`Response::Error`], so older daemons answer newer CLIs with a clear message.
+
+use crate::ClusterStatus;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// The longest line either side accepts.
+pub const MAX_LINE: usize = 4 << 20;
+
+/// A request to the daemon. Room is kept for migrate/where/ps (issue 4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Liveness check; answered with [`Response::Pong`].
+    Ping,
+    /// The cluster as this node sees it; answered with [`Response::Status`].
+    Status,
+}
+
+/// An answer from the daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Pong {
+        node: u32,
+        /// Daemon version (crate version).
+        version: String,
+        /// The caller's uid as the daemon saw it through SO_PEERCRED.
+        peer_uid: u32,
+    },
+    Status(ClusterStatus),
+    Error {
+        message: String,
+    },
+}
+
+/// Why a control request failed on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach mosixd at {path}: {source} (is mosixd running? see `mosixd --help`)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to mosixd at {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("mosixd at {path} closed the connection without answering")]
+    Closed { path: String },
+    #[error("mosixd at {path} sent an answer this CLI does not understand: {message}")]
+    BadAnswer { path: String, message: String },
+    #[error("mosixd refused: {0}")]
+    Refused(String),
+}
+
+/// A connection to the control socket.
+pub struct Client {
+    path: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    /// Connects to the control socket at `path`, with `timeout` for every read and write.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        let p = path.display().to_string();
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: p.clone(),
+            source,
+        })?;
+        let io = |source| ClientError::Io {
+            path: p.clone(),
+            source,
+        };
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        Ok(Client {
+            path: p,
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// Sends one request and waits for its answer. A [`Response::Error`] becomes
+    /// [`ClientError::Refused`].
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let io = |source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(req).map_err(|e| ClientError::BadAnswer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        line.push(b'\n');
+        self.writer.write_all(&line).map_err(io)?;
+        let mut buf = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(ClientError::Closed {
+                path: self.path.clone(),
+            });
+        }
+        match serde_json::from_slice::<Response>(&buf) {
+            Ok(Response::Error { message }) => Err(ClientError::Refused(message)),
+            Ok(r) => Ok(r),
+            Err(e) => Err(ClientError::BadAnswer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Asks for the cluster status.
+    pub fn status(&mut self) -> Result<ClusterStatus, ClientError> {
+        match self.call(&Request::Status)? {
+            Response::Status(s) => Ok(s),
+            other => Err(ClientError::BadAnswer {
+                path: self.path.clone(),
+                message: format!("expected a status, got {other:?}"),
+            }),
+        }
+    }
+}
+
+use std::io::Read as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_stable() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"op":"status"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"ping"}"#).unwrap(),
+            Request::Ping
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn error_response_roundtrips() {
+        let r = Response::Error {
+            message: "no".into(),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"type":"error","message":"no"}"#);
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), r);
+    }
+}

@@ -1,0 +1,223 @@
+//! `mosixd`: the MOSIX node daemon. Samples this node's load, spreads it to every node of
+//! the cluster map by authenticated gossip, learns everybody else's, and answers the CLI on
+//! a Unix control socket. No master: any node may stop or start at any time.
+//!
+//! Modules: `config` (mosix.toml), `sample` (load vector), `gossip` (chitchat over a sealed
+//! UDP transport + node status rule), `control` (control socket).
+
+mod config;
+mod control;
+mod gossip;
+mod sample;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use config::Config;
+use mosix_proto::{ClusterStatus, LoadVector, NodeStatus, ProtocolVersion, FLAG_ACCEPTS_GUESTS};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// Test-only: advertise this protocol `major.minor` instead of the built-in one.
+const ENV_TEST_PROTOCOL: &str = "MOSIXD_TEST_PROTOCOL_VERSION";
+/// How often the load is sampled and the status recomputed.
+const TICK: Duration = Duration::from_millis(250);
+
+#[derive(Parser)]
+#[command(
+    name = "mosixd",
+    version,
+    about = "MOSIX node daemon: gossips this node's load and learns the cluster's",
+    long_about = "MOSIX node daemon.\n\n\
+        Every node of a MOSIX cluster runs mosixd. It measures this node's load (runnable \
+        processes per unit of CPU speed, utilisation, memory, processes), spreads it by gossip \
+        to the nodes of the cluster map, and learns theirs; there is no master. Gossip is \
+        authenticated and encrypted with the cluster secret: datagrams from nodes without it \
+        are dropped and counted.\n\n\
+        `mosix status` and `mon` read the result through the control socket; scripts can read \
+        STATE_DIR/status.json (rewritten every second).\n\n\
+        Minimal /etc/mosix/mosix.toml:\n\n  \
+        node = 1\n  \
+        secret_file = \"/etc/mosix/secret\"   # chmod 600, owned by root\n  \
+        state_dir = \"/var/lib/mosix\"\n  \
+        [[map]]\n  \
+        node = 1\n  \
+        address = \"192.168.1.10\"           # nodes 1..4 at .10 .. .13\n  \
+        count = 4\n\n\
+        Logging: MOSIXD_LOG=debug (tracing env-filter syntax)."
+)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, short, default_value = mosix_proto::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Check the configuration and the secret file, print a summary, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+/// What the control socket and the status file read.
+pub struct State {
+    pub node: u32,
+    pub proto: ProtocolVersion,
+    pub started: Instant,
+    pub stats: Arc<gossip::Stats>,
+    pub nodes: RwLock<Vec<NodeStatus>>,
+}
+
+impl State {
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            this_node: self.node,
+            protocol: self.proto,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            gossip: self.stats.snapshot(),
+            nodes: match self.nodes.read() {
+                Ok(n) => n.clone(),
+                Err(p) => p.into_inner().clone(),
+            },
+        }
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOSIXD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if let Err(e) = run(args) {
+        error!("{e:#}");
+        eprintln!("mosixd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let secret = cfg.read_secret()?;
+    let proto = match std::env::var(ENV_TEST_PROTOCOL) {
+        Ok(v) => {
+            let p: ProtocolVersion = v
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("{ENV_TEST_PROTOCOL}: {e}"))?;
+            warn!("TEST OVERRIDE: advertising protocol {p}");
+            p
+        }
+        Err(_) => mosix_proto::PROTOCOL_VERSION,
+    };
+    if args.check {
+        println!(
+            "config {} is valid: node {} of {} nodes, listen {}, control socket {}",
+            args.config.display(),
+            cfg.node,
+            cfg.map.len(),
+            cfg.listen,
+            cfg.control_socket.display()
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
+    let speed = match cfg.speed {
+        Some(s) => s,
+        None => {
+            let s = sample::measure_speed(Duration::from_millis(500));
+            info!(speed = s, "measured CPU speed");
+            s
+        }
+    };
+    let mut sampler = sample::Sampler::new(cfg.load_scope, speed, proto)?;
+    if let Some(c) = sampler.cgroup_paths() {
+        info!(cgroup = ?c, "sampling load of this daemon's cgroup");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let first = sampler.sample(FLAG_ACCEPTS_GUESTS);
+        let stats = Arc::new(gossip::Stats::default());
+        let listener = control::bind(&cfg.control_socket)?;
+        let handle = gossip::start(&cfg, &secret, proto, &first, stats.clone()).await?;
+        info!(
+            node = cfg.node,
+            listen = %cfg.listen,
+            nodes = cfg.map.len(),
+            %proto,
+            speed,
+            "mosixd started"
+        );
+        let state = Arc::new(State {
+            node: cfg.node,
+            proto,
+            started: Instant::now(),
+            stats,
+            nodes: RwLock::new(Vec::new()),
+        });
+        let server = tokio::spawn(control::serve(listener, state.clone()));
+        let ticker = tokio::spawn(tick_loop(cfg.clone(), handle.chitchat(), sampler, state));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot catch SIGTERM")?;
+        let result = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("interrupted; stopping"); Ok(()) }
+            _ = term.recv() => { info!("SIGTERM; stopping"); Ok(()) }
+            r = handle.termination_watcher() => {
+                Err(anyhow::anyhow!("gossip stopped: {}", r.err().map(|e| e.to_string()).unwrap_or_default()))
+            }
+        };
+        server.abort();
+        ticker.abort();
+        control::unlink(&cfg.control_socket);
+        let _ = handle.shutdown().await;
+        result
+    })
+}
+
+async fn tick_loop(
+    cfg: Config,
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    mut sampler: sample::Sampler,
+    state: Arc<State>,
+) {
+    let mut membership = gossip::Membership::new(cfg.down_after, state.proto);
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let status_file = cfg.state_dir.join("status.json");
+    let mut last_file = Instant::now() - Duration::from_secs(10);
+    loop {
+        interval.tick().await;
+        let lv: LoadVector = sampler.sample(FLAG_ACCEPTS_GUESTS);
+        let nodes = {
+            let mut cc = chitchat.lock().await;
+            if let Ok(j) = serde_json::to_string(&lv) {
+                cc.self_node_state().set(gossip::KEY_LOAD, j);
+            }
+            membership.update(&cfg, &cc, &lv, Instant::now())
+        };
+        match state.nodes.write() {
+            Ok(mut n) => *n = nodes,
+            Err(p) => *p.into_inner() = nodes,
+        }
+        if last_file.elapsed() >= Duration::from_secs(1) {
+            last_file = Instant::now();
+            if let Err(e) = write_status_file(&status_file, &state.status()) {
+                warn!("cannot write {}: {e:#}", status_file.display());
+            }
+        }
+    }
+}
+
+/// The read-only view for scripts: STATE_DIR/status.json, replaced atomically.
+fn write_status_file(path: &std::path::Path, st: &ClusterStatus) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut j = serde_json::to_vec_pretty(st)?;
+    j.push(b'\n');
+    std::fs::write(&tmp, j)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
