@@ -1,9 +1,991 @@
-//! `mosix testbed` (issue 3: not built yet).
+//! `mosix testbed`: a cluster of N nodes on one machine, for tests and benchmarks.
+//!
+//! Each node is a network namespace `mosixtb-N` with a veth (`mtbNh` on the host side) on the
+//! bridge `mosixbr0` (10.213.0.0/24; node N is 10.213.0.N, the host 10.213.0.254), a cgroup
+//! `mosixtb-N` (v1 cpu, cpuacct, memory; or v2) whose CPU quota makes the node's speed
+//! proportional to `--speeds` and whose memory limit is `--mem`, and its own mosixd with its
+//! own config. State lives in DIR (default /run/mosix-testbed): `secret`, `testbed.json`, and
+//! `nN/` per node (mosix.toml, mosixd.sock, mosixd.log, mosixd.pid, status.json).
+//!
+//! Everything made is named with those prefixes, so `down` (and `up`, which cleans first)
+//! finds and removes leftovers even after a crash.
 
-/// Not built yet (issue 3).
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NS_PREFIX: &str = "mosixtb-";
+const LINK_PREFIX: &str = "mtb";
+const CG_PREFIX: &str = "mosixtb-";
+const BRIDGE: &str = "mosixbr0";
+const SUBNET: &str = "10.213.0";
+const HOST_IP: &str = "10.213.0.254";
+const MAX_NODES: u32 = 250;
+const DEFAULT_DIR: &str = "/run/mosix-testbed";
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// Run a cluster of N nodes on this machine (network namespaces, cgroups, one mosixd each).
+///
+/// Needs root. Node N is network namespace `mosixtb-N` at 10.213.0.N on bridge mosixbr0,
+/// in cgroup `mosixtb-N` whose CPU quota makes its speed proportional to --speeds (the
+/// fastest node gets one full CPU) and whose memory limit is --mem.
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(after_help = "Examples:\n  \
+    mosix testbed up --nodes 4 --speeds 1,1,2,3 --mem 1G\n  \
+    mosix testbed exec 2 -- mosix status\n  \
+    mosix testbed exec 2 -- awk 'BEGIN {for(i=0;i<100000000;i++);}'\n  \
+    mosix testbed status\n  \
+    mosix testbed down")]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Sub,
+}
 
-pub fn run(_a: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("'testbed' is not available yet in this build")
+#[derive(clap::Args, Clone)]
+struct DirArg {
+    /// Testbed state directory (default $MOSIX_TESTBED_DIR, else /run/mosix-testbed).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+impl DirArg {
+    fn path(&self) -> PathBuf {
+        self.dir
+            .clone()
+            .or_else(|| std::env::var_os("MOSIX_TESTBED_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+    }
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Create the testbed (after removing any leftovers) and wait until every node sees
+    /// every other node up.
+    Up(UpArgs),
+    /// Run a command on node NODE: inside its network namespace and cgroup, with
+    /// MOSIX_CONFIG and MOSIX_SOCKET set so that `mosix` talks to that node's mosixd.
+    Exec {
+        /// Node number.
+        node: u32,
+        #[command(flatten)]
+        dir: DirArg,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
+    },
+    /// Show the testbed's nodes: namespace, daemon, cgroup limits, and what the daemon sees.
+    Status {
+        #[command(flatten)]
+        dir: DirArg,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop node NODE's mosixd (SIGTERM, then SIGKILL after 10 s); the namespace stays.
+    Stop {
+        node: u32,
+        #[command(flatten)]
+        dir: DirArg,
+        /// Kill with SIGKILL at once (a crash rather than a shutdown).
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Start node NODE's mosixd again (after `stop`). The environment is passed on.
+    Start {
+        node: u32,
+        #[command(flatten)]
+        dir: DirArg,
+        /// Use this config file instead of the node's own (testing).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Remove every namespace, link, cgroup and process the testbed made (also after a
+    /// crash, found by name prefix), and the state directory's contents.
+    Down {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Number of nodes (1..=250).
+    #[arg(long, short)]
+    nodes: u32,
+    /// Relative CPU speeds, one per node (or one for all), e.g. 1,1,2,3.
+    #[arg(long, value_delimiter = ',', value_name = "S,..")]
+    speeds: Vec<f64>,
+    /// Memory limit per node, one per node (or one for all), e.g. 2G,2G,512M.
+    #[arg(long, value_delimiter = ',', value_name = "SIZE,..")]
+    mem: Vec<String>,
+    #[command(flatten)]
+    dir: DirArg,
+    /// The mosixd binary (default: next to this mosix binary, else in PATH).
+    #[arg(long, value_name = "PATH")]
+    mosixd: Option<PathBuf>,
+    /// Gossip interval of the daemons, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    gossip_interval_ms: u64,
+    /// Do not wait for the cluster to converge.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// What `up` made; read by the other subcommands.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Testbed {
+    pub nodes: u32,
+    pub speeds: Vec<f64>,
+    pub mem: Vec<Option<u64>>,
+    pub cgroup: CgroupMode,
+    pub mosixd: PathBuf,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    V1,
+    V2,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    match a.cmd {
+        Sub::Up(u) => up(u),
+        Sub::Exec { node, dir, cmd } => exec(&dir.path(), node, cmd),
+        Sub::Status { dir, json } => status(&dir.path(), json),
+        Sub::Stop { node, dir, kill } => {
+            let d = dir.path();
+            let tb = load(&d)?;
+            check_node(&tb, node)?;
+            stop_daemon(&d, node, kill)?;
+            println!("node {node}: mosixd stopped");
+            Ok(0)
+        }
+        Sub::Start { node, dir, config } => {
+            let d = dir.path();
+            let tb = load(&d)?;
+            check_node(&tb, node)?;
+            let cgs = cgroup_dirs(tb.cgroup, node)?;
+            let pid = start_daemon(&d, &tb, node, config.as_deref(), &cgs)?;
+            println!("node {node}: mosixd started (pid {pid})");
+            Ok(0)
+        }
+        Sub::Down { dir } => {
+            let removed = cleanup(&dir.path())?;
+            println!("testbed down: {removed}");
+            Ok(0)
+        }
+    }
+}
+
+fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the testbed needs root (network namespaces and cgroups)");
+    }
+    Ok(())
+}
+
+fn node_dir(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("n{n}"))
+}
+
+fn ns_name(n: u32) -> String {
+    format!("{NS_PREFIX}{n}")
+}
+
+fn load(dir: &Path) -> Result<Testbed> {
+    let p = dir.join("testbed.json");
+    let s = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "no testbed at {} (run `mosix testbed up` first)",
+            dir.display()
+        )
+    })?;
+    serde_json::from_str(&s).with_context(|| format!("{} is damaged", p.display()))
+}
+
+fn check_node(tb: &Testbed, n: u32) -> Result<()> {
+    if n == 0 || n > tb.nodes {
+        bail!("no node {n} in this testbed (nodes 1..{})", tb.nodes);
+    }
+    Ok(())
+}
+
+/// Parses a size like 512M, 2G, 1.5G, 1048576.
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        Some('t' | 'T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("'{s}' is not a size (e.g. 512M, 2G)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        bail!("size '{s}' must be positive");
+    }
+    let b = (v * mult as f64) as u64;
+    if b < 16 << 20 {
+        bail!("memory size '{s}' is too small (at least 16M: mosixd itself needs some)");
+    }
+    Ok(b)
+}
+
+fn per_node<T: Clone>(what: &str, v: Vec<T>, n: u32, default: T) -> Result<Vec<T>> {
+    match v.len() {
+        0 => Ok(vec![default; n as usize]),
+        1 => Ok(vec![v[0].clone(); n as usize]),
+        l if l == n as usize => Ok(v),
+        l => bail!("--{what} has {l} values for {n} nodes (give one, or one per node)"),
+    }
+}
+
+fn find_mosixd(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = arg.or_else(|| std::env::var_os("MOSIXD").map(PathBuf::from)) {
+        if !p.is_file() {
+            bail!("mosixd binary {} not found", p.display());
+        }
+        return Ok(std::fs::canonicalize(&p).unwrap_or(p));
+    }
+    if let Ok(me) = std::env::current_exe() {
+        let sib = me.with_file_name("mosixd");
+        if sib.is_file() {
+            return Ok(sib);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join("mosixd");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("cannot find the mosixd binary (give --mosixd PATH)")
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip_out(args: &[&str]) -> String {
+    Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+// ---------- cgroups ----------
+
+struct CgMounts {
+    mode: CgroupMode,
+    /// v1: (controller, mount point); v2: ("", mount point).
+    dirs: Vec<(&'static str, PathBuf)>,
+}
+
+fn cg_mounts() -> Result<CgMounts> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let mut v1: Vec<(&'static str, PathBuf)> = Vec::new();
+    let mut v2: Option<PathBuf> = None;
+    for l in mi.lines() {
+        let Some((a, b)) = l.split_once(" - ") else {
+            continue;
+        };
+        let f: Vec<&str> = a.split(' ').collect();
+        let g: Vec<&str> = b.split(' ').collect();
+        let (Some(point), Some(fstype)) = (f.get(4), g.first()) else {
+            continue;
+        };
+        let opts = g.get(2).copied().unwrap_or("");
+        if *fstype == "cgroup" {
+            for c in ["cpu", "cpuacct", "memory"] {
+                if opts.split(',').any(|o| o == c) && !v1.iter().any(|(k, _)| *k == c) {
+                    v1.push((c, PathBuf::from(point)));
+                }
+            }
+        } else if *fstype == "cgroup2" {
+            let p = PathBuf::from(point);
+            let ctl = std::fs::read_to_string(p.join("cgroup.controllers")).unwrap_or_default();
+            if ctl.split_whitespace().any(|c| c == "cpu") {
+                v2 = Some(p);
+            }
+        }
+    }
+    if v1.iter().any(|(c, _)| *c == "cpu") {
+        return Ok(CgMounts {
+            mode: CgroupMode::V1,
+            dirs: v1,
+        });
+    }
+    if let Some(p) = v2 {
+        return Ok(CgMounts {
+            mode: CgroupMode::V2,
+            dirs: vec![("", p)],
+        });
+    }
+    bail!("no cgroup hierarchy with the cpu controller (neither v1 nor v2) is mounted")
+}
+
+/// The node's cgroup directories, one per hierarchy.
+fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
+    let m = cg_mounts()?;
+    if m.mode != mode {
+        bail!("the cgroup layout changed since `testbed up`; run `mosix testbed down`");
+    }
+    let mut v: Vec<PathBuf> = m
+        .dirs
+        .iter()
+        .map(|(_, p)| p.join(format!("{CG_PREFIX}{n}")))
+        .collect();
+    v.dedup();
+    Ok(v)
+}
+
+/// Every testbed cgroup directory that exists, in every hierarchy.
+fn all_testbed_cgroups() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(m) = cg_mounts() else {
+        return out;
+    };
+    let mut roots: Vec<PathBuf> = m.dirs.into_iter().map(|(_, p)| p).collect();
+    roots.dedup();
+    for r in roots {
+        if let Ok(rd) = std::fs::read_dir(&r) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(CG_PREFIX) && e.path().is_dir() {
+                    out.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn make_cgroups(mode: CgroupMode, n: u32, quota_us: u64, mem: Option<u64>) -> Result<()> {
+    let m = cg_mounts()?;
+    if mode == CgroupMode::V2 {
+        let root = &m.dirs[0].1;
+        // Enable the controllers for children (harmless if already on).
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory");
+    }
+    for (ctrl, root) in &m.dirs {
+        let d = root.join(format!("{CG_PREFIX}{n}"));
+        if !d.is_dir() {
+            std::fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        let w = |f: &str, v: String| -> Result<()> {
+            std::fs::write(d.join(f), &v)
+                .with_context(|| format!("cannot write {v} to {}", d.join(f).display()))
+        };
+        match (mode, *ctrl) {
+            (CgroupMode::V1, "cpu") => {
+                w("cpu.cfs_period_us", CFS_PERIOD_US.to_string())?;
+                w("cpu.cfs_quota_us", quota_us.to_string())?;
+            }
+            (CgroupMode::V1, "memory") => {
+                if let Some(b) = mem {
+                    w("memory.limit_in_bytes", b.to_string())?;
+                }
+            }
+            (CgroupMode::V2, _) => {
+                w("cpu.max", format!("{quota_us} {CFS_PERIOD_US}"))?;
+                if let Some(b) = mem {
+                    w("memory.max", b.to_string())?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn pids_in(cg: &Path) -> Vec<i32> {
+    std::fs::read_to_string(cg.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+// ---------- processes ----------
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
+}
+
+fn is_mosixd(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mosixd")
+}
+
+fn kill(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+fn read_pid(dir: &Path, n: u32) -> Option<i32> {
+    std::fs::read_to_string(node_dir(dir, n).join("mosixd.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Starts node `n`'s mosixd in its namespace and cgroups, detached (own session), with its
+/// output appended to nN/mosixd.log. Returns its pid.
+fn start_daemon(
+    dir: &Path,
+    tb: &Testbed,
+    n: u32,
+    config: Option<&Path>,
+    cgroups: &[PathBuf],
+) -> Result<i32> {
+    require_root()?;
+    if let Some(p) = read_pid(dir, n).filter(|p| pid_alive(*p) && is_mosixd(*p)) {
+        bail!("node {n}'s mosixd is already running (pid {p}); `mosix testbed stop {n}` first");
+    }
+    let nd = node_dir(dir, n);
+    let cfg = config
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| nd.join("mosix.toml"));
+    let ns = File::open(format!("/run/netns/{}", ns_name(n)))
+        .with_context(|| format!("network namespace {} is missing", ns_name(n)))?;
+    let mut procs: Vec<File> = Vec::new();
+    for cg in cgroups {
+        procs.push(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))
+                .with_context(|| format!("cgroup {} is missing", cg.display()))?,
+        );
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(nd.join("mosixd.log"))
+        .with_context(|| format!("cannot open {}", nd.join("mosixd.log").display()))?;
+    let mut cmd = Command::new(&tb.mosixd);
+    cmd.arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let nsfd = ns.as_raw_fd();
+    let cgfds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the forked child before exec and only makes raw system
+    // calls (setsid, setns, write) on file descriptors the parent keeps open until spawn
+    // returns; it allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || enter(nsfd, &cgfds, true));
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", tb.mosixd.display()))?;
+    let pid = child.id() as i32;
+    drop(ns);
+    drop(procs);
+    std::fs::write(nd.join("mosixd.pid"), format!("{pid}\n"))?;
+    Ok(pid)
+}
+
+/// In the current process: optionally start a new session, enter the network namespace,
+/// and join the cgroups (writing 0 to cgroup.procs moves the writer).
+fn enter(nsfd: i32, cgfds: &[i32], new_session: bool) -> std::io::Result<()> {
+    // SAFETY: plain system calls on valid, open descriptors; errors are checked.
+    unsafe {
+        if new_session && libc::setsid() < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for fd in cgfds {
+            if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stop_daemon(dir: &Path, n: u32, hard: bool) -> Result<()> {
+    let Some(pid) = read_pid(dir, n).filter(|p| pid_alive(*p) && is_mosixd(*p)) else {
+        bail!("node {n}'s mosixd is not running");
+    };
+    use nix::sys::signal::Signal;
+    kill(
+        pid,
+        if hard {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) {
+        if Instant::now() > deadline {
+            kill(pid, Signal::SIGKILL);
+        }
+        if Instant::now() > deadline + Duration::from_secs(5) {
+            bail!("node {n}'s mosixd (pid {pid}) does not die");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(node_dir(dir, n).join("mosixd.pid"));
+    Ok(())
+}
+
+// ---------- up / down ----------
+
+fn up(a: UpArgs) -> Result<i32> {
+    require_root()?;
+    let n = a.nodes;
+    if n == 0 || n > MAX_NODES {
+        bail!("--nodes must be between 1 and {MAX_NODES}");
+    }
+    let speeds = per_node("speeds", a.speeds, n, 1.0)?;
+    if speeds.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        bail!("--speeds must be positive numbers");
+    }
+    let mem: Vec<Option<u64>> = per_node("mem", a.mem, n, String::new())?
+        .iter()
+        .map(|s| {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                parse_size(s).map(Some)
+            }
+        })
+        .collect::<Result<_>>()?;
+    let mosixd = find_mosixd(a.mosixd)?;
+    let dir = a.dir.path();
+    let cgm = cg_mounts()?;
+
+    let left = cleanup(&dir)?;
+    if left != "nothing to remove" {
+        eprintln!("testbed: removed leftovers: {left}");
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tb = Testbed {
+        nodes: n,
+        speeds: speeds.clone(),
+        mem: mem.clone(),
+        cgroup: cgm.mode,
+        mosixd,
+    };
+    std::fs::write(dir.join("testbed.json"), serde_json::to_vec_pretty(&tb)?)?;
+    // A fresh random secret shared by the nodes.
+    let mut key = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .context("cannot read /dev/urandom")?;
+    let secret = dir.join("secret");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode_600()
+            .open(&secret)?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(f, "{hex}")?;
+    }
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+
+    if let Err(e) = build(&dir, &tb, a.gossip_interval_ms) {
+        let _ = cleanup(&dir);
+        return Err(e.context("testbed up failed (everything made was removed)"));
+    }
+    if !a.no_wait {
+        wait_converged(&dir, n, Duration::from_secs(60))?;
+    }
+    println!(
+        "testbed up: {n} nodes at {SUBNET}.1..{SUBNET}.{n}, state in {}",
+        dir.display()
+    );
+    Ok(0)
+}
+
+trait Mode600 {
+    fn mode_600(&mut self) -> &mut Self;
+}
+impl Mode600 for std::fs::OpenOptions {
+    fn mode_600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
+    let n = tb.nodes;
+    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
+    ip(&["link", "set", BRIDGE, "up"])?;
+    let max_speed = tb.speeds.iter().cloned().fold(0.0, f64::max);
+    for i in 1..=n {
+        let ns = ns_name(i);
+        let h = format!("{LINK_PREFIX}{i}h");
+        let p = format!("{LINK_PREFIX}{i}n");
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", &h, "type", "veth", "peer", "name", &p])?;
+        ip(&["link", "set", &p, "netns", &ns])?;
+        ip(&["link", "set", &h, "master", BRIDGE, "up"])?;
+        ip(&["-n", &ns, "link", "set", &p, "name", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{SUBNET}.{i}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+
+        let speed = tb.speeds[(i - 1) as usize];
+        let quota = ((CFS_PERIOD_US as f64) * speed / max_speed)
+            .round()
+            .max(1000.0) as u64;
+        make_cgroups(tb.cgroup, i, quota, tb.mem[(i - 1) as usize])?;
+
+        let nd = node_dir(dir, i);
+        std::fs::create_dir_all(&nd)?;
+        let cfg = format!(
+            "# mosix testbed node {i} of {n}\n\
+             node = {i}\n\
+             secret_file = \"{secret}\"\n\
+             state_dir = \"{state}\"\n\
+             control_socket = \"{sock}\"\n\
+             speed = {speed:?}\n\
+             load_scope = \"cgroup\"\n\
+             gossip_interval_ms = {gossip_ms}\n\
+             down_after_ms = {down}\n\n\
+             [[map]]\n\
+             node = 1\n\
+             address = \"{SUBNET}.1\"\n\
+             count = {n}\n",
+            secret = dir.join("secret").display(),
+            state = nd.display(),
+            sock = nd.join("mosixd.sock").display(),
+            down = (gossip_ms * 6).max(3000),
+        );
+        std::fs::write(nd.join("mosix.toml"), cfg)?;
+    }
+    for i in 1..=n {
+        let cgs = cgroup_dirs(tb.cgroup, i)?;
+        start_daemon(dir, tb, i, None, &cgs)?;
+    }
+    Ok(())
+}
+
+/// Waits until every node's daemon answers and sees all `n` nodes up.
+fn wait_converged(dir: &Path, n: u32, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut ok = 0;
+        let mut why = String::new();
+        for i in 1..=n {
+            match super::status::fetch(&node_dir(dir, i).join("mosixd.sock")) {
+                Ok(st) if st.active_nodes() == n as usize => ok += 1,
+                Ok(st) => why = format!("node {i} sees {} of {n} up", st.active_nodes()),
+                Err(e) => why = format!("node {i}: {e:#}"),
+            }
+        }
+        if ok == n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the testbed did not converge within {}s ({why}); logs in {}/nN/mosixd.log",
+                limit.as_secs(),
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes everything a testbed made (found by name), returning a summary.
+fn cleanup(dir: &Path) -> Result<String> {
+    require_root()?;
+    use nix::sys::signal::Signal;
+    let mut removed: Vec<String> = Vec::new();
+    // 1. Processes: daemons from pid files, everything in testbed cgroups and namespaces.
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_prefix('n').and_then(|x| x.parse::<u32>().ok()) {
+                if let Some(p) = read_pid(dir, n).filter(|p| pid_alive(*p) && is_mosixd(*p)) {
+                    kill(p, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    let cgs = all_testbed_cgroups();
+    let namespaces: Vec<String> = ip_out(&["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(NS_PREFIX))
+        .map(String::from)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pids: Vec<i32> = cgs.iter().flat_map(|c| pids_in(c)).collect();
+        for ns in &namespaces {
+            pids.extend(
+                ip_out(&["netns", "pids", ns])
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok()),
+            );
+        }
+        let me = std::process::id() as i32;
+        pids.retain(|p| *p != me && pid_alive(*p));
+        if pids.is_empty() {
+            break;
+        }
+        for p in &pids {
+            kill(*p, Signal::SIGKILL);
+        }
+        if Instant::now() > deadline {
+            bail!("processes {pids:?} of the testbed do not die");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 2. Cgroups (empty now; rmdir may need a moment after the last exit).
+    let mut ncg = 0;
+    for cg in &cgs {
+        let mut ok = false;
+        for _ in 0..100 {
+            if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !ok {
+            bail!("cannot remove cgroup {}", cg.display());
+        }
+        ncg += 1;
+    }
+    if ncg > 0 {
+        removed.push(format!("{ncg} cgroups"));
+    }
+    // 3. Namespaces, links, bridge.
+    for ns in &namespaces {
+        ip(&["netns", "del", ns])?;
+    }
+    if !namespaces.is_empty() {
+        removed.push(format!("{} namespaces", namespaces.len()));
+    }
+    let mut nl = 0;
+    for l in ip_out(&["-o", "link", "show"]).lines() {
+        // "12: mtb3h@if11: <...>"
+        let Some(name) = l.split(':').nth(1).map(|s| s.trim()) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        if (name.starts_with(LINK_PREFIX) && name.ends_with('h')) || name == BRIDGE {
+            // A veth may already be gone with its namespace peer.
+            if ip(&["link", "del", name]).is_ok() {
+                nl += 1;
+            }
+        }
+    }
+    if nl > 0 {
+        removed.push(format!("{nl} links"));
+    }
+    // 4. Our files in the state directory.
+    let mut nf = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours_dir = name
+                .strip_prefix('n')
+                .is_some_and(|x| x.parse::<u32>().is_ok());
+            if ours_dir && e.path().is_dir() {
+                std::fs::remove_dir_all(e.path())?;
+                nf += 1;
+            } else if name == "secret" || name == "testbed.json" {
+                std::fs::remove_file(e.path())?;
+                nf += 1;
+            }
+        }
+        if dir == Path::new(DEFAULT_DIR) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    if nf > 0 {
+        removed.push(format!("{nf} state entries in {}", dir.display()));
+    }
+    Ok(if removed.is_empty() {
+        "nothing to remove".to_string()
+    } else {
+        removed.join(", ")
+    })
+}
+
+// ---------- exec / status ----------
+
+fn exec(dir: &Path, n: u32, cmd: Vec<OsString>) -> Result<i32> {
+    require_root()?;
+    let tb = load(dir)?;
+    check_node(&tb, n)?;
+    let ns = File::open(format!("/run/netns/{}", ns_name(n)))
+        .with_context(|| format!("network namespace {} is missing", ns_name(n)))?;
+    let mut fds = Vec::new();
+    for cg in cgroup_dirs(tb.cgroup, n)? {
+        fds.push(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))
+                .with_context(|| format!("cgroup {} is missing", cg.display()))?,
+        );
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // This process is single-threaded: entering here is entering for the command.
+    enter(ns.as_raw_fd(), &raw, false).context("cannot enter the node")?;
+    let nd = node_dir(dir, n);
+    let err = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .env("MOSIX_CONFIG", nd.join("mosix.toml"))
+        .env("MOSIX_SOCKET", nd.join("mosixd.sock"))
+        .env("MOSIX_NODE", n.to_string())
+        .env("MOSIX_TESTBED_DIR", dir)
+        .exec();
+    bail!("cannot run {}: {err}", cmd[0].to_string_lossy())
+}
+
+#[derive(Serialize)]
+struct NodeReport {
+    node: u32,
+    address: String,
+    namespace: bool,
+    daemon_pid: Option<i32>,
+    speed: f64,
+    cpu_quota: Option<f64>,
+    mem_limit: Option<u64>,
+    /// Nodes this node's mosixd sees up (None if it does not answer).
+    sees_up: Option<usize>,
+}
+
+fn status(dir: &Path, json: bool) -> Result<i32> {
+    let tb = load(dir)?;
+    let nss = ip_out(&["netns", "list"]);
+    let mut out = Vec::new();
+    for i in 1..=tb.nodes {
+        let cgs = cgroup_dirs(tb.cgroup, i).unwrap_or_default();
+        let mut quota = None;
+        for c in &cgs {
+            if let (Ok(q), Ok(p)) = (
+                std::fs::read_to_string(c.join("cpu.cfs_quota_us")),
+                std::fs::read_to_string(c.join("cpu.cfs_period_us")),
+            ) {
+                if let (Ok(q), Ok(p)) = (q.trim().parse::<f64>(), p.trim().parse::<f64>()) {
+                    quota = (q > 0.0).then(|| q / p);
+                }
+            }
+            if let Ok(s) = std::fs::read_to_string(c.join("cpu.max")) {
+                let mut it = s.split_whitespace();
+                if let (Some(q), Some(p)) = (it.next(), it.next()) {
+                    if let (Ok(q), Ok(p)) = (q.parse::<f64>(), p.parse::<f64>()) {
+                        quota = Some(q / p);
+                    }
+                }
+            }
+        }
+        out.push(NodeReport {
+            node: i,
+            address: format!("{SUBNET}.{i}"),
+            namespace: nss
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&ns_name(i))),
+            daemon_pid: read_pid(dir, i).filter(|p| pid_alive(*p) && is_mosixd(*p)),
+            speed: tb.speeds[(i - 1) as usize],
+            cpu_quota: quota,
+            mem_limit: tb.mem[(i - 1) as usize],
+            sees_up: super::status::fetch(&node_dir(dir, i).join("mosixd.sock"))
+                .ok()
+                .map(|s| s.active_nodes()),
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    println!(
+        "testbed in {} ({} nodes, cgroup {:?})",
+        dir.display(),
+        tb.nodes,
+        tb.cgroup
+    );
+    println!(
+        "{:>4}  {:<12} {:<5} {:>8} {:>6} {:>6} {:>8} {:>8}",
+        "NODE", "ADDRESS", "NETNS", "MOSIXD", "SPEED", "CPU", "MEM", "SEES-UP"
+    );
+    for r in out {
+        println!(
+            "{:>4}  {:<12} {:<5} {:>8} {:>6.2} {:>6} {:>8} {:>8}",
+            r.node,
+            r.address,
+            if r.namespace { "yes" } else { "NO" },
+            r.daemon_pid.map_or("down".into(), |p| p.to_string()),
+            r.speed,
+            r.cpu_quota
+                .map_or("-".into(), |q| format!("{:.0}%", q * 100.0)),
+            r.mem_limit.map_or("-".into(), super::status::human),
+            r.sees_up
+                .map_or("-".into(), |u| format!("{u}/{}", tb.nodes)),
+        );
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert!(parse_size("1K").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn per_node_values() {
+        assert_eq!(per_node("s", vec![2.0], 3, 1.0).unwrap(), vec![2.0; 3]);
+        assert_eq!(per_node("s", vec![], 2, 1.0).unwrap(), vec![1.0; 2]);
+        assert!(per_node("s", vec![1.0, 2.0], 3, 1.0).is_err());
+    }
 }
