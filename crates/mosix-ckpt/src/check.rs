@@ -79,9 +79,6 @@ pub fn vma_refusal(m: &MapLine) -> Option<String> {
     if m.name.starts_with("/SYSV") {
         return Some(format!("it is attached to System V shared memory ({at})"));
     }
-    if m.name.ends_with(" (deleted)") {
-        return Some(format!("it maps a deleted file {} ({at})", m.name));
-    }
     if m.name == "[uprobes]" {
         return Some("it has uprobes attached".into());
     }
@@ -92,6 +89,9 @@ pub fn vma_refusal(m: &MapLine) -> Option<String> {
             "anonymous memory"
         };
         return Some(format!("it has writable shared memory: {what} ({at})"));
+    }
+    if m.name.ends_with(" (deleted)") {
+        return Some(format!("it maps a deleted file {} ({at})", m.name));
     }
     if m.is_file() {
         let ok = std::fs::metadata(&m.name)

@@ -172,13 +172,8 @@ impl Frozen {
     fn kill(&mut self) -> Result<()> {
         sys::kill(self.pid, libc::SIGKILL)
             .map_err(|e| sys_err("killing the checkpointed process", e))?;
-        loop {
-            match sys::wait(self.pid) {
-                Ok(Stop::Stopped { .. }) => {
-                    let _ = sys::cont(self.pid, 0);
-                }
-                _ => break,
-            }
+        while let Ok(Stop::Stopped { .. }) = sys::wait(self.pid) {
+            let _ = sys::cont(self.pid, 0);
         }
         self.done = true;
         Ok(())
@@ -452,11 +447,7 @@ fn dump_frozen<W: Write + 'static>(
                 .collect()
         })
         .unwrap_or_default();
-    let mut rlimits = Vec::new();
-    for res in 0..16u32 {
-        let (cur, max) = sys::getrlimit(pid, res)?;
-        rlimits.push((res, cur, max));
-    }
+    let rlimits = procfs::limits(pid)?;
     let mut fds = Vec::new();
     for fi in procfs::fds(pid)? {
         let kind = checks::classify_fd(&fi).map_err(|r| Error::Refused {

@@ -10,6 +10,7 @@
 //!         tag 1 = metadata (postcard-encoded [`ProcessImage`]), exactly one, first
 //!         tag 2 = memory: vaddr u64, then the bytes (a multiple of the page size)
 //!         tag 255 = end: record count u64, payload byte total u64
+//! trailer (8 bytes):  xxh3-64 of every byte before it (header and body as stored)
 //! ```
 //! Anything after the end record, a missing end record, a wrong checksum, an unknown tag
 //! or a newer major version makes the image unreadable, and nothing is restored.
@@ -229,7 +230,7 @@ pub struct Pages<'a> {
 
 /// Writes an image stream: header, metadata, memory records, end.
 pub struct ImageWriter<W: Write> {
-    out: Box<dyn FinishWrite<W>>,
+    out: Box<dyn FinishWrite<Hashing<W>>>,
     records: u64,
     payload_total: u64,
 }
@@ -237,6 +238,22 @@ pub struct ImageWriter<W: Write> {
 /// A compressing writer that can be finished to get the inner writer back.
 trait FinishWrite<W: Write>: Write {
     fn finish(self: Box<Self>) -> std::io::Result<W>;
+}
+
+/// Passes bytes through while hashing them, for the whole-file checksum at the end.
+struct Hashing<W: Write> {
+    inner: W,
+    h: Xxh3,
+}
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.h.update(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 struct Plain<W: Write>(W);
@@ -280,9 +297,13 @@ fn header(compression: Compression) -> [u8; HEADER_LEN] {
 
 impl<W: Write + 'static> ImageWriter<W> {
     /// Starts an image with `meta` as its metadata record.
-    pub fn new(mut w: W, compression: Compression, meta: &ProcessImage) -> Result<Self> {
+    pub fn new(w: W, compression: Compression, meta: &ProcessImage) -> Result<Self> {
+        let mut w = Hashing {
+            inner: w,
+            h: Xxh3::new(),
+        };
         w.write_all(&header(compression))?;
-        let out: Box<dyn FinishWrite<W>> = match compression {
+        let out: Box<dyn FinishWrite<Hashing<W>>> = match compression {
             Compression::None => Box::new(Plain(w)),
             Compression::Lz4 => {
                 let mut info = lz4_flex::frame::FrameInfo::new();
@@ -340,9 +361,10 @@ impl<W: Write + 'static> ImageWriter<W> {
         end[8..].copy_from_slice(&total.to_le_bytes());
         self.record(TAG_END, &[&end])?;
         self.out.flush()?;
-        let mut w = self.out.finish()?;
-        w.flush()?;
-        Ok(w)
+        let Hashing { mut inner, h } = self.out.finish()?;
+        inner.write_all(&h.digest().to_le_bytes())?;
+        inner.flush()?;
+        Ok(inner)
     }
 }
 
@@ -401,19 +423,38 @@ pub fn read_image<R: Read>(mut r: R) -> Result<LoadedImage> {
         got += n;
     }
     let compression = read_header(&h[..got])?;
-    let mut body = Vec::new();
-    let res = match compression {
-        Compression::None => r.read_to_end(&mut body).map(|_| ()),
-        Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(r)
-            .read_to_end(&mut body)
-            .map(|_| ()),
+    let mut raw = Vec::new();
+    r.read_to_end(&mut raw)?;
+    // The whole-file checksum first: it covers the compressed bytes too.
+    if raw.len() < 8 {
+        return Err(bad("truncated: the image checksum is missing"));
+    }
+    let n = raw.len() - 8;
+    let sum = u64::from_le_bytes(raw[n..].try_into().expect("8 bytes"));
+    let mut hasher = Xxh3::new();
+    hasher.update(&h);
+    hasher.update(&raw[..n]);
+    if hasher.digest() != sum {
+        return Err(bad("image checksum mismatch (damaged or truncated image)"));
+    }
+    raw.truncate(n);
+    let body = match compression {
+        Compression::None => raw,
+        Compression::Lz4 => {
+            let mut body = Vec::new();
+            lz4_flex::frame::FrameDecoder::new(&raw[..])
+                .read_to_end(&mut body)
+                .map_err(|e| bad(format!("damaged compressed data: {e}")))?;
+            body
+        }
         Compression::Zstd => {
-            zstd::Decoder::new(r).and_then(|mut d| d.read_to_end(&mut body).map(|_| ()))
+            let mut body = Vec::new();
+            zstd::Decoder::new(&raw[..])
+                .and_then(|mut d| d.read_to_end(&mut body))
+                .map_err(|e| bad(format!("damaged compressed data: {e}")))?;
+            body
         }
     };
-    if let Err(e) = res {
-        return Err(bad(format!("damaged compressed data: {e}")));
-    }
     parse_body(body, compression)
 }
 
@@ -460,7 +501,7 @@ fn parse_body(body: Vec<u8>, compression: Compression) -> Result<LoadedImage> {
                 if meta.is_none() {
                     return Err(bad("memory before metadata"));
                 }
-                if len < 8 || (len - 8) % 4096 != 0 {
+                if len < 8 || !(len - 8).is_multiple_of(4096) {
                     return Err(bad("memory record of odd size"));
                 }
                 let vaddr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
@@ -519,7 +560,7 @@ mod tests {
             let runs: Vec<_> = img.pages().collect();
             assert_eq!(runs.len(), 1);
             assert_eq!(runs[0].vaddr, 0x1000);
-            assert_eq!(runs[0].data[9], (9 * 7 % 251) as u8);
+            assert_eq!(runs[0].data[9], 63u8);
         }
     }
 

@@ -35,6 +35,9 @@ impl MapLine {
     pub fn is_file(&self) -> bool {
         self.inode != 0 && self.name.starts_with('/')
     }
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
     pub fn len(&self) -> u64 {
         self.end - self.start
     }
@@ -273,6 +276,31 @@ pub const PM_PRESENT: u64 = 1 << 63;
 pub const PM_SWAPPED: u64 = 1 << 62;
 pub const PM_FILE: u64 = 1 << 61;
 
+/// Resource limits from /proc/PID/limits: (resource, soft, hard), in resource order.
+/// (prlimit64 on another user's process would need CAP_SYS_RESOURCE.)
+pub fn limits(pid: i32) -> Result<Vec<(u32, u64, u64)>> {
+    let text = read(pid, "limits")?;
+    let val = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            s.parse().ok()
+        }
+    };
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        // Fixed columns: name (25), soft (20), hard (20), units.
+        let (Some(soft), Some(hard)) = (line.get(26..46), line.get(47..67)) else {
+            continue;
+        };
+        if let (Some(s), Some(h)) = (val(soft), val(hard)) {
+            out.push((out.len() as u32, s, h));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +318,15 @@ mod tests {
         assert_eq!(m[1].name, "[stack]");
         assert!(m[2].shared);
         assert_eq!(m[2].offset, 0x10);
+    }
+
+    #[test]
+    fn own_limits_parse() {
+        let l = limits(std::process::id() as i32).unwrap();
+        assert_eq!(l.len(), 16);
+        assert!(l
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.0 == i as u32 && r.1 <= r.2));
     }
 }

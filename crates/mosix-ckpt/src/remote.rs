@@ -35,7 +35,7 @@ impl Remote {
     }
 
     /// Resumes to the next syscall stop, holding any signal that shows up first.
-    fn to_syscall_stop(&mut self) -> Result<()> {
+    fn next_syscall_stop(&mut self) -> Result<()> {
         let mut sig_in = 0;
         loop {
             sys::syscall_step(self.pid, sig_in).map_err(|e| crate::error::sys_err("ptrace", e))?;
@@ -67,8 +67,8 @@ impl Remote {
         r.r8 = a(4);
         r.r9 = a(5);
         sys::set_regs(self.pid, &r)?;
-        self.to_syscall_stop()?; // entry
-        self.to_syscall_stop()?; // exit
+        self.next_syscall_stop()?; // entry
+        self.next_syscall_stop()?; // exit
         Ok(sys::get_regs(self.pid)?.rax as i64)
     }
 

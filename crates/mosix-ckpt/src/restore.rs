@@ -81,11 +81,13 @@ pub fn preflight(img: &LoadedImage) -> Result<()> {
     for (name, (_, len)) in &want {
         match own.get(name) {
             Some((_, l)) if l == len => {}
-            _ => return Err(Error::Unrestorable(format!(
+            _ => {
+                return Err(Error::Unrestorable(format!(
                 "the kernel's {name} differs from the one of the image (kernel {} there, {} here)",
                 m.kernel,
                 sys::uname_release()
-            ))),
+            )))
+            }
         }
     }
     Ok(())

@@ -1,0 +1,513 @@
+//! Checkpoint/restart of real, unmodified programs through the `mosix` command, as root.
+//! Each program is checkpointed in the middle of its work and restarted; what it printed
+//! before plus what the restarted process prints must equal an uninterrupted run, and the
+//! exit status must be the same.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const MOSIX: &str = env!("CARGO_BIN_EXE_mosix");
+/// Upper bound for any one wait in these tests (a hang fails instead of blocking CI).
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn progs() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("progs");
+        std::fs::create_dir_all(&out).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/progs");
+        let builds: &[(&str, &[&str])] = &[
+            ("heap", &[]),
+            ("compute", &["-static"]),
+            ("sigtimer", &[]),
+            ("filewrite", &[]),
+            ("avx", &["-mavx2"]),
+            ("refuse", &["-pthread"]),
+        ];
+        for (name, flags) in builds {
+            let st = Command::new("cc")
+                .arg("-O2")
+                .args(*flags)
+                .arg("-o")
+                .arg(out.join(name))
+                .arg(src.join(format!("{name}.c")))
+                .status()
+                .expect("cc runs");
+            assert!(st.success(), "building {name}.c");
+        }
+        out
+    })
+}
+
+fn prog(name: &str) -> Command {
+    Command::new(progs().join(name))
+}
+
+/// Only 0, 1, 2 in the program: stray descriptors of the test runner would (rightly)
+/// make the checkpoint refuse.
+fn clean_fds(cmd: &mut Command) -> &mut Command {
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
+fn reference(mut cmd: Command) -> Output {
+    clean_fds(&mut cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("program runs")
+}
+
+/// A running program whose stdout lines arrive on a channel.
+struct Job {
+    child: Child,
+    lines: Receiver<String>,
+    seen: String,
+}
+
+impl Job {
+    fn start(mut cmd: Command) -> Job {
+        let mut child = clean_fds(&mut cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("program starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Job {
+            child,
+            lines: rx,
+            seen: String::new(),
+        }
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    /// Waits for the next line of output.
+    fn line(&mut self) -> String {
+        let l = self
+            .lines
+            .recv_timeout(PATIENCE)
+            .expect("program printed its next line");
+        self.seen.push_str(&l);
+        self.seen.push('\n');
+        l
+    }
+    /// Everything printed until the program's stdout closes.
+    fn rest(&mut self) -> String {
+        while let Ok(l) = self.lines.recv_timeout(PATIENCE) {
+            self.seen.push_str(&l);
+            self.seen.push('\n');
+        }
+        self.seen.clone()
+    }
+    fn wait(&mut self) -> ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // SAFETY: kill of our own process group; no memory involved.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+fn mosix(args: &[&str]) -> Output {
+    Command::new(MOSIX)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("mosix runs")
+}
+
+fn assert_ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn same_status(a: ExitStatus, b: ExitStatus) -> bool {
+    a.code() == b.code() && a.signal() == b.signal()
+}
+
+/// Checkpoints `cmd` after `lines` lines of output, restarts it, and checks the combined
+/// output and the exit status against an uninterrupted run.
+fn round_trip(make: impl Fn() -> Command, lines: usize, ckpt_args: &[&str]) -> PathBuf {
+    let want = reference(make());
+    let dir = tempfile::tempdir().unwrap().keep();
+    let img = dir.join("job.img");
+    let mut job = Job::start(make());
+    for _ in 0..lines {
+        job.line();
+    }
+    let pid = job.pid().to_string();
+    let mut args = vec!["checkpoint", &pid, "-o", img.to_str().unwrap()];
+    args.extend_from_slice(ckpt_args);
+    assert_ok(&mosix(&args), "checkpoint");
+    assert_eq!(
+        job.wait().signal(),
+        Some(libc::SIGKILL),
+        "checkpoint kills the original"
+    );
+    let before = job.rest();
+    let after = mosix(&["restart", img.to_str().unwrap()]);
+    let got = before + &String::from_utf8_lossy(&after.stdout);
+    assert_eq!(
+        got,
+        String::from_utf8_lossy(&want.stdout),
+        "output differs from an uninterrupted run"
+    );
+    assert!(
+        same_status(after.status, want.status),
+        "exit status {} differs from {}; stderr: {}",
+        after.status,
+        want.status,
+        String::from_utf8_lossy(&after.stderr)
+    );
+    img
+}
+
+fn awk_loop() -> Command {
+    let mut c = Command::new("awk");
+    c.arg(
+        "BEGIN{for(i=0;i<24000000;i++){s+=i%7; if(i%2000000==0){print i, s; fflush()}} print \"done\", s; exit 5}",
+    );
+    c
+}
+
+#[test]
+fn awk_loop_round_trip() {
+    round_trip(awk_loop, 1, &[]);
+}
+
+#[test]
+fn awk_with_lz4_and_zstd_images() {
+    round_trip(awk_loop, 2, &["--compress", "lz4"]);
+    round_trip(awk_loop, 3, &["--compress", "zstd"]);
+}
+
+const PY: &str = r#"
+import os, sys
+def primes(n):
+    s = bytearray([1]) * n
+    s[0] = s[1] = 0
+    for i in range(2, int(n ** 0.5) + 1):
+        if s[i]:
+            s[i*i::i] = bytearray(len(s[i*i::i]))
+    return s
+total = 0
+for k in range(1, 13):
+    p = primes(k * 150000)
+    acc = 0
+    for i, v in enumerate(p):
+        if v:
+            acc = (acc * 31 + i) % 1000000007
+    total += acc
+    print(k, acc, total, flush=True)
+st = open('/proc/self/status').read().split('\n')
+caps = [l for l in st if l.startswith('CapEff')]
+print('uid', os.getuid(), os.geteuid(), 'gid', os.getgid(), caps[0].split()[1], flush=True)
+sys.exit(3)
+"#;
+
+#[test]
+fn python_as_unprivileged_user_round_trip() {
+    let make = || {
+        let mut c = Command::new("python3");
+        c.args(["-c", PY]).current_dir("/tmp").uid(65534).gid(65534);
+        c
+    };
+    round_trip(make, 1, &[]);
+}
+
+#[test]
+fn heap_256mib_round_trip_and_death_by_signal() {
+    let make = || {
+        let mut c = prog("heap");
+        c.arg("256");
+        c
+    };
+    round_trip(make, 2, &[]);
+}
+
+#[test]
+fn static_program_round_trip() {
+    round_trip(|| prog("compute"), 2, &[]);
+}
+
+#[test]
+fn signal_handler_and_pending_timer_signal() {
+    round_trip(|| prog("sigtimer"), 2, &[]);
+}
+
+#[test]
+fn avx_registers_and_rounding_mode_survive() {
+    round_trip(|| prog("avx"), 2, &[]);
+}
+
+fn file_writer(append: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let want_file = dir.path().join("want.txt");
+    let got_file = dir.path().join("got.txt");
+    let header = "existing header line\n";
+    for f in [&want_file, &got_file] {
+        std::fs::write(f, header).unwrap();
+    }
+    let mode = if append { "append" } else { "trunc" };
+    let want = reference({
+        let mut c = prog("filewrite");
+        c.args([want_file.to_str().unwrap(), mode]);
+        c
+    });
+    assert!(want.status.success());
+    let img = dir.path().join("w.img");
+    let mut job = Job::start({
+        let mut c = prog("filewrite");
+        c.args([got_file.to_str().unwrap(), mode]);
+        c
+    });
+    job.line();
+    job.line();
+    let pid = job.pid().to_string();
+    assert_ok(
+        &mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]),
+        "checkpoint",
+    );
+    job.wait();
+    let before = job.rest();
+    let after = mosix(&["restart", img.to_str().unwrap()]);
+    assert_ok(&after, "restart");
+    assert_eq!(
+        before + &String::from_utf8_lossy(&after.stdout),
+        String::from_utf8_lossy(&want.stdout)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&got_file).unwrap(),
+        std::fs::read_to_string(&want_file).unwrap(),
+        "file written across the restart differs"
+    );
+}
+
+#[test]
+fn regular_file_written_across_restart() {
+    file_writer(false);
+}
+
+#[test]
+fn regular_file_appended_across_restart() {
+    file_writer(true);
+}
+
+#[test]
+fn same_image_restarts_twice() {
+    let want = reference(awk_loop());
+    let img = round_trip(awk_loop, 4, &[]);
+    // The image holds the state after the 4th line at least; both restarts must print
+    // the same thing, a tail of the full output, and end the same way.
+    let a = mosix(&["restart", img.to_str().unwrap()]);
+    let b = mosix(&["restart", img.to_str().unwrap()]);
+    assert_eq!(a.stdout, b.stdout);
+    assert!(!a.stdout.is_empty());
+    assert!(want.stdout.ends_with(&a.stdout));
+    assert!(same_status(a.status, want.status) && same_status(b.status, want.status));
+}
+
+fn proc_field(pid: i32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn leave_running_leaves_the_original_as_it_was() {
+    let want = reference(prog("sigtimer"));
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.img");
+    let mut job = Job::start(prog("sigtimer"));
+    job.line();
+    let pid = job.pid();
+    let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let keys = [
+        "SigBlk", "SigCgt", "SigIgn", "SigPnd", "ShdPnd", "Uid", "Threads",
+    ];
+    let before: Vec<String> = keys.iter().map(|k| proc_field(pid, k)).collect();
+    assert_ok(
+        &mosix(&[
+            "checkpoint",
+            &pid.to_string(),
+            "-o",
+            img.to_str().unwrap(),
+            "--leave-running",
+        ]),
+        "checkpoint --leave-running",
+    );
+    let after: Vec<String> = keys.iter().map(|k| proc_field(pid, k)).collect();
+    let maps_after = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert_eq!(before, after, "signal state or credentials changed");
+    assert_eq!(maps_before, maps_after, "memory layout changed");
+    assert_eq!(proc_field(pid, "TracerPid"), "TracerPid:\t0");
+    let out = job.rest();
+    assert!(same_status(job.wait(), want.status));
+    assert_eq!(
+        out,
+        String::from_utf8_lossy(&want.stdout),
+        "the original's own output changed"
+    );
+    // And the image restarts too.
+    let r = mosix(&["restart", img.to_str().unwrap()]);
+    assert_ok(&r, "restart");
+    assert!(want.stdout.ends_with(&r.stdout) && !r.stdout.is_empty());
+}
+
+#[test]
+fn every_refusal_reason_and_the_process_goes_on() {
+    let cases = [
+        ("thread", "2 threads"),
+        ("shm", "writable shared memory"),
+        ("sysv", "System V shared memory"),
+        ("socket", "fd 3 is a socket"),
+        ("pipe", "fd 3 is a pipe"),
+        ("child", "child processes"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (what, reason) in cases {
+        let mut job = Job::start({
+            let mut c = prog("refuse");
+            c.arg(what);
+            c
+        });
+        job.line();
+        let pid = job.pid().to_string();
+        let check = mosix(&["checkpoint", "--check", &pid]);
+        let text = String::from_utf8_lossy(&check.stdout);
+        assert_eq!(check.status.code(), Some(1), "{what}: --check must fail");
+        assert!(text.contains(reason), "{what}: --check said {text:?}");
+        let img = dir.path().join(format!("{what}.img"));
+        let o = mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{what}: checkpoint must refuse");
+        assert!(
+            err.contains(reason) && err.lines().count() == 1,
+            "{what}: said {err:?}"
+        );
+        assert!(!img.exists(), "{what}: no image may be left behind");
+        // Still running, untraced, and still printing.
+        job.line();
+        job.line();
+        assert_eq!(proc_field(job.pid(), "TracerPid"), "TracerPid:\t0");
+    }
+    let ok = mosix(&["checkpoint", "--check", &std::process::id().to_string()]);
+    assert_eq!(ok.status.code(), Some(1)); // the test runner has threads
+}
+
+#[test]
+fn damaged_images_are_refused_and_nothing_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = round_trip(awk_loop, 1, &[]);
+    let good = std::fs::read(&img).unwrap();
+    let bad = dir.path().join("bad.img");
+    let try_restart = |bytes: &[u8], expect: &str| {
+        std::fs::write(&bad, bytes).unwrap();
+        let o = mosix(&["restart", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(
+            o.stdout.is_empty(),
+            "a process was started from a damaged image"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.contains(expect), "said {err:?}, wanted {expect:?}");
+    };
+    // Bits flipped at spread-out places, header included.
+    let mut positions: Vec<usize> = (0..40).collect();
+    positions.extend((0..200).map(|i| 40 + i * (good.len() - 41) / 199));
+    for p in positions {
+        let mut b = good.clone();
+        b[p] ^= 1 << (p % 8);
+        try_restart(&b, "bad image");
+    }
+    try_restart(&good[..good.len() / 2], "truncated");
+    try_restart(
+        b"#!/bin/sh\necho this is not an image\n",
+        "not a mosix process image",
+    );
+    let mut newer = good.clone();
+    newer[8] = 9;
+    let sum = xxhash_rust::xxh3::xxh3_64(&newer[..24]);
+    newer[24..32].copy_from_slice(&sum.to_le_bytes());
+    try_restart(&newer, "image format 9.0 is not supported");
+    let missing = mosix(&["restart", "/nonexistent/x.img"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open /nonexistent/x.img"));
+}
+
+#[test]
+fn detach_prints_the_pid_and_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = reference(awk_loop());
+    let img = dir.path().join("d.img");
+    let mut job = Job::start(awk_loop());
+    job.line();
+    assert_ok(
+        &mosix(&[
+            "checkpoint",
+            &job.pid().to_string(),
+            "-o",
+            img.to_str().unwrap(),
+        ]),
+        "checkpoint",
+    );
+    job.wait();
+    let before = job.rest();
+    // The detached process shares the command's stdout (a file here): the PID line
+    // first, then whatever the process prints.
+    let out_file = dir.path().join("out.txt");
+    let st = Command::new(MOSIX)
+        .args(["restart", "--detach", img.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    let pid: i32 = text.lines().next().unwrap().trim().parse().expect("a PID");
+    // SAFETY: pidfd_open has no memory arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd >= 0 {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, PATIENCE.as_millis() as i32) };
+        assert_eq!(n, 1, "restored process {pid} finished");
+    }
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    let rest = text.split_once('\n').unwrap().1;
+    assert_eq!(before + rest, String::from_utf8_lossy(&want.stdout));
+}
