@@ -92,13 +92,10 @@ pub fn run(a: Args) -> Result<i32> {
             })?;
             let wait = next.saturating_duration_since(Instant::now());
             if event::poll(wait)? {
-                match event::read()? {
-                    Event::Key(k) if k.kind != KeyEventKind::Release => {
-                        if key(&mut view, k.code, k.modifiers) {
-                            return Ok(());
-                        }
+                if let Event::Key(k) = event::read()? {
+                    if k.kind != KeyEventKind::Release && key(&mut view, k.code, k.modifiers) {
+                        return Ok(());
                     }
-                    _ => {}
                 }
             }
         }
@@ -243,11 +240,9 @@ fn render(v: &mut View, area: Rect, buf: &mut Buffer) {
         return;
     }
     let n = st.nodes.len();
-    let col = if n == 0 {
-        4
-    } else {
-        ((area.width as usize) / n).clamp(5, 8)
-    };
+    let col = (area.width as usize)
+        .checked_div(n)
+        .map_or(4, |c| c.clamp(5, 8));
     let visible = ((area.width as usize) / col).max(1);
     v.visible = visible;
     v.scroll = v.scroll.min(n.saturating_sub(visible));
