@@ -306,6 +306,14 @@ address = "[::1]:7000"
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let c = Config::parse(include_str!("../dist/mosix.toml.example")).unwrap();
+        assert_eq!(c.map.len(), 5);
+        assert_eq!(c.map[3].addr, "192.168.1.13:5400".parse().unwrap());
+        assert_eq!(c.map[4].speed, Some(2.0));
+    }
+
+    #[test]
     fn secret_file_permissions_are_enforced() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();

@@ -113,6 +113,31 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Benchmark the cluster layer: gossip traffic per node per second, time for a load
+    /// change to reach every node, and mosixd's idle CPU and memory. Prints BENCH lines.
+    /// Brings a testbed up and down for each size (replacing any testbed in DIR).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Cluster sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    nodes: Vec<u32>,
+    /// Seconds of idle measurement (traffic, CPU, memory) per size.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Load changes timed per size (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    #[command(flatten)]
+    dir: DirArg,
+    /// The mosixd binary (default: next to this mosix binary, else in PATH).
+    #[arg(long, value_name = "PATH")]
+    mosixd: Option<PathBuf>,
+    /// Gossip interval of the daemons, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    gossip_interval_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -178,6 +203,7 @@ pub fn run(a: Args) -> Result<i32> {
             println!("node {node}: mosixd started (pid {pid})");
             Ok(0)
         }
+        Sub::Bench(b) => bench(b),
         Sub::Down { dir } => {
             let removed = cleanup(&dir.path())?;
             println!("testbed down: {removed}");
@@ -968,6 +994,178 @@ fn status(dir: &Path, json: bool) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+// ---------- bench ----------
+
+fn bench(b: BenchArgs) -> Result<i32> {
+    require_root()?;
+    let dir = b.dir.path();
+    let mosixd = find_mosixd(b.mosixd.clone())?;
+    let me = std::env::current_exe().context("cannot find the mosix binary")?;
+    let gossip_s = b.gossip_interval_ms as f64 / 1000.0;
+    for &n in &b.nodes {
+        if n < 2 {
+            bail!("bench needs at least 2 nodes");
+        }
+        up(UpArgs {
+            nodes: n,
+            speeds: vec![],
+            mem: vec![],
+            dir: b.dir.clone(),
+            mosixd: Some(mosixd.clone()),
+            gossip_interval_ms: b.gossip_interval_ms,
+            no_wait: false,
+        })?;
+        let r = bench_one(&dir, &me, n, &b, gossip_s);
+        let _ = cleanup(&dir);
+        r?;
+    }
+    Ok(0)
+}
+
+fn sock(dir: &Path, n: u32) -> PathBuf {
+    node_dir(dir, n).join("mosixd.sock")
+}
+
+/// (utime+stime ticks, VmRSS bytes) of a process.
+fn proc_usage(pid: i32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = st
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?
+        * 1024;
+    Some((ticks, rss))
+}
+
+fn bench_one(dir: &Path, me: &Path, n: u32, b: &BenchArgs, gossip_s: f64) -> Result<()> {
+    use super::status::fetch;
+    // Idle: traffic, CPU, memory.
+    let pids: Vec<i32> = (1..=n).filter_map(|i| read_pid(dir, i)).collect();
+    let sent = |dir: &Path| -> Result<(u64, u64)> {
+        let mut bytes = 0;
+        let mut dgrams = 0;
+        for i in 1..=n {
+            let g = fetch(&sock(dir, i))?.gossip;
+            bytes += g.bytes_sent;
+            dgrams += g.datagrams_sent;
+        }
+        Ok((bytes, dgrams))
+    };
+    let cpu0: u64 = pids
+        .iter()
+        .filter_map(|p| proc_usage(*p))
+        .map(|u| u.0)
+        .sum();
+    let (b0, d0) = sent(dir)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(b.seconds));
+    let (b1, d1) = sent(dir)?;
+    let dt = t0.elapsed().as_secs_f64();
+    let usage: Vec<(u64, u64)> = pids.iter().filter_map(|p| proc_usage(*p)).collect();
+    let cpu1: u64 = usage.iter().map(|u| u.0).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let per_node_bps = (b1 - b0) as f64 / dt / n as f64;
+    let per_node_dps = (d1 - d0) as f64 / dt / n as f64;
+    let cpu_pct = (cpu1 - cpu0) as f64 / hz / dt / pids.len().max(1) as f64 * 100.0;
+    let rss = usage.iter().map(|u| u.1).sum::<u64>() as f64 / usage.len().max(1) as f64;
+    println!("BENCH gossip_bytes_per_node_{n} {per_node_bps:.0} B/s");
+    println!("BENCH gossip_datagrams_per_node_{n} {per_node_dps:.1} datagrams/s");
+    println!("BENCH mosixd_idle_cpu_{n} {cpu_pct:.2} %");
+    println!("BENCH mosixd_rss_{n} {:.1} MiB", rss / (1 << 20) as f64);
+
+    // Load change: a CPU-bound process on node 2; time until node 2 publishes it, and until
+    // every other node sees it.
+    let mut local = Vec::new();
+    let mut spread = Vec::new();
+    for _ in 0..b.repeat {
+        // Start from quiet: node 2 idle as seen by every node.
+        wait_all(dir, n, Duration::from_secs(30), |l| l < 0.25)?;
+        let mut hog = Command::new(me)
+            .args(["testbed", "exec", "2", "--dir"])
+            .arg(dir)
+            .args([
+                "--",
+                "timeout",
+                "60",
+                "awk",
+                "BEGIN{for(i=0;i<4000000000;i++);}",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start the load")?;
+        let t0 = Instant::now();
+        let r = (|| -> Result<(f64, f64)> {
+            let end = t0 + Duration::from_secs(30);
+            loop {
+                let s = fetch(&sock(dir, 2))?;
+                if s.nodes[1].load.as_ref().is_some_and(|l| l.runnable >= 0.5) {
+                    break;
+                }
+                if Instant::now() > end {
+                    bail!("node 2 never published its load");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let t1 = t0.elapsed().as_secs_f64();
+            wait_all(dir, n, Duration::from_secs(30), |l| l >= 0.5)?;
+            Ok((t1, t0.elapsed().as_secs_f64() - t1))
+        })();
+        kill(hog.id() as i32, nix::sys::signal::Signal::SIGTERM);
+        let _ = hog.wait();
+        // Kill the awk too (timeout forwards SIGTERM, but be sure).
+        if let Ok(cgs) = cgroup_dirs(load(dir)?.cgroup, 2) {
+            for c in cgs {
+                for p in pids_in(&c) {
+                    if !is_mosixd(p) {
+                        kill(p, nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+        let (l, s) = r?;
+        local.push(l);
+        spread.push(s);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (l, s) = (med(&mut local), med(&mut spread));
+    println!("BENCH load_change_sampled_{n} {l:.3} s");
+    println!(
+        "BENCH load_change_spread_{n} {s:.3} s vs gossip_interval={:.2}",
+        s / gossip_s
+    );
+    Ok(())
+}
+
+/// Waits until every node other than 2 sees node 2's runnable count satisfy `cond`.
+fn wait_all(dir: &Path, n: u32, limit: Duration, cond: impl Fn(f64) -> bool) -> Result<()> {
+    let end = Instant::now() + limit;
+    let mut pending: Vec<u32> = (1..=n).filter(|i| *i != 2).collect();
+    while !pending.is_empty() {
+        pending.retain(|i| {
+            !super::status::fetch(&sock(dir, *i)).is_ok_and(|s| {
+                s.nodes[1].load.as_ref().is_some_and(|l| {
+                    s.nodes[1].state == mosix_proto::NodeState::Up && cond(l.runnable)
+                })
+            })
+        });
+        if Instant::now() > end {
+            bail!("nodes {pending:?} never saw node 2's load change");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
