@@ -154,12 +154,16 @@ fn mon_in_tmux_answers_every_key() {
     ]);
     assert!(o.status.success(), "tmux new-session: {o:?}");
 
-    let s = fx.wait_screen("the load view", |s| {
-        s.contains("MOSIX mon - node 1 - Load") && s.contains("1*") && s.contains(" down")
+    // A detached session may start at tmux's default size; make it 100x30 for sure.
+    let o = fx.tmux(&["resize-window", "-t", "mon", "-x", "100", "-y", "30"]);
+    assert!(o.status.success(), "{o:?}");
+    // 40 nodes do not fit in 100 columns: the view scrolls; nodes 3.. are down.
+    fx.wait_screen("the load view", |s| {
+        s.contains("MOSIX mon - node 1 - Load")
+            && s.contains("1*")
+            && s.contains(" down")
+            && s.contains("nodes 1-20 of 40")
     });
-    // 40 nodes do not fit in 100 columns: the view scrolls.
-    assert!(s.contains("nodes 1-20 of 40"), "{s}");
-    assert!(s.contains("down"), "nodes 3.. are down: {s}");
 
     fx.press("m");
     fx.wait_screen("memory view", |s| s.contains("Memory (used/free)"));
