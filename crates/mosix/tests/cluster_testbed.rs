@@ -191,6 +191,19 @@ fn four_node_testbed() {
     }
     let st = tb.ok(&["status"]);
     assert!(st.contains("4/4"), "{st}");
+    // The human table, run on node 3: node 3 marked, every node up.
+    let o = Command::new(mosix())
+        .args(["testbed", "exec", "3", "--dir"])
+        .arg(tb.dir.path())
+        .arg("--")
+        .arg(mosix())
+        .arg("status")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{table}");
+    assert!(table.contains("   3*  10.213.0.3:5400"), "{table}");
+    assert!(table.contains("4 of 4 nodes up; this node is 3"), "{table}");
 
     // A CPU-bound process on node 2 raises node 2's load as seen from node 4.
     let before = tb.wait(4, "a load vector for node 2", |s| s.nodes[1].load.is_some());
