@@ -123,9 +123,11 @@ fn mon_in_tmux_answers_every_key() {
     // Node 1 must see node 2 before the screen is meaningful.
     let end = Instant::now() + DEADLINE;
     loop {
+        // Found through $MOSIX_CONFIG's control_socket.
         let o = Command::new(mosix())
-            .args(["status", "--json", "--socket"])
-            .arg(&sock)
+            .args(["status", "--json"])
+            .env_remove("MOSIX_SOCKET")
+            .env("MOSIX_CONFIG", fx.dir.path().join("n1/mosix.toml"))
             .output()
             .unwrap();
         if o.status.success() {

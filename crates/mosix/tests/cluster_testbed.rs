@@ -332,4 +332,15 @@ fn status_without_a_daemon_is_one_clear_line() {
         e.starts_with("mosix: cannot reach mosixd at /nonexistent/mosixd.sock"),
         "{e}"
     );
+
+    let o = Command::new(mosix())
+        .args(["testbed", "status", "--dir", "/nonexistent-testbed"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.starts_with("mosix: no testbed at /nonexistent-testbed"),
+        "{e}"
+    );
 }
