@@ -36,7 +36,8 @@ const TICK: Duration = Duration::from_millis(250);
         authenticated and encrypted with the cluster secret: datagrams from nodes without it \
         are dropped and counted.\n\n\
         `mosix status` and `mon` read the result through the control socket; scripts can read \
-        STATE_DIR/status.json (rewritten every second).\n\n\
+        status.json next to the control socket (/run/mosix/status.json by default, \
+        rewritten every second).\n\n\
         Minimal /etc/mosix/mosix.toml:\n\n  \
         node = 1\n  \
         secret_file = \"/etc/mosix/secret\"   # chmod 600, owned by root\n  \
@@ -173,6 +174,7 @@ fn run(args: Args) -> Result<()> {
         server.abort();
         ticker.abort();
         control::unlink(&cfg.control_socket);
+        let _ = std::fs::remove_file(status_file(&cfg));
         let _ = handle.shutdown().await;
         result
     })
@@ -187,7 +189,7 @@ async fn tick_loop(
     let mut membership = gossip::Membership::new(cfg.down_after, state.proto);
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let status_file = cfg.state_dir.join("status.json");
+    let status_file = status_file(&cfg);
     let mut last_file = Instant::now() - Duration::from_secs(10);
     loop {
         interval.tick().await;
@@ -212,7 +214,16 @@ async fn tick_loop(
     }
 }
 
-/// The read-only view for scripts: STATE_DIR/status.json, replaced atomically.
+/// Where the read-only view goes: beside the control socket (/run, tmpfs, by default).
+fn status_file(cfg: &Config) -> PathBuf {
+    cfg.control_socket
+        .parent()
+        .map_or_else(|| cfg.state_dir.clone(), |d| d.to_path_buf())
+        .join("status.json")
+}
+
+/// The read-only view for scripts: status.json beside the control socket, replaced
+/// atomically.
 fn write_status_file(path: &std::path::Path, st: &ClusterStatus) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut j = serde_json::to_vec_pretty(st)?;
