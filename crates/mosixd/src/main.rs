@@ -55,6 +55,9 @@ struct Args {
     /// Check the configuration and the secret file, print a summary, and exit.
     #[arg(long)]
     check: bool,
+    /// Measure this machine's (or this cgroup's) CPU speed for 1 s, print it, and exit.
+    #[arg(long)]
+    measure_speed: bool,
 }
 
 /// What the control socket and the status file read.
@@ -99,6 +102,10 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    if args.measure_speed {
+        println!("{}", sample::measure_speed(Duration::from_secs(1)));
+        return Ok(());
+    }
     let cfg = Config::load(&args.config)?;
     let secret = cfg.read_secret()?;
     let proto = match std::env::var(ENV_TEST_PROTOCOL) {

@@ -1004,6 +1004,7 @@ fn bench(b: BenchArgs) -> Result<i32> {
     let mosixd = find_mosixd(b.mosixd.clone())?;
     let me = std::env::current_exe().context("cannot find the mosix binary")?;
     let gossip_s = b.gossip_interval_ms as f64 / 1000.0;
+    bench_speeds(&b, &dir, &mosixd, &me)?;
     for &n in &b.nodes {
         if n < 2 {
             bail!("bench needs at least 2 nodes");
@@ -1022,6 +1023,41 @@ fn bench(b: BenchArgs) -> Result<i32> {
         r?;
     }
     Ok(0)
+}
+
+/// Do the CPU quotas emulate speeds? Two nodes of speeds 1 and 2 measure themselves.
+fn bench_speeds(b: &BenchArgs, dir: &Path, mosixd: &Path, me: &Path) -> Result<()> {
+    up(UpArgs {
+        nodes: 2,
+        speeds: vec![1.0, 2.0],
+        mem: vec![],
+        dir: b.dir.clone(),
+        mosixd: Some(mosixd.to_path_buf()),
+        gossip_interval_ms: b.gossip_interval_ms,
+        no_wait: true,
+    })?;
+    let measure = |n: u32| -> Result<f64> {
+        let o = Command::new(me)
+            .args(["testbed", "exec", &n.to_string(), "--dir"])
+            .arg(dir)
+            .arg("--")
+            .arg(mosixd)
+            .arg("--measure-speed")
+            .output()?;
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<f64>()
+            .with_context(|| format!("mosixd --measure-speed on node {n} failed"))
+    };
+    let r = (|| -> Result<(f64, f64)> { Ok((measure(1)?, measure(2)?)) })();
+    let _ = cleanup(dir);
+    let (s1, s2) = r?;
+    println!(
+        "BENCH testbed_measured_speed_ratio {:.2} x vs configured={:.2}",
+        s2 / s1.max(0.01),
+        s2 / s1.max(0.01) / 2.0
+    );
+    Ok(())
 }
 
 fn sock(dir: &Path, n: u32) -> PathBuf {
