@@ -235,7 +235,12 @@ fn load(dir: &Path) -> Result<Testbed> {
             dir.display()
         )
     })?;
-    serde_json::from_str(&s).with_context(|| format!("{} is damaged", p.display()))
+    let tb: Testbed =
+        serde_json::from_str(&s).with_context(|| format!("{} is damaged", p.display()))?;
+    if tb.nodes == 0 || tb.nodes > MAX_NODES {
+        bail!("{} is damaged (nodes = {})", p.display(), tb.nodes);
+    }
+    Ok(tb)
 }
 
 fn check_node(tb: &Testbed, n: u32) -> Result<()> {
@@ -956,9 +961,9 @@ fn status(dir: &Path, json: bool) -> Result<i32> {
                 .lines()
                 .any(|l| l.split_whitespace().next() == Some(&ns_name(i))),
             daemon_pid: read_pid(dir, i).filter(|p| pid_alive(*p) && is_mosixd(*p)),
-            speed: tb.speeds[(i - 1) as usize],
+            speed: tb.speeds.get((i - 1) as usize).copied().unwrap_or(1.0),
             cpu_quota: quota,
-            mem_limit: tb.mem[(i - 1) as usize],
+            mem_limit: tb.mem.get((i - 1) as usize).copied().flatten(),
             sees_up: super::status::fetch(&node_dir(dir, i).join("mosixd.sock"))
                 .ok()
                 .map(|s| s.active_nodes()),
