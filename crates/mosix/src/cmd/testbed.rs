@@ -5,7 +5,7 @@
 //! `mosixtb-N` (v1 cpu, cpuacct, memory; or v2) whose CPU quota makes the node's speed
 //! proportional to `--speeds` and whose memory limit is `--mem`, and its own mosixd with its
 //! own config. State lives in DIR (default /run/mosix-testbed): `secret`, `testbed.json`, and
-//! `nN/` per node (mosix.toml, mosixd.sock, mosixd.log, mosixd.pid, status.json).
+//! `nN/` per node (mosix.toml, secret, mosixd.sock, mosixd.log, mosixd.pid, status.json).
 //!
 //! Everything made is named with those prefixes, so `down` (and `up`, which cleans first)
 //! finds and removes leftovers even after a crash.
@@ -711,6 +711,9 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
 
         let nd = node_dir(dir, i);
         std::fs::create_dir_all(&nd)?;
+        // Each node has its own copy of the cluster secret, as real nodes do.
+        std::fs::copy(dir.join("secret"), nd.join("secret"))?;
+        std::fs::set_permissions(nd.join("secret"), std::fs::Permissions::from_mode(0o600))?;
         let cfg = format!(
             "# mosix testbed node {i} of {n}\n\
              node = {i}\n\
@@ -725,7 +728,7 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
              node = 1\n\
              address = \"{SUBNET}.1\"\n\
              count = {n}\n",
-            secret = dir.join("secret").display(),
+            secret = nd.join("secret").display(),
             state = nd.display(),
             sock = nd.join("mosixd.sock").display(),
             down = (gossip_ms * 6).max(3000),
