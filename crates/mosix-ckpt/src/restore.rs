@@ -280,10 +280,13 @@ fn build(pid: i32, img: &LoadedImage) -> Result<()> {
         scratch,
         img: m,
     };
+    // The mm fields (and exe link) before the image's mappings exist: the kernel refuses
+    // to change the exe link while the old exe is mapped, and the image may map that
+    // very file.
+    set_mm(&mut b)?;
     map_memory(&mut b)?;
     write_memory(pid, img)?;
     finish_memory(&mut b)?;
-    set_mm(&mut b)?;
     restore_fds(&mut b)?;
     restore_misc(&mut b)?;
     restore_signals(&mut b)?;

@@ -300,8 +300,18 @@ pub fn write_mem_many(pid: i32, parts: &[(u64, &[u8])]) -> Result<()> {
     let want: usize = local.iter().map(|x| x.1).sum();
     let n = vm_rw(pid, &local, &remote, true)?;
     if n != want {
+        // Name the first range that did not go in.
+        let mut at = 0usize;
+        let mut addr = 0u64;
+        for &(a, len) in &remote {
+            if at + len > n {
+                addr = a + (n - at) as u64;
+                break;
+            }
+            at += len;
+        }
         return Err(sys_err(
-            "writing the process's memory",
+            format!("writing the process's memory at {addr:#x}"),
             io::Error::from_raw_os_error(libc::EFAULT),
         ));
     }

@@ -1,0 +1,150 @@
+//! Checkpoint and restart speed for processes with 1, 64 and 512 MiB of touched memory,
+//! against this machine's memcpy bandwidth measured in the same run (alternating, the
+//! median of the ratios reported). Run as root: `cargo bench -p mosix-ckpt`.
+//! Prints `BENCH <name> <value> <unit> [vs <reference>=<ratio>]`.
+
+use std::time::Instant;
+
+use mosix_ckpt::{checkpoint, read_image, restore, Compression, DumpOptions, RestoreOptions};
+
+const REPS: usize = 5;
+
+/// Starts a copy of this program that touches `mib` MiB with non-zero data, says so on
+/// its stdout (a pipe) and then sleeps in pause().
+fn toucher(mib: usize) -> (std::process::Child, i32) {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.env("MOSIX_BENCH_TOUCHER", mib.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: close_range in the child before exec; no memory involved.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().unwrap();
+    let mut b = [0u8; 1];
+    child.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
+    let pid = child.id() as i32;
+    (child, pid)
+}
+
+fn touch_and_wait(mib: usize) -> ! {
+    use std::io::Write;
+    let mut v = vec![0u64; mib << 17];
+    let mut x = 0x9E3779B97F4A7C15u64;
+    for w in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+    std::hint::black_box(&v);
+    let mut out = std::io::stdout();
+    out.write_all(b"r").unwrap();
+    out.flush().unwrap();
+    loop {
+        // SAFETY: pause has no arguments.
+        unsafe { libc::pause() };
+    }
+}
+
+fn reap(pid: i32) {
+    // SAFETY: kill and waitpid of our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    if let Some(mib) = std::env::var("MOSIX_BENCH_TOUCHER")
+        .ok()
+        .and_then(|m| m.parse().ok())
+    {
+        touch_and_wait(mib);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("bench: run as root (ptrace and PR_SET_MM_MAP need it)");
+        std::process::exit(1);
+    }
+    let sizes = [1usize, 64, 512];
+    let max = *sizes.iter().max().unwrap() << 20;
+    let src = vec![1u8; max];
+    let mut dst = vec![2u8; max];
+    let mut image: Vec<u8> = Vec::with_capacity(max + (64 << 20));
+    for mib in sizes {
+        let bytes = mib << 20;
+        let (mut child, pid) = toucher(mib);
+        let (mut ck_t, mut rs_t, mut ck_r, mut rs_r, mut mem_bw) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let mut img_size = 0;
+        for _ in 0..REPS {
+            let t = Instant::now();
+            dst[..bytes].copy_from_slice(&src[..bytes]);
+            std::hint::black_box(&dst);
+            let bw = bytes as f64 / t.elapsed().as_secs_f64();
+            mem_bw.push(bw);
+
+            image.clear();
+            let opts = DumpOptions {
+                leave_running: true,
+                compression: Compression::None,
+            };
+            let t = Instant::now();
+            let (out, stats) = checkpoint(pid, std::mem::take(&mut image), opts, &mut |_, _| {})
+                .expect("checkpoint");
+            let ck = t.elapsed().as_secs_f64();
+            image = out;
+            img_size = image.len();
+            ck_t.push(ck);
+            ck_r.push(stats.memory_bytes as f64 / ck / bw);
+
+            let t = Instant::now();
+            let img = read_image(&image[..]).expect("image reads back");
+            let new = restore(&img, RestoreOptions::default()).expect("restore");
+            let rs = t.elapsed().as_secs_f64();
+            drop(img);
+            reap(new);
+            rs_t.push(rs);
+            rs_r.push(stats.memory_bytes as f64 / rs / bw);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let bw = median(mem_bw);
+        let (ck, rs) = (median(ck_t), median(rs_t));
+        println!("BENCH memcpy_bandwidth_{mib}MiB {:.2} GB/s", bw / 1e9);
+        println!("BENCH checkpoint_{mib}MiB_time {:.1} ms", ck * 1e3);
+        println!(
+            "BENCH checkpoint_{mib}MiB_throughput {:.2} GB/s vs memcpy={:.3}",
+            bytes as f64 / ck / 1e9,
+            median(ck_r)
+        );
+        println!("BENCH restart_{mib}MiB_time {:.1} ms", rs * 1e3);
+        println!(
+            "BENCH restart_{mib}MiB_throughput {:.2} GB/s vs memcpy={:.3}",
+            bytes as f64 / rs / 1e9,
+            median(rs_r)
+        );
+        println!(
+            "BENCH image_size_{mib}MiB {:.1} MiB vs touched={:.3}",
+            img_size as f64 / (1 << 20) as f64,
+            img_size as f64 / bytes as f64
+        );
+        if mib == 512 {
+            println!(
+                "BENCH checkpoint_plus_restart_512MiB {:.3} s vs goal_0.5s={:.2}",
+                ck + rs,
+                (ck + rs) / 0.5
+            );
+        }
+    }
+}
