@@ -372,16 +372,35 @@ impl<W: Write + 'static> ImageWriter<W> {
 pub struct LoadedImage {
     pub meta: ProcessImage,
     pub compression: Compression,
-    body: Vec<u8>,
+    store: Storage,
+    /// Where the (uncompressed) body starts in `store`.
+    body_at: usize,
     /// (vaddr, offset into body, length)
     runs: Vec<(u64, usize, usize)>,
 }
 
+/// The bytes of an image: read into memory, or mapped from its file (no copy).
+enum Storage {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::Mapped(m) => m,
+        }
+    }
+}
+
 impl LoadedImage {
     pub fn pages(&self) -> impl Iterator<Item = Pages<'_>> {
+        let body = &self.store[self.body_at..];
         self.runs.iter().map(move |&(vaddr, off, len)| Pages {
             vaddr,
-            data: &self.body[off..off + len],
+            data: &body[off..off + len],
         })
     }
     pub fn memory_bytes(&self) -> u64 {
@@ -413,52 +432,73 @@ fn read_header(h: &[u8]) -> Result<Compression> {
 
 /// Reads a whole image from `r`, verifying everything before returning.
 pub fn read_image<R: Read>(mut r: R) -> Result<LoadedImage> {
-    let mut h = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        let n = r.read(&mut h[got..])?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    let compression = read_header(&h[..got])?;
     let mut raw = Vec::new();
     r.read_to_end(&mut raw)?;
-    // The whole-file checksum first: it covers the compressed bytes too.
-    if raw.len() < 8 {
-        return Err(bad("truncated: the image checksum is missing"));
-    }
-    let n = raw.len() - 8;
-    let sum = u64::from_le_bytes(raw[n..].try_into().expect("8 bytes"));
-    let mut hasher = Xxh3::new();
-    hasher.update(&h);
-    hasher.update(&raw[..n]);
-    if hasher.digest() != sum {
-        return Err(bad("image checksum mismatch (damaged or truncated image)"));
-    }
-    raw.truncate(n);
-    let body = match compression {
-        Compression::None => raw,
-        Compression::Lz4 => {
-            let mut body = Vec::new();
-            lz4_flex::frame::FrameDecoder::new(&raw[..])
-                .read_to_end(&mut body)
-                .map_err(|e| bad(format!("damaged compressed data: {e}")))?;
-            body
-        }
-        Compression::Zstd => {
-            let mut body = Vec::new();
-            zstd::Decoder::new(&raw[..])
-                .and_then(|mut d| d.read_to_end(&mut body))
-                .map_err(|e| bad(format!("damaged compressed data: {e}")))?;
-            body
-        }
-    };
-    parse_body(body, compression)
+    load(Storage::Owned(raw))
 }
 
-fn parse_body(body: Vec<u8>, compression: Compression) -> Result<LoadedImage> {
+/// Maps the image file at `path` (no copy of its memory contents) and verifies it.
+pub fn read_image_file(path: &std::path::Path) -> Result<LoadedImage> {
+    let f = std::fs::File::open(path)?;
+    if f.metadata()?.len() < HEADER_LEN as u64 {
+        return Err(bad("truncated: shorter than the image header"));
+    }
+    // SAFETY: the mapping is read-only and private; the image file is ours to read.
+    // A file truncated by someone else while we restore would fault (SIGBUS) rather than
+    // give wrong data, and the half-built process dies with us (PTRACE_O_EXITKILL).
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }?;
+    load(Storage::Mapped(map))
+}
+
+fn load(store: Storage) -> Result<LoadedImage> {
+    let (compression, n, decompressed) = {
+        let bytes = &store[..];
+        let compression = read_header(bytes)?;
+        // The whole-file checksum first: it covers the compressed bytes too.
+        if bytes.len() < HEADER_LEN + 8 {
+            return Err(bad("truncated: the image checksum is missing"));
+        }
+        let n = bytes.len() - 8;
+        let sum = u64::from_le_bytes(bytes[n..].try_into().expect("8 bytes"));
+        if xxh3_64(&bytes[..n]) != sum {
+            return Err(bad("image checksum mismatch (damaged or truncated image)"));
+        }
+        let stored = &bytes[HEADER_LEN..n];
+        let mut body = Vec::new();
+        let res = match compression {
+            Compression::None => Ok(0),
+            Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(stored).read_to_end(&mut body),
+            Compression::Zstd => {
+                zstd::Decoder::new(stored).and_then(|mut d| d.read_to_end(&mut body))
+            }
+        };
+        res.map_err(|e| bad(format!("damaged compressed data: {e}")))?;
+        (
+            compression,
+            n,
+            (compression != Compression::None).then_some(body),
+        )
+    };
+    let (store, body_at, end) = match decompressed {
+        None => (store, HEADER_LEN, n),
+        Some(body) => {
+            let len = body.len();
+            (Storage::Owned(body), 0, len)
+        }
+    };
+    let (meta, runs) = parse_body(&store[body_at..end])?;
+    Ok(LoadedImage {
+        meta,
+        compression,
+        store,
+        body_at,
+        runs,
+    })
+}
+
+type Runs = Vec<(u64, usize, usize)>;
+
+fn parse_body(body: &[u8]) -> Result<(ProcessImage, Runs)> {
     let mut pos = 0usize;
     let mut meta: Option<ProcessImage> = None;
     let mut runs = Vec::new();
@@ -529,12 +569,7 @@ fn parse_body(body: Vec<u8>, compression: Compression) -> Result<LoadedImage> {
         pos = sum_at + 8;
     }
     let meta = meta.ok_or_else(|| bad("no metadata record"))?;
-    Ok(LoadedImage {
-        meta,
-        compression,
-        body,
-        runs,
-    })
+    Ok((meta, runs))
 }
 
 #[cfg(test)]

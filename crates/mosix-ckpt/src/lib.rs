@@ -23,5 +23,5 @@ pub mod sys;
 
 pub use dump::{check, checkpoint, DumpOptions, DumpStats};
 pub use error::{Error, Result};
-pub use image::{read_image, Compression, LoadedImage, ProcessImage};
+pub use image::{read_image, read_image_file, Compression, LoadedImage, ProcessImage};
 pub use restore::{preflight, restore, RestoreOptions};

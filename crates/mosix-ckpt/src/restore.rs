@@ -128,10 +128,15 @@ fn free_range(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
 /// Restores the image as a new child of this process, which must stay single-threaded
 /// for ptrace's sake while this runs. Returns the new PID; the process runs on its own.
 pub fn restore(img: &LoadedImage, _opts: RestoreOptions) -> Result<i32> {
+    let t = std::time::Instant::now();
     preflight(img)?;
-    let pid = sys::fork_traced_child()?;
+    let pid = sys::spawn_traced_child()?;
+    tracing::debug!("preflight and fork in {:?}", t.elapsed());
     match build(pid, img) {
-        Ok(()) => Ok(pid),
+        Ok(()) => {
+            tracing::debug!("restored in {:?}", t.elapsed());
+            Ok(pid)
+        }
         Err(e) => {
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::wait(pid);
@@ -188,7 +193,12 @@ fn build(pid: i32, img: &LoadedImage) -> Result<()> {
     // Nothing is delivered while we work.
     sys::set_sigmask(pid, !0u64)?;
     let base = sys::get_regs(pid)?;
-    let mut r = Remote::new(pid, sys::own_syscall_insn(), base);
+    // The first system calls go through a syscall instruction of its [vdso].
+    let child_maps = procfs::maps(pid)?;
+    let vdso = child_maps.iter().filter(|c| c.name == "[vdso]");
+    let ip = syscall_insn_in(pid, vdso.map(|c| (c.start, c.end)))
+        .ok_or_else(|| Error::Unrestorable("no syscall instruction in the [vdso]".into()))?;
+    let mut r = Remote::new(pid, ip, base);
 
     // rseq registered by our own libc must go before its memory does.
     if let Some((addr, len, sig)) = sys::get_rseq(pid)? {
@@ -200,7 +210,6 @@ fn build(pid: i32, img: &LoadedImage) -> Result<()> {
     }
 
     // A scratch area for code and arguments, clear of the image and of what is there now.
-    let child_maps = procfs::maps(pid)?;
     let mut used: Vec<(u64, u64)> = m.vmas.iter().map(|v| (v.start, v.end)).collect();
     used.extend(child_maps.iter().map(|c| (c.start, c.end)));
     let scratch = free_range(&used, SCRATCH_LEN, TASK_SIZE - (1 << 30))
@@ -284,8 +293,11 @@ fn build(pid: i32, img: &LoadedImage) -> Result<()> {
     // to change the exe link while the old exe is mapped, and the image may map that
     // very file.
     set_mm(&mut b)?;
+    let t = std::time::Instant::now();
     map_memory(&mut b)?;
+    tracing::debug!("mapped in {:?}", t.elapsed());
     write_memory(pid, img)?;
+    tracing::debug!("memory written in {:?}", t.elapsed());
     finish_memory(&mut b)?;
     restore_fds(&mut b)?;
     restore_misc(&mut b)?;
@@ -296,25 +308,12 @@ fn build(pid: i32, img: &LoadedImage) -> Result<()> {
     let vdso = m
         .vmas
         .iter()
-        .find(|v| v.kind == VmaKind::Special("[vdso]".into()));
-    let exec: Vec<_> = vdso
-        .into_iter()
-        .chain(
-            m.vmas
-                .iter()
-                .filter(|v| v.prot & libc::PROT_EXEC != 0 && v.prot & libc::PROT_READ != 0),
-        )
-        .collect();
-    let mut ip = None;
-    for v in exec {
-        let mut code = vec![0u8; (v.end - v.start).min(1 << 20) as usize];
-        if sys::read_mem(pid, v.start, &mut code).unwrap_or(false) {
-            if let Some(a) = find_syscall_insn(&code, v.start) {
-                ip = Some(a);
-                break;
-            }
-        }
-    }
+        .filter(|v| v.kind == VmaKind::Special("[vdso]".into()));
+    let code = m
+        .vmas
+        .iter()
+        .filter(|v| v.prot & libc::PROT_EXEC != 0 && v.prot & libc::PROT_READ != 0);
+    let ip = syscall_insn_in(pid, vdso.chain(code).map(|v| (v.start, v.end)));
     b.r.ip = ip
         .ok_or_else(|| Error::Unrestorable("no syscall instruction in the restored code".into()))?;
     b.call(
@@ -343,6 +342,19 @@ fn build(pid: i32, img: &LoadedImage) -> Result<()> {
     sys::set_sigmask(pid, m.blocked)?;
     sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))?;
     Ok(())
+}
+
+/// The first `syscall` instruction in the given ranges of `pid`'s memory.
+fn syscall_insn_in(pid: i32, ranges: impl Iterator<Item = (u64, u64)>) -> Option<u64> {
+    for (start, end) in ranges {
+        let mut code = vec![0u8; (end - start).min(1 << 20) as usize];
+        if sys::read_mem(pid, start, &mut code).unwrap_or(false) {
+            if let Some(a) = find_syscall_insn(&code, start) {
+                return Some(a);
+            }
+        }
+    }
+    None
 }
 
 fn map_memory(b: &mut Builder) -> Result<()> {

@@ -406,46 +406,61 @@ pub fn setrlimit(pid: i32, res: u32, cur: u64, max: u64) -> io::Result<()> {
     Ok(())
 }
 
-std::arch::global_asm!(
-    ".pushsection .text.mosix_syscall_insn,\"ax\",@progbits",
-    ".globl mosix_syscall_insn",
-    "mosix_syscall_insn:",
-    "syscall",
-    "int3",
-    ".popsection"
-);
-extern "C" {
-    fn mosix_syscall_insn();
+struct SpawnArgs {
+    exe: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
 }
 
-/// Address of a `syscall` instruction in this program's text; a forked child has it at
-/// the same address, which lets us inject the first system calls into it.
-pub fn own_syscall_insn() -> u64 {
-    mosix_syscall_insn as *const () as usize as u64
-}
-
-/// Forks a child that asks to be traced and stops itself; returns its PID once stopped.
-pub fn fork_traced_child() -> Result<i32> {
-    // SAFETY: fork; the child only makes async-signal-safe raw system calls and never
-    // returns into Rust code.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(sys("fork"));
+extern "C" fn traced_exec(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: runs in the clone()d child sharing our memory until execve (CLONE_VFORK
+    // keeps us suspended meanwhile); `arg` points to a SpawnArgs that outlives the call,
+    // and only raw system calls are made.
+    unsafe {
+        let a = &*(arg as *const SpawnArgs);
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize);
+        libc::execve(a.exe, a.argv, a.envp);
+        libc::_exit(127)
     }
-    if pid == 0 {
-        // SAFETY: raw system calls in the forked child; nothing here allocates or locks.
-        unsafe {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize);
-            libc::kill(libc::getpid(), libc::SIGSTOP);
-            libc::_exit(127);
-        }
+}
+
+/// Starts a fresh, tiny, traced process to restore into: a child that asks to be traced
+/// and executes this very program, so it stops (SIGTRAP) right after exec, before any of
+/// its code runs, with a small new address space whatever our own size. The child is
+/// made with clone(CLONE_VM | CLONE_VFORK), like posix_spawn: no copy of our page
+/// tables, and only raw system calls before exec, so this is safe from threaded programs.
+pub fn spawn_traced_child() -> Result<i32> {
+    let exe = c"/proc/self/exe";
+    let arg0 = c"mosix-restore";
+    let argv = [arg0.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null::<libc::c_char>()];
+    let args = SpawnArgs {
+        exe: exe.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the child runs `traced_exec` on its own stack (the top of `stack`, 16-byte
+    // aligned), sharing our memory only until it execs; CLONE_VFORK suspends us until
+    // then, so `args`, `argv` and `stack` stay alive for as long as it uses them.
+    let pid = unsafe {
+        let top = (stack.as_mut_ptr().add(stack.len()) as usize & !15) as *mut libc::c_void;
+        libc::clone(
+            traced_exec,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &args as *const SpawnArgs as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(sys("clone"));
     }
     match wait(pid)? {
-        Stop::Stopped { sig, .. } if sig == libc::SIGSTOP => Ok(pid),
+        Stop::Stopped { sig, .. } if sig == libc::SIGTRAP => Ok(pid),
         other => Err(crate::error::Error::Target {
             pid,
-            msg: format!("new process did not stop as expected ({other:?})"),
+            msg: format!("new process did not stop after exec ({other:?})"),
         }),
     }
 }

@@ -39,6 +39,7 @@ const FORWARDED: [Signal; 4] = [
 ];
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
+    let t0 = std::time::Instant::now();
     let img = if a.image.as_os_str() == "-" {
         let mut buf = Vec::new();
         std::io::stdin()
@@ -47,11 +48,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .context("reading the image from standard input")?;
         mosix_ckpt::read_image(&buf[..])
     } else {
-        let f = std::fs::File::open(&a.image)
-            .with_context(|| format!("cannot open {}", a.image.display()))?;
-        mosix_ckpt::read_image(std::io::BufReader::with_capacity(1 << 20, f))
+        if let Err(e) = std::fs::metadata(&a.image) {
+            anyhow::bail!("cannot open {}: {e}", a.image.display());
+        }
+        mosix_ckpt::read_image_file(&a.image)
     }
     .with_context(|| format!("{}", a.image.display()))?;
+    tracing::debug!("image read and verified in {:?}", t0.elapsed());
     if a.detach {
         let pid = mosix_ckpt::restore(&img, mosix_ckpt::RestoreOptions::default())?;
         println!("{pid}");
