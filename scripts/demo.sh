@@ -17,8 +17,10 @@ trap 'rm -rf "$work"' EXIT
 
 echo "== 1. checkpoint and restart of the FAQ's awk loop"
 job='BEGIN {for(i=0;i<4000;i++){for(j=0;j<10000;j++); if(i%500==0){print "i =", i; fflush()}} print "finished", i}'
-# stdout is a pipe (to cat), so the restarted process writes to this terminal.
-awk "$job" </dev/null > >(cat > "$work/out.txt") &
+# stdout is a pipe (a FIFO read by cat), so the restarted process writes to this terminal.
+mkfifo "$work/fifo"
+cat "$work/fifo" > "$work/out.txt" &
+awk "$job" </dev/null > "$work/fifo" &
 pid=$!
 until [ -s "$work/out.txt" ]; do sleep 0.1; done
 "$M" checkpoint --check "$pid"
@@ -35,8 +37,8 @@ if "$M" testbed --help >/dev/null 2>&1 && "$M" testbed up --help >/dev/null 2>&1
     trap '"$M" testbed down >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
     "$M" testbed exec 1 -- "$M" status
     echo "-- three CPU-bound awk jobs on node 2; node 1 sees node 2's load rise:"
-    for _ in 1 2 3; do "$M" testbed exec 2 -- awk 'BEGIN {for(i=0;i<3000;i++)for(j=0;j<10000;j++);}' & done
-    sleep 4
+    for _ in 1 2 3; do "$M" testbed exec 2 -- awk 'BEGIN {for(i=0;i<10000;i++)for(j=0;j<10000;j++);}' & done
+    sleep 6
     "$M" testbed exec 1 -- "$M" status
     wait
     "$M" testbed down

@@ -50,7 +50,8 @@ pub fn classify_fd(f: &FdInfo) -> std::result::Result<FdKind, String> {
     if f.has_lock {
         return Err(format!("fd {} holds a file lock ({t})", f.fd));
     }
-    if (0..=2).contains(&f.fd) && is_stdio_endpoint(t) {
+    let stream = fmt == libc::S_IFIFO || fmt == libc::S_IFSOCK;
+    if (0..=2).contains(&f.fd) && (stream || is_stdio_endpoint(t)) {
         return Ok(FdKind::Inherit { was: t.clone() });
     }
     let reopen = t.starts_with('/')
