@@ -132,6 +132,13 @@ struct BenchArgs {
     repeat: u32,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// How the testbed's daemons are run.
+#[derive(clap::Args, Clone)]
+struct DaemonArgs {
     /// The mosixd binary (default: next to this mosix binary, else in PATH).
     #[arg(long, value_name = "PATH")]
     mosixd: Option<PathBuf>,
@@ -153,12 +160,8 @@ struct UpArgs {
     mem: Vec<String>,
     #[command(flatten)]
     dir: DirArg,
-    /// The mosixd binary (default: next to this mosix binary, else in PATH).
-    #[arg(long, value_name = "PATH")]
-    mosixd: Option<PathBuf>,
-    /// Gossip interval of the daemons, milliseconds.
-    #[arg(long, default_value_t = 500)]
-    gossip_interval_ms: u64,
+    #[command(flatten)]
+    daemon: DaemonArgs,
     /// Do not wait for the cluster to converge.
     #[arg(long)]
     no_wait: bool,
@@ -618,7 +621,7 @@ fn up(a: UpArgs) -> Result<i32> {
             }
         })
         .collect::<Result<_>>()?;
-    let mosixd = find_mosixd(a.mosixd)?;
+    let mosixd = find_mosixd(a.daemon.mosixd)?;
     let dir = a.dir.path();
     let cgm = cg_mounts()?;
 
@@ -653,7 +656,7 @@ fn up(a: UpArgs) -> Result<i32> {
     }
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
 
-    if let Err(e) = build(&dir, &tb, a.gossip_interval_ms) {
+    if let Err(e) = build(&dir, &tb, a.daemon.gossip_interval_ms) {
         let _ = cleanup(&dir);
         return Err(e.context("testbed up failed (everything made was removed)"));
     }
@@ -1009,9 +1012,9 @@ fn status(dir: &Path, json: bool) -> Result<i32> {
 fn bench(b: BenchArgs) -> Result<i32> {
     require_root()?;
     let dir = b.dir.path();
-    let mosixd = find_mosixd(b.mosixd.clone())?;
+    let mosixd = find_mosixd(b.daemon.mosixd.clone())?;
     let me = std::env::current_exe().context("cannot find the mosix binary")?;
-    let gossip_s = b.gossip_interval_ms as f64 / 1000.0;
+    let gossip_s = b.daemon.gossip_interval_ms as f64 / 1000.0;
     bench_speeds(&b, &dir, &mosixd, &me)?;
     for &n in &b.nodes {
         if n < 2 {
@@ -1022,8 +1025,10 @@ fn bench(b: BenchArgs) -> Result<i32> {
             speeds: vec![],
             mem: vec![],
             dir: b.dir.clone(),
-            mosixd: Some(mosixd.clone()),
-            gossip_interval_ms: b.gossip_interval_ms,
+            daemon: DaemonArgs {
+                mosixd: Some(mosixd.clone()),
+                ..b.daemon.clone()
+            },
             no_wait: false,
         })?;
         let r = bench_one(&dir, &me, n, &b, gossip_s);
@@ -1040,8 +1045,10 @@ fn bench_speeds(b: &BenchArgs, dir: &Path, mosixd: &Path, me: &Path) -> Result<(
         speeds: vec![1.0, 2.0],
         mem: vec![],
         dir: b.dir.clone(),
-        mosixd: Some(mosixd.to_path_buf()),
-        gossip_interval_ms: b.gossip_interval_ms,
+        daemon: DaemonArgs {
+            mosixd: Some(mosixd.to_path_buf()),
+            ..b.daemon.clone()
+        },
         no_wait: true,
     })?;
     let measure = |n: u32| -> Result<f64> {
