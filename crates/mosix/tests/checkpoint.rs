@@ -236,7 +236,13 @@ sys.exit(3)
 #[test]
 fn python_as_unprivileged_user_round_trip() {
     let make = || {
-        let mut c = Command::new("python3");
+        // Debian's python (scripts/setup.sh installs it), reachable by any user.
+        let py = if Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        let mut c = Command::new(py);
         c.args(["-c", PY]).current_dir("/tmp").uid(65534).gid(65534);
         c
     };
@@ -343,6 +349,14 @@ fn proc_field(pid: i32, key: &str) -> String {
         .to_string()
 }
 
+/// A signal-mask line of /proc/PID/status without SIGALRM, which the interval timer
+/// makes pending for a moment every 20 ms whatever we do.
+fn mask_without_alarm(pid: i32, key: &str) -> u64 {
+    let line = proc_field(pid, key);
+    let hex = line.split_whitespace().nth(1).unwrap_or("0");
+    u64::from_str_radix(hex, 16).unwrap() & !(1u64 << (libc::SIGALRM - 1))
+}
+
 #[test]
 fn leave_running_leaves_the_original_as_it_was() {
     let want = reference(prog("sigtimer"));
@@ -353,9 +367,20 @@ fn leave_running_leaves_the_original_as_it_was() {
     let pid = job.pid();
     let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let keys = [
-        "SigBlk", "SigCgt", "SigIgn", "SigPnd", "ShdPnd", "Uid", "Threads",
+        "SigBlk", "SigCgt", "SigIgn", "Uid", "Gid", "Threads", "CapEff",
     ];
     let before: Vec<String> = keys.iter().map(|k| proc_field(pid, k)).collect();
+    let pending = |pid| {
+        [
+            mask_without_alarm(pid, "SigPnd"),
+            mask_without_alarm(pid, "ShdPnd"),
+        ]
+    };
+    let pending_before = pending(pid);
+    assert_ne!(
+        pending_before[0], 0,
+        "SIGUSR1 is pending in the test program"
+    );
     assert_ok(
         &mosix(&[
             "checkpoint",
@@ -369,6 +394,7 @@ fn leave_running_leaves_the_original_as_it_was() {
     let after: Vec<String> = keys.iter().map(|k| proc_field(pid, k)).collect();
     let maps_after = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert_eq!(before, after, "signal state or credentials changed");
+    assert_eq!(pending_before, pending(pid), "pending signals changed");
     assert_eq!(maps_before, maps_after, "memory layout changed");
     assert_eq!(proc_field(pid, "TracerPid"), "TracerPid:\t0");
     let out = job.rest();
