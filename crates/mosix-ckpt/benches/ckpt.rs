@@ -134,7 +134,7 @@ fn main() {
             let new = restore(&img, RestoreOptions::default()).expect("restore");
             let rs = t.elapsed().as_secs_f64();
             drop(img);
-            reap(new);
+            reap(new.pid);
             rs_t.push(rs);
             rs_r.push(stats.memory_bytes as f64 / rs / bw);
             rs_fr.push(stats.memory_bytes as f64 / rs / fbw);

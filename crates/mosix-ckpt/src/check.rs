@@ -135,8 +135,10 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
         ));
     }
     let tracer: i32 = get("TracerPid").parse().unwrap_or(0);
-    // We are the tracer once the process is frozen for the checkpoint.
-    if tracer != 0 && tracer != std::process::id() as i32 {
+    // We are the tracer once the process is frozen for the checkpoint (TracerPid names
+    // the tracing thread).
+    let me = [std::process::id() as i32, nix::unistd::gettid().as_raw()];
+    if tracer != 0 && !me.contains(&tracer) {
         why.push(format!("it is being traced by process {tracer}"));
     }
     if !matches!(get("Seccomp"), "" | "0") {

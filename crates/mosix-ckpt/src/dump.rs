@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use crate::check as checks;
 use crate::error::{sys_err, Error, Result};
 use crate::image::{
-    Compression, Creds, Fd, ImageWriter, MmFields, PendingSignal, ProcessImage, Rseq, SigAction,
-    Vma, VmaKind, PAGES_RECORD_MAX,
+    Clocks, Compression, Creds, Fd, ImageWriter, MmFields, PendingSignal, ProcessImage, Rseq,
+    SigAction, Vma, VmaKind, PAGES_RECORD_MAX,
 };
 use crate::procfs::{self, MapLine, PM_FILE, PM_PRESENT, PM_SWAPPED};
 use crate::remote::{find_syscall_insn, Remote};
@@ -518,6 +518,7 @@ fn dump_frozen<W: Write + 'static>(
         clear_child_tid: inj.clear_child_tid,
         fds,
         memory_estimate: estimate,
+        clocks: Some(clocks_of(pid)),
     };
 
     let mut w = ImageWriter::new(out, opts.compression, &meta)?;
@@ -556,4 +557,15 @@ fn dump_frozen<W: Write + 'static>(
     }
     let out = w.finish()?;
     Ok((out, stats))
+}
+
+/// The process's CLOCK_MONOTONIC and CLOCK_BOOTTIME now, as it sees them: ours, less our
+/// time namespace's offsets, plus its.
+fn clocks_of(pid: i32) -> Clocks {
+    let own = procfs::timens_offsets("self");
+    let its = procfs::timens_offsets(&pid.to_string());
+    Clocks {
+        monotonic_ns: sys::clock_ns(libc::CLOCK_MONOTONIC) - own.0 + its.0,
+        boottime_ns: sys::clock_ns(libc::CLOCK_BOOTTIME) - own.1 + its.1,
+    }
 }

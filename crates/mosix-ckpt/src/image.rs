@@ -26,7 +26,7 @@ pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 pub const HEADER_LEN: usize = 32;
 
 const TAG_META: u8 = 1;
@@ -220,6 +220,15 @@ pub struct ProcessImage {
     pub fds: Vec<Fd>,
     /// Upper bound of the memory contents that follow (for progress display).
     pub memory_estimate: u64,
+    /// Its clocks at checkpoint time, as it saw them (format 1.1; None in 1.0 images).
+    pub clocks: Option<Clocks>,
+}
+
+/// CLOCK_MONOTONIC and CLOCK_BOOTTIME of a process, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clocks {
+    pub monotonic_ns: i64,
+    pub boottime_ns: i64,
 }
 
 /// One run of memory contents.
@@ -409,7 +418,7 @@ impl LoadedImage {
 }
 
 /// Reads and checks the 32-byte header.
-fn read_header(h: &[u8]) -> Result<Compression> {
+fn read_header(h: &[u8]) -> Result<(Compression, u16)> {
     if h.len() < HEADER_LEN {
         return Err(bad("truncated: shorter than the image header"));
     }
@@ -427,7 +436,7 @@ fn read_header(h: &[u8]) -> Result<Compression> {
             "image format {major}.{minor} is not supported by this mosix (reads {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a matching mosix version"
         )));
     }
-    Compression::from_code(h[12])
+    Ok((Compression::from_code(h[12])?, minor))
 }
 
 /// Reads a whole image from `r`, verifying everything before returning.
@@ -451,9 +460,9 @@ pub fn read_image_file(path: &std::path::Path) -> Result<LoadedImage> {
 }
 
 fn load(store: Storage) -> Result<LoadedImage> {
-    let (compression, n, decompressed) = {
+    let (compression, minor, n, decompressed) = {
         let bytes = &store[..];
-        let compression = read_header(bytes)?;
+        let (compression, minor) = read_header(bytes)?;
         // The whole-file checksum first: it covers the compressed bytes too.
         if bytes.len() < HEADER_LEN + 8 {
             return Err(bad("truncated: the image checksum is missing"));
@@ -475,6 +484,7 @@ fn load(store: Storage) -> Result<LoadedImage> {
         res.map_err(|e| bad(format!("damaged compressed data: {e}")))?;
         (
             compression,
+            minor,
             n,
             (compression != Compression::None).then_some(body),
         )
@@ -486,7 +496,7 @@ fn load(store: Storage) -> Result<LoadedImage> {
             (Storage::Owned(body), 0, len)
         }
     };
-    let (meta, runs) = parse_body(&store[body_at..end])?;
+    let (meta, runs) = parse_body(&store[body_at..end], minor)?;
     Ok(LoadedImage {
         meta,
         compression,
@@ -498,7 +508,7 @@ fn load(store: Storage) -> Result<LoadedImage> {
 
 type Runs = Vec<(u64, usize, usize)>;
 
-fn parse_body(body: &[u8]) -> Result<(ProcessImage, Runs)> {
+fn parse_body(body: &[u8], minor: u16) -> Result<(ProcessImage, Runs)> {
     let mut pos = 0usize;
     let mut meta: Option<ProcessImage> = None;
     let mut runs = Vec::new();
@@ -532,10 +542,13 @@ fn parse_body(body: &[u8]) -> Result<(ProcessImage, Runs)> {
                 if meta.is_some() || records != 1 {
                     return Err(bad("metadata record out of place"));
                 }
-                meta = Some(
+                // Format 1.0 ends before `clocks`: decode it as None.
+                let decoded = if minor == 0 {
+                    postcard::from_bytes(&[payload, &[0u8]].concat())
+                } else {
                     postcard::from_bytes(payload)
-                        .map_err(|e| bad(format!("metadata does not decode: {e}")))?,
-                );
+                };
+                meta = Some(decoded.map_err(|e| bad(format!("metadata does not decode: {e}")))?);
             }
             TAG_PAGES => {
                 if meta.is_none() {
@@ -628,9 +641,52 @@ mod tests {
     }
 
     #[test]
+    fn format_1_0_images_read_without_clocks() {
+        let meta = ProcessImage {
+            comm: "old".into(),
+            clocks: Some(Clocks::default()),
+            ..Default::default()
+        };
+        // A 1.0 metadata record is the 1.1 one without the trailing `clocks`.
+        let full = postcard::to_stdvec(&ProcessImage {
+            clocks: None,
+            ..meta.clone()
+        })
+        .unwrap();
+        let old_meta = &full[..full.len() - 1];
+        let rec = |tag: u8, payload: &[u8]| {
+            let mut r = vec![tag];
+            r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            r.extend_from_slice(payload);
+            let sum = xxh3_64(&r);
+            r.extend_from_slice(&sum.to_le_bytes());
+            r
+        };
+        let mut b = header(Compression::None).to_vec();
+        b[10..12].copy_from_slice(&0u16.to_le_bytes());
+        let sum = xxh3_64(&b[..24]);
+        b[24..32].copy_from_slice(&sum.to_le_bytes());
+        b.extend(rec(TAG_META, old_meta));
+        let mut end = 2u64.to_le_bytes().to_vec();
+        end.extend_from_slice(&(old_meta.len() as u64).to_le_bytes());
+        b.extend(rec(TAG_END, &end));
+        let sum = xxh3_64(&b);
+        b.extend_from_slice(&sum.to_le_bytes());
+        let img = read_image(&b[..]).unwrap();
+        assert_eq!(img.meta.comm, "old");
+        assert_eq!(img.meta.clocks, None);
+        // And a 1.1 image keeps them.
+        let mut w = ImageWriter::new(Vec::new(), Compression::None, &meta).unwrap();
+        w.pages(0x1000, &[0u8; 4096]).unwrap();
+        let new = read_image(&w.finish().unwrap()[..]).unwrap();
+        assert_eq!(new.meta.clocks, Some(Clocks::default()));
+    }
+
+    #[test]
     fn newer_version_is_refused_clearly() {
         let mut b = sample(Compression::None);
         b[8] = 2;
+        b[10..12].copy_from_slice(&0u16.to_le_bytes());
         let sum = xxh3_64(&b[..24]);
         b[24..32].copy_from_slice(&sum.to_le_bytes());
         let e = read_image(&b[..]).err().unwrap().to_string();

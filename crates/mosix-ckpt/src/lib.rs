@@ -8,7 +8,7 @@
 //! let opts = DumpOptions { leave_running: false, compression: Compression::None };
 //! let (bytes, _stats) = checkpoint(1234, Vec::new(), opts, &mut |_, _| {})?;
 //! let img = read_image(&bytes[..])?;
-//! let pid = restore(&img, RestoreOptions::default())?;
+//! let new = restore(&img, RestoreOptions::default())?;
 //! # Ok::<(), mosix_ckpt::Error>(())
 //! ```
 
@@ -24,4 +24,4 @@ pub mod sys;
 pub use dump::{check, checkpoint, DumpOptions, DumpStats};
 pub use error::{Error, Result};
 pub use image::{read_image, read_image_file, Compression, LoadedImage, ProcessImage};
-pub use restore::{preflight, restore, RestoreOptions};
+pub use restore::{preflight, restore, RestoreOptions, Restored};

@@ -301,6 +301,30 @@ pub fn limits(pid: i32) -> Result<Vec<(u32, u64, u64)>> {
     Ok(out)
 }
 
+/// CLOCK_MONOTONIC and CLOCK_BOOTTIME offsets (ns) of the time namespace of `who` ("self"
+/// or a PID) for its children, which is its own unless it just unshared one; (0, 0) when
+/// the kernel has no time namespaces.
+pub fn timens_offsets(who: &str) -> (i64, i64) {
+    let text = fs::read_to_string(format!("/proc/{who}/timens_offsets")).unwrap_or_default();
+    let mut out = (0, 0);
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() != 3 {
+            continue;
+        }
+        let (Ok(s), Ok(ns)) = (f[1].parse::<i64>(), f[2].parse::<i64>()) else {
+            continue;
+        };
+        let v = s.saturating_mul(1_000_000_000).saturating_add(ns);
+        match f[0] {
+            "monotonic" | "1" => out.0 = v,
+            "boottime" | "7" => out.1 = v,
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! calls into it, then let it go.
 
 use std::collections::HashMap;
+use std::os::fd::RawFd;
 
 use crate::error::{sys_err, Error, Result};
 use crate::image::{FdKind, FileId, LoadedImage, ProcessImage, VmaKind};
@@ -28,7 +29,28 @@ const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// How the new process is created.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RestoreOptions {}
+pub struct RestoreOptions {
+    /// Descriptors of ours that become the process's inherited 0, 1, 2 (image fds of
+    /// kind `Inherit`); None: our own 0, 1, 2.
+    pub stdio: Option<[RawFd; 3]>,
+    /// Restore into a new PID namespace where the process has its original PID (the
+    /// namespace gets a small init first: this program exec'd again, see
+    /// [`crate::sys::NS_INIT_ARG0`]).
+    pub keep_pid: bool,
+    /// Restore into a new time namespace whose offsets make CLOCK_MONOTONIC and
+    /// CLOCK_BOOTTIME go on from their values at checkpoint time.
+    pub time_ns: bool,
+}
+
+/// A restored process, our child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// Its PID as we see it.
+    pub pid: i32,
+    /// With `keep_pid`: the init of its PID namespace, also our child, to be reaped once
+    /// the process has ended (it exits by itself then).
+    pub ns_init: Option<i32>,
+}
 
 /// Checks that the image can be restored on this machine, before anything is created:
 /// architecture, files it maps or has open, kernel-provided mappings.
@@ -126,20 +148,56 @@ fn free_range(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
 }
 
 /// Restores the image as a new child of this process, which must stay single-threaded
-/// for ptrace's sake while this runs. Returns the new PID; the process runs on its own.
-pub fn restore(img: &LoadedImage, _opts: RestoreOptions) -> Result<i32> {
+/// for ptrace's sake while this runs. The process runs on its own once this returns.
+pub fn restore(img: &LoadedImage, opts: RestoreOptions) -> Result<Restored> {
     let t = std::time::Instant::now();
     preflight(img)?;
-    let pid = sys::spawn_traced_child()?;
+    let m = &img.meta;
+    let (pid, ns_init) = if opts.keep_pid || opts.time_ns {
+        let set_tid = if opts.keep_pid {
+            if m.pid <= 1 {
+                return Err(Error::Unrestorable(format!(
+                    "the process had PID {}, which it cannot keep (PID 1 is the namespace's init)",
+                    m.pid
+                )));
+            }
+            m.pid
+        } else {
+            0
+        };
+        let offsets = if opts.time_ns {
+            let Some(c) = &m.clocks else {
+                return Err(Error::Unrestorable(
+                    "the image has no clock readings (made by an older mosix): cannot keep its clocks"
+                        .into(),
+                ));
+            };
+            let (own_mono, own_boot) = procfs::timens_offsets("self");
+            let mono = c.monotonic_ns - (sys::clock_ns(libc::CLOCK_MONOTONIC) - own_mono);
+            let boot = c.boottime_ns - (sys::clock_ns(libc::CLOCK_BOOTTIME) - own_boot);
+            Some((mono, boot))
+        } else {
+            None
+        };
+        sys::spawn_traced_child_in_ns(opts.stdio, set_tid, offsets)?
+    } else {
+        (sys::spawn_traced_child(opts.stdio)?, None)
+    };
     tracing::debug!("preflight and fork in {:?}", t.elapsed());
-    match build(pid, img) {
+    // The process's own PID, for system calls it makes about itself.
+    let own = if opts.keep_pid { m.pid } else { pid };
+    match build(pid, own, img) {
         Ok(()) => {
             tracing::debug!("restored in {:?}", t.elapsed());
-            Ok(pid)
+            Ok(Restored { pid, ns_init })
         }
         Err(e) => {
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::wait(pid);
+            if let Some(i) = ns_init {
+                let _ = sys::kill(i, libc::SIGKILL);
+                let _ = sys::wait(i);
+            }
             Err(e)
         }
     }
@@ -147,6 +205,8 @@ pub fn restore(img: &LoadedImage, _opts: RestoreOptions) -> Result<i32> {
 
 struct Builder<'a> {
     pid: i32,
+    /// Its PID in its own PID namespace.
+    own: i32,
     r: Remote,
     scratch: u64,
     img: &'a ProcessImage,
@@ -183,7 +243,7 @@ impl Builder<'_> {
     }
 }
 
-fn build(pid: i32, img: &LoadedImage) -> Result<()> {
+fn build(pid: i32, own: i32, img: &LoadedImage) -> Result<()> {
     let m = &img.meta;
     sys::set_options(
         pid,
@@ -285,6 +345,7 @@ fn build(pid: i32, img: &LoadedImage) -> Result<()> {
 
     let mut b = Builder {
         pid,
+        own,
         r,
         scratch,
         img: m,
@@ -621,13 +682,13 @@ fn restore_signals(b: &mut Builder) -> Result<()> {
             b.call(
                 "rt_sigqueueinfo",
                 libc::SYS_rt_sigqueueinfo,
-                &[b.pid as u64, signo as u64, p],
+                &[b.own as u64, signo as u64, p],
             )?;
         } else {
             b.call(
                 "rt_tgsigqueueinfo",
                 libc::SYS_rt_tgsigqueueinfo,
-                &[b.pid as u64, b.pid as u64, signo as u64, p],
+                &[b.own as u64, b.own as u64, signo as u64, p],
             )?;
         }
     }

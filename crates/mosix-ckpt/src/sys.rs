@@ -2,6 +2,7 @@
 //! engine lives here.
 
 use std::io;
+use std::os::fd::RawFd;
 
 use crate::error::{sys, sys_err, Result};
 
@@ -406,23 +407,75 @@ pub fn setrlimit(pid: i32, res: u32, cur: u64, max: u64) -> io::Result<()> {
     Ok(())
 }
 
-struct SpawnArgs {
-    exe: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
+pub fn uname_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// What a new child is started with, all prepared before the clone: the child makes
+/// only raw system calls.
+pub struct SpawnArgs {
+    exe: std::ffi::CString,
+    argv: [*const libc::c_char; 2],
+    envp: [*const libc::c_char; 1],
+    /// Descriptors that become the child's 0, 1, 2 (None: ours).
+    stdio: Option<[RawFd; 3]>,
+}
+
+const ARG0: &std::ffi::CStr = c"mosix-restore";
+
+impl SpawnArgs {
+    pub fn new(stdio: Option<[RawFd; 3]>) -> SpawnArgs {
+        SpawnArgs {
+            exe: c"/proc/self/exe".to_owned(),
+            argv: [ARG0.as_ptr(), std::ptr::null()],
+            envp: [std::ptr::null()],
+            stdio,
+        }
+    }
+}
+
+/// In a new child, before exec: stdio, nothing else open, traced, exec.
+///
+/// # Safety
+/// Only raw system calls; `a` must stay alive (the parent is suspended or the memory is
+/// the child's own copy).
+unsafe fn traced_exec_body(a: &SpawnArgs) -> ! {
+    // SAFETY: raw system calls on prepared, live buffers (see the function contract).
+    unsafe {
+        if let Some(fds) = a.stdio {
+            // Copies first, so that an fd given for one slot is not overwritten by another.
+            let mut tmp = [-1; 3];
+            for i in 0..3 {
+                tmp[i] = libc::fcntl(fds[i], libc::F_DUPFD, 3);
+                if tmp[i] < 0 {
+                    libc::_exit(126);
+                }
+            }
+            for (i, &t) in tmp.iter().enumerate() {
+                if libc::dup2(t, i as i32) < 0 {
+                    libc::_exit(126);
+                }
+            }
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize);
+        libc::execve(a.exe.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
+        libc::_exit(127)
+    }
 }
 
 extern "C" fn traced_exec(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: runs in the clone()d child sharing our memory until execve (CLONE_VFORK
     // keeps us suspended meanwhile); `arg` points to a SpawnArgs that outlives the call,
     // and only raw system calls are made.
-    unsafe {
-        let a = &*(arg as *const SpawnArgs);
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize);
-        libc::execve(a.exe, a.argv, a.envp);
-        libc::_exit(127)
-    }
+    unsafe { traced_exec_body(&*(arg as *const SpawnArgs)) }
 }
 
 /// Starts a fresh, tiny, traced process to restore into: a child that asks to be traced
@@ -430,20 +483,12 @@ extern "C" fn traced_exec(arg: *mut libc::c_void) -> libc::c_int {
 /// its code runs, with a small new address space whatever our own size. The child is
 /// made with clone(CLONE_VM | CLONE_VFORK), like posix_spawn: no copy of our page
 /// tables, and only raw system calls before exec, so this is safe from threaded programs.
-pub fn spawn_traced_child() -> Result<i32> {
-    let exe = c"/proc/self/exe";
-    let arg0 = c"mosix-restore";
-    let argv = [arg0.as_ptr(), std::ptr::null()];
-    let envp = [std::ptr::null::<libc::c_char>()];
-    let args = SpawnArgs {
-        exe: exe.as_ptr(),
-        argv: argv.as_ptr(),
-        envp: envp.as_ptr(),
-    };
+pub fn spawn_traced_child(stdio: Option<[RawFd; 3]>) -> Result<i32> {
+    let args = SpawnArgs::new(stdio);
     let mut stack = vec![0u8; 64 * 1024];
     // SAFETY: the child runs `traced_exec` on its own stack (the top of `stack`, 16-byte
     // aligned), sharing our memory only until it execs; CLONE_VFORK suspends us until
-    // then, so `args`, `argv` and `stack` stay alive for as long as it uses them.
+    // then, so `args` and `stack` stay alive for as long as it uses them.
     let pid = unsafe {
         let top = (stack.as_mut_ptr().add(stack.len()) as usize & !15) as *mut libc::c_void;
         libc::clone(
@@ -456,6 +501,10 @@ pub fn spawn_traced_child() -> Result<i32> {
     if pid < 0 {
         return Err(sys("clone"));
     }
+    stopped_after_exec(pid)
+}
+
+fn stopped_after_exec(pid: i32) -> Result<i32> {
     match wait(pid)? {
         Stop::Stopped { sig, .. } if sig == libc::SIGTRAP => Ok(pid),
         other => Err(crate::error::Error::Target {
@@ -465,13 +514,310 @@ pub fn spawn_traced_child() -> Result<i32> {
     }
 }
 
-pub fn uname_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
+/// argv[0] of the init process of a restore PID namespace (see `ns_init_ctor`).
+pub const NS_INIT_ARG0: &str = "mosix-ns-init";
+
+/// What the namespace helper reports back (it shares our memory).
+#[repr(C)]
+#[derive(Default)]
+struct NsReport {
+    init: i32,
+    child: i32,
+    /// Which step failed (0: none) and its errno.
+    failed: i32,
+    errno: i32,
 }
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
+
+struct NsArgs {
+    spawn: SpawnArgs,
+    unshare: i32,
+    /// "1 sec nsec\n7 sec nsec\n" for /proc/self/timens_offsets (empty: no time ns).
+    offsets: Vec<u8>,
+    offsets_path: std::ffi::CString,
+    /// Wanted PID in the new PID namespace (0: none).
+    set_tid: i32,
+    init_argv: [*const libc::c_char; 3],
+    init_arg0: std::ffi::CString,
+    init_arg1: std::ffi::CString,
+    /// Read end of a pipe whose EOF tells init that the process exists (or never will).
+    pipe_rd: RawFd,
+    report: *mut NsReport,
 }
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Fork-like clone3 (own copy of memory, same stack address): returns 0 in the child.
+///
+/// # Safety
+/// As fork(): the child may only make raw system calls.
+unsafe fn clone3_fork(flags: u64, set_tid: Option<&i32>) -> libc::c_long {
+    let args = CloneArgs {
+        flags,
+        exit_signal: if flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
+        set_tid: set_tid.map_or(0, |t| t as *const i32 as u64),
+        set_tid_size: set_tid.is_some() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 reads `args` (and the set_tid array it points to); without
+    // CLONE_VM and with no stack the child continues on its own copy of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    }
+}
+
+extern "C" fn ns_helper(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: runs in a clone(CLONE_VM | CLONE_VFORK) child while we are suspended;
+    // `arg` points to live NsArgs; only raw system calls are made, and results go to
+    // the report through a raw pointer.
+    unsafe {
+        let a = &*(arg as *const NsArgs);
+        let fail = |step: i32| -> ! {
+            (*a.report).failed = step;
+            (*a.report).errno = *libc::__errno_location();
+            libc::_exit(1)
+        };
+        if libc::unshare(a.unshare) != 0 {
+            fail(1);
+        }
+        if !a.offsets.is_empty() {
+            let fd = libc::open(a.offsets_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                fail(2);
+            }
+            let n = libc::write(fd, a.offsets.as_ptr() as *const _, a.offsets.len());
+            if n != a.offsets.len() as isize {
+                fail(2);
+            }
+            libc::close(fd);
+        }
+        if a.set_tid != 0 {
+            // PID 1 of the new namespace: a child of the restorer (CLONE_PARENT), so it
+            // is reaped by it.
+            let init = clone3_fork(libc::CLONE_PARENT as u64, None);
+            if init < 0 {
+                fail(3);
+            }
+            if init == 0 {
+                libc::dup2(a.pipe_rd, 0);
+                libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+                libc::execve(
+                    a.spawn.exe.as_ptr(),
+                    a.init_argv.as_ptr(),
+                    a.spawn.envp.as_ptr(),
+                );
+                libc::_exit(127);
+            }
+            (*a.report).init = init as i32;
+        }
+        let tid = (a.set_tid != 0).then_some(&a.set_tid);
+        let child = clone3_fork(libc::CLONE_PARENT as u64, tid);
+        if child < 0 {
+            fail(4);
+        }
+        if child == 0 {
+            traced_exec_body(&a.spawn);
+        }
+        (*a.report).child = child as i32;
+        libc::_exit(0)
+    }
+}
+
+/// Like [`spawn_traced_child`], but the child is made in new namespaces: a PID namespace
+/// where it has PID `set_tid` (when not 0; the namespace gets an init process first,
+/// returned too), and a time namespace with the given CLOCK_MONOTONIC/CLOCK_BOOTTIME
+/// offsets in nanoseconds (when given). A short-lived helper (sharing our memory,
+/// suspending us) unshares the namespaces and makes both processes with
+/// clone3(CLONE_PARENT), so they are our children while our own namespaces and those of
+/// our other threads stay as they were. Returns (child, init), PIDs as we see them.
+pub fn spawn_traced_child_in_ns(
+    stdio: Option<[RawFd; 3]>,
+    set_tid: i32,
+    time_offsets: Option<(i64, i64)>,
+) -> Result<(i32, Option<i32>)> {
+    let mut unshare = 0;
+    let mut offsets = Vec::new();
+    if set_tid != 0 {
+        unshare |= libc::CLONE_NEWPID;
+    }
+    if let Some((mono, boot)) = time_offsets {
+        unshare |= libc::CLONE_NEWTIME;
+        let line = |id: i32, ns: i64| {
+            format!(
+                "{id} {} {}\n",
+                ns.div_euclid(1_000_000_000),
+                ns.rem_euclid(1_000_000_000)
+            )
+        };
+        offsets =
+            (line(libc::CLOCK_MONOTONIC, mono) + &line(libc::CLOCK_BOOTTIME, boot)).into_bytes();
+    }
+    let mut p = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into `p`.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(sys("pipe"));
+    }
+    let mut report = NsReport::default();
+    let init_arg0 = std::ffi::CString::new(NS_INIT_ARG0).expect("no NUL");
+    let init_arg1 = std::ffi::CString::new(set_tid.to_string()).expect("no NUL");
+    let mut args = NsArgs {
+        spawn: SpawnArgs::new(stdio),
+        unshare,
+        offsets,
+        offsets_path: c"/proc/self/timens_offsets".to_owned(),
+        set_tid,
+        init_argv: [std::ptr::null(); 3],
+        init_arg0,
+        init_arg1,
+        pipe_rd: p[0],
+        report: &mut report,
+    };
+    args.init_argv = [
+        args.init_arg0.as_ptr(),
+        args.init_arg1.as_ptr(),
+        std::ptr::null(),
+    ];
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: as in spawn_traced_child: the helper runs `ns_helper` on its own stack,
+    // sharing our memory until it exits; CLONE_VFORK suspends us until then, so `args`,
+    // `report` and `stack` outlive its use of them.
+    let helper = unsafe {
+        let top = (stack.as_mut_ptr().add(stack.len()) as usize & !15) as *mut libc::c_void;
+        libc::clone(
+            ns_helper,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &mut args as *mut NsArgs as *mut libc::c_void,
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: closing the two pipe descriptors we own; init now sees EOF once the
+    // helper is gone.
+    unsafe {
+        libc::close(p[0]);
+        libc::close(p[1]);
+    }
+    if helper < 0 {
+        return Err(sys_err("clone", clone_err));
+    }
+    let _ = wait(helper);
+    // SAFETY: the helper has exited; nothing else writes `report` now.
+    let report = unsafe { std::ptr::read_volatile(&report) };
+    let init = (report.init > 0).then_some(report.init);
+    if report.failed != 0 || report.child <= 0 {
+        if let Some(i) = init {
+            let _ = kill(i, libc::SIGKILL);
+            let _ = wait(i);
+        }
+        let what = match report.failed {
+            1 => "creating the PID/time namespaces".to_string(),
+            2 => "setting the time namespace's clock offsets".to_string(),
+            3 => "starting the PID namespace's init".to_string(),
+            4 if set_tid != 0 => format!("creating process {set_tid} in the new PID namespace"),
+            _ => "creating the process in the new namespaces".to_string(),
+        };
+        return Err(sys_err(what, io::Error::from_raw_os_error(report.errno)));
+    }
+    match stopped_after_exec(report.child) {
+        Ok(c) => Ok((c, init)),
+        Err(e) => {
+            if let Some(i) = init {
+                let _ = kill(i, libc::SIGKILL);
+                let _ = wait(i);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Nanoseconds of `clock` as this process sees it.
+pub fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// The init of a restore PID namespace is this very program, exec'd with argv[0]
+/// [`NS_INIT_ARG0`] and argv[1] the PID of the restored process there. This runs before
+/// `main` in every program that links this crate (an ELF constructor: glibc passes argc,
+/// argv, envp), so no program has to do anything for it. As that init it never returns:
+/// it ignores signals (its children are reaped by the kernel), waits until the
+/// restorer's helper is gone (EOF on fd 0), then until the process exits, and exits,
+/// which makes the kernel kill whatever is left in the namespace.
+extern "C" fn ns_init_ctor(
+    argc: libc::c_int,
+    argv: *const *const libc::c_char,
+    _envp: *const *const libc::c_char,
+) {
+    if argc != 2 || argv.is_null() {
+        return;
+    }
+    // SAFETY: argv holds argc valid NUL-terminated strings (the exec contract); only
+    // raw system calls on local buffers follow; SIG_IGN has no handler code.
+    unsafe {
+        let arg0 = std::ffi::CStr::from_ptr(*argv);
+        if arg0.to_bytes() != NS_INIT_ARG0.as_bytes() {
+            return;
+        }
+        let pid: i32 = std::ffi::CStr::from_ptr(*argv.add(1))
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        for s in 1..32 {
+            if s != libc::SIGKILL && s != libc::SIGSTOP {
+                libc::signal(s, libc::SIG_IGN);
+            }
+        }
+        let mut b = [0u8; 16];
+        loop {
+            let n = libc::read(0, b.as_mut_ptr() as *mut _, b.len());
+            if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+                break;
+            }
+        }
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pid > 1 && fd >= 0 {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            while libc::poll(&mut p, 1, -1) < 0 && *libc::__errno_location() == libc::EINTR {}
+        }
+        libc::_exit(0)
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static NS_INIT_CTOR: extern "C" fn(
+    libc::c_int,
+    *const *const libc::c_char,
+    *const *const libc::c_char,
+) = ns_init_ctor;

@@ -28,6 +28,7 @@ fn progs() -> &'static Path {
             ("filewrite", &[]),
             ("avx", &["-mavx2"]),
             ("refuse", &["-pthread"]),
+            ("pidclock", &[]),
         ];
         for (name, flags) in builds {
             let st = Command::new("cc")
@@ -484,6 +485,7 @@ fn damaged_images_are_refused_and_nothing_starts() {
     );
     let mut newer = good.clone();
     newer[8] = 9;
+    newer[10..12].copy_from_slice(&0u16.to_le_bytes());
     let sum = xxhash_rust::xxh3::xxh3_64(&newer[..24]);
     newer[24..32].copy_from_slice(&sum.to_le_bytes());
     try_restart(&newer, "image format 9.0 is not supported");
@@ -536,4 +538,237 @@ fn detach_prints_the_pid_and_returns() {
     let text = std::fs::read_to_string(&out_file).unwrap();
     let rest = text.split_once('\n').unwrap().1;
     assert_eq!(before + rest, String::from_utf8_lossy(&want.stdout));
+}
+
+/// A pidclock line with its PID and clock reading taken out, for comparison with a run
+/// of other timing; and the two values.
+fn pidclock_line(l: &str) -> (String, Option<i32>, Option<i64>) {
+    let f: Vec<&str> = l.split_whitespace().collect();
+    let mut shape = Vec::new();
+    let (mut pid, mut mono) = (None, None);
+    let mut i = 0;
+    while i < f.len() {
+        shape.push(f[i].to_string());
+        match f[i] {
+            "pid" if i + 1 < f.len() => {
+                pid = f[i + 1].parse().ok();
+                shape.push("_".into());
+                i += 1;
+            }
+            "mono" if i + 1 < f.len() => {
+                mono = f[i + 1].parse().ok();
+                shape.push("_".into());
+                i += 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    (shape.join(" "), pid, mono)
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The last field of NSpid: the PID a process has in its own namespace.
+fn inner_pid(pid: i32) -> Option<i32> {
+    proc_field(pid, "NSpid")
+        .split_whitespace()
+        .last()
+        .and_then(|p| p.parse().ok())
+}
+
+#[test]
+fn keep_pid_restores_pid_and_continuous_clocks() {
+    let want = reference(prog("pidclock"));
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.img");
+    let mut job = Job::start(prog("pidclock"));
+    job.line();
+    job.line();
+    let orig = job.pid();
+    assert_ok(
+        &mosix(&["checkpoint", &orig.to_string(), "-o", img.to_str().unwrap()]),
+        "checkpoint",
+    );
+    job.wait();
+    let before = job.rest();
+    let last_mono_before = before
+        .lines()
+        .rev()
+        .find_map(|l| pidclock_line(l).2)
+        .expect("a clock reading before the checkpoint");
+
+    // Restarted with a pipe as stdin: the program waits for a byte after each line, so
+    // it can be looked at while it runs; closing the pipe lets it run to the end.
+    let mut restart = Command::new(MOSIX)
+        .args(["restart", "--keep-pid", img.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = restart.stdin.take().unwrap();
+    let mut out = BufReader::new(restart.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(!first.is_empty(), "the restarted process printed a line");
+    let kids = children_of(restart.id() as i32);
+    let restored = *kids
+        .iter()
+        .find(|&&k| inner_pid(k) == Some(orig))
+        .unwrap_or_else(|| panic!("no child of restart has PID {orig} inside: {kids:?}"));
+    let init = *kids
+        .iter()
+        .find(|&&k| inner_pid(k) == Some(1))
+        .expect("the namespace's init is a child of restart");
+    let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/pid")).unwrap();
+    assert_eq!(
+        ns(restored),
+        ns(init),
+        "init and process share a PID namespace"
+    );
+    let offsets = std::fs::read_to_string(format!("/proc/{restored}/timens_offsets")).unwrap();
+    for clock in ["monotonic", "boottime"] {
+        let l = offsets
+            .lines()
+            .find(|l| l.starts_with(clock))
+            .unwrap_or_else(|| panic!("no {clock} in {offsets:?}"));
+        let v: Vec<i64> = l
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert!(v != [0, 0], "{clock} offset is zero: {offsets:?}");
+    }
+    // SAFETY: pidfd_open has no memory arguments.
+    let init_fd = unsafe { libc::syscall(libc::SYS_pidfd_open, init, 0) } as i32;
+    assert!(init_fd >= 0, "pidfd of init");
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = restart.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut restart.stderr.take().unwrap(), &mut err).unwrap();
+
+    let got = before.clone() + &first + &rest;
+    assert!(!got.contains("BACKWARDS"), "a clock went backwards:\n{got}");
+    let shape = |t: &str| -> Vec<String> { t.lines().map(|l| pidclock_line(l).0).collect() };
+    assert_eq!(
+        shape(&got),
+        shape(&String::from_utf8_lossy(&want.stdout)),
+        "output differs from an uninterrupted run"
+    );
+    for l in (first.clone() + &rest).lines() {
+        assert_eq!(
+            pidclock_line(l).1,
+            Some(orig),
+            "getpid() after restart: {l}"
+        );
+    }
+    let first_mono = pidclock_line(&first).2.expect("a clock reading");
+    assert!(
+        first_mono >= last_mono_before,
+        "CLOCK_MONOTONIC went back across the restart: {first_mono} < {last_mono_before}"
+    );
+    assert!(
+        same_status(status, want.status),
+        "exit status {status} differs from {}; stderr: {err}",
+        want.status
+    );
+    // Init has ended, and restart has reaped it: nothing is left in the namespace.
+    let mut p = libc::pollfd {
+        fd: init_fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, PATIENCE.as_millis() as i32) };
+    assert_eq!(n, 1, "the namespace's init ended");
+    // SAFETY: closing our pidfd.
+    unsafe { libc::close(init_fd) };
+    assert!(
+        !Path::new(&format!("/proc/{init}")).exists(),
+        "init {init} is left behind"
+    );
+    assert!(!Path::new(&format!("/proc/{restored}")).exists());
+}
+
+#[test]
+fn stdio_option_connects_the_process_to_given_descriptors() {
+    let want = reference(prog("pidclock"));
+    let mut job = Job::start(prog("pidclock"));
+    job.line();
+    let opts = mosix_ckpt::DumpOptions {
+        leave_running: false,
+        compression: mosix_ckpt::Compression::None,
+    };
+    let (bytes, _) =
+        mosix_ckpt::checkpoint(job.pid(), Vec::new(), opts, &mut |_, _| {}).expect("checkpoint");
+    // The program is our child and the checkpoint has reaped it: no job.wait().
+    let before = job.rest();
+    let mut img = mosix_ckpt::read_image(&bytes[..]).unwrap();
+    // PID 1 is the namespace's init: refused, nothing started.
+    let orig = img.meta.pid;
+    img.meta.pid = 1;
+    let keep = mosix_ckpt::RestoreOptions {
+        keep_pid: true,
+        ..Default::default()
+    };
+    let e = mosix_ckpt::restore(&img, keep).unwrap_err().to_string();
+    assert!(e.contains("PID 1") && e.lines().count() == 1, "said {e:?}");
+    img.meta.pid = orig;
+    // A restore into new namespaces that fails half-way leaves no process behind: the
+    // half-built one and the namespace's init are killed and reaped.
+    let cwd = std::mem::replace(&mut img.meta.cwd, "/nonexistent/dir".into());
+    let keep = mosix_ckpt::RestoreOptions {
+        keep_pid: true,
+        time_ns: true,
+        ..Default::default()
+    };
+    let e = mosix_ckpt::restore(&img, keep).unwrap_err().to_string();
+    assert!(e.contains("chdir to /nonexistent/dir"), "said {e:?}");
+    let me = nix::unistd::gettid().as_raw();
+    let kids = std::fs::read_to_string(format!("/proc/self/task/{me}/children")).unwrap();
+    for k in kids
+        .split_whitespace()
+        .filter_map(|k| k.parse::<i32>().ok())
+    {
+        let inner = inner_pid(k);
+        assert!(
+            inner != Some(1) && inner != Some(orig),
+            "process {k} left behind"
+        );
+    }
+    img.meta.cwd = cwd;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    use std::os::fd::AsRawFd;
+    let new = mosix_ckpt::restore(
+        &img,
+        mosix_ckpt::RestoreOptions {
+            stdio: Some([null.as_raw_fd(), wr.as_raw_fd(), 2]),
+            ..Default::default()
+        },
+    )
+    .expect("restore");
+    drop(wr);
+    let mut after = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(rd), &mut after).unwrap();
+    let mut status = 0;
+    // SAFETY: waitpid writes the status int; the process is our child.
+    let r = unsafe { libc::waitpid(new.pid, &mut status, 0) };
+    assert_eq!(r, new.pid);
+    assert_eq!(Some(libc::WEXITSTATUS(status)), want.status.code());
+    let shape = |t: &str| -> Vec<String> { t.lines().map(|l| pidclock_line(l).0).collect() };
+    assert_eq!(
+        shape(&(before + &after)),
+        shape(&String::from_utf8_lossy(&want.stdout))
+    );
 }

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 /// refused and nothing is started.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  mosix restart job.img              # run it again; exit with its status\n  mosix restart --detach job.img     # print the new PID and return\n  mosix restart - < job.img"
+    after_help = "Examples:\n  mosix restart job.img              # run it again; exit with its status\n  mosix restart --detach job.img     # print the new PID and return\n  mosix restart --keep-pid job.img   # same getpid() and monotonic clocks\n  mosix restart - < job.img"
 )]
 pub struct Args {
     /// The image to restore (`-` reads it from standard input).
@@ -27,6 +27,12 @@ pub struct Args {
     /// Print the new PID and return instead of waiting for the process.
     #[arg(long)]
     pub detach: bool,
+    /// Keep the process's PID and clocks: restore it into a new PID namespace where
+    /// getpid() returns the PID it had at checkpoint time, and a new time namespace where
+    /// CLOCK_MONOTONIC and CLOCK_BOOTTIME go on from their values at checkpoint time.
+    /// (The printed PID with --detach is the one this machine sees.)
+    #[arg(long)]
+    pub keep_pid: bool,
 }
 
 /// Signals sent to this command that are passed on to the restored process. Terminal
@@ -54,10 +60,15 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         mosix_ckpt::read_image_file(&a.image)
     }
     .with_context(|| format!("{}", a.image.display()))?;
+    let opts = mosix_ckpt::RestoreOptions {
+        keep_pid: a.keep_pid,
+        time_ns: a.keep_pid,
+        ..Default::default()
+    };
     tracing::debug!("image read and verified in {:?}", t0.elapsed());
     if a.detach {
-        let pid = mosix_ckpt::restore(&img, mosix_ckpt::RestoreOptions::default())?;
-        println!("{pid}");
+        let new = mosix_ckpt::restore(&img, opts)?;
+        println!("{}", new.pid);
         return Ok(0);
     }
     // Block the forwarded signals and SIGCHLD before the child exists, then wait for them.
@@ -72,18 +83,30 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
         unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }?;
     }
-    let pid = match mosix_ckpt::restore(&img, mosix_ckpt::RestoreOptions::default()) {
-        Ok(p) => Pid::from_raw(p),
+    let (pid, ns_init) = match mosix_ckpt::restore(&img, opts) {
+        Ok(p) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw)),
         Err(e) => {
             old.thread_set_mask()?;
             return Err(e.into());
         }
     };
     drop(img);
+    // The namespace's init (if any) exits by itself once the process has ended.
+    let reap_init = || {
+        if let Some(i) = ns_init {
+            let _ = waitpid(i, None);
+        }
+    };
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG))? {
-            WaitStatus::Exited(_, code) => return Ok(code),
-            WaitStatus::Signaled(_, sig, _) => die_by(sig),
+            WaitStatus::Exited(_, code) => {
+                reap_init();
+                return Ok(code);
+            }
+            WaitStatus::Signaled(_, sig, _) => {
+                reap_init();
+                die_by(sig)
+            }
             _ => {}
         }
         let sig = set.wait()?;
