@@ -82,6 +82,8 @@ pub fn checkpoint<W: Write + 'static>(
 /// A process held in a ptrace stop.
 struct Frozen {
     pid: i32,
+    /// Its PID in its own PID namespace (for system calls it makes about itself).
+    own: i32,
     regs: Regs,
     /// Signals that arrived while it was held, to be queued again on release.
     held: Vec<Vec<u8>>,
@@ -118,6 +120,7 @@ fn freeze(pid: i32) -> Result<Frozen> {
     let regs = sys::get_regs(pid)?;
     Ok(Frozen {
         pid,
+        own: procfs::own_pid(pid),
         regs,
         held,
         syscall_ip: None,
@@ -149,7 +152,7 @@ impl Frozen {
                 r.call(
                     "queueing a held signal",
                     libc::SYS_rt_tgsigqueueinfo,
-                    &[self.pid as u64, self.pid as u64, signo as u64, addr],
+                    &[self.own as u64, self.own as u64, signo as u64, addr],
                 )?;
                 self.held.append(&mut r.held);
             }
@@ -468,7 +471,8 @@ fn dump_frozen<W: Write + 'static>(
         arch: std::env::consts::ARCH.to_string(),
         kernel: sys::uname_release(),
         hostname: sys::hostname(),
-        pid,
+        // The PID it knows itself by (a restored process may be in a PID namespace).
+        pid: f.own,
         comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .unwrap_or_default()
             .trim_end()

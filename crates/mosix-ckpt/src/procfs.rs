@@ -325,6 +325,18 @@ pub fn timens_offsets(who: &str) -> (i64, i64) {
     out
 }
 
+/// The PID `pid` has in its own PID namespace (the last of NSpid; `pid` itself when
+/// the kernel does not say).
+pub fn own_pid(pid: i32) -> i32 {
+    status(pid)
+        .ok()
+        .and_then(|s| {
+            s.get("NSpid")
+                .and_then(|n| n.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

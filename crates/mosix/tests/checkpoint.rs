@@ -772,3 +772,76 @@ fn stdio_option_connects_the_process_to_given_descriptors() {
         shape(&String::from_utf8_lossy(&want.stdout))
     );
 }
+
+/// A process restored with --keep-pid is checkpointed again (it is in a PID and a time
+/// namespace then) and restored again with --keep-pid: still its first PID, clocks still
+/// continuous.
+#[test]
+fn keep_pid_twice() {
+    let want = reference(prog("pidclock"));
+    let dir = tempfile::tempdir().unwrap();
+    let (img1, img2) = (dir.path().join("1.img"), dir.path().join("2.img"));
+    let mut job = Job::start(prog("pidclock"));
+    job.line();
+    let orig = job.pid();
+    assert_ok(
+        &mosix(&[
+            "checkpoint",
+            &orig.to_string(),
+            "-o",
+            img1.to_str().unwrap(),
+        ]),
+        "checkpoint",
+    );
+    job.wait();
+    let mut got = job.rest();
+    // Paced by a pipe on stdin: it waits after each line, so it is checkpointed while
+    // blocked in read(2).
+    let mut restart = Command::new(MOSIX)
+        .args(["restart", "--keep-pid", img1.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = restart.stdin.take().unwrap();
+    let mut out = BufReader::new(restart.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    got += &line;
+    let restored = *children_of(restart.id() as i32)
+        .iter()
+        .find(|&&k| inner_pid(k) == Some(orig))
+        .expect("the restored process");
+    assert_ok(
+        &mosix(&[
+            "checkpoint",
+            &restored.to_string(),
+            "-o",
+            img2.to_str().unwrap(),
+        ]),
+        "second checkpoint",
+    );
+    assert_eq!(restart.wait().unwrap().signal(), Some(libc::SIGKILL));
+    drop(stdin);
+    let second = mosix(&["restart", "--keep-pid", img2.to_str().unwrap()]);
+    got += &String::from_utf8_lossy(&second.stdout);
+    assert!(!got.contains("BACKWARDS"), "a clock went backwards:\n{got}");
+    let lines: Vec<_> = got.lines().map(pidclock_line).collect();
+    let shape: Vec<&str> = lines.iter().map(|l| l.0.as_str()).collect();
+    let want_text = String::from_utf8_lossy(&want.stdout);
+    let want_shape: Vec<String> = want_text.lines().map(|l| pidclock_line(l).0).collect();
+    assert_eq!(
+        shape, want_shape,
+        "output differs from an uninterrupted run"
+    );
+    assert!(
+        lines.iter().all(|l| l.1 == Some(orig)),
+        "PID changed:\n{got}"
+    );
+    let monos: Vec<i64> = lines.iter().filter_map(|l| l.2).collect();
+    assert!(
+        monos.windows(2).all(|w| w[0] <= w[1]),
+        "clock went back:\n{got}"
+    );
+    assert!(same_status(second.status, want.status));
+}
