@@ -4,6 +4,7 @@
 //!
 //! Nothing here does I/O except [`control`]'s small blocking client helpers.
 
+pub mod channel;
 pub mod control;
 pub mod seal;
 
