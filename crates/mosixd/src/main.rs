@@ -160,15 +160,28 @@ fn run(args: Args) -> Result<()> {
             speed,
             "mosixd started"
         );
+        // Every map node is listed from the first answer on (down until heard from).
+        let mut membership = gossip::Membership::new(cfg.down_after, proto);
+        let nodes = {
+            let chitchat = handle.chitchat();
+            let cc = chitchat.lock().await;
+            membership.update(&cfg, &cc, &first, Instant::now())
+        };
         let state = Arc::new(State {
             node: cfg.node,
             proto,
             started: Instant::now(),
             stats,
-            nodes: RwLock::new(Vec::new()),
+            nodes: RwLock::new(nodes),
         });
         let server = tokio::spawn(control::serve(listener, state.clone()));
-        let ticker = tokio::spawn(tick_loop(cfg.clone(), handle.chitchat(), sampler, state));
+        let ticker = tokio::spawn(tick_loop(
+            cfg.clone(),
+            handle.chitchat(),
+            sampler,
+            membership,
+            state,
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot catch SIGTERM")?;
         let result = tokio::select! {
@@ -191,9 +204,9 @@ async fn tick_loop(
     cfg: Config,
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     mut sampler: sample::Sampler,
+    mut membership: gossip::Membership,
     state: Arc<State>,
 ) {
-    let mut membership = gossip::Membership::new(cfg.down_after, state.proto);
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status_file = status_file(&cfg);
