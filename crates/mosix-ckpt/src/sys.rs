@@ -81,36 +81,27 @@ pub fn regs_from_bytes(b: &[u8]) -> Option<Regs> {
     Some(unsafe { std::ptr::read_unaligned(b.as_ptr() as *const Regs) })
 }
 
-/// Reads the XSAVE area (FPU, SSE, AVX, PKRU, ...).
-pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; XSTATE_MAX];
+/// One NT_X86_XSTATE regset request on `buf`; returns the length the kernel used.
+fn xstate_regset(req: libc::c_uint, pid: i32, buf: &mut [u8]) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
-    ptrace(
-        libc::PTRACE_GETREGSET,
-        pid,
-        NT_X86_XSTATE,
-        &mut iov as *mut libc::iovec as u64,
-    )
-    .map_err(|e| sys_err("reading FPU/AVX state", e))?;
-    buf.truncate(iov.iov_len);
+    ptrace(req, pid, NT_X86_XSTATE, &mut iov as *mut libc::iovec as u64)?;
+    Ok(iov.iov_len)
+}
+
+/// Reads the XSAVE area (FPU, SSE, AVX, PKRU, ...).
+pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let n = xstate_regset(libc::PTRACE_GETREGSET, pid, &mut buf)
+        .map_err(|e| sys_err("reading FPU/AVX state", e))?;
+    buf.truncate(n);
     Ok(buf)
 }
 pub fn set_xstate(pid: i32, x: &[u8]) -> Result<()> {
-    let mut copy = x.to_vec();
-    let mut iov = libc::iovec {
-        iov_base: copy.as_mut_ptr() as *mut libc::c_void,
-        iov_len: copy.len(),
-    };
-    ptrace(
-        libc::PTRACE_SETREGSET,
-        pid,
-        NT_X86_XSTATE,
-        &mut iov as *mut libc::iovec as u64,
-    )
-    .map_err(|e| sys_err("writing FPU/AVX state", e))?;
+    xstate_regset(libc::PTRACE_SETREGSET, pid, &mut x.to_vec())
+        .map_err(|e| sys_err("writing FPU/AVX state", e))?;
     Ok(())
 }
 

@@ -89,43 +89,41 @@ fn noise_err(e: snow::Error) -> ChannelError {
 
 impl<S: Read + Write> Channel<S> {
     /// Opens the channel as the side that connected.
-    pub fn connect(mut stream: S, secret: &[u8]) -> Result<Self, ChannelError> {
-        let mut hs = snow::Builder::new(PATTERN.parse().map_err(noise_err)?)
-            .psk(0, &derive_psk(secret))
-            .build_initiator()
-            .map_err(noise_err)?;
-        let mut buf = vec![0u8; MAX_FRAME];
-        let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
-        write_frame(&mut stream, &buf[..n])?;
-        stream.flush()?;
-        let mut msg = Vec::new();
-        if !read_frame(&mut stream, &mut msg)? {
-            return Err(ChannelError::Handshake);
-        }
-        hs.read_message(&msg, &mut buf)
-            .map_err(|_| ChannelError::Handshake)?;
-        Ok(Self::with(
-            stream,
-            hs.into_transport_mode().map_err(noise_err)?,
-        ))
+    pub fn connect(stream: S, secret: &[u8]) -> Result<Self, ChannelError> {
+        Self::handshake(stream, secret, true)
     }
 
     /// Opens the channel as the side that accepted the connection.
-    pub fn accept(mut stream: S, secret: &[u8]) -> Result<Self, ChannelError> {
-        let mut hs = snow::Builder::new(PATTERN.parse().map_err(noise_err)?)
-            .psk(0, &derive_psk(secret))
-            .build_responder()
-            .map_err(noise_err)?;
+    pub fn accept(stream: S, secret: &[u8]) -> Result<Self, ChannelError> {
+        Self::handshake(stream, secret, false)
+    }
+
+    /// NNpsk0: the initiator sends the first message, the responder answers; a peer
+    /// with another secret fails at the first message it reads.
+    fn handshake(mut stream: S, secret: &[u8], initiator: bool) -> Result<Self, ChannelError> {
+        let psk = derive_psk(secret);
+        let builder = snow::Builder::new(PATTERN.parse().map_err(noise_err)?).psk(0, &psk);
+        let mut hs = if initiator {
+            builder.build_initiator()
+        } else {
+            builder.build_responder()
+        }
+        .map_err(noise_err)?;
         let mut buf = vec![0u8; MAX_FRAME];
         let mut msg = Vec::new();
-        if !read_frame(&mut stream, &mut msg)? {
-            return Err(ChannelError::Handshake);
+        for sending in [initiator, !initiator] {
+            if sending {
+                let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
+                write_frame(&mut stream, &buf[..n])?;
+                stream.flush()?;
+            } else {
+                if !read_frame(&mut stream, &mut msg)? {
+                    return Err(ChannelError::Handshake);
+                }
+                hs.read_message(&msg, &mut buf)
+                    .map_err(|_| ChannelError::Handshake)?;
+            }
         }
-        hs.read_message(&msg, &mut buf)
-            .map_err(|_| ChannelError::Handshake)?;
-        let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
-        write_frame(&mut stream, &buf[..n])?;
-        stream.flush()?;
         Ok(Self::with(
             stream,
             hs.into_transport_mode().map_err(noise_err)?,
