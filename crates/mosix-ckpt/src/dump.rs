@@ -79,6 +79,49 @@ pub fn checkpoint<W: Write + 'static>(
     }
 }
 
+/// A checkpointed process still held in its ptrace stop, for a caller that decides only
+/// later whether it goes on (migration: the destination refused or failed) or ends (the
+/// destination has it). Dropping it lets the process go on, exactly as it was.
+pub struct Held {
+    frozen: Frozen,
+}
+
+impl Held {
+    /// The held process's PID.
+    pub fn pid(&self) -> i32 {
+        self.frozen.pid
+    }
+    /// Lets the process go on as it was (signals that arrived meanwhile are delivered).
+    pub fn release(mut self) -> Result<()> {
+        self.frozen.release()
+    }
+    /// Ends the process (SIGKILL) and reaps its ptrace stops.
+    pub fn kill(mut self) -> Result<()> {
+        self.frozen.kill()
+    }
+}
+
+/// Checkpoints `pid` into `out` and keeps it frozen: the caller decides with
+/// [`Held::kill`] or [`Held::release`]. On failure the process goes on as it was.
+/// Must be called, and the `Held` used, from one thread (the ptrace tracer).
+pub fn checkpoint_held<W: Write + 'static>(
+    pid: i32,
+    out: W,
+    compression: Compression,
+    progress: Progress<'_>,
+) -> Result<(W, DumpStats, Held)> {
+    check(pid)?;
+    let t0 = Instant::now();
+    let mut frozen = freeze(pid)?;
+    let opts = DumpOptions {
+        leave_running: true,
+        compression,
+    };
+    let (w, mut stats) = dump_frozen(&mut frozen, out, opts, progress)?;
+    stats.frozen = t0.elapsed();
+    Ok((w, stats, Held { frozen }))
+}
+
 /// A process held in a ptrace stop.
 struct Frozen {
     pid: i32,

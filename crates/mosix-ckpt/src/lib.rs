@@ -21,7 +21,7 @@ mod remote;
 mod restore;
 pub mod sys;
 
-pub use dump::{check, checkpoint, DumpOptions, DumpStats};
+pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
 pub use error::{Error, Result};
 pub use image::{read_image, read_image_file, Compression, LoadedImage, ProcessImage};
-pub use restore::{preflight, restore, RestoreOptions, Restored};
+pub use restore::{preflight, restore, resume, RestoreOptions, Restored};

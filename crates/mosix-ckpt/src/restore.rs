@@ -40,6 +40,17 @@ pub struct RestoreOptions {
     /// Restore into a new time namespace whose offsets make CLOCK_MONOTONIC and
     /// CLOCK_BOOTTIME go on from their values at checkpoint time.
     pub time_ns: bool,
+    /// Leave the restored process stopped under our ptrace: it starts running only at
+    /// [`resume`] (or dies with us, PTRACE_O_EXITKILL). For migration's commit.
+    pub hold: bool,
+    /// Signal the process gets when the restoring thread dies (PR_SET_PDEATHSIG), so a
+    /// guest dies with the daemon that hosts it.
+    pub pdeathsig: Option<i32>,
+}
+
+/// Lets a process restored with `hold` run. Call from the thread that restored it.
+pub fn resume(pid: i32) -> Result<()> {
+    sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))
 }
 
 /// A restored process, our child.
@@ -186,7 +197,7 @@ pub fn restore(img: &LoadedImage, opts: RestoreOptions) -> Result<Restored> {
     tracing::debug!("preflight and fork in {:?}", t.elapsed());
     // The process's own PID, for system calls it makes about itself.
     let own = if opts.keep_pid { m.pid } else { pid };
-    match build(pid, own, img) {
+    match build(pid, own, img, opts) {
         Ok(()) => {
             tracing::debug!("restored in {:?}", t.elapsed());
             Ok(Restored { pid, ns_init })
@@ -243,7 +254,7 @@ impl Builder<'_> {
     }
 }
 
-fn build(pid: i32, own: i32, img: &LoadedImage) -> Result<()> {
+fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions) -> Result<()> {
     let m = &img.meta;
     sys::set_options(
         pid,
@@ -377,6 +388,13 @@ fn build(pid: i32, own: i32, img: &LoadedImage) -> Result<()> {
     let ip = syscall_insn_in(pid, vdso.chain(code).map(|v| (v.start, v.end)));
     b.r.ip = ip
         .ok_or_else(|| Error::Unrestorable("no syscall instruction in the restored code".into()))?;
+    if let Some(sig) = opts.pdeathsig {
+        b.call(
+            "prctl(PR_SET_PDEATHSIG)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_PDEATHSIG as u64, sig as u64, 0, 0, 0],
+        )?;
+    }
     b.call(
         "munmap of the work area",
         libc::SYS_munmap,
@@ -401,7 +419,9 @@ fn build(pid: i32, own: i32, img: &LoadedImage) -> Result<()> {
         Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
     })?;
     sys::set_sigmask(pid, m.blocked)?;
-    sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))?;
+    if !opts.hold {
+        resume(pid)?;
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 //! marks the sender's clean end of stream (`finish`).
 
 use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
 
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -72,7 +73,8 @@ fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<bool> {
 /// An established channel over the stream `S`.
 pub struct Channel<S: Read + Write> {
     stream: S,
-    noise: snow::TransportState,
+    /// Shared by the two halves of a split channel (each direction has its own nonce).
+    noise: Arc<Mutex<snow::TransportState>>,
     /// Plaintext waiting to be sent (up to MAX_PLAIN).
     out: Vec<u8>,
     /// Decrypted plaintext not yet read, from `in_pos`.
@@ -126,11 +128,11 @@ impl<S: Read + Write> Channel<S> {
         }
         Ok(Self::with(
             stream,
-            hs.into_transport_mode().map_err(noise_err)?,
+            Arc::new(Mutex::new(hs.into_transport_mode().map_err(noise_err)?)),
         ))
     }
 
-    fn with(stream: S, noise: snow::TransportState) -> Self {
+    fn with(stream: S, noise: Arc<Mutex<snow::TransportState>>) -> Self {
         Channel {
             stream,
             noise,
@@ -146,6 +148,8 @@ impl<S: Read + Write> Channel<S> {
     fn send_frame(&mut self, plain: &[u8]) -> io::Result<()> {
         let n = self
             .noise
+            .lock()
+            .map_err(|_| io::Error::other("channel state poisoned"))?
             .write_message(plain, &mut self.cipher)
             .map_err(io::Error::other)?;
         write_frame(&mut self.stream, &self.cipher[..n])
@@ -166,6 +170,15 @@ impl<S: Read + Write> Channel<S> {
         self.flush_out()?;
         self.send_frame(&[])?;
         self.stream.flush()
+    }
+
+    /// Splits the channel into a half to read from (over `self`'s stream) and a half to
+    /// write to (over `other`, a clone of the same stream, e.g. `TcpStream::try_clone`),
+    /// so that two threads can use the directions independently.
+    pub fn split(mut self, other: S) -> io::Result<(Channel<S>, Channel<S>)> {
+        self.flush_out()?;
+        let writer = Self::with(other, self.noise.clone());
+        Ok((self, writer))
     }
 
     /// The underlying stream (e.g. to set timeouts or shut it down).
@@ -209,6 +222,8 @@ impl<S: Read + Write> Read for Channel<S> {
             self.inbuf.resize(self.frame.len(), 0);
             let n = self
                 .noise
+                .lock()
+                .map_err(|_| io::Error::other("channel state poisoned"))?
                 .read_message(&self.frame, &mut self.inbuf)
                 .map_err(|_| {
                     io::Error::new(

@@ -23,6 +23,59 @@ pub enum Request {
     Ping,
     /// The cluster as this node sees it; answered with [`Response::Status`].
     Status,
+    /// Start a migratable process whose home is this node, run by the caller's uid
+    /// (`mosrun`). Answered with [`Response::Started`]; then the connection carries
+    /// [`crate::wire::FromRun`] / [`crate::wire::ToRun`] frames until the process ends.
+    Run {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: String,
+        /// Move it at once: a node number, or none.
+        #[serde(default)]
+        to: Option<u32>,
+        /// Move it at once to the best node (`mosrun -b`).
+        #[serde(default)]
+        best: bool,
+        /// Keep it home (`mosrun -L`): no automatic migration.
+        #[serde(default)]
+        pinned: bool,
+    },
+    /// Move the process with this home PID to node `to` (0 = home). Answered with
+    /// [`Response::Migrated`] once it runs there, or an error saying why not.
+    Migrate { pid: i32, to: u32 },
+    /// Where the process with this home PID runs: [`Response::Where`].
+    Where { pid: i32 },
+    /// This node's migratable processes, home and guests: [`Response::Ps`].
+    Ps,
+}
+
+/// One migratable process as `mosix ps` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcEntry {
+    /// Home node and PID (what `where` and `migrate` take, on the home node).
+    pub home: u32,
+    pub home_pid: i32,
+    /// Its PID on this node (differs from `home_pid` for guests).
+    pub pid: i32,
+    /// "home" (its home is this node) or "guest".
+    pub role: String,
+    /// Where it runs, MOSIX style: 0 = home, else the node number.
+    pub where_: u32,
+    /// running, migrating, away, ...
+    pub state: String,
+    pub uid: u32,
+    pub cmd: String,
+    /// Resident memory, bytes (0 when not on this node).
+    pub rss: u64,
+    /// CPU time used on this node, seconds.
+    pub cpu_secs: f64,
+    /// Seconds since it arrived where it is.
+    pub resident_secs: f64,
+    /// Why it is where it is.
+    pub reason: String,
+    /// PID of the `mosrun` that started it (home side), if any.
+    #[serde(default)]
+    pub mosrun_pid: Option<i32>,
 }
 
 /// An answer from the daemon.
@@ -37,6 +90,21 @@ pub enum Response {
         peer_uid: u32,
     },
     Status(ClusterStatus),
+    Started {
+        home_pid: i32,
+    },
+    Migrated {
+        pid: i32,
+        to: u32,
+    },
+    Where {
+        pid: i32,
+        node: u32,
+    },
+    Ps {
+        node: u32,
+        procs: Vec<ProcEntry>,
+    },
     Error {
         message: String,
     },
@@ -137,6 +205,13 @@ impl Client {
                 message: format!("expected a status, got {other:?}"),
             }),
         }
+    }
+}
+
+impl Client {
+    /// The connection's two directions, to carry frames after a `run` request.
+    pub fn into_parts(self) -> (BufReader<UnixStream>, UnixStream) {
+        (self.reader, self.writer)
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod channel;
 pub mod control;
 pub mod seal;
+pub mod wire;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -21,6 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Run(cmd::run::Args),
+    Migrate(cmd::procs::MigrateArgs),
+    Where(cmd::procs::WhereArgs),
+    Ps(cmd::procs::PsArgs),
     Checkpoint(cmd::checkpoint::Args),
     Restart(cmd::restart::Args),
     Status(cmd::status::Args),
@@ -54,6 +58,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Run(a) => cmd::run::run(a),
+        Command::Migrate(a) => cmd::procs::migrate(a),
+        Command::Where(a) => cmd::procs::where_(a),
+        Command::Ps(a) => cmd::procs::ps(a),
         Command::Checkpoint(a) => cmd::checkpoint::run(a),
         Command::Restart(a) => cmd::restart::run(a),
         Command::Status(a) => cmd::status::run(a),

@@ -52,6 +52,17 @@ struct RawConfig {
     down_after_ms: Option<u64>,
     #[serde(default)]
     map: Vec<RawMapEntry>,
+    #[serde(default)]
+    shared_paths: Vec<PathBuf>,
+    #[serde(default = "yes")]
+    accept_guests: bool,
+    #[serde(default = "yes")]
+    auto_balance: bool,
+    compression: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_state_dir() -> PathBuf {
@@ -92,6 +103,15 @@ pub struct Config {
     pub down_after: Duration,
     /// Every node, in node order.
     pub map: Vec<MapNode>,
+    /// Directories every node sees alike (NFS, a cluster file system): open files under
+    /// them are reopened where a process migrates; other open files keep it home.
+    pub shared_paths: Vec<PathBuf>,
+    /// Whether processes of other nodes may come here (mosctl block/unblock).
+    pub accept_guests: bool,
+    /// Whether this node sends its processes away by itself (mosctl stay/nostay).
+    pub auto_balance: bool,
+    /// Compression of migration streams: none, lz4 (default) or zstd.
+    pub compression: mosix_ckpt::Compression,
 }
 
 impl Config {
@@ -184,6 +204,22 @@ impl Config {
             gossip_interval,
             down_after,
             map: map.into_values().collect(),
+            shared_paths: {
+                for p in &raw.shared_paths {
+                    if !p.is_absolute() {
+                        bail!("shared_paths: {} is not an absolute path", p.display());
+                    }
+                }
+                raw.shared_paths
+            },
+            accept_guests: raw.accept_guests,
+            auto_balance: raw.auto_balance,
+            compression: match raw.compression.as_deref() {
+                None | Some("lz4") => mosix_ckpt::Compression::Lz4,
+                Some("none") => mosix_ckpt::Compression::None,
+                Some("zstd") => mosix_ckpt::Compression::Zstd,
+                Some(o) => bail!("compression '{o}': use none, lz4 or zstd"),
+            },
         })
     }
 

@@ -1,8 +1,11 @@
 //! The control socket: a Unix stream socket speaking `mosix_proto::control` (one JSON line
 //! per request and per answer). Every connection's peer is identified with SO_PEERCRED;
-//! read-only requests are open to every user, later operations (migrate, ...) will check the
-//! caller's uid against the process owner.
+//! read-only requests are open to every user; `migrate` checks the caller's uid against the
+//! process owner (root may move any process, as in MOSIX: if you can kill it you can move
+//! it); `run` starts the process as the caller. After a `run` answer the connection is
+//! handed to the process's deputy (binary frames, see `mosix_proto::wire`).
 
+use crate::procs::Procs;
 use crate::State;
 use anyhow::{bail, Context, Result};
 use mosix_proto::control::{Request, Response, MAX_LINE};
@@ -39,13 +42,14 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serves connections until the task is dropped.
-pub async fn serve(listener: UnixListener, state: Arc<State>) {
+pub async fn serve(listener: UnixListener, state: Arc<State>, procs: Arc<Procs>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let st = state.clone();
+                let pr = procs.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, st).await {
+                    if let Err(e) = connection(stream, st, pr).await {
                         debug!("control connection ended: {e:#}");
                     }
                 });
@@ -58,9 +62,10 @@ pub async fn serve(listener: UnixListener, state: Arc<State>) {
     }
 }
 
-async fn connection(stream: UnixStream, state: Arc<State>) -> Result<()> {
+async fn connection(stream: UnixStream, state: Arc<State>, procs: Arc<Procs>) -> Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
     let uid = cred.uid();
+    let gid = cred.gid();
     debug!(uid, pid = ?cred.pid(), "control connection");
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
@@ -80,6 +85,50 @@ async fn connection(stream: UnixStream, state: Arc<State>) -> Result<()> {
             }
         } else {
             match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Run {
+                    argv,
+                    env,
+                    cwd,
+                    to,
+                    best,
+                    pinned: _,
+                }) => {
+                    if !r.buffer().is_empty() {
+                        bail!("mosrun sent data before its process started");
+                    }
+                    let stream = r.into_inner().reunite(w).context("control stream")?;
+                    let std = stream.into_std().context("control stream")?;
+                    std.set_nonblocking(false)?;
+                    let pid = cred.pid();
+                    return tokio::task::spawn_blocking(move || {
+                        let mut s = std;
+                        let started =
+                            s.try_clone()
+                                .map_err(anyhow::Error::from)
+                                .and_then(|deputy_end| {
+                                    procs.run(deputy_end, uid, gid, pid, argv, env, cwd, to, best)
+                                });
+                        match started {
+                            Ok(_) => Ok(()),
+                            Err(e) => write_line(
+                                &mut s,
+                                &Response::Error {
+                                    message: format!("{e:#}"),
+                                },
+                            ),
+                        }
+                    })
+                    .await
+                    .context("run request")?;
+                }
+                Ok(req @ (Request::Migrate { .. } | Request::Where { .. } | Request::Ps)) => {
+                    let pr = procs.clone();
+                    tokio::task::spawn_blocking(move || process_answer(&req, uid, &pr))
+                        .await
+                        .unwrap_or_else(|e| Response::Error {
+                            message: format!("internal error: {e}"),
+                        })
+                }
                 Ok(req) => answer(&req, uid, &state),
                 Err(e) => Response::Error {
                     message: format!("bad request: {e}"),
@@ -99,6 +148,35 @@ async fn connection(stream: UnixStream, state: Arc<State>) -> Result<()> {
 
 use tokio::io::AsyncReadExt as _;
 
+/// Writes one JSON answer line on a blocking stream.
+fn write_line(s: &mut std::os::unix::net::UnixStream, resp: &Response) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = serde_json::to_vec(resp)?;
+    out.push(b'\n');
+    s.write_all(&out)?;
+    Ok(())
+}
+
+/// Requests about migratable processes (they may block: run off the async thread).
+fn process_answer(req: &Request, uid: u32, procs: &Procs) -> Response {
+    let r = match req {
+        Request::Migrate { pid, to } => procs
+            .migrate(*pid, *to, uid)
+            .map(|n| Response::Migrated { pid: *pid, to: n }),
+        Request::Where { pid } => procs
+            .where_is(*pid)
+            .map(|node| Response::Where { pid: *pid, node }),
+        Request::Ps => Ok(Response::Ps {
+            node: procs.cfg.node,
+            procs: procs.ps(),
+        }),
+        _ => Err(anyhow::anyhow!("not a process request")),
+    };
+    r.unwrap_or_else(|e| Response::Error {
+        message: format!("{e:#}"),
+    })
+}
+
 fn answer(req: &Request, uid: u32, state: &State) -> Response {
     match req {
         Request::Ping => Response::Pong {
@@ -107,6 +185,9 @@ fn answer(req: &Request, uid: u32, state: &State) -> Response {
             peer_uid: uid,
         },
         Request::Status => Response::Status(state.status()),
+        _ => Response::Error {
+            message: "internal error: request routed wrongly".into(),
+        },
     }
 }
 

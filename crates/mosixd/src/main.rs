@@ -8,6 +8,7 @@
 mod config;
 mod control;
 mod gossip;
+mod procs;
 mod sample;
 
 use anyhow::{Context, Result};
@@ -174,7 +175,9 @@ fn run(args: Args) -> Result<()> {
             stats,
             nodes: RwLock::new(nodes),
         });
-        let server = tokio::spawn(control::serve(listener, state.clone()));
+        let procs = procs::Procs::new(cfg.clone(), secret.clone(), state.clone());
+        procs.listen()?;
+        let server = tokio::spawn(control::serve(listener, state.clone(), procs.clone()));
         let ticker = tokio::spawn(tick_loop(
             cfg.clone(),
             handle.chitchat(),

@@ -3,7 +3,9 @@
 
 pub mod checkpoint;
 pub mod mon;
+pub mod procs;
 pub mod restart;
+pub mod run;
 pub mod status;
 pub mod testbed;
 
@@ -11,6 +13,8 @@ pub mod testbed;
 pub fn alias(argv0: &str) -> Option<&'static str> {
     match argv0 {
         "mon" => Some("mon"),
+        "mosrun" => Some("run"),
+        "migrate" => Some("migrate"),
         _ => None,
     }
 }

@@ -1,0 +1,349 @@
+//! Messages of migration and of the home/deputy link, and their framing.
+//!
+//! Every message is one frame: `len u32 LE | postcard bytes`, at most [`MAX_MSG`]. Between
+//! nodes the frames travel inside an authenticated [`crate::channel::Channel`]; between
+//! `mosrun` and its home `mosixd` over the control socket after the `run` request.
+//!
+//! Node-to-node connections start with a [`Hello`]:
+//! - `Hello::Migrate`: the source streams the image as [`Chunk`]s ended by an empty one,
+//!   then [`Tail`]; the destination restores it held (stopped) and answers [`Verdict`];
+//!   the source sends [`Decision`]; on `Commit` the destination lets the process run and
+//!   answers `Verdict::Running`, and only then does the source end its frozen copy.
+//! - `Hello::Link`: the node now hosting a process opens its link to the process's home:
+//!   [`ToHome`] one way, [`ToHost`] the other.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// The largest message either side accepts.
+pub const MAX_MSG: usize = 1 << 20;
+
+/// Writes one message as a frame (not flushed).
+pub fn send<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    let body = postcard::to_allocvec(msg).map_err(io::Error::other)?;
+    if body.len() > MAX_MSG {
+        return Err(io::Error::other("message too large"));
+    }
+    w.write_all(&(body.len() as u32).to_le_bytes())?;
+    w.write_all(&body)
+}
+
+/// Writes one message and flushes.
+pub fn send_flush<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    send(w, msg)?;
+    w.flush()
+}
+
+/// Reads one message; Ok(None) on a clean end of stream before its first byte.
+pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_MSG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message of {n} bytes is larger than the limit"),
+        ));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body)?;
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
+}
+
+/// Reads one message that must be there.
+pub fn expect<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<T> {
+    recv(r)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the peer closed the connection",
+        )
+    })
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// exit(code)
+    Code(i32),
+    /// killed by this signal
+    Signal(i32),
+    /// The node it ran on died or lost contact: the deputy reports it lost.
+    Lost,
+}
+
+impl ExitStatus {
+    /// From a wait status as returned by waitpid.
+    pub fn from_wait(status: i32) -> ExitStatus {
+        if libc_wifsignaled(status) {
+            ExitStatus::Signal(status & 0x7f)
+        } else {
+            ExitStatus::Code((status >> 8) & 0xff)
+        }
+    }
+    /// The shell's `$?` for it.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Lost => 137,
+        }
+    }
+}
+
+fn libc_wifsignaled(status: i32) -> bool {
+    ((status & 0x7f) + 1) as i8 >= 2
+}
+
+/// First message of a node-to-node connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Hello {
+    Migrate(MigrateHeader),
+    Link(LinkHello),
+}
+
+/// What the destination must know before the image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateHeader {
+    /// The process's home node and PID there.
+    pub home: u32,
+    pub home_pid: i32,
+    /// Sending node.
+    pub from: u32,
+    /// Residence number: the destination's link to home uses it (the source's + 1).
+    pub epoch: u64,
+    pub uid: u32,
+    /// Command line, for `ps`.
+    pub cmd: String,
+    /// Whether the home side closed the process's stdout / stderr (reader gone).
+    pub closed_out: [bool; 2],
+}
+
+/// A piece of the image; an empty one ends it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chunk(pub Vec<u8>);
+
+/// Sent after the image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tail {
+    /// Bytes of stdin the process had consumed when frozen (counted from its start).
+    pub stdin_consumed: u64,
+}
+
+/// The destination's answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Restored and held, waiting for the commit.
+    Ready,
+    /// Cannot take it; nothing was started.
+    Refused(String),
+    /// Committed: the process runs here now.
+    Running { host_pid: i32 },
+}
+
+/// The source's decision after `Verdict::Ready`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    Commit,
+    Abort,
+}
+
+/// First message of a link from a process's host to its home.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkHello {
+    pub home_pid: i32,
+    pub epoch: u64,
+    /// The hosting node.
+    pub node: u32,
+}
+
+/// From the node running a process to its home (deputy).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToHome {
+    /// Output on fd 1 or 2.
+    Out { fd: u8, data: Vec<u8> },
+    /// The process ended; nothing follows.
+    Exited(ExitStatus),
+    /// The process moved on to `to` (its output so far has been sent); nothing follows.
+    Left { to: u32, stdin_consumed: u64 },
+    /// A migration asked for (or decided here) failed; the process goes on here.
+    MigrateFailed { to: u32, reason: String },
+}
+
+/// From the home (deputy) to the node running the process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToHost {
+    /// Stdin bytes starting at stream offset `at`.
+    Stdin { at: u64, data: Vec<u8> },
+    /// Stdin ended after `at` bytes.
+    StdinEof { at: u64 },
+    /// Deliver this signal.
+    Signal(i32),
+    /// The reader of fd 1 or 2 is gone (the process gets SIGPIPE/EPIPE).
+    CloseOut(u8),
+    /// Move the process to `to`.
+    Migrate { to: u32 },
+}
+
+/// From `mosrun` to its home daemon, after the `run` request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FromRun {
+    Stdin(Vec<u8>),
+    StdinEof,
+    Signal(i32),
+    /// mosrun's stdout (1) or stderr (2) cannot be written any more.
+    OutClosed(u8),
+}
+
+/// From the home daemon to `mosrun`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToRun {
+    Out {
+        fd: u8,
+        data: Vec<u8>,
+    },
+    /// The process ended (or was lost, with why).
+    Exited {
+        status: ExitStatus,
+        message: Option<String>,
+    },
+}
+
+/// A writer that cuts what is written into [`Chunk`] messages; `finish` sends the empty
+/// chunk that ends the stream. For streaming an image inside a message stream.
+pub struct ChunkWriter<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 256 << 10;
+
+impl<W: Write> ChunkWriter<W> {
+    pub fn new(inner: W) -> Self {
+        ChunkWriter {
+            inner,
+            buf: Vec::with_capacity(CHUNK),
+        }
+    }
+    fn emit(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let c = Chunk(std::mem::take(&mut self.buf));
+            send(&mut self.inner, &c)?;
+            self.buf = c.0;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+    /// Ends the chunk stream and gives the inner writer back.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.emit()?;
+        send(&mut self.inner, &Chunk(Vec::new()))?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for ChunkWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.emit()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.emit()?;
+        self.inner.flush()
+    }
+}
+
+/// Reads a chunk stream to its end into one buffer (at most `limit` bytes).
+pub fn read_chunks<R: Read>(r: &mut R, limit: u64) -> io::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    loop {
+        let Chunk(c) = expect(r)?;
+        if c.is_empty() {
+            return Ok(all);
+        }
+        if all.len() as u64 + c.len() as u64 > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the image is larger than this node accepts",
+            ));
+        }
+        all.extend_from_slice(&c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_an_error() {
+        let mut buf = Vec::new();
+        send(
+            &mut buf,
+            &ToHome::Out {
+                fd: 1,
+                data: b"hi".to_vec(),
+            },
+        )
+        .unwrap();
+        send(&mut buf, &ToHome::Exited(ExitStatus::Signal(15))).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(
+            recv::<_, ToHome>(&mut r).unwrap(),
+            Some(ToHome::Out {
+                fd: 1,
+                data: b"hi".to_vec()
+            })
+        );
+        assert_eq!(
+            recv::<_, ToHome>(&mut r).unwrap(),
+            Some(ToHome::Exited(ExitStatus::Signal(15)))
+        );
+        assert_eq!(recv::<_, ToHome>(&mut r).unwrap(), None);
+        // Truncated, oversized, and garbage frames are errors, never panics.
+        for cut in 1..buf.len() {
+            let mut r = &buf[..cut];
+            let _ = recv::<_, ToHome>(&mut r).and_then(|_| recv::<_, ToHome>(&mut r));
+        }
+        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0x7f];
+        assert!(recv::<_, ToHome>(&mut r).is_err());
+        let mut r: &[u8] = &[3, 0, 0, 0, 99, 98, 97];
+        assert!(recv::<_, ToHome>(&mut r).is_err());
+    }
+
+    #[test]
+    fn chunks_carry_a_stream() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7) as u8).collect();
+        let mut w = ChunkWriter::new(Vec::new());
+        w.write_all(&data).unwrap();
+        let mut out = w.finish().unwrap();
+        send(&mut out, &Tail { stdin_consumed: 5 }).unwrap();
+        let mut r = &out[..];
+        assert_eq!(read_chunks(&mut r, u64::MAX).unwrap(), data);
+        assert_eq!(expect::<_, Tail>(&mut r).unwrap().stdin_consumed, 5);
+        let mut r = &out[..];
+        assert!(read_chunks(&mut r, 1000).is_err());
+    }
+
+    #[test]
+    fn wait_statuses() {
+        assert_eq!(ExitStatus::from_wait(3 << 8), ExitStatus::Code(3));
+        assert_eq!(ExitStatus::from_wait(9), ExitStatus::Signal(9));
+        assert_eq!(ExitStatus::Signal(2).shell_code(), 130);
+    }
+}

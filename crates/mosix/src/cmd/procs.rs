@@ -1,0 +1,147 @@
+//! `migrate`, `mosix where` and `mosix ps`: ask the local mosixd about migratable
+//! processes.
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use mosix_proto::control::{Client, ProcEntry, Request, Response};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A node given on the command line: a number, or `home` (= 0).
+fn parse_node(s: &str) -> Result<u32, String> {
+    match s {
+        "home" | "0" => Ok(0),
+        _ => s
+            .parse::<u32>()
+            .map_err(|_| format!("'{s}' is not a node number or 'home'")),
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    about = "Move a migratable process to another node, or home (MOSIX migrate)",
+    long_about = "Move a running migratable process to another node, or back home (MOSIX migrate).\n\n\
+        PID is the process's home PID, given on its home node (the node where mosrun started \
+        it). Returns once the process runs on NODE; if the move fails (the node is down, \
+        refuses, or the process cannot move), the process goes on where it was and the \
+        reason is printed. You may move your own processes; root may move any.",
+    after_help = "Examples:\n  migrate 4321 3      # to node 3\n  migrate 4321 home   # back home"
+)]
+pub struct MigrateArgs {
+    /// Home PID of the process.
+    pid: i32,
+    /// Destination: a node number, or `home` (also 0).
+    #[arg(value_parser = parse_node)]
+    node: u32,
+    /// Control socket of the local mosixd.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+#[command(
+    about = "Where a migratable process runs: 0 at home, else the node number",
+    long_about = "Print where the migratable process with this home PID runs: 0 when it is \
+        at home, else the number of the node it runs on (MOSIX /proc/PID/where). Ask on its \
+        home node."
+)]
+pub struct WhereArgs {
+    /// Home PID of the process.
+    pid: i32,
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+#[command(
+    about = "List this node's migratable processes: its own (here or away) and guests",
+    long_about = "List this node's migratable processes: those whose home is this node \
+        (running here, or away on another node) and guests from other nodes running here, \
+        with where they run, state, memory, CPU time and why they are where they are.",
+    after_help = "Examples:\n  mosix ps\n  mosix ps --json | jq '.[] | select(.role == \"guest\")'"
+)]
+pub struct PsArgs {
+    /// JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+fn ask(socket: Option<PathBuf>, req: &Request, timeout: Duration) -> Result<Response> {
+    let path = super::status::socket_path(socket)?;
+    let mut c = Client::connect(&path, timeout)?;
+    Ok(c.call(req)?)
+}
+
+pub fn migrate(a: MigrateArgs) -> Result<i32> {
+    match ask(
+        a.socket,
+        &Request::Migrate {
+            pid: a.pid,
+            to: a.node,
+        },
+        Duration::from_secs(300),
+    )? {
+        Response::Migrated { .. } => Ok(0),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+pub fn where_(a: WhereArgs) -> Result<i32> {
+    match ask(
+        a.socket,
+        &Request::Where { pid: a.pid },
+        Duration::from_secs(10),
+    )? {
+        Response::Where { node, .. } => {
+            println!("{node}");
+            Ok(0)
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+pub fn ps(a: PsArgs) -> Result<i32> {
+    match ask(a.socket, &Request::Ps, Duration::from_secs(10))? {
+        Response::Ps { node, procs } => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&procs)?);
+            } else {
+                print!("{}", table(node, &procs));
+            }
+            Ok(0)
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn table(node: u32, procs: &[ProcEntry]) -> String {
+    let mut s = format!(
+        "{:>8} {:>5} {:>8} {:>6} {:>5} {:<9} {:>7} {:>8} {:<24} REASON\n",
+        "HOME_PID", "HOME", "PID", "ROLE", "WHERE", "STATE", "RSS", "CPU", "COMMAND"
+    );
+    for p in procs {
+        let mut cmd = p.cmd.clone();
+        if cmd.chars().count() > 24 {
+            cmd = cmd.chars().take(23).collect::<String>() + "…";
+        }
+        s += &format!(
+            "{:>8} {:>5} {:>8} {:>6} {:>5} {:<9} {:>7} {:>7.1}s {:<24} {}\n",
+            p.home_pid,
+            p.home,
+            p.pid,
+            p.role,
+            p.where_,
+            p.state,
+            super::status::human(p.rss),
+            p.cpu_secs,
+            cmd,
+            p.reason
+        );
+    }
+    if procs.is_empty() {
+        s += &format!("(no migratable processes on node {node})\n");
+    }
+    s
+}
