@@ -149,7 +149,7 @@ fn run(args: Args) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let first = sampler.sample(FLAG_ACCEPTS_GUESTS);
+        let first = sampler.sample(flags(&cfg));
         let stats = Arc::new(gossip::Stats::default());
         let listener = control::bind(&cfg.control_socket)?;
         let handle = gossip::start(&cfg, &secret, proto, &first, stats.clone()).await?;
@@ -216,7 +216,7 @@ async fn tick_loop(
     let mut last_file = Instant::now() - Duration::from_secs(10);
     loop {
         interval.tick().await;
-        let lv: LoadVector = sampler.sample(FLAG_ACCEPTS_GUESTS);
+        let lv: LoadVector = sampler.sample(flags(&cfg));
         let nodes = {
             let mut cc = chitchat.lock().await;
             if let Ok(j) = serde_json::to_string(&lv) {
@@ -234,6 +234,15 @@ async fn tick_loop(
                 warn!("cannot write {}: {e:#}", status_file.display());
             }
         }
+    }
+}
+
+/// The status flags this node gossips.
+fn flags(cfg: &Config) -> u32 {
+    if cfg.accept_guests {
+        FLAG_ACCEPTS_GUESTS
+    } else {
+        0
     }
 }
 

@@ -554,7 +554,7 @@ impl Procs {
                 Ok(None) | Err(_) => {
                     let _ = d.tx.send(DevEv::HostGone {
                         epoch: l.epoch,
-                        why: format!("(node {}) stopped answering", l.node),
+                        why: "stopped answering".into(),
                     });
                     return Ok(());
                 }

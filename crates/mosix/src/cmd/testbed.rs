@@ -714,6 +714,9 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
 
         let nd = node_dir(dir, i);
         std::fs::create_dir_all(&nd)?;
+        let shared = dir.join("shared");
+        std::fs::create_dir_all(&shared)?;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777))?;
         // Each node has its own copy of the cluster secret, as real nodes do.
         std::fs::copy(dir.join("secret"), nd.join("secret"))?;
         std::fs::set_permissions(nd.join("secret"), std::fs::Permissions::from_mode(0o600))?;
@@ -726,7 +729,9 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
              speed = {speed:?}\n\
              load_scope = \"cgroup\"\n\
              gossip_interval_ms = {gossip_ms}\n\
-             down_after_ms = {down}\n\n\
+             down_after_ms = {down}\n\
+             # every node sees this directory alike (one machine)\n\
+             shared_paths = [\"{shared}\"]\n\n\
              [[map]]\n\
              node = 1\n\
              address = \"{SUBNET}.1\"\n\
@@ -735,6 +740,7 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
             state = nd.display(),
             sock = nd.join("mosixd.sock").display(),
             down = (gossip_ms * 6).max(3000),
+            shared = dir.join("shared").display(),
         );
         std::fs::write(nd.join("mosix.toml"), cfg)?;
     }

@@ -1,0 +1,565 @@
+//! Process migration on a real 4-node testbed (root): `mosrun`, `migrate`, `where`,
+//! `mosix ps`, the deputy, and migration as a transaction. One test function, because
+//! the testbed's names are machine-wide. Every wait is for an event (a line of output, a
+//! file, a process exit) or polls a condition with a deadline; no timing thresholds.
+//!
+//! The jobs run in phases gated by lines on their stdin, so each move happens while the
+//! job is alive, and their output (compared with a run that never moved) does not depend
+//! on when a move happened.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn mosix() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mosix"))
+}
+
+fn progs_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/progs")
+}
+
+fn compile(name: &str) -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("migprogs");
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = out.join(name);
+    let st = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(progs_src().join(format!("{name}.c")))
+        .status()
+        .expect("cc runs");
+    assert!(st.success(), "cc {name}.c failed");
+    bin
+}
+
+struct Testbed {
+    dir: tempfile::TempDir,
+}
+
+impl Testbed {
+    fn up() -> Testbed {
+        let dir = tempfile::Builder::new()
+            .prefix("mosix-mig")
+            .tempdir_in("/run")
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tb = Testbed { dir };
+        tb.ok(&["up", "--nodes", "4", "--gossip-interval-ms", "200"]);
+        for n in 1..=4 {
+            tb.wait_until(&format!("node {n} sees 4 nodes up"), || {
+                let o = tb.exec(n, &["status", "--json"]);
+                o.status.success()
+                    && serde_json::from_slice::<Value>(&o.stdout)
+                        .map(|v| {
+                            v["nodes"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .filter(|n| n["status"] == 3)
+                                .count()
+                                == 4
+                        })
+                        .unwrap_or(false)
+            });
+        }
+        tb
+    }
+
+    fn testbed(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut c = Command::new(mosix());
+        c.arg("testbed")
+            .args(args)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) {
+        let o = self.testbed(args, &[]);
+        assert!(
+            o.status.success(),
+            "mosix testbed {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// A command for `mosix ARGS` run on node `n`.
+    fn cmd(&self, n: u32, args: &[&str]) -> Command {
+        let mut c = Command::new(mosix());
+        c.args(["testbed", "exec", &n.to_string(), "--dir"])
+            .arg(self.dir.path())
+            .arg("--")
+            .arg(mosix())
+            .args(args);
+        c
+    }
+
+    fn exec(&self, n: u32, args: &[&str]) -> std::process::Output {
+        self.cmd(n, args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    fn shared(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    fn wait_until(&self, what: &str, cond: impl Fn() -> bool) {
+        let end = Instant::now() + DEADLINE;
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn where_(&self, pid: i32) -> String {
+        let o = self.exec(1, &["where", &pid.to_string()]);
+        assert!(
+            o.status.success(),
+            "where: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    fn ps(&self, n: u32) -> Vec<Value> {
+        let o = self.exec(n, &["ps", "--json"]);
+        assert!(
+            o.status.success(),
+            "ps: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice::<Value>(&o.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn migrate(&self, pid: i32, to: &str) -> std::process::Output {
+        self.exec(1, &["migrate", &pid.to_string(), to])
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = self.testbed(&["down"], &[]);
+    }
+}
+
+/// A job started with `mosrun` on node 1, its output lines arriving on a channel.
+struct Job {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    home_pid: i32,
+}
+
+impl Job {
+    fn start(tb: &Testbed, argv: &[&str]) -> Job {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pidfile = tb.dir.path().join(format!("pid-{k}"));
+        let _ = std::fs::remove_file(&pidfile);
+        let mut args = vec!["run"];
+        args.extend_from_slice(argv);
+        let mut child = tb
+            .cmd(1, &args)
+            .env("MOSRUN_PIDFILE", &pidfile)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                match l {
+                    Ok(l) => {
+                        if tx.send(l).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut j = Job {
+            child,
+            stdin,
+            lines: rx,
+            seen: Vec::new(),
+            home_pid: 0,
+        };
+        let first = j.line();
+        assert!(first.starts_with("start"), "first line {first:?}");
+        j.home_pid = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        j
+    }
+
+    /// The next line of output (waits for it).
+    fn line(&mut self) -> String {
+        let l = self
+            .lines
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no output line after {:?}", self.seen));
+        self.seen.push(l.clone());
+        l
+    }
+
+    fn send(&mut self, s: &str) {
+        let w = self.stdin.as_mut().unwrap();
+        w.write_all(s.as_bytes()).unwrap();
+        w.flush().unwrap();
+    }
+
+    /// Closes stdin, reads the rest, and returns all output and the exit status.
+    fn finish(mut self) -> (Vec<String>, std::process::ExitStatus) {
+        self.stdin = None;
+        while let Ok(l) = self.lines.recv_timeout(DEADLINE) {
+            self.seen.push(l);
+        }
+        let st = self.child.wait().unwrap();
+        (self.seen, st)
+    }
+}
+
+/// Output and exit code of the same job run plainly, never moved.
+fn reference(argv: &[&str], input: &str) -> (Vec<String>, Option<i32>) {
+    let mut c = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = c.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        o.status.code(),
+    )
+}
+
+/// Lines with the PID of "start pid=N" taken out (it differs between runs).
+fn normalise(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| match l.strip_prefix("start pid=") {
+            Some(rest) => format!(
+                "start pid=N{}",
+                rest.trim_start_matches(|c: char| c.is_ascii_digit())
+            ),
+            None => l.clone(),
+        })
+        .collect()
+}
+
+/// The guest entry for `home_pid` in node `n`'s `ps`, if it runs there.
+fn guest_on(tb: &Testbed, n: u32, home_pid: i32) -> Option<Value> {
+    tb.ps(n)
+        .into_iter()
+        .find(|p| p["home_pid"] == home_pid && p["role"] == "guest")
+}
+
+/// Checks through /proc that a guest really runs on node `n`: in that node's cgroup, in a
+/// PID namespace where its PID is the home PID.
+fn check_really_there(n: u32, g: &Value, home_pid: i32) {
+    let pid = g["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse::<i32>().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(nspid.last(), Some(&home_pid), "NSpid {nspid:?}");
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cg.contains(&format!("mosixtb-{n}")),
+        "cgroup of guest: {cg}"
+    );
+}
+
+/// Runs a phased job, moving it 1 → 2 → 3 → home between phases, and compares it with a
+/// run that never moved.
+fn round_trip(tb: &Testbed, argv: &[&str]) {
+    let input: String = (0..4).map(|i| format!("go {i}\n")).collect();
+    let (want, want_code) = reference(argv, &input);
+    let mut j = Job::start(tb, argv);
+    assert_eq!(tb.where_(j.home_pid), "0");
+    for (i, to) in ["2", "3", "home"].iter().enumerate() {
+        let o = tb.migrate(j.home_pid, to);
+        assert!(
+            o.status.success(),
+            "migrate {} {to}: {}",
+            j.home_pid,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let expect_where = if *to == "home" { "0" } else { to };
+        assert_eq!(tb.where_(j.home_pid), expect_where, "where after move {i}");
+        if *to != "home" {
+            let n: u32 = to.parse().unwrap();
+            let g = guest_on(tb, n, j.home_pid)
+                .unwrap_or_else(|| panic!("node {n}'s ps does not list {}", j.home_pid));
+            check_really_there(n, &g, j.home_pid);
+            assert!(guest_on(tb, 1, j.home_pid).is_none());
+        } else {
+            let here = tb.ps(1);
+            let me = here.iter().find(|p| p["home_pid"] == j.home_pid).unwrap();
+            assert_eq!(me["where_"], 0);
+            assert_eq!(me["state"], "running");
+        }
+        j.send(&format!("go {i}\n"));
+        let l = j.line();
+        assert!(l.starts_with(&format!("phase {i}")), "got {l:?}");
+    }
+    j.send("go 3\n");
+    let (got, st) = j.finish();
+    assert_eq!(normalise(&got), normalise(&want), "{argv:?}");
+    assert_eq!(st.code(), want_code, "{argv:?}");
+    assert!(
+        got.iter()
+            .filter(|l| l.contains("samepid="))
+            .all(|l| l.contains("samepid=1")),
+        "getpid changed: {got:?}"
+    );
+}
+
+#[test]
+fn migration_on_four_nodes() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test needs root (network namespaces, cgroups, ptrace): run it as root");
+    }
+    let heap = compile("migheap");
+    let py = progs_src().join("phased.py");
+    let tb = Testbed::up();
+
+    // 1. The FAQ's awk, a python3 job and a 256 MiB C job, each 1 → 2 → 3 → home.
+    let awk = "BEGIN { print \"start\"; fflush() } \
+               { s = 0; for (i = 0; i < 300000; i++) s += (i * NR) % 7; \
+                 printf \"phase %d sum %d got %s\\n\", NR - 1, s, $0; fflush() } \
+               END { print \"end\"; exit 4 }";
+    round_trip(&tb, &["mawk", "-W", "interactive", awk]);
+    round_trip(&tb, &["python3", py.to_str().unwrap()]);
+    round_trip(&tb, &[heap.to_str().unwrap(), "256"]);
+
+    // 2. Input piped into mosrun reaches a process that runs elsewhere from the start.
+    let o = Command::new(mosix())
+        .args(["testbed", "exec", "1", "--dir"])
+        .arg(tb.dir.path())
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "seq 1 200000 | {} run -r 2 mawk '{{s += $1}} END {{printf \"%.0f %d\\n\", s, NR}}'",
+            mosix().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "20000100000 200000\n");
+
+    // 3. `mosrun ... | head -1`: the reader goes away, the remote writer gets SIGPIPE.
+    let o = Command::new(mosix())
+        .args(["testbed", "exec", "1", "--dir"])
+        .arg(tb.dir.path())
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "{} run -r 3 yes moved | head -1",
+            mosix().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "moved\n");
+    tb.wait_until("the yes on node 3 has ended", || tb.ps(3).is_empty());
+
+    // 4. SIGTERM and Ctrl-C (SIGINT) to mosrun end the process where it runs, and mosrun
+    //    dies by the same signal.
+    for (sig, n) in [
+        (nix::sys::signal::Signal::SIGTERM, 2u32),
+        (nix::sys::signal::Signal::SIGINT, 4),
+    ] {
+        let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+        let o = tb.migrate(j.home_pid, &n.to_string());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let g = guest_on(&tb, n, j.home_pid).expect("guest listed");
+        let guest_pid = g["pid"].as_i64().unwrap() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(j.child.id() as i32), sig).unwrap();
+        let st = j.child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(sig as i32), "mosrun status {st:?}");
+        tb.wait_until("the guest has ended", || {
+            !Path::new(&format!("/proc/{guest_pid}")).exists()
+                && guest_on(&tb, n, j.home_pid).is_none()
+        });
+        j.stdin = None;
+    }
+
+    // 5. Refusals: an open file outside the shared paths, a second thread. The process
+    //    goes on at home; the reason names the file / the threads.
+    let private = tb.dir.path().join("private.txt");
+    std::fs::write(&private, "x").unwrap();
+    let shared = tb.shared().join("shared.txt");
+    std::fs::write(&shared, "y").unwrap();
+    let holder = format!(
+        "import sys, threading, time\n\
+         f = open(sys.argv[1])\n\
+         if sys.argv[2] == 'thread':\n    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n\
+         print('start', flush=True)\n\
+         for line in sys.stdin:\n    print('got', line.strip(), f.read(), flush=True)\n"
+    );
+    let script = tb.shared().join("holder.py");
+    std::fs::write(&script, holder).unwrap();
+    for (file, mode, want) in [
+        (
+            private.to_str().unwrap(),
+            "nothread",
+            private.to_str().unwrap().to_string(),
+        ),
+        (shared.to_str().unwrap(), "thread", "thread".to_string()),
+    ] {
+        let mut j = Job::start(&tb, &["python3", script.to_str().unwrap(), file, mode]);
+        let o = tb.migrate(j.home_pid, "2");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "a move that must be refused succeeded");
+        assert!(err.contains(&want), "refusal does not name {want}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        assert_eq!(tb.where_(j.home_pid), "0");
+        j.send("still\n");
+        assert!(j.line().starts_with("got still"));
+        let (_, st) = j.finish();
+        assert_eq!(st.code(), Some(0));
+    }
+    // A file under a shared path moves with it (reopened there).
+    let mut j = Job::start(
+        &tb,
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            shared.to_str().unwrap(),
+            "nothread",
+        ],
+    );
+    let o = tb.migrate(j.home_pid, "2");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    j.send("moved\n");
+    assert_eq!(j.line(), "got moved y");
+    let (_, st) = j.finish();
+    assert_eq!(st.code(), Some(0));
+
+    // 6. The destination's mosixd dies in the middle of a migration: the process goes on
+    //    at the source, and the command says why.
+    tb.ok(&["stop", "3"]);
+    let o = tb.testbed(&["start", "3"], &[("MOSIXD_TEST_STALL_RECEIVE", "1")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stalled = tb.dir.path().join("n3/stalled");
+    let _ = std::fs::remove_file(&stalled);
+    tb.wait_until("node 1 sees node 3 up again", || {
+        let o = tb.exec(1, &["status", "--json"]);
+        serde_json::from_slice::<Value>(&o.stdout)
+            .map(|v| v["nodes"][2]["status"] == 3)
+            .unwrap_or(false)
+    });
+    let input: String = (0..2).map(|i| format!("go {i}\n")).collect();
+    let (want, want_code) = reference(&[heap.to_str().unwrap(), "64"], &input);
+    let mut j = Job::start(&tb, &[heap.to_str().unwrap(), "64"]);
+    let mig = tb
+        .cmd(1, &["migrate", &j.home_pid.to_string(), "3"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tb.wait_until("node 3 has the image and stalls", || stalled.exists());
+    tb.ok(&["stop", "3", "--kill"]);
+    let o = mig.wait_with_output().unwrap();
+    assert!(!o.status.success(), "migrate to a dead node succeeded");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("node 3"), "{err}");
+    assert_eq!(tb.where_(j.home_pid), "0");
+    j.send("go 0\n");
+    j.send("go 1\n");
+    let (got, st) = j.finish();
+    assert_eq!(normalise(&got), normalise(&want));
+    assert_eq!(st.code(), want_code);
+    tb.ok(&["start", "3"]);
+
+    // 7. The node where a process runs dies: its deputy reports it lost (137, a message).
+    let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+    let o = tb.migrate(j.home_pid, "4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g = guest_on(&tb, 4, j.home_pid).unwrap();
+    let guest_pid = g["pid"].as_i64().unwrap();
+    tb.ok(&["stop", "4", "--kill"]);
+    let st = j.child.wait().unwrap();
+    assert_eq!(st.code(), Some(137), "mosrun of a lost process: {st:?}");
+    tb.wait_until("the guest has died with its node's mosixd", || {
+        std::fs::read_to_string(format!("/proc/{guest_pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    });
+    j.stdin = None;
+    tb.ok(&["start", "4"]);
+
+    // 8. Bad requests: unknown node, down node, not a migratable process, not yours.
+    let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+    let pid = j.home_pid.to_string();
+    for (to, want) in [("9", "not in the cluster map"), ("1", "already")] {
+        let o = tb.migrate(j.home_pid, to);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "migrate {pid} {to}: {e}");
+    }
+    tb.ok(&["stop", "2"]);
+    tb.wait_until("node 1 sees node 2 down", || {
+        let o = tb.exec(1, &["status", "--json"]);
+        serde_json::from_slice::<Value>(&o.stdout)
+            .map(|v| v["nodes"][1]["status"] == 1)
+            .unwrap_or(false)
+    });
+    let o = tb.migrate(j.home_pid, "2");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("node 2 is down"));
+    let o = tb.exec(1, &["migrate", "1", "3"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no migratable process with home PID 1"));
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(mosix())
+        .args(["migrate", &pid, "3", "--socket"])
+        .arg(tb.dir.path().join("n1/mosixd.sock"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("only move your own"),
+        "{e}"
+    );
+    j.send("go 0\n");
+    assert!(j.line().starts_with("phase 0"));
+    let (_, st) = j.finish();
+    assert_eq!(st.code(), Some(3));
+}
