@@ -446,6 +446,11 @@ pub fn read_image<R: Read>(mut r: R) -> Result<LoadedImage> {
     load(Storage::Owned(raw))
 }
 
+/// Verifies an image already in memory (no copy).
+pub fn read_image_bytes(raw: Vec<u8>) -> Result<LoadedImage> {
+    load(Storage::Owned(raw))
+}
+
 /// Maps the image file at `path` (no copy of its memory contents) and verifies it.
 pub fn read_image_file(path: &std::path::Path) -> Result<LoadedImage> {
     let f = std::fs::File::open(path)?;

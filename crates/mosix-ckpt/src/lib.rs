@@ -23,5 +23,7 @@ pub mod sys;
 
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
 pub use error::{Error, Result};
-pub use image::{read_image, read_image_file, Compression, LoadedImage, ProcessImage};
+pub use image::{
+    read_image, read_image_bytes, read_image_file, Compression, LoadedImage, ProcessImage,
+};
 pub use restore::{preflight, restore, resume, RestoreOptions, Restored};

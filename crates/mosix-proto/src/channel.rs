@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-const PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+const PATTERN: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 const MAX_FRAME: usize = 65535;
 const TAG: usize = 16;
 /// Largest plaintext in one frame.

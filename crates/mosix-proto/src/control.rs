@@ -39,7 +39,14 @@ pub enum Request {
         /// Keep it home (`mosrun -L`): no automatic migration.
         #[serde(default)]
         pinned: bool,
+        /// Nodes it must never be sent to automatically.
+        #[serde(default)]
+        avoid: Vec<u32>,
     },
+    /// Change this node's balancing mode (root only), as MOSIX's mosctl: `stay`,
+    /// `nostay`, `lstay`, `nolstay`, `block`, `noblock`, `expel`, `noexpel`; `show` only
+    /// reports. Answered with [`Response::Mode`].
+    Mosctl { cmd: String },
     /// Move the process with this home PID to node `to` (0 = home). Answered with
     /// [`Response::Migrated`] once it runs there, or an error saying why not.
     Migrate { pid: i32, to: u32 },
@@ -96,6 +103,12 @@ pub enum Response {
     Migrated {
         pid: i32,
         to: u32,
+        /// How long the process was stopped by the move (ms).
+        #[serde(default)]
+        frozen_ms: u64,
+        /// Bytes of memory contents moved.
+        #[serde(default)]
+        memory_bytes: u64,
     },
     Where {
         pid: i32,
@@ -104,6 +117,12 @@ pub enum Response {
     Ps {
         node: u32,
         procs: Vec<ProcEntry>,
+    },
+    Mode {
+        stay: bool,
+        lstay: bool,
+        block: bool,
+        expel: bool,
     },
     Error {
         message: String,

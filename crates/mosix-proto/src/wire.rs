@@ -5,7 +5,7 @@
 //! `mosrun` and its home `mosixd` over the control socket after the `run` request.
 //!
 //! Node-to-node connections start with a [`Hello`]:
-//! - `Hello::Migrate`: the source streams the image as [`Chunk`]s ended by an empty one,
+//! - `Hello::Migrate`: the source streams the image as raw chunks ended by an empty one,
 //!   then [`Tail`]; the destination restores it held (stopped) and answers [`Verdict`];
 //!   the source sends [`Decision`]; on `Commit` the destination lets the process run and
 //!   answers `Verdict::Running`, and only then does the source end its frozen copy.
@@ -127,11 +127,15 @@ pub struct MigrateHeader {
     pub cmd: String,
     /// Whether the home side closed the process's stdout / stderr (reader gone).
     pub closed_out: [bool; 2],
+    /// Kept from automatic migration (`mosrun -L`), and nodes it must never go to.
+    pub pinned: bool,
+    pub avoid: Vec<u32>,
+    /// Why it moves (shown by `mosix ps` there, and logged).
+    pub reason: String,
+    /// For an automatic move: the balancer's offer (JSON of `mosix_balance::Offer`), which
+    /// the destination checks against its own load before taking the process.
+    pub offer: Option<String>,
 }
-
-/// A piece of the image; an empty one ends it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Chunk(pub Vec<u8>);
 
 /// Sent after the image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,7 +179,13 @@ pub enum ToHome {
     /// The process ended; nothing follows.
     Exited(ExitStatus),
     /// The process moved on to `to` (its output so far has been sent); nothing follows.
-    Left { to: u32, stdin_consumed: u64 },
+    Left {
+        to: u32,
+        stdin_consumed: u64,
+        /// How long it was stopped by the move, and the bytes of memory moved.
+        frozen_ms: u64,
+        memory_bytes: u64,
+    },
     /// A migration asked for (or decided here) failed; the process goes on here.
     MigrateFailed { to: u32, reason: String },
 }
@@ -191,14 +201,14 @@ pub enum ToHost {
     Signal(i32),
     /// The reader of fd 1 or 2 is gone (the process gets SIGPIPE/EPIPE).
     CloseOut(u8),
-    /// Move the process to `to`.
+    /// Move the process to `to` (asked for by `migrate`).
     Migrate { to: u32 },
 }
 
 /// From `mosrun` to its home daemon, after the `run` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromRun {
-    Stdin(Vec<u8>),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     StdinEof,
     Signal(i32),
     /// mosrun's stdout (1) or stderr (2) cannot be written any more.
@@ -210,6 +220,7 @@ pub enum FromRun {
 pub enum ToRun {
     Out {
         fd: u8,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The process ended (or was lost, with why).
@@ -219,8 +230,9 @@ pub enum ToRun {
     },
 }
 
-/// A writer that cuts what is written into [`Chunk`] messages; `finish` sends the empty
-/// chunk that ends the stream. For streaming an image inside a message stream.
+/// A writer that cuts what is written into chunks (`len u32 LE | bytes`, raw: no
+/// serialisation pass over the bytes); `finish` sends the empty chunk that ends the
+/// stream. For streaming an image inside a message stream.
 pub struct ChunkWriter<W: Write> {
     inner: W,
     buf: Vec<u8>,
@@ -237,9 +249,9 @@ impl<W: Write> ChunkWriter<W> {
     }
     fn emit(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            let c = Chunk(std::mem::take(&mut self.buf));
-            send(&mut self.inner, &c)?;
-            self.buf = c.0;
+            self.inner
+                .write_all(&(self.buf.len() as u32).to_le_bytes())?;
+            self.inner.write_all(&self.buf)?;
             self.buf.clear();
         }
         Ok(())
@@ -247,7 +259,7 @@ impl<W: Write> ChunkWriter<W> {
     /// Ends the chunk stream and gives the inner writer back.
     pub fn finish(mut self) -> io::Result<W> {
         self.emit()?;
-        send(&mut self.inner, &Chunk(Vec::new()))?;
+        self.inner.write_all(&0u32.to_le_bytes())?;
         self.inner.flush()?;
         Ok(self.inner)
     }
@@ -255,6 +267,11 @@ impl<W: Write> ChunkWriter<W> {
 
 impl<W: Write> Write for ChunkWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.is_empty() && data.len() >= CHUNK {
+            self.inner.write_all(&(CHUNK as u32).to_le_bytes())?;
+            self.inner.write_all(&data[..CHUNK])?;
+            return Ok(CHUNK);
+        }
         let n = data.len().min(CHUNK - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == CHUNK {
@@ -272,17 +289,32 @@ impl<W: Write> Write for ChunkWriter<W> {
 pub fn read_chunks<R: Read>(r: &mut R, limit: u64) -> io::Result<Vec<u8>> {
     let mut all = Vec::new();
     loop {
-        let Chunk(c) = expect(r)?;
-        if c.is_empty() {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n == 0 {
             return Ok(all);
         }
-        if all.len() as u64 + c.len() as u64 > limit {
+        if n > CHUNK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "image chunk larger than the limit",
+            ));
+        }
+        if all.len() as u64 + n as u64 > limit {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the image is larger than this node accepts",
             ));
         }
-        all.extend_from_slice(&c);
+        if all.capacity() - all.len() < n {
+            // Grow in big steps: images are large.
+            all.reserve((all.len()).max(16 << 20));
+        }
+        let got = r.by_ref().take(n as u64).read_to_end(&mut all)?;
+        if got != n {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
     }
 }
 

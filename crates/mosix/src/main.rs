@@ -25,11 +25,28 @@ enum Command {
     Migrate(cmd::procs::MigrateArgs),
     Where(cmd::procs::WhereArgs),
     Ps(cmd::procs::PsArgs),
+    Mosctl(cmd::procs::MosctlArgs),
     Checkpoint(cmd::checkpoint::Args),
     Restart(cmd::restart::Args),
     Status(cmd::status::Args),
     Mon(cmd::mon::Args),
     Testbed(cmd::testbed::Args),
+    /// (benchmark helper) touch MIB MiB of memory, print "ready PID", wait for a line.
+    #[command(name = "__touch", hide = true)]
+    Touch {
+        mib: u64,
+    },
+    /// (benchmark helper) accept one TCP connection at ADDR and read it to the end.
+    #[command(name = "__net-sink", hide = true)]
+    NetSink {
+        addr: String,
+    },
+    /// (benchmark helper) send MIB MiB to ADDR, print the seconds taken.
+    #[command(name = "__net-source", hide = true)]
+    NetSource {
+        addr: String,
+        mib: u64,
+    },
 }
 
 /// Argument vector with the MOSIX argv[0] aliases turned into subcommands
@@ -62,11 +79,15 @@ fn main() {
         Command::Migrate(a) => cmd::procs::migrate(a),
         Command::Where(a) => cmd::procs::where_(a),
         Command::Ps(a) => cmd::procs::ps(a),
+        Command::Mosctl(a) => cmd::procs::mosctl(a),
         Command::Checkpoint(a) => cmd::checkpoint::run(a),
         Command::Restart(a) => cmd::restart::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Mon(a) => cmd::mon::run(a),
         Command::Testbed(a) => cmd::testbed::run(a),
+        Command::Touch { mib } => cmd::benchmig::touch(mib),
+        Command::NetSink { addr } => cmd::benchmig::net_sink(&addr),
+        Command::NetSource { addr, mib } => cmd::benchmig::net_source(&addr, mib),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -91,7 +91,8 @@ async fn connection(stream: UnixStream, state: Arc<State>, procs: Arc<Procs>) ->
                     cwd,
                     to,
                     best,
-                    pinned: _,
+                    pinned,
+                    avoid,
                 }) => {
                     if !r.buffer().is_empty() {
                         bail!("mosrun sent data before its process started");
@@ -106,7 +107,10 @@ async fn connection(stream: UnixStream, state: Arc<State>, procs: Arc<Procs>) ->
                             s.try_clone()
                                 .map_err(anyhow::Error::from)
                                 .and_then(|deputy_end| {
-                                    procs.run(deputy_end, uid, gid, pid, argv, env, cwd, to, best)
+                                    procs.run(
+                                        deputy_end, uid, gid, pid, argv, env, cwd, to, best,
+                                        pinned, avoid,
+                                    )
                                 });
                         match started {
                             Ok(_) => Ok(()),
@@ -121,7 +125,12 @@ async fn connection(stream: UnixStream, state: Arc<State>, procs: Arc<Procs>) ->
                     .await
                     .context("run request")?;
                 }
-                Ok(req @ (Request::Migrate { .. } | Request::Where { .. } | Request::Ps)) => {
+                Ok(
+                    req @ (Request::Migrate { .. }
+                    | Request::Where { .. }
+                    | Request::Ps
+                    | Request::Mosctl { .. }),
+                ) => {
                     let pr = procs.clone();
                     tokio::task::spawn_blocking(move || process_answer(&req, uid, &pr))
                         .await
@@ -160,15 +169,24 @@ fn write_line(s: &mut std::os::unix::net::UnixStream, resp: &Response) -> Result
 /// Requests about migratable processes (they may block: run off the async thread).
 fn process_answer(req: &Request, uid: u32, procs: &Procs) -> Response {
     let r = match req {
-        Request::Migrate { pid, to } => procs
-            .migrate(*pid, *to, uid)
-            .map(|n| Response::Migrated { pid: *pid, to: n }),
+        Request::Migrate { pid, to } => procs.migrate(*pid, *to, uid).map(|m| Response::Migrated {
+            pid: *pid,
+            to: m.to,
+            frozen_ms: m.frozen_ms,
+            memory_bytes: m.memory_bytes,
+        }),
         Request::Where { pid } => procs
             .where_is(*pid)
             .map(|node| Response::Where { pid: *pid, node }),
         Request::Ps => Ok(Response::Ps {
             node: procs.cfg.node,
             procs: procs.ps(),
+        }),
+        Request::Mosctl { cmd } => procs.mosctl(cmd, uid).map(|m| Response::Mode {
+            stay: m.stay,
+            lstay: m.lstay,
+            block: m.block,
+            expel: m.expel,
         }),
         _ => Err(anyhow::anyhow!("not a process request")),
     };

@@ -5,6 +5,7 @@
 //! Modules: `config` (mosix.toml), `sample` (load vector), `gossip` (chitchat over a sealed
 //! UDP transport + node status rule), `control` (control socket).
 
+mod balance;
 mod config;
 mod control;
 mod gossip;
@@ -68,6 +69,8 @@ pub struct State {
     pub started: Instant,
     pub stats: Arc<gossip::Stats>,
     pub nodes: RwLock<Vec<NodeStatus>>,
+    /// Whether this node takes guests now (config, then `mosctl block/noblock`).
+    pub accepts_guests: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -149,7 +152,7 @@ fn run(args: Args) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let first = sampler.sample(flags(&cfg));
+        let first = sampler.sample(if cfg.accept_guests { FLAG_ACCEPTS_GUESTS } else { 0 });
         let stats = Arc::new(gossip::Stats::default());
         let listener = control::bind(&cfg.control_socket)?;
         let handle = gossip::start(&cfg, &secret, proto, &first, stats.clone()).await?;
@@ -174,9 +177,11 @@ fn run(args: Args) -> Result<()> {
             started: Instant::now(),
             stats,
             nodes: RwLock::new(nodes),
+            accepts_guests: std::sync::atomic::AtomicBool::new(cfg.accept_guests),
         });
         let procs = procs::Procs::new(cfg.clone(), secret.clone(), state.clone());
         procs.listen()?;
+        balance::start(procs.clone())?;
         let server = tokio::spawn(control::serve(listener, state.clone(), procs.clone()));
         let ticker = tokio::spawn(tick_loop(
             cfg.clone(),
@@ -216,7 +221,7 @@ async fn tick_loop(
     let mut last_file = Instant::now() - Duration::from_secs(10);
     loop {
         interval.tick().await;
-        let lv: LoadVector = sampler.sample(flags(&cfg));
+        let lv: LoadVector = sampler.sample(flags(&state));
         let nodes = {
             let mut cc = chitchat.lock().await;
             if let Ok(j) = serde_json::to_string(&lv) {
@@ -238,8 +243,11 @@ async fn tick_loop(
 }
 
 /// The status flags this node gossips.
-fn flags(cfg: &Config) -> u32 {
-    if cfg.accept_guests {
+fn flags(state: &State) -> u32 {
+    if state
+        .accepts_guests
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         FLAG_ACCEPTS_GUESTS
     } else {
         0

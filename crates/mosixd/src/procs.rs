@@ -59,6 +59,24 @@ pub struct Procs {
     deputies: Mutex<HashMap<i32, DeputyHandle>>,
     /// Processes running here, by (home node, home PID).
     hosted: Mutex<HashMap<(u32, i32), Hosted>>,
+    /// The balancing policy's state (also used to admit incoming offers).
+    balancer: Mutex<mosix_balance::Balancer>,
+    /// Automatic moves that failed since the balancer last looked: (process id, to).
+    failed_moves: Mutex<Vec<(u64, u32)>>,
+    /// Why each process here stays, as the balancer last explained it.
+    explanations: Mutex<HashMap<u64, String>>,
+    started: Instant,
+}
+
+/// A process as the balancer sees it, with its PID here.
+pub struct BalanceView {
+    pub pid: i32,
+    pub info: mosix_balance::ProcInfo,
+}
+
+/// The balancer's id of a process: home node and home PID.
+pub fn proc_id(home: u32, home_pid: i32) -> u64 {
+    (u64::from(home) << 32) | u64::from(home_pid as u32)
 }
 
 #[derive(Clone)]
@@ -81,6 +99,8 @@ struct DeputyInfo {
 #[derive(Clone)]
 struct Hosted {
     pid: i32,
+    pinned: bool,
+    avoid: Vec<u32>,
     uid: u32,
     cmd: String,
     since: Instant,
@@ -94,6 +114,12 @@ enum Cmd {
     Host(ToHost),
     /// The home side is gone: nobody will ever read the output; the process is ended.
     HomeGone,
+    /// The balancer decided to move it.
+    AutoMigrate {
+        to: u32,
+        reason: String,
+        offer: Option<String>,
+    },
 }
 
 /// The way to a keeper thread: a queue plus a pipe that wakes its poll loop. Signals go
@@ -122,6 +148,14 @@ fn deliver(pid: i32, sig: i32) {
         return;
     };
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
+}
+
+/// A finished move, as its requester hears of it.
+#[derive(Clone, Copy, Debug)]
+pub struct Moved {
+    pub to: u32,
+    pub frozen_ms: u64,
+    pub memory_bytes: u64,
 }
 
 /// How a host reaches the deputy.
@@ -180,19 +214,133 @@ enum DevEv {
     },
     Migrate {
         to: u32,
-        reply: Sender<Result<u32, String>>,
+        reply: Sender<Result<Moved, String>>,
     },
 }
 
 impl Procs {
     pub fn new(cfg: Config, secret: Vec<u8>, state: Arc<State>) -> Arc<Procs> {
+        let mut b = mosix_balance::Balancer::new(cfg.node, mosix_balance::Params::default());
+        b.set_mode(mosix_balance::NodeMode {
+            stay: !cfg.auto_balance,
+            block: !cfg.accept_guests,
+            ..Default::default()
+        });
         Arc::new(Procs {
             cfg,
             secret,
             state,
             deputies: Mutex::new(HashMap::new()),
             hosted: Mutex::new(HashMap::new()),
+            balancer: Mutex::new(b),
+            failed_moves: Mutex::new(Vec::new()),
+            explanations: Mutex::new(HashMap::new()),
+            started: Instant::now(),
         })
+    }
+
+    /// Milliseconds since the daemon started (the balancer's clock).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn balancer(&self) -> std::sync::MutexGuard<'_, mosix_balance::Balancer> {
+        lock(&self.balancer)
+    }
+
+    /// The cluster as this node sees it now.
+    pub fn nodes(&self) -> Vec<mosix_proto::NodeStatus> {
+        read(&self.state.nodes).clone()
+    }
+
+    pub fn take_failed_moves(&self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut *lock(&self.failed_moves))
+    }
+
+    pub fn set_explanations(&self, why: Vec<(u64, String)>) {
+        *lock(&self.explanations) = why.into_iter().collect();
+    }
+
+    /// The processes running here and free to move, for the balancer (CPU share is
+    /// filled in by the caller).
+    pub fn balance_view(&self) -> Vec<BalanceView> {
+        let now = Instant::now();
+        lock(&self.hosted)
+            .iter()
+            .filter(|(_, h)| !h.migrating)
+            .map(|(&(home, home_pid), h)| {
+                let (rss, cpu) = usage(h.pid);
+                let speed = self.my_speed();
+                BalanceView {
+                    pid: h.pid,
+                    info: mosix_balance::ProcInfo {
+                        id: proc_id(home, home_pid),
+                        mem_bytes: rss,
+                        cpu_share: 1.0,
+                        work_done_ms: (cpu * 1000.0 * speed) as u64,
+                        resident_ms: now.duration_since(h.since).as_millis() as u64,
+                        where_now: self.me(),
+                        home,
+                        pinned: h.pinned,
+                        auto: !h.pinned,
+                        avoid: h.avoid.clone(),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn my_speed(&self) -> f64 {
+        read(&self.state.nodes)
+            .iter()
+            .find(|n| n.this_node)
+            .and_then(|n| n.load.as_ref())
+            .map(|l| l.speed)
+            .unwrap_or(1.0)
+    }
+
+    /// Asks the keeper of process `id` to move it; false if it is not here.
+    pub fn auto_migrate(&self, id: u64, to: u32, reason: String, offer: Option<String>) -> bool {
+        let h = lock(&self.hosted);
+        let Some(k) = h
+            .iter()
+            .find(|(&(home, pid), h)| proc_id(home, pid) == id && !h.migrating)
+            .map(|(_, h)| h.keeper.clone())
+        else {
+            return false;
+        };
+        drop(h);
+        k.send(Cmd::AutoMigrate { to, reason, offer });
+        true
+    }
+
+    /// `mosctl`: change (or show) this node's balancing mode. Root only.
+    pub fn mosctl(&self, cmd: &str, uid: u32) -> Result<mosix_balance::NodeMode> {
+        let mut b = self.balancer();
+        let mut m = b.mode();
+        if cmd != "show" && uid != 0 {
+            bail!("only root may change the node's mode");
+        }
+        match cmd {
+            "show" => {}
+            "stay" => m.stay = true,
+            "nostay" => m.stay = false,
+            "lstay" => m.lstay = true,
+            "nolstay" => m.lstay = false,
+            "block" => m.block = true,
+            "noblock" => m.block = false,
+            "expel" => m.expel = true,
+            "noexpel" => m.expel = false,
+            other => bail!(
+                "unknown mosctl command '{other}' (stay, nostay, lstay, nolstay, block, noblock, expel, noexpel, show)"
+            ),
+        }
+        b.set_mode(m);
+        self.state
+            .accepts_guests
+            .store(b.accepts_guests(), std::sync::atomic::Ordering::Relaxed);
+        info!(?m, "node mode changed by mosctl {cmd}");
+        Ok(m)
     }
 
     fn me(&self) -> u32 {
@@ -256,6 +404,8 @@ impl Procs {
         cwd: String,
         to: Option<u32>,
         best: bool,
+        pinned: bool,
+        avoid: Vec<u32>,
     ) -> Result<i32> {
         if argv.is_empty() {
             bail!("nothing to run");
@@ -295,6 +445,8 @@ impl Procs {
                         uid,
                         cmd: cmd2,
                         stdin_base: 0,
+                        pinned,
+                        avoid,
                     },
                     "started here (its home)".into(),
                 );
@@ -441,7 +593,7 @@ impl Procs {
     }
 
     /// `migrate PID NODE|0`: blocks until it runs there, or says why not.
-    pub fn migrate(&self, pid: i32, to: u32, uid: u32) -> Result<u32> {
+    pub fn migrate(&self, pid: i32, to: u32, uid: u32) -> Result<Moved> {
         let d = self.deputy(pid, uid)?;
         let to = if to == 0 { self.me() } else { to };
         self.check_destination(to)?;
@@ -467,6 +619,7 @@ impl Procs {
             .iter()
             .map(|(k, h)| (*k, h.clone()))
             .collect();
+        let explain = lock(&self.explanations).clone();
         for ((home, home_pid), h) in &hosted {
             let (rss, cpu) = usage(h.pid);
             let mosrun_pid = if *home == me {
@@ -489,7 +642,10 @@ impl Procs {
                 rss,
                 cpu_secs: cpu,
                 resident_secs: h.since.elapsed().as_secs_f64(),
-                reason: h.reason.clone(),
+                reason: match explain.get(&proc_id(*home, *home_pid)) {
+                    Some(w) => format!("{}; stays: {w}", h.reason),
+                    None => h.reason.clone(),
+                },
                 mosrun_pid,
             });
         }
@@ -588,17 +744,35 @@ impl Procs {
                 std::thread::park();
             }
         }
-        if !self.cfg.accept_guests && h.home != self.me() {
+        if let Some(offer) = &h.offer {
+            let offer: mosix_balance::Offer = match serde_json::from_str(offer) {
+                Ok(o) => o,
+                Err(e) => return refuse(&mut ch, format!("bad offer: {e}")),
+            };
+            let me = self
+                .nodes()
+                .iter()
+                .find(|n| n.this_node)
+                .and_then(crate::balance::node_info);
+            let here: Vec<mosix_balance::ProcInfo> =
+                self.balance_view().into_iter().map(|v| v.info).collect();
+            if let Some(me) = me {
+                let now = self.now_ms();
+                if let Err(why) = self.balancer().admit(now, &me, &here, &offer) {
+                    return refuse(&mut ch, format!("node {}: {why}", self.me()));
+                }
+            }
+        }
+        if !self.balancer().accepts_guests() && h.home != self.me() {
             return refuse(
                 &mut ch,
                 format!("node {} does not accept guest processes", self.me()),
             );
         }
-        let img = match mosix_ckpt::read_image(&bytes[..]) {
+        let img = match mosix_ckpt::read_image_bytes(bytes) {
             Ok(i) => i,
             Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
         };
-        drop(bytes);
         if img.meta.creds.uid[0] != h.uid {
             return refuse(
                 &mut ch,
@@ -676,11 +850,13 @@ impl Procs {
             uid: h.uid,
             cmd: h.cmd.clone(),
             stdin_base: tail.stdin_consumed,
+            pinned: h.pinned,
+            avoid: h.avoid.clone(),
         };
         let reason = if h.home == self.me() {
-            format!("brought back home from node {}", h.from)
+            format!("back home from node {}: {}", h.from, h.reason)
         } else {
-            format!("migrated here from node {}", h.from)
+            format!("from node {}: {}", h.from, h.reason)
         };
         let k = Keeper::new(self, pid, restored.ns_init, pipes, meta, reason)?;
         let up = match self.uplink_to_home(&h, &k) {
@@ -924,6 +1100,8 @@ struct KeeperMeta {
     cmd: String,
     /// Stdin offset at which this residence's stdin pipe starts.
     stdin_base: u64,
+    pinned: bool,
+    avoid: Vec<u32>,
 }
 
 /// Watches one process running on this node: relays its stdio, waits for it, moves it.
@@ -981,6 +1159,8 @@ impl Keeper {
             (k.meta.home, k.meta.home_pid),
             Hosted {
                 pid,
+                pinned: k.meta.pinned,
+                avoid: k.meta.avoid.clone(),
                 uid: k.meta.uid,
                 cmd: k.meta.cmd.clone(),
                 since: Instant::now(),
@@ -1083,14 +1263,29 @@ impl Keeper {
                                 self.pipes.out[fd as usize - 1] = None;
                             }
                         }
-                        Cmd::Host(ToHost::Migrate { to }) => match self.migrate(to, up) {
-                            Ok(()) => return Outcome::Left,
-                            Err(e) => {
-                                let reason = format!("{e:#}");
-                                warn!(pid = self.pid, to, "migration failed: {reason}");
-                                let _ = up.send(ToHome::MigrateFailed { to, reason });
+                        Cmd::Host(ToHost::Migrate { to }) => {
+                            match self.migrate(to, up, "asked for by migrate".into(), None) {
+                                Ok(()) => return Outcome::Left,
+                                Err(e) => {
+                                    let reason = format!("{e:#}");
+                                    warn!(pid = self.pid, to, "migration failed: {reason}");
+                                    let _ = up.send(ToHome::MigrateFailed { to, reason });
+                                }
                             }
-                        },
+                        }
+                        Cmd::AutoMigrate { to, reason, offer } => {
+                            match self.migrate(to, up, reason, offer) {
+                                Ok(()) => return Outcome::Left,
+                                Err(e) => {
+                                    info!(
+                                        pid = self.pid,
+                                        to, "automatic migration not done: {e:#}"
+                                    );
+                                    lock(&self.procs.failed_moves)
+                                        .push((proc_id(self.meta.home, self.meta.home_pid), to));
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -1192,7 +1387,13 @@ impl Keeper {
     }
 
     /// Moves the process to `to`: Ok once it runs there (and is gone from here).
-    fn migrate(&mut self, to: u32, up: &mut Uplink) -> Result<()> {
+    fn migrate(
+        &mut self,
+        to: u32,
+        up: &mut Uplink,
+        reason: String,
+        offer: Option<String>,
+    ) -> Result<()> {
         let p = self.procs.clone();
         if to == p.me() {
             bail!("process {} is already on node {to}", self.meta.home_pid);
@@ -1207,7 +1408,6 @@ impl Keeper {
             );
         }
         mosix_ckpt::check(self.pid).map_err(|e| anyhow!("{e}"))?;
-        let t0 = Instant::now();
         let mut ch = p.connect(to)?;
         let header = MigrateHeader {
             home: self.meta.home,
@@ -1217,9 +1417,14 @@ impl Keeper {
             uid: self.meta.uid,
             cmd: self.meta.cmd.clone(),
             closed_out: [self.pipes.out[0].is_none(), self.pipes.out[1].is_none()],
+            pinned: self.meta.pinned,
+            avoid: self.meta.avoid.clone(),
+            reason: reason.clone(),
+            offer,
         };
         wire::send(&mut ch, &Hello::Migrate(header))?;
         self.set_migrating(true);
+        let t0 = Instant::now();
         let res = mosix_ckpt::checkpoint_held(
             self.pid,
             ChunkWriter::new(ch),
@@ -1261,6 +1466,7 @@ impl Keeper {
         })();
         match outcome {
             Ok(host_pid) => {
+                let frozen_ms = t0.elapsed().as_millis() as u64;
                 if let Err(e) = held.kill() {
                     warn!(pid = self.pid, "ending the moved process's old copy: {e}");
                 }
@@ -1270,12 +1476,14 @@ impl Keeper {
                     to,
                     host_pid,
                     bytes = stats.memory_bytes,
-                    frozen_ms = t0.elapsed().as_millis() as u64,
-                    "process migrated"
+                    frozen_ms,
+                    "process migrated: {reason}"
                 );
                 let _ = up.send(ToHome::Left {
                     to,
                     stdin_consumed: consumed,
+                    frozen_ms,
+                    memory_bytes: stats.memory_bytes,
                 });
                 Ok(())
             }
@@ -1327,12 +1535,12 @@ struct Deputy {
     closed_out: [bool; 2],
     signals: Vec<i32>,
     pending: BTreeMap<u64, Vec<DevEv>>,
-    waiters: Vec<(u32, Sender<Result<u32, String>>)>,
+    waiters: Vec<(u32, Sender<Result<Moved, String>>)>,
     ended: bool,
     run_gone: bool,
     /// Since when it has had no host link (between a host's `Left` and the next link).
     unlinked_since: Option<Instant>,
-    initial_move: Option<Receiver<Result<u32, String>>>,
+    initial_move: Option<Receiver<Result<Moved, String>>>,
 }
 
 impl Deputy {
@@ -1389,7 +1597,7 @@ impl Deputy {
             match rx.try_recv() {
                 Ok(Err(why)) => {
                     self.initial_move = None;
-                    self.to_run(&ToRun::Out {
+                    self.tell_run(&ToRun::Out {
                         fd: 2,
                         data: format!("mosrun: could not move the process: {why}\n").into_bytes(),
                     });
@@ -1400,13 +1608,13 @@ impl Deputy {
         }
     }
 
-    fn to_run(&mut self, m: &ToRun) {
+    fn tell_run(&mut self, m: &ToRun) {
         if !self.run_gone && wire::send_flush(&mut self.run_w, m).is_err() {
             self.run_gone = true;
         }
     }
 
-    fn to_host(&mut self, m: ToHost) {
+    fn tell_host(&mut self, m: ToHost) {
         if let Some(d) = &mut self.down {
             if d.send(m).is_err() {
                 self.down = None;
@@ -1422,25 +1630,25 @@ impl Deputy {
                 FromRun::Stdin(data) => {
                     let at = self.stdin_base + self.stdin.len() as u64;
                     self.stdin.extend_from_slice(&data);
-                    self.to_host(ToHost::Stdin { at, data });
+                    self.tell_host(ToHost::Stdin { at, data });
                 }
                 FromRun::StdinEof => {
                     self.stdin_eof = true;
                     let at = self.stdin_base + self.stdin.len() as u64;
-                    self.to_host(ToHost::StdinEof { at });
+                    self.tell_host(ToHost::StdinEof { at });
                 }
-                FromRun::Signal(s) => self.to_host(ToHost::Signal(s)),
+                FromRun::Signal(s) => self.tell_host(ToHost::Signal(s)),
                 FromRun::OutClosed(fd) => {
                     if (1..=2).contains(&fd) {
                         self.closed_out[fd as usize - 1] = true;
-                        self.to_host(ToHost::CloseOut(fd));
+                        self.tell_host(ToHost::CloseOut(fd));
                     }
                 }
             },
             DevEv::RunGone => {
                 // Nobody waits for it any more: end it, as MOSIX does.
                 self.run_gone = true;
-                self.to_host(ToHost::Signal(libc::SIGKILL));
+                self.tell_host(ToHost::Signal(libc::SIGKILL));
             }
             DevEv::FromHost { epoch, msg } => {
                 if epoch > self.epoch {
@@ -1449,7 +1657,7 @@ impl Deputy {
                         .or_default()
                         .push(DevEv::FromHost { epoch, msg });
                 } else if epoch == self.epoch {
-                    self.from_host(msg);
+                    self.on_host_msg(msg);
                 }
             }
             DevEv::HostLinked { epoch, down } => {
@@ -1489,15 +1697,15 @@ impl Deputy {
                     )));
                 } else {
                     self.waiters.push((to, reply));
-                    self.to_host(ToHost::Migrate { to });
+                    self.tell_host(ToHost::Migrate { to });
                 }
             }
         }
     }
 
-    fn from_host(&mut self, msg: ToHome) {
+    fn on_host_msg(&mut self, msg: ToHome) {
         match msg {
-            ToHome::Out { fd, data } => self.to_run(&ToRun::Out { fd, data }),
+            ToHome::Out { fd, data } => self.tell_run(&ToRun::Out { fd, data }),
             ToHome::Exited(st) => self.finish(st, None),
             ToHome::MigrateFailed { to, reason } => {
                 let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
@@ -1508,7 +1716,12 @@ impl Deputy {
                     let _ = r.send(Err(reason.clone()));
                 }
             }
-            ToHome::Left { to, stdin_consumed } => {
+            ToHome::Left {
+                to,
+                stdin_consumed,
+                frozen_ms,
+                memory_bytes,
+            } => {
                 let drop_n = stdin_consumed
                     .saturating_sub(self.stdin_base)
                     .min(self.stdin.len() as u64) as usize;
@@ -1534,7 +1747,11 @@ impl Deputy {
                 );
                 for (t, r) in std::mem::take(&mut self.waiters) {
                     let _ = r.send(if t == to {
-                        Ok(to)
+                        Ok(Moved {
+                            to,
+                            frozen_ms,
+                            memory_bytes,
+                        })
                     } else {
                         Err(format!("it moved to node {to} instead"))
                     });
@@ -1552,25 +1769,25 @@ impl Deputy {
     fn resend_state(&mut self) {
         if !self.stdin.is_empty() {
             let data = self.stdin.clone();
-            self.to_host(ToHost::Stdin {
+            self.tell_host(ToHost::Stdin {
                 at: self.stdin_base,
                 data,
             });
         }
         if self.stdin_eof {
             let at = self.stdin_base + self.stdin.len() as u64;
-            self.to_host(ToHost::StdinEof { at });
+            self.tell_host(ToHost::StdinEof { at });
         }
         for fd in 1..=2u8 {
             if self.closed_out[fd as usize - 1] {
-                self.to_host(ToHost::CloseOut(fd));
+                self.tell_host(ToHost::CloseOut(fd));
             }
         }
         for s in std::mem::take(&mut self.signals) {
-            self.to_host(ToHost::Signal(s));
+            self.tell_host(ToHost::Signal(s));
         }
         if self.run_gone {
-            self.to_host(ToHost::Signal(libc::SIGKILL));
+            self.tell_host(ToHost::Signal(libc::SIGKILL));
         }
     }
 
@@ -1579,7 +1796,7 @@ impl Deputy {
         for (_, r) in std::mem::take(&mut self.waiters) {
             let _ = r.send(Err(format!("process {} has ended", self.home_pid)));
         }
-        self.to_run(&ToRun::Exited { status, message });
+        self.tell_run(&ToRun::Exited { status, message });
         let _ = self.run_w.shutdown(std::net::Shutdown::Both);
     }
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand; each has `Args` (clap) and `run(Args) -> anyhow::Result<i32>`
 //! returning the process exit code.
 
+pub mod benchmig;
 pub mod checkpoint;
 pub mod mon;
 pub mod procs;
@@ -15,6 +16,7 @@ pub fn alias(argv0: &str) -> Option<&'static str> {
         "mon" => Some("mon"),
         "mosrun" => Some("run"),
         "migrate" => Some("migrate"),
+        "mosctl" => Some("mosctl"),
         _ => None,
     }
 }

@@ -33,6 +33,9 @@ pub struct MigrateArgs {
     /// Destination: a node number, or `home` (also 0).
     #[arg(value_parser = parse_node)]
     node: u32,
+    /// Print what the move took (JSON: to, frozen_ms, memory_bytes) instead of nothing.
+    #[arg(long)]
+    json: bool,
     /// Control socket of the local mosixd.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -83,7 +86,12 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         },
         Duration::from_secs(300),
     )? {
-        Response::Migrated { .. } => Ok(0),
+        r @ Response::Migrated { .. } => {
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(0)
+        }
         other => bail!("unexpected answer {other:?}"),
     }
 }
@@ -144,4 +152,50 @@ fn table(node: u32, procs: &[ProcEntry]) -> String {
         s += &format!("(no migratable processes on node {node})\n");
     }
     s
+}
+
+#[derive(Parser)]
+#[command(
+    about = "Show or change this node's balancing mode (MOSIX mosctl)",
+    long_about = "Show or change this node's part in automatic load balancing (MOSIX mosctl). \
+        Changing needs root.\n\n\
+        stay / nostay      send no process away automatically / do again\n\
+        lstay / nolstay    keep this node's own processes here / let them go again\n\
+        block / noblock    take no guest processes / take them again\n\
+        expel / noexpel    send guests home and take no more / stop\n\
+        show               print the mode",
+    after_help = "Examples:\n  mosctl stay\n  mosix mosctl show"
+)]
+pub struct MosctlArgs {
+    /// stay, nostay, lstay, nolstay, block, noblock, expel, noexpel or show.
+    #[arg(default_value = "show")]
+    cmd: String,
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+pub fn mosctl(a: MosctlArgs) -> Result<i32> {
+    match ask(
+        a.socket,
+        &Request::Mosctl { cmd: a.cmd },
+        Duration::from_secs(10),
+    )? {
+        Response::Mode {
+            stay,
+            lstay,
+            block,
+            expel,
+        } => {
+            let on = |b: bool| if b { "on" } else { "off" };
+            println!(
+                "stay {}  lstay {}  block {}  expel {}",
+                on(stay),
+                on(lstay),
+                on(block),
+                on(expel)
+            );
+            Ok(0)
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
 }

@@ -38,6 +38,9 @@ pub struct Args {
     /// Keep it at home: no automatic migration (explicit `migrate` still works).
     #[arg(short = 'L')]
     pinned: bool,
+    /// Never send it to these nodes automatically (comma-separated node numbers).
+    #[arg(long, value_delimiter = ',', value_name = "NODE,..")]
+    avoid: Vec<u32>,
     /// Control socket of the local mosixd.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -79,6 +82,7 @@ pub fn run(a: Args) -> Result<i32> {
         to: a.node,
         best: a.best,
         pinned: a.pinned,
+        avoid: a.avoid.clone(),
     };
     // Signals are taken by one thread (sigwait), before any other thread exists.
     let mut set = SigSet::empty();

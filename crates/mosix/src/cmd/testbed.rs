@@ -117,6 +117,10 @@ enum Sub {
     /// change to reach every node, and mosixd's idle CPU and memory. Prints BENCH lines.
     /// Brings a testbed up and down for each size (replacing any testbed in DIR).
     Bench(BenchArgs),
+    /// Benchmark migration: processes with 1, 64 and 512 MiB of touched memory moved
+    /// between two nodes (total and freeze time), against the veth link's TCP bandwidth
+    /// measured in the same run. Prints BENCH lines.
+    BenchMigration(super::benchmig::Args),
 }
 
 #[derive(clap::Args)]
@@ -207,6 +211,7 @@ pub fn run(a: Args) -> Result<i32> {
             Ok(0)
         }
         Sub::Bench(b) => bench(b),
+        Sub::BenchMigration(b) => super::benchmig::run(b),
         Sub::Down { dir } => {
             let removed = cleanup(&dir.path())?;
             println!("testbed down: {removed}");

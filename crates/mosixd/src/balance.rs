@@ -1,0 +1,136 @@
+//! Drives the pure policy of `mosix-balance` from the daemon: once a second it feeds the
+//! balancer this node's own load, the gossiped loads of the others and the processes
+//! running here, and asks their keepers to move the ones it picks. The destination checks
+//! each offer with its own fresher load (`Balancer::admit`) before taking a process.
+
+use crate::procs::Procs;
+use mosix_balance::{NodeInfo, ProcInfo};
+use mosix_proto::{NodeState, NodeStatus, FLAG_ACCEPTS_GUESTS};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How often the policy runs.
+const TICK: Duration = Duration::from_millis(1000);
+
+/// This node or a peer, as the policy sees it.
+pub fn node_info(n: &NodeStatus) -> Option<NodeInfo> {
+    let l = n.load.as_ref()?;
+    Some(NodeInfo {
+        node: n.node,
+        speed: l.speed,
+        cpus: 1,
+        runnable: l.runnable,
+        mem_total: l.mem_total,
+        mem_free: l.mem_free,
+        age_ms: if n.this_node {
+            0
+        } else {
+            n.age_ms.unwrap_or(u64::MAX / 4)
+        },
+        accepts_guests: l.flags & FLAG_ACCEPTS_GUESTS != 0,
+        up: n.state == NodeState::Up,
+    })
+}
+
+/// CPU demand of a process from /proc/PID/schedstat: (time on a CPU + time waiting for
+/// one) per unit of wall time since the last reading.
+struct Demand {
+    last: HashMap<i32, (u64, std::time::Instant)>,
+}
+
+impl Demand {
+    fn share(&mut self, pid: i32) -> f64 {
+        let Some(now_ns) = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+                Some(it.next()??.saturating_add(it.next()??))
+            })
+        else {
+            return 0.0;
+        };
+        let t = std::time::Instant::now();
+        let share = match self.last.insert(pid, (now_ns, t)) {
+            Some((ns, at)) => {
+                let wall = t.duration_since(at).as_nanos() as f64;
+                if wall > 0.0 {
+                    (now_ns.saturating_sub(ns) as f64 / wall).clamp(0.0, 1.0)
+                } else {
+                    1.0
+                }
+            }
+            // First sight: assume it wants the CPU (it was just started or moved here).
+            None => 1.0,
+        };
+        share
+    }
+}
+
+/// Starts the balancing thread.
+pub fn start(procs: Arc<Procs>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("mosix-balance".into())
+        .spawn(move || run(procs))
+        .map(drop)
+}
+
+fn run(procs: Arc<Procs>) {
+    let mut demand = Demand {
+        last: HashMap::new(),
+    };
+    let mut seed = std::process::id() as u64 ^ 0x5eed;
+    loop {
+        std::thread::sleep(TICK);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let nodes = procs.nodes();
+        let Some(me) = nodes.iter().find(|n| n.this_node).and_then(node_info) else {
+            continue;
+        };
+        let peers: Vec<NodeInfo> = nodes
+            .iter()
+            .filter(|n| !n.this_node)
+            .filter_map(node_info)
+            .collect();
+        let view = procs.balance_view();
+        let infos: Vec<ProcInfo> = view
+            .iter()
+            .map(|v| {
+                let mut p = v.info.clone();
+                p.cpu_share = demand.share(v.pid);
+                p
+            })
+            .collect();
+        demand
+            .last
+            .retain(|pid, _| view.iter().any(|v| v.pid == *pid));
+        let now = procs.now_ms();
+        for (proc, to) in procs.take_failed_moves() {
+            procs.balancer().refused(now, proc, to);
+        }
+        let (decisions, why) = {
+            let mut b = procs.balancer();
+            let d = b.tick(now, &me, &peers, &infos, seed);
+            let why: Vec<(u64, String)> = infos
+                .iter()
+                .filter_map(|p| {
+                    b.explain(now, &me, &peers, &infos, p.id)
+                        .map(|r| (p.id, r.to_string()))
+                })
+                .collect();
+            (d, why)
+        };
+        procs.set_explanations(why);
+        for d in decisions {
+            let reason = d.reason.to_string();
+            let offer = serde_json::to_string(&d.offer).ok();
+            info!(proc = d.proc, to = d.to, "balancing: {reason}");
+            if !procs.auto_migrate(d.proc, d.to, reason, offer) {
+                warn!(proc = d.proc, "balancing: the process is gone");
+            }
+        }
+    }
+}
