@@ -1,0 +1,239 @@
+//! Helpers shared by the testbed tests (migration, balancing): a 4-node testbed in a
+//! temporary directory, commands run on its nodes, and jobs started with `mosrun`.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn mosix() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mosix"))
+}
+
+pub fn progs_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/progs")
+}
+
+pub fn compile(name: &str) -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("migprogs");
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = out.join(name);
+    let st = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(progs_src().join(format!("{name}.c")))
+        .status()
+        .expect("cc runs");
+    assert!(st.success(), "cc {name}.c failed");
+    bin
+}
+
+pub struct Testbed {
+    pub dir: tempfile::TempDir,
+}
+
+impl Testbed {
+    /// A 4-node testbed with these extra `testbed up` arguments, all nodes seeing all up.
+    pub fn up(extra: &[&str]) -> Testbed {
+        let dir = tempfile::Builder::new()
+            .prefix("mosix-mig")
+            .tempdir_in("/run")
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tb = Testbed { dir };
+        let mut args = vec!["up", "--nodes", "4", "--gossip-interval-ms", "200"];
+        args.extend_from_slice(extra);
+        tb.ok(&args);
+        for n in 1..=4 {
+            tb.wait_until(&format!("node {n} sees 4 nodes up"), || {
+                let o = tb.exec(n, &["status", "--json"]);
+                o.status.success()
+                    && serde_json::from_slice::<Value>(&o.stdout)
+                        .map(|v| {
+                            v["nodes"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .filter(|n| n["status"] == 3)
+                                .count()
+                                == 4
+                        })
+                        .unwrap_or(false)
+            });
+        }
+        tb
+    }
+
+    pub fn testbed(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut c = Command::new(mosix());
+        c.arg("testbed")
+            .args(args)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) {
+        let o = self.testbed(args, &[]);
+        assert!(
+            o.status.success(),
+            "mosix testbed {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// A command for `mosix ARGS` run on node `n`.
+    pub fn cmd(&self, n: u32, args: &[&str]) -> Command {
+        let mut c = Command::new(mosix());
+        c.args(["testbed", "exec", &n.to_string(), "--dir"])
+            .arg(self.dir.path())
+            .arg("--")
+            .arg(mosix())
+            .args(args);
+        c
+    }
+
+    pub fn exec(&self, n: u32, args: &[&str]) -> std::process::Output {
+        self.cmd(n, args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    pub fn shared(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    pub fn wait_until(&self, what: &str, cond: impl Fn() -> bool) {
+        let end = Instant::now() + DEADLINE;
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn where_(&self, pid: i32) -> String {
+        let o = self.exec(1, &["where", &pid.to_string()]);
+        assert!(
+            o.status.success(),
+            "where: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    pub fn ps(&self, n: u32) -> Vec<Value> {
+        let o = self.exec(n, &["ps", "--json"]);
+        assert!(
+            o.status.success(),
+            "ps: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice::<Value>(&o.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    pub fn migrate(&self, pid: i32, to: &str) -> std::process::Output {
+        self.exec(1, &["migrate", &pid.to_string(), to])
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = self.testbed(&["down"], &[]);
+    }
+}
+
+/// A job started with `mosrun` on node 1, its output lines arriving on a channel.
+pub struct Job {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub lines: Receiver<String>,
+    pub seen: Vec<String>,
+    pub home_pid: i32,
+}
+
+impl Job {
+    pub fn start(tb: &Testbed, argv: &[&str]) -> Job {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pidfile = tb.dir.path().join(format!("pid-{k}"));
+        let _ = std::fs::remove_file(&pidfile);
+        let mut args = vec!["run"];
+        args.extend_from_slice(argv);
+        let mut child = tb
+            .cmd(1, &args)
+            .env("MOSRUN_PIDFILE", &pidfile)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                match l {
+                    Ok(l) => {
+                        if tx.send(l).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut j = Job {
+            child,
+            stdin,
+            lines: rx,
+            seen: Vec::new(),
+            home_pid: 0,
+        };
+        let first = j.line();
+        assert!(first.starts_with("start"), "first line {first:?}");
+        j.home_pid = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        j
+    }
+
+    /// The next line of output (waits for it).
+    pub fn line(&mut self) -> String {
+        let l = self
+            .lines
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no output line after {:?}", self.seen));
+        self.seen.push(l.clone());
+        l
+    }
+
+    pub fn send(&mut self, s: &str) {
+        let w = self.stdin.as_mut().unwrap();
+        w.write_all(s.as_bytes()).unwrap();
+        w.flush().unwrap();
+    }
+
+    /// Closes stdin, reads the rest, and returns all output and the exit status.
+    pub fn finish(mut self) -> (Vec<String>, std::process::ExitStatus) {
+        self.stdin = None;
+        while let Ok(l) = self.lines.recv_timeout(DEADLINE) {
+            self.seen.push(l);
+        }
+        let st = self.child.wait().unwrap();
+        (self.seen, st)
+    }
+}
