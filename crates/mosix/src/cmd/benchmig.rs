@@ -197,3 +197,109 @@ pub fn net_source(addr: &str, mib: u64) -> Result<i32> {
     println!("{}", t.elapsed().as_secs_f64());
     Ok(0)
 }
+
+#[derive(clap::Args)]
+pub struct BalanceArgs {
+    /// Jobs started on node 1.
+    #[arg(long, default_value_t = 8)]
+    jobs: u32,
+    /// Iterations of each job's awk loop (its work).
+    #[arg(long, default_value_t = 20_000_000)]
+    work: u64,
+    /// Testbed state directory (brought up and down for each speed setting).
+    #[arg(long, default_value = "/run/mosix-bench-balance")]
+    dir: PathBuf,
+}
+
+/// Runs `jobs` awk jobs started on node 1 at once; returns the makespan in seconds.
+fn faq_round(me: &Path, dir: &Path, jobs: u32, work: u64) -> Result<f64> {
+    let prog = format!("BEGIN {{ for (i = 0; i < {work}; i++) s += i % 7; print s }}");
+    let t = Instant::now();
+    let kids: Vec<_> = (0..jobs)
+        .map(|_| {
+            on_node(me, dir, 1)
+                .args(["run", "mawk", &prog])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+        })
+        .collect::<std::io::Result<_>>()?;
+    for mut k in kids {
+        if !k.wait()?.success() {
+            bail!("a job failed");
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn mosctl_all(me: &Path, dir: &Path, cmd: &str) -> Result<()> {
+    for n in 1..=4 {
+        let o = on_node(me, dir, n).args(["mosctl", cmd]).output()?;
+        if !o.status.success() {
+            bail!("mosctl {cmd}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    Ok(())
+}
+
+/// `mosix testbed bench-balance`: the FAQ experiment (8 CPU-bound jobs started on node 1
+/// of 4) with equal speeds and with speeds 1,1,2,3: makespan against the ideal and against
+/// no migration, both measured in the same run.
+pub fn run_balance(a: BalanceArgs) -> Result<i32> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench-balance needs root (it brings a testbed up)");
+    }
+    let me = std::env::current_exe().context("cannot find the mosix binary")?;
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    for (name, speeds) in [("equal", [1.0, 1.0, 1.0, 1.0]), ("1123", [1.0, 1.0, 2.0, 3.0])] {
+        let list = speeds.map(|s| s.to_string()).join(",");
+        let o = Command::new(&me)
+            .args(["testbed", "up", "--nodes", "4", "--speeds", &list, "--dir"])
+            .arg(&a.dir)
+            .output()?;
+        if !o.status.success() {
+            bail!("testbed up: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let r = (|| -> Result<()> {
+            let max = speeds.iter().cloned().fold(0.0, f64::max);
+            // CPU share of each node: its cgroup quota, speed / fastest.
+            let quota: Vec<f64> = speeds.iter().map(|s| s / max).collect();
+            mosctl_all(&me, &a.dir, "stay")?;
+            let one = faq_round(&me, &a.dir, 1, a.work)?;
+            // Work of one job in CPU-seconds (node 1 has quota[0] of a CPU).
+            let w = one * quota[0];
+            let (mut bal, mut nomig) = (vec![], vec![]);
+            for _ in 0..2 {
+                mosctl_all(&me, &a.dir, "stay")?;
+                nomig.push(faq_round(&me, &a.dir, a.jobs, a.work)?);
+                mosctl_all(&me, &a.dir, "nostay")?;
+                bal.push(faq_round(&me, &a.dir, a.jobs, a.work)?);
+            }
+            let capacity = quota.iter().sum::<f64>().min(host_cpus);
+            let ideal = (a.jobs as f64 * w / capacity).max(w / quota[3]);
+            let (b, n) = (median(bal), median(nomig));
+            println!(
+                "BENCH faq_{name}_makespan {b:.2} s vs ideal={:.3}",
+                b / ideal
+            );
+            println!(
+                "BENCH faq_{name}_makespan_vs_no_migration {b:.2} s vs no_migration={:.3}",
+                b / n
+            );
+            println!(
+                "BENCH faq_{name}_ideal {ideal:.2} s (work {:.2} CPU-s per job, capacity {capacity:.2} CPUs: quotas {:.2}, host CPUs {host_cpus})",
+                w,
+                quota.iter().sum::<f64>()
+            );
+            Ok(())
+        })();
+        let _ = Command::new(&me)
+            .args(["testbed", "down", "--dir"])
+            .arg(&a.dir)
+            .output();
+        r?;
+    }
+    Ok(0)
+}

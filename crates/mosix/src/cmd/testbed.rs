@@ -121,6 +121,10 @@ enum Sub {
     /// between two nodes (total and freeze time), against the veth link's TCP bandwidth
     /// measured in the same run. Prints BENCH lines.
     BenchMigration(super::benchmig::Args),
+    /// Benchmark balancing: the FAQ experiment (8 CPU-bound jobs started on node 1 of 4),
+    /// equal speeds then 1,1,2,3; makespan against the ideal (total work / total CPU
+    /// capacity) and against no migration, measured in the same run. Prints BENCH lines.
+    BenchBalance(super::benchmig::BalanceArgs),
 }
 
 #[derive(clap::Args)]
@@ -212,6 +216,7 @@ pub fn run(a: Args) -> Result<i32> {
         }
         Sub::Bench(b) => bench(b),
         Sub::BenchMigration(b) => super::benchmig::run(b),
+        Sub::BenchBalance(b) => super::benchmig::run_balance(b),
         Sub::Down { dir } => {
             let removed = cleanup(&dir.path())?;
             println!("testbed down: {removed}");
