@@ -12,7 +12,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 /// How often the policy runs.
-const TICK: Duration = Duration::from_millis(1000);
+const TICK: Duration = Duration::from_millis(500);
 
 /// This node or a peer, as the policy sees it.
 pub fn node_info(n: &NodeStatus) -> Option<NodeInfo> {

@@ -737,6 +737,7 @@ impl Procs {
             Err(e) => return Err(e.into()),
         };
         let tail: Tail = wire::expect(&mut ch)?;
+        debug!("migration in: image received after {:?}", t0.elapsed());
         if std::env::var_os(ENV_TEST_STALL).is_some() {
             let _ = std::fs::write(self.cfg.state_dir.join("stalled"), b"");
             warn!("TEST: stalling in the middle of a migration");
@@ -773,6 +774,7 @@ impl Procs {
             Ok(i) => i,
             Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
         };
+        debug!("migration in: image verified after {:?}", t0.elapsed());
         if img.meta.creds.uid[0] != h.uid {
             return refuse(
                 &mut ch,
@@ -795,6 +797,7 @@ impl Procs {
             Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
         };
         drop(img);
+        debug!("migration in: restored after {:?}", t0.elapsed());
         let mut pipes = pipes;
         pipes.close_child_ends();
         if h.closed_out[0] {
@@ -1438,6 +1441,11 @@ impl Keeper {
                 return Err(anyhow!("{e}"));
             }
         };
+        debug!(
+            "migration out: image of {} bytes sent after {:?}",
+            stats.memory_bytes,
+            t0.elapsed()
+        );
         // Frozen from here: what it wrote so far goes home first.
         let mut buf = vec![0u8; READ_CHUNK];
         for i in 0..2 {
