@@ -740,6 +740,8 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
              load_scope = \"cgroup\"\n\
              gossip_interval_ms = {gossip_ms}\n\
              down_after_ms = {down}\n\
+             # veth moves bytes faster than lz4 compresses them\n\
+             compression = \"none\"\n\
              # every node sees this directory alike (one machine)\n\
              shared_paths = [\"{shared}\"]\n\n\
              [[map]]\n\
