@@ -91,6 +91,9 @@ pub struct ProcInfo {
     pub work_done_ms: u64,
     /// Time since the process arrived on this node (or started, if it never moved), ms.
     pub resident_ms: u64,
+    /// How many times it has migrated so far. After a migration it must stay long enough
+    /// to pay for it before moving again; a process that never moved needs only the floor.
+    pub migrations: u32,
     /// Node it is on now (must be the deciding node).
     pub where_now: u32,
     /// Its home node.
@@ -113,6 +116,7 @@ impl ProcInfo {
             cpu_share: 1.0,
             work_done_ms: resident_ms,
             resident_ms,
+            migrations: 0,
             where_now: node,
             home: node,
             pinned: false,
@@ -130,11 +134,12 @@ pub struct Params {
     pub link_bytes_per_sec: f64,
     /// Fixed cost of any migration (freeze, handshake, restore), ms.
     pub move_overhead_ms: f64,
-    /// Floor of the residency: no process moves again before it has been on a node this
-    /// long, ms. Memory ushering needs only this floor.
+    /// Floor of the residency: no process moves before it has been on a node this long, ms.
+    /// Memory ushering, and the first move of a process, need only this floor.
     pub min_residency_ms: u64,
-    /// A load move also needs `residency_per_cost` × its own migration cost of residency:
-    /// time spent migrating stays below 1/(1 + this) of a process's life.
+    /// A load move of a process that has migrated before also needs `residency_per_cost` ×
+    /// its own migration cost of residency: time spent migrating stays below 1/(1 + this)
+    /// of a process's life.
     pub residency_per_cost: f64,
     /// A load move needs expected finish there + move cost ≤ (1 − this) × finish here.
     pub gain_threshold: f64,

@@ -189,10 +189,13 @@ impl Balancer {
         !(self.mode.block || self.mode.expel)
     }
 
-    /// Residency a process needs before a load move, ms: the floor plus
-    /// `residency_per_cost` × its migration cost.
-    pub fn residency_needed_ms(&self, mem_bytes: u64) -> u64 {
-        let c = cost_ms(&self.params, mem_bytes);
+    /// Residency a process needs before a load move, ms: the floor, plus
+    /// `residency_per_cost` × its migration cost if it has migrated before.
+    pub fn residency_needed_ms(&self, p: &ProcInfo) -> u64 {
+        if p.migrations == 0 {
+            return self.params.min_residency_ms;
+        }
+        let c = cost_ms(&self.params, p.mem_bytes);
         let k = if self.params.residency_per_cost.is_finite() {
             self.params.residency_per_cost.max(0.0)
         } else {
@@ -610,7 +613,7 @@ impl Balancer {
             return Some(Reason::LocalStay);
         }
         let needed = if kind == MoveKind::Load {
-            self.residency_needed_ms(p.mem_bytes)
+            self.residency_needed_ms(p)
         } else {
             self.params.min_residency_ms
         };
@@ -1068,6 +1071,7 @@ mod tests {
         let me = node(1, 1.0, 3.0);
         let peers = [node(2, 3.0, 0.0)];
         let mut procs = jobs(1, 3, 500);
+        procs[0].migrations = 1;
         procs[1].pinned = true;
         procs[2].auto = false;
         assert!(b.tick(500, &me, &peers, &procs, 0).is_empty());
@@ -1075,7 +1079,7 @@ mod tests {
             b.explain(500, &me, &peers, &procs, 1).unwrap().to_string(),
             format!(
                 "resident 0.50s < {} needed",
-                crate::secs(b.residency_needed_ms(2 * MIB) as f64)
+                crate::secs(b.residency_needed_ms(&procs[0]) as f64)
             )
         );
         assert_eq!(b.explain(500, &me, &peers, &procs, 2), Some(Reason::Pinned));

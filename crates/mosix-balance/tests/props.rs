@@ -39,24 +39,27 @@ fn arb_proc(id: u64, me: u32, nodes: u32) -> impl Strategy<Value = ProcInfo> {
         1u64..4096,
         prop_oneof![Just(1.0f64), 0.0f64..1.0],
         0u64..100_000,
-        0u64..20_000,
+        (0u64..20_000, 0u32..3),
         1..=nodes,
         prop::bool::weighted(0.15),
         prop::bool::weighted(0.9),
         prop::collection::vec(1..=nodes, 0..3),
     )
         .prop_map(
-            move |(mem_mb, share, work, resident, home, pinned, auto, avoid)| ProcInfo {
-                id,
-                mem_bytes: mem_mb * MIB,
-                cpu_share: share,
-                work_done_ms: work,
-                resident_ms: resident,
-                where_now: me,
-                home,
-                pinned,
-                auto,
-                avoid,
+            move |(mem_mb, share, work, (resident, migrations), home, pinned, auto, avoid)| {
+                ProcInfo {
+                    id,
+                    mem_bytes: mem_mb * MIB,
+                    cpu_share: share,
+                    work_done_ms: work,
+                    resident_ms: resident,
+                    migrations,
+                    where_now: me,
+                    home,
+                    pinned,
+                    auto,
+                    avoid,
+                }
             },
         )
 }
@@ -133,7 +136,7 @@ fn check_decisions(
         }
         if x.offer.kind == MoveKind::Load {
             prop_assert!(
-                proc.resident_ms >= b.residency_needed_ms(proc.mem_bytes),
+                proc.resident_ms >= b.residency_needed_ms(proc),
                 "load move before residency"
             );
             let Reason::Load {

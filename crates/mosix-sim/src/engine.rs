@@ -122,6 +122,13 @@ pub const PINGPONG_WINDOW_S: f64 = 30.0;
 enum EvKind {
     Arrive(u32),
     Complete(u32, u32),
+    TransferStart {
+        job: u32,
+        from: u32,
+        to: u32,
+        balancing: bool,
+        end: f64,
+    },
     TransferDone {
         job: u32,
         from: u32,
@@ -164,6 +171,8 @@ impl Ord for Ev {
 enum St {
     Pending,
     Running,
+    /// Running, but accepted elsewhere and waiting for the sender's link.
+    Queued,
     Transfer,
     Frozen,
     Done,
@@ -175,6 +184,8 @@ struct Job {
     st: St,
     /// Work left, seconds of a speed-1 CPU (while not running; see `Run::vt_end`).
     remaining: f64,
+    /// Migrations so far.
+    moves: u32,
     last_balance: Option<(u32, u32, f64)>,
     done_at: f64,
 }
@@ -202,6 +213,7 @@ struct Run {
     mem: u64,
     job: u32,
     home: u32,
+    moves: u32,
     pinned: bool,
     auto: bool,
     has_avoid: bool,
@@ -255,6 +267,7 @@ struct Sim<'a> {
     first_done: bool,
     tick_s: f64,
     tau_s: f64,
+    pending_trace: std::collections::HashMap<u32, (MoveKind, String)>,
     peers_buf: Vec<NodeInfo>,
     procs_buf: Vec<ProcInfo>,
     gossip_buf: Vec<Entry>,
@@ -322,6 +335,7 @@ pub fn simulate(
                 node: j.home.saturating_sub(1),
                 st: St::Pending,
                 remaining: j.work_s,
+                moves: 0,
                 last_balance: None,
                 done_at: f64::NAN,
             })
@@ -359,6 +373,7 @@ pub fn simulate(
         first_done: false,
         tick_s,
         tau_s: s.load_tau_ms / 1000.0,
+        pending_trace: Default::default(),
         peers_buf: Vec::new(),
         procs_buf: Vec::new(),
         gossip_buf: Vec::new(),
@@ -445,6 +460,13 @@ impl Sim<'_> {
             match kind {
                 EvKind::Arrive(j) => self.arrive(j as usize),
                 EvKind::Complete(n, gen) => self.complete(n as usize, gen),
+                EvKind::TransferStart {
+                    job,
+                    from,
+                    to,
+                    balancing,
+                    end,
+                } => self.transfer_start(job as usize, from as usize, to as usize, balancing, end),
                 EvKind::TransferDone {
                     job,
                     from,
@@ -565,6 +587,7 @@ impl Sim<'_> {
             mem: spec.mem_bytes,
             job: j as u32,
             home: spec.home,
+            moves: job.moves,
             pinned: spec.pinned,
             auto: spec.auto,
             has_avoid: !spec.avoid.is_empty(),
@@ -800,6 +823,7 @@ impl Sim<'_> {
                 cpu_share: 1.0,
                 work_done_ms: ms(r.work - left),
                 resident_ms: ms(self.now - r.since),
+                migrations: r.moves,
                 where_now: n as u32 + 1,
                 home: r.home,
                 pinned: r.pinned,
@@ -897,28 +921,59 @@ impl Sim<'_> {
             self.bal[n].refused(now_ms, d.proc, d.to);
             return;
         }
-        // Frozen from now until it arrives; the source keeps its memory until then.
-        self.remove_running(n, j);
-        self.jobs[j].st = St::Transfer;
+        // The sender's link carries one migration at a time: the process runs on until its
+        // turn, then is frozen until it arrives; the source keeps its memory until then.
         let cost = cost_ms(&self.s.policy_params(), self.s.jobs[j].mem_bytes) / 1000.0;
         let start = self.now.max(self.nodes[n].link_free);
         let end = start + if cost.is_finite() { cost } else { 1e12 };
         self.nodes[n].link_free = end;
         let balancing = matches!(d.offer.kind, MoveKind::Load | MoveKind::Memory);
-        self.stats.migrations += 1;
-        if !balancing {
-            self.stats.evacuations += 1;
+        let (job, from, to) = (j as u32, n as u32, to as u32);
+        self.jobs[j].st = St::Queued;
+        if self.stats.trace.is_some() {
+            self.pending_trace
+                .insert(job, (d.offer.kind, d.reason.to_string()));
         }
-        if let Some(tr) = self.stats.trace.as_mut() {
+        if start > self.now {
+            self.push(
+                start,
+                EvKind::TransferStart {
+                    job,
+                    from,
+                    to,
+                    balancing,
+                    end,
+                },
+            );
+        } else {
+            self.transfer_start(j, n, to as usize, balancing, end);
+        }
+    }
+
+    /// The link is free: freeze the process and send it (unless it finished meanwhile).
+    fn transfer_start(&mut self, j: usize, n: usize, to: usize, balancing: bool, end: f64) {
+        let traced = self.pending_trace.remove(&(j as u32));
+        if self.jobs[j].st != St::Queued || self.jobs[j].node as usize != n || !self.nodes[n].up {
+            return;
+        }
+        if let (Some(tr), Some((kind, reason))) = (self.stats.trace.as_mut(), traced) {
             tr.migrations.push(Migration {
                 job: j,
                 from: n as u32 + 1,
                 to: to as u32 + 1,
                 start_s: self.now,
                 arrive_s: f64::NAN,
-                kind: d.offer.kind,
-                reason: d.reason.to_string(),
+                kind,
+                reason,
             });
+        }
+        self.advance(n);
+        self.remove_running(n, j);
+        self.jobs[j].st = St::Transfer;
+        self.refresh(n);
+        self.stats.migrations += 1;
+        if !balancing {
+            self.stats.evacuations += 1;
         }
         self.push(
             end,
@@ -954,6 +1009,7 @@ impl Sim<'_> {
         self.nodes[from].mem_used = self.nodes[from].mem_used.saturating_sub(mem);
         self.refresh(from);
         self.advance(to);
+        self.jobs[j].moves += 1;
         self.add_running(to, j, self.now);
         self.nodes[to].mem_used += mem;
         if self.nodes[to].mem_used > self.s.nodes[to].mem_bytes {
