@@ -194,6 +194,32 @@ fn migration_on_four_nodes() {
         j.stdin = None;
     }
 
+    // 4b. Ctrl-Z (SIGTSTP) to mosrun stops the remote process and mosrun; SIGCONT to
+    //     mosrun lets both go on.
+    {
+        let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+        let o = tb.migrate(j.home_pid, "3");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let g = guest_on(&tb, 3, j.home_pid).expect("guest listed");
+        let guest_pid = g["pid"].as_i64().unwrap();
+        let mosrun = nix::unistd::Pid::from_raw(j.child.id() as i32);
+        let state = |pid: i64| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            s.rsplit_once(") ")
+                .and_then(|(_, r)| r.chars().next())
+                .unwrap_or('?')
+        };
+        nix::sys::signal::kill(mosrun, nix::sys::signal::Signal::SIGTSTP).unwrap();
+        tb.wait_until("the remote process is stopped", || state(guest_pid) == 'T');
+        tb.wait_until("mosrun is stopped", || state(mosrun.as_raw() as i64) == 'T');
+        nix::sys::signal::kill(mosrun, nix::sys::signal::Signal::SIGCONT).unwrap();
+        tb.wait_until("the remote process goes on", || state(guest_pid) != 'T');
+        j.send("go 0\n");
+        assert!(j.line().starts_with("phase 0"));
+        let (_, st) = j.finish();
+        assert_eq!(st.code(), Some(3));
+    }
+
     // 5. Refusals: an open file outside the shared paths, a second thread. The process
     //    goes on at home; the reason names the file / the threads.
     let private = tb.dir.path().join("private.txt");
