@@ -281,6 +281,14 @@ pub fn simulate(
     opts: RunOptions,
     max_time_s: f64,
 ) -> RunStats {
+    // Scenarios built in code are not validated like files: make them safe to run.
+    let fixed;
+    let s = if needs_fixing(s) {
+        fixed = fix(s);
+        &fixed
+    } else {
+        s
+    };
     let n = s.nodes.len();
     let rng = SplitMix64::new(seed ^ 0x51_6d_6f_73_69_78);
     let tick_s = s.tick_ms.max(1) as f64 / 1000.0;
@@ -381,6 +389,48 @@ pub fn simulate(
     sim.start();
     sim.run(max_time_s);
     sim.finish()
+}
+
+fn needs_fixing(s: &Scenario) -> bool {
+    let bad_num = |x: f64| !(x.is_finite() && x > 0.0);
+    s.nodes.is_empty()
+        || s.nodes.iter().any(|n| bad_num(n.speed) || n.cpus == 0)
+        || s.jobs.iter().any(|j| {
+            bad_num(j.work_s)
+                || !(j.at_s.is_finite() && j.at_s >= 0.0)
+                || j.home == 0
+                || j.home as usize > s.nodes.len()
+        })
+}
+
+/// Unusable values replaced: at least one node, speeds and work positive, homes in range.
+fn fix(s: &Scenario) -> Scenario {
+    let mut s = s.clone();
+    if s.nodes.is_empty() {
+        s.nodes.push(crate::scenario::NodeSpec {
+            speed: 1.0,
+            cpus: 1,
+            mem_bytes: 1 << 30,
+        });
+    }
+    let len = s.nodes.len() as u32;
+    for n in &mut s.nodes {
+        if !(n.speed.is_finite() && n.speed > 0.0) {
+            n.speed = 1e-6;
+        }
+        n.cpus = n.cpus.max(1);
+    }
+    for j in &mut s.jobs {
+        if !(j.work_s.is_finite() && j.work_s > 0.0) {
+            j.work_s = 1e-3;
+        }
+        if !(j.at_s.is_finite() && j.at_s >= 0.0) {
+            j.at_s = 0.0;
+        }
+        j.home = j.home.clamp(1, len);
+    }
+    s.jobs.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    s
 }
 
 impl Sim<'_> {
@@ -634,14 +684,15 @@ impl Sim<'_> {
                     self.jobs[j].node = home as u32;
                     self.jobs[j].st = St::Frozen;
                     self.nodes[home].frozen.push(j as u32);
-                    self.nodes[home].mem_used += spec.mem_bytes;
+                    self.nodes[home].mem_used =
+                        self.nodes[home].mem_used.saturating_add(spec.mem_bytes);
                     return;
                 }
             }
         }
         self.advance(target);
         self.add_running(target, j, self.now);
-        self.nodes[target].mem_used += spec.mem_bytes;
+        self.nodes[target].mem_used = self.nodes[target].mem_used.saturating_add(spec.mem_bytes);
         self.running_or_moving += 1;
         self.refresh(target);
     }
@@ -735,7 +786,8 @@ impl Sim<'_> {
             let n = n as usize;
             fallback.get_or_insert(n);
             let total = self.s.nodes[n].mem_bytes as f64;
-            if (self.nodes[n].mem_used + spec.mem_bytes) as f64 <= total * (1.0 - frac) {
+            if self.nodes[n].mem_used.saturating_add(spec.mem_bytes) as f64 <= total * (1.0 - frac)
+            {
                 return Some(n);
             }
         }
@@ -1011,7 +1063,7 @@ impl Sim<'_> {
         self.advance(to);
         self.jobs[j].moves += 1;
         self.add_running(to, j, self.now);
-        self.nodes[to].mem_used += mem;
+        self.nodes[to].mem_used = self.nodes[to].mem_used.saturating_add(mem);
         if self.nodes[to].mem_used > self.s.nodes[to].mem_bytes {
             self.stats.landed_without_room += 1;
         }
@@ -1154,6 +1206,39 @@ mod tests {
             mem_free_mib: 0,
             accepts: true,
             leaving: false,
+        }
+    }
+
+    #[test]
+    fn scenarios_built_in_code_do_not_panic() {
+        use crate::scenario::{JobSpec, NodeSpec};
+        let job = JobSpec {
+            at_s: f64::NAN,
+            home: 9,
+            work_s: -1.0,
+            mem_bytes: u64::MAX,
+            pinned: false,
+            auto: true,
+            avoid: vec![0, 99],
+        };
+        let empty = Scenario::new("e", vec![], vec![job.clone()]);
+        let bad = Scenario::new(
+            "b",
+            vec![
+                NodeSpec {
+                    speed: f64::NAN,
+                    cpus: 0,
+                    mem_bytes: 0
+                };
+                2
+            ],
+            vec![job; 3],
+        );
+        for s in [&empty, &bad] {
+            for p in Policy::ALL {
+                let r = simulate(s, p, 1, RunOptions { trace: true }, 1e4);
+                assert_eq!(r.jobs_done + r.unfinished, s.jobs.len());
+            }
         }
     }
 
