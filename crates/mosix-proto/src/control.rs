@@ -132,16 +132,10 @@ pub enum Response {
 /// Why a control request failed on the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach mosixd at {path}: {source} (is mosixd running? see `mosixd --help`)")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("talking to mosixd at {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot reach mosixd at {path}: {err} (is mosixd running? see `mosixd --help`)")]
+    Connect { path: String, err: std::io::Error },
+    #[error("talking to mosixd at {path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("mosixd at {path} closed the connection without answering")]
     Closed { path: String },
     #[error("mosixd at {path} sent an answer this CLI does not understand: {message}")]
@@ -163,11 +157,11 @@ impl Client {
         let p = path.display().to_string();
         let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: p.clone(),
-            source,
+            err: source,
         })?;
-        let io = |source| ClientError::Io {
+        let io = |err| ClientError::Io {
             path: p.clone(),
-            source,
+            err,
         };
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         stream.set_write_timeout(Some(timeout)).map_err(io)?;
@@ -182,9 +176,9 @@ impl Client {
     /// Sends one request and waits for its answer. A [`Response::Error`] becomes
     /// [`ClientError::Refused`].
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
-        let io = |source| ClientError::Io {
+        let io = |err| ClientError::Io {
             path: self.path.clone(),
-            source,
+            err,
         };
         let mut line = serde_json::to_vec(req).map_err(|e| ClientError::BadAnswer {
             path: self.path.clone(),
@@ -196,9 +190,9 @@ impl Client {
         let n = (&mut self.reader)
             .take(MAX_LINE as u64)
             .read_until(b'\n', &mut buf)
-            .map_err(|source| ClientError::Io {
+            .map_err(|err| ClientError::Io {
                 path: self.path.clone(),
-                source,
+                err,
             })?;
         if n == 0 {
             return Err(ClientError::Closed {

@@ -130,6 +130,8 @@ pub struct MigrateHeader {
     /// Kept from automatic migration (`mosrun -L`), and nodes it must never go to.
     pub pinned: bool,
     pub avoid: Vec<u32>,
+    /// Moves it has made, this one included.
+    pub migrations: u32,
     /// Why it moves (shown by `mosix ps` there, and logged).
     pub reason: String,
     /// For an automatic move: the balancer's offer (JSON of `mosix_balance::Offer`), which

@@ -99,6 +99,7 @@ struct DeputyInfo {
 #[derive(Clone)]
 struct Hosted {
     pid: i32,
+    migrations: u32,
     pinned: bool,
     avoid: Vec<u32>,
     uid: u32,
@@ -279,6 +280,7 @@ impl Procs {
                         cpu_share: 1.0,
                         work_done_ms: (cpu * 1000.0 * speed) as u64,
                         resident_ms: now.duration_since(h.since).as_millis() as u64,
+                        migrations: h.migrations,
                         where_now: self.me(),
                         home,
                         pinned: h.pinned,
@@ -447,6 +449,7 @@ impl Procs {
                         stdin_base: 0,
                         pinned,
                         avoid,
+                        migrations: 0,
                     },
                     "started here (its home)".into(),
                 );
@@ -855,6 +858,7 @@ impl Procs {
             stdin_base: tail.stdin_consumed,
             pinned: h.pinned,
             avoid: h.avoid.clone(),
+            migrations: h.migrations,
         };
         let reason = if h.home == self.me() {
             format!("back home from node {}: {}", h.from, h.reason)
@@ -1105,6 +1109,8 @@ struct KeeperMeta {
     stdin_base: u64,
     pinned: bool,
     avoid: Vec<u32>,
+    /// Moves it has made so far.
+    migrations: u32,
 }
 
 /// Watches one process running on this node: relays its stdio, waits for it, moves it.
@@ -1162,6 +1168,7 @@ impl Keeper {
             (k.meta.home, k.meta.home_pid),
             Hosted {
                 pid,
+                migrations: k.meta.migrations,
                 pinned: k.meta.pinned,
                 avoid: k.meta.avoid.clone(),
                 uid: k.meta.uid,
@@ -1422,6 +1429,7 @@ impl Keeper {
             closed_out: [self.pipes.out[0].is_none(), self.pipes.out[1].is_none()],
             pinned: self.meta.pinned,
             avoid: self.meta.avoid.clone(),
+            migrations: self.meta.migrations + 1,
             reason: reason.clone(),
             offer,
         };
