@@ -16,10 +16,12 @@ use std::path::PathBuf;
 /// speed-1 node), migrations per job, refused offers, ping-pongs and messages per node per
 /// second. See docs/balance.md and the scenarios/ directory.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  mosix sim scenarios/faq-8-jobs-4-nodes.toml\n  \
+#[command(
+    after_help = "Examples:\n  mosix sim scenarios/faq-8-jobs-4-nodes.toml\n  \
                         mosix sim scenarios/mixed-speeds.toml --policy mosix --seed 7\n  \
                         mosix sim scenarios/large-10000-nodes.toml --json | jq '.policies[] | \
-                        {policy, makespan_vs_bound}'")]
+                        {policy, makespan_vs_bound}'"
+)]
 pub struct Args {
     /// Scenario file (TOML).
     #[arg(value_name = "SCENARIO.toml")]
