@@ -5,7 +5,7 @@
 
 use crate::procs::Procs;
 use mosix_balance::{NodeInfo, ProcInfo};
-use mosix_proto::{NodeState, NodeStatus, FLAG_ACCEPTS_GUESTS};
+use mosix_proto::{NodeState, NodeStatus, FLAG_ACCEPTS_GUESTS, FLAG_LEAVING};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +30,7 @@ pub fn node_info(n: &NodeStatus) -> Option<NodeInfo> {
             n.age_ms.unwrap_or(u64::MAX / 4)
         },
         accepts_guests: l.flags & FLAG_ACCEPTS_GUESTS != 0,
-        up: n.state == NodeState::Up,
+        up: n.state == NodeState::Up && l.flags & FLAG_LEAVING == 0,
     })
 }
 

@@ -1274,8 +1274,17 @@ impl Keeper {
                             }
                         }
                         Cmd::Host(ToHost::Migrate { to }) => {
+                            let id = proc_id(self.meta.home, self.meta.home_pid);
+                            let view = self.procs.balance_view();
                             match self.migrate(to, up, "asked for by migrate".into(), None) {
-                                Ok(()) => return Outcome::Left,
+                                Ok(()) => {
+                                    // The balancer accounts for it as for its own sends.
+                                    if let Some(v) = view.iter().find(|v| v.info.id == id) {
+                                        let now = self.procs.now_ms();
+                                        self.procs.balancer().record_move(now, &v.info, to);
+                                    }
+                                    return Outcome::Left;
+                                }
                                 Err(e) => {
                                     let reason = format!("{e:#}");
                                     warn!(pid = self.pid, to, "migration failed: {reason}");

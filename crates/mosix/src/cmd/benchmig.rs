@@ -253,7 +253,10 @@ pub fn run_balance(a: BalanceArgs) -> Result<i32> {
     let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as f64;
-    for (name, speeds) in [("equal", [1.0, 1.0, 1.0, 1.0]), ("1123", [1.0, 1.0, 2.0, 3.0])] {
+    for (name, speeds) in [
+        ("equal", [1.0, 1.0, 1.0, 1.0]),
+        ("1123", [1.0, 1.0, 2.0, 3.0]),
+    ] {
         let list = speeds.map(|s| s.to_string()).join(",");
         let o = Command::new(&me)
             .args(["testbed", "up", "--nodes", "4", "--speeds", &list, "--dir"])

@@ -7,6 +7,7 @@ pub mod mon;
 pub mod procs;
 pub mod restart;
 pub mod run;
+pub mod sim;
 pub mod status;
 pub mod testbed;
 
