@@ -226,13 +226,11 @@ fn migration_on_four_nodes() {
     std::fs::write(&private, "x").unwrap();
     let shared = tb.shared().join("shared.txt");
     std::fs::write(&shared, "y").unwrap();
-    let holder = concat!(
-        "import sys, threading, time\n\
+    let holder = "import sys, threading, time\n\
          f = open(sys.argv[1])\n\
          if sys.argv[2] == 'thread':\n    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n\
          print('start', flush=True)\n\
-         for line in sys.stdin:\n    print('got', line.strip(), f.read(), flush=True)\n"
-    );
+         for line in sys.stdin:\n    print('got', line.strip(), f.read(), flush=True)\n";
     let script = tb.shared().join("holder.py");
     std::fs::write(&script, holder).unwrap();
     for (file, mode, want) in [

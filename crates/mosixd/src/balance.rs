@@ -52,7 +52,7 @@ impl Demand {
             return 0.0;
         };
         let t = std::time::Instant::now();
-        let share = match self.last.insert(pid, (now_ns, t)) {
+        match self.last.insert(pid, (now_ns, t)) {
             Some((ns, at)) => {
                 let wall = t.duration_since(at).as_nanos() as f64;
                 if wall > 0.0 {
@@ -63,8 +63,7 @@ impl Demand {
             }
             // First sight: assume it wants the CPU (it was just started or moved here).
             None => 1.0,
-        };
-        share
+        }
     }
 }
 

@@ -266,9 +266,22 @@ pub fn run_balance(a: BalanceArgs) -> Result<i32> {
             bail!("testbed up: {}", String::from_utf8_lossy(&o.stderr));
         }
         let r = (|| -> Result<()> {
-            let max = speeds.iter().cloned().fold(0.0, f64::max);
-            // CPU share of each node: its cgroup quota, speed / fastest.
-            let quota: Vec<f64> = speeds.iter().map(|s| s / max).collect();
+            // CPU share of each node: its cgroup quota, as the testbed set it.
+            let o = Command::new(&me)
+                .args(["testbed", "status", "--json", "--dir"])
+                .arg(&a.dir)
+                .output()?;
+            let st: serde_json::Value =
+                serde_json::from_slice(&o.stdout).context("testbed status --json")?;
+            let quota: Vec<f64> = st
+                .as_array()
+                .context("testbed status: no nodes")?
+                .iter()
+                .map(|n| n["cpu_quota"].as_f64().unwrap_or(1.0))
+                .collect();
+            if quota.len() != 4 {
+                bail!("testbed status: expected 4 nodes");
+            }
             mosctl_all(&me, &a.dir, "stay")?;
             let one = faq_round(&me, &a.dir, 1, a.work)?;
             // Work of one job in CPU-seconds (node 1 has quota[0] of a CPU).
@@ -281,7 +294,8 @@ pub fn run_balance(a: BalanceArgs) -> Result<i32> {
                 bal.push(faq_round(&me, &a.dir, a.jobs, a.work)?);
             }
             let capacity = quota.iter().sum::<f64>().min(host_cpus);
-            let ideal = (a.jobs as f64 * w / capacity).max(w / quota[3]);
+            let fastest = quota.iter().cloned().fold(0.0, f64::max);
+            let ideal = (a.jobs as f64 * w / capacity).max(w / fastest);
             let (b, n) = (median(bal), median(nomig));
             println!(
                 "BENCH faq_{name}_makespan {b:.2} s vs ideal={:.3}",

@@ -36,7 +36,8 @@ const CFS_PERIOD_US: u64 = 100_000;
 ///
 /// Needs root. Node N is network namespace `mosixtb-N` at 10.213.0.N on bridge mosixbr0,
 /// in cgroup `mosixtb-N` whose CPU quota makes its speed proportional to --speeds (the
-/// fastest node gets one full CPU) and whose memory limit is --mem.
+/// fastest node gets one full CPU, all of them less if together they would want more CPUs
+/// than the machine has) and whose memory limit is --mem.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     mosix testbed up --nodes 4 --speeds 1,1,2,3 --mem 1G\n  \
@@ -695,6 +696,14 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
     ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
     ip(&["link", "set", BRIDGE, "up"])?;
     let max_speed = tb.speeds.iter().cloned().fold(0.0, f64::max);
+    // The fastest node gets a whole CPU, unless the nodes together would want more CPUs
+    // than this machine has: then every quota shrinks alike, so that the nodes never
+    // compete for the host's CPUs and their speeds stay in the asked proportions.
+    let host_cpus = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1) as f64;
+    let wanted: f64 = tb.speeds.iter().map(|s| s / max_speed).sum();
+    let scale = (host_cpus / wanted).min(1.0);
     for i in 1..=n {
         let ns = ns_name(i);
         let h = format!("{LINK_PREFIX}{i}h");
@@ -717,7 +726,7 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
 
         let speed = tb.speeds[(i - 1) as usize];
-        let quota = ((CFS_PERIOD_US as f64) * speed / max_speed)
+        let quota = ((CFS_PERIOD_US as f64) * speed / max_speed * scale)
             .round()
             .max(1000.0) as u64;
         make_cgroups(tb.cgroup, i, quota, tb.mem[(i - 1) as usize])?;
