@@ -204,7 +204,7 @@ pub struct BalanceArgs {
     #[arg(long, default_value_t = 8)]
     jobs: u32,
     /// Iterations of each job's awk loop (its work).
-    #[arg(long, default_value_t = 20_000_000)]
+    #[arg(long, default_value_t = 60_000_000)]
     work: u64,
     /// Testbed state directory (brought up and down for each speed setting).
     #[arg(long, default_value = "/run/mosix-bench-balance")]
