@@ -2,16 +2,14 @@
 //! own cgroup and mosixd. One test function, because the testbed's names (mosixbr0,
 //! mosixtb-N) are machine-wide. Every wait polls a condition with a deadline.
 
+mod common;
+use common::{mosix, Testbed};
 use mosix_proto::{ClusterStatus, NodeState};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const DEADLINE: Duration = Duration::from_secs(30);
-
-fn mosix() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mosix"))
-}
+const CLUSTER_DEADLINE: Duration = Duration::from_secs(30);
 
 fn mosixd() -> PathBuf {
     let p = mosix().with_file_name("mosixd");
@@ -27,76 +25,31 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-struct Testbed {
-    dir: tempfile::TempDir,
+/// `mosix status --json` run on node `n` through `testbed exec`.
+fn status(tb: &Testbed, n: u32) -> Option<ClusterStatus> {
+    let o = tb.exec(n, &["status", "--json"]);
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
 }
 
-impl Testbed {
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_env(args, &[])
-    }
-
-    fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = Command::new(mosix());
-        c.arg("testbed")
-            .args(args)
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "mosix testbed {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// `mosix status --json` run on node `n` through `testbed exec`.
-    fn status(&self, n: u32) -> Option<ClusterStatus> {
-        let o = Command::new(mosix())
-            .args(["testbed", "exec", &n.to_string(), "--dir"])
-            .arg(self.dir.path())
-            .arg("--")
-            .arg(mosix())
-            .args(["status", "--json"])
-            .output()
-            .unwrap();
-        if !o.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&o.stdout).ok()
-    }
-
-    fn wait(&self, n: u32, what: &str, cond: impl Fn(&ClusterStatus) -> bool) -> ClusterStatus {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let st = self.status(n);
-            if let Some(s) = &st {
-                if cond(s) {
-                    return s.clone();
-                }
+/// Waits until node `n`'s view satisfies `cond`; panics with the view and log at the deadline.
+fn wait(tb: &Testbed, n: u32, what: &str, cond: impl Fn(&ClusterStatus) -> bool) -> ClusterStatus {
+    let end = Instant::now() + CLUSTER_DEADLINE;
+    loop {
+        let st = status(tb, n);
+        if let Some(s) = &st {
+            if cond(s) {
+                return s.clone();
             }
-            if Instant::now() > end {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("n{n}/mosixd.log")))
-                    .unwrap_or_default();
-                panic!("node {n}: timed out waiting for {what}; last view {st:#?}\nlog:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
         }
-    }
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
+        if Instant::now() > end {
+            let log = std::fs::read_to_string(tb.dir.path().join(format!("n{n}/mosixd.log")))
+                .unwrap_or_default();
+            panic!("node {n}: timed out waiting for {what}; last view {st:#?}\nlog:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -158,17 +111,20 @@ fn four_node_testbed() {
     let tb = Testbed {
         dir: tempfile::tempdir().unwrap(),
     };
-    let up = tb.run(&[
-        "up",
-        "--nodes",
-        "4",
-        "--speeds",
-        "1,1,2,3",
-        "--mem",
-        "512M",
-        "--mosixd",
-        mosixd().to_str().unwrap(),
-    ]);
+    let up = tb.testbed(
+        &[
+            "up",
+            "--nodes",
+            "4",
+            "--speeds",
+            "1,1,2,3",
+            "--mem",
+            "512M",
+            "--mosixd",
+            mosixd().to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(
         up.status.success(),
         "up failed: {}",
@@ -178,7 +134,7 @@ fn four_node_testbed() {
     // Every node sees all 4 with status 3 and the configured speeds, and itself marked.
     let speeds = [1.0, 1.0, 2.0, 3.0];
     for n in 1..=4 {
-        let s = tb.wait(n, "all 4 up", all_up);
+        let s = wait(&tb, n, "all 4 up", all_up);
         assert_eq!(s.this_node, n, "testbed exec {n} must show node {n}'s view");
         for ns in &s.nodes {
             assert_eq!(ns.this_node, ns.node == n);
@@ -206,7 +162,9 @@ fn four_node_testbed() {
     assert!(table.contains("4 of 4 nodes up; this node is 3"), "{table}");
 
     // A CPU-bound process on node 2 raises node 2's load as seen from node 4.
-    let before = tb.wait(4, "a load vector for node 2", |s| s.nodes[1].load.is_some());
+    let before = wait(&tb, 4, "a load vector for node 2", |s| {
+        s.nodes[1].load.is_some()
+    });
     let base = before.nodes[1].load.as_ref().unwrap().load;
     let mut hog = Command::new(mosix())
         .args(["testbed", "exec", "2", "--dir"])
@@ -220,7 +178,7 @@ fn four_node_testbed() {
         ])
         .spawn()
         .unwrap();
-    let seen = tb.wait(4, "node 2's load to rise", |s| {
+    let seen = wait(&tb, 4, "node 2's load to rise", |s| {
         s.nodes[1]
             .load
             .as_ref()
@@ -239,21 +197,21 @@ fn four_node_testbed() {
     // Killing node 3's mosixd marks it down everywhere; restarting brings it back.
     tb.ok(&["stop", "3", "--kill"]);
     for n in [1, 2, 4] {
-        let s = tb.wait(n, "node 3 down", |s| state(s, 3) == NodeState::Down);
+        let s = wait(&tb, n, "node 3 down", |s| state(s, 3) == NodeState::Down);
         assert_eq!(s.nodes[2].status, 1);
     }
     tb.ok(&["start", "3"]);
     for n in 1..=4 {
-        tb.wait(n, "all up again", all_up);
+        wait(&tb, n, "all up again", all_up);
     }
 
     // A node with another secret is never listed as up; its datagrams are rejected.
     tb.ok(&["stop", "4"]);
     for n in 1..=3 {
-        tb.wait(n, "node 4 down", |s| state(s, 4) == NodeState::Down);
+        wait(&tb, n, "node 4 down", |s| state(s, 4) == NodeState::Down);
     }
     let rejected_before: u64 = (1..=3)
-        .map(|n| tb.status(n).unwrap().gossip.datagrams_rejected)
+        .map(|n| status(&tb, n).unwrap().gossip.datagrams_rejected)
         .sum();
     let bad_secret = tb.dir.path().join("bad-secret");
     write_secret(&bad_secret, "this-is-not-the-cluster-secret");
@@ -271,9 +229,9 @@ fn four_node_testbed() {
     let bad_cfg = tb.dir.path().join("bad.toml");
     std::fs::write(&bad_cfg, cfg).unwrap();
     tb.ok(&["start", "4", "--config", bad_cfg.to_str().unwrap()]);
-    let end = Instant::now() + DEADLINE;
+    let end = Instant::now() + CLUSTER_DEADLINE;
     loop {
-        let views: Vec<ClusterStatus> = (1..=3).filter_map(|n| tb.status(n)).collect();
+        let views: Vec<ClusterStatus> = (1..=3).filter_map(|n| status(&tb, n)).collect();
         for v in &views {
             assert_ne!(
                 v.nodes[3].status, 3,
@@ -290,15 +248,15 @@ fn four_node_testbed() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let s4 = tb.status(4).unwrap();
+    let s4 = status(&tb, 4).unwrap();
     assert_eq!(s4.active_nodes(), 1, "node 4 believes nobody: {s4:#?}");
     tb.ok(&["stop", "4"]);
 
     // A node speaking another protocol major.minor is shown with status 1.
-    let o = tb.run_env(&["start", "4"], &[("MOSIXD_TEST_PROTOCOL_VERSION", "1.99")]);
+    let o = tb.testbed(&["start", "4"], &[("MOSIXD_TEST_PROTOCOL_VERSION", "1.99")]);
     assert!(o.status.success());
     for n in 1..=3 {
-        let s = tb.wait(n, "node 4 incompatible", |s| {
+        let s = wait(&tb, n, "node 4 incompatible", |s| {
             state(s, 4) == NodeState::Incompatible
         });
         assert_eq!(s.nodes[3].status, 1);
@@ -308,7 +266,7 @@ fn four_node_testbed() {
     // `down` after a crash: the daemons die and the state directory is lost; everything is
     // still found by name and removed.
     for n in 1..=4 {
-        let _ = tb.run(&["stop", &n.to_string(), "--kill"]);
+        let _ = tb.testbed(&["stop", &n.to_string(), "--kill"], &[]);
     }
     std::fs::remove_file(tb.dir.path().join("testbed.json")).unwrap();
     assert!(!leftovers().is_empty());

@@ -83,13 +83,15 @@ impl Testbed {
         c.output().unwrap()
     }
 
-    pub fn ok(&self, args: &[&str]) {
+    /// `mosix testbed ARGS` that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
         let o = self.testbed(args, &[]);
         assert!(
             o.status.success(),
             "mosix testbed {args:?}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     /// A command for `mosix ARGS` run on node `n`.
