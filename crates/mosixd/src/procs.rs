@@ -266,12 +266,12 @@ impl Procs {
     /// filled in by the caller).
     pub fn balance_view(&self) -> Vec<BalanceView> {
         let now = Instant::now();
+        let speed = self.my_speed();
         lock(&self.hosted)
             .iter()
             .filter(|(_, h)| !h.migrating)
             .map(|(&(home, home_pid), h)| {
                 let (rss, cpu) = usage(h.pid);
-                let speed = self.my_speed();
                 BalanceView {
                     pid: h.pid,
                     info: mosix_balance::ProcInfo {
@@ -433,8 +433,9 @@ impl Procs {
                         return;
                     }
                 };
+                // Waited for by the keeper (pidfd + waitpid), not through `Child`.
                 let pid = child.id() as i32;
-                std::mem::forget(child); // waited for by the keeper, not std
+                drop(child);
                 let k = Keeper::new(
                     &me,
                     pid,
@@ -1393,12 +1394,7 @@ impl Keeper {
                 ExitStatus::Lost
             }
         };
-        if let Some(i) = self.ns_init {
-            let _ = nix::sys::wait::waitpid(
-                nix::unistd::Pid::from_raw(i),
-                Some(nix::sys::wait::WaitPidFlag::__WALL),
-            );
-        }
+        self.reap_ns_init();
         for i in 0..2 {
             self.pump_out(i, buf, up);
         }
@@ -1495,7 +1491,8 @@ impl Keeper {
                 if let Err(e) = held.kill() {
                     warn!(pid = self.pid, "ending the moved process's old copy: {e}");
                 }
-                let _ = self.reap_after_move();
+                // The engine reaped the old copy; its namespace's init exits after it.
+                self.reap_ns_init();
                 info!(
                     home_pid = self.meta.home_pid,
                     to,
@@ -1525,15 +1522,14 @@ impl Keeper {
         }
     }
 
-    fn reap_after_move(&mut self) -> Result<()> {
-        // The old copy was killed and reaped by the engine; its namespace's init exits.
+    /// Reaps the init of the process's PID namespace (it exits once the process is gone).
+    fn reap_ns_init(&self) {
         if let Some(i) = self.ns_init {
             let _ = nix::sys::wait::waitpid(
                 nix::unistd::Pid::from_raw(i),
                 Some(nix::sys::wait::WaitPidFlag::__WALL),
             );
         }
-        Ok(())
     }
 
     fn set_migrating(&self, on: bool) {
