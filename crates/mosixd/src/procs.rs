@@ -1597,13 +1597,7 @@ impl Deputy {
             let Ok(ev) = rx.recv_timeout(Duration::from_millis(200)) else {
                 self.check_initial_move();
                 if self.unlinked_since.is_some_and(|t| t.elapsed() > LINK_WAIT) {
-                    let node = lock(&self.info).node;
-                    let msg = format!(
-                        "mosrun: process {} was lost: node {node} took it but never reported",
-                        self.home_pid
-                    );
-                    warn!("{msg}");
-                    self.finish(ExitStatus::Lost, Some(msg));
+                    self.lost("took it but never reported");
                 }
                 continue;
             };
@@ -1695,13 +1689,7 @@ impl Deputy {
             }
             DevEv::HostGone { epoch, why } => {
                 if epoch == self.epoch && !self.ended {
-                    let node = lock(&self.info).node;
-                    let msg = format!(
-                        "mosrun: process {} was lost: node {node} {why}",
-                        self.home_pid
-                    );
-                    warn!("{msg}");
-                    self.finish(ExitStatus::Lost, Some(msg));
+                    self.lost(&why);
                 }
             }
             DevEv::Migrate { to, reply } => {
@@ -1810,6 +1798,17 @@ impl Deputy {
         if self.run_gone {
             self.tell_host(ToHost::Signal(libc::SIGKILL));
         }
+    }
+
+    /// The node it ran on is gone (`why` says how): tell mosrun it was lost, and end.
+    fn lost(&mut self, why: &str) {
+        let node = lock(&self.info).node;
+        let msg = format!(
+            "mosrun: process {} was lost: node {node} {why}",
+            self.home_pid
+        );
+        warn!("{msg}");
+        self.finish(ExitStatus::Lost, Some(msg));
     }
 
     fn finish(&mut self, status: ExitStatus, message: Option<String>) {

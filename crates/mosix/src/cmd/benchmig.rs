@@ -22,7 +22,8 @@ pub struct Args {
     dir: PathBuf,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (NaN for no values).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;

@@ -1213,11 +1213,10 @@ fn bench_one(dir: &Path, me: &Path, n: u32, b: &BenchArgs, gossip_s: f64) -> Res
         local.push(l);
         spread.push(s);
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let (l, s) = (med(&mut local), med(&mut spread));
+    let (l, s) = (
+        super::benchmig::median(local),
+        super::benchmig::median(spread),
+    );
     println!("BENCH load_change_sampled_{n} {l:.3} s");
     println!(
         "BENCH load_change_spread_{n} {s:.3} s vs gossip_interval={:.2}",
