@@ -1,0 +1,261 @@
+//! The deputy: the home side of one process; holds the `mosrun` connection and follows
+//! the process from host to host.
+
+use super::*;
+
+impl Deputy {
+    pub(super) fn new(
+        procs: Arc<Procs>,
+        home_pid: i32,
+        info: Arc<Mutex<DeputyInfo>>,
+        run_w: UnixStream,
+    ) -> Deputy {
+        Deputy {
+            procs,
+            home_pid,
+            info,
+            run_w,
+            epoch: 0,
+            down: None,
+            stdin: Vec::new(),
+            stdin_base: 0,
+            stdin_eof: false,
+            closed_out: [false; 2],
+            signals: Vec::new(),
+            pending: BTreeMap::new(),
+            waiters: Vec::new(),
+            ended: false,
+            run_gone: false,
+            unlinked_since: None,
+            initial_move: None,
+        }
+    }
+
+    pub(super) fn run(&mut self, rx: Receiver<DevEv>) {
+        while !self.ended {
+            let Ok(ev) = rx.recv_timeout(Duration::from_millis(200)) else {
+                self.check_initial_move();
+                if self.unlinked_since.is_some_and(|t| t.elapsed() > LINK_WAIT) {
+                    self.lost("took it but never reported");
+                }
+                continue;
+            };
+            self.handle(ev);
+            self.check_initial_move();
+        }
+    }
+
+    /// `mosrun -r/-b`: say on its stderr if the first move failed.
+    pub(super) fn check_initial_move(&mut self) {
+        if let Some(rx) = &self.initial_move {
+            match rx.try_recv() {
+                Ok(Err(why)) => {
+                    self.initial_move = None;
+                    self.tell_run(&ToRun::Out {
+                        fd: 2,
+                        data: format!("mosrun: could not move the process: {why}\n").into_bytes(),
+                    });
+                }
+                Ok(Ok(_)) | Err(mpsc::TryRecvError::Disconnected) => self.initial_move = None,
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+        }
+    }
+
+    pub(super) fn tell_run(&mut self, m: &ToRun) {
+        if !self.run_gone && wire::send_flush(&mut self.run_w, m).is_err() {
+            self.run_gone = true;
+        }
+    }
+
+    pub(super) fn tell_host(&mut self, m: ToHost) {
+        if let Some(d) = &mut self.down {
+            if d.send(m).is_err() {
+                self.down = None;
+            }
+        } else if let ToHost::Signal(s) = m {
+            self.signals.push(s);
+        }
+    }
+
+    pub(super) fn handle(&mut self, ev: DevEv) {
+        match ev {
+            DevEv::FromRun(m) => match m {
+                FromRun::Stdin(data) => {
+                    let at = self.stdin_base + self.stdin.len() as u64;
+                    self.stdin.extend_from_slice(&data);
+                    self.tell_host(ToHost::Stdin { at, data });
+                }
+                FromRun::StdinEof => {
+                    self.stdin_eof = true;
+                    let at = self.stdin_base + self.stdin.len() as u64;
+                    self.tell_host(ToHost::StdinEof { at });
+                }
+                FromRun::Signal(s) => self.tell_host(ToHost::Signal(s)),
+                FromRun::OutClosed(fd) => {
+                    if (1..=2).contains(&fd) {
+                        self.closed_out[fd as usize - 1] = true;
+                        self.tell_host(ToHost::CloseOut(fd));
+                    }
+                }
+            },
+            DevEv::RunGone => {
+                // Nobody waits for it any more: end it, as MOSIX does.
+                self.run_gone = true;
+                self.tell_host(ToHost::Signal(libc::SIGKILL));
+            }
+            DevEv::FromHost { epoch, msg } => {
+                if epoch > self.epoch {
+                    self.pending
+                        .entry(epoch)
+                        .or_default()
+                        .push(DevEv::FromHost { epoch, msg });
+                } else if epoch == self.epoch {
+                    self.on_host_msg(msg);
+                }
+            }
+            DevEv::HostLinked { epoch, down } => {
+                if epoch > self.epoch {
+                    self.pending
+                        .entry(epoch)
+                        .or_default()
+                        .push(DevEv::HostLinked { epoch, down });
+                } else if epoch == self.epoch {
+                    self.down = Some(down);
+                    self.unlinked_since = None;
+                    self.resend_state();
+                }
+            }
+            DevEv::HostGone { epoch, why } => {
+                if epoch == self.epoch && !self.ended {
+                    self.lost(&why);
+                }
+            }
+            DevEv::Migrate { to, reply } => {
+                let node = lock(&self.info).node;
+                if node == to {
+                    let _ = reply.send(Err(format!(
+                        "process {} is already on node {to}",
+                        self.home_pid
+                    )));
+                } else if self.down.is_none() {
+                    let _ = reply.send(Err(format!(
+                        "process {} is in the middle of a move; try again",
+                        self.home_pid
+                    )));
+                } else {
+                    self.waiters.push((to, reply));
+                    self.tell_host(ToHost::Migrate { to });
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_host_msg(&mut self, msg: ToHome) {
+        match msg {
+            ToHome::Out { fd, data } => self.tell_run(&ToRun::Out { fd, data }),
+            ToHome::Exited(st) => self.finish(st, None),
+            ToHome::MigrateFailed { to, reason } => {
+                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+                    .into_iter()
+                    .partition(|w| w.0 == to);
+                self.waiters = rest;
+                for (_, r) in mine {
+                    let _ = r.send(Err(reason.clone()));
+                }
+            }
+            ToHome::Left {
+                to,
+                stdin_consumed,
+                frozen_ms,
+                memory_bytes,
+            } => {
+                let drop_n = stdin_consumed
+                    .saturating_sub(self.stdin_base)
+                    .min(self.stdin.len() as u64) as usize;
+                self.stdin.drain(..drop_n);
+                self.stdin_base += drop_n as u64;
+                self.epoch += 1;
+                self.down = None;
+                self.unlinked_since = Some(Instant::now());
+                {
+                    let mut i = lock(&self.info);
+                    i.node = to;
+                    i.since = Instant::now();
+                    i.state = if to == self.procs.me() {
+                        "running"
+                    } else {
+                        "away"
+                    };
+                }
+                info!(
+                    pid = self.home_pid,
+                    node = to,
+                    "process now runs on node {to}"
+                );
+                for (t, r) in std::mem::take(&mut self.waiters) {
+                    let _ = r.send(if t == to {
+                        Ok(Moved {
+                            to,
+                            frozen_ms,
+                            memory_bytes,
+                        })
+                    } else {
+                        Err(format!("it moved to node {to} instead"))
+                    });
+                }
+                if let Some(evs) = self.pending.remove(&self.epoch) {
+                    for ev in evs {
+                        self.handle(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new host: give it the stdin it has not consumed and what happened meanwhile.
+    pub(super) fn resend_state(&mut self) {
+        if !self.stdin.is_empty() {
+            let data = self.stdin.clone();
+            self.tell_host(ToHost::Stdin {
+                at: self.stdin_base,
+                data,
+            });
+        }
+        if self.stdin_eof {
+            let at = self.stdin_base + self.stdin.len() as u64;
+            self.tell_host(ToHost::StdinEof { at });
+        }
+        for fd in 1..=2u8 {
+            if self.closed_out[fd as usize - 1] {
+                self.tell_host(ToHost::CloseOut(fd));
+            }
+        }
+        for s in std::mem::take(&mut self.signals) {
+            self.tell_host(ToHost::Signal(s));
+        }
+        if self.run_gone {
+            self.tell_host(ToHost::Signal(libc::SIGKILL));
+        }
+    }
+
+    /// The node it ran on is gone (`why` says how): tell mosrun it was lost, and end.
+    pub(super) fn lost(&mut self, why: &str) {
+        let node = lock(&self.info).node;
+        let msg = format!(
+            "mosrun: process {} was lost: node {node} {why}",
+            self.home_pid
+        );
+        warn!("{msg}");
+        self.finish(ExitStatus::Lost, Some(msg));
+    }
+
+    pub(super) fn finish(&mut self, status: ExitStatus, message: Option<String>) {
+        self.ended = true;
+        for (_, r) in std::mem::take(&mut self.waiters) {
+            let _ = r.send(Err(format!("process {} has ended", self.home_pid)));
+        }
+        self.tell_run(&ToRun::Exited { status, message });
+        let _ = self.run_w.shutdown(std::net::Shutdown::Both);
+    }
+}
