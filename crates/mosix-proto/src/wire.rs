@@ -190,6 +190,9 @@ pub enum ToHome {
     },
     /// A migration asked for (or decided here) failed; the process goes on here.
     MigrateFailed { to: u32, reason: String },
+    /// The process has consumed its stdin up to offset `at` (counted from its start):
+    /// home may forget those bytes and let `mosrun` send more.
+    StdinConsumed { at: u64 },
 }
 
 /// From the home (deputy) to the node running the process.
@@ -205,6 +208,9 @@ pub enum ToHost {
     CloseOut(u8),
     /// Move the process to `to` (asked for by `migrate`).
     Migrate { to: u32 },
+    /// Home has delivered `bytes` more bytes of the process's output to `mosrun`: the host
+    /// may read that much more from the process (at most [`OUT_WINDOW`] in flight).
+    OutAck { bytes: u64 },
 }
 
 /// From `mosrun` to its home daemon, after the `run` request.
@@ -230,7 +236,20 @@ pub enum ToRun {
         status: ExitStatus,
         message: Option<String>,
     },
+    /// The process has consumed its stdin up to offset `at`: mosrun may send up to
+    /// `at + STDIN_WINDOW`.
+    StdinAck { at: u64 },
 }
+
+/// Output bytes a host may have read from a process and not yet seen delivered by home:
+/// past this it stops reading, and the process blocks in write() as it would at home on
+/// a terminal or pipe that is not read.
+pub const OUT_WINDOW: u64 = 256 << 10;
+/// Stdin bytes `mosrun` may send beyond what the process has consumed (home keeps them
+/// until consumed, to give them to the next host after a move).
+pub const STDIN_WINDOW: u64 = 256 << 10;
+/// The largest stdin or output piece in one message.
+pub const MAX_DATA: usize = 64 << 10;
 
 /// A writer that cuts what is written into chunks (`len u32 LE | bytes`, raw: no
 /// serialisation pass over the bytes); `finish` sends the empty chunk that ends the

@@ -5,13 +5,17 @@
 //! it); `run` starts the process as the caller. After a `run` answer the connection is
 //! handed to the process's deputy (binary frames, see `mosix_proto::wire`).
 
-use crate::procs::Procs;
+use crate::peer::Peer;
+use crate::procs::{Caller, Procs, RunSpec};
 use crate::State;
 use anyhow::{bail, Context, Result};
-use mosix_proto::control::{Request, Response, MAX_LINE};
+use mosix_proto::control::{Request, Response};
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
@@ -41,15 +45,72 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// The longest request line (a `run` carries argv and the environment; the kernel's own
+/// limit for both is about 2 MiB of which a few KiB are usual).
+pub const MAX_REQUEST: usize = 1 << 20;
+/// How long a connection may stay without sending a whole request line.
+pub const IDLE: Duration = Duration::from_secs(30);
+/// Connections one user may have open at once (root: `MAX_CONN_ROOT`). A job's `mosrun`
+/// stops counting once its job has started.
+pub const MAX_CONN_PER_USER: usize = 64;
+pub const MAX_CONN_ROOT: usize = 1024;
+
+/// Open connections per uid.
+#[derive(Default)]
+pub struct ConnLimits {
+    open: Mutex<HashMap<u32, usize>>,
+}
+
+/// One counted connection; uncounted when dropped.
+pub struct ConnSlot {
+    limits: Arc<ConnLimits>,
+    uid: u32,
+}
+
+impl ConnLimits {
+    /// Counts a new connection of `uid`, or None if it has too many already.
+    pub fn acquire(self: &Arc<Self>, uid: u32) -> Option<ConnSlot> {
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(uid).or_insert(0);
+        let cap = if uid == 0 {
+            MAX_CONN_ROOT
+        } else {
+            MAX_CONN_PER_USER
+        };
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(ConnSlot {
+            limits: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut m = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// Serves connections until the task is dropped.
 pub async fn serve(listener: UnixListener, state: Arc<State>, procs: Arc<Procs>) {
+    let limits = Arc::new(ConnLimits::default());
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let st = state.clone();
                 let pr = procs.clone();
+                let lim = limits.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, st, pr).await {
+                    if let Err(e) = connection(stream, st, pr, lim).await {
                         debug!("control connection ended: {e:#}");
                     }
                 });
@@ -62,26 +123,48 @@ pub async fn serve(listener: UnixListener, state: Arc<State>, procs: Arc<Procs>)
     }
 }
 
-async fn connection(stream: UnixStream, state: Arc<State>, procs: Arc<Procs>) -> Result<()> {
-    let cred = stream.peer_cred().context("SO_PEERCRED")?;
-    let uid = cred.uid();
-    let gid = cred.gid();
-    debug!(uid, pid = ?cred.pid(), "control connection");
+async fn connection(
+    mut stream: UnixStream,
+    state: Arc<State>,
+    procs: Arc<Procs>,
+    limits: Arc<ConnLimits>,
+) -> Result<()> {
+    let peer = Peer::of(&stream)?;
+    let uid = peer.uid;
+    debug!(uid, pid = ?peer.pid, "control connection");
+    let Some(_slot) = limits.acquire(uid) else {
+        warn!(
+            uid,
+            "too many control connections of uid {uid}; refusing one"
+        );
+        let mut out = serde_json::to_vec(&Response::Error {
+            message: format!(
+                "too many connections of uid {uid} to mosixd at once (at most {MAX_CONN_PER_USER})"
+            ),
+        })?;
+        out.push(b'\n');
+        let _ = stream.write_all(&out).await;
+        return Ok(());
+    };
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut r)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
+        let mut limited = (&mut r).take(MAX_REQUEST as u64 + 1);
+        let n = match tokio::time::timeout(IDLE, limited.read_until(b'\n', &mut line)).await {
+            Ok(n) => n?,
+            Err(_) => {
+                debug!(uid, "control connection idle for {IDLE:?}; closed");
+                return Ok(());
+            }
+        };
         if n == 0 {
             return Ok(());
         }
-        let resp = if line.len() > MAX_LINE {
+        let resp = if line.len() > MAX_REQUEST {
             Response::Error {
-                message: "request too long".into(),
+                message: format!("request too long (over {} KiB)", MAX_REQUEST >> 10),
             }
         } else {
             match serde_json::from_slice::<Request>(&line) {
@@ -100,18 +183,28 @@ async fn connection(stream: UnixStream, state: Arc<State>, procs: Arc<Procs>) ->
                     let stream = r.into_inner().reunite(w).context("control stream")?;
                     let std = stream.into_std().context("control stream")?;
                     std.set_nonblocking(false)?;
-                    let pid = cred.pid();
+                    let spec = RunSpec {
+                        argv,
+                        env,
+                        cwd,
+                        to,
+                        best,
+                        pinned,
+                        avoid,
+                    };
                     return tokio::task::spawn_blocking(move || {
                         let mut s = std;
-                        let started =
-                            s.try_clone()
-                                .map_err(anyhow::Error::from)
-                                .and_then(|deputy_end| {
-                                    procs.run(
-                                        deputy_end, uid, gid, pid, argv, env, cwd, to, best,
-                                        pinned, avoid,
-                                    )
-                                });
+                        let started = peer.context().map_err(anyhow::Error::from).and_then(|ctx| {
+                            let caller = Caller {
+                                uid: peer.uid,
+                                gid: peer.gid,
+                                groups: peer.groups.clone(),
+                                pid: peer.pid,
+                                ctx,
+                            };
+                            let deputy_end = s.try_clone()?;
+                            procs.run(deputy_end, caller, spec)
+                        });
                         match started {
                             Ok(_) => Ok(()),
                             Err(e) => write_line(
@@ -149,7 +242,7 @@ async fn connection(stream: UnixStream, state: Arc<State>, procs: Arc<Procs>) ->
         });
         out.push(b'\n');
         w.write_all(&out).await?;
-        if line.len() > MAX_LINE {
+        if line.len() > MAX_REQUEST {
             return Ok(());
         }
     }

@@ -9,6 +9,7 @@ mod balance;
 mod config;
 mod control;
 mod gossip;
+mod peer;
 mod procs;
 mod sample;
 
@@ -106,6 +107,8 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    // Whatever we inherited (and everything we open) stays out of the jobs we start.
+    peer::cloexec_all_from_3();
     if args.measure_speed {
         println!("{}", sample::measure_speed(Duration::from_secs(1)));
         return Ok(());

@@ -119,9 +119,11 @@ pub fn run(a: Args) -> Result<i32> {
         .name("signals".into())
         .spawn(move || forward_signals(set, w))?;
     let w = writer.clone();
+    let credit = Arc::new(StdinCredit::default());
+    let c = credit.clone();
     std::thread::Builder::new()
         .name("stdin".into())
-        .spawn(move || forward_stdin(w))?;
+        .spawn(move || forward_stdin(w, &c))?;
 
     let mut closed = [false; 2];
     loop {
@@ -146,6 +148,7 @@ pub fn run(a: Args) -> Result<i32> {
                     send(&writer, &FromRun::OutClosed(fd));
                 }
             }
+            Ok(Some(ToRun::StdinAck { at })) => credit.acked(at),
             Ok(Some(ToRun::Exited { status, message })) => {
                 if let Some(m) = message {
                     eprintln!("{m}");
@@ -185,16 +188,49 @@ fn forward_signals(set: SigSet, w: Arc<Mutex<UnixStream>>) {
     }
 }
 
-fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
-    let mut buf = vec![0u8; 64 << 10];
+/// How much stdin the process has consumed, as home reports it: mosrun reads no more
+/// than [`wire::STDIN_WINDOW`] ahead of it, so a process that does not read its stdin
+/// makes the writer into mosrun wait, as a pipe at home would.
+#[derive(Default)]
+struct StdinCredit {
+    acked: Mutex<u64>,
+    more: std::sync::Condvar,
+}
+
+impl StdinCredit {
+    fn acked(&self, at: u64) {
+        let mut a = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        if at > *a {
+            *a = at;
+            self.more.notify_all();
+        }
+    }
+    /// Waits until something may be sent after `sent` bytes; how much.
+    fn room(&self, sent: u64) -> usize {
+        let mut a = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let room = (*a + wire::STDIN_WINDOW).saturating_sub(sent);
+            if room > 0 {
+                return room.min(wire::MAX_DATA as u64) as usize;
+            }
+            a = self.more.wait(a).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn forward_stdin(w: Arc<Mutex<UnixStream>>, credit: &StdinCredit) {
+    let mut buf = vec![0u8; wire::MAX_DATA];
     let mut stdin = std::io::stdin().lock();
+    let mut sent = 0u64;
     loop {
-        match stdin.read(&mut buf) {
+        let room = credit.room(sent);
+        match stdin.read(&mut buf[..room]) {
             Ok(0) | Err(_) => {
                 send(&w, &FromRun::StdinEof);
                 return;
             }
             Ok(n) => {
+                sent += n as u64;
                 if !send(&w, &FromRun::Stdin(buf[..n].to_vec())) {
                     return;
                 }

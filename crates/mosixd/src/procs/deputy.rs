@@ -9,17 +9,23 @@ impl Deputy {
         home_pid: i32,
         info: Arc<Mutex<DeputyInfo>>,
         run_w: UnixStream,
+        events: Sender<DevEv>,
     ) -> Deputy {
+        let (run_tx, run_rx) = mpsc::channel::<ToRun>();
+        let spawned = std::thread::Builder::new()
+            .name("mosix-runw".into())
+            .spawn(move || write_to_run(run_w, run_rx, events));
+        if let Err(e) = &spawned {
+            warn!(home_pid, "cannot start the mosrun writer: {e}");
+        }
         Deputy {
             procs,
             home_pid,
             info,
-            run_w,
+            run_tx: spawned.ok().map(|_| run_tx),
             epoch: 0,
             down: None,
-            stdin: Vec::new(),
-            stdin_base: 0,
-            stdin_eof: false,
+            stdin: flow::StdinLog::default(),
             closed_out: [false; 2],
             signals: Vec::new(),
             pending: BTreeMap::new(),
@@ -63,15 +69,23 @@ impl Deputy {
     }
 
     pub(super) fn tell_run(&mut self, m: &ToRun) {
-        if !self.run_gone && wire::send_flush(&mut self.run_w, m).is_err() {
-            self.run_gone = true;
+        if self.run_gone {
+            return;
+        }
+        if let Some(tx) = &self.run_tx {
+            if tx.send(m.clone()).is_err() {
+                self.run_gone = true;
+            }
         }
     }
 
     pub(super) fn tell_host(&mut self, m: ToHost) {
         if let Some(d) = &mut self.down {
             if d.send(m).is_err() {
+                // The link broke: the host is as good as gone unless it links again.
+                warn!(pid = self.home_pid, "lost the link to the process's host");
                 self.down = None;
+                self.unlinked_since = Some(Instant::now());
             }
         } else if let ToHost::Signal(s) = m {
             self.signals.push(s);
@@ -81,14 +95,16 @@ impl Deputy {
     pub(super) fn handle(&mut self, ev: DevEv) {
         match ev {
             DevEv::FromRun(m) => match m {
-                FromRun::Stdin(data) => {
-                    let at = self.stdin_base + self.stdin.len() as u64;
-                    self.stdin.extend_from_slice(&data);
-                    self.tell_host(ToHost::Stdin { at, data });
-                }
+                FromRun::Stdin(data) => match self.stdin.push(&data) {
+                    Ok(at) => self.tell_host(ToHost::Stdin { at, data }),
+                    Err(e) => {
+                        warn!(pid = self.home_pid, "mosrun broke the protocol: {e}");
+                        self.handle(DevEv::RunGone);
+                    }
+                },
                 FromRun::StdinEof => {
-                    self.stdin_eof = true;
-                    let at = self.stdin_base + self.stdin.len() as u64;
+                    self.stdin.set_eof();
+                    let at = self.stdin.end();
                     self.tell_host(ToHost::StdinEof { at });
                 }
                 FromRun::Signal(s) => self.tell_host(ToHost::Signal(s)),
@@ -99,6 +115,7 @@ impl Deputy {
                     }
                 }
             },
+            DevEv::RunWrote(n) => self.tell_host(ToHost::OutAck { bytes: n }),
             DevEv::RunGone => {
                 // Nobody waits for it any more: end it, as MOSIX does.
                 self.run_gone = true;
@@ -151,8 +168,17 @@ impl Deputy {
         }
     }
 
+    /// The process has consumed stdin up to `at`: forget it, and let mosrun send more.
+    fn stdin_consumed(&mut self, at: u64) {
+        if self.stdin.consumed(at) {
+            let at = self.stdin.base();
+            self.tell_run(&ToRun::StdinAck { at });
+        }
+    }
+
     pub(super) fn on_host_msg(&mut self, msg: ToHome) {
         match msg {
+            ToHome::StdinConsumed { at } => self.stdin_consumed(at),
             ToHome::Out { fd, data } => self.tell_run(&ToRun::Out { fd, data }),
             ToHome::Exited(st) => self.finish(st, None),
             ToHome::MigrateFailed { to, reason } => {
@@ -170,11 +196,7 @@ impl Deputy {
                 frozen_ms,
                 memory_bytes,
             } => {
-                let drop_n = stdin_consumed
-                    .saturating_sub(self.stdin_base)
-                    .min(self.stdin.len() as u64) as usize;
-                self.stdin.drain(..drop_n);
-                self.stdin_base += drop_n as u64;
+                self.stdin_consumed(stdin_consumed);
                 self.epoch += 1;
                 self.down = None;
                 self.unlinked_since = Some(Instant::now());
@@ -215,15 +237,19 @@ impl Deputy {
 
     /// A new host: give it the stdin it has not consumed and what happened meanwhile.
     pub(super) fn resend_state(&mut self) {
-        if !self.stdin.is_empty() {
-            let data = self.stdin.clone();
-            self.tell_host(ToHost::Stdin {
-                at: self.stdin_base,
-                data,
-            });
+        let pieces: Vec<ToHost> = self
+            .stdin
+            .pieces()
+            .map(|(at, d)| ToHost::Stdin {
+                at,
+                data: d.to_vec(),
+            })
+            .collect();
+        for m in pieces {
+            self.tell_host(m);
         }
-        if self.stdin_eof {
-            let at = self.stdin_base + self.stdin.len() as u64;
+        if self.stdin.eof() {
+            let at = self.stdin.end();
             self.tell_host(ToHost::StdinEof { at });
         }
         for fd in 1..=2u8 {
@@ -256,6 +282,32 @@ impl Deputy {
             let _ = r.send(Err(format!("process {} has ended", self.home_pid)));
         }
         self.tell_run(&ToRun::Exited { status, message });
-        let _ = self.run_w.shutdown(std::net::Shutdown::Both);
+        // The writer sends what is queued, then closes the connection.
+        self.run_tx = None;
     }
+}
+
+/// The deputy's writer thread: gives `mosrun` its frames in order, reports how many output
+/// bytes it took (for the host's output window), and closes the connection when the
+/// deputy is done with it.
+fn write_to_run(mut w: UnixStream, rx: Receiver<ToRun>, events: Sender<DevEv>) {
+    let mut failed = false;
+    for m in rx {
+        if failed {
+            continue;
+        }
+        let out = match &m {
+            ToRun::Out { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        if wire::send_flush(&mut w, &m).is_err() {
+            failed = true;
+            let _ = events.send(DevEv::RunGone);
+            continue;
+        }
+        if out > 0 {
+            let _ = events.send(DevEv::RunWrote(out));
+        }
+    }
+    let _ = w.shutdown(std::net::Shutdown::Both);
 }

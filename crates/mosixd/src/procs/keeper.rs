@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// How often (ms) a keeper looks whether stdin in the pipe was consumed.
+const STDIN_REPORT_MS: u16 = 100;
+
 impl Keeper {
     pub(super) fn new(
         procs: &Arc<Procs>,
@@ -15,6 +18,7 @@ impl Keeper {
         let (wake_r, wake_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
         let (tx, rx) = mpsc::channel();
+        let meta_base = meta.stdin_base;
         let k = Keeper {
             procs: procs.clone(),
             pid,
@@ -23,6 +27,8 @@ impl Keeper {
             pipes,
             meta,
             written: 0,
+            reported: meta_base,
+            out: flow::OutCredit::default(),
             pending: Vec::new(),
             eof_at: None,
             rx,
@@ -82,6 +88,9 @@ impl Keeper {
             ];
             let mut which = Vec::new();
             for (i, o) in self.pipes.out.iter().enumerate() {
+                if !self.out.may_read() {
+                    break;
+                }
                 if let Some(fd) = o {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                     which.push(i);
@@ -93,7 +102,13 @@ impl Keeper {
                     fds.push(PollFd::new(w.as_fd(), PollFlags::POLLOUT));
                 }
             }
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            // While stdin sits in the pipe, look now and then whether it was consumed.
+            let timeout = if self.meta.stdin_base + self.written > self.reported {
+                PollTimeout::from(STDIN_REPORT_MS)
+            } else {
+                PollTimeout::NONE
+            };
+            match nix::poll::poll(&mut fds, timeout) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
@@ -114,7 +129,7 @@ impl Keeper {
             let stdin_ready = fds.len() > stdin_at && ready(&fds[stdin_at]);
             drop(fds);
             for i in outs {
-                self.pump_out(i, &mut buf, up);
+                self.pump_out(i, &mut buf, up, false);
             }
             if stdin_ready {
                 self.push_stdin();
@@ -134,6 +149,7 @@ impl Keeper {
                             self.eof_at = Some(at);
                             self.push_stdin();
                         }
+                        Cmd::Host(ToHost::OutAck { bytes }) => self.out.acked(bytes),
                         Cmd::Host(ToHost::CloseOut(fd)) => {
                             if (1..=2).contains(&fd) {
                                 self.pipes.out[fd as usize - 1] = None;
@@ -177,19 +193,36 @@ impl Keeper {
             if exited {
                 return Outcome::Exited(self.reap(&mut buf, up));
             }
+            self.report_stdin(up);
         }
     }
 
-    /// Reads what the process wrote on fd 1+i and sends it home.
-    pub(super) fn pump_out(&mut self, i: usize, buf: &mut [u8], up: &mut Uplink) {
+    /// Tells home how much stdin the process has consumed, if that moved on.
+    fn report_stdin(&mut self, up: &mut Uplink) {
+        let c = self.stdin_consumed();
+        if c > self.reported {
+            self.reported = c;
+            let _ = up.send(ToHome::StdinConsumed { at: c });
+        }
+    }
+
+    /// Reads what the process wrote on fd 1+i and sends it home, as much as the output
+    /// window allows (`all`: everything there is, for a process that is frozen or gone,
+    /// whose pipes hold at most their capacity).
+    pub(super) fn pump_out(&mut self, i: usize, buf: &mut [u8], up: &mut Uplink, all: bool) {
         loop {
             let Some(fd) = &self.pipes.out[i] else { return };
-            match nix::unistd::read(fd, buf) {
+            let room = if all { buf.len() } else { self.out.room() };
+            if room == 0 {
+                return;
+            }
+            match nix::unistd::read(fd, &mut buf[..room]) {
                 Ok(0) => {
                     self.pipes.out[i] = None;
                     return;
                 }
                 Ok(n) => {
+                    self.out.sent(n);
                     let _ = up.send(ToHome::Out {
                         fd: i as u8 + 1,
                         data: buf[..n].to_vec(),
@@ -248,6 +281,15 @@ impl Keeper {
     }
 
     pub(super) fn reap(&mut self, buf: &mut [u8], up: &mut Uplink) -> ExitStatus {
+        // Still a zombie, so its PID (= its session's id) cannot be anybody else's yet:
+        // end whatever it started and left behind in its session. (Restored processes run
+        // in a PID namespace whose init ends everything in it once they exit.)
+        if self.ns_init.is_none() {
+            let n = kill_session(self.pid);
+            if n > 0 {
+                info!(pid = self.pid, "ended {n} processes it left behind");
+            }
+        }
         let st = match nix::sys::wait::waitpid(
             nix::unistd::Pid::from_raw(self.pid),
             Some(nix::sys::wait::WaitPidFlag::__WALL),
@@ -261,7 +303,7 @@ impl Keeper {
         };
         self.reap_ns_init();
         for i in 0..2 {
-            self.pump_out(i, buf, up);
+            self.pump_out(i, buf, up, true);
         }
         st
     }
@@ -281,4 +323,35 @@ impl Keeper {
             h.migrating = on;
         }
     }
+}
+
+/// SIGKILLs every process of session `sid` (and of process group `sid`) but `sid`
+/// itself; how many. A job is started as the leader of its own session, so this is what
+/// it started and did not wait for (a descendant that made its own session escapes).
+fn kill_session(sid: i32) -> usize {
+    let mut n = 0;
+    // Twice: a process may fork while the first pass runs.
+    for _ in 0..2 {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return n;
+        };
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == sid {
+                continue;
+            }
+            let Ok(f) = mosix_ckpt::procfs::stat_fields(pid) else {
+                continue;
+            };
+            let pgrp = mosix_ckpt::procfs::field_u64(&f, 5) as i32;
+            let session = mosix_ckpt::procfs::field_u64(&f, 6) as i32;
+            if session == sid || pgrp == sid {
+                deliver(pid, libc::SIGKILL);
+                n += 1;
+            }
+        }
+    }
+    n
 }

@@ -39,9 +39,14 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 mod deputy;
+mod flow;
+mod gate;
 mod keeper;
 mod spawn;
 mod transfer;
+
+use gate::{HandshakeGate, HandshakeSlot};
+pub use spawn::{Caller, RunSpec};
 
 /// Test-only: the destination stops after receiving an image (before answering) and
 /// creates `<state_dir>/stalled`, so a test can kill it in the middle of a migration.
@@ -206,6 +211,8 @@ impl Downlink {
 enum DevEv {
     FromRun(FromRun),
     RunGone,
+    /// The writer thread gave `mosrun` this many bytes of output.
+    RunWrote(u64),
     FromHost {
         epoch: u64,
         msg: ToHome,
@@ -558,6 +565,10 @@ struct Keeper {
     meta: KeeperMeta,
     /// Stdin bytes written into the pipe during this residence.
     written: u64,
+    /// Stdin offset the process was last reported home to have consumed.
+    reported: u64,
+    /// Output read and not yet delivered by home.
+    out: flow::OutCredit,
     pending: Vec<u8>,
     eof_at: Option<u64>,
     rx: Receiver<Cmd>,
@@ -576,13 +587,14 @@ struct Deputy {
     procs: Arc<Procs>,
     home_pid: i32,
     info: Arc<Mutex<DeputyInfo>>,
-    run_w: UnixStream,
+    /// Frames for `mosrun`, written by the deputy's writer thread (so that a `mosrun`
+    /// that does not read blocks only that thread; the host's output window then stops
+    /// the process).
+    run_tx: Option<Sender<ToRun>>,
     epoch: u64,
     down: Option<Downlink>,
-    /// Stdin from offset `stdin_base` on, not yet known to be consumed.
-    stdin: Vec<u8>,
-    stdin_base: u64,
-    stdin_eof: bool,
+    /// Stdin not yet known to be consumed.
+    stdin: flow::StdinLog,
     closed_out: [bool; 2],
     signals: Vec<i32>,
     pending: BTreeMap<u64, Vec<DevEv>>,

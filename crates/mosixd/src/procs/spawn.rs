@@ -2,33 +2,50 @@
 //! credentials and context) and its stdio pipes.
 
 use super::*;
+use std::ffi::CString;
+
+/// Who asked for a job, as the control socket's peer credentials say, and the context
+/// (umask, limits, cgroup) the job inherits from them.
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub pid: Option<i32>,
+    pub ctx: crate::peer::Context,
+}
+
+/// What `mosrun` asked to run and where.
+pub struct RunSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub to: Option<u32>,
+    pub best: bool,
+    pub pinned: bool,
+    pub avoid: Vec<u32>,
+}
 
 impl Procs {
     /// A `mosrun` asked to run a program. Runs on its own thread; once the process has
     /// started, writes the `started` answer on `stream` and returns (the deputy and the
     /// keeper go on by themselves). On error nothing was written.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(
-        self: &Arc<Self>,
-        stream: UnixStream,
-        uid: u32,
-        gid: u32,
-        mosrun_pid: Option<i32>,
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: String,
-        to: Option<u32>,
-        best: bool,
-        pinned: bool,
-        avoid: Vec<u32>,
-    ) -> Result<i32> {
+    pub fn run(self: &Arc<Self>, stream: UnixStream, caller: Caller, spec: RunSpec) -> Result<i32> {
+        let RunSpec {
+            argv,
+            env,
+            cwd,
+            to,
+            best,
+            pinned,
+            avoid,
+        } = spec;
         if argv.is_empty() {
             bail!("nothing to run");
         }
         if let Some(t) = to {
             self.check_destination(t)?;
         }
-        let groups = mosrun_pid.map(peer_groups).unwrap_or_default();
+        let (uid, mosrun_pid) = (caller.uid, caller.pid);
         let (tx, rx) = mpsc::channel::<Result<(KeeperTx, i32)>>();
         let me = self.clone();
         let cmd = argv.join(" ");
@@ -38,7 +55,7 @@ impl Procs {
         std::thread::Builder::new()
             .name("mosix-keeper".into())
             .spawn(move || {
-                let started = spawn_user(&argv, &env, &cwd, uid, gid, &groups);
+                let started = spawn_user(&argv, &env, &cwd, &caller);
                 let (child, pipes) = match started {
                     Ok(x) => x,
                     Err(e) => {
@@ -124,11 +141,12 @@ impl Procs {
                 }
             })?;
         let me = self.clone();
+        let dtx3 = dtx.clone();
         let target = if best { self.best_node() } else { to };
         std::thread::Builder::new()
             .name("mosix-deputy".into())
             .spawn(move || {
-                let mut d = Deputy::new(me.clone(), pid, info, stream);
+                let mut d = Deputy::new(me.clone(), pid, info, stream, dtx3);
                 if let Some(t) = target.filter(|&t| t != me.me()) {
                     let (rtx, rrx) = mpsc::channel();
                     d.handle(DevEv::Migrate { to: t, reply: rtx });
@@ -168,62 +186,122 @@ impl Pipes {
     }
 }
 
-/// Starts `argv` as `uid`/`gid`, in its own session, dying with this thread.
+/// Which step of starting a job failed in the child (one byte on the stage pipe).
+const STAGE_CGROUP: u8 = b'g';
+const STAGE_RLIMIT: u8 = b'l';
+const STAGE_CREDS: u8 = b'u';
+const STAGE_CWD: u8 = b'c';
+
+/// Starts `argv` as the caller, in its own session, dying with this thread. The child
+/// gets exactly the caller's context: its cgroups, resource limits and umask (set while
+/// still root), then its groups, gid and uid; only then does it enter `cwd`, so the
+/// directory is looked up with the caller's rights; and it keeps no descriptor but 0, 1
+/// and 2.
 pub(super) fn spawn_user(
     argv: &[String],
     env: &[(String, String)],
     cwd: &str,
-    uid: u32,
-    gid: u32,
-    groups: &[u32],
+    caller: &Caller,
 ) -> Result<(std::process::Child, Pipes)> {
     use std::os::unix::process::CommandExt;
+    let cwd_c = CString::new(cwd).map_err(|_| anyhow!("the directory name contains a NUL byte"))?;
+    let cgroups = caller
+        .ctx
+        .open_cgroup_procs()
+        .map_err(|e| anyhow!("cannot place the job in your cgroup: {e}"))?;
     let mut pipes = Pipes::new()?;
     let [i, o, e] = pipes.child.take().expect("fresh pipes");
+    let (stage_r, stage_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut c = std::process::Command::new(&argv[0]);
     c.args(&argv[1..])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cwd)
         .stdin(i)
         .stdout(o)
         .stderr(e);
-    let groups: Vec<nix::unistd::Gid> = groups
+    let groups: Vec<nix::unistd::Gid> = caller
+        .groups
         .iter()
         .map(|g| nix::unistd::Gid::from_raw(*g))
         .collect();
+    let (uid, gid) = (caller.uid, caller.gid);
+    let rlimits = caller.ctx.rlimits.clone();
+    let umask = caller.ctx.umask;
+    let cg_fds: Vec<RawFd> = cgroups.iter().map(|f| f.as_raw_fd()).collect();
+    let stage_fd = stage_w.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and only makes system
-    // calls (setsid, setgroups, setresgid, setresuid, prctl), no allocation or locks.
+    // calls on memory prepared before the fork (no allocation, no locks).
     unsafe {
         c.pre_exec(move || {
             use nix::unistd::{Gid, Uid};
+            let fail = |stage: u8, e: nix::errno::Errno| -> std::io::Error {
+                let _ = libc::write(stage_fd, [stage].as_ptr().cast(), 1);
+                std::io::Error::from_raw_os_error(e as i32)
+            };
             nix::unistd::setsid()?;
-            nix::unistd::setgroups(&groups)?;
-            let g = Gid::from_raw(gid);
-            nix::unistd::setresgid(g, g, g)?;
-            let u = Uid::from_raw(uid);
-            nix::unistd::setresuid(u, u, u)?;
+            for &fd in &cg_fds {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(fail(STAGE_CGROUP, nix::errno::Errno::last()));
+                }
+            }
+            for &(res, cur, max) in &rlimits {
+                let l = libc::rlimit64 {
+                    rlim_cur: cur,
+                    rlim_max: max,
+                };
+                if libc::setrlimit64(res, &l) != 0 {
+                    return Err(fail(STAGE_RLIMIT, nix::errno::Errno::last()));
+                }
+            }
+            libc::umask(umask as libc::mode_t);
+            let creds = (|| {
+                nix::unistd::setgroups(&groups)?;
+                let g = Gid::from_raw(gid);
+                nix::unistd::setresgid(g, g, g)?;
+                let u = Uid::from_raw(uid);
+                nix::unistd::setresuid(u, u, u)
+            })();
+            if let Err(e) = creds {
+                return Err(fail(STAGE_CREDS, e));
+            }
             // After the uid change, which would clear it.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // As the caller: a directory they may not enter stays closed to them.
+            if libc::chdir(cwd_c.as_ptr()) != 0 {
+                return Err(fail(STAGE_CWD, nix::errno::Errno::last()));
+            }
+            // Nothing of ours goes across exec (std's own error pipe still works).
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
-    let child = c
-        .spawn()
-        .with_context(|| format!("cannot run {}", argv[0]))?;
-    Ok((child, pipes))
-}
-
-/// Supplementary groups of a process (the `mosrun` that asked).
-pub(super) fn peer_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
+    let spawned = c.spawn();
+    drop(c);
+    drop(stage_w);
+    match spawned {
+        Ok(child) => Ok((child, pipes)),
+        Err(err) => {
+            let mut b = [0u8; 1];
+            let stage = match nix::unistd::read(&stage_r, &mut b) {
+                Ok(1) => b[0],
+                _ => 0,
+            };
+            let os = err
+                .raw_os_error()
+                .map(|e| std::io::Error::from_raw_os_error(e).to_string())
+                .unwrap_or_else(|| err.to_string());
+            Err(match stage {
+                STAGE_CWD => anyhow!("cannot enter directory {cwd}: {os}"),
+                STAGE_CGROUP => anyhow!("cannot place the job in your cgroup: {os}"),
+                STAGE_RLIMIT => anyhow!("cannot give the job your resource limits: {os}"),
+                STAGE_CREDS => anyhow!("cannot take your credentials: {os}"),
+                _ => anyhow!("cannot run {}: {os}", argv[0]),
             })
-        })
-        .unwrap_or_default()
+        }
+    }
 }

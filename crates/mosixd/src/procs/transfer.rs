@@ -10,35 +10,52 @@ impl Procs {
         let l = TcpListener::bind(self.cfg.listen)
             .with_context(|| format!("cannot listen on tcp {}", self.cfg.listen))?;
         let me = self.clone();
+        let gate = Arc::new(HandshakeGate::start()?);
         std::thread::Builder::new()
             .name("mosix-accept".into())
             .spawn(move || {
                 for s in l.incoming() {
                     match s {
                         Ok(s) => {
+                            // Unauthenticated peers get a slot of a few, or nothing.
+                            let Some(slot) = gate.admit(&s) else {
+                                debug!("too many handshakes at once; dropped a connection");
+                                continue;
+                            };
                             let me = me.clone();
                             let _ = std::thread::Builder::new().name("mosix-peer".into()).spawn(
                                 move || {
-                                    if let Err(e) = me.peer_connection(s) {
+                                    if let Err(e) = me.peer_connection(s, slot) {
                                         debug!("peer connection: {e:#}");
                                     }
                                 },
                             );
                         }
-                        Err(e) => warn!("accept: {e}"),
+                        Err(e) => {
+                            warn!("accept: {e}");
+                            // EMFILE and the like: do not spin.
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
                     }
                 }
             })?;
         Ok(())
     }
 
-    pub(super) fn peer_connection(self: &Arc<Self>, s: TcpStream) -> Result<()> {
+    pub(super) fn peer_connection(
+        self: &Arc<Self>,
+        s: TcpStream,
+        slot: HandshakeSlot,
+    ) -> Result<()> {
         let _ = s.set_nodelay(true);
         s.set_read_timeout(Some(PEER_TIMEOUT))?;
         let peer = s.peer_addr()?;
         let mut ch =
             Channel::accept(s, &self.secret).map_err(|e| anyhow!("connection from {peer}: {e}"))?;
-        match wire::expect::<_, Hello>(&mut ch)? {
+        let hello = wire::expect::<_, Hello>(&mut ch);
+        // Authenticated (or failed): the deadline and the slot are over.
+        drop(slot);
+        match hello? {
             Hello::Migrate(h) => self.receive(ch, h),
             Hello::Link(l) => self.link_from_host(ch, l),
         }
@@ -413,7 +430,7 @@ impl Keeper {
         // Frozen from here: what it wrote so far goes home first.
         let mut buf = vec![0u8; READ_CHUNK];
         for i in 0..2 {
-            self.pump_out(i, &mut buf, up);
+            self.pump_out(i, &mut buf, up, true);
         }
         let consumed = self.stdin_consumed();
         let outcome = (|| -> Result<i32> {
