@@ -53,7 +53,7 @@ type Link = Channel<TcpStream>;
 /// Everything about migratable processes on this node.
 pub struct Procs {
     pub cfg: Config,
-    secret: Vec<u8>,
+    keys: mosix_proto::channel::ChannelKeys,
     state: Arc<State>,
     /// Home processes (their deputies), by home PID.
     deputies: Mutex<HashMap<i32, DeputyHandle>>,
@@ -220,7 +220,11 @@ enum DevEv {
 }
 
 impl Procs {
-    pub fn new(cfg: Config, secret: Vec<u8>, state: Arc<State>) -> Arc<Procs> {
+    pub fn new(
+        cfg: Config,
+        keys: mosix_proto::channel::ChannelKeys,
+        state: Arc<State>,
+    ) -> Arc<Procs> {
         let mut b = mosix_balance::Balancer::new(cfg.node, mosix_balance::Params::default());
         b.set_mode(mosix_balance::NodeMode {
             stay: !cfg.auto_balance,
@@ -229,7 +233,7 @@ impl Procs {
         });
         Arc::new(Procs {
             cfg,
-            secret,
+            keys,
             state,
             deputies: Mutex::new(HashMap::new()),
             hosted: Mutex::new(HashMap::new()),
@@ -382,7 +386,7 @@ impl Procs {
         s.set_read_timeout(Some(PEER_TIMEOUT))?;
         let peer = s.peer_addr()?;
         let mut ch =
-            Channel::accept(s, &self.secret).map_err(|e| anyhow!("connection from {peer}: {e}"))?;
+            Channel::accept(s, &self.keys).map_err(|e| anyhow!("connection from {peer}: {e}"))?;
         match wire::expect::<_, Hello>(&mut ch)? {
             Hello::Migrate(h) => self.receive(ch, h),
             Hello::Link(l) => self.link_from_host(ch, l),
@@ -950,7 +954,7 @@ impl Procs {
         let _ = s.set_nodelay(true);
         s.set_read_timeout(Some(PEER_TIMEOUT))?;
         s.set_write_timeout(Some(PEER_TIMEOUT))?;
-        Channel::connect(s, &self.secret).map_err(|e| anyhow!("node {node}: {e}"))
+        Channel::connect(s, &self.keys, node).map_err(|e| anyhow!("node {node}: {e}"))
     }
 
     /// Reasons a process cannot leave this node (beyond the checkpoint engine's).
