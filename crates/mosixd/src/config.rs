@@ -3,6 +3,8 @@
 //! ```toml
 //! node = 1
 //! secret_file = "/etc/mosix/secret"      # mode 0600, owned by root
+//! private_key_file = "/etc/mosix/node.key"    # this node's key (mosixd --gen-key), mode 0600
+//! public_keys_file = "/etc/mosix/nodes.keys"  # every node's public key: "NODE KEY" lines
 //! state_dir = "/var/lib/mosix"
 //! control_socket = "/run/mosix/mosixd.sock"   # optional
 //! listen = "0.0.0.0:5400"                     # optional; default: this node's map address
@@ -17,6 +19,7 @@
 //! ```
 
 use anyhow::{bail, Context, Result};
+use mosix_proto::channel::{ChannelKeys, KeyRing, PrivateKey, PublicKey};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -41,6 +44,8 @@ pub enum LoadScope {
 struct RawConfig {
     node: u32,
     secret_file: PathBuf,
+    private_key_file: Option<PathBuf>,
+    public_keys_file: Option<PathBuf>,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
     control_socket: Option<PathBuf>,
@@ -87,11 +92,31 @@ pub struct MapNode {
     pub speed: Option<f64>,
 }
 
+/// Where the per-node keys are.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeKeyFiles {
+    /// This node's private key: 64 hex digits, mode 0600, owned by root.
+    pub private_key_file: PathBuf,
+    /// Every node's public key, lines `NODE KEY`: the same file on every node.
+    pub public_keys_file: PathBuf,
+}
+
+/// The keys node-to-node channels use, read from the files the configuration names.
+pub struct Keys {
+    pub channel: ChannelKeys,
+    /// This node's public key (None: no node keys).
+    pub public: Option<PublicKey>,
+    /// Things the operator should fix (logged at start, printed by --check).
+    pub warnings: Vec<String>,
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node: u32,
     pub secret_file: PathBuf,
+    /// This node's private key and every node's public key; None: shared secret only.
+    pub node_keys: Option<NodeKeyFiles>,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub listen: SocketAddr,
@@ -191,9 +216,18 @@ impl Config {
         if down_after < 2 * gossip_interval {
             bail!("down_after_ms must be at least twice gossip_interval_ms");
         }
+        let node_keys = match (raw.private_key_file, raw.public_keys_file) {
+            (Some(private_key_file), Some(public_keys_file)) => Some(NodeKeyFiles {
+                private_key_file,
+                public_keys_file,
+            }),
+            (None, None) => None,
+            _ => bail!("set both private_key_file and public_keys_file, or neither"),
+        };
         Ok(Config {
             node: raw.node,
             secret_file: raw.secret_file,
+            node_keys,
             control_socket: raw
                 .control_socket
                 .unwrap_or_else(|| PathBuf::from(mosix_proto::DEFAULT_SOCKET)),
@@ -236,34 +270,143 @@ impl Config {
     pub fn read_secret(&self) -> Result<Vec<u8>> {
         read_secret(&self.secret_file)
     }
+
+    /// Reads this node's private key and the list of public keys (checking both files
+    /// like the secret), or, when none are configured, falls back to the cluster secret
+    /// alone with a warning.
+    pub fn read_keys(&self, secret: &[u8]) -> Result<Keys> {
+        let Some(files) = &self.node_keys else {
+            return Ok(Keys {
+                channel: ChannelKeys::shared_secret_only(secret),
+                public: None,
+                warnings: vec![
+                    "NO NODE KEYS: private_key_file and public_keys_file are not set, so any \
+                     node with the cluster secret can claim to be any node number; make keys \
+                     with mosixd --gen-key (docs/security.md)"
+                        .into(),
+                ],
+            });
+        };
+        let key = read_private_key(&files.private_key_file)?;
+        let ring = read_public_keys(&files.public_keys_file)?;
+        let public = key.public();
+        let keys_file = files.public_keys_file.display();
+        let channel = ChannelKeys::new(secret, self.node, key, ring.clone()).map_err(|e| {
+            anyhow::anyhow!(
+                "{keys_file}: {e} (this node's line is: {} {public})",
+                self.node
+            )
+        })?;
+        let mut warnings = Vec::new();
+        let missing: Vec<u32> = self
+            .map
+            .iter()
+            .map(|m| m.node)
+            .filter(|n| ring.get(*n).is_none())
+            .collect();
+        if !missing.is_empty() {
+            warnings.push(format!(
+                "{keys_file} has no key for node(s) {}: channels with them will be refused",
+                node_list(&missing)
+            ));
+        }
+        let unknown: Vec<u32> = ring
+            .nodes()
+            .filter(|n| !self.map.iter().any(|m| m.node == *n))
+            .collect();
+        if !unknown.is_empty() {
+            warnings.push(format!(
+                "{keys_file} lists node(s) {} that are not in the cluster map",
+                node_list(&unknown)
+            ));
+        }
+        Ok(Keys {
+            channel,
+            public: Some(public),
+            warnings,
+        })
+    }
 }
 
-/// Reads a secret file: it must be a regular file of mode 0600 owned by root (or by the
-/// user running the daemon), and hold at least 8 non-blank bytes.
-pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+/// "1, 2, 5" (at most 10, then "...").
+fn node_list(nodes: &[u32]) -> String {
+    let mut s: Vec<String> = nodes.iter().take(10).map(|n| n.to_string()).collect();
+    if nodes.len() > 10 {
+        s.push(format!("... ({} in all)", nodes.len()));
+    }
+    s.join(", ")
+}
+
+/// Checks that a file holding a secret is a regular file of mode 0600 owned by root (or
+/// by the user running the daemon).
+fn check_private_file(path: &Path, what: &str) -> Result<()> {
     let md = std::fs::metadata(path)
-        .with_context(|| format!("cannot read secret file {}", path.display()))?;
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
     if !md.is_file() {
-        bail!("secret file {} is not a regular file", path.display());
+        bail!("{what} {} is not a regular file", path.display());
     }
     let mode = md.mode() & 0o7777;
     if mode != 0o600 {
         bail!(
-            "refusing secret file {}: mode is {:04o}, must be 0600 (chmod 600 {})",
+            "refusing {what} {}: mode is {:04o}, must be 0600 (chmod 600 {})",
             path.display(),
             mode,
             path.display()
         );
     }
+    check_owner(path, &md, what)
+}
+
+fn check_owner(path: &Path, md: &std::fs::Metadata, what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if md.uid() != 0 && md.uid() != euid {
         bail!(
-            "refusing secret file {}: owned by uid {}, must be owned by root",
+            "refusing {what} {}: owned by uid {}, must be owned by root",
             path.display(),
             md.uid()
         );
     }
+    Ok(())
+}
+
+/// Reads this node's private key file (made by `mosixd --gen-key`): checked like the
+/// secret file, 64 hex digits.
+pub fn read_private_key(path: &Path) -> Result<PrivateKey> {
+    check_private_file(path, "private key file")?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read private key file {}", path.display()))?;
+    PrivateKey::from_hex(&text).with_context(|| format!("private key file {}", path.display()))
+}
+
+/// Reads the list of every node's public key. Not secret, but whoever can change it can
+/// add a node: it must be owned by root (or the daemon's user) and not writable by others.
+pub fn read_public_keys(path: &Path) -> Result<KeyRing> {
+    let what = "public keys file";
+    let md = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if !md.is_file() {
+        bail!("{what} {} is not a regular file", path.display());
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        bail!(
+            "refusing {what} {}: mode is {:04o}, others may change it (chmod 644 {})",
+            path.display(),
+            mode,
+            path.display()
+        );
+    }
+    check_owner(path, &md, what)?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    KeyRing::parse(&text).with_context(|| format!("{what} {}", path.display()))
+}
+
+/// Reads a secret file: it must be a regular file of mode 0600 owned by root (or by the
+/// user running the daemon), and hold at least 8 non-blank bytes.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+    check_private_file(path, "secret file")?;
     let s = std::fs::read(path)
         .with_context(|| format!("cannot read secret file {}", path.display()))?;
     if s.iter().filter(|b| !b.is_ascii_whitespace()).count() < 8 {
@@ -362,5 +505,95 @@ address = "[::1]:7000"
         assert!(read_secret(&p).is_ok());
         std::fs::write(&p, "short").unwrap();
         assert!(format!("{:#}", read_secret(&p).unwrap_err()).contains("too short"));
+    }
+
+    #[test]
+    fn node_keys_are_read_and_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let key = |name: &str, k: &PrivateKey| {
+            let p = d.path().join(name);
+            std::fs::write(&p, k.to_hex()).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            p
+        };
+        let k2 = PrivateKey::generate().unwrap();
+        let k3 = PrivateKey::generate().unwrap();
+        let p2 = key("n2.key", &k2);
+        let ring = d.path().join("nodes.keys");
+        std::fs::write(
+            &ring,
+            format!(
+                "2 {}\n3 {}\n30 {}\n",
+                k2.public(),
+                k3.public(),
+                PrivateKey::generate().unwrap().public()
+            ),
+        )
+        .unwrap();
+        let with_keys = |private: &Path| {
+            Config::parse(&format!(
+                "private_key_file = \"{}\"\npublic_keys_file = \"{}\"\n{BASE}",
+                private.display(),
+                ring.display()
+            ))
+            .unwrap()
+        };
+        let c = with_keys(&p2);
+        let keys = c.read_keys(b"secret").unwrap();
+        assert!(keys.channel.has_node_keys());
+        assert_eq!(keys.public, Some(k2.public()));
+        let w = keys.warnings.join("\n");
+        assert!(
+            w.contains("no key for node(s) 1, 4, 5, 6, 7, 8, 9, 10, 20"),
+            "{w}"
+        );
+        assert!(
+            w.contains("lists node(s) 30 that are not in the cluster map"),
+            "{w}"
+        );
+        // Node 2 holding node 3's key.
+        let e = format!(
+            "{:#}",
+            with_keys(&key("n3.key", &k3))
+                .read_keys(b"s")
+                .err()
+                .unwrap()
+        );
+        assert!(
+            e.contains("does not match the public key listed for node 2"),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("this node's line is: 2 {}", k3.public())),
+            "{e}"
+        );
+        // A readable private key; a list others may change.
+        std::fs::set_permissions(&p2, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = format!("{:#}", c.read_keys(b"s").err().unwrap());
+        assert!(
+            e.contains("private key file") && e.contains("must be 0600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&p2, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = format!("{:#}", c.read_keys(b"s").err().unwrap());
+        assert!(e.contains("others may change it"), "{e}");
+        std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&ring, "2 nonsense\n").unwrap();
+        let e = format!("{:#}", c.read_keys(b"s").err().unwrap());
+        assert!(e.contains("line 1: not a key"), "{e}");
+        // Neither: shared secret only, with a warning. One of the two: an error.
+        let plain = Config::parse(BASE).unwrap().read_keys(b"secret").unwrap();
+        assert!(!plain.channel.has_node_keys());
+        assert!(plain.warnings[0].contains("NO NODE KEYS"));
+        let e = format!(
+            "{:#}",
+            Config::parse(&format!("private_key_file = \"/k\"\n{BASE}")).unwrap_err()
+        );
+        assert!(
+            e.contains("set both private_key_file and public_keys_file"),
+            "{e}"
+        );
     }
 }

@@ -38,12 +38,20 @@ const TICK: Duration = Duration::from_millis(250);
         to the nodes of the cluster map, and learns theirs; there is no master. Gossip is \
         authenticated and encrypted with the cluster secret: datagrams from nodes without it \
         are dropped and counted.\n\n\
+        Node-to-node streams (migration, links to a process's home) are authenticated with \
+        the cluster secret and each node's own key: a node cannot claim another's number. \
+        Make a node's key with `mosixd --gen-key /etc/mosix/node.key` and add the line it \
+        prints to public_keys_file, the same file on every node. Without private_key_file \
+        and public_keys_file mosixd still starts, with a warning, and any node with the \
+        secret can then pass for any other (see docs/security.md).\n\n\
         `mosix status` and `mon` read the result through the control socket; scripts can read \
         status.json next to the control socket (/run/mosix/status.json by default, \
         rewritten every second).\n\n\
         Minimal /etc/mosix/mosix.toml:\n\n  \
         node = 1\n  \
         secret_file = \"/etc/mosix/secret\"   # chmod 600, owned by root\n  \
+        private_key_file = \"/etc/mosix/node.key\"    # mosixd --gen-key\n  \
+        public_keys_file = \"/etc/mosix/nodes.keys\"  # lines NODE KEY, for every node\n  \
         state_dir = \"/var/lib/mosix\"\n  \
         [[map]]\n  \
         node = 1\n  \
@@ -55,12 +63,17 @@ struct Args {
     /// Configuration file.
     #[arg(long, short, default_value = mosix_proto::DEFAULT_CONFIG)]
     config: PathBuf,
-    /// Check the configuration and the secret file, print a summary, and exit.
+    /// Check the configuration, the secret and the key files, print a summary, and exit.
     #[arg(long)]
     check: bool,
     /// Measure this machine's (or this cgroup's) CPU speed for 1 s, print it, and exit.
     #[arg(long)]
     measure_speed: bool,
+    /// Make a new private key for this node in PATH (mode 0600; an existing file is never
+    /// overwritten), print the line `NODE PUBLIC-KEY` to add to public_keys_file on every
+    /// node (NODE from --config; just the key if the config cannot be read), and exit.
+    #[arg(long, value_name = "PATH")]
+    gen_key: Option<PathBuf>,
 }
 
 /// What the control socket and the status file read.
@@ -113,8 +126,12 @@ fn run(args: Args) -> Result<()> {
         println!("{}", sample::measure_speed(Duration::from_secs(1)));
         return Ok(());
     }
+    if let Some(path) = &args.gen_key {
+        return gen_key(path, &args.config);
+    }
     let cfg = Config::load(&args.config)?;
     let secret = cfg.read_secret()?;
+    let keys = cfg.read_keys(&secret)?;
     let proto = match std::env::var(ENV_TEST_PROTOCOL) {
         Ok(v) => {
             let p: ProtocolVersion = v
@@ -134,7 +151,17 @@ fn run(args: Args) -> Result<()> {
             cfg.listen,
             cfg.control_socket.display()
         );
+        match keys.public {
+            Some(k) => println!("node keys: on; this node's line: {} {k}", cfg.node),
+            None => println!("node keys: OFF (cluster secret only)"),
+        }
+        for w in &keys.warnings {
+            println!("warning: {w}");
+        }
         return Ok(());
+    }
+    for w in &keys.warnings {
+        warn!("{w}");
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
@@ -182,7 +209,7 @@ fn run(args: Args) -> Result<()> {
             nodes: RwLock::new(nodes),
             accepts_guests: std::sync::atomic::AtomicBool::new(cfg.accept_guests),
         });
-        let procs = procs::Procs::new(cfg.clone(), secret.clone(), state.clone());
+        let procs = procs::Procs::new(cfg.clone(), keys.channel, state.clone());
         procs.listen()?;
         balance::start(procs.clone())?;
         let server = tokio::spawn(control::serve(listener, state.clone(), procs.clone()));
@@ -209,6 +236,49 @@ fn run(args: Args) -> Result<()> {
         let _ = handle.shutdown().await;
         result
     })
+}
+
+/// `mosixd --gen-key PATH`.
+fn gen_key(path: &std::path::Path, config: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let key = mosix_proto::channel::PrivateKey::generate()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot create {} (an existing key is never overwritten: remove it first)",
+                path.display()
+            )
+        })?;
+    // The umask may only have taken bits away; make it exactly what read_keys accepts.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(key.to_hex().as_bytes())?;
+    f.sync_all()?;
+    match Config::load(config) {
+        Ok(c) => {
+            println!("{} {}", c.node, key.public());
+            eprintln!(
+                "mosixd: wrote node {}'s private key to {}; add the line above to \
+                 public_keys_file on every node",
+                c.node,
+                path.display()
+            );
+        }
+        Err(_) => {
+            println!("{}", key.public());
+            eprintln!(
+                "mosixd: wrote a private key to {}; add 'NODE {}' (NODE: this node's \
+                 number) to public_keys_file on every node",
+                path.display(),
+                key.public()
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn tick_loop(

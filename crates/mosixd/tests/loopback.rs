@@ -1,10 +1,11 @@
 //! Real mosixd daemons gossiping on loopback addresses (127.0.X.N), each test with its own
 //! X so tests run in parallel. Every wait polls a condition with a deadline.
 
+use mosix_proto::channel::{Channel, ChannelError, ChannelKeys, KeyRing, PrivateKey};
 use mosix_proto::control::Client;
 use mosix_proto::seal::{now_ms, Sealer};
 use mosix_proto::{ClusterStatus, NodeState};
-use std::net::UdpSocket;
+use std::net::{TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,19 +21,25 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Writes configs for `n` nodes at 127.0.`net`.1.. with speeds 1, 2, 3, ...
+    /// Writes configs for `n` nodes at 127.0.`net`.1.. with speeds 1, 2, 3, ..., each
+    /// node with its own key (`nN/node.key`) and the list of all (`nodes.keys`).
     fn new(net: u8, n: u32) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        write_secret(&dir.path().join("secret"), "the-cluster-secret-0123456789");
+        write_secret(&dir.path().join("secret"), SECRET);
+        let mut ring = KeyRing::default();
         for i in 1..=n {
             let nd = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&nd).unwrap();
+            let key = PrivateKey::generate().unwrap();
+            ring.insert(i, key.public()).unwrap();
+            write_secret(&nd.join("node.key"), key.to_hex().trim());
             std::fs::write(
                 nd.join("mosix.toml"),
                 config(dir.path(), net, n, i, "secret"),
             )
             .unwrap();
         }
+        std::fs::write(dir.path().join("nodes.keys"), ring.to_text()).unwrap();
         Cluster {
             dir,
             net,
@@ -116,6 +123,8 @@ impl Drop for Cluster {
     }
 }
 
+const SECRET: &str = "the-cluster-secret-0123456789";
+
 fn write_secret(p: &Path, s: &str) {
     std::fs::write(p, format!("{s}\n")).unwrap();
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -124,6 +133,7 @@ fn write_secret(p: &Path, s: &str) {
 fn config(dir: &Path, net: u8, n: u32, i: u32, secret: &str) -> String {
     format!(
         "node = {i}\nsecret_file = \"{d}/{secret}\"\nstate_dir = \"{d}/n{i}\"\n\
+         private_key_file = \"{d}/n{i}/node.key\"\npublic_keys_file = \"{d}/nodes.keys\"\n\
          control_socket = \"{d}/n{i}/sock\"\nspeed = {i}.0\ngossip_interval_ms = 200\n\
          down_after_ms = 1500\n\n[[map]]\nnode = 1\naddress = \"127.0.{net}.1\"\ncount = {n}\n",
         d = dir.display()
@@ -249,7 +259,7 @@ fn malformed_datagrams_do_not_crash_the_daemon() {
         x ^= x << 17;
         x
     };
-    let sealer = Sealer::new(b"the-cluster-secret-0123456789");
+    let sealer = Sealer::new(SECRET.as_bytes());
     let valid = sealer.seal(2, now_ms(), b"\x53\xb0\x00\x00hello");
     let mut sent = 0u64;
     for k in 0..600u64 {
@@ -326,4 +336,162 @@ fn refuses_a_readable_secret_and_bad_configs_with_one_clear_line() {
     assert!(e.contains("not in the cluster map"), "{e}");
     let e = run(&dir.path().join("missing.toml"));
     assert!(e.contains("cannot read config"), "{e}");
+}
+
+/// Node `i`'s channel keys, read from the cluster's files as its daemon reads them.
+fn node_keys(c: &Cluster, i: u32) -> ChannelKeys {
+    let key = std::fs::read_to_string(c.path().join(format!("n{i}/node.key"))).unwrap();
+    let ring = std::fs::read_to_string(c.path().join("nodes.keys")).unwrap();
+    ChannelKeys::new(
+        SECRET.as_bytes(),
+        i,
+        PrivateKey::from_hex(&key).unwrap(),
+        KeyRing::parse(&ring).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Opens a node-to-node channel to daemon `to`, as the holder of `keys` expecting node
+/// `expect` there.
+fn dial(
+    c: &Cluster,
+    to: u32,
+    keys: &ChannelKeys,
+    expect: u32,
+) -> Result<Channel<TcpStream>, ChannelError> {
+    let s = TcpStream::connect(c.addr(to)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    Channel::connect(s, keys, expect)
+}
+
+#[test]
+fn node_to_node_channels_are_bound_to_node_keys() {
+    let mut c = Cluster::new(35, 3);
+    for i in 1..=2 {
+        c.start_with(
+            i,
+            &c.path().join(format!("n{i}/mosix.toml")),
+            &[("MOSIXD_LOG", "debug")],
+        );
+    }
+    c.wait(1, "1 and 2 up", |s| state(s, 2) == NodeState::Up);
+    // Node 3's keys (its daemon is not running): daemon 1 proves it is node 1.
+    let three = node_keys(&c, 3);
+    let ch = dial(&c, 1, &three, 1).unwrap();
+    assert_eq!(ch.peer(), Some(1));
+    drop(ch);
+    // Dialling daemon 1 as if it were node 2: refused, it holds node 1's key.
+    match dial(&c, 1, &three, 2) {
+        Err(ChannelError::WrongPeer {
+            expected: 2,
+            actual: 1,
+        }) => {}
+        other => panic!("{:?}", other.map(|c| c.peer())),
+    }
+    // A node with the secret but a key the cluster does not list: daemon 1 hangs up.
+    let stranger = PrivateKey::generate().unwrap();
+    let ring =
+        KeyRing::parse(&std::fs::read_to_string(c.path().join("nodes.keys")).unwrap()).unwrap();
+    let mut its_ring = ring.clone();
+    its_ring.insert(7, stranger.public()).unwrap();
+    let k = ChannelKeys::new(SECRET.as_bytes(), 7, stranger.clone(), its_ring).unwrap();
+    if let Ok(mut ch) = dial(&c, 1, &k, 1) {
+        let mut v = Vec::new();
+        assert!(std::io::Read::read_to_end(&mut ch, &mut v).is_err());
+    }
+    let end = Instant::now() + DEADLINE;
+    let log = c.path().join("n1/log");
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(&format!("peer's key {} is not in", stranger.public()))
+    {
+        assert!(Instant::now() < end, "daemon 1 did not log the unknown key");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Cluster secret only (no node keys): the handshake fails.
+    let plain = ChannelKeys::shared_secret_only(SECRET.as_bytes());
+    if let Ok(mut ch) = dial(&c, 1, &plain, 1) {
+        let mut v = Vec::new();
+        assert!(std::io::Read::read_to_end(&mut ch, &mut v).is_err());
+    }
+    // Daemons still up and gossiping.
+    c.wait(2, "still sees node 1", |s| state(s, 1) == NodeState::Up);
+}
+
+#[test]
+fn gen_key_and_check_and_bad_key_files() {
+    let c = Cluster::new(36, 2);
+    let cfg = c.path().join("n1/mosix.toml");
+    let mosixd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mosixd"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // --check names this node's line of the key list.
+    let out = mosixd(&["--check"]);
+    assert!(out.status.success(), "{out:?}");
+    let key1 =
+        PrivateKey::from_hex(&std::fs::read_to_string(c.path().join("n1/node.key")).unwrap())
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "node keys: on; this node's line: 1 {}",
+            key1.public()
+        )),
+        "{text}"
+    );
+    // --gen-key: a new 0600 key; prints this node's line; never overwrites.
+    let new = c.path().join("n1/new.key");
+    let out = mosixd(&["--gen-key", new.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let md = std::fs::metadata(&new).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o600);
+    let k = PrivateKey::from_hex(&std::fs::read_to_string(&new).unwrap()).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("1 {}\n", k.public())
+    );
+    let out = mosixd(&["--gen-key", new.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never overwritten"));
+    assert_eq!(std::fs::read_to_string(&new).unwrap(), k.to_hex());
+    // Node 1 started with a key that is not node 1's in the list: one clear line.
+    std::fs::copy(&new, c.path().join("n1/node.key")).unwrap();
+    let out = mosixd(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = err.lines().find(|l| l.starts_with("mosixd: ")).unwrap();
+    assert!(
+        line.contains("does not match the public key listed for node 1")
+            && line.contains(&format!("1 {}", k.public())),
+        "{line}"
+    );
+    // Without keys: it starts, with a warning (shared-secret-only mode).
+    let plain = c.path().join("n1/plain.toml");
+    std::fs::write(
+        &plain,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.contains("key"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mosixd"))
+        .arg("--config")
+        .arg(&plain)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("node keys: OFF") && text.contains("NO NODE KEYS"),
+        "{text}"
+    );
 }

@@ -5,7 +5,8 @@
 //! `mosixtb-N` (v1 cpu, cpuacct, memory; or v2) whose CPU quota makes the node's speed
 //! proportional to `--speeds` and whose memory limit is `--mem`, and its own mosixd with its
 //! own config. State lives in DIR (default /run/mosix-testbed): `secret`, `testbed.json`, and
-//! `nN/` per node (mosix.toml, secret, mosixd.sock, mosixd.log, mosixd.pid, status.json).
+//! `nN/` per node (mosix.toml, secret, node.key and nodes.keys (its own key and every node's
+//! public key), mosixd.sock, mosixd.log, mosixd.pid, status.json).
 //!
 //! Everything made is named with those prefixes, so `down` (and `up`, which cleans first)
 //! finds and removes leftovers even after a crash.
@@ -704,6 +705,14 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
         .unwrap_or(1) as f64;
     let wanted: f64 = tb.speeds.iter().map(|s| s / max_speed).sum();
     let scale = (host_cpus / wanted).min(1.0);
+    // Every node has its own key; the list of public keys is the same on every node.
+    let keys = (1..=n)
+        .map(|_| mosix_proto::channel::PrivateKey::generate())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ring = mosix_proto::channel::KeyRing::default();
+    for (i, k) in (1..).zip(&keys) {
+        ring.insert(i, k.public())?;
+    }
     for i in 1..=n {
         let ns = ns_name(i);
         let h = format!("{LINK_PREFIX}{i}h");
@@ -739,10 +748,24 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
         // Each node has its own copy of the cluster secret, as real nodes do.
         std::fs::copy(dir.join("secret"), nd.join("secret"))?;
         std::fs::set_permissions(nd.join("secret"), std::fs::Permissions::from_mode(0o600))?;
+        std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode_600()
+            .open(nd.join("node.key"))?
+            .write_all(keys[(i - 1) as usize].to_hex().as_bytes())?;
+        std::fs::set_permissions(nd.join("node.key"), std::fs::Permissions::from_mode(0o600))?;
+        std::fs::write(nd.join("nodes.keys"), ring.to_text())?;
+        std::fs::set_permissions(
+            nd.join("nodes.keys"),
+            std::fs::Permissions::from_mode(0o644),
+        )?;
         let cfg = format!(
             "# mosix testbed node {i} of {n}\n\
              node = {i}\n\
              secret_file = \"{secret}\"\n\
+             private_key_file = \"{key}\"\n\
+             public_keys_file = \"{keys}\"\n\
              state_dir = \"{state}\"\n\
              control_socket = \"{sock}\"\n\
              speed = {speed:?}\n\
@@ -758,6 +781,8 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
              address = \"{SUBNET}.1\"\n\
              count = {n}\n",
             secret = nd.join("secret").display(),
+            key = nd.join("node.key").display(),
+            keys = nd.join("nodes.keys").display(),
             state = nd.display(),
             sock = nd.join("mosixd.sock").display(),
             down = (gossip_ms * 6).max(3000),

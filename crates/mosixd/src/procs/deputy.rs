@@ -131,12 +131,18 @@ impl Deputy {
                     self.on_host_msg(msg);
                 }
             }
-            DevEv::HostLinked { epoch, down } => {
+            DevEv::HostLinked { epoch, node, down } => {
+                let expected = lock(&self.info).node;
                 if epoch > self.epoch {
                     self.pending
                         .entry(epoch)
                         .or_default()
-                        .push(DevEv::HostLinked { epoch, down });
+                        .push(DevEv::HostLinked { epoch, node, down });
+                } else if epoch == self.epoch && node != expected {
+                    warn!(
+                        pid = self.home_pid,
+                        "node {node} linked as the host of residence {epoch}, which is node {expected}'s: ignored"
+                    );
                 } else if epoch == self.epoch {
                     self.down = Some(down);
                     self.unlinked_since = None;

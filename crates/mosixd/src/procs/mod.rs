@@ -63,7 +63,8 @@ type Link = Channel<TcpStream>;
 /// Everything about migratable processes on this node.
 pub struct Procs {
     pub cfg: Config,
-    secret: Vec<u8>,
+    /// Keys of the node-to-node channel (cluster secret, and this node's and its peers' keys).
+    keys: mosix_proto::channel::ChannelKeys,
     state: Arc<State>,
     /// Home processes (their deputies), by home PID.
     deputies: Mutex<HashMap<i32, DeputyHandle>>,
@@ -219,6 +220,8 @@ enum DevEv {
     },
     HostLinked {
         epoch: u64,
+        /// The host (authenticated by its node key where the cluster has them).
+        node: u32,
         down: Downlink,
     },
     HostGone {
@@ -232,7 +235,11 @@ enum DevEv {
 }
 
 impl Procs {
-    pub fn new(cfg: Config, secret: Vec<u8>, state: Arc<State>) -> Arc<Procs> {
+    pub fn new(
+        cfg: Config,
+        keys: mosix_proto::channel::ChannelKeys,
+        state: Arc<State>,
+    ) -> Arc<Procs> {
         let mut b = mosix_balance::Balancer::new(cfg.node, mosix_balance::Params::default());
         b.set_mode(mosix_balance::NodeMode {
             stay: !cfg.auto_balance,
@@ -241,7 +248,7 @@ impl Procs {
         });
         Arc::new(Procs {
             cfg,
-            secret,
+            keys,
             state,
             deputies: Mutex::new(HashMap::new()),
             hosted: Mutex::new(HashMap::new()),

@@ -110,6 +110,7 @@ impl Procs {
         );
         let _ = dtx.send(DevEv::HostLinked {
             epoch: 0,
+            node: self.me(),
             down: Downlink::Local(ktx),
         });
         // The answer line goes out before any frame of the deputy's.

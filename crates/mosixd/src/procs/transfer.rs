@@ -51,13 +51,27 @@ impl Procs {
         s.set_read_timeout(Some(PEER_TIMEOUT))?;
         let peer = s.peer_addr()?;
         let mut ch =
-            Channel::accept(s, &self.secret).map_err(|e| anyhow!("connection from {peer}: {e}"))?;
+            Channel::accept(s, &self.keys).map_err(|e| anyhow!("connection from {peer}: {e}"))?;
         let hello = wire::expect::<_, Hello>(&mut ch);
         // Authenticated (or failed): the deadline and the slot are over.
         drop(slot);
         match hello? {
-            Hello::Migrate(h) => self.receive(ch, h),
-            Hello::Link(l) => self.link_from_host(ch, l),
+            Hello::Migrate(h) => {
+                // The sender must be the node it says it is (per-node keys).
+                if let Err(e) = ch.check_claim(h.from) {
+                    warn!("refused a migration from {peer}: {e}");
+                    wire::send_flush(&mut ch, &Verdict::Refused(e.to_string()))?;
+                    bail!("{e}");
+                }
+                self.receive(ch, h)
+            }
+            Hello::Link(l) => {
+                if let Err(e) = ch.check_claim(l.node) {
+                    warn!("refused a link from {peer}: {e}");
+                    bail!("{e}");
+                }
+                self.link_from_host(ch, l)
+            }
         }
     }
 
@@ -71,6 +85,7 @@ impl Procs {
         let (mut r, w) = ch.split(s2)?;
         d.tx.send(DevEv::HostLinked {
             epoch: l.epoch,
+            node: l.node,
             down: Downlink::Remote(w),
         })
         .map_err(|_| anyhow!("process {} has ended", l.home_pid))?;
@@ -289,6 +304,7 @@ impl Procs {
                 .ok_or_else(|| anyhow!("its deputy has ended"))?;
             d.tx.send(DevEv::HostLinked {
                 epoch: h.epoch,
+                node: self.me(),
                 down: Downlink::Local(k.tx()),
             })
             .map_err(|_| anyhow!("its deputy has ended"))?;
@@ -336,7 +352,7 @@ impl Procs {
         let _ = s.set_nodelay(true);
         s.set_read_timeout(Some(PEER_TIMEOUT))?;
         s.set_write_timeout(Some(PEER_TIMEOUT))?;
-        Channel::connect(s, &self.secret).map_err(|e| anyhow!("node {node}: {e}"))
+        Channel::connect(s, &self.keys, node).map_err(|e| anyhow!("node {node}: {e}"))
     }
 
     /// Reasons a process cannot leave this node (beyond the checkpoint engine's).
