@@ -20,8 +20,17 @@ pub struct Peer {
     pub gid: u32,
     pub pid: Option<i32>,
     pub groups: Vec<u32>,
-    /// A pidfd of the process that connected (SO_PEERPIDFD, Linux 6.5+).
-    pub pidfd: Option<OwnedFd>,
+    /// The process that connected, as a pidfd (SO_PEERPIDFD, Linux 6.5+).
+    pub pidfd: PeerPidfd,
+}
+
+#[derive(Debug)]
+pub enum PeerPidfd {
+    Open(OwnedFd),
+    /// The process that connected has already exited.
+    Gone,
+    /// The kernel has no SO_PEERPIDFD: the PID is all there is.
+    Unsupported,
 }
 
 /// The caller's process context that a job it starts inherits, as a child of the caller
@@ -60,6 +69,31 @@ impl Context {
         }
         Ok(out)
     }
+}
+
+/// Parses /proc/PID/limits: a header, then one row per resource in the kernel's order
+/// (RLIMIT_CPU = 0 ...), each `NAME  SOFT  HARD  [UNITS]` with `unlimited` for infinity.
+fn parse_limits(text: &str) -> Option<Vec<(u32, u64, u64)>> {
+    let num = |w: &str| -> Option<u64> {
+        if w == "unlimited" {
+            Some(libc::RLIM_INFINITY)
+        } else {
+            w.parse().ok()
+        }
+    };
+    let mut out = Vec::new();
+    for (res, line) in text.lines().skip(1).enumerate() {
+        // The name has spaces; the numbers are the first two numeric-or-unlimited words.
+        let vals: Vec<u64> = line.split_whitespace().filter_map(num).collect();
+        if vals.len() < 2 {
+            return None;
+        }
+        out.push((res as u32, vals[0], vals[1]));
+    }
+    (out.len() >= RLIMITS as usize).then(|| {
+        out.truncate(RLIMITS as usize);
+        out
+    })
 }
 
 /// Parses /proc/PID/cgroup: `ID:CONTROLLERS:PATH` lines.
@@ -173,12 +207,12 @@ impl Peer {
             .collect();
         let mut pfd = [0u8; 4];
         let pidfd = match getsockopt_buf(fd, SO_PEERPIDFD, &mut pfd) {
-            Ok(4) => {
-                let raw = i32::from_ne_bytes(pfd);
+            Ok(4) if i32::from_ne_bytes(pfd) >= 0 => {
                 // SAFETY: SO_PEERPIDFD returned a new descriptor that we now own.
-                (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
+                PeerPidfd::Open(unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(pfd)) })
             }
-            _ => None,
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => PeerPidfd::Unsupported,
+            _ => PeerPidfd::Gone,
         };
         Ok(Peer {
             uid: cred.uid,
@@ -195,6 +229,9 @@ impl Peer {
     /// its own. Without a pidfd (kernel before 6.5) the PID is trusted as it is.
     pub fn context(&self) -> Result<Context, PeerError> {
         let pid = self.pid.ok_or(PeerError::Gone)?;
+        if matches!(self.pidfd, PeerPidfd::Gone) {
+            return Err(PeerError::Gone);
+        }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 PeerError::Gone
@@ -210,30 +247,22 @@ impl Peer {
             .find_map(|l| l.strip_prefix("Umask:"))
             .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
             .unwrap_or(0o022);
-        let mut rlimits = Vec::new();
-        for res in 0..RLIMITS {
-            let mut old = libc::rlimit64 {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: prlimit64 with a null new limit only writes the old one into `old`.
-            let r = unsafe { libc::prlimit64(pid, res, std::ptr::null(), &mut old) };
-            if r < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::ESRCH) {
-                    return Err(PeerError::Gone);
-                }
-                return Err(PeerError::Proc {
-                    what: "resource limits",
-                    err,
-                });
+        // /proc/PID/limits rather than prlimit(): reading another user's limits through
+        // prlimit needs CAP_SYS_RESOURCE, which a daemon may well not have.
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).map_err(|e| {
+            PeerError::Proc {
+                what: "resource limits",
+                err: e,
             }
-            rlimits.push((res, old.rlim_cur, old.rlim_max));
-        }
+        })?;
+        let rlimits = parse_limits(&limits).ok_or_else(|| PeerError::Proc {
+            what: "resource limits",
+            err: std::io::Error::other("unreadable /proc/PID/limits"),
+        })?;
         let cgroups = parse_cgroups(
             &std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default(),
         );
-        if let Some(pidfd) = &self.pidfd {
+        if let PeerPidfd::Open(pidfd) = &self.pidfd {
             if !alive(pidfd) {
                 return Err(PeerError::Gone);
             }

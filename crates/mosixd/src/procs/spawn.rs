@@ -246,12 +246,23 @@ pub(super) fn spawn_user(
                 }
             }
             for &(res, cur, max) in &rlimits {
-                let l = libc::rlimit64 {
+                let mut l = libc::rlimit64 {
                     rlim_cur: cur,
                     rlim_max: max,
                 };
                 if libc::setrlimit64(res, &l) != 0 {
-                    return Err(fail(STAGE_RLIMIT, nix::errno::Errno::last()));
+                    // Raising a hard limit needs CAP_SYS_RESOURCE: without it the job
+                    // gets the caller's limits within ours.
+                    let mut own = libc::rlimit64 {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::getrlimit64(res, &mut own);
+                    l.rlim_max = max.min(own.rlim_max);
+                    l.rlim_cur = cur.min(l.rlim_max);
+                    if libc::setrlimit64(res, &l) != 0 {
+                        return Err(fail(STAGE_RLIMIT, nix::errno::Errno::last()));
+                    }
                 }
             }
             libc::umask(umask as libc::mode_t);

@@ -1,0 +1,548 @@
+//! Attacks on mosixd by an ordinary user (uid 65534, through `setpriv`) and by
+//! unauthenticated network peers, against one real daemon on a loopback address. Each test
+//! reproduces a finding of issue 9 and fails on the code before its fix.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const NOBODY: &str = "65534";
+
+/// One mosixd on 127.0.`net`.1, its files in a directory every user may traverse.
+struct Node {
+    dir: tempfile::TempDir,
+    daemon: Child,
+    net: u8,
+}
+
+impl Node {
+    /// Starts the daemon; with `stray_fd`, it inherits an open pipe as fd 9 (as a daemon
+    /// started from a careless script would).
+    fn start(net: u8, stray_fd: bool) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("mosix-sec")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(d.join("secret"), "security-test-secret-0123456789\n").unwrap();
+        std::fs::set_permissions(d.join("secret"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        std::fs::copy(env!("CARGO_BIN_EXE_mosix"), d.join("bin/mosix")).unwrap();
+        let cfg = format!(
+            "node = 1\nsecret_file = \"{d}/secret\"\nstate_dir = \"{d}/state\"\n\
+             control_socket = \"{d}/sock\"\nspeed = 1.0\ngossip_interval_ms = 200\n\n\
+             [[map]]\nnode = 1\naddress = \"127.0.{net}.1\"\ncount = 1\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("mosix.toml"), cfg).unwrap();
+        let mosixd = Path::new(env!("CARGO_BIN_EXE_mosix")).with_file_name("mosixd");
+        let log = std::fs::File::create(d.join("log")).unwrap();
+        let mut c = Command::new(mosixd);
+        c.arg("--config")
+            .arg(d.join("mosix.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        clean_fds(&mut c);
+        let stray = stray_fd.then(|| nix::unistd::pipe().unwrap());
+        if let Some((r, _w)) = &stray {
+            let fd = r.as_raw_fd();
+            // SAFETY: dup2 in the child before exec; no allocation.
+            unsafe {
+                c.pre_exec(move || {
+                    libc::dup2(fd, 9);
+                    Ok(())
+                });
+            }
+        }
+        let daemon = c.spawn().unwrap();
+        let n = Node { dir, daemon, net };
+        n.wait_until("the daemon answers", || {
+            Command::new(n.mosix())
+                .args(["status", "--socket"])
+                .arg(n.sock())
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
+        n
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn sock(&self) -> PathBuf {
+        self.path().join("sock")
+    }
+    fn mosix(&self) -> PathBuf {
+        self.path().join("bin/mosix")
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("log")).unwrap_or_default()
+    }
+
+    /// `mosrun PROG...` as uid 65534 with no supplementary groups, after `prelude` (shell
+    /// commands such as `umask 077`) in the same shell.
+    fn mosrun_as_nobody(&self, prelude: &str, argv: &[&str]) -> Command {
+        let mut words = vec![
+            "exec".to_string(),
+            sh_quote(&self.mosix().to_string_lossy()),
+            "run".into(),
+            "--socket".into(),
+            sh_quote(&self.sock().to_string_lossy()),
+        ];
+        words.extend(argv.iter().map(|a| sh_quote(a)));
+        let script = format!("{prelude}\n{}", words.join(" "));
+        let mut c = as_nobody();
+        c.args(["sh", "-c", &script]).current_dir(self.path());
+        clean_fds(&mut c);
+        c
+    }
+
+    fn wait_until(&self, what: &str, cond: impl Fn() -> bool) {
+        let end = Instant::now() + DEADLINE;
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting until {what}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn daemon_rss_kib(&self) -> u64 {
+        status_field(self.daemon.id() as i32, "VmRSS:")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+fn as_nobody() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"]);
+    c
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Only 0, 1, 2 in the child: the test runner's own descriptors must not leak in.
+fn clean_fds(cmd: &mut Command) -> &mut Command {
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
+fn status_field(pid: i32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn io_field(pid: i32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn read_pidfile(p: &Path) -> Option<i32> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// A python3 script run as uid 65534; its stdout.
+fn python_as_nobody(script: &str, args: &[&str]) -> String {
+    let o = as_nobody()
+        .args(["/usr/bin/python3", "-c", script])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Sends one request line on the control socket and prints the first answer line.
+const ONE_REQUEST: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+s.settimeout(20)
+print(s.makefile().readline().strip())
+"#;
+
+#[test]
+fn cwd_is_entered_with_the_callers_rights() {
+    let n = Node::start(71, false);
+    let private = n.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(private.join("secret.txt"), "TOPSECRET\n").unwrap();
+    let req = serde_json::json!({
+        "op": "run", "argv": ["cat", "secret.txt"], "env": [],
+        "cwd": private.to_string_lossy(),
+    });
+    let sock = n.sock();
+    let answer = python_as_nobody(ONE_REQUEST, &[&sock.to_string_lossy(), &req.to_string()]);
+    assert!(
+        answer.contains("\"error\"")
+            && answer.contains("cannot enter directory")
+            && answer.contains("Permission denied"),
+        "a user's job entered a directory the user may not: {answer}"
+    );
+}
+
+/// The requester connects, then its process exits and its PID is given to a root process
+/// with groups 0, 6 and 42 while the connection is kept by a child; the job must not get
+/// those groups.
+#[test]
+fn groups_come_from_the_socket_not_from_a_reused_pid() {
+    let n = Node::start(72, false);
+    let out = n.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let script = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+if os.fork() != 0:
+    print(os.getpid(), flush=True)
+    os._exit(0)
+sys.stdin.readline()
+s.sendall(sys.argv[2].encode() + b"\n")
+f = s.makefile("rb")
+print(f.readline().decode().strip(), flush=True)
+while s.recv(65536):
+    pass
+"#;
+    let req = serde_json::json!({
+        "op": "run", "argv": ["sh", "-c", "id -G > groups"], "env": [],
+        "cwd": out.to_string_lossy(),
+    });
+    let mut py = as_nobody()
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(n.sock())
+        .arg(req.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    let mut stdin = py.stdin.take().unwrap();
+    let first: i32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    // The python that connected exits (setpriv exec'd it: it is our child) and is reaped.
+    assert!(py.wait().unwrap().success());
+    // Give its PID to a root process with privileged groups.
+    let mut impostor = None;
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", first - 1)).unwrap();
+        let mut c = Command::new("sleep");
+        c.arg("120");
+        // SAFETY: setgroups in the child before exec; no allocation.
+        unsafe {
+            c.pre_exec(|| {
+                let g: [libc::gid_t; 3] = [0, 6, 42];
+                if libc::setgroups(3, g.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut s = c.spawn().unwrap();
+        if s.id() as i32 == first {
+            impostor = Some(s);
+            break;
+        }
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let mut impostor = impostor.expect("could not give the PID to another process");
+    stdin.write_all(b"go\n").unwrap();
+    let answer = lines.next().unwrap().unwrap();
+    for _ in lines.by_ref() {}
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    if answer.contains("\"started\"") {
+        let g = std::fs::read_to_string(out.join("groups")).unwrap();
+        assert_eq!(
+            g.trim(),
+            NOBODY,
+            "the job got the groups of the process that took the caller's PID"
+        );
+    } else {
+        assert!(answer.contains("has gone"), "{answer}");
+    }
+}
+
+/// Where a cgroup of ours can be made: (cgroup directory, the line suffix that
+/// /proc/PID/cgroup shows for it).
+fn test_cgroup() -> Option<(PathBuf, String)> {
+    let name = format!("mosix-sectest-{}", std::process::id());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for l in info.lines() {
+        let (pre, post) = l.split_once(" - ")?;
+        let f: Vec<&str> = pre.split(' ').collect();
+        let g: Vec<&str> = post.split(' ').collect();
+        let v1cpu = g[0] == "cgroup" && g.get(2).is_some_and(|o| o.split(',').any(|x| x == "cpu"));
+        if (g[0] == "cgroup2" || v1cpu) && f[3] == "/" {
+            let dir = Path::new(f[4]).join(&name);
+            if std::fs::create_dir(&dir).is_ok() {
+                return Some((dir, format!(":/{name}")));
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_job_has_only_its_stdio_and_the_callers_umask_limits_and_cgroup() {
+    let n = Node::start(73, true);
+    let (cg, cg_line) = test_cgroup().expect("a cgroup hierarchy to test with");
+    let procs = cg.join("cgroup.procs");
+    let mut c = n.mosrun_as_nobody(
+        "umask 077; ulimit -n 123",
+        &[
+            "sh",
+            "-c",
+            "ls /proc/self/fd | tr '\\n' ' '; echo; umask; ulimit -n; cat /proc/self/cgroup",
+        ],
+    );
+    let p = procs.clone();
+    // SAFETY: the child writes to a cgroup file and makes no allocation the parent
+    // did not make before the fork (the path is built here).
+    let cpath = std::ffi::CString::new(p.to_string_lossy().as_bytes()).unwrap();
+    unsafe {
+        c.pre_exec(move || {
+            let fd = libc::open(cpath.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    let _ = std::fs::remove_dir(&cg);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap().trim(),
+        "0 1 2 3",
+        "descriptors of the job (3 is ls's own); daemon log:\n{}",
+        n.log()
+    );
+    assert_eq!(lines.next().unwrap().trim(), "0077", "umask");
+    assert_eq!(lines.next().unwrap().trim(), "123", "ulimit -n");
+    assert!(
+        text.lines().any(|l| l.ends_with(&cg_line)),
+        "the job is not in the caller's cgroup {cg_line}:\n{text}"
+    );
+}
+
+/// A job writing to a mosrun whose stdout nobody reads blocks in write(), and the daemon
+/// keeps no more than its windows.
+#[test]
+fn output_nobody_reads_blocks_the_job_not_the_daemon() {
+    let n = Node::start(74, false);
+    let pidfile = n.path().join("out/pid");
+    std::fs::create_dir(n.path().join("out")).unwrap();
+    std::fs::set_permissions(
+        n.path().join("out"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let rss0 = n.daemon_rss_kib();
+    let mut mosrun = n
+        .mosrun_as_nobody("", &["yes", "a fairly long line of output from yes"])
+        .env("MOSRUN_PIDFILE", &pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    n.wait_until("the job's PID is known", || read_pidfile(&pidfile).is_some());
+    let pid = read_pidfile(&pidfile).unwrap();
+    // Wait until it stopped writing: blocked in pipe_write with no progress.
+    let end = Instant::now() + DEADLINE;
+    let mut last = u64::MAX;
+    let written = loop {
+        let w = io_field(pid, "wchar:");
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if w == last && wchan == "pipe_write" {
+            break w;
+        }
+        if Instant::now() > end {
+            break w;
+        }
+        last = w;
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let grown = n.daemon_rss_kib().saturating_sub(rss0);
+    let _ = mosrun.kill();
+    let _ = mosrun.wait();
+    assert!(
+        written < 16 << 20,
+        "the job wrote {written} bytes although nobody reads its output"
+    );
+    assert!(grown < 64 << 10, "mosixd grew by {grown} KiB");
+    n.wait_until("the job ended with its mosrun", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
+/// A job that does not read its stdin makes the writer into mosrun wait.
+#[test]
+fn stdin_nobody_reads_blocks_the_writer() {
+    let n = Node::start(75, false);
+    let rss0 = n.daemon_rss_kib();
+    let mut mosrun = n
+        .mosrun_as_nobody("", &["sleep", "600"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let w = mosrun.stdin.take().unwrap();
+    nix::fcntl::fcntl(
+        &w,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let chunk = vec![b'x'; 1 << 16];
+    let mut accepted: u64 = 0;
+    // Bounded: at most 512 MiB, and stop once the pipe has taken nothing for a second.
+    while accepted < 512 << 20 {
+        match (&w).write(&chunk) {
+            Ok(k) => accepted += k as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut pfd = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&w),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                if nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(1000u16)).unwrap() == 0
+                {
+                    break;
+                }
+            }
+            Err(e) => panic!("writing to mosrun: {e}"),
+        }
+    }
+    let grown = n.daemon_rss_kib().saturating_sub(rss0);
+    let _ = mosrun.kill();
+    let _ = mosrun.wait();
+    assert!(
+        accepted < 8 << 20,
+        "mosrun took {accepted} bytes of stdin for a job that reads none"
+    );
+    assert!(grown < 64 << 10, "mosixd grew by {grown} KiB");
+}
+
+#[test]
+fn control_connections_are_capped_and_bounded() {
+    let n = Node::start(76, false);
+    let script = r#"
+import socket, sys
+conns = []
+for i in range(70):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    conns.append(s)
+last = conns[-1]
+last.settimeout(20)
+print(last.makefile().readline().strip())
+big = socket.socket(socket.AF_UNIX)
+for s in conns:
+    s.close()
+big.connect(sys.argv[1])
+big.settimeout(20)
+try:
+    big.sendall(b"x" * (1100 * 1024))
+except OSError:
+    pass
+print(big.makefile().readline().strip())
+"#;
+    let sock = n.sock();
+    let out = python_as_nobody(script, &[&sock.to_string_lossy()]);
+    let mut l = out.lines();
+    let first = l.next().unwrap_or_default();
+    assert!(first.contains("too many connections"), "{out}");
+    let second = l.next().unwrap_or_default();
+    assert!(second.contains("request too long"), "{out}");
+}
+
+#[test]
+fn unauthenticated_peers_get_a_deadline_and_a_cap() {
+    let n = Node::start(77, false);
+    let threads0 = status_field(n.daemon.id() as i32, "Threads:");
+    let addr = format!("127.0.{}.1:5400", n.net);
+    let mut conns = Vec::new();
+    for _ in 0..200 {
+        let s = std::net::TcpStream::connect(&addr).unwrap();
+        // One byte, the start of a frame length, as a slow peer would send.
+        let _ = (&s).write_all(&[0]);
+        conns.push(s);
+    }
+    let threads = status_field(n.daemon.id() as i32, "Threads:");
+    assert!(
+        threads < threads0 + 40,
+        "{threads} threads for 200 silent connections ({threads0} before)"
+    );
+    // Every one of them is closed by the daemon, the last after the handshake deadline.
+    let end = Instant::now() + DEADLINE;
+    for mut s in conns {
+        let left = end.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "a silent peer kept its connection open");
+        s.set_read_timeout(Some(left)).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a silent peer's connection was not closed: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn what_a_job_leaves_behind_ends_with_it() {
+    let n = Node::start(78, false);
+    let o = n
+        .mosrun_as_nobody("", &["sh", "-c", "sleep 600 & echo $!"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pid: i32 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    n.wait_until("the job's background child has ended", || {
+        // Gone, or a zombie nobody will see again.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z"))
+            .unwrap_or(true)
+    });
+}
