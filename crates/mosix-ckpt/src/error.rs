@@ -18,6 +18,17 @@ pub enum Error {
     /// The image is fine but cannot be restored here (file changed, kernel differs, ...).
     #[error("cannot restore: {0}")]
     Unrestorable(String),
+    /// The restore would give the process credentials it may not have (see
+    /// [`crate::CredPolicy`]); nothing was started.
+    #[error("not permitted: {0}")]
+    Forbidden(String),
+    /// No such user in this machine's user database.
+    #[error("no user {0} on this machine")]
+    NoUser(String),
+    /// A path of the image cannot be opened with the credentials of the process being
+    /// restored (as uid `uid`); nothing keeps running.
+    #[error("cannot open {path} as uid {uid}: {}", io::Error::from_raw_os_error(*.errno))]
+    Open { path: String, uid: u32, errno: i32 },
     /// A system call failed.
     #[error("{what}: {source}")]
     Sys {

@@ -13,17 +13,20 @@
 //! ```
 
 pub mod check;
+mod creds;
 mod dump;
 mod error;
 pub mod image;
 pub mod procfs;
 mod remote;
+mod reopen;
 mod restore;
 pub mod sys;
 
+pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
 pub use error::{Error, Result};
 pub use image::{
     read_image, read_image_bytes, read_image_file, Compression, LoadedImage, ProcessImage,
 };
-pub use restore::{preflight, restore, resume, RestoreOptions, Restored};
+pub use restore::{preflight, restore, restore_with, resume, RestoreOptions, Restored};

@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 
+use crate::creds::{self, CredOptions, Plan, Restorer};
 use crate::error::{sys_err, Error, Result};
-use crate::image::{FdKind, FileId, LoadedImage, ProcessImage, VmaKind};
+use crate::image::{FdKind, LoadedImage, ProcessImage, VmaKind};
 use crate::procfs;
 use crate::remote::{find_syscall_insn, Remote};
 use crate::sys::{self, PAGE};
@@ -16,8 +17,8 @@ const SCRATCH_LEN: u64 = 64 * 1024;
 // Layout of the work area: code, auxv, prctl_mm_map, small structs, strings.
 const AT_AUXV: u64 = 0x1000;
 const AT_MM: u64 = 0x2000;
-const AT_MISC: u64 = 0x3000;
-const AT_STR: u64 = 0x8000;
+pub(crate) const AT_MISC: u64 = 0x3000;
+pub(crate) const AT_STR: u64 = 0x8000;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const PR_SET_VMA: u64 = 0x53564d41;
@@ -64,7 +65,10 @@ pub struct Restored {
 }
 
 /// Checks that the image can be restored on this machine, before anything is created:
-/// architecture, files it maps or has open, kernel-provided mappings.
+/// architecture, registers, kernel-provided mappings. The files it maps or has open are
+/// checked later, once opened (as the user the process belongs to): a check by path
+/// before the open could be raced, and made as root would tell about files the user
+/// cannot see.
 pub fn preflight(img: &LoadedImage) -> Result<()> {
     let m = &img.meta;
     if m.arch != std::env::consts::ARCH {
@@ -76,38 +80,6 @@ pub fn preflight(img: &LoadedImage) -> Result<()> {
     }
     if sys::regs_from_bytes(&m.regs).is_none() {
         return Err(Error::Unrestorable("registers of an unknown layout".into()));
-    }
-    let check = |path: &str, id: &FileId, strict: bool| -> Result<()> {
-        let now = procfs::file_id_of(path).map_err(|e| {
-            Error::Unrestorable(format!("{path} is needed but cannot be opened: {e}"))
-        })?;
-        let same = if strict {
-            &now == id
-        } else {
-            now.dev == id.dev && now.ino == id.ino
-        };
-        if !same {
-            return Err(Error::Unrestorable(format!(
-                "{path} is not the file it was at checkpoint time (it was replaced or changed)"
-            )));
-        }
-        Ok(())
-    };
-    if let Some(id) = &m.exe_id {
-        check(&m.exe, id, true)?;
-    }
-    for v in &m.vmas {
-        if let VmaKind::File { path, id, .. } = &v.kind {
-            check(path, id, true)?;
-        }
-    }
-    for f in &m.fds {
-        if let FdKind::File {
-            path, id: Some(id), ..
-        } = &f.kind
-        {
-            check(path, id, false)?;
-        }
     }
     let own = specials(&procfs::maps(std::process::id() as i32)?);
     let want = image_specials(m);
@@ -158,12 +130,29 @@ fn free_range(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
     (hi >= len + 0x10_0000).then(|| hi - len)
 }
 
+/// Restores the image as a new child of this process, with the credentials the image
+/// records ([`CredOptions::from_image`]): only for images you wrote yourself or know to
+/// be genuine; see [`restore_with`] for the others.
+pub fn restore(img: &LoadedImage, opts: RestoreOptions) -> Result<Restored> {
+    restore_with(img, opts, &CredOptions::from_image())
+}
+
 /// Restores the image as a new child of this process, which must stay single-threaded
 /// for ptrace's sake while this runs. The process runs on its own once this returns.
-pub fn restore(img: &LoadedImage, opts: RestoreOptions) -> Result<Restored> {
+///
+/// `creds` decides whose process it is (see [`crate::CredPolicy`]); every path of the
+/// image (exe, mapped files, open files, cwd) is opened in the new process with those
+/// credentials, and checked (fstat of the opened descriptor) against what the image
+/// recorded. A refusal or any failure leaves nothing running.
+pub fn restore_with(
+    img: &LoadedImage,
+    opts: RestoreOptions,
+    creds: &CredOptions,
+) -> Result<Restored> {
     let t = std::time::Instant::now();
     preflight(img)?;
     let m = &img.meta;
+    let plan = creds::plan(&m.creds, creds, &Restorer::current())?;
     let (pid, ns_init) = if opts.keep_pid || opts.time_ns {
         let set_tid = if opts.keep_pid {
             if m.pid <= 1 {
@@ -197,7 +186,7 @@ pub fn restore(img: &LoadedImage, opts: RestoreOptions) -> Result<Restored> {
     tracing::debug!("preflight and fork in {:?}", t.elapsed());
     // The process's own PID, for system calls it makes about itself.
     let own = if opts.keep_pid { m.pid } else { pid };
-    match build(pid, own, img, opts) {
+    match build(pid, own, img, opts, &plan) {
         Ok(()) => {
             tracing::debug!("restored in {:?}", t.elapsed());
             Ok(Restored { pid, ns_init })
@@ -214,18 +203,20 @@ pub fn restore(img: &LoadedImage, opts: RestoreOptions) -> Result<Restored> {
     }
 }
 
-struct Builder<'a> {
-    pid: i32,
+pub(crate) struct Builder<'a> {
+    pub(crate) pid: i32,
     /// Its PID in its own PID namespace.
     own: i32,
-    r: Remote,
-    scratch: u64,
+    pub(crate) r: Remote,
+    pub(crate) scratch: u64,
     img: &'a ProcessImage,
+    /// The fs uid paths are opened with.
+    pub(crate) fs_uid: u32,
 }
 
 impl Builder<'_> {
     /// Puts `data` into the scratch area at `off` and returns its address there.
-    fn put(&self, off: u64, data: &[u8]) -> Result<u64> {
+    pub(crate) fn put(&self, off: u64, data: &[u8]) -> Result<u64> {
         if off + data.len() as u64 > SCRATCH_LEN {
             return Err(Error::Unrestorable(format!(
                 "{} bytes of arguments do not fit the work area",
@@ -235,26 +226,17 @@ impl Builder<'_> {
         sys::write_mem(self.pid, self.scratch + off, data)?;
         Ok(self.scratch + off)
     }
-    fn put_str(&self, off: u64, s: &str) -> Result<u64> {
+    pub(crate) fn put_str(&self, off: u64, s: &str) -> Result<u64> {
         let mut b = s.as_bytes().to_vec();
         b.push(0);
         self.put(off, &b)
     }
-    fn call(&mut self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
+    pub(crate) fn call(&mut self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
         self.r.call(what, nr, args)
-    }
-    /// Opens `path` in the new process; returns the descriptor.
-    fn open(&mut self, path: &str, flags: i32) -> Result<u64> {
-        let p = self.put_str(AT_STR, path)?;
-        self.call(
-            &format!("opening {path}"),
-            libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, p, flags as u64, 0],
-        )
     }
 }
 
-fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions) -> Result<()> {
+fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Plan) -> Result<()> {
     let m = &img.meta;
     sys::set_options(
         pid,
@@ -360,7 +342,10 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions) -> Result<
         r,
         scratch,
         img: m,
+        fs_uid: plan.creds.uid[3],
     };
+    // From here on, every path is opened as the user the process belongs to.
+    creds::enter(&mut b, plan)?;
     // The mm fields (and exe link) before the image's mappings exist: the kernel refuses
     // to change the exe link while the old exe is mapped, and the image may map that
     // very file.
@@ -374,7 +359,7 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions) -> Result<
     restore_fds(&mut b)?;
     restore_misc(&mut b)?;
     restore_signals(&mut b)?;
-    restore_creds(&mut b)?;
+    creds::finish(&mut b, plan)?;
 
     // Leave the work area through a syscall instruction of the restored program itself.
     let vdso = m
@@ -461,11 +446,12 @@ fn map_memory(b: &mut Builder) -> Result<()> {
                     ],
                 )?;
             }
-            VmaKind::File { path, offset, .. } => {
+            VmaKind::File { path, offset, id } => {
                 let fd = match open_files.get(path) {
                     Some(&fd) => fd,
                     None => {
-                        let fd = b.open(path, libc::O_RDONLY | libc::O_CLOEXEC)?;
+                        let fd =
+                            b.open(path, libc::O_RDONLY | libc::O_CLOEXEC, Some((id, true)))?;
                         open_files.insert(path.clone(), fd);
                         fd
                     }
@@ -529,9 +515,14 @@ fn set_mm(b: &mut Builder) -> Result<()> {
     let mm = &b.img.mm;
     let auxv: Vec<u8> = mm.auxv.iter().flat_map(|x| x.to_le_bytes()).collect();
     let auxv_addr = b.put(AT_AUXV, &auxv)?;
+    // Opened (and checked) as the user in any case; the exe link is set only by root.
+    let exe = b.img.exe.clone();
+    let want = b.img.exe_id.as_ref().map(|id| (id, true));
+    let fd = b.open(&exe, libc::O_RDONLY | libc::O_CLOEXEC, want)?;
     let exe_fd = if nix::unistd::geteuid().is_root() {
-        b.open(&b.img.exe.clone(), libc::O_RDONLY | libc::O_CLOEXEC)? as u32
+        fd as u32
     } else {
+        b.call("close", libc::SYS_close, &[fd])?;
         u32::MAX
     };
     let mut s: Vec<u8> = Vec::with_capacity(104);
@@ -584,11 +575,13 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
                 }
             }
             FdKind::File {
-                path, flags, pos, ..
+                path,
+                flags,
+                pos,
+                id,
             } => {
-                let open_flags =
-                    flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
-                let tmp = b.open(path, open_flags)?;
+                let open_flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+                let tmp = b.open(path, open_flags, id.as_ref().map(|id| (id, false)))?;
                 if tmp != f.fd as u64 {
                     let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
                     b.call("dup3", libc::SYS_dup3, &[tmp, f.fd as u64, cl as u64])?;
@@ -712,35 +705,5 @@ fn restore_signals(b: &mut Builder) -> Result<()> {
             )?;
         }
     }
-    Ok(())
-}
-
-fn restore_creds(b: &mut Builder) -> Result<()> {
-    let c = &b.img.creds;
-    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
-    let p = b.put(AT_MISC, &groups)?;
-    if nix::unistd::geteuid().is_root() {
-        b.call(
-            "setgroups",
-            libc::SYS_setgroups,
-            &[c.groups.len() as u64, p],
-        )?;
-    }
-    b.call(
-        "setresgid",
-        libc::SYS_setresgid,
-        &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64],
-    )?;
-    b.call(
-        "setresuid",
-        libc::SYS_setresuid,
-        &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
-    )?;
-    // A change of user makes the process undumpable; a normally started one is not.
-    b.call(
-        "prctl(PR_SET_DUMPABLE)",
-        libc::SYS_prctl,
-        &[libc::PR_SET_DUMPABLE as u64, 1],
-    )?;
     Ok(())
 }

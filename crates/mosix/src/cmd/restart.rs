@@ -1,7 +1,10 @@
 //! `mosix restart`: bring a checkpointed process back.
 
+use std::fs::Metadata;
 use std::io::Read;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
@@ -17,9 +20,22 @@ use nix::unistd::Pid;
 /// for the process and exits with its exit status (or dies by the same signal), so it can
 /// stand in for the original in a shell. A damaged, truncated, foreign or newer image is
 /// refused and nothing is started.
+///
+/// Whose process it becomes: an image is only a file, and anyone can write one that
+/// claims to be a process of root's. So root restores an image as the user who owns the
+/// image file (--as-image-owner, the default): that user's uid, with the image's gids and
+/// groups where the user has them (the user's primary group otherwise), and no
+/// capabilities unless the user is root. An image file owned by root that no one else may
+/// write is restored as the image says. --trust-image restores any image as it says;
+/// --as-user USER restores it as USER. An image read from standard input has no owner:
+/// root must give --as-user or --trust-image. Every file the image names (program,
+/// mapped and open files, working directory) is opened as the user the process will be,
+/// so a file that user cannot open stops the restart with one line, and nothing runs.
+/// A user other than root restores images as themselves: an image of another user's
+/// process is refused.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  mosix restart job.img              # run it again; exit with its status\n  mosix restart --detach job.img     # print the new PID and return\n  mosix restart --keep-pid job.img   # same getpid() and monotonic clocks\n  mosix restart - < job.img"
+    after_help = "Examples:\n  mosix restart job.img              # run it again; exit with its status\n  mosix restart --detach job.img     # print the new PID and return\n  mosix restart --keep-pid job.img   # same getpid() and monotonic clocks\n  mosix restart --as-user alice - < job.img   # root: stdin has no owner"
 )]
 pub struct Args {
     /// The image to restore (`-` reads it from standard input).
@@ -33,6 +49,95 @@ pub struct Args {
     /// (The printed PID with --detach is the one this machine sees.)
     #[arg(long)]
     pub keep_pid: bool,
+    /// Root: restore the process as the user who owns the image file (the default). An
+    /// image file owned by root and writable by no one else is restored as it says.
+    #[arg(long, conflicts_with_all = ["trust_image", "as_user"])]
+    pub as_image_owner: bool,
+    /// Root: restore the process with the credentials the image records, whoever wrote
+    /// it (only for images you know to be genuine).
+    #[arg(long, conflicts_with = "as_user")]
+    pub trust_image: bool,
+    /// Root: restore the process as USER (a name or a uid): USER's uid, and of the
+    /// image's groups those USER has.
+    #[arg(long, value_name = "USER")]
+    pub as_user: Option<String>,
+}
+
+/// Opens the image file without following it into a FIFO, socket or device (O_PATH:
+/// nothing is opened but the name), checks what the opened descriptor is, and only then
+/// reads it, through that very descriptor.
+fn open_image(path: &Path) -> anyhow::Result<(std::fs::File, Metadata)> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let md = f
+        .metadata()
+        .with_context(|| format!("cannot examine {}", path.display()))?;
+    let t = md.file_type();
+    let kind = if t.is_file() {
+        return Ok((f, md));
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    anyhow::bail!("{} is {kind}, not an image file", path.display())
+}
+
+/// Whose process the image becomes (see the command's help).
+fn cred_options(a: &Args, file: Option<&Metadata>) -> anyhow::Result<mosix_ckpt::CredOptions> {
+    use mosix_ckpt::{CredOptions, Identity};
+    let me = nix::unistd::geteuid();
+    if !me.is_root() {
+        if a.trust_image {
+            anyhow::bail!("--trust-image is for root: you restore images as yourself");
+        }
+        if let Some(u) = &a.as_user {
+            if Identity::of_name(u)?.uid != me.as_raw() {
+                anyhow::bail!("only root can restore a process as another user");
+            }
+        }
+        // The engine refuses an image that is not the caller's before anything starts.
+        return Ok(CredOptions::from_image());
+    }
+    if a.trust_image {
+        return Ok(CredOptions::from_image());
+    }
+    if let Some(u) = &a.as_user {
+        return Ok(CredOptions::as_user(Identity::of_name(u)?));
+    }
+    let Some(md) = file else {
+        anyhow::bail!(
+            "the image comes from standard input, which has no owner to restore it as: give --as-user USER, or --trust-image to restore it as it says"
+        );
+    };
+    let img = a.image.display();
+    if md.uid() == 0 {
+        if md.mode() & 0o022 != 0 {
+            anyhow::bail!(
+                "{img} is owned by root but others may write it: give --as-user USER, or --trust-image to restore it as it says"
+            );
+        }
+        return Ok(CredOptions::from_image());
+    }
+    match Identity::of_uid(md.uid()) {
+        Ok(who) => Ok(CredOptions::as_user(who)),
+        Err(mosix_ckpt::Error::NoUser(_)) => anyhow::bail!(
+            "{img} belongs to uid {}, who has no user account here: give --as-user USER or --trust-image",
+            md.uid()
+        ),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Signals sent to this command that are passed on to the restored process. Terminal
@@ -46,20 +151,33 @@ const FORWARDED: [Signal; 4] = [
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let t0 = std::time::Instant::now();
-    let img = if a.image.as_os_str() == "-" {
-        let mut buf = Vec::new();
-        std::io::stdin()
-            .lock()
-            .read_to_end(&mut buf)
-            .context("reading the image from standard input")?;
-        mosix_ckpt::read_image(&buf[..])
+    let stdin = a.image.as_os_str() == "-";
+    if stdin && a.as_image_owner {
+        anyhow::bail!("an image from standard input has no owner: give --as-user USER");
+    }
+    let file = if stdin {
+        None
     } else {
-        if let Err(e) = std::fs::metadata(&a.image) {
-            anyhow::bail!("cannot open {}: {e}", a.image.display());
+        Some(open_image(&a.image)?)
+    };
+    // Decided before the image is read: a refusal costs nothing.
+    let creds = cred_options(&a, file.as_ref().map(|f| &f.1))?;
+    let img = match &file {
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .lock()
+                .read_to_end(&mut buf)
+                .context("reading the image from standard input")?;
+            mosix_ckpt::read_image(&buf[..])
         }
-        mosix_ckpt::read_image_file(&a.image)
+        // The file already opened and checked, not the name again.
+        Some((f, _)) => {
+            mosix_ckpt::read_image_file(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
+        }
     }
     .with_context(|| format!("{}", a.image.display()))?;
+    drop(file);
     let opts = mosix_ckpt::RestoreOptions {
         keep_pid: a.keep_pid,
         time_ns: a.keep_pid,
@@ -67,7 +185,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     tracing::debug!("image read and verified in {:?}", t0.elapsed());
     if a.detach {
-        let new = mosix_ckpt::restore(&img, opts)?;
+        let new = mosix_ckpt::restore_with(&img, opts, &creds)?;
         println!("{}", new.pid);
         return Ok(0);
     }
@@ -83,7 +201,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
         unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }?;
     }
-    let (pid, ns_init) = match mosix_ckpt::restore(&img, opts) {
+    let (pid, ns_init) = match mosix_ckpt::restore_with(&img, opts, &creds) {
         Ok(p) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw)),
         Err(e) => {
             old.thread_set_mask()?;
