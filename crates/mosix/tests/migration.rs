@@ -149,13 +149,22 @@ fn migration_on_four_nodes() {
         .arg(tb.dir.path())
         .args(["--", "sh", "-c"])
         .arg(format!(
-            "seq 1 200000 | {} run -r 2 mawk '{{s += $1}} END {{printf \"%.0f %d\\n\", s, NR}}'",
+            "seq 1 200000 | {} run -r 2 mawk '{{s += $1}} END {{printf \"%.0f %d\\n\", s, NR; \
+             while ((getline l < \"/proc/self/cgroup\") > 0) if (l ~ /mosixtb/) {{ print l; exit }} }}'",
             mosix().display()
         ))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "20000100000 200000\n");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("20000100000 200000"));
+    // It ran on node 2 from the start (`-r 2`): in node 2's cgroup.
+    assert!(
+        lines.next().is_some_and(|l| l.ends_with("/mosixtb-2")),
+        "not on node 2: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // 3. `mosrun ... | head -1`: the reader goes away, the remote writer gets SIGPIPE.
     let o = Command::new(mosix())

@@ -108,11 +108,6 @@ impl Procs {
                 info: info.clone(),
             },
         );
-        let _ = dtx.send(DevEv::HostLinked {
-            epoch: 0,
-            node: self.me(),
-            down: Downlink::Local(ktx),
-        });
         // The answer line goes out before any frame of the deputy's.
         {
             let mut line =
@@ -148,6 +143,13 @@ impl Procs {
             .name("mosix-deputy".into())
             .spawn(move || {
                 let mut d = Deputy::new(me.clone(), pid, info, stream, dtx3);
+                // Its first host is here; linked before anything else is handled (a
+                // `mosrun -r` move is asked for right away).
+                d.handle(DevEv::HostLinked {
+                    epoch: 0,
+                    node: me.me(),
+                    down: Downlink::Local(ktx),
+                });
                 if let Some(t) = target.filter(|&t| t != me.me()) {
                     let (rtx, rrx) = mpsc::channel();
                     d.handle(DevEv::Migrate { to: t, reply: rtx });

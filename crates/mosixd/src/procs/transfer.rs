@@ -193,7 +193,18 @@ impl Procs {
             hold: true,
             pdeathsig: Some(libc::SIGKILL),
         };
-        let restored = match mosix_ckpt::restore(&img, opts) {
+        // The process gets no credential its owner (as its home node says) could not have
+        // here: root's processes are root's (every node is root on every other, see
+        // docs/security.md); a user's must have only that user's uid, gids and groups.
+        let creds = if h.uid == 0 {
+            mosix_ckpt::CredOptions::from_image()
+        } else {
+            match mosix_ckpt::Identity::of_uid(h.uid) {
+                Ok(who) => mosix_ckpt::CredOptions::within(who),
+                Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
+            }
+        };
+        let restored = match mosix_ckpt::restore_with(&img, opts, &creds) {
             Ok(r) => r,
             Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
         };
