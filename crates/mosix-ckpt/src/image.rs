@@ -740,8 +740,7 @@ fn decompress<D: Read>(mut dec: D, minor: u16, limits: &ReadLimits) -> Result<Ve
 /// Reads the 9-byte head of the next record onto `body`: Ok(None) at a clean end.
 fn record_head<D: Read>(dec: &mut D, body: &mut Vec<u8>, bound: u64) -> Result<Option<(u8, u64)>> {
     let at = body.len();
-    read_payload(dec, body, 9, bound)?;
-    if body.len() == at {
+    if !read_at_most(dec, body, 9, bound)? {
         return Ok(None);
     }
     let h = &body[at..];
@@ -749,10 +748,10 @@ fn record_head<D: Read>(dec: &mut D, body: &mut Vec<u8>, bound: u64) -> Result<O
     Ok(Some((h[0], len)))
 }
 
-/// Appends exactly `n` more bytes of `dec` to `body` (or none at a clean end of the
-/// stream), never letting `body` grow past `bound`; memory grows with the bytes that
-/// actually arrive, not with `n`.
-fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<()> {
+/// Appends exactly `n` more bytes of `dec` to `body`, never letting `body` grow past
+/// `bound`; memory grows with the bytes that actually arrive, not with `n`. Ok(false) if
+/// the stream ended cleanly before the first of them.
+fn read_at_most<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<bool> {
     let at = body.len() as u64;
     let want = at.saturating_add(n);
     if want > bound {
@@ -777,12 +776,22 @@ fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) ->
         let got = dec.by_ref().take(step).read_to_end(body).map_err(damaged)?;
         if got == 0 {
             if body.len() as u64 == at {
-                return Ok(());
+                return Ok(false);
             }
             return Err(bad("truncated: the end record is missing"));
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Appends exactly `n` more bytes of `dec` to `body` (see [`read_at_most`]); the stream
+/// must have them.
+fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<()> {
+    if read_at_most(dec, body, n, bound)? || n == 0 {
+        Ok(())
+    } else {
+        Err(bad("truncated: the end record is missing"))
+    }
 }
 
 fn decode_meta(payload: &[u8], minor: u16) -> Result<ProcessImage> {
@@ -938,6 +947,34 @@ mod tests {
         let mut more = good.clone();
         more.push(0);
         assert!(read_image(&more[..]).is_err());
+    }
+
+    /// A compressed body cut anywhere (and compressed again, with valid checksums, as
+    /// anyone can) is an error, never a panic: the body is read record by record.
+    #[test]
+    fn compressed_bodies_cut_anywhere_are_errors() {
+        let body = {
+            let b = sample(Compression::None);
+            b[HEADER_LEN..b.len() - 8].to_vec()
+        };
+        for c in [Compression::Lz4, Compression::Zstd] {
+            for cut in 0..body.len() {
+                let stored = match c {
+                    Compression::Lz4 => {
+                        let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+                        e.write_all(&body[..cut]).unwrap();
+                        e.finish().unwrap()
+                    }
+                    _ => zstd::bulk::compress(&body[..cut], 1).unwrap(),
+                };
+                let mut b = header(c).to_vec();
+                b.extend_from_slice(&stored);
+                let sum = xxh3_64(&b);
+                b.extend_from_slice(&sum.to_le_bytes());
+                let e = read_image(&b[..]).err().unwrap().to_string();
+                assert!(e.starts_with("bad image: "), "{c:?} cut at {cut}: {e}");
+            }
+        }
     }
 
     #[test]
