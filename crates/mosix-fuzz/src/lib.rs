@@ -14,3 +14,6 @@
 
 pub mod alloc;
 pub mod craft;
+pub mod mutate;
+pub mod runner;
+pub mod targets;
