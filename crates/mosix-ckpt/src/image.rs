@@ -550,8 +550,8 @@ fn declared_body_len(meta_len: u64, estimate: u64) -> u64 {
 }
 
 fn mib(n: u64) -> String {
-    if n >= 10 << 30 {
-        format!("{} GiB", n >> 30)
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
     } else {
         format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
     }

@@ -80,6 +80,12 @@ fn main() {
         let i = checkpoint_images();
         if i.is_empty() {
             eprintln!("mosix-fuzz: could not checkpoint a process for seeds (not root?); writer images only");
+        } else {
+            let sizes: Vec<String> = i.iter().map(|b| b.len().to_string()).collect();
+            eprintln!(
+                "mosix-fuzz: seeds include images of a checkpointed sleep ({} bytes)",
+                sizes.join(", ")
+            );
         }
         i
     } else {
