@@ -530,8 +530,41 @@ fn cgroup_headroom() -> u64 {
 }
 
 /// The largest metadata record a reader takes: far more than any real process needs (its
-/// maps are limited by vm.max_map_count, 65530 by default, its paths by PATH_MAX).
-pub const MAX_META: u64 = 256 << 20;
+/// maps are limited by vm.max_map_count, 65530 by default: about 4 MiB of metadata).
+pub const MAX_META: u64 = 64 << 20;
+
+/// The most bytes of memory decoding the metadata takes per byte of it: its densest
+/// elements decode to their size in memory (a [`Vma`] is encoded in at least 7 bytes, an
+/// [`Fd`] in 4, a [`PendingSignal`] in 2, a [`SigAction`] in 5, an rlimit in 3, an itimer
+/// in 4, a u64 in 1), and vectors grow by doubling.
+pub const META_GROWTH: u64 = {
+    use std::mem::size_of;
+    let per = [
+        size_of::<Vma>().div_ceil(7),
+        size_of::<Fd>().div_ceil(4),
+        size_of::<PendingSignal>().div_ceil(2),
+        size_of::<SigAction>().div_ceil(5),
+        size_of::<(u32, u64, u64)>().div_ceil(3),
+        size_of::<[i64; 4]>().div_ceil(4),
+        size_of::<u64>(),
+    ];
+    let mut most = 0;
+    let mut i = 0;
+    while i < per.len() {
+        if per[i] > most {
+            most = per[i];
+        }
+        i += 1;
+    }
+    2 * most as u64
+};
+
+/// The memory decoding a metadata record of `len` bytes may take.
+fn meta_decode_need(len: u64, minor: u16) -> u64 {
+    // A 1.0 record is copied once to be decoded.
+    let copy = if minor == 0 { len + 1 } else { 0 };
+    len.saturating_mul(META_GROWTH).saturating_add(copy)
+}
 /// Bytes of a memory record besides its contents: tag, length, address, checksum.
 const PAGES_OVERHEAD: u64 = 1 + 8 + 8 + 8;
 /// Bytes of the end record.
@@ -656,7 +689,7 @@ fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
             (Storage::Owned(body), 0, len)
         }
     };
-    let (meta, runs) = parse_body(&store[body_at..end], minor)?;
+    let (meta, runs) = parse_body(&store[body_at..end], minor, limits)?;
     Ok(LoadedImage {
         meta,
         compression,
@@ -688,19 +721,24 @@ fn decompress<D: Read>(mut dec: D, minor: u16, limits: &ReadLimits) -> Result<Ve
             "metadata record of {len} bytes (a reader takes at most {MAX_META})"
         )));
     }
-    if 9 + len + 8 > limits.max_memory {
-        return Err(too_big("its metadata needs", 9 + len + 8, limits));
+    let meta_need = meta_decode_need(len, minor);
+    if (9 + len + 8).saturating_add(meta_need) > limits.max_memory {
+        return Err(too_big(
+            "its metadata needs",
+            (9 + len + 8).saturating_add(meta_need),
+            limits,
+        ));
     }
     read_payload(&mut dec, &mut body, len + 8, bound)?;
-    let meta = decode_meta(&body[9..9 + len as usize], minor)?;
-    bound = declared_body_len(len, meta.memory_estimate);
-    if bound > limits.max_memory {
+    let estimate = decode_meta(&body[9..9 + len as usize], minor)?.memory_estimate;
+    bound = declared_body_len(len, estimate);
+    if bound.saturating_add(meta_need) > limits.max_memory {
         return Err(too_big(
             &format!(
                 "the image declares {} of memory contents; reading it needs",
-                mib(meta.memory_estimate)
+                mib(estimate)
             ),
-            bound,
+            bound.saturating_add(meta_need),
             limits,
         ));
     }
@@ -806,7 +844,7 @@ fn decode_meta(payload: &[u8], minor: u16) -> Result<ProcessImage> {
 
 type Runs = Vec<(u64, usize, usize)>;
 
-fn parse_body(body: &[u8], minor: u16) -> Result<(ProcessImage, Runs)> {
+fn parse_body(body: &[u8], minor: u16, limits: &ReadLimits) -> Result<(ProcessImage, Runs)> {
     let mut pos = 0usize;
     let mut meta: Option<ProcessImage> = None;
     let mut runs = Vec::new();
@@ -845,6 +883,10 @@ fn parse_body(body: &[u8], minor: u16) -> Result<(ProcessImage, Runs)> {
                     return Err(bad(format!(
                         "metadata record of {len} bytes (a reader takes at most {MAX_META})"
                     )));
+                }
+                let need = meta_decode_need(len as u64, minor);
+                if need > limits.max_memory {
+                    return Err(too_big("its metadata needs", need, limits));
                 }
                 meta = Some(decode_meta(payload, minor)?);
             }

@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! mosix-fuzz [--secs N] [--target NAME]... [--seed N] [--crash-dir DIR]
-//!            [--corpus DIR] [--checkpoint-seeds] [--list]
+//!            [--corpus DIR] [--checkpoint-seeds] [--list] [--replay FILE]...
 //! ```
 //! `--secs` defaults to $MOSIX_FUZZ_SECS, else 10. `--corpus DIR` adds the files under
 //! `DIR/<target>/` to the seeds; `--checkpoint-seeds` adds images of a real process (as
-//! root). Exit status: 0 when nothing crashed, 1 when something did, 2 on a hang, 3 when
+//! root). `--replay FILE` runs saved inputs once each on the chosen targets. Exit status: 0 when nothing crashed, 1 when something did, 2 on a hang, 3 when
 //! an input drove one thread past the allocation hard cap.
 
 use std::path::PathBuf;
@@ -36,6 +36,7 @@ fn main() {
     let mut crash_dir: Option<PathBuf> = None;
     let mut corpus: Option<PathBuf> = None;
     let mut ckpt = false;
+    let mut replay: Vec<PathBuf> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |what: &str| {
@@ -51,6 +52,7 @@ fn main() {
             "--crash-dir" => crash_dir = Some(val("a directory").into()),
             "--corpus" => corpus = Some(val("a directory").into()),
             "--checkpoint-seeds" => ckpt = true,
+            "--replay" => replay.push(PathBuf::from(val("a file"))),
             "--list" => {
                 for t in targets::all() {
                     println!("{}\t{}", t.name, t.about);
@@ -58,7 +60,7 @@ fn main() {
                 return;
             }
             _ => {
-                eprintln!("usage: mosix-fuzz [--secs N] [--target NAME]... [--seed N] [--crash-dir DIR] [--corpus DIR] [--checkpoint-seeds] [--list]");
+                eprintln!("usage: mosix-fuzz [--secs N] [--target NAME]... [--seed N] [--crash-dir DIR] [--corpus DIR] [--checkpoint-seeds] [--list] [--replay FILE]...");
                 std::process::exit(64);
             }
         }
@@ -76,6 +78,25 @@ fn main() {
             })
             .collect()
     };
+    if !replay.is_empty() {
+        // Run saved inputs once each (a panic is not caught: its message and place show).
+        for t in &chosen {
+            for f in &replay {
+                let input = std::fs::read(f).unwrap_or_default();
+                let s = mosix_fuzz::alloc::Scope::start();
+                let c = (t.run)(&input);
+                println!(
+                    "REPLAY {} {}: {} bytes, outcome class {c:016x}, {} bytes allocated (bound {})",
+                    t.name,
+                    f.display(),
+                    input.len(),
+                    s.peak(),
+                    (t.alloc_bound)(input.len())
+                );
+            }
+        }
+        return;
+    }
     let images = if ckpt && chosen.iter().any(|t| t.name.starts_with("image")) {
         let i = checkpoint_images();
         if i.is_empty() {

@@ -138,9 +138,9 @@ pub fn class(s: &str) -> u64 {
 pub const IMAGE_LIMIT: u64 = 64 << 20;
 
 fn image_bound(n: usize) -> u64 {
-    // The decompressed body (at most the limit), the metadata decoded from it (bounded by
-    // the body), and copies of the input.
-    2 * IMAGE_LIMIT + 8 * n as u64 + (4 << 20)
+    // The reader's limit covers the decompressed body and the metadata decoded from it;
+    // beyond it, copies of the input.
+    IMAGE_LIMIT + 16 * n as u64 + (4 << 20)
 }
 
 fn read_image(b: Vec<u8>) -> u64 {

@@ -108,3 +108,21 @@ fuzz_target!(control, "control", 1000, 1024);
 fuzz_target!(control_client, "control_client", 300, 1024);
 fuzz_target!(gossip_open, "gossip_open", 1000, 1024);
 fuzz_target!(gossip_payload, "gossip_payload", 1000, 1024);
+
+/// Inputs that once crashed a target (tests/crashes/<target>-<what>.bin) stay fixed.
+#[test]
+fn saved_crashes_stay_fixed() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/crashes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let target = name.split('-').next().unwrap_or_default();
+        let t = &seeded(target).target;
+        let input = std::fs::read(e.path()).unwrap();
+        if let Err(e) = run(t, &input) {
+            panic!("{name}: {e}");
+        }
+        n += 1;
+    }
+    assert!(n > 0);
+}

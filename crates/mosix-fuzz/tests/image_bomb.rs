@@ -94,3 +94,49 @@ fn a_stream_longer_than_the_limit_is_refused() {
     assert!(s.peak() < 4 << 20, "allocated {} bytes", s.peak());
     assert!(e.starts_with("cannot restore:"), "{e}");
 }
+
+/// Decoding the metadata takes more memory than its bytes (a memory area of 7 bytes is a
+/// `Vma` of over a hundred): the limit covers that too. Found by the image_sums target: a
+/// 1000-byte image made the reader allocate 142 MB under a 64 MiB limit.
+#[test]
+fn metadata_that_decodes_to_more_than_the_limit_is_refused() {
+    use mosix_ckpt::image::{read_image_bytes_with, ReadLimits, Vma, VmaKind, META_GROWTH};
+    let vma = Vma {
+        start: 0,
+        end: 0,
+        prot: 0,
+        shared: false,
+        growsdown: false,
+        kind: VmaKind::Anon,
+        anon_name: None,
+    };
+    let meta = mosix_ckpt::ProcessImage {
+        vmas: vec![vma; 1 << 20],
+        ..Default::default()
+    };
+    let m = craft::meta_record(&meta);
+    let img = craft::image(
+        craft::C_ZSTD,
+        1,
+        &craft::compress(
+            craft::C_ZSTD,
+            &[m.clone(), craft::end_record(2, m.len() as u64 - 17)].concat(),
+        ),
+    );
+    let limit = 64u64 << 20;
+    let s = Scope::start();
+    let e = read_image_bytes_with(img.clone(), &ReadLimits::bytes(limit))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let peak = s.peak();
+    eprintln!(
+        "{} bytes of metadata (growth {META_GROWTH}), limit {limit}: {peak} bytes allocated: {e}",
+        m.len()
+    );
+    assert!(peak < limit, "{peak}");
+    assert!(e.starts_with("cannot restore: its metadata needs"), "{e}");
+    // With room for it, the same image reads.
+    let img = read_image_bytes_with(img, &ReadLimits::bytes(4 << 30)).unwrap();
+    assert_eq!(img.meta.vmas.len(), 1 << 20);
+}
