@@ -218,7 +218,8 @@ pub struct ProcessImage {
     pub robust_list: (u64, u64),
     pub clear_child_tid: u64,
     pub fds: Vec<Fd>,
-    /// Upper bound of the memory contents that follow (for progress display).
+    /// Upper bound of the memory contents that follow: progress display, and the size a
+    /// reader lets the body decompress to (an image holding more is refused).
     pub memory_estimate: u64,
     /// Its clocks at checkpoint time, as it saw them (format 1.1; None in 1.0 images).
     pub clocks: Option<Clocks>,
@@ -242,6 +243,9 @@ pub struct ImageWriter<W: Write> {
     out: Box<dyn FinishWrite<Hashing<W>>>,
     records: u64,
     payload_total: u64,
+    /// The metadata's `memory_estimate`, and the memory contents written so far.
+    estimate: u64,
+    page_bytes: u64,
 }
 
 /// A compressing writer that can be finished to get the inner writer back.
@@ -329,6 +333,8 @@ impl<W: Write + 'static> ImageWriter<W> {
             out,
             records: 0,
             payload_total: 0,
+            estimate: meta.memory_estimate,
+            page_bytes: 0,
         };
         let meta_bytes = postcard::to_stdvec(meta)
             .map_err(|e| Error::Io(std::io::Error::other(format!("encoding metadata: {e}"))))?;
@@ -356,9 +362,32 @@ impl<W: Write + 'static> ImageWriter<W> {
         Ok(())
     }
 
-    /// Appends memory contents starting at `vaddr`.
+    /// Appends memory contents starting at `vaddr` (whole pages, in records of at most
+    /// [`PAGES_RECORD_MAX`] bytes; nothing for no data). In all, at most the metadata's
+    /// `memory_estimate` bytes: readers refuse an image with more.
     pub fn pages(&mut self, vaddr: u64, data: &[u8]) -> Result<()> {
-        self.record(TAG_PAGES, &[&vaddr.to_le_bytes(), data])
+        let invalid =
+            |msg: String| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
+        if !vaddr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
+            return Err(invalid(format!(
+                "memory contents at {vaddr:#x} of {} bytes are not whole pages",
+                data.len()
+            )));
+        }
+        self.page_bytes += data.len() as u64;
+        if self.page_bytes > self.estimate {
+            return Err(invalid(format!(
+                "memory contents of {} bytes exceed the metadata's memory_estimate ({})",
+                self.page_bytes, self.estimate
+            )));
+        }
+        for (i, chunk) in data.chunks(PAGES_RECORD_MAX).enumerate() {
+            let at = vaddr
+                .checked_add((i * PAGES_RECORD_MAX) as u64)
+                .ok_or_else(|| invalid(format!("memory contents at {vaddr:#x} wrap around")))?;
+            self.record(TAG_PAGES, &[&at.to_le_bytes(), chunk])?;
+        }
+        Ok(())
     }
 
     /// Writes the end record and returns the underlying writer.
@@ -439,20 +468,176 @@ fn read_header(h: &[u8]) -> Result<(Compression, u16)> {
     Ok((Compression::from_code(h[12])?, minor))
 }
 
-/// Reads a whole image from `r`, verifying everything before returning.
-pub fn read_image<R: Read>(mut r: R) -> Result<LoadedImage> {
-    let mut raw = Vec::new();
-    r.read_to_end(&mut raw)?;
-    load(Storage::Owned(raw))
+/// How much memory reading an image may take. Decompression is bounded by the size the
+/// image declares (its metadata record, and the memory contents its `memory_estimate`
+/// says follow); an image that declares more than `max_memory` bytes is refused before
+/// any of it is decompressed, with one line that says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// The most bytes the decompressed body (or an image read from a stream) may take.
+    pub max_memory: u64,
 }
 
-/// Verifies an image already in memory (no copy).
+impl ReadLimits {
+    /// The memory this process can have now: the smaller of the system's MemAvailable and
+    /// the room left under the memory limits (cgroup v2 `memory.max`) of its cgroup and
+    /// every cgroup above it. Unknown limits count as none.
+    pub fn system() -> ReadLimits {
+        ReadLimits {
+            max_memory: mem_available().min(cgroup_headroom()),
+        }
+    }
+    /// At most `max_memory` bytes.
+    pub fn bytes(max_memory: u64) -> ReadLimits {
+        ReadLimits { max_memory }
+    }
+}
+
+/// MemAvailable from /proc/meminfo (u64::MAX if unknown).
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb.saturating_mul(1024))
+}
+
+/// The least room (memory.max less memory.current) in this process's cgroup v2 and its
+/// ancestors (u64::MAX where there is no limit or it cannot be read).
+fn cgroup_headroom() -> u64 {
+    let Ok(cg) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return u64::MAX;
+    };
+    let Some(path) = cg.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return u64::MAX;
+    };
+    let read = |p: &std::path::Path, f: &str| -> Option<u64> {
+        std::fs::read_to_string(p.join(f)).ok()?.trim().parse().ok()
+    };
+    let mut dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim().trim_start_matches('/'));
+    let mut room = u64::MAX;
+    loop {
+        if let (Some(max), Some(cur)) = (read(&dir, "memory.max"), read(&dir, "memory.current")) {
+            room = room.min(max.saturating_sub(cur));
+        }
+        if dir == std::path::Path::new("/sys/fs/cgroup") || !dir.pop() {
+            return room;
+        }
+    }
+}
+
+/// The largest metadata record a reader takes: far more than any real process needs (its
+/// maps are limited by vm.max_map_count, 65530 by default: about 4 MiB of metadata).
+pub const MAX_META: u64 = 64 << 20;
+
+/// The most bytes of memory decoding the metadata takes per byte of it: its densest
+/// elements decode to their size in memory (a [`Vma`] is encoded in at least 7 bytes, an
+/// [`Fd`] in 4, a [`PendingSignal`] in 2, a [`SigAction`] in 5, an rlimit in 3, an itimer
+/// in 4, a u64 in 1), and vectors grow by doubling.
+pub const META_GROWTH: u64 = {
+    use std::mem::size_of;
+    let per = [
+        size_of::<Vma>().div_ceil(7),
+        size_of::<Fd>().div_ceil(4),
+        size_of::<PendingSignal>().div_ceil(2),
+        size_of::<SigAction>().div_ceil(5),
+        size_of::<(u32, u64, u64)>().div_ceil(3),
+        size_of::<[i64; 4]>().div_ceil(4),
+        size_of::<u64>(),
+    ];
+    let mut most = 0;
+    let mut i = 0;
+    while i < per.len() {
+        if per[i] > most {
+            most = per[i];
+        }
+        i += 1;
+    }
+    2 * most as u64
+};
+
+/// The memory decoding a metadata record of `len` bytes may take.
+fn meta_decode_need(len: u64, minor: u16) -> u64 {
+    // A 1.0 record is copied once to be decoded.
+    let copy = if minor == 0 { len + 1 } else { 0 };
+    len.saturating_mul(META_GROWTH).saturating_add(copy)
+}
+/// Bytes of a memory record besides its contents: tag, length, address, checksum.
+const PAGES_OVERHEAD: u64 = 1 + 8 + 8 + 8;
+/// Bytes of the end record.
+const END_RECORD: u64 = 1 + 8 + 16 + 8;
+const PAGE: u64 = 4096;
+
+/// The most bytes a body can take whose metadata record has `meta_len` bytes of payload
+/// and declares `estimate` bytes of memory contents: every memory record holds at least a
+/// page, so there are at most `estimate / PAGE` of them.
+fn declared_body_len(meta_len: u64, estimate: u64) -> u64 {
+    let records = estimate / PAGE;
+    (1 + 8 + 8 + meta_len)
+        .saturating_add(estimate)
+        .saturating_add(records.saturating_mul(PAGES_OVERHEAD))
+        .saturating_add(END_RECORD)
+}
+
+fn mib(n: u64) -> String {
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn too_big(what: &str, need: u64, limits: &ReadLimits) -> Error {
+    Error::Unrestorable(format!(
+        "{what} {} of memory, more than the {} available here",
+        mib(need),
+        mib(limits.max_memory)
+    ))
+}
+
+/// Reads a whole image from `r`, verifying everything before returning. Memory is bounded
+/// by [`ReadLimits::system`].
+pub fn read_image<R: Read>(r: R) -> Result<LoadedImage> {
+    read_image_with(r, &ReadLimits::system())
+}
+
+/// [`read_image`] within `limits`: a stream longer than `limits.max_memory` is refused.
+pub fn read_image_with<R: Read>(r: R, limits: &ReadLimits) -> Result<LoadedImage> {
+    let mut raw = Vec::new();
+    r.take(limits.max_memory.saturating_add(1))
+        .read_to_end(&mut raw)?;
+    if raw.len() as u64 > limits.max_memory {
+        return Err(too_big(
+            "the image needs more than",
+            limits.max_memory,
+            limits,
+        ));
+    }
+    load(Storage::Owned(raw), limits)
+}
+
+/// Verifies an image already in memory (no copy of an uncompressed one). Decompression is
+/// bounded by [`ReadLimits::system`].
 pub fn read_image_bytes(raw: Vec<u8>) -> Result<LoadedImage> {
-    load(Storage::Owned(raw))
+    read_image_bytes_with(raw, &ReadLimits::system())
+}
+
+/// [`read_image_bytes`] within `limits`.
+pub fn read_image_bytes_with(raw: Vec<u8>, limits: &ReadLimits) -> Result<LoadedImage> {
+    load(Storage::Owned(raw), limits)
 }
 
 /// Maps the image file at `path` (no copy of its memory contents) and verifies it.
+/// Decompression is bounded by [`ReadLimits::system`].
 pub fn read_image_file(path: &std::path::Path) -> Result<LoadedImage> {
+    read_image_file_with(path, &ReadLimits::system())
+}
+
+/// [`read_image_file`] within `limits`.
+pub fn read_image_file_with(path: &std::path::Path, limits: &ReadLimits) -> Result<LoadedImage> {
     let f = std::fs::File::open(path)?;
     if f.metadata()?.len() < HEADER_LEN as u64 {
         return Err(bad("truncated: shorter than the image header"));
@@ -461,10 +646,14 @@ pub fn read_image_file(path: &std::path::Path) -> Result<LoadedImage> {
     // A file truncated by someone else while we restore would fault (SIGBUS) rather than
     // give wrong data, and the half-built process dies with us (PTRACE_O_EXITKILL).
     let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }?;
-    load(Storage::Mapped(map))
+    load(Storage::Mapped(map), limits)
 }
 
-fn load(store: Storage) -> Result<LoadedImage> {
+/// The largest zstd window a reader accepts (log2): the writer's level 1 uses 2^19; the
+/// decoder allocates the window a frame asks for, so a frame must not ask for more.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
+fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
     let (compression, minor, n, decompressed) = {
         let bytes = &store[..];
         let (compression, minor) = read_header(bytes)?;
@@ -478,21 +667,20 @@ fn load(store: Storage) -> Result<LoadedImage> {
             return Err(bad("image checksum mismatch (damaged or truncated image)"));
         }
         let stored = &bytes[HEADER_LEN..n];
-        let mut body = Vec::new();
-        let res = match compression {
-            Compression::None => Ok(0),
-            Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(stored).read_to_end(&mut body),
+        let body = match compression {
+            Compression::None => None,
+            Compression::Lz4 => Some(decompress(
+                lz4_flex::frame::FrameDecoder::new(stored),
+                minor,
+                limits,
+            )?),
             Compression::Zstd => {
-                zstd::Decoder::new(stored).and_then(|mut d| d.read_to_end(&mut body))
+                let mut d = zstd::Decoder::new(stored).map_err(damaged)?;
+                d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(damaged)?;
+                Some(decompress(d, minor, limits)?)
             }
         };
-        res.map_err(|e| bad(format!("damaged compressed data: {e}")))?;
-        (
-            compression,
-            minor,
-            n,
-            (compression != Compression::None).then_some(body),
-        )
+        (compression, minor, n, body)
     };
     let (store, body_at, end) = match decompressed {
         None => (store, HEADER_LEN, n),
@@ -501,7 +689,7 @@ fn load(store: Storage) -> Result<LoadedImage> {
             (Storage::Owned(body), 0, len)
         }
     };
-    let (meta, runs) = parse_body(&store[body_at..end], minor)?;
+    let (meta, runs) = parse_body(&store[body_at..end], minor, limits)?;
     Ok(LoadedImage {
         meta,
         compression,
@@ -511,14 +699,158 @@ fn load(store: Storage) -> Result<LoadedImage> {
     })
 }
 
+fn damaged(e: std::io::Error) -> Error {
+    bad(format!("damaged compressed data: {e}"))
+}
+
+/// Decompresses a body record by record, never holding more than the image declares:
+/// first the metadata record (at most [`MAX_META`]), whose `memory_estimate` then bounds
+/// the rest; a declared size beyond `limits` is refused before anything more is read.
+/// Only the records' shapes are checked here; [`parse_body`] verifies the result.
+fn decompress<D: Read>(mut dec: D, minor: u16, limits: &ReadLimits) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut bound = 9 + MAX_META + 8;
+    // The metadata record.
+    let (tag, len) = record_head(&mut dec, &mut body, bound)?
+        .ok_or_else(|| bad("truncated: the end record is missing"))?;
+    if tag != TAG_META {
+        return Err(bad("metadata record out of place"));
+    }
+    if len > MAX_META {
+        return Err(bad(format!(
+            "metadata record of {len} bytes (a reader takes at most {MAX_META})"
+        )));
+    }
+    let meta_need = meta_decode_need(len, minor);
+    if (9 + len + 8).saturating_add(meta_need) > limits.max_memory {
+        return Err(too_big(
+            "its metadata needs",
+            (9 + len + 8).saturating_add(meta_need),
+            limits,
+        ));
+    }
+    read_payload(&mut dec, &mut body, len + 8, bound)?;
+    let estimate = decode_meta(&body[9..9 + len as usize], minor)?.memory_estimate;
+    bound = declared_body_len(len, estimate);
+    if bound.saturating_add(meta_need) > limits.max_memory {
+        return Err(too_big(
+            &format!(
+                "the image declares {} of memory contents; reading it needs",
+                mib(estimate)
+            ),
+            bound.saturating_add(meta_need),
+            limits,
+        ));
+    }
+    loop {
+        let at = body.len();
+        let (tag, len) = record_head(&mut dec, &mut body, bound)?
+            .ok_or_else(|| bad("truncated: the end record is missing"))?;
+        match tag {
+            TAG_PAGES if (8 + PAGE..=8 + PAGES_RECORD_MAX as u64).contains(&len) => {}
+            TAG_PAGES => return Err(bad("memory record of odd size")),
+            TAG_END if len == 16 => {}
+            TAG_END => return Err(bad("end record of wrong size")),
+            TAG_META => return Err(bad("metadata record out of place")),
+            t => {
+                return Err(bad(format!(
+                    "unknown record type {t} at byte {at} of the body"
+                )))
+            }
+        }
+        read_payload(&mut dec, &mut body, len + 8, bound)?;
+        if tag == TAG_END {
+            break;
+        }
+    }
+    // Nothing may follow; reading to the end also makes the decoder check its checksum.
+    let mut more = [0u8; 1];
+    loop {
+        match dec.read(&mut more) {
+            Ok(0) => return Ok(body),
+            Ok(_) => return Err(bad("trailing data after the end record")),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(damaged(e)),
+        }
+    }
+}
+
+/// Reads the 9-byte head of the next record onto `body`: Ok(None) at a clean end.
+fn record_head<D: Read>(dec: &mut D, body: &mut Vec<u8>, bound: u64) -> Result<Option<(u8, u64)>> {
+    let at = body.len();
+    if !read_at_most(dec, body, 9, bound)? {
+        return Ok(None);
+    }
+    let h = &body[at..];
+    let len = u64::from_le_bytes(h[1..9].try_into().expect("8 bytes"));
+    Ok(Some((h[0], len)))
+}
+
+/// Appends exactly `n` more bytes of `dec` to `body`, never letting `body` grow past
+/// `bound`; memory grows with the bytes that actually arrive, not with `n`. Ok(false) if
+/// the stream ended cleanly before the first of them.
+fn read_at_most<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<bool> {
+    let at = body.len() as u64;
+    let want = at.saturating_add(n);
+    if want > bound {
+        return Err(bad(format!(
+            "the image holds more than the {bound} bytes it declares"
+        )));
+    }
+    while (body.len() as u64) < want {
+        if body.capacity() == body.len() {
+            // Double, but never past what the image declares.
+            let cap = (body.capacity() as u64).saturating_mul(2).max(64 << 10);
+            let grow = cap.min(bound) - body.len() as u64;
+            body.try_reserve_exact(grow as usize).map_err(|_| {
+                Error::Unrestorable(format!(
+                    "out of memory reading the image ({} decompressed so far)",
+                    mib(body.len() as u64)
+                ))
+            })?;
+        }
+        let room = (body.capacity() - body.len()) as u64;
+        let step = room.min(want - body.len() as u64);
+        let got = dec.by_ref().take(step).read_to_end(body).map_err(damaged)?;
+        if got == 0 {
+            if body.len() as u64 == at {
+                return Ok(false);
+            }
+            return Err(bad("truncated: the end record is missing"));
+        }
+    }
+    Ok(true)
+}
+
+/// Appends exactly `n` more bytes of `dec` to `body` (see [`read_at_most`]); the stream
+/// must have them.
+fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<()> {
+    if read_at_most(dec, body, n, bound)? || n == 0 {
+        Ok(())
+    } else {
+        Err(bad("truncated: the end record is missing"))
+    }
+}
+
+fn decode_meta(payload: &[u8], minor: u16) -> Result<ProcessImage> {
+    // Format 1.0 ends before `clocks`: decode it as None.
+    let decoded = if minor == 0 {
+        postcard::from_bytes(&[payload, &[0u8]].concat())
+    } else {
+        postcard::from_bytes(payload)
+    };
+    decoded.map_err(|e| bad(format!("metadata does not decode: {e}")))
+}
+
 type Runs = Vec<(u64, usize, usize)>;
 
-fn parse_body(body: &[u8], minor: u16) -> Result<(ProcessImage, Runs)> {
+fn parse_body(body: &[u8], minor: u16, limits: &ReadLimits) -> Result<(ProcessImage, Runs)> {
     let mut pos = 0usize;
     let mut meta: Option<ProcessImage> = None;
     let mut runs = Vec::new();
     let mut records = 0u64;
     let mut payload_total = 0u64;
+    let mut page_bytes = 0u64;
     loop {
         if body.len() - pos < 9 {
             return Err(bad("truncated: the end record is missing"));
@@ -547,20 +879,33 @@ fn parse_body(body: &[u8], minor: u16) -> Result<(ProcessImage, Runs)> {
                 if meta.is_some() || records != 1 {
                     return Err(bad("metadata record out of place"));
                 }
-                // Format 1.0 ends before `clocks`: decode it as None.
-                let decoded = if minor == 0 {
-                    postcard::from_bytes(&[payload, &[0u8]].concat())
-                } else {
-                    postcard::from_bytes(payload)
-                };
-                meta = Some(decoded.map_err(|e| bad(format!("metadata does not decode: {e}")))?);
+                if len as u64 > MAX_META {
+                    return Err(bad(format!(
+                        "metadata record of {len} bytes (a reader takes at most {MAX_META})"
+                    )));
+                }
+                let need = meta_decode_need(len as u64, minor);
+                if need > limits.max_memory {
+                    return Err(too_big("its metadata needs", need, limits));
+                }
+                meta = Some(decode_meta(payload, minor)?);
             }
             TAG_PAGES => {
-                if meta.is_none() {
+                let Some(m) = &meta else {
                     return Err(bad("memory before metadata"));
-                }
-                if len < 8 || !(len - 8).is_multiple_of(4096) {
+                };
+                if len < 8 + PAGE as usize
+                    || len > 8 + PAGES_RECORD_MAX
+                    || !(len - 8).is_multiple_of(PAGE as usize)
+                {
                     return Err(bad("memory record of odd size"));
+                }
+                page_bytes += (len - 8) as u64;
+                if page_bytes > m.memory_estimate {
+                    return Err(bad(format!(
+                        "the image holds more memory contents than the {} bytes it declares",
+                        m.memory_estimate
+                    )));
                 }
                 let vaddr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
                 if vaddr % 4096 != 0 {
@@ -597,6 +942,7 @@ mod tests {
     fn sample(c: Compression) -> Vec<u8> {
         let meta = ProcessImage {
             comm: "t".into(),
+            memory_estimate: 8192,
             ..Default::default()
         };
         let mut w = ImageWriter::new(Vec::new(), c, &meta).unwrap();
@@ -645,11 +991,40 @@ mod tests {
         assert!(read_image(&more[..]).is_err());
     }
 
+    /// A compressed body cut anywhere (and compressed again, with valid checksums, as
+    /// anyone can) is an error, never a panic: the body is read record by record.
+    #[test]
+    fn compressed_bodies_cut_anywhere_are_errors() {
+        let body = {
+            let b = sample(Compression::None);
+            b[HEADER_LEN..b.len() - 8].to_vec()
+        };
+        for c in [Compression::Lz4, Compression::Zstd] {
+            for cut in 0..body.len() {
+                let stored = match c {
+                    Compression::Lz4 => {
+                        let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+                        e.write_all(&body[..cut]).unwrap();
+                        e.finish().unwrap()
+                    }
+                    _ => zstd::bulk::compress(&body[..cut], 1).unwrap(),
+                };
+                let mut b = header(c).to_vec();
+                b.extend_from_slice(&stored);
+                let sum = xxh3_64(&b);
+                b.extend_from_slice(&sum.to_le_bytes());
+                let e = read_image(&b[..]).err().unwrap().to_string();
+                assert!(e.starts_with("bad image: "), "{c:?} cut at {cut}: {e}");
+            }
+        }
+    }
+
     #[test]
     fn format_1_0_images_read_without_clocks() {
         let meta = ProcessImage {
             comm: "old".into(),
             clocks: Some(Clocks::default()),
+            memory_estimate: 4096,
             ..Default::default()
         };
         // A 1.0 metadata record is the 1.1 one without the trailing `clocks`.

@@ -54,8 +54,11 @@ pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
             format!("message of {n} bytes is larger than the limit"),
         ));
     }
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body)?;
+    // Memory grows with the bytes that arrive, not with the length the peer claims.
+    let mut body = Vec::new();
+    if r.by_ref().take(n as u64).read_to_end(&mut body)? != n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     postcard::from_bytes(&body)
         .map(Some)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
@@ -329,8 +332,10 @@ pub fn read_chunks<R: Read>(r: &mut R, limit: u64) -> io::Result<Vec<u8>> {
             ));
         }
         if all.capacity() - all.len() < n {
-            // Grow in big steps: images are large.
-            all.reserve((all.len()).max(16 << 20));
+            // Double (images are large), but never past the limit: memory grows with the
+            // bytes that arrive, not with what the peer may send.
+            let room = (limit - all.len() as u64).min(usize::MAX as u64) as usize;
+            all.reserve_exact(all.len().max(n).min(room));
         }
         let got = r.by_ref().take(n as u64).read_to_end(&mut all)?;
         if got != n {
