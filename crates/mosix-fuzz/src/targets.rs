@@ -15,7 +15,7 @@ use mosix_ckpt::image::{
     read_image_bytes_with, Compression, Fd, FdKind, FileId, ImageWriter, PendingSignal,
     ProcessImage, ReadLimits, SigAction, Vma, VmaKind,
 };
-use mosix_proto::channel::Channel;
+use mosix_proto::channel::{Channel, ChannelKeys, KeyRing, PrivateKey};
 use mosix_proto::control::{Client, Request, Response};
 use mosix_proto::seal::Sealer;
 use mosix_proto::wire;
@@ -610,18 +610,35 @@ impl Write for Duplex<'_> {
     }
 }
 
-/// First byte: 0 accept, 1 connect (the handshake read from the input), 2 frames sent
-/// after a real handshake; the rest: what the peer sends.
+/// Keys of node `node` of a two-node cluster (fixed keys), or the shared secret alone.
+fn channel_keys(keyed: bool, node: u32) -> ChannelKeys {
+    if !keyed {
+        return ChannelKeys::shared_secret_only(SECRET);
+    }
+    let private =
+        |n: u32| PrivateKey::from_hex(&format!("{:02x}", n).repeat(32)).expect("a valid fixed key");
+    let mut ring = KeyRing::default();
+    for n in 1..=2 {
+        ring.insert(n, private(n).public()).expect("distinct keys");
+    }
+    ChannelKeys::new(SECRET, node, private(node), ring).expect("the node's own key")
+}
+
+/// First byte: `% 3` is 0 accept, 1 connect (the handshake read from the input), 2 frames
+/// sent after a real handshake; `/ 3 % 2` selects per-node keys or the shared secret alone;
+/// the rest: what the peer sends.
 fn channel(d: &[u8]) -> u64 {
     let Some((&sel, rest)) = d.split_first() else {
         return class("empty");
     };
+    let keyed = (sel / 3) % 2 == 1;
+    let (k1, k2) = (channel_keys(keyed, 1), channel_keys(keyed, 2));
     match sel % 3 {
         0 | 1 => {
             let ch = if sel % 3 == 0 {
-                Channel::accept(Duplex(rest), SECRET)
+                Channel::accept(Duplex(rest), &k1)
             } else {
-                Channel::connect(Duplex(rest), SECRET)
+                Channel::connect(Duplex(rest), &k1, 2)
             };
             match ch {
                 Ok(mut c) => {
@@ -638,13 +655,13 @@ fn channel(d: &[u8]) -> u64 {
             };
             let raw = rest.to_vec();
             let peer = std::thread::spawn(move || {
-                if let Ok(c) = Channel::connect(a, SECRET) {
+                if let Ok(c) = Channel::connect(a, &k2, 1) {
                     let mut s = c.get_ref();
                     let _ = s.write_all(&raw);
                     let _ = s.shutdown(std::net::Shutdown::Write);
                 }
             });
-            let c = match Channel::accept(b, SECRET) {
+            let c = match Channel::accept(b, &k1) {
                 Ok(mut c) => {
                     let mut out = Vec::new();
                     match c.read_to_end(&mut out) {
@@ -668,7 +685,7 @@ fn channel_seeds() -> Vec<Vec<u8>> {
         Ok(p) => p,
         Err(_) => return vec![vec![0], vec![1], vec![2]],
     };
-    let t = std::thread::spawn(move || Channel::connect(a, SECRET).is_ok());
+    let t = std::thread::spawn(move || Channel::connect(a, &channel_keys(false, 2), 1).is_ok());
     let _ = b.set_read_timeout(Some(Duration::from_secs(5)));
     let mut first = vec![0u8; 2];
     let got = b.read_exact(&mut first).is_ok();

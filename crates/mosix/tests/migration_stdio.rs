@@ -10,7 +10,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SUM_AWK: &str = "BEGIN { print \"start\"; fflush() } { s += $1; n++ } END { printf \"%.0f %d\\n\", s, n }";
+const SUM_AWK: &str =
+    "BEGIN { print \"start\"; fflush() } { s += $1; n++ } END { printf \"%.0f %d\\n\", s, n }";
 
 fn numbers(from: u64, to: u64) -> String {
     (from..=to).map(|i| format!("{i}\n")).collect()
@@ -43,7 +44,11 @@ fn paced_stdin(tb: &Testbed) {
     }
     let pid = j.home_pid;
     let (out, st) = j.finish();
-    assert_eq!(out, vec!["start".to_string(), expected(pieces * per)], "job {pid}");
+    assert_eq!(
+        out,
+        vec!["start".to_string(), expected(pieces * per)],
+        "job {pid}"
+    );
     assert_eq!(st.code(), Some(0));
 }
 
@@ -75,7 +80,10 @@ fn burst_stdin(tb: &Testbed) {
 fn unread_output_blocks_remotely(tb: &Testbed) {
     let pidfile = tb.dir.path().join("yes.pid");
     let mut mosrun = tb
-        .cmd(1, &["run", "-r", "2", "yes", "a line of output nobody reads"])
+        .cmd(
+            1,
+            &["run", "-r", "2", "yes", "a line of output nobody reads"],
+        )
         .env("MOSRUN_PIDFILE", &pidfile)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -140,7 +148,14 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
     c.args(["testbed", "exec", "1", "--dir"])
         .arg(tb.dir.path())
         .args([
-            "--", "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--",
+            "--",
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
         ])
         .arg(mosix())
         .args(["run", "awk", SUM_AWK])
@@ -181,7 +196,9 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success());
     assert_eq!(
-        String::from_utf8_lossy(&o.stdout).lines().collect::<Vec<_>>(),
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
         vec!["start".to_string(), expected(2000)]
     );
 }

@@ -31,8 +31,7 @@ impl Node {
         let d = dir.path();
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(d.join("secret"), "security-test-secret-0123456789\n").unwrap();
-        std::fs::set_permissions(d.join("secret"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(d.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::create_dir_all(d.join("bin")).unwrap();
         std::fs::copy(env!("CARGO_BIN_EXE_mosix"), d.join("bin/mosix")).unwrap();
         let cfg = format!(
@@ -352,7 +351,11 @@ fn a_job_has_only_its_stdio_and_the_callers_umask_limits_and_cgroup() {
     let o = c.stdin(Stdio::null()).output().unwrap();
     let _ = std::fs::remove_dir(&cg);
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let mut lines = text.lines();
     assert_eq!(
         lines.next().unwrap().trim(),
@@ -375,11 +378,7 @@ fn output_nobody_reads_blocks_the_job_not_the_daemon() {
     let n = Node::start(74, false);
     let pidfile = n.path().join("out/pid");
     std::fs::create_dir(n.path().join("out")).unwrap();
-    std::fs::set_permissions(
-        n.path().join("out"),
-        std::fs::Permissions::from_mode(0o777),
-    )
-    .unwrap();
+    std::fs::set_permissions(n.path().join("out"), std::fs::Permissions::from_mode(0o777)).unwrap();
     let rss0 = n.daemon_rss_kib();
     let mut mosrun = n
         .mosrun_as_nobody("", &["yes", "a fairly long line of output from yes"])
@@ -388,7 +387,9 @@ fn output_nobody_reads_blocks_the_job_not_the_daemon() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    n.wait_until("the job's PID is known", || read_pidfile(&pidfile).is_some());
+    n.wait_until("the job's PID is known", || {
+        read_pidfile(&pidfile).is_some()
+    });
     let pid = read_pidfile(&pidfile).unwrap();
     // Wait until it stopped writing: blocked in pipe_write with no progress.
     let end = Instant::now() + DEADLINE;
@@ -446,8 +447,7 @@ fn stdin_nobody_reads_blocks_the_writer() {
                     std::os::fd::AsFd::as_fd(&w),
                     nix::poll::PollFlags::POLLOUT,
                 )];
-                if nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(1000u16)).unwrap() == 0
-                {
+                if nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(1000u16)).unwrap() == 0 {
                     break;
                 }
             }
