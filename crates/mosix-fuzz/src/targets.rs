@@ -725,7 +725,7 @@ fn requests() -> Vec<Request> {
     vec![
         Request::Ping,
         Request::Status,
-        Request::Run {
+        Request::Run(mosix_proto::control::RunRequest {
             argv: vec!["sleep".into(), "1".into()],
             env: vec![("PATH".into(), "/bin".into())],
             cwd: "/tmp".into(),
@@ -733,7 +733,7 @@ fn requests() -> Vec<Request> {
             best: false,
             pinned: true,
             avoid: vec![3],
-        },
+        }),
         Request::Mosctl {
             cmd: "block".into(),
         },

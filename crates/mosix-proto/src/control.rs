@@ -26,23 +26,7 @@ pub enum Request {
     /// Start a migratable process whose home is this node, run by the caller's uid
     /// (`mosrun`). Answered with [`Response::Started`]; then the connection carries
     /// [`crate::wire::FromRun`] / [`crate::wire::ToRun`] frames until the process ends.
-    Run {
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: String,
-        /// Move it at once: a node number, or none.
-        #[serde(default)]
-        to: Option<u32>,
-        /// Move it at once to the best node (`mosrun -b`).
-        #[serde(default)]
-        best: bool,
-        /// Keep it home (`mosrun -L`): no automatic migration.
-        #[serde(default)]
-        pinned: bool,
-        /// Nodes it must never be sent to automatically.
-        #[serde(default)]
-        avoid: Vec<u32>,
-    },
+    Run(RunRequest),
     /// Change this node's balancing mode (root only), as MOSIX's mosctl: `stay`,
     /// `nostay`, `lstay`, `nolstay`, `block`, `noblock`, `expel`, `noexpel`; `show` only
     /// reports. Answered with [`Response::Mode`].
@@ -54,6 +38,26 @@ pub enum Request {
     Where { pid: i32 },
     /// This node's migratable processes, home and guests: [`Response::Ps`].
     Ps,
+}
+
+/// What `mosrun` asks to run, and where ([`Request::Run`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    /// Move it at once: a node number, or none.
+    #[serde(default)]
+    pub to: Option<u32>,
+    /// Move it at once to the best node (`mosrun -b`).
+    #[serde(default)]
+    pub best: bool,
+    /// Keep it home (`mosrun -L`): no automatic migration.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Nodes it must never be sent to automatically.
+    #[serde(default)]
+    pub avoid: Vec<u32>,
 }
 
 /// One migratable process as `mosix ps` shows it.

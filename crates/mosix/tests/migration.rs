@@ -352,15 +352,8 @@ fn migration_on_four_nodes() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("node 2 is down"));
     let o = tb.exec(1, &["migrate", "1", "3"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no migratable process with home PID 1"));
-    let o = Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "--",
-        ])
+    let o = Command::new(AS_NOBODY[0])
+        .args(&AS_NOBODY[1..])
         .arg(mosix())
         .args(["migrate", &pid, "3", "--socket"])
         .arg(tb.dir.path().join("n1/mosixd.sock"))

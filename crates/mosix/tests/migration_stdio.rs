@@ -90,16 +90,7 @@ fn unread_output_blocks_remotely(tb: &Testbed) {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    tb.wait_until("the job's PID is known", || {
-        std::fs::read_to_string(&pidfile)
-            .map(|s| !s.trim().is_empty())
-            .unwrap_or(false)
-    });
-    let home_pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let home_pid = tb.wait_for_pid(&pidfile);
     let guest = || {
         tb.ps(2)
             .into_iter()
@@ -147,16 +138,8 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
     let mut c = Command::new(mosix());
     c.args(["testbed", "exec", "1", "--dir"])
         .arg(tb.dir.path())
-        .args([
-            "--",
-            "setpriv",
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "--",
-        ])
+        .arg("--")
+        .args(AS_NOBODY)
         .arg(mosix())
         .args(["run", "awk", SUM_AWK])
         .env("MOSRUN_PIDFILE", &pidfile)
@@ -165,16 +148,7 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
     let mut child = c.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(numbers(1, 1000).as_bytes()).unwrap();
-    tb.wait_until("the user's job has started", || {
-        std::fs::read_to_string(&pidfile)
-            .map(|s| !s.trim().is_empty())
-            .unwrap_or(false)
-    });
-    let home_pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let home_pid = tb.wait_for_pid(&pidfile);
     move_ok(tb, home_pid, "2");
     let g = tb
         .ps(2)

@@ -6,7 +6,7 @@
 //! handed to the process's deputy (binary frames, see `mosix_proto::wire`).
 
 use crate::peer::Peer;
-use crate::procs::{Caller, Procs, RunSpec};
+use crate::procs::{Caller, Procs};
 use crate::State;
 use anyhow::{bail, Context, Result};
 use mosix_proto::control::{Request, Response};
@@ -168,30 +168,13 @@ async fn connection(
             }
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(Request::Run {
-                    argv,
-                    env,
-                    cwd,
-                    to,
-                    best,
-                    pinned,
-                    avoid,
-                }) => {
+                Ok(Request::Run(spec)) => {
                     if !r.buffer().is_empty() {
                         bail!("mosrun sent data before its process started");
                     }
                     let stream = r.into_inner().reunite(w).context("control stream")?;
                     let std = stream.into_std().context("control stream")?;
                     std.set_nonblocking(false)?;
-                    let spec = RunSpec {
-                        argv,
-                        env,
-                        cwd,
-                        to,
-                        best,
-                        pinned,
-                        avoid,
-                    };
                     return tokio::task::spawn_blocking(move || {
                         let mut s = std;
                         let started = peer.context().map_err(anyhow::Error::from).and_then(|ctx| {

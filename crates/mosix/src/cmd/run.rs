@@ -73,7 +73,7 @@ const FORWARDED: &[Signal] = &[
 pub fn run(a: Args) -> Result<i32> {
     let path = super::status::socket_path(a.socket)?;
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let req = Request::Run {
+    let req = Request::Run(mosix_proto::control::RunRequest {
         argv: a.command.clone(),
         env: std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
@@ -83,7 +83,7 @@ pub fn run(a: Args) -> Result<i32> {
         best: a.best,
         pinned: a.pinned,
         avoid: a.avoid.clone(),
-    };
+    });
     // Signals are taken by one thread (sigwait), before any other thread exists.
     let mut set = SigSet::empty();
     for s in FORWARDED {

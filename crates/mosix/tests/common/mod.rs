@@ -11,6 +11,17 @@ use std::time::{Duration, Instant};
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A command prefix that runs the rest as uid/gid 65534 with no supplementary groups.
+pub const AS_NOBODY: [&str; 7] = [
+    "setpriv",
+    "--reuid",
+    "65534",
+    "--regid",
+    "65534",
+    "--clear-groups",
+    "--",
+];
+
 pub fn mosix() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mosix"))
 }
@@ -119,6 +130,13 @@ impl Testbed {
             assert!(Instant::now() < end, "timed out waiting until {what}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until `mosrun` wrote the home PID into `pidfile` (MOSRUN_PIDFILE); the PID.
+    pub fn wait_for_pid(&self, pidfile: &Path) -> i32 {
+        let read = || -> Option<i32> { std::fs::read_to_string(pidfile).ok()?.trim().parse().ok() };
+        self.wait_until("the job's PID is known", || read().is_some());
+        read().unwrap()
     }
 
     pub fn where_(&self, pid: i32) -> String {

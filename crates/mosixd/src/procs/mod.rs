@@ -46,7 +46,7 @@ mod spawn;
 mod transfer;
 
 use gate::{HandshakeGate, HandshakeSlot};
-pub use spawn::{Caller, RunSpec};
+pub use spawn::Caller;
 
 /// Test-only: the destination stops after receiving an image (before answering) and
 /// creates `<state_dir>/stalled`, so a test can kill it in the middle of a migration.

@@ -15,15 +15,7 @@ pub struct Caller {
 }
 
 /// What `mosrun` asked to run and where.
-pub struct RunSpec {
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub cwd: String,
-    pub to: Option<u32>,
-    pub best: bool,
-    pub pinned: bool,
-    pub avoid: Vec<u32>,
-}
+pub type RunSpec = mosix_proto::control::RunRequest;
 
 impl Procs {
     /// A `mosrun` asked to run a program. Runs on its own thread; once the process has
