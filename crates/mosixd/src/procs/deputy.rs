@@ -1,28 +1,65 @@
 //! The deputy: the home side of one process; holds the `mosrun` connection and follows
 //! the process from host to host.
+//!
+//! [`Deputy`] is a state machine without I/O or clocks: events in ([`Ev`]), with the time
+//! given by the caller; what it says goes out through two small traits, [`HostLink`] (the
+//! current host) and [`RunSink`] (mosrun). The daemon drives it from one thread
+//! ([`drive`]) with a [`Downlink`] and the queue of a writer thread ([`write_to_run`]);
+//! the tests below drive it with vectors.
 
 use super::*;
 
-impl Deputy {
-    pub(super) fn new(
-        procs: Arc<Procs>,
-        home_pid: i32,
-        info: Arc<Mutex<DeputyInfo>>,
-        run_w: UnixStream,
-        events: Sender<DevEv>,
-    ) -> Deputy {
-        let (run_tx, run_rx) = mpsc::channel::<ToRun>();
-        let spawned = std::thread::Builder::new()
-            .name("mosix-runw".into())
-            .spawn(move || write_to_run(run_w, run_rx, events));
-        if let Err(e) = &spawned {
-            warn!(home_pid, "cannot start the mosrun writer: {e}");
-        }
+/// The link to the host a process runs on.
+pub(super) trait HostLink {
+    fn send(&mut self, m: ToHost) -> std::io::Result<()>;
+}
+
+impl HostLink for Downlink {
+    fn send(&mut self, m: ToHost) -> std::io::Result<()> {
+        Downlink::send(self, m)
+    }
+}
+
+/// The way to `mosrun`; false once it is gone.
+pub(super) trait RunSink {
+    fn send(&mut self, m: ToRun) -> bool;
+}
+
+impl RunSink for Sender<ToRun> {
+    fn send(&mut self, m: ToRun) -> bool {
+        Sender::send(self, m).is_ok()
+    }
+}
+
+/// The home side of one process.
+pub(super) struct Deputy<L: HostLink, R: RunSink> {
+    me: u32,
+    home_pid: i32,
+    info: Arc<Mutex<DeputyInfo>>,
+    run: Option<R>,
+    epoch: u64,
+    down: Option<L>,
+    /// Stdin not yet known to be consumed.
+    stdin: flow::StdinLog,
+    closed_out: [bool; 2],
+    signals: Vec<i32>,
+    pending: BTreeMap<u64, Vec<Ev<L>>>,
+    waiters: Vec<(u32, Sender<Result<Moved, String>>)>,
+    ended: bool,
+    run_gone: bool,
+    /// Since when it has had no host link (between a host's `Left` and the next link, or
+    /// since a link broke).
+    unlinked_since: Option<Instant>,
+    initial_move: Option<Receiver<Result<Moved, String>>>,
+}
+
+impl<L: HostLink, R: RunSink> Deputy<L, R> {
+    pub(super) fn new(me: u32, home_pid: i32, info: Arc<Mutex<DeputyInfo>>, run: R) -> Self {
         Deputy {
-            procs,
+            me,
             home_pid,
             info,
-            run_tx: spawned.ok().map(|_| run_tx),
+            run: Some(run),
             epoch: 0,
             down: None,
             stdin: flow::StdinLog::default(),
@@ -37,27 +74,35 @@ impl Deputy {
         }
     }
 
-    pub(super) fn run(&mut self, rx: Receiver<DevEv>) {
-        while !self.ended {
-            let Ok(ev) = rx.recv_timeout(Duration::from_millis(200)) else {
-                self.check_initial_move();
-                if self.unlinked_since.is_some_and(|t| t.elapsed() > LINK_WAIT) {
-                    self.lost("took it but never reported");
-                }
-                continue;
-            };
-            self.handle(ev);
-            self.check_initial_move();
+    pub(super) fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// `mosrun -r/-b`: the first move, whose failure mosrun is told about.
+    pub(super) fn initial_move(&mut self, to: u32, now: Instant) {
+        let (tx, rx) = mpsc::channel();
+        self.handle(Ev::Migrate { to, reply: tx }, now);
+        self.initial_move = Some(rx);
+    }
+
+    /// Time passed without an event: a host that took the process and never linked
+    /// within [`LINK_WAIT`] is taken as gone.
+    pub(super) fn tick(&mut self, now: Instant) {
+        self.check_initial_move();
+        if self
+            .unlinked_since
+            .is_some_and(|t| now.duration_since(t) > LINK_WAIT)
+        {
+            self.lost("took it but never reported");
         }
     }
 
-    /// `mosrun -r/-b`: say on its stderr if the first move failed.
-    pub(super) fn check_initial_move(&mut self) {
+    fn check_initial_move(&mut self) {
         if let Some(rx) = &self.initial_move {
             match rx.try_recv() {
                 Ok(Err(why)) => {
                     self.initial_move = None;
-                    self.tell_run(&ToRun::Out {
+                    self.tell_run(ToRun::Out {
                         fd: 2,
                         data: format!("mosrun: could not move the process: {why}\n").into_bytes(),
                     });
@@ -68,76 +113,77 @@ impl Deputy {
         }
     }
 
-    pub(super) fn tell_run(&mut self, m: &ToRun) {
+    fn tell_run(&mut self, m: ToRun) {
         if self.run_gone {
             return;
         }
-        if let Some(tx) = &self.run_tx {
-            if tx.send(m.clone()).is_err() {
+        if let Some(r) = &mut self.run {
+            if !r.send(m) {
                 self.run_gone = true;
             }
         }
     }
 
-    pub(super) fn tell_host(&mut self, m: ToHost) {
+    fn tell_host(&mut self, m: ToHost, now: Instant) {
         if let Some(d) = &mut self.down {
             if d.send(m).is_err() {
                 // The link broke: the host is as good as gone unless it links again.
                 warn!(pid = self.home_pid, "lost the link to the process's host");
                 self.down = None;
-                self.unlinked_since = Some(Instant::now());
+                self.unlinked_since = Some(now);
             }
         } else if let ToHost::Signal(s) = m {
             self.signals.push(s);
         }
     }
 
-    pub(super) fn handle(&mut self, ev: DevEv) {
+    pub(super) fn handle(&mut self, ev: Ev<L>, now: Instant) {
         match ev {
-            DevEv::FromRun(m) => match m {
+            Ev::FromRun(m) => match m {
                 FromRun::Stdin(data) => match self.stdin.push(&data) {
-                    Ok(at) => self.tell_host(ToHost::Stdin { at, data }),
+                    Ok(at) => self.tell_host(ToHost::Stdin { at, data }, now),
                     Err(e) => {
                         warn!(pid = self.home_pid, "mosrun broke the protocol: {e}");
-                        self.handle(DevEv::RunGone);
+                        self.handle(Ev::RunGone, now);
                     }
                 },
                 FromRun::StdinEof => {
                     self.stdin.set_eof();
                     let at = self.stdin.end();
-                    self.tell_host(ToHost::StdinEof { at });
+                    self.tell_host(ToHost::StdinEof { at }, now);
                 }
-                FromRun::Signal(s) => self.tell_host(ToHost::Signal(s)),
+                FromRun::Signal(s) => self.tell_host(ToHost::Signal(s), now),
                 FromRun::OutClosed(fd) => {
                     if (1..=2).contains(&fd) {
                         self.closed_out[fd as usize - 1] = true;
-                        self.tell_host(ToHost::CloseOut(fd));
+                        self.tell_host(ToHost::CloseOut(fd), now);
                     }
                 }
             },
-            DevEv::RunWrote(n) => self.tell_host(ToHost::OutAck { bytes: n }),
-            DevEv::RunGone => {
+            Ev::RunWrote(n) => self.tell_host(ToHost::OutAck { bytes: n }, now),
+            Ev::RunGone => {
                 // Nobody waits for it any more: end it, as MOSIX does.
                 self.run_gone = true;
-                self.tell_host(ToHost::Signal(libc::SIGKILL));
+                self.tell_host(ToHost::Signal(libc::SIGKILL), now);
             }
-            DevEv::FromHost { epoch, msg } => {
+            Ev::FromHost { epoch, msg } => {
                 if epoch > self.epoch {
                     self.pending
                         .entry(epoch)
                         .or_default()
-                        .push(DevEv::FromHost { epoch, msg });
+                        .push(Ev::FromHost { epoch, msg });
                 } else if epoch == self.epoch {
-                    self.on_host_msg(msg);
+                    self.on_host_msg(msg, now);
                 }
             }
-            DevEv::HostLinked { epoch, node, down } => {
+            Ev::HostLinked { epoch, node, down } => {
                 let expected = lock(&self.info).node;
                 if epoch > self.epoch {
-                    self.pending
-                        .entry(epoch)
-                        .or_default()
-                        .push(DevEv::HostLinked { epoch, node, down });
+                    self.pending.entry(epoch).or_default().push(Ev::HostLinked {
+                        epoch,
+                        node,
+                        down,
+                    });
                 } else if epoch == self.epoch && node != expected {
                     warn!(
                         pid = self.home_pid,
@@ -146,15 +192,15 @@ impl Deputy {
                 } else if epoch == self.epoch {
                     self.down = Some(down);
                     self.unlinked_since = None;
-                    self.resend_state();
+                    self.resend_state(now);
                 }
             }
-            DevEv::HostGone { epoch, why } => {
+            Ev::HostGone { epoch, why } => {
                 if epoch == self.epoch && !self.ended {
                     self.lost(&why);
                 }
             }
-            DevEv::Migrate { to, reply } => {
+            Ev::Migrate { to, reply } => {
                 let node = lock(&self.info).node;
                 if node == to {
                     let _ = reply.send(Err(format!(
@@ -168,7 +214,7 @@ impl Deputy {
                     )));
                 } else {
                     self.waiters.push((to, reply));
-                    self.tell_host(ToHost::Migrate { to });
+                    self.tell_host(ToHost::Migrate { to }, now);
                 }
             }
         }
@@ -178,14 +224,14 @@ impl Deputy {
     fn stdin_consumed(&mut self, at: u64) {
         if self.stdin.consumed(at) {
             let at = self.stdin.base();
-            self.tell_run(&ToRun::StdinAck { at });
+            self.tell_run(ToRun::StdinAck { at });
         }
     }
 
-    pub(super) fn on_host_msg(&mut self, msg: ToHome) {
+    fn on_host_msg(&mut self, msg: ToHome, now: Instant) {
         match msg {
             ToHome::StdinConsumed { at } => self.stdin_consumed(at),
-            ToHome::Out { fd, data } => self.tell_run(&ToRun::Out { fd, data }),
+            ToHome::Out { fd, data } => self.tell_run(ToRun::Out { fd, data }),
             ToHome::Exited(st) => self.finish(st, None),
             ToHome::MigrateFailed { to, reason } => {
                 let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
@@ -205,16 +251,12 @@ impl Deputy {
                 self.stdin_consumed(stdin_consumed);
                 self.epoch += 1;
                 self.down = None;
-                self.unlinked_since = Some(Instant::now());
+                self.unlinked_since = Some(now);
                 {
                     let mut i = lock(&self.info);
                     i.node = to;
-                    i.since = Instant::now();
-                    i.state = if to == self.procs.me() {
-                        "running"
-                    } else {
-                        "away"
-                    };
+                    i.since = now;
+                    i.state = if to == self.me { "running" } else { "away" };
                 }
                 info!(
                     pid = self.home_pid,
@@ -234,7 +276,7 @@ impl Deputy {
                 }
                 if let Some(evs) = self.pending.remove(&self.epoch) {
                     for ev in evs {
-                        self.handle(ev);
+                        self.handle(ev, now);
                     }
                 }
             }
@@ -242,7 +284,7 @@ impl Deputy {
     }
 
     /// A new host: give it the stdin it has not consumed and what happened meanwhile.
-    pub(super) fn resend_state(&mut self) {
+    fn resend_state(&mut self, now: Instant) {
         let pieces: Vec<ToHost> = self
             .stdin
             .pieces()
@@ -252,27 +294,27 @@ impl Deputy {
             })
             .collect();
         for m in pieces {
-            self.tell_host(m);
+            self.tell_host(m, now);
         }
         if self.stdin.eof() {
             let at = self.stdin.end();
-            self.tell_host(ToHost::StdinEof { at });
+            self.tell_host(ToHost::StdinEof { at }, now);
         }
         for fd in 1..=2u8 {
             if self.closed_out[fd as usize - 1] {
-                self.tell_host(ToHost::CloseOut(fd));
+                self.tell_host(ToHost::CloseOut(fd), now);
             }
         }
         for s in std::mem::take(&mut self.signals) {
-            self.tell_host(ToHost::Signal(s));
+            self.tell_host(ToHost::Signal(s), now);
         }
         if self.run_gone {
-            self.tell_host(ToHost::Signal(libc::SIGKILL));
+            self.tell_host(ToHost::Signal(libc::SIGKILL), now);
         }
     }
 
     /// The node it ran on is gone (`why` says how): tell mosrun it was lost, and end.
-    pub(super) fn lost(&mut self, why: &str) {
+    fn lost(&mut self, why: &str) {
         let node = lock(&self.info).node;
         let msg = format!(
             "mosrun: process {} was lost: node {node} {why}",
@@ -282,21 +324,34 @@ impl Deputy {
         self.finish(ExitStatus::Lost, Some(msg));
     }
 
-    pub(super) fn finish(&mut self, status: ExitStatus, message: Option<String>) {
+    fn finish(&mut self, status: ExitStatus, message: Option<String>) {
         self.ended = true;
         for (_, r) in std::mem::take(&mut self.waiters) {
             let _ = r.send(Err(format!("process {} has ended", self.home_pid)));
         }
-        self.tell_run(&ToRun::Exited { status, message });
+        self.tell_run(ToRun::Exited { status, message });
         // The writer sends what is queued, then closes the connection.
-        self.run_tx = None;
+        self.run = None;
+    }
+}
+
+/// The daemon's deputy thread: events from the queue, a tick when none come.
+pub(super) fn drive(d: &mut Deputy<Downlink, Sender<ToRun>>, rx: Receiver<DevEv>) {
+    while !d.ended() {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(ev) => {
+                d.handle(ev, Instant::now());
+                d.check_initial_move();
+            }
+            Err(_) => d.tick(Instant::now()),
+        }
     }
 }
 
 /// The deputy's writer thread: gives `mosrun` its frames in order, reports how many output
 /// bytes it took (for the host's output window), and closes the connection when the
 /// deputy is done with it.
-fn write_to_run(mut w: UnixStream, rx: Receiver<ToRun>, events: Sender<DevEv>) {
+pub(super) fn write_to_run(mut w: UnixStream, rx: Receiver<ToRun>, events: Sender<DevEv>) {
     let mut failed = false;
     for m in rx {
         if failed {
@@ -316,4 +371,289 @@ fn write_to_run(mut w: UnixStream, rx: Receiver<ToRun>, events: Sender<DevEv>) {
         }
     }
     let _ = w.shutdown(std::net::Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A host link that records what it is sent (and may be broken).
+    #[derive(Clone, Default)]
+    struct FakeHost {
+        sent: Rc<RefCell<Vec<ToHost>>>,
+        broken: Rc<RefCell<bool>>,
+    }
+    impl HostLink for FakeHost {
+        fn send(&mut self, m: ToHost) -> std::io::Result<()> {
+            if *self.broken.borrow() {
+                return Err(std::io::Error::other("broken"));
+            }
+            self.sent.borrow_mut().push(m);
+            Ok(())
+        }
+    }
+    #[derive(Clone, Default)]
+    struct FakeRun(Rc<RefCell<Vec<ToRun>>>);
+    impl RunSink for FakeRun {
+        fn send(&mut self, m: ToRun) -> bool {
+            self.0.borrow_mut().push(m);
+            true
+        }
+    }
+
+    const HOME: u32 = 1;
+
+    fn deputy() -> (Deputy<FakeHost, FakeRun>, FakeRun, Instant) {
+        let info = Arc::new(Mutex::new(DeputyInfo {
+            uid: 0,
+            cmd: "job".into(),
+            node: HOME,
+            state: "running",
+            mosrun_pid: None,
+            since: Instant::now(),
+        }));
+        let run = FakeRun::default();
+        let mut d = Deputy::new(HOME, 100, info, run.clone());
+        let t = Instant::now();
+        d.handle(
+            Ev::HostLinked {
+                epoch: 0,
+                node: HOME,
+                down: FakeHost::default(),
+            },
+            t,
+        );
+        (d, run, t)
+    }
+
+    fn left(to: u32, consumed: u64) -> ToHome {
+        ToHome::Left {
+            to,
+            stdin_consumed: consumed,
+            frozen_ms: 1,
+            memory_bytes: 4096,
+        }
+    }
+
+    fn stdin_sent(h: &FakeHost) -> Vec<(u64, usize)> {
+        h.sent
+            .borrow()
+            .iter()
+            .filter_map(|m| match m {
+                ToHost::Stdin { at, data } => Some((*at, data.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The next host links before the old host's `Left` arrives, and its output too: both
+    /// wait for `Left`, so output stays in order, and the new host gets the unconsumed
+    /// stdin in pieces of at most one message.
+    #[test]
+    fn a_new_residence_waits_for_the_old_ones_left() {
+        let (mut d, run, t) = deputy();
+        let data = vec![b'x'; 200 << 10];
+        for c in data.chunks(64 << 10) {
+            d.handle(Ev::FromRun(FromRun::Stdin(c.to_vec())), t);
+        }
+        d.handle(Ev::FromRun(FromRun::StdinEof), t);
+        let h2 = FakeHost::default();
+        d.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                down: h2.clone(),
+            },
+            t,
+        );
+        d.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Out {
+                    fd: 1,
+                    data: b"second".to_vec(),
+                },
+            },
+            t,
+        );
+        assert!(
+            h2.sent.borrow().is_empty(),
+            "linked before the old host left"
+        );
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: ToHome::Out {
+                    fd: 1,
+                    data: b"first".to_vec(),
+                },
+            },
+            t,
+        );
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: left(2, 10_000),
+            },
+            t,
+        );
+        let outs: Vec<Vec<u8>> = run
+            .0
+            .borrow()
+            .iter()
+            .filter_map(|m| match m {
+                ToRun::Out { data, .. } => Some(data.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(outs, vec![b"first".to_vec(), b"second".to_vec()]);
+        assert!(run.0.borrow().contains(&ToRun::StdinAck { at: 10_000 }));
+        let pieces = stdin_sent(&h2);
+        assert_eq!(pieces.first().map(|p| p.0), Some(10_000));
+        assert!(pieces.iter().all(|p| p.1 <= mosix_proto::wire::MAX_DATA));
+        let total: usize = pieces.iter().map(|p| p.1).sum();
+        assert_eq!(total, (200 << 10) - 10_000);
+        assert!(h2
+            .sent
+            .borrow()
+            .contains(&ToHost::StdinEof { at: 200 << 10 }));
+        assert_eq!(lock(&d.info).node, 2);
+    }
+
+    /// Signals while no host is linked are kept and delivered to the next host.
+    #[test]
+    fn signals_between_hosts_reach_the_next_host() {
+        let (mut d, _run, t) = deputy();
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: left(3, 0),
+            },
+            t,
+        );
+        d.handle(Ev::FromRun(FromRun::Signal(libc::SIGTERM)), t);
+        let h3 = FakeHost::default();
+        d.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 3,
+                down: h3.clone(),
+            },
+            t,
+        );
+        assert!(h3.sent.borrow().contains(&ToHost::Signal(libc::SIGTERM)));
+    }
+
+    /// A link from a node other than the one the process went to is not taken.
+    #[test]
+    fn a_link_from_the_wrong_node_is_ignored() {
+        let (mut d, _run, t) = deputy();
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: left(3, 0),
+            },
+            t,
+        );
+        let impostor = FakeHost::default();
+        d.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 4,
+                down: impostor.clone(),
+            },
+            t,
+        );
+        d.handle(Ev::FromRun(FromRun::Signal(libc::SIGINT)), t);
+        assert!(impostor.sent.borrow().is_empty());
+    }
+
+    /// A link that breaks (as a too-large message once did) does not leave the process
+    /// waiting forever: after LINK_WAIT without a new link it is reported lost.
+    #[test]
+    fn a_broken_link_ends_in_lost_not_in_a_hang() {
+        let (mut d, run, t) = deputy();
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: left(2, 0),
+            },
+            t,
+        );
+        let h2 = FakeHost::default();
+        d.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                down: h2.clone(),
+            },
+            t,
+        );
+        *h2.broken.borrow_mut() = true;
+        d.handle(Ev::FromRun(FromRun::Stdin(b"more".to_vec())), t);
+        d.tick(t + LINK_WAIT / 2);
+        assert!(!d.ended());
+        d.tick(t + LINK_WAIT + Duration::from_secs(1));
+        assert!(d.ended());
+        assert!(matches!(
+            run.0.borrow().last(),
+            Some(ToRun::Exited {
+                status: ExitStatus::Lost,
+                ..
+            })
+        ));
+    }
+
+    /// Output delivered to mosrun is acknowledged to the host (its output window).
+    #[test]
+    fn delivered_output_is_acknowledged_to_the_host() {
+        let (mut d, _run, t) = deputy();
+        let h = FakeHost::default();
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: left(2, 0),
+            },
+            t,
+        );
+        d.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                down: h.clone(),
+            },
+            t,
+        );
+        d.handle(Ev::RunWrote(4096), t);
+        assert!(h.sent.borrow().contains(&ToHost::OutAck { bytes: 4096 }));
+    }
+
+    /// mosrun sending more stdin than its window is a protocol breach: the job is ended.
+    #[test]
+    fn stdin_beyond_the_window_ends_the_job() {
+        let (mut d, _run, t) = deputy();
+        let h = FakeHost::default();
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: left(2, 0),
+            },
+            t,
+        );
+        d.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                down: h.clone(),
+            },
+            t,
+        );
+        let piece = vec![0u8; mosix_proto::wire::MAX_DATA];
+        for _ in 0..=(mosix_proto::wire::STDIN_WINDOW as usize / piece.len()) {
+            d.handle(Ev::FromRun(FromRun::Stdin(piece.clone())), t);
+        }
+        assert!(h.sent.borrow().contains(&ToHost::Signal(libc::SIGKILL)));
+    }
 }

@@ -208,8 +208,8 @@ impl Downlink {
     }
 }
 
-/// Events of a deputy.
-enum DevEv {
+/// Events of a deputy; `L` is the link to a host (a [`Downlink`] in the daemon).
+enum Ev<L> {
     FromRun(FromRun),
     RunGone,
     /// The writer thread gave `mosrun` this many bytes of output.
@@ -222,7 +222,7 @@ enum DevEv {
         epoch: u64,
         /// The host (authenticated by its node key where the cluster has them).
         node: u32,
-        down: Downlink,
+        down: L,
     },
     HostGone {
         epoch: u64,
@@ -233,6 +233,9 @@ enum DevEv {
         reply: Sender<Result<Moved, String>>,
     },
 }
+
+/// A deputy event in the daemon.
+type DevEv = Ev<Downlink>;
 
 impl Procs {
     pub fn new(
@@ -587,28 +590,4 @@ struct Keeper {
 enum Outcome {
     Exited(ExitStatus),
     Left,
-}
-
-/// The home side of one process: holds the `mosrun` connection and follows the process.
-struct Deputy {
-    procs: Arc<Procs>,
-    home_pid: i32,
-    info: Arc<Mutex<DeputyInfo>>,
-    /// Frames for `mosrun`, written by the deputy's writer thread (so that a `mosrun`
-    /// that does not read blocks only that thread; the host's output window then stops
-    /// the process).
-    run_tx: Option<Sender<ToRun>>,
-    epoch: u64,
-    down: Option<Downlink>,
-    /// Stdin not yet known to be consumed.
-    stdin: flow::StdinLog,
-    closed_out: [bool; 2],
-    signals: Vec<i32>,
-    pending: BTreeMap<u64, Vec<DevEv>>,
-    waiters: Vec<(u32, Sender<Result<Moved, String>>)>,
-    ended: bool,
-    run_gone: bool,
-    /// Since when it has had no host link (between a host's `Left` and the next link).
-    unlinked_since: Option<Instant>,
-    initial_move: Option<Receiver<Result<Moved, String>>>,
 }

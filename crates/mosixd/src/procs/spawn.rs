@@ -128,26 +128,33 @@ impl Procs {
                     }
                 }
             })?;
+        // mosrun's frames go out on a writer thread of their own.
+        let (run_tx, run_rx) = mpsc::channel::<ToRun>();
+        let events = dtx.clone();
+        std::thread::Builder::new()
+            .name("mosix-runw".into())
+            .spawn(move || deputy::write_to_run(stream, run_rx, events))?;
         let me = self.clone();
-        let dtx3 = dtx.clone();
         let target = if best { self.best_node() } else { to };
         std::thread::Builder::new()
             .name("mosix-deputy".into())
             .spawn(move || {
-                let mut d = Deputy::new(me.clone(), pid, info, stream, dtx3);
+                let mut d = deputy::Deputy::new(me.me(), pid, info, run_tx);
                 // Its first host is here; linked before anything else is handled (a
                 // `mosrun -r` move is asked for right away).
-                d.handle(DevEv::HostLinked {
-                    epoch: 0,
-                    node: me.me(),
-                    down: Downlink::Local(ktx),
-                });
+                let now = Instant::now();
+                d.handle(
+                    DevEv::HostLinked {
+                        epoch: 0,
+                        node: me.me(),
+                        down: Downlink::Local(ktx),
+                    },
+                    now,
+                );
                 if let Some(t) = target.filter(|&t| t != me.me()) {
-                    let (rtx, rrx) = mpsc::channel();
-                    d.handle(DevEv::Migrate { to: t, reply: rtx });
-                    d.initial_move = Some(rrx);
+                    d.initial_move(t, now);
                 }
-                d.run(drx);
+                deputy::drive(&mut d, drx);
                 lock(&me.deputies).remove(&pid);
             })?;
         info!(pid, uid, "started a migratable process");
