@@ -175,7 +175,11 @@ fn image_body(d: &[u8]) -> u64 {
         return class("empty");
     };
     let code = (sel & 3) % 3;
-    let minor = if sel & 0x80 != 0 { 0 } else { 1 };
+    let minor = if sel & 0x80 != 0 {
+        0
+    } else {
+        mosix_ckpt::image::FORMAT_MINOR
+    };
     let mut body = body.to_vec();
     craft::fix_record_sums(&mut body);
     read_image(craft::image(code, minor, &craft::compress(code, &body)))
@@ -279,6 +283,13 @@ fn sample_meta(pages: u64) -> ProcessImage {
             monotonic_ns: 1,
             boottime_ns: 2,
         }),
+        caps: Some(mosix_ckpt::Caps {
+            inheritable: 0,
+            permitted: 0xe3,
+            effective: 0xe3,
+            bounding: 0xe3,
+            ambient: 0,
+        }),
         ..Default::default()
     }
 }
@@ -302,14 +313,16 @@ pub fn writer_images() -> Vec<Vec<u8>> {
             }
         }
     }
-    // Format 1.0 (metadata without clocks), uncompressed, by hand.
+    // Format 1.0 (metadata without clocks and caps, the last two fields), uncompressed,
+    // by hand.
     let full = postcard::to_stdvec(&ProcessImage {
         clocks: None,
+        caps: None,
         memory_estimate: 4096,
         ..sample_meta(1)
     })
     .unwrap_or_default();
-    let old = &full[..full.len().saturating_sub(1)];
+    let old = &full[..full.len().saturating_sub(2)];
     let mut body = craft::record(craft::TAG_META, old);
     let mut page = 0x1000u64.to_le_bytes().to_vec();
     page.extend_from_slice(&[0x5a; 4096]);
