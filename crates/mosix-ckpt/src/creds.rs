@@ -104,11 +104,12 @@ pub enum CredPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CredOptions {
     pub policy: CredPolicy,
-    /// The capability sets the process had ([`Caps::of_pid`] before its checkpoint).
-    /// The image format does not record them yet (see docs/checkpoint.md), so a caller
-    /// that knows them passes them here. None: what the credential change leaves,
-    /// i.e. full root for uid 0 and nothing otherwise. Under [`CredPolicy::As`] and
-    /// [`CredPolicy::Within`] with a uid other than 0 only the bounding set is kept.
+    /// The capability sets to give the process ([`Caps::of_pid`] before its
+    /// checkpoint), instead of those the image records (format 1.2; older images have
+    /// none). None: the image's; for an image without them, what the credential change
+    /// leaves, i.e. full root for uid 0 and nothing otherwise. Under [`CredPolicy::As`]
+    /// and [`CredPolicy::Within`] with a uid other than 0 only the bounding set is kept.
+    /// A restorer that is not root ignores the image's sets (it cannot set them).
     pub caps: Option<Caps>,
 }
 
@@ -133,8 +134,8 @@ impl CredOptions {
     }
 }
 
-/// The five capability sets of a process, as bit masks (bit n = capability n).
-/// Serializable, for the image field that will record them (see docs/checkpoint.md).
+/// The five capability sets of a process, as bit masks (bit n = capability n), as
+/// the image records them (`ProcessImage::caps`, format 1.2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Caps {
     pub inheritable: u64,
@@ -215,8 +216,14 @@ fn describe(c: &Creds) -> String {
     format!("uid {uids}, gid {gids}, groups {:?}", c.groups)
 }
 
-/// Decides the credentials of the restored process from what the image records.
-pub(crate) fn plan(image: &Creds, opts: &CredOptions, me: &Restorer) -> Result<Plan> {
+/// Decides the credentials of the restored process from what the image records (its
+/// credentials, and its capability sets if it has them: format 1.2).
+pub(crate) fn plan(
+    image: &Creds,
+    image_caps: Option<Caps>,
+    opts: &CredOptions,
+    me: &Restorer,
+) -> Result<Plan> {
     let creds = match &opts.policy {
         CredPolicy::FromImage => image.clone(),
         CredPolicy::As(who) => Creds {
@@ -252,9 +259,16 @@ pub(crate) fn plan(image: &Creds, opts: &CredOptions, me: &Restorer) -> Result<P
             )));
         }
     }
+    // The caller's sets, else the image's. A restorer that is not root cannot change
+    // capability sets (dropping from the bounding set needs CAP_SETPCAP, capset cannot
+    // raise): its process keeps the restorer's own, which is all a user can give.
+    let caps = opts.caps.or(if me.root { image_caps } else { None });
+    // A process that becomes a user other than root by the policy (mapped to, or checked
+    // against, a user) gets no capabilities, whatever the image says: its owner could
+    // not have had them. The bounding set is kept (it can only take away).
     let limited =
         !matches!(opts.policy, CredPolicy::FromImage) && creds.uid.iter().all(|&u| u != 0);
-    let caps = opts.caps.map(|c| {
+    let caps = caps.map(|c| {
         if limited {
             Caps {
                 bounding: c.bounding,
@@ -430,7 +444,7 @@ mod tests {
             caps: Some(FULL),
             ..Default::default()
         };
-        let p = plan(&c, &opts, &root()).unwrap();
+        let p = plan(&c, None, &opts, &root()).unwrap();
         assert_eq!(p.creds, c);
         assert_eq!(p.caps, Some(FULL));
         assert!(p.set_groups);
@@ -442,7 +456,7 @@ mod tests {
             caps: Some(FULL),
             ..CredOptions::as_user(user(1000))
         };
-        let p = plan(&creds(0, 0, &[0, 6, 27]), &opts, &root()).unwrap();
+        let p = plan(&creds(0, 0, &[0, 6, 27]), None, &opts, &root()).unwrap();
         assert_eq!(p.creds, creds(1000, 1000, &[27]));
         // No capabilities for a user, but the bounding set is kept.
         assert_eq!(
@@ -455,7 +469,7 @@ mod tests {
         // A genuine image of the user's process, with a newgrp gid, is kept as it was.
         let mut mine = creds(1000, 27, &[1000, 27]);
         mine.uid[3] = 1000;
-        let p = plan(&mine, &CredOptions::as_user(user(1000)), &root()).unwrap();
+        let p = plan(&mine, None, &CredOptions::as_user(user(1000)), &root()).unwrap();
         assert_eq!(p.creds, mine);
     }
 
@@ -463,7 +477,9 @@ mod tests {
     fn within_refuses_anything_else() {
         let opts = CredOptions::within(user(1000));
         assert_eq!(
-            plan(&creds(1000, 27, &[27]), &opts, &root()).unwrap().creds,
+            plan(&creds(1000, 27, &[27]), None, &opts, &root())
+                .unwrap()
+                .creds,
             creds(1000, 27, &[27])
         );
         for bad in [
@@ -471,12 +487,12 @@ mod tests {
             creds(1000, 0, &[]),
             creds(1000, 1000, &[6]),
         ] {
-            let e = plan(&bad, &opts, &root()).unwrap_err().to_string();
+            let e = plan(&bad, None, &opts, &root()).unwrap_err().to_string();
             assert!(e.contains("not all those of uid 1000"), "{e}");
         }
         let mut half = creds(1000, 1000, &[]);
         half.uid[1] = 0;
-        assert!(plan(&half, &opts, &root()).is_err());
+        assert!(plan(&half, None, &opts, &root()).is_err());
     }
 
     #[test]
@@ -486,18 +502,93 @@ mod tests {
             uids: [1000; 3],
             gids: [1000; 3],
         };
-        let p = plan(&creds(1000, 1000, &[27]), &CredOptions::default(), &me).unwrap();
+        let p = plan(
+            &creds(1000, 1000, &[27]),
+            None,
+            &CredOptions::default(),
+            &me,
+        )
+        .unwrap();
         assert!(!p.set_groups);
         // A supplementary group is no gid a user can switch to.
-        assert!(plan(&creds(1000, 27, &[]), &CredOptions::default(), &me).is_err());
-        let e = plan(&creds(0, 0, &[0]), &CredOptions::default(), &me)
+        assert!(plan(&creds(1000, 27, &[]), None, &CredOptions::default(), &me).is_err());
+        let e = plan(&creds(0, 0, &[0]), None, &CredOptions::default(), &me)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("uid 0") && e.contains("you are uid 1000") && e.lines().count() == 1,
             "{e}"
         );
-        assert!(plan(&creds(1000, 0, &[]), &CredOptions::default(), &me).is_err());
+        assert!(plan(&creds(1000, 0, &[]), None, &CredOptions::default(), &me).is_err());
+    }
+
+    #[test]
+    fn caps_of_the_image_apply_as_the_policy_allows() {
+        const REDUCED: Caps = Caps {
+            inheritable: 0,
+            permitted: 0xe3,
+            effective: 0xe3,
+            bounding: 0xe3,
+            ambient: 0,
+        };
+        let bounding_only = Some(Caps {
+            bounding: 0xe3,
+            ..Caps::default()
+        });
+        // A root process restored as it was, or within root: its reduced sets.
+        let img = creds(0, 0, &[0]);
+        let from_image = CredOptions::from_image();
+        let p = plan(&img, Some(REDUCED), &from_image, &root()).unwrap();
+        assert_eq!(p.caps, Some(REDUCED));
+        let within_root = CredOptions::within(Identity {
+            uid: 0,
+            gid: 0,
+            groups: vec![0],
+        });
+        let p = plan(&img, Some(REDUCED), &within_root, &root()).unwrap();
+        assert_eq!(p.caps, Some(REDUCED));
+        // The caller's sets win over the image's.
+        let given = CredOptions {
+            caps: Some(FULL),
+            ..CredOptions::from_image()
+        };
+        assert_eq!(
+            plan(&img, Some(REDUCED), &given, &root()).unwrap().caps,
+            Some(FULL)
+        );
+        // An image of root's process (edited or not) restored as a user: no capabilities,
+        // whatever the image claims; only its bounding set (which can only take away).
+        let p = plan(
+            &img,
+            Some(REDUCED),
+            &CredOptions::as_user(user(1000)),
+            &root(),
+        )
+        .unwrap();
+        assert_eq!(p.creds.uid, [1000; 4]);
+        assert_eq!(p.caps, bounding_only);
+        // A user's process that claims capabilities, checked within that user: the same.
+        let mine = creds(1000, 1000, &[27]);
+        let p = plan(&mine, Some(FULL), &CredOptions::within(user(1000)), &root()).unwrap();
+        assert_eq!(
+            p.caps,
+            Some(Caps {
+                bounding: 0xff,
+                ..Caps::default()
+            })
+        );
+        // A restorer that is not root leaves its process its own sets.
+        let me = Restorer {
+            root: false,
+            uids: [1000; 3],
+            gids: [1000; 3],
+        };
+        assert_eq!(
+            plan(&mine, Some(FULL), &from_image, &me).unwrap().caps,
+            None
+        );
+        // An image without them (format 1.1 and older): what the credential change leaves.
+        assert_eq!(plan(&img, None, &from_image, &root()).unwrap().caps, None);
     }
 
     #[test]

@@ -566,6 +566,7 @@ fn dump_frozen<W: Write + 'static>(
         fds,
         memory_estimate: estimate,
         clocks: Some(clocks_of(pid)),
+        caps: crate::Caps::of_pid(pid).ok(),
     };
 
     let mut w = ImageWriter::new(out, opts.compression, &meta)?;

@@ -26,7 +26,7 @@ pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
 pub const HEADER_LEN: usize = 32;
 
 const TAG_META: u8 = 1;
@@ -223,6 +223,10 @@ pub struct ProcessImage {
     pub memory_estimate: u64,
     /// Its clocks at checkpoint time, as it saw them (format 1.1; None in 1.0 images).
     pub clocks: Option<Clocks>,
+    /// Its capability sets (format 1.2; None in older images, or if they could not be
+    /// read). A restore applies them only as its credential policy allows (see
+    /// [`crate::CredPolicy`]): never to a process that becomes a user other than root.
+    pub caps: Option<crate::Caps>,
 }
 
 /// CLOCK_MONOTONIC and CLOCK_BOOTTIME of a process, in nanoseconds.
@@ -833,11 +837,19 @@ fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) ->
 }
 
 fn decode_meta(payload: &[u8], minor: u16) -> Result<ProcessImage> {
-    // Format 1.0 ends before `clocks`: decode it as None.
-    let decoded = if minor == 0 {
-        postcard::from_bytes(&[payload, &[0u8]].concat())
-    } else {
+    // Each minor version added one trailing `Option` field to the metadata: 1.1 `clocks`,
+    // 1.2 `caps`. An older record is decoded with a None (one 0 byte) for each field it
+    // does not have.
+    let missing = FORMAT_MINOR.saturating_sub(minor) as usize;
+    let decoded = if missing == 0 {
         postcard::from_bytes(payload)
+    } else {
+        let mut full = Vec::new();
+        full.try_reserve_exact(payload.len() + missing)
+            .map_err(|_| Error::Unrestorable("out of memory reading the image metadata".into()))?;
+        full.extend_from_slice(payload);
+        full.resize(payload.len() + missing, 0);
+        postcard::from_bytes(&full)
     };
     decoded.map_err(|e| bad(format!("metadata does not decode: {e}")))
 }
@@ -1019,21 +1031,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn format_1_0_images_read_without_clocks() {
-        let meta = ProcessImage {
-            comm: "old".into(),
-            clocks: Some(Clocks::default()),
-            memory_estimate: 4096,
-            ..Default::default()
-        };
-        // A 1.0 metadata record is the 1.1 one without the trailing `clocks`.
-        let full = postcard::to_stdvec(&ProcessImage {
-            clocks: None,
-            ..meta.clone()
-        })
-        .unwrap();
-        let old_meta = &full[..full.len() - 1];
+    /// An uncompressed image of format 1.`minor` holding `meta`, whose metadata record
+    /// is the current one without the `drop` trailing `Option` fields (each None: one 0
+    /// byte), as an older mosix wrote it.
+    fn older_image(meta: &ProcessImage, minor: u16, drop: usize) -> Vec<u8> {
+        let full = postcard::to_stdvec(meta).unwrap();
+        assert!(full[full.len() - drop..].iter().all(|&b| b == 0));
+        let old_meta = &full[..full.len() - drop];
         let rec = |tag: u8, payload: &[u8]| {
             let mut r = vec![tag];
             r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -1043,23 +1047,83 @@ mod tests {
             r
         };
         let mut b = header(Compression::None).to_vec();
-        b[10..12].copy_from_slice(&0u16.to_le_bytes());
+        b[10..12].copy_from_slice(&minor.to_le_bytes());
         let sum = xxh3_64(&b[..24]);
         b[24..32].copy_from_slice(&sum.to_le_bytes());
         b.extend(rec(TAG_META, old_meta));
-        let mut end = 2u64.to_le_bytes().to_vec();
-        end.extend_from_slice(&(old_meta.len() as u64).to_le_bytes());
+        let mut page = 0x1000u64.to_le_bytes().to_vec();
+        page.extend_from_slice(&[0x5a; 4096]);
+        b.extend(rec(TAG_PAGES, &page));
+        let mut end = 3u64.to_le_bytes().to_vec();
+        end.extend_from_slice(&((old_meta.len() + page.len()) as u64).to_le_bytes());
         b.extend(rec(TAG_END, &end));
         let sum = xxh3_64(&b);
         b.extend_from_slice(&sum.to_le_bytes());
-        let img = read_image(&b[..]).unwrap();
-        assert_eq!(img.meta.comm, "old");
+        b
+    }
+
+    fn old_meta() -> ProcessImage {
+        ProcessImage {
+            comm: "old".into(),
+            creds: Creds {
+                uid: [1000; 4],
+                gid: [100; 4],
+                groups: vec![100, 27],
+            },
+            memory_estimate: 4096,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn format_1_0_images_read_without_clocks_or_caps() {
+        // A 1.0 metadata record is the 1.2 one without the trailing `clocks` and `caps`.
+        let img = read_image(&older_image(&old_meta(), 0, 2)[..]).unwrap();
+        assert_eq!(img.meta, old_meta());
         assert_eq!(img.meta.clocks, None);
-        // And a 1.1 image keeps them.
-        let mut w = ImageWriter::new(Vec::new(), Compression::None, &meta).unwrap();
+        assert_eq!(img.meta.caps, None);
+        assert_eq!(img.pages().count(), 1);
+    }
+
+    #[test]
+    fn format_1_1_images_read_without_caps() {
+        // A 1.1 metadata record is the 1.2 one without the trailing `caps`.
+        let meta = ProcessImage {
+            clocks: Some(Clocks {
+                monotonic_ns: 5,
+                boottime_ns: 7,
+            }),
+            ..old_meta()
+        };
+        let img = read_image(&older_image(&meta, 1, 1)[..]).unwrap();
+        assert_eq!(img.meta, meta);
+        assert_eq!(img.meta.caps, None);
+        let runs: Vec<_> = img.pages().collect();
+        assert_eq!(
+            (runs.len(), runs[0].vaddr, runs[0].data[4095]),
+            (1, 0x1000, 0x5a)
+        );
+    }
+
+    #[test]
+    fn format_1_2_images_keep_clocks_and_caps() {
+        let meta = ProcessImage {
+            clocks: Some(Clocks::default()),
+            caps: Some(crate::Caps {
+                inheritable: 0,
+                permitted: 0xe3,
+                effective: 0xe3,
+                bounding: 0xe3,
+                ambient: 0,
+            }),
+            ..old_meta()
+        };
+        let mut w = ImageWriter::new(Vec::new(), Compression::Zstd, &meta).unwrap();
         w.pages(0x1000, &[0u8; 4096]).unwrap();
-        let new = read_image(&w.finish().unwrap()[..]).unwrap();
-        assert_eq!(new.meta.clocks, Some(Clocks::default()));
+        let bytes = w.finish().unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), 2);
+        let new = read_image(&bytes[..]).unwrap();
+        assert_eq!(new.meta, meta);
     }
 
     #[test]

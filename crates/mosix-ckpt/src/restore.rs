@@ -152,7 +152,7 @@ pub fn restore_with(
     let t = std::time::Instant::now();
     preflight(img)?;
     let m = &img.meta;
-    let plan = creds::plan(&m.creds, creds, &Restorer::current())?;
+    let plan = creds::plan(&m.creds, m.caps, creds, &Restorer::current())?;
     let (pid, ns_init) = if opts.keep_pid || opts.time_ns {
         let set_tid = if opts.keep_pid {
             if m.pid <= 1 {

@@ -103,15 +103,15 @@ pub fn all() -> Vec<Target> {
             seeds: datagram_seeds,
             run: gossip_open,
             max_len: 65_507,
-            alloc_bound: |n| (2 << 20) + 64 * n as u64,
+            alloc_bound: gossip_bound,
         },
         Target {
             name: "gossip_payload",
-            about: "an authenticated gossip payload: ChitchatMessage::deserialize, LoadVector JSON, ProtocolVersion",
+            about: "an authenticated gossip payload: gossip::check_payload then ChitchatMessage::deserialize (as mosixd), LoadVector JSON, ProtocolVersion",
             seeds: payload_seeds,
             run: gossip_payload,
             max_len: 65_507,
-            alloc_bound: |n| (2 << 20) + 64 * n as u64,
+            alloc_bound: gossip_bound,
         },
     ]
 }
@@ -175,7 +175,11 @@ fn image_body(d: &[u8]) -> u64 {
         return class("empty");
     };
     let code = (sel & 3) % 3;
-    let minor = if sel & 0x80 != 0 { 0 } else { 1 };
+    let minor = if sel & 0x80 != 0 {
+        0
+    } else {
+        mosix_ckpt::image::FORMAT_MINOR
+    };
     let mut body = body.to_vec();
     craft::fix_record_sums(&mut body);
     read_image(craft::image(code, minor, &craft::compress(code, &body)))
@@ -279,6 +283,13 @@ fn sample_meta(pages: u64) -> ProcessImage {
             monotonic_ns: 1,
             boottime_ns: 2,
         }),
+        caps: Some(mosix_ckpt::Caps {
+            inheritable: 0,
+            permitted: 0xe3,
+            effective: 0xe3,
+            bounding: 0xe3,
+            ambient: 0,
+        }),
         ..Default::default()
     }
 }
@@ -302,14 +313,16 @@ pub fn writer_images() -> Vec<Vec<u8>> {
             }
         }
     }
-    // Format 1.0 (metadata without clocks), uncompressed, by hand.
+    // Format 1.0 (metadata without clocks and caps, the last two fields), uncompressed,
+    // by hand.
     let full = postcard::to_stdvec(&ProcessImage {
         clocks: None,
+        caps: None,
         memory_estimate: 4096,
         ..sample_meta(1)
     })
     .unwrap_or_default();
-    let old = &full[..full.len().saturating_sub(1)];
+    let old = &full[..full.len().saturating_sub(2)];
     let mut body = craft::record(craft::TAG_META, old);
     let mut page = 0x1000u64.to_le_bytes().to_vec();
     page.extend_from_slice(&[0x5a; 4096]);
@@ -899,6 +912,13 @@ fn control_client(d: &[u8]) -> u64 {
 
 // ------------------------------------------------------------------------------ gossip
 
+/// What one gossip payload of `n` bytes may make the receiver allocate: the payload's
+/// own bytes many times over, and what chitchat's parser makes of a delta within
+/// `gossip::MAX_DELTA_CONTENT` (the smallest operations: about 11 times its size).
+fn gossip_bound(n: usize) -> u64 {
+    (2 << 20) + 64 * n as u64 + 12 * mosix_proto::gossip::MAX_DELTA_CONTENT
+}
+
 /// The receiver's clock in the gossip targets (datagrams are sealed at this time).
 pub const NOW_MS: u64 = 1_700_000_000_000;
 
@@ -919,13 +939,19 @@ fn datagram_seeds() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The payload as mosixd takes it apart: a chitchat message; and as a load vector (the
-/// value of a node's `load` key) and a protocol version (its `proto` key).
+/// The payload as mosixd takes it apart: its delta's bounds checked, then a chitchat
+/// message; and as a load vector (the value of a node's `load` key) and a protocol
+/// version (its `proto` key).
 fn gossip_payload(d: &[u8]) -> u64 {
-    let mut b = d;
-    let c = match ChitchatMessage::deserialize(&mut b) {
-        Ok(m) => class(&format!("{:?}", std::mem::discriminant(&m))),
+    let c = match mosix_proto::gossip::check_payload(d) {
         Err(e) => class(&e.to_string()),
+        Ok(_) => {
+            let mut b = d;
+            match ChitchatMessage::deserialize(&mut b) {
+                Ok(m) => class(&format!("{:?}", std::mem::discriminant(&m))),
+                Err(e) => class(&e.to_string()),
+            }
+        }
     };
     let l = match serde_json::from_slice::<LoadVector>(d) {
         Ok(_) => 1,

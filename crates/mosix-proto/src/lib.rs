@@ -1,11 +1,13 @@
 //! Wire types shared by `mosixd` and the `mosix` CLI: the load vector every node gossips,
 //! the node status record (MOSIX's `/proc/mosix/nodes/N/status` numbers), the control
-//! socket's requests and responses, and the authenticated encryption of gossip datagrams.
+//! socket's requests and responses, the authenticated encryption of gossip datagrams, and
+//! the bounds on what their payloads may decompress to.
 //!
 //! Nothing here does I/O except [`control`]'s small blocking client helpers.
 
 pub mod channel;
 pub mod control;
+pub mod gossip;
 pub mod seal;
 pub mod wire;
 

@@ -403,10 +403,8 @@ fn caps(line: &str) -> Vec<String> {
 }
 
 /// A root process with a reduced capability set comes back with that set, not with
-/// full root. Needs the capability sets in the image (see docs/checkpoint.md): the
-/// image format has no field for them yet.
+/// full root: the image records its capability sets (format 1.2).
 #[test]
-#[ignore = "the image format does not record capabilities yet (ProcessImage has no caps field)"]
 fn reduced_capabilities_survive_a_restart() {
     let setpriv = [
         "setpriv",
@@ -421,6 +419,21 @@ fn reduced_capabilities_survive_a_restart() {
     let end = end_line(&run(mosix(&["restart", v.img()])));
     assert!(end.starts_with("end uid 0 0"), "{end}");
     assert_eq!(caps(&end), want);
+    // The same image written by a user (or edited to claim every capability) restarts
+    // as that user, with none: only its bounding set, which can only take away.
+    std::os::unix::fs::chown(&v.img, Some(NOBODY), Some(NOBODY)).unwrap();
+    v.edit(|m| {
+        let c = m.caps.as_mut().expect("the image records capabilities");
+        c.permitted = u64::MAX >> 24;
+        c.effective = c.permitted;
+        c.ambient = c.permitted;
+    });
+    let end = end_line(&run(mosix(&["restart", v.img()])));
+    assert!(end.starts_with("end uid 65534 65534"), "{end}");
+    for k in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(field(&end, k), "0000000000000000", "{k}: {end}");
+    }
+    assert_eq!(field(&end, "CapBnd"), "00000000000000e3", "{end}");
 }
 
 /// The restore side of the same: given the capability sets the process had (as a

@@ -170,9 +170,16 @@ impl Socket for SealedSocket {
                     continue;
                 }
             };
+            let payload = opened.payload;
+            // chitchat decompresses a delta's blocks before it parses anything: refuse
+            // blocks that do not declare a small size, and deltas too large in all, so one
+            // authentic datagram cannot make us allocate hundreds of megabytes.
+            if let Err(e) = mosix_proto::gossip::check_payload(&payload) {
+                self.reject(from, len, &e);
+                continue;
+            }
             // Defence in depth: the payload is authentic, but a parser bug must not kill
             // the daemon.
-            let payload = opened.payload;
             let parsed = std::panic::catch_unwind(|| {
                 let mut b: &[u8] = &payload;
                 ChitchatMessage::deserialize(&mut b)

@@ -308,6 +308,67 @@ fn malformed_datagrams_do_not_crash_the_daemon() {
     c.wait(2, "still sees node 1", all_up);
 }
 
+/// Peak resident memory of process `pid`, bytes.
+fn vm_hwm(pid: u32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = st
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// One authentic datagram of tiny zstd frames (64 KiB of zeros each, no content size)
+/// made chitchat allocate 537 MB before parsing it; now it is dropped and counted.
+#[test]
+fn a_decompression_bomb_in_gossip_is_dropped() {
+    let mut c = Cluster::new(37, 2);
+    c.start(1);
+    c.start(2);
+    c.wait(1, "both up", all_up);
+    let pid = c.daemons[0].as_ref().unwrap().id();
+    let before = c.status(1).unwrap().gossip.datagrams_rejected;
+    let hwm = vm_hwm(pid);
+    // A zstd frame (window 128 KiB, no content size): one last RLE block of 65,535 zeros.
+    let rle = (65_535u32 << 3) | (1 << 1) | 1;
+    let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, (17 - 10) << 3];
+    frame.extend_from_slice(&rle.to_le_bytes()[..3]);
+    frame.push(0);
+    // An Ack whose delta is as many of them as one datagram holds.
+    let mut ack = 45_139u16.to_le_bytes().to_vec();
+    ack.extend_from_slice(&[0, 2]);
+    let room = 65_507 - mosix_proto::seal::OVERHEAD - ack.len() - 1;
+    for _ in 0..room / (frame.len() + 3) {
+        ack.push(1);
+        ack.extend_from_slice(&(frame.len() as u16).to_le_bytes());
+        ack.extend_from_slice(&frame);
+    }
+    ack.push(0);
+    let sealer = Sealer::new(SECRET.as_bytes());
+    let sock = UdpSocket::bind("127.0.37.200:0").unwrap();
+    const BOMBS: u64 = 10;
+    for _ in 0..BOMBS {
+        let d = sealer.seal(2, now_ms(), &ack);
+        assert!(d.len() <= 65_507);
+        sock.send_to(&d, c.addr(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = c.wait(1, "the bombs counted as rejected", |s| {
+        s.gossip.datagrams_rejected >= before + BOMBS
+    });
+    assert_eq!(s.gossip.datagrams_rejected, before + BOMBS);
+    let grown = vm_hwm(pid).saturating_sub(hwm);
+    assert!(
+        grown < 32 << 20,
+        "mosixd's peak memory grew by {grown} bytes"
+    );
+    let log = std::fs::read_to_string(c.path().join("n1/log")).unwrap();
+    assert!(log.contains("does not declare its size"), "{log}");
+    c.wait(1, "still sees node 2", all_up);
+    c.wait(2, "still sees node 1", all_up);
+}
+
 #[test]
 fn refuses_a_readable_secret_and_bad_configs_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
