@@ -198,9 +198,17 @@ impl Peer {
         // SAFETY: `cred` holds a struct ucred the kernel filled (plain integers, any bit
         // pattern valid); read_unaligned copes with the byte buffer's alignment.
         let cred: libc::ucred = unsafe { std::ptr::read_unaligned(cred.as_ptr().cast()) };
-        // Supplementary groups: ask with a buffer big enough for NGROUPS_MAX (65536).
-        let mut buf = vec![0u8; 4 * 65536];
-        let n = getsockopt_buf(fd, SO_PEERGROUPS, &mut buf).map_err(PeerError::Socket)?;
+        // Supplementary groups: room for the usual few first, for NGROUPS_MAX (65536)
+        // only if the kernel says that is too small (ERANGE).
+        let mut buf = vec![0u8; 4 * 64];
+        let n = match getsockopt_buf(fd, SO_PEERGROUPS, &mut buf) {
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
+                buf = vec![0u8; 4 * 65536];
+                getsockopt_buf(fd, SO_PEERGROUPS, &mut buf)
+            }
+            other => other,
+        }
+        .map_err(PeerError::Socket)?;
         let groups = buf[..n]
             .chunks_exact(4)
             .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))

@@ -437,6 +437,27 @@ mod tests {
         }
     }
 
+    /// The process left home for node 2 (nothing consumed) and node 2 linked.
+    fn moved_to_2(d: &mut Deputy<FakeHost, FakeRun>, t: Instant) -> FakeHost {
+        d.handle(
+            Ev::FromHost {
+                epoch: 0,
+                msg: left(2, 0),
+            },
+            t,
+        );
+        let h = FakeHost::default();
+        d.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                down: h.clone(),
+            },
+            t,
+        );
+        h
+    }
+
     fn stdin_sent(h: &FakeHost) -> Vec<(u64, usize)> {
         h.sent
             .borrow()
@@ -575,22 +596,7 @@ mod tests {
     #[test]
     fn a_broken_link_ends_in_lost_not_in_a_hang() {
         let (mut d, run, t) = deputy();
-        d.handle(
-            Ev::FromHost {
-                epoch: 0,
-                msg: left(2, 0),
-            },
-            t,
-        );
-        let h2 = FakeHost::default();
-        d.handle(
-            Ev::HostLinked {
-                epoch: 1,
-                node: 2,
-                down: h2.clone(),
-            },
-            t,
-        );
+        let h2 = moved_to_2(&mut d, t);
         *h2.broken.borrow_mut() = true;
         d.handle(Ev::FromRun(FromRun::Stdin(b"more".to_vec())), t);
         d.tick(t + LINK_WAIT / 2);
@@ -610,22 +616,7 @@ mod tests {
     #[test]
     fn delivered_output_is_acknowledged_to_the_host() {
         let (mut d, _run, t) = deputy();
-        let h = FakeHost::default();
-        d.handle(
-            Ev::FromHost {
-                epoch: 0,
-                msg: left(2, 0),
-            },
-            t,
-        );
-        d.handle(
-            Ev::HostLinked {
-                epoch: 1,
-                node: 2,
-                down: h.clone(),
-            },
-            t,
-        );
+        let h = moved_to_2(&mut d, t);
         d.handle(Ev::RunWrote(4096), t);
         assert!(h.sent.borrow().contains(&ToHost::OutAck { bytes: 4096 }));
     }
@@ -634,22 +625,7 @@ mod tests {
     #[test]
     fn stdin_beyond_the_window_ends_the_job() {
         let (mut d, _run, t) = deputy();
-        let h = FakeHost::default();
-        d.handle(
-            Ev::FromHost {
-                epoch: 0,
-                msg: left(2, 0),
-            },
-            t,
-        );
-        d.handle(
-            Ev::HostLinked {
-                epoch: 1,
-                node: 2,
-                down: h.clone(),
-            },
-            t,
-        );
+        let h = moved_to_2(&mut d, t);
         let piece = vec![0u8; mosix_proto::wire::MAX_DATA];
         for _ in 0..=(mosix_proto::wire::STDIN_WINDOW as usize / piece.len()) {
             d.handle(Ev::FromRun(FromRun::Stdin(piece.clone())), t);
