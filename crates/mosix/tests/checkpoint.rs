@@ -179,7 +179,9 @@ fn round_trip(make: impl Fn() -> Command, lines: usize, ckpt_args: &[&str]) -> P
     assert_eq!(
         got,
         String::from_utf8_lossy(&want.stdout),
-        "output differs from an uninterrupted run"
+        "output differs from an uninterrupted run; restart ended {} with stderr: {}",
+        after.status,
+        String::from_utf8_lossy(&after.stderr)
     );
     assert!(
         same_status(after.status, want.status),
