@@ -509,28 +509,90 @@ fn mem_available() -> u64 {
         .map_or(u64::MAX, |kb| kb.saturating_mul(1024))
 }
 
-/// The least room (memory.max less memory.current) in this process's cgroup v2 and its
-/// ancestors (u64::MAX where there is no limit or it cannot be read).
+/// The memory this process (or a process started beside it, in its cgroups) can have
+/// now: the smaller of the system's MemAvailable and the room under the memory limits of
+/// its cgroups and every cgroup above them, cgroup v2 and v1 alike. Reclaimable page
+/// cache (inactive file pages) counts as room, as the kernel drops it before it kills.
+pub fn memory_room() -> u64 {
+    mem_available().min(cgroup_headroom())
+}
+
+/// The least room (limit less usage, less inactive file cache) in this process's memory
+/// cgroups (v2 `memory.max`/`memory.current`, v1 `memory.limit_in_bytes`/
+/// `memory.usage_in_bytes`) and their ancestors (u64::MAX where there is no limit or it
+/// cannot be read).
 fn cgroup_headroom() -> u64 {
-    let Ok(cg) = std::fs::read_to_string("/proc/self/cgroup") else {
-        return u64::MAX;
-    };
-    let Some(path) = cg.lines().find_map(|l| l.strip_prefix("0::")) else {
+    let (Ok(cg), Ok(mi)) = (
+        std::fs::read_to_string("/proc/self/cgroup"),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) else {
         return u64::MAX;
     };
     let read = |p: &std::path::Path, f: &str| -> Option<u64> {
         std::fs::read_to_string(p.join(f)).ok()?.trim().parse().ok()
     };
-    let mut dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim().trim_start_matches('/'));
+    let inactive = |p: &std::path::Path, key: &str| -> u64 {
+        std::fs::read_to_string(p.join("memory.stat"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
     let mut room = u64::MAX;
-    loop {
-        if let (Some(max), Some(cur)) = (read(&dir, "memory.max"), read(&dir, "memory.current")) {
-            room = room.min(max.saturating_sub(cur));
+    for line in cg.lines() {
+        let mut it = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let v2 = ctrls.is_empty();
+        if !v2 && !ctrls.split(',').any(|c| c == "memory") {
+            continue;
         }
-        if dir == std::path::Path::new("/sys/fs/cgroup") || !dir.pop() {
-            return room;
+        // Where that hierarchy is mounted (mountinfo: root, mount point, ..., fstype, opts).
+        let mount = mi.lines().find_map(|m| {
+            let f: Vec<&str> = m.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            let (fstype, opts) = (*f.get(dash + 1)?, *f.get(dash + 3)?);
+            let ok = if v2 {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup" && opts.split(',').any(|o| o == "memory")
+            };
+            ok.then(|| (f[3].to_string(), f[4].to_string()))
+        });
+        let Some((root, point)) = mount else { continue };
+        let rel = if root == "/" {
+            path
+        } else {
+            match path.strip_prefix(root.as_str()) {
+                Some(r) => r,
+                None => continue,
+            }
+        };
+        let top = std::path::PathBuf::from(&point);
+        let mut dir = top.join(rel.trim_start_matches('/'));
+        let (lim, cur, key) = if v2 {
+            ("memory.max", "memory.current", "inactive_file")
+        } else {
+            (
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            )
+        };
+        loop {
+            if let (Some(max), Some(used)) = (read(&dir, lim), read(&dir, cur)) {
+                let used = used.saturating_sub(inactive(&dir, key));
+                room = room.min(max.saturating_sub(used));
+            }
+            if dir == top || !dir.pop() {
+                break;
+            }
         }
     }
+    room
 }
 
 /// The largest metadata record a reader takes: far more than any real process needs (its

@@ -27,6 +27,7 @@ pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
 pub use error::{Error, Result};
 pub use image::{
-    read_image, read_image_bytes, read_image_file, Compression, LoadedImage, ProcessImage,
+    memory_room, read_image, read_image_bytes, read_image_file, Compression, LoadedImage,
+    ProcessImage,
 };
 pub use restore::{preflight, restore, restore_with, resume, RestoreOptions, Restored};

@@ -326,9 +326,16 @@ pub fn read_chunks<R: Read>(r: &mut R, limit: u64) -> io::Result<Vec<u8>> {
             ));
         }
         if all.len() as u64 + n as u64 > limit {
+            // Read the rest without keeping it, so that the stream stays in step and the
+            // sender hears why (the answer follows the image).
+            let total = all.len() as u64 + n as u64 + drain_chunks(r, n)?;
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "the image is larger than this node accepts",
+                format!(
+                    "the image ({} MiB) is larger than the {} MiB of memory free here",
+                    total >> 20,
+                    limit >> 20
+                ),
             ));
         }
         if all.capacity() - all.len() < n {
@@ -341,6 +348,34 @@ pub fn read_chunks<R: Read>(r: &mut R, limit: u64) -> io::Result<Vec<u8>> {
         if got != n {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+    }
+}
+
+/// Reads and drops the `pending` bytes of the current chunk and every chunk after it, up
+/// to and including the terminator; returns how many bytes were dropped.
+fn drain_chunks<R: Read>(r: &mut R, pending: usize) -> io::Result<u64> {
+    let mut dropped = io::copy(&mut r.by_ref().take(pending as u64), &mut io::sink())?;
+    if dropped != pending as u64 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    loop {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n == 0 {
+            return Ok(dropped);
+        }
+        if n > CHUNK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "image chunk larger than the limit",
+            ));
+        }
+        let got = io::copy(&mut r.by_ref().take(n as u64), &mut io::sink())?;
+        if got != n as u64 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        dropped += got;
     }
 }
 
@@ -394,8 +429,13 @@ mod tests {
         let mut r = &out[..];
         assert_eq!(read_chunks(&mut r, u64::MAX).unwrap(), data);
         assert_eq!(expect::<_, Tail>(&mut r).unwrap().stdin_consumed, 5);
+        // Over the limit: refused, with the whole image read past so that what follows
+        // it (the tail) can still be read and answered.
         let mut r = &out[..];
-        assert!(read_chunks(&mut r, 1000).is_err());
+        let e = read_chunks(&mut r, 100_000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("memory free here"), "{e}");
+        assert_eq!(expect::<_, Tail>(&mut r).unwrap().stdin_consumed, 5);
     }
 
     #[test]

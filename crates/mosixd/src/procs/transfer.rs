@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Memory kept free beside a process restored here (page tables, the restorer, the
+/// daemon's own growth), on top of its image.
+const RESTORE_MARGIN: u64 = 16 << 20;
+
 impl Procs {
     /// Serves node-to-node connections (migrations in, links from hosts) on the node's
     /// TCP address (same port as gossip).
@@ -129,11 +133,15 @@ impl Procs {
             wire::send_flush(ch, &Verdict::Refused(why.clone()))?;
             Err(anyhow!(why))
         };
-        let limit = self.mem_limit();
+        // The image is held here while the process is rebuilt beside it: judge by the
+        // memory free now (this node's cgroups too), not by the last load sample.
+        let limit = mosix_ckpt::memory_room().saturating_sub(RESTORE_MARGIN);
         let bytes = match wire::read_chunks(&mut ch, limit) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return refuse(&mut ch, format!("node {}: {e}", self.me()))
+                // read_chunks read past the image: the tail follows, then our answer.
+                let _ = wire::expect::<_, Tail>(&mut ch);
+                return refuse(&mut ch, format!("node {}: {e}", self.me()));
             }
             Err(e) => return Err(e.into()),
         };
@@ -176,6 +184,19 @@ impl Procs {
             Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
         };
         debug!("migration in: image verified after {:?}", t0.elapsed());
+        let need = img.memory_bytes() + RESTORE_MARGIN + img.memory_bytes() / 32;
+        let room = mosix_ckpt::memory_room();
+        if room < need {
+            return refuse(
+                &mut ch,
+                format!(
+                    "node {}: not enough memory: the process needs {} MiB, {} MiB are free",
+                    self.me(),
+                    need >> 20,
+                    room >> 20
+                ),
+            );
+        }
         if img.meta.creds.uid[0] != h.uid {
             return refuse(
                 &mut ch,
@@ -291,16 +312,6 @@ impl Procs {
         };
         k.run(up);
         Ok(())
-    }
-
-    pub(super) fn mem_limit(&self) -> u64 {
-        let nodes = read(&self.state.nodes);
-        nodes
-            .iter()
-            .find(|n| n.this_node)
-            .and_then(|n| n.load.as_ref())
-            .map(|l| l.mem_free.max(64 << 20))
-            .unwrap_or(u64::MAX)
     }
 
     pub(super) fn uplink_to_home(
