@@ -64,6 +64,7 @@ fn clean_fds(cmd: &mut Command) -> &mut Command {
 fn reference(mut cmd: Command) -> Output {
     clean_fds(&mut cmd)
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .output()
         .expect("program runs")
 }
@@ -80,6 +81,9 @@ impl Job {
         let mut child = clean_fds(&mut cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            // Not the runner's stderr: in CI that is a log file the program's user may not
+            // be able to open, and a restart reopens a regular file as the process's user.
+            .stderr(Stdio::null())
             .process_group(0)
             .spawn()
             .expect("program starts");
