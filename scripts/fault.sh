@@ -7,7 +7,8 @@
 # One line per round (`FAULT <i> <kind> <point> <outcome>`), then `N passed, M failed`;
 # exits non-zero on any failure. Rounds depend only on the seed and their number, so
 # `--seed S --from I` with N=1 replays round I alone. See docs/migration.md.
-# Needs root. Holds /tmp/testbed.lock while the testbed is up (it uses machine-wide names).
+# Needs root. Holds /tmp/testbed${MOSIX_TESTBED_INSTANCE}.lock while the testbed is up (a
+# testbed instance's names are machine-wide; MOSIX_TESTBED_INSTANCE=K picks another one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: $0 N [--seed S] [--from I]" >&2; exit 2; }
@@ -26,5 +27,5 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # Build without the lock (the daemons and the CLI the test drives, and the test).
 cargo build --release -p mosix -p mosixd --bins --quiet
 cargo test --release -p mosix --test faults --no-run --quiet
-exec flock -o /tmp/testbed.lock \
+exec flock -o "/tmp/testbed${MOSIX_TESTBED_INSTANCE:-}.lock" \
     cargo test --release -p mosix --test faults --quiet -- --ignored --exact faults --nocapture

@@ -3,7 +3,7 @@
 //! mosixtb-N) are machine-wide. Every wait polls a condition with a deadline.
 
 mod common;
-use common::{mosix, Testbed};
+use common::{mosix, tb_prefix, tb_subnet, Testbed};
 use mosix_proto::{ClusterStatus, NodeState};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,7 +65,7 @@ fn leftovers() -> Vec<String> {
     let mut v = Vec::new();
     let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     for l in String::from_utf8_lossy(&ns.stdout).lines() {
-        if l.starts_with("mosixtb-") {
+        if l.starts_with(&tb_prefix()) {
             v.push(format!("netns {l}"));
         }
     }
@@ -75,7 +75,11 @@ fn leftovers() -> Vec<String> {
         .unwrap();
     for l in String::from_utf8_lossy(&links.stdout).lines() {
         let name = l.split(':').nth(1).unwrap_or("").trim();
-        if name.starts_with("mtb") || name == "mosixbr0" {
+        let links = match common::instance() {
+            0 => "mtb".to_string(),
+            k => format!("mt{k}b"),
+        };
+        if name.starts_with(&links) || name == format!("mosixbr{}", common::instance()) {
             v.push(format!("link {name}"));
         }
     }
@@ -87,7 +91,7 @@ fn leftovers() -> Vec<String> {
     ] {
         if let Ok(rd) = std::fs::read_dir(root) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("mosixtb-") {
+                if e.file_name().to_string_lossy().starts_with(&tb_prefix()) {
                     v.push(format!("cgroup {}", e.path().display()));
                 }
             }
@@ -138,7 +142,7 @@ fn four_node_testbed() {
         assert_eq!(s.this_node, n, "testbed exec {n} must show node {n}'s view");
         for ns in &s.nodes {
             assert_eq!(ns.this_node, ns.node == n);
-            assert_eq!(ns.address, format!("10.213.0.{}:5400", ns.node));
+            assert_eq!(ns.address, format!("{}.{}:5400", tb_subnet(), ns.node));
             let lv = ns.load.as_ref().unwrap();
             assert_eq!(lv.speed, speeds[(ns.node - 1) as usize]);
             // The cgroup's memory limit is the node's memory.
@@ -158,7 +162,10 @@ fn four_node_testbed() {
         .unwrap();
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{table}");
-    assert!(table.contains("   3*  10.213.0.3:5400"), "{table}");
+    assert!(
+        table.contains(&format!("   3*  {}.3:5400", tb_subnet())),
+        "{table}"
+    );
     assert!(table.contains("4 of 4 nodes up; this node is 3"), "{table}");
 
     // A CPU-bound process on node 2 raises node 2's load as seen from node 4.

@@ -199,8 +199,9 @@ fn proc_info(pid: i32) -> Option<ProcInfo> {
         .unwrap_or_default();
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     let node = cg.lines().find_map(|l| {
-        let i = l.find("/mosixtb-")?;
-        let rest = &l[i + "/mosixtb-".len()..];
+        let pre = format!("/{}", common::tb_prefix());
+        let i = l.find(&pre)?;
+        let rest = &l[i + pre.len()..];
         rest.split(|c: char| !c.is_ascii_digit())
             .next()?
             .parse()
@@ -303,7 +304,7 @@ fn link_rx(node: u32) -> u64 {
 /// The memory cgroup directory of `node` and the file that holds its limit (v1 or v2).
 fn mem_limit_file(node: u32) -> Option<(PathBuf, &'static str, &'static str)> {
     let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let name = format!("mosixtb-{node}");
+    let name = format!("{}{node}", common::tb_prefix());
     let mut v2 = None;
     for l in mi.lines() {
         let (a, b) = l.split_once(" - ")?;

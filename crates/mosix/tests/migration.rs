@@ -69,7 +69,7 @@ fn check_really_there(n: u32, g: &Value, home_pid: i32) {
     assert_eq!(nspid.last(), Some(&home_pid), "NSpid {nspid:?}");
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(
-        cg.contains(&format!("mosixtb-{n}")),
+        cg.contains(&format!("{}{n}", common::tb_prefix())),
         "cgroup of guest: {cg}"
     );
 }
@@ -161,7 +161,9 @@ fn migration_on_four_nodes() {
     assert_eq!(lines.next(), Some("20000100000 200000"));
     // It ran on node 2 from the start (`-r 2`): in node 2's cgroup.
     assert!(
-        lines.next().is_some_and(|l| l.ends_with("/mosixtb-2")),
+        lines
+            .next()
+            .is_some_and(|l| l.ends_with(&format!("/{}2", common::tb_prefix()))),
         "not on node 2: {out}{}",
         String::from_utf8_lossy(&o.stderr)
     );

@@ -13,6 +13,17 @@ use std::time::{Duration, Instant};
 const DEADLINE: Duration = Duration::from_secs(30);
 const NOBODY: &str = "65534";
 
+/// Loopback nets of this run: shifted by 50 per `MOSIX_TESTBED_INSTANCE`, so that several
+/// test runs on one machine do not share addresses.
+fn net_of(base: u8) -> u8 {
+    let k = std::env::var("MOSIX_TESTBED_INSTANCE")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|k| *k <= 3)
+        .unwrap_or(0);
+    base + 50 * k
+}
+
 /// One mosixd on 127.0.`net`.1, its files in a directory every user may traverse.
 struct Node {
     dir: tempfile::TempDir,
@@ -24,6 +35,7 @@ impl Node {
     /// Starts the daemon; with `stray_fd`, it inherits an open pipe as fd 9 (as a daemon
     /// started from a careless script would).
     fn start(net: u8, stray_fd: bool) -> Node {
+        let net = net_of(net);
         let dir = tempfile::Builder::new()
             .prefix("mosix-sec")
             .tempdir()

@@ -13,6 +13,17 @@ use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// Loopback nets of this run: shifted by 50 per `MOSIX_TESTBED_INSTANCE`, so that several
+/// test runs on one machine do not share addresses.
+fn net_of(base: u8) -> u8 {
+    let k = std::env::var("MOSIX_TESTBED_INSTANCE")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|k| *k <= 3)
+        .unwrap_or(0);
+    base + 50 * k
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
     net: u8,
@@ -24,6 +35,7 @@ impl Cluster {
     /// Writes configs for `n` nodes at 127.0.`net`.1.. with speeds 1, 2, 3, ..., each
     /// node with its own key (`nN/node.key`) and the list of all (`nodes.keys`).
     fn new(net: u8, n: u32) -> Cluster {
+        let net = net_of(net);
         let dir = tempfile::tempdir().unwrap();
         write_secret(&dir.path().join("secret"), SECRET);
         let mut ring = KeyRing::default();
@@ -206,7 +218,7 @@ fn incompatible_protocol_shows_status_1_and_wrong_secret_is_rejected() {
     // Node 4 has another secret.
     write_secret(&c.path().join("other"), "not-the-cluster-secret-xyz");
     let cfg4 = c.path().join("n4/bad.toml");
-    std::fs::write(&cfg4, config(c.path(), 32, 4, 4, "other")).unwrap();
+    std::fs::write(&cfg4, config(c.path(), net_of(32), 4, 4, "other")).unwrap();
     c.start_with(4, &cfg4, &[]);
 
     for i in [1, 2] {
@@ -248,7 +260,7 @@ fn malformed_datagrams_do_not_crash_the_daemon() {
     c.start(2);
     c.wait(1, "both up", all_up);
     let before = c.status(1).unwrap().gossip.datagrams_rejected;
-    let sock = UdpSocket::bind("127.0.33.200:0").unwrap();
+    let sock = UdpSocket::bind(format!("127.0.{}.200:0", net_of(33))).unwrap();
     let target = c.addr(1);
     // Deterministic pseudo-random fuzz: garbage, garbage behind our magic, truncations of a
     // valid datagram, bit flips, and authentic (sealed with the right secret) garbage.
@@ -346,7 +358,7 @@ fn a_decompression_bomb_in_gossip_is_dropped() {
     }
     ack.push(0);
     let sealer = Sealer::new(SECRET.as_bytes());
-    let sock = UdpSocket::bind("127.0.37.200:0").unwrap();
+    let sock = UdpSocket::bind(format!("127.0.{}.200:0", net_of(37))).unwrap();
     const BOMBS: u64 = 10;
     for _ in 0..BOMBS {
         let d = sealer.seal(2, now_ms(), &ack);
@@ -376,7 +388,7 @@ fn refuses_a_readable_secret_and_bad_configs_with_one_clear_line() {
     std::fs::write(&secret, "0123456789abcdef\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
     let cfg = dir.path().join("mosix.toml");
-    std::fs::write(&cfg, config(dir.path(), 34, 2, 1, "secret")).unwrap();
+    std::fs::write(&cfg, config(dir.path(), net_of(34), 2, 1, "secret")).unwrap();
     let run = |cfg: &Path| {
         let out = Command::new(env!("CARGO_BIN_EXE_mosixd"))
             .arg("--config")

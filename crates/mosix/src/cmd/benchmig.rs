@@ -72,14 +72,17 @@ fn on_node(me: &Path, dir: &Path, n: u32) -> Command {
 /// TCP bandwidth from node 1 to node 2 over the veth pair, bytes/s.
 fn link_bandwidth(me: &Path, dir: &Path, mib: u64) -> Result<f64> {
     let mut sink = on_node(me, dir, 2)
-        .args(["__net-sink", "10.213.0.2:5499"])
+        .arg("__net-sink")
+        .arg(format!("{}.2:5499", super::testbed::subnet()))
         .stdout(Stdio::piped())
         .spawn()?;
     let mut out = BufReader::new(sink.stdout.take().context("sink stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?; // "listening"
     let o = on_node(me, dir, 1)
-        .args(["__net-source", "10.213.0.2:5499", &mib.to_string()])
+        .arg("__net-source")
+        .arg(format!("{}.2:5499", super::testbed::subnet()))
+        .arg(mib.to_string())
         .output()?;
     let _ = sink.wait();
     if !o.status.success() {

@@ -4,7 +4,7 @@
 //! bridge `mosixbr0` (10.213.0.0/24; node N is 10.213.0.N, the host 10.213.0.254), a cgroup
 //! `mosixtb-N` (v1 cpu, cpuacct, memory; or v2) whose CPU quota makes the node's speed
 //! proportional to `--speeds` and whose memory limit is `--mem`, and its own mosixd with its
-//! own config. State lives in DIR (default /run/mosix-testbed): `secret`, `testbed.json`, and
+//! own config (names and addresses of another instance: see [`instance`]). State lives in DIR (default /run/mosix-testbed): `secret`, `testbed.json`, and
 //! `nN/` per node (mosix.toml, secret, node.key and nodes.keys (its own key and every node's
 //! public key), mosixd.sock, mosixd.log, mosixd.pid, status.json).
 //!
@@ -23,14 +23,52 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const NS_PREFIX: &str = "mosixtb-";
-const LINK_PREFIX: &str = "mtb";
-const CG_PREFIX: &str = "mosixtb-";
-const BRIDGE: &str = "mosixbr0";
-const SUBNET: &str = "10.213.0";
-const HOST_IP: &str = "10.213.0.254";
 const MAX_NODES: u32 = 250;
-const DEFAULT_DIR: &str = "/run/mosix-testbed";
+
+/// Which testbed of this machine: `MOSIX_TESTBED_INSTANCE` = 0 (default) .. 9. Each has its
+/// own names (namespaces `mosixtbK-N`, links `mtKbNh`, bridge `mosixbrK`, cgroups
+/// `mosixtbK-N`, subnet 10.213.K.0/24, state /run/mosix-testbedK; instance 0 keeps the
+/// plain names), so that several test runs can each have a testbed at the same time.
+pub fn instance() -> u32 {
+    std::env::var("MOSIX_TESTBED_INSTANCE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|k| *k <= 9)
+        .unwrap_or(0)
+}
+
+fn tag() -> String {
+    match instance() {
+        0 => String::new(),
+        k => k.to_string(),
+    }
+}
+
+fn ns_prefix() -> String {
+    format!("mosixtb{}-", tag())
+}
+fn cg_prefix() -> String {
+    ns_prefix()
+}
+fn link_prefix() -> String {
+    match instance() {
+        0 => "mtb".into(),
+        k => format!("mt{k}b"),
+    }
+}
+fn bridge() -> String {
+    format!("mosixbr{}", instance())
+}
+/// The first three octets of the testbed's addresses.
+pub fn subnet() -> String {
+    format!("10.213.{}", instance())
+}
+fn host_ip() -> String {
+    format!("{}.254", subnet())
+}
+fn default_dir() -> PathBuf {
+    PathBuf::from(format!("/run/mosix-testbed{}", tag()))
+}
 const CFS_PERIOD_US: u64 = 100_000;
 
 /// Run a cluster of N nodes on this machine (network namespaces, cgroups, one mosixd each).
@@ -63,7 +101,7 @@ impl DirArg {
         self.dir
             .clone()
             .or_else(|| std::env::var_os("MOSIX_TESTBED_DIR").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+            .unwrap_or_else(default_dir)
     }
 }
 
@@ -239,7 +277,7 @@ fn node_dir(dir: &Path, n: u32) -> PathBuf {
 }
 
 fn ns_name(n: u32) -> String {
-    format!("{NS_PREFIX}{n}")
+    format!("{}{n}", ns_prefix())
 }
 
 fn load(dir: &Path) -> Result<Testbed> {
@@ -408,7 +446,7 @@ fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = m
         .dirs
         .iter()
-        .map(|(_, p)| p.join(format!("{CG_PREFIX}{n}")))
+        .map(|(_, p)| p.join(format!("{}{n}", cg_prefix())))
         .collect();
     v.dedup();
     Ok(v)
@@ -425,7 +463,7 @@ fn all_testbed_cgroups() -> Vec<PathBuf> {
     for r in roots {
         if let Ok(rd) = std::fs::read_dir(&r) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(CG_PREFIX) && e.path().is_dir() {
+                if e.file_name().to_string_lossy().starts_with(&cg_prefix()) && e.path().is_dir() {
                     out.push(e.path());
                 }
             }
@@ -442,7 +480,7 @@ fn make_cgroups(mode: CgroupMode, n: u32, quota_us: u64, mem: Option<u64>) -> Re
         let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory");
     }
     for (ctrl, root) in &m.dirs {
-        let d = root.join(format!("{CG_PREFIX}{n}"));
+        let d = root.join(format!("{}{n}", cg_prefix()));
         if !d.is_dir() {
             std::fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?;
         }
@@ -676,8 +714,9 @@ fn up(a: UpArgs) -> Result<i32> {
         wait_converged(&dir, n, Duration::from_secs(60))?;
     }
     println!(
-        "testbed up: {n} nodes at {SUBNET}.1..{SUBNET}.{n}, state in {}",
-        dir.display()
+        "testbed up: {n} nodes at {net}.1..{net}.{n}, state in {}",
+        dir.display(),
+        net = subnet()
     );
     Ok(0)
 }
@@ -693,9 +732,10 @@ impl Mode600 for std::fs::OpenOptions {
 
 fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
     let n = tb.nodes;
-    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
-    ip(&["link", "set", BRIDGE, "up"])?;
+    let br = bridge();
+    ip(&["link", "add", &br, "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{}/24", host_ip()), "dev", &br])?;
+    ip(&["link", "set", &br, "up"])?;
     let max_speed = tb.speeds.iter().cloned().fold(0.0, f64::max);
     // The fastest node gets a whole CPU, unless the nodes together would want more CPUs
     // than this machine has: then every quota shrinks alike, so that the nodes never
@@ -715,19 +755,19 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
     }
     for i in 1..=n {
         let ns = ns_name(i);
-        let h = format!("{LINK_PREFIX}{i}h");
-        let p = format!("{LINK_PREFIX}{i}n");
+        let h = format!("{}{i}h", link_prefix());
+        let p = format!("{}{i}n", link_prefix());
         ip(&["netns", "add", &ns])?;
         ip(&["link", "add", &h, "type", "veth", "peer", "name", &p])?;
         ip(&["link", "set", &p, "netns", &ns])?;
-        ip(&["link", "set", &h, "master", BRIDGE, "up"])?;
+        ip(&["link", "set", &h, "master", &br, "up"])?;
         ip(&["-n", &ns, "link", "set", &p, "name", "eth0"])?;
         ip(&[
             "-n",
             &ns,
             "addr",
             "add",
-            &format!("{SUBNET}.{i}/24"),
+            &format!("{}.{i}/24", subnet()),
             "dev",
             "eth0",
         ])?;
@@ -778,7 +818,7 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
              shared_paths = [\"{shared}\"]\n\n\
              [[map]]\n\
              node = 1\n\
-             address = \"{SUBNET}.1\"\n\
+             address = \"{net}.1\"\n\
              count = {n}\n",
             secret = nd.join("secret").display(),
             key = nd.join("node.key").display(),
@@ -787,6 +827,7 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
             sock = nd.join("mosixd.sock").display(),
             down = (gossip_ms * 6).max(3000),
             shared = dir.join("shared").display(),
+            net = subnet(),
         );
         std::fs::write(nd.join("mosix.toml"), cfg)?;
     }
@@ -844,7 +885,7 @@ fn cleanup(dir: &Path) -> Result<String> {
     let namespaces: Vec<String> = ip_out(&["netns", "list"])
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(NS_PREFIX))
+        .filter(|n| n.starts_with(&ns_prefix()))
         .map(String::from)
         .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -903,7 +944,7 @@ fn cleanup(dir: &Path) -> Result<String> {
             continue;
         };
         let name = name.split('@').next().unwrap_or(name);
-        if (name.starts_with(LINK_PREFIX) && name.ends_with('h')) || name == BRIDGE {
+        if (name.starts_with(&link_prefix()) && name.ends_with('h')) || name == bridge() {
             // A veth may already be gone with its namespace peer.
             if ip(&["link", "del", name]).is_ok() {
                 nl += 1;
@@ -929,7 +970,7 @@ fn cleanup(dir: &Path) -> Result<String> {
                 nf += 1;
             }
         }
-        if dir == Path::new(DEFAULT_DIR) {
+        if dir == default_dir() {
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -1014,7 +1055,7 @@ fn status(dir: &Path, json: bool) -> Result<i32> {
         }
         out.push(NodeReport {
             node: i,
-            address: format!("{SUBNET}.{i}"),
+            address: format!("{}.{i}", subnet()),
             namespace: nss
                 .lines()
                 .any(|l| l.split_whitespace().next() == Some(&ns_name(i))),

@@ -22,6 +22,30 @@ pub const AS_NOBODY: [&str; 7] = [
     "--",
 ];
 
+/// The testbed instance these tests use (`MOSIX_TESTBED_INSTANCE`, as `mosix testbed`
+/// reads it): several test runs on one machine each take their own.
+pub fn instance() -> u32 {
+    std::env::var("MOSIX_TESTBED_INSTANCE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|k| *k <= 9)
+        .unwrap_or(0)
+}
+
+/// The prefix of this instance's namespaces and cgroups: `mosixtb-` (instance 0) or
+/// `mosixtbK-`.
+pub fn tb_prefix() -> String {
+    match instance() {
+        0 => "mosixtb-".into(),
+        k => format!("mosixtb{k}-"),
+    }
+}
+
+/// The testbed's addresses: `10.213.K`.
+pub fn tb_subnet() -> String {
+    format!("10.213.{}", instance())
+}
+
 pub fn mosix() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mosix"))
 }
