@@ -347,9 +347,9 @@ fn a_job_has_only_its_stdio_and_the_callers_umask_limits_and_cgroup() {
         ],
     );
     let p = procs.clone();
+    let cpath = std::ffi::CString::new(p.to_string_lossy().as_bytes()).unwrap();
     // SAFETY: the child writes to a cgroup file and makes no allocation the parent
     // did not make before the fork (the path is built here).
-    let cpath = std::ffi::CString::new(p.to_string_lossy().as_bytes()).unwrap();
     unsafe {
         c.pre_exec(move || {
             let fd = libc::open(cpath.as_ptr(), libc::O_WRONLY);
