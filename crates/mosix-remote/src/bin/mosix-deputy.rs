@@ -1,0 +1,130 @@
+//! `mosix-deputy`: what a migratable process becomes at home while it runs on another
+//! node. Not run by hand: mosixd makes a frozen process exec it (keeping its PID,
+//! descriptors, cwd, credentials), with `MOSIX_DEPUTY` in its environment:
+//!
+//! - `sock=PATH;pid=PID;token=T`: connect to the local mosixd's control socket and say so
+//!   (reconnecting whenever the connection breaks);
+//! - `conn=FD`: the connection is descriptor FD already (tests);
+//! - `cloexec=A,B,..`: the process's descriptors that were close-on-exec (cleared for
+//!   this exec, set again here);
+//! - `closed=A,..`: standard descriptors the process did not have open (the runtime may
+//!   have opened /dev/null on them: closed again).
+
+use mosix_remote::deputy::{self, Deputy};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+struct Conf {
+    sock: Option<String>,
+    pid: i32,
+    token: String,
+    conn: Option<i32>,
+    cloexec: Vec<i32>,
+    closed: Vec<i32>,
+}
+
+fn parse(v: &str) -> Conf {
+    let mut c = Conf {
+        sock: None,
+        pid: 0,
+        token: String::new(),
+        conn: None,
+        cloexec: Vec::new(),
+        closed: Vec::new(),
+    };
+    let list = |s: &str| s.split(',').filter_map(|x| x.parse().ok()).collect();
+    for kv in v.split(';') {
+        let (k, val) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "sock" => c.sock = Some(val.to_string()),
+            "pid" => c.pid = val.parse().unwrap_or(0),
+            "token" => c.token = val.to_string(),
+            "conn" => c.conn = val.parse().ok(),
+            "cloexec" => c.cloexec = list(val),
+            "closed" => c.closed = list(val),
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Connects to mosixd and introduces itself; the connection, moved out of the process's
+/// descriptor numbers.
+fn connect(c: &Conf, path: &str) -> std::io::Result<UnixStream> {
+    let s = UnixStream::connect(path)?;
+    let fd = deputy::move_high(s.into_raw_fd())?;
+    // SAFETY: `fd` is the connection we just moved; we own it.
+    let mut s = unsafe { UnixStream::from_raw_fd(fd) };
+    writeln!(
+        s,
+        "{{\"op\":\"deputy\",\"home_pid\":{},\"token\":\"{}\"}}",
+        c.pid, c.token
+    )?;
+    let mut line = String::new();
+    // Read the answer byte by byte: nothing of the frames after it may be taken.
+    let mut r = BufReader::with_capacity(1, &s);
+    r.read_line(&mut line)?;
+    if !line.contains("\"deputy_ok\"") {
+        return Err(std::io::Error::other(format!(
+            "mosixd did not take this deputy: {}",
+            line.trim()
+        )));
+    }
+    Ok(s)
+}
+
+fn main() {
+    let Ok(v) = std::env::var("MOSIX_DEPUTY") else {
+        eprintln!(
+            "mosix-deputy: this program is what a migrated process becomes at home; mosixd runs it, not you"
+        );
+        std::process::exit(2);
+    };
+    let c = parse(&v);
+    for &fd in &c.closed {
+        // SAFETY: closing a standard descriptor the process did not have.
+        unsafe { libc::close(fd) };
+    }
+    for &fd in &c.cloexec {
+        // SAFETY: setting FD_CLOEXEC on the process's own descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    let mut d = match Deputy::start() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("mosix-deputy: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Some(fd) = c.conn {
+        deputy::add_private(fd);
+        // SAFETY: the harness gave us this connected socket as descriptor `fd`.
+        let s = unsafe { UnixStream::from_raw_fd(fd) };
+        d.serve(s);
+        // The supervisor is gone, and so is the process.
+        deputy::end_as(mosix_remote::wire::ExitStatus::Signal(libc::SIGKILL));
+    }
+    let Some(path) = c.sock.clone() else {
+        eprintln!("mosix-deputy: MOSIX_DEPUTY names no socket");
+        std::process::exit(2);
+    };
+    loop {
+        match connect(&c, &path) {
+            Ok(s) => {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+                d.serve(s);
+                deputy::remove_private(fd);
+            }
+            Err(e) => {
+                if e.to_string().contains("did not take") {
+                    eprintln!("mosix-deputy: {e}");
+                    deputy::end_as(mosix_remote::wire::ExitStatus::Signal(libc::SIGKILL));
+                }
+            }
+        }
+        // mosixd is restarting: the process waits in its call meanwhile.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,586 @@
+//! The deputy: the process itself at home while it runs elsewhere. It holds everything the
+//! process owns at home (PID, parent, session, descriptors, cwd, credentials), makes the
+//! calls the supervisor sends, passes on every signal that reaches the home PID, stops
+//! when the process stops, and ends as the process ends.
+//!
+//! Threads: the main thread reads the connection and takes the signals (every catchable
+//! signal is caught, none is blocked there); one worker per thread of the process makes
+//! that thread's calls, with every signal blocked except SIGTTIN/SIGTTOU (so a background
+//! read of the terminal behaves as at home) and [`SIG_CANCEL`], which interrupts a call
+//! the process no longer waits for.
+//!
+//! The connection may break (mosixd restarting): answers wait in a backlog, the caller
+//! connects again ([`Deputy::serve`] once more), calls sent again are answered from the
+//! record of the last answer instead of being made twice.
+
+use crate::exec;
+use crate::wire::{self, Call, ExitStatus, FromDeputy, Reply, ToDeputy};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+/// The signal that interrupts a worker's call (a real-time signal; one sent to the
+/// process by somebody else is passed on like any other).
+pub const SIG_CANCEL: i32 = 63;
+
+/// Signals for the process that arrived and are not yet passed on (bit n-1: signal n).
+static PENDING: AtomicU64 = AtomicU64::new(0);
+/// Write end of the pipe that wakes the main thread.
+static WAKE: AtomicI32 = AtomicI32::new(-1);
+/// The deputy's own descriptors (never the process's), up to 8.
+static PRIVATE: [AtomicI32; 8] = [const { AtomicI32::new(-1) }; 8];
+/// Kernel TIDs of workers sent SIG_CANCEL by the main thread (so their handler knows the
+/// signal is ours, not the process's).
+static CANCELLING: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+
+thread_local! {
+    /// The last signal taken by this thread (for a worker: what interrupted its call).
+    static TAKEN: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+extern "C" fn on_signal(sig: i32) {
+    TAKEN.with(|t| t.set(sig));
+    if sig == SIG_CANCEL {
+        let me = gettid();
+        for c in &CANCELLING {
+            if c.compare_exchange(me, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+    PENDING.fetch_or(1u64 << (sig - 1), Ordering::SeqCst);
+    let w = WAKE.load(Ordering::SeqCst);
+    if w >= 0 {
+        // SAFETY: write(2) is async-signal-safe; one byte from a static.
+        unsafe { libc::write(w, b"s".as_ptr().cast(), 1) };
+    }
+}
+
+/// Marks `fd` as the deputy's own.
+pub fn add_private(fd: RawFd) {
+    for p in &PRIVATE {
+        if p.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Forgets `fd` as one of the deputy's own (it was closed).
+pub fn remove_private(fd: RawFd) {
+    for p in &PRIVATE {
+        let _ = p.compare_exchange(fd, -1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// Whether `fd` is one of the deputy's own descriptors.
+pub fn is_private(fd: u64) -> bool {
+    PRIVATE
+        .iter()
+        .any(|p| p.load(Ordering::SeqCst) as i64 == fd as i64)
+}
+
+/// A close-on-exec duplicate of `fd` at a number just below the soft RLIMIT_NOFILE,
+/// marked private.
+pub fn dup_high(fd: RawFd) -> std::io::Result<RawFd> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let low = (lim.rlim_cur.min(1 << 20) as i32).max(64) - 64;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own at the lowest free number
+    // from `low` up.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, low) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    add_private(n);
+    Ok(n)
+}
+
+/// Moves descriptor `fd` to the highest free number below the soft RLIMIT_NOFILE (so the
+/// process's own numbering is undisturbed), close-on-exec, and marks it private.
+pub fn move_high(fd: RawFd) -> std::io::Result<RawFd> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let top = (lim.rlim_cur.min(1 << 20) as i32).max(64) - 1;
+    for n in (top - 63..=top).rev() {
+        // SAFETY: F_GETFD only asks whether `n` is open.
+        if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // SAFETY: dup3 onto a number we just saw free; both are plain descriptors.
+        if unsafe { libc::dup3(fd, n, libc::O_CLOEXEC) } == n {
+            // SAFETY: the old number is ours and now duplicated.
+            unsafe { libc::close(fd) };
+            add_private(n);
+            return Ok(n);
+        }
+    }
+    Err(std::io::Error::other(
+        "no free descriptor number near the limit",
+    ))
+}
+
+fn set_handlers() {
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || sig == 32 || sig == 33 {
+            continue;
+        }
+        // SAFETY: sigaction with a handler that only touches atomics and write(2).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(i32) as usize;
+            sa.sa_flags = 0; // no SA_RESTART: a worker's call returns EINTR
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn block_all_but(keep: &[i32]) {
+    // SAFETY: building and applying a signal mask for the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for &s in keep {
+            libc::sigdelset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+fn unblock_all() {
+    // SAFETY: an empty mask for the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Signals raised by a call for the calling thread (SIGPIPE, SIGXFSZ): taken off its
+/// queue, to be raised in the process instead.
+fn take_thread_signals() -> u64 {
+    let mut got = 0u64;
+    for sig in [libc::SIGPIPE, libc::SIGXFSZ] {
+        // SAFETY: sigtimedwait with a zero timeout on a set of one blocked signal.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            while libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) == sig {
+                got |= 1u64 << (sig - 1);
+            }
+        }
+    }
+    got
+}
+
+/// The way out, across reconnections: first every pending signal (so a signal reaches
+/// the process before the answer of a call it interrupted), then the message; what cannot
+/// be sent now waits for the next connection.
+#[derive(Default)]
+struct Link {
+    inner: Mutex<LinkInner>,
+}
+
+#[derive(Default)]
+struct LinkInner {
+    conn: Option<UnixStream>,
+    backlog: Vec<FromDeputy>,
+}
+
+impl Link {
+    fn send(&self, m: Option<FromDeputy>) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let sigs = PENDING.swap(0, Ordering::SeqCst);
+        for sig in 1..=64 {
+            if sigs & (1u64 << (sig - 1)) != 0 {
+                l.backlog.push(FromDeputy::Signal { sig });
+            }
+        }
+        if let Some(m) = m {
+            l.backlog.push(m);
+        }
+        l.flush();
+    }
+    fn attach(&self, c: UnixStream) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        l.conn = Some(c);
+        l.flush();
+    }
+    fn detach(&self) {
+        if let Some(c) = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .conn
+            .take()
+        {
+            remove_private(c.as_raw_fd());
+        }
+    }
+}
+
+impl LinkInner {
+    fn flush(&mut self) {
+        let Some(c) = &mut self.conn else { return };
+        let mut sent = 0;
+        for m in &self.backlog {
+            if wire::send(c, m).is_err() {
+                self.conn = None;
+                break;
+            }
+            sent += 1;
+        }
+        self.backlog.drain(..sent);
+        if let Some(c) = &mut self.conn {
+            let _ = c.flush();
+        }
+    }
+}
+
+enum Job {
+    Call(Call),
+    Again { block: bool },
+    Forget,
+}
+
+/// What a worker does now, shared with the main thread.
+#[derive(Default)]
+struct WState {
+    /// The call being made (0: none) and the worker's kernel TID.
+    current: u64,
+    cancelled: HashSet<u64>,
+    tid: i32,
+}
+
+struct Worker {
+    tx: Sender<Job>,
+    state: Arc<Mutex<WState>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
+    block_all_but(&[libc::SIGTTIN, libc::SIGTTOU, SIG_CANCEL]);
+    lock(&st).tid = gettid();
+    let mut last: Option<(u64, Reply)> = None;
+    while let Ok(job) = rx.recv() {
+        let Job::Call(call) = job else { continue };
+        if let Some((s, r)) = &last {
+            if *s == call.seq {
+                // Sent again after a reconnect: answered from the record, not made twice.
+                out.send(Some(FromDeputy::Reply(r.clone())));
+                continue;
+            }
+        }
+        {
+            let mut s = lock(&st);
+            if s.cancelled.remove(&call.seq) {
+                drop(s);
+                out.send(Some(FromDeputy::Reply(Reply::Cancelled { seq: call.seq })));
+                continue;
+            }
+            s.current = call.seq;
+        }
+        let mut masked = false;
+        let reply = loop {
+            TAKEN.with(|t| t.set(0));
+            let o = exec::execute(&call, &is_private);
+            let sigs = take_thread_signals();
+            if o.ret != -(libc::EINTR as i64) {
+                break exec::reply(&call, o, sigs);
+            }
+            if lock(&st).cancelled.remove(&call.seq) {
+                break Reply::Cancelled { seq: call.seq };
+            }
+            let by = TAKEN.with(|t| t.get());
+            if by == libc::SIGTTIN || by == libc::SIGTTOU {
+                // What would the process do with it? Ask, and wait for the answer.
+                out.send(Some(FromDeputy::Reply(Reply::Interrupted {
+                    seq: call.seq,
+                    sig: by,
+                })));
+                match rx.recv() {
+                    Ok(Job::Again { block }) => {
+                        if block {
+                            block_all_but(&[SIG_CANCEL]);
+                            masked = true;
+                        }
+                        continue;
+                    }
+                    Ok(Job::Forget) | Ok(Job::Call(_)) | Err(_) => {
+                        break Reply::Cancelled { seq: call.seq };
+                    }
+                }
+            }
+            // Interrupted by nothing the process would notice: make it again.
+        };
+        if masked {
+            block_all_but(&[libc::SIGTTIN, libc::SIGTTOU, SIG_CANCEL]);
+        }
+        {
+            let mut s = lock(&st);
+            s.current = 0;
+            s.cancelled.remove(&call.seq);
+        }
+        if let Reply::Done { .. } = reply {
+            last = Some((call.seq, reply.clone()));
+        }
+        out.send(Some(FromDeputy::Reply(reply)));
+    }
+}
+
+/// The path and identity of the process's descriptor `fd`.
+fn describe(fd: i32) -> (Option<Vec<u8>>, Option<crate::wire::FileId>) {
+    use std::os::unix::ffi::OsStringExt;
+    if is_private(fd as u64) {
+        return (None, None);
+    }
+    let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .map(|p| p.into_os_string().into_vec());
+    // SAFETY: fstat into a struct of ours.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `fd` is a number, a bad one fails with EBADF.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return (path, None);
+    }
+    let id = crate::wire::FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        mode: st.st_mode,
+        size: st.st_size as u64,
+        mtime: st.st_mtime,
+        mtime_ns: st.st_mtime_nsec,
+    };
+    (path, Some(id))
+}
+
+/// How the deputy ends: as the process ended.
+pub fn end_as(st: ExitStatus) -> ! {
+    match st {
+        ExitStatus::Code(c) => {
+            // SAFETY: _exit ends the process at once; nothing of ours needs flushing.
+            unsafe { libc::_exit(c) }
+        }
+        ExitStatus::Signal(sig) => {
+            // SAFETY: default action, no core file at home (the process's core, if any,
+            // was made where it ran), then the signal to ourselves.
+            unsafe {
+                let lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &lim);
+                libc::signal(sig, libc::SIG_DFL);
+                unblock_all();
+                libc::kill(libc::getpid(), sig);
+                libc::kill(libc::getpid(), libc::SIGKILL);
+                libc::_exit(128 + sig)
+            }
+        }
+    }
+}
+
+/// A running deputy.
+pub struct Deputy {
+    workers: HashMap<i32, Worker>,
+    /// Which thread each call came from.
+    calls: HashMap<u64, i32>,
+    out: Arc<Link>,
+    wake_r: RawFd,
+}
+
+impl Deputy {
+    /// Sets up signal handling and the wake-up pipe. Call once, before any other thread.
+    pub fn start() -> std::io::Result<Deputy> {
+        let mut p = [0; 2];
+        // SAFETY: pipe2 fills the array we pass.
+        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let r = move_high(p[0])?;
+        let w = move_high(p[1])?;
+        WAKE.store(w, Ordering::SeqCst);
+        set_handlers();
+        unblock_all();
+        Ok(Deputy {
+            workers: HashMap::new(),
+            calls: HashMap::new(),
+            out: Arc::new(Link::default()),
+            wake_r: r,
+        })
+    }
+
+    fn worker(&mut self, tid: i32) -> &Worker {
+        let out = self.out.clone();
+        self.workers.entry(tid).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel();
+            let state = Arc::new(Mutex::new(WState::default()));
+            let s2 = state.clone();
+            std::thread::Builder::new()
+                .name(format!("call-{tid}"))
+                .spawn(move || worker_main(rx, out, s2))
+                .expect("a thread for the calls of a thread");
+            Worker { tx, state }
+        })
+    }
+
+    /// Serves the supervisor over `conn` until the process ends (the deputy then exits as
+    /// it did) or the connection closes (returns: connect again and serve once more).
+    pub fn serve(&mut self, conn: UnixStream) {
+        // A second handle for writing, at a number of ours too.
+        let Ok(w) = dup_high(conn.as_raw_fd()) else {
+            return;
+        };
+        // SAFETY: `w` is a fresh duplicate we own.
+        self.out
+            .attach(unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(w) });
+        let mut reader = std::io::BufReader::new(conn);
+        loop {
+            let buffered = !reader.buffer().is_empty();
+            let mut fds = [
+                libc::pollfd {
+                    fd: reader.get_ref().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake_r,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if !buffered {
+                // SAFETY: poll on two descriptors we own.
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            }
+            if fds[1].revents != 0 || PENDING.load(Ordering::SeqCst) != 0 {
+                let mut b = [0u8; 64];
+                // SAFETY: draining our own non-blocking pipe.
+                while unsafe { libc::read(self.wake_r, b.as_mut_ptr().cast(), b.len()) } > 0 {}
+                self.out.send(None);
+            }
+            if !buffered && fds[0].revents == 0 {
+                continue;
+            }
+            let msg: ToDeputy = match wire::recv(&mut reader) {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => {
+                    self.out.detach();
+                    return;
+                }
+            };
+            self.handle(msg);
+        }
+    }
+
+    fn handle(&mut self, msg: ToDeputy) {
+        match msg {
+            ToDeputy::Call(c) => {
+                self.calls.insert(c.seq, c.tid);
+                if self.calls.len() > 4096 {
+                    let old: Vec<u64> = self
+                        .calls
+                        .keys()
+                        .copied()
+                        .filter(|s| *s + 4096 < c.seq)
+                        .collect();
+                    for s in old {
+                        self.calls.remove(&s);
+                    }
+                }
+                let tid = c.tid;
+                let _ = self.worker(tid).tx.send(Job::Call(c));
+            }
+            ToDeputy::Cancel { seq } => self.cancel(seq),
+            ToDeputy::Retry { seq, block } => self.to_worker_of(seq, Job::Again { block }),
+            ToDeputy::Drop { seq } => self.to_worker_of(seq, Job::Forget),
+            ToDeputy::Stopped { .. } => {
+                // The process stopped: so does its home half (the shell sees it stopped);
+                // SIGCONT resumes us and is passed on, resuming it.
+                // SAFETY: a signal to ourselves.
+                unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+            }
+            ToDeputy::Exited(st) => {
+                self.out.send(None);
+                end_as(st)
+            }
+            ToDeputy::Describe { seq, fd } => {
+                let (path, id) = describe(fd);
+                self.out.send(Some(FromDeputy::Described { seq, path, id }));
+            }
+            ToDeputy::ReadAt { seq, fd, off, len } => {
+                let mut data = vec![0u8; len.min(crate::spec::MAX_IO) as usize];
+                // SAFETY: pread into a buffer of ours of the length we give.
+                let n = unsafe {
+                    libc::pread(fd, data.as_mut_ptr().cast(), data.len(), off as libc::off_t)
+                };
+                let ret = if n < 0 || is_private(fd as u64) {
+                    -(std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(libc::EBADF) as i64)
+                } else {
+                    data.truncate(n as usize);
+                    n as i64
+                };
+                self.out.send(Some(FromDeputy::Data { seq, ret, data }));
+            }
+        }
+    }
+
+    fn to_worker_of(&self, seq: u64, job: Job) {
+        if let Some(w) = self.calls.get(&seq).and_then(|t| self.workers.get(t)) {
+            let _ = w.tx.send(job);
+        }
+    }
+
+    fn cancel(&mut self, seq: u64) {
+        let Some(w) = self.calls.get(&seq).and_then(|t| self.workers.get(t)) else {
+            return;
+        };
+        let mut s = lock(&w.state);
+        s.cancelled.insert(seq);
+        if s.current == seq && s.tid != 0 {
+            for c in &CANCELLING {
+                if c.compare_exchange(0, s.tid, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            // SAFETY: a signal to a live worker thread of this process (it only exits
+            // with the process).
+            unsafe {
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), s.tid, SIG_CANCEL);
+            }
+        }
+    }
+}

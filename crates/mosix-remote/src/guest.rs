@@ -1,0 +1,847 @@
+//! The supervisor's side of a process away from home: what to do with each trapped call,
+//! the calls sent home and waiting, and their answers.
+//!
+//! [`Guest`] is a state machine: trapped calls ([`Notif`]) and the deputy's messages go
+//! in; it acts on the process only through the [`Kernel`] trait (its memory, the
+//! notification descriptor) and says what goes home as [`Out`]. The supervisor's thread
+//! drives it; the tests drive it with fakes.
+
+use crate::gather::{self, Layout, Mem};
+use crate::notify::Notif;
+use crate::spec::{self, Route, Spec, Special};
+#[cfg(test)]
+use crate::wire::Call;
+use crate::wire::{FileId, FromDeputy, Reply, ToDeputy};
+use nix::errno::Errno;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// What the supervisor can do to the process.
+pub trait Kernel {
+    fn mem(&self) -> &dyn Mem;
+    /// Answers trapped call `id` with `ret` (-errno on failure).
+    fn answer(&mut self, id: u64, ret: i64) -> Result<(), Errno>;
+    /// Lets the process make call `id` itself.
+    fn proceed(&mut self, id: u64) -> Result<(), Errno>;
+    /// Puts a placeholder descriptor at number `at` in the process; with `answer`, also
+    /// answers call `id` with `at`.
+    fn placeholder(&mut self, id: u64, at: i32, answer: bool) -> Result<(), Errno>;
+    /// Whether call `id` still waits.
+    fn valid(&self, id: u64) -> bool;
+    /// Sends signal `sig` to thread `tid` (host TID) of the process.
+    fn signal_thread(&mut self, tid: i32, sig: i32);
+    /// What thread `tid` does with signal `sig` now.
+    fn disposition(&self, tid: i32, sig: i32) -> Disposition;
+    /// The target of the process's `/proc/self/exe` on the host.
+    fn exe(&self) -> Option<Vec<u8>>;
+    /// A descriptor of the file at `path` here if it is the very file `id` describes
+    /// (same contents), for an mmap.
+    fn open_same(&self, path: &[u8], id: &FileId) -> Option<OwnedFd>;
+    /// A new in-memory file of `size` bytes holding `parts` (offset, bytes).
+    fn memfile(&self, size: u64, parts: &[(u64, Vec<u8>)]) -> Option<OwnedFd>;
+    /// Puts our descriptor `fd` at number `at` in the process (without answering).
+    fn install(&mut self, id: u64, fd: RawFd, at: i32) -> Result<(), Errno>;
+}
+
+/// What a thread does with a signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Blocked or ignored: it would not be interrupted.
+    Held,
+    /// Caught, or its default action stops or ends it.
+    Taken,
+}
+
+/// What the supervisor must do after an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Out {
+    /// Send this to the deputy.
+    Deputy(ToDeputy),
+    /// The process made a call that can only be made at home: move it home (the call
+    /// stays trapped; the move interrupts it and it is made again at home).
+    GoHome { id: u64, why: String },
+}
+
+struct Pending {
+    notif: Notif,
+    spec: Spec,
+    layout: Layout,
+    cancelled: bool,
+}
+
+/// An mmap of a descriptor of home, being prepared: its file is looked up, then its
+/// pages fetched if the host has no identical copy.
+struct Mapping {
+    notif: Notif,
+    fd: i32,
+    /// Set once described: the file's size, and the part to fetch (start, end).
+    size: u64,
+    range: (u64, u64),
+    parts: Vec<(u64, Vec<u8>)>,
+    next: u64,
+    /// Offset of the read asked for and not yet answered.
+    asked: u64,
+}
+
+/// The most of a file fetched for one mmap (a bigger mapping brings the process home).
+const MAX_FETCH: u64 = 256 << 20;
+
+/// A call completed at home that the process no longer waited for (it was interrupted,
+/// or frozen): made again identically, it gets this answer at once, so it runs once.
+struct Undelivered {
+    nr: i64,
+    args: [u64; 6],
+    spec: Spec,
+    layout: Layout,
+    ret: i64,
+    outs: Vec<crate::wire::Back>,
+}
+
+/// The supervisor's view of one process.
+pub struct Guest {
+    /// The process's PID as it sees it (its home PID).
+    own_pid: i32,
+    next_seq: u64,
+    pending: HashMap<u64, Pending>,
+    by_tid: HashMap<i32, u64>,
+    undelivered: HashMap<i32, Undelivered>,
+    /// mmaps being prepared, by the seq of their request to the deputy.
+    mappings: HashMap<u64, Mapping>,
+    /// Calls carried so far (for figures).
+    pub forwarded: u64,
+}
+
+impl Guest {
+    pub fn new(own_pid: i32, first_seq: u64) -> Guest {
+        Guest {
+            own_pid,
+            next_seq: first_seq,
+            pending: HashMap::new(),
+            by_tid: HashMap::new(),
+            undelivered: HashMap::new(),
+            mappings: HashMap::new(),
+            forwarded: 0,
+        }
+    }
+
+    /// The next sequence number (carried across moves so numbers never repeat).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Calls sent home and not answered.
+    pub fn waiting(&self) -> usize {
+        self.pending.values().filter(|p| !p.cancelled).count()
+    }
+
+    /// Calls sent home, cancelled or not, whose answer has not come.
+    pub fn outstanding(&self) -> usize {
+        self.pending.len() + self.mappings.len()
+    }
+
+    /// A trapped call.
+    pub fn on_notif(&mut self, n: Notif, k: &mut dyn Kernel) -> Vec<Out> {
+        let mut out = Vec::new();
+        // A thread with a call at home made a new one: the old one was interrupted.
+        if let Some(old) = self.by_tid.remove(&n.pid) {
+            self.cancel(old, &mut out);
+        }
+        // Likewise an mmap being prepared (it will come again if restarted).
+        self.mappings.retain(|_, m| m.notif.pid != n.pid);
+        if let Some(u) = self.undelivered.remove(&n.pid) {
+            if u.nr == n.nr && u.args == n.args {
+                self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
+                return out;
+            }
+        }
+        match spec::route(n.nr, &n.args) {
+            Route::Local => {
+                let _ = k.proceed(n.id);
+            }
+            Route::Home(why) => out.push(Out::GoHome {
+                id: n.id,
+                why: format!("{} ({})", why, spec::name(n.nr)),
+            }),
+            Route::Forward(s) => self.forward(n, s, k, &mut out),
+            Route::Special(sp) => self.special(n, sp, k, &mut out),
+        }
+        out
+    }
+
+    fn special(&mut self, n: Notif, sp: Special, k: &mut dyn Kernel, out: &mut Vec<Out>) {
+        match sp {
+            Special::Open(s) => self.forward(n, s, k, out),
+            Special::Readlink(s) => {
+                let path_arg = if n.nr == libc::SYS_readlink { 0 } else { 1 };
+                let own_exe = gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH)
+                    .map(|p| self.is_own_exe(&p))
+                    .unwrap_or(false);
+                match (own_exe, k.exe()) {
+                    (true, Some(target)) => {
+                        let (buf, cap) = (n.args[path_arg + 1], n.args[path_arg + 2] as usize);
+                        let m = target.len().min(cap);
+                        let ret = match k.mem().write(buf, &target[..m]) {
+                            Ok(()) => m as i64,
+                            Err(e) => -(e as i64),
+                        };
+                        let _ = k.answer(n.id, ret);
+                    }
+                    _ => self.forward(n, s, k, out),
+                }
+            }
+            Special::Mmap => {
+                let (prot, flags) = (n.args[2] as i32, n.args[3] as i32);
+                if flags & libc::MAP_ANONYMOUS != 0 {
+                    let _ = k.proceed(n.id);
+                } else if flags & libc::MAP_SHARED != 0 && prot & libc::PROT_WRITE != 0 {
+                    out.push(Out::GoHome {
+                        id: n.id,
+                        why: "it maps a file of its home shared and writable".into(),
+                    });
+                } else {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let fd = n.args[4] as i32;
+                    self.mappings.insert(
+                        seq,
+                        Mapping {
+                            notif: n,
+                            fd,
+                            size: 0,
+                            range: (0, 0),
+                            parts: Vec::new(),
+                            next: 0,
+                            asked: 0,
+                        },
+                    );
+                    out.push(Out::Deputy(ToDeputy::Describe { seq, fd }));
+                }
+            }
+            Special::Signal => {
+                let own_target = match n.nr {
+                    libc::SYS_tkill => n.args[0] as i32 == self.own_pid,
+                    _ => n.args[0] as i32 == self.own_pid,
+                };
+                match spec::signal_spec(n.nr) {
+                    _ if own_target => {
+                        let _ = k.proceed(n.id);
+                    }
+                    Some(s) => self.forward(n, s, k, out),
+                    None => {
+                        let _ = k.answer(n.id, -(libc::ENOSYS as i64));
+                    }
+                }
+            }
+            Special::Clone3 => {
+                let mut flags = [0u8; 8];
+                match k.mem().read(n.args[0], &mut flags) {
+                    Ok(()) if u64::from_le_bytes(flags) & libc::CLONE_THREAD as u64 != 0 => {
+                        let _ = k.proceed(n.id);
+                    }
+                    Ok(()) => out.push(Out::GoHome {
+                        id: n.id,
+                        why: "it starts a new process (clone3)".into(),
+                    }),
+                    Err(e) => {
+                        let _ = k.answer(n.id, -(e as i64));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_own_exe(&self, p: &[u8]) -> bool {
+        let p = p.strip_suffix(&[0]).unwrap_or(p);
+        p == b"/proc/self/exe"
+            || p == b"/proc/thread-self/exe"
+            || p == format!("/proc/{}/exe", self.own_pid).as_bytes()
+    }
+
+    fn forward(&mut self, n: Notif, s: Spec, k: &mut dyn Kernel, out: &mut Vec<Out>) {
+        let seq = self.next_seq;
+        match gather::gather(seq, n.pid, n.nr, n.args, &s, k.mem()) {
+            Err(e) => {
+                let _ = k.answer(n.id, -(e as i64));
+            }
+            Ok((call, layout)) => {
+                self.next_seq += 1;
+                self.forwarded += 1;
+                self.pending.insert(
+                    seq,
+                    Pending {
+                        notif: n,
+                        spec: s,
+                        layout,
+                        cancelled: false,
+                    },
+                );
+                self.by_tid.insert(n.pid, seq);
+                out.push(Out::Deputy(ToDeputy::Call(call)));
+            }
+        }
+    }
+
+    fn cancel(&mut self, seq: u64, out: &mut Vec<Out>) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            if !p.cancelled {
+                p.cancelled = true;
+                out.push(Out::Deputy(ToDeputy::Cancel { seq }));
+            }
+        }
+    }
+
+    /// An answer from the deputy.
+    pub fn on_reply(&mut self, r: Reply, k: &mut dyn Kernel) -> Vec<Out> {
+        let mut out = Vec::new();
+        let seq = r.seq();
+        match r {
+            Reply::Cancelled { .. } => {
+                self.forget(seq);
+            }
+            Reply::Interrupted { sig, .. } => {
+                let Some(p) = self.pending.get(&seq) else {
+                    return out;
+                };
+                if p.cancelled {
+                    // The cancel is on its way; the deputy answers it.
+                    return out;
+                }
+                let tid = p.notif.pid;
+                match k.disposition(tid, sig) {
+                    Disposition::Held => {
+                        out.push(Out::Deputy(ToDeputy::Retry { seq, block: true }));
+                    }
+                    Disposition::Taken => {
+                        // The process's own call is interrupted by the same signal
+                        // (passed on before this answer) and will come again.
+                        self.forget(seq);
+                        out.push(Out::Deputy(ToDeputy::Drop { seq }));
+                    }
+                }
+            }
+            Reply::Done {
+                ret, outs, sigs, ..
+            } => {
+                let Some(p) = self.forget(seq) else {
+                    return out;
+                };
+                if k.valid(p.notif.id) {
+                    self.deliver(&p.notif, &p.spec, &p.layout, ret, &outs, sigs, k);
+                } else {
+                    // It was made at home but the process stopped waiting: keep the
+                    // answer for when it makes the same call again.
+                    self.undelivered.insert(
+                        p.notif.pid,
+                        Undelivered {
+                            nr: p.notif.nr,
+                            args: p.notif.args,
+                            spec: p.spec,
+                            layout: p.layout,
+                            ret,
+                            outs,
+                        },
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn forget(&mut self, seq: u64) -> Option<Pending> {
+        let p = self.pending.remove(&seq)?;
+        if self.by_tid.get(&p.notif.pid) == Some(&seq) {
+            self.by_tid.remove(&p.notif.pid);
+        }
+        Some(p)
+    }
+
+    /// Gives the process the outcome of its call: memory, mirrored descriptors, result,
+    /// then the signals the call raised.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        n: &Notif,
+        s: &Spec,
+        layout: &Layout,
+        ret: i64,
+        outs: &[crate::wire::Back],
+        sigs: u64,
+        k: &mut dyn Kernel,
+    ) {
+        if ret >= 0 {
+            if let Err(e) = gather::scatter(layout, outs, k.mem()) {
+                let _ = k.answer(n.id, -(e as i64));
+                return;
+            }
+            if let Some(at) = s.out_fds {
+                if let Some(pair) = gather::fd_pair(outs, at) {
+                    for fd in pair {
+                        let _ = k.placeholder(n.id, fd, false);
+                    }
+                }
+            }
+            if n.nr == libc::SYS_recvmsg {
+                if let Some(crate::wire::Back::Msg { control, .. }) = outs.get(1) {
+                    for fd in gather::fds_in_control(control) {
+                        let _ = k.placeholder(n.id, fd, false);
+                    }
+                }
+            }
+        }
+        let done = if s.ret_fd && ret >= 0 {
+            k.placeholder(n.id, ret as i32, true)
+        } else if s.then_local && ret >= 0 {
+            k.proceed(n.id)
+        } else {
+            k.answer(n.id, ret)
+        };
+        if let Err(e) = done {
+            tracing::warn!("cannot answer call {} ({}): {e}", n.id, spec::name(n.nr));
+            let _ = k.answer(n.id, -(e as i64));
+        }
+        for sig in 1..=64 {
+            if sigs & (1u64 << (sig - 1)) != 0 {
+                k.signal_thread(n.pid, sig);
+            }
+        }
+    }
+
+    /// A message from the deputy other than a signal (signals are the driver's).
+    pub fn on_deputy(&mut self, m: FromDeputy, k: &mut dyn Kernel) -> Vec<Out> {
+        match m {
+            FromDeputy::Reply(r) => self.on_reply(r, k),
+            FromDeputy::Described { seq, path, id } => self.described(seq, path, id, k),
+            FromDeputy::Data { seq, ret, data } => self.fetched(seq, ret, data, k),
+            FromDeputy::Signal { .. } => Vec::new(),
+        }
+    }
+
+    fn described(
+        &mut self,
+        seq: u64,
+        path: Option<Vec<u8>>,
+        id: Option<FileId>,
+        k: &mut dyn Kernel,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(mut m) = self.mappings.remove(&seq) else {
+            return out;
+        };
+        let Some(id) = id else {
+            let _ = k.answer(m.notif.id, -(libc::EBADF as i64));
+            return out;
+        };
+        if id.mode & libc::S_IFMT != libc::S_IFREG {
+            out.push(Out::GoHome {
+                id: m.notif.id,
+                why: "it maps a device or special file of its home".into(),
+            });
+            return out;
+        }
+        if let Some(local) = path.as_deref().and_then(|p| k.open_same(p, &id)) {
+            self.map_with(&m.notif, m.fd, &local, k);
+            return out;
+        }
+        // No identical copy here: fetch the part it maps into an in-memory file.
+        let (off, len) = (m.notif.args[5], m.notif.args[1]);
+        let end = off.saturating_add(len).min(id.size);
+        if end.saturating_sub(off) > MAX_FETCH {
+            out.push(Out::GoHome {
+                id: m.notif.id,
+                why: "it maps a large file of its home".into(),
+            });
+            return out;
+        }
+        m.size = id.size;
+        m.range = (off, end.max(off));
+        m.next = off;
+        self.fetch_next(m, &mut out, k);
+        out
+    }
+
+    fn fetch_next(&mut self, mut m: Mapping, out: &mut Vec<Out>, k: &mut dyn Kernel) {
+        if m.next >= m.range.1 {
+            match k.memfile(m.size, &m.parts) {
+                Some(f) => self.map_with(&m.notif, m.fd, &f, k),
+                None => {
+                    let _ = k.answer(m.notif.id, -(libc::ENOMEM as i64));
+                }
+            }
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let len = (m.range.1 - m.next).min(spec::MAX_IO as u64) as u32;
+        out.push(Out::Deputy(ToDeputy::ReadAt {
+            seq,
+            fd: m.fd,
+            off: m.next,
+            len,
+        }));
+        m.asked = m.next;
+        m.next += len as u64;
+        self.mappings.insert(seq, m);
+    }
+
+    fn fetched(&mut self, seq: u64, ret: i64, data: Vec<u8>, k: &mut dyn Kernel) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(mut m) = self.mappings.remove(&seq) else {
+            return out;
+        };
+        if ret < 0 {
+            let _ = k.answer(m.notif.id, ret);
+            return out;
+        }
+        let at = m.asked;
+        let short = (data.len() as u64) < m.next - m.asked;
+        m.parts.push((at, data));
+        if short {
+            // The file ended early (it shrank): the rest reads as zeros, as past EOF.
+            m.next = m.range.1;
+        }
+        self.fetch_next(m, &mut out, k);
+        out
+    }
+
+    /// Puts `file` at the mapped descriptor's number in the process and lets it map it.
+    fn map_with(&mut self, n: &Notif, fd: i32, file: &OwnedFd, k: &mut dyn Kernel) {
+        if k.valid(n.id) && k.install(n.id, file.as_raw_fd(), fd).is_ok() {
+            let _ = k.proceed(n.id);
+        } else {
+            let _ = k.answer(n.id, -(libc::ENOMEM as i64));
+        }
+    }
+
+    /// Time passed: calls whose thread stopped waiting (a signal it handled) are cancelled.
+    pub fn tick(&mut self, k: &dyn Kernel) -> Vec<Out> {
+        let mut out = Vec::new();
+        let gone: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.cancelled && !k.valid(p.notif.id))
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in gone {
+            self.cancel(seq, &mut out);
+        }
+        out
+    }
+
+    /// The process is frozen for a move: every call at home is cancelled. Once
+    /// [`outstanding`](Self::outstanding) is 0, [`completed`](Self::completed) says which
+    /// calls were made at home after all, to be finished in the frozen process.
+    pub fn quiesce(&mut self) -> Vec<Out> {
+        let mut out = Vec::new();
+        let seqs: Vec<u64> = self.pending.keys().copied().collect();
+        for seq in seqs {
+            self.cancel(seq, &mut out);
+        }
+        // An mmap being prepared is made again after the move.
+        self.mappings.clear();
+        out
+    }
+
+    /// Calls made at home that the frozen process does not know are done: their memory
+    /// is written into it now, and (host TID, result) returned, for its registers. A call
+    /// that made a descriptor is not finished this way (it has no placeholder yet): it is
+    /// dropped, and made again (its descriptor at home leaks; rare: a freeze exactly as the
+    /// answer arrives).
+    pub fn completed(&mut self, mem: &dyn Mem) -> Vec<(i32, i64)> {
+        let mut done = Vec::new();
+        for (tid, u) in std::mem::take(&mut self.undelivered) {
+            if (u.spec.ret_fd || u.spec.out_fds.is_some()) && u.ret >= 0 {
+                continue;
+            }
+            if u.ret >= 0 && gather::scatter(&u.layout, &u.outs, mem).is_err() {
+                continue;
+            }
+            done.push((tid, u.ret));
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gather::tests::Fake;
+    use crate::wire::Back;
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    struct FakeKernel {
+        mem: Option<Fake>,
+        answers: Vec<(u64, i64)>,
+        proceeded: Vec<u64>,
+        placed: Vec<(u64, i32, bool)>,
+        invalid: Vec<u64>,
+        signalled: Vec<(i32, i32)>,
+        held: bool,
+    }
+    impl Kernel for FakeKernel {
+        fn mem(&self) -> &dyn Mem {
+            self.mem.as_ref().unwrap()
+        }
+        fn answer(&mut self, id: u64, ret: i64) -> Result<(), Errno> {
+            self.answers.push((id, ret));
+            Ok(())
+        }
+        fn proceed(&mut self, id: u64) -> Result<(), Errno> {
+            self.proceeded.push(id);
+            Ok(())
+        }
+        fn placeholder(&mut self, id: u64, at: i32, answer: bool) -> Result<(), Errno> {
+            self.placed.push((id, at, answer));
+            Ok(())
+        }
+        fn valid(&self, id: u64) -> bool {
+            !self.invalid.contains(&id)
+        }
+        fn signal_thread(&mut self, tid: i32, sig: i32) {
+            self.signalled.push((tid, sig));
+        }
+        fn disposition(&self, _: i32, _: i32) -> Disposition {
+            if self.held {
+                Disposition::Held
+            } else {
+                Disposition::Taken
+            }
+        }
+        fn exe(&self) -> Option<Vec<u8>> {
+            Some(b"/usr/bin/prog".to_vec())
+        }
+        fn open_same(&self, _: &[u8], _: &FileId) -> Option<OwnedFd> {
+            None
+        }
+        fn memfile(&self, size: u64, parts: &[(u64, Vec<u8>)]) -> Option<OwnedFd> {
+            let f = tempfile::tempfile().ok()?;
+            f.set_len(size).ok()?;
+            for (off, d) in parts {
+                std::os::unix::fs::FileExt::write_at(&f, d, *off).ok()?;
+            }
+            Some(f.into())
+        }
+        fn install(&mut self, id: u64, _: RawFd, at: i32) -> Result<(), Errno> {
+            self.placed.push((id, at, false));
+            Ok(())
+        }
+    }
+
+    const BASE: u64 = 0x5000_0000;
+
+    fn kernel() -> FakeKernel {
+        FakeKernel {
+            mem: Some(Fake {
+                base: BASE,
+                mem: RefCell::new(vec![0; 1 << 16]),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn notif(id: u64, tid: i32, nr: i64, args: [u64; 6]) -> Notif {
+        Notif {
+            id,
+            pid: tid,
+            nr,
+            arch: 0xc000_003e,
+            ip: 0,
+            args,
+        }
+    }
+
+    fn sent_call(out: &[Out]) -> Call {
+        match out {
+            [Out::Deputy(ToDeputy::Call(c))] => c.clone(),
+            o => panic!("expected one call, got {o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_read_goes_home_and_its_data_comes_back_into_the_process() {
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        let c = sent_call(&g.on_notif(
+            notif(7, 100, libc::SYS_read, [0, BASE + 64, 5, 0, 0, 0]),
+            &mut k,
+        ));
+        assert_eq!(c.nr, libc::SYS_read);
+        let r = Reply::Done {
+            seq: c.seq,
+            ret: 3,
+            outs: vec![Back::None, Back::Bytes(b"abc".to_vec()), Back::None],
+            sigs: 0,
+        };
+        assert!(g.on_reply(r, &mut k).is_empty());
+        assert_eq!(k.answers, vec![(7, 3)]);
+        assert_eq!(&k.mem.as_ref().unwrap().mem.borrow()[64..67], b"abc");
+        assert_eq!(g.outstanding(), 0);
+    }
+
+    #[test]
+    fn new_descriptors_get_placeholders_and_signals_follow_the_answer() {
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        k.mem().write(BASE, b"/etc/x\0").unwrap();
+        let c = sent_call(&g.on_notif(
+            notif(
+                1,
+                100,
+                libc::SYS_openat,
+                [(-100i64) as u64, BASE, 0, 0, 0, 0],
+            ),
+            &mut k,
+        ));
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 5,
+                outs: vec![Back::None; 4],
+                sigs: 0,
+            },
+            &mut k,
+        );
+        assert_eq!(k.placed, vec![(1, 5, true)]);
+        assert!(k.answers.is_empty(), "ADDFD with SEND is the answer");
+        // A write that raised SIGPIPE at home: EPIPE, then the signal for that thread.
+        let c = sent_call(&g.on_notif(
+            notif(2, 100, libc::SYS_write, [1, BASE, 3, 0, 0, 0]),
+            &mut k,
+        ));
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: -(libc::EPIPE as i64),
+                outs: vec![],
+                sigs: 1 << (libc::SIGPIPE - 1),
+            },
+            &mut k,
+        );
+        assert_eq!(k.answers, vec![(2, -(libc::EPIPE as i64))]);
+        assert_eq!(k.signalled, vec![(100, libc::SIGPIPE)]);
+    }
+
+    #[test]
+    fn an_interrupted_thread_cancels_its_call_and_a_late_answer_is_kept_for_its_retry() {
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        let args = [0, BASE + 64, 5, 0, 0, 0];
+        let c = sent_call(&g.on_notif(notif(1, 100, libc::SYS_read, args), &mut k));
+        // Interrupted (its handler ran) and the call restarted: a new notification.
+        k.invalid.push(1);
+        let out = g.on_notif(notif(2, 100, libc::SYS_read, args), &mut k);
+        assert_eq!(out[0], Out::Deputy(ToDeputy::Cancel { seq: c.seq }));
+        let c2 = match &out[1] {
+            Out::Deputy(ToDeputy::Call(c)) => c.clone(),
+            o => panic!("{o:?}"),
+        };
+        // The first read had already been made at home: its answer is not lost ...
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 2,
+                outs: vec![Back::None, Back::Bytes(b"hi".to_vec()), Back::None],
+                sigs: 0,
+            },
+            &mut k,
+        );
+        assert!(k.answers.is_empty());
+        // ... the second is cancelled before it did anything ...
+        g.on_reply(Reply::Cancelled { seq: c2.seq }, &mut k);
+        // ... and when the thread makes the read again it gets the first's data.
+        k.invalid.push(2);
+        let out = g.on_notif(notif(3, 100, libc::SYS_read, args), &mut k);
+        assert!(out.is_empty(), "answered at once: {out:?}");
+        assert_eq!(k.answers, vec![(3, 2)]);
+        assert_eq!(&k.mem.as_ref().unwrap().mem.borrow()[64..66], b"hi");
+    }
+
+    #[test]
+    fn job_control_signals_retry_or_drop_as_the_process_would() {
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        let c =
+            sent_call(&g.on_notif(notif(1, 100, libc::SYS_read, [0, BASE, 5, 0, 0, 0]), &mut k));
+        k.held = true;
+        let out = g.on_reply(
+            Reply::Interrupted {
+                seq: c.seq,
+                sig: libc::SIGTTIN,
+            },
+            &mut k,
+        );
+        assert_eq!(
+            out,
+            vec![Out::Deputy(ToDeputy::Retry {
+                seq: c.seq,
+                block: true
+            })]
+        );
+        k.held = false;
+        let out = g.on_reply(
+            Reply::Interrupted {
+                seq: c.seq,
+                sig: libc::SIGTTIN,
+            },
+            &mut k,
+        );
+        assert_eq!(out, vec![Out::Deputy(ToDeputy::Drop { seq: c.seq })]);
+        assert_eq!(g.outstanding(), 0);
+    }
+
+    #[test]
+    fn calls_that_need_home_ask_for_it_and_local_ones_proceed() {
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        assert!(matches!(
+            g.on_notif(notif(1, 100, libc::SYS_fork, [0; 6]), &mut k)
+                .as_slice(),
+            [Out::GoHome { .. }]
+        ));
+        assert!(g
+            .on_notif(notif(2, 100, libc::SYS_kill, [100, 10, 0, 0, 0, 0]), &mut k)
+            .is_empty());
+        assert_eq!(k.proceeded, vec![2]);
+        let c = sent_call(&g.on_notif(notif(3, 100, libc::SYS_kill, [55, 10, 0, 0, 0, 0]), &mut k));
+        assert_eq!(c.args[0], 55);
+        // readlink("/proc/self/exe") is answered here.
+        k.mem().write(BASE, b"/proc/self/exe\0").unwrap();
+        g.on_notif(
+            notif(4, 100, libc::SYS_readlink, [BASE, BASE + 100, 64, 0, 0, 0]),
+            &mut k,
+        );
+        assert_eq!(k.answers, vec![(4, 13)]);
+        assert_eq!(
+            &k.mem.as_ref().unwrap().mem.borrow()[100..113],
+            b"/usr/bin/prog"
+        );
+    }
+
+    #[test]
+    fn a_freeze_cancels_everything_and_finishes_what_was_done() {
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        let c = sent_call(&g.on_notif(
+            notif(1, 100, libc::SYS_read, [0, BASE + 8, 5, 0, 0, 0]),
+            &mut k,
+        ));
+        assert_eq!(
+            g.quiesce(),
+            vec![Out::Deputy(ToDeputy::Cancel { seq: c.seq })]
+        );
+        k.invalid.push(1);
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 4,
+                outs: vec![Back::None, Back::Bytes(b"data".to_vec()), Back::None],
+                sigs: 0,
+            },
+            &mut k,
+        );
+        assert_eq!(g.outstanding(), 0);
+        let m = k.mem.take().unwrap();
+        assert_eq!(g.completed(&m), vec![(100, 4)]);
+        assert_eq!(&m.mem.borrow()[8..12], b"data");
+    }
+}

@@ -1,0 +1,169 @@
+//! The real [`Kernel`] of a process on its host: its memory through process_vm_*, its
+//! notification descriptor, its signal state from /proc.
+
+use crate::gather::{Mem, ProcessMem};
+use crate::guest::{Disposition, Kernel};
+use crate::notify::NotifyFd;
+use crate::wire::FileId;
+use nix::errno::Errno;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// A process under our filter, `pid` as the supervisor sees it.
+pub struct Live {
+    pub notify: NotifyFd,
+    pub pid: i32,
+    mem: ProcessMem,
+    /// What a placeholder descriptor is: an empty memfd named [`PLACEHOLDER`].
+    placeholder: OwnedFd,
+}
+
+impl Live {
+    pub fn new(notify: NotifyFd, pid: i32) -> std::io::Result<Live> {
+        let p = placeholder()?;
+        Ok(Live {
+            notify,
+            pid,
+            mem: ProcessMem(pid),
+            placeholder: p,
+        })
+    }
+}
+
+/// The name of a placeholder descriptor's memfd: what a descriptor of a process away
+/// from home is on its host, whatever it is at home (`/memfd:mosix-home-fd (deleted)` in
+/// /proc).
+pub const PLACEHOLDER: &str = "mosix-home-fd";
+
+/// A new placeholder descriptor.
+pub fn placeholder() -> std::io::Result<OwnedFd> {
+    Ok(nix::sys::memfd::memfd_create(
+        c"mosix-home-fd",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )?)
+}
+
+/// Signal masks of thread `tid` of `pid` (blocked, ignored, caught), from /proc.
+pub fn signal_masks(pid: i32, tid: i32) -> Option<(u64, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let get = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    Some((get("SigBlk:")?, get("SigIgn:")?, get("SigCgt:")?))
+}
+
+/// Signals whose default action is to do nothing.
+fn ignored_by_default(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGCHLD | libc::SIGCONT | libc::SIGURG | libc::SIGWINCH
+    )
+}
+
+impl Kernel for Live {
+    fn mem(&self) -> &dyn Mem {
+        &self.mem
+    }
+    fn answer(&mut self, id: u64, ret: i64) -> Result<(), Errno> {
+        self.notify.answer(id, ret)
+    }
+    fn proceed(&mut self, id: u64) -> Result<(), Errno> {
+        self.notify.proceed(id)
+    }
+    fn placeholder(&mut self, id: u64, at: i32, answer: bool) -> Result<(), Errno> {
+        self.notify
+            .install(id, self.placeholder.as_raw_fd(), at, false, answer)
+            .map(|_| ())
+    }
+    fn valid(&self, id: u64) -> bool {
+        self.notify.valid(id)
+    }
+    fn signal_thread(&mut self, tid: i32, sig: i32) {
+        // SAFETY: tgkill to a thread of our own child; no memory involved.
+        unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, sig) };
+    }
+    fn disposition(&self, tid: i32, sig: i32) -> Disposition {
+        let bit = 1u64 << (sig - 1);
+        match signal_masks(self.pid, tid) {
+            Some((blk, ign, _)) if blk & bit != 0 || ign & bit != 0 => Disposition::Held,
+            Some((_, _, cgt)) if cgt & bit == 0 && ignored_by_default(sig) => Disposition::Held,
+            _ => Disposition::Taken,
+        }
+    }
+    fn exe(&self) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStringExt;
+        std::fs::read_link(format!("/proc/{}/exe", self.pid))
+            .ok()
+            .map(|p| p.into_os_string().into_vec())
+    }
+    fn open_same(&self, path: &[u8], id: &FileId) -> Option<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        let p = std::path::Path::new(std::ffi::OsStr::from_bytes(path));
+        let f = std::fs::File::open(p).ok()?;
+        let here = file_id(&f)?;
+        same_contents(&here, id).then(|| f.into())
+    }
+    fn memfile(&self, size: u64, parts: &[(u64, Vec<u8>)]) -> Option<OwnedFd> {
+        let fd = nix::sys::memfd::memfd_create(
+            c"mosix-home-file",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .ok()?;
+        let f = std::fs::File::from(fd);
+        f.set_len(size).ok()?;
+        for (off, d) in parts {
+            std::os::unix::fs::FileExt::write_all_at(&f, d, *off).ok()?;
+        }
+        Some(f.into())
+    }
+    fn install(&mut self, id: u64, fd: RawFd, at: i32) -> Result<(), Errno> {
+        self.notify.install(id, fd, at, false, false).map(|_| ())
+    }
+}
+
+/// The identity of an open file.
+pub fn file_id(f: &std::fs::File) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().ok()?;
+    Some(FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+        mode: m.mode(),
+        size: m.size(),
+        mtime: m.mtime(),
+        mtime_ns: m.mtime_nsec(),
+    })
+}
+
+/// Whether two files have the same contents as far as can be told without reading them:
+/// the very same file, or a regular file of the same size and modification time (an
+/// installed library on another node).
+pub fn same_contents(a: &FileId, b: &FileId) -> bool {
+    let regular = a.mode & libc::S_IFMT == libc::S_IFREG && b.mode & libc::S_IFMT == libc::S_IFREG;
+    regular
+        && a.size == b.size
+        && ((a.dev == b.dev && a.ino == b.ino) || (a.mtime == b.mtime && a.mtime_ns == b.mtime_ns))
+}
+
+/// pidfd_open(2).
+pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor of ours.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
+}
+
+/// pidfd_getfd(2): a copy of descriptor `fd` of the process behind `pidfd`.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes descriptors and flags and returns a new descriptor or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor of ours.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
+}

@@ -1,0 +1,26 @@
+//! mosix-remote: home-node transparency. A process away from home runs under a seccomp
+//! filter; its location-dependent system calls are trapped by its supervisor on the host,
+//! carried home, and made there by its deputy, which is the process itself at home (the
+//! same PID, descriptors, cwd and credentials) turned into a small server.
+//!
+//! - [`spec`]: which calls are made where, and their memory arguments;
+//! - [`gather`] (host) and [`exec`] (home): the two halves of a forwarded call;
+//! - [`wire`]: what supervisor and deputy say to each other;
+//! - [`filter`]: the seccomp program;
+//! - [`notify`]: the seccomp notification descriptor;
+//! - [`guest`]: the supervisor's side, a state machine driven by its thread, and
+//!   [`host`], the real process it acts on;
+//! - [`deputy`]: the deputy's side.
+//!
+//! See docs/transparency.md.
+
+pub mod deputy;
+pub mod exec;
+pub mod filter;
+pub mod gather;
+pub mod guest;
+pub mod host;
+pub mod local;
+pub mod notify;
+pub mod spec;
+pub mod wire;

@@ -1,0 +1,279 @@
+//! What the supervisor of a process away from home and its deputy at home say to each
+//! other (through the two mosixd, which pass it on): calls, their answers, signals and
+//! what happens to the process.
+//!
+//! Frames are postcard-encoded messages behind a 4-byte little-endian length, at most
+//! [`MAX_FRAME`] bytes; a reader allocates only what arrives.
+
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+
+/// The longest frame either end accepts: a forwarded buffer plus headers.
+pub const MAX_FRAME: usize = (crate::spec::MAX_IO as usize) * 2 + (1 << 16);
+
+/// What travels with one argument of a call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Buf {
+    /// A number, or a NULL pointer.
+    None,
+    /// Memory the call reads (a path includes its NUL).
+    In(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Room for memory the call writes.
+    Out(u32),
+    /// Memory the call reads and writes back.
+    InOut(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The data of an iovec array the call reads, and each entry's length.
+    IovIn {
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        lens: Vec<u32>,
+    },
+    /// The lengths of an iovec array the call fills.
+    IovOut { lens: Vec<u32> },
+    /// sendmsg's message.
+    MsgIn {
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        lens: Vec<u32>,
+        #[serde(with = "serde_bytes")]
+        control: Vec<u8>,
+    },
+    /// recvmsg's room: name, iovec lengths, control.
+    MsgOut {
+        name: u32,
+        lens: Vec<u32>,
+        control: u32,
+    },
+}
+
+/// A system call of the process, to be made at home.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Call {
+    /// Unique for the supervisor's life (and carried across moves).
+    pub seq: u64,
+    /// The calling thread (its ID as the process sees it).
+    pub tid: i32,
+    pub nr: i64,
+    pub args: [u64; 6],
+    /// One per argument.
+    pub bufs: Vec<Buf>,
+}
+
+/// What comes back for one argument.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Back {
+    None,
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    Msg {
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        control: Vec<u8>,
+        flags: i32,
+    },
+}
+
+/// The answer to a call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Made: its result (a negative errno on failure), what it wrote, per argument, and
+    /// the signals the call raised for the calling thread (SIGPIPE, SIGXFSZ), bit n-1 for
+    /// signal n.
+    Done {
+        seq: u64,
+        ret: i64,
+        outs: Vec<Back>,
+        sigs: u64,
+    },
+    /// A job-control signal (SIGTTIN, SIGTTOU: a background process at the terminal)
+    /// interrupted the deputy's call before it did anything; the supervisor, which knows
+    /// what the process does with that signal, answers [`ToDeputy::Retry`] or
+    /// [`ToDeputy::Drop`].
+    Interrupted { seq: u64, sig: i32 },
+    /// Cancelled before it did anything.
+    Cancelled { seq: u64 },
+}
+
+impl Reply {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Reply::Done { seq, .. } | Reply::Interrupted { seq, .. } | Reply::Cancelled { seq } => {
+                *seq
+            }
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// What identifies a file's contents across nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_ns: i64,
+}
+
+/// To the deputy (from the supervisor, through the mosixd of host and home).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToDeputy {
+    Call(Call),
+    /// The process no longer waits for call `seq` (it was interrupted, or frozen).
+    Cancel {
+        seq: u64,
+    },
+    /// Make interrupted call `seq` again; with `block`, with the signal blocked (the
+    /// process blocks or ignores it: a read of the terminal then fails with EIO, a write
+    /// goes through, as for such a process at home).
+    Retry {
+        seq: u64,
+        block: bool,
+    },
+    /// Forget interrupted call `seq` (the process's own call was interrupted too).
+    Drop {
+        seq: u64,
+    },
+    /// The process stopped (SIGSTOP, SIGTSTP, ...): the deputy stops too.
+    Stopped {
+        sig: i32,
+    },
+    /// The process ended: the deputy ends the same way.
+    Exited(ExitStatus),
+    /// What is descriptor `fd` (its path at home and identity)? For an mmap of it.
+    Describe {
+        seq: u64,
+        fd: i32,
+    },
+    /// `len` bytes of descriptor `fd` from offset `off` (pread: the offset is untouched).
+    ReadAt {
+        seq: u64,
+        fd: i32,
+        off: u64,
+        len: u32,
+    },
+}
+
+/// From the deputy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromDeputy {
+    Reply(Reply),
+    /// A signal for the process reached its home PID.
+    Signal {
+        sig: i32,
+    },
+    /// What descriptor `fd` of [`ToDeputy::Describe`] is (None: not open, or not a file).
+    Described {
+        seq: u64,
+        path: Option<Vec<u8>>,
+        id: Option<FileId>,
+    },
+    /// The bytes of [`ToDeputy::ReadAt`] (or -errno in `ret`).
+    Data {
+        seq: u64,
+        ret: i64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("a frame of {0} bytes is over the limit")]
+    TooLong(usize),
+    #[error("a malformed frame: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// Writes one message as a frame.
+pub fn send<W: Write, T: Serialize>(w: &mut W, m: &T) -> std::io::Result<()> {
+    let body = postcard::to_stdvec(m).map_err(std::io::Error::other)?;
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    w.flush()
+}
+
+/// Reads one frame's bytes; None at a clean end of stream.
+pub fn recv_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_FRAME {
+        return Err(FrameError::TooLong(n));
+    }
+    let mut body = Vec::new();
+    r.take(n as u64).read_to_end(&mut body)?;
+    if body.len() != n {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(Some(body))
+}
+
+/// Reads one message; None at a clean end of stream.
+pub fn recv<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Option<T>, FrameError> {
+    match recv_bytes(r)? {
+        Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+        None => Ok(None),
+    }
+}
+
+/// Decodes a message from a frame's bytes.
+pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, FrameError> {
+    Ok(postcard::from_bytes(b)?)
+}
+
+/// Encodes a message as a frame's bytes (without the length).
+pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
+    postcard::to_stdvec(m).expect("our messages always encode")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_are_errors() {
+        let m = ToDeputy::Call(Call {
+            seq: 7,
+            tid: 42,
+            nr: 1,
+            args: [1, 2, 3, 0, 0, 0],
+            bufs: vec![Buf::None, Buf::In(b"hello".to_vec()), Buf::None],
+        });
+        let mut v = Vec::new();
+        send(&mut v, &m).unwrap();
+        let back: ToDeputy = recv(&mut &v[..]).unwrap().unwrap();
+        assert_eq!(back, m);
+        // Truncated, oversized and garbage frames are errors, never panics.
+        assert!(recv::<_, ToDeputy>(&mut &v[..v.len() - 1]).is_err());
+        let mut big = (u32::MAX).to_le_bytes().to_vec();
+        big.extend_from_slice(&[0; 8]);
+        assert!(matches!(
+            recv::<_, ToDeputy>(&mut &big[..]),
+            Err(FrameError::TooLong(_))
+        ));
+        let garbage = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
+        assert!(recv::<_, ToDeputy>(&mut &garbage[..]).is_err());
+        assert!(recv::<_, ToDeputy>(&mut &[][..]).unwrap().is_none());
+    }
+}
