@@ -5,7 +5,7 @@ set -euo pipefail
 
 # Debian packages: compiler and C library (tests build C programs, one static),
 # interpreters used by the tests, iproute2 for the testbed, tmux to test `mon`.
-PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config)
+PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config xz-utils gzip)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

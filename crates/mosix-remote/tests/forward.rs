@@ -121,3 +121,84 @@ fn a_missing_file_fails_as_at_home() {
     let r = same(&which("cat"), &["no-such-file"], d.path(), None);
     assert_eq!(r.status, ExitStatus::Code(1));
 }
+
+const PY_FILES: &str = r#"
+import os, sys, json, hashlib, zlib, stat
+os.mkdir('sub')
+with open('sub/log.txt', 'w') as f:
+    f.write('first\n')
+with open('sub/log.txt', 'a') as f:
+    for i in range(1000):
+        f.write(f'{i} {hashlib.sha1(str(i).encode()).hexdigest()}\n')
+os.rename('sub/log.txt', 'sub/log2.txt')
+st = os.stat('sub/log2.txt')
+print('size', st.st_size, stat.S_ISREG(st.st_mode))
+print(sorted(os.listdir('sub')))
+data = open('big.txt', 'rb').read()
+print('big', len(data), zlib.crc32(data))
+with open('big.txt', 'rb') as f:
+    f.seek(1000)
+    print(f.read(20), f.tell())
+print(json.dumps({'cwd': os.path.basename(os.getcwd()) != '', 'pid': os.getpid() > 0}))
+with open('/dev/urandom', 'rb') as r:
+    print('random', len(r.read(64)))
+os.unlink('sub/log2.txt')
+os.rmdir('sub')
+print(os.path.exists('sub'))
+sys.exit(4)
+"#;
+
+#[test]
+fn python_works_on_home_files_and_imports_after_it_started() {
+    let (d, _) = data_dir();
+    let r = same(&which("python3"), &["-c", PY_FILES], d.path(), None);
+    assert_eq!(r.status, ExitStatus::Code(4));
+}
+
+#[test]
+fn a_tcp_connection_is_made_and_used_from_home() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        // Two clients: the direct run and the run away.
+        for _ in 0..2 {
+            let (s, _) = l.accept().unwrap();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 {
+                w.write_all(line.to_uppercase().as_bytes()).unwrap();
+                line.clear();
+            }
+        }
+    });
+    let py = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}))\nf = s.makefile('rw')\n\
+         for w in ['hello', 'from', 'away']:\n    f.write(w + '\\n'); f.flush(); print(f.readline().strip())\n\
+         print(s.getpeername()[1] == {port})\ns.close()\n"
+    );
+    let d = tempfile::tempdir().unwrap();
+    same(&which("python3"), &["-c", &py], d.path(), None);
+    server.join().unwrap();
+}
+
+#[test]
+fn xz_with_its_own_pipe_and_a_reader_that_stops_early() {
+    let (d, f) = data_dir();
+    same(&which("xz"), &["-T1", "-c", "-1", f.to_str().unwrap()], d.path(), None);
+    // `yes` writing into a pipe whose reader has gone dies by SIGPIPE, as at home.
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
+    let run = local::run(
+        Path::new(DEPUTY),
+        &which("yes"),
+        &[],
+        d.path(),
+        [Stdio::null(), Stdio::from(w), Stdio::null()],
+    )
+    .unwrap();
+    assert_eq!(run.status, ExitStatus::Signal(libc::SIGPIPE));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(run.deputy.signal(), Some(libc::SIGPIPE), "the deputy ends as the process did");
+}
