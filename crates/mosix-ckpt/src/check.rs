@@ -110,8 +110,23 @@ pub fn vma_refusal(m: &MapLine) -> Option<String> {
     None
 }
 
+/// What a checkpoint keeps of a process's kernel objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// Its descriptors and children stay where they are (at home, with its deputy): no
+    /// descriptor and no child refuses (a migration).
+    pub leave_home: bool,
+    /// It runs away from home already, under our own seccomp filter (not a refusal).
+    pub away: bool,
+}
+
 /// Every reason `pid` cannot be checkpointed (empty when it can).
 pub fn refusals(pid: i32) -> Result<Vec<String>> {
+    refusals_with(pid, Rules::default())
+}
+
+/// Every reason `pid` cannot be checkpointed under `rules` (empty when it can).
+pub fn refusals_with(pid: i32, rules: Rules) -> Result<Vec<String>> {
     let mut why = Vec::new();
     if pid == std::process::id() as i32 {
         why.push("it is the checkpointing command itself".into());
@@ -141,7 +156,8 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
     if tracer != 0 && !me.contains(&tracer) {
         why.push(format!("it is being traced by process {tracer}"));
     }
-    if !matches!(get("Seccomp"), "" | "0") {
+    let ours = rules.away && get("Seccomp_filters") == "1";
+    if !matches!(get("Seccomp"), "" | "0") && !ours {
         why.push("it runs under a seccomp filter".into());
     }
     let mut head = [0u8; 5];
@@ -152,7 +168,7 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
         }
     }
     let kids = procfs::children(pid);
-    if !kids.is_empty() {
+    if !kids.is_empty() && !rules.leave_home {
         let list: Vec<String> = kids.iter().map(|k| k.to_string()).collect();
         why.push(format!("it has child processes ({})", list.join(", ")));
     }
@@ -168,9 +184,11 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
             }
         }
     }
-    for f in procfs::fds(pid)? {
-        if let Err(r) = classify_fd(&f) {
-            why.push(r);
+    if !rules.leave_home {
+        for f in procfs::fds(pid)? {
+            if let Err(r) = classify_fd(&f) {
+                why.push(r);
+            }
         }
     }
     Ok(why)

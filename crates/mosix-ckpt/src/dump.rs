@@ -83,7 +83,7 @@ pub fn checkpoint<W: Write + 'static>(
 /// later whether it goes on (migration: the destination refused or failed) or ends (the
 /// destination has it). Dropping it lets the process go on, exactly as it was.
 pub struct Held {
-    frozen: Frozen,
+    pub(crate) frozen: Frozen,
 }
 
 impl Held {
@@ -123,21 +123,21 @@ pub fn checkpoint_held<W: Write + 'static>(
 }
 
 /// A process held in a ptrace stop.
-struct Frozen {
-    pid: i32,
+pub(crate) struct Frozen {
+    pub(crate) pid: i32,
     /// Its PID in its own PID namespace (for system calls it makes about itself).
-    own: i32,
-    regs: Regs,
+    pub(crate) own: i32,
+    pub(crate) regs: Regs,
     /// Signals that arrived while it was held, to be queued again on release.
-    held: Vec<Vec<u8>>,
+    pub(crate) held: Vec<Vec<u8>>,
     /// A `syscall` instruction inside the process, once found.
-    syscall_ip: Option<u64>,
+    pub(crate) syscall_ip: Option<u64>,
     /// Stack scratch area (address, original bytes) while in use.
     scratch: Option<(u64, Vec<u8>)>,
-    done: bool,
+    pub(crate) done: bool,
 }
 
-fn freeze(pid: i32) -> Result<Frozen> {
+pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
     sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD as u64).map_err(|e| match e.raw_os_error() {
         Some(libc::ESRCH) => Error::NoProcess(pid),
         _ => sys_err(format!("attaching to process {pid}"), e),
@@ -173,7 +173,7 @@ fn freeze(pid: i32) -> Result<Frozen> {
 }
 
 impl Frozen {
-    fn remote(&self) -> Result<Remote> {
+    pub(crate) fn remote(&self) -> Result<Remote> {
         let ip = self.syscall_ip.ok_or_else(|| Error::Target {
             pid: self.pid,
             msg: "no syscall instruction found".into(),
@@ -182,7 +182,7 @@ impl Frozen {
     }
 
     /// Puts everything back and lets the process go on.
-    fn release(&mut self) -> Result<()> {
+    pub(crate) fn release(&mut self) -> Result<()> {
         if self.done {
             return Ok(());
         }
@@ -447,15 +447,33 @@ fn is_zero(p: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0)
 }
 
+/// How a checkpoint for a move differs from a plain one.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Moving {
+    pub rules: checks::Rules,
+    /// The no_new_privs the process really has (away, it runs with it set for our filter).
+    pub no_new_privs: Option<bool>,
+}
+
 fn dump_frozen<W: Write + 'static>(
     f: &mut Frozen,
     out: W,
     opts: DumpOptions,
     progress: Progress<'_>,
 ) -> Result<(W, DumpStats)> {
+    dump_frozen_for(f, out, opts, Moving::default(), progress)
+}
+
+pub(crate) fn dump_frozen_for<W: Write + 'static>(
+    f: &mut Frozen,
+    out: W,
+    opts: DumpOptions,
+    moving: Moving,
+    progress: Progress<'_>,
+) -> Result<(W, DumpStats)> {
     let pid = f.pid;
     // Threads could have been created between the check and the stop.
-    let reasons = checks::refusals(pid)?;
+    let reasons = checks::refusals_with(pid, moving.rules)?;
     let tasks = procfs::tasks(pid)?;
     if !reasons.is_empty() || tasks.len() > 1 {
         let mut reasons = reasons;
@@ -496,10 +514,16 @@ fn dump_frozen<W: Write + 'static>(
     let rlimits = procfs::limits(pid)?;
     let mut fds = Vec::new();
     for fi in procfs::fds(pid)? {
-        let kind = checks::classify_fd(&fi).map_err(|r| Error::Refused {
-            pid,
-            reasons: vec![r],
-        })?;
+        let kind = if moving.rules.leave_home {
+            crate::image::FdKind::Home {
+                was: fi.target.clone(),
+            }
+        } else {
+            checks::classify_fd(&fi).map_err(|r| Error::Refused {
+                pid,
+                reasons: vec![r],
+            })?
+        };
         fds.push(Fd {
             fd: fi.fd,
             cloexec: fi.flags & libc::O_CLOEXEC != 0,
@@ -536,7 +560,9 @@ fn dump_frozen<W: Write + 'static>(
             .ok()
             .and_then(|p| u64::from_str_radix(p.trim(), 16).ok())
             .unwrap_or(0),
-        no_new_privs: st.get("NoNewPrivs").map(String::as_str) == Some("1"),
+        no_new_privs: moving
+            .no_new_privs
+            .unwrap_or(st.get("NoNewPrivs").map(String::as_str) == Some("1")),
         rlimits,
         vmas,
         mm: MmFields {

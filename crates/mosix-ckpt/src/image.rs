@@ -26,7 +26,7 @@ pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 3;
 pub const HEADER_LEN: usize = 32;
 
 const TAG_META: u8 = 1;
@@ -83,6 +83,16 @@ pub struct FileId {
     pub size: u64,
     pub mtime_sec: i64,
     pub mtime_nsec: i64,
+}
+
+impl FileId {
+    /// Whether `other` is this file: the same inode, or (on another node) a file of the
+    /// same size and modification time.
+    pub fn matches(&self, other: &FileId) -> bool {
+        self.size == other.size
+            && ((self.dev == other.dev && self.ino == other.ino)
+                || (self.mtime_sec == other.mtime_sec && self.mtime_nsec == other.mtime_nsec))
+    }
 }
 
 /// What backs a memory area.
@@ -168,6 +178,9 @@ pub enum FdKind {
         pos: u64,
         id: Option<FileId>,
     },
+    /// Held at the process's home node by its deputy (format 1.3): on a host it is a
+    /// placeholder, at home the deputy's descriptor itself. `was` says what it was.
+    Home { was: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@
 //! # Ok::<(), mosix_ckpt::Error>(())
 //! ```
 
+mod away;
 pub mod check;
 mod creds;
 mod dump;
@@ -23,6 +24,9 @@ mod reopen;
 mod restore;
 pub mod sys;
 
+pub use away::{
+    check_moving, checkpoint_moving, restore_away, restore_into, Away, Leaving, Rebuilt,
+};
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
 pub use error::{Error, Result};

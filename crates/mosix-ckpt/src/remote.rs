@@ -27,6 +27,11 @@ impl Remote {
         }
     }
 
+    /// The registers the tracee had when we took it.
+    pub fn base_regs(&self) -> Regs {
+        self.base
+    }
+
     fn died(&self, s: Stop) -> Error {
         Error::Target {
             pid: self.pid,
@@ -83,6 +88,101 @@ impl Remote {
             });
         }
         Ok(r as u64)
+    }
+}
+
+impl Remote {
+    /// Like `call`, for a tracee under a seccomp filter that traps this call: the trapped
+    /// call is let through with `listener` (SECCOMP_USER_NOTIF_FLAG_CONTINUE) between its
+    /// syscall-entry stop and its exit.
+    pub fn call_through_filter(
+        &mut self,
+        what: &str,
+        nr: i64,
+        args: &[u64],
+        listener: &std::os::fd::OwnedFd,
+    ) -> Result<u64> {
+        use std::os::fd::AsRawFd;
+        let mut r = self.base;
+        r.rip = self.ip;
+        r.rax = nr as u64;
+        r.orig_rax = u64::MAX;
+        let a = |i: usize| args.get(i).copied().unwrap_or(0);
+        r.rdi = a(0);
+        r.rsi = a(1);
+        r.rdx = a(2);
+        r.r10 = a(3);
+        r.r8 = a(4);
+        r.r9 = a(5);
+        sys::set_regs(self.pid, &r)?;
+        self.next_syscall_stop()?; // entry, before the filter runs
+        sys::syscall_step(self.pid, 0).map_err(|e| crate::error::sys_err("ptrace", e))?;
+        // It waits in the filter now: take the notification and let it through.
+        #[repr(C)]
+        struct Notif {
+            id: u64,
+            pid: u32,
+            flags: u32,
+            data: [u8; 64],
+        }
+        #[repr(C)]
+        struct Resp {
+            id: u64,
+            val: i64,
+            error: i32,
+            flags: u32,
+        }
+        let mut n = Notif {
+            id: 0,
+            pid: 0,
+            flags: 0,
+            data: [0; 64],
+        };
+        // SAFETY: SECCOMP_IOCTL_NOTIF_RECV fills the struct we pass, of its size.
+        if unsafe { libc::ioctl(listener.as_raw_fd(), 0xc050_2100, &mut n) } < 0 {
+            return Err(crate::error::sys_err(
+                format!("{what}: the filter's notification"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut resp = Resp {
+            id: n.id,
+            val: 0,
+            error: 0,
+            flags: 1,
+        };
+        // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads the struct we pass.
+        if unsafe { libc::ioctl(listener.as_raw_fd(), 0xc018_2101, &mut resp) } < 0 {
+            return Err(crate::error::sys_err(
+                format!("{what}: answering the filter"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // The exit stop.
+        loop {
+            match sys::wait(self.pid)? {
+                Stop::Stopped { sig, .. } if sig == SYSCALL_STOP => break,
+                Stop::Stopped { sig, event: 0 } if sig != libc::SIGTRAP => {
+                    self.held.push(sys::get_siginfo(self.pid)?);
+                    sys::syscall_step(self.pid, 0)
+                        .map_err(|e| crate::error::sys_err("ptrace", e))?;
+                }
+                Stop::Stopped { .. } => {
+                    sys::syscall_step(self.pid, 0)
+                        .map_err(|e| crate::error::sys_err("ptrace", e))?;
+                }
+                s => return Err(self.died(s)),
+            }
+        }
+        let ret = sys::get_regs(self.pid)?.rax as i64;
+        if (-4095..0).contains(&ret) {
+            return Err(Error::Remote {
+                pid: self.pid,
+                what: what.to_string(),
+                errno: (-ret) as i32,
+            });
+        }
+        Ok(ret as u64)
     }
 }
 

@@ -57,13 +57,27 @@ impl Builder<'_> {
             )));
         }
         if let Some((id, strict)) = want {
+            let here = FileId {
+                dev: st.dev,
+                ino: st.ino,
+                size: st.size,
+                mtime_sec: st.mtime_sec,
+                mtime_nsec: st.mtime_nsec,
+            };
+            // A move between nodes finds the same programs and libraries as other inodes
+            // of the same size and time; a restart on one machine wants the very file.
+            let moving = !matches!(self.mode, crate::restore::Mode::Plain);
             let same = fmt == libc::S_IFREG
-                && st.dev == id.dev
-                && st.ino == id.ino
-                && (!strict
-                    || (st.size == id.size
-                        && st.mtime_sec == id.mtime_sec
-                        && st.mtime_nsec == id.mtime_nsec));
+                && if moving {
+                    id.matches(&here)
+                } else {
+                    st.dev == id.dev
+                        && st.ino == id.ino
+                        && (!strict
+                            || (st.size == id.size
+                                && st.mtime_sec == id.mtime_sec
+                                && st.mtime_nsec == id.mtime_nsec))
+                };
             if !same {
                 return Err(Error::Unrestorable(format!(
                     "{path} is not the file it was at checkpoint time (it was replaced or changed)"

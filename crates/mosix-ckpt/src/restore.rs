@@ -19,6 +19,8 @@ const AT_AUXV: u64 = 0x1000;
 const AT_MM: u64 = 0x2000;
 pub(crate) const AT_MISC: u64 = 0x3000;
 pub(crate) const AT_STR: u64 = 0x8000;
+/// Where a seccomp program goes (up to 24 KiB: 3072 instructions).
+const AT_FILTER: u64 = 0xa000;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const PR_SET_VMA: u64 = 0x53564d41;
@@ -149,6 +151,28 @@ pub fn restore_with(
     opts: RestoreOptions,
     creds: &CredOptions,
 ) -> Result<Restored> {
+    restore_mode(img, opts, creds, Mode::Plain).map(|(r, _)| r)
+}
+
+/// What kind of restore: a plain one, one away from home, or one inside the deputy.
+#[derive(Clone, Copy)]
+pub(crate) enum Mode<'a> {
+    /// Descriptors held at home are refused.
+    Plain,
+    /// Away from home: placeholders for descriptors held at home, the home's host name,
+    /// and the filter last.
+    Away(&'a crate::away::Away),
+    /// Inside the deputy at home: its descriptors are the process's, its credentials
+    /// too, and its exe link is already right.
+    Into,
+}
+
+pub(crate) fn restore_mode(
+    img: &LoadedImage,
+    opts: RestoreOptions,
+    creds: &CredOptions,
+    mode: Mode,
+) -> Result<(Restored, Option<std::os::fd::OwnedFd>)> {
     let t = std::time::Instant::now();
     preflight(img)?;
     let m = &img.meta;
@@ -179,17 +203,21 @@ pub fn restore_with(
         } else {
             None
         };
-        sys::spawn_traced_child_in_ns(opts.stdio, set_tid, offsets)?
+        let hostname = match mode {
+            Mode::Away(a) => a.hostname.as_deref(),
+            _ => None,
+        };
+        sys::spawn_traced_child_in_ns_named(opts.stdio, set_tid, offsets, hostname)?
     } else {
         (sys::spawn_traced_child(opts.stdio)?, None)
     };
     tracing::debug!("preflight and fork in {:?}", t.elapsed());
     // The process's own PID, for system calls it makes about itself.
     let own = if opts.keep_pid { m.pid } else { pid };
-    match build(pid, own, img, opts, &plan) {
-        Ok(()) => {
+    match build_mode(pid, own, img, opts, &plan, mode) {
+        Ok(listener) => {
             tracing::debug!("restored in {:?}", t.elapsed());
-            Ok(Restored { pid, ns_init })
+            Ok((Restored { pid, ns_init }, listener))
         }
         Err(e) => {
             let _ = sys::kill(pid, libc::SIGKILL);
@@ -212,9 +240,10 @@ pub(crate) struct Builder<'a> {
     img: &'a ProcessImage,
     /// The fs uid paths are opened with.
     pub(crate) fs_uid: u32,
+    pub(crate) mode: Mode<'a>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
     /// Puts `data` into the scratch area at `off` and returns its address there.
     pub(crate) fn put(&self, off: u64, data: &[u8]) -> Result<u64> {
         if off + data.len() as u64 > SCRATCH_LEN {
@@ -236,7 +265,16 @@ impl Builder<'_> {
     }
 }
 
-fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Plan) -> Result<()> {
+/// Builds the image inside stopped tracee `pid`; with [`Mode::Away`] returns the filter's
+/// listener.
+pub(crate) fn build_mode(
+    pid: i32,
+    own: i32,
+    img: &LoadedImage,
+    opts: RestoreOptions,
+    plan: &Plan,
+    mode: Mode,
+) -> Result<Option<std::os::fd::OwnedFd>> {
     let m = &img.meta;
     sys::set_options(
         pid,
@@ -343,6 +381,7 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
         scratch,
         img: m,
         fs_uid: plan.creds.uid[3],
+        mode,
     };
     // From here on, every path is opened as the user the process belongs to.
     creds::enter(&mut b, plan)?;
@@ -380,6 +419,11 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
             &[libc::PR_SET_PDEATHSIG as u64, sig as u64, 0, 0, 0],
         )?;
     }
+    // The filter last of all system calls (those after it are let through by it).
+    let listener = match mode {
+        Mode::Away(a) => Some(install_filter(&mut b, &a.filter)?),
+        _ => None,
+    };
     b.call(
         "munmap of the work area",
         libc::SYS_munmap,
@@ -407,7 +451,40 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     if !opts.hold {
         resume(pid)?;
     }
-    Ok(())
+    Ok(listener)
+}
+
+/// Installs seccomp program `prog` in the process being built (no_new_privs first: it
+/// runs as its user by now) and returns the listener, which is closed in the process
+/// itself (that close is trapped already, and let through here).
+fn install_filter(b: &mut Builder, prog: &[u8]) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    b.call(
+        "prctl(PR_SET_NO_NEW_PRIVS)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+    )?;
+    let code = b.put(AT_FILTER, prog)?;
+    let mut fprog = Vec::with_capacity(16);
+    fprog.extend_from_slice(&((prog.len() / 8) as u16).to_le_bytes());
+    fprog.extend_from_slice(&[0u8; 6]);
+    fprog.extend_from_slice(&code.to_le_bytes());
+    let fp = b.put(AT_MISC, &fprog)?;
+    // SECCOMP_SET_MODE_FILTER = 1, SECCOMP_FILTER_FLAG_NEW_LISTENER = 8.
+    let lfd = b.call("seccomp", libc::SYS_seccomp, &[1, 8, fp])?;
+    let pidfd = sys::pidfd_open(b.pid).map_err(|e| sys_err("pidfd_open", e))?;
+    // SAFETY: pidfd_getfd on the process we build; the result is a new descriptor of ours.
+    let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), lfd, 0) };
+    if ours < 0 {
+        return Err(sys_err(
+            "taking the filter's listener",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a fresh descriptor of ours.
+    let listener = unsafe { OwnedFd::from_raw_fd(ours as i32) };
+    b.r.call_through_filter("close of the listener", libc::SYS_close, &[lfd], &listener)?;
+    Ok(listener)
 }
 
 /// The first `syscall` instruction in the given ranges of `pid`'s memory.
@@ -516,14 +593,19 @@ fn set_mm(b: &mut Builder) -> Result<()> {
     let auxv: Vec<u8> = mm.auxv.iter().flat_map(|x| x.to_le_bytes()).collect();
     let auxv_addr = b.put(AT_AUXV, &auxv)?;
     // Opened (and checked) as the user in any case; the exe link is set only by root.
-    let exe = b.img.exe.clone();
-    let want = b.img.exe_id.as_ref().map(|id| (id, true));
-    let fd = b.open(&exe, libc::O_RDONLY | libc::O_CLOEXEC, want)?;
-    let exe_fd = if nix::unistd::geteuid().is_root() {
-        fd as u32
-    } else {
-        b.call("close", libc::SYS_close, &[fd])?;
+    // Inside the deputy, the exec made the link (and it was checked).
+    let exe_fd = if matches!(b.mode, Mode::Into) {
         u32::MAX
+    } else {
+        let exe = b.img.exe.clone();
+        let want = b.img.exe_id.as_ref().map(|id| (id, true));
+        let fd = b.open(&exe, libc::O_RDONLY | libc::O_CLOEXEC, want)?;
+        if nix::unistd::geteuid().is_root() {
+            fd as u32
+        } else {
+            b.call("close", libc::SYS_close, &[fd])?;
+            u32::MAX
+        }
     };
     let mut s: Vec<u8> = Vec::with_capacity(104);
     for x in [
@@ -565,6 +647,31 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
     }
     for f in &fds {
         match &f.kind {
+            FdKind::Home { was } => match b.mode {
+                Mode::Plain => {
+                    return Err(Error::Unrestorable(format!(
+                        "fd {} ({was}) is held at the process's home node: only a move can bring it back",
+                        f.fd
+                    )))
+                }
+                Mode::Into => {
+                    let cl = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
+                    b.call(
+                        "fcntl",
+                        libc::SYS_fcntl,
+                        &[f.fd as u64, libc::F_SETFD as u64, cl as u64],
+                    )?;
+                }
+                Mode::Away(_) => {
+                    let name = b.put_str(AT_STR, "mosix-home-fd")?;
+                    let tmp = b.call("memfd_create", libc::SYS_memfd_create, &[name, 0])?;
+                    if tmp != f.fd as u64 {
+                        let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+                        b.call("dup3", libc::SYS_dup3, &[tmp, f.fd as u64, cl as u64])?;
+                        b.call("close", libc::SYS_close, &[tmp])?;
+                    }
+                }
+            },
             FdKind::Inherit { .. } => {
                 if f.cloexec {
                     b.call(

@@ -533,6 +533,8 @@ struct NsArgs {
     /// Read end of a pipe whose EOF tells init that the process exists (or never will).
     pipe_rd: RawFd,
     report: *mut NsReport,
+    /// The host name of a new UTS namespace (empty: none).
+    hostname: Vec<u8>,
 }
 
 #[repr(C)]
@@ -592,6 +594,11 @@ extern "C" fn ns_helper(arg: *mut libc::c_void) -> libc::c_int {
         if libc::unshare(a.unshare) != 0 {
             fail(1);
         }
+        if !a.hostname.is_empty()
+            && libc::sethostname(a.hostname.as_ptr() as *const libc::c_char, a.hostname.len()) != 0
+        {
+            fail(5);
+        }
         if !a.offsets.is_empty() {
             let fd = libc::open(a.offsets_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {
@@ -647,7 +654,20 @@ pub fn spawn_traced_child_in_ns(
     set_tid: i32,
     time_offsets: Option<(i64, i64)>,
 ) -> Result<(i32, Option<i32>)> {
+    spawn_traced_child_in_ns_named(stdio, set_tid, time_offsets, None)
+}
+
+/// [`spawn_traced_child_in_ns`], and with `hostname` in a new UTS namespace of that name.
+pub fn spawn_traced_child_in_ns_named(
+    stdio: Option<[RawFd; 3]>,
+    set_tid: i32,
+    time_offsets: Option<(i64, i64)>,
+    hostname: Option<&str>,
+) -> Result<(i32, Option<i32>)> {
     let mut unshare = 0;
+    if hostname.is_some() {
+        unshare |= libc::CLONE_NEWUTS;
+    }
     let mut offsets = Vec::new();
     if set_tid != 0 {
         unshare |= libc::CLONE_NEWPID;
@@ -683,6 +703,7 @@ pub fn spawn_traced_child_in_ns(
         init_arg1,
         pipe_rd: p[0],
         report: &mut report,
+        hostname: hostname.map(|h| h.as_bytes().to_vec()).unwrap_or_default(),
     };
     args.init_argv = [
         args.init_arg0.as_ptr(),
@@ -726,6 +747,7 @@ pub fn spawn_traced_child_in_ns(
             2 => "setting the time namespace's clock offsets".to_string(),
             3 => "starting the PID namespace's init".to_string(),
             4 if set_tid != 0 => format!("creating process {set_tid} in the new PID namespace"),
+            5 => "setting the host name of the new UTS namespace".to_string(),
             _ => "creating the process in the new namespaces".to_string(),
         };
         return Err(sys_err(what, io::Error::from_raw_os_error(report.errno)));

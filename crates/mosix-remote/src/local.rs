@@ -62,6 +62,106 @@ fn install_filter_and_stop(prog: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How [`supervise`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Supervised {
+    /// The process ended so (and its deputy was told).
+    Exited(ExitStatus),
+    /// Asked to stop (the `stop` descriptor became readable): the process goes on.
+    Stopped,
+}
+
+/// Drives one process away from home until it ends: its trapped calls (through `live`),
+/// its deputy's messages (over `conn`), its end (`pidfd` readable, then `reap`), or until
+/// `stop` is readable. With `booting`, calls are let through until its first execve (the
+/// child is still our code). `on_home(live, id, why)` gets the calls that need home.
+#[allow(clippy::too_many_arguments)]
+pub fn supervise(
+    live: &mut Live,
+    g: &mut Guest,
+    pidfd: &OwnedFd,
+    conn: &UnixStream,
+    stop: Option<RawFd>,
+    mut booting: bool,
+    on_home: &mut dyn FnMut(&mut Live, u64, String),
+    reap: &mut dyn FnMut() -> std::io::Result<ExitStatus>,
+) -> std::io::Result<Supervised> {
+    let pid = live.pid;
+    let mut reader = std::io::BufReader::new(conn.try_clone()?);
+    let mut writer = conn.try_clone()?;
+    let status = loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: live.notify.raw(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: reader.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout = if g.outstanding() > 0 { 100 } else { -1 };
+        let buffered = !reader.buffer().is_empty();
+        if !buffered {
+            // SAFETY: poll on descriptors we own (a negative one is skipped).
+            unsafe { libc::poll(fds.as_mut_ptr(), 4, timeout) };
+        }
+        if fds[3].revents & libc::POLLIN != 0 {
+            return Ok(Supervised::Stopped);
+        }
+        let mut outs = Vec::new();
+        if fds[0].revents & libc::POLLIN != 0 {
+            if let Ok(n) = live.notify.recv() {
+                if booting {
+                    // Until its program starts, the child is our own code: let it be.
+                    booting = n.nr != libc::SYS_execve;
+                    let _ = live.notify.proceed(n.id);
+                } else {
+                    outs.extend(g.on_notif(n, live));
+                }
+            }
+        }
+        if buffered || fds[1].revents & libc::POLLIN != 0 {
+            match wire::recv::<_, FromDeputy>(&mut reader) {
+                Ok(Some(FromDeputy::Signal { sig })) => {
+                    // SAFETY: a signal to the process we supervise.
+                    unsafe { libc::kill(pid, sig) };
+                }
+                Ok(Some(m)) => outs.extend(g.on_deputy(m, live)),
+                Ok(None) | Err(_) => {
+                    // The deputy is gone: so is the process.
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        outs.extend(g.tick(live));
+        for out in outs {
+            match out {
+                Out::Deputy(m) => wire::send(&mut writer, &m)?,
+                Out::GoHome { id, why } => on_home(live, id, why),
+            }
+        }
+        if fds[2].revents & libc::POLLIN != 0 {
+            break reap()?;
+        }
+    };
+    let _ = wire::send(&mut writer, &ToDeputy::Exited(status));
+    Ok(Supervised::Exited(status))
+}
+
 /// Runs `prog args` away, with its deputy holding `stdin`, `stdout`, `stderr` and `cwd`.
 pub fn run(
     deputy_bin: &Path,
@@ -114,92 +214,31 @@ pub fn run(
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let mut live = Live::new(NotifyFd(listener), pid)?;
     let mut g = Guest::new(pid, 1);
-    let mut booting = true;
     let mut home = Vec::new();
-    let mut reader = std::io::BufReader::new(sup.try_clone()?);
-    let mut writer = sup;
-    let status = loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: live.notify.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: reader.get_ref().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let timeout = if g.outstanding() > 0 { 100 } else { -1 };
-        let buffered = !reader.buffer().is_empty();
-        if !buffered {
-            // SAFETY: poll on descriptors we own.
-            unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            if let Ok(n) = live.notify.recv() {
-                if booting {
-                    // Until its program starts, the child is our own code: let it be.
-                    booting = n.nr != libc::SYS_execve;
-                    let _ = live.notify.proceed(n.id);
-                } else {
-                    for out in g.on_notif(n, &mut live) {
-                        match out {
-                            Out::Deputy(m) => wire::send(&mut writer, &m)?,
-                            Out::GoHome { id, why } => {
-                                home.push(why);
-                                let _ = live.notify.answer(id, -(libc::ENOSYS as i64));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        if buffered || fds[1].revents & libc::POLLIN != 0 {
-            match wire::recv::<_, FromDeputy>(&mut reader) {
-                Ok(Some(FromDeputy::Signal { sig })) => {
-                    // SAFETY: a signal to our own child.
-                    unsafe { libc::kill(pid, sig) };
-                }
-                Ok(Some(m)) => {
-                    for out in g.on_deputy(m, &mut live) {
-                        match out {
-                            Out::Deputy(m) => wire::send(&mut writer, &m)?,
-                            Out::GoHome { id, why } => {
-                                home.push(why);
-                                let _ = live.notify.answer(id, -(libc::ENOSYS as i64));
-                            }
-                        }
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    // The deputy is gone: so is the process.
-                    let _ = guest.kill();
-                }
-            }
-        }
-        if fds[2].revents & libc::POLLIN != 0 {
+    let status = supervise(
+        &mut live,
+        &mut g,
+        &pidfd,
+        &sup,
+        None,
+        true,
+        &mut |live, id, why| {
+            home.push(why);
+            let _ = live.notify.answer(id, -(libc::ENOSYS as i64));
+        },
+        &mut || {
             let st = guest.wait()?;
             use std::os::unix::process::ExitStatusExt;
-            break match (st.code(), st.signal()) {
+            Ok(match (st.code(), st.signal()) {
                 (Some(c), _) => ExitStatus::Code(c),
                 (_, Some(s)) => ExitStatus::Signal(s),
                 _ => ExitStatus::Signal(libc::SIGKILL),
-            };
-        }
-        for out in g.tick(&live) {
-            if let Out::Deputy(m) = out {
-                wire::send(&mut writer, &m)?;
-            }
-        }
+            })
+        },
+    )?;
+    let Supervised::Exited(status) = status else {
+        unreachable!("nothing asks it to stop");
     };
-    let _ = wire::send(&mut writer, &ToDeputy::Exited(status));
     let dst = deputy.wait()?;
     Ok(Run {
         status,

@@ -186,7 +186,12 @@ fn a_tcp_connection_is_made_and_used_from_home() {
 #[test]
 fn xz_with_its_own_pipe_and_a_reader_that_stops_early() {
     let (d, f) = data_dir();
-    same(&which("xz"), &["-T1", "-c", "-1", f.to_str().unwrap()], d.path(), None);
+    same(
+        &which("xz"),
+        &["-T1", "-c", "-1", f.to_str().unwrap()],
+        d.path(),
+        None,
+    );
     // `yes` writing into a pipe whose reader has gone dies by SIGPIPE, as at home.
     let (r, w) = std::io::pipe().unwrap();
     drop(r);
@@ -200,5 +205,9 @@ fn xz_with_its_own_pipe_and_a_reader_that_stops_early() {
     .unwrap();
     assert_eq!(run.status, ExitStatus::Signal(libc::SIGPIPE));
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(run.deputy.signal(), Some(libc::SIGPIPE), "the deputy ends as the process did");
+    assert_eq!(
+        run.deputy.signal(),
+        Some(libc::SIGPIPE),
+        "the deputy ends as the process did"
+    );
 }
