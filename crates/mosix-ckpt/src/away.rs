@@ -55,9 +55,30 @@ pub fn checkpoint_moving<W: Write + 'static>(
     l: &Leaving,
     progress: dump::Progress<'_>,
 ) -> Result<(W, DumpStats, Held)> {
+    checkpoint_moving_with(pid, out, compression, l, &mut || Ok(Vec::new()), progress)
+}
+
+/// [`checkpoint_moving`], with `on_frozen` called once the process is frozen and before
+/// it is saved: it returns the system calls of its threads that were finished for it
+/// meanwhile ((TID as we see it, result)), whose results go into their registers (so the
+/// restored process does not make them again). An error from it releases the process.
+pub fn checkpoint_moving_with<W: Write + 'static>(
+    pid: i32,
+    out: W,
+    compression: Compression,
+    l: &Leaving,
+    on_frozen: &mut dyn FnMut() -> Result<Vec<(i32, i64)>>,
+    progress: dump::Progress<'_>,
+) -> Result<(W, DumpStats, Held)> {
     check_moving(pid, l)?;
     let t0 = std::time::Instant::now();
     let mut frozen = dump::freeze(pid)?;
+    for (tid, ret) in on_frozen()? {
+        if tid == pid {
+            frozen.regs.rax = ret as u64;
+            sys::set_regs(pid, &frozen.regs)?;
+        }
+    }
     let opts = dump::DumpOptions {
         leave_running: true,
         compression,
@@ -257,17 +278,25 @@ pub fn restore_away(
 #[derive(Debug)]
 pub struct Rebuilt {
     pub pid: i32,
+    /// Its descriptors held at home (kept open across a revert).
+    keep: Vec<i32>,
+    /// Signals that reached its deputy and were not passed on: raised when it resumes.
+    signals: Vec<i32>,
 }
 
 impl Rebuilt {
     /// Lets it run.
     pub fn resume(self) -> Result<()> {
-        sys::detach(self.pid, 0).map_err(|e| sys_err("detaching", e))
+        sys::detach(self.pid, 0).map_err(|e| sys_err("detaching", e))?;
+        for s in self.signals {
+            let _ = sys::kill(self.pid, s);
+        }
+        Ok(())
     }
     /// Makes it the deputy again (the move home was abandoned after it was rebuilt):
     /// `path argv envp` is the deputy's exec, as when it left.
     pub fn revert(self, path: &str, argv: &[String], envp: &[String]) -> Result<()> {
-        revert(self.pid, path, argv, envp)
+        revert(self.pid, path, argv, envp, &self.keep)
     }
 }
 
@@ -291,9 +320,9 @@ fn remote_of(pid: i32) -> Result<Remote> {
     })
 }
 
-fn revert(pid: i32, path: &str, argv: &[String], envp: &[String]) -> Result<()> {
+fn revert(pid: i32, path: &str, argv: &[String], envp: &[String], keep: &[i32]) -> Result<()> {
     let mut r = remote_of(pid)?;
-    inject_exec(&mut r, path, argv, envp, &[])?;
+    inject_exec(&mut r, path, argv, envp, keep)?;
     sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))
 }
 
@@ -332,11 +361,14 @@ pub fn restore_into(
         .map(|f| f.fd)
         .collect();
     let argv = vec![m.exe.clone()];
-    if let Err(e) = inject_exec(&mut r, &m.exe, &argv, &[], &keep) {
-        let _ = sys::set_regs(pid, &r.base_regs());
-        let _ = sys::detach(pid, 0);
-        return Err(e);
-    }
+    let signals = match inject_exec(&mut r, &m.exe, &argv, &[], &keep) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = sys::set_regs(pid, &r.base_regs());
+            let _ = sys::detach(pid, 0);
+            return Err(e);
+        }
+    };
     // The exec is done: from here a failure makes it the deputy again.
     let built = (|| -> Result<()> {
         if let Some(want) = &m.exe_id {
@@ -360,10 +392,10 @@ pub fn restore_into(
         Ok(())
     })();
     match built {
-        Ok(()) => Ok(Rebuilt { pid }),
+        Ok(()) => Ok(Rebuilt { pid, keep, signals }),
         Err(e) => {
             let (p, a, env) = fallback;
-            if let Err(e2) = revert(pid, p, a, env) {
+            if let Err(e2) = revert(pid, p, a, env, &keep) {
                 tracing::error!("process {pid} could not be made its deputy again: {e2}");
                 let _ = sys::kill(pid, libc::SIGKILL);
             }

@@ -25,7 +25,8 @@ mod restore;
 pub mod sys;
 
 pub use away::{
-    check_moving, checkpoint_moving, restore_away, restore_into, Away, Leaving, Rebuilt,
+    check_moving, checkpoint_moving, checkpoint_moving_with, restore_away, restore_into, Away,
+    Leaving, Rebuilt,
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};

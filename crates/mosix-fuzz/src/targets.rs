@@ -431,6 +431,20 @@ fn drain<T: serde::de::DeserializeOwned>(r: &mut &[u8]) -> u64 {
     class("many")
 }
 
+/// Frames of the supervisor/deputy protocol (mosix-remote's own framing).
+fn drain_remote<T: serde::de::DeserializeOwned>(r: &mut &[u8]) -> u64 {
+    for _ in 0..10_000 {
+        match mosix_remote::wire::recv::<_, T>(r) {
+            Ok(Some(m)) => {
+                std::hint::black_box(&m);
+            }
+            Ok(None) => return class("end"),
+            Err(e) => return class(&format!("{e}")),
+        }
+    }
+    class("many")
+}
+
 /// First byte: which message type (or stream) to read; the rest: the bytes a peer sent.
 fn wire_frames(d: &[u8]) -> u64 {
     let Some((&sel, mut r)) = d.split_first() else {
@@ -441,8 +455,8 @@ fn wire_frames(d: &[u8]) -> u64 {
         0 => drain::<wire::Hello>(&mut r),
         1 => drain::<wire::ToHome>(&mut r),
         2 => drain::<wire::ToHost>(&mut r),
-        3 => drain::<wire::FromRun>(&mut r),
-        4 => drain::<wire::ToRun>(&mut r),
+        3 => drain_remote::<mosix_remote::wire::ToDeputy>(&mut r),
+        4 => drain_remote::<mosix_remote::wire::FromDeputy>(&mut r),
         5 => drain::<wire::Verdict>(&mut r),
         6 => drain::<wire::Decision>(&mut r),
         7 => drain::<wire::Tail>(&mut r),
@@ -476,6 +490,14 @@ fn wire_frames(d: &[u8]) -> u64 {
     c ^ sel as u64
 }
 
+fn remote_framed<T: serde::Serialize>(sel: u8, msgs: &[T]) -> Vec<u8> {
+    let mut b = vec![sel];
+    for m in msgs {
+        let _ = mosix_remote::wire::send(&mut b, m);
+    }
+    b
+}
+
 fn framed<T: serde::Serialize>(sel: u8, msgs: &[T]) -> Vec<u8> {
     let mut b = vec![sel];
     for m in msgs {
@@ -492,12 +514,13 @@ fn migrate_header() -> wire::MigrateHeader {
         epoch: 3,
         uid: 1000,
         cmd: "sleep 10".into(),
-        closed_out: [false, true],
         pinned: false,
         avoid: vec![3, 4],
         migrations: 2,
         reason: "load".into(),
         offer: Some("{\"gain\":1.5}".into()),
+        hostname: "home".into(),
+        no_new_privs: false,
     }
 }
 
@@ -516,13 +539,9 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         framed(
             1,
             &[
-                ToHome::Out {
-                    fd: 1,
-                    data: b"hello\n".to_vec(),
-                },
+                ToHome::Deputy(b"frame".to_vec()),
                 ToHome::Left {
                     to: 2,
-                    stdin_consumed: 10,
                     frozen_ms: 5,
                     memory_bytes: 4096,
                 },
@@ -530,42 +549,43 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     to: 3,
                     reason: "refused".into(),
                 },
-                ToHome::Exited(ExitStatus::Signal(9)),
             ],
         ),
         framed(
             2,
             &[
-                ToHost::Stdin {
-                    at: 0,
-                    data: b"input".to_vec(),
-                },
-                ToHost::StdinEof { at: 5 },
-                ToHost::Signal(15),
-                ToHost::CloseOut(1),
+                ToHost::Deputy(b"frame".to_vec()),
                 ToHost::Migrate { to: 0 },
+                ToHost::Kill,
             ],
         ),
-        framed(
+        remote_framed(
             3,
             &[
-                FromRun::Stdin(b"abc".to_vec()),
-                FromRun::StdinEof,
-                FromRun::Signal(2),
-                FromRun::OutClosed(2),
+                mosix_remote::wire::ToDeputy::Call(mosix_remote::wire::Call {
+                    seq: 1,
+                    tid: 2,
+                    nr: 1,
+                    args: [1, 0, 5, 0, 0, 0],
+                    bufs: vec![
+                        mosix_remote::wire::Buf::None,
+                        mosix_remote::wire::Buf::In(b"hello".to_vec()),
+                    ],
+                }),
+                mosix_remote::wire::ToDeputy::Cancel { seq: 1 },
+                mosix_remote::wire::ToDeputy::Exited(mosix_remote::wire::ExitStatus::Code(3)),
             ],
         ),
-        framed(
+        remote_framed(
             4,
             &[
-                ToRun::Out {
-                    fd: 2,
-                    data: b"err".to_vec(),
-                },
-                ToRun::Exited {
-                    status: ExitStatus::Lost,
-                    message: Some("node 3 died".into()),
-                },
+                mosix_remote::wire::FromDeputy::Signal { sig: 2 },
+                mosix_remote::wire::FromDeputy::Reply(mosix_remote::wire::Reply::Done {
+                    seq: 1,
+                    ret: 5,
+                    outs: vec![],
+                    sigs: 0,
+                }),
             ],
         ),
         framed(
@@ -577,12 +597,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             ],
         ),
         framed(6, &[Decision::Commit, Decision::Abort]),
-        framed(
-            7,
-            &[Tail {
-                stdin_consumed: 1 << 40,
-            }],
-        ),
+        framed(7, &[Tail { next_seq: 1 << 40 }]),
         framed(8, &[migrate_header()]),
         framed(9, &[link]),
     ];
@@ -596,7 +611,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         let mut w = ChunkWriter::new(b);
         let _ = w.write_all(&img);
         let Ok(mut b) = w.finish() else { continue };
-        let _ = wire::send(&mut b, &Tail { stdin_consumed: 3 });
+        let _ = wire::send(&mut b, &Tail { next_seq: 3 });
         let _ = wire::send(&mut b, &Decision::Commit);
         v.push(b);
     }
@@ -738,10 +753,8 @@ fn requests() -> Vec<Request> {
     vec![
         Request::Ping,
         Request::Status,
-        Request::Run(mosix_proto::control::RunRequest {
+        Request::Register(mosix_proto::control::RegisterRequest {
             argv: vec!["sleep".into(), "1".into()],
-            env: vec![("PATH".into(), "/bin".into())],
-            cwd: "/tmp".into(),
             to: Some(2),
             best: false,
             pinned: true,
@@ -753,6 +766,10 @@ fn requests() -> Vec<Request> {
         Request::Migrate { pid: 42, to: 0 },
         Request::Where { pid: 42 },
         Request::Ps,
+        Request::Deputy {
+            home_pid: 42,
+            token: "00ff".into(),
+        },
     ]
 }
 
@@ -790,7 +807,8 @@ fn responses() -> Vec<Response> {
                 age_ms: Some(120),
             }],
         }),
-        Response::Started { home_pid: 77 },
+        Response::Registered { home_pid: 77 },
+        Response::DeputyOk,
         Response::Migrated {
             pid: 77,
             to: 2,
@@ -813,7 +831,7 @@ fn responses() -> Vec<Response> {
                 cpu_secs: 0.5,
                 resident_secs: 3.0,
                 reason: "load".into(),
-                mosrun_pid: Some(70),
+                ppid: Some(70),
             }],
         },
         Response::Mode {

@@ -23,10 +23,14 @@ pub enum Request {
     Ping,
     /// The cluster as this node sees it; answered with [`Response::Status`].
     Status,
-    /// Start a migratable process whose home is this node, run by the caller's uid
-    /// (`mosrun`). Answered with [`Response::Started`]; then the connection carries
-    /// [`crate::wire::FromRun`] / [`crate::wire::ToRun`] frames until the process ends.
-    Run(RunRequest),
+    /// Make the calling process a migratable process whose home is this node (`mosrun`,
+    /// which then execs the program: its PID is the home PID). Answered with
+    /// [`Response::Registered`].
+    Register(RegisterRequest),
+    /// A deputy (`mosix-deputy`, what a process away from home is at home) introduces
+    /// itself; answered with [`Response::DeputyOk`], then the connection carries
+    /// `mosix_remote::wire` frames.
+    Deputy { home_pid: i32, token: String },
     /// Change this node's balancing mode (root only), as MOSIX's mosctl: `stay`,
     /// `nostay`, `lstay`, `nolstay`, `block`, `noblock`, `expel`, `noexpel`; `show` only
     /// reports. Answered with [`Response::Mode`].
@@ -40,12 +44,11 @@ pub enum Request {
     Ps,
 }
 
-/// What `mosrun` asks to run, and where ([`Request::Run`]).
+/// What `mosrun` asks for the process it is about to become ([`Request::Register`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunRequest {
+pub struct RegisterRequest {
+    /// The program and its arguments (for `ps`).
     pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub cwd: String,
     /// Move it at once: a node number, or none.
     #[serde(default)]
     pub to: Option<u32>,
@@ -84,9 +87,9 @@ pub struct ProcEntry {
     pub resident_secs: f64,
     /// Why it is where it is.
     pub reason: String,
-    /// PID of the `mosrun` that started it (home side), if any.
+    /// Its parent at home (the shell that started it), if known.
     #[serde(default)]
-    pub mosrun_pid: Option<i32>,
+    pub ppid: Option<i32>,
 }
 
 /// An answer from the daemon.
@@ -101,9 +104,10 @@ pub enum Response {
         peer_uid: u32,
     },
     Status(ClusterStatus),
-    Started {
+    Registered {
         home_pid: i32,
     },
+    DeputyOk,
     Migrated {
         pid: i32,
         to: u32,
@@ -222,13 +226,6 @@ impl Client {
                 message: format!("expected a status, got {other:?}"),
             }),
         }
-    }
-}
-
-impl Client {
-    /// The connection's two directions, to carry frames after a `run` request.
-    pub fn into_parts(self) -> (BufReader<UnixStream>, UnixStream) {
-        (self.reader, self.writer)
     }
 }
 

@@ -1,8 +1,7 @@
 //! Messages of migration and of the home/deputy link, and their framing.
 //!
 //! Every message is one frame: `len u32 LE | postcard bytes`, at most [`MAX_MSG`]. Between
-//! nodes the frames travel inside an authenticated [`crate::channel::Channel`]; between
-//! `mosrun` and its home `mosixd` over the control socket after the `run` request.
+//! nodes the frames travel inside an authenticated [`crate::channel::Channel`].
 //!
 //! Node-to-node connections start with a [`Hello`]:
 //! - `Hello::Migrate`: the source streams the image as raw chunks ended by an empty one,
@@ -10,13 +9,14 @@
 //!   the source sends [`Decision`]; on `Commit` the destination lets the process run and
 //!   answers `Verdict::Running`, and only then does the source end its frozen copy.
 //! - `Hello::Link`: the node now hosting a process opens its link to the process's home:
-//!   [`ToHome`] one way, [`ToHost`] the other.
+//!   [`ToHome`] one way, [`ToHost`] the other. They carry what the process's supervisor
+//!   (on its host) and its deputy (at home) say to each other, and the moves.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// The largest message either side accepts.
-pub const MAX_MSG: usize = 1 << 20;
+pub const MAX_MSG: usize = 4 << 20;
 
 /// Writes one message as a frame (not flushed).
 pub fn send<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
@@ -81,7 +81,7 @@ pub enum ExitStatus {
     Code(i32),
     /// killed by this signal
     Signal(i32),
-    /// The node it ran on died or lost contact: the deputy reports it lost.
+    /// The node it ran on died or lost contact: its deputy ends with 137.
     Lost,
 }
 
@@ -128,8 +128,6 @@ pub struct MigrateHeader {
     pub uid: u32,
     /// Command line, for `ps`.
     pub cmd: String,
-    /// Whether the home side closed the process's stdout / stderr (reader gone).
-    pub closed_out: [bool; 2],
     /// Kept from automatic migration (`mosrun -L`), and nodes it must never go to.
     pub pinned: bool,
     pub avoid: Vec<u32>,
@@ -140,13 +138,18 @@ pub struct MigrateHeader {
     /// For an automatic move: the balancer's offer (JSON of `mosix_balance::Offer`), which
     /// the destination checks against its own load before taking the process.
     pub offer: Option<String>,
+    /// The home node's host name: what the process sees wherever it runs.
+    pub hostname: String,
+    /// The process's own no_new_privs (away it runs with it set, for its filter).
+    pub no_new_privs: bool,
 }
 
 /// Sent after the image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Tail {
-    /// Bytes of stdin the process had consumed when frozen (counted from its start).
-    pub stdin_consumed: u64,
+    /// The next sequence number of the process's forwarded calls (they never repeat,
+    /// whatever node it runs on, so its deputy can tell a call sent again).
+    pub next_seq: u64,
 }
 
 /// The destination's answers.
@@ -176,83 +179,32 @@ pub struct LinkHello {
     pub node: u32,
 }
 
-/// From the node running a process to its home (deputy).
+/// From the node running a process to its home.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToHome {
-    /// Output on fd 1 or 2.
-    Out { fd: u8, data: Vec<u8> },
-    /// The process ended; nothing follows.
-    Exited(ExitStatus),
-    /// The process moved on to `to` (its output so far has been sent); nothing follows.
+    /// A message for the deputy (a `mosix_remote::wire::ToDeputy` frame).
+    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The process moved on to `to`; nothing follows on this link.
     Left {
         to: u32,
-        stdin_consumed: u64,
         /// How long it was stopped by the move, and the bytes of memory moved.
         frozen_ms: u64,
         memory_bytes: u64,
     },
-    /// A migration asked for (or decided here) failed; the process goes on here.
+    /// A migration asked for (or decided there) failed; the process goes on there.
     MigrateFailed { to: u32, reason: String },
-    /// The process has consumed its stdin up to offset `at` (counted from its start):
-    /// home may forget those bytes and let `mosrun` send more.
-    StdinConsumed { at: u64 },
 }
 
-/// From the home (deputy) to the node running the process.
+/// From the home to the node running the process.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToHost {
-    /// Stdin bytes starting at stream offset `at`.
-    Stdin { at: u64, data: Vec<u8> },
-    /// Stdin ended after `at` bytes.
-    StdinEof { at: u64 },
-    /// Deliver this signal.
-    Signal(i32),
-    /// The reader of fd 1 or 2 is gone (the process gets SIGPIPE/EPIPE).
-    CloseOut(u8),
-    /// Move the process to `to` (asked for by `migrate`).
+    /// A message from the deputy (a `mosix_remote::wire::FromDeputy` frame).
+    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Move the process to `to` (asked for by `migrate`; `to` may be its home).
     Migrate { to: u32 },
-    /// Home has delivered `bytes` more bytes of the process's output to `mosrun`: the host
-    /// may read that much more from the process (at most [`OUT_WINDOW`] in flight).
-    OutAck { bytes: u64 },
+    /// Its deputy is gone (killed at home): end it.
+    Kill,
 }
-
-/// From `mosrun` to its home daemon, after the `run` request.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum FromRun {
-    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
-    StdinEof,
-    Signal(i32),
-    /// mosrun's stdout (1) or stderr (2) cannot be written any more.
-    OutClosed(u8),
-}
-
-/// From the home daemon to `mosrun`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum ToRun {
-    Out {
-        fd: u8,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
-    /// The process ended (or was lost, with why).
-    Exited {
-        status: ExitStatus,
-        message: Option<String>,
-    },
-    /// The process has consumed its stdin up to offset `at`: mosrun may send up to
-    /// `at + STDIN_WINDOW`.
-    StdinAck { at: u64 },
-}
-
-/// Output bytes a host may have read from a process and not yet seen delivered by home:
-/// past this it stops reading, and the process blocks in write() as it would at home on
-/// a terminal or pipe that is not read.
-pub const OUT_WINDOW: u64 = 256 << 10;
-/// Stdin bytes `mosrun` may send beyond what the process has consumed (home keeps them
-/// until consumed, to give them to the next host after a move).
-pub const STDIN_WINDOW: u64 = 256 << 10;
-/// The largest stdin or output piece in one message.
-pub const MAX_DATA: usize = 64 << 10;
 
 /// A writer that cuts what is written into chunks (`len u32 LE | bytes`, raw: no
 /// serialisation pass over the bytes); `finish` sends the empty chunk that ends the
@@ -386,26 +338,26 @@ mod tests {
     #[test]
     fn messages_round_trip_and_garbage_is_an_error() {
         let mut buf = Vec::new();
+        send(&mut buf, &ToHome::Deputy(b"hi".to_vec())).unwrap();
         send(
             &mut buf,
-            &ToHome::Out {
-                fd: 1,
-                data: b"hi".to_vec(),
+            &ToHome::MigrateFailed {
+                to: 3,
+                reason: "no".into(),
             },
         )
         .unwrap();
-        send(&mut buf, &ToHome::Exited(ExitStatus::Signal(15))).unwrap();
         let mut r = &buf[..];
         assert_eq!(
             recv::<_, ToHome>(&mut r).unwrap(),
-            Some(ToHome::Out {
-                fd: 1,
-                data: b"hi".to_vec()
-            })
+            Some(ToHome::Deputy(b"hi".to_vec()))
         );
         assert_eq!(
             recv::<_, ToHome>(&mut r).unwrap(),
-            Some(ToHome::Exited(ExitStatus::Signal(15)))
+            Some(ToHome::MigrateFailed {
+                to: 3,
+                reason: "no".into()
+            })
         );
         assert_eq!(recv::<_, ToHome>(&mut r).unwrap(), None);
         // Truncated, oversized, and garbage frames are errors, never panics.
@@ -425,17 +377,17 @@ mod tests {
         let mut w = ChunkWriter::new(Vec::new());
         w.write_all(&data).unwrap();
         let mut out = w.finish().unwrap();
-        send(&mut out, &Tail { stdin_consumed: 5 }).unwrap();
+        send(&mut out, &Tail { next_seq: 5 }).unwrap();
         let mut r = &out[..];
         assert_eq!(read_chunks(&mut r, u64::MAX).unwrap(), data);
-        assert_eq!(expect::<_, Tail>(&mut r).unwrap().stdin_consumed, 5);
+        assert_eq!(expect::<_, Tail>(&mut r).unwrap().next_seq, 5);
         // Over the limit: refused, with the whole image read past so that what follows
         // it (the tail) can still be read and answered.
         let mut r = &out[..];
         let e = read_chunks(&mut r, 100_000).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("memory free here"), "{e}");
-        assert_eq!(expect::<_, Tail>(&mut r).unwrap().stdin_consumed, 5);
+        assert_eq!(expect::<_, Tail>(&mut r).unwrap().next_seq, 5);
     }
 
     #[test]

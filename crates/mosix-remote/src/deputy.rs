@@ -533,6 +533,12 @@ impl Deputy {
                 self.out.send(None);
                 end_as(st)
             }
+            ToDeputy::Lost { message } => {
+                let line = format!("{message}\n");
+                // SAFETY: a write of our own buffer to the process's stderr.
+                unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+                end_as(ExitStatus::Code(137))
+            }
             ToDeputy::Describe { seq, fd } => {
                 let (path, id) = describe(fd);
                 self.out.send(Some(FromDeputy::Described { seq, path, id }));

@@ -67,6 +67,8 @@ struct Pending {
     spec: Spec,
     layout: Layout,
     cancelled: bool,
+    /// The call as sent (sent again after a reconnection).
+    call: crate::wire::Call,
 }
 
 /// An mmap of a descriptor of home, being prepared: its file is looked up, then its
@@ -273,6 +275,7 @@ impl Guest {
                         spec: s,
                         layout,
                         cancelled: false,
+                        call: call.clone(),
                     },
                 );
                 self.by_tid.insert(n.pid, seq);
@@ -510,6 +513,21 @@ impl Guest {
         } else {
             let _ = k.answer(n.id, -(libc::ENOMEM as i64));
         }
+    }
+
+    /// What to send again after the way home was broken and is back: every call still
+    /// waiting (the deputy answers one it already made from its record), and the cancels.
+    pub fn resend(&self) -> Vec<Out> {
+        let mut v: Vec<(&u64, &Pending)> = self.pending.iter().collect();
+        v.sort_by_key(|(s, _)| **s);
+        let mut out = Vec::new();
+        for (seq, p) in v {
+            out.push(Out::Deputy(ToDeputy::Call(p.call.clone())));
+            if p.cancelled {
+                out.push(Out::Deputy(ToDeputy::Cancel { seq: *seq }));
+            }
+        }
+        out
     }
 
     /// Time passed: calls whose thread stopped waiting (a signal it handled) are cancelled.

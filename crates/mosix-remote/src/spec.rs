@@ -12,7 +12,7 @@ use libc::c_long;
 
 /// Bytes one buffer of a forwarded read or write carries at most (a longer read or write
 /// is made shorter, which both may be).
-pub const MAX_IO: u32 = 4 << 20;
+pub const MAX_IO: u32 = 1 << 20;
 /// Longest path carried (PATH_MAX).
 pub const MAX_PATH: usize = 4096;
 /// Most iovec entries (IOV_MAX).

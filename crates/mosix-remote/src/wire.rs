@@ -151,6 +151,11 @@ pub enum ToDeputy {
     },
     /// The process ended: the deputy ends the same way.
     Exited(ExitStatus),
+    /// The process was lost with its node: the deputy says so on its stderr and ends with
+    /// status 137.
+    Lost {
+        message: String,
+    },
     /// What is descriptor `fd` (its path at home and identity)? For an mmap of it.
     Describe {
         seq: u64,

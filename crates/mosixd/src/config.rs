@@ -64,6 +64,7 @@ struct RawConfig {
     #[serde(default = "yes")]
     auto_balance: bool,
     compression: Option<String>,
+    deputy_path: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -137,6 +138,9 @@ pub struct Config {
     pub auto_balance: bool,
     /// Compression of migration streams: none, lz4 (default) or zstd.
     pub compression: mosix_ckpt::Compression,
+    /// The deputy program a process becomes at home while away (default: mosix-deputy
+    /// beside mosixd). Every user must be able to run it.
+    pub deputy_path: Option<PathBuf>,
 }
 
 impl Config {
@@ -253,6 +257,12 @@ impl Config {
                 Some("none") => mosix_ckpt::Compression::None,
                 Some("zstd") => mosix_ckpt::Compression::Zstd,
                 Some(o) => bail!("compression '{o}': use none, lz4 or zstd"),
+            },
+            deputy_path: match raw.deputy_path {
+                Some(p) if !p.is_absolute() => {
+                    bail!("deputy_path: {} is not an absolute path", p.display())
+                }
+                p => p,
             },
         })
     }

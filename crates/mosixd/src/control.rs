@@ -2,11 +2,12 @@
 //! per request and per answer). Every connection's peer is identified with SO_PEERCRED;
 //! read-only requests are open to every user; `migrate` checks the caller's uid against the
 //! process owner (root may move any process, as in MOSIX: if you can kill it you can move
-//! it); `run` starts the process as the caller. After a `run` answer the connection is
-//! handed to the process's deputy (binary frames, see `mosix_proto::wire`).
+//! it); `register` makes the caller (mosrun, which then execs the program) a migratable
+//! process. A deputy's `deputy` hello hands its connection over to its process's home
+//! driver (binary frames, see `mosix_remote::wire`).
 
 use crate::peer::Peer;
-use crate::procs::{Caller, Procs};
+use crate::procs::Procs;
 use crate::State;
 use anyhow::{bail, Context, Result};
 use mosix_proto::control::{Request, Response};
@@ -168,28 +169,40 @@ async fn connection(
             }
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(Request::Run(spec)) => {
+                Ok(Request::Register(req)) => {
+                    let pr = procs.clone();
+                    let caller = crate::procs::home::Caller {
+                        uid: peer.uid,
+                        pid: peer.pid,
+                        gone: matches!(peer.pidfd, crate::peer::PeerPidfd::Gone),
+                    };
+                    tokio::task::spawn_blocking(move || match pr.register(&caller, req) {
+                        Ok(home_pid) => Response::Registered { home_pid },
+                        Err(e) => Response::Error {
+                            message: format!("{e:#}"),
+                        },
+                    })
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        message: format!("internal error: {e}"),
+                    })
+                }
+                Ok(Request::Deputy { home_pid, token }) => {
                     if !r.buffer().is_empty() {
-                        bail!("mosrun sent data before its process started");
+                        bail!("a deputy sent data before its answer");
                     }
                     let stream = r.into_inner().reunite(w).context("control stream")?;
                     let std = stream.into_std().context("control stream")?;
                     std.set_nonblocking(false)?;
+                    let pr = procs.clone();
                     return tokio::task::spawn_blocking(move || {
                         let mut s = std;
-                        let started = peer.context().map_err(anyhow::Error::from).and_then(|ctx| {
-                            let caller = Caller {
-                                uid: peer.uid,
-                                gid: peer.gid,
-                                groups: peer.groups.clone(),
-                                pid: peer.pid,
-                                ctx,
-                            };
-                            let deputy_end = s.try_clone()?;
-                            procs.run(deputy_end, caller, spec)
-                        });
-                        match started {
-                            Ok(_) => Ok(()),
+                        match s
+                            .try_clone()
+                            .map_err(anyhow::Error::from)
+                            .and_then(|c| pr.deputy_hello(c, &peer, home_pid, &token))
+                        {
+                            Ok(()) => Ok(()),
                             Err(e) => write_line(
                                 &mut s,
                                 &Response::Error {
@@ -199,7 +212,7 @@ async fn connection(
                         }
                     })
                     .await
-                    .context("run request")?;
+                    .context("deputy hello")?;
                 }
                 Ok(
                     req @ (Request::Migrate { .. }

@@ -1,75 +1,104 @@
-//! Migratable processes: started by `mosrun` (home side: the deputy), hosted on a node (the
-//! keeper), moved between nodes as a transaction.
+//! Migratable processes (docs/transparency.md, docs/migration.md).
 //!
-//! Threads, not tasks: everything that touches a process with ptrace must come from one
-//! thread (the tracer), so each hosted process has a keeper thread that spawned or
-//! restored it and alone waits for it, checkpoints it and relays its stdio. Each home
-//! process has a deputy thread that holds the `mosrun` connection, keeps the stdin not yet
-//! consumed, and follows the process from host to host (residences are numbered: epochs).
+//! - A process whose home is this node runs here by itself (mosrun made it one and
+//!   exec'd it): [`home`] follows it, one driver thread per process around the state
+//!   machine of [`job`]. When it leaves, it becomes its own deputy here.
+//! - A process of another home running here (a guest) has a supervisor process of its
+//!   own ([`supervisor`], `mosixd supervise`): its parent, which holds its seccomp
+//!   listener; [`guest`] drives it, one thread per guest, and links it to its home.
+//! - A move ([`transfer`]) is a transaction: the source keeps the frozen process until the
+//!   destination runs it; any failure before leaves it running where it was.
 //!
-//! ```text
-//! mosrun ══unix══ deputy (home) ──ToHost──▶ keeper (where it runs) ──pipes── process
-//!                        ◀──ToHome──
-//! ```
-//! Host and home on the same node talk over in-process channels; otherwise over a link (an
-//! authenticated channel opened by the host). A move: the keeper freezes the process and
-//! streams it to the destination, which restores it held; on commit the destination lets
-//! it run and only then does the source end its frozen copy, flush the output and tell
-//! home `Left`. Any failure before the commit releases the frozen copy.
+//! mosixd itself holds no process: they are the user's at home, and their supervisors'
+//! away, so a crash or a restart of mosixd loses none of them; what it needs to find them
+//! again is in its state directory.
 
 use crate::config::Config;
 use crate::State;
-use anyhow::{anyhow, bail, Context, Result};
 use mosix_proto::channel::Channel;
-use mosix_proto::control::ProcEntry;
-use mosix_proto::wire::{
-    self, ChunkWriter, Decision, ExitStatus, FromRun, Hello, LinkHello, MigrateHeader, Tail,
-    ToHome, ToHost, ToRun, Verdict,
-};
 use mosix_proto::NodeState;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::collections::HashMap;
+use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{debug, info, warn};
 
-mod deputy;
-mod flow;
 mod gate;
-mod keeper;
-mod spawn;
-mod transfer;
+pub mod guest;
+pub mod home;
+pub mod job;
+pub mod supervisor;
+pub mod transfer;
 
-use gate::{HandshakeGate, HandshakeSlot};
-pub use spawn::Caller;
+/// What `ps`, `where` and the balancer read of a process, kept by its driver.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Its PID here (the home PID at home; the host's PID for a guest).
+    pub pid: i32,
+    pub uid: u32,
+    pub cmd: String,
+    /// The node it runs on.
+    pub node: u32,
+    pub state: &'static str,
+    pub since: Instant,
+    pub reason: String,
+    pub pinned: bool,
+    pub avoid: Vec<u32>,
+    pub migrations: u32,
+    /// In the middle of a move.
+    pub moving: bool,
+    /// Its parent at home.
+    pub ppid: Option<i32>,
+}
 
-/// Test-only: the destination stops after receiving an image (before answering) and
-/// creates `<state_dir>/stalled`, so a test can kill it in the middle of a migration.
-const ENV_TEST_STALL: &str = "MOSIXD_TEST_STALL_RECEIVE";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long either side of a migration waits for the other.
-const PEER_TIMEOUT: Duration = Duration::from_secs(60);
-const READ_CHUNK: usize = 64 << 10;
-/// How long a deputy waits for the link of a process's new host before calling it lost.
-const LINK_WAIT: Duration = Duration::from_secs(30);
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 type Link = Channel<TcpStream>;
+
+/// Why a move did not happen (or what became of it). Crosses threads and, as text, the
+/// wire and the control socket.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MoveError {
+    #[error("it is already on node {to}")]
+    AlreadyThere { to: u32 },
+    #[error("it is in the middle of a move; try again")]
+    Busy,
+    #[error("it has ended")]
+    Ended,
+    #[error("it moved to node {to} instead")]
+    Elsewhere { to: u32 },
+    #[error("node {node} cannot take it: {reason}")]
+    Refused { node: u32, reason: String },
+    #[error("{0}")]
+    Destination(String),
+    #[error("node {node} went away during the move: {why}")]
+    PeerGone { node: u32, why: String },
+    #[error("it cannot move: {0}")]
+    Engine(String),
+    /// A failure reported by the node it runs on, as text.
+    #[error("{reason}")]
+    Failed { reason: String },
+}
+
+/// A finished move, as its requester hears of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Moved {
+    pub to: u32,
+    pub frozen_ms: u64,
+    pub memory_bytes: u64,
+}
 
 /// Everything about migratable processes on this node.
 pub struct Procs {
     pub cfg: Config,
-    /// Keys of the node-to-node channel (cluster secret, and this node's and its peers' keys).
+    /// Keys of the node-to-node channel.
     keys: mosix_proto::channel::ChannelKeys,
     state: Arc<State>,
-    /// Home processes (their deputies), by home PID.
-    deputies: Mutex<HashMap<i32, DeputyHandle>>,
-    /// Processes running here, by (home node, home PID).
-    hosted: Mutex<HashMap<(u32, i32), Hosted>>,
+    /// Processes whose home is here, by PID.
+    homes: Mutex<HashMap<i32, home::Handle>>,
+    /// Processes of other homes running here, by (home node, home PID).
+    guests: Mutex<HashMap<(u32, i32), guest::Handle>>,
     /// The balancing policy's state (also used to admit incoming offers).
     balancer: Mutex<mosix_balance::Balancer>,
     /// Automatic moves that failed since the balancer last looked: (process id, to).
@@ -77,6 +106,8 @@ pub struct Procs {
     /// Why each process here stays, as the balancer last explained it.
     explanations: Mutex<HashMap<u64, String>>,
     started: Instant,
+    /// What a process leaving home becomes (the deputy program).
+    pub deputy_path: std::path::PathBuf,
 }
 
 /// A process as the balancer sees it, with its PID here.
@@ -90,152 +121,26 @@ pub fn proc_id(home: u32, home_pid: i32) -> u64 {
     (u64::from(home) << 32) | u64::from(home_pid as u32)
 }
 
-#[derive(Clone)]
-struct DeputyHandle {
-    tx: Sender<DevEv>,
-    info: Arc<Mutex<DeputyInfo>>,
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-#[derive(Clone, Debug)]
-struct DeputyInfo {
-    uid: u32,
-    cmd: String,
-    /// Node it runs on now.
-    node: u32,
-    state: &'static str,
-    mosrun_pid: Option<i32>,
-    since: Instant,
+fn read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
 }
 
-#[derive(Clone)]
-struct Hosted {
-    pid: i32,
-    migrations: u32,
-    pinned: bool,
-    avoid: Vec<u32>,
-    uid: u32,
-    cmd: String,
-    since: Instant,
-    reason: String,
-    keeper: KeeperTx,
-    migrating: bool,
-}
-
-/// What a keeper is told.
-enum Cmd {
-    Host(ToHost),
-    /// The home side is gone: nobody will ever read the output; the process is ended.
-    HomeGone,
-    /// The balancer decided to move it.
-    AutoMigrate {
-        to: u32,
-        reason: String,
-        offer: Option<String>,
-    },
-}
-
-/// The way to a keeper thread: a queue plus a pipe that wakes its poll loop. Signals go
-/// straight to the process (a frozen one holds them and takes them along).
-#[derive(Clone)]
-struct KeeperTx {
-    pid: i32,
-    tx: Sender<Cmd>,
-    wake: Arc<OwnedFd>,
-}
-
-impl KeeperTx {
-    fn send(&self, c: Cmd) {
-        if let Cmd::Host(ToHost::Signal(s)) = c {
-            deliver(self.pid, s);
-            return;
-        }
-        if self.tx.send(c).is_ok() {
-            let _ = nix::unistd::write(self.wake.as_fd(), &[1]);
-        }
-    }
-}
-
-fn deliver(pid: i32, sig: i32) {
-    let Ok(s) = nix::sys::signal::Signal::try_from(sig) else {
-        return;
+/// Resident memory (bytes) and CPU time (s) of a process.
+pub(crate) fn usage(pid: i32) -> (u64, f64) {
+    let Ok(f) = mosix_ckpt::procfs::stat_fields(pid) else {
+        return (0, 0.0);
     };
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
+    let tick = 100.0;
+    let cpu = (mosix_ckpt::procfs::field_u64(&f, 14) + mosix_ckpt::procfs::field_u64(&f, 15))
+        as f64
+        / tick;
+    let rss = mosix_ckpt::procfs::field_u64(&f, 24) * 4096;
+    (rss, cpu)
 }
-
-/// A finished move, as its requester hears of it.
-#[derive(Clone, Copy, Debug)]
-pub struct Moved {
-    pub to: u32,
-    pub frozen_ms: u64,
-    pub memory_bytes: u64,
-}
-
-/// How a host reaches the deputy.
-enum Uplink {
-    Local { tx: Sender<DevEv>, epoch: u64 },
-    Remote(Link),
-}
-
-impl Uplink {
-    fn send(&mut self, m: ToHome) -> std::io::Result<()> {
-        match self {
-            Uplink::Local { tx, epoch } => tx
-                .send(DevEv::FromHost {
-                    epoch: *epoch,
-                    msg: m,
-                })
-                .map_err(|_| std::io::Error::other("the deputy is gone")),
-            Uplink::Remote(w) => wire::send_flush(w, &m),
-        }
-    }
-}
-
-/// How the deputy reaches the host.
-enum Downlink {
-    Local(KeeperTx),
-    Remote(Link),
-}
-
-impl Downlink {
-    fn send(&mut self, m: ToHost) -> std::io::Result<()> {
-        match self {
-            Downlink::Local(k) => {
-                k.send(Cmd::Host(m));
-                Ok(())
-            }
-            Downlink::Remote(w) => wire::send_flush(w, &m),
-        }
-    }
-}
-
-/// Events of a deputy; `L` is the link to a host (a [`Downlink`] in the daemon).
-enum Ev<L> {
-    FromRun(FromRun),
-    RunGone,
-    /// The writer thread gave `mosrun` this many bytes of output.
-    RunWrote(u64),
-    FromHost {
-        epoch: u64,
-        msg: ToHome,
-    },
-    HostLinked {
-        epoch: u64,
-        /// The host (authenticated by its node key where the cluster has them).
-        node: u32,
-        down: L,
-    },
-    HostGone {
-        epoch: u64,
-        why: String,
-    },
-    Migrate {
-        to: u32,
-        reply: Sender<Result<Moved, String>>,
-    },
-}
-
-/// A deputy event in the daemon.
-type DevEv = Ev<Downlink>;
 
 impl Procs {
     pub fn new(
@@ -249,16 +154,18 @@ impl Procs {
             block: !cfg.accept_guests,
             ..Default::default()
         });
+        let deputy_path = cfg.deputy_path.clone().unwrap_or_else(default_deputy_path);
         Arc::new(Procs {
             cfg,
             keys,
             state,
-            deputies: Mutex::new(HashMap::new()),
-            hosted: Mutex::new(HashMap::new()),
+            homes: Mutex::new(HashMap::new()),
+            guests: Mutex::new(HashMap::new()),
             balancer: Mutex::new(b),
             failed_moves: Mutex::new(Vec::new()),
             explanations: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            deputy_path,
         })
     }
 
@@ -280,38 +187,16 @@ impl Procs {
         std::mem::take(&mut *lock(&self.failed_moves))
     }
 
+    pub(crate) fn move_failed(&self, id: u64, to: u32) {
+        lock(&self.failed_moves).push((id, to));
+    }
+
     pub fn set_explanations(&self, why: Vec<(u64, String)>) {
         *lock(&self.explanations) = why.into_iter().collect();
     }
 
-    /// The processes running here and free to move, for the balancer (CPU share is
-    /// filled in by the caller).
-    pub fn balance_view(&self) -> Vec<BalanceView> {
-        let now = Instant::now();
-        let speed = self.my_speed();
-        lock(&self.hosted)
-            .iter()
-            .filter(|(_, h)| !h.migrating)
-            .map(|(&(home, home_pid), h)| {
-                let (rss, cpu) = usage(h.pid);
-                BalanceView {
-                    pid: h.pid,
-                    info: mosix_balance::ProcInfo {
-                        id: proc_id(home, home_pid),
-                        mem_bytes: rss,
-                        cpu_share: 1.0,
-                        work_done_ms: (cpu * 1000.0 * speed) as u64,
-                        resident_ms: now.duration_since(h.since).as_millis() as u64,
-                        migrations: h.migrations,
-                        where_now: self.me(),
-                        home,
-                        pinned: h.pinned,
-                        auto: !h.pinned,
-                        avoid: h.avoid.clone(),
-                    },
-                }
-            })
-            .collect()
+    pub(crate) fn me(&self) -> u32 {
+        self.cfg.node
     }
 
     fn my_speed(&self) -> f64 {
@@ -323,27 +208,72 @@ impl Procs {
             .unwrap_or(1.0)
     }
 
-    /// Asks the keeper of process `id` to move it; false if it is not here.
-    pub fn auto_migrate(&self, id: u64, to: u32, reason: String, offer: Option<String>) -> bool {
-        let h = lock(&self.hosted);
-        let Some(k) = h
-            .iter()
-            .find(|(&(home, pid), h)| proc_id(home, pid) == id && !h.migrating)
-            .map(|(_, h)| h.keeper.clone())
-        else {
-            return false;
+    /// The processes running here and free to move, for the balancer (CPU share is
+    /// filled in by the caller).
+    pub fn balance_view(&self) -> Vec<BalanceView> {
+        let speed = self.my_speed();
+        let me = self.me();
+        let mut out = Vec::new();
+        let info = |pid: i32, id: u64, home: u32, s: &Snapshot| {
+            let (rss, cpu) = usage(pid);
+            BalanceView {
+                pid,
+                info: mosix_balance::ProcInfo {
+                    id,
+                    mem_bytes: rss,
+                    cpu_share: 1.0,
+                    work_done_ms: (cpu * 1000.0 * speed) as u64,
+                    resident_ms: s.since.elapsed().as_millis() as u64,
+                    migrations: s.migrations,
+                    where_now: me,
+                    home,
+                    pinned: s.pinned,
+                    auto: !s.pinned,
+                    avoid: s.avoid.clone(),
+                },
+            }
         };
-        drop(h);
-        k.send(Cmd::AutoMigrate { to, reason, offer });
-        true
+        for (pid, h) in lock(&self.homes).iter() {
+            let s = lock(&h.info).clone();
+            if s.node == me && !s.moving {
+                out.push(info(*pid, proc_id(me, *pid), me, &s));
+            }
+        }
+        for (&(home, home_pid), g) in lock(&self.guests).iter() {
+            let s = lock(&g.info).clone();
+            if !s.moving {
+                out.push(info(s.pid, proc_id(home, home_pid), home, &s));
+            }
+        }
+        out
+    }
+
+    /// Asks for an automatic move of process `id`; false if it is not here.
+    pub fn auto_migrate(&self, id: u64, to: u32, reason: String, offer: Option<String>) -> bool {
+        let me = self.me();
+        if let Some(h) = lock(&self.homes)
+            .iter()
+            .find(|(p, _)| proc_id(me, **p) == id)
+            .map(|(_, h)| h.clone())
+        {
+            return h.migrate(to, reason, offer, None);
+        }
+        let g = lock(&self.guests)
+            .iter()
+            .find(|((home, p), _)| proc_id(*home, *p) == id)
+            .map(|(_, g)| g.clone());
+        match g {
+            Some(g) => g.migrate(to, reason, offer),
+            None => false,
+        }
     }
 
     /// `mosctl`: change (or show) this node's balancing mode. Root only.
-    pub fn mosctl(&self, cmd: &str, uid: u32) -> Result<mosix_balance::NodeMode> {
+    pub fn mosctl(&self, cmd: &str, uid: u32) -> anyhow::Result<mosix_balance::NodeMode> {
         let mut b = self.balancer();
         let mut m = b.mode();
         if cmd != "show" && uid != 0 {
-            bail!("only root may change the node's mode");
+            anyhow::bail!("only root may change the node's mode");
         }
         match cmd {
             "show" => {}
@@ -355,7 +285,7 @@ impl Procs {
             "noblock" => m.block = false,
             "expel" => m.expel = true,
             "noexpel" => m.expel = false,
-            other => bail!(
+            other => anyhow::bail!(
                 "unknown mosctl command '{other}' (stay, nostay, lstay, nolstay, block, noblock, expel, noexpel, show)"
             ),
         }
@@ -363,17 +293,13 @@ impl Procs {
         self.state
             .accepts_guests
             .store(b.accepts_guests(), std::sync::atomic::Ordering::Relaxed);
-        info!(?m, "node mode changed by mosctl {cmd}");
+        tracing::info!(?m, "node mode changed by mosctl {cmd}");
         Ok(m)
-    }
-
-    fn me(&self) -> u32 {
-        self.cfg.node
     }
 
     /// The least loaded (per unit of speed) up node other than this one, if it is less
     /// loaded than this one would be.
-    fn best_node(&self) -> Option<u32> {
+    pub(crate) fn best_node(&self) -> Option<u32> {
         let nodes = read(&self.state.nodes);
         let mine = nodes.iter().find(|n| n.this_node)?;
         let score = |n: &mosix_proto::NodeStatus, extra: f64| {
@@ -393,127 +319,107 @@ impl Procs {
     }
 
     /// Checks that `to` is a node a process may be sent to now.
-    fn check_destination(&self, to: u32) -> Result<()> {
+    pub(crate) fn check_destination(&self, to: u32) -> Result<(), MoveError> {
         let nodes = read(&self.state.nodes);
         let Some(n) = nodes.iter().find(|n| n.node == to) else {
-            bail!("node {to} is not in the cluster map");
+            return Err(MoveError::Destination(format!(
+                "node {to} is not in the cluster map"
+            )));
         };
         match n.state {
             NodeState::Up => {}
-            NodeState::Down => bail!("node {to} is down"),
+            NodeState::Down => return Err(MoveError::Destination(format!("node {to} is down"))),
             NodeState::Incompatible => {
-                bail!("node {to} speaks another protocol version (status 1): it cannot take processes")
+                return Err(MoveError::Destination(format!(
+                    "node {to} speaks another protocol version (status 1): it cannot take processes"
+                )))
             }
         }
         if !n.this_node {
             if let Some(l) = &n.load {
                 if l.flags & mosix_proto::FLAG_ACCEPTS_GUESTS == 0 {
-                    bail!("node {to} does not accept guest processes");
+                    return Err(MoveError::Destination(format!(
+                        "node {to} does not accept guest processes"
+                    )));
                 }
             }
         }
         Ok(())
     }
 
-    fn deputy(&self, pid: i32, uid: u32) -> Result<DeputyHandle> {
-        let d = lock(&self.deputies).get(&pid).cloned().ok_or_else(|| {
-            anyhow!(
-                "no migratable process with home PID {pid} on node {} (start it with mosrun; give the PID on its home node)",
-                self.me()
-            )
-        })?;
-        let owner = lock(&d.info).uid;
-        if uid != 0 && uid != owner {
-            bail!("process {pid} belongs to uid {owner}: you may only move your own processes");
-        }
-        Ok(d)
+    /// Whether node `n` is up in the cluster view.
+    pub(crate) fn node_up(&self, n: u32) -> bool {
+        read(&self.state.nodes)
+            .iter()
+            .any(|s| s.node == n && s.state == NodeState::Up)
     }
 
-    /// `where`: 0 when home, else the node number.
-    pub fn where_is(&self, pid: i32) -> Result<u32> {
-        let d = lock(&self.deputies)
-            .get(&pid)
-            .cloned()
-            .ok_or_else(|| anyhow!("no migratable process with home PID {pid} on this node"))?;
-        let n = lock(&d.info).node;
-        Ok(if n == self.me() { 0 } else { n })
-    }
-
-    /// `migrate PID NODE|0`: blocks until it runs there, or says why not.
-    pub fn migrate(&self, pid: i32, to: u32, uid: u32) -> Result<Moved> {
-        let d = self.deputy(pid, uid)?;
-        let to = if to == 0 { self.me() } else { to };
-        self.check_destination(to)?;
-        let (tx, rx) = mpsc::channel();
-        d.tx.send(DevEv::Migrate { to, reply: tx })
-            .map_err(|_| anyhow!("process {pid} has just ended"))?;
-        match rx.recv_timeout(PEER_TIMEOUT * 2) {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(why)) => Err(anyhow!("{why}")),
-            Err(_) => Err(anyhow!("no answer about the move of process {pid}")),
-        }
+    pub(crate) fn connect(&self, node: u32) -> anyhow::Result<Link> {
+        use anyhow::Context as _;
+        let m = self
+            .cfg
+            .map
+            .iter()
+            .find(|m| m.node == node)
+            .ok_or_else(|| anyhow::anyhow!("node {node} is not in the cluster map"))?;
+        let s = TcpStream::connect_timeout(&m.addr, CONNECT_TIMEOUT)
+            .with_context(|| format!("cannot connect to node {node} at {}", m.addr))?;
+        let _ = s.set_nodelay(true);
+        s.set_read_timeout(Some(PEER_TIMEOUT))?;
+        s.set_write_timeout(Some(PEER_TIMEOUT))?;
+        Channel::connect(s, &self.keys, node).map_err(|e| anyhow::anyhow!("node {node}: {e}"))
     }
 
     /// `ps`: home processes (here or away) and guests.
-    pub fn ps(&self) -> Vec<ProcEntry> {
+    pub fn ps(&self) -> Vec<mosix_proto::control::ProcEntry> {
         let me = self.me();
-        let mut out = Vec::new();
-        let deputies: Vec<(i32, DeputyInfo)> = lock(&self.deputies)
-            .iter()
-            .map(|(p, d)| (*p, lock(&d.info).clone()))
-            .collect();
-        let hosted: Vec<((u32, i32), Hosted)> = lock(&self.hosted)
-            .iter()
-            .map(|(k, h)| (*k, h.clone()))
-            .collect();
         let explain = lock(&self.explanations).clone();
-        for ((home, home_pid), h) in &hosted {
-            let (rss, cpu) = usage(h.pid);
-            let mosrun_pid = if *home == me {
-                deputies
-                    .iter()
-                    .find(|(p, _)| p == home_pid)
-                    .and_then(|(_, i)| i.mosrun_pid)
-            } else {
-                None
+        let mut out = Vec::new();
+        for (pid, h) in lock(&self.homes).iter() {
+            let s = lock(&h.info).clone();
+            let here = s.node == me;
+            let (rss, cpu) = if here { usage(*pid) } else { (0, 0.0) };
+            let reason = match explain.get(&proc_id(me, *pid)) {
+                Some(w) if here => format!("{}; stays: {w}", s.reason),
+                _ => s.reason.clone(),
             };
-            out.push(ProcEntry {
-                home: *home,
-                home_pid: *home_pid,
-                pid: h.pid,
-                role: if *home == me { "home" } else { "guest" }.into(),
-                where_: if *home == me { 0 } else { me },
-                state: if h.migrating { "migrating" } else { "running" }.into(),
-                uid: h.uid,
-                cmd: h.cmd.clone(),
+            out.push(mosix_proto::control::ProcEntry {
+                home: me,
+                home_pid: *pid,
+                pid: *pid,
+                role: "home".into(),
+                where_: if here { 0 } else { s.node },
+                state: s.state.to_string(),
+                uid: s.uid,
+                cmd: s.cmd.clone(),
                 rss,
                 cpu_secs: cpu,
-                resident_secs: h.since.elapsed().as_secs_f64(),
-                reason: match explain.get(&proc_id(*home, *home_pid)) {
-                    Some(w) => format!("{}; stays: {w}", h.reason),
-                    None => h.reason.clone(),
-                },
-                mosrun_pid,
+                resident_secs: s.since.elapsed().as_secs_f64(),
+                reason,
+                ppid: s.ppid,
             });
         }
-        for (pid, i) in deputies {
-            if hosted.iter().any(|((h, p), _)| *h == me && *p == pid) {
-                continue;
-            }
-            out.push(ProcEntry {
-                home: me,
-                home_pid: pid,
-                pid,
-                role: "home".into(),
-                where_: if i.node == me { 0 } else { i.node },
-                state: i.state.into(),
-                uid: i.uid,
-                cmd: i.cmd.clone(),
-                rss: 0,
-                cpu_secs: 0.0,
-                resident_secs: i.since.elapsed().as_secs_f64(),
-                reason: format!("running on node {}", i.node),
-                mosrun_pid: i.mosrun_pid,
+        for (&(home, home_pid), g) in lock(&self.guests).iter() {
+            let s = lock(&g.info).clone();
+            let (rss, cpu) = usage(s.pid);
+            let reason = match explain.get(&proc_id(home, home_pid)) {
+                Some(w) => format!("{}; stays: {w}", s.reason),
+                None => s.reason.clone(),
+            };
+            out.push(mosix_proto::control::ProcEntry {
+                home,
+                home_pid,
+                pid: s.pid,
+                role: "guest".into(),
+                where_: me,
+                state: s.state.to_string(),
+                uid: s.uid,
+                cmd: s.cmd.clone(),
+                rss,
+                cpu_secs: cpu,
+                resident_secs: s.since.elapsed().as_secs_f64(),
+                reason,
+                ppid: None,
             });
         }
         out.sort_by_key(|e| (e.home, e.home_pid));
@@ -521,73 +427,10 @@ impl Procs {
     }
 }
 
-/// The process's stdio pipes, our ends and (until restored/spawned) the child's.
-struct Pipes {
-    stdin_w: Option<OwnedFd>,
-    /// A duplicate of the process's stdin read end, to count what it has not read.
-    stdin_peek: OwnedFd,
-    out: [Option<OwnedFd>; 2],
-    child: Option<[OwnedFd; 3]>,
-}
-
-/// Resident memory (bytes) and CPU time (s) of a process.
-fn usage(pid: i32) -> (u64, f64) {
-    let Ok(f) = mosix_ckpt::procfs::stat_fields(pid) else {
-        return (0, 0.0);
-    };
-    let tick = 100.0;
-    let cpu = (mosix_ckpt::procfs::field_u64(&f, 14) + mosix_ckpt::procfs::field_u64(&f, 15))
-        as f64
-        / tick;
-    let rss = mosix_ckpt::procfs::field_u64(&f, 24) * 4096;
-    (rss, cpu)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|p| p.into_inner())
-}
-
-struct KeeperMeta {
-    home: u32,
-    home_pid: i32,
-    epoch: u64,
-    uid: u32,
-    cmd: String,
-    /// Stdin offset at which this residence's stdin pipe starts.
-    stdin_base: u64,
-    pinned: bool,
-    avoid: Vec<u32>,
-    /// Moves it has made so far.
-    migrations: u32,
-}
-
-/// Watches one process running on this node: relays its stdio, waits for it, moves it.
-struct Keeper {
-    procs: Arc<Procs>,
-    pid: i32,
-    ns_init: Option<i32>,
-    pidfd: OwnedFd,
-    pipes: Pipes,
-    meta: KeeperMeta,
-    /// Stdin bytes written into the pipe during this residence.
-    written: u64,
-    /// Stdin offset the process was last reported home to have consumed.
-    reported: u64,
-    /// Output read and not yet delivered by home.
-    out: flow::OutCredit,
-    pending: Vec<u8>,
-    eof_at: Option<u64>,
-    rx: Receiver<Cmd>,
-    tx: Sender<Cmd>,
-    wake_r: OwnedFd,
-    wake_w: Arc<OwnedFd>,
-}
-
-enum Outcome {
-    Exited(ExitStatus),
-    Left,
+/// mosix-deputy beside this daemon's own program.
+fn default_deputy_path() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("mosix-deputy")))
+        .unwrap_or_else(|| "/usr/local/lib/mosix/mosix-deputy".into())
 }

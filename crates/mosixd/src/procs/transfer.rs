@@ -1,13 +1,315 @@
-//! Both halves of a move (the source freezes and streams, the destination restores and
-//! commits) and the node-to-node connections they use.
+//! Both halves of a move, and the node-to-node connections.
+//!
+//! The source freezes the process, streams its image to the destination, and keeps it
+//! frozen until the destination says it runs there; any failure before that lets it go
+//! on where it was (never no copy, never two). A process leaving home then becomes its own
+//! deputy here; a guest leaving a host is ended there.
+//!
+//! The destination restores in a process of its own, not in mosixd: a supervisor for a
+//! guest ([`super::supervisor`]), which stays its parent, or a short-lived one that
+//! rebuilds a process coming home inside its deputy. The image passes through mosixd
+//! chunk by chunk.
 
-use super::*;
+use super::gate::{HandshakeGate, HandshakeSlot};
+use super::supervisor::{self, FromSup, SupMode, SupStart, ToSup};
+use super::{Link, MoveError, Moved, Procs};
+use anyhow::{anyhow, bail, Context, Result};
+use mosix_proto::channel::Channel;
+use mosix_proto::wire::{self, ChunkWriter, Decision, Hello, MigrateHeader, Tail, Verdict};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
 
+/// Test-only: the destination stops after receiving an image (before answering) and
+/// creates `<state_dir>/stalled`, so a test can kill it in the middle of a migration.
+const ENV_TEST_STALL: &str = "MOSIXD_TEST_STALL_RECEIVE";
 /// Memory kept free beside a process restored here (page tables, the restorer, the
 /// daemon's own growth), on top of its image.
 const RESTORE_MARGIN: u64 = 16 << 20;
 
+/// A move of a process from its home.
+pub struct HomeMove {
+    pub pid: i32,
+    pub to: u32,
+    pub epoch: u64,
+    pub uid: u32,
+    pub cmd: String,
+    pub pinned: bool,
+    pub avoid: Vec<u32>,
+    pub migrations: u32,
+    pub reason: String,
+    pub offer: Option<String>,
+    pub token: String,
+}
+
+/// A process caught at its exec (`mosrun -r`): seized by a thread of its own before
+/// mosrun execs, so that the move starts with the program's first instruction.
+pub struct ExecWatch {
+    done: mpsc::Receiver<Result<(), MoveError>>,
+}
+
+impl ExecWatch {
+    /// Seizes `pid` (returns once it is seized); its exec is then awaited by the thread.
+    pub fn seize(pid: i32) -> Result<ExecWatch> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("exec-{pid}"))
+            .spawn(move || {
+                let opts = (libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACESYSGOOD) as u64;
+                if let Err(e) = mosix_ckpt::sys::seize(pid, opts) {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                let _ = done_tx.send(wait_exec(pid));
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("the watching thread died"))?
+            .map_err(|e| anyhow!("cannot follow process {pid} to its exec: {e}"))?;
+        Ok(ExecWatch { done: done_rx })
+    }
+
+    /// Waits until the program has exec'd (and was let go).
+    pub fn wait(self) -> Result<(), MoveError> {
+        self.done
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or(Err(MoveError::Engine(
+                "it did not start its program".into(),
+            )))
+    }
+}
+
+fn wait_exec(pid: i32) -> Result<(), MoveError> {
+    use mosix_ckpt::sys::{self, Stop};
+    loop {
+        match sys::wait(pid) {
+            Ok(Stop::Stopped { event, .. }) if event == libc::PTRACE_EVENT_EXEC => {
+                let _ = sys::detach(pid, 0);
+                return Ok(());
+            }
+            Ok(Stop::Stopped { sig, event: 0 }) => {
+                // A signal for mosrun itself: pass it on.
+                let _ = sys::cont(pid, sig);
+            }
+            Ok(Stop::Stopped { .. }) => {
+                let _ = sys::cont(pid, 0);
+            }
+            _ => return Err(MoveError::Ended),
+        }
+    }
+}
+
+fn peer_gone(to: u32, e: impl std::fmt::Display) -> MoveError {
+    MoveError::PeerGone {
+        node: to,
+        why: e.to_string(),
+    }
+}
+
+/// The source's half after the image: the tail, the destination's verdict, the commit.
+fn commit(ch: &mut Link, to: u32, next_seq: u64) -> Result<i32, MoveError> {
+    wire::send_flush(ch, &Tail { next_seq }).map_err(|e| peer_gone(to, e))?;
+    match wire::expect::<_, Verdict>(ch).map_err(|e| peer_gone(to, e))? {
+        Verdict::Ready => {}
+        Verdict::Refused(reason) => return Err(MoveError::Refused { node: to, reason }),
+        Verdict::Running { .. } => {
+            return Err(peer_gone(to, "it answered out of order"));
+        }
+    }
+    wire::send_flush(ch, &Decision::Commit).map_err(|e| peer_gone(to, e))?;
+    match wire::expect::<_, Verdict>(ch) {
+        Ok(Verdict::Running { host_pid }) => Ok(host_pid),
+        Ok(other) => Err(peer_gone(
+            to,
+            format!("it answered {other:?} to the commit"),
+        )),
+        Err(e) => Err(peer_gone(to, format!("it did not confirm the commit: {e}"))),
+    }
+}
+
+fn no_new_privs(pid: i32) -> bool {
+    mosix_ckpt::procfs::status(pid)
+        .ok()
+        .and_then(|s| s.get("NoNewPrivs").cloned())
+        .as_deref()
+        == Some("1")
+}
+
 impl Procs {
+    /// Moves process `m.pid` from home to `m.to`; once it runs there, the frozen original
+    /// becomes its deputy. Returns the signals that reached it meanwhile (to pass on).
+    pub(crate) fn leave_home(
+        &self,
+        m: HomeMove,
+        watch: Option<ExecWatch>,
+    ) -> Result<(Moved, Vec<i32>), MoveError> {
+        if let Some(w) = watch {
+            w.wait()?;
+        }
+        let to = m.to;
+        self.check_destination(to)?;
+        let dp = &self.deputy_path;
+        if !dp.exists() {
+            return Err(MoveError::Engine(format!(
+                "its deputy program {} is missing on this node",
+                dp.display()
+            )));
+        }
+        let leaving = mosix_ckpt::Leaving::default();
+        mosix_ckpt::check_moving(m.pid, &leaving).map_err(|e| MoveError::Engine(e.to_string()))?;
+        let mut ch = self
+            .connect(to)
+            .map_err(|e| MoveError::Destination(format!("{e:#}")))?;
+        let header = MigrateHeader {
+            home: self.me(),
+            home_pid: m.pid,
+            from: self.me(),
+            epoch: m.epoch,
+            uid: m.uid,
+            cmd: m.cmd.clone(),
+            pinned: m.pinned,
+            avoid: m.avoid.clone(),
+            migrations: m.migrations,
+            reason: m.reason.clone(),
+            offer: m.offer.clone(),
+            hostname: mosix_ckpt::sys::hostname(),
+            no_new_privs: no_new_privs(m.pid),
+        };
+        wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
+        let t0 = Instant::now();
+        let (cw, stats, held) = mosix_ckpt::checkpoint_moving(
+            m.pid,
+            ChunkWriter::new(ch),
+            self.cfg.compression,
+            &leaving,
+            &mut |_, _| {},
+        )
+        .map_err(|e| MoveError::Engine(e.to_string()))?;
+        let res = cw
+            .finish()
+            .map_err(|e| peer_gone(to, e))
+            .and_then(|mut ch| commit(&mut ch, to, 1));
+        let host_pid = match res {
+            Ok(p) => p,
+            Err(e) => {
+                if let Err(e2) = held.release() {
+                    warn!(pid = m.pid, "releasing after a failed move: {e2}");
+                }
+                return Err(e);
+            }
+        };
+        // It runs there now: what is left here becomes its deputy.
+        let exec = self.deputy_exec(m.pid, &m.token);
+        match held.become_program(&exec.path, &exec.argv, &exec.envp, &exec.cloexec) {
+            Ok(signals) => {
+                let frozen_ms = t0.elapsed().as_millis() as u64;
+                info!(
+                    pid = m.pid,
+                    to,
+                    host_pid,
+                    bytes = stats.memory_bytes,
+                    frozen_ms,
+                    "process left home: {}",
+                    m.reason
+                );
+                Ok((
+                    Moved {
+                        to,
+                        frozen_ms,
+                        memory_bytes: stats.memory_bytes,
+                    },
+                    signals,
+                ))
+            }
+            Err(b) => {
+                // The copy there can do nothing without its deputy: it is ended when it
+                // links (the job is still at home, see job.rs), and this one goes on.
+                let (e, held) = *b;
+                let _ = held.release();
+                Err(MoveError::Engine(format!(
+                    "it could not become its deputy here: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Moves guest `pid` from here to `dest` (its home, or another node). `quiesce` is
+    /// called once it is frozen: its calls at home are cancelled, and it returns those
+    /// made meanwhile and the next sequence number of its calls. On success the frozen
+    /// copy here is ended.
+    pub(crate) fn leave_host(
+        &self,
+        pid: i32,
+        dest: u32,
+        header: MigrateHeader,
+        quiesce: &mut dyn FnMut() -> Result<(Vec<(i32, i64)>, u64), MoveError>,
+    ) -> Result<Moved, MoveError> {
+        self.check_destination(dest)?;
+        let leaving = mosix_ckpt::Leaving {
+            away: true,
+            no_new_privs: Some(header.no_new_privs),
+        };
+        mosix_ckpt::check_moving(pid, &leaving).map_err(|e| MoveError::Engine(e.to_string()))?;
+        let mut ch = self
+            .connect(dest)
+            .map_err(|e| MoveError::Destination(format!("{e:#}")))?;
+        wire::send(&mut ch, &Hello::Migrate(header.clone())).map_err(|e| peer_gone(dest, e))?;
+        let t0 = Instant::now();
+        let mut next_seq = 1;
+        let r = mosix_ckpt::checkpoint_moving_with(
+            pid,
+            ChunkWriter::new(ch),
+            self.cfg.compression,
+            &leaving,
+            &mut || {
+                let (done, seq) =
+                    quiesce().map_err(|e| mosix_ckpt::Error::Unrestorable(e.to_string()))?;
+                next_seq = seq;
+                Ok(done)
+            },
+            &mut |_, _| {},
+        );
+        let (cw, stats, held) = r.map_err(|e| MoveError::Engine(e.to_string()))?;
+        let res = cw
+            .finish()
+            .map_err(|e| peer_gone(dest, e))
+            .and_then(|mut ch| commit(&mut ch, dest, next_seq));
+        match res {
+            Ok(host_pid) => {
+                if let Err(e) = held.kill() {
+                    warn!(pid, "ending the moved process's old copy: {e}");
+                }
+                let frozen_ms = t0.elapsed().as_millis() as u64;
+                info!(
+                    home = header.home,
+                    home_pid = header.home_pid,
+                    to = dest,
+                    host_pid,
+                    frozen_ms,
+                    "guest moved on: {}",
+                    header.reason
+                );
+                Ok(Moved {
+                    to: dest,
+                    frozen_ms,
+                    memory_bytes: stats.memory_bytes,
+                })
+            }
+            Err(e) => {
+                if let Err(e2) = held.release() {
+                    warn!(pid, "releasing after a failed move: {e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Serves node-to-node connections (migrations in, links from hosts) on the node's
     /// TCP address (same port as gossip).
     pub fn listen(self: &Arc<Self>) -> Result<()> {
@@ -46,13 +348,9 @@ impl Procs {
         Ok(())
     }
 
-    pub(super) fn peer_connection(
-        self: &Arc<Self>,
-        s: TcpStream,
-        slot: HandshakeSlot,
-    ) -> Result<()> {
+    fn peer_connection(self: &Arc<Self>, s: TcpStream, slot: HandshakeSlot) -> Result<()> {
         let _ = s.set_nodelay(true);
-        s.set_read_timeout(Some(PEER_TIMEOUT))?;
+        s.set_read_timeout(Some(super::PEER_TIMEOUT))?;
         let peer = s.peer_addr()?;
         let mut ch =
             Channel::accept(s, &self.keys).map_err(|e| anyhow!("connection from {peer}: {e}"))?;
@@ -74,90 +372,24 @@ impl Procs {
                     warn!("refused a link from {peer}: {e}");
                     bail!("{e}");
                 }
-                self.link_from_host(ch, l)
+                self.host_linked(ch, l)
             }
         }
     }
 
-    /// A host opened its link to a process of ours.
-    pub(super) fn link_from_host(self: &Arc<Self>, ch: Link, l: LinkHello) -> Result<()> {
-        let Some(d) = lock(&self.deputies).get(&l.home_pid).cloned() else {
-            bail!("link for unknown process {}", l.home_pid);
-        };
-        let s2 = ch.get_ref().try_clone()?;
-        ch.get_ref().set_read_timeout(None)?;
-        let (mut r, w) = ch.split(s2)?;
-        d.tx.send(DevEv::HostLinked {
-            epoch: l.epoch,
-            node: l.node,
-            down: Downlink::Remote(w),
-        })
-        .map_err(|_| anyhow!("process {} has ended", l.home_pid))?;
-        debug!(
-            pid = l.home_pid,
-            node = l.node,
-            epoch = l.epoch,
-            "host linked"
-        );
-        loop {
-            match wire::recv::<_, ToHome>(&mut r) {
-                Ok(Some(msg)) => {
-                    let last = matches!(msg, ToHome::Exited(_) | ToHome::Left { .. });
-                    if d.tx
-                        .send(DevEv::FromHost {
-                            epoch: l.epoch,
-                            msg,
-                        })
-                        .is_err()
-                        || last
-                    {
-                        return Ok(());
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    let _ = d.tx.send(DevEv::HostGone {
-                        epoch: l.epoch,
-                        why: "stopped answering".into(),
-                    });
-                    return Ok(());
-                }
-            }
+    /// Reasons not to take this process here, before its image is read.
+    fn admission(&self, h: &MigrateHeader) -> Option<String> {
+        let home = h.home == self.me();
+        if !home && !self.balancer().accepts_guests() {
+            return Some(format!(
+                "node {} does not accept guest processes",
+                self.me()
+            ));
         }
-    }
-
-    /// Receives a migrating process; on success this thread becomes its keeper.
-    pub(super) fn receive(self: &Arc<Self>, mut ch: Link, h: MigrateHeader) -> Result<()> {
-        let t0 = Instant::now();
-        let refuse = |ch: &mut Link, why: String| -> Result<()> {
-            warn!(home = h.home, pid = h.home_pid, "refused a process: {why}");
-            wire::send_flush(ch, &Verdict::Refused(why.clone()))?;
-            Err(anyhow!(why))
-        };
-        // The image is held here while the process is rebuilt beside it: judge by the
-        // memory free now (this node's cgroups too), not by the last load sample.
-        let limit = mosix_ckpt::memory_room().saturating_sub(RESTORE_MARGIN);
-        let bytes = match wire::read_chunks(&mut ch, limit) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                // read_chunks read past the image: the tail follows, then our answer.
-                let _ = wire::expect::<_, Tail>(&mut ch);
-                return refuse(&mut ch, format!("node {}: {e}", self.me()));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let tail: Tail = wire::expect(&mut ch)?;
-        debug!("migration in: image received after {:?}", t0.elapsed());
-        if std::env::var_os(ENV_TEST_STALL).is_some() {
-            let _ = std::fs::write(self.cfg.state_dir.join("stalled"), b"");
-            warn!("TEST: stalling in the middle of a migration");
-            loop {
-                std::thread::park();
-            }
-        }
-        if let Some(offer) = &h.offer {
+        if let (Some(offer), false) = (&h.offer, home) {
             let offer: mosix_balance::Offer = match serde_json::from_str(offer) {
                 Ok(o) => o,
-                Err(e) => return refuse(&mut ch, format!("bad offer: {e}")),
+                Err(e) => return Some(format!("bad offer: {e}")),
             };
             let me = self
                 .nodes()
@@ -169,362 +401,162 @@ impl Procs {
             if let Some(me) = me {
                 let now = self.now_ms();
                 if let Err(why) = self.balancer().admit(now, &me, &here, &offer) {
-                    return refuse(&mut ch, format!("node {}: {why}", self.me()));
+                    return Some(format!("node {}: {why}", self.me()));
                 }
             }
         }
-        if !self.balancer().accepts_guests() && h.home != self.me() {
-            return refuse(
-                &mut ch,
-                format!("node {} does not accept guest processes", self.me()),
-            );
-        }
-        let img = match mosix_ckpt::read_image_bytes(bytes) {
-            Ok(i) => i,
-            Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
+        None
+    }
+
+    /// Receives a migrating process: restored by a supervisor (a guest) or inside its
+    /// deputy (coming home), committed, then handed to its driver.
+    fn receive(self: &Arc<Self>, mut ch: Link, h: MigrateHeader) -> Result<()> {
+        let t0 = Instant::now();
+        let refuse = |ch: &mut Link, why: String| -> Result<()> {
+            warn!(home = h.home, pid = h.home_pid, "refused a process: {why}");
+            // The image follows: read past it so that the answer is heard.
+            let _ = wire::read_chunks(ch, 0);
+            let _ = wire::expect::<_, Tail>(ch);
+            wire::send_flush(ch, &Verdict::Refused(why.clone()))?;
+            Err(anyhow!(why))
         };
-        debug!("migration in: image verified after {:?}", t0.elapsed());
-        let need = img.memory_bytes() + RESTORE_MARGIN + img.memory_bytes() / 32;
-        let room = mosix_ckpt::memory_room();
-        if room < need {
-            return refuse(
-                &mut ch,
-                format!(
-                    "node {}: not enough memory: the process needs {} MiB, {} MiB are free",
-                    self.me(),
-                    need >> 20,
-                    room >> 20
-                ),
-            );
+        if let Some(why) = self.admission(&h) {
+            return refuse(&mut ch, why);
         }
-        if img.meta.creds.uid[0] != h.uid {
-            return refuse(
-                &mut ch,
-                "the image's owner differs from the sender's".into(),
-            );
-        }
-        let pipes = match Pipes::new() {
-            Ok(p) => p,
-            Err(e) => return refuse(&mut ch, format!("pipes: {e}")),
-        };
-        let opts = mosix_ckpt::RestoreOptions {
-            stdio: Some(pipes.child_fds()),
-            keep_pid: true,
-            time_ns: true,
-            hold: true,
-            pdeathsig: Some(libc::SIGKILL),
-        };
-        // The process gets no credential its owner (as its home node says) could not have
-        // here: root's processes are root's (every node is root on every other, see
-        // docs/security.md); a user's must have only that user's uid, gids and groups.
-        let creds = if h.uid == 0 {
-            mosix_ckpt::CredOptions::from_image()
+        let mode = if h.home == self.me() {
+            match self.return_spec(&h) {
+                Ok(m) => m,
+                Err(e) => return refuse(&mut ch, format!("node {}: {e:#}", self.me())),
+            }
         } else {
-            match mosix_ckpt::Identity::of_uid(h.uid) {
-                Ok(who) => mosix_ckpt::CredOptions::within(who),
-                Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
+            SupMode::Guest
+        };
+        let limit = mosix_ckpt::memory_room().saturating_sub(RESTORE_MARGIN);
+        let sock = self
+            .cfg
+            .state_dir
+            .join("guests")
+            .join(format!("{}-{}.sock", h.home, h.home_pid));
+        let mut sup = match supervisor::spawn() {
+            Ok(s) => s,
+            Err(e) => return refuse(&mut ch, format!("node {}: no supervisor: {e:#}", self.me())),
+        };
+        let start = SupStart {
+            header: h.clone(),
+            mode: mode.clone(),
+            limit,
+            socket: sock,
+        };
+        supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
+        // The image, chunk by chunk, then the tail.
+        let relayed = relay_chunks(&mut ch, &mut sup);
+        let tail = relayed.and_then(|_| Ok(wire::expect::<_, Tail>(&mut ch)?));
+        let tail = match tail {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = supervisor::send(&mut sup, &ToSup::Abort);
+                return Err(e);
             }
         };
-        let restored = match mosix_ckpt::restore_with(&img, opts, &creds) {
-            Ok(r) => r,
-            Err(e) => return refuse(&mut ch, format!("node {}: {e}", self.me())),
+        wire::send_flush(&mut sup, &tail)?;
+        if std::env::var_os(ENV_TEST_STALL).is_some() {
+            let _ = std::fs::write(self.cfg.state_dir.join("stalled"), b"");
+            warn!("TEST: stalling in the middle of a migration");
+            loop {
+                std::thread::park();
+            }
+        }
+        let host_pid = match supervisor::recv(&mut sup) {
+            Ok(FromSup::Ready { host_pid }) => host_pid,
+            Ok(FromSup::Refused(why)) => {
+                wire::send_flush(&mut ch, &Verdict::Refused(why.clone()))?;
+                bail!("refused: {why}");
+            }
+            Ok(other) => bail!("supervisor answered {other:?}"),
+            Err(e) => {
+                let why = format!("node {}: the restore failed: {e}", self.me());
+                wire::send_flush(&mut ch, &Verdict::Refused(why.clone()))?;
+                bail!("{why}");
+            }
         };
-        drop(img);
         debug!("migration in: restored after {:?}", t0.elapsed());
-        let mut pipes = pipes;
-        pipes.close_child_ends();
-        if h.closed_out[0] {
-            pipes.out[0] = None;
-        }
-        if h.closed_out[1] {
-            pipes.out[1] = None;
-        }
-        let pid = restored.pid;
-        let kill_it = |why: &str| {
-            warn!(pid, "migration in aborted: {why}");
-            deliver(pid, libc::SIGKILL);
-            let _ = mosix_ckpt::sys::wait(pid);
-            if let Some(i) = restored.ns_init {
-                deliver(i, libc::SIGKILL);
-                let _ = mosix_ckpt::sys::wait(i);
-            }
-        };
         if let Err(e) = wire::send_flush(&mut ch, &Verdict::Ready) {
-            kill_it("cannot answer the source");
+            let _ = supervisor::send(&mut sup, &ToSup::Abort);
             return Err(e.into());
         }
         match wire::expect::<_, Decision>(&mut ch) {
             Ok(Decision::Commit) => {}
-            Ok(Decision::Abort) => {
-                kill_it("the source aborted");
+            Ok(Decision::Abort) | Err(_) => {
+                let _ = supervisor::send(&mut sup, &ToSup::Abort);
                 return Ok(());
             }
-            Err(e) => {
-                kill_it("the source went away");
-                return Err(e.into());
-            }
         }
-        if let Err(e) = mosix_ckpt::resume(pid) {
-            kill_it("cannot resume it");
-            return Err(e.into());
+        supervisor::send(&mut sup, &ToSup::Commit)?;
+        match supervisor::recv(&mut sup) {
+            Ok(FromSup::Running) => {}
+            other => bail!("the supervisor did not start it: {other:?}"),
         }
-        // Running here from now on; tell the source, which then ends its copy.
-        let _ = wire::send_flush(&mut ch, &Verdict::Running { host_pid: pid });
+        let _ = wire::send_flush(&mut ch, &Verdict::Running { host_pid });
         drop(ch);
         info!(
             home = h.home,
             home_pid = h.home_pid,
-            pid,
+            host_pid,
             from = h.from,
             ms = t0.elapsed().as_millis() as u64,
             "process arrived"
         );
-        let meta = KeeperMeta {
-            home: h.home,
-            home_pid: h.home_pid,
-            epoch: h.epoch,
-            uid: h.uid,
-            cmd: h.cmd.clone(),
-            stdin_base: tail.stdin_consumed,
-            pinned: h.pinned,
-            avoid: h.avoid.clone(),
-            migrations: h.migrations,
-        };
-        let reason = if h.home == self.me() {
-            format!("back home from node {}: {}", h.from, h.reason)
-        } else {
-            format!("from node {}: {}", h.from, h.reason)
-        };
-        let k = Keeper::new(self, pid, restored.ns_init, pipes, meta, reason)?;
-        let up = match self.uplink_to_home(&h, &k) {
-            Ok(u) => u,
-            Err(e) => {
-                warn!(
-                    pid,
-                    "cannot reach home node {}: {e:#}; ending the process", h.home
-                );
-                deliver(pid, libc::SIGKILL);
-                Uplink::Local {
-                    tx: mpsc::channel().0,
-                    epoch: h.epoch,
+        match mode {
+            SupMode::Guest => self.start_guest(sup, h, host_pid),
+            SupMode::Into { .. } => {
+                if let Some(home) = super::lock(&self.homes).get(&h.home_pid) {
+                    home.send(super::job::Ev::CameHome {
+                        moved: Moved {
+                            to: self.me(),
+                            frozen_ms: 0,
+                            memory_bytes: 0,
+                        },
+                    });
                 }
-            }
-        };
-        k.run(up);
-        Ok(())
-    }
-
-    pub(super) fn uplink_to_home(
-        self: &Arc<Self>,
-        h: &MigrateHeader,
-        k: &Keeper,
-    ) -> Result<Uplink> {
-        if h.home == self.me() {
-            let d = lock(&self.deputies)
-                .get(&h.home_pid)
-                .cloned()
-                .ok_or_else(|| anyhow!("its deputy has ended"))?;
-            d.tx.send(DevEv::HostLinked {
-                epoch: h.epoch,
-                node: self.me(),
-                down: Downlink::Local(k.tx()),
-            })
-            .map_err(|_| anyhow!("its deputy has ended"))?;
-            return Ok(Uplink::Local {
-                tx: d.tx,
-                epoch: h.epoch,
-            });
-        }
-        let mut ch = self.connect(h.home)?;
-        wire::send_flush(
-            &mut ch,
-            &Hello::Link(LinkHello {
-                home_pid: h.home_pid,
-                epoch: h.epoch,
-                node: self.me(),
-            }),
-        )?;
-        ch.get_ref().set_read_timeout(None)?;
-        let s2 = ch.get_ref().try_clone()?;
-        let (mut r, w) = ch.split(s2)?;
-        let ktx = k.tx();
-        std::thread::Builder::new()
-            .name("mosix-link".into())
-            .spawn(move || loop {
-                match wire::recv::<_, ToHost>(&mut r) {
-                    Ok(Some(m)) => ktx.send(Cmd::Host(m)),
-                    _ => {
-                        ktx.send(Cmd::HomeGone);
-                        return;
-                    }
-                }
-            })?;
-        Ok(Uplink::Remote(w))
-    }
-
-    pub(super) fn connect(&self, node: u32) -> Result<Link> {
-        let m = self
-            .cfg
-            .map
-            .iter()
-            .find(|m| m.node == node)
-            .ok_or_else(|| anyhow!("node {node} is not in the cluster map"))?;
-        let s = TcpStream::connect_timeout(&m.addr, CONNECT_TIMEOUT)
-            .with_context(|| format!("cannot connect to node {node} at {}", m.addr))?;
-        let _ = s.set_nodelay(true);
-        s.set_read_timeout(Some(PEER_TIMEOUT))?;
-        s.set_write_timeout(Some(PEER_TIMEOUT))?;
-        Channel::connect(s, &self.keys, node).map_err(|e| anyhow!("node {node}: {e}"))
-    }
-
-    /// Reasons a process cannot leave this node (beyond the checkpoint engine's).
-    pub(super) fn local_refusals(&self, pid: i32) -> Vec<String> {
-        let mut out = Vec::new();
-        let Ok(fds) = mosix_ckpt::procfs::fds(pid) else {
-            return out;
-        };
-        for f in fds {
-            let regular = std::fs::metadata(format!("/proc/{pid}/fd/{}", f.fd))
-                .map(|m| m.is_file())
-                .unwrap_or(false);
-            if f.fd <= 2 || !regular {
-                continue;
-            }
-            let shared = self
-                .cfg
-                .shared_paths
-                .iter()
-                .any(|p| std::path::Path::new(&f.target).starts_with(p));
-            if !shared {
-                out.push(format!(
-                    "fd {} is {}, which is not under a shared path of the cluster",
-                    f.fd, f.target
-                ));
+                Ok(())
             }
         }
-        out
+    }
+
+    /// How a process of ours coming home is rebuilt: inside its deputy, which must be
+    /// the process we sent there.
+    fn return_spec(&self, h: &MigrateHeader) -> Result<SupMode> {
+        let home = super::lock(&self.homes)
+            .get(&h.home_pid)
+            .cloned()
+            .ok_or_else(|| anyhow!("process {} has no home here any more", h.home_pid))?;
+        let snap = super::lock(&home.info).clone();
+        if snap.node == self.me() || snap.uid != h.uid {
+            bail!("process {} is not away from here", h.home_pid);
+        }
+        let exec = self.deputy_exec(h.home_pid, home.token());
+        Ok(SupMode::Into {
+            pid: h.home_pid,
+            deputy: (exec.path, exec.argv, exec.envp),
+        })
     }
 }
 
-impl Keeper {
-    /// Moves the process to `to`: Ok once it runs there (and is gone from here).
-    pub(super) fn migrate(
-        &mut self,
-        to: u32,
-        up: &mut Uplink,
-        reason: String,
-        offer: Option<String>,
-    ) -> Result<()> {
-        let p = self.procs.clone();
-        if to == p.me() {
-            bail!("process {} is already on node {to}", self.meta.home_pid);
+/// Copies a chunk stream (an image) from `from` to `to` as it is.
+fn relay_chunks(from: &mut Link, to: &mut UnixStream) -> Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let mut len = [0u8; 4];
+        from.read_exact(&mut len)?;
+        let n = u32::from_le_bytes(len) as usize;
+        to.write_all(&len)?;
+        if n == 0 {
+            return Ok(());
         }
-        p.check_destination(to)?;
-        let local = p.local_refusals(self.pid);
-        if !local.is_empty() {
-            bail!(
-                "process {} cannot move: {}",
-                self.meta.home_pid,
-                local.join("; ")
-            );
+        if n > buf.len() {
+            bail!("image chunk larger than the limit");
         }
-        mosix_ckpt::check(self.pid).map_err(|e| anyhow!("{e}"))?;
-        let mut ch = p.connect(to)?;
-        let header = MigrateHeader {
-            home: self.meta.home,
-            home_pid: self.meta.home_pid,
-            from: p.me(),
-            epoch: self.meta.epoch + 1,
-            uid: self.meta.uid,
-            cmd: self.meta.cmd.clone(),
-            closed_out: [self.pipes.out[0].is_none(), self.pipes.out[1].is_none()],
-            pinned: self.meta.pinned,
-            avoid: self.meta.avoid.clone(),
-            migrations: self.meta.migrations + 1,
-            reason: reason.clone(),
-            offer,
-        };
-        wire::send(&mut ch, &Hello::Migrate(header))?;
-        self.set_migrating(true);
-        let t0 = Instant::now();
-        let res = mosix_ckpt::checkpoint_held(
-            self.pid,
-            ChunkWriter::new(ch),
-            p.cfg.compression,
-            &mut |_, _| {},
-        );
-        let (cw, stats, held) = match res {
-            Ok(x) => x,
-            Err(e) => {
-                self.set_migrating(false);
-                return Err(anyhow!("{e}"));
-            }
-        };
-        debug!(
-            "migration out: image of {} bytes sent after {:?}",
-            stats.memory_bytes,
-            t0.elapsed()
-        );
-        // Frozen from here: what it wrote so far goes home first.
-        let mut buf = vec![0u8; READ_CHUNK];
-        for i in 0..2 {
-            self.pump_out(i, &mut buf, up, true);
-        }
-        let consumed = self.stdin_consumed();
-        let outcome = (|| -> Result<i32> {
-            let mut ch = cw.finish()?;
-            wire::send_flush(
-                &mut ch,
-                &Tail {
-                    stdin_consumed: consumed,
-                },
-            )?;
-            match wire::expect::<_, Verdict>(&mut ch)? {
-                Verdict::Ready => {}
-                Verdict::Refused(why) => bail!("{why}"),
-                Verdict::Running { .. } => bail!("node {to} answered out of order"),
-            }
-            wire::send_flush(&mut ch, &Decision::Commit)?;
-            match wire::expect::<_, Verdict>(&mut ch) {
-                Ok(Verdict::Running { host_pid }) => Ok(host_pid),
-                Ok(other) => bail!("node {to} answered {other:?} to the commit"),
-                Err(e) => bail!("node {to} did not confirm the commit: {e}"),
-            }
-        })();
-        match outcome {
-            Ok(host_pid) => {
-                let frozen_ms = t0.elapsed().as_millis() as u64;
-                if let Err(e) = held.kill() {
-                    warn!(pid = self.pid, "ending the moved process's old copy: {e}");
-                }
-                // The engine reaped the old copy; its namespace's init exits after it.
-                self.reap_ns_init();
-                info!(
-                    home_pid = self.meta.home_pid,
-                    to,
-                    host_pid,
-                    bytes = stats.memory_bytes,
-                    frozen_ms,
-                    "process migrated: {reason}"
-                );
-                let _ = up.send(ToHome::Left {
-                    to,
-                    stdin_consumed: consumed,
-                    frozen_ms,
-                    memory_bytes: stats.memory_bytes,
-                });
-                Ok(())
-            }
-            Err(e) => {
-                self.set_migrating(false);
-                if let Err(e2) = held.release() {
-                    warn!(pid = self.pid, "releasing after a failed move: {e2}");
-                }
-                Err(e.context(format!(
-                    "moving process {} to node {to}",
-                    self.meta.home_pid
-                )))
-            }
-        }
+        from.read_exact(&mut buf[..n])?;
+        to.write_all(&buf[..n])?;
     }
 }

@@ -1,0 +1,459 @@
+//! Processes of other homes running here (guests): one driver thread each, between the
+//! guest's supervisor (its connection) and its home (a link this node opens, again and
+//! again while it breaks); it starts moves of the guest on (asked for by home, by the
+//! balancer, or by the guest itself when it makes a call that needs home).
+
+use super::supervisor::{self, FromSup, ToSup};
+use super::{lock, proc_id, Link, MoveError, Moved, Procs, Snapshot};
+use anyhow::Result;
+use mosix_proto::wire::{self, Hello, LinkHello, MigrateHeader, ToHome, ToHost};
+use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// Who asked for a move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Its home (`migrate` there): the answer goes back to it.
+    Home,
+    /// The balancer here.
+    Auto,
+    /// The guest itself (a call that needs home).
+    Itself,
+}
+
+type QuiesceReply = Sender<Result<(Vec<(i32, i64)>, u64), MoveError>>;
+
+/// What a guest's driver is told.
+pub enum GuestEv {
+    FromSup(FromSup),
+    SupGone,
+    FromHome(ToHost),
+    LinkUp(Link),
+    LinkDown,
+    Migrate {
+        to: u32,
+        reason: String,
+        offer: Option<String>,
+    },
+    Quiesce(QuiesceReply),
+    MoveDone {
+        to: u32,
+        origin: Origin,
+        r: Result<Moved, MoveError>,
+    },
+}
+
+/// The way to a guest's driver.
+#[derive(Clone)]
+pub struct Handle {
+    tx: Sender<GuestEv>,
+    pub info: Arc<Mutex<Snapshot>>,
+}
+
+impl Handle {
+    pub fn migrate(&self, to: u32, reason: String, offer: Option<String>) -> bool {
+        self.tx.send(GuestEv::Migrate { to, reason, offer }).is_ok()
+    }
+}
+
+impl Procs {
+    /// A guest arrived and runs: its supervisor is `sup`.
+    pub(crate) fn start_guest(
+        self: &Arc<Self>,
+        sup: UnixStream,
+        h: MigrateHeader,
+        host_pid: i32,
+    ) -> Result<()> {
+        let reason = format!("from node {}: {}", h.from, h.reason);
+        self.drive_guest(sup, h, host_pid, reason, false)
+    }
+
+    fn drive_guest(
+        self: &Arc<Self>,
+        sup: UnixStream,
+        h: MigrateHeader,
+        host_pid: i32,
+        reason: String,
+        readopted: bool,
+    ) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        let info = Arc::new(Mutex::new(Snapshot {
+            pid: host_pid,
+            uid: h.uid,
+            cmd: h.cmd.clone(),
+            node: self.me(),
+            state: "running",
+            since: Instant::now(),
+            reason,
+            pinned: h.pinned,
+            avoid: h.avoid.clone(),
+            migrations: h.migrations,
+            moving: false,
+            ppid: None,
+        }));
+        let key = (h.home, h.home_pid);
+        lock(&self.guests).insert(
+            key,
+            Handle {
+                tx: tx.clone(),
+                info: info.clone(),
+            },
+        );
+        // The supervisor's messages come in on a thread of their own.
+        let mut r = sup.try_clone()?;
+        let stx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("sup-{}", h.home_pid))
+            .spawn(move || loop {
+                match supervisor::recv::<FromSup>(&mut r) {
+                    Ok(m) => {
+                        if stx.send(GuestEv::FromSup(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = stx.send(GuestEv::SupGone);
+                        return;
+                    }
+                }
+            })?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("guest-{}", h.home_pid))
+            .spawn(move || {
+                let mut d = GuestDriver {
+                    procs: me,
+                    h,
+                    host_pid,
+                    sup,
+                    rx,
+                    tx,
+                    info,
+                    link: None,
+                    to_home: VecDeque::new(),
+                    last_try: None,
+                    moving: false,
+                    quiesce: None,
+                    home_wanted: None,
+                    relink: readopted,
+                };
+                d.run();
+                lock(&d.procs.guests).remove(&key);
+            })?;
+        Ok(())
+    }
+
+    /// Finds the supervisors of guests again (after a restart of mosixd).
+    pub fn readopt_guests(self: &Arc<Self>) {
+        let dir = self.cfg.state_dir.join("guests");
+        let _ = std::fs::create_dir_all(&dir);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "sock") {
+                continue;
+            }
+            let Ok(mut s) = UnixStream::connect(&p) else {
+                let _ = std::fs::remove_file(&p);
+                continue;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            match supervisor::recv::<FromSup>(&mut s) {
+                Ok(FromSup::Hello { header, host_pid }) => {
+                    let _ = s.set_read_timeout(None);
+                    info!(
+                        home = header.home,
+                        home_pid = header.home_pid,
+                        host_pid,
+                        "supervising guest again"
+                    );
+                    let reason = format!("from node {}: {}", header.from, header.reason);
+                    if let Err(e) = self.drive_guest(s, header, host_pid, reason, true) {
+                        warn!("{e:#}");
+                    }
+                }
+                _ => warn!("{} did not introduce itself", p.display()),
+            }
+        }
+    }
+}
+
+struct GuestDriver {
+    procs: Arc<Procs>,
+    h: MigrateHeader,
+    host_pid: i32,
+    sup: UnixStream,
+    rx: Receiver<GuestEv>,
+    tx: Sender<GuestEv>,
+    info: Arc<Mutex<Snapshot>>,
+    /// The link to its home, and what waits for it.
+    link: Option<Link>,
+    to_home: VecDeque<ToHome>,
+    last_try: Option<Instant>,
+    moving: bool,
+    quiesce: Option<QuiesceReply>,
+    /// A call of it needs home (why), until it is there.
+    home_wanted: Option<String>,
+    /// The link was down (or mosixd restarted): the supervisor resends once it is up.
+    relink: bool,
+}
+
+const TICK: Duration = Duration::from_millis(200);
+const LINK_RETRY: Duration = Duration::from_secs(1);
+
+impl GuestDriver {
+    fn run(&mut self) {
+        loop {
+            self.keep_linked();
+            let ev = match self.rx.recv_timeout(TICK) {
+                Ok(e) => e,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.retry_home();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            match ev {
+                GuestEv::FromSup(m) => match m {
+                    FromSup::Deputy(f) => self.home(ToHome::Deputy(f)),
+                    FromSup::GoHome { why } => {
+                        self.home_wanted = Some(why);
+                        self.retry_home();
+                    }
+                    FromSup::Quiesced {
+                        completed,
+                        next_seq,
+                    } => {
+                        if let Some(r) = self.quiesce.take() {
+                            let _ = r.send(Ok((completed, next_seq)));
+                        }
+                    }
+                    FromSup::Exited => {
+                        self.flush_home();
+                        debug!(pid = self.h.home_pid, "guest ended");
+                        return;
+                    }
+                    FromSup::Hello { .. } | FromSup::Ready { .. } | FromSup::Refused(_) => {}
+                    FromSup::Running => {}
+                },
+                GuestEv::SupGone => {
+                    if self.moving {
+                        continue;
+                    }
+                    // Its supervisor died, and the process with it: say so at home.
+                    let f = mosix_remote::wire::encode(&mosix_remote::wire::ToDeputy::Lost {
+                        message: format!(
+                            "mosix: process {} was lost: its supervisor on node {} ended",
+                            self.h.home_pid,
+                            self.procs.me()
+                        ),
+                    });
+                    self.home(ToHome::Deputy(f));
+                    self.flush_home();
+                    return;
+                }
+                GuestEv::FromHome(m) => match m {
+                    ToHost::Deputy(f) => self.sup(ToSup::Deputy(f)),
+                    ToHost::Migrate { to } => {
+                        self.start_move(to, "asked for by migrate".into(), None, Origin::Home)
+                    }
+                    ToHost::Kill => self.sup(ToSup::Kill),
+                },
+                GuestEv::LinkUp(l) => {
+                    self.link = Some(l);
+                    self.flush_home();
+                    if self.relink {
+                        self.relink = false;
+                        self.sup(ToSup::Relinked);
+                    }
+                }
+                GuestEv::LinkDown => {
+                    self.link = None;
+                    self.relink = true;
+                }
+                GuestEv::Migrate { to, reason, offer } => {
+                    self.start_move(to, reason, offer, Origin::Auto)
+                }
+                GuestEv::Quiesce(reply) => {
+                    self.quiesce = Some(reply);
+                    self.sup(ToSup::Quiesce);
+                }
+                GuestEv::MoveDone { to, origin, r } => {
+                    self.moving = false;
+                    lock(&self.info).moving = false;
+                    match r {
+                        Ok(m) => {
+                            self.sup(ToSup::Moved);
+                            self.home(ToHome::Left {
+                                to,
+                                frozen_ms: m.frozen_ms,
+                                memory_bytes: m.memory_bytes,
+                            });
+                            self.flush_home();
+                            return;
+                        }
+                        Err(e) => {
+                            self.sup(ToSup::Thaw);
+                            info!(pid = self.h.home_pid, to, "move not done: {e}");
+                            match origin {
+                                Origin::Home => self.home(ToHome::MigrateFailed {
+                                    to,
+                                    reason: e.to_string(),
+                                }),
+                                Origin::Auto => self
+                                    .procs
+                                    .move_failed(proc_id(self.h.home, self.h.home_pid), to),
+                                Origin::Itself => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn sup(&mut self, m: ToSup) {
+        if let Err(e) = supervisor::send(&mut self.sup, &m) {
+            debug!("to the supervisor: {e}");
+        }
+    }
+
+    fn home(&mut self, m: ToHome) {
+        if let Some(l) = &mut self.link {
+            if wire::send_flush(l, &m).is_ok() {
+                return;
+            }
+            self.link = None;
+            self.relink = true;
+        }
+        self.to_home.push_back(m);
+        if self.to_home.len() > 4096 {
+            self.to_home.pop_front();
+        }
+    }
+
+    fn flush_home(&mut self) {
+        while let Some(m) = self.to_home.pop_front() {
+            let Some(l) = &mut self.link else {
+                self.to_home.push_front(m);
+                return;
+            };
+            if wire::send_flush(l, &m).is_err() {
+                self.link = None;
+                self.relink = true;
+                self.to_home.push_front(m);
+                return;
+            }
+        }
+    }
+
+    /// Opens the link to home when there is none (at most once per LINK_RETRY).
+    fn keep_linked(&mut self) {
+        if self.link.is_some() || self.last_try.is_some_and(|t| t.elapsed() < LINK_RETRY) {
+            return;
+        }
+        self.last_try = Some(Instant::now());
+        let r = (|| -> Result<(Link, Link)> {
+            let mut ch = self.procs.connect(self.h.home)?;
+            wire::send_flush(
+                &mut ch,
+                &Hello::Link(LinkHello {
+                    home_pid: self.h.home_pid,
+                    epoch: self.h.epoch,
+                    node: self.procs.me(),
+                }),
+            )?;
+            ch.get_ref().set_read_timeout(None)?;
+            let s2 = ch.get_ref().try_clone()?;
+            Ok(ch.split(s2)?)
+        })();
+        match r {
+            Ok((mut rd, w)) => {
+                let tx = self.tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name(format!("link-{}", self.h.home_pid))
+                    .spawn(move || loop {
+                        match wire::recv::<_, ToHost>(&mut rd) {
+                            Ok(Some(m)) => {
+                                if tx.send(GuestEv::FromHome(m)).is_err() {
+                                    return;
+                                }
+                            }
+                            _ => {
+                                let _ = tx.send(GuestEv::LinkDown);
+                                return;
+                            }
+                        }
+                    });
+                let _ = self.tx.send(GuestEv::LinkUp(w));
+            }
+            Err(e) => debug!(home = self.h.home, "no link to home yet: {e:#}"),
+        }
+    }
+
+    /// A call of it needs home: move it there (again and again until it is).
+    fn retry_home(&mut self) {
+        if let (Some(why), false) = (self.home_wanted.clone(), self.moving) {
+            let home = self.h.home;
+            self.start_move(home, format!("back home: it {why}"), None, Origin::Itself);
+        }
+    }
+
+    fn start_move(&mut self, to: u32, reason: String, offer: Option<String>, origin: Origin) {
+        if self.moving {
+            if origin == Origin::Home {
+                self.home(ToHome::MigrateFailed {
+                    to,
+                    reason: MoveError::Busy.to_string(),
+                });
+            }
+            return;
+        }
+        if to == self.procs.me() {
+            if origin == Origin::Home {
+                self.home(ToHome::MigrateFailed {
+                    to,
+                    reason: MoveError::AlreadyThere { to }.to_string(),
+                });
+            }
+            return;
+        }
+        self.moving = true;
+        lock(&self.info).moving = true;
+        let mut header = self.h.clone();
+        header.from = self.procs.me();
+        header.epoch = self.h.epoch + 1;
+        header.migrations = self.h.migrations + 1;
+        header.reason = reason;
+        header.offer = offer;
+        let procs = self.procs.clone();
+        let tx = self.tx.clone();
+        let pid = self.host_pid;
+        let r = std::thread::Builder::new()
+            .name(format!("move-{}", self.h.home_pid))
+            .spawn(move || {
+                let qtx = tx.clone();
+                let mut quiesce = || -> Result<(Vec<(i32, i64)>, u64), MoveError> {
+                    let (rtx, rrx) = mpsc::channel();
+                    qtx.send(GuestEv::Quiesce(rtx))
+                        .map_err(|_| MoveError::Engine("its driver is gone".into()))?;
+                    rrx.recv_timeout(Duration::from_secs(20))
+                        .unwrap_or(Err(MoveError::Engine(
+                            "its calls at home did not settle in time".into(),
+                        )))
+                };
+                let r = procs.leave_host(pid, to, header, &mut quiesce);
+                let _ = tx.send(GuestEv::MoveDone { to, origin, r });
+            });
+        if r.is_err() {
+            self.moving = false;
+            lock(&self.info).moving = false;
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! Processes whose home is this node: registered by `mosrun` (which then becomes the
+//! program), followed by one driver thread each around [`job::Job`], their deputy's
+//! connection when away, their host's link, and their record in `state_dir/home/`.
+
+use super::job::{self, Act, Ev, Job, MoveResult, Where};
+use super::{lock, Link, MoveError, Procs, Snapshot};
+use crate::peer::Peer;
+use anyhow::{anyhow, bail, Result};
+use mosix_proto::control::RegisterRequest;
+use mosix_proto::wire::{self, LinkHello, ToHome, ToHost};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// The deputy's end, as the job writes to it: mosix-remote frames on its connection.
+pub struct DeputyConn(UnixStream);
+
+impl job::ToDeputySink for DeputyConn {
+    fn send(&mut self, frame: &[u8]) -> bool {
+        let mut b = Vec::with_capacity(frame.len() + 4);
+        b.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        b.extend_from_slice(frame);
+        self.0.write_all(&b).is_ok()
+    }
+}
+
+/// The host's link, as the job writes to it.
+pub struct HostLink(Link);
+
+impl job::ToHostSink for HostLink {
+    fn send(&mut self, m: &ToHost) -> bool {
+        wire::send_flush(&mut self.0, m).is_ok()
+    }
+}
+
+type HomeJob = Job<DeputyConn, HostLink>;
+
+/// What a driver is told.
+pub enum HomeEv {
+    Job(Ev<DeputyConn, HostLink>),
+}
+
+/// The way to a home process's driver.
+#[derive(Clone)]
+pub struct Handle {
+    tx: Sender<HomeEv>,
+    pub info: Arc<Mutex<Snapshot>>,
+    token: Arc<String>,
+}
+
+impl Handle {
+    /// Asks for a move; false if the driver is gone.
+    pub fn migrate(
+        &self,
+        to: u32,
+        reason: String,
+        offer: Option<String>,
+        reply: Option<Sender<MoveResult>>,
+    ) -> bool {
+        self.tx
+            .send(HomeEv::Job(Ev::Migrate {
+                to,
+                reason,
+                offer,
+                reply: reply.map(|r| Box::new(r) as Box<dyn job::Waiter + Send>),
+            }))
+            .is_ok()
+    }
+    pub(crate) fn send(&self, ev: Ev<DeputyConn, HostLink>) -> bool {
+        self.tx.send(HomeEv::Job(ev)).is_ok()
+    }
+    /// The secret its deputy proves itself with.
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+}
+
+/// A home process's record, enough to find it again after a restart of mosixd.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub pid: i32,
+    /// Its start time (/proc/PID/stat field 22): a PID reused by another process differs.
+    pub start_time: u64,
+    pub uid: u32,
+    pub cmd: String,
+    pub pinned: bool,
+    pub avoid: Vec<u32>,
+    pub migrations: u32,
+    /// Where it runs: this node, or another with its residence number.
+    pub node: u32,
+    pub epoch: u64,
+    pub token: String,
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    mosix_ckpt::procfs::stat_fields(pid)
+        .ok()
+        .map(|f| mosix_ckpt::procfs::field_u64(&f, 21))
+}
+
+fn ppid_of(pid: i32) -> Option<i32> {
+    mosix_ckpt::procfs::stat_fields(pid)
+        .ok()
+        .map(|f| mosix_ckpt::procfs::field_u64(&f, 3) as i32)
+}
+
+fn new_token() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Who registers (from the control socket's peer credentials).
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    /// Its pidfd says it has exited already.
+    pub gone: bool,
+}
+
+/// What a deputy's exec needs: its program, the process's own argv (so `ps` at home
+/// shows what runs), and its environment.
+pub struct DeputyExec {
+    pub path: String,
+    pub argv: Vec<String>,
+    pub envp: Vec<String>,
+    /// The process's close-on-exec descriptors (cleared for the exec, set again by it).
+    pub cloexec: Vec<i32>,
+}
+
+impl Procs {
+    fn record_dir(&self) -> std::path::PathBuf {
+        self.cfg.state_dir.join("home")
+    }
+
+    fn write_record(&self, r: &Record) {
+        let dir = self.record_dir();
+        let _ = std::fs::create_dir_all(&dir);
+        let tmp = dir.join(format!("{}.json.tmp", r.pid));
+        let fin = dir.join(format!("{}.json", r.pid));
+        let ok = serde_json::to_vec(r)
+            .ok()
+            .and_then(|j| std::fs::write(&tmp, j).ok())
+            .and_then(|_| std::fs::rename(&tmp, &fin).ok());
+        if ok.is_none() {
+            warn!(pid = r.pid, "cannot write the record of process {}", r.pid);
+        }
+    }
+
+    fn remove_record(&self, pid: i32) {
+        let _ = std::fs::remove_file(self.record_dir().join(format!("{pid}.json")));
+    }
+
+    /// `mosrun`: the calling process becomes a migratable process of this node. With
+    /// `to`/`best`, it is moved as soon as it has exec'd its program.
+    pub fn register(self: &Arc<Self>, peer: &Caller, req: RegisterRequest) -> Result<i32> {
+        let pid = peer
+            .pid
+            .ok_or_else(|| anyhow!("the calling process has gone"))?;
+        if peer.gone {
+            bail!("the calling process has gone");
+        }
+        if lock(&self.homes).contains_key(&pid) {
+            bail!("process {pid} is a migratable process already");
+        }
+        if let Some(t) = req.to {
+            self.check_destination(t).map_err(|e| anyhow!("{e}"))?;
+        }
+        let st = start_time(pid).ok_or_else(|| anyhow!("the calling process has gone"))?;
+        let cmd = req.argv.join(" ");
+        let now = Instant::now();
+        let mut j = HomeJob::new(self.me(), pid, peer.uid, cmd, now);
+        j.pinned = req.pinned;
+        j.avoid = req.avoid.clone();
+        let token = new_token();
+        let rec = Record {
+            pid,
+            start_time: st,
+            uid: peer.uid,
+            cmd: j.cmd.clone(),
+            pinned: j.pinned,
+            avoid: j.avoid.clone(),
+            migrations: 0,
+            node: self.me(),
+            epoch: 0,
+            token: token.clone(),
+        };
+        self.write_record(&rec);
+        let target = if req.best { self.best_node() } else { req.to };
+        let first = match target.filter(|&t| t != self.me()) {
+            // Caught at its exec (seized before mosrun hears back), then moved.
+            Some(t) => Some((t, super::transfer::ExecWatch::seize(pid)?)),
+            None => None,
+        };
+        self.start_driver(j, rec, token, first)?;
+        info!(pid, uid = peer.uid, "registered a migratable process");
+        Ok(pid)
+    }
+
+    fn start_driver(
+        self: &Arc<Self>,
+        j: HomeJob,
+        rec: Record,
+        token: String,
+        first: Option<(u32, super::transfer::ExecWatch)>,
+    ) -> Result<()> {
+        let pid = j.pid;
+        let pidfd = mosix_ckpt::sys::pidfd_open(pid)
+            .map_err(|e| anyhow!("cannot watch process {pid}: {e}"))?;
+        let (tx, rx) = mpsc::channel();
+        let info = Arc::new(Mutex::new(snapshot(&j, pid)));
+        let h = Handle {
+            tx: tx.clone(),
+            info: info.clone(),
+            token: Arc::new(token),
+        };
+        lock(&self.homes).insert(pid, h);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("home-{pid}"))
+            .spawn(move || {
+                let mut d = Driver {
+                    procs: me,
+                    job: j,
+                    rec,
+                    rx,
+                    tx,
+                    info,
+                    pidfd,
+                };
+                if let Some((to, watch)) = first {
+                    d.initial_move(to, watch);
+                }
+                d.run();
+            })?;
+        Ok(())
+    }
+
+    /// Finds the processes of this node's records again (after a restart of mosixd):
+    /// those still alive, with their start time unchanged, are followed again; their
+    /// deputies reconnect by themselves, their hosts link again.
+    pub fn readopt_homes(self: &Arc<Self>) {
+        let Ok(dir) = std::fs::read_dir(self.record_dir()) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let Ok(text) = std::fs::read(e.path()) else {
+                continue;
+            };
+            let Ok(r) = serde_json::from_slice::<Record>(&text) else {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            };
+            if start_time(r.pid) != Some(r.start_time) {
+                self.remove_record(r.pid);
+                continue;
+            }
+            let now = Instant::now();
+            let mut j = HomeJob::new(self.me(), r.pid, r.uid, r.cmd.clone(), now);
+            j.pinned = r.pinned;
+            j.avoid = r.avoid.clone();
+            j.migrations = r.migrations;
+            if r.node != self.me() {
+                j = j.away(r.node, r.epoch, now);
+            }
+            let token = r.token.clone();
+            info!(
+                pid = r.pid,
+                node = r.node,
+                "following process {} again",
+                r.pid
+            );
+            if let Err(e) = self.start_driver(j, r, token, None) {
+                warn!("{e:#}");
+            }
+        }
+    }
+
+    /// A deputy introduced itself on `stream` (its first line read): it is the home half
+    /// of process `home_pid` if the socket's peer is that very process and knows its token.
+    pub fn deputy_hello(
+        &self,
+        stream: UnixStream,
+        peer: &Peer,
+        home_pid: i32,
+        token: &str,
+    ) -> Result<()> {
+        let h = lock(&self.homes)
+            .get(&home_pid)
+            .cloned()
+            .ok_or_else(|| anyhow!("no migratable process {home_pid} here"))?;
+        if peer.pid != Some(home_pid) || *h.token != token {
+            bail!("that is not the deputy of process {home_pid}");
+        }
+        let mut w = stream.try_clone()?;
+        w.write_all(b"{\"type\":\"deputy_ok\"}\n")?;
+        let tx = h.tx.clone();
+        std::thread::Builder::new()
+            .name(format!("deputy-{home_pid}"))
+            .spawn(move || {
+                let mut r = std::io::BufReader::new(stream);
+                loop {
+                    match mosix_remote::wire::recv_bytes(&mut r) {
+                        Ok(Some(f)) => {
+                            if tx.send(HomeEv::Job(Ev::FromDeputy(f))).is_err() {
+                                return;
+                            }
+                        }
+                        _ => {
+                            let _ = tx.send(HomeEv::Job(Ev::DeputyGone));
+                            return;
+                        }
+                    }
+                }
+            })?;
+        h.send(Ev::DeputyConnected(DeputyConn(w)));
+        debug!(pid = home_pid, "deputy connected");
+        Ok(())
+    }
+
+    /// A host opened its link to a process of ours: its messages go to the driver until
+    /// the link breaks.
+    pub(crate) fn host_linked(&self, ch: Link, l: LinkHello) -> Result<()> {
+        let h = lock(&self.homes).get(&l.home_pid).cloned();
+        let Some(h) = h else {
+            // A process with no home here any more: end it there.
+            let mut ch = ch;
+            let _ = wire::send_flush(&mut ch, &ToHost::Kill);
+            bail!("link for unknown process {}", l.home_pid);
+        };
+        let s2 = ch.get_ref().try_clone()?;
+        ch.get_ref().set_read_timeout(None)?;
+        let (mut r, w) = ch.split(s2)?;
+        if !h.send(Ev::HostLinked {
+            epoch: l.epoch,
+            node: l.node,
+            link: HostLink(w),
+        }) {
+            bail!("process {} has ended", l.home_pid);
+        }
+        debug!(
+            pid = l.home_pid,
+            node = l.node,
+            epoch = l.epoch,
+            "host linked"
+        );
+        loop {
+            match wire::recv::<_, ToHome>(&mut r) {
+                Ok(Some(msg)) => {
+                    let last = matches!(msg, ToHome::Left { .. });
+                    if !h.send(Ev::FromHost {
+                        epoch: l.epoch,
+                        msg,
+                    }) || last
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    h.send(Ev::HostGone { epoch: l.epoch });
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn home(&self, pid: i32) -> Result<Handle> {
+        lock(&self.homes).get(&pid).cloned().ok_or_else(|| {
+            anyhow!(
+                "no migratable process with PID {pid} on node {} (start it with mosrun; give its PID on its home node)",
+                self.me()
+            )
+        })
+    }
+
+    /// `where`: 0 when home, else the node number.
+    pub fn where_is(&self, pid: i32) -> Result<u32> {
+        let n = lock(&self.home(pid)?.info).node;
+        Ok(if n == self.me() { 0 } else { n })
+    }
+
+    /// `migrate PID NODE|0`: blocks until it runs there, or says why not.
+    pub fn migrate(&self, pid: i32, to: u32, uid: u32) -> Result<super::Moved> {
+        let h = self.home(pid)?;
+        let owner = lock(&h.info).uid;
+        if uid != 0 && uid != owner {
+            bail!("process {pid} belongs to uid {owner}: you may only move your own processes");
+        }
+        let to = if to == 0 { self.me() } else { to };
+        self.check_destination(to).map_err(|e| anyhow!("{e}"))?;
+        let (tx, rx) = mpsc::channel();
+        if !h.migrate(to, "asked for by migrate".into(), None, Some(tx)) {
+            bail!("process {pid} has just ended");
+        }
+        match rx.recv_timeout(super::PEER_TIMEOUT * 2) {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(anyhow!("process {pid} was not moved: {e}")),
+            Err(_) => Err(anyhow!("no answer about the move of process {pid}")),
+        }
+    }
+
+    /// The deputy program's exec for process `pid`, with its close-on-exec descriptors
+    /// (read while it is frozen) and `token`.
+    pub(crate) fn deputy_exec(&self, pid: i32, token: &str) -> DeputyExec {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let mut argv: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .take(64)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if argv.is_empty() {
+            argv.push("mosix-deputy".into());
+        }
+        let mut cloexec = Vec::new();
+        let mut open = Vec::new();
+        if let Ok(fds) = mosix_ckpt::procfs::fds(pid) {
+            for f in fds {
+                open.push(f.fd);
+                if f.flags & libc::O_CLOEXEC != 0 {
+                    cloexec.push(f.fd);
+                }
+            }
+        }
+        let closed: Vec<i32> = (0..3).filter(|f| !open.contains(f)).collect();
+        let list = |v: &[i32]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let envp = vec![format!(
+            "MOSIX_DEPUTY=sock={};pid={pid};token={token};cloexec={};closed={}",
+            self.cfg.control_socket.display(),
+            list(&cloexec),
+            list(&closed)
+        )];
+        DeputyExec {
+            path: self.deputy_path.to_string_lossy().into_owned(),
+            argv,
+            envp,
+            cloexec,
+        }
+    }
+}
+
+fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
+    Snapshot {
+        pid,
+        uid: j.uid,
+        cmd: j.cmd.clone(),
+        node: j.node(),
+        state: match j.place {
+            Where::Home => "running",
+            Where::Leaving { .. } => "migrating",
+            Where::Away { .. } => "away",
+        },
+        since: j.since,
+        reason: j.reason.clone(),
+        pinned: j.pinned,
+        avoid: j.avoid.clone(),
+        migrations: j.migrations,
+        moving: matches!(j.place, Where::Leaving { .. }),
+        ppid: ppid_of(pid),
+    }
+}
+
+/// One home process's thread.
+struct Driver {
+    procs: Arc<Procs>,
+    job: HomeJob,
+    rec: Record,
+    rx: Receiver<HomeEv>,
+    tx: Sender<HomeEv>,
+    info: Arc<Mutex<Snapshot>>,
+    pidfd: OwnedFd,
+}
+
+const TICK: Duration = Duration::from_millis(200);
+
+impl Driver {
+    fn run(&mut self) {
+        let mut nodes_seen: Vec<(u32, bool)> = Vec::new();
+        while !self.job.ended() {
+            let ev = self.rx.recv_timeout(TICK);
+            let now = Instant::now();
+            let mut acts = match ev {
+                Ok(HomeEv::Job(e)) => self.job.handle(e, now),
+                Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            if self.pid_ended() {
+                acts.extend(self.job.handle(Ev::PidEnded, now));
+            }
+            if let Where::Away { node, .. } = self.job.place {
+                let up = self.procs.node_up(node);
+                if !nodes_seen.contains(&(node, up)) {
+                    nodes_seen = vec![(node, up)];
+                    acts.extend(self.job.handle(Ev::NodeState { node, up }, now));
+                }
+            }
+            acts.extend(self.job.tick(now));
+            for a in acts {
+                self.act(a);
+            }
+            *lock(&self.info) = snapshot(&self.job, self.job.pid);
+        }
+        lock(&self.procs.homes).remove(&self.job.pid);
+        self.procs.remove_record(self.job.pid);
+        debug!(pid = self.job.pid, "process ended");
+    }
+
+    fn pid_ended(&self) -> bool {
+        let mut f = [nix::poll::PollFd::new(
+            self.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(nix::poll::poll(&mut f, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
+    fn act(&mut self, a: Act) {
+        match a {
+            Act::Leave { to, reason, offer } => self.leave(to, reason, offer, None),
+            Act::Persist => {
+                self.rec.node = self.job.node();
+                self.rec.epoch = self.job.epoch;
+                self.rec.migrations = self.job.migrations;
+                self.procs.write_record(&self.rec);
+            }
+            Act::Lost { message } => {
+                warn!("{message}");
+                let f = mosix_remote::wire::encode(&mosix_remote::wire::ToDeputy::Lost { message });
+                // Through the job, so it waits if the deputy is reconnecting.
+                let now = Instant::now();
+                let _ = self.job.handle(
+                    Ev::FromHost {
+                        epoch: self.job.epoch,
+                        msg: ToHome::Deputy(f),
+                    },
+                    now,
+                );
+            }
+            Act::Forget => {}
+        }
+    }
+
+    /// `mosrun -r/-b`: move it as soon as it has exec'd its program.
+    fn initial_move(&mut self, to: u32, watch: super::transfer::ExecWatch) {
+        self.job.place = Where::Leaving { to };
+        *lock(&self.info) = snapshot(&self.job, self.job.pid);
+        self.leave(to, "started there (mosrun -r/-b)".into(), None, Some(watch));
+    }
+
+    fn leave(
+        &mut self,
+        to: u32,
+        reason: String,
+        offer: Option<String>,
+        watch: Option<super::transfer::ExecWatch>,
+    ) {
+        let procs = self.procs.clone();
+        let tx = self.tx.clone();
+        let spec = super::transfer::HomeMove {
+            pid: self.job.pid,
+            to,
+            epoch: self.job.epoch + 1,
+            uid: self.job.uid,
+            cmd: self.job.cmd.clone(),
+            pinned: self.job.pinned,
+            avoid: self.job.avoid.clone(),
+            migrations: self.job.migrations + 1,
+            reason,
+            offer,
+            token: self.rec.token.clone(),
+        };
+        let id = super::proc_id(procs.me(), self.job.pid);
+        let auto = spec.offer.is_some();
+        let r = std::thread::Builder::new()
+            .name(format!("leave-{}", self.job.pid))
+            .spawn(move || {
+                let r = procs.leave_home(spec, watch);
+                let ev = match r {
+                    Ok((moved, signals)) => {
+                        let _ = tx.send(HomeEv::Job(Ev::LeftHome { to, moved }));
+                        // Signals that reached it while it became its deputy: passed on.
+                        for sig in signals {
+                            let f = mosix_remote::wire::encode(
+                                &mosix_remote::wire::FromDeputy::Signal { sig },
+                            );
+                            let _ = tx.send(HomeEv::Job(Ev::FromDeputy(f)));
+                        }
+                        return;
+                    }
+                    Err(err) => {
+                        if auto {
+                            procs.move_failed(id, to);
+                        }
+                        Ev::LeaveFailed { to, err }
+                    }
+                };
+                let _ = tx.send(HomeEv::Job(ev));
+            });
+        if let Err(e) = r {
+            let now = Instant::now();
+            let _ = self.job.handle(
+                Ev::LeaveFailed {
+                    to,
+                    err: MoveError::Engine(format!("no thread for the move: {e}")),
+                },
+                now,
+            );
+        }
+    }
+}

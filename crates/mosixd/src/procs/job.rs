@@ -1,0 +1,754 @@
+//! The home side of one migratable process, as a state machine without I/O or clocks:
+//! events in ([`Ev`], with the time given), actions out ([`Act`]), the way to its deputy
+//! and to its host through two small traits ([`ToDeputySink`], [`ToHostSink`]).
+//!
+//! At home the process runs by itself; the job only follows it. Away, its deputy (the
+//! process's home half, connected to this daemon) and its host (the node it runs on,
+//! linked to this daemon) talk through here: frames wait while either end is not
+//! connected (a deputy that has just exec'd, a host that has just taken it, a daemon
+//! that restarted), so nothing is lost across a move or a reconnection.
+
+use super::MoveError;
+use mosix_proto::wire::{ToHome, ToHost};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How long a process away may be without a link from its host (and its host node down)
+/// before it is reported lost.
+pub const LINK_WAIT: Duration = Duration::from_secs(30);
+/// Frames kept for an end that is not connected (beyond: the oldest are dropped; the
+/// supervisor sends its calls again after a reconnection).
+const MAX_QUEUED: usize = 4096;
+
+/// The way to the deputy; false once it is gone.
+pub trait ToDeputySink {
+    fn send(&mut self, frame: &[u8]) -> bool;
+}
+
+/// The way to the host; false once the link is broken.
+pub trait ToHostSink {
+    fn send(&mut self, m: &ToHost) -> bool;
+}
+
+/// Where the process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Where {
+    Home,
+    /// Being moved from home to `to`.
+    Leaving {
+        to: u32,
+    },
+    /// Running on `node`, residence `epoch`.
+    Away {
+        node: u32,
+        epoch: u64,
+    },
+}
+
+/// The answer to a `migrate`.
+pub type MoveResult = Result<super::Moved, MoveError>;
+
+/// Someone waiting for a move to end.
+pub trait Waiter {
+    fn answer(self: Box<Self>, r: MoveResult);
+}
+
+impl Waiter for std::sync::mpsc::Sender<MoveResult> {
+    fn answer(self: Box<Self>, r: MoveResult) {
+        let _ = self.send(r);
+    }
+}
+
+/// An event of a job.
+pub enum Ev<D, H> {
+    /// `migrate` (or the balancer): move it to `to` (this node: home).
+    Migrate {
+        to: u32,
+        reason: String,
+        offer: Option<String>,
+        reply: Option<Box<dyn Waiter + Send>>,
+    },
+    /// Our own move of it from home ended: it runs on `to` now (its home half is becoming
+    /// its deputy), or it failed and goes on at home.
+    LeftHome {
+        to: u32,
+        moved: super::Moved,
+    },
+    LeaveFailed {
+        to: u32,
+        err: MoveError,
+    },
+    /// It was rebuilt at home and runs here again (a move home committed).
+    CameHome {
+        moved: super::Moved,
+    },
+    DeputyConnected(D),
+    /// A frame from the deputy, for the host.
+    FromDeputy(Vec<u8>),
+    DeputyGone,
+    HostLinked {
+        epoch: u64,
+        node: u32,
+        link: H,
+    },
+    FromHost {
+        epoch: u64,
+        msg: ToHome,
+    },
+    HostGone {
+        epoch: u64,
+    },
+    /// Its PID ended at home: the process itself (at home) or its deputy (away).
+    PidEnded,
+    /// The cluster's view: `node` is down (or up again).
+    NodeState {
+        node: u32,
+        up: bool,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug, PartialEq)]
+pub enum Act {
+    /// Start moving it from home to `to` (the driver's transfer thread).
+    Leave {
+        to: u32,
+        reason: String,
+        offer: Option<String>,
+    },
+    /// Write the job's record (its place changed).
+    Persist,
+    /// It is lost (its host died): the deputy ends it with 137 after printing `message`.
+    Lost { message: String },
+    /// Nothing more to do: forget the job.
+    Forget,
+}
+
+/// The home side of one process.
+pub struct Job<D, H> {
+    pub pid: i32,
+    pub me: u32,
+    pub uid: u32,
+    pub cmd: String,
+    pub pinned: bool,
+    pub avoid: Vec<u32>,
+    pub migrations: u32,
+    pub since: Instant,
+    pub reason: String,
+    pub place: Where,
+    /// The residence number of the current host (0: never left).
+    pub epoch: u64,
+    deputy: Option<D>,
+    host: Option<H>,
+    to_deputy: VecDeque<Vec<u8>>,
+    to_host: VecDeque<ToHost>,
+    waiters: Vec<(u32, Box<dyn Waiter + Send>)>,
+    /// Since when it is away with no link from its host.
+    unlinked_since: Option<Instant>,
+    host_down: bool,
+    ended: bool,
+    /// The new host's link, come before our move of it was done here.
+    early: Option<(u64, u32, H)>,
+}
+
+impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
+    pub fn new(me: u32, pid: i32, uid: u32, cmd: String, now: Instant) -> Self {
+        Job {
+            pid,
+            me,
+            uid,
+            cmd,
+            pinned: false,
+            avoid: Vec::new(),
+            migrations: 0,
+            since: now,
+            reason: "started here (its home)".into(),
+            place: Where::Home,
+            epoch: 0,
+            deputy: None,
+            host: None,
+            to_deputy: VecDeque::new(),
+            to_host: VecDeque::new(),
+            waiters: Vec::new(),
+            unlinked_since: None,
+            host_down: false,
+            ended: false,
+            early: None,
+        }
+    }
+
+    /// A job found again in its record, away on `node` (after a restart of the daemon).
+    pub fn away(mut self, node: u32, epoch: u64, now: Instant) -> Self {
+        self.place = Where::Away { node, epoch };
+        self.epoch = epoch;
+        self.unlinked_since = Some(now);
+        self
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The node it runs on (this one when home or leaving).
+    pub fn node(&self) -> u32 {
+        match self.place {
+            Where::Away { node, .. } => node,
+            _ => self.me,
+        }
+    }
+
+    /// Whether its deputy is connected (for `ps`).
+    pub fn linked(&self) -> (bool, bool) {
+        (self.deputy.is_some(), self.host.is_some())
+    }
+
+    fn to_host(&mut self, m: ToHost) {
+        if let Some(h) = &mut self.host {
+            if h.send(&m) {
+                return;
+            }
+            self.host = None;
+        }
+        if self.to_host.len() >= MAX_QUEUED {
+            self.to_host.pop_front();
+        }
+        self.to_host.push_back(m);
+    }
+
+    fn to_deputy(&mut self, f: Vec<u8>) {
+        if let Some(d) = &mut self.deputy {
+            if d.send(&f) {
+                return;
+            }
+            self.deputy = None;
+        }
+        if self.to_deputy.len() >= MAX_QUEUED {
+            self.to_deputy.pop_front();
+        }
+        self.to_deputy.push_back(f);
+    }
+
+    fn flush_host(&mut self) {
+        while let Some(m) = self.to_host.pop_front() {
+            let Some(h) = &mut self.host else {
+                self.to_host.push_front(m);
+                return;
+            };
+            if !h.send(&m) {
+                self.host = None;
+                self.to_host.push_front(m);
+                return;
+            }
+        }
+    }
+
+    fn flush_deputy(&mut self) {
+        while let Some(f) = self.to_deputy.pop_front() {
+            let Some(d) = &mut self.deputy else {
+                self.to_deputy.push_front(f);
+                return;
+            };
+            if !d.send(&f) {
+                self.deputy = None;
+                self.to_deputy.push_front(f);
+                return;
+            }
+        }
+    }
+
+    fn answer_waiters(&mut self, to: u32, r: &MoveResult) {
+        for (t, w) in std::mem::take(&mut self.waiters) {
+            let mine = match r {
+                Ok(m) if t == m.to => r.clone(),
+                Ok(m) => Err(MoveError::Elsewhere { to: m.to }),
+                Err(_) if t == to => r.clone(),
+                Err(_) => {
+                    self.waiters.push((t, w));
+                    continue;
+                }
+            };
+            w.answer(mine);
+        }
+    }
+
+    pub fn handle(&mut self, ev: Ev<D, H>, now: Instant) -> Vec<Act> {
+        let mut acts = Vec::new();
+        match ev {
+            Ev::Migrate {
+                to,
+                reason,
+                offer,
+                reply,
+            } => {
+                let busy = matches!(self.place, Where::Leaving { .. })
+                    || (matches!(self.place, Where::Away { .. }) && self.host.is_none());
+                let err = if self.ended {
+                    Some(MoveError::Ended)
+                } else if to == self.node() {
+                    Some(MoveError::AlreadyThere { to })
+                } else if busy {
+                    Some(MoveError::Busy)
+                } else {
+                    None
+                };
+                if let Some(e) = err {
+                    if let Some(w) = reply {
+                        w.answer(Err(e));
+                    }
+                    return acts;
+                }
+                if let Some(w) = reply {
+                    self.waiters.push((to, w));
+                }
+                match self.place {
+                    Where::Home => {
+                        self.place = Where::Leaving { to };
+                        acts.push(Act::Leave { to, reason, offer });
+                    }
+                    Where::Away { .. } => self.to_host(ToHost::Migrate { to }),
+                    Where::Leaving { .. } => {}
+                }
+            }
+            Ev::LeftHome { to, moved } => {
+                self.epoch += 1;
+                self.migrations += 1;
+                self.place = Where::Away {
+                    node: to,
+                    epoch: self.epoch,
+                };
+                self.since = now;
+                self.reason = format!("running on node {to}");
+                self.unlinked_since = Some(now);
+                self.host_down = false;
+                if let Some((e, n, link)) = self.early.take() {
+                    if e == self.epoch && n == to {
+                        self.host = Some(link);
+                        self.unlinked_since = None;
+                        self.flush_host();
+                    }
+                }
+                self.answer_waiters(to, &Ok(moved));
+                acts.push(Act::Persist);
+            }
+            Ev::LeaveFailed { to, err } => {
+                if matches!(self.place, Where::Leaving { .. }) {
+                    self.place = Where::Home;
+                }
+                if let Some((_, _, mut link)) = self.early.take() {
+                    // A copy there that will never get its deputy: end it.
+                    let _ = link.send(&ToHost::Kill);
+                }
+                self.answer_waiters(to, &Err(err));
+            }
+            Ev::CameHome { moved } => {
+                self.place = Where::Home;
+                self.migrations += 1;
+                self.since = now;
+                self.reason = "back home".into();
+                self.deputy = None;
+                self.host = None;
+                self.to_deputy.clear();
+                self.to_host.clear();
+                self.unlinked_since = None;
+                let me = self.me;
+                self.answer_waiters(me, &Ok(moved));
+                acts.push(Act::Persist);
+            }
+            Ev::DeputyConnected(d) => {
+                self.deputy = Some(d);
+                self.flush_deputy();
+            }
+            Ev::FromDeputy(f) => self.to_host(ToHost::Deputy(f)),
+            Ev::DeputyGone => self.deputy = None,
+            Ev::HostLinked {
+                epoch,
+                node,
+                mut link,
+            } => {
+                match self.place {
+                    Where::Away { node: n, epoch: e } if epoch == e && node == n => {
+                        self.host = Some(link);
+                        self.unlinked_since = None;
+                        self.host_down = false;
+                        self.flush_host();
+                    }
+                    Where::Leaving { to } if epoch == self.epoch + 1 && node == to => {
+                        // The new host runs it already; our end of the move is not done.
+                        self.early = Some((epoch, node, link));
+                    }
+                    Where::Away { .. } if epoch == self.epoch + 1 => {
+                        // The next host, before the last one said it was moved there.
+                        self.early = Some((epoch, node, link));
+                    }
+                    Where::Home if epoch > self.epoch => {
+                        // A copy that was committed there but never got its deputy (the
+                        // exec into the deputy failed, and it went on here): end it.
+                        let _ = link.send(&ToHost::Kill);
+                    }
+                    // A link of another residence or node is not taken.
+                    _ => {}
+                }
+            }
+            Ev::FromHost { epoch, msg } => {
+                if epoch != self.epoch {
+                    return acts;
+                }
+                match msg {
+                    ToHome::Deputy(f) => self.to_deputy(f),
+                    ToHome::Left {
+                        to,
+                        frozen_ms,
+                        memory_bytes,
+                    } => {
+                        let moved = super::Moved {
+                            to,
+                            frozen_ms,
+                            memory_bytes,
+                        };
+                        self.host = None;
+                        // What the deputy said meanwhile (signals) is for the next host.
+                        self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
+                        if to == self.me {
+                            // The move home is ours to finish (CameHome); nothing to do.
+                            self.answer_waiters(to, &Ok(moved));
+                        } else {
+                            self.epoch += 1;
+                            self.migrations += 1;
+                            self.place = Where::Away {
+                                node: to,
+                                epoch: self.epoch,
+                            };
+                            self.since = now;
+                            self.reason = format!("running on node {to}");
+                            self.unlinked_since = Some(now);
+                            self.host_down = false;
+                            if let Some((e, n, link)) = self.early.take() {
+                                if e == self.epoch && n == to {
+                                    self.host = Some(link);
+                                    self.unlinked_since = None;
+                                    self.flush_host();
+                                }
+                            }
+                            self.answer_waiters(to, &Ok(moved));
+                            acts.push(Act::Persist);
+                        }
+                    }
+                    ToHome::MigrateFailed { to, reason } => {
+                        self.answer_waiters(to, &Err(MoveError::Failed { reason }));
+                    }
+                }
+            }
+            Ev::HostGone { epoch } => {
+                if epoch == self.epoch && matches!(self.place, Where::Away { .. }) {
+                    self.host = None;
+                    self.unlinked_since.get_or_insert(now);
+                }
+            }
+            Ev::PidEnded => {
+                match self.place {
+                    Where::Away { .. } => {
+                        // Its home half was killed: so is the process, wherever it is.
+                        self.to_host(ToHost::Kill);
+                    }
+                    Where::Home | Where::Leaving { .. } => {}
+                }
+                self.ended = true;
+                for (_, w) in std::mem::take(&mut self.waiters) {
+                    w.answer(Err(MoveError::Ended));
+                }
+                acts.push(Act::Forget);
+            }
+            Ev::NodeState { node, up } => {
+                if let Where::Away { node: n, .. } = self.place {
+                    if n == node {
+                        self.host_down = !up;
+                    }
+                }
+            }
+        }
+        acts
+    }
+
+    /// Time passed: a process away whose host node is down and has not linked for
+    /// [`LINK_WAIT`] is lost.
+    pub fn tick(&mut self, now: Instant) -> Vec<Act> {
+        let mut acts = Vec::new();
+        if let (Where::Away { node, .. }, Some(t)) = (self.place, self.unlinked_since) {
+            if self.host_down && now.duration_since(t) >= LINK_WAIT.min(Duration::from_secs(3))
+                || now.duration_since(t) >= LINK_WAIT
+            {
+                acts.push(Act::Lost {
+                    message: format!(
+                        "mosix: process {} was lost: node {node} stopped answering",
+                        self.pid
+                    ),
+                });
+                self.unlinked_since = None;
+            }
+        }
+        acts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    #[derive(Clone, Default)]
+    struct Rec<T>(Rc<RefCell<Vec<T>>>, Rc<RefCell<bool>>);
+    impl ToDeputySink for Rec<Vec<u8>> {
+        fn send(&mut self, f: &[u8]) -> bool {
+            if *self.1.borrow() {
+                return false;
+            }
+            self.0.borrow_mut().push(f.to_vec());
+            true
+        }
+    }
+    impl ToHostSink for Rec<ToHost> {
+        fn send(&mut self, m: &ToHost) -> bool {
+            if *self.1.borrow() {
+                return false;
+            }
+            self.0.borrow_mut().push(m.clone());
+            true
+        }
+    }
+    type J = Job<Rec<Vec<u8>>, Rec<ToHost>>;
+
+    struct W(Rc<RefCell<Vec<MoveResult>>>);
+    // SAFETY-free: the tests are single-threaded; Send is asserted for the trait object.
+    unsafe impl Send for W {}
+    impl Waiter for W {
+        fn answer(self: Box<Self>, r: MoveResult) {
+            self.0.borrow_mut().push(r);
+        }
+    }
+
+    fn moved(to: u32) -> super::super::Moved {
+        super::super::Moved {
+            to,
+            frozen_ms: 1,
+            memory_bytes: 2,
+        }
+    }
+
+    fn away(j: &mut J, t: Instant, to: u32) -> Rc<RefCell<Vec<MoveResult>>> {
+        let got = Rc::new(RefCell::new(Vec::new()));
+        let a = j.handle(
+            Ev::Migrate {
+                to,
+                reason: "test".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(matches!(a.as_slice(), [Act::Leave { to: x, .. }] if *x == to));
+        assert_eq!(
+            j.handle(
+                Ev::LeftHome {
+                    to,
+                    moved: moved(to)
+                },
+                t
+            ),
+            vec![Act::Persist]
+        );
+        assert_eq!(got.borrow().len(), 1);
+        got
+    }
+
+    #[test]
+    fn frames_wait_for_the_end_that_is_not_there_yet() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        // The host links first and sends calls before the deputy has connected.
+        let host = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: host.clone(),
+            },
+            t,
+        );
+        j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Deputy(b"call1".to_vec()),
+            },
+            t,
+        );
+        let dep = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(dep.clone()), t);
+        assert_eq!(*dep.0.borrow(), vec![b"call1".to_vec()]);
+        j.handle(Ev::FromDeputy(b"reply1".to_vec()), t);
+        assert_eq!(*host.0.borrow(), vec![ToHost::Deputy(b"reply1".to_vec())]);
+        // The deputy's connection breaks (mosixd restarted): frames wait, then go.
+        *dep.1.borrow_mut() = true;
+        j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Deputy(b"call2".to_vec()),
+            },
+            t,
+        );
+        let dep2 = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(dep2.clone()), t);
+        assert_eq!(*dep2.0.borrow(), vec![b"call2".to_vec()]);
+    }
+
+    #[test]
+    fn a_stale_or_foreign_link_is_ignored_and_moves_follow_residences() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let wrong = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 3,
+                link: wrong.clone(),
+            },
+            t,
+        );
+        j.handle(Ev::FromDeputy(b"r".to_vec()), t);
+        assert!(
+            wrong.0.borrow().is_empty(),
+            "node 3 does not host residence 1"
+        );
+        let h = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: h.clone(),
+            },
+            t,
+        );
+        assert_eq!(
+            h.0.borrow().len(),
+            1,
+            "the queued frame went to the right host"
+        );
+        // migrate to 3: asked of the host; it says Left.
+        let got = Rc::new(RefCell::new(Vec::new()));
+        j.handle(
+            Ev::Migrate {
+                to: 3,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert_eq!(h.0.borrow().last(), Some(&ToHost::Migrate { to: 3 }));
+        let a = j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Left {
+                    to: 3,
+                    frozen_ms: 5,
+                    memory_bytes: 6,
+                },
+            },
+            t,
+        );
+        assert_eq!(a, vec![Act::Persist]);
+        assert_eq!(j.place, Where::Away { node: 3, epoch: 2 });
+        assert!(matches!(
+            got.borrow()[0],
+            Ok(super::super::Moved { to: 3, .. })
+        ));
+        // Messages of the old residence are dropped now.
+        j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Deputy(b"old".to_vec()),
+            },
+            t,
+        );
+        let d = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(d.clone()), t);
+        assert!(d.0.borrow().iter().all(|f| f != b"old"));
+    }
+
+    #[test]
+    fn refusals_are_typed_and_nothing_moves() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        let got = Rc::new(RefCell::new(Vec::new()));
+        j.handle(
+            Ev::Migrate {
+                to: 1,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(matches!(
+            got.borrow()[0],
+            Err(MoveError::AlreadyThere { to: 1 })
+        ));
+        j.handle(
+            Ev::Migrate {
+                to: 2,
+                reason: "r".into(),
+                offer: None,
+                reply: None,
+            },
+            t,
+        );
+        j.handle(
+            Ev::Migrate {
+                to: 3,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(matches!(got.borrow()[1], Err(MoveError::Busy)));
+        j.handle(
+            Ev::LeaveFailed {
+                to: 2,
+                err: MoveError::Refused {
+                    node: 2,
+                    reason: "full".into(),
+                },
+            },
+            t,
+        );
+        assert_eq!(j.place, Where::Home);
+    }
+
+    #[test]
+    fn a_host_that_dies_makes_the_process_lost_and_a_dead_deputy_kills_it() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        assert!(j.tick(t + Duration::from_secs(2)).is_empty());
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        let a = j.tick(t + Duration::from_secs(4));
+        assert!(matches!(a.as_slice(), [Act::Lost { message }] if message.contains("node 2")));
+        // Killing the deputy at home kills the process on its host.
+        let mut j = J::new(1, 101, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let h = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: h.clone(),
+            },
+            t,
+        );
+        assert_eq!(j.handle(Ev::PidEnded, t), vec![Act::Forget]);
+        assert_eq!(h.0.borrow().last(), Some(&ToHost::Kill));
+    }
+}

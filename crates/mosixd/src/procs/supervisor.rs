@@ -1,0 +1,538 @@
+//! `mosixd supervise`: the process that restores an arriving process and, for a guest,
+//! stays its parent: it holds its seccomp listener, carries its trapped calls to its home
+//! (through mosixd, over its connection), passes on signals, reports its stops and its
+//! end. It lives in a session of its own and outlives mosixd: a restarted mosixd finds it
+//! again by its socket in `state_dir/guests/`.
+//!
+//! For a process coming home it only rebuilds it inside its deputy, and exits.
+
+use mosix_proto::wire::{self, MigrateHeader, Tail};
+use mosix_remote::guest::{Guest, Out};
+use mosix_remote::host::Live;
+use mosix_remote::notify::NotifyFd;
+use mosix_remote::wire::{ExitStatus, FromDeputy, ToDeputy};
+use serde::{Deserialize, Serialize};
+use std::io::BufReader;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use tracing::{info, warn};
+
+/// The descriptor a supervisor gets its connection on.
+const CONN_FD: RawFd = 3;
+
+/// What the supervisor restores.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum SupMode {
+    /// A guest: restored away, supervised until it ends or moves on.
+    Guest,
+    /// A process coming home: rebuilt inside its deputy `pid`; `deputy` is the deputy's
+    /// exec (path, argv, envp) in case it must be made the deputy again.
+    Into {
+        pid: i32,
+        deputy: (String, Vec<String>, Vec<String>),
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SupStart {
+    pub header: MigrateHeader,
+    pub mode: SupMode,
+    /// The most bytes of image it may hold.
+    pub limit: u64,
+    /// Where it listens for mosixd once it supervises (after a restart of mosixd).
+    pub socket: PathBuf,
+}
+
+/// mosixd to supervisor. After `Start` come the image's chunks and its [`Tail`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToSup {
+    Start(Box<SupStart>),
+    Commit,
+    Abort,
+    /// A frame from the deputy.
+    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The process is frozen for a move: cancel its calls at home, say what was done.
+    Quiesce,
+    /// The move failed: it goes on here.
+    Thaw,
+    /// It moved on (its copy here is ended by the mover): exit quietly.
+    Moved,
+    /// End it (its deputy is gone).
+    Kill,
+    /// The way home was broken and is back: send the waiting calls again.
+    Relinked,
+}
+
+/// Supervisor to mosixd.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromSup {
+    Ready {
+        host_pid: i32,
+    },
+    Refused(String),
+    Running,
+    /// A frame for the deputy.
+    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// It made a call that can only be made at home: bring it home.
+    GoHome {
+        why: String,
+    },
+    /// Its calls at home are settled: those done meanwhile (TID, result) and the next
+    /// sequence number.
+    Quiesced {
+        completed: Vec<(i32, i64)>,
+        next_seq: u64,
+    },
+    /// It ended (the deputy was told).
+    Exited,
+    /// Who it supervises (first message on a new connection, after a restart of mosixd).
+    Hello {
+        header: MigrateHeader,
+        host_pid: i32,
+    },
+}
+
+pub fn send<T: Serialize>(s: &mut UnixStream, m: &T) -> std::io::Result<()> {
+    wire::send_flush(s, m)
+}
+
+pub fn recv<T: for<'de> Deserialize<'de>>(s: &mut UnixStream) -> std::io::Result<T> {
+    wire::expect(s)
+}
+
+/// Starts a supervisor: this program again, in a session of its own, not our child (it
+/// outlives us); returns our end of its connection.
+pub fn spawn() -> std::io::Result<UnixStream> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let exe = std::env::current_exe()?;
+    let fd = theirs.as_raw_fd();
+    let mut c = Command::new(exe);
+    c.arg("supervise")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: in the forked child before exec: dup2, setsid and fork only. The
+    // intermediate child exits at once, so the supervisor is adopted by init (or the
+    // service manager's subreaper), not by mosixd.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::dup2(fd, CONN_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setsid();
+            match libc::fork() {
+                -1 => Err(std::io::Error::last_os_error()),
+                0 => Ok(()),
+                _ => libc::_exit(0),
+            }
+        });
+    }
+    let mut child = c.spawn()?;
+    let _ = child.wait();
+    drop(theirs);
+    Ok(ours)
+}
+
+/// The supervisor process's main.
+pub fn main() -> i32 {
+    // SAFETY: descriptor 3 is the connection mosixd gave us (see spawn).
+    let conn = unsafe { UnixStream::from_raw_fd(CONN_FD) };
+    match run(conn) {
+        Ok(()) => 0,
+        Err(e) => {
+            warn!("supervisor: {e:#}");
+            1
+        }
+    }
+}
+
+fn refuse(conn: &mut UnixStream, why: String) -> anyhow::Result<()> {
+    warn!("supervisor: refused: {why}");
+    send(conn, &FromSup::Refused(why))?;
+    Ok(())
+}
+
+fn run(mut conn: UnixStream) -> anyhow::Result<()> {
+    let start = match recv::<ToSup>(&mut conn)? {
+        ToSup::Start(s) => *s,
+        other => anyhow::bail!("expected a start, got {other:?}"),
+    };
+    let h = start.header.clone();
+    let bytes = match wire::read_chunks(&mut conn, start.limit) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = recv::<Tail>(&mut conn);
+            return refuse(&mut conn, e.to_string());
+        }
+    };
+    let tail: Tail = recv(&mut conn)?;
+    let img = match mosix_ckpt::read_image_bytes(bytes) {
+        Ok(i) => i,
+        Err(e) => return refuse(&mut conn, e.to_string()),
+    };
+    if img.meta.creds.uid[0] != h.uid {
+        return refuse(
+            &mut conn,
+            "the image's owner differs from the sender's".into(),
+        );
+    }
+    let need = img.memory_bytes() + img.memory_bytes() / 32 + (16 << 20);
+    let room = mosix_ckpt::memory_room();
+    if room < need {
+        return refuse(
+            &mut conn,
+            format!(
+                "not enough memory: the process needs {} MiB, {} MiB are free",
+                need >> 20,
+                room >> 20
+            ),
+        );
+    }
+    // No credential its owner (as its home says) could not have here: root's processes
+    // are root's (every node is root on every other); a user's only that user's.
+    let creds = if h.uid == 0 {
+        mosix_ckpt::CredOptions::from_image()
+    } else {
+        match mosix_ckpt::Identity::of_uid(h.uid) {
+            Ok(who) => mosix_ckpt::CredOptions::within(who),
+            Err(e) => return refuse(&mut conn, e.to_string()),
+        }
+    };
+    match start.mode {
+        SupMode::Into { pid, deputy } => {
+            let opts = mosix_ckpt::RestoreOptions {
+                hold: true,
+                ..Default::default()
+            };
+            let (p, a, e) = &deputy;
+            let rebuilt = match mosix_ckpt::restore_into(pid, &img, opts, &creds, (p, a, e)) {
+                Ok(r) => r,
+                Err(e) => return refuse(&mut conn, e.to_string()),
+            };
+            drop(img);
+            send(&mut conn, &FromSup::Ready { host_pid: pid })?;
+            match recv::<ToSup>(&mut conn) {
+                Ok(ToSup::Commit) => {
+                    rebuilt.resume()?;
+                    send(&mut conn, &FromSup::Running)?;
+                    info!(pid, "back home");
+                }
+                _ => {
+                    rebuilt.revert(p, a, e)?;
+                    info!(pid, "the move home was abandoned: its deputy again");
+                }
+            }
+            Ok(())
+        }
+        SupMode::Guest => {
+            let away = mosix_ckpt::Away {
+                filter: mosix_remote::filter::to_bytes(&mosix_remote::filter::program(h.home_pid)),
+                hostname: Some(h.hostname.clone()),
+            };
+            let opts = mosix_ckpt::RestoreOptions {
+                keep_pid: true,
+                time_ns: true,
+                hold: true,
+                pdeathsig: Some(libc::SIGKILL),
+                stdio: None,
+            };
+            let (restored, listener) = match mosix_ckpt::restore_away(&img, opts, &creds, &away) {
+                Ok(r) => r,
+                Err(e) => return refuse(&mut conn, e.to_string()),
+            };
+            drop(img);
+            let pid = restored.pid;
+            send(&mut conn, &FromSup::Ready { host_pid: pid })?;
+            match recv::<ToSup>(&mut conn) {
+                Ok(ToSup::Commit) => {
+                    mosix_ckpt::resume(pid)?;
+                    send(&mut conn, &FromSup::Running)?;
+                }
+                _ => {
+                    let _ = mosix_ckpt::sys::kill(pid, libc::SIGKILL);
+                    let _ = mosix_ckpt::sys::wait(pid);
+                    reap(restored.ns_init);
+                    return Ok(());
+                }
+            }
+            let mut s = Supervision {
+                live: Live::new(NotifyFd(listener), pid)?,
+                g: Guest::new(h.home_pid, tail.next_seq),
+                header: h,
+                conn: Some(conn),
+                backlog: Vec::new(),
+                moving: false,
+                moved: false,
+                went_home: None,
+                ns_init: restored.ns_init,
+            };
+            s.serve(&start.socket)
+        }
+    }
+}
+
+fn reap(pid: Option<i32>) {
+    if let Some(i) = pid {
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(i),
+            Some(nix::sys::wait::WaitPidFlag::__WALL),
+        );
+    }
+}
+
+struct Supervision {
+    live: Live,
+    g: Guest,
+    header: MigrateHeader,
+    conn: Option<UnixStream>,
+    /// What could not be sent while mosixd was away.
+    backlog: Vec<FromSup>,
+    /// Frozen for a move: its end is not reported until the move is settled.
+    moving: bool,
+    moved: bool,
+    /// The call that asked to go home (asked once per call).
+    went_home: Option<u64>,
+    ns_init: Option<i32>,
+}
+
+impl Supervision {
+    fn up(&mut self, m: FromSup) {
+        if let Some(c) = &mut self.conn {
+            if send(c, &m).is_ok() {
+                return;
+            }
+            self.conn = None;
+        }
+        if !matches!(m, FromSup::Hello { .. }) {
+            self.backlog.push(m);
+        }
+    }
+
+    fn outs(&mut self, outs: Vec<Out>) {
+        for o in outs {
+            match o {
+                Out::Deputy(m) => self.up(FromSup::Deputy(mosix_remote::wire::encode(&m))),
+                Out::GoHome { id, why } => {
+                    if self.went_home != Some(id) {
+                        self.went_home = Some(id);
+                        info!(pid = self.live.pid, "needs home: {why}");
+                        self.up(FromSup::GoHome { why });
+                    }
+                }
+            }
+        }
+        if self.moving && self.g.outstanding() == 0 {
+            let completed = {
+                use mosix_remote::guest::Kernel;
+                self.g.completed(self.live.mem())
+            };
+            let next_seq = self.g.next_seq();
+            self.up(FromSup::Quiesced {
+                completed,
+                next_seq,
+            });
+        }
+    }
+
+    fn serve(&mut self, socket: &PathBuf) -> anyhow::Result<()> {
+        let pid = self.live.pid;
+        let pidfd = mosix_ckpt::sys::pidfd_open(pid)?;
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        let chld = sigchld_fd()?;
+        let mut reader = self
+            .conn
+            .as_ref()
+            .map(|c| c.try_clone().map(BufReader::new))
+            .transpose()?;
+        loop {
+            let conn_fd = reader
+                .as_ref()
+                .map(|r| r.get_ref().as_raw_fd())
+                .unwrap_or(-1);
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.live.notify.raw(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: conn_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: chld.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let buffered = reader.as_ref().is_some_and(|r| !r.buffer().is_empty());
+            let timeout = if self.g.outstanding() > 0 { 100 } else { 1000 };
+            if !buffered {
+                // SAFETY: poll on descriptors we own (a negative one is skipped).
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, timeout) };
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                if let Ok(n) = self.live.notify.recv() {
+                    let o = self.g.on_notif(n, &mut self.live);
+                    self.outs(o);
+                }
+            }
+            if buffered || fds[1].revents != 0 {
+                let msg = reader.as_mut().map(|r| wire::recv::<_, ToSup>(r));
+                match msg {
+                    Some(Ok(Some(m))) => self.from_mosixd(m),
+                    _ => {
+                        // mosixd is gone (restarting): the process goes on; its calls
+                        // wait until mosixd connects again.
+                        warn!(pid, "lost mosixd; waiting for it");
+                        reader = None;
+                        self.conn = None;
+                    }
+                }
+            }
+            if fds[3].revents & libc::POLLIN != 0 {
+                if let Ok((c, _)) = listener.accept() {
+                    reader = Some(BufReader::new(c.try_clone()?));
+                    self.conn = Some(c);
+                    self.up(FromSup::Hello {
+                        header: self.header.clone(),
+                        host_pid: pid,
+                    });
+                    for m in std::mem::take(&mut self.backlog) {
+                        self.up(m);
+                    }
+                    info!(pid, "mosixd is back");
+                }
+            }
+            if fds[4].revents & libc::POLLIN != 0 {
+                drain(&chld);
+                self.stops();
+            }
+            let o = self.g.tick(&self.live);
+            self.outs(o);
+            if fds[2].revents & libc::POLLIN != 0 {
+                let st = match nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(pid),
+                    Some(nix::sys::wait::WaitPidFlag::__WALL),
+                ) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => ExitStatus::Code(c),
+                    Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => {
+                        ExitStatus::Signal(s as i32)
+                    }
+                    _ => ExitStatus::Signal(libc::SIGKILL),
+                };
+                reap(self.ns_init);
+                let _ = std::fs::remove_file(socket);
+                if self.moved || self.moving {
+                    // Its copy here was ended by the move (the mover kills it once it runs
+                    // there): nothing to report.
+                    if !self.moved {
+                        self.await_settled(&mut reader);
+                    }
+                    if self.moved {
+                        return Ok(());
+                    }
+                }
+                self.up(FromSup::Deputy(mosix_remote::wire::encode(
+                    &ToDeputy::Exited(st),
+                )));
+                self.up(FromSup::Exited);
+                info!(pid, ?st, "guest ended");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Its copy here ended during a move: wait to hear whether the move took it.
+    fn await_settled(&mut self, reader: &mut Option<BufReader<UnixStream>>) {
+        while let Some(r) = reader.as_mut() {
+            match wire::recv::<_, ToSup>(r) {
+                Ok(Some(ToSup::Moved)) => {
+                    self.moved = true;
+                    return;
+                }
+                Ok(Some(ToSup::Thaw)) | Ok(None) | Err(_) => return,
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
+    fn from_mosixd(&mut self, m: ToSup) {
+        match m {
+            ToSup::Deputy(f) => match mosix_remote::wire::decode::<FromDeputy>(&f) {
+                Ok(FromDeputy::Signal { sig }) => {
+                    let _ = mosix_ckpt::sys::kill(self.live.pid, sig);
+                }
+                Ok(d) => {
+                    let o = self.g.on_deputy(d, &mut self.live);
+                    self.outs(o);
+                }
+                Err(e) => warn!("a bad frame from the deputy: {e}"),
+            },
+            ToSup::Quiesce => {
+                self.moving = true;
+                let o = self.g.quiesce();
+                self.outs(o);
+            }
+            ToSup::Thaw => {
+                self.moving = false;
+                self.went_home = None;
+            }
+            ToSup::Moved => self.moved = true,
+            ToSup::Kill => {
+                let _ = mosix_ckpt::sys::kill(self.live.pid, libc::SIGKILL);
+            }
+            ToSup::Relinked => {
+                let o = self.g.resend();
+                self.outs(o);
+            }
+            ToSup::Start(_) | ToSup::Commit | ToSup::Abort => {}
+        }
+    }
+
+    /// Reports a stop of the process (SIGSTOP, SIGTSTP...) to its deputy, which stops too.
+    fn stops(&mut self) {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        let flags = WaitPidFlag::WSTOPPED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        let id = || Id::Pid(nix::unistd::Pid::from_raw(self.live.pid));
+        if let Ok(WaitStatus::Stopped(_, sig)) = waitid(id(), flags) {
+            // Consume the stop report (WNOWAIT left it), then tell the deputy.
+            let _ = waitid(id(), WaitPidFlag::WSTOPPED | WaitPidFlag::WNOHANG);
+            self.up(FromSup::Deputy(mosix_remote::wire::encode(
+                &ToDeputy::Stopped { sig: sig as i32 },
+            )));
+        }
+    }
+}
+
+fn sigchld_fd() -> std::io::Result<OwnedFd> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGCHLD);
+    set.thread_block()?;
+    let fd = nix::sys::signalfd::SignalFd::with_flags(
+        &set,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )?;
+    let raw = fd.as_fd().try_clone_to_owned()?;
+    drop(fd);
+    Ok(raw)
+}
+
+fn drain(fd: &OwnedFd) {
+    let mut b = [0u8; 256];
+    while matches!(nix::unistd::read(fd, &mut b), Ok(n) if n > 0) {}
+}
