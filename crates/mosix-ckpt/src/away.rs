@@ -135,11 +135,15 @@ fn inject_exec(
 ) -> Result<Vec<i32>> {
     let pid = r.pid;
     for &fd in clear_cloexec {
-        r.call(
-            &format!("clearing close-on-exec of fd {fd}"),
-            libc::SYS_fcntl,
-            &[fd as u64, libc::F_SETFD as u64, 0],
-        )?;
+        // One that is not there (closed meanwhile) has nothing to keep.
+        let r = r.raw(libc::SYS_fcntl, &[fd as u64, libc::F_SETFD as u64, 0])?;
+        if r < 0 && r != -(libc::EBADF as i64) {
+            return Err(Error::Remote {
+                pid,
+                what: format!("clearing close-on-exec of fd {fd}"),
+                errno: (-r) as i32,
+            });
+        }
     }
     let (probe, ..) = exec_block(0, path, argv, envp);
     let len = (probe.len() as u64 + 16).div_ceil(sys::PAGE) * sys::PAGE;
@@ -258,6 +262,9 @@ pub struct Away {
     pub filter: Vec<u8>,
     /// The host name it sees (its home's), in a UTS namespace of its own.
     pub hostname: Option<String>,
+    /// Its descriptors that are files of its own /proc (reopened here, not placeholders):
+    /// (number, path after /proc/self/).
+    pub proc_fds: Vec<(i32, String)>,
 }
 
 /// Restores a process away from home: as [`crate::restore_with`], plus its descriptors as

@@ -655,16 +655,26 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
                     )))
                 }
                 Mode::Into => {
+                    // The deputy's own (one the process no longer has is not there).
                     let cl = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
-                    b.call(
-                        "fcntl",
-                        libc::SYS_fcntl,
-                        &[f.fd as u64, libc::F_SETFD as u64, cl as u64],
-                    )?;
+                    b.r.raw(libc::SYS_fcntl, &[f.fd as u64, libc::F_SETFD as u64, cl as u64])?;
                 }
-                Mode::Away(_) => {
-                    let name = b.put_str(AT_STR, "mosix-home-fd")?;
-                    let tmp = b.call("memfd_create", libc::SYS_memfd_create, &[name, 0])?;
+                Mode::Away(a) => {
+                    let tmp = match a.proc_fds.iter().find(|(n, _)| *n == f.fd) {
+                        // A file of its own /proc where it ran: the same one here.
+                        Some((_, rest)) => {
+                            let p = b.put_str(AT_STR, &format!("/proc/self/{rest}"))?;
+                            b.call(
+                                &format!("opening /proc/self/{rest}"),
+                                libc::SYS_openat,
+                                &[libc::AT_FDCWD as u64, p, libc::O_RDONLY as u64, 0],
+                            )?
+                        }
+                        None => {
+                            let name = b.put_str(AT_STR, "mosix-home-fd")?;
+                            b.call("memfd_create", libc::SYS_memfd_create, &[name, 0])?
+                        }
+                    };
                     if tmp != f.fd as u64 {
                         let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
                         b.call("dup3", libc::SYS_dup3, &[tmp, f.fd as u64, cl as u64])?;
@@ -709,6 +719,11 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
 
 fn restore_misc(b: &mut Builder) -> Result<()> {
     let m = b.img;
+    if let Mode::Away(_) = b.mode {
+        // A process group of its own under its supervisor (same session): not orphaned,
+        // so a SIGTSTP passed on from home stops it as it would have at home.
+        b.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
+    }
     let cwd = b.put_str(AT_STR, &m.cwd)?;
     b.call(&format!("chdir to {}", m.cwd), libc::SYS_chdir, &[cwd])?;
     b.call("umask", libc::SYS_umask, &[m.umask as u64])?;

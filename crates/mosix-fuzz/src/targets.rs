@@ -597,7 +597,13 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             ],
         ),
         framed(6, &[Decision::Commit, Decision::Abort]),
-        framed(7, &[Tail { next_seq: 1 << 40 }]),
+        framed(
+            7,
+            &[Tail {
+                next_seq: 1 << 40,
+                proc_fds: vec![(4, "status".into())],
+            }],
+        ),
         framed(8, &[migrate_header()]),
         framed(9, &[link]),
     ];
@@ -611,7 +617,13 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         let mut w = ChunkWriter::new(b);
         let _ = w.write_all(&img);
         let Ok(mut b) = w.finish() else { continue };
-        let _ = wire::send(&mut b, &Tail { next_seq: 3 });
+        let _ = wire::send(
+            &mut b,
+            &Tail {
+                next_seq: 3,
+                proc_fds: vec![],
+            },
+        );
         let _ = wire::send(&mut b, &Decision::Commit);
         v.push(b);
     }

@@ -150,6 +150,9 @@ pub struct Tail {
     /// The next sequence number of the process's forwarded calls (they never repeat,
     /// whatever node it runs on, so its deputy can tell a call sent again).
     pub next_seq: u64,
+    /// Its descriptors that are files of its own /proc (opened where it runs, not at
+    /// home): (number, path after /proc/self/).
+    pub proc_fds: Vec<(i32, String)>,
 }
 
 /// The destination's answers.
@@ -377,7 +380,14 @@ mod tests {
         let mut w = ChunkWriter::new(Vec::new());
         w.write_all(&data).unwrap();
         let mut out = w.finish().unwrap();
-        send(&mut out, &Tail { next_seq: 5 }).unwrap();
+        send(
+            &mut out,
+            &Tail {
+                next_seq: 5,
+                proc_fds: vec![],
+            },
+        )
+        .unwrap();
         let mut r = &out[..];
         assert_eq!(read_chunks(&mut r, u64::MAX).unwrap(), data);
         assert_eq!(expect::<_, Tail>(&mut r).unwrap().next_seq, 5);

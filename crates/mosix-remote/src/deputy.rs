@@ -523,11 +523,24 @@ impl Deputy {
             ToDeputy::Cancel { seq } => self.cancel(seq),
             ToDeputy::Retry { seq, block } => self.to_worker_of(seq, Job::Again { block }),
             ToDeputy::Drop { seq } => self.to_worker_of(seq, Job::Forget),
-            ToDeputy::Stopped { .. } => {
-                // The process stopped: so does its home half (the shell sees it stopped);
-                // SIGCONT resumes us and is passed on, resuming it.
-                // SAFETY: a signal to ourselves.
-                unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+            ToDeputy::Stopped { sig } => {
+                // The process stopped: so does its home half, by the same signal (the shell
+                // sees it stopped as it would have); SIGCONT resumes us and is passed on,
+                // resuming it.
+                let job = matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU);
+                // SAFETY: default action for the stop signal, a signal to ourselves, then
+                // our handlers again.
+                unsafe {
+                    if job {
+                        libc::signal(sig, libc::SIG_DFL);
+                        libc::kill(libc::getpid(), sig);
+                    } else {
+                        libc::kill(libc::getpid(), libc::SIGSTOP);
+                    }
+                }
+                if job {
+                    set_handlers();
+                }
             }
             ToDeputy::Exited(st) => {
                 self.out.send(None);

@@ -41,6 +41,12 @@ pub trait Kernel {
     fn memfile(&self, size: u64, parts: &[(u64, Vec<u8>)]) -> Option<OwnedFd>;
     /// Puts our descriptor `fd` at number `at` in the process (without answering).
     fn install(&mut self, id: u64, fd: RawFd, at: i32) -> Result<(), Errno>;
+    /// Puts our descriptor `fd` at number `at` in the process and answers call `id` with
+    /// `at`.
+    fn install_answer(&mut self, id: u64, fd: RawFd, at: i32) -> Result<(), Errno>;
+    /// Opens `rest` of the process's own /proc directory here (thread `tid`'s with
+    /// `thread`), read-only.
+    fn open_proc(&self, tid: i32, thread: bool, rest: &str) -> Option<OwnedFd>;
 }
 
 /// What a thread does with a signal.
@@ -69,6 +75,8 @@ struct Pending {
     cancelled: bool,
     /// The call as sent (sent again after a reconnection).
     call: crate::wire::Call,
+    /// A number reserved at home for a file of the process's own /proc opened here.
+    local: Option<(OwnedFd, String)>,
 }
 
 /// An mmap of a descriptor of home, being prepared: its file is looked up, then its
@@ -109,6 +117,10 @@ pub struct Guest {
     undelivered: HashMap<i32, Undelivered>,
     /// mmaps being prepared, by the seq of their request to the deputy.
     mappings: HashMap<u64, Mapping>,
+    /// Descriptors of the process that are files here (of its own /proc): calls on them
+    /// are made here; home holds /dev/null at their number. With what they are (the part
+    /// of the path after /proc/self/).
+    local: HashMap<i32, String>,
     /// Calls carried so far (for figures).
     pub forwarded: u64,
 }
@@ -122,8 +134,22 @@ impl Guest {
             by_tid: HashMap::new(),
             undelivered: HashMap::new(),
             mappings: HashMap::new(),
+            local: HashMap::new(),
             forwarded: 0,
         }
+    }
+
+    /// With these descriptors files of its own /proc here (carried from its last host).
+    pub fn with_local(mut self, fds: Vec<(i32, String)>) -> Guest {
+        self.local = fds.into_iter().collect();
+        self
+    }
+
+    /// Its descriptors that are files of its own /proc here (for its next host).
+    pub fn local_fds(&self) -> Vec<(i32, String)> {
+        let mut v: Vec<(i32, String)> = self.local.iter().map(|(f, r)| (*f, r.clone())).collect();
+        v.sort();
+        v
     }
 
     /// The next sequence number (carried across moves so numbers never repeat).
@@ -156,7 +182,12 @@ impl Guest {
                 return out;
             }
         }
-        match spec::route(n.nr, &n.args) {
+        let route = spec::route(n.nr, &n.args);
+        if let Some(o) = self.on_local_fd(&n, route, k) {
+            out.extend(o);
+            return out;
+        }
+        match route {
             Route::Local => {
                 let _ = k.proceed(n.id);
             }
@@ -170,9 +201,113 @@ impl Guest {
         out
     }
 
+    /// A call on a descriptor that is a file here: made here (its reservation at home is
+    /// kept in step by closes and dup2s). None: not such a call.
+    fn on_local_fd(&mut self, n: &Notif, route: Route, k: &mut dyn Kernel) -> Option<Vec<Out>> {
+        if self.local.is_empty() {
+            return None;
+        }
+        let spec = match route {
+            Route::Forward(s) => s,
+            Route::Special(Special::Mmap) => {
+                let fd = n.args[4] as i32;
+                if self.local.contains_key(&fd) {
+                    let _ = k.proceed(n.id);
+                    return Some(Vec::new());
+                }
+                return None;
+            }
+            _ => return None,
+        };
+        let fds: Vec<i32> = spec
+            .args
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| **a == spec::Arg::Fd)
+            .map(|(i, _)| n.args[i] as i32)
+            .collect();
+        let first = *fds.first()?;
+        if !self.local.contains_key(&first) {
+            if matches!(n.nr, libc::SYS_dup2 | libc::SYS_dup3) {
+                // dup2 onto a local one: it is a home descriptor from now on.
+                self.local.remove(&(n.args[1] as i32));
+            }
+            return None;
+        }
+        match n.nr {
+            libc::SYS_close | libc::SYS_dup2 | libc::SYS_dup3 => {
+                // Home frees (or copies) its reservation; then the same here.
+                if n.nr == libc::SYS_close {
+                    self.local.remove(&first);
+                } else if let Some(r) = self.local.get(&first).cloned() {
+                    self.local.insert(n.args[1] as i32, r);
+                }
+                None
+            }
+            _ => {
+                let _ = k.proceed(n.id);
+                Some(Vec::new())
+            }
+        }
+    }
+
+    /// `/proc/self/...` (or its thread's, or its own PID's) and what follows, when it is a
+    /// file of the process's own to be read here: None for anything else (its descriptors,
+    /// cwd, root, exe, namespaces are its home's).
+    fn own_proc(&self, path: &[u8]) -> Option<(bool, String)> {
+        let p = std::str::from_utf8(path.strip_suffix(&[0]).unwrap_or(path)).ok()?;
+        let own = format!("/proc/{}/", self.own_pid);
+        let (thread, rest) = if let Some(r) = p.strip_prefix("/proc/self/") {
+            (false, r)
+        } else if let Some(r) = p.strip_prefix("/proc/thread-self/") {
+            (true, r)
+        } else if let Some(r) = p.strip_prefix(own.as_str()) {
+            (false, r)
+        } else {
+            return None;
+        };
+        let first = rest.split('/').next().unwrap_or("");
+        let homes = [
+            "fd",
+            "fdinfo",
+            "cwd",
+            "root",
+            "exe",
+            "ns",
+            "mountinfo",
+            "mounts",
+        ];
+        if rest.is_empty() || rest.contains("..") || homes.contains(&first) {
+            return None;
+        }
+        Some((thread, rest.to_string()))
+    }
+
     fn special(&mut self, n: Notif, sp: Special, k: &mut dyn Kernel, out: &mut Vec<Out>) {
         match sp {
-            Special::Open(s) => self.forward(n, s, k, out),
+            Special::Open(s) => {
+                let (path_arg, flags_arg) = match n.nr {
+                    libc::SYS_open => (0, 1),
+                    libc::SYS_creat => (0, usize::MAX),
+                    _ => (1, 2),
+                };
+                let read_only = flags_arg != usize::MAX
+                    && n.args[flags_arg] as i32 & libc::O_ACCMODE == libc::O_RDONLY
+                    && n.nr != libc::SYS_openat2;
+                let own = if read_only {
+                    gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH)
+                        .ok()
+                        .and_then(|p| self.own_proc(&p))
+                } else {
+                    None
+                };
+                match own
+                    .and_then(|(thread, rest)| k.open_proc(n.pid, thread, &rest).map(|f| (f, rest)))
+                {
+                    Some(local) => self.reserve(n, local, k, out),
+                    None => self.forward(n, s, k, out),
+                }
+            }
             Special::Readlink(s) => {
                 let path_arg = if n.nr == libc::SYS_readlink { 0 } else { 1 };
                 let own_exe = gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH)
@@ -259,6 +394,60 @@ impl Guest {
             || p == format!("/proc/{}/exe", self.own_pid).as_bytes()
     }
 
+    /// Opens a file of the process's own /proc here: its number is reserved at home
+    /// (/dev/null, close-on-exec as asked), then the file put at that number.
+    fn reserve(
+        &mut self,
+        n: Notif,
+        local: (OwnedFd, String),
+        k: &mut dyn Kernel,
+        out: &mut Vec<Out>,
+    ) {
+        let flags_arg = if n.nr == libc::SYS_open { 1 } else { 2 };
+        let cloexec = n.args[flags_arg] as i32 & libc::O_CLOEXEC;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let call = crate::wire::Call {
+            seq,
+            tid: n.pid,
+            nr: libc::SYS_openat,
+            args: [
+                libc::AT_FDCWD as i64 as u64,
+                0,
+                (libc::O_RDONLY | cloexec) as u64,
+                0,
+                0,
+                0,
+            ],
+            bufs: vec![
+                crate::wire::Buf::None,
+                crate::wire::Buf::In(b"/dev/null\0".to_vec()),
+                crate::wire::Buf::None,
+                crate::wire::Buf::None,
+                crate::wire::Buf::None,
+                crate::wire::Buf::None,
+            ],
+        };
+        let s = match spec::route(libc::SYS_openat, &call.args) {
+            Route::Special(Special::Open(s)) => s,
+            _ => unreachable!("openat is an open"),
+        };
+        let _ = k;
+        self.pending.insert(
+            seq,
+            Pending {
+                notif: n,
+                spec: s,
+                layout: Layout::default(),
+                cancelled: false,
+                call: call.clone(),
+                local: Some(local),
+            },
+        );
+        self.by_tid.insert(n.pid, seq);
+        out.push(Out::Deputy(ToDeputy::Call(call)));
+    }
+
     fn forward(&mut self, n: Notif, s: Spec, k: &mut dyn Kernel, out: &mut Vec<Out>) {
         let seq = self.next_seq;
         match gather::gather(seq, n.pid, n.nr, n.args, &s, k.mem()) {
@@ -276,6 +465,7 @@ impl Guest {
                         layout,
                         cancelled: false,
                         call: call.clone(),
+                        local: None,
                     },
                 );
                 self.by_tid.insert(n.pid, seq);
@@ -328,6 +518,19 @@ impl Guest {
                 let Some(p) = self.forget(seq) else {
                     return out;
                 };
+                if let (Some((file, rest)), true) = (&p.local, ret >= 0) {
+                    if k.valid(p.notif.id)
+                        && k.install_answer(p.notif.id, file.as_raw_fd(), ret as i32)
+                            .is_ok()
+                    {
+                        self.local.insert(ret as i32, rest.clone());
+                    } else {
+                        // It is gone (interrupted): home's /dev/null at that number leaks
+                        // until the process ends; rare.
+                        let _ = k.answer(p.notif.id, -(libc::EINTR as i64));
+                    }
+                    return out;
+                }
                 if k.valid(p.notif.id) {
                     self.deliver(&p.notif, &p.spec, &p.layout, ret, &outs, sigs, k);
                 } else {
@@ -642,6 +845,13 @@ mod tests {
         fn install(&mut self, id: u64, _: RawFd, at: i32) -> Result<(), Errno> {
             self.placed.push((id, at, false));
             Ok(())
+        }
+        fn install_answer(&mut self, id: u64, _: RawFd, at: i32) -> Result<(), Errno> {
+            self.placed.push((id, at, true));
+            Ok(())
+        }
+        fn open_proc(&self, _: i32, _: bool, rest: &str) -> Option<OwnedFd> {
+            (rest == "status").then(|| tempfile::tempfile().unwrap().into())
         }
     }
 

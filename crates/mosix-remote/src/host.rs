@@ -120,6 +120,19 @@ impl Kernel for Live {
     fn install(&mut self, id: u64, fd: RawFd, at: i32) -> Result<(), Errno> {
         self.notify.install(id, fd, at, false, false).map(|_| ())
     }
+    fn install_answer(&mut self, id: u64, fd: RawFd, at: i32) -> Result<(), Errno> {
+        self.notify.install(id, fd, at, false, true).map(|_| ())
+    }
+    fn open_proc(&self, tid: i32, thread: bool, rest: &str) -> Option<OwnedFd> {
+        let base = if thread {
+            format!("/proc/{}/task/{tid}", self.pid)
+        } else {
+            format!("/proc/{}", self.pid)
+        };
+        std::fs::File::open(format!("{base}/{rest}"))
+            .ok()
+            .map(Into::into)
+    }
 }
 
 /// The identity of an open file.

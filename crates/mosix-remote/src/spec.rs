@@ -86,8 +86,9 @@ pub struct Spec {
     pub ret_fd: bool,
     /// Argument `i` is an int[2] the call fills with two new descriptors.
     pub out_fds: Option<u8>,
-    /// Once done at home, the process makes it on its host too (a change of credentials,
-    /// umask or limits, which both ends keep).
+    /// Once done at home, the process makes it on its host too: a close or dup2 of its
+    /// placeholders (so they stay in step with its descriptors at home), a change of
+    /// credentials, umask or limits (which both ends keep).
     pub then_local: bool,
 }
 
@@ -293,8 +294,8 @@ pub fn route(nr: c_long, a: &[u64; 6]) -> Route {
         SYS_creat => Route::Special(Special::Open(f2(Path, V).fd())),
         SYS_openat => Route::Special(Special::Open(f4(Fd, Path, V, V).fd())),
         SYS_openat2 => Route::Special(Special::Open(f4(Fd, Path, In(Len::Arg(3)), V).fd())),
-        SYS_close => fwd(ON_FD),
-        SYS_close_range => fwd(SCALARS),
+        SYS_close => fwd(ON_FD.both()),
+        SYS_close_range => fwd(SCALARS.both()),
         SYS_stat | SYS_lstat => fwd(f2(Path, Out(Len::Fixed(STAT), Back::All))),
         SYS_fstat => fwd(f2(Fd, Out(Len::Fixed(STAT), Back::All))),
         SYS_newfstatat => fwd(f4(Fd, Path, Out(Len::Fixed(STAT), Back::All), V)),
@@ -339,7 +340,7 @@ pub fn route(nr: c_long, a: &[u64; 6]) -> Route {
         SYS_pipe => fwd(f1(Out(Len::Fixed(8), Back::All)).fds(0)),
         SYS_pipe2 => fwd(f2(Out(Len::Fixed(8), Back::All), V).fds(0)),
         SYS_dup => fwd(ON_FD.fd()),
-        SYS_dup2 | SYS_dup3 => fwd(f2(Fd, Fd).fd()),
+        SYS_dup2 | SYS_dup3 => fwd(f2(Fd, Fd).both()),
         SYS_sendfile => fwd(f4(Fd, Fd, InOut(Len::Fixed(8)), V)),
         SYS_socket => fwd(SCALARS.fd()),
         SYS_connect | SYS_bind => fwd(f3(Fd, In(Len::Arg(2)), V)),
@@ -611,7 +612,8 @@ mod tests {
         );
         assert_eq!(s(libc::SYS_pipe2, [0; 6]).out_fds, Some(0));
         assert_eq!(s(libc::SYS_socketpair, [0; 6]).out_fds, Some(3));
-        assert!(s(libc::SYS_dup2, [0; 6]).ret_fd);
+        assert!(s(libc::SYS_dup2, [0; 6]).then_local);
+        assert!(s(libc::SYS_close, [0; 6]).then_local);
         assert!(s(libc::SYS_setresuid, [0; 6]).then_local);
     }
 

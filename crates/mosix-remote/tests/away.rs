@@ -138,6 +138,7 @@ fn a_process_leaves_home_runs_away_with_its_deputy_and_comes_back() {
     let away = Away {
         filter: mosix_remote::filter::to_bytes(&mosix_remote::filter::program(pid)),
         hostname: Some(mosix_ckpt::sys::hostname()),
+        proc_fds: Vec::new(),
     };
     let opts = RestoreOptions {
         keep_pid: true,

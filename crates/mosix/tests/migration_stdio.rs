@@ -78,19 +78,17 @@ fn burst_stdin(tb: &Testbed) {
 /// A job on node 2 whose mosrun nobody reads stops in write() there; the daemons keep
 /// only their windows.
 fn unread_output_blocks_remotely(tb: &Testbed) {
-    let pidfile = tb.dir.path().join("yes.pid");
     let mut mosrun = tb
         .cmd(
             1,
             &["run", "-r", "2", "yes", "a line of output nobody reads"],
         )
-        .env("MOSRUN_PIDFILE", &pidfile)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let home_pid = tb.wait_for_pid(&pidfile);
+    let home_pid = mosrun.id() as i32;
     let guest = || {
         tb.ps(2)
             .into_iter()
@@ -131,10 +129,6 @@ fn unread_output_blocks_remotely(tb: &Testbed) {
 
 /// A job of uid 65534 moves to node 2 and back as that user, with its result intact.
 fn user_job_moves_as_its_user(tb: &Testbed) {
-    let pidfile = tb.dir.path().join("user.pid");
-    std::fs::write(&pidfile, "").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&pidfile, std::fs::Permissions::from_mode(0o666)).unwrap();
     let mut c = Command::new(mosix());
     c.args(["testbed", "exec", "1", "--dir"])
         .arg(tb.dir.path())
@@ -142,13 +136,15 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
         .args(AS_NOBODY)
         .arg(mosix())
         .args(["run", "awk", SUM_AWK])
-        .env("MOSRUN_PIDFILE", &pidfile)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(numbers(1, 1000).as_bytes()).unwrap();
-    let home_pid = tb.wait_for_pid(&pidfile);
+    let home_pid = child.id() as i32;
+    tb.wait_until("the user's job is registered", || {
+        tb.ps(1).iter().any(|p| p["home_pid"] == home_pid)
+    });
     move_ok(tb, home_pid, "2");
     let g = tb
         .ps(2)

@@ -138,6 +138,14 @@ enum Sub {
         #[arg(long)]
         kill: bool,
     },
+    /// Crash node NODE: SIGKILL everything in it (its mosixd, the supervisors and guests
+    /// it hosts, the jobs started there), as a power cut would. The namespace stays;
+    /// `start` brings its mosixd back.
+    Crash {
+        node: u32,
+        #[command(flatten)]
+        dir: DirArg,
+    },
     /// Start node NODE's mosixd again (after `stop`). The environment is passed on.
     Start {
         node: u32,
@@ -243,6 +251,28 @@ pub fn run(a: Args) -> Result<i32> {
             check_node(&tb, node)?;
             stop_daemon(&d, node, kill)?;
             println!("node {node}: mosixd stopped");
+            Ok(0)
+        }
+        Sub::Crash { node, dir } => {
+            let d = dir.path();
+            let tb = load(&d)?;
+            check_node(&tb, node)?;
+            let cgs = cgroup_dirs(tb.cgroup, node)?;
+            let me = std::process::id() as i32;
+            let mut n = 0;
+            // Twice: a process may fork while the first pass runs.
+            for _ in 0..2 {
+                for cg in &cgs {
+                    for p in pids_in(cg) {
+                        if p != me {
+                            kill(p, nix::sys::signal::Signal::SIGKILL);
+                            n += 1;
+                        }
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(node_dir(&d, node).join("mosixd.pid"));
+            println!("node {node}: crashed ({n} processes killed)");
             Ok(0)
         }
         Sub::Start { node, dir, config } => {

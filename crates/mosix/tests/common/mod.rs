@@ -156,13 +156,6 @@ impl Testbed {
         }
     }
 
-    /// Waits until `mosrun` wrote the home PID into `pidfile` (MOSRUN_PIDFILE); the PID.
-    pub fn wait_for_pid(&self, pidfile: &Path) -> i32 {
-        let read = || -> Option<i32> { std::fs::read_to_string(pidfile).ok()?.trim().parse().ok() };
-        self.wait_until("the job's PID is known", || read().is_some());
-        read().unwrap()
-    }
-
     pub fn where_(&self, pid: i32) -> String {
         let o = self.exec(1, &["where", &pid.to_string()]);
         assert!(
@@ -208,16 +201,13 @@ pub struct Job {
 }
 
 impl Job {
+    /// Starts `mosrun ARGV` on node 1: `testbed exec` and mosrun exec, so the child is
+    /// the job itself and its PID the home PID.
     pub fn start(tb: &Testbed, argv: &[&str]) -> Job {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pidfile = tb.dir.path().join(format!("pid-{k}"));
-        let _ = std::fs::remove_file(&pidfile);
         let mut args = vec!["run"];
         args.extend_from_slice(argv);
         let mut child = tb
             .cmd(1, &args)
-            .env("MOSRUN_PIDFILE", &pidfile)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -245,13 +235,9 @@ impl Job {
             seen: Vec::new(),
             home_pid: 0,
         };
+        j.home_pid = j.child.id() as i32;
         let first = j.line();
         assert!(first.starts_with("start"), "first line {first:?}");
-        j.home_pid = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
         j
     }
 

@@ -25,7 +25,10 @@ pub enum Origin {
     Itself,
 }
 
-type QuiesceReply = Sender<Result<(Vec<(i32, i64)>, u64), MoveError>>;
+/// What a quiesced guest says: the calls done for it meanwhile, its next sequence number,
+/// its descriptors of its own /proc.
+pub type Quiesced = (Vec<(i32, i64)>, u64, Vec<(i32, String)>);
+type QuiesceReply = Sender<Result<Quiesced, MoveError>>;
 
 /// What a guest's driver is told.
 pub enum GuestEv {
@@ -139,6 +142,8 @@ impl Procs {
                     moving: false,
                     quiesce: None,
                     home_wanted: None,
+                    home_next: None,
+                    home_tries: 0,
                     relink: readopted,
                 };
                 d.run();
@@ -198,8 +203,11 @@ struct GuestDriver {
     last_try: Option<Instant>,
     moving: bool,
     quiesce: Option<QuiesceReply>,
-    /// A call of it needs home (why), until it is there.
+    /// A call of it needs home (why), until it is there; when to try next, and the
+    /// failed tries so far.
     home_wanted: Option<String>,
+    home_next: Option<Instant>,
+    home_tries: u32,
     /// The link was down (or mosixd restarted): the supervisor resends once it is up.
     relink: bool,
 }
@@ -229,9 +237,10 @@ impl GuestDriver {
                     FromSup::Quiesced {
                         completed,
                         next_seq,
+                        proc_fds,
                     } => {
                         if let Some(r) = self.quiesce.take() {
-                            let _ = r.send(Ok((completed, next_seq)));
+                            let _ = r.send(Ok((completed, next_seq, proc_fds)));
                         }
                     }
                     FromSup::Exited => {
@@ -309,7 +318,10 @@ impl GuestDriver {
                                 Origin::Auto => self
                                     .procs
                                     .move_failed(proc_id(self.h.home, self.h.home_pid), to),
-                                Origin::Itself => {}
+                                Origin::Itself => warn!(
+                                    pid = self.h.home_pid,
+                                    "it needs home and cannot go there: {e}"
+                                ),
                             }
                         }
                     }
@@ -397,11 +409,19 @@ impl GuestDriver {
         }
     }
 
-    /// A call of it needs home: move it there (again and again until it is).
+    /// A call of it needs home: move it there, again (ever less often, up to every 10 s)
+    /// until it is: it cannot go on without.
     fn retry_home(&mut self) {
+        if self.home_next.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         if let (Some(why), false) = (self.home_wanted.clone(), self.moving) {
             let home = self.h.home;
-            self.start_move(home, format!("back home: it {why}"), None, Origin::Itself);
+            self.home_tries += 1;
+            let wait =
+                Duration::from_millis(200 << self.home_tries.min(6)).min(Duration::from_secs(10));
+            self.home_next = Some(Instant::now() + wait);
+            self.start_move(home, format!("back home: {why}"), None, Origin::Itself);
         }
     }
 
@@ -439,7 +459,7 @@ impl GuestDriver {
             .name(format!("move-{}", self.h.home_pid))
             .spawn(move || {
                 let qtx = tx.clone();
-                let mut quiesce = || -> Result<(Vec<(i32, i64)>, u64), MoveError> {
+                let mut quiesce = || -> Result<Quiesced, MoveError> {
                     let (rtx, rrx) = mpsc::channel();
                     qtx.send(GuestEv::Quiesce(rtx))
                         .map_err(|_| MoveError::Engine("its driver is gone".into()))?;

@@ -147,8 +147,10 @@ pub struct Job<D, H> {
     unlinked_since: Option<Instant>,
     host_down: bool,
     ended: bool,
-    /// The new host's link, come before our move of it was done here.
+    /// The new host's link, come before our move of it was done here, and what it said
+    /// meanwhile.
     early: Option<(u64, u32, H)>,
+    early_msgs: Vec<ToHome>,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -174,6 +176,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             host_down: false,
             ended: false,
             early: None,
+            early_msgs: Vec::new(),
         }
     }
 
@@ -272,6 +275,19 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
     }
 
     pub fn handle(&mut self, ev: Ev<D, H>, now: Instant) -> Vec<Act> {
+        let epoch = self.epoch;
+        let mut acts = self.handle_one(ev, now);
+        if self.epoch != epoch && !self.early_msgs.is_empty() {
+            // A new residence: what its host said before it was ours to hear.
+            for msg in std::mem::take(&mut self.early_msgs) {
+                let e = self.epoch;
+                acts.extend(self.handle_one(Ev::FromHost { epoch: e, msg }, now));
+            }
+        }
+        acts
+    }
+
+    fn handle_one(&mut self, ev: Ev<D, H>, now: Instant) -> Vec<Act> {
         let mut acts = Vec::new();
         match ev {
             Ev::Migrate {
@@ -338,6 +354,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     // A copy there that will never get its deputy: end it.
                     let _ = link.send(&ToHost::Kill);
                 }
+                self.early_msgs.clear();
                 self.answer_waiters(to, &Err(err));
             }
             Ev::CameHome { moved } => {
@@ -390,6 +407,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 }
             }
             Ev::FromHost { epoch, msg } => {
+                if epoch == self.epoch + 1 {
+                    // From the next host, before this move was done here: kept for then.
+                    if self.early_msgs.len() < MAX_QUEUED {
+                        self.early_msgs.push(msg);
+                    }
+                    return acts;
+                }
                 if epoch != self.epoch {
                     return acts;
                 }
@@ -496,8 +520,16 @@ mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
 
-    #[derive(Clone, Default)]
+    #[derive(Clone)]
     struct Rec<T>(Rc<RefCell<Vec<T>>>, Rc<RefCell<bool>>);
+    impl<T> Default for Rec<T> {
+        fn default() -> Self {
+            Rec(
+                Rc::new(RefCell::new(Vec::new())),
+                Rc::new(RefCell::new(false)),
+            )
+        }
+    }
     impl ToDeputySink for Rec<Vec<u8>> {
         fn send(&mut self, f: &[u8]) -> bool {
             if *self.1.borrow() {
@@ -518,13 +550,15 @@ mod tests {
     }
     type J = Job<Rec<Vec<u8>>, Rec<ToHost>>;
 
-    struct W(Rc<RefCell<Vec<MoveResult>>>);
-    // SAFETY-free: the tests are single-threaded; Send is asserted for the trait object.
-    unsafe impl Send for W {}
+    type Got = std::sync::Arc<std::sync::Mutex<Vec<MoveResult>>>;
+    struct W(Got);
     impl Waiter for W {
         fn answer(self: Box<Self>, r: MoveResult) {
-            self.0.borrow_mut().push(r);
+            self.0.lock().unwrap().push(r);
         }
+    }
+    fn got() -> Got {
+        Default::default()
     }
 
     fn moved(to: u32) -> super::super::Moved {
@@ -535,8 +569,8 @@ mod tests {
         }
     }
 
-    fn away(j: &mut J, t: Instant, to: u32) -> Rc<RefCell<Vec<MoveResult>>> {
-        let got = Rc::new(RefCell::new(Vec::new()));
+    fn away(j: &mut J, t: Instant, to: u32) -> Got {
+        let got = got();
         let a = j.handle(
             Ev::Migrate {
                 to,
@@ -557,7 +591,7 @@ mod tests {
             ),
             vec![Act::Persist]
         );
-        assert_eq!(got.borrow().len(), 1);
+        assert_eq!(got.lock().unwrap().len(), 1);
         got
     }
 
@@ -603,6 +637,53 @@ mod tests {
     }
 
     #[test]
+    fn a_new_host_that_links_and_calls_before_the_move_is_done_here_is_heard() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        let a = j.handle(
+            Ev::Migrate {
+                to: 2,
+                reason: "r".into(),
+                offer: None,
+                reply: None,
+            },
+            t,
+        );
+        assert!(matches!(a.as_slice(), [Act::Leave { .. }]));
+        // The destination runs it and links at once; its first call comes before our
+        // leave thread has told the job that the move is done.
+        let h = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: h.clone(),
+            },
+            t,
+        );
+        j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Deputy(b"call".to_vec()),
+            },
+            t,
+        );
+        let d = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(d.clone()), t);
+        assert!(d.0.borrow().is_empty());
+        j.handle(
+            Ev::LeftHome {
+                to: 2,
+                moved: moved(2),
+            },
+            t,
+        );
+        assert_eq!(*d.0.borrow(), vec![b"call".to_vec()]);
+        j.handle(Ev::FromDeputy(b"answer".to_vec()), t);
+        assert_eq!(*h.0.borrow(), vec![ToHost::Deputy(b"answer".to_vec())]);
+    }
+
+    #[test]
     fn a_stale_or_foreign_link_is_ignored_and_moves_follow_residences() {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
@@ -636,7 +717,7 @@ mod tests {
             "the queued frame went to the right host"
         );
         // migrate to 3: asked of the host; it says Left.
-        let got = Rc::new(RefCell::new(Vec::new()));
+        let got = got();
         j.handle(
             Ev::Migrate {
                 to: 3,
@@ -661,7 +742,7 @@ mod tests {
         assert_eq!(a, vec![Act::Persist]);
         assert_eq!(j.place, Where::Away { node: 3, epoch: 2 });
         assert!(matches!(
-            got.borrow()[0],
+            got.lock().unwrap()[0],
             Ok(super::super::Moved { to: 3, .. })
         ));
         // Messages of the old residence are dropped now.
@@ -681,7 +762,7 @@ mod tests {
     fn refusals_are_typed_and_nothing_moves() {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
-        let got = Rc::new(RefCell::new(Vec::new()));
+        let got = got();
         j.handle(
             Ev::Migrate {
                 to: 1,
@@ -692,7 +773,7 @@ mod tests {
             t,
         );
         assert!(matches!(
-            got.borrow()[0],
+            got.lock().unwrap()[0],
             Err(MoveError::AlreadyThere { to: 1 })
         ));
         j.handle(
@@ -713,7 +794,7 @@ mod tests {
             },
             t,
         );
-        assert!(matches!(got.borrow()[1], Err(MoveError::Busy)));
+        assert!(matches!(got.lock().unwrap()[1], Err(MoveError::Busy)));
         j.handle(
             Ev::LeaveFailed {
                 to: 2,

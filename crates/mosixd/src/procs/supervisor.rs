@@ -85,6 +85,7 @@ pub enum FromSup {
     Quiesced {
         completed: Vec<(i32, i64)>,
         next_seq: u64,
+        proc_fds: Vec<(i32, String)>,
     },
     /// It ended (the deputy was told).
     Exited,
@@ -230,6 +231,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             let away = mosix_ckpt::Away {
                 filter: mosix_remote::filter::to_bytes(&mosix_remote::filter::program(h.home_pid)),
                 hostname: Some(h.hostname.clone()),
+                proc_fds: tail.proc_fds.clone(),
             };
             let opts = mosix_ckpt::RestoreOptions {
                 keep_pid: true,
@@ -259,7 +261,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             }
             let mut s = Supervision {
                 live: Live::new(NotifyFd(listener), pid)?,
-                g: Guest::new(h.home_pid, tail.next_seq),
+                g: Guest::new(h.home_pid, tail.next_seq).with_local(tail.proc_fds.clone()),
                 header: h,
                 conn: Some(conn),
                 backlog: Vec::new(),
@@ -329,9 +331,11 @@ impl Supervision {
                 self.g.completed(self.live.mem())
             };
             let next_seq = self.g.next_seq();
+            let proc_fds = self.g.local_fds();
             self.up(FromSup::Quiesced {
                 completed,
                 next_seq,
+                proc_fds,
             });
         }
     }

@@ -113,8 +113,8 @@ fn peer_gone(to: u32, e: impl std::fmt::Display) -> MoveError {
 }
 
 /// The source's half after the image: the tail, the destination's verdict, the commit.
-fn commit(ch: &mut Link, to: u32, next_seq: u64) -> Result<i32, MoveError> {
-    wire::send_flush(ch, &Tail { next_seq }).map_err(|e| peer_gone(to, e))?;
+fn commit(ch: &mut Link, to: u32, tail: Tail) -> Result<i32, MoveError> {
+    wire::send_flush(ch, &tail).map_err(|e| peer_gone(to, e))?;
     match wire::expect::<_, Verdict>(ch).map_err(|e| peer_gone(to, e))? {
         Verdict::Ready => {}
         Verdict::Refused(reason) => return Err(MoveError::Refused { node: to, reason }),
@@ -194,7 +194,16 @@ impl Procs {
         let res = cw
             .finish()
             .map_err(|e| peer_gone(to, e))
-            .and_then(|mut ch| commit(&mut ch, to, 1));
+            .and_then(|mut ch| {
+                commit(
+                    &mut ch,
+                    to,
+                    Tail {
+                        next_seq: 1,
+                        proc_fds: Vec::new(),
+                    },
+                )
+            });
         let host_pid = match res {
             Ok(p) => p,
             Err(e) => {
@@ -248,7 +257,7 @@ impl Procs {
         pid: i32,
         dest: u32,
         header: MigrateHeader,
-        quiesce: &mut dyn FnMut() -> Result<(Vec<(i32, i64)>, u64), MoveError>,
+        quiesce: &mut dyn FnMut() -> Result<super::guest::Quiesced, MoveError>,
     ) -> Result<Moved, MoveError> {
         self.check_destination(dest)?;
         let leaving = mosix_ckpt::Leaving {
@@ -261,16 +270,22 @@ impl Procs {
             .map_err(|e| MoveError::Destination(format!("{e:#}")))?;
         wire::send(&mut ch, &Hello::Migrate(header.clone())).map_err(|e| peer_gone(dest, e))?;
         let t0 = Instant::now();
-        let mut next_seq = 1;
+        let mut tail = Tail {
+            next_seq: 1,
+            proc_fds: Vec::new(),
+        };
         let r = mosix_ckpt::checkpoint_moving_with(
             pid,
             ChunkWriter::new(ch),
             self.cfg.compression,
             &leaving,
             &mut || {
-                let (done, seq) =
+                let (done, seq, proc_fds) =
                     quiesce().map_err(|e| mosix_ckpt::Error::Unrestorable(e.to_string()))?;
-                next_seq = seq;
+                tail = Tail {
+                    next_seq: seq,
+                    proc_fds,
+                };
                 Ok(done)
             },
             &mut |_, _| {},
@@ -279,7 +294,7 @@ impl Procs {
         let res = cw
             .finish()
             .map_err(|e| peer_gone(dest, e))
-            .and_then(|mut ch| commit(&mut ch, dest, next_seq));
+            .and_then(|mut ch| commit(&mut ch, dest, tail));
         match res {
             Ok(host_pid) => {
                 if let Err(e) = held.kill() {
