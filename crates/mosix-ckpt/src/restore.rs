@@ -741,7 +741,10 @@ fn restore_misc(b: &mut Builder) -> Result<()> {
             &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
         )?;
     }
-    for &(res, cur, max) in &m.rlimits {
+    // Inside the deputy, the limits are the process's already: an exec keeps them, and a
+    // change it made away was made at home too.
+    let rlimits: &[(u32, u64, u64)] = if matches!(b.mode, Mode::Into) { &[] } else { &m.rlimits };
+    for &(res, cur, max) in rlimits {
         if let Err(e) = sys::setrlimit(b.pid, res, cur, max) {
             // Raising a hard limit needs CAP_SYS_RESOURCE: keep ours, and say so.
             let (_, our_max) = sys::getrlimit(b.pid, res)?;

@@ -10,7 +10,7 @@ use mosix_proto::control::RegisterRequest;
 use mosix_proto::wire::{self, LinkHello, ToHome, ToHost};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -220,6 +220,16 @@ impl Procs {
             token: Arc::new(token),
         };
         lock(&self.homes).insert(pid, h);
+        // Its end is heard at once (a thread waits on its pidfd).
+        let watch = pidfd.try_clone()?;
+        let wtx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("pid-{pid}"))
+            .spawn(move || {
+                let mut f = [nix::poll::PollFd::new(watch.as_fd(), nix::poll::PollFlags::POLLIN)];
+                while !matches!(nix::poll::poll(&mut f, nix::poll::PollTimeout::NONE), Ok(n) if n > 0) {}
+                let _ = wtx.send(HomeEv::Job(Ev::PidEnded));
+            })?;
         let me = self.clone();
         std::thread::Builder::new()
             .name(format!("home-{pid}"))
@@ -231,7 +241,6 @@ impl Procs {
                     rx,
                     tx,
                     info,
-                    pidfd,
                 };
                 if let Some((to, watch)) = first {
                     d.initial_move(to, watch);
@@ -478,7 +487,6 @@ struct Driver {
     rx: Receiver<HomeEv>,
     tx: Sender<HomeEv>,
     info: Arc<Mutex<Snapshot>>,
-    pidfd: OwnedFd,
 }
 
 const TICK: Duration = Duration::from_millis(200);
@@ -494,9 +502,7 @@ impl Driver {
                 Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
-            if self.pid_ended() {
-                acts.extend(self.job.handle(Ev::PidEnded, now));
-            }
+
             if let Where::Away { node, .. } = self.job.place {
                 let up = self.procs.node_up(node);
                 if !nodes_seen.contains(&(node, up)) {
@@ -513,14 +519,6 @@ impl Driver {
         lock(&self.procs.homes).remove(&self.job.pid);
         self.procs.remove_record(self.job.pid);
         debug!(pid = self.job.pid, "process ended");
-    }
-
-    fn pid_ended(&self) -> bool {
-        let mut f = [nix::poll::PollFd::new(
-            self.pidfd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        matches!(nix::poll::poll(&mut f, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
     fn act(&mut self, a: Act) {
