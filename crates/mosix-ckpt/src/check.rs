@@ -128,12 +128,6 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
         why.push("it is exiting".into());
         return Ok(why);
     }
-    let threads: u32 = get("Threads").parse().unwrap_or(1);
-    if threads > 1 {
-        why.push(format!(
-            "it has {threads} threads (only single-threaded processes can be moved)"
-        ));
-    }
     let tracer: i32 = get("TracerPid").parse().unwrap_or(0);
     // We are the tracer once the process is frozen for the checkpoint (TracerPid names
     // the tracing thread).
@@ -144,6 +138,7 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
     if !matches!(get("Seccomp"), "" | "0") {
         why.push("it runs under a seccomp filter".into());
     }
+    crate::threads::refusals(pid, &mut why);
     let mut head = [0u8; 5];
     if let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/exe")) {
         use std::io::Read;

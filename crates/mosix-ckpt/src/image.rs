@@ -7,7 +7,11 @@
 //!                     xxh3-64 of the preceding 24 bytes
 //! body    (compressed as the header says): records, each
 //!           tag u8, payload length u64, payload, xxh3-64 of (tag, length, payload)
-//!         tag 1 = metadata (postcard-encoded [`ProcessImage`]), exactly one, first
+//!         format 2: tag 3 = index ([`crate::records::Index`]: sizes, process tree),
+//!         first; then per process: tag 4 = process record, tag 5 = one thread record
+//!         per thread (main thread first), tag 2 = its memory; tag 255 = end
+//!         format 1 (read only): tag 1 = metadata ([`crate::records::ProcessImageV1`]),
+//!         exactly one, first, then memory and end
 //!         tag 2 = memory: vaddr u64, then the bytes (a multiple of the page size)
 //!         tag 255 = end: record count u64, payload byte total u64
 //! trailer (8 bytes):  xxh3-64 of every byte before it (header and body as stored)
@@ -21,12 +25,15 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::error::{bad, Error, Result};
+use crate::records::{
+    self, Index, ProcRecord, ProcessImageV1, TAG_INDEX, TAG_PROCESS, TAG_THREAD, V1_LAST_MINOR,
+};
 
 pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
-pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 2;
+pub const FORMAT_MAJOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 0;
 pub const HEADER_LEN: usize = 32;
 
 const TAG_META: u8 = 1;
@@ -227,6 +234,40 @@ pub struct ProcessImage {
     /// read). A restore applies them only as its credential policy allows (see
     /// [`crate::CredPolicy`]): never to a process that becomes a user other than root.
     pub caps: Option<crate::Caps>,
+    /// Its other threads (format 2), in the order they are created again; the main
+    /// thread's state is in the fields above (`regs`, `xstate`, `blocked`, its own
+    /// `pending` signals, `sigaltstack`, `rseq`, `robust_list`, `clear_child_tid`).
+    pub threads: Vec<ThreadImage>,
+    /// Its process group and session, as it saw them (format 2; 0 from a 1.x image).
+    /// Recorded for process families; not restored yet.
+    pub pgid: i32,
+    pub sid: i32,
+}
+
+/// One thread's own state (format 2 thread record).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadImage {
+    /// Its thread ID as the process knows it (kept with `keep_pid`).
+    pub tid: i32,
+    /// Its name (each thread has its own: PR_SET_NAME).
+    pub comm: String,
+    /// `struct user_regs_struct`, raw.
+    pub regs: Vec<u8>,
+    /// TLS bases (also in `regs`; these are the ones restored).
+    pub fs_base: u64,
+    pub gs_base: u64,
+    /// NT_X86_XSTATE, raw XSAVE area.
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub blocked: u64,
+    /// Signals queued to this thread (`shared` false).
+    pub pending: Vec<PendingSignal>,
+    /// (ss_sp, ss_flags, ss_size)
+    pub sigaltstack: (u64, i32, u64),
+    pub rseq: Option<Rseq>,
+    /// (head, length)
+    pub robust_list: (u64, u64),
+    pub clear_child_tid: u64,
 }
 
 /// CLOCK_MONOTONIC and CLOCK_BOOTTIME of a process, in nanoseconds.
@@ -340,9 +381,26 @@ impl<W: Write + 'static> ImageWriter<W> {
             estimate: meta.memory_estimate,
             page_bytes: 0,
         };
-        let meta_bytes = postcard::to_stdvec(meta)
-            .map_err(|e| Error::Io(std::io::Error::other(format!("encoding metadata: {e}"))))?;
-        me.record(TAG_META, &[&meta_bytes])?;
+        let enc = |what: &str, r: postcard::Result<Vec<u8>>| {
+            r.map_err(|e| Error::Io(std::io::Error::other(format!("encoding the {what}: {e}"))))
+        };
+        let (tree, proc_rec, threads) = records::split(meta);
+        let proc_bytes = enc("process record", postcard::to_stdvec(&proc_rec))?;
+        let mut thread_bytes = Vec::with_capacity(threads.len());
+        for t in &threads {
+            thread_bytes.push(enc("thread record", postcard::to_stdvec(t))?);
+        }
+        let index = Index {
+            memory_estimate: meta.memory_estimate,
+            records_bytes: proc_bytes.len() as u64
+                + thread_bytes.iter().map(|t| t.len() as u64).sum::<u64>(),
+            tree: vec![tree],
+        };
+        me.record(TAG_INDEX, &[&enc("index", postcard::to_stdvec(&index))?])?;
+        me.record(TAG_PROCESS, &[&proc_bytes])?;
+        for t in &thread_bytes {
+            me.record(TAG_THREAD, &[t])?;
+        }
         Ok(me)
     }
 
@@ -450,8 +508,11 @@ impl LoadedImage {
     }
 }
 
+/// Format version of an image: (major, minor).
+pub type Version = (u16, u16);
+
 /// Reads and checks the 32-byte header.
-fn read_header(h: &[u8]) -> Result<(Compression, u16)> {
+fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
     if h.len() < HEADER_LEN {
         return Err(bad("truncated: shorter than the image header"));
     }
@@ -464,12 +525,17 @@ fn read_header(h: &[u8]) -> Result<(Compression, u16)> {
     }
     let major = u16::from_le_bytes([h[8], h[9]]);
     let minor = u16::from_le_bytes([h[10], h[11]]);
-    if major != FORMAT_MAJOR || minor > FORMAT_MINOR {
+    let known = match major {
+        1 => minor <= V1_LAST_MINOR,
+        FORMAT_MAJOR => minor <= FORMAT_MINOR,
+        _ => false,
+    };
+    if !known {
         return Err(bad(format!(
-            "image format {major}.{minor} is not supported by this mosix (reads {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a matching mosix version"
+            "image format {major}.{minor} is not supported by this mosix (reads 1.0 to 1.{V1_LAST_MINOR} and {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a matching mosix version"
         )));
     }
-    Ok((Compression::from_code(h[12])?, minor))
+    Ok((Compression::from_code(h[12])?, (major, minor)))
 }
 
 /// How much memory reading an image may take. Decompression is bounded by the size the
@@ -613,6 +679,9 @@ pub const META_GROWTH: u64 = {
         size_of::<(u32, u64, u64)>().div_ceil(3),
         size_of::<[i64; 4]>().div_ceil(4),
         size_of::<u64>(),
+        // A thread record is at least 15 bytes, a tree entry 5.
+        size_of::<ThreadImage>().div_ceil(15),
+        size_of::<records::TreeEntry>().div_ceil(5),
     ];
     let mut most = 0;
     let mut i = 0;
@@ -625,10 +694,14 @@ pub const META_GROWTH: u64 = {
     2 * most as u64
 };
 
-/// The memory decoding a metadata record of `len` bytes may take.
-fn meta_decode_need(len: u64, minor: u16) -> u64 {
-    // A 1.0 record is copied once to be decoded.
-    let copy = if minor == 0 { len + 1 } else { 0 };
+/// The memory decoding metadata records of `len` bytes in all may take.
+fn meta_decode_need(len: u64, v: Version) -> u64 {
+    // An older 1.x record is copied once to be decoded.
+    let copy = if v.0 == 1 && v.1 < V1_LAST_MINOR {
+        len + 1
+    } else {
+        0
+    };
     len.saturating_mul(META_GROWTH).saturating_add(copy)
 }
 /// Bytes of a memory record besides its contents: tag, length, address, checksum.
@@ -723,6 +796,7 @@ fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
     let (compression, minor, n, decompressed) = {
         let bytes = &store[..];
         let (compression, minor) = read_header(bytes)?;
+        // (`minor` is the whole version from here on.)
         // The whole-file checksum first: it covers the compressed bytes too.
         if bytes.len() < HEADER_LEN + 8 {
             return Err(bad("truncated: the image checksum is missing"));
@@ -770,34 +844,41 @@ fn damaged(e: std::io::Error) -> Error {
 }
 
 /// Decompresses a body record by record, never holding more than the image declares:
-/// first the metadata record (at most [`MAX_META`]), whose `memory_estimate` then bounds
+/// first the metadata record (1.x) or the index (2.x), at most [`MAX_META`], whose
+/// `memory_estimate` (and, 2.x, the size of the process and thread records) then bounds
 /// the rest; a declared size beyond `limits` is refused before anything more is read.
 /// Only the records' shapes are checked here; [`parse_body`] verifies the result.
-fn decompress<D: Read>(mut dec: D, minor: u16, limits: &ReadLimits) -> Result<Vec<u8>> {
+fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Vec<u8>> {
     let mut body = Vec::new();
     let mut bound = 9 + MAX_META + 8;
-    // The metadata record.
     let (tag, len) = record_head(&mut dec, &mut body, bound)?
         .ok_or_else(|| bad("truncated: the end record is missing"))?;
-    if tag != TAG_META {
-        return Err(bad("metadata record out of place"));
+    if tag != first_tag(v) {
+        return Err(bad(format!("{} record out of place", first_name(v))));
     }
     if len > MAX_META {
         return Err(bad(format!(
-            "metadata record of {len} bytes (a reader takes at most {MAX_META})"
+            "{} record of {len} bytes (a reader takes at most {MAX_META})",
+            first_name(v)
         )));
     }
-    let meta_need = meta_decode_need(len, minor);
-    if (9 + len + 8).saturating_add(meta_need) > limits.max_memory {
-        return Err(too_big(
-            "its metadata needs",
-            (9 + len + 8).saturating_add(meta_need),
-            limits,
-        ));
+    let first_need = (9 + len + 8).saturating_add(meta_decode_need(len, v));
+    if first_need > limits.max_memory {
+        return Err(too_big("its metadata needs", first_need, limits));
     }
     read_payload(&mut dec, &mut body, len + 8, bound)?;
-    let estimate = decode_meta(&body[9..9 + len as usize], minor)?.memory_estimate;
-    bound = declared_body_len(len, estimate);
+    let payload = &body[9..9 + len as usize];
+    let (estimate, records_bytes, records) = if v.0 == 1 {
+        (decode_meta_v1(payload, v.1)?.memory_estimate, 0, 0)
+    } else {
+        let ix = decode_index(payload)?;
+        let records: u64 = ix.tree.iter().map(|t| 1 + t.threads.len() as u64).sum();
+        (ix.memory_estimate, ix.records_bytes, records)
+    };
+    let meta_need = meta_decode_need(len + records_bytes, v);
+    bound = declared_body_len(len, estimate)
+        .saturating_add(records_bytes)
+        .saturating_add(records.saturating_mul(17));
     if bound.saturating_add(meta_need) > limits.max_memory {
         return Err(too_big(
             &format!(
@@ -815,6 +896,7 @@ fn decompress<D: Read>(mut dec: D, minor: u16, limits: &ReadLimits) -> Result<Ve
         match tag {
             TAG_PAGES if (8 + PAGE..=8 + PAGES_RECORD_MAX as u64).contains(&len) => {}
             TAG_PAGES => return Err(bad("memory record of odd size")),
+            TAG_PROCESS | TAG_THREAD if v.0 >= 2 && len <= records_bytes => {}
             TAG_END if len == 16 => {}
             TAG_END => return Err(bad("end record of wrong size")),
             TAG_META => return Err(bad("metadata record out of place")),
@@ -898,11 +980,27 @@ fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) ->
     }
 }
 
-fn decode_meta(payload: &[u8], minor: u16) -> Result<ProcessImage> {
+fn first_tag(v: Version) -> u8 {
+    if v.0 == 1 {
+        TAG_META
+    } else {
+        TAG_INDEX
+    }
+}
+fn first_name(v: Version) -> &'static str {
+    if v.0 == 1 {
+        "metadata"
+    } else {
+        "index"
+    }
+}
+
+/// Decodes a 1.`minor` metadata record (the frozen 1.2 layout).
+fn decode_meta_v1(payload: &[u8], minor: u16) -> Result<ProcessImageV1> {
     // Each minor version added one trailing `Option` field to the metadata: 1.1 `clocks`,
     // 1.2 `caps`. An older record is decoded with a None (one 0 byte) for each field it
     // does not have.
-    let missing = FORMAT_MINOR.saturating_sub(minor) as usize;
+    let missing = V1_LAST_MINOR.saturating_sub(minor) as usize;
     let decoded = if missing == 0 {
         postcard::from_bytes(payload)
     } else {
@@ -916,11 +1014,111 @@ fn decode_meta(payload: &[u8], minor: u16) -> Result<ProcessImage> {
     decoded.map_err(|e| bad(format!("metadata does not decode: {e}")))
 }
 
+/// Decodes one record of format 2 (no minor has added fields yet).
+fn decode2<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
+    postcard::from_bytes(payload).map_err(|e| bad(format!("the {what} record does not decode: {e}")))
+}
+
+fn decode_index(payload: &[u8]) -> Result<Index> {
+    let ix: Index = decode2(payload, "index")?;
+    if ix.records_bytes > MAX_META {
+        return Err(bad(format!(
+            "process and thread records of {} bytes (a reader takes at most {MAX_META})",
+            ix.records_bytes
+        )));
+    }
+    if ix.tree.is_empty() {
+        return Err(bad("the image holds no process"));
+    }
+    if ix.tree.len() > 1 {
+        return Err(Error::Unrestorable(format!(
+            "the image holds {} processes; this mosix restores one process per image",
+            ix.tree.len()
+        )));
+    }
+    Ok(ix)
+}
+
 type Runs = Vec<(u64, usize, usize)>;
 
-fn parse_body(body: &[u8], minor: u16, limits: &ReadLimits) -> Result<(ProcessImage, Runs)> {
+/// What the records of a format 2 body read so far make.
+#[derive(Default)]
+struct Body2 {
+    index: Option<Index>,
+    /// The process being read: its record and its threads so far.
+    current: Option<(ProcRecord, Vec<ThreadImage>)>,
+    done: Vec<ProcessImage>,
+    records_bytes: u64,
+}
+
+impl Body2 {
+    fn finish_current(&mut self) -> Result<()> {
+        if let Some((p, threads)) = self.current.take() {
+            let ix = self.index.as_ref().expect("index before processes");
+            let t = &ix.tree[self.done.len()];
+            self.done.push(records::join(t, p, threads)?);
+        }
+        Ok(())
+    }
+    fn record(&mut self, tag: u8, payload: &[u8], limits: &ReadLimits) -> Result<()> {
+        if tag == TAG_INDEX {
+            if self.index.is_some() {
+                return Err(bad("index record out of place"));
+            }
+            let ix = decode_index(payload)?;
+            let need = meta_decode_need(payload.len() as u64 + ix.records_bytes, (2, 0));
+            if need > limits.max_memory {
+                return Err(too_big("its metadata needs", need, limits));
+            }
+            self.index = Some(ix);
+            return Ok(());
+        }
+        let Some((declared, processes)) = self.index.as_ref().map(|ix| (ix.records_bytes, ix.tree.len()))
+        else {
+            return Err(bad("index record out of place"));
+        };
+        self.records_bytes += payload.len() as u64;
+        if self.records_bytes > declared {
+            return Err(bad("the process and thread records are larger than declared"));
+        }
+        match tag {
+            TAG_PROCESS => {
+                self.finish_current()?;
+                let n = self.done.len();
+                if n >= processes {
+                    return Err(bad("more process records than processes in the tree"));
+                }
+                self.current = Some((decode2(payload, "process")?, Vec::new()));
+            }
+            _ => {
+                let Some((_, threads)) = &mut self.current else {
+                    return Err(bad("thread record before its process record"));
+                };
+                threads.push(decode2(payload, "thread")?);
+            }
+        }
+        Ok(())
+    }
+    fn end(mut self) -> Result<ProcessImage> {
+        self.finish_current()?;
+        let ix = self.index.take().ok_or_else(|| bad("no index record"))?;
+        if self.done.len() != ix.tree.len() || self.records_bytes != ix.records_bytes {
+            return Err(bad("the records do not match the index"));
+        }
+        let mut p = self.done.remove(0);
+        if p.memory_estimate > ix.memory_estimate {
+            return Err(bad("a process declares more memory than the image"));
+        }
+        p.memory_estimate = ix.memory_estimate;
+        Ok(p)
+    }
+}
+
+fn parse_body(body: &[u8], v: Version, limits: &ReadLimits) -> Result<(ProcessImage, Runs)> {
     let mut pos = 0usize;
     let mut meta: Option<ProcessImage> = None;
+    let mut v2 = Body2::default();
+    let mut estimate: Option<u64> = None;
     let mut runs = Vec::new();
     let mut records = 0u64;
     let mut payload_total = 0u64;
@@ -948,24 +1146,42 @@ fn parse_body(body: &[u8], minor: u16, limits: &ReadLimits) -> Result<(ProcessIm
         records += 1;
         payload_total += len as u64;
         let payload = &body[payload_at..sum_at];
+        if (records == 1) != (tag == first_tag(v)) {
+            return Err(bad(format!("{} record out of place", first_name(v))));
+        }
         match tag {
-            TAG_META => {
-                if meta.is_some() || records != 1 {
-                    return Err(bad("metadata record out of place"));
-                }
+            TAG_META if v.0 == 1 => {
                 if len as u64 > MAX_META {
                     return Err(bad(format!(
                         "metadata record of {len} bytes (a reader takes at most {MAX_META})"
                     )));
                 }
-                let need = meta_decode_need(len as u64, minor);
+                let need = meta_decode_need(len as u64, v);
                 if need > limits.max_memory {
                     return Err(too_big("its metadata needs", need, limits));
                 }
-                meta = Some(decode_meta(payload, minor)?);
+                let m: ProcessImage = decode_meta_v1(payload, v.1)?.into();
+                estimate = Some(m.memory_estimate);
+                meta = Some(m);
+            }
+            TAG_INDEX | TAG_PROCESS | TAG_THREAD if v.0 >= 2 => {
+                if len as u64 > MAX_META {
+                    return Err(bad(format!(
+                        "a record of {len} bytes (a reader takes at most {MAX_META})"
+                    )));
+                }
+                v2.record(tag, payload, limits)?;
+                if let Some(ix) = &v2.index {
+                    estimate = Some(ix.memory_estimate);
+                }
             }
             TAG_PAGES => {
-                let Some(m) = &meta else {
+                let ready = if v.0 == 1 {
+                    meta.is_some()
+                } else {
+                    v2.current.is_some()
+                };
+                let Some(est) = estimate.filter(|_| ready) else {
                     return Err(bad("memory before metadata"));
                 };
                 if len < 8 + PAGE as usize
@@ -975,10 +1191,9 @@ fn parse_body(body: &[u8], minor: u16, limits: &ReadLimits) -> Result<(ProcessIm
                     return Err(bad("memory record of odd size"));
                 }
                 page_bytes += (len - 8) as u64;
-                if page_bytes > m.memory_estimate {
+                if page_bytes > est {
                     return Err(bad(format!(
-                        "the image holds more memory contents than the {} bytes it declares",
-                        m.memory_estimate
+                        "the image holds more memory contents than the {est} bytes it declares"
                     )));
                 }
                 let vaddr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
@@ -1005,202 +1220,14 @@ fn parse_body(body: &[u8], minor: u16, limits: &ReadLimits) -> Result<(ProcessIm
         }
         pos = sum_at + 8;
     }
-    let meta = meta.ok_or_else(|| bad("no metadata record"))?;
+    let meta = if v.0 == 1 {
+        meta.ok_or_else(|| bad("no metadata record"))?
+    } else {
+        v2.end()?
+    };
     Ok((meta, runs))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(c: Compression) -> Vec<u8> {
-        let meta = ProcessImage {
-            comm: "t".into(),
-            memory_estimate: 8192,
-            ..Default::default()
-        };
-        let mut w = ImageWriter::new(Vec::new(), c, &meta).unwrap();
-        let page: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
-        w.pages(0x1000, &page).unwrap();
-        w.finish().unwrap()
-    }
-
-    #[test]
-    fn round_trip_each_compression() {
-        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
-            let img = read_image(&sample(c)[..]).unwrap();
-            assert_eq!(img.meta.comm, "t");
-            let runs: Vec<_> = img.pages().collect();
-            assert_eq!(runs.len(), 1);
-            assert_eq!(runs[0].vaddr, 0x1000);
-            assert_eq!(runs[0].data[9], 63u8);
-        }
-    }
-
-    #[test]
-    fn every_flipped_bit_is_detected() {
-        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
-            let good = sample(c);
-            // Every bit of small images; a stride through bigger ones.
-            let step = (good.len() * 8 / 4000).max(1);
-            for bit in (0..good.len() * 8).step_by(step) {
-                let mut b = good.clone();
-                b[bit / 8] ^= 1 << (bit % 8);
-                assert!(
-                    read_image(&b[..]).is_err(),
-                    "{c:?}: flip of bit {bit} not detected"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn truncation_and_garbage_are_detected() {
-        let good = sample(Compression::None);
-        for cut in 0..good.len() {
-            assert!(read_image(&good[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut more = good.clone();
-        more.push(0);
-        assert!(read_image(&more[..]).is_err());
-    }
-
-    /// A compressed body cut anywhere (and compressed again, with valid checksums, as
-    /// anyone can) is an error, never a panic: the body is read record by record.
-    #[test]
-    fn compressed_bodies_cut_anywhere_are_errors() {
-        let body = {
-            let b = sample(Compression::None);
-            b[HEADER_LEN..b.len() - 8].to_vec()
-        };
-        for c in [Compression::Lz4, Compression::Zstd] {
-            for cut in 0..body.len() {
-                let stored = match c {
-                    Compression::Lz4 => {
-                        let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
-                        e.write_all(&body[..cut]).unwrap();
-                        e.finish().unwrap()
-                    }
-                    _ => zstd::bulk::compress(&body[..cut], 1).unwrap(),
-                };
-                let mut b = header(c).to_vec();
-                b.extend_from_slice(&stored);
-                let sum = xxh3_64(&b);
-                b.extend_from_slice(&sum.to_le_bytes());
-                let e = read_image(&b[..]).err().unwrap().to_string();
-                assert!(e.starts_with("bad image: "), "{c:?} cut at {cut}: {e}");
-            }
-        }
-    }
-
-    /// An uncompressed image of format 1.`minor` holding `meta`, whose metadata record
-    /// is the current one without the `drop` trailing `Option` fields (each None: one 0
-    /// byte), as an older mosix wrote it.
-    fn older_image(meta: &ProcessImage, minor: u16, drop: usize) -> Vec<u8> {
-        let full = postcard::to_stdvec(meta).unwrap();
-        assert!(full[full.len() - drop..].iter().all(|&b| b == 0));
-        let old_meta = &full[..full.len() - drop];
-        let rec = |tag: u8, payload: &[u8]| {
-            let mut r = vec![tag];
-            r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            r.extend_from_slice(payload);
-            let sum = xxh3_64(&r);
-            r.extend_from_slice(&sum.to_le_bytes());
-            r
-        };
-        let mut b = header(Compression::None).to_vec();
-        b[10..12].copy_from_slice(&minor.to_le_bytes());
-        let sum = xxh3_64(&b[..24]);
-        b[24..32].copy_from_slice(&sum.to_le_bytes());
-        b.extend(rec(TAG_META, old_meta));
-        let mut page = 0x1000u64.to_le_bytes().to_vec();
-        page.extend_from_slice(&[0x5a; 4096]);
-        b.extend(rec(TAG_PAGES, &page));
-        let mut end = 3u64.to_le_bytes().to_vec();
-        end.extend_from_slice(&((old_meta.len() + page.len()) as u64).to_le_bytes());
-        b.extend(rec(TAG_END, &end));
-        let sum = xxh3_64(&b);
-        b.extend_from_slice(&sum.to_le_bytes());
-        b
-    }
-
-    fn old_meta() -> ProcessImage {
-        ProcessImage {
-            comm: "old".into(),
-            creds: Creds {
-                uid: [1000; 4],
-                gid: [100; 4],
-                groups: vec![100, 27],
-            },
-            memory_estimate: 4096,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn format_1_0_images_read_without_clocks_or_caps() {
-        // A 1.0 metadata record is the 1.2 one without the trailing `clocks` and `caps`.
-        let img = read_image(&older_image(&old_meta(), 0, 2)[..]).unwrap();
-        assert_eq!(img.meta, old_meta());
-        assert_eq!(img.meta.clocks, None);
-        assert_eq!(img.meta.caps, None);
-        assert_eq!(img.pages().count(), 1);
-    }
-
-    #[test]
-    fn format_1_1_images_read_without_caps() {
-        // A 1.1 metadata record is the 1.2 one without the trailing `caps`.
-        let meta = ProcessImage {
-            clocks: Some(Clocks {
-                monotonic_ns: 5,
-                boottime_ns: 7,
-            }),
-            ..old_meta()
-        };
-        let img = read_image(&older_image(&meta, 1, 1)[..]).unwrap();
-        assert_eq!(img.meta, meta);
-        assert_eq!(img.meta.caps, None);
-        let runs: Vec<_> = img.pages().collect();
-        assert_eq!(
-            (runs.len(), runs[0].vaddr, runs[0].data[4095]),
-            (1, 0x1000, 0x5a)
-        );
-    }
-
-    #[test]
-    fn format_1_2_images_keep_clocks_and_caps() {
-        let meta = ProcessImage {
-            clocks: Some(Clocks::default()),
-            caps: Some(crate::Caps {
-                inheritable: 0,
-                permitted: 0xe3,
-                effective: 0xe3,
-                bounding: 0xe3,
-                ambient: 0,
-            }),
-            ..old_meta()
-        };
-        let mut w = ImageWriter::new(Vec::new(), Compression::Zstd, &meta).unwrap();
-        w.pages(0x1000, &[0u8; 4096]).unwrap();
-        let bytes = w.finish().unwrap();
-        assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), 2);
-        let new = read_image(&bytes[..]).unwrap();
-        assert_eq!(new.meta, meta);
-    }
-
-    #[test]
-    fn newer_version_is_refused_clearly() {
-        let mut b = sample(Compression::None);
-        b[8] = 2;
-        b[10..12].copy_from_slice(&0u16.to_le_bytes());
-        let sum = xxh3_64(&b[..24]);
-        b[24..32].copy_from_slice(&sum.to_le_bytes());
-        let e = read_image(&b[..]).err().unwrap().to_string();
-        assert!(e.contains("image format 2.0 is not supported"), "{e}");
-        let e = read_image(&b"#!/bin/sh\necho hi\n...................."[..])
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("not a mosix process image"), "{e}");
-    }
-}
+#[path = "image_tests.rs"]
+mod tests;

@@ -18,10 +18,12 @@ mod dump;
 mod error;
 pub mod image;
 pub mod procfs;
+pub mod records;
 mod remote;
 mod reopen;
 mod restore;
 pub mod sys;
+mod threads;
 
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};

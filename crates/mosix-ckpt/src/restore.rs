@@ -6,10 +6,11 @@ use std::os::fd::RawFd;
 
 use crate::creds::{self, CredOptions, Plan, Restorer};
 use crate::error::{sys_err, Error, Result};
-use crate::image::{FdKind, LoadedImage, ProcessImage, VmaKind};
+use crate::image::{FdKind, LoadedImage, ProcessImage, ThreadImage, VmaKind};
 use crate::procfs;
 use crate::remote::{find_syscall_insn, Remote};
 use crate::sys::{self, PAGE};
+use crate::threads::{self, Task};
 
 /// Highest user address on x86_64 with 4-level paging.
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
@@ -23,10 +24,6 @@ const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const PR_SET_VMA: u64 = 0x53564d41;
 const PR_SET_VMA_ANON_NAME: u64 = 0;
-const ERESTARTSYS: i64 = 512;
-const ERESTARTNOINTR: i64 = 513;
-const ERESTARTNOHAND: i64 = 514;
-const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// How the new process is created.
 #[derive(Clone, Copy, Debug, Default)]
@@ -49,9 +46,10 @@ pub struct RestoreOptions {
     pub pdeathsig: Option<i32>,
 }
 
-/// Lets a process restored with `hold` run. Call from the thread that restored it.
+/// Lets a process restored with `hold` run, every thread of it. Call from the thread
+/// that restored it.
 pub fn resume(pid: i32) -> Result<()> {
-    sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))
+    threads::detach_all(pid)
 }
 
 /// A restored process, our child.
@@ -192,8 +190,7 @@ pub fn restore_with(
             Ok(Restored { pid, ns_init })
         }
         Err(e) => {
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let _ = sys::wait(pid);
+            threads::kill_and_reap(pid);
             if let Some(i) = ns_init {
                 let _ = sys::kill(i, libc::SIGKILL);
                 let _ = sys::wait(i);
@@ -240,7 +237,8 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     let m = &img.meta;
     sys::set_options(
         pid,
-        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as u64,
+        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE)
+            as u64,
     )
     .map_err(|e| sys_err("ptrace options", e))?;
     // Nothing is delivered while we work.
@@ -359,6 +357,16 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     restore_fds(&mut b)?;
     restore_misc(&mut b)?;
     restore_signals(&mut b)?;
+    // The other threads, made by the main thread while it still may choose their IDs;
+    // each then takes on the process's credentials itself (they are per thread).
+    let made = make_threads(&mut b, opts.keep_pid)?;
+    for (t, _) in &made {
+        let theirs = Remote::new(t.tid, b.r.ip, t.regs);
+        let main_r = std::mem::replace(&mut b.r, theirs);
+        let res = creds::finish(&mut b, plan);
+        b.r = main_r;
+        res?;
+    }
     creds::finish(&mut b, plan)?;
 
     // Leave the work area through a syscall instruction of the restored program itself.
@@ -387,27 +395,56 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     )?;
 
     // Registers last; a system call interrupted at checkpoint time is restarted.
-    let mut regs = sys::regs_from_bytes(&m.regs).expect("checked in preflight");
-    if (regs.orig_rax as i64) >= 0 {
-        match -(regs.rax as i64) {
-            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
-                regs.rax = regs.orig_rax;
-                regs.rip -= 2;
-            }
-            ERESTART_RESTARTBLOCK => regs.rax = (-libc::EINTR) as i64 as u64,
-            _ => {}
-        }
+    let regs = sys::regs_from_bytes(&m.regs).expect("checked in preflight");
+    final_state(pid, regs, &m.xstate, m.blocked)?;
+    for (t, ti) in &made {
+        let mut regs = sys::regs_from_bytes(&ti.regs).ok_or_else(|| {
+            Error::Unrestorable(format!("registers of thread {} of an unknown layout", ti.tid))
+        })?;
+        regs.fs_base = ti.fs_base;
+        regs.gs_base = ti.gs_base;
+        final_state(t.tid, regs, &ti.xstate, ti.blocked)?;
     }
-    regs.orig_rax = u64::MAX;
-    sys::set_regs(pid, &regs)?;
-    sys::set_xstate(pid, &m.xstate).map_err(|e| {
-        Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
-    })?;
-    sys::set_sigmask(pid, m.blocked)?;
     if !opts.hold {
         resume(pid)?;
     }
     Ok(())
+}
+
+/// Sets the registers (an interrupted system call made to restart), XSAVE area and
+/// blocked signals a restored thread starts with.
+fn final_state(tid: i32, regs: sys::Regs, xstate: &[u8], blocked: u64) -> Result<()> {
+    sys::set_regs(tid, &threads::resume_regs(regs))?;
+    sys::set_xstate(tid, xstate).map_err(|e| {
+        Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
+    })?;
+    sys::set_sigmask(tid, blocked)
+}
+
+/// Makes the image's other threads, each with its own state and pending signals; they
+/// are left stopped.
+fn make_threads<'a>(b: &mut Builder<'a>, keep_tid: bool) -> Result<Vec<(Task, &'a ThreadImage)>> {
+    let img = b.img;
+    let mut made = Vec::new();
+    for ti in &img.threads {
+        let t = threads::create(&mut b.r, b.pid, b.scratch + AT_MISC, ti, keep_tid)?;
+        let mut r = Remote::new(t.tid, b.r.ip, t.regs);
+        threads::set_own(&mut r, ti, b.scratch + AT_STR, b.scratch + AT_MISC)?;
+        for s in &ti.pending {
+            if s.siginfo.len() != 128 {
+                return Err(Error::BadImage("pending signal of wrong size".into()));
+            }
+            let signo = i32::from_le_bytes(s.siginfo[..4].try_into().expect("4 bytes"));
+            let p = b.put(AT_MISC, &s.siginfo)?;
+            b.call(
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                &[b.own as u64, t.own as u64, signo as u64, p],
+            )?;
+        }
+        made.push((t, ti));
+    }
+    Ok(made)
 }
 
 /// The first `syscall` instruction in the given ranges of `pid`'s memory.

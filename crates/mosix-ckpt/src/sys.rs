@@ -51,6 +51,13 @@ pub fn detach(pid: i32, sig: i32) -> io::Result<()> {
     ptrace(libc::PTRACE_DETACH, pid, 0, sig as u64).map(drop)
 }
 
+/// The message of the last ptrace event stop (PTRACE_EVENT_CLONE: the new thread's ID).
+pub fn get_event_msg(pid: i32) -> io::Result<u64> {
+    let mut m = 0u64;
+    ptrace(libc::PTRACE_GETEVENTMSG, pid, 0, &mut m as *mut u64 as u64)?;
+    Ok(m)
+}
+
 pub fn get_regs(pid: i32) -> Result<Regs> {
     // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
     let mut r: Regs = unsafe { std::mem::zeroed() };
