@@ -171,8 +171,11 @@ impl Frozen {
         let any_held = self.tasks.iter().any(|t| !t.held.is_empty());
         if let (true, Some(_), Some((addr, _))) = (any_held, self.syscall_ip, &self.scratch) {
             let addr = *addr;
-            let mut r = self.remote_of(0)?;
-            threads::requeue_held(&mut self.tasks, &mut r, addr)?;
+            for i in 0..self.tasks.len() {
+                let mut r = self.remote_of(i)?;
+                let own = self.own;
+                threads::requeue_held(&mut self.tasks[i], own, &mut r, addr)?;
+            }
         }
         if let Some((addr, orig)) = self.scratch.take() {
             sys::write_mem(self.pid, addr, &orig)?;

@@ -431,16 +431,7 @@ fn make_threads<'a>(b: &mut Builder<'a>, keep_tid: bool) -> Result<Vec<(Task, &'
         let mut r = Remote::new(t.tid, b.r.ip, t.regs);
         threads::set_own(&mut r, ti, b.scratch + AT_STR, b.scratch + AT_MISC)?;
         for s in &ti.pending {
-            if s.siginfo.len() != 128 {
-                return Err(Error::BadImage("pending signal of wrong size".into()));
-            }
-            let signo = i32::from_le_bytes(s.siginfo[..4].try_into().expect("4 bytes"));
-            let p = b.put(AT_MISC, &s.siginfo)?;
-            b.call(
-                "rt_tgsigqueueinfo",
-                libc::SYS_rt_tgsigqueueinfo,
-                &[b.own as u64, t.own as u64, signo as u64, p],
-            )?;
+            threads::queue_own(&mut r, b.own, t.own, &s.siginfo, b.scratch + AT_MISC)?;
         }
         made.push((t, ti));
     }

@@ -144,24 +144,32 @@ fn stop(
     }
 }
 
-/// Queues the signals the tasks held again, by system calls of the main thread (`r`,
-/// whose thread ID is the process's), with `addr` as scratch memory. What cannot be
-/// queued stays held (delivered at detach).
-pub(crate) fn requeue_held(tasks: &mut [Task], r: &mut Remote, addr: u64) -> Result<()> {
-    let tgid = tasks.first().map_or(0, |t| t.own);
-    for i in 0..tasks.len() {
-        while let Some(info) = tasks[i].held.first().cloned() {
-            sys::write_mem(r.pid, addr, &info)?;
-            r.call(
-                "queueing a held signal",
-                libc::SYS_rt_tgsigqueueinfo,
-                &[tgid as u64, tasks[i].own as u64, signo(&info) as u64, addr],
-            )?;
-            tasks[i].held.remove(0);
-        }
+/// Queues the signals task `t` held again, by system calls of its own (`r`: the kernel
+/// lets only a thread itself queue a signal that looks sent by the kernel or by tgkill to
+/// it), with `addr` as scratch memory. What cannot be queued stays held (delivered at
+/// detach).
+pub(crate) fn requeue_held(t: &mut Task, tgid: i32, r: &mut Remote, addr: u64) -> Result<()> {
+    while let Some(info) = t.held.first().cloned() {
+        queue_own(r, tgid, t.own, &info, addr)?;
+        t.held.remove(0);
     }
-    // Signals for the main thread that arrived while it queued these.
-    tasks[0].held.append(&mut r.held);
+    // Signals that arrived while it queued these.
+    t.held.append(&mut r.held);
+    Ok(())
+}
+
+/// Queues the signal `info` (a raw siginfo) to thread `tid` of `tgid` by a system call
+/// of that very thread (`r`), with `addr` as scratch memory.
+pub(crate) fn queue_own(r: &mut Remote, tgid: i32, tid: i32, info: &[u8], addr: u64) -> Result<()> {
+    if info.len() != 128 {
+        return Err(Error::BadImage("pending signal of wrong size".into()));
+    }
+    sys::write_mem(r.pid, addr, info)?;
+    r.call(
+        "queueing a pending signal",
+        libc::SYS_rt_tgsigqueueinfo,
+        &[tgid as u64, tid as u64, signo(info) as u64, addr],
+    )?;
     Ok(())
 }
 
