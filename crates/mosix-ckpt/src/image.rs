@@ -525,6 +525,7 @@ fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
     }
     let major = u16::from_le_bytes([h[8], h[9]]);
     let minor = u16::from_le_bytes([h[10], h[11]]);
+    #[allow(clippy::absurd_extreme_comparisons)] // true while FORMAT_MINOR is 0
     let known = match major {
         1 => minor <= V1_LAST_MINOR,
         FORMAT_MAJOR => minor <= FORMAT_MINOR,
@@ -1016,7 +1017,8 @@ fn decode_meta_v1(payload: &[u8], minor: u16) -> Result<ProcessImageV1> {
 
 /// Decodes one record of format 2 (no minor has added fields yet).
 fn decode2<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
-    postcard::from_bytes(payload).map_err(|e| bad(format!("the {what} record does not decode: {e}")))
+    postcard::from_bytes(payload)
+        .map_err(|e| bad(format!("the {what} record does not decode: {e}")))
 }
 
 fn decode_index(payload: &[u8]) -> Result<Index> {
@@ -1073,13 +1075,18 @@ impl Body2 {
             self.index = Some(ix);
             return Ok(());
         }
-        let Some((declared, processes)) = self.index.as_ref().map(|ix| (ix.records_bytes, ix.tree.len()))
+        let Some((declared, processes)) = self
+            .index
+            .as_ref()
+            .map(|ix| (ix.records_bytes, ix.tree.len()))
         else {
             return Err(bad("index record out of place"));
         };
         self.records_bytes += payload.len() as u64;
         if self.records_bytes > declared {
-            return Err(bad("the process and thread records are larger than declared"));
+            return Err(bad(
+                "the process and thread records are larger than declared",
+            ));
         }
         match tag {
             TAG_PROCESS => {

@@ -97,6 +97,7 @@ fn older_image(meta: &ProcessImage, minor: u16, drop: usize) -> Vec<u8> {
         r
     };
     let mut b = header(Compression::None).to_vec();
+    b[8..10].copy_from_slice(&1u16.to_le_bytes());
     b[10..12].copy_from_slice(&minor.to_le_bytes());
     let sum = xxh3_64(&b[..24]);
     b[24..32].copy_from_slice(&sum.to_le_bytes());
@@ -268,7 +269,7 @@ fn format_2_records_must_match_the_index() {
             .map(|t| postcard::to_stdvec(t).unwrap())
             .collect();
         let ix = Index {
-            memory_estimate: 0,
+            memory_estimate: p.memory_estimate,
             records_bytes: (pb.len() + tb.iter().map(Vec::len).sum::<usize>()) as u64,
             tree: vec![tree],
         };
@@ -289,14 +290,20 @@ fn format_2_records_must_match_the_index() {
         read_image(&b[..]).map(|i| i.meta)
     };
     assert_eq!(build(tree.clone(), &threads).unwrap(), meta);
-    let e = build(tree.clone(), &threads[..1]).err().unwrap().to_string();
-    assert!(e.contains("do not match the process tree"), "{e}");
-    let mut twice = tree.clone();
-    twice.threads = vec![77, 78, 78];
-    let e = build(twice, &[threads[0].clone(), threads[1].clone(), threads[1].clone()])
+    let e = build(tree.clone(), &threads[..1])
         .err()
         .unwrap()
         .to_string();
+    assert!(e.contains("do not match the process tree"), "{e}");
+    let mut twice = tree.clone();
+    twice.threads = vec![77, 78, 78];
+    let e = build(
+        twice,
+        &[threads[0].clone(), threads[1].clone(), threads[1].clone()],
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("duplicate thread IDs"), "{e}");
     let mut other = tree;
     other.pid = 5;

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{bad, Result};
 use crate::image::{
-    Clocks, Creds, Fd, FileId, MmFields, PendingSignal, ProcessImage, Rseq, SigAction,
-    ThreadImage, Vma,
+    Clocks, Creds, Fd, FileId, MmFields, PendingSignal, ProcessImage, Rseq, SigAction, ThreadImage,
+    Vma,
 };
 use crate::Caps;
 
@@ -141,7 +141,7 @@ pub fn join(t: &TreeEntry, p: ProcRecord, mut threads: Vec<ThreadImage>) -> Resu
         )));
     }
     let mut seen = std::collections::HashSet::new();
-    if !tids.iter().all(|&x| x > 0 && seen.insert(x)) {
+    if !tids.iter().all(|&x| seen.insert(x)) {
         return Err(bad(format!("process {} has duplicate thread IDs", p.pid)));
     }
     let mut main = threads.remove(0);

@@ -237,8 +237,7 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     let m = &img.meta;
     sys::set_options(
         pid,
-        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE)
-            as u64,
+        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE) as u64,
     )
     .map_err(|e| sys_err("ptrace options", e))?;
     // Nothing is delivered while we work.
@@ -399,7 +398,10 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     final_state(pid, regs, &m.xstate, m.blocked)?;
     for (t, ti) in &made {
         let mut regs = sys::regs_from_bytes(&ti.regs).ok_or_else(|| {
-            Error::Unrestorable(format!("registers of thread {} of an unknown layout", ti.tid))
+            Error::Unrestorable(format!(
+                "registers of thread {} of an unknown layout",
+                ti.tid
+            ))
         })?;
         regs.fs_base = ti.fs_base;
         regs.gs_base = ti.gs_base;

@@ -212,7 +212,8 @@ pub(crate) fn own_queries(r: &mut Remote, addr: u64) -> Result<((u64, i32, u64),
     let pid = r.pid;
     r.call("sigaltstack", libc::SYS_sigaltstack, &[0, addr])?;
     sys::read_mem(pid, addr, &mut buf)?;
-    let u = |b: &[u8], i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let u =
+        |b: &[u8], i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     let altstack = (
         u(&buf, 0),
         i32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")),
@@ -339,7 +340,11 @@ pub(crate) fn create(
     let regs = sys::get_regs(tid)?;
     Ok(Task {
         tid,
-        own: if keep_tid { t.tid } else { procfs::own_pid(tid) },
+        own: if keep_tid {
+            t.tid
+        } else {
+            procfs::own_pid(tid)
+        },
         regs,
         held: Vec::new(),
     })

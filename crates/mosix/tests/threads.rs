@@ -184,7 +184,11 @@ fn round_trip(c: &Case) -> String {
         String::from_utf8_lossy(&ck.stderr)
     );
     let (before, st) = job.finish();
-    assert_eq!(st.signal(), Some(libc::SIGKILL), "checkpoint kills the original");
+    assert_eq!(
+        st.signal(),
+        Some(libc::SIGKILL),
+        "checkpoint kills the original"
+    );
 
     let mut args = vec!["restart"];
     args.extend_from_slice(c.restart);
@@ -251,7 +255,11 @@ fn threads_born_during_the_freeze_are_caught() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let r = mosix_ckpt::read_image_file(&img).expect("the image reads back");
         // Every thread of the image is one of the process's (main, or a worker).
-        assert!(r.meta.threads.len() <= 4, "{} threads", r.meta.threads.len());
+        assert!(
+            r.meta.threads.len() <= 4,
+            "{} threads",
+            r.meta.threads.len()
+        );
     }
     let (out, st) = job.finish();
     assert!(st.success(), "the original went on and ended well: {st}");
