@@ -44,6 +44,14 @@ fn describe_special(t: &str) -> String {
 pub fn classify_fd(f: &FdInfo) -> std::result::Result<FdKind, String> {
     let t = &f.target;
     let fmt = f.mode & libc::S_IFMT;
+    if crate::shmem::is_shmem(t) && !f.has_lock {
+        // Its object is found by inode when the process is dumped.
+        return Ok(FdKind::Memfd {
+            ino: 0,
+            flags: f.flags,
+            pos: f.pos,
+        });
+    }
     if t.ends_with(" (deleted)") {
         return Err(format!("fd {} is a deleted file ({t})", f.fd));
     }
@@ -77,6 +85,10 @@ pub fn classify_fd(f: &FdInfo) -> std::result::Result<FdKind, String> {
 /// Why mapping `m` cannot be saved, if it cannot.
 pub fn vma_refusal(m: &MapLine) -> Option<String> {
     let at = format!("{:#x}-{:#x}", m.start, m.end);
+    if crate::shmem::is_shmem(&m.name) {
+        // Moves with the process, unless another one has it too (see `refusals`).
+        return None;
+    }
     if m.name.starts_with("/SYSV") {
         return Some(format!("it is attached to System V shared memory ({at})"));
     }
@@ -156,7 +168,9 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
             why.push("it uses POSIX timers (timer_create)".into());
         }
     }
-    for m in procfs::maps(pid)? {
+    let maps = procfs::maps(pid)?;
+    crate::shmem::refusals(pid, &maps, &mut why);
+    for m in maps {
         if let Some(r) = vma_refusal(&m) {
             if !why.contains(&r) {
                 why.push(r);

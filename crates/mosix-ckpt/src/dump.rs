@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use crate::check as checks;
 use crate::error::{sys_err, Error, Result};
 use crate::image::{
-    Clocks, Compression, Creds, Fd, ImageWriter, MmFields, PendingSignal, ProcessImage, Rseq,
-    SigAction, Vma, VmaKind, PAGES_RECORD_MAX,
+    Clocks, Compression, Creds, Fd, FdKind, ImageWriter, MmFields, PendingSignal, ProcessImage,
+    Rseq, SigAction, Vma, VmaKind, PAGES_RECORD_MAX,
 };
 use crate::procfs::{self, MapLine, PM_FILE, PM_PRESENT, PM_SWAPPED};
 use crate::remote::{find_syscall_insn, Remote};
+use crate::shmem;
 use crate::sys::{self, PAGE};
 use crate::threads::{self, Task};
 
@@ -340,6 +341,11 @@ fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
         }
         let kind = if m.is_special() {
             VmaKind::Special(m.name.clone())
+        } else if shmem::is_shmem(&m.name) {
+            VmaKind::Shmem {
+                ino: m.inode,
+                offset: m.offset,
+            }
         } else if m.is_file() {
             let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             let id =
@@ -470,10 +476,13 @@ fn dump_frozen<W: Write + 'static>(
     let rlimits = procfs::limits(pid)?;
     let mut fds = Vec::new();
     for fi in procfs::fds(pid)? {
-        let kind = checks::classify_fd(&fi).map_err(|r| Error::Refused {
+        let mut kind = checks::classify_fd(&fi).map_err(|r| Error::Refused {
             pid,
             reasons: vec![r],
         })?;
+        if let FdKind::Memfd { ino, .. } = &mut kind {
+            *ino = shmem::fd_inode(pid, fi.fd).ok_or(Error::NoProcess(pid))?;
+        }
         fds.push(Fd {
             fd: fi.fd,
             cloexec: fi.flags & libc::O_CLOEXEC != 0,
@@ -482,7 +491,10 @@ fn dump_frozen<W: Write + 'static>(
     }
     let vmas = vmas_of(pid, &maps)?;
     let runs = page_runs(pid, &vmas)?;
-    let estimate: u64 = runs.iter().map(|r| r.1 * PAGE).sum();
+    let objs = shmem::objects_of(pid, &maps)?;
+    let (shmem_objects, shmem_runs) = shmem::describe(&objs)?;
+    let estimate: u64 =
+        runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
     let exe = procfs::link(pid, "exe")?;
     let meta = ProcessImage {
         arch: std::env::consts::ARCH.to_string(),
@@ -544,6 +556,7 @@ fn dump_frozen<W: Write + 'static>(
         threads: others,
         pgid: last_id(st.get("NSpgid")),
         sid: last_id(st.get("NSsid")),
+        shmem: shmem_objects,
     };
 
     let mut w = ImageWriter::new(out, opts.compression, &meta)?;
@@ -580,6 +593,7 @@ fn dump_frozen<W: Write + 'static>(
         done += len as u64;
         progress(done, estimate);
     }
+    stats.memory_bytes += shmem::write_contents(&objs, &shmem_runs, &mut w)?;
     let out = w.finish()?;
     Ok((out, stats))
 }

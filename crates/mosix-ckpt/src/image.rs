@@ -38,6 +38,8 @@ pub const HEADER_LEN: usize = 32;
 
 const TAG_META: u8 = 1;
 const TAG_PAGES: u8 = 2;
+/// Format 2: data of a shared memory object: inode u64, offset u64, bytes.
+const TAG_SHMEM: u8 = 6;
 const TAG_END: u8 = 255;
 /// Upper bound on one record's payload (a corrupt length must not make us allocate TiBs).
 const MAX_RECORD: u64 = 1 << 32;
@@ -105,6 +107,22 @@ pub enum VmaKind {
     },
     /// The kernel's [vdso] / [vvar] / [vvar_vclock]: moved, not restored.
     Special(String),
+    /// A shared memory object of the process ([`ShmemObject`] `ino`) from `offset`
+    /// (format 2): a memfd, or MAP_SHARED anonymous memory.
+    Shmem { ino: u64, offset: u64 },
+}
+
+/// A memfd or MAP_SHARED anonymous memory object of the process (format 2); its data is
+/// in shared-memory records, made again as a memfd.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmemObject {
+    /// Its inode at checkpoint time: how mappings and descriptors name it in the image.
+    pub ino: u64,
+    /// The memfd's name; None for MAP_SHARED anonymous memory.
+    pub name: Option<String>,
+    pub size: u64,
+    /// F_SEAL_* bits of a memfd.
+    pub seals: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +193,8 @@ pub enum FdKind {
         pos: u64,
         id: Option<FileId>,
     },
+    /// A memfd of the process ([`ShmemObject`] `ino`), at `pos` with `flags` (format 2).
+    Memfd { ino: u64, flags: i32, pos: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +262,8 @@ pub struct ProcessImage {
     /// Recorded for process families; not restored yet.
     pub pgid: i32,
     pub sid: i32,
+    /// Its memfds and MAP_SHARED anonymous memory (format 2).
+    pub shmem: Vec<ShmemObject>,
 }
 
 /// One thread's own state (format 2 thread record).
@@ -452,6 +474,31 @@ impl<W: Write + 'static> ImageWriter<W> {
         Ok(())
     }
 
+    /// Appends data of shared memory object `ino` at `offset` (whole pages, in records of
+    /// at most [`PAGES_RECORD_MAX`] bytes), counted against `memory_estimate` too.
+    pub fn shmem_pages(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+        let invalid =
+            |msg: String| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
+        if !offset.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
+            return Err(invalid(format!(
+                "shared memory contents at {offset:#x} of {} bytes are not whole pages",
+                data.len()
+            )));
+        }
+        self.page_bytes += data.len() as u64;
+        if self.page_bytes > self.estimate {
+            return Err(invalid(format!(
+                "memory contents of {} bytes exceed the metadata's memory_estimate ({})",
+                self.page_bytes, self.estimate
+            )));
+        }
+        for (i, chunk) in data.chunks(PAGES_RECORD_MAX).enumerate() {
+            let at = offset + (i * PAGES_RECORD_MAX) as u64;
+            self.record(TAG_SHMEM, &[&ino.to_le_bytes(), &at.to_le_bytes(), chunk])?;
+        }
+        Ok(())
+    }
+
     /// Writes the end record and returns the underlying writer.
     pub fn finish(mut self) -> Result<W> {
         let count = self.records + 1;
@@ -477,6 +524,15 @@ pub struct LoadedImage {
     body_at: usize,
     /// (vaddr, offset into body, length)
     runs: Vec<(u64, usize, usize)>,
+    /// Shared memory data: (inode, offset in the object, offset into body, length).
+    shmem_runs: Vec<(u64, u64, usize, usize)>,
+}
+
+/// One run of a shared memory object's data.
+pub struct ShmemPages<'a> {
+    pub ino: u64,
+    pub offset: u64,
+    pub data: &'a [u8],
 }
 
 /// The bytes of an image: read into memory, or mapped from its file (no copy).
@@ -503,8 +559,20 @@ impl LoadedImage {
             data: &body[off..off + len],
         })
     }
+    /// The data of the shared memory objects.
+    pub fn shmem_pages(&self) -> impl Iterator<Item = ShmemPages<'_>> {
+        let body = &self.store[self.body_at..];
+        self.shmem_runs
+            .iter()
+            .map(move |&(ino, offset, off, len)| ShmemPages {
+                ino,
+                offset,
+                data: &body[off..off + len],
+            })
+    }
     pub fn memory_bytes(&self) -> u64 {
-        self.runs.iter().map(|r| r.2 as u64).sum()
+        self.runs.iter().map(|r| r.2 as u64).sum::<u64>()
+            + self.shmem_runs.iter().map(|r| r.3 as u64).sum::<u64>()
     }
 }
 
@@ -830,13 +898,14 @@ fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
             (Storage::Owned(body), 0, len)
         }
     };
-    let (meta, runs) = parse_body(&store[body_at..end], minor, limits)?;
+    let (meta, runs, shmem_runs) = parse_body(&store[body_at..end], minor, limits)?;
     Ok(LoadedImage {
         meta,
         compression,
         store,
         body_at,
         runs,
+        shmem_runs,
     })
 }
 
@@ -877,9 +946,12 @@ fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Ve
         (ix.memory_estimate, ix.records_bytes, records)
     };
     let meta_need = meta_decode_need(len + records_bytes, v);
+    // (A shared-memory record has 8 bytes more than a memory record.)
+    let shmem_extra = if v.0 >= 2 { (estimate / PAGE) * 8 } else { 0 };
     bound = declared_body_len(len, estimate)
         .saturating_add(records_bytes)
-        .saturating_add(records.saturating_mul(17));
+        .saturating_add(records.saturating_mul(17))
+        .saturating_add(shmem_extra);
     if bound.saturating_add(meta_need) > limits.max_memory {
         return Err(too_big(
             &format!(
@@ -898,6 +970,7 @@ fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Ve
             TAG_PAGES if (8 + PAGE..=8 + PAGES_RECORD_MAX as u64).contains(&len) => {}
             TAG_PAGES => return Err(bad("memory record of odd size")),
             TAG_PROCESS | TAG_THREAD if v.0 >= 2 && len <= records_bytes => {}
+            TAG_SHMEM if v.0 >= 2 && (16 + PAGE..=16 + PAGES_RECORD_MAX as u64).contains(&len) => {}
             TAG_END if len == 16 => {}
             TAG_END => return Err(bad("end record of wrong size")),
             TAG_META => return Err(bad("metadata record out of place")),
@@ -1121,12 +1194,19 @@ impl Body2 {
     }
 }
 
-fn parse_body(body: &[u8], v: Version, limits: &ReadLimits) -> Result<(ProcessImage, Runs)> {
+type ShmemRuns = Vec<(u64, u64, usize, usize)>;
+
+fn parse_body(
+    body: &[u8],
+    v: Version,
+    limits: &ReadLimits,
+) -> Result<(ProcessImage, Runs, ShmemRuns)> {
     let mut pos = 0usize;
     let mut meta: Option<ProcessImage> = None;
     let mut v2 = Body2::default();
     let mut estimate: Option<u64> = None;
     let mut runs = Vec::new();
+    let mut shmem_runs = Vec::new();
     let mut records = 0u64;
     let mut payload_total = 0u64;
     let mut page_bytes = 0u64;
@@ -1182,6 +1262,29 @@ fn parse_body(body: &[u8], v: Version, limits: &ReadLimits) -> Result<(ProcessIm
                     estimate = Some(ix.memory_estimate);
                 }
             }
+            TAG_SHMEM if v.0 >= 2 => {
+                let Some(est) = estimate.filter(|_| v2.current.is_some()) else {
+                    return Err(bad("shared memory data before its process"));
+                };
+                if len < 16 + PAGE as usize
+                    || len > 16 + PAGES_RECORD_MAX
+                    || !(len - 16).is_multiple_of(PAGE as usize)
+                {
+                    return Err(bad("shared memory record of odd size"));
+                }
+                page_bytes += (len - 16) as u64;
+                if page_bytes > est {
+                    return Err(bad(format!(
+                        "the image holds more memory contents than the {est} bytes it declares"
+                    )));
+                }
+                let ino = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                let offset = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+                if offset % PAGE != 0 {
+                    return Err(bad("shared memory record at unaligned offset"));
+                }
+                shmem_runs.push((ino, offset, payload_at + 16, len - 16));
+            }
             TAG_PAGES => {
                 let ready = if v.0 == 1 {
                     meta.is_some()
@@ -1232,7 +1335,16 @@ fn parse_body(body: &[u8], v: Version, limits: &ReadLimits) -> Result<(ProcessIm
     } else {
         v2.end()?
     };
-    Ok((meta, runs))
+    // Every shared memory record is of an object of the process, within its size.
+    for &(ino, offset, _, len) in &shmem_runs {
+        let fits = meta.shmem.iter().any(|o| {
+            o.ino == ino && offset.saturating_add(len as u64) <= o.size.div_ceil(PAGE) * PAGE
+        });
+        if !fits {
+            return Err(bad("shared memory data of no object of the process"));
+        }
+    }
+    Ok((meta, runs, shmem_runs))
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod records;
 mod remote;
 mod reopen;
 mod restore;
+mod shmem;
 pub mod sys;
 mod threads;
 

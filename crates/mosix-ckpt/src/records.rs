@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{bad, Result};
 use crate::image::{
-    Clocks, Creds, Fd, FileId, MmFields, PendingSignal, ProcessImage, Rseq, SigAction, ThreadImage,
-    Vma,
+    Clocks, Creds, Fd, FileId, MmFields, PendingSignal, ProcessImage, Rseq, ShmemObject, SigAction,
+    ThreadImage, Vma,
 };
 use crate::Caps;
 
@@ -71,6 +71,8 @@ pub struct ProcRecord {
     pub pending: Vec<PendingSignal>,
     pub itimers: Vec<[i64; 4]>,
     pub fds: Vec<Fd>,
+    /// Its memfds and MAP_SHARED anonymous memory.
+    pub shmem: Vec<ShmemObject>,
     /// Bytes of memory contents of this process, at most.
     pub memory_estimate: u64,
     pub clocks: Option<Clocks>,
@@ -125,6 +127,7 @@ pub fn split(m: &ProcessImage) -> (TreeEntry, ProcRecord, Vec<ThreadImage>) {
         pending: shared,
         itimers: m.itimers.clone(),
         fds: m.fds.clone(),
+        shmem: m.shmem.clone(),
         memory_estimate: m.memory_estimate,
         clocks: m.clocks,
     };
@@ -188,6 +191,7 @@ pub fn join(t: &TreeEntry, p: ProcRecord, mut threads: Vec<ThreadImage>) -> Resu
         threads,
         pgid: t.pgid,
         sid: t.sid,
+        shmem: p.shmem,
     })
 }
 
@@ -265,6 +269,7 @@ impl From<ProcessImageV1> for ProcessImage {
             threads: Vec::new(),
             pgid: 0,
             sid: 0,
+            shmem: Vec::new(),
         }
     }
 }

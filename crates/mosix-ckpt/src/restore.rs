@@ -209,6 +209,8 @@ pub(crate) struct Builder<'a> {
     img: &'a ProcessImage,
     /// The fs uid paths are opened with.
     pub(crate) fs_uid: u32,
+    /// The process's shared memory objects made again: image inode -> descriptor.
+    shm: HashMap<u64, u64>,
 }
 
 impl Builder<'_> {
@@ -340,6 +342,7 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
         scratch,
         img: m,
         fs_uid: plan.creds.uid[3],
+        shm: HashMap::new(),
     };
     // From here on, every path is opened as the user the process belongs to.
     creds::enter(&mut b, plan)?;
@@ -348,12 +351,14 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     // very file.
     set_mm(&mut b)?;
     let t = std::time::Instant::now();
+    make_shmem(&mut b, img)?;
     map_memory(&mut b)?;
     tracing::debug!("mapped in {:?}", t.elapsed());
     write_memory(pid, img)?;
     tracing::debug!("memory written in {:?}", t.elapsed());
     finish_memory(&mut b)?;
     restore_fds(&mut b)?;
+    seal_shmem(&mut b)?;
     restore_misc(&mut b)?;
     restore_signals(&mut b)?;
     // The other threads, made by the main thread while it still may choose their IDs;
@@ -476,6 +481,28 @@ fn map_memory(b: &mut Builder) -> Result<()> {
                     ],
                 )?;
             }
+            VmaKind::Shmem { ino, offset } => {
+                let fd = *b.shm.get(ino).ok_or_else(|| {
+                    Error::BadImage(format!("memory at {:#x} of no shared object", v.start))
+                })?;
+                let (prot, share) = if v.shared {
+                    (v.prot, libc::MAP_SHARED)
+                } else {
+                    (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
+                };
+                b.call(
+                    "mapping shared memory",
+                    libc::SYS_mmap,
+                    &[
+                        v.start,
+                        len,
+                        prot as u64,
+                        (share | libc::MAP_FIXED) as u64,
+                        fd,
+                        *offset,
+                    ],
+                )?;
+            }
             VmaKind::File { path, offset, id } => {
                 let fd = match open_files.get(path) {
                     Some(&fd) => fd,
@@ -515,6 +542,67 @@ fn map_memory(b: &mut Builder) -> Result<()> {
         }
     }
     for (_, fd) in open_files {
+        b.call("close", libc::SYS_close, &[fd])?;
+    }
+    Ok(())
+}
+
+/// The process's memfds and MAP_SHARED anonymous memory, made again as memfds (above
+/// every descriptor number of the image) with their data.
+fn make_shmem(b: &mut Builder, img: &LoadedImage) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let objs = &b.img.shmem;
+    if objs.is_empty() {
+        return Ok(());
+    }
+    let above = b.img.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1;
+    let mut files = HashMap::new();
+    for o in objs {
+        let name = b.put_str(AT_STR, o.name.as_deref().unwrap_or("mosix-shared"))?;
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        let fd = b.call(
+            "memfd_create",
+            libc::SYS_memfd_create,
+            &[name, flags as u64],
+        )?;
+        let hi = b.call(
+            "fcntl(F_DUPFD_CLOEXEC)",
+            libc::SYS_fcntl,
+            &[fd, libc::F_DUPFD_CLOEXEC as u64, above],
+        )?;
+        b.call("close", libc::SYS_close, &[fd])?;
+        b.call("ftruncate", libc::SYS_ftruncate, &[hi, o.size])?;
+        b.shm.insert(o.ino, hi);
+        // Its data is written from here, through the process's descriptor.
+        let path = format!("/proc/{}/fd/{hi}", b.pid);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| sys_err("opening a restored memfd", e))?;
+        files.insert(o.ino, f);
+    }
+    for p in img.shmem_pages() {
+        let f = files
+            .get(&p.ino)
+            .ok_or_else(|| Error::BadImage("shared memory data of no object".into()))?;
+        f.write_all_at(p.data, p.offset)
+            .map_err(|e| sys_err("writing shared memory", e))?;
+    }
+    Ok(())
+}
+
+/// Seals the memfds as they were, and closes the descriptors the restore used.
+fn seal_shmem(b: &mut Builder) -> Result<()> {
+    let img = b.img;
+    for o in &img.shmem {
+        let fd = b.shm[&o.ino];
+        if o.seals != 0 {
+            b.call(
+                "fcntl(F_ADD_SEALS)",
+                libc::SYS_fcntl,
+                &[fd, libc::F_ADD_SEALS as u64, o.seals as u64],
+            )?;
+        }
         b.call("close", libc::SYS_close, &[fd])?;
     }
     Ok(())
@@ -603,6 +691,25 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
                         &[f.fd as u64, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64],
                     )?;
                 }
+            }
+            FdKind::Memfd { ino, flags, pos } => {
+                let fd = *b
+                    .shm
+                    .get(ino)
+                    .ok_or_else(|| Error::BadImage(format!("fd {} of no shared object", f.fd)))?;
+                let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+                b.call("dup3", libc::SYS_dup3, &[fd, f.fd as u64, cl as u64])?;
+                let fl = flags & (libc::O_APPEND | libc::O_NONBLOCK);
+                b.call(
+                    "fcntl",
+                    libc::SYS_fcntl,
+                    &[f.fd as u64, libc::F_SETFL as u64, fl as u64],
+                )?;
+                b.call(
+                    "lseek",
+                    libc::SYS_lseek,
+                    &[f.fd as u64, *pos, libc::SEEK_SET as u64],
+                )?;
             }
             FdKind::File {
                 path,

@@ -51,6 +51,25 @@ pub fn detach(pid: i32, sig: i32) -> io::Result<()> {
     ptrace(libc::PTRACE_DETACH, pid, 0, sig as u64).map(drop)
 }
 
+/// The seals of a memfd (F_GET_SEALS), 0 for another file.
+pub fn memfd_seals(fd: RawFd) -> u32 {
+    // SAFETY: fcntl with an int command and no pointer argument.
+    let r = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    r.max(0) as u32
+}
+
+/// lseek(SEEK_DATA) (or SEEK_HOLE with `hole`) from `off`; None past the last data.
+pub fn seek_data(fd: RawFd, off: u64, hole: bool) -> Option<u64> {
+    let whence = if hole {
+        libc::SEEK_HOLE
+    } else {
+        libc::SEEK_DATA
+    };
+    // SAFETY: lseek takes no pointers.
+    let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
 /// The message of the last ptrace event stop (PTRACE_EVENT_CLONE: the new thread's ID).
 pub fn get_event_msg(pid: i32) -> io::Result<u64> {
     let mut m = 0u64;

@@ -421,6 +421,7 @@ fn leave_running_leaves_the_original_as_it_was() {
 fn every_refusal_reason_and_the_process_goes_on() {
     let cases = [
         ("shm", "writable shared memory"),
+        ("memfd", "is shared with process"),
         ("sysv", "System V shared memory"),
         ("socket", "fd 3 is a socket"),
         ("pipe", "fd 3 is a pipe"),
@@ -430,7 +431,7 @@ fn every_refusal_reason_and_the_process_goes_on() {
     for (what, reason) in cases {
         let mut job = Job::start({
             let mut c = prog("refuse");
-            c.arg(what);
+            c.arg(what).arg(dir.path().join("shared-file"));
             c
         });
         job.line();

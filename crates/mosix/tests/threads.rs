@@ -388,3 +388,14 @@ fn jvm_cpu_bound_class() {
         restart: &["--keep-pid"],
     });
 }
+
+#[test]
+fn memfd_and_shared_anonymous_memory_move_with_the_process() {
+    let bin = c_prog("shm", &["-pthread"]);
+    round_trip(&Case {
+        make: &|| Command::new(&bin),
+        lines: 1,
+        input: Some("check\n"),
+        restart: &[],
+    });
+}
