@@ -1,4 +1,4 @@
-//! mosix-ckpt: checkpoint and restore of one unmodified, single-threaded x86_64 Linux
+//! mosix-ckpt: checkpoint and restore of one unmodified x86_64 Linux process with all its
 //! process, without CRIU. The process is frozen with ptrace, its state read from /proc,
 //! ptrace and a few system calls injected into it, and streamed as a versioned,
 //! checksummed image; restore builds it again inside a fresh traced child.

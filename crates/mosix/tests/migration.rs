@@ -117,6 +117,12 @@ fn round_trip(tb: &Testbed, argv: &[&str]) {
             .all(|l| l.contains("samepid=1")),
         "getpid changed: {got:?}"
     );
+    assert!(
+        got.iter()
+            .filter(|l| l.contains("sametids="))
+            .all(|l| l.contains("sametids=1")),
+        "a thread ID changed: {got:?}"
+    );
 }
 
 #[test]
@@ -125,6 +131,7 @@ fn migration_on_four_nodes() {
         panic!("this test needs root (network namespaces, cgroups, ptrace): run it as root");
     }
     let heap = compile("migheap");
+    let threaded = compile("migthreads");
     let py = progs_src().join("phased.py");
     let tb = Testbed::up(&[]);
     // Only the moves this test asks for: automatic balancing off everywhere (mosctl stay).
@@ -142,6 +149,9 @@ fn migration_on_four_nodes() {
     round_trip(&tb, &["mawk", "-W", "interactive", awk]);
     round_trip(&tb, &["python3", py.to_str().unwrap()]);
     round_trip(&tb, &[heap.to_str().unwrap(), "256"]);
+    // A pthreads job (4 workers under a mutex, one asleep in a condition variable): its
+    // threads move with it and keep their IDs.
+    round_trip(&tb, &[threaded.to_str().unwrap()]);
 
     // 2. Input piped into mosrun reaches a process that runs elsewhere from the start.
     let o = Command::new(mosix())
@@ -231,15 +241,15 @@ fn migration_on_four_nodes() {
         assert_eq!(st.code(), Some(3));
     }
 
-    // 5. Refusals: an open file outside the shared paths, a second thread. The process
-    //    goes on at home; the reason names the file / the threads.
+    // 5. Refusals: an open file outside the shared paths, a socket. The process goes on
+    //    at home; the reason names the file / the socket.
     let private = tb.dir.path().join("private.txt");
     std::fs::write(&private, "x").unwrap();
     let shared = tb.shared().join("shared.txt");
     std::fs::write(&shared, "y").unwrap();
-    let holder = "import sys, threading, time\n\
+    let holder = "import sys\n\
          f = open(sys.argv[1])\n\
-         if sys.argv[2] == 'thread':\n    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n\
+         if sys.argv[2] == 'socket':\n    import socket; s = socket.socket()\n\
          print('start', flush=True)\n\
          for line in sys.stdin:\n    print('got', line.strip(), f.read(), flush=True)\n";
     let script = tb.shared().join("holder.py");
@@ -250,7 +260,7 @@ fn migration_on_four_nodes() {
             "nothread",
             private.to_str().unwrap().to_string(),
         ),
-        (shared.to_str().unwrap(), "thread", "thread".to_string()),
+        (shared.to_str().unwrap(), "socket", "socket".to_string()),
     ] {
         let mut j = Job::start(&tb, &["python3", script.to_str().unwrap(), file, mode]);
         let o = tb.migrate(j.home_pid, "2");
