@@ -82,6 +82,12 @@ pub fn classify_fd(f: &FdInfo) -> std::result::Result<FdKind, String> {
     Err(format!("fd {} is {}", f.fd, describe_special(t)))
 }
 
+/// How descriptor `f` of `pid` (whose descriptors are `all`) comes back, or why it
+/// cannot: kernel objects inside the process ([`crate::fdobj`]) or [`classify_fd`].
+pub fn kind_of_fd(pid: i32, f: &FdInfo, all: &[FdInfo]) -> std::result::Result<FdKind, String> {
+    crate::fdobj::kind_of(pid, f, all).unwrap_or_else(|| classify_fd(f))
+}
+
 /// Why mapping `m` cannot be saved, if it cannot.
 pub fn vma_refusal(m: &MapLine) -> Option<String> {
     let at = format!("{:#x}-{:#x}", m.start, m.end);
@@ -177,10 +183,12 @@ pub fn refusals(pid: i32) -> Result<Vec<String>> {
             }
         }
     }
-    for f in procfs::fds(pid)? {
-        if let Err(r) = classify_fd(&f) {
+    let fds = procfs::fds(pid)?;
+    for f in &fds {
+        if let Err(r) = kind_of_fd(pid, f, &fds) {
             why.push(r);
         }
     }
+    crate::fdobj::refusals(pid, &fds, &mut why);
     Ok(why)
 }

@@ -475,8 +475,9 @@ fn dump_frozen<W: Write + 'static>(
         .unwrap_or_default();
     let rlimits = procfs::limits(pid)?;
     let mut fds = Vec::new();
-    for fi in procfs::fds(pid)? {
-        let mut kind = checks::classify_fd(&fi).map_err(|r| Error::Refused {
+    let infos = procfs::fds(pid)?;
+    for fi in &infos {
+        let mut kind = checks::kind_of_fd(pid, fi, &infos).map_err(|r| Error::Refused {
             pid,
             reasons: vec![r],
         })?;
@@ -489,6 +490,7 @@ fn dump_frozen<W: Write + 'static>(
             kind,
         });
     }
+    crate::fdobj::fill_pipes(pid, &mut fds)?;
     let vmas = vmas_of(pid, &maps)?;
     let runs = page_runs(pid, &vmas)?;
     let objs = shmem::objects_of(pid, &maps)?;

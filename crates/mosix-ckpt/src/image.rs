@@ -195,6 +195,33 @@ pub enum FdKind {
     },
     /// A memfd of the process ([`ShmemObject`] `ino`), at `pos` with `flags` (format 2).
     Memfd { ino: u64, flags: i32, pos: u64 },
+    /// An epoll instance watching descriptors of the process (format 2).
+    Epoll { watches: Vec<EpollWatch> },
+    /// An eventfd with its counter (format 2); `flags`: O_NONBLOCK.
+    EventFd {
+        count: u64,
+        semaphore: bool,
+        flags: i32,
+    },
+    /// One end of a pipe whose both ends the process holds (format 2). `pipe` tells pipes
+    /// apart (its inode at checkpoint time); the first descriptor of a pipe in the image
+    /// carries its size and the bytes it held.
+    Pipe {
+        pipe: u64,
+        write: bool,
+        flags: i32,
+        size: u32,
+        data: Vec<u8>,
+    },
+}
+
+/// What an epoll instance watches: descriptor `fd` of the process, for `events`
+/// (EPOLL* bits as registered, EPOLLET/EPOLLONESHOT included), reporting `data`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollWatch {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

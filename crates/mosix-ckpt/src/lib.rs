@@ -16,6 +16,7 @@ pub mod check;
 mod creds;
 mod dump;
 mod error;
+mod fdobj;
 pub mod image;
 pub mod procfs;
 pub mod records;

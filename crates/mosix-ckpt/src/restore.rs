@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 
 use crate::creds::{self, CredOptions, Plan, Restorer};
 use crate::error::{sys_err, Error, Result};
+use crate::fdobj;
 use crate::image::{FdKind, LoadedImage, ProcessImage, ThreadImage, VmaKind};
 use crate::procfs;
 use crate::remote::{find_syscall_insn, Remote};
@@ -681,6 +682,7 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
             b.r.raw(libc::SYS_close, &[std_fd as u64])?;
         }
     }
+    let made = fdobj::make(b, &fds)?;
     for f in &fds {
         match &f.kind {
             FdKind::Inherit { .. } => {
@@ -689,6 +691,21 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
                         "fcntl",
                         libc::SYS_fcntl,
                         &[f.fd as u64, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64],
+                    )?;
+                }
+            }
+            FdKind::Epoll { .. } | FdKind::EventFd { .. } | FdKind::Pipe { .. } => {
+                let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+                b.call(
+                    "dup3",
+                    libc::SYS_dup3,
+                    &[made[&f.fd], f.fd as u64, cl as u64],
+                )?;
+                if let FdKind::EventFd { flags, .. } | FdKind::Pipe { flags, .. } = &f.kind {
+                    b.call(
+                        "fcntl",
+                        libc::SYS_fcntl,
+                        &[f.fd as u64, libc::F_SETFL as u64, *flags as u64],
                     )?;
                 }
             }
@@ -734,6 +751,7 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
             }
         }
     }
+    fdobj::finish(b, &fds, &made)?;
     Ok(())
 }
 

@@ -70,6 +70,47 @@ pub fn seek_data(fd: RawFd, off: u64, hole: bool) -> Option<u64> {
     (r >= 0).then_some(r as u64)
 }
 
+/// The size of the pipe of descriptor `fd` (F_GETPIPE_SZ).
+pub fn pipe_size(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: fcntl with an int command and no pointer argument.
+    let r = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u32)
+}
+
+/// The `n` bytes the pipe of `fd` (of size `size`) holds, read without taking them: tee(2)
+/// into a pipe of ours, then read from that.
+pub fn peek_pipe(fd: RawFd, n: usize, size: u32) -> io::Result<Vec<u8>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut p = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into `p`.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh descriptors that nothing else owns.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl with int arguments.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    // SAFETY: tee between two pipe descriptors; no memory arguments.
+    let got = unsafe { libc::tee(fd, w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if got as usize != n {
+        return Err(io::Error::other(format!("copied {got} of the {n} bytes")));
+    }
+    let mut buf = vec![0u8; n];
+    // SAFETY: read into `buf`, which has room for `n` bytes.
+    let r = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, n) };
+    if r as usize != n {
+        return Err(io::Error::other("reading the copy of a pipe's bytes"));
+    }
+    Ok(buf)
+}
+
 /// The message of the last ptrace event stop (PTRACE_EVENT_CLONE: the new thread's ID).
 pub fn get_event_msg(pid: i32) -> io::Result<u64> {
     let mut m = 0u64;

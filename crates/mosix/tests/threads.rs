@@ -1,6 +1,8 @@
 //! Checkpoint/restart of multi-threaded programs through the `mosix` command, as root:
 //! pthreads, OpenMP, Python threads and thread pools, numpy over OpenBLAS threads, Go
-//! goroutines, a JVM. Each is checkpointed in the middle of its work (after a given line
+//! goroutines (with the runtime's poller: epoll and a pipe), a JVM; and what moves with
+//! such programs: memfds, shared anonymous memory, epoll, eventfd, pipes inside the
+//! process. Each is checkpointed in the middle of its work (after a given line
 //! of output) and restarted; what it printed before plus what the restarted process
 //! prints must equal an uninterrupted run, and so must the exit status. Programs start
 //! with only descriptors 0, 1, 2 (stdin and stdout pipes of the test, stderr /dev/null).
@@ -295,10 +297,11 @@ fn python(script: &str) -> Command {
 
 #[test]
 fn python_threads_and_thread_pool() {
-    for script in ["pythreads.py", "pypool.py"] {
+    // (pythreads.py prints one line before its threads are done, pypool.py 17.)
+    for (script, lines) in [("pythreads.py", 1), ("pypool.py", 3)] {
         round_trip(&Case {
             make: &|| python(script),
-            lines: 2,
+            lines,
             input: None,
             restart: &[],
         });
@@ -392,6 +395,17 @@ fn jvm_cpu_bound_class() {
 #[test]
 fn memfd_and_shared_anonymous_memory_move_with_the_process() {
     let bin = c_prog("shm", &["-pthread"]);
+    round_trip(&Case {
+        make: &|| Command::new(&bin),
+        lines: 1,
+        input: Some("check\n"),
+        restart: &[],
+    });
+}
+
+#[test]
+fn epoll_eventfd_and_a_pipe_inside_the_process() {
+    let bin = c_prog("kobj", &[]);
     round_trip(&Case {
         make: &|| Command::new(&bin),
         lines: 1,

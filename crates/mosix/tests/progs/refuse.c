@@ -20,7 +20,7 @@ int main(int argc, char **argv) {
         if (fork() == 0) { for (;;) pause(); } }
     else if (!strcmp(what, "sysv")) { int id = shmget(IPC_PRIVATE, 4096, 0600); shmat(id, 0, 0); shmctl(id, IPC_RMID, 0); }
     else if (!strcmp(what, "socket")) { socket(AF_INET, SOCK_STREAM, 0); }
-    else if (!strcmp(what, "pipe")) { int p[2]; if (pipe(p)) return 2; }
+    else if (!strcmp(what, "pipe")) { int p[2]; if (pipe(p)) return 2; close(p[1]); /* one end only */ }
     else if (!strcmp(what, "child")) { if (fork() == 0) { for (;;) pause(); } }
     for (;;) { printf("tick\n"); fflush(stdout); usleep(20000); }
 }
