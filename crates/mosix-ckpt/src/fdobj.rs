@@ -197,18 +197,10 @@ pub fn fill_pipes(pid: i32, fds: &mut [Fd]) -> Result<()> {
 /// epoll instance of the image made at a descriptor above all of the image's; returns
 /// image fd -> that descriptor.
 pub(crate) fn make(b: &mut Builder, fds: &[Fd]) -> Result<HashMap<i32, u64>> {
-    let above = fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1;
+    let above = b.above_fds();
     let mut made = HashMap::new();
     let mut pipes: HashMap<u64, (u64, u64)> = HashMap::new();
-    let high = |b: &mut Builder, fd: u64| -> Result<u64> {
-        let hi = b.call(
-            "fcntl(F_DUPFD_CLOEXEC)",
-            libc::SYS_fcntl,
-            &[fd, libc::F_DUPFD_CLOEXEC as u64, above],
-        )?;
-        b.call("close", libc::SYS_close, &[fd])?;
-        Ok(hi)
-    };
+    let high = |b: &mut Builder, fd: u64| b.fd_above(fd, above);
     for f in fds {
         let fd = match &f.kind {
             FdKind::Epoll { .. } => {

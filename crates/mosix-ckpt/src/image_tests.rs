@@ -1,5 +1,7 @@
 //! Tests of the image format: round trips, damage, old versions.
 use super::*;
+use crate::records::{ProcessImageV1, V1_LAST_MINOR};
+use xxhash_rust::xxh3::xxh3_64;
 
 fn sample(c: Compression) -> Vec<u8> {
     let meta = ProcessImage {
@@ -81,21 +83,23 @@ fn compressed_bodies_cut_anywhere_are_errors() {
     }
 }
 
+/// One body record: tag, length, payload, checksum.
+fn rec(tag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut r = vec![tag];
+    r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    r.extend_from_slice(payload);
+    let sum = xxh3_64(&r);
+    r.extend_from_slice(&sum.to_le_bytes());
+    r
+}
+
 /// An uncompressed image of format 1.`minor` holding `meta`, whose metadata record
 /// is the current one without the `drop` trailing `Option` fields (each None: one 0
 /// byte), as an older mosix wrote it.
 fn older_image(meta: &ProcessImage, minor: u16, drop: usize) -> Vec<u8> {
-    let full = postcard::to_stdvec(meta).unwrap();
+    let full = postcard::to_stdvec(&ProcessImageV1::from(meta)).unwrap();
     assert!(full[full.len() - drop..].iter().all(|&b| b == 0));
     let old_meta = &full[..full.len() - drop];
-    let rec = |tag: u8, payload: &[u8]| {
-        let mut r = vec![tag];
-        r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        r.extend_from_slice(payload);
-        let sum = xxh3_64(&r);
-        r.extend_from_slice(&sum.to_le_bytes());
-        r
-    };
     let mut b = header(Compression::None).to_vec();
     b[8..10].copy_from_slice(&1u16.to_le_bytes());
     b[10..12].copy_from_slice(&minor.to_le_bytes());
@@ -254,14 +258,6 @@ fn format_2_records_must_match_the_index() {
         ..old_meta()
     };
     let (tree, p, threads) = records::split(&meta);
-    let rec = |tag: u8, payload: &[u8]| {
-        let mut r = vec![tag];
-        r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        r.extend_from_slice(payload);
-        let sum = xxh3_64(&r);
-        r.extend_from_slice(&sum.to_le_bytes());
-        r
-    };
     let build = |tree: records::TreeEntry, threads: &[ThreadImage]| {
         let pb = postcard::to_stdvec(&p).unwrap();
         let tb: Vec<Vec<u8>> = threads

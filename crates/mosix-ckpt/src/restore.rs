@@ -160,6 +160,12 @@ pub fn restore_with(
                     m.pid
                 )));
             }
+            if let Some(t) = m.threads.iter().find(|t| t.tid <= 1) {
+                return Err(Error::Unrestorable(format!(
+                    "a thread of the process had ID {}, which it cannot keep",
+                    t.tid
+                )));
+            }
             m.pid
         } else {
             0
@@ -233,6 +239,21 @@ impl Builder<'_> {
     }
     pub(crate) fn call(&mut self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
         self.r.call(what, nr, args)
+    }
+    /// Moves descriptor `fd` of the process to the lowest free number from `above` (close
+    /// on exec), out of the way of the image's descriptors; returns the new number.
+    pub(crate) fn fd_above(&mut self, fd: u64, above: u64) -> Result<u64> {
+        let hi = self.call(
+            "fcntl(F_DUPFD_CLOEXEC)",
+            libc::SYS_fcntl,
+            &[fd, libc::F_DUPFD_CLOEXEC as u64, above],
+        )?;
+        self.call("close", libc::SYS_close, &[fd])?;
+        Ok(hi)
+    }
+    /// The lowest descriptor number above all of the image's.
+    pub(crate) fn above_fds(&self) -> u64 {
+        self.img.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1
     }
 }
 
@@ -486,23 +507,7 @@ fn map_memory(b: &mut Builder) -> Result<()> {
                 let fd = *b.shm.get(ino).ok_or_else(|| {
                     Error::BadImage(format!("memory at {:#x} of no shared object", v.start))
                 })?;
-                let (prot, share) = if v.shared {
-                    (v.prot, libc::MAP_SHARED)
-                } else {
-                    (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
-                };
-                b.call(
-                    "mapping shared memory",
-                    libc::SYS_mmap,
-                    &[
-                        v.start,
-                        len,
-                        prot as u64,
-                        (share | libc::MAP_FIXED) as u64,
-                        fd,
-                        *offset,
-                    ],
-                )?;
+                map_file(b, v, fd, *offset, "mapping shared memory")?;
             }
             VmaKind::File { path, offset, id } => {
                 let fd = match open_files.get(path) {
@@ -514,23 +519,7 @@ fn map_memory(b: &mut Builder) -> Result<()> {
                         fd
                     }
                 };
-                let (prot, share) = if v.shared {
-                    (v.prot, libc::MAP_SHARED)
-                } else {
-                    (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
-                };
-                b.call(
-                    &format!("mapping {path}"),
-                    libc::SYS_mmap,
-                    &[
-                        v.start,
-                        len,
-                        prot as u64,
-                        (share | libc::MAP_FIXED) as u64,
-                        fd,
-                        *offset,
-                    ],
-                )?;
+                map_file(b, v, fd, *offset, &format!("mapping {path}"))?;
             }
         }
         if let Some(name) = &v.anon_name {
@@ -556,7 +545,7 @@ fn make_shmem(b: &mut Builder, img: &LoadedImage) -> Result<()> {
     if objs.is_empty() {
         return Ok(());
     }
-    let above = b.img.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1;
+    let above = b.above_fds();
     let mut files = HashMap::new();
     for o in objs {
         let name = b.put_str(AT_STR, o.name.as_deref().unwrap_or("mosix-shared"))?;
@@ -566,12 +555,7 @@ fn make_shmem(b: &mut Builder, img: &LoadedImage) -> Result<()> {
             libc::SYS_memfd_create,
             &[name, flags as u64],
         )?;
-        let hi = b.call(
-            "fcntl(F_DUPFD_CLOEXEC)",
-            libc::SYS_fcntl,
-            &[fd, libc::F_DUPFD_CLOEXEC as u64, above],
-        )?;
-        b.call("close", libc::SYS_close, &[fd])?;
+        let hi = b.fd_above(fd, above)?;
         b.call("ftruncate", libc::SYS_ftruncate, &[hi, o.size])?;
         b.shm.insert(o.ino, hi);
         // Its data is written from here, through the process's descriptor.
@@ -606,6 +590,35 @@ fn seal_shmem(b: &mut Builder) -> Result<()> {
         }
         b.call("close", libc::SYS_close, &[fd])?;
     }
+    Ok(())
+}
+
+/// Maps memory area `v` from descriptor `fd` at `offset`: shared as it was, or private
+/// and writable (its own pages are written next, its protection set after).
+fn map_file(
+    b: &mut Builder,
+    v: &crate::image::Vma,
+    fd: u64,
+    offset: u64,
+    what: &str,
+) -> Result<()> {
+    let (prot, share) = if v.shared {
+        (v.prot, libc::MAP_SHARED)
+    } else {
+        (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
+    };
+    b.call(
+        what,
+        libc::SYS_mmap,
+        &[
+            v.start,
+            v.end - v.start,
+            prot as u64,
+            (share | libc::MAP_FIXED) as u64,
+            fd,
+            offset,
+        ],
+    )?;
     Ok(())
 }
 

@@ -60,7 +60,7 @@ pub(crate) fn freeze_all(pid: i32) -> Result<Vec<Task>> {
                     }
                     // Born to a thread we had seized: traced by us already, it stops by
                     // itself (PTRACE_EVENT_STOP).
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) && !frozen.is_empty() => {
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) && traced_by_us(t) => {
                         waiting.push_back(t)
                     }
                     Err(e) => return Err(sys_err(format!("attaching to thread {t}"), e)),
@@ -103,6 +103,15 @@ pub(crate) fn freeze_all(pid: i32) -> Result<Vec<Task>> {
             Err(e)
         }
     }
+}
+
+/// Whether thread `t` is traced by this process (one of its threads).
+fn traced_by_us(t: i32) -> bool {
+    let tracer: i32 = procfs::status(t)
+        .ok()
+        .and_then(|s| s.get("TracerPid").and_then(|p| p.parse().ok()))
+        .unwrap_or(0);
+    tracer != 0 && procfs::tasks(std::process::id() as i32).is_ok_and(|ts| ts.contains(&tracer))
 }
 
 /// Waits until seized thread `t` is in its interrupt stop; false if it ended. A signal
