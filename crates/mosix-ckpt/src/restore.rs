@@ -7,11 +7,12 @@ use std::os::fd::RawFd;
 use crate::creds::{self, CredOptions, Plan, Restorer};
 use crate::error::{sys_err, Error, Result};
 use crate::fdobj;
-use crate::image::{FdKind, LoadedImage, ProcessImage, ThreadImage, VmaKind};
+use crate::image::{FdKind, LoadedImage, ProcessImage, VmaKind};
 use crate::procfs;
 use crate::remote::{find_syscall_insn, Remote};
+use crate::shmem;
 use crate::sys::{self, PAGE};
-use crate::threads::{self, Task};
+use crate::threads;
 
 /// Highest user address on x86_64 with 4-level paging.
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
@@ -210,14 +211,14 @@ pub fn restore_with(
 pub(crate) struct Builder<'a> {
     pub(crate) pid: i32,
     /// Its PID in its own PID namespace.
-    own: i32,
+    pub(crate) own: i32,
     pub(crate) r: Remote,
     pub(crate) scratch: u64,
-    img: &'a ProcessImage,
+    pub(crate) img: &'a ProcessImage,
     /// The fs uid paths are opened with.
     pub(crate) fs_uid: u32,
     /// The process's shared memory objects made again: image inode -> descriptor.
-    shm: HashMap<u64, u64>,
+    pub(crate) shm: HashMap<u64, u64>,
 }
 
 impl Builder<'_> {
@@ -373,19 +374,19 @@ fn build(pid: i32, own: i32, img: &LoadedImage, opts: RestoreOptions, plan: &Pla
     // very file.
     set_mm(&mut b)?;
     let t = std::time::Instant::now();
-    make_shmem(&mut b, img)?;
+    shmem::make(&mut b, img)?;
     map_memory(&mut b)?;
     tracing::debug!("mapped in {:?}", t.elapsed());
     write_memory(pid, img)?;
     tracing::debug!("memory written in {:?}", t.elapsed());
     finish_memory(&mut b)?;
     restore_fds(&mut b)?;
-    seal_shmem(&mut b)?;
+    shmem::seal(&mut b)?;
     restore_misc(&mut b)?;
     restore_signals(&mut b)?;
     // The other threads, made by the main thread while it still may choose their IDs;
     // each then takes on the process's credentials itself (they are per thread).
-    let made = make_threads(&mut b, opts.keep_pid)?;
+    let made = threads::make_all(&mut b, opts.keep_pid)?;
     for (t, _) in &made {
         let theirs = Remote::new(t.tid, b.r.ip, t.regs);
         let main_r = std::mem::replace(&mut b.r, theirs);
@@ -448,23 +449,6 @@ fn final_state(tid: i32, regs: sys::Regs, xstate: &[u8], blocked: u64) -> Result
         Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
     })?;
     sys::set_sigmask(tid, blocked)
-}
-
-/// Makes the image's other threads, each with its own state and pending signals; they
-/// are left stopped.
-fn make_threads<'a>(b: &mut Builder<'a>, keep_tid: bool) -> Result<Vec<(Task, &'a ThreadImage)>> {
-    let img = b.img;
-    let mut made = Vec::new();
-    for ti in &img.threads {
-        let t = threads::create(&mut b.r, b.pid, b.scratch + AT_MISC, ti, keep_tid)?;
-        let mut r = Remote::new(t.tid, b.r.ip, t.regs);
-        threads::set_own(&mut r, ti, b.scratch + AT_STR, b.scratch + AT_MISC)?;
-        for s in &ti.pending {
-            threads::queue_own(&mut r, b.own, t.own, &s.siginfo, b.scratch + AT_MISC)?;
-        }
-        made.push((t, ti));
-    }
-    Ok(made)
 }
 
 /// The first `syscall` instruction in the given ranges of `pid`'s memory.
@@ -532,62 +516,6 @@ fn map_memory(b: &mut Builder) -> Result<()> {
         }
     }
     for (_, fd) in open_files {
-        b.call("close", libc::SYS_close, &[fd])?;
-    }
-    Ok(())
-}
-
-/// The process's memfds and MAP_SHARED anonymous memory, made again as memfds (above
-/// every descriptor number of the image) with their data.
-fn make_shmem(b: &mut Builder, img: &LoadedImage) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let objs = &b.img.shmem;
-    if objs.is_empty() {
-        return Ok(());
-    }
-    let above = b.above_fds();
-    let mut files = HashMap::new();
-    for o in objs {
-        let name = b.put_str(AT_STR, o.name.as_deref().unwrap_or("mosix-shared"))?;
-        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-        let fd = b.call(
-            "memfd_create",
-            libc::SYS_memfd_create,
-            &[name, flags as u64],
-        )?;
-        let hi = b.fd_above(fd, above)?;
-        b.call("ftruncate", libc::SYS_ftruncate, &[hi, o.size])?;
-        b.shm.insert(o.ino, hi);
-        // Its data is written from here, through the process's descriptor.
-        let path = format!("/proc/{}/fd/{hi}", b.pid);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| sys_err("opening a restored memfd", e))?;
-        files.insert(o.ino, f);
-    }
-    for p in img.shmem_pages() {
-        let f = files
-            .get(&p.ino)
-            .ok_or_else(|| Error::BadImage("shared memory data of no object".into()))?;
-        f.write_all_at(p.data, p.offset)
-            .map_err(|e| sys_err("writing shared memory", e))?;
-    }
-    Ok(())
-}
-
-/// Seals the memfds as they were, and closes the descriptors the restore used.
-fn seal_shmem(b: &mut Builder) -> Result<()> {
-    let img = b.img;
-    for o in &img.shmem {
-        let fd = b.shm[&o.ino];
-        if o.seals != 0 {
-            b.call(
-                "fcntl(F_ADD_SEALS)",
-                libc::SYS_fcntl,
-                &[fd, libc::F_ADD_SEALS as u64, o.seals as u64],
-            )?;
-        }
         b.call("close", libc::SYS_close, &[fd])?;
     }
     Ok(())

@@ -4,13 +4,14 @@
 //! that hold data) and made again on restore as a memfd that every mapping and
 //! descriptor of it shares. Objects that another process also has are refused.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use crate::error::{sys_err, Result};
-use crate::image::{ImageWriter, ShmemObject};
+use crate::error::{sys_err, Error, Result};
+use crate::image::{ImageWriter, LoadedImage, ShmemObject};
 use crate::procfs::{self, MapLine};
+use crate::restore::{Builder, AT_STR};
 use crate::sys::PAGE;
 
 const DEVZERO: &str = "/dev/zero (deleted)";
@@ -195,4 +196,60 @@ pub fn write_contents<W: std::io::Write + 'static>(
         }
     }
     Ok(written)
+}
+
+/// Restore: the process's memfds and MAP_SHARED anonymous memory, made again as memfds (above
+/// every descriptor number of the image) with their data.
+pub(crate) fn make(b: &mut Builder, img: &LoadedImage) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let objs = &b.img.shmem;
+    if objs.is_empty() {
+        return Ok(());
+    }
+    let above = b.above_fds();
+    let mut files = HashMap::new();
+    for o in objs {
+        let name = b.put_str(AT_STR, o.name.as_deref().unwrap_or("mosix-shared"))?;
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        let fd = b.call(
+            "memfd_create",
+            libc::SYS_memfd_create,
+            &[name, flags as u64],
+        )?;
+        let hi = b.fd_above(fd, above)?;
+        b.call("ftruncate", libc::SYS_ftruncate, &[hi, o.size])?;
+        b.shm.insert(o.ino, hi);
+        // Its data is written from here, through the process's descriptor.
+        let path = format!("/proc/{}/fd/{hi}", b.pid);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| sys_err("opening a restored memfd", e))?;
+        files.insert(o.ino, f);
+    }
+    for p in img.shmem_pages() {
+        let f = files
+            .get(&p.ino)
+            .ok_or_else(|| Error::BadImage("shared memory data of no object".into()))?;
+        f.write_all_at(p.data, p.offset)
+            .map_err(|e| sys_err("writing shared memory", e))?;
+    }
+    Ok(())
+}
+
+/// Seals the memfds as they were, and closes the descriptors the restore used.
+pub(crate) fn seal(b: &mut Builder) -> Result<()> {
+    let img = b.img;
+    for o in &img.shmem {
+        let fd = b.shm[&o.ino];
+        if o.seals != 0 {
+            b.call(
+                "fcntl(F_ADD_SEALS)",
+                libc::SYS_fcntl,
+                &[fd, libc::F_ADD_SEALS as u64, o.seals as u64],
+            )?;
+        }
+        b.call("close", libc::SYS_close, &[fd])?;
+    }
+    Ok(())
 }

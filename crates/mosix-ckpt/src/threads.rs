@@ -11,6 +11,7 @@ use crate::error::{sys_err, Error, Result};
 use crate::image::{PendingSignal, Rseq, ThreadImage};
 use crate::procfs;
 use crate::remote::Remote;
+use crate::restore::{Builder, AT_MISC, AT_STR};
 use crate::sys::{self, Regs, Stop};
 
 const PTRACE_EVENT_CLONE: i32 = 3;
@@ -449,4 +450,24 @@ pub(crate) fn kill_and_reap(pid: i32) {
             let _ = sys::cont(t, 0);
         }
     }
+}
+
+/// Makes the image's other threads, each with its own state and pending signals; they
+/// are left stopped.
+pub(crate) fn make_all<'a>(
+    b: &mut Builder<'a>,
+    keep_tid: bool,
+) -> Result<Vec<(Task, &'a ThreadImage)>> {
+    let img = b.img;
+    let mut made = Vec::new();
+    for ti in &img.threads {
+        let t = create(&mut b.r, b.pid, b.scratch + AT_MISC, ti, keep_tid)?;
+        let mut r = Remote::new(t.tid, b.r.ip, t.regs);
+        set_own(&mut r, ti, b.scratch + AT_STR, b.scratch + AT_MISC)?;
+        for s in &ti.pending {
+            queue_own(&mut r, b.own, t.own, &s.siginfo, b.scratch + AT_MISC)?;
+        }
+        made.push((t, ti));
+    }
+    Ok(made)
 }
