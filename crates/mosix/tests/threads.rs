@@ -413,3 +413,72 @@ fn epoll_eventfd_and_a_pipe_inside_the_process() {
         restart: &[],
     });
 }
+
+/// A restored process checkpointed again gives the same threads, as the kernel reports
+/// them (not the program): IDs, names, TLS bases, blocked and pending signals, alternate
+/// stacks, rseq registrations, robust lists, clear_child_tid.
+#[test]
+fn restored_threads_checkpoint_the_same() {
+    let bin = c_prog("threadstate", &["-pthread", "-lm"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("1.img"), dir.path().join("2.img"));
+    let ck = |pid: &str, img: &Path, more: &[&str]| {
+        let mut args = vec!["checkpoint", pid, "-o", img.to_str().unwrap()];
+        args.extend_from_slice(more);
+        let o = mosix(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let mut job = Run::start(clean_fds(&mut Command::new(&bin)));
+    assert_eq!(job.line(), "ready");
+    ck(&job.child.id().to_string(), &one, &[]);
+    job.finish();
+    let mut again = Run::start(Command::new(MOSIX).args([
+        "restart",
+        "--keep-pid",
+        "--detach",
+        one.to_str().unwrap(),
+    ]));
+    let pid = again.line();
+    ck(&pid, &two, &["--leave-running"]);
+    let (a, b) = (
+        mosix_ckpt::read_image_file(&one).unwrap().meta,
+        mosix_ckpt::read_image_file(&two).unwrap().meta,
+    );
+    assert_eq!(a.threads.len(), 2);
+    assert_eq!(b.threads.len(), 2);
+    let main = |m: &mosix_ckpt::ProcessImage| {
+        (
+            m.pid,
+            m.rseq.clone(),
+            m.robust_list,
+            m.clear_child_tid,
+            m.blocked,
+            m.sigaltstack,
+        )
+    };
+    assert_eq!(main(&a), main(&b));
+    for (x, y) in a.threads.iter().zip(&b.threads) {
+        let regs = |t: &mosix_ckpt::image::ThreadImage| mosix_ckpt::sys::regs_from_bytes(&t.regs);
+        assert!(x.rseq.is_some(), "glibc registers rseq for every thread");
+        assert_eq!(
+            (&x.comm, x.fs_base, x.gs_base, x.blocked, x.sigaltstack),
+            (&y.comm, y.fs_base, y.gs_base, y.blocked, y.sigaltstack),
+            "thread {}",
+            x.tid
+        );
+        assert_eq!(
+            (x.tid, &x.rseq, x.robust_list, x.clear_child_tid, &x.pending),
+            (y.tid, &y.rseq, y.robust_list, y.clear_child_tid, &y.pending),
+        );
+        assert_eq!(regs(y).map(|r| r.fs_base), Some(x.fs_base));
+        assert_eq!(x.pending.len(), 1, "its own signal, still pending");
+    }
+    again.send("check\n");
+    let (out, st) = again.finish();
+    assert!(st.success(), "mosix restart --detach: {st}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("tid same")).count(),
+        2,
+        "{out}"
+    );
+}
