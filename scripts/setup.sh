@@ -3,9 +3,12 @@
 # Idempotent: a second run only checks. Every setup step lives here, nowhere else.
 set -euo pipefail
 
-# Debian packages: compiler and C library (tests build C programs, one static),
-# interpreters used by the tests, iproute2 for the testbed, tmux to test `mon`.
-PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config xz-utils gzip)
+# Debian packages: compiler and C library (tests build C programs, one static, one with
+# OpenMP: libgomp comes with gcc), interpreters and tools used by the tests, iproute2 for
+# the testbed, tmux to test `mon`; for the multi-threaded programs of tests/threads.rs: Go,
+# a JVM, numpy over OpenBLAS's threaded BLAS.
+PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config
+    xz-utils gzip golang-go default-jre-headless python3-numpy libopenblas0-pthread)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

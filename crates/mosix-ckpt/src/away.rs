@@ -74,9 +74,9 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
     let t0 = std::time::Instant::now();
     let mut frozen = dump::freeze(pid)?;
     for (tid, ret) in on_frozen()? {
-        if tid == pid {
-            frozen.regs.rax = ret as u64;
-            sys::set_regs(pid, &frozen.regs)?;
+        if let Some(t) = frozen.tasks.iter_mut().find(|t| t.tid == tid) {
+            t.regs.rax = ret as u64;
+            sys::set_regs(tid, &t.regs)?;
         }
     }
     let opts = dump::DumpOptions {
@@ -226,19 +226,26 @@ impl Held {
         envp: &[String],
         clear_cloexec: &[i32],
     ) -> std::result::Result<Vec<i32>, Box<(Error, Held)>> {
-        let mut r = match self.frozen.remote() {
+        let mut r = match self.frozen.remote_of(0) {
             Ok(r) => r,
             Err(e) => return Err(Box::new((e, self))),
         };
+        // Its other threads end first, each by an exit of its own (an exec would kill
+        // them, but they are ours under ptrace: they must not run a single instruction,
+        // the process runs elsewhere now).
+        if let Err(e) = self.end_other_threads() {
+            return Err(Box::new((e, self)));
+        }
         match inject_exec(&mut r, path, argv, envp, clear_cloexec) {
             Ok(mut sigs) => {
                 let pid = self.frozen.pid;
-                sigs.extend(
-                    self.frozen
-                        .held
-                        .drain(..)
-                        .map(|i| i32::from_le_bytes(i[..4].try_into().expect("4"))),
-                );
+                for t in &mut self.frozen.tasks {
+                    sigs.extend(
+                        t.held
+                            .drain(..)
+                            .map(|i| i32::from_le_bytes(i[..4].try_into().expect("4"))),
+                    );
+                }
                 self.frozen.done = true;
                 if let Err(e) = sys::detach(pid, 0) {
                     tracing::warn!("detaching {pid} after its exec: {e}");
@@ -246,12 +253,40 @@ impl Held {
                 Ok(sigs)
             }
             Err(e) => {
-                self.frozen.held.append(&mut r.held);
+                self.frozen.tasks[0].held.append(&mut r.held);
                 // Registers back as they were (the injected calls changed them).
-                let _ = sys::set_regs(self.frozen.pid, &self.frozen.regs);
+                let _ = sys::set_regs(self.frozen.pid, &self.frozen.tasks[0].regs);
                 Err(Box::new((e, self)))
             }
         }
+    }
+}
+
+/// Ends thread `tid` (stopped under our ptrace, registers `regs`) by an exit of its own
+/// through the `syscall` instruction at `ip`, and reaps it.
+fn exit_thread(tid: i32, mut regs: sys::Regs, ip: u64) -> Result<()> {
+    regs.rip = ip;
+    regs.rax = libc::SYS_exit as u64;
+    regs.orig_rax = u64::MAX;
+    regs.rdi = 0;
+    sys::set_regs(tid, &regs)?;
+    sys::cont(tid, 0).map_err(|e| sys_err("ptrace", e))?;
+    while let Ok(sys::Stop::Stopped { .. }) = sys::wait(tid) {
+        let _ = sys::cont(tid, 0);
+    }
+    Ok(())
+}
+
+impl Held {
+    fn end_other_threads(&mut self) -> Result<()> {
+        let Some(ip) = self.frozen.syscall_ip else {
+            return Ok(());
+        };
+        let others: Vec<crate::threads::Task> = self.frozen.tasks.drain(1..).collect();
+        for t in others {
+            exit_thread(t.tid, t.regs, ip)?;
+        }
+        Ok(())
     }
 }
 
@@ -294,7 +329,7 @@ pub struct Rebuilt {
 impl Rebuilt {
     /// Lets it run.
     pub fn resume(self) -> Result<()> {
-        sys::detach(self.pid, 0).map_err(|e| sys_err("detaching", e))?;
+        crate::restore::resume(self.pid)?;
         for s in self.signals {
             let _ = sys::kill(self.pid, s);
         }
@@ -329,6 +364,10 @@ fn remote_of(pid: i32) -> Result<Remote> {
 
 fn revert(pid: i32, path: &str, argv: &[String], envp: &[String], keep: &[i32]) -> Result<()> {
     let mut r = remote_of(pid)?;
+    // Threads made by the rebuild, stopped under our ptrace, end first.
+    for tid in crate::procfs::tasks(pid)?.into_iter().filter(|&t| t != pid) {
+        exit_thread(tid, sys::get_regs(tid)?, r.ip)?;
+    }
     inject_exec(&mut r, path, argv, envp, keep)?;
     sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))
 }

@@ -44,6 +44,14 @@ fn describe_special(t: &str) -> String {
 pub fn classify_fd(f: &FdInfo) -> std::result::Result<FdKind, String> {
     let t = &f.target;
     let fmt = f.mode & libc::S_IFMT;
+    if crate::shmem::is_shmem(t) && !f.has_lock {
+        // Its object is found by inode when the process is dumped.
+        return Ok(FdKind::Memfd {
+            ino: 0,
+            flags: f.flags,
+            pos: f.pos,
+        });
+    }
     if t.ends_with(" (deleted)") {
         return Err(format!("fd {} is a deleted file ({t})", f.fd));
     }
@@ -74,9 +82,19 @@ pub fn classify_fd(f: &FdInfo) -> std::result::Result<FdKind, String> {
     Err(format!("fd {} is {}", f.fd, describe_special(t)))
 }
 
+/// How descriptor `f` of `pid` (whose descriptors are `all`) comes back, or why it
+/// cannot: kernel objects inside the process ([`crate::fdobj`]) or [`classify_fd`].
+pub fn kind_of_fd(pid: i32, f: &FdInfo, all: &[FdInfo]) -> std::result::Result<FdKind, String> {
+    crate::fdobj::kind_of(pid, f, all).unwrap_or_else(|| classify_fd(f))
+}
+
 /// Why mapping `m` cannot be saved, if it cannot.
 pub fn vma_refusal(m: &MapLine) -> Option<String> {
     let at = format!("{:#x}-{:#x}", m.start, m.end);
+    if crate::shmem::is_shmem(&m.name) {
+        // Moves with the process, unless another one has it too (see `refusals`).
+        return None;
+    }
     if m.name.starts_with("/SYSV") {
         return Some(format!("it is attached to System V shared memory ({at})"));
     }
@@ -143,12 +161,6 @@ pub fn refusals_with(pid: i32, rules: Rules) -> Result<Vec<String>> {
         why.push("it is exiting".into());
         return Ok(why);
     }
-    let threads: u32 = get("Threads").parse().unwrap_or(1);
-    if threads > 1 {
-        why.push(format!(
-            "it has {threads} threads (only single-threaded processes can be moved)"
-        ));
-    }
     let tracer: i32 = get("TracerPid").parse().unwrap_or(0);
     // We are the tracer once the process is frozen for the checkpoint (TracerPid names
     // the tracing thread).
@@ -160,6 +172,7 @@ pub fn refusals_with(pid: i32, rules: Rules) -> Result<Vec<String>> {
     if !matches!(get("Seccomp"), "" | "0") && !ours {
         why.push("it runs under a seccomp filter".into());
     }
+    crate::threads::refusals(pid, rules.away, &mut why);
     let mut head = [0u8; 5];
     if let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/exe")) {
         use std::io::Read;
@@ -177,19 +190,24 @@ pub fn refusals_with(pid: i32, rules: Rules) -> Result<Vec<String>> {
             why.push("it uses POSIX timers (timer_create)".into());
         }
     }
-    for m in procfs::maps(pid)? {
+    let maps = procfs::maps(pid)?;
+    crate::shmem::refusals(pid, &maps, &mut why);
+    for m in maps {
         if let Some(r) = vma_refusal(&m) {
             if !why.contains(&r) {
                 why.push(r);
             }
         }
     }
+    // Leaving home, its descriptors stay there with its deputy: none refuses.
     if !rules.leave_home {
-        for f in procfs::fds(pid)? {
-            if let Err(r) = classify_fd(&f) {
+        let fds = procfs::fds(pid)?;
+        for f in &fds {
+            if let Err(r) = kind_of_fd(pid, f, &fds) {
                 why.push(r);
             }
         }
+        crate::fdobj::refusals(pid, &fds, &mut why);
     }
     Ok(why)
 }

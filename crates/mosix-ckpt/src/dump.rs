@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 use crate::check as checks;
 use crate::error::{sys_err, Error, Result};
 use crate::image::{
-    Clocks, Compression, Creds, Fd, ImageWriter, MmFields, PendingSignal, ProcessImage, Rseq,
-    SigAction, Vma, VmaKind, PAGES_RECORD_MAX,
+    Clocks, Compression, Creds, Fd, FdKind, ImageWriter, MmFields, PendingSignal, ProcessImage,
+    Rseq, SigAction, Vma, VmaKind, PAGES_RECORD_MAX,
 };
 use crate::procfs::{self, MapLine, PM_FILE, PM_PRESENT, PM_SWAPPED};
 use crate::remote::{find_syscall_insn, Remote};
-use crate::sys::{self, Regs, Stop, PAGE};
+use crate::shmem;
+use crate::sys::{self, PAGE};
+use crate::threads::{self, Task};
 
 #[derive(Clone, Copy, Debug)]
 pub struct DumpOptions {
@@ -35,7 +37,6 @@ pub struct DumpStats {
 /// Progress callback: (bytes of memory written so far, expected total).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
-const PTRACE_EVENT_STOP: i32 = 128;
 const SCRATCH: usize = 512;
 
 /// Says whether `pid` can be checkpointed; Ok(()) or Err(Refused) with every reason.
@@ -122,14 +123,13 @@ pub fn checkpoint_held<W: Write + 'static>(
     Ok((w, stats, Held { frozen }))
 }
 
-/// A process held in a ptrace stop.
+/// A process held in a ptrace stop, every thread of it.
 pub(crate) struct Frozen {
     pub(crate) pid: i32,
     /// Its PID in its own PID namespace (for system calls it makes about itself).
     pub(crate) own: i32,
-    pub(crate) regs: Regs,
-    /// Signals that arrived while it was held, to be queued again on release.
-    pub(crate) held: Vec<Vec<u8>>,
+    /// Its threads, the main one first.
+    pub(crate) tasks: Vec<Task>,
     /// A `syscall` instruction inside the process, once found.
     pub(crate) syscall_ip: Option<u64>,
     /// Stack scratch area (address, original bytes) while in use.
@@ -138,34 +138,11 @@ pub(crate) struct Frozen {
 }
 
 pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
-    sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD as u64).map_err(|e| match e.raw_os_error() {
-        Some(libc::ESRCH) => Error::NoProcess(pid),
-        _ => sys_err(format!("attaching to process {pid}"), e),
-    })?;
-    let mut held = Vec::new();
-    sys::interrupt(pid).map_err(|e| sys_err("stopping the process", e))?;
-    loop {
-        match sys::wait(pid)? {
-            Stop::Stopped { event, .. } if event == PTRACE_EVENT_STOP => break,
-            Stop::Stopped { sig, event: 0 } => {
-                // A signal was being delivered: hold it, then stop for real.
-                held.push(sys::get_siginfo(pid)?);
-                let _ = sig;
-                sys::cont(pid, 0).map_err(|e| sys_err("ptrace", e))?;
-                sys::interrupt(pid).map_err(|e| sys_err("stopping the process", e))?;
-            }
-            Stop::Stopped { .. } => {
-                sys::cont(pid, 0).map_err(|e| sys_err("ptrace", e))?;
-            }
-            _ => return Err(Error::NoProcess(pid)),
-        }
-    }
-    let regs = sys::get_regs(pid)?;
+    let tasks = threads::freeze_all(pid)?;
     Ok(Frozen {
         pid,
-        own: procfs::own_pid(pid),
-        regs,
-        held,
+        own: tasks[0].own,
+        tasks,
         syscall_ip: None,
         scratch: None,
         done: false,
@@ -173,12 +150,18 @@ pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
 }
 
 impl Frozen {
-    pub(crate) fn remote(&self) -> Result<Remote> {
+    pub(crate) fn main(&self) -> &Task {
+        &self.tasks[0]
+    }
+
+    /// Injects system calls into thread `i`.
+    pub(crate) fn remote_of(&self, i: usize) -> Result<Remote> {
         let ip = self.syscall_ip.ok_or_else(|| Error::Target {
             pid: self.pid,
             msg: "no syscall instruction found".into(),
         })?;
-        Ok(Remote::new(self.pid, ip, self.regs))
+        let t = &self.tasks[i];
+        Ok(Remote::new(t.tid, ip, t.regs))
     }
 
     /// Puts everything back and lets the process go on.
@@ -186,41 +169,25 @@ impl Frozen {
         if self.done {
             return Ok(());
         }
-        if !self.held.is_empty() && self.syscall_ip.is_some() && self.scratch.is_some() {
-            let (addr, _) = self.scratch.clone().expect("checked");
-            let mut r = self.remote()?;
-            for info in std::mem::take(&mut self.held) {
-                let signo = i32::from_le_bytes(info[..4].try_into().expect("4 bytes"));
-                sys::write_mem(self.pid, addr, &info)?;
-                r.call(
-                    "queueing a held signal",
-                    libc::SYS_rt_tgsigqueueinfo,
-                    &[self.own as u64, self.own as u64, signo as u64, addr],
-                )?;
-                self.held.append(&mut r.held);
+        let any_held = self.tasks.iter().any(|t| !t.held.is_empty());
+        if let (true, Some(_), Some((addr, _))) = (any_held, self.syscall_ip, &self.scratch) {
+            let addr = *addr;
+            for i in 0..self.tasks.len() {
+                let mut r = self.remote_of(i)?;
+                let own = self.own;
+                threads::requeue_held(&mut self.tasks[i], own, &mut r, addr)?;
             }
         }
         if let Some((addr, orig)) = self.scratch.take() {
             sys::write_mem(self.pid, addr, &orig)?;
         }
-        sys::set_regs(self.pid, &self.regs)?;
-        // A signal that still could not be queued is delivered by detach.
-        let sig = self
-            .held
-            .first()
-            .map(|i| i32::from_le_bytes(i[..4].try_into().expect("4 bytes")))
-            .unwrap_or(0);
-        sys::detach(self.pid, sig).map_err(|e| sys_err("detaching", e))?;
+        threads::detach_tasks(&self.tasks)?;
         self.done = true;
         Ok(())
     }
 
     fn kill(&mut self) -> Result<()> {
-        sys::kill(self.pid, libc::SIGKILL)
-            .map_err(|e| sys_err("killing the checkpointed process", e))?;
-        while let Ok(Stop::Stopped { .. }) = sys::wait(self.pid) {
-            let _ = sys::cont(self.pid, 0);
-        }
+        threads::kill_all(&self.tasks)?;
         self.done = true;
         Ok(())
     }
@@ -234,6 +201,12 @@ impl Drop for Frozen {
     }
 }
 
+/// The last of a /proc status list of IDs (the one of the innermost PID namespace).
+fn last_id(v: Option<&String>) -> i32 {
+    v.and_then(|x| x.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn le_u64(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
 }
@@ -245,6 +218,8 @@ struct Injected {
     itimers: Vec<[i64; 4]>,
     brk: u64,
     clear_child_tid: u64,
+    /// (sigaltstack, clear_child_tid) of each thread, main first.
+    own: Vec<((u64, i32, u64), u64)>,
 }
 
 fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
@@ -272,7 +247,7 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
     })?);
     // Scratch memory: below the stack's red zone if the stack is there, else the start of
     // a writable mapping. Its bytes are saved and put back.
-    let below = (f.regs.rsp.wrapping_sub(128 + SCRATCH as u64)) & !15;
+    let below = (f.main().regs.rsp.wrapping_sub(128 + SCRATCH as u64)) & !15;
     let writable = |a: u64| {
         maps.iter()
             .any(|m| m.write && !m.shared && m.start <= a && a + SCRATCH as u64 <= m.end)
@@ -296,7 +271,7 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
         });
     }
     f.scratch = Some((addr, orig));
-    let mut r = f.remote()?;
+    let mut r = f.remote_of(0)?;
     let mut buf = [0u8; 32];
     let mut sigactions = Vec::new();
     for signo in 1..=64i32 {
@@ -325,13 +300,6 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
             });
         }
     }
-    r.call("sigaltstack", libc::SYS_sigaltstack, &[0, addr])?;
-    sys::read_mem(pid, addr, &mut buf[..24])?;
-    let sigaltstack = (
-        le_u64(&buf, 0),
-        i32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")),
-        le_u64(&buf, 2),
-    );
     let mut itimers = Vec::new();
     for which in 0..3u64 {
         r.call("getitimer", libc::SYS_getitimer, &[which, addr])?;
@@ -339,20 +307,28 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
         itimers.push([0, 1, 2, 3].map(|i| le_u64(&buf, i) as i64));
     }
     let brk = r.call("brk", libc::SYS_brk, &[0])?;
-    r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[40, addr])?;
-    sys::read_mem(pid, addr, &mut buf[..8])?;
-    let clear_child_tid = le_u64(&buf, 0);
-    f.held.append(&mut r.held);
+    // Each thread's own: the main thread's, then the others' (each one's registers put
+    // back after).
+    let mut own = vec![threads::own_queries(&mut r, addr)?];
+    f.tasks[0].held.append(&mut r.held);
+    for i in 1..f.tasks.len() {
+        let mut rt = f.remote_of(i)?;
+        own.push(threads::own_queries(&mut rt, addr)?);
+        f.tasks[i].held.append(&mut rt.held);
+        sys::set_regs(f.tasks[i].tid, &f.tasks[i].regs)?;
+    }
+    let (sigaltstack, clear_child_tid) = own[0];
     // Put the scratch bytes and the registers back now: memory is read after this.
     let (a, o) = f.scratch.clone().expect("set above");
     sys::write_mem(pid, a, &o)?;
-    sys::set_regs(pid, &f.regs)?;
+    sys::set_regs(pid, &f.main().regs)?;
     Ok(Injected {
         sigactions,
         sigaltstack,
         itimers,
         brk,
         clear_child_tid,
+        own,
     })
 }
 
@@ -365,6 +341,11 @@ fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
         }
         let kind = if m.is_special() {
             VmaKind::Special(m.name.clone())
+        } else if shmem::is_shmem(&m.name) {
+            VmaKind::Shmem {
+                ino: m.inode,
+                offset: m.offset,
+            }
         } else if m.is_file() {
             let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             let id =
@@ -472,14 +453,9 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
     progress: Progress<'_>,
 ) -> Result<(W, DumpStats)> {
     let pid = f.pid;
-    // Threads could have been created between the check and the stop.
+    // Anything could have changed between the check and the stop; now nothing runs.
     let reasons = checks::refusals_with(pid, moving.rules)?;
-    let tasks = procfs::tasks(pid)?;
-    if !reasons.is_empty() || tasks.len() > 1 {
-        let mut reasons = reasons;
-        if tasks.len() > 1 && reasons.is_empty() {
-            reasons.push(format!("it has {} threads", tasks.len()));
-        }
+    if !reasons.is_empty() {
         return Err(Error::Refused { pid, reasons });
     }
     let maps = procfs::maps(pid)?;
@@ -494,11 +470,15 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
     let rseq = sys::get_rseq(pid)?.map(|(addr, len, sig)| Rseq { addr, len, sig });
     let robust_list = sys::get_robust_list(pid)?;
     let inj = inject_queries(f, &maps)?;
-    for s in &f.held {
+    for s in &f.main().held {
         pending.push(PendingSignal {
             shared: false,
             siginfo: s.clone(),
         });
+    }
+    let mut others = Vec::new();
+    for (t, own) in f.tasks.iter().zip(&inj.own).skip(1) {
+        others.push(threads::image_of(pid, t, *own)?);
     }
 
     let st = procfs::status(pid)?;
@@ -513,26 +493,35 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         .unwrap_or_default();
     let rlimits = procfs::limits(pid)?;
     let mut fds = Vec::new();
-    for fi in procfs::fds(pid)? {
-        let kind = if moving.rules.leave_home {
-            crate::image::FdKind::Home {
+    let infos = procfs::fds(pid)?;
+    for fi in &infos {
+        let mut kind = if moving.rules.leave_home {
+            // It stays at home with the deputy.
+            FdKind::Home {
                 was: fi.target.clone(),
             }
         } else {
-            checks::classify_fd(&fi).map_err(|r| Error::Refused {
+            checks::kind_of_fd(pid, fi, &infos).map_err(|r| Error::Refused {
                 pid,
                 reasons: vec![r],
             })?
         };
+        if let FdKind::Memfd { ino, .. } = &mut kind {
+            *ino = shmem::fd_inode(pid, fi.fd).ok_or(Error::NoProcess(pid))?;
+        }
         fds.push(Fd {
             fd: fi.fd,
             cloexec: fi.flags & libc::O_CLOEXEC != 0,
             kind,
         });
     }
+    crate::fdobj::fill_pipes(pid, &mut fds)?;
     let vmas = vmas_of(pid, &maps)?;
     let runs = page_runs(pid, &vmas)?;
-    let estimate: u64 = runs.iter().map(|r| r.1 * PAGE).sum();
+    let objs = shmem::objects_of(pid, &maps)?;
+    let (shmem_objects, shmem_runs) = shmem::describe(&objs)?;
+    let estimate: u64 =
+        runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
     let exe = procfs::link(pid, "exe")?;
     let meta = ProcessImage {
         arch: std::env::consts::ARCH.to_string(),
@@ -579,7 +568,7 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
             env_end: procfs::field_u64(&sf, 51),
             auxv: procfs::auxv(pid)?,
         },
-        regs: sys::regs_to_bytes(&f.regs),
+        regs: sys::regs_to_bytes(&f.main().regs),
         xstate,
         sigactions: inj.sigactions,
         blocked,
@@ -593,6 +582,10 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         memory_estimate: estimate,
         clocks: Some(clocks_of(pid)),
         caps: crate::Caps::of_pid(pid).ok(),
+        threads: others,
+        pgid: last_id(st.get("NSpgid")),
+        sid: last_id(st.get("NSsid")),
+        shmem: shmem_objects,
     };
 
     let mut w = ImageWriter::new(out, opts.compression, &meta)?;
@@ -629,6 +622,7 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         done += len as u64;
         progress(done, estimate);
     }
+    stats.memory_bytes += shmem::write_contents(&objs, &shmem_runs, &mut w)?;
     let out = w.finish()?;
     Ok((out, stats))
 }

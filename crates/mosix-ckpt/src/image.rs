@@ -7,7 +7,11 @@
 //!                     xxh3-64 of the preceding 24 bytes
 //! body    (compressed as the header says): records, each
 //!           tag u8, payload length u64, payload, xxh3-64 of (tag, length, payload)
-//!         tag 1 = metadata (postcard-encoded [`ProcessImage`]), exactly one, first
+//!         format 2: tag 3 = index ([`crate::records::Index`]: sizes, process tree),
+//!         first; then per process: tag 4 = process record, tag 5 = one thread record
+//!         per thread (main thread first), tag 2 = its memory; tag 255 = end
+//!         format 1 (read only): tag 1 = metadata ([`crate::records::ProcessImageV1`]),
+//!         exactly one, first, then memory and end
 //!         tag 2 = memory: vaddr u64, then the bytes (a multiple of the page size)
 //!         tag 255 = end: record count u64, payload byte total u64
 //! trailer (8 bytes):  xxh3-64 of every byte before it (header and body as stored)
@@ -15,25 +19,29 @@
 //! Anything after the end record, a missing end record, a wrong checksum, an unknown tag
 //! or a newer major version makes the image unreadable, and nothing is restored.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::error::{bad, Error, Result};
+use crate::records::{self, Index, TAG_INDEX, TAG_PROCESS, TAG_THREAD};
+use crate::sys::PAGE;
 
 pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
-pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 3;
+pub const FORMAT_MAJOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 0;
 pub const HEADER_LEN: usize = 32;
 
-const TAG_META: u8 = 1;
-const TAG_PAGES: u8 = 2;
-const TAG_END: u8 = 255;
+pub(crate) const TAG_META: u8 = 1;
+pub(crate) const TAG_PAGES: u8 = 2;
+/// Format 2: data of a shared memory object: inode u64, offset u64, bytes.
+pub(crate) const TAG_SHMEM: u8 = 6;
+pub(crate) const TAG_END: u8 = 255;
 /// Upper bound on one record's payload (a corrupt length must not make us allocate TiBs).
-const MAX_RECORD: u64 = 1 << 32;
+pub(crate) const MAX_RECORD: u64 = 1 << 32;
 /// Memory is written in records of at most this many bytes.
 pub const PAGES_RECORD_MAX: usize = 8 << 20;
 
@@ -53,7 +61,7 @@ impl Compression {
             Compression::Zstd => 2,
         }
     }
-    fn from_code(c: u8) -> Result<Self> {
+    pub(crate) fn from_code(c: u8) -> Result<Self> {
         Ok(match c {
             0 => Compression::None,
             1 => Compression::Lz4,
@@ -108,6 +116,22 @@ pub enum VmaKind {
     },
     /// The kernel's [vdso] / [vvar] / [vvar_vclock]: moved, not restored.
     Special(String),
+    /// A shared memory object of the process ([`ShmemObject`] `ino`) from `offset`
+    /// (format 2): a memfd, or MAP_SHARED anonymous memory.
+    Shmem { ino: u64, offset: u64 },
+}
+
+/// A memfd or MAP_SHARED anonymous memory object of the process (format 2); its data is
+/// in shared-memory records, made again as a memfd.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmemObject {
+    /// Its inode at checkpoint time: how mappings and descriptors name it in the image.
+    pub ino: u64,
+    /// The memfd's name; None for MAP_SHARED anonymous memory.
+    pub name: Option<String>,
+    pub size: u64,
+    /// F_SEAL_* bits of a memfd.
+    pub seals: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +205,35 @@ pub enum FdKind {
     /// Held at the process's home node by its deputy (format 1.3): on a host it is a
     /// placeholder, at home the deputy's descriptor itself. `was` says what it was.
     Home { was: String },
+    /// A memfd of the process ([`ShmemObject`] `ino`), at `pos` with `flags` (format 2).
+    Memfd { ino: u64, flags: i32, pos: u64 },
+    /// An epoll instance watching descriptors of the process (format 2).
+    Epoll { watches: Vec<EpollWatch> },
+    /// An eventfd with its counter (format 2); `flags`: O_NONBLOCK.
+    EventFd {
+        count: u64,
+        semaphore: bool,
+        flags: i32,
+    },
+    /// One end of a pipe whose both ends the process holds (format 2). `pipe` tells pipes
+    /// apart (its inode at checkpoint time); the first descriptor of a pipe in the image
+    /// carries its size and the bytes it held.
+    Pipe {
+        pipe: u64,
+        write: bool,
+        flags: i32,
+        size: u32,
+        data: Vec<u8>,
+    },
+}
+
+/// What an epoll instance watches: descriptor `fd` of the process, for `events`
+/// (EPOLL* bits as registered, EPOLLET/EPOLLONESHOT included), reporting `data`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollWatch {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +293,42 @@ pub struct ProcessImage {
     /// read). A restore applies them only as its credential policy allows (see
     /// [`crate::CredPolicy`]): never to a process that becomes a user other than root.
     pub caps: Option<crate::Caps>,
+    /// Its other threads (format 2), in the order they are created again; the main
+    /// thread's state is in the fields above (`regs`, `xstate`, `blocked`, its own
+    /// `pending` signals, `sigaltstack`, `rseq`, `robust_list`, `clear_child_tid`).
+    pub threads: Vec<ThreadImage>,
+    /// Its process group and session, as it saw them (format 2; 0 from a 1.x image).
+    /// Recorded for process families; not restored yet.
+    pub pgid: i32,
+    pub sid: i32,
+    /// Its memfds and MAP_SHARED anonymous memory (format 2).
+    pub shmem: Vec<ShmemObject>,
+}
+
+/// One thread's own state (format 2 thread record).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadImage {
+    /// Its thread ID as the process knows it (kept with `keep_pid`).
+    pub tid: i32,
+    /// Its name (each thread has its own: PR_SET_NAME).
+    pub comm: String,
+    /// `struct user_regs_struct`, raw.
+    pub regs: Vec<u8>,
+    /// TLS bases (also in `regs`; these are the ones restored).
+    pub fs_base: u64,
+    pub gs_base: u64,
+    /// NT_X86_XSTATE, raw XSAVE area.
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub blocked: u64,
+    /// Signals queued to this thread (`shared` false).
+    pub pending: Vec<PendingSignal>,
+    /// (ss_sp, ss_flags, ss_size)
+    pub sigaltstack: (u64, i32, u64),
+    pub rseq: Option<Rseq>,
+    /// (head, length)
+    pub robust_list: (u64, u64),
+    pub clear_child_tid: u64,
 }
 
 /// CLOCK_MONOTONIC and CLOCK_BOOTTIME of a process, in nanoseconds.
@@ -314,7 +403,7 @@ impl<W: Write> FinishWrite<W> for lz4_flex::frame::FrameEncoder<W> {
     }
 }
 
-fn header(compression: Compression) -> [u8; HEADER_LEN] {
+pub(crate) fn header(compression: Compression) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
     h[8..10].copy_from_slice(&FORMAT_MAJOR.to_le_bytes());
@@ -353,9 +442,26 @@ impl<W: Write + 'static> ImageWriter<W> {
             estimate: meta.memory_estimate,
             page_bytes: 0,
         };
-        let meta_bytes = postcard::to_stdvec(meta)
-            .map_err(|e| Error::Io(std::io::Error::other(format!("encoding metadata: {e}"))))?;
-        me.record(TAG_META, &[&meta_bytes])?;
+        let enc = |what: &str, r: postcard::Result<Vec<u8>>| {
+            r.map_err(|e| Error::Io(std::io::Error::other(format!("encoding the {what}: {e}"))))
+        };
+        let (tree, proc_rec, threads) = records::split(meta);
+        let proc_bytes = enc("process record", postcard::to_stdvec(&proc_rec))?;
+        let mut thread_bytes = Vec::with_capacity(threads.len());
+        for t in &threads {
+            thread_bytes.push(enc("thread record", postcard::to_stdvec(t))?);
+        }
+        let index = Index {
+            memory_estimate: meta.memory_estimate,
+            records_bytes: proc_bytes.len() as u64
+                + thread_bytes.iter().map(|t| t.len() as u64).sum::<u64>(),
+            tree: vec![tree],
+        };
+        me.record(TAG_INDEX, &[&enc("index", postcard::to_stdvec(&index))?])?;
+        me.record(TAG_PROCESS, &[&proc_bytes])?;
+        for t in &thread_bytes {
+            me.record(TAG_THREAD, &[t])?;
+        }
         Ok(me)
     }
 
@@ -383,11 +489,23 @@ impl<W: Write + 'static> ImageWriter<W> {
     /// [`PAGES_RECORD_MAX`] bytes; nothing for no data). In all, at most the metadata's
     /// `memory_estimate` bytes: readers refuse an image with more.
     pub fn pages(&mut self, vaddr: u64, data: &[u8]) -> Result<()> {
+        self.contents(None, vaddr, data)
+    }
+
+    /// Appends data of shared memory object `ino` at `offset` (whole pages, in records of
+    /// at most [`PAGES_RECORD_MAX`] bytes), counted against `memory_estimate` too.
+    pub fn shmem_pages(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+        self.contents(Some(ino), offset, data)
+    }
+
+    /// Memory records (`ino` None, at address `at`) or shared-memory records (of object
+    /// `ino`, at offset `at`).
+    fn contents(&mut self, ino: Option<u64>, at: u64, data: &[u8]) -> Result<()> {
         let invalid =
             |msg: String| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
-        if !vaddr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
+        if !at.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
             return Err(invalid(format!(
-                "memory contents at {vaddr:#x} of {} bytes are not whole pages",
+                "memory contents at {at:#x} of {} bytes are not whole pages",
                 data.len()
             )));
         }
@@ -399,10 +517,15 @@ impl<W: Write + 'static> ImageWriter<W> {
             )));
         }
         for (i, chunk) in data.chunks(PAGES_RECORD_MAX).enumerate() {
-            let at = vaddr
+            let here = at
                 .checked_add((i * PAGES_RECORD_MAX) as u64)
-                .ok_or_else(|| invalid(format!("memory contents at {vaddr:#x} wrap around")))?;
-            self.record(TAG_PAGES, &[&at.to_le_bytes(), chunk])?;
+                .ok_or_else(|| invalid(format!("memory contents at {at:#x} wrap around")))?;
+            match ino {
+                None => self.record(TAG_PAGES, &[&here.to_le_bytes(), chunk])?,
+                Some(ino) => {
+                    self.record(TAG_SHMEM, &[&ino.to_le_bytes(), &here.to_le_bytes(), chunk])?
+                }
+            }
         }
         Ok(())
     }
@@ -423,797 +546,12 @@ impl<W: Write + 'static> ImageWriter<W> {
     }
 }
 
-/// A fully read and verified image: metadata plus memory runs (views into one buffer).
-pub struct LoadedImage {
-    pub meta: ProcessImage,
-    pub compression: Compression,
-    store: Storage,
-    /// Where the (uncompressed) body starts in `store`.
-    body_at: usize,
-    /// (vaddr, offset into body, length)
-    runs: Vec<(u64, usize, usize)>,
-}
-
-/// The bytes of an image: read into memory, or mapped from its file (no copy).
-enum Storage {
-    Owned(Vec<u8>),
-    Mapped(memmap2::Mmap),
-}
-
-impl std::ops::Deref for Storage {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Storage::Owned(v) => v,
-            Storage::Mapped(m) => m,
-        }
-    }
-}
-
-impl LoadedImage {
-    pub fn pages(&self) -> impl Iterator<Item = Pages<'_>> {
-        let body = &self.store[self.body_at..];
-        self.runs.iter().map(move |&(vaddr, off, len)| Pages {
-            vaddr,
-            data: &body[off..off + len],
-        })
-    }
-    pub fn memory_bytes(&self) -> u64 {
-        self.runs.iter().map(|r| r.2 as u64).sum()
-    }
-}
-
-/// Reads and checks the 32-byte header.
-fn read_header(h: &[u8]) -> Result<(Compression, u16)> {
-    if h.len() < HEADER_LEN {
-        return Err(bad("truncated: shorter than the image header"));
-    }
-    if &h[..8] != MAGIC {
-        return Err(bad("not a mosix process image (wrong magic)"));
-    }
-    let sum = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
-    if xxh3_64(&h[..24]) != sum {
-        return Err(bad("header checksum mismatch (damaged image)"));
-    }
-    let major = u16::from_le_bytes([h[8], h[9]]);
-    let minor = u16::from_le_bytes([h[10], h[11]]);
-    if major != FORMAT_MAJOR || minor > FORMAT_MINOR {
-        return Err(bad(format!(
-            "image format {major}.{minor} is not supported by this mosix (reads {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a matching mosix version"
-        )));
-    }
-    Ok((Compression::from_code(h[12])?, minor))
-}
-
-/// How much memory reading an image may take. Decompression is bounded by the size the
-/// image declares (its metadata record, and the memory contents its `memory_estimate`
-/// says follow); an image that declares more than `max_memory` bytes is refused before
-/// any of it is decompressed, with one line that says so.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReadLimits {
-    /// The most bytes the decompressed body (or an image read from a stream) may take.
-    pub max_memory: u64,
-}
-
-impl ReadLimits {
-    /// The memory this process can have now: the smaller of the system's MemAvailable and
-    /// the room left under the memory limits (cgroup v2 `memory.max`) of its cgroup and
-    /// every cgroup above it. Unknown limits count as none.
-    pub fn system() -> ReadLimits {
-        ReadLimits {
-            max_memory: mem_available().min(cgroup_headroom()),
-        }
-    }
-    /// At most `max_memory` bytes.
-    pub fn bytes(max_memory: u64) -> ReadLimits {
-        ReadLimits { max_memory }
-    }
-}
-
-/// MemAvailable from /proc/meminfo (u64::MAX if unknown).
-fn mem_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(u64::MAX, |kb| kb.saturating_mul(1024))
-}
-
-/// The memory this process (or a process started beside it, in its cgroups) can have
-/// now: the smaller of the system's MemAvailable and the room under the memory limits of
-/// its cgroups and every cgroup above them, cgroup v2 and v1 alike. Reclaimable page
-/// cache (inactive file pages) counts as room, as the kernel drops it before it kills.
-pub fn memory_room() -> u64 {
-    mem_available().min(cgroup_headroom())
-}
-
-/// The least room (limit less usage, less inactive file cache) in this process's memory
-/// cgroups (v2 `memory.max`/`memory.current`, v1 `memory.limit_in_bytes`/
-/// `memory.usage_in_bytes`) and their ancestors (u64::MAX where there is no limit or it
-/// cannot be read).
-fn cgroup_headroom() -> u64 {
-    let (Ok(cg), Ok(mi)) = (
-        std::fs::read_to_string("/proc/self/cgroup"),
-        std::fs::read_to_string("/proc/self/mountinfo"),
-    ) else {
-        return u64::MAX;
-    };
-    let read = |p: &std::path::Path, f: &str| -> Option<u64> {
-        std::fs::read_to_string(p.join(f)).ok()?.trim().parse().ok()
-    };
-    let inactive = |p: &std::path::Path, key: &str| -> u64 {
-        std::fs::read_to_string(p.join("memory.stat"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    };
-    let mut room = u64::MAX;
-    for line in cg.lines() {
-        let mut it = line.splitn(3, ':');
-        let (Some(_), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) else {
-            continue;
-        };
-        let v2 = ctrls.is_empty();
-        if !v2 && !ctrls.split(',').any(|c| c == "memory") {
-            continue;
-        }
-        // Where that hierarchy is mounted (mountinfo: root, mount point, ..., fstype, opts).
-        let mount = mi.lines().find_map(|m| {
-            let f: Vec<&str> = m.split(' ').collect();
-            let dash = f.iter().position(|x| *x == "-")?;
-            let (fstype, opts) = (*f.get(dash + 1)?, *f.get(dash + 3)?);
-            let ok = if v2 {
-                fstype == "cgroup2"
-            } else {
-                fstype == "cgroup" && opts.split(',').any(|o| o == "memory")
-            };
-            ok.then(|| (f[3].to_string(), f[4].to_string()))
-        });
-        let Some((root, point)) = mount else { continue };
-        let rel = if root == "/" {
-            path
-        } else {
-            match path.strip_prefix(root.as_str()) {
-                Some(r) => r,
-                None => continue,
-            }
-        };
-        let top = std::path::PathBuf::from(&point);
-        let mut dir = top.join(rel.trim_start_matches('/'));
-        let (lim, cur, key) = if v2 {
-            ("memory.max", "memory.current", "inactive_file")
-        } else {
-            (
-                "memory.limit_in_bytes",
-                "memory.usage_in_bytes",
-                "total_inactive_file",
-            )
-        };
-        loop {
-            if let (Some(max), Some(used)) = (read(&dir, lim), read(&dir, cur)) {
-                let used = used.saturating_sub(inactive(&dir, key));
-                room = room.min(max.saturating_sub(used));
-            }
-            if dir == top || !dir.pop() {
-                break;
-            }
-        }
-    }
-    room
-}
-
-/// The largest metadata record a reader takes: far more than any real process needs (its
-/// maps are limited by vm.max_map_count, 65530 by default: about 4 MiB of metadata).
-pub const MAX_META: u64 = 64 << 20;
-
-/// The most bytes of memory decoding the metadata takes per byte of it: its densest
-/// elements decode to their size in memory (a [`Vma`] is encoded in at least 7 bytes, an
-/// [`Fd`] in 4, a [`PendingSignal`] in 2, a [`SigAction`] in 5, an rlimit in 3, an itimer
-/// in 4, a u64 in 1), and vectors grow by doubling.
-pub const META_GROWTH: u64 = {
-    use std::mem::size_of;
-    let per = [
-        size_of::<Vma>().div_ceil(7),
-        size_of::<Fd>().div_ceil(4),
-        size_of::<PendingSignal>().div_ceil(2),
-        size_of::<SigAction>().div_ceil(5),
-        size_of::<(u32, u64, u64)>().div_ceil(3),
-        size_of::<[i64; 4]>().div_ceil(4),
-        size_of::<u64>(),
-    ];
-    let mut most = 0;
-    let mut i = 0;
-    while i < per.len() {
-        if per[i] > most {
-            most = per[i];
-        }
-        i += 1;
-    }
-    2 * most as u64
+pub use crate::limits::{memory_room, ReadLimits};
+pub use crate::read::{
+    read_image, read_image_bytes, read_image_bytes_with, read_image_file, read_image_file_with,
+    read_image_with, LoadedImage, ShmemPages, Version, MAX_META, META_GROWTH,
 };
 
-/// The memory decoding a metadata record of `len` bytes may take.
-fn meta_decode_need(len: u64, minor: u16) -> u64 {
-    // A 1.0 record is copied once to be decoded.
-    let copy = if minor == 0 { len + 1 } else { 0 };
-    len.saturating_mul(META_GROWTH).saturating_add(copy)
-}
-/// Bytes of a memory record besides its contents: tag, length, address, checksum.
-const PAGES_OVERHEAD: u64 = 1 + 8 + 8 + 8;
-/// Bytes of the end record.
-const END_RECORD: u64 = 1 + 8 + 16 + 8;
-const PAGE: u64 = 4096;
-
-/// The most bytes a body can take whose metadata record has `meta_len` bytes of payload
-/// and declares `estimate` bytes of memory contents: every memory record holds at least a
-/// page, so there are at most `estimate / PAGE` of them.
-fn declared_body_len(meta_len: u64, estimate: u64) -> u64 {
-    let records = estimate / PAGE;
-    (1 + 8 + 8 + meta_len)
-        .saturating_add(estimate)
-        .saturating_add(records.saturating_mul(PAGES_OVERHEAD))
-        .saturating_add(END_RECORD)
-}
-
-fn mib(n: u64) -> String {
-    if n >= 1 << 30 {
-        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-    }
-}
-
-fn too_big(what: &str, need: u64, limits: &ReadLimits) -> Error {
-    Error::Unrestorable(format!(
-        "{what} {} of memory, more than the {} available here",
-        mib(need),
-        mib(limits.max_memory)
-    ))
-}
-
-/// Reads a whole image from `r`, verifying everything before returning. Memory is bounded
-/// by [`ReadLimits::system`].
-pub fn read_image<R: Read>(r: R) -> Result<LoadedImage> {
-    read_image_with(r, &ReadLimits::system())
-}
-
-/// [`read_image`] within `limits`: a stream longer than `limits.max_memory` is refused.
-pub fn read_image_with<R: Read>(r: R, limits: &ReadLimits) -> Result<LoadedImage> {
-    let mut raw = Vec::new();
-    r.take(limits.max_memory.saturating_add(1))
-        .read_to_end(&mut raw)?;
-    if raw.len() as u64 > limits.max_memory {
-        return Err(too_big(
-            "the image needs more than",
-            limits.max_memory,
-            limits,
-        ));
-    }
-    load(Storage::Owned(raw), limits)
-}
-
-/// Verifies an image already in memory (no copy of an uncompressed one). Decompression is
-/// bounded by [`ReadLimits::system`].
-pub fn read_image_bytes(raw: Vec<u8>) -> Result<LoadedImage> {
-    read_image_bytes_with(raw, &ReadLimits::system())
-}
-
-/// [`read_image_bytes`] within `limits`.
-pub fn read_image_bytes_with(raw: Vec<u8>, limits: &ReadLimits) -> Result<LoadedImage> {
-    load(Storage::Owned(raw), limits)
-}
-
-/// Maps the image file at `path` (no copy of its memory contents) and verifies it.
-/// Decompression is bounded by [`ReadLimits::system`].
-pub fn read_image_file(path: &std::path::Path) -> Result<LoadedImage> {
-    read_image_file_with(path, &ReadLimits::system())
-}
-
-/// [`read_image_file`] within `limits`.
-pub fn read_image_file_with(path: &std::path::Path, limits: &ReadLimits) -> Result<LoadedImage> {
-    let f = std::fs::File::open(path)?;
-    if f.metadata()?.len() < HEADER_LEN as u64 {
-        return Err(bad("truncated: shorter than the image header"));
-    }
-    // SAFETY: the mapping is read-only and private; the image file is ours to read.
-    // A file truncated by someone else while we restore would fault (SIGBUS) rather than
-    // give wrong data, and the half-built process dies with us (PTRACE_O_EXITKILL).
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }?;
-    load(Storage::Mapped(map), limits)
-}
-
-/// The largest zstd window a reader accepts (log2): the writer's level 1 uses 2^19; the
-/// decoder allocates the window a frame asks for, so a frame must not ask for more.
-const ZSTD_WINDOW_LOG_MAX: u32 = 24;
-
-fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
-    let (compression, minor, n, decompressed) = {
-        let bytes = &store[..];
-        let (compression, minor) = read_header(bytes)?;
-        // The whole-file checksum first: it covers the compressed bytes too.
-        if bytes.len() < HEADER_LEN + 8 {
-            return Err(bad("truncated: the image checksum is missing"));
-        }
-        let n = bytes.len() - 8;
-        let sum = u64::from_le_bytes(bytes[n..].try_into().expect("8 bytes"));
-        if xxh3_64(&bytes[..n]) != sum {
-            return Err(bad("image checksum mismatch (damaged or truncated image)"));
-        }
-        let stored = &bytes[HEADER_LEN..n];
-        let body = match compression {
-            Compression::None => None,
-            Compression::Lz4 => Some(decompress(
-                lz4_flex::frame::FrameDecoder::new(stored),
-                minor,
-                limits,
-            )?),
-            Compression::Zstd => {
-                let mut d = zstd::Decoder::new(stored).map_err(damaged)?;
-                d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(damaged)?;
-                Some(decompress(d, minor, limits)?)
-            }
-        };
-        (compression, minor, n, body)
-    };
-    let (store, body_at, end) = match decompressed {
-        None => (store, HEADER_LEN, n),
-        Some(body) => {
-            let len = body.len();
-            (Storage::Owned(body), 0, len)
-        }
-    };
-    let (meta, runs) = parse_body(&store[body_at..end], minor, limits)?;
-    Ok(LoadedImage {
-        meta,
-        compression,
-        store,
-        body_at,
-        runs,
-    })
-}
-
-fn damaged(e: std::io::Error) -> Error {
-    bad(format!("damaged compressed data: {e}"))
-}
-
-/// Decompresses a body record by record, never holding more than the image declares:
-/// first the metadata record (at most [`MAX_META`]), whose `memory_estimate` then bounds
-/// the rest; a declared size beyond `limits` is refused before anything more is read.
-/// Only the records' shapes are checked here; [`parse_body`] verifies the result.
-fn decompress<D: Read>(mut dec: D, minor: u16, limits: &ReadLimits) -> Result<Vec<u8>> {
-    let mut body = Vec::new();
-    let mut bound = 9 + MAX_META + 8;
-    // The metadata record.
-    let (tag, len) = record_head(&mut dec, &mut body, bound)?
-        .ok_or_else(|| bad("truncated: the end record is missing"))?;
-    if tag != TAG_META {
-        return Err(bad("metadata record out of place"));
-    }
-    if len > MAX_META {
-        return Err(bad(format!(
-            "metadata record of {len} bytes (a reader takes at most {MAX_META})"
-        )));
-    }
-    let meta_need = meta_decode_need(len, minor);
-    if (9 + len + 8).saturating_add(meta_need) > limits.max_memory {
-        return Err(too_big(
-            "its metadata needs",
-            (9 + len + 8).saturating_add(meta_need),
-            limits,
-        ));
-    }
-    read_payload(&mut dec, &mut body, len + 8, bound)?;
-    let estimate = decode_meta(&body[9..9 + len as usize], minor)?.memory_estimate;
-    bound = declared_body_len(len, estimate);
-    if bound.saturating_add(meta_need) > limits.max_memory {
-        return Err(too_big(
-            &format!(
-                "the image declares {} of memory contents; reading it needs",
-                mib(estimate)
-            ),
-            bound.saturating_add(meta_need),
-            limits,
-        ));
-    }
-    loop {
-        let at = body.len();
-        let (tag, len) = record_head(&mut dec, &mut body, bound)?
-            .ok_or_else(|| bad("truncated: the end record is missing"))?;
-        match tag {
-            TAG_PAGES if (8 + PAGE..=8 + PAGES_RECORD_MAX as u64).contains(&len) => {}
-            TAG_PAGES => return Err(bad("memory record of odd size")),
-            TAG_END if len == 16 => {}
-            TAG_END => return Err(bad("end record of wrong size")),
-            TAG_META => return Err(bad("metadata record out of place")),
-            t => {
-                return Err(bad(format!(
-                    "unknown record type {t} at byte {at} of the body"
-                )))
-            }
-        }
-        read_payload(&mut dec, &mut body, len + 8, bound)?;
-        if tag == TAG_END {
-            break;
-        }
-    }
-    // Nothing may follow; reading to the end also makes the decoder check its checksum.
-    let mut more = [0u8; 1];
-    loop {
-        match dec.read(&mut more) {
-            Ok(0) => return Ok(body),
-            Ok(_) => return Err(bad("trailing data after the end record")),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(damaged(e)),
-        }
-    }
-}
-
-/// Reads the 9-byte head of the next record onto `body`: Ok(None) at a clean end.
-fn record_head<D: Read>(dec: &mut D, body: &mut Vec<u8>, bound: u64) -> Result<Option<(u8, u64)>> {
-    let at = body.len();
-    if !read_at_most(dec, body, 9, bound)? {
-        return Ok(None);
-    }
-    let h = &body[at..];
-    let len = u64::from_le_bytes(h[1..9].try_into().expect("8 bytes"));
-    Ok(Some((h[0], len)))
-}
-
-/// Appends exactly `n` more bytes of `dec` to `body`, never letting `body` grow past
-/// `bound`; memory grows with the bytes that actually arrive, not with `n`. Ok(false) if
-/// the stream ended cleanly before the first of them.
-fn read_at_most<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<bool> {
-    let at = body.len() as u64;
-    let want = at.saturating_add(n);
-    if want > bound {
-        return Err(bad(format!(
-            "the image holds more than the {bound} bytes it declares"
-        )));
-    }
-    while (body.len() as u64) < want {
-        if body.capacity() == body.len() {
-            // Double, but never past what the image declares.
-            let cap = (body.capacity() as u64).saturating_mul(2).max(64 << 10);
-            let grow = cap.min(bound) - body.len() as u64;
-            body.try_reserve_exact(grow as usize).map_err(|_| {
-                Error::Unrestorable(format!(
-                    "out of memory reading the image ({} decompressed so far)",
-                    mib(body.len() as u64)
-                ))
-            })?;
-        }
-        let room = (body.capacity() - body.len()) as u64;
-        let step = room.min(want - body.len() as u64);
-        let got = dec.by_ref().take(step).read_to_end(body).map_err(damaged)?;
-        if got == 0 {
-            if body.len() as u64 == at {
-                return Ok(false);
-            }
-            return Err(bad("truncated: the end record is missing"));
-        }
-    }
-    Ok(true)
-}
-
-/// Appends exactly `n` more bytes of `dec` to `body` (see [`read_at_most`]); the stream
-/// must have them.
-fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<()> {
-    if read_at_most(dec, body, n, bound)? || n == 0 {
-        Ok(())
-    } else {
-        Err(bad("truncated: the end record is missing"))
-    }
-}
-
-fn decode_meta(payload: &[u8], minor: u16) -> Result<ProcessImage> {
-    // Each minor version added one trailing `Option` field to the metadata: 1.1 `clocks`,
-    // 1.2 `caps`. An older record is decoded with a None (one 0 byte) for each field it
-    // does not have.
-    let missing = FORMAT_MINOR.saturating_sub(minor) as usize;
-    let decoded = if missing == 0 {
-        postcard::from_bytes(payload)
-    } else {
-        let mut full = Vec::new();
-        full.try_reserve_exact(payload.len() + missing)
-            .map_err(|_| Error::Unrestorable("out of memory reading the image metadata".into()))?;
-        full.extend_from_slice(payload);
-        full.resize(payload.len() + missing, 0);
-        postcard::from_bytes(&full)
-    };
-    decoded.map_err(|e| bad(format!("metadata does not decode: {e}")))
-}
-
-type Runs = Vec<(u64, usize, usize)>;
-
-fn parse_body(body: &[u8], minor: u16, limits: &ReadLimits) -> Result<(ProcessImage, Runs)> {
-    let mut pos = 0usize;
-    let mut meta: Option<ProcessImage> = None;
-    let mut runs = Vec::new();
-    let mut records = 0u64;
-    let mut payload_total = 0u64;
-    let mut page_bytes = 0u64;
-    loop {
-        if body.len() - pos < 9 {
-            return Err(bad("truncated: the end record is missing"));
-        }
-        let tag = body[pos];
-        let len = u64::from_le_bytes(body[pos + 1..pos + 9].try_into().expect("8 bytes"));
-        if len > MAX_RECORD || ((body.len() - pos - 9) as u64) < len + 8 {
-            return Err(bad(format!(
-                "truncated or damaged record {records} at byte {pos} of the body"
-            )));
-        }
-        let len = len as usize;
-        let payload_at = pos + 9;
-        let sum_at = payload_at + len;
-        let sum = u64::from_le_bytes(body[sum_at..sum_at + 8].try_into().expect("8 bytes"));
-        if xxh3_64(&body[pos..sum_at]) != sum {
-            return Err(bad(format!(
-                "checksum mismatch in record {records} at byte {pos} of the body (damaged image)"
-            )));
-        }
-        records += 1;
-        payload_total += len as u64;
-        let payload = &body[payload_at..sum_at];
-        match tag {
-            TAG_META => {
-                if meta.is_some() || records != 1 {
-                    return Err(bad("metadata record out of place"));
-                }
-                if len as u64 > MAX_META {
-                    return Err(bad(format!(
-                        "metadata record of {len} bytes (a reader takes at most {MAX_META})"
-                    )));
-                }
-                let need = meta_decode_need(len as u64, minor);
-                if need > limits.max_memory {
-                    return Err(too_big("its metadata needs", need, limits));
-                }
-                meta = Some(decode_meta(payload, minor)?);
-            }
-            TAG_PAGES => {
-                let Some(m) = &meta else {
-                    return Err(bad("memory before metadata"));
-                };
-                if len < 8 + PAGE as usize
-                    || len > 8 + PAGES_RECORD_MAX
-                    || !(len - 8).is_multiple_of(PAGE as usize)
-                {
-                    return Err(bad("memory record of odd size"));
-                }
-                page_bytes += (len - 8) as u64;
-                if page_bytes > m.memory_estimate {
-                    return Err(bad(format!(
-                        "the image holds more memory contents than the {} bytes it declares",
-                        m.memory_estimate
-                    )));
-                }
-                let vaddr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-                if vaddr % 4096 != 0 {
-                    return Err(bad("memory record at unaligned address"));
-                }
-                runs.push((vaddr, payload_at + 8, len - 8));
-            }
-            TAG_END => {
-                if len != 16 {
-                    return Err(bad("end record of wrong size"));
-                }
-                let count = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-                let total = u64::from_le_bytes(payload[8..].try_into().expect("8 bytes"));
-                if count != records || total != payload_total - 16 {
-                    return Err(bad("record count or size does not match the end record"));
-                }
-                if sum_at + 8 != body.len() {
-                    return Err(bad("trailing data after the end record"));
-                }
-                break;
-            }
-            t => return Err(bad(format!("unknown record type {t}"))),
-        }
-        pos = sum_at + 8;
-    }
-    let meta = meta.ok_or_else(|| bad("no metadata record"))?;
-    Ok((meta, runs))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(c: Compression) -> Vec<u8> {
-        let meta = ProcessImage {
-            comm: "t".into(),
-            memory_estimate: 8192,
-            ..Default::default()
-        };
-        let mut w = ImageWriter::new(Vec::new(), c, &meta).unwrap();
-        let page: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
-        w.pages(0x1000, &page).unwrap();
-        w.finish().unwrap()
-    }
-
-    #[test]
-    fn round_trip_each_compression() {
-        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
-            let img = read_image(&sample(c)[..]).unwrap();
-            assert_eq!(img.meta.comm, "t");
-            let runs: Vec<_> = img.pages().collect();
-            assert_eq!(runs.len(), 1);
-            assert_eq!(runs[0].vaddr, 0x1000);
-            assert_eq!(runs[0].data[9], 63u8);
-        }
-    }
-
-    #[test]
-    fn every_flipped_bit_is_detected() {
-        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
-            let good = sample(c);
-            // Every bit of small images; a stride through bigger ones.
-            let step = (good.len() * 8 / 4000).max(1);
-            for bit in (0..good.len() * 8).step_by(step) {
-                let mut b = good.clone();
-                b[bit / 8] ^= 1 << (bit % 8);
-                assert!(
-                    read_image(&b[..]).is_err(),
-                    "{c:?}: flip of bit {bit} not detected"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn truncation_and_garbage_are_detected() {
-        let good = sample(Compression::None);
-        for cut in 0..good.len() {
-            assert!(read_image(&good[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut more = good.clone();
-        more.push(0);
-        assert!(read_image(&more[..]).is_err());
-    }
-
-    /// A compressed body cut anywhere (and compressed again, with valid checksums, as
-    /// anyone can) is an error, never a panic: the body is read record by record.
-    #[test]
-    fn compressed_bodies_cut_anywhere_are_errors() {
-        let body = {
-            let b = sample(Compression::None);
-            b[HEADER_LEN..b.len() - 8].to_vec()
-        };
-        for c in [Compression::Lz4, Compression::Zstd] {
-            for cut in 0..body.len() {
-                let stored = match c {
-                    Compression::Lz4 => {
-                        let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
-                        e.write_all(&body[..cut]).unwrap();
-                        e.finish().unwrap()
-                    }
-                    _ => zstd::bulk::compress(&body[..cut], 1).unwrap(),
-                };
-                let mut b = header(c).to_vec();
-                b.extend_from_slice(&stored);
-                let sum = xxh3_64(&b);
-                b.extend_from_slice(&sum.to_le_bytes());
-                let e = read_image(&b[..]).err().unwrap().to_string();
-                assert!(e.starts_with("bad image: "), "{c:?} cut at {cut}: {e}");
-            }
-        }
-    }
-
-    /// An uncompressed image of format 1.`minor` holding `meta`, whose metadata record
-    /// is the current one without the `drop` trailing `Option` fields (each None: one 0
-    /// byte), as an older mosix wrote it.
-    fn older_image(meta: &ProcessImage, minor: u16, drop: usize) -> Vec<u8> {
-        let full = postcard::to_stdvec(meta).unwrap();
-        assert!(full[full.len() - drop..].iter().all(|&b| b == 0));
-        let old_meta = &full[..full.len() - drop];
-        let rec = |tag: u8, payload: &[u8]| {
-            let mut r = vec![tag];
-            r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            r.extend_from_slice(payload);
-            let sum = xxh3_64(&r);
-            r.extend_from_slice(&sum.to_le_bytes());
-            r
-        };
-        let mut b = header(Compression::None).to_vec();
-        b[10..12].copy_from_slice(&minor.to_le_bytes());
-        let sum = xxh3_64(&b[..24]);
-        b[24..32].copy_from_slice(&sum.to_le_bytes());
-        b.extend(rec(TAG_META, old_meta));
-        let mut page = 0x1000u64.to_le_bytes().to_vec();
-        page.extend_from_slice(&[0x5a; 4096]);
-        b.extend(rec(TAG_PAGES, &page));
-        let mut end = 3u64.to_le_bytes().to_vec();
-        end.extend_from_slice(&((old_meta.len() + page.len()) as u64).to_le_bytes());
-        b.extend(rec(TAG_END, &end));
-        let sum = xxh3_64(&b);
-        b.extend_from_slice(&sum.to_le_bytes());
-        b
-    }
-
-    fn old_meta() -> ProcessImage {
-        ProcessImage {
-            comm: "old".into(),
-            creds: Creds {
-                uid: [1000; 4],
-                gid: [100; 4],
-                groups: vec![100, 27],
-            },
-            memory_estimate: 4096,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn format_1_0_images_read_without_clocks_or_caps() {
-        // A 1.0 metadata record is the 1.2 one without the trailing `clocks` and `caps`.
-        let img = read_image(&older_image(&old_meta(), 0, 2)[..]).unwrap();
-        assert_eq!(img.meta, old_meta());
-        assert_eq!(img.meta.clocks, None);
-        assert_eq!(img.meta.caps, None);
-        assert_eq!(img.pages().count(), 1);
-    }
-
-    #[test]
-    fn format_1_1_images_read_without_caps() {
-        // A 1.1 metadata record is the 1.2 one without the trailing `caps`.
-        let meta = ProcessImage {
-            clocks: Some(Clocks {
-                monotonic_ns: 5,
-                boottime_ns: 7,
-            }),
-            ..old_meta()
-        };
-        let img = read_image(&older_image(&meta, 1, 1)[..]).unwrap();
-        assert_eq!(img.meta, meta);
-        assert_eq!(img.meta.caps, None);
-        let runs: Vec<_> = img.pages().collect();
-        assert_eq!(
-            (runs.len(), runs[0].vaddr, runs[0].data[4095]),
-            (1, 0x1000, 0x5a)
-        );
-    }
-
-    #[test]
-    fn format_1_2_images_keep_clocks_and_caps() {
-        let meta = ProcessImage {
-            clocks: Some(Clocks::default()),
-            caps: Some(crate::Caps {
-                inheritable: 0,
-                permitted: 0xe3,
-                effective: 0xe3,
-                bounding: 0xe3,
-                ambient: 0,
-            }),
-            ..old_meta()
-        };
-        let mut w = ImageWriter::new(Vec::new(), Compression::Zstd, &meta).unwrap();
-        w.pages(0x1000, &[0u8; 4096]).unwrap();
-        let bytes = w.finish().unwrap();
-        assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), 2);
-        let new = read_image(&bytes[..]).unwrap();
-        assert_eq!(new.meta, meta);
-    }
-
-    #[test]
-    fn newer_version_is_refused_clearly() {
-        let mut b = sample(Compression::None);
-        b[8] = 2;
-        b[10..12].copy_from_slice(&0u16.to_le_bytes());
-        let sum = xxh3_64(&b[..24]);
-        b[24..32].copy_from_slice(&sum.to_le_bytes());
-        let e = read_image(&b[..]).err().unwrap().to_string();
-        assert!(e.contains("image format 2.0 is not supported"), "{e}");
-        let e = read_image(&b"#!/bin/sh\necho hi\n...................."[..])
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("not a mosix process image"), "{e}");
-    }
-}
+#[path = "image_tests.rs"]
+mod tests;

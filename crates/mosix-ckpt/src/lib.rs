@@ -1,4 +1,4 @@
-//! mosix-ckpt: checkpoint and restore of one unmodified, single-threaded x86_64 Linux
+//! mosix-ckpt: checkpoint and restore of one unmodified x86_64 Linux process with all its
 //! process, without CRIU. The process is frozen with ptrace, its state read from /proc,
 //! ptrace and a few system calls injected into it, and streamed as a versioned,
 //! checksummed image; restore builds it again inside a fresh traced child.
@@ -17,12 +17,18 @@ pub mod check;
 mod creds;
 mod dump;
 mod error;
+mod fdobj;
 pub mod image;
+mod limits;
 pub mod procfs;
+mod read;
+pub mod records;
 mod remote;
 mod reopen;
 mod restore;
+mod shmem;
 pub mod sys;
+mod threads;
 
 pub use away::{
     check_moving, checkpoint_moving, checkpoint_moving_with, restore_away, restore_into, Away,

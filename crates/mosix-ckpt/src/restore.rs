@@ -6,10 +6,13 @@ use std::os::fd::RawFd;
 
 use crate::creds::{self, CredOptions, Plan, Restorer};
 use crate::error::{sys_err, Error, Result};
+use crate::fdobj;
 use crate::image::{FdKind, LoadedImage, ProcessImage, VmaKind};
 use crate::procfs;
 use crate::remote::{find_syscall_insn, Remote};
+use crate::shmem;
 use crate::sys::{self, PAGE};
+use crate::threads;
 
 /// Highest user address on x86_64 with 4-level paging.
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
@@ -25,10 +28,6 @@ const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const PR_SET_VMA: u64 = 0x53564d41;
 const PR_SET_VMA_ANON_NAME: u64 = 0;
-const ERESTARTSYS: i64 = 512;
-const ERESTARTNOINTR: i64 = 513;
-const ERESTARTNOHAND: i64 = 514;
-const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// How the new process is created.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,9 +50,10 @@ pub struct RestoreOptions {
     pub pdeathsig: Option<i32>,
 }
 
-/// Lets a process restored with `hold` run. Call from the thread that restored it.
+/// Lets a process restored with `hold` run, every thread of it. Call from the thread
+/// that restored it.
 pub fn resume(pid: i32) -> Result<()> {
-    sys::detach(pid, 0).map_err(|e| sys_err("detaching", e))
+    threads::detach_all(pid)
 }
 
 /// A restored process, our child.
@@ -185,6 +185,12 @@ pub(crate) fn restore_mode(
                     m.pid
                 )));
             }
+            if let Some(t) = m.threads.iter().find(|t| t.tid <= 1) {
+                return Err(Error::Unrestorable(format!(
+                    "a thread of the process had ID {}, which it cannot keep",
+                    t.tid
+                )));
+            }
             m.pid
         } else {
             0
@@ -220,8 +226,7 @@ pub(crate) fn restore_mode(
             Ok((Restored { pid, ns_init }, listener))
         }
         Err(e) => {
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let _ = sys::wait(pid);
+            threads::kill_and_reap(pid);
             if let Some(i) = ns_init {
                 let _ = sys::kill(i, libc::SIGKILL);
                 let _ = sys::wait(i);
@@ -234,13 +239,15 @@ pub(crate) fn restore_mode(
 pub(crate) struct Builder<'a> {
     pub(crate) pid: i32,
     /// Its PID in its own PID namespace.
-    own: i32,
+    pub(crate) own: i32,
     pub(crate) r: Remote,
     pub(crate) scratch: u64,
-    img: &'a ProcessImage,
+    pub(crate) img: &'a ProcessImage,
     /// The fs uid paths are opened with.
     pub(crate) fs_uid: u32,
     pub(crate) mode: Mode<'a>,
+    /// The process's shared memory objects made again: image inode -> descriptor.
+    pub(crate) shm: HashMap<u64, u64>,
 }
 
 impl<'a> Builder<'a> {
@@ -263,6 +270,21 @@ impl<'a> Builder<'a> {
     pub(crate) fn call(&mut self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
         self.r.call(what, nr, args)
     }
+    /// Moves descriptor `fd` of the process to the lowest free number from `above` (close
+    /// on exec), out of the way of the image's descriptors; returns the new number.
+    pub(crate) fn fd_above(&mut self, fd: u64, above: u64) -> Result<u64> {
+        let hi = self.call(
+            "fcntl(F_DUPFD_CLOEXEC)",
+            libc::SYS_fcntl,
+            &[fd, libc::F_DUPFD_CLOEXEC as u64, above],
+        )?;
+        self.call("close", libc::SYS_close, &[fd])?;
+        Ok(hi)
+    }
+    /// The lowest descriptor number above all of the image's.
+    pub(crate) fn above_fds(&self) -> u64 {
+        self.img.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 1
+    }
 }
 
 /// Builds the image inside stopped tracee `pid`; with [`Mode::Away`] returns the filter's
@@ -278,7 +300,7 @@ pub(crate) fn build_mode(
     let m = &img.meta;
     sys::set_options(
         pid,
-        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as u64,
+        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE) as u64,
     )
     .map_err(|e| sys_err("ptrace options", e))?;
     // Nothing is delivered while we work.
@@ -382,6 +404,7 @@ pub(crate) fn build_mode(
         img: m,
         fs_uid: plan.creds.uid[3],
         mode,
+        shm: HashMap::new(),
     };
     // From here on, every path is opened as the user the process belongs to.
     creds::enter(&mut b, plan)?;
@@ -390,14 +413,31 @@ pub(crate) fn build_mode(
     // very file.
     set_mm(&mut b)?;
     let t = std::time::Instant::now();
+    shmem::make(&mut b, img)?;
     map_memory(&mut b)?;
     tracing::debug!("mapped in {:?}", t.elapsed());
     write_memory(pid, img)?;
     tracing::debug!("memory written in {:?}", t.elapsed());
     finish_memory(&mut b)?;
     restore_fds(&mut b)?;
+    shmem::seal(&mut b)?;
     restore_misc(&mut b)?;
     restore_signals(&mut b)?;
+    // The other threads, made by the main thread while it still may choose their IDs;
+    // each then takes on the process's credentials itself (they are per thread).
+    let tids = match (opts.keep_pid, mode) {
+        (true, _) => threads::Tids::Keep,
+        (false, Mode::Into) => threads::Tids::Hint,
+        _ => threads::Tids::New,
+    };
+    let made = threads::make_all(&mut b, tids)?;
+    for (t, _) in &made {
+        let theirs = Remote::new(t.tid, b.r.ip, t.regs);
+        let main_r = std::mem::replace(&mut b.r, theirs);
+        let res = creds::finish(&mut b, plan);
+        b.r = main_r;
+        res?;
+    }
     creds::finish(&mut b, plan)?;
 
     // Leave the work area through a syscall instruction of the restored program itself.
@@ -431,23 +471,19 @@ pub(crate) fn build_mode(
     )?;
 
     // Registers last; a system call interrupted at checkpoint time is restarted.
-    let mut regs = sys::regs_from_bytes(&m.regs).expect("checked in preflight");
-    if (regs.orig_rax as i64) >= 0 {
-        match -(regs.rax as i64) {
-            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
-                regs.rax = regs.orig_rax;
-                regs.rip -= 2;
-            }
-            ERESTART_RESTARTBLOCK => regs.rax = (-libc::EINTR) as i64 as u64,
-            _ => {}
-        }
+    let regs = sys::regs_from_bytes(&m.regs).expect("checked in preflight");
+    final_state(pid, regs, &m.xstate, m.blocked)?;
+    for (t, ti) in &made {
+        let mut regs = sys::regs_from_bytes(&ti.regs).ok_or_else(|| {
+            Error::Unrestorable(format!(
+                "registers of thread {} of an unknown layout",
+                ti.tid
+            ))
+        })?;
+        regs.fs_base = ti.fs_base;
+        regs.gs_base = ti.gs_base;
+        final_state(t.tid, regs, &ti.xstate, ti.blocked)?;
     }
-    regs.orig_rax = u64::MAX;
-    sys::set_regs(pid, &regs)?;
-    sys::set_xstate(pid, &m.xstate).map_err(|e| {
-        Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
-    })?;
-    sys::set_sigmask(pid, m.blocked)?;
     if !opts.hold {
         resume(pid)?;
     }
@@ -470,8 +506,9 @@ fn install_filter(b: &mut Builder, prog: &[u8]) -> Result<std::os::fd::OwnedFd> 
     fprog.extend_from_slice(&[0u8; 6]);
     fprog.extend_from_slice(&code.to_le_bytes());
     let fp = b.put(AT_MISC, &fprog)?;
-    // SECCOMP_SET_MODE_FILTER = 1, SECCOMP_FILTER_FLAG_NEW_LISTENER = 8.
-    let lfd = b.call("seccomp", libc::SYS_seccomp, &[1, 8, fp])?;
+    // SECCOMP_SET_MODE_FILTER = 1; flags TSYNC (every thread, no_new_privs with it),
+    // NEW_LISTENER, TSYNC_ESRCH (which lets those two go together): 1 | 8 | 16.
+    let lfd = b.call("seccomp", libc::SYS_seccomp, &[1, 1 | 8 | 16, fp])?;
     let pidfd = sys::pidfd_open(b.pid).map_err(|e| sys_err("pidfd_open", e))?;
     // SAFETY: pidfd_getfd on the process we build; the result is a new descriptor of ours.
     let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), lfd, 0) };
@@ -485,6 +522,16 @@ fn install_filter(b: &mut Builder, prog: &[u8]) -> Result<std::os::fd::OwnedFd> 
     let listener = unsafe { OwnedFd::from_raw_fd(ours as i32) };
     b.r.call_through_filter("close of the listener", libc::SYS_close, &[lfd], &listener)?;
     Ok(listener)
+}
+
+/// Sets the registers (an interrupted system call made to restart), XSAVE area and
+/// blocked signals a restored thread starts with.
+fn final_state(tid: i32, regs: sys::Regs, xstate: &[u8], blocked: u64) -> Result<()> {
+    sys::set_regs(tid, &threads::resume_regs(regs))?;
+    sys::set_xstate(tid, xstate).map_err(|e| {
+        Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
+    })?;
+    sys::set_sigmask(tid, blocked)
 }
 
 /// The first `syscall` instruction in the given ranges of `pid`'s memory.
@@ -523,6 +570,12 @@ fn map_memory(b: &mut Builder) -> Result<()> {
                     ],
                 )?;
             }
+            VmaKind::Shmem { ino, offset } => {
+                let fd = *b.shm.get(ino).ok_or_else(|| {
+                    Error::BadImage(format!("memory at {:#x} of no shared object", v.start))
+                })?;
+                map_file(b, v, fd, *offset, "mapping shared memory")?;
+            }
             VmaKind::File { path, offset, id } => {
                 let fd = match open_files.get(path) {
                     Some(&fd) => fd,
@@ -533,23 +586,7 @@ fn map_memory(b: &mut Builder) -> Result<()> {
                         fd
                     }
                 };
-                let (prot, share) = if v.shared {
-                    (v.prot, libc::MAP_SHARED)
-                } else {
-                    (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
-                };
-                b.call(
-                    &format!("mapping {path}"),
-                    libc::SYS_mmap,
-                    &[
-                        v.start,
-                        len,
-                        prot as u64,
-                        (share | libc::MAP_FIXED) as u64,
-                        fd,
-                        *offset,
-                    ],
-                )?;
+                map_file(b, v, fd, *offset, &format!("mapping {path}"))?;
             }
         }
         if let Some(name) = &v.anon_name {
@@ -564,6 +601,35 @@ fn map_memory(b: &mut Builder) -> Result<()> {
     for (_, fd) in open_files {
         b.call("close", libc::SYS_close, &[fd])?;
     }
+    Ok(())
+}
+
+/// Maps memory area `v` from descriptor `fd` at `offset`: shared as it was, or private
+/// and writable (its own pages are written next, its protection set after).
+fn map_file(
+    b: &mut Builder,
+    v: &crate::image::Vma,
+    fd: u64,
+    offset: u64,
+    what: &str,
+) -> Result<()> {
+    let (prot, share) = if v.shared {
+        (v.prot, libc::MAP_SHARED)
+    } else {
+        (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
+    };
+    b.call(
+        what,
+        libc::SYS_mmap,
+        &[
+            v.start,
+            v.end - v.start,
+            prot as u64,
+            (share | libc::MAP_FIXED) as u64,
+            fd,
+            offset,
+        ],
+    )?;
     Ok(())
 }
 
@@ -645,6 +711,7 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
             b.r.raw(libc::SYS_close, &[std_fd as u64])?;
         }
     }
+    let made = fdobj::make(b, &fds)?;
     for f in &fds {
         match &f.kind {
             FdKind::Home { was } => match b.mode {
@@ -691,6 +758,40 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
                     )?;
                 }
             }
+            FdKind::Epoll { .. } | FdKind::EventFd { .. } | FdKind::Pipe { .. } => {
+                let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+                b.call(
+                    "dup3",
+                    libc::SYS_dup3,
+                    &[made[&f.fd], f.fd as u64, cl as u64],
+                )?;
+                if let FdKind::EventFd { flags, .. } | FdKind::Pipe { flags, .. } = &f.kind {
+                    b.call(
+                        "fcntl",
+                        libc::SYS_fcntl,
+                        &[f.fd as u64, libc::F_SETFL as u64, *flags as u64],
+                    )?;
+                }
+            }
+            FdKind::Memfd { ino, flags, pos } => {
+                let fd = *b
+                    .shm
+                    .get(ino)
+                    .ok_or_else(|| Error::BadImage(format!("fd {} of no shared object", f.fd)))?;
+                let cl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+                b.call("dup3", libc::SYS_dup3, &[fd, f.fd as u64, cl as u64])?;
+                let fl = flags & (libc::O_APPEND | libc::O_NONBLOCK);
+                b.call(
+                    "fcntl",
+                    libc::SYS_fcntl,
+                    &[f.fd as u64, libc::F_SETFL as u64, fl as u64],
+                )?;
+                b.call(
+                    "lseek",
+                    libc::SYS_lseek,
+                    &[f.fd as u64, *pos, libc::SEEK_SET as u64],
+                )?;
+            }
             FdKind::File {
                 path,
                 flags,
@@ -714,6 +815,7 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
             }
         }
     }
+    fdobj::finish(b, &fds, &made)?;
     Ok(())
 }
 
@@ -743,7 +845,11 @@ fn restore_misc(b: &mut Builder) -> Result<()> {
     }
     // Inside the deputy, the limits are the process's already: an exec keeps them, and a
     // change it made away was made at home too.
-    let rlimits: &[(u32, u64, u64)] = if matches!(b.mode, Mode::Into) { &[] } else { &m.rlimits };
+    let rlimits: &[(u32, u64, u64)] = if matches!(b.mode, Mode::Into) {
+        &[]
+    } else {
+        &m.rlimits
+    };
     for &(res, cur, max) in rlimits {
         if let Err(e) = sys::setrlimit(b.pid, res, cur, max) {
             // Raising a hard limit needs CAP_SYS_RESOURCE: keep ours, and say so.

@@ -51,6 +51,73 @@ pub fn detach(pid: i32, sig: i32) -> io::Result<()> {
     ptrace(libc::PTRACE_DETACH, pid, 0, sig as u64).map(drop)
 }
 
+/// The seals of a memfd (F_GET_SEALS), 0 for another file.
+pub fn memfd_seals(fd: RawFd) -> u32 {
+    // SAFETY: fcntl with an int command and no pointer argument.
+    let r = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    r.max(0) as u32
+}
+
+/// lseek(SEEK_DATA) (or SEEK_HOLE with `hole`) from `off`; None past the last data.
+pub fn seek_data(fd: RawFd, off: u64, hole: bool) -> Option<u64> {
+    let whence = if hole {
+        libc::SEEK_HOLE
+    } else {
+        libc::SEEK_DATA
+    };
+    // SAFETY: lseek takes no pointers.
+    let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+/// The size of the pipe of descriptor `fd` (F_GETPIPE_SZ).
+pub fn pipe_size(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: fcntl with an int command and no pointer argument.
+    let r = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u32)
+}
+
+/// The `n` bytes the pipe of `fd` (of size `size`) holds, read without taking them: tee(2)
+/// into a pipe of ours, then read from that.
+pub fn peek_pipe(fd: RawFd, n: usize, size: u32) -> io::Result<Vec<u8>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut p = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into `p`.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh descriptors that nothing else owns.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl with int arguments.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    // SAFETY: tee between two pipe descriptors; no memory arguments.
+    let got = unsafe { libc::tee(fd, w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if got as usize != n {
+        return Err(io::Error::other(format!("copied {got} of the {n} bytes")));
+    }
+    let mut buf = vec![0u8; n];
+    // SAFETY: read into `buf`, which has room for `n` bytes.
+    let r = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, n) };
+    if r as usize != n {
+        return Err(io::Error::other("reading the copy of a pipe's bytes"));
+    }
+    Ok(buf)
+}
+
+/// The message of the last ptrace event stop (PTRACE_EVENT_CLONE: the new thread's ID).
+pub fn get_event_msg(pid: i32) -> io::Result<u64> {
+    let mut m = 0u64;
+    ptrace(libc::PTRACE_GETEVENTMSG, pid, 0, &mut m as *mut u64 as u64)?;
+    Ok(m)
+}
+
 pub fn get_regs(pid: i32) -> Result<Regs> {
     // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
     let mut r: Regs = unsafe { std::mem::zeroed() };

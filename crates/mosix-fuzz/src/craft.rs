@@ -2,6 +2,7 @@
 //! zstd frames written by hand, so a decompression bomb of gigabytes costs nothing to make.
 
 use mosix_ckpt::image::{ProcessImage, HEADER_LEN, MAGIC};
+use mosix_ckpt::records::ProcessImageV1;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const TAG_META: u8 = 1;
@@ -15,9 +16,14 @@ pub const C_ZSTD: u8 = 2;
 
 /// The 32-byte image header (format 1.`minor`).
 pub fn header(compression: u8, minor: u16) -> [u8; HEADER_LEN] {
+    header_of(compression, 1, minor)
+}
+
+/// The 32-byte image header of format `major`.`minor`.
+pub fn header_of(compression: u8, major: u16, minor: u16) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
-    h[8..10].copy_from_slice(&1u16.to_le_bytes());
+    h[8..10].copy_from_slice(&major.to_le_bytes());
     h[10..12].copy_from_slice(&minor.to_le_bytes());
     h[12] = compression;
     let sum = xxh3_64(&h[..24]);
@@ -36,9 +42,12 @@ pub fn record(tag: u8, payload: &[u8]) -> Vec<u8> {
     r
 }
 
-/// The metadata record of `meta`.
+/// The format 1.2 metadata record of `meta` (format 1 is still read).
 pub fn meta_record(meta: &ProcessImage) -> Vec<u8> {
-    record(TAG_META, &postcard::to_stdvec(meta).unwrap_or_default())
+    record(
+        TAG_META,
+        &postcard::to_stdvec(&ProcessImageV1::from(meta)).unwrap_or_default(),
+    )
 }
 
 /// The end record for `count` records (itself included) of `payload_total` bytes (its own
@@ -52,7 +61,12 @@ pub fn end_record(count: u64, payload_total: u64) -> Vec<u8> {
 /// A whole image around `stored` (the body as stored, compressed as `compression` says):
 /// header, body, whole-file checksum.
 pub fn image(compression: u8, minor: u16, stored: &[u8]) -> Vec<u8> {
-    let mut b = header(compression, minor).to_vec();
+    image_of(compression, (1, minor), stored)
+}
+
+/// [`image`] of format `version` (major, minor).
+pub fn image_of(compression: u8, version: (u16, u16), stored: &[u8]) -> Vec<u8> {
+    let mut b = header_of(compression, version.0, version.1).to_vec();
     b.extend_from_slice(stored);
     let sum = xxh3_64(&b);
     b.extend_from_slice(&sum.to_le_bytes());

@@ -168,21 +168,30 @@ fn image_sums(d: &[u8]) -> u64 {
     read_image(b)
 }
 
-/// First byte: compression (low 2 bits: 0 none, 1 lz4, 2 zstd) and format minor (bit 7
-/// set: 1.0); the rest: the uncompressed body.
+/// First byte: compression (low 2 bits: 0 none, 1 lz4, 2 zstd) and format (bit 6 set:
+/// the current one, else 1.x; bit 7 set: 1.0, else 1.2); the rest: the uncompressed body.
 fn image_body(d: &[u8]) -> u64 {
     let Some((&sel, body)) = d.split_first() else {
         return class("empty");
     };
     let code = (sel & 3) % 3;
-    let minor = if sel & 0x80 != 0 {
-        0
+    let version = if sel & 0x40 != 0 {
+        (
+            mosix_ckpt::image::FORMAT_MAJOR,
+            mosix_ckpt::image::FORMAT_MINOR,
+        )
+    } else if sel & 0x80 != 0 {
+        (1, 0)
     } else {
-        mosix_ckpt::image::FORMAT_MINOR
+        (1, mosix_ckpt::records::V1_LAST_MINOR)
     };
     let mut body = body.to_vec();
     craft::fix_record_sums(&mut body);
-    read_image(craft::image(code, minor, &craft::compress(code, &body)))
+    read_image(craft::image_of(
+        code,
+        version,
+        &craft::compress(code, &body),
+    ))
 }
 
 fn sample_meta(pages: u64) -> ProcessImage {
@@ -315,12 +324,12 @@ pub fn writer_images() -> Vec<Vec<u8>> {
     }
     // Format 1.0 (metadata without clocks and caps, the last two fields), uncompressed,
     // by hand.
-    let full = postcard::to_stdvec(&ProcessImage {
+    let full = postcard::to_stdvec(&mosix_ckpt::records::ProcessImageV1::from(&ProcessImage {
         clocks: None,
         caps: None,
         memory_estimate: 4096,
         ..sample_meta(1)
-    })
+    }))
     .unwrap_or_default();
     let old = &full[..full.len().saturating_sub(2)];
     let mut body = craft::record(craft::TAG_META, old);
@@ -390,8 +399,14 @@ pub fn bodies_of(images: &[Vec<u8>]) -> Vec<Vec<u8>> {
         .iter()
         .filter_map(|i| {
             let (code, body) = craft::body_of(i)?;
+            let major = u16::from_le_bytes([i[8], i[9]]);
             let minor = u16::from_le_bytes([i[10], i[11]]);
-            let sel = code | if minor == 0 { 0x80 } else { 0 };
+            let sel = code
+                | match (major, minor) {
+                    (1, 0) => 0x80,
+                    (1, _) => 0,
+                    _ => 0x40,
+                };
             Some([&[sel][..], &body].concat())
         })
         .collect()

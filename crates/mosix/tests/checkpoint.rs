@@ -420,8 +420,8 @@ fn leave_running_leaves_the_original_as_it_was() {
 #[test]
 fn every_refusal_reason_and_the_process_goes_on() {
     let cases = [
-        ("thread", "2 threads"),
         ("shm", "writable shared memory"),
+        ("memfd", "is shared with process"),
         ("sysv", "System V shared memory"),
         ("socket", "fd 3 is a socket"),
         ("pipe", "fd 3 is a pipe"),
@@ -431,7 +431,7 @@ fn every_refusal_reason_and_the_process_goes_on() {
     for (what, reason) in cases {
         let mut job = Job::start({
             let mut c = prog("refuse");
-            c.arg(what);
+            c.arg(what).arg(dir.path().join("shared-file"));
             c
         });
         job.line();
@@ -455,7 +455,7 @@ fn every_refusal_reason_and_the_process_goes_on() {
         assert_eq!(proc_field(job.pid(), "TracerPid"), "TracerPid:\t0");
     }
     let ok = mosix(&["checkpoint", "--check", &std::process::id().to_string()]);
-    assert_eq!(ok.status.code(), Some(1)); // the test runner has threads
+    assert_eq!(ok.status.code(), Some(1)); // the test runner holds pipes and sockets
 }
 
 #[test]

@@ -289,8 +289,12 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The host end of `node`'s link, as `mosix testbed` names it for this instance.
 fn veth(node: u32) -> String {
-    format!("mtb{node}h")
+    match common::instance() {
+        0 => format!("mtb{node}h"),
+        k => format!("mt{k}b{node}h"),
+    }
 }
 
 /// Bytes the bridge has sent into `node`'s link.

@@ -117,6 +117,12 @@ fn round_trip(tb: &Testbed, argv: &[&str]) {
             .all(|l| l.contains("samepid=1")),
         "getpid changed: {got:?}"
     );
+    assert!(
+        got.iter()
+            .filter(|l| l.contains("sametids="))
+            .all(|l| l.contains("sametids=1")),
+        "a thread ID changed: {got:?}"
+    );
 }
 
 #[test]
@@ -125,6 +131,7 @@ fn migration_on_four_nodes() {
         panic!("this test needs root (network namespaces, cgroups, ptrace): run it as root");
     }
     let heap = compile("migheap");
+    let threaded = compile("migthreads");
     let py = progs_src().join("phased.py");
     let tb = Testbed::up(&[]);
     // Only the moves this test asks for: automatic balancing off everywhere (mosctl stay).
@@ -142,6 +149,9 @@ fn migration_on_four_nodes() {
     round_trip(&tb, &["mawk", "-W", "interactive", awk]);
     round_trip(&tb, &["python3", py.to_str().unwrap()]);
     round_trip(&tb, &[heap.to_str().unwrap(), "256"]);
+    // A pthreads job (4 workers under a mutex, one asleep in a condition variable): its
+    // threads move with it and keep their IDs.
+    round_trip(&tb, &[threaded.to_str().unwrap()]);
 
     // 2. Input piped into mosrun reaches a process that runs elsewhere from the start.
     let o = Command::new(mosix())
@@ -232,27 +242,36 @@ fn migration_on_four_nodes() {
     }
 
     // 5. Files stay at home and keep working: a private file (no shared path) moves with
-    //    the process, used through its deputy. What cannot move is refused, the reason
-    //    in one line, and the process goes on at home.
+    //    the process, used through its deputy; so does a process with a thread. What
+    //    cannot move (memory shared with another process) is refused, the reason in one
+    //    line, and the process goes on at home.
     let private = tb.dir.path().join("private.txt");
     std::fs::write(&private, "x").unwrap();
-    let holder = "import sys, threading, time, mmap\n\
+    let holder = "import sys, os, threading, time, mmap, signal\n\
          f = open(sys.argv[1])\n\
          if sys.argv[2] == 'thread':\n    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n\
-         if sys.argv[2] == 'shared':\n    m = mmap.mmap(-1, 4096)\n\
+         if sys.argv[2] == 'sharedchild':\n    m = mmap.mmap(-1, 4096)\n    kid = os.fork()\n    if kid == 0:\n        time.sleep(600)\n        os._exit(0)\n\
          print('start', flush=True)\n\
-         for line in sys.stdin:\n    f.seek(0)\n    print('got', line.strip(), f.read(), flush=True)\n";
+         for line in sys.stdin:\n    f.seek(0)\n    print('got', line.strip(), f.read(), flush=True)\n\
+         if sys.argv[2] == 'sharedchild':\n    os.kill(kid, signal.SIGKILL)\n";
     let script = tb.shared().join("holder.py");
     std::fs::write(&script, holder).unwrap();
     let p = private.to_str().unwrap();
-    let mut j = Job::start(&tb, &["python3", script.to_str().unwrap(), p, "plain"]);
-    let o = tb.migrate(j.home_pid, "2");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    j.send("moved\n");
-    assert_eq!(j.line(), "got moved x");
-    let (_, st) = j.finish();
-    assert_eq!(st.code(), Some(0));
-    for (mode, want) in [("thread", "thread"), ("shared", "shared memory")] {
+    for mode in ["plain", "thread"] {
+        let mut j = Job::start(&tb, &["python3", script.to_str().unwrap(), p, mode]);
+        let o = tb.migrate(j.home_pid, "2");
+        assert!(
+            o.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        j.send("moved\n");
+        assert_eq!(j.line(), "got moved x");
+        let (_, st) = j.finish();
+        assert_eq!(st.code(), Some(0));
+    }
+    {
+        let (mode, want) = ("sharedchild", "shared");
         let mut j = Job::start(&tb, &["python3", script.to_str().unwrap(), p, mode]);
         let o = tb.migrate(j.home_pid, "2");
         let err = String::from_utf8_lossy(&o.stderr).to_string();

@@ -205,7 +205,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         (self.deputy.is_some(), self.host.is_some())
     }
 
-    fn to_host(&mut self, m: ToHost) {
+    fn send_host(&mut self, m: ToHost) {
         if let Some(h) = &mut self.host {
             if h.send(&m) {
                 return;
@@ -218,7 +218,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.to_host.push_back(m);
     }
 
-    fn to_deputy(&mut self, f: Vec<u8>) {
+    fn send_deputy(&mut self, f: Vec<u8>) {
         if let Some(d) = &mut self.deputy {
             if d.send(&f) {
                 return;
@@ -321,7 +321,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         self.place = Where::Leaving { to };
                         acts.push(Act::Leave { to, reason, offer });
                     }
-                    Where::Away { .. } => self.to_host(ToHost::Migrate { to }),
+                    Where::Away { .. } => self.send_host(ToHost::Migrate { to }),
                     Where::Leaving { .. } => {}
                 }
             }
@@ -375,7 +375,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.deputy = Some(d);
                 self.flush_deputy();
             }
-            Ev::FromDeputy(f) => self.to_host(ToHost::Deputy(f)),
+            Ev::FromDeputy(f) => self.send_host(ToHost::Deputy(f)),
             Ev::DeputyGone => self.deputy = None,
             Ev::HostLinked {
                 epoch,
@@ -418,7 +418,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     return acts;
                 }
                 match msg {
-                    ToHome::Deputy(f) => self.to_deputy(f),
+                    ToHome::Deputy(f) => self.send_deputy(f),
                     ToHome::Left {
                         to,
                         frozen_ms,
@@ -472,7 +472,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 match self.place {
                     Where::Away { .. } => {
                         // Its home half was killed: so is the process, wherever it is.
-                        self.to_host(ToHost::Kill);
+                        self.send_host(ToHost::Kill);
                     }
                     Where::Home | Where::Leaving { .. } => {}
                 }

@@ -396,9 +396,9 @@ impl Supervision {
                 }
             }
             if buffered || fds[1].revents != 0 {
-                let msg = reader.as_mut().map(|r| wire::recv::<_, ToSup>(r));
+                let msg = reader.as_mut().map(wire::recv::<_, ToSup>);
                 match msg {
-                    Some(Ok(Some(m))) => self.from_mosixd(m),
+                    Some(Ok(Some(m))) => self.on_mosixd(m),
                     _ => {
                         // mosixd is gone (restarting): the process goes on; its calls
                         // wait until mosixd connects again.
@@ -475,7 +475,7 @@ impl Supervision {
         }
     }
 
-    fn from_mosixd(&mut self, m: ToSup) {
+    fn on_mosixd(&mut self, m: ToSup) {
         match m {
             ToSup::Deputy(f) => match mosix_remote::wire::decode::<FromDeputy>(&f) {
                 Ok(FromDeputy::Signal { sig }) => {

@@ -1,0 +1,330 @@
+//! Tests of the image format: round trips, damage, old versions.
+use super::*;
+use crate::records::{ProcessImageV1, V1_LAST_MINOR};
+use xxhash_rust::xxh3::xxh3_64;
+
+fn sample(c: Compression) -> Vec<u8> {
+    let meta = ProcessImage {
+        comm: "t".into(),
+        memory_estimate: 8192,
+        ..Default::default()
+    };
+    let mut w = ImageWriter::new(Vec::new(), c, &meta).unwrap();
+    let page: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    w.pages(0x1000, &page).unwrap();
+    w.finish().unwrap()
+}
+
+#[test]
+fn round_trip_each_compression() {
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let img = read_image(&sample(c)[..]).unwrap();
+        assert_eq!(img.meta.comm, "t");
+        let runs: Vec<_> = img.pages().collect();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].vaddr, 0x1000);
+        assert_eq!(runs[0].data[9], 63u8);
+    }
+}
+
+#[test]
+fn every_flipped_bit_is_detected() {
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let good = sample(c);
+        // Every bit of small images; a stride through bigger ones.
+        let step = (good.len() * 8 / 4000).max(1);
+        for bit in (0..good.len() * 8).step_by(step) {
+            let mut b = good.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                read_image(&b[..]).is_err(),
+                "{c:?}: flip of bit {bit} not detected"
+            );
+        }
+    }
+}
+
+#[test]
+fn truncation_and_garbage_are_detected() {
+    let good = sample(Compression::None);
+    for cut in 0..good.len() {
+        assert!(read_image(&good[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut more = good.clone();
+    more.push(0);
+    assert!(read_image(&more[..]).is_err());
+}
+
+/// A compressed body cut anywhere (and compressed again, with valid checksums, as
+/// anyone can) is an error, never a panic: the body is read record by record.
+#[test]
+fn compressed_bodies_cut_anywhere_are_errors() {
+    let body = {
+        let b = sample(Compression::None);
+        b[HEADER_LEN..b.len() - 8].to_vec()
+    };
+    for c in [Compression::Lz4, Compression::Zstd] {
+        for cut in 0..body.len() {
+            let stored = match c {
+                Compression::Lz4 => {
+                    let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+                    e.write_all(&body[..cut]).unwrap();
+                    e.finish().unwrap()
+                }
+                _ => zstd::bulk::compress(&body[..cut], 1).unwrap(),
+            };
+            let mut b = header(c).to_vec();
+            b.extend_from_slice(&stored);
+            let sum = xxh3_64(&b);
+            b.extend_from_slice(&sum.to_le_bytes());
+            let e = read_image(&b[..]).err().unwrap().to_string();
+            assert!(e.starts_with("bad image: "), "{c:?} cut at {cut}: {e}");
+        }
+    }
+}
+
+/// One body record: tag, length, payload, checksum.
+fn rec(tag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut r = vec![tag];
+    r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    r.extend_from_slice(payload);
+    let sum = xxh3_64(&r);
+    r.extend_from_slice(&sum.to_le_bytes());
+    r
+}
+
+/// An uncompressed image of format 1.`minor` holding `meta`, whose metadata record
+/// is the current one without the `drop` trailing `Option` fields (each None: one 0
+/// byte), as an older mosix wrote it.
+fn older_image(meta: &ProcessImage, minor: u16, drop: usize) -> Vec<u8> {
+    let full = postcard::to_stdvec(&ProcessImageV1::from(meta)).unwrap();
+    assert!(full[full.len() - drop..].iter().all(|&b| b == 0));
+    let old_meta = &full[..full.len() - drop];
+    let mut b = header(Compression::None).to_vec();
+    b[8..10].copy_from_slice(&1u16.to_le_bytes());
+    b[10..12].copy_from_slice(&minor.to_le_bytes());
+    let sum = xxh3_64(&b[..24]);
+    b[24..32].copy_from_slice(&sum.to_le_bytes());
+    b.extend(rec(TAG_META, old_meta));
+    let mut page = 0x1000u64.to_le_bytes().to_vec();
+    page.extend_from_slice(&[0x5a; 4096]);
+    b.extend(rec(TAG_PAGES, &page));
+    let mut end = 3u64.to_le_bytes().to_vec();
+    end.extend_from_slice(&((old_meta.len() + page.len()) as u64).to_le_bytes());
+    b.extend(rec(TAG_END, &end));
+    let sum = xxh3_64(&b);
+    b.extend_from_slice(&sum.to_le_bytes());
+    b
+}
+
+fn old_meta() -> ProcessImage {
+    ProcessImage {
+        comm: "old".into(),
+        creds: Creds {
+            uid: [1000; 4],
+            gid: [100; 4],
+            groups: vec![100, 27],
+        },
+        memory_estimate: 4096,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn format_1_0_images_read_without_clocks_or_caps() {
+    // A 1.0 metadata record is the 1.2 one without the trailing `clocks` and `caps`.
+    let img = read_image(&older_image(&old_meta(), 0, 2)[..]).unwrap();
+    assert_eq!(img.meta, old_meta());
+    assert_eq!(img.meta.clocks, None);
+    assert_eq!(img.meta.caps, None);
+    assert_eq!(img.pages().count(), 1);
+}
+
+#[test]
+fn format_1_1_images_read_without_caps() {
+    // A 1.1 metadata record is the 1.2 one without the trailing `caps`.
+    let meta = ProcessImage {
+        clocks: Some(Clocks {
+            monotonic_ns: 5,
+            boottime_ns: 7,
+        }),
+        ..old_meta()
+    };
+    let img = read_image(&older_image(&meta, 1, 1)[..]).unwrap();
+    assert_eq!(img.meta, meta);
+    assert_eq!(img.meta.caps, None);
+    let runs: Vec<_> = img.pages().collect();
+    assert_eq!(
+        (runs.len(), runs[0].vaddr, runs[0].data[4095]),
+        (1, 0x1000, 0x5a)
+    );
+}
+
+#[test]
+fn format_1_2_images_keep_clocks_and_caps() {
+    let meta = ProcessImage {
+        clocks: Some(Clocks::default()),
+        caps: Some(crate::Caps {
+            inheritable: 0,
+            permitted: 0xe3,
+            effective: 0xe3,
+            bounding: 0xe3,
+            ambient: 0,
+        }),
+        ..old_meta()
+    };
+    let img = read_image(&older_image(&meta, 2, 0)[..]).unwrap();
+    assert_eq!(img.meta, meta);
+    assert!(img.meta.threads.is_empty());
+}
+
+fn thread(tid: i32, fs_base: u64) -> ThreadImage {
+    let regs = crate::sys::Regs {
+        fs_base,
+        rip: 0x401000 + tid as u64,
+        ..zero_regs()
+    };
+    ThreadImage {
+        tid,
+        comm: format!("worker-{tid}"),
+        regs: crate::sys::regs_to_bytes(&regs),
+        fs_base,
+        gs_base: 0,
+        xstate: vec![tid as u8; 64],
+        blocked: 1 << 13,
+        pending: vec![PendingSignal {
+            shared: false,
+            siginfo: vec![10; 128],
+        }],
+        sigaltstack: (0x7000_0000, 0, 8192),
+        rseq: Some(Rseq {
+            addr: 0x7f00_0000 + tid as u64,
+            len: 32,
+            sig: 0x53053053,
+        }),
+        robust_list: (0x7f10_0000 + tid as u64, 24),
+        clear_child_tid: 0x7f20_0000 + tid as u64,
+    }
+}
+
+fn zero_regs() -> crate::sys::Regs {
+    crate::sys::regs_from_bytes(&[0u8; std::mem::size_of::<crate::sys::Regs>()]).unwrap()
+}
+
+#[test]
+fn format_2_keeps_every_thread() {
+    let meta = ProcessImage {
+        pid: 77,
+        regs: crate::sys::regs_to_bytes(&crate::sys::Regs {
+            fs_base: 0x1234_0000,
+            ..zero_regs()
+        }),
+        pending: vec![
+            PendingSignal {
+                shared: true,
+                siginfo: vec![1; 128],
+            },
+            PendingSignal {
+                shared: false,
+                siginfo: vec![2; 128],
+            },
+        ],
+        threads: vec![thread(78, 0x5000), thread(80, 0x6000)],
+        pgid: 70,
+        sid: 60,
+        ..old_meta()
+    };
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let mut w = ImageWriter::new(Vec::new(), c, &meta).unwrap();
+        w.pages(0x1000, &[7u8; 4096]).unwrap();
+        let bytes = w.finish().unwrap();
+        assert_eq!(
+            (u16::from_le_bytes([bytes[8], bytes[9]]), bytes[10]),
+            (2, 0)
+        );
+        let new = read_image(&bytes[..]).unwrap();
+        assert_eq!(new.meta, meta);
+        assert_eq!(new.pages().count(), 1);
+    }
+}
+
+/// A format 2 body whose records disagree with its index is refused, also when every
+/// checksum is right.
+#[test]
+fn format_2_records_must_match_the_index() {
+    let meta = ProcessImage {
+        pid: 77,
+        threads: vec![thread(78, 0)],
+        ..old_meta()
+    };
+    let (tree, p, threads) = records::split(&meta);
+    let build = |tree: records::TreeEntry, threads: &[ThreadImage]| {
+        let pb = postcard::to_stdvec(&p).unwrap();
+        let tb: Vec<Vec<u8>> = threads
+            .iter()
+            .map(|t| postcard::to_stdvec(t).unwrap())
+            .collect();
+        let ix = Index {
+            memory_estimate: p.memory_estimate,
+            records_bytes: (pb.len() + tb.iter().map(Vec::len).sum::<usize>()) as u64,
+            tree: vec![tree],
+        };
+        let ixb = postcard::to_stdvec(&ix).unwrap();
+        let mut b = header(Compression::None).to_vec();
+        b.extend(rec(TAG_INDEX, &ixb));
+        b.extend(rec(TAG_PROCESS, &pb));
+        let mut total = ixb.len() + pb.len();
+        for t in &tb {
+            b.extend(rec(TAG_THREAD, t));
+            total += t.len();
+        }
+        let mut end = ((3 + tb.len()) as u64).to_le_bytes().to_vec();
+        end.extend_from_slice(&(total as u64).to_le_bytes());
+        b.extend(rec(TAG_END, &end));
+        let sum = xxh3_64(&b);
+        b.extend_from_slice(&sum.to_le_bytes());
+        read_image(&b[..]).map(|i| i.meta)
+    };
+    assert_eq!(build(tree.clone(), &threads).unwrap(), meta);
+    let e = build(tree.clone(), &threads[..1])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("do not match the process tree"), "{e}");
+    let mut twice = tree.clone();
+    twice.threads = vec![77, 78, 78];
+    let e = build(
+        twice,
+        &[threads[0].clone(), threads[1].clone(), threads[1].clone()],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("duplicate thread IDs"), "{e}");
+    let mut other = tree;
+    other.pid = 5;
+    let e = build(other, &threads).err().unwrap().to_string();
+    assert!(e.starts_with("bad image: "), "{e}");
+}
+
+#[test]
+fn newer_version_is_refused_clearly() {
+    for (major, minor) in [(3u16, 0u16), (2, FORMAT_MINOR + 1), (1, V1_LAST_MINOR + 1)] {
+        let mut b = sample(Compression::None);
+        b[8..10].copy_from_slice(&major.to_le_bytes());
+        b[10..12].copy_from_slice(&minor.to_le_bytes());
+        let sum = xxh3_64(&b[..24]);
+        b[24..32].copy_from_slice(&sum.to_le_bytes());
+        let e = read_image(&b[..]).err().unwrap().to_string();
+        assert!(
+            e.contains(&format!("image format {major}.{minor} is not supported"))
+                && e.lines().count() == 1,
+            "{e}"
+        );
+    }
+    let e = read_image(&b"#!/bin/sh\necho hi\n...................."[..])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a mosix process image"), "{e}");
+}

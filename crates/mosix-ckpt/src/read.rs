@@ -1,0 +1,728 @@
+//! Reading an image: header, whole-file checksum, decompression record by record within
+//! what the image declares and the memory there is, then every record checked (format 2
+//! against its index; format 1 as it was), before anything is restored.
+
+use std::io::Read;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::error::{bad, Error, Result};
+use crate::image::Pages;
+use crate::image::{
+    Compression, Fd, PendingSignal, ProcessImage, SigAction, ThreadImage, Vma, FORMAT_MAJOR,
+    FORMAT_MINOR, HEADER_LEN, MAGIC, MAX_RECORD, PAGES_RECORD_MAX, TAG_END, TAG_META, TAG_PAGES,
+    TAG_SHMEM,
+};
+use crate::limits::ReadLimits;
+use crate::records::{
+    self, Index, ProcRecord, ProcessImageV1, TAG_INDEX, TAG_PROCESS, TAG_THREAD, V1_LAST_MINOR,
+};
+
+/// A fully read and verified image: metadata plus memory runs (views into one buffer).
+pub struct LoadedImage {
+    pub meta: ProcessImage,
+    pub compression: Compression,
+    store: Storage,
+    /// Where the (uncompressed) body starts in `store`.
+    body_at: usize,
+    /// (vaddr, offset into body, length)
+    runs: Vec<(u64, usize, usize)>,
+    /// Shared memory data: (inode, offset in the object, offset into body, length).
+    shmem_runs: Vec<(u64, u64, usize, usize)>,
+}
+
+/// One run of a shared memory object's data.
+pub struct ShmemPages<'a> {
+    pub ino: u64,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+/// The bytes of an image: read into memory, or mapped from its file (no copy).
+enum Storage {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::Mapped(m) => m,
+        }
+    }
+}
+
+impl LoadedImage {
+    pub fn pages(&self) -> impl Iterator<Item = Pages<'_>> {
+        let body = &self.store[self.body_at..];
+        self.runs.iter().map(move |&(vaddr, off, len)| Pages {
+            vaddr,
+            data: &body[off..off + len],
+        })
+    }
+    /// The data of the shared memory objects.
+    pub fn shmem_pages(&self) -> impl Iterator<Item = ShmemPages<'_>> {
+        let body = &self.store[self.body_at..];
+        self.shmem_runs
+            .iter()
+            .map(move |&(ino, offset, off, len)| ShmemPages {
+                ino,
+                offset,
+                data: &body[off..off + len],
+            })
+    }
+    pub fn memory_bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.2 as u64).sum::<u64>()
+            + self.shmem_runs.iter().map(|r| r.3 as u64).sum::<u64>()
+    }
+}
+
+/// Format version of an image: (major, minor).
+pub type Version = (u16, u16);
+
+/// Reads and checks the 32-byte header.
+fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
+    if h.len() < HEADER_LEN {
+        return Err(bad("truncated: shorter than the image header"));
+    }
+    if &h[..8] != MAGIC {
+        return Err(bad("not a mosix process image (wrong magic)"));
+    }
+    let sum = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
+    if xxh3_64(&h[..24]) != sum {
+        return Err(bad("header checksum mismatch (damaged image)"));
+    }
+    let major = u16::from_le_bytes([h[8], h[9]]);
+    let minor = u16::from_le_bytes([h[10], h[11]]);
+    #[allow(clippy::absurd_extreme_comparisons)] // true while FORMAT_MINOR is 0
+    let known = match major {
+        1 => minor <= V1_LAST_MINOR,
+        FORMAT_MAJOR => minor <= FORMAT_MINOR,
+        _ => false,
+    };
+    if !known {
+        return Err(bad(format!(
+            "image format {major}.{minor} is not supported by this mosix (reads 1.0 to 1.{V1_LAST_MINOR} and {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a matching mosix version"
+        )));
+    }
+    Ok((Compression::from_code(h[12])?, (major, minor)))
+}
+
+/// The largest metadata record a reader takes: far more than any real process needs (its
+/// maps are limited by vm.max_map_count, 65530 by default: about 4 MiB of metadata).
+pub const MAX_META: u64 = 64 << 20;
+
+/// The most bytes of memory decoding the metadata takes per byte of it: its densest
+/// elements decode to their size in memory (a [`Vma`] is encoded in at least 7 bytes, an
+/// [`Fd`] in 4, a [`PendingSignal`] in 2, a [`SigAction`] in 5, an rlimit in 3, an itimer
+/// in 4, a u64 in 1), and vectors grow by doubling.
+pub const META_GROWTH: u64 = {
+    use std::mem::size_of;
+    let per = [
+        size_of::<Vma>().div_ceil(7),
+        size_of::<Fd>().div_ceil(4),
+        size_of::<PendingSignal>().div_ceil(2),
+        size_of::<SigAction>().div_ceil(5),
+        size_of::<(u32, u64, u64)>().div_ceil(3),
+        size_of::<[i64; 4]>().div_ceil(4),
+        size_of::<u64>(),
+        // A thread record is at least 15 bytes, a tree entry 5.
+        size_of::<ThreadImage>().div_ceil(15),
+        size_of::<records::TreeEntry>().div_ceil(5),
+    ];
+    let mut most = 0;
+    let mut i = 0;
+    while i < per.len() {
+        if per[i] > most {
+            most = per[i];
+        }
+        i += 1;
+    }
+    2 * most as u64
+};
+
+/// The memory decoding metadata records of `len` bytes in all may take.
+fn meta_decode_need(len: u64, v: Version) -> u64 {
+    // An older 1.x record is copied once to be decoded.
+    let copy = if v.0 == 1 && v.1 < V1_LAST_MINOR {
+        len + 1
+    } else {
+        0
+    };
+    len.saturating_mul(META_GROWTH).saturating_add(copy)
+}
+/// Bytes of a memory record besides its contents: tag, length, address, checksum.
+const PAGES_OVERHEAD: u64 = 1 + 8 + 8 + 8;
+/// Bytes of the end record.
+const END_RECORD: u64 = 1 + 8 + 16 + 8;
+const PAGE: u64 = 4096;
+
+/// The most bytes a body can take whose metadata record has `meta_len` bytes of payload
+/// and declares `estimate` bytes of memory contents: every memory record holds at least a
+/// page, so there are at most `estimate / PAGE` of them.
+fn declared_body_len(meta_len: u64, estimate: u64) -> u64 {
+    let records = estimate / PAGE;
+    (1 + 8 + 8 + meta_len)
+        .saturating_add(estimate)
+        .saturating_add(records.saturating_mul(PAGES_OVERHEAD))
+        .saturating_add(END_RECORD)
+}
+
+fn mib(n: u64) -> String {
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn too_big(what: &str, need: u64, limits: &ReadLimits) -> Error {
+    Error::Unrestorable(format!(
+        "{what} {} of memory, more than the {} available here",
+        mib(need),
+        mib(limits.max_memory)
+    ))
+}
+
+/// Reads a whole image from `r`, verifying everything before returning. Memory is bounded
+/// by [`ReadLimits::system`].
+pub fn read_image<R: Read>(r: R) -> Result<LoadedImage> {
+    read_image_with(r, &ReadLimits::system())
+}
+
+/// [`read_image`] within `limits`: a stream longer than `limits.max_memory` is refused.
+pub fn read_image_with<R: Read>(r: R, limits: &ReadLimits) -> Result<LoadedImage> {
+    let mut raw = Vec::new();
+    r.take(limits.max_memory.saturating_add(1))
+        .read_to_end(&mut raw)?;
+    if raw.len() as u64 > limits.max_memory {
+        return Err(too_big(
+            "the image needs more than",
+            limits.max_memory,
+            limits,
+        ));
+    }
+    load(Storage::Owned(raw), limits)
+}
+
+/// Verifies an image already in memory (no copy of an uncompressed one). Decompression is
+/// bounded by [`ReadLimits::system`].
+pub fn read_image_bytes(raw: Vec<u8>) -> Result<LoadedImage> {
+    read_image_bytes_with(raw, &ReadLimits::system())
+}
+
+/// [`read_image_bytes`] within `limits`.
+pub fn read_image_bytes_with(raw: Vec<u8>, limits: &ReadLimits) -> Result<LoadedImage> {
+    load(Storage::Owned(raw), limits)
+}
+
+/// Maps the image file at `path` (no copy of its memory contents) and verifies it.
+/// Decompression is bounded by [`ReadLimits::system`].
+pub fn read_image_file(path: &std::path::Path) -> Result<LoadedImage> {
+    read_image_file_with(path, &ReadLimits::system())
+}
+
+/// [`read_image_file`] within `limits`.
+pub fn read_image_file_with(path: &std::path::Path, limits: &ReadLimits) -> Result<LoadedImage> {
+    let f = std::fs::File::open(path)?;
+    if f.metadata()?.len() < HEADER_LEN as u64 {
+        return Err(bad("truncated: shorter than the image header"));
+    }
+    // SAFETY: the mapping is read-only and private; the image file is ours to read.
+    // A file truncated by someone else while we restore would fault (SIGBUS) rather than
+    // give wrong data, and the half-built process dies with us (PTRACE_O_EXITKILL).
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }?;
+    load(Storage::Mapped(map), limits)
+}
+
+/// The largest zstd window a reader accepts (log2): the writer's level 1 uses 2^19; the
+/// decoder allocates the window a frame asks for, so a frame must not ask for more.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
+fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
+    let (compression, minor, n, decompressed) = {
+        let bytes = &store[..];
+        let (compression, minor) = read_header(bytes)?;
+        // (`minor` is the whole version from here on.)
+        // The whole-file checksum first: it covers the compressed bytes too.
+        if bytes.len() < HEADER_LEN + 8 {
+            return Err(bad("truncated: the image checksum is missing"));
+        }
+        let n = bytes.len() - 8;
+        let sum = u64::from_le_bytes(bytes[n..].try_into().expect("8 bytes"));
+        if xxh3_64(&bytes[..n]) != sum {
+            return Err(bad("image checksum mismatch (damaged or truncated image)"));
+        }
+        let stored = &bytes[HEADER_LEN..n];
+        let body = match compression {
+            Compression::None => None,
+            Compression::Lz4 => Some(decompress(
+                lz4_flex::frame::FrameDecoder::new(stored),
+                minor,
+                limits,
+            )?),
+            Compression::Zstd => {
+                let mut d = zstd::Decoder::new(stored).map_err(damaged)?;
+                d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(damaged)?;
+                Some(decompress(d, minor, limits)?)
+            }
+        };
+        (compression, minor, n, body)
+    };
+    let (store, body_at, end) = match decompressed {
+        None => (store, HEADER_LEN, n),
+        Some(body) => {
+            let len = body.len();
+            (Storage::Owned(body), 0, len)
+        }
+    };
+    let (meta, runs, shmem_runs) = parse_body(&store[body_at..end], minor, limits)?;
+    Ok(LoadedImage {
+        meta,
+        compression,
+        store,
+        body_at,
+        runs,
+        shmem_runs,
+    })
+}
+
+fn damaged(e: std::io::Error) -> Error {
+    bad(format!("damaged compressed data: {e}"))
+}
+
+/// Decompresses a body record by record, never holding more than the image declares:
+/// first the metadata record (1.x) or the index (2.x), at most [`MAX_META`], whose
+/// `memory_estimate` (and, 2.x, the size of the process and thread records) then bounds
+/// the rest; a declared size beyond `limits` is refused before anything more is read.
+/// Only the records' shapes are checked here; [`parse_body`] verifies the result.
+fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut bound = 9 + MAX_META + 8;
+    let (tag, len) = record_head(&mut dec, &mut body, bound)?
+        .ok_or_else(|| bad("truncated: the end record is missing"))?;
+    if tag != first_tag(v) {
+        return Err(bad(format!("{} record out of place", first_name(v))));
+    }
+    if len > MAX_META {
+        return Err(bad(format!(
+            "{} record of {len} bytes (a reader takes at most {MAX_META})",
+            first_name(v)
+        )));
+    }
+    let first_need = (9 + len + 8).saturating_add(meta_decode_need(len, v));
+    if first_need > limits.max_memory {
+        return Err(too_big("its metadata needs", first_need, limits));
+    }
+    read_payload(&mut dec, &mut body, len + 8, bound)?;
+    let payload = &body[9..9 + len as usize];
+    let (estimate, records_bytes, records) = if v.0 == 1 {
+        (decode_meta_v1(payload, v.1)?.memory_estimate, 0, 0)
+    } else {
+        let ix = decode_index(payload)?;
+        let records: u64 = ix.tree.iter().map(|t| 1 + t.threads.len() as u64).sum();
+        (ix.memory_estimate, ix.records_bytes, records)
+    };
+    let meta_need = meta_decode_need(len + records_bytes, v);
+    // (A shared-memory record has 8 bytes more than a memory record.)
+    let shmem_extra = if v.0 >= 2 { (estimate / PAGE) * 8 } else { 0 };
+    bound = declared_body_len(len, estimate)
+        .saturating_add(records_bytes)
+        .saturating_add(records.saturating_mul(17))
+        .saturating_add(shmem_extra);
+    if bound.saturating_add(meta_need) > limits.max_memory {
+        return Err(too_big(
+            &format!(
+                "the image declares {} of memory contents; reading it needs",
+                mib(estimate)
+            ),
+            bound.saturating_add(meta_need),
+            limits,
+        ));
+    }
+    loop {
+        let at = body.len();
+        let (tag, len) = record_head(&mut dec, &mut body, bound)?
+            .ok_or_else(|| bad("truncated: the end record is missing"))?;
+        match tag {
+            TAG_PAGES if (8 + PAGE..=8 + PAGES_RECORD_MAX as u64).contains(&len) => {}
+            TAG_PAGES => return Err(bad("memory record of odd size")),
+            TAG_PROCESS | TAG_THREAD if v.0 >= 2 && len <= records_bytes => {}
+            TAG_SHMEM if v.0 >= 2 && (16 + PAGE..=16 + PAGES_RECORD_MAX as u64).contains(&len) => {}
+            TAG_END if len == 16 => {}
+            TAG_END => return Err(bad("end record of wrong size")),
+            TAG_META => return Err(bad("metadata record out of place")),
+            t => {
+                return Err(bad(format!(
+                    "unknown record type {t} at byte {at} of the body"
+                )))
+            }
+        }
+        read_payload(&mut dec, &mut body, len + 8, bound)?;
+        if tag == TAG_END {
+            break;
+        }
+    }
+    // Nothing may follow; reading to the end also makes the decoder check its checksum.
+    let mut more = [0u8; 1];
+    loop {
+        match dec.read(&mut more) {
+            Ok(0) => return Ok(body),
+            Ok(_) => return Err(bad("trailing data after the end record")),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(damaged(e)),
+        }
+    }
+}
+
+/// Reads the 9-byte head of the next record onto `body`: Ok(None) at a clean end.
+fn record_head<D: Read>(dec: &mut D, body: &mut Vec<u8>, bound: u64) -> Result<Option<(u8, u64)>> {
+    let at = body.len();
+    if !read_at_most(dec, body, 9, bound)? {
+        return Ok(None);
+    }
+    let h = &body[at..];
+    let len = u64::from_le_bytes(h[1..9].try_into().expect("8 bytes"));
+    Ok(Some((h[0], len)))
+}
+
+/// Appends exactly `n` more bytes of `dec` to `body`, never letting `body` grow past
+/// `bound`; memory grows with the bytes that actually arrive, not with `n`. Ok(false) if
+/// the stream ended cleanly before the first of them.
+fn read_at_most<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<bool> {
+    let at = body.len() as u64;
+    let want = at.saturating_add(n);
+    if want > bound {
+        return Err(bad(format!(
+            "the image holds more than the {bound} bytes it declares"
+        )));
+    }
+    while (body.len() as u64) < want {
+        if body.capacity() == body.len() {
+            // Double, but never past what the image declares.
+            let cap = (body.capacity() as u64).saturating_mul(2).max(64 << 10);
+            let grow = cap.min(bound) - body.len() as u64;
+            body.try_reserve_exact(grow as usize).map_err(|_| {
+                Error::Unrestorable(format!(
+                    "out of memory reading the image ({} decompressed so far)",
+                    mib(body.len() as u64)
+                ))
+            })?;
+        }
+        let room = (body.capacity() - body.len()) as u64;
+        let step = room.min(want - body.len() as u64);
+        let got = dec.by_ref().take(step).read_to_end(body).map_err(damaged)?;
+        if got == 0 {
+            if body.len() as u64 == at {
+                return Ok(false);
+            }
+            return Err(bad("truncated: the end record is missing"));
+        }
+    }
+    Ok(true)
+}
+
+/// Appends exactly `n` more bytes of `dec` to `body` (see [`read_at_most`]); the stream
+/// must have them.
+fn read_payload<D: Read>(dec: &mut D, body: &mut Vec<u8>, n: u64, bound: u64) -> Result<()> {
+    if read_at_most(dec, body, n, bound)? || n == 0 {
+        Ok(())
+    } else {
+        Err(bad("truncated: the end record is missing"))
+    }
+}
+
+fn first_tag(v: Version) -> u8 {
+    if v.0 == 1 {
+        TAG_META
+    } else {
+        TAG_INDEX
+    }
+}
+fn first_name(v: Version) -> &'static str {
+    if v.0 == 1 {
+        "metadata"
+    } else {
+        "index"
+    }
+}
+
+/// Decodes a 1.`minor` metadata record (the frozen 1.2 layout).
+fn decode_meta_v1(payload: &[u8], minor: u16) -> Result<ProcessImageV1> {
+    // Each minor version added one trailing `Option` field to the metadata: 1.1 `clocks`,
+    // 1.2 `caps`. An older record is decoded with a None (one 0 byte) for each field it
+    // does not have.
+    let missing = V1_LAST_MINOR.saturating_sub(minor) as usize;
+    let decoded = if missing == 0 {
+        postcard::from_bytes(payload)
+    } else {
+        let mut full = Vec::new();
+        full.try_reserve_exact(payload.len() + missing)
+            .map_err(|_| Error::Unrestorable("out of memory reading the image metadata".into()))?;
+        full.extend_from_slice(payload);
+        full.resize(payload.len() + missing, 0);
+        postcard::from_bytes(&full)
+    };
+    decoded.map_err(|e| bad(format!("metadata does not decode: {e}")))
+}
+
+/// Decodes one record of format 2 (no minor has added fields yet).
+fn decode2<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
+    postcard::from_bytes(payload)
+        .map_err(|e| bad(format!("the {what} record does not decode: {e}")))
+}
+
+fn decode_index(payload: &[u8]) -> Result<Index> {
+    let ix: Index = decode2(payload, "index")?;
+    if ix.records_bytes > MAX_META {
+        return Err(bad(format!(
+            "process and thread records of {} bytes (a reader takes at most {MAX_META})",
+            ix.records_bytes
+        )));
+    }
+    if ix.tree.is_empty() {
+        return Err(bad("the image holds no process"));
+    }
+    if ix.tree.len() > 1 {
+        return Err(Error::Unrestorable(format!(
+            "the image holds {} processes; this mosix restores one process per image",
+            ix.tree.len()
+        )));
+    }
+    Ok(ix)
+}
+
+type Runs = Vec<(u64, usize, usize)>;
+
+/// What the records of a format 2 body read so far make.
+#[derive(Default)]
+struct Body2 {
+    index: Option<Index>,
+    /// The process being read: its record and its threads so far.
+    current: Option<(ProcRecord, Vec<ThreadImage>)>,
+    done: Vec<ProcessImage>,
+    records_bytes: u64,
+}
+
+impl Body2 {
+    fn finish_current(&mut self) -> Result<()> {
+        if let Some((p, threads)) = self.current.take() {
+            let ix = self.index.as_ref().expect("index before processes");
+            let t = &ix.tree[self.done.len()];
+            self.done.push(records::join(t, p, threads)?);
+        }
+        Ok(())
+    }
+    fn record(&mut self, tag: u8, payload: &[u8], limits: &ReadLimits) -> Result<()> {
+        if tag == TAG_INDEX {
+            if self.index.is_some() {
+                return Err(bad("index record out of place"));
+            }
+            let ix = decode_index(payload)?;
+            let need = meta_decode_need(payload.len() as u64 + ix.records_bytes, (2, 0));
+            if need > limits.max_memory {
+                return Err(too_big("its metadata needs", need, limits));
+            }
+            self.index = Some(ix);
+            return Ok(());
+        }
+        let Some((declared, processes)) = self
+            .index
+            .as_ref()
+            .map(|ix| (ix.records_bytes, ix.tree.len()))
+        else {
+            return Err(bad("index record out of place"));
+        };
+        self.records_bytes += payload.len() as u64;
+        if self.records_bytes > declared {
+            return Err(bad(
+                "the process and thread records are larger than declared",
+            ));
+        }
+        match tag {
+            TAG_PROCESS => {
+                self.finish_current()?;
+                let n = self.done.len();
+                if n >= processes {
+                    return Err(bad("more process records than processes in the tree"));
+                }
+                self.current = Some((decode2(payload, "process")?, Vec::new()));
+            }
+            _ => {
+                let Some((_, threads)) = &mut self.current else {
+                    return Err(bad("thread record before its process record"));
+                };
+                threads.push(decode2(payload, "thread")?);
+            }
+        }
+        Ok(())
+    }
+    fn end(mut self) -> Result<ProcessImage> {
+        self.finish_current()?;
+        let ix = self.index.take().ok_or_else(|| bad("no index record"))?;
+        if self.done.len() != ix.tree.len() || self.records_bytes != ix.records_bytes {
+            return Err(bad("the records do not match the index"));
+        }
+        let mut p = self.done.remove(0);
+        if p.memory_estimate > ix.memory_estimate {
+            return Err(bad("a process declares more memory than the image"));
+        }
+        p.memory_estimate = ix.memory_estimate;
+        Ok(p)
+    }
+}
+
+type ShmemRuns = Vec<(u64, u64, usize, usize)>;
+
+fn parse_body(
+    body: &[u8],
+    v: Version,
+    limits: &ReadLimits,
+) -> Result<(ProcessImage, Runs, ShmemRuns)> {
+    let mut pos = 0usize;
+    let mut meta: Option<ProcessImage> = None;
+    let mut v2 = Body2::default();
+    let mut estimate: Option<u64> = None;
+    let mut runs = Vec::new();
+    let mut shmem_runs = Vec::new();
+    let mut records = 0u64;
+    let mut payload_total = 0u64;
+    let mut page_bytes = 0u64;
+    loop {
+        if body.len() - pos < 9 {
+            return Err(bad("truncated: the end record is missing"));
+        }
+        let tag = body[pos];
+        let len = u64::from_le_bytes(body[pos + 1..pos + 9].try_into().expect("8 bytes"));
+        if len > MAX_RECORD || ((body.len() - pos - 9) as u64) < len + 8 {
+            return Err(bad(format!(
+                "truncated or damaged record {records} at byte {pos} of the body"
+            )));
+        }
+        let len = len as usize;
+        let payload_at = pos + 9;
+        let sum_at = payload_at + len;
+        let sum = u64::from_le_bytes(body[sum_at..sum_at + 8].try_into().expect("8 bytes"));
+        if xxh3_64(&body[pos..sum_at]) != sum {
+            return Err(bad(format!(
+                "checksum mismatch in record {records} at byte {pos} of the body (damaged image)"
+            )));
+        }
+        records += 1;
+        payload_total += len as u64;
+        let payload = &body[payload_at..sum_at];
+        if (records == 1) != (tag == first_tag(v)) {
+            return Err(bad(format!("{} record out of place", first_name(v))));
+        }
+        match tag {
+            TAG_META if v.0 == 1 => {
+                if len as u64 > MAX_META {
+                    return Err(bad(format!(
+                        "metadata record of {len} bytes (a reader takes at most {MAX_META})"
+                    )));
+                }
+                let need = meta_decode_need(len as u64, v);
+                if need > limits.max_memory {
+                    return Err(too_big("its metadata needs", need, limits));
+                }
+                let m: ProcessImage = decode_meta_v1(payload, v.1)?.into();
+                estimate = Some(m.memory_estimate);
+                meta = Some(m);
+            }
+            TAG_INDEX | TAG_PROCESS | TAG_THREAD if v.0 >= 2 => {
+                if len as u64 > MAX_META {
+                    return Err(bad(format!(
+                        "a record of {len} bytes (a reader takes at most {MAX_META})"
+                    )));
+                }
+                v2.record(tag, payload, limits)?;
+                if let Some(ix) = &v2.index {
+                    estimate = Some(ix.memory_estimate);
+                }
+            }
+            TAG_SHMEM if v.0 >= 2 => {
+                let Some(est) = estimate.filter(|_| v2.current.is_some()) else {
+                    return Err(bad("shared memory data before its process"));
+                };
+                if len < 16 + PAGE as usize
+                    || len > 16 + PAGES_RECORD_MAX
+                    || !(len - 16).is_multiple_of(PAGE as usize)
+                {
+                    return Err(bad("shared memory record of odd size"));
+                }
+                page_bytes += (len - 16) as u64;
+                if page_bytes > est {
+                    return Err(bad(format!(
+                        "the image holds more memory contents than the {est} bytes it declares"
+                    )));
+                }
+                let ino = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                let offset = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+                if offset % PAGE != 0 {
+                    return Err(bad("shared memory record at unaligned offset"));
+                }
+                shmem_runs.push((ino, offset, payload_at + 16, len - 16));
+            }
+            TAG_PAGES => {
+                let ready = if v.0 == 1 {
+                    meta.is_some()
+                } else {
+                    v2.current.is_some()
+                };
+                let Some(est) = estimate.filter(|_| ready) else {
+                    return Err(bad("memory before metadata"));
+                };
+                if len < 8 + PAGE as usize
+                    || len > 8 + PAGES_RECORD_MAX
+                    || !(len - 8).is_multiple_of(PAGE as usize)
+                {
+                    return Err(bad("memory record of odd size"));
+                }
+                page_bytes += (len - 8) as u64;
+                if page_bytes > est {
+                    return Err(bad(format!(
+                        "the image holds more memory contents than the {est} bytes it declares"
+                    )));
+                }
+                let vaddr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                if vaddr % 4096 != 0 {
+                    return Err(bad("memory record at unaligned address"));
+                }
+                runs.push((vaddr, payload_at + 8, len - 8));
+            }
+            TAG_END => {
+                if len != 16 {
+                    return Err(bad("end record of wrong size"));
+                }
+                let count = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                let total = u64::from_le_bytes(payload[8..].try_into().expect("8 bytes"));
+                if count != records || total != payload_total - 16 {
+                    return Err(bad("record count or size does not match the end record"));
+                }
+                if sum_at + 8 != body.len() {
+                    return Err(bad("trailing data after the end record"));
+                }
+                break;
+            }
+            t => return Err(bad(format!("unknown record type {t}"))),
+        }
+        pos = sum_at + 8;
+    }
+    let meta = if v.0 == 1 {
+        meta.ok_or_else(|| bad("no metadata record"))?
+    } else {
+        v2.end()?
+    };
+    // Every shared memory record is of an object of the process, within its size.
+    for &(ino, offset, _, len) in &shmem_runs {
+        let fits = meta.shmem.iter().any(|o| {
+            o.ino == ino && offset.saturating_add(len as u64) <= o.size.div_ceil(PAGE) * PAGE
+        });
+        if !fits {
+            return Err(bad("shared memory data of no object of the process"));
+        }
+    }
+    Ok((meta, runs, shmem_runs))
+}

@@ -1,0 +1,313 @@
+//! The records of image format 2: an index with the process tree first, then for each
+//! process its process record (what all its threads share), one record per thread, and
+//! its memory. [`ProcessImage`] is the in-memory form of one process; this module splits
+//! it into records for the writer and puts it together again for the reader. Also the
+//! frozen metadata layout of format 1.x ([`ProcessImageV1`]), still read.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{bad, Result};
+use crate::image::{
+    Clocks, Creds, Fd, FileId, MmFields, PendingSignal, ProcessImage, Rseq, ShmemObject, SigAction,
+    ThreadImage, Vma,
+};
+use crate::Caps;
+
+/// Format 2: the first record. Says what the rest of the image holds, so that a reader can
+/// bound what it reads before it reads it.
+pub const TAG_INDEX: u8 = 3;
+/// Format 2: one per process, after the index, in the order of the tree.
+pub const TAG_PROCESS: u8 = 4;
+/// Format 2: one per thread, right after its process record, main thread first.
+pub const TAG_THREAD: u8 = 5;
+
+/// One process of the image's process tree (format 2 index). An image of one process has
+/// one entry; images of process families will have one per process, parents first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeEntry {
+    /// The PID the process knows itself by.
+    pub pid: i32,
+    /// Its parent's PID if the parent is in the image too, else 0.
+    pub ppid: i32,
+    /// Its process group and session, as it sees them.
+    pub pgid: i32,
+    pub sid: i32,
+    /// Its thread IDs (as it knows them), the main thread (= pid) first: the thread
+    /// records that follow its process record, in this order.
+    pub threads: Vec<i32>,
+}
+
+/// The index record (format 2).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    /// Bytes of memory contents in the whole image, at most (as 1.x's `memory_estimate`).
+    pub memory_estimate: u64,
+    /// Payload bytes of all process and thread records together.
+    pub records_bytes: u64,
+    pub tree: Vec<TreeEntry>,
+}
+
+/// The process record (format 2): the state all threads of a process share.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRecord {
+    pub pid: i32,
+    pub arch: String,
+    pub kernel: String,
+    pub hostname: String,
+    pub comm: String,
+    pub exe: String,
+    pub exe_id: Option<FileId>,
+    pub cwd: String,
+    pub umask: u32,
+    pub creds: Creds,
+    pub caps: Option<Caps>,
+    pub personality: u64,
+    pub no_new_privs: bool,
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub vmas: Vec<Vma>,
+    pub mm: MmFields,
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process (shared queue).
+    pub pending: Vec<PendingSignal>,
+    pub itimers: Vec<[i64; 4]>,
+    pub fds: Vec<Fd>,
+    /// Its memfds and MAP_SHARED anonymous memory.
+    pub shmem: Vec<ShmemObject>,
+    /// Bytes of memory contents of this process, at most.
+    pub memory_estimate: u64,
+    pub clocks: Option<Clocks>,
+}
+
+/// The records of one process: its index entry, process record, thread records (main
+/// thread first).
+pub fn split(m: &ProcessImage) -> (TreeEntry, ProcRecord, Vec<ThreadImage>) {
+    let (shared, own): (Vec<_>, Vec<_>) = m.pending.iter().cloned().partition(|p| p.shared);
+    let regs = crate::sys::regs_from_bytes(&m.regs);
+    let main = ThreadImage {
+        tid: m.pid,
+        comm: m.comm.clone(),
+        regs: m.regs.clone(),
+        fs_base: regs.map_or(0, |r| r.fs_base),
+        gs_base: regs.map_or(0, |r| r.gs_base),
+        xstate: m.xstate.clone(),
+        blocked: m.blocked,
+        pending: own,
+        sigaltstack: m.sigaltstack,
+        rseq: m.rseq.clone(),
+        robust_list: m.robust_list,
+        clear_child_tid: m.clear_child_tid,
+    };
+    let mut threads = vec![main];
+    threads.extend(m.threads.iter().cloned());
+    let tree = TreeEntry {
+        pid: m.pid,
+        ppid: 0,
+        pgid: m.pgid,
+        sid: m.sid,
+        threads: threads.iter().map(|t| t.tid).collect(),
+    };
+    let p = ProcRecord {
+        pid: m.pid,
+        arch: m.arch.clone(),
+        kernel: m.kernel.clone(),
+        hostname: m.hostname.clone(),
+        comm: m.comm.clone(),
+        exe: m.exe.clone(),
+        exe_id: m.exe_id.clone(),
+        cwd: m.cwd.clone(),
+        umask: m.umask,
+        creds: m.creds.clone(),
+        caps: m.caps,
+        personality: m.personality,
+        no_new_privs: m.no_new_privs,
+        rlimits: m.rlimits.clone(),
+        vmas: m.vmas.clone(),
+        mm: m.mm.clone(),
+        sigactions: m.sigactions.clone(),
+        pending: shared,
+        itimers: m.itimers.clone(),
+        fds: m.fds.clone(),
+        shmem: m.shmem.clone(),
+        memory_estimate: m.memory_estimate,
+        clocks: m.clocks,
+    };
+    (tree, p, threads)
+}
+
+/// One process again from its records (checked against its tree entry).
+pub fn join(t: &TreeEntry, p: ProcRecord, mut threads: Vec<ThreadImage>) -> Result<ProcessImage> {
+    let tids: Vec<i32> = threads.iter().map(|x| x.tid).collect();
+    if p.pid != t.pid || tids != t.threads || threads.is_empty() || tids[0] != t.pid {
+        return Err(bad(format!(
+            "the records of process {} do not match the process tree",
+            p.pid
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if !tids.iter().all(|&x| seen.insert(x)) {
+        return Err(bad(format!("process {} has duplicate thread IDs", p.pid)));
+    }
+    let mut main = threads.remove(0);
+    if let Some(mut r) = crate::sys::regs_from_bytes(&main.regs) {
+        r.fs_base = main.fs_base;
+        r.gs_base = main.gs_base;
+        main.regs = crate::sys::regs_to_bytes(&r);
+    }
+    let mut pending = p.pending;
+    if pending.iter().any(|s| !s.shared) || main.pending.iter().any(|s| s.shared) {
+        return Err(bad("a pending signal is in the wrong queue"));
+    }
+    pending.extend(main.pending);
+    Ok(ProcessImage {
+        arch: p.arch,
+        kernel: p.kernel,
+        hostname: p.hostname,
+        pid: p.pid,
+        comm: p.comm,
+        exe: p.exe,
+        exe_id: p.exe_id,
+        cwd: p.cwd,
+        umask: p.umask,
+        creds: p.creds,
+        personality: p.personality,
+        no_new_privs: p.no_new_privs,
+        rlimits: p.rlimits,
+        vmas: p.vmas,
+        mm: p.mm,
+        regs: main.regs,
+        xstate: main.xstate,
+        sigactions: p.sigactions,
+        blocked: main.blocked,
+        pending,
+        sigaltstack: main.sigaltstack,
+        itimers: p.itimers,
+        rseq: main.rseq,
+        robust_list: main.robust_list,
+        clear_child_tid: main.clear_child_tid,
+        fds: p.fds,
+        memory_estimate: p.memory_estimate,
+        clocks: p.clocks,
+        caps: p.caps,
+        threads,
+        pgid: t.pgid,
+        sid: t.sid,
+        shmem: p.shmem,
+    })
+}
+
+/// The metadata record of format 1.x (its last minor, 1.2), field for field: frozen, so
+/// that images written by older mosix versions are still read. 1.0 lacks the last two
+/// fields, 1.1 the last one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImageV1 {
+    pub arch: String,
+    pub kernel: String,
+    pub hostname: String,
+    pub pid: i32,
+    pub comm: String,
+    pub exe: String,
+    pub exe_id: Option<FileId>,
+    pub cwd: String,
+    pub umask: u32,
+    pub creds: Creds,
+    pub personality: u64,
+    pub no_new_privs: bool,
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub vmas: Vec<Vma>,
+    pub mm: MmFields,
+    pub regs: Vec<u8>,
+    pub xstate: Vec<u8>,
+    pub sigactions: Vec<SigAction>,
+    pub blocked: u64,
+    pub pending: Vec<PendingSignal>,
+    pub sigaltstack: (u64, i32, u64),
+    pub itimers: Vec<[i64; 4]>,
+    pub rseq: Option<Rseq>,
+    pub robust_list: (u64, u64),
+    pub clear_child_tid: u64,
+    pub fds: Vec<Fd>,
+    pub memory_estimate: u64,
+    pub clocks: Option<Clocks>,
+    pub caps: Option<Caps>,
+}
+
+/// The last minor version of format 1.
+pub const V1_LAST_MINOR: u16 = 3;
+
+impl From<ProcessImageV1> for ProcessImage {
+    fn from(v: ProcessImageV1) -> ProcessImage {
+        ProcessImage {
+            arch: v.arch,
+            kernel: v.kernel,
+            hostname: v.hostname,
+            pid: v.pid,
+            comm: v.comm,
+            exe: v.exe,
+            exe_id: v.exe_id,
+            cwd: v.cwd,
+            umask: v.umask,
+            creds: v.creds,
+            personality: v.personality,
+            no_new_privs: v.no_new_privs,
+            rlimits: v.rlimits,
+            vmas: v.vmas,
+            mm: v.mm,
+            regs: v.regs,
+            xstate: v.xstate,
+            sigactions: v.sigactions,
+            blocked: v.blocked,
+            pending: v.pending,
+            sigaltstack: v.sigaltstack,
+            itimers: v.itimers,
+            rseq: v.rseq,
+            robust_list: v.robust_list,
+            clear_child_tid: v.clear_child_tid,
+            fds: v.fds,
+            memory_estimate: v.memory_estimate,
+            clocks: v.clocks,
+            caps: v.caps,
+            threads: Vec::new(),
+            pgid: 0,
+            sid: 0,
+            shmem: Vec::new(),
+        }
+    }
+}
+
+impl From<&ProcessImage> for ProcessImageV1 {
+    /// The 1.2 metadata of a single-threaded process (tests and fuzzing write old images).
+    fn from(m: &ProcessImage) -> ProcessImageV1 {
+        let m = m.clone();
+        ProcessImageV1 {
+            arch: m.arch,
+            kernel: m.kernel,
+            hostname: m.hostname,
+            pid: m.pid,
+            comm: m.comm,
+            exe: m.exe,
+            exe_id: m.exe_id,
+            cwd: m.cwd,
+            umask: m.umask,
+            creds: m.creds,
+            personality: m.personality,
+            no_new_privs: m.no_new_privs,
+            rlimits: m.rlimits,
+            vmas: m.vmas,
+            mm: m.mm,
+            regs: m.regs,
+            xstate: m.xstate,
+            sigactions: m.sigactions,
+            blocked: m.blocked,
+            pending: m.pending,
+            sigaltstack: m.sigaltstack,
+            itimers: m.itimers,
+            rseq: m.rseq,
+            robust_list: m.robust_list,
+            clear_child_tid: m.clear_child_tid,
+            fds: m.fds,
+            memory_estimate: m.memory_estimate,
+            clocks: m.clocks,
+            caps: m.caps,
+        }
+    }
+}
