@@ -20,7 +20,7 @@ pub fn node_info(n: &NodeStatus) -> Option<NodeInfo> {
     Some(NodeInfo {
         node: n.node,
         speed: l.speed,
-        cpus: 1,
+        cpus: l.cpus.max(1),
         runnable: l.runnable,
         mem_total: l.mem_total,
         mem_free: l.mem_free,

@@ -3,12 +3,14 @@
 //! a Unix control socket. No master: any node may stop or start at any time.
 //!
 //! Modules: `config` (mosix.toml), `sample` (load vector), `gossip` (chitchat over a sealed
-//! UDP transport + node status rule), `control` (control socket).
+//! UDP transport + node status rule), `control` (control socket), `metrics` (Prometheus
+//! metrics on `metrics_listen`).
 
 mod balance;
 mod config;
 mod control;
 mod gossip;
+mod metrics;
 mod peer;
 mod procs;
 mod sample;
@@ -46,7 +48,8 @@ const TICK: Duration = Duration::from_millis(250);
         secret can then pass for any other (see docs/security.md).\n\n\
         `mosix status` and `mon` read the result through the control socket; scripts can read \
         status.json next to the control socket (/run/mosix/status.json by default, \
-        rewritten every second).\n\n\
+        rewritten every second). With metrics_listen = \"ADDR:PORT\" in the config, mosixd \
+        also serves Prometheus metrics (mosix_*) at http://ADDR:PORT/metrics.\n\n\
         Minimal /etc/mosix/mosix.toml:\n\n  \
         node = 1\n  \
         secret_file = \"/etc/mosix/secret\"   # chmod 600, owned by root\n  \
@@ -173,7 +176,7 @@ fn run(args: Args) -> Result<()> {
             s
         }
     };
-    let mut sampler = sample::Sampler::new(cfg.load_scope, speed, proto)?;
+    let mut sampler = sample::Sampler::new(cfg.load_scope, speed, cfg.cpus, proto)?;
     if let Some(c) = sampler.cgroup_paths() {
         info!(cgroup = ?c, "sampling load of this daemon's cgroup");
     }
@@ -185,6 +188,7 @@ fn run(args: Args) -> Result<()> {
         let first = sampler.sample(if cfg.accept_guests { FLAG_ACCEPTS_GUESTS } else { 0 });
         let stats = Arc::new(gossip::Stats::default());
         let listener = control::bind(&cfg.control_socket)?;
+        let metrics_listener = cfg.metrics_listen.map(metrics::bind).transpose()?;
         let handle = gossip::start(&cfg, &secret, proto, &first, stats.clone()).await?;
         info!(
             node = cfg.node,
@@ -192,6 +196,7 @@ fn run(args: Args) -> Result<()> {
             nodes = cfg.map.len(),
             %proto,
             speed,
+            cpus = sampler.cpus(),
             "mosixd started"
         );
         // Every map node is listed from the first answer on (down until heard from).
@@ -213,6 +218,8 @@ fn run(args: Args) -> Result<()> {
         procs.listen()?;
         balance::start(procs.clone())?;
         let server = tokio::spawn(control::serve(listener, state.clone(), procs.clone()));
+        let metrics_server = metrics_listener
+            .map(|l| tokio::spawn(metrics::serve(l, state.clone(), procs.clone())));
         let ticker = tokio::spawn(tick_loop(
             cfg.clone(),
             handle.chitchat(),
@@ -231,6 +238,9 @@ fn run(args: Args) -> Result<()> {
         };
         server.abort();
         ticker.abort();
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
         control::unlink(&cfg.control_socket);
         let _ = std::fs::remove_file(status_file(&cfg));
         let _ = handle.shutdown().await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// The MOSIX monitor: the cluster's nodes as bars, updated every second.
 ///
 /// Keys: l loads (runnable processes per unit of speed), m memory used/free, u utilisation,
-/// s relative CPU speeds, t number of active nodes (toggle), h help, q quit; when the nodes
+/// s relative CPU speeds, c CPUs per node, t number of active nodes (toggle), h help, q quit; when the nodes
 /// do not fit the screen, ←/→ (or PgUp/PgDn, Home/End) scroll.
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,6 +32,7 @@ enum Mode {
     Mem,
     Util,
     Speed,
+    Cpus,
 }
 
 impl Mode {
@@ -41,6 +42,7 @@ impl Mode {
             Mode::Mem => "Memory (used/free)",
             Mode::Util => "Utilization",
             Mode::Speed => "Speed",
+            Mode::Cpus => "CPUs",
         }
     }
 }
@@ -118,6 +120,7 @@ fn key(v: &mut View, code: KeyCode, mods: KeyModifiers) -> bool {
         KeyCode::Char('m') => v.mode = Mode::Mem,
         KeyCode::Char('u') => v.mode = Mode::Util,
         KeyCode::Char('s') => v.mode = Mode::Speed,
+        KeyCode::Char('c') => v.mode = Mode::Cpus,
         KeyCode::Char('t') => v.show_active = !v.show_active,
         KeyCode::Right => v.scroll = (v.scroll + 1).min(max_scroll),
         KeyCode::Left => v.scroll = v.scroll.saturating_sub(1),
@@ -148,6 +151,7 @@ fn value(mode: Mode, n: &NodeStatus) -> Option<f64> {
         Mode::Load => l.load,
         Mode::Util => l.util,
         Mode::Speed => l.speed,
+        Mode::Cpus => f64::from(l.cpus),
         Mode::Mem => l.mem_total.saturating_sub(l.mem_free) as f64,
     })
 }
@@ -160,6 +164,7 @@ fn label(mode: Mode, n: &NodeStatus, width: usize) -> String {
         Mode::Load => format!("{:.2}", l.load),
         Mode::Util => format!("{:.0}%", l.util * 100.0),
         Mode::Speed => format!("{:.2}", l.speed),
+        Mode::Cpus => l.cpus.to_string(),
         Mode::Mem => super::status::human(l.mem_free),
     };
     s.chars().take(width).collect()
@@ -183,7 +188,7 @@ fn render(v: &mut View, area: Rect, buf: &mut Buffer) {
         area.x,
         y,
         &format!(
-            "MOSIX mon - node {this} - {}   [l m u s t h q]",
+            "MOSIX mon - node {this} - {}   [l m u s c t h q]",
             v.mode.title()
         ),
         bold,
@@ -345,10 +350,11 @@ fn render(v: &mut View, area: Rect, buf: &mut Buffer) {
 fn render_help(area: Rect, buf: &mut Buffer, y: u16) {
     let lines = [
         "Help - MOSIX monitor keys",
-        "  l   loads (runnable processes / speed)",
+        "  l   loads (runnable processes / (speed x CPUs))",
         "  m   memory: used (solid) / free (shaded)",
         "  u   utilization",
-        "  s   relative CPU speeds",
+        "  s   relative CPU speeds (of one CPU)",
+        "  c   number of CPUs",
         "  t   number of active nodes (toggle)",
         "  <- -> PgUp PgDn Home End   scroll",
         "  h   this help (h or Esc to close)",
@@ -392,6 +398,7 @@ mod tests {
                         runnable: i as f64,
                         util: 0.5,
                         speed: 2.0,
+                        cpus: i,
                         mem_total: 1 << 30,
                         mem_free: 1 << 29,
                         procs: 3,
@@ -428,7 +435,7 @@ mod tests {
                 (200, 60),
                 (13, 100),
             ] {
-                for mode in [Mode::Load, Mode::Mem, Mode::Util, Mode::Speed] {
+                for mode in [Mode::Load, Mode::Mem, Mode::Util, Mode::Speed, Mode::Cpus] {
                     for (help, active) in [(false, false), (true, true), (false, true)] {
                         let mut v = View {
                             mode,
@@ -477,6 +484,13 @@ mod tests {
         let mut buf = Buffer::empty(area);
         render(&mut v, area, &mut buf);
         assert!(screen(&buf).contains("Active nodes: 27 of 40"));
+        // c: the CPUs of each node (node i has i CPUs here; nodes 33.. are shown).
+        key(&mut v, KeyCode::Char('c'), KeyModifiers::NONE);
+        assert_eq!(v.mode, Mode::Cpus);
+        let mut buf = Buffer::empty(area);
+        render(&mut v, area, &mut buf);
+        assert!(screen(&buf).contains("CPUs"), "{}", screen(&buf));
+        assert!(screen(&buf).contains("34"), "{}", screen(&buf));
         assert!(key(&mut v, KeyCode::Char('q'), KeyModifiers::NONE));
     }
 }

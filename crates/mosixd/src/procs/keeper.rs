@@ -158,7 +158,10 @@ impl Keeper {
                         Cmd::Host(ToHost::Migrate { to }) => {
                             let id = proc_id(self.meta.home, self.meta.home_pid);
                             let view = self.procs.balance_view();
-                            match self.migrate(to, up, "asked for by migrate".into(), None) {
+                            match crate::metrics::migration(
+                                crate::metrics::MoveReason::Manual,
+                                self.migrate(to, up, "asked for by migrate".into(), None),
+                            ) {
                                 Ok(()) => {
                                     // The balancer accounts for it as for its own sends.
                                     if let Some(v) = view.iter().find(|v| v.info.id == id) {
@@ -175,7 +178,10 @@ impl Keeper {
                             }
                         }
                         Cmd::AutoMigrate { to, reason, offer } => {
-                            match self.migrate(to, up, reason, offer) {
+                            match crate::metrics::migration(
+                                crate::metrics::MoveReason::of_offer(offer.as_deref()),
+                                self.migrate(to, up, reason, offer),
+                            ) {
                                 Ok(()) => return Outcome::Left,
                                 Err(e) => {
                                     info!(

@@ -130,6 +130,7 @@ impl Procs {
         let t0 = Instant::now();
         let refuse = |ch: &mut Link, why: String| -> Result<()> {
             warn!(home = h.home, pid = h.home_pid, "refused a process: {why}");
+            crate::metrics::incoming_refused();
             wire::send_flush(ch, &Verdict::Refused(why.clone()))?;
             Err(anyhow!(why))
         };
@@ -419,16 +420,16 @@ impl Keeper {
         if to == p.me() {
             bail!("process {} is already on node {to}", self.meta.home_pid);
         }
-        p.check_destination(to)?;
+        p.check_destination(to).map_err(crate::metrics::refused)?;
         let local = p.local_refusals(self.pid);
         if !local.is_empty() {
-            bail!(
+            return Err(crate::metrics::refused(format!(
                 "process {} cannot move: {}",
                 self.meta.home_pid,
                 local.join("; ")
-            );
+            )));
         }
-        mosix_ckpt::check(self.pid).map_err(|e| anyhow!("{e}"))?;
+        mosix_ckpt::check(self.pid).map_err(crate::metrics::refused)?;
         let mut ch = p.connect(to)?;
         let header = MigrateHeader {
             home: self.meta.home,
@@ -481,7 +482,7 @@ impl Keeper {
             )?;
             match wire::expect::<_, Verdict>(&mut ch)? {
                 Verdict::Ready => {}
-                Verdict::Refused(why) => bail!("{why}"),
+                Verdict::Refused(why) => return Err(crate::metrics::refused(why)),
                 Verdict::Running { .. } => bail!("node {to} answered out of order"),
             }
             wire::send_flush(&mut ch, &Decision::Commit)?;
@@ -494,6 +495,7 @@ impl Keeper {
         match outcome {
             Ok(host_pid) => {
                 let frozen_ms = t0.elapsed().as_millis() as u64;
+                crate::metrics::migration_moved(frozen_ms, stats.memory_bytes);
                 if let Err(e) = held.kill() {
                     warn!(pid = self.pid, "ending the moved process's old copy: {e}");
                 }
