@@ -60,7 +60,13 @@ const TICK: Duration = Duration::from_millis(250);
         node = 1\n  \
         address = \"192.168.1.10\"           # nodes 1..4 at .10 .. .13\n  \
         count = 4\n\n\
-        Logging: MOSIXD_LOG=debug (tracing env-filter syntax)."
+        Logging: MOSIXD_LOG=debug (tracing env-filter syntax).",
+    after_help = "Examples:\n  \
+        mosixd --config /etc/mosix/mosix.toml --check    # validate config, secret and keys\n  \
+        mosixd --gen-key /etc/mosix/node.key             # this node's key; prints NODE KEY\n  \
+        systemctl enable --now mosixd                    # run it as a service\n  \
+        MOSIXD_LOG=debug mosixd -c /etc/mosix/mosix.toml # in the foreground, verbose\n  \
+        curl -s http://127.0.0.1:9464/metrics            # with metrics_listen set"
 )]
 struct Args {
     /// Configuration file.
@@ -77,6 +83,12 @@ struct Args {
     /// node (NODE from --config; just the key if the config cannot be read), and exit.
     #[arg(long, value_name = "PATH")]
     gen_key: Option<PathBuf>,
+    /// (install helper) print mosixd's man page (roff) and exit.
+    #[arg(long, hide = true)]
+    man_page: bool,
+    /// (install helper) print a completion script for SHELL and exit.
+    #[arg(long, hide = true, value_name = "SHELL")]
+    completions: Option<mosix_doc::Shell>,
 }
 
 /// What the control socket and the status file read.
@@ -107,6 +119,24 @@ impl State {
 
 fn main() {
     let args = Args::parse();
+    if args.man_page || args.completions.is_some() {
+        use clap::CommandFactory;
+        let mut out = std::io::stdout();
+        if let Some(shell) = args.completions {
+            mosix_doc::completion(shell, Args::command(), "mosixd", &mut out);
+            return;
+        }
+        let see = [
+            "mosix(1)".to_string(),
+            "mosrun(1)".to_string(),
+            "mon(1)".to_string(),
+        ];
+        if let Err(e) = mosix_doc::write_man(Args::command(), "8", &see, &mut out) {
+            eprintln!("mosixd: cannot write the man page: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSIXD_LOG")

@@ -13,10 +13,15 @@ use std::time::{Duration, Instant};
 
 /// The MOSIX monitor: the cluster's nodes as bars, updated every second.
 ///
-/// Keys: l loads (runnable processes per unit of speed), m memory used/free, u utilisation,
-/// s relative CPU speeds, c CPUs per node, t number of active nodes (toggle), h help, q quit; when the nodes
-/// do not fit the screen, ←/→ (or PgUp/PgDn, Home/End) scroll.
+/// Keys: l loads (runnable processes per unit of capacity, speed × CPUs), m memory
+/// used/free, u utilisation, s relative CPU speeds, c CPUs per node, t number of active
+/// nodes (toggle), h help, q quit; when the nodes do not fit the screen, ←/→ (or
+/// PgUp/PgDn, Home/End) scroll.
 #[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    mon                              # (= mosix mon) the cluster as this node sees it\n  \
+    mon --interval-ms 250            # refresh four times a second\n  \
+    mosix testbed exec 1 -- mosix mon")]
 pub struct Args {
     /// Control socket of the mosixd to ask (default: as for `mosix status`).
     #[arg(long, value_name = "PATH")]
