@@ -4,8 +4,11 @@
 set -euo pipefail
 
 # Debian packages: compiler and C library (tests build C programs, one static),
-# interpreters used by the tests, iproute2 for the testbed, tmux to test `mon`.
-PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config)
+# interpreters used by the tests, iproute2 for the testbed, tmux to test `mon`, man-db
+# (`man -l` on the generated pages), fuse3 (fusermount3 for `mosix fs` run by a user;
+# root mounts without it), binutils (strip, for install.sh), dpkg-deb (scripts/deb.sh).
+PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config
+          man-db fuse3 binutils dpkg)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -120,24 +120,40 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Argument vector with the MOSIX argv[0] aliases turned into subcommands
-/// (`mon` = `mosix mon`, ...).
-fn args_with_alias() -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let base = args
-        .first()
-        .and_then(|a| std::path::Path::new(a).file_name())
-        .map(|n| n.to_string_lossy().into_owned())
+/// Parses the command line. Under a MOSIX name (`mosrun`, `migrate`, `mon`, `mosctl`:
+/// links to mosix) the arguments are those of that subcommand, and help and errors name
+/// the program as it was called.
+fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let argv0 = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
         .unwrap_or_default();
-    if let Some(sub) = cmd::alias(&base) {
-        args[0] = "mosix".into();
-        args.insert(1, sub.into());
+    let Some(&(alias, sub)) = cmd::ALIASES.iter().find(|(a, _)| *a == argv0) else {
+        return Cli::parse();
+    };
+    let Some(c) = Cli::command().find_subcommand(sub).cloned() else {
+        return Cli::parse();
+    };
+    let m = mosix_doc::renamed(c, alias).get_matches();
+    fn args<T: FromArgMatches>(m: &clap::ArgMatches) -> T {
+        T::from_arg_matches(m).unwrap_or_else(|e| e.exit())
     }
-    args
+    let command = match sub {
+        "run" => Command::Run(args(&m)),
+        "migrate" => Command::Migrate(args(&m)),
+        "mon" => Command::Mon(args(&m)),
+        _ => Command::Mosctl(args(&m)),
+    };
+    Cli { command }
 }
 
 fn main() {
-    let cli = Cli::parse_from(args_with_alias());
+    let cli = parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSIX_LOG")

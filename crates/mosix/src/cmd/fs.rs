@@ -223,7 +223,19 @@ impl MosixFs {
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Whether `ino` exists; a name not in a cached view is asked for again (a process
+    /// started a moment ago is there at once).
     fn exists(&self, ino: Ino) -> bool {
+        if self.exists_in_view(ino) {
+            return true;
+        }
+        if !matches!(ino, Ino::Root | Ino::Nodes | Ino::Procs) {
+            self.forget_view();
+        }
+        self.exists_in_view(ino)
+    }
+
+    fn exists_in_view(&self, ino: Ino) -> bool {
         match ino {
             Ino::Root | Ino::Nodes | Ino::Procs => true,
             Ino::NodeDir(n) | Ino::NodeFile(n, _) => self
@@ -514,6 +526,8 @@ impl Filesystem for MosixFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Each open reads what mosixd says now (lookups and stats in between use the cache).
+        self.forget_view();
         let Some(i) = Ino::decode(ino.0).filter(|i| self.exists(*i)) else {
             return reply.error(Errno::ENOENT);
         };

@@ -20,8 +20,3 @@ pub const ALIASES: [(&str, &str); 4] = [
     ("mon", "mon"),
     ("mosctl", "mosctl"),
 ];
-
-/// The subcommand that the program name `argv0` stands for, if it is a MOSIX name.
-pub fn alias(argv0: &str) -> Option<&'static str> {
-    ALIASES.iter().find(|(a, _)| *a == argv0).map(|(_, s)| *s)
-}
