@@ -379,58 +379,41 @@ impl MosixFs {
                 out.push((Ino::Nodes, FileType::Directory, "nodes".into()));
                 out.push((Ino::Procs, FileType::Directory, "procs".into()));
             }
-            Ino::Nodes => out.extend(
-                self.with_view(|v| {
-                    v.status
-                        .nodes
-                        .iter()
-                        .map(|n| {
-                            (
-                                Ino::NodeDir(n.node),
-                                FileType::Directory,
-                                n.node.to_string(),
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .ok()?,
-            ),
-            Ino::Procs => out.extend(
-                self.with_view(|v| {
-                    v.procs
-                        .iter()
-                        .map(|p| {
-                            (
-                                Ino::ProcDir(p.home_pid),
-                                FileType::Directory,
-                                p.home_pid.to_string(),
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .ok()?,
-            ),
-            Ino::NodeDir(n) => {
-                if !self.exists(dir) {
-                    return None;
-                }
-                out.extend(
-                    NODE_FILES
-                        .iter()
-                        .enumerate()
-                        .map(|(i, f)| (Ino::NodeFile(n, i), FileType::RegularFile, f.to_string())),
-                )
+            Ino::Nodes | Ino::Procs => {
+                // One directory per node of the map, or per home process.
+                let ids: Vec<(Ino, String)> = self
+                    .with_view(|v| match dir {
+                        Ino::Nodes => v
+                            .status
+                            .nodes
+                            .iter()
+                            .map(|n| (Ino::NodeDir(n.node), n.node.to_string()))
+                            .collect(),
+                        _ => v
+                            .procs
+                            .iter()
+                            .map(|p| (Ino::ProcDir(p.home_pid), p.home_pid.to_string()))
+                            .collect(),
+                    })
+                    .ok()?;
+                out.extend(ids.into_iter().map(|(i, n)| (i, FileType::Directory, n)));
             }
-            Ino::ProcDir(p) => {
+            Ino::NodeDir(_) | Ino::ProcDir(_) => {
                 if !self.exists(dir) {
                     return None;
                 }
-                out.extend(
-                    PROC_FILES
-                        .iter()
-                        .enumerate()
-                        .map(|(i, f)| (Ino::ProcFile(p, i), FileType::RegularFile, f.to_string())),
-                )
+                let names: &[&str] = match dir {
+                    Ino::NodeDir(_) => &NODE_FILES,
+                    _ => &PROC_FILES,
+                };
+                out.extend(names.iter().enumerate().map(|(i, f)| {
+                    let ino = match dir {
+                        Ino::NodeDir(n) => Ino::NodeFile(n, i),
+                        Ino::ProcDir(p) => Ino::ProcFile(p, i),
+                        _ => dir,
+                    };
+                    (ino, FileType::RegularFile, f.to_string())
+                }));
             }
             _ => return None,
         }

@@ -300,7 +300,7 @@ fn ns_name(n: u32) -> String {
     format!("{}{n}", ns_prefix())
 }
 
-fn load(dir: &Path) -> Result<Testbed> {
+pub(crate) fn load(dir: &Path) -> Result<Testbed> {
     let p = dir.join("testbed.json");
     let s = std::fs::read_to_string(&p).with_context(|| {
         format!(
@@ -458,7 +458,7 @@ fn cg_mounts() -> Result<CgMounts> {
 }
 
 /// The node's cgroup directories, one per hierarchy.
-fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
+pub(crate) fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
     let m = cg_mounts()?;
     if m.mode != mode {
         bail!("the cgroup layout changed since `testbed up`; run `mosix testbed down`");
@@ -530,7 +530,7 @@ fn make_cgroups(mode: CgroupMode, n: u32, quota_us: u64, mem: Option<u64>) -> Re
     Ok(())
 }
 
-fn pids_in(cg: &Path) -> Vec<i32> {
+pub(crate) fn pids_in(cg: &Path) -> Vec<i32> {
     std::fs::read_to_string(cg.join("cgroup.procs"))
         .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()

@@ -430,6 +430,7 @@ impl Keeper {
             )));
         }
         mosix_ckpt::check(self.pid).map_err(crate::metrics::refused)?;
+        let _boost = crate::balance::Boost::thread();
         let mut ch = p.connect(to)?;
         let header = MigrateHeader {
             home: self.meta.home,
