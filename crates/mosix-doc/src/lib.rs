@@ -68,10 +68,12 @@ pub fn write_man(
         man.render_subcommands_section(w)?;
     }
     if !notes.is_empty() {
-        writeln!(w, ".SH NOTES")?;
+        // As --help prints it: tables and lists keep their lines.
+        writeln!(w, ".SH NOTES\n.nf")?;
         for l in notes.lines() {
             writeln!(w, "{}", roff_line(l))?;
         }
+        writeln!(w, ".fi")?;
     }
     if !ex.is_empty() {
         writeln!(w, ".SH EXAMPLES\n.nf")?;
@@ -201,7 +203,7 @@ mod tests {
             run.contains(".SH EXAMPLES\n.nf\ndemo run \\-x 'a\\eb'\n\\&.hidden start\n"),
             "{run}"
         );
-        assert!(run.contains(".SH NOTES\nNotes first."), "{run}");
+        assert!(run.contains(".SH NOTES\n.nf\nNotes first."), "{run}");
         assert!(run.contains("drun"), "{run}");
         assert!(run.contains(".BR demo (1)"), "{run}");
         let top = std::fs::read_to_string(d.join("demo.1")).unwrap();

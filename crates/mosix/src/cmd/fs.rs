@@ -29,25 +29,25 @@ use std::time::{Duration, Instant, SystemTime};
 /// Mount the MOSIX file interface (nodes/N/status, procs/PID/where, procs/PID/goto).
 ///
 /// Runs in the foreground until interrupted (Ctrl-C, SIGTERM) or unmounted (`umount
-/// MOUNTPOINT`, `fusermount3 -u MOUNTPOINT`). Files, one value each, as MOSIX's /proc
-/// interface:
-///
-///   nodes/N/status   3 = up, 1 = down or incompatible (DS_MOSIX_DEF | DS_MOSIX_UP)
-///   nodes/N/load     runnable processes per unit of capacity (speed × CPUs)
-///   nodes/N/speed    relative speed of one CPU
-///   nodes/N/cpus     number of CPUs
-///   nodes/N/mem      free memory, bytes (tmem: total)
-///   nodes/N/util     utilisation, 0..1
-///   procs/PID/where  0 at home, else the node it runs on
-///   procs/PID/reason why it is where it is
-///   procs/PID/goto   write a node number (0 or home: back home) to move it
+/// MOUNTPOINT`, `fusermount3 -u MOUNTPOINT`). One value per file, as MOSIX's /proc
+/// interface (see Files below).
 ///
 /// `procs` lists the migratable processes whose home is this node, by home PID. A `goto`
 /// moves the process with the writer's permission (your own processes; root: any). Run as
 /// root the file system is open to every user (allow_other); otherwise only to you. Values
 /// of a node never heard from read `-`.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  \
+#[command(after_help = "Files:\n  \
+    nodes/N/status    3 = up, 1 = down or incompatible (DS_MOSIX_DEF | DS_MOSIX_UP)\n  \
+    nodes/N/load      runnable processes per unit of capacity (speed x CPUs)\n  \
+    nodes/N/speed     relative speed of one CPU\n  \
+    nodes/N/cpus      number of CPUs\n  \
+    nodes/N/mem       free memory, bytes (tmem: total)\n  \
+    nodes/N/util      utilisation, 0..1\n  \
+    procs/PID/where   0 at home, else the node it runs on\n  \
+    procs/PID/reason  why it is where it is (and why the last goto failed)\n  \
+    procs/PID/goto    write a node number (0 or home: back home) to move it\n\n\
+    Examples:\n  \
     mkdir -p /mnt/mosix && mosix fs /mnt/mosix &\n  \
     cat /mnt/mosix/nodes/*/status\n  \
     cat /mnt/mosix/procs/4321/where\n  \
