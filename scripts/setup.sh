@@ -6,9 +6,12 @@ set -euo pipefail
 # Debian packages: compiler and C library (tests build C programs, one static, one with
 # OpenMP: libgomp comes with gcc), interpreters and tools used by the tests, iproute2 for
 # the testbed, tmux to test `mon`; for the multi-threaded programs of tests/threads.rs: Go,
-# a JVM, numpy over OpenBLAS's threaded BLAS.
+# a JVM, numpy over OpenBLAS's threaded BLAS; man-db (`man -l` on the generated pages),
+# fuse3 (fusermount3 for `mosix fs` run by a user; root mounts without it), binutils
+# (strip, for install.sh), dpkg-deb (scripts/deb.sh).
 PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config
-    xz-utils gzip golang-go default-jre-headless python3-numpy libopenblas0-pthread)
+    xz-utils gzip golang-go default-jre-headless python3-numpy libopenblas0-pthread
+    man-db fuse3 binutils dpkg)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

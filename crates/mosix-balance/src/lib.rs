@@ -32,6 +32,11 @@ pub use reason::{bytes, secs, Excluded, LoadSeen, MoveKind, Reason};
 
 use serde::{Deserialize, Serialize};
 
+/// How often a node runs [`Balancer::tick`], ms: mosixd's balancing period and the
+/// simulator's default `tick_ms`. Short, because a process may make its first move after
+/// `Params::first_move_residency_ms`; each tick is cheap (a few microseconds per process).
+pub const TICK_MS: u64 = 250;
+
 /// What a node knows of one node (itself or a peer), from its own sampling or from gossip.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -134,9 +139,14 @@ pub struct Params {
     pub link_bytes_per_sec: f64,
     /// Fixed cost of any migration (freeze, handshake, restore), ms.
     pub move_overhead_ms: f64,
-    /// Floor of the residency: no process moves before it has been on a node this long, ms.
-    /// Memory ushering, and the first move of a process, need only this floor.
+    /// Floor of the residency: no process that has migrated before moves again before it
+    /// has been on its node this long, ms. Memory ushering needs only this floor.
     pub min_residency_ms: u64,
+    /// The floor before a process's first move, ms (at most `min_residency_ms`): a process
+    /// that never moved cannot ping-pong, and the remaining work assumed for a young
+    /// process (`min_work_estimate_ms`) already keeps short ones home unless the gain is
+    /// large. Small, so that the FAQ's 8 jobs spread in well under a second.
+    pub first_move_residency_ms: u64,
     /// A load move of a process that has migrated before also needs `residency_per_cost` ×
     /// its own migration cost of residency: time spent migrating stays below 1/(1 + this)
     /// of a process's life.
@@ -174,7 +184,8 @@ impl Default for Params {
         Params {
             link_bytes_per_sec: 117e6,
             move_overhead_ms: 50.0,
-            min_residency_ms: 1000,
+            min_residency_ms: 2000,
+            first_move_residency_ms: 200,
             residency_per_cost: 5.0,
             gain_threshold: 0.15,
             min_work_estimate_ms: 1000,

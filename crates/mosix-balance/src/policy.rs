@@ -103,6 +103,8 @@ struct Peer {
     fresh: bool,
     accepts: bool,
     backoff: bool,
+    /// Load moves to it decided in this tick.
+    sent_now: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -189,11 +191,12 @@ impl Balancer {
         !(self.mode.block || self.mode.expel)
     }
 
-    /// Residency a process needs before a load move, ms: the floor, plus
-    /// `residency_per_cost` × its migration cost if it has migrated before.
+    /// Residency a process needs before a load move, ms: for its first move only
+    /// `first_move_residency_ms` (a process that never moved cannot ping-pong); after a
+    /// migration the floor plus `residency_per_cost` × its migration cost.
     pub fn residency_needed_ms(&self, p: &ProcInfo) -> u64 {
         if p.migrations == 0 {
-            return self.params.min_residency_ms;
+            return self.floor_ms(p);
         }
         let c = cost_ms(&self.params, p.mem_bytes);
         let k = if self.params.residency_per_cost.is_finite() {
@@ -421,6 +424,18 @@ impl Balancer {
 
     // ---- internals ----------------------------------------------------------------------
 
+    /// The residency floor of `p`: `first_move_residency_ms` (never more than the floor)
+    /// before its first move, `min_residency_ms` after.
+    fn floor_ms(&self, p: &ProcInfo) -> u64 {
+        if p.migrations == 0 {
+            self.params
+                .first_move_residency_ms
+                .min(self.params.min_residency_ms)
+        } else {
+            self.params.min_residency_ms
+        }
+    }
+
     fn record(&mut self, now_ms: u64, p: &ProcInfo, to: u32, cost: f64) {
         let c = if cost.is_finite() {
             cost.min(1e15) as u64
@@ -564,6 +579,7 @@ impl Balancer {
                         .backoff
                         .iter()
                         .any(|&(b, until)| b == n.node && now < until),
+                    sent_now: 0,
                 }
             })
             .collect::<Vec<Peer>>();
@@ -615,7 +631,7 @@ impl Balancer {
         let needed = if kind == MoveKind::Load {
             self.residency_needed_ms(p)
         } else {
-            self.params.min_residency_ms
+            self.floor_ms(p)
         };
         if p.resident_ms < needed {
             return Some(Reason::Residency {
@@ -768,6 +784,15 @@ impl Balancer {
         let peer = &mut ctx.peers[c.peer];
         peer.runnable += share;
         peer.mem_free -= i128::from(p.mem_bytes);
+        if kind == MoveKind::Load {
+            // At most CPUs + 1 load moves to one node per tick: what this node knows of the
+            // others may be partial (a young cluster, a window of a large one), and the next
+            // tick, a moment later, may know better places.
+            peer.sent_now += 1;
+            if peer.sent_now > peer.cpus {
+                peer.backoff = true;
+            }
+        }
         if !ctx.order.is_empty() {
             ctx.sort_order();
         }

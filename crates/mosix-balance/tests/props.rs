@@ -130,7 +130,8 @@ fn check_decisions(
         if x.offer.kind != MoveKind::Expel {
             prop_assert!(proc.auto, "automatic move of a process with auto off");
             prop_assert!(
-                proc.resident_ms >= p.min_residency_ms,
+                proc.resident_ms >= p.first_move_residency_ms.min(p.min_residency_ms)
+                    && (proc.migrations == 0 || proc.resident_ms >= p.min_residency_ms),
                 "moved before the residency floor"
             );
         }
@@ -203,8 +204,17 @@ proptest! {
 
     #[test]
     fn young_processes_never_load_move((me, peers, mut procs) in arb_cluster(), seed in any::<u64>()) {
-        let mut b = Balancer::new(1, Params::default());
-        for p in &mut procs { p.resident_ms = p.resident_ms.min(999); }
+        let params = Params::default();
+        let mut b = Balancer::new(1, params.clone());
+        // Younger than their floor: the first-move floor, or the floor after a migration.
+        for p in &mut procs {
+            let floor = if p.migrations == 0 {
+                params.first_move_residency_ms
+            } else {
+                params.min_residency_ms
+            };
+            p.resident_ms = p.resident_ms.min(floor - 1);
+        }
         prop_assert!(b.tick(100_000, &me, &peers, &procs, seed).is_empty());
     }
 

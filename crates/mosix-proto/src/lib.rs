@@ -68,14 +68,19 @@ impl std::str::FromStr for ProtocolVersion {
 /// What one node tells every other node about itself, several times a second.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoadVector {
-    /// Speed-normalised load: average runnable processes divided by `speed`.
+    /// Normalised load: average runnable processes divided by the node's capacity,
+    /// `speed × cpus` (1.0 = every CPU busy with one process).
     pub load: f64,
     /// Average number of runnable processes (not normalised).
     pub runnable: f64,
     /// CPU utilisation of the node's CPU allotment, 0.0 ..= 1.0.
     pub util: f64,
-    /// Relative CPU speed (1.0 = the reference machine).
+    /// Relative speed of one CPU (1.0 = the reference machine).
     pub speed: f64,
+    /// Number of CPUs: the node runs this many processes at `speed` each at once. Nodes
+    /// that do not send it (older versions) have one.
+    #[serde(default = "one_cpu")]
+    pub cpus: u32,
     /// Memory available to the node, bytes.
     pub mem_total: u64,
     /// Memory free (available) on the node, bytes.
@@ -86,6 +91,10 @@ pub struct LoadVector {
     pub proto: ProtocolVersion,
     /// `FLAG_*` bits.
     pub flags: u32,
+}
+
+fn one_cpu() -> u32 {
+    1
 }
 
 /// How a node is seen from the node answering.
@@ -189,6 +198,7 @@ mod tests {
             runnable: 3.0,
             util: 0.5,
             speed: 2.0,
+            cpus: 4,
             mem_total: 1 << 30,
             mem_free: 1 << 29,
             procs: 7,
@@ -197,5 +207,9 @@ mod tests {
         };
         let s = serde_json::to_string(&lv).unwrap();
         assert_eq!(serde_json::from_str::<LoadVector>(&s).unwrap(), lv);
+        // A node of an older version sends no CPU count: it has one.
+        let old = s.replace(",\"cpus\":4", "");
+        assert_ne!(old, s);
+        assert_eq!(serde_json::from_str::<LoadVector>(&old).unwrap().cpus, 1);
     }
 }

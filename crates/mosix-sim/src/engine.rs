@@ -472,6 +472,9 @@ impl Sim<'_> {
             let (og, ot) = (self.rng.next_f64(), self.rng.next_f64());
             self.gossip_q = phases(og, period);
             self.tick_q = phases(ot, self.tick_s);
+            if self.s.gossip.warm_start {
+                self.warm_up();
+            }
         }
         if self.policy == Policy::Initial {
             for i in 0..self.nodes.len() {
@@ -806,6 +809,38 @@ impl Sim<'_> {
             mem_free_mib: free.min(u64::from(u32::MAX)) as u32,
             accepts: !node.withdrawn,
             leaving: node.withdrawn,
+        }
+    }
+
+    /// A cluster that has been up and idle: every node knows the (idle) load of `window`
+    /// random other nodes of those up at the start, sampled now.
+    fn warm_up(&mut self) {
+        let len = self.nodes.len();
+        let cap = self.s.gossip.window;
+        if len < 2 || cap == 0 {
+            return;
+        }
+        for n in 0..len {
+            if !self.up[n] {
+                continue;
+            }
+            let want = cap.min(len - 1);
+            let mut wl = self.win_len[n] as usize;
+            let mut tries = 0;
+            while wl < want && tries < want * 8 {
+                tries += 1;
+                let mut t = self.rng.below(len as u64 - 1) as usize;
+                if t >= n {
+                    t += 1;
+                }
+                if !self.up[t] {
+                    continue;
+                }
+                let e = self.own_entry(t);
+                let w = &mut self.win[n * cap..(n + 1) * cap];
+                merge(w, &mut wl, e);
+            }
+            self.win_len[n] = wl as u32;
         }
     }
 

@@ -64,6 +64,10 @@ pub struct GossipSpec {
     pub window: usize,
     /// A message carries the sender's own fresh load and this many of its freshest entries.
     pub entries_per_message: usize,
+    /// The cluster has been up (and idle) before the scenario starts: at t = 0 every node
+    /// already knows the idle load of `window` random peers, as a running cluster would.
+    /// false: a cold start, nobody knows anybody until gossip has run.
+    pub warm_start: bool,
 }
 
 impl Default for GossipSpec {
@@ -73,6 +77,7 @@ impl Default for GossipSpec {
             fanout: 1,
             window: 16,
             entries_per_message: 8,
+            warm_start: true,
         }
     }
 }
@@ -138,7 +143,7 @@ impl Scenario {
             link_bytes_per_sec: params.link_bytes_per_sec,
             move_overhead_ms: params.move_overhead_ms,
             gossip: GossipSpec::default(),
-            tick_ms: 1000,
+            tick_ms: mosix_balance::TICK_MS,
             params,
             load_tau_ms: 1000.0,
             swap_penalty: 20.0,
@@ -195,6 +200,7 @@ struct RawGossip {
     fanout: Option<u32>,
     window: Option<usize>,
     entries_per_message: Option<usize>,
+    warm_start: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -675,6 +681,9 @@ fn build(raw: Raw, default_name: &str) -> Result<Scenario, String> {
         }
         s.gossip.entries_per_message = e;
     }
+    if let Some(w) = g.warm_start {
+        s.gossip.warm_start = w;
+    }
     if let Some(tau) = raw.load.unwrap_or_default().average_tau_ms {
         s.load_tau_ms = finite_nonneg(tau, "load.average_tau_ms")?;
     }
@@ -774,7 +783,7 @@ mod tests {
         assert_eq!(s.nodes.len(), 4);
         assert_eq!(s.jobs.len(), 8);
         assert_eq!(s.jobs[0].mem_bytes, 16 << 20);
-        assert_eq!(s.tick_ms, 1000);
+        assert_eq!(s.tick_ms, mosix_balance::TICK_MS);
     }
 
     #[test]

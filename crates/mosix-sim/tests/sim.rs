@@ -18,9 +18,10 @@ fn traced(s: &Scenario, policies: &[Policy]) -> Report {
     run_with(s, policies, 1, RunOptions { trace: true })
 }
 
-const SMALL: [&str; 4] = [
+const SMALL: [&str; 5] = [
     "faq-8-jobs-4-nodes",
     "mixed-speeds",
+    "mixed-cpus",
     "memory-pressure",
     "node-leaves-and-returns",
 ];
@@ -150,6 +151,20 @@ fn mixed_speeds_spread_roughly_by_speed() {
     assert_eq!(per.iter().sum::<u32>(), 8, "{per:?}");
     assert!(per[3] >= per[2] && per[2] >= per[0].max(per[1]), "{per:?}");
     assert!(per[0] <= 2 && per[1] <= 2 && per[3] >= 3, "{per:?}");
+}
+
+#[test]
+fn a_node_with_n_cpus_takes_n_jobs() {
+    // CPUs 1,1,2,4 of one speed, 8 jobs on node 1: one job per CPU, for every seed.
+    let s = scenario("mixed-cpus");
+    for seed in 1..=5 {
+        let r = run_with(&s, &[Policy::Mosix], seed, RunOptions { trace: true });
+        let m = r.policy(Policy::Mosix).unwrap();
+        let per = &m.trace.as_ref().unwrap().jobs_per_node_at_first_completion;
+        assert_eq!(per, &[1, 1, 2, 4], "seed {seed}\n{r}");
+        assert_eq!(m.pingpongs, 0, "seed {seed}\n{r}");
+        assert!(m.makespan_vs_bound.unwrap() < 1.1, "seed {seed}\n{r}");
+    }
 }
 
 #[test]

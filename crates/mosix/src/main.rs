@@ -3,7 +3,7 @@
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -12,7 +12,15 @@ use clap::{Parser, Subcommand};
     about = "MOSIX for today's Linux: a cluster of machines that behaves like one computer",
     long_about = "MOSIX for today's Linux: a cluster of machines that behaves like one computer.\n\n\
         Processes started on a node can be checkpointed, restarted, and (with mosixd running) \
-        migrate to the node where they finish soonest."
+        migrate to the node where they finish soonest.",
+    after_help = "Examples:\n  \
+        mosrun ./simulate < input &      # (= mosix run) start a migratable job here\n  \
+        mosix status                     # the cluster: every node's status, load, CPUs\n  \
+        mosix ps                         # this node's jobs: where and why\n  \
+        migrate 4321 3                   # move job 4321 to node 3 (0 or home: back)\n  \
+        mon                              # the MOSIX monitor\n  \
+        mosix fs /mnt/mosix              # nodes/N/status, procs/PID/where, .../goto\n  \
+        mosix completions bash > /etc/bash_completion.d/mosix"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,6 +40,14 @@ enum Command {
     Status(cmd::status::Args),
     Mon(cmd::mon::Args),
     Testbed(cmd::testbed::Args),
+    Fs(cmd::fs::Args),
+    Completions(CompletionsArgs),
+    /// (install helper) write the man pages of mosix, its subcommands and its MOSIX names
+    /// into DIR.
+    #[command(name = "__man-pages", hide = true)]
+    ManPages {
+        dir: std::path::PathBuf,
+    },
     /// (benchmark helper) touch MIB MiB of memory, print "ready PID", wait for a line.
     #[command(name = "__touch", hide = true)]
     Touch {
@@ -50,24 +66,94 @@ enum Command {
     },
 }
 
-/// Argument vector with the MOSIX argv[0] aliases turned into subcommands
-/// (`mon` = `mosix mon`, ...).
-fn args_with_alias() -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let base = args
-        .first()
-        .and_then(|a| std::path::Path::new(a).file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if let Some(sub) = cmd::alias(&base) {
-        args[0] = "mosix".into();
-        args.insert(1, sub.into());
+/// Print a shell completion script for mosix or one of its MOSIX names.
+///
+/// scripts/install.sh installs them for bash, zsh and fish; this prints one, e.g. for a
+/// shell or a prefix the installer did not cover.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    source <(mosix completions bash)\n  \
+    mosix completions bash --name mosrun > ~/.local/share/bash-completion/completions/mosrun\n  \
+    mosix completions zsh > \"${fpath[1]}/_mosix\"\n  \
+    mosix completions fish > ~/.config/fish/completions/mosix.fish")]
+struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    shell: mosix_doc::Shell,
+    /// The program name to complete: mosix, or one of the MOSIX names mosrun, migrate, mon,
+    /// mosctl.
+    #[arg(long, default_value = "mosix", value_parser = ["mosix", "mosrun", "migrate", "mon", "mosctl"])]
+    name: String,
+}
+
+/// The clap command a program name runs: `mosix`, or the subcommand behind an alias.
+fn command_named(name: &str) -> clap::Command {
+    let root = Cli::command();
+    match cmd::ALIASES.iter().find(|(a, _)| *a == name) {
+        Some((alias, sub)) => match root.find_subcommand(sub) {
+            Some(c) => mosix_doc::renamed(c.clone(), alias),
+            None => root,
+        },
+        None => root,
     }
-    args
+}
+
+fn completions(a: CompletionsArgs) -> anyhow::Result<i32> {
+    let cmd = command_named(&a.name);
+    mosix_doc::completion(a.shell, cmd, &a.name, &mut std::io::stdout());
+    Ok(0)
+}
+
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let files = mosix_doc::man_pages(
+        Cli::command(),
+        &cmd::ALIASES,
+        "1",
+        &["mosixd(8)".to_string()],
+        dir,
+    )
+    .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(0)
+}
+
+/// Parses the command line. Under a MOSIX name (`mosrun`, `migrate`, `mon`, `mosctl`:
+/// links to mosix) the arguments are those of that subcommand, and help and errors name
+/// the program as it was called.
+fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let argv0 = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let Some(&(alias, sub)) = cmd::ALIASES.iter().find(|(a, _)| *a == argv0) else {
+        return Cli::parse();
+    };
+    let Some(c) = Cli::command().find_subcommand(sub).cloned() else {
+        return Cli::parse();
+    };
+    let m = mosix_doc::renamed(c, alias).get_matches();
+    fn args<T: FromArgMatches>(m: &clap::ArgMatches) -> T {
+        T::from_arg_matches(m).unwrap_or_else(|e| e.exit())
+    }
+    let command = match sub {
+        "run" => Command::Run(args(&m)),
+        "migrate" => Command::Migrate(args(&m)),
+        "mon" => Command::Mon(args(&m)),
+        _ => Command::Mosctl(args(&m)),
+    };
+    Cli { command }
 }
 
 fn main() {
-    let cli = Cli::parse_from(args_with_alias());
+    let cli = parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSIX_LOG")
@@ -87,6 +173,9 @@ fn main() {
         Command::Status(a) => cmd::status::run(a),
         Command::Mon(a) => cmd::mon::run(a),
         Command::Testbed(a) => cmd::testbed::run(a),
+        Command::Fs(a) => cmd::fs::run(a),
+        Command::Completions(a) => completions(a),
+        Command::ManPages { dir } => man_pages(&dir),
         Command::Touch { mib } => cmd::benchmig::touch(mib),
         Command::NetSink { addr } => cmd::benchmig::net_sink(&addr),
         Command::NetSource { addr, mib } => cmd::benchmig::net_source(&addr, mib),

@@ -11,8 +11,68 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// How often the policy runs.
-const TICK: Duration = Duration::from_millis(500);
+/// How often the policy runs (a process may make its first move after
+/// `Params::first_move_residency_ms`, so the tick must not be much longer).
+const TICK: Duration = Duration::from_millis(mosix_balance::TICK_MS);
+
+/// The nice value of the daemon's work that must not wait behind the jobs of a busy node:
+/// the balancing thread, and a keeper thread while it moves its process out.
+const BOOSTED_NICE: i32 = -10;
+
+/// Raises the calling thread's CPU priority (nice, per thread on Linux) until dropped,
+/// when it goes back to what it was. Only for threads that start no process meanwhile (a
+/// child would inherit it). Without the privilege (CAP_SYS_NICE) it does nothing.
+pub struct Boost {
+    before: Option<i32>,
+    /// Per thread: the guard must be dropped where it was made.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+fn gettid() -> libc::id_t {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() as libc::id_t }
+}
+
+impl Boost {
+    /// Boosts the calling thread (a keeper moving its process: `let _b = Boost::thread();`).
+    pub fn thread() -> Boost {
+        let tid = gettid();
+        // SAFETY: getpriority/setpriority on our own thread id; errno is cleared first
+        // because -1 is also a valid priority.
+        let before = unsafe {
+            *libc::__errno_location() = 0;
+            let p = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if p == -1 && *libc::__errno_location() != 0 {
+                return Boost {
+                    before: None,
+                    _thread: std::marker::PhantomData,
+                };
+            }
+            if p <= BOOSTED_NICE || libc::setpriority(libc::PRIO_PROCESS, tid, BOOSTED_NICE) != 0 {
+                return Boost {
+                    before: None,
+                    _thread: std::marker::PhantomData,
+                };
+            }
+            p
+        };
+        Boost {
+            before: Some(before),
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        if let Some(p) = self.before {
+            // SAFETY: setpriority on our own thread id (the guard is not Send: same thread).
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, gettid(), p);
+            }
+        }
+    }
+}
 
 /// This node or a peer, as the policy sees it.
 pub fn node_info(n: &NodeStatus) -> Option<NodeInfo> {
@@ -20,7 +80,7 @@ pub fn node_info(n: &NodeStatus) -> Option<NodeInfo> {
     Some(NodeInfo {
         node: n.node,
         speed: l.speed,
-        cpus: 1,
+        cpus: l.cpus.max(1),
         runnable: l.runnable,
         mem_total: l.mem_total,
         mem_free: l.mem_free,
@@ -76,6 +136,11 @@ pub fn start(procs: Arc<Procs>) -> std::io::Result<()> {
 }
 
 fn run(procs: Arc<Procs>) {
+    // A loaded node is where balancing matters most: do not wait behind its jobs.
+    let boost = Boost::thread();
+    if boost.before.is_none() {
+        warn!("cannot raise the balancing thread's priority (CAP_SYS_NICE): balancing may lag on busy nodes");
+    }
     let mut demand = Demand {
         last: HashMap::new(),
     };

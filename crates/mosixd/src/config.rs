@@ -9,6 +9,8 @@
 //! control_socket = "/run/mosix/mosixd.sock"   # optional
 //! listen = "0.0.0.0:5400"                     # optional; default: this node's map address
 //! speed = 1.0                                 # optional; default: measured at start-up
+//! cpus = 16                                   # optional; default: the CPUs it may use
+//! metrics_listen = "127.0.0.1:9464"           # optional; Prometheus metrics (off by default)
 //! load_scope = "host"                         # or "cgroup": sample this daemon's cgroup only
 //!
 //! [[map]]            # like a mosix.map line: nodes 1..4 at consecutive addresses
@@ -26,6 +28,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+fn check_cpus(c: u32) -> Result<()> {
+    if c == 0 || c > 65_536 {
+        bail!("cpus must be between 1 and 65536");
+    }
+    Ok(())
+}
 
 /// Where the daemon measures load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -51,6 +60,8 @@ struct RawConfig {
     control_socket: Option<PathBuf>,
     listen: Option<String>,
     speed: Option<f64>,
+    cpus: Option<u32>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     load_scope: LoadScope,
     gossip_interval_ms: Option<u64>,
@@ -83,6 +94,7 @@ struct RawMapEntry {
     count: Option<u32>,
     port: Option<u16>,
     speed: Option<f64>,
+    cpus: Option<u32>,
 }
 
 /// One node of the expanded cluster map.
@@ -91,6 +103,7 @@ pub struct MapNode {
     pub node: u32,
     pub addr: SocketAddr,
     pub speed: Option<f64>,
+    pub cpus: Option<u32>,
 }
 
 /// Where the per-node keys are.
@@ -123,6 +136,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Configured speed of this node (config `speed`, else its map entry's), if any.
     pub speed: Option<f64>,
+    /// Configured number of CPUs of this node (config `cpus`, else its map entry's), if any.
+    pub cpus: Option<u32>,
+    /// Where to serve Prometheus metrics (`metrics_listen`); None: not at all.
+    pub metrics_listen: Option<SocketAddr>,
     pub load_scope: LoadScope,
     pub gossip_interval: Duration,
     /// A peer whose heartbeat has not advanced for this long is down.
@@ -171,6 +188,9 @@ impl Config {
                     bail!("map entry for node {}: speed must be positive", e.node);
                 }
             }
+            if let Some(c) = e.cpus {
+                check_cpus(c).with_context(|| format!("map entry for node {}", e.node))?;
+            }
             let (ip, port) = parse_addr(&e.address, e.port)
                 .with_context(|| format!("map entry for node {}", e.node))?;
             for i in 0..count {
@@ -182,6 +202,7 @@ impl Config {
                     node,
                     addr: SocketAddr::new(ip, port),
                     speed: e.speed,
+                    cpus: e.cpus,
                 };
                 if map.insert(node, m).is_some() {
                     bail!("node {node} appears twice in the map");
@@ -211,6 +232,18 @@ impl Config {
                 bail!("speed must be a positive number");
             }
         }
+        let cpus = raw.cpus.or(me.cpus);
+        if let Some(c) = cpus {
+            check_cpus(c)?;
+        }
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(l) => l.parse::<SocketAddr>().map(Some).map_err(|_| {
+                anyhow::anyhow!(
+                    "metrics_listen '{l}' is not an address with a port (e.g. \"127.0.0.1:9464\")"
+                )
+            })?,
+        };
         let gossip_interval = Duration::from_millis(raw.gossip_interval_ms.unwrap_or(500));
         if gossip_interval < Duration::from_millis(20) || gossip_interval > Duration::from_secs(60)
         {
@@ -238,6 +271,8 @@ impl Config {
             state_dir: raw.state_dir,
             listen,
             speed,
+            cpus,
+            metrics_listen,
             load_scope: raw.load_scope,
             gossip_interval,
             down_after,
@@ -492,6 +527,23 @@ address = "[::1]:7000"
         assert!(e(&BASE.replace("10.0.0.250", "nonsense")).contains("not an IP address"));
         assert!(e(&format!("{BASE}\nbogus = 1")).contains("bogus"));
         assert!(e(&BASE.replacen("node = 2", "node = 0", 1)).contains("start at 1"));
+        assert!(e(&format!("cpus = 0\n{BASE}")).contains("cpus must be"));
+        assert!(e(&format!("metrics_listen = \"9464\"\n{BASE}")).contains("metrics_listen"));
+    }
+
+    #[test]
+    fn cpus_and_metrics_listen() {
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!((c.cpus, c.metrics_listen), (None, None), "off by default");
+        let c = Config::parse(&format!(
+            "cpus = 16\nmetrics_listen = \"127.0.0.1:9464\"\n{BASE}"
+        ))
+        .unwrap();
+        assert_eq!(c.cpus, Some(16));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        // A map entry's CPU count applies to the nodes it lists.
+        let c = Config::parse(&BASE.replace("speed = 2.0", "speed = 2.0\ncpus = 4")).unwrap();
+        assert_eq!(c.cpus, Some(4));
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //!
 //! Modules: `config` (mosix.toml), `sample` (load vector), `gossip` (chitchat over a sealed
 //! UDP transport + node status rule), `control` (control socket), `procs` (migratable
-//! processes), `balance` (the balancing thread), `peer` (control socket credentials).
+//! processes), `balance` (the balancing thread), `peer` (control socket credentials),
+//! `metrics` (Prometheus metrics on `metrics_listen`).
 
 pub mod balance;
 pub mod config;
 pub mod control;
 pub mod gossip;
+pub mod metrics;
 pub mod peer;
 pub mod procs;
 pub mod sample;
@@ -118,7 +120,7 @@ pub fn run(args: Options) -> Result<()> {
             s
         }
     };
-    let mut sampler = sample::Sampler::new(cfg.load_scope, speed, proto)?;
+    let mut sampler = sample::Sampler::new(cfg.load_scope, speed, cfg.cpus, proto)?;
     if let Some(c) = sampler.cgroup_paths() {
         info!(cgroup = ?c, "sampling load of this daemon's cgroup");
     }
@@ -130,6 +132,7 @@ pub fn run(args: Options) -> Result<()> {
         let first = sampler.sample(if cfg.accept_guests { FLAG_ACCEPTS_GUESTS } else { 0 });
         let stats = Arc::new(gossip::Stats::default());
         let listener = control::bind(&cfg.control_socket)?;
+        let metrics_listener = cfg.metrics_listen.map(metrics::bind).transpose()?;
         let handle = gossip::start(&cfg, &secret, proto, &first, stats.clone()).await?;
         info!(
             node = cfg.node,
@@ -137,6 +140,7 @@ pub fn run(args: Options) -> Result<()> {
             nodes = cfg.map.len(),
             %proto,
             speed,
+            cpus = sampler.cpus(),
             "mosixd started"
         );
         // Every map node is listed from the first answer on (down until heard from).
@@ -161,6 +165,8 @@ pub fn run(args: Options) -> Result<()> {
         procs.listen()?;
         balance::start(procs.clone())?;
         let server = tokio::spawn(control::serve(listener, state.clone(), procs.clone()));
+        let metrics_server = metrics_listener
+            .map(|l| tokio::spawn(metrics::serve(l, state.clone(), procs.clone())));
         let ticker = tokio::spawn(tick_loop(
             cfg.clone(),
             handle.chitchat(),
@@ -179,6 +185,9 @@ pub fn run(args: Options) -> Result<()> {
         };
         server.abort();
         ticker.abort();
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
         control::unlink(&cfg.control_socket);
         let _ = std::fs::remove_file(status_file(&cfg));
         let _ = handle.shutdown().await;

@@ -23,7 +23,8 @@ use tracing::error;
         secret can then pass for any other (see docs/security.md).\n\n\
         `mosix status` and `mon` read the result through the control socket; scripts can read \
         status.json next to the control socket (/run/mosix/status.json by default, \
-        rewritten every second).\n\n\
+        rewritten every second). With metrics_listen = \"ADDR:PORT\" in the config, mosixd \
+        also serves Prometheus metrics (mosix_*) at http://ADDR:PORT/metrics.\n\n\
         Minimal /etc/mosix/mosix.toml:\n\n  \
         node = 1\n  \
         secret_file = \"/etc/mosix/secret\"   # chmod 600, owned by root\n  \
@@ -34,7 +35,13 @@ use tracing::error;
         node = 1\n  \
         address = \"192.168.1.10\"           # nodes 1..4 at .10 .. .13\n  \
         count = 4\n\n\
-        Logging: MOSIXD_LOG=debug (tracing env-filter syntax)."
+        Logging: MOSIXD_LOG=debug (tracing env-filter syntax).",
+    after_help = "Examples:\n  \
+        mosixd --config /etc/mosix/mosix.toml --check    # validate config, secret and keys\n  \
+        mosixd --gen-key /etc/mosix/node.key             # this node's key; prints NODE KEY\n  \
+        systemctl enable --now mosixd                    # run it as a service\n  \
+        MOSIXD_LOG=debug mosixd -c /etc/mosix/mosix.toml # in the foreground, verbose\n  \
+        curl -s http://127.0.0.1:9464/metrics            # with metrics_listen set"
 )]
 struct Args {
     /// Configuration file.
@@ -51,6 +58,12 @@ struct Args {
     /// node (NODE from --config; just the key if the config cannot be read), and exit.
     #[arg(long, value_name = "PATH")]
     gen_key: Option<PathBuf>,
+    /// (install helper) print mosixd's man page (roff) and exit.
+    #[arg(long, hide = true)]
+    man_page: bool,
+    /// (install helper) print a completion script for SHELL and exit.
+    #[arg(long, hide = true, value_name = "SHELL")]
+    completions: Option<mosix_doc::Shell>,
 }
 
 fn main() {
@@ -68,6 +81,24 @@ fn main() {
         std::process::exit(mosixd::procs::supervisor::main());
     }
     let args = Args::parse();
+    if args.man_page || args.completions.is_some() {
+        use clap::CommandFactory;
+        let mut out = std::io::stdout();
+        if let Some(shell) = args.completions {
+            mosix_doc::completion(shell, Args::command(), "mosixd", &mut out);
+            return;
+        }
+        let see = [
+            "mosix(1)".to_string(),
+            "mosrun(1)".to_string(),
+            "mon(1)".to_string(),
+        ];
+        if let Err(e) = mosix_doc::write_man(Args::command(), "8", &see, &mut out) {
+            eprintln!("mosixd: cannot write the man page: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let opts = mosixd::Options {
         config: args.config,
         check: args.check,

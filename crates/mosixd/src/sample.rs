@@ -34,6 +34,7 @@ enum Scope {
 pub struct Sampler {
     scope: Scope,
     speed: f64,
+    cpus: u32,
     proto: ProtocolVersion,
     avg_runnable: f64,
     last: Option<(Instant, u64)>,
@@ -44,22 +45,36 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(scope: LoadScope, speed: f64, proto: ProtocolVersion) -> Result<Sampler> {
+    /// `cpus`: the configured number of CPUs, else found with [`detect_cpus`].
+    pub fn new(
+        scope: LoadScope,
+        speed: f64,
+        cpus: Option<u32>,
+        proto: ProtocolVersion,
+    ) -> Result<Sampler> {
         let scope = match scope {
             LoadScope::Host => Scope::Host,
             LoadScope::Cgroup => Scope::Cgroup(detect_cgroup()?),
         };
+        let ncpu = host_cpus();
+        let cpus = cpus.unwrap_or_else(|| detect_cpus(&scope, ncpu)).max(1);
         Ok(Sampler {
             scope,
             speed,
+            cpus,
             proto,
             avg_runnable: 0.0,
             last: None,
             util: 0.0,
-            ncpu: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+            ncpu: f64::from(ncpu),
             own_tids: HashSet::new(),
             own_tids_at: None,
         })
+    }
+
+    /// The number of CPUs this node publishes.
+    pub fn cpus(&self) -> u32 {
+        self.cpus
     }
 
     pub fn cgroup_paths(&self) -> Option<&CgroupPaths> {
@@ -129,16 +144,36 @@ impl Sampler {
         let r2 = |x: f64| (x * 100.0).round() / 100.0;
         const MIB: u64 = 1 << 20;
         LoadVector {
-            load: r2(self.avg_runnable / self.speed),
+            load: r2(self.avg_runnable / (self.speed * f64::from(self.cpus))),
             runnable: r2(self.avg_runnable),
             util: r2(self.util),
             speed: self.speed,
+            cpus: self.cpus,
             mem_total: mem_total / MIB * MIB,
             mem_free: mem_free / MIB * MIB,
             procs,
             proto: self.proto,
             flags,
         }
+    }
+}
+
+/// CPUs this process may run on (affinity mask and cgroup quota, as the standard library
+/// reads them).
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+}
+
+/// The node's CPUs when the configuration does not say: the host's for scope `host`; for
+/// scope `cgroup` the cgroup's CPU quota rounded up (a quota of 1.5 CPUs runs two
+/// processes at once), at most the host's.
+fn detect_cpus(scope: &Scope, host: u32) -> u32 {
+    match scope {
+        Scope::Host => host,
+        Scope::Cgroup(c) => match cgroup_allotment(c) {
+            Some(a) if a.is_finite() && a > 0.0 => (a.ceil() as u32).clamp(1, host.max(1)),
+            _ => host,
+        },
     }
 }
 
@@ -404,8 +439,19 @@ mod tests {
 
     #[test]
     fn host_sample_is_sane() {
-        let mut s = Sampler::new(LoadScope::Host, 2.0, mosix_proto::PROTOCOL_VERSION).unwrap();
+        let mut s =
+            Sampler::new(LoadScope::Host, 2.0, None, mosix_proto::PROTOCOL_VERSION).unwrap();
         let a = s.sample(0);
+        assert_eq!(a.cpus, host_cpus());
+        let c = Sampler::new(
+            LoadScope::Host,
+            1.0,
+            Some(16),
+            mosix_proto::PROTOCOL_VERSION,
+        )
+        .unwrap()
+        .sample(0);
+        assert_eq!(c.cpus, 16, "the configured count wins");
         std::thread::sleep(Duration::from_millis(20));
         let b = s.sample(0);
         assert!(a.mem_total > 0 && a.mem_free <= a.mem_total);

@@ -207,37 +207,194 @@ pub struct BalanceArgs {
     /// Jobs started on node 1.
     #[arg(long, default_value_t = 8)]
     jobs: u32,
-    /// Iterations of each job's awk loop (its work).
-    #[arg(long, default_value_t = 60_000_000)]
-    work: u64,
-    /// Testbed state directory (brought up and down for each speed setting).
+    /// Job lengths to run: seconds each job takes alone on node 1.
+    #[arg(long, value_delimiter = ',', default_value = "3,9")]
+    job_secs: Vec<f64>,
+    /// Rounds per setting and job length (medians are printed).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Settings to run: equal (4 nodes of speed 1), 1123 (speeds 1,1,2,3), cpus (CPUs
+    /// 2,1,1,1 of speed 1).
+    #[arg(long, value_delimiter = ',', default_value = "equal,1123,cpus")]
+    settings: Vec<String>,
+    /// Testbed state directory (brought up and down for each setting).
     #[arg(long, default_value = "/run/mosix-bench-balance")]
     dir: PathBuf,
+    /// The mosixd binary the nodes run (default: next to this mosix), e.g. an older build
+    /// to compare with.
+    #[arg(long, value_name = "PATH")]
+    mosixd: Option<PathBuf>,
 }
 
-/// Runs `jobs` awk jobs started on node 1 at once; returns the makespan in seconds.
-fn faq_round(me: &Path, dir: &Path, jobs: u32, work: u64) -> Result<f64> {
-    let prog = format!("BEGIN {{ for (i = 0; i < {work}; i++) s += i % 7; print s }}");
-    let t = Instant::now();
-    let kids: Vec<_> = (0..jobs)
+/// One node's CPU capacity in the testbed: its cgroup quota, in host CPUs.
+fn quotas(me: &Path, dir: &Path) -> Result<Vec<f64>> {
+    let o = Command::new(me)
+        .args(["testbed", "status", "--json", "--dir"])
+        .arg(dir)
+        .output()?;
+    let st: serde_json::Value =
+        serde_json::from_slice(&o.stdout).context("testbed status --json")?;
+    Ok(st
+        .as_array()
+        .context("testbed status: no nodes")?
+        .iter()
+        .map(|n| n["cpu_quota"].as_f64().unwrap_or(1.0))
+        .collect())
+}
+
+/// The jobs (mawk processes, running, not held by a move) in each node's cgroup.
+fn jobs_per_node(dir: &Path, nodes: u32) -> Vec<u32> {
+    let Ok(tb) = super::testbed::load(dir) else {
+        return vec![0; nodes as usize];
+    };
+    (1..=nodes)
+        .map(|n| {
+            let dirs = super::testbed::cgroup_dirs(tb.cgroup, n).unwrap_or_default();
+            let Some(cg) = dirs.first() else { return 0 };
+            super::testbed::pids_in(cg)
+                .into_iter()
+                .filter(|p| {
+                    let comm = std::fs::read_to_string(format!("/proc/{p}/comm"));
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat"));
+                    comm.is_ok_and(|c| c.trim() == "mawk")
+                        && stat.is_ok_and(|s| {
+                            s.rfind(')')
+                                .and_then(|i| s[i + 1..].split_whitespace().next())
+                                .is_some_and(|st| st == "R" || st == "S")
+                        })
+                })
+                .count() as u32
+        })
+        .collect()
+}
+
+/// The best placement of `jobs` equal CPU-bound jobs on nodes of these capacities (each
+/// job where it would finish soonest given those placed before it), nodes numbered from 1.
+pub fn placement(jobs: u32, capacity: &[f64]) -> Vec<u32> {
+    let mut count = vec![0u32; capacity.len()];
+    (0..jobs)
         .map(|_| {
-            on_node(me, dir, 1)
-                .args(["run", "mawk", &prog])
+            let best = (0..capacity.len())
+                .min_by(|&a, &b| {
+                    let f = |i: usize| f64::from(count[i] + 1) / capacity[i].max(1e-9);
+                    f(a).total_cmp(&f(b))
+                })
+                .unwrap_or(0);
+            count[best] += 1;
+            best as u32 + 1
+        })
+        .collect()
+}
+
+/// Whether `count` is a balanced spread of `jobs` over nodes of these capacities: every
+/// node has its share of the jobs, rounded down or up.
+pub fn balanced(count: &[u32], capacity: &[f64]) -> bool {
+    let total: f64 = capacity.iter().sum();
+    let jobs: u32 = count.iter().sum();
+    total > 0.0
+        && count.iter().zip(capacity).all(|(&c, &cap)| {
+            let share = f64::from(jobs) * cap / total;
+            f64::from(c) >= share.floor() - 1e-9 && f64::from(c) <= share.ceil() + 1e-9
+        })
+}
+
+/// Successful migrations sent by all nodes so far (their metrics).
+fn migrations_done(nodes: u32) -> Result<f64> {
+    let mut sum = 0.0;
+    for n in 1..=nodes {
+        let addr = format!(
+            "{}.{n}:{}",
+            super::testbed::subnet(),
+            super::testbed::METRICS_PORT
+        );
+        let mut s = std::net::TcpStream::connect_timeout(
+            &addr.parse().context("metrics address")?,
+            Duration::from_secs(5),
+        )
+        .with_context(|| format!("metrics of node {n}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        sum += body
+            .lines()
+            .filter(|l| l.starts_with("mosix_migrations_total{") && l.contains("outcome=\"ok\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(sum)
+}
+
+/// What one round measured.
+struct Round {
+    makespan: f64,
+    /// Seconds from the start until the jobs were spread (None: never).
+    spread: Option<f64>,
+    migrations: f64,
+}
+
+/// Runs `jobs` awk jobs of `iters` iterations started on node 1 at once, watching where
+/// they run; returns the makespan, the time to a balanced spread, and the migrations.
+/// With `place`, job i is started with `mosrun -r place[i]` (placed at once, no
+/// balancing needed).
+fn faq_round(
+    me: &Path,
+    dir: &Path,
+    jobs: u32,
+    iters: u64,
+    capacity: &[f64],
+    place: Option<&[u32]>,
+) -> Result<Round> {
+    let prog = format!("BEGIN {{ for (i = 0; i < {iters}; i++) s += i % 7; print s }}");
+    let nodes = capacity.len() as u32;
+    let m0 = migrations_done(nodes)?;
+    let t = Instant::now();
+    let mut kids: Vec<_> = (0..jobs as usize)
+        .map(|i| {
+            let mut c = on_node(me, dir, 1);
+            c.arg("run");
+            if let Some(to) = place.and_then(|p| p.get(i)).filter(|n| **n != 1) {
+                c.args(["-r", &to.to_string()]);
+            }
+            c.args(["mawk", &prog])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
         })
         .collect::<std::io::Result<_>>()?;
-    for mut k in kids {
-        if !k.wait()?.success() {
-            bail!("a job failed");
+    let mut spread = None;
+    let mut running = kids.len();
+    while running > 0 {
+        if spread.is_none() {
+            let c = jobs_per_node(dir, nodes);
+            if c.iter().sum::<u32>() == jobs && balanced(&c, capacity) {
+                spread = Some(t.elapsed().as_secs_f64());
+            }
         }
+        running = 0;
+        for k in kids.iter_mut() {
+            match k.try_wait()? {
+                Some(st) if !st.success() => bail!("a job failed: {st}"),
+                Some(_) => {}
+                None => running += 1,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(if spread.is_none() {
+            20
+        } else {
+            100
+        }));
     }
-    Ok(t.elapsed().as_secs_f64())
+    let makespan = t.elapsed().as_secs_f64();
+    Ok(Round {
+        makespan,
+        spread,
+        migrations: migrations_done(nodes)? - m0,
+    })
 }
 
-fn mosctl_all(me: &Path, dir: &Path, cmd: &str) -> Result<()> {
-    for n in 1..=4 {
+fn mosctl_all(me: &Path, dir: &Path, nodes: u32, cmd: &str) -> Result<()> {
+    for n in 1..=nodes {
         let o = on_node(me, dir, n).args(["mosctl", cmd]).output()?;
         if !o.status.success() {
             bail!("mosctl {cmd}: {}", String::from_utf8_lossy(&o.stderr));
@@ -247,8 +404,9 @@ fn mosctl_all(me: &Path, dir: &Path, cmd: &str) -> Result<()> {
 }
 
 /// `mosix testbed bench-balance`: the FAQ experiment (8 CPU-bound jobs started on node 1
-/// of 4) with equal speeds and with speeds 1,1,2,3: makespan against the ideal and against
-/// no migration, both measured in the same run.
+/// of 4) with equal speeds, speeds 1,1,2,3 and CPUs 2,1,1,1, for jobs of 3 s and 9 s (alone
+/// on node 1): makespan against the ideal and against no migration, the time until the
+/// jobs are spread, and migrations per job, all measured in the same run.
 pub fn run_balance(a: BalanceArgs) -> Result<i32> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench-balance needs root (it brings a testbed up)");
@@ -257,65 +415,25 @@ pub fn run_balance(a: BalanceArgs) -> Result<i32> {
     let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as f64;
-    for (name, speeds) in [
-        ("equal", [1.0, 1.0, 1.0, 1.0]),
-        ("1123", [1.0, 1.0, 2.0, 3.0]),
-    ] {
-        let list = speeds.map(|s| s.to_string()).join(",");
-        let o = Command::new(&me)
-            .args(["testbed", "up", "--nodes", "4", "--speeds", &list, "--dir"])
+    for name in &a.settings {
+        let extra: &[&str] = match name.as_str() {
+            "equal" => &[],
+            "1123" => &["--speeds", "1,1,2,3"],
+            "cpus" => &["--cpus", "2,1,1,1"],
+            other => bail!("unknown setting '{other}' (equal, 1123, cpus)"),
+        };
+        let mut up = Command::new(&me);
+        up.args(["testbed", "up", "--nodes", "4", "--dir"])
             .arg(&a.dir)
-            .output()?;
+            .args(extra);
+        if let Some(d) = &a.mosixd {
+            up.arg("--mosixd").arg(d);
+        }
+        let o = up.output()?;
         if !o.status.success() {
             bail!("testbed up: {}", String::from_utf8_lossy(&o.stderr));
         }
-        let r = (|| -> Result<()> {
-            // CPU share of each node: its cgroup quota, as the testbed set it.
-            let o = Command::new(&me)
-                .args(["testbed", "status", "--json", "--dir"])
-                .arg(&a.dir)
-                .output()?;
-            let st: serde_json::Value =
-                serde_json::from_slice(&o.stdout).context("testbed status --json")?;
-            let quota: Vec<f64> = st
-                .as_array()
-                .context("testbed status: no nodes")?
-                .iter()
-                .map(|n| n["cpu_quota"].as_f64().unwrap_or(1.0))
-                .collect();
-            if quota.len() != 4 {
-                bail!("testbed status: expected 4 nodes");
-            }
-            mosctl_all(&me, &a.dir, "stay")?;
-            let one = faq_round(&me, &a.dir, 1, a.work)?;
-            // Work of one job in CPU-seconds (node 1 has quota[0] of a CPU).
-            let w = one * quota[0];
-            let (mut bal, mut nomig) = (vec![], vec![]);
-            for _ in 0..2 {
-                mosctl_all(&me, &a.dir, "stay")?;
-                nomig.push(faq_round(&me, &a.dir, a.jobs, a.work)?);
-                mosctl_all(&me, &a.dir, "nostay")?;
-                bal.push(faq_round(&me, &a.dir, a.jobs, a.work)?);
-            }
-            let capacity = quota.iter().sum::<f64>().min(host_cpus);
-            let fastest = quota.iter().cloned().fold(0.0, f64::max);
-            let ideal = (a.jobs as f64 * w / capacity).max(w / fastest);
-            let (b, n) = (median(bal), median(nomig));
-            println!(
-                "BENCH faq_{name}_makespan {b:.2} s vs ideal={:.3}",
-                b / ideal
-            );
-            println!(
-                "BENCH faq_{name}_makespan_vs_no_migration {b:.2} s vs no_migration={:.3}",
-                b / n
-            );
-            println!(
-                "BENCH faq_{name}_ideal {ideal:.2} s (work {:.2} CPU-s per job, capacity {capacity:.2} CPUs: quotas {:.2}, host CPUs {host_cpus})",
-                w,
-                quota.iter().sum::<f64>()
-            );
-            Ok(())
-        })();
+        let r = bench_setting(&me, &a, name, host_cpus);
         let _ = Command::new(&me)
             .args(["testbed", "down", "--dir"])
             .arg(&a.dir)
@@ -323,4 +441,93 @@ pub fn run_balance(a: BalanceArgs) -> Result<i32> {
         r?;
     }
     Ok(0)
+}
+
+fn bench_setting(me: &Path, a: &BalanceArgs, name: &str, host_cpus: f64) -> Result<()> {
+    let quota = quotas(me, &a.dir)?;
+    let nodes = quota.len() as u32;
+    // How fast one job runs alone on node 1 (the reference for the job lengths).
+    mosctl_all(me, &a.dir, nodes, "stay")?;
+    let probe = 20_000_000u64;
+    let one = faq_round(me, &a.dir, 1, probe, &quota, None)?.makespan;
+    let place = placement(a.jobs, &quota);
+    let rate = probe as f64 / one;
+    let capacity = quota.iter().sum::<f64>().min(host_cpus);
+    for (i, &secs) in a.job_secs.iter().enumerate() {
+        let iters = (rate * secs) as u64;
+        // Work of one job in CPU-seconds (node 1 has quota[0] of a CPU).
+        let w = secs * quota[0];
+        let ideal =
+            (a.jobs as f64 * w / capacity).max(w / quota.iter().cloned().fold(0.0, f64::max));
+        let (mut bal, mut spread, mut migs, mut nomig, mut placed) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..a.rounds {
+            // The references, alternating with the balanced runs: the jobs placed at once
+            // where they belong (what no balancer can beat on this machine now), and, for
+            // the shortest jobs only (it takes jobs x their length), no migration at all.
+            mosctl_all(me, &a.dir, nodes, "stay")?;
+            placed.push(faq_round(me, &a.dir, a.jobs, iters, &quota, Some(&place))?.makespan);
+            if i == 0 {
+                nomig.push(faq_round(me, &a.dir, a.jobs, iters, &quota, None)?.makespan);
+            }
+            mosctl_all(me, &a.dir, nodes, "nostay")?;
+            let r = faq_round(me, &a.dir, a.jobs, iters, &quota, None)?;
+            bal.push(r.makespan);
+            spread.push(r.spread.unwrap_or(f64::INFINITY));
+            migs.push(r.migrations / f64::from(a.jobs));
+        }
+        let tag = format!("faq_{name}_{secs}s");
+        let b = median(bal);
+        let p = median(placed);
+        println!("BENCH {tag}_makespan {b:.2} s vs ideal={:.3}", b / ideal);
+        println!(
+            "BENCH {tag}_makespan_vs_placed {b:.2} s vs placed={:.3}",
+            b / p
+        );
+        if !nomig.is_empty() {
+            let n = median(nomig);
+            println!(
+                "BENCH {tag}_makespan_vs_no_migration {b:.2} s vs no_migration={:.3}",
+                b / n
+            );
+        }
+        println!("BENCH {tag}_spread {:.2} s", median(spread));
+        println!(
+            "BENCH {tag}_migrations_per_job {:.2} migrations",
+            median(migs)
+        );
+        println!(
+            "BENCH {tag}_ideal {ideal:.2} s (work {w:.2} CPU-s per job, capacity {capacity:.2} CPUs: quotas {quota:.2?}, host CPUs {host_cpus}; placed {place:?}: {p:.2} s)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements() {
+        let count = |p: Vec<u32>| {
+            (1..=4)
+                .map(|n| p.iter().filter(|x| **x == n).count())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(count(placement(8, &[1.0; 4])), [2, 2, 2, 2]);
+        assert_eq!(count(placement(8, &[1.0, 1.0, 2.0, 3.0])), [1, 1, 2, 4]);
+        assert_eq!(count(placement(8, &[2.0, 1.0, 1.0, 1.0])), [4, 2, 1, 1]);
+    }
+
+    #[test]
+    fn balanced_spreads() {
+        assert!(balanced(&[2, 2, 2, 2], &[1.0; 4]));
+        assert!(!balanced(&[3, 1, 2, 2], &[1.0; 4]));
+        // Speeds 1,1,2,3: shares 1.1, 1.1, 2.3, 3.4.
+        assert!(balanced(&[1, 1, 2, 4], &[1.0, 1.0, 2.0, 3.0]));
+        assert!(!balanced(&[2, 2, 2, 2], &[1.0, 1.0, 2.0, 3.0]));
+        // CPUs 2,1,1,1: shares 3.2, 1.6, 1.6, 1.6.
+        assert!(balanced(&[3, 2, 2, 1], &[2.0, 1.0, 1.0, 1.0]));
+        assert!(!balanced(&[2, 2, 2, 2], &[2.0, 1.0, 1.0, 1.0]));
+    }
 }

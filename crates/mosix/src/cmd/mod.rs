@@ -3,6 +3,7 @@
 
 pub mod benchmig;
 pub mod checkpoint;
+pub mod fs;
 pub mod mon;
 pub mod procs;
 pub mod restart;
@@ -11,13 +12,11 @@ pub mod sim;
 pub mod status;
 pub mod testbed;
 
-/// The MOSIX program names that `mosix` answers to when invoked under them (symlinks).
-pub fn alias(argv0: &str) -> Option<&'static str> {
-    match argv0 {
-        "mon" => Some("mon"),
-        "mosrun" => Some("run"),
-        "migrate" => Some("migrate"),
-        "mosctl" => Some("mosctl"),
-        _ => None,
-    }
-}
+/// The MOSIX program names that `mosix` answers to when invoked under them (symlinks),
+/// with the subcommand each one is.
+pub const ALIASES: [(&str, &str); 4] = [
+    ("mosrun", "run"),
+    ("migrate", "migrate"),
+    ("mon", "mon"),
+    ("mosctl", "mosctl"),
+];

@@ -13,10 +13,15 @@ use std::time::{Duration, Instant};
 
 /// The MOSIX monitor: the cluster's nodes as bars, updated every second.
 ///
-/// Keys: l loads (runnable processes per unit of speed), m memory used/free, u utilisation,
-/// s relative CPU speeds, t number of active nodes (toggle), h help, q quit; when the nodes
-/// do not fit the screen, ←/→ (or PgUp/PgDn, Home/End) scroll.
+/// Keys: l loads (runnable processes per unit of capacity, speed × CPUs), m memory
+/// used/free, u utilisation, s relative CPU speeds, c CPUs per node, t number of active
+/// nodes (toggle), h help, q quit; when the nodes do not fit the screen, ←/→ (or
+/// PgUp/PgDn, Home/End) scroll.
 #[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    mon                              # (= mosix mon) the cluster as this node sees it\n  \
+    mon --interval-ms 250            # refresh four times a second\n  \
+    mosix testbed exec 1 -- mosix mon")]
 pub struct Args {
     /// Control socket of the mosixd to ask (default: as for `mosix status`).
     #[arg(long, value_name = "PATH")]
@@ -32,6 +37,7 @@ enum Mode {
     Mem,
     Util,
     Speed,
+    Cpus,
 }
 
 impl Mode {
@@ -41,6 +47,7 @@ impl Mode {
             Mode::Mem => "Memory (used/free)",
             Mode::Util => "Utilization",
             Mode::Speed => "Speed",
+            Mode::Cpus => "CPUs",
         }
     }
 }
@@ -118,6 +125,7 @@ fn key(v: &mut View, code: KeyCode, mods: KeyModifiers) -> bool {
         KeyCode::Char('m') => v.mode = Mode::Mem,
         KeyCode::Char('u') => v.mode = Mode::Util,
         KeyCode::Char('s') => v.mode = Mode::Speed,
+        KeyCode::Char('c') => v.mode = Mode::Cpus,
         KeyCode::Char('t') => v.show_active = !v.show_active,
         KeyCode::Right => v.scroll = (v.scroll + 1).min(max_scroll),
         KeyCode::Left => v.scroll = v.scroll.saturating_sub(1),
@@ -148,6 +156,7 @@ fn value(mode: Mode, n: &NodeStatus) -> Option<f64> {
         Mode::Load => l.load,
         Mode::Util => l.util,
         Mode::Speed => l.speed,
+        Mode::Cpus => f64::from(l.cpus),
         Mode::Mem => l.mem_total.saturating_sub(l.mem_free) as f64,
     })
 }
@@ -160,6 +169,7 @@ fn label(mode: Mode, n: &NodeStatus, width: usize) -> String {
         Mode::Load => format!("{:.2}", l.load),
         Mode::Util => format!("{:.0}%", l.util * 100.0),
         Mode::Speed => format!("{:.2}", l.speed),
+        Mode::Cpus => l.cpus.to_string(),
         Mode::Mem => super::status::human(l.mem_free),
     };
     s.chars().take(width).collect()
@@ -183,7 +193,7 @@ fn render(v: &mut View, area: Rect, buf: &mut Buffer) {
         area.x,
         y,
         &format!(
-            "MOSIX mon - node {this} - {}   [l m u s t h q]",
+            "MOSIX mon - node {this} - {}   [l m u s c t h q]",
             v.mode.title()
         ),
         bold,
@@ -345,10 +355,11 @@ fn render(v: &mut View, area: Rect, buf: &mut Buffer) {
 fn render_help(area: Rect, buf: &mut Buffer, y: u16) {
     let lines = [
         "Help - MOSIX monitor keys",
-        "  l   loads (runnable processes / speed)",
+        "  l   loads (runnable processes / (speed x CPUs))",
         "  m   memory: used (solid) / free (shaded)",
         "  u   utilization",
-        "  s   relative CPU speeds",
+        "  s   relative CPU speeds (of one CPU)",
+        "  c   number of CPUs",
         "  t   number of active nodes (toggle)",
         "  <- -> PgUp PgDn Home End   scroll",
         "  h   this help (h or Esc to close)",
@@ -392,6 +403,7 @@ mod tests {
                         runnable: i as f64,
                         util: 0.5,
                         speed: 2.0,
+                        cpus: i,
                         mem_total: 1 << 30,
                         mem_free: 1 << 29,
                         procs: 3,
@@ -428,7 +440,7 @@ mod tests {
                 (200, 60),
                 (13, 100),
             ] {
-                for mode in [Mode::Load, Mode::Mem, Mode::Util, Mode::Speed] {
+                for mode in [Mode::Load, Mode::Mem, Mode::Util, Mode::Speed, Mode::Cpus] {
                     for (help, active) in [(false, false), (true, true), (false, true)] {
                         let mut v = View {
                             mode,
@@ -477,6 +489,13 @@ mod tests {
         let mut buf = Buffer::empty(area);
         render(&mut v, area, &mut buf);
         assert!(screen(&buf).contains("Active nodes: 27 of 40"));
+        // c: the CPUs of each node (node i has i CPUs here; nodes 33.. are shown).
+        key(&mut v, KeyCode::Char('c'), KeyModifiers::NONE);
+        assert_eq!(v.mode, Mode::Cpus);
+        let mut buf = Buffer::empty(area);
+        render(&mut v, area, &mut buf);
+        assert!(screen(&buf).contains("CPUs"), "{}", screen(&buf));
+        assert!(screen(&buf).contains("34"), "{}", screen(&buf));
         assert!(key(&mut v, KeyCode::Char('q'), KeyModifiers::NONE));
     }
 }

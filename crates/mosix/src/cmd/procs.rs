@@ -46,7 +46,8 @@ pub struct MigrateArgs {
     about = "Where a migratable process runs: 0 at home, else the node number",
     long_about = "Print where the migratable process with this home PID runs: 0 when it is \
         at home, else the number of the node it runs on (MOSIX /proc/PID/where). Ask on its \
-        home node."
+        home node.",
+    after_help = "Examples:\n  mosix where 4321\n  cat /mnt/mosix/procs/4321/where   # the same, with mosix fs"
 )]
 pub struct WhereArgs {
     /// Home PID of the process.

@@ -10,8 +10,9 @@ use std::time::Duration;
 ///
 /// One line per node of the cluster map: node number (this node marked with `*`), address,
 /// MOSIX status (3 = up; 1 = down, or up with an incompatible protocol version: shown but
-/// never used), load (runnable processes per unit of speed), speed, utilisation, memory used
-/// and free, and number of processes.
+/// never used), load (runnable processes per unit of capacity: speed × CPUs, so 1.00 = every
+/// CPU busy), speed of one CPU, number of CPUs, utilisation, memory used and free, and number
+/// of processes.
 ///
 /// The daemon is found through --socket, else $MOSIX_SOCKET, else the control_socket of
 /// $MOSIX_CONFIG, else /run/mosix/mosixd.sock.
@@ -87,8 +88,17 @@ pub fn human(bytes: u64) -> String {
 
 fn table(st: &ClusterStatus) -> String {
     let mut s = format!(
-        "{:>5}  {:<22} {:<16} {:>6} {:>6} {:>5} {:>8} {:>8} {:>6}\n",
-        "NODE", "ADDRESS", "STATUS", "LOAD", "SPEED", "UTIL", "MEM-USED", "MEM-FREE", "PROCS"
+        "{:>5}  {:<22} {:<16} {:>6} {:>6} {:>4} {:>5} {:>8} {:>8} {:>6}\n",
+        "NODE",
+        "ADDRESS",
+        "STATUS",
+        "LOAD",
+        "SPEED",
+        "CPUS",
+        "UTIL",
+        "MEM-USED",
+        "MEM-FREE",
+        "PROCS"
     );
     for n in &st.nodes {
         let state = match n.state {
@@ -100,20 +110,21 @@ fn table(st: &ClusterStatus) -> String {
         let status = format!("{} {}", n.status, state);
         match (&n.load, n.state) {
             (Some(l), NodeState::Up | NodeState::Incompatible) => s.push_str(&format!(
-                "{:>4}{mark}  {:<22} {:<16} {:>6.2} {:>6.2} {:>4.0}% {:>8} {:>8} {:>6}\n",
+                "{:>4}{mark}  {:<22} {:<16} {:>6.2} {:>6.2} {:>4} {:>4.0}% {:>8} {:>8} {:>6}\n",
                 n.node,
                 n.address,
                 status,
                 l.load,
                 l.speed,
+                l.cpus,
                 l.util * 100.0,
                 human(l.mem_total.saturating_sub(l.mem_free)),
                 human(l.mem_free),
                 l.procs
             )),
             _ => s.push_str(&format!(
-                "{:>4}{mark}  {:<22} {:<16} {:>6} {:>6} {:>5} {:>8} {:>8} {:>6}\n",
-                n.node, n.address, status, "-", "-", "-", "-", "-", "-"
+                "{:>4}{mark}  {:<22} {:<16} {:>6} {:>6} {:>4} {:>5} {:>8} {:>8} {:>6}\n",
+                n.node, n.address, status, "-", "-", "-", "-", "-", "-", "-"
             )),
         }
     }

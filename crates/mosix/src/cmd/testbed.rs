@@ -70,16 +70,22 @@ fn default_dir() -> PathBuf {
     PathBuf::from(format!("/run/mosix-testbed{}", tag()))
 }
 const CFS_PERIOD_US: u64 = 100_000;
+/// Port of every testbed node's Prometheus metrics (`metrics_listen` = its address).
+pub const METRICS_PORT: u16 = 9464;
 
 /// Run a cluster of N nodes on this machine (network namespaces, cgroups, one mosixd each).
 ///
 /// Needs root. Node N is network namespace `mosixtb-N` at 10.213.0.N on bridge mosixbr0,
 /// in cgroup `mosixtb-N` whose CPU quota makes its speed proportional to --speeds (the
 /// fastest node gets one full CPU, all of them less if together they would want more CPUs
-/// than the machine has) and whose memory limit is --mem.
+/// than the machine has) and whose memory limit is --mem. A node of --cpus C gets C times
+/// that quota and publishes C CPUs. Each node serves Prometheus metrics at
+/// http://10.213.0.N:9464/metrics.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     mosix testbed up --nodes 4 --speeds 1,1,2,3 --mem 1G\n  \
+    mosix testbed up --nodes 3 --cpus 2,1,1\n  \
+    curl -s http://10.213.0.2:9464/metrics | grep ^mosix_load\n  \
     mosix testbed exec 2 -- mosix status\n  \
     mosix testbed exec 2 -- awk 'BEGIN {for(i=0;i<100000000;i++);}'\n  \
     mosix testbed status\n  \
@@ -211,6 +217,10 @@ struct UpArgs {
     /// Relative CPU speeds, one per node (or one for all), e.g. 1,1,2,3.
     #[arg(long, value_delimiter = ',', value_name = "S,..")]
     speeds: Vec<f64>,
+    /// CPUs per node, one per node (or one for all), e.g. 1,2,1,4: a node of C CPUs gets C
+    /// times the CPU quota of a 1-CPU node of its speed, and its mosixd publishes C CPUs.
+    #[arg(long, value_delimiter = ',', value_name = "C,..")]
+    cpus: Vec<u32>,
     /// Memory limit per node, one per node (or one for all), e.g. 2G,2G,512M.
     #[arg(long, value_delimiter = ',', value_name = "SIZE,..")]
     mem: Vec<String>,
@@ -228,9 +238,19 @@ struct UpArgs {
 pub struct Testbed {
     pub nodes: u32,
     pub speeds: Vec<f64>,
+    /// CPUs per node (empty in a testbed.json of an older version: one each).
+    #[serde(default)]
+    pub cpus: Vec<u32>,
     pub mem: Vec<Option<u64>>,
     pub cgroup: CgroupMode,
     pub mosixd: PathBuf,
+}
+
+impl Testbed {
+    /// Node `n`'s CPUs (1 if not recorded).
+    pub fn cpus_of(&self, n: u32) -> u32 {
+        self.cpus.get((n - 1) as usize).copied().unwrap_or(1).max(1)
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
@@ -310,7 +330,7 @@ fn ns_name(n: u32) -> String {
     format!("{}{n}", ns_prefix())
 }
 
-fn load(dir: &Path) -> Result<Testbed> {
+pub(crate) fn load(dir: &Path) -> Result<Testbed> {
     let p = dir.join("testbed.json");
     let s = std::fs::read_to_string(&p).with_context(|| {
         format!(
@@ -468,7 +488,7 @@ fn cg_mounts() -> Result<CgMounts> {
 }
 
 /// The node's cgroup directories, one per hierarchy.
-fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
+pub(crate) fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
     let m = cg_mounts()?;
     if m.mode != mode {
         bail!("the cgroup layout changed since `testbed up`; run `mosix testbed down`");
@@ -540,7 +560,7 @@ fn make_cgroups(mode: CgroupMode, n: u32, quota_us: u64, mem: Option<u64>) -> Re
     Ok(())
 }
 
-fn pids_in(cg: &Path) -> Vec<i32> {
+pub(crate) fn pids_in(cg: &Path) -> Vec<i32> {
     std::fs::read_to_string(cg.join("cgroup.procs"))
         .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
@@ -691,6 +711,10 @@ fn up(a: UpArgs) -> Result<i32> {
     if speeds.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         bail!("--speeds must be positive numbers");
     }
+    let cpus = per_node("cpus", a.cpus, n, 1)?;
+    if cpus.iter().any(|c| *c == 0 || *c > 1024) {
+        bail!("--cpus must be numbers from 1 to 1024");
+    }
     let mem: Vec<Option<u64>> = per_node("mem", a.mem, n, String::new())?
         .iter()
         .map(|s| {
@@ -713,6 +737,7 @@ fn up(a: UpArgs) -> Result<i32> {
     let tb = Testbed {
         nodes: n,
         speeds: speeds.clone(),
+        cpus,
         mem: mem.clone(),
         cgroup: cgm.mode,
         mosixd,
@@ -767,13 +792,15 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
     ip(&["addr", "add", &format!("{}/24", host_ip()), "dev", &br])?;
     ip(&["link", "set", &br, "up"])?;
     let max_speed = tb.speeds.iter().cloned().fold(0.0, f64::max);
-    // The fastest node gets a whole CPU, unless the nodes together would want more CPUs
-    // than this machine has: then every quota shrinks alike, so that the nodes never
-    // compete for the host's CPUs and their speeds stay in the asked proportions.
+    // A CPU of the fastest node is a whole host CPU, unless the nodes together would want
+    // more CPUs than this machine has: then every quota shrinks alike, so that the nodes
+    // never compete for the host's CPUs and their speeds stay in the asked proportions.
     let host_cpus = std::thread::available_parallelism()
         .map(|c| c.get())
         .unwrap_or(1) as f64;
-    let wanted: f64 = tb.speeds.iter().map(|s| s / max_speed).sum();
+    let wanted: f64 = (1..=n)
+        .map(|i| f64::from(tb.cpus_of(i)) * tb.speeds[(i - 1) as usize] / max_speed)
+        .sum();
     let scale = (host_cpus / wanted).min(1.0);
     // Every node has its own key; the list of public keys is the same on every node.
     let keys = (1..=n)
@@ -805,7 +832,8 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
 
         let speed = tb.speeds[(i - 1) as usize];
-        let quota = ((CFS_PERIOD_US as f64) * speed / max_speed * scale)
+        let cpus = tb.cpus_of(i);
+        let quota = ((CFS_PERIOD_US as f64) * f64::from(cpus) * speed / max_speed * scale)
             .round()
             .max(1000.0) as u64;
         make_cgroups(tb.cgroup, i, quota, tb.mem[(i - 1) as usize])?;
@@ -839,9 +867,12 @@ fn build(dir: &Path, tb: &Testbed, gossip_ms: u64) -> Result<()> {
              state_dir = \"{state}\"\n\
              control_socket = \"{sock}\"\n\
              speed = {speed:?}\n\
+             cpus = {cpus}\n\
              load_scope = \"cgroup\"\n\
              gossip_interval_ms = {gossip_ms}\n\
              down_after_ms = {down}\n\
+             # Prometheus metrics on the node's own address\n\
+             metrics_listen = \"{net}.{i}:{METRICS_PORT}\"\n\
              # veth moves bytes faster than lz4 compresses them\n\
              compression = \"none\"\n\
              # every node sees this directory alike (one machine)\n\
@@ -1052,6 +1083,7 @@ struct NodeReport {
     namespace: bool,
     daemon_pid: Option<i32>,
     speed: f64,
+    cpus: u32,
     cpu_quota: Option<f64>,
     mem_limit: Option<u64>,
     /// Nodes this node's mosixd sees up (None if it does not answer).
@@ -1091,6 +1123,7 @@ fn status(dir: &Path, json: bool) -> Result<i32> {
                 .any(|l| l.split_whitespace().next() == Some(&ns_name(i))),
             daemon_pid: read_pid(dir, i).filter(|p| pid_alive(*p) && is_mosixd(*p)),
             speed: tb.speeds.get((i - 1) as usize).copied().unwrap_or(1.0),
+            cpus: tb.cpus_of(i),
             cpu_quota: quota,
             mem_limit: tb.mem.get((i - 1) as usize).copied().flatten(),
             sees_up: super::status::fetch(&node_dir(dir, i).join("mosixd.sock"))
@@ -1109,17 +1142,18 @@ fn status(dir: &Path, json: bool) -> Result<i32> {
         tb.cgroup
     );
     println!(
-        "{:>4}  {:<12} {:<5} {:>8} {:>6} {:>6} {:>8} {:>8}",
-        "NODE", "ADDRESS", "NETNS", "MOSIXD", "SPEED", "CPU", "MEM", "SEES-UP"
+        "{:>4}  {:<12} {:<5} {:>8} {:>6} {:>4} {:>6} {:>8} {:>8}",
+        "NODE", "ADDRESS", "NETNS", "MOSIXD", "SPEED", "CPUS", "QUOTA", "MEM", "SEES-UP"
     );
     for r in out {
         println!(
-            "{:>4}  {:<12} {:<5} {:>8} {:>6.2} {:>6} {:>8} {:>8}",
+            "{:>4}  {:<12} {:<5} {:>8} {:>6.2} {:>4} {:>6} {:>8} {:>8}",
             r.node,
             r.address,
             if r.namespace { "yes" } else { "NO" },
             r.daemon_pid.map_or("down".into(), |p| p.to_string()),
             r.speed,
+            r.cpus,
             r.cpu_quota
                 .map_or("-".into(), |q| format!("{:.0}%", q * 100.0)),
             r.mem_limit.map_or("-".into(), super::status::human),
@@ -1146,6 +1180,7 @@ fn bench(b: BenchArgs) -> Result<i32> {
         up(UpArgs {
             nodes: n,
             speeds: vec![],
+            cpus: vec![],
             mem: vec![],
             dir: b.dir.clone(),
             daemon: DaemonArgs {
@@ -1166,6 +1201,7 @@ fn bench_speeds(b: &BenchArgs, dir: &Path, mosixd: &Path, me: &Path) -> Result<(
     up(UpArgs {
         nodes: 2,
         speeds: vec![1.0, 2.0],
+        cpus: vec![],
         mem: vec![],
         dir: b.dir.clone(),
         daemon: DaemonArgs {

@@ -455,9 +455,11 @@ impl GuestDriver {
         let procs = self.procs.clone();
         let tx = self.tx.clone();
         let pid = self.host_pid;
+        let why = crate::metrics::MoveReason::of_offer(header.offer.as_deref());
         let r = std::thread::Builder::new()
             .name(format!("move-{}", self.h.home_pid))
             .spawn(move || {
+                let _boost = crate::balance::Boost::thread();
                 let qtx = tx.clone();
                 let mut quiesce = || -> Result<Quiesced, MoveError> {
                     let (rtx, rrx) = mpsc::channel();
@@ -468,7 +470,8 @@ impl GuestDriver {
                             "its calls at home did not settle in time".into(),
                         )))
                 };
-                let r = procs.leave_host(pid, to, header, &mut quiesce);
+                let r =
+                    crate::metrics::migration(why, procs.leave_host(pid, to, header, &mut quiesce));
                 let _ = tx.send(GuestEv::MoveDone { to, origin, r });
             });
         if r.is_err() {

@@ -578,10 +578,12 @@ impl Driver {
         };
         let id = super::proc_id(procs.me(), self.job.pid);
         let auto = spec.offer.is_some();
+        let why = crate::metrics::MoveReason::of_offer(spec.offer.as_deref());
         let r = std::thread::Builder::new()
             .name(format!("leave-{}", self.job.pid))
             .spawn(move || {
-                let r = procs.leave_home(spec, watch);
+                let _boost = crate::balance::Boost::thread();
+                let r = crate::metrics::migration(why, procs.leave_home(spec, watch));
                 let ev = match r {
                     Ok((moved, signals)) => {
                         let _ = tx.send(HomeEv::Job(Ev::LeftHome { to, moved }));

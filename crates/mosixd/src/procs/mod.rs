@@ -305,7 +305,7 @@ impl Procs {
         let score = |n: &mosix_proto::NodeStatus, extra: f64| {
             n.load
                 .as_ref()
-                .map(|l| (l.runnable + extra) / l.speed.max(0.01))
+                .map(|l| (l.runnable + extra) / (l.speed.max(0.01) * f64::from(l.cpus.max(1))))
                 .unwrap_or(f64::MAX)
         };
         let here = score(mine, 1.0);

@@ -218,6 +218,7 @@ impl Procs {
         match held.become_program(&exec.path, &exec.argv, &exec.envp, &exec.cloexec) {
             Ok(signals) => {
                 let frozen_ms = t0.elapsed().as_millis() as u64;
+                crate::metrics::migration_moved(frozen_ms, stats.memory_bytes);
                 info!(
                     pid = m.pid,
                     to,
@@ -301,6 +302,7 @@ impl Procs {
                     warn!(pid, "ending the moved process's old copy: {e}");
                 }
                 let frozen_ms = t0.elapsed().as_millis() as u64;
+                crate::metrics::migration_moved(frozen_ms, stats.memory_bytes);
                 info!(
                     home = header.home,
                     home_pid = header.home_pid,
@@ -429,6 +431,7 @@ impl Procs {
         let t0 = Instant::now();
         let refuse = |ch: &mut Link, why: String| -> Result<()> {
             warn!(home = h.home, pid = h.home_pid, "refused a process: {why}");
+            crate::metrics::incoming_refused();
             // The image follows: read past it so that the answer is heard.
             let _ = wire::read_chunks(ch, 0);
             let _ = wire::expect::<_, Tail>(ch);
