@@ -9,4 +9,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Release build: the tests drive the real binaries (target/release/mosix, mosixd).
 cargo build --workspace --release --bins --quiet
-cargo test --workspace --release -- --test-threads=2
+cargo test --workspace --release --no-fail-fast -- --test-threads=2

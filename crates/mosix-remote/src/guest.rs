@@ -77,6 +77,10 @@ struct Pending {
     call: crate::wire::Call,
     /// A number reserved at home for a file of the process's own /proc opened here.
     local: Option<(OwnedFd, String)>,
+    /// `notif` is the same call made again (restarted after a signal or a freeze) while
+    /// the first was at home: it gets the first's outcome, or is sent anew if the first
+    /// was cancelled before it did anything.
+    retry: bool,
 }
 
 /// An mmap of a descriptor of home, being prepared: its file is looked up, then its
@@ -170,6 +174,20 @@ impl Guest {
     /// A trapped call.
     pub fn on_notif(&mut self, n: Notif, k: &mut dyn Kernel) -> Vec<Out> {
         let mut out = Vec::new();
+        // A thread with a call at home made the same call again (restarted, after a
+        // signal it handled or a freeze): it waits for the first one's outcome, so that
+        // the call is made once (a read's data is not consumed twice, nor lost).
+        if let Some(p) = self
+            .by_tid
+            .get(&n.pid)
+            .and_then(|s| self.pending.get_mut(s))
+        {
+            if p.notif.nr == n.nr && p.notif.args == n.args && p.local.is_none() {
+                p.notif = n;
+                p.retry = true;
+                return out;
+            }
+        }
         // A thread with a call at home made a new one: the old one was interrupted.
         if let Some(old) = self.by_tid.remove(&n.pid) {
             self.cancel(old, &mut out);
@@ -442,6 +460,7 @@ impl Guest {
                 cancelled: false,
                 call: call.clone(),
                 local: Some(local),
+                retry: false,
             },
         );
         self.by_tid.insert(n.pid, seq);
@@ -466,6 +485,7 @@ impl Guest {
                         cancelled: false,
                         call: call.clone(),
                         local: None,
+                        retry: false,
                     },
                 );
                 self.by_tid.insert(n.pid, seq);
@@ -489,7 +509,12 @@ impl Guest {
         let seq = r.seq();
         match r {
             Reply::Cancelled { .. } => {
-                self.forget(seq);
+                if let Some(p) = self.forget(seq) {
+                    if p.retry && k.valid(p.notif.id) {
+                        // The first did nothing: its restart is made now.
+                        self.forward(p.notif, p.spec, k, &mut out);
+                    }
+                }
             }
             Reply::Interrupted { sig, .. } => {
                 let Some(p) = self.pending.get(&seq) else {
@@ -500,6 +525,11 @@ impl Guest {
                     return out;
                 }
                 let tid = p.notif.pid;
+                if p.retry {
+                    // The process made it again already: it goes on at home.
+                    out.push(Out::Deputy(ToDeputy::Retry { seq, block: true }));
+                    return out;
+                }
                 match k.disposition(tid, sig) {
                     Disposition::Held => {
                         out.push(Out::Deputy(ToDeputy::Retry { seq, block: true }));
@@ -950,20 +980,16 @@ mod tests {
     }
 
     #[test]
-    fn an_interrupted_thread_cancels_its_call_and_a_late_answer_is_kept_for_its_retry() {
+    fn a_restarted_call_gets_the_first_ones_outcome_and_a_late_answer_is_kept() {
         let mut k = kernel();
         let mut g = Guest::new(100, 1);
         let args = [0, BASE + 64, 5, 0, 0, 0];
         let c = sent_call(&g.on_notif(notif(1, 100, libc::SYS_read, args), &mut k));
-        // Interrupted (its handler ran) and the call restarted: a new notification.
+        // Interrupted (its handler ran) and the call restarted: a new notification. It
+        // is not sent again: it waits for the first, still at home.
         k.invalid.push(1);
         let out = g.on_notif(notif(2, 100, libc::SYS_read, args), &mut k);
-        assert_eq!(out[0], Out::Deputy(ToDeputy::Cancel { seq: c.seq }));
-        let c2 = match &out[1] {
-            Out::Deputy(ToDeputy::Call(c)) => c.clone(),
-            o => panic!("{o:?}"),
-        };
-        // The first read had already been made at home: its answer is not lost ...
+        assert!(out.is_empty(), "{out:?}");
         g.on_reply(
             Reply::Done {
                 seq: c.seq,
@@ -973,15 +999,40 @@ mod tests {
             },
             &mut k,
         );
-        assert!(k.answers.is_empty());
-        // ... the second is cancelled before it did anything ...
-        g.on_reply(Reply::Cancelled { seq: c2.seq }, &mut k);
-        // ... and when the thread makes the read again it gets the first's data.
-        k.invalid.push(2);
-        let out = g.on_notif(notif(3, 100, libc::SYS_read, args), &mut k);
-        assert!(out.is_empty(), "answered at once: {out:?}");
-        assert_eq!(k.answers, vec![(3, 2)]);
+        assert_eq!(k.answers, vec![(2, 2)]);
         assert_eq!(&k.mem.as_ref().unwrap().mem.borrow()[64..66], b"hi");
+
+        // Frozen for a move that then fails (its calls cancelled), and mosixd gone: the
+        // restarted read waits for the first; cancelled before doing anything, it is
+        // sent anew.
+        let c = sent_call(&g.on_notif(notif(3, 100, libc::SYS_read, args), &mut k));
+        let q = g.quiesce();
+        assert_eq!(q, vec![Out::Deputy(ToDeputy::Cancel { seq: c.seq })]);
+        k.invalid.push(3);
+        assert!(g
+            .on_notif(notif(4, 100, libc::SYS_read, args), &mut k)
+            .is_empty());
+        let out = g.on_reply(Reply::Cancelled { seq: c.seq }, &mut k);
+        let c2 = sent_call(&out);
+        assert_ne!(c2.seq, c.seq);
+
+        // A late answer of a call the thread no longer waits for, and which it makes
+        // again only later, is kept for then.
+        k.invalid.push(4);
+        g.on_reply(
+            Reply::Done {
+                seq: c2.seq,
+                ret: 2,
+                outs: vec![Back::None, Back::Bytes(b"yo".to_vec()), Back::None],
+                sigs: 0,
+            },
+            &mut k,
+        );
+        assert_eq!(k.answers.len(), 1);
+        let out = g.on_notif(notif(5, 100, libc::SYS_read, args), &mut k);
+        assert!(out.is_empty(), "answered at once: {out:?}");
+        assert_eq!(k.answers.last(), Some(&(5, 2)));
+        assert_eq!(&k.mem.as_ref().unwrap().mem.borrow()[64..66], b"yo");
     }
 
     #[test]

@@ -53,6 +53,11 @@ enum Command {
     Touch {
         mib: u64,
     },
+    /// (benchmark helper) with FILE open, make the calls asked on stdin; see bench-calls.
+    #[command(name = "__calls", hide = true)]
+    Calls {
+        file: std::path::PathBuf,
+    },
     /// (benchmark helper) accept one TCP connection at ADDR and read it to the end.
     #[command(name = "__net-sink", hide = true)]
     NetSink {
@@ -177,6 +182,7 @@ fn main() {
         Command::Completions(a) => completions(a),
         Command::ManPages { dir } => man_pages(&dir),
         Command::Touch { mib } => cmd::benchmig::touch(mib),
+        Command::Calls { file } => cmd::benchcalls::calls(&file),
         Command::NetSink { addr } => cmd::benchmig::net_sink(&addr),
         Command::NetSource { addr, mib } => cmd::benchmig::net_source(&addr, mib),
     };

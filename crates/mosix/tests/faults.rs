@@ -21,9 +21,9 @@
 //!
 //! After each round: exactly one copy of the process runs (and where `where` says: at D if
 //! the move succeeded, else at S), its output is that of a run that never moved and it
-//! exits 7; or it was lost (mosrun exits 137 saying "was lost") and that is allowed only
-//! when its home's or its host's mosixd died. Then no process is left in any node's cgroup
-//! but the daemons, no PID namespace holds the job, and no node lists it.
+//! exits 7. It is never lost (exit 137, "was lost"): its deputy and supervisor are
+//! processes of their own that outlive any mosixd. Then no process is left in any node's
+//! cgroup but the daemons, no PID namespace holds the job, and no node lists it.
 //!
 //! `MOSIX_FAULTS=N` rounds (`MOSIX_FAULT_SEED=S`, `MOSIX_FAULT_FROM=I` to start at round I:
 //! each round's draw depends only on the seed and its number, so one round replays alone).
@@ -394,13 +394,12 @@ struct FaultJob {
 }
 
 impl FaultJob {
-    fn start(tb: &Testbed, argv: &[&str], pidfile: &Path) -> Result<FaultJob, String> {
-        let _ = std::fs::remove_file(pidfile);
+    /// `testbed exec` and mosrun exec: the child is the job, its PID the home PID.
+    fn start(tb: &Testbed, argv: &[&str]) -> Result<FaultJob, String> {
         let mut args = vec!["run"];
         args.extend_from_slice(argv);
         let mut child = tb
             .cmd(1, &args)
-            .env("MOSRUN_PIDFILE", pidfile)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -431,22 +430,19 @@ impl FaultJob {
             }
         });
         let stdin = child.stdin.take();
+        let home_pid = child.id() as i32;
         let mut j = FaultJob {
             child,
             stdin,
             lines: rx,
             seen: Vec::new(),
             stderr,
-            home_pid: 0,
+            home_pid,
         };
         let first = j.line()?;
         if !first.starts_with("start") {
             return Err(format!("first line {first:?}"));
         }
-        j.home_pid = std::fs::read_to_string(pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or("no pid file from mosrun")?;
         Ok(j)
     }
 
@@ -800,11 +796,11 @@ fn inject(b: &Bench, p: &Plan, undo: &mut Undo, notes: &mut Vec<String>) -> Resu
 }
 
 /// One round. Err is a failure of what must hold (or of the test's own setup).
-fn round(b: &mut Bench, p: &Plan, pidfile: &Path) -> Result<Report, String> {
+fn round(b: &mut Bench, p: &Plan) -> Result<Report, String> {
     let mut notes = Vec::new();
     let heap = b.heap.to_str().unwrap().to_string();
     let mib = JOB_MIB.to_string();
-    let mut job = FaultJob::start(&b.tb, &[&heap, &mib], pidfile)?;
+    let mut job = FaultJob::start(&b.tb, &[&heap, &mib])?;
     let home_pid = job.home_pid;
     if p.src != 1 {
         let o = b.migrate_cmd(home_pid, p.src).output().unwrap();
@@ -917,15 +913,6 @@ fn round(b: &mut Bench, p: &Plan, pidfile: &Path) -> Result<Report, String> {
         }
     }
 
-    // May it have been lost? Only if its home's or its host's daemon died: the source's
-    // while it held the process (until the move answered), the destination's once it had
-    // it (the move succeeded).
-    let hit_after_answer = p.point == Point::After || point.ends_with("late");
-    let src_was_host = !(moved && hit_after_answer);
-    let may_lose = died.contains(&1)
-        || (died.contains(&p.src) && src_was_host)
-        || (died.contains(&p.dst) && moved);
-
     // Exactly one copy, where `where` says, or mosrun gone.
     let end = Instant::now() + DEADLINE;
     let mut last;
@@ -971,35 +958,22 @@ fn round(b: &mut Bench, p: &Plan, pidfile: &Path) -> Result<Report, String> {
     job.send(INPUT[2]);
     let st = job.finish()?;
     let got = normalise(&job.seen);
-    let outcome = if st.code() == Some(137) && job.stderr().contains("was lost") {
-        if !may_lose {
-            return Err(format!(
-                "lost though neither its home's nor its host's mosixd died: {}",
-                job.stderr()
-            ));
-        }
-        if !b.want.0.starts_with(&got) {
-            return Err(format!(
-                "lost, output not a prefix of the reference: {got:?}"
-            ));
-        }
-        "ok:lost"
-    } else {
-        if got != b.want.0 || st.code() != b.want.1 {
-            return Err(format!(
-                "output {got:?} exit {:?}, want {:?} exit {:?}; mosrun stderr {:?}",
-                st.code(),
-                b.want.0,
-                b.want.1,
-                job.stderr()
-            ));
-        }
-        if moved {
-            "ok:moved"
-        } else {
-            "ok:stayed"
-        }
-    };
+    // Never lost: nothing of a job depends on a mosixd staying alive (its deputy and
+    // supervisor are processes of their own; a daemon killed while it held the frozen
+    // process lets it go on where it was), and no fault here crashes a node.
+    if st.code() == Some(137) && job.stderr().contains("was lost") {
+        return Err(format!("lost (output {got:?}): {}", job.stderr()));
+    }
+    if got != b.want.0 || st.code() != b.want.1 {
+        return Err(format!(
+            "output {got:?} exit {:?}, want {:?} exit {:?}; mosrun stderr {:?}",
+            st.code(),
+            b.want.0,
+            b.want.1,
+            job.stderr()
+        ));
+    }
+    let outcome = if moved { "ok:moved" } else { "ok:stayed" };
 
     // Nothing left behind: processes, PID namespaces, entries in the daemons.
     let end = Instant::now() + DEADLINE;
@@ -1072,9 +1046,8 @@ fn run_faults(rounds: u64, seed: u64, from: u64, how: &str) {
     for i in from..from + rounds {
         let p = plan(seed, i);
         let b = bench.get_or_insert_with(|| Bench::new(heap.clone(), want.clone()));
-        let pidfile = b.tb.dir.path().join("job.pid");
         let t0 = Instant::now();
-        let r = round(b, &p, &pidfile);
+        let r = round(b, &p);
         let secs = t0.elapsed().as_secs_f64();
         match r {
             Ok(r) => {

@@ -173,6 +173,52 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
     );
 }
 
+/// A user runs a set-user-ID root program (a copy of sleep): it must not leave home. Away
+/// it would be restored with the user's rights, and its deputy at home would keep root's
+/// and serve the calls the user can make it do from there (issue 9's review of the model).
+fn setuid_program_stays_home(tb: &Testbed) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("mosix-suid")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prog = dir.path().join("suid-sleep");
+    std::fs::copy("/usr/bin/sleep", &prog).unwrap();
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let mut c = Command::new(mosix());
+    c.args(["testbed", "exec", "1", "--dir"])
+        .arg(tb.dir.path())
+        .arg("--")
+        .args(AS_NOBODY)
+        .arg(mosix())
+        .arg("run")
+        .arg(&prog)
+        .arg("600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let home_pid = child.id() as i32;
+    tb.wait_until("the set-user-ID program runs", || {
+        tb.ps(1).iter().any(|p| p["home_pid"] == home_pid)
+            && std::fs::read_to_string(format!("/proc/{home_pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    });
+    let o = tb.migrate(home_pid, "2");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let where_ = tb.where_(home_pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        !o.status.success(),
+        "a set-user-ID root program of uid 65534 moved"
+    );
+    assert!(err.contains("more rights than its user's"), "{err}");
+    assert_eq!(where_, "0");
+}
+
 #[test]
 fn stdio_across_moves_on_four_nodes() {
     let tb = Testbed::up(&[]);
@@ -183,6 +229,7 @@ fn stdio_across_moves_on_four_nodes() {
     burst_stdin(&tb);
     unread_output_blocks_remotely(&tb);
     user_job_moves_as_its_user(&tb);
+    setuid_program_stays_home(&tb);
     for n in 1..=4 {
         assert!(
             tb.ps(n).is_empty(),

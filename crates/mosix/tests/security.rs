@@ -180,8 +180,14 @@ fn io_field(pid: i32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn read_pidfile(p: &Path) -> Option<i32> {
-    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+/// Whether `mosix ps --json` output lists home PID `pid`.
+fn lists(ps_json: &[u8], pid: i32) -> bool {
+    serde_json::from_slice::<serde_json::Value>(ps_json)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .any(|p| p["home_pid"] == pid)
 }
 
 /// A python3 script run as uid 65534; its stdout.
@@ -210,54 +216,30 @@ s.settimeout(20)
 print(s.makefile().readline().strip())
 "#;
 
+/// The requester connects, forks, and exits; its PID is given to a root process while the
+/// connection is kept by its child, which then asks to register. What would be registered
+/// is the root process (SO_PEERCRED keeps the PID of connect time): the daemon would then
+/// freeze it, move it, and let its user `migrate` it. It must refuse: the process that
+/// connected has gone.
 #[test]
-fn cwd_is_entered_with_the_callers_rights() {
-    let n = Node::start(71, false);
-    let private = n.path().join("private");
-    std::fs::create_dir(&private).unwrap();
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::write(private.join("secret.txt"), "TOPSECRET\n").unwrap();
-    let req = serde_json::json!({
-        "op": "run", "argv": ["cat", "secret.txt"], "env": [],
-        "cwd": private.to_string_lossy(),
-    });
-    let sock = n.sock();
-    let answer = python_as_nobody(ONE_REQUEST, &[&sock.to_string_lossy(), &req.to_string()]);
-    assert!(
-        answer.contains("\"error\"")
-            && answer.contains("cannot enter directory")
-            && answer.contains("Permission denied"),
-        "a user's job entered a directory the user may not: {answer}"
-    );
-}
-
-/// The requester connects, then its process exits and its PID is given to a root process
-/// with groups 0, 6 and 42 while the connection is kept by a child; the job must not get
-/// those groups.
-#[test]
-fn groups_come_from_the_socket_not_from_a_reused_pid() {
+fn register_binds_the_connecting_process_not_a_reused_pid() {
     let n = Node::start(72, false);
-    let out = n.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
     let script = r#"
 import os, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
+# The daemon has the connection (it answers a ping) before the PID changes hands.
+s.sendall(b'{"op":"ping"}\n')
+f = s.makefile("rb")
+f.readline()
 if os.fork() != 0:
     print(os.getpid(), flush=True)
     os._exit(0)
 sys.stdin.readline()
 s.sendall(sys.argv[2].encode() + b"\n")
-f = s.makefile("rb")
 print(f.readline().decode().strip(), flush=True)
-while s.recv(65536):
-    pass
 "#;
-    let req = serde_json::json!({
-        "op": "run", "argv": ["sh", "-c", "id -G > groups"], "env": [],
-        "cwd": out.to_string_lossy(),
-    });
+    let req = serde_json::json!({"op": "register", "argv": ["sleep", "120"]});
     let mut py = as_nobody()
         .args(["/usr/bin/python3", "-c", script])
         .arg(n.sock())
@@ -271,23 +253,11 @@ while s.recv(65536):
     let first: i32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
     // The python that connected exits (setpriv exec'd it: it is our child) and is reaped.
     assert!(py.wait().unwrap().success());
-    // Give its PID to a root process with privileged groups.
+    // Give its PID to a root process.
     let mut impostor = None;
     for _ in 0..200 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", first - 1)).unwrap();
-        let mut c = Command::new("sleep");
-        c.arg("120");
-        // SAFETY: setgroups in the child before exec; no allocation.
-        unsafe {
-            c.pre_exec(|| {
-                let g: [libc::gid_t; 3] = [0, 6, 42];
-                if libc::setgroups(3, g.as_ptr()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut s = c.spawn().unwrap();
+        let mut s = Command::new("sleep").arg("120").spawn().unwrap();
         if s.id() as i32 == first {
             impostor = Some(s);
             break;
@@ -298,19 +268,66 @@ while s.recv(65536):
     let mut impostor = impostor.expect("could not give the PID to another process");
     stdin.write_all(b"go\n").unwrap();
     let answer = lines.next().unwrap().unwrap();
-    for _ in lines.by_ref() {}
+    let listed = Command::new(n.mosix())
+        .args(["ps", "--json", "--socket"])
+        .arg(n.sock())
+        .output()
+        .unwrap();
     let _ = impostor.kill();
     let _ = impostor.wait();
-    if answer.contains("\"started\"") {
-        let g = std::fs::read_to_string(out.join("groups")).unwrap();
-        assert_eq!(
-            g.trim(),
-            NOBODY,
-            "the job got the groups of the process that took the caller's PID"
-        );
-    } else {
-        assert!(answer.contains("has gone"), "{answer}");
-    }
+    assert!(
+        !answer.contains("registered"),
+        "a root process was registered by another user's connection: {answer}"
+    );
+    assert!(answer.contains("has gone"), "{answer}");
+    assert!(
+        !lists(&listed.stdout, first),
+        "the daemon follows the root process: {}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+}
+
+/// Another user's job: `migrate` refuses, and a deputy hello for it (the connection's
+/// process is not that job, and does not know its token) is refused.
+#[test]
+fn another_users_job_cannot_be_moved_or_served() {
+    let n = Node::start(71, false);
+    let mut job = Command::new(n.mosix());
+    job.args(["run", "--socket"])
+        .arg(n.sock())
+        .args(["sleep", "120"])
+        .stdin(Stdio::null());
+    clean_fds(&mut job);
+    let mut job = job.spawn().unwrap();
+    let pid = job.id() as i32;
+    n.wait_until("root's job is registered", || {
+        Command::new(n.mosix())
+            .args(["ps", "--json", "--socket"])
+            .arg(n.sock())
+            .output()
+            .map(|o| lists(&o.stdout, pid))
+            .unwrap_or(false)
+    });
+    let mig = as_nobody()
+        .arg(n.mosix())
+        .args(["migrate", "--socket"])
+        .arg(n.sock())
+        .args([&pid.to_string(), "home"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let hello = serde_json::json!({"op": "deputy", "home_pid": pid, "token": "00"});
+    let sock = n.sock();
+    let answer = python_as_nobody(ONE_REQUEST, &[&sock.to_string_lossy(), &hello.to_string()]);
+    let _ = job.kill();
+    let _ = job.wait();
+    assert!(!mig.status.success(), "nobody moved root's job");
+    let err = String::from_utf8_lossy(&mig.stderr);
+    assert!(err.contains("your own processes"), "{err}");
+    assert!(
+        answer.contains("\"error\"") && answer.contains("not the deputy"),
+        "{answer}"
+    );
 }
 
 /// Where a cgroup of ours can be made: (cgroup directory, the line suffix that
@@ -388,21 +405,15 @@ fn a_job_has_only_its_stdio_and_the_callers_umask_limits_and_cgroup() {
 #[test]
 fn output_nobody_reads_blocks_the_job_not_the_daemon() {
     let n = Node::start(74, false);
-    let pidfile = n.path().join("out/pid");
-    std::fs::create_dir(n.path().join("out")).unwrap();
-    std::fs::set_permissions(n.path().join("out"), std::fs::Permissions::from_mode(0o777)).unwrap();
     let rss0 = n.daemon_rss_kib();
     let mut mosrun = n
         .mosrun_as_nobody("", &["yes", "a fairly long line of output from yes"])
-        .env("MOSRUN_PIDFILE", &pidfile)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    n.wait_until("the job's PID is known", || {
-        read_pidfile(&pidfile).is_some()
-    });
-    let pid = read_pidfile(&pidfile).unwrap();
+    // setpriv, sh and mosrun exec: the child is the job.
+    let pid = mosrun.id() as i32;
     // Wait until it stopped writing: blocked in pipe_write with no progress.
     let end = Instant::now() + DEADLINE;
     let mut last = u64::MAX;
@@ -539,22 +550,4 @@ fn unauthenticated_peers_get_a_deadline_and_a_cap() {
             other => panic!("a silent peer's connection was not closed: {other:?}"),
         }
     }
-}
-
-#[test]
-fn what_a_job_leaves_behind_ends_with_it() {
-    let n = Node::start(78, false);
-    let o = n
-        .mosrun_as_nobody("", &["sh", "-c", "sleep 600 & echo $!"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let pid: i32 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
-    n.wait_until("the job's background child has ended", || {
-        // Gone, or a zombie nobody will see again.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.contains(") Z"))
-            .unwrap_or(true)
-    });
 }

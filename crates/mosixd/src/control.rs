@@ -6,7 +6,7 @@
 //! process. A deputy's `deputy` hello hands its connection over to its process's home
 //! driver (binary frames, see `mosix_remote::wire`).
 
-use crate::peer::Peer;
+use crate::peer::{Peer, PeerPidfd};
 use crate::procs::Procs;
 use crate::State;
 use anyhow::{bail, Context, Result};
@@ -174,7 +174,14 @@ async fn connection(
                     let caller = crate::procs::home::Caller {
                         uid: peer.uid,
                         pid: peer.pid,
-                        gone: matches!(peer.pidfd, crate::peer::PeerPidfd::Gone),
+                        pidfd: match &peer.pidfd {
+                            PeerPidfd::Open(fd) => match fd.try_clone() {
+                                Ok(fd) => PeerPidfd::Open(fd),
+                                Err(_) => PeerPidfd::Gone,
+                            },
+                            PeerPidfd::Gone => PeerPidfd::Gone,
+                            PeerPidfd::Unsupported => PeerPidfd::Unsupported,
+                        },
                     };
                     tokio::task::spawn_blocking(move || match pr.register(&caller, req) {
                         Ok(home_pid) => Response::Registered { home_pid },

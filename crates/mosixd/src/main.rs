@@ -67,8 +67,11 @@ struct Args {
 }
 
 fn main() {
-    // A supervisor of a guest is this program again (see procs::supervisor).
-    let supervise = std::env::args().nth(1).as_deref() == Some("supervise");
+    // A supervisor of a guest, and the mover of a leaving process, are this program
+    // again (see procs::supervisor, procs::mover).
+    let helper = std::env::args()
+        .nth(1)
+        .filter(|a| a == "supervise" || a == "move");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSIXD_LOG")
@@ -77,8 +80,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    if supervise {
-        std::process::exit(mosixd::procs::supervisor::main());
+    if let Some(role) = helper {
+        // Started as /proc/self/exe: named as the daemon, not "exe".
+        mosixd::procs::supervisor::name_self();
+        std::process::exit(if role == "move" {
+            mosixd::procs::mover::main()
+        } else {
+            mosixd::procs::supervisor::main()
+        });
     }
     let args = Args::parse();
     if args.man_page || args.completions.is_some() {

@@ -111,7 +111,8 @@ impl Outcome {
             | MoveError::Busy
             | MoveError::Elsewhere { .. }
             | MoveError::Refused { .. }
-            | MoveError::Destination(_) => Outcome::Refused,
+            | MoveError::Destination(_)
+            | MoveError::Rights(_) => Outcome::Refused,
             MoveError::PeerGone { why, .. } if why.contains("timed out") => Outcome::Timeout,
             MoveError::PeerGone { .. } => Outcome::PeerGone,
             MoveError::Engine(why) if why.starts_with("it cannot move") => Outcome::Refused,

@@ -32,17 +32,26 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    on_two_nodes("bench-migration", &a.dir, |me, dir| measure(me, dir, &a))
+}
+
+/// Runs `body` (given the mosix binary and the testbed directory) with a 2-node testbed
+/// up in `dir`, which is brought down after, whatever happened.
+pub fn on_two_nodes(
+    what: &str,
+    dir: &Path,
+    body: impl FnOnce(&Path, &Path) -> Result<()>,
+) -> Result<i32> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("bench-migration needs root (it brings a testbed up)");
+        bail!("{what} needs root (it brings a testbed up)");
     }
     let me = std::env::current_exe().context("cannot find the mosix binary")?;
-    let dir = a.dir.clone();
     let tb = |args: &[&str]| -> Result<()> {
         let o = Command::new(&me)
             .arg("testbed")
             .args(args)
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .stdin(Stdio::null())
             .output()?;
         if !o.status.success() {
@@ -54,13 +63,13 @@ pub fn run(a: Args) -> Result<i32> {
         Ok(())
     };
     tb(&["up", "--nodes", "2"])?;
-    let r = measure(&me, &dir, &a);
+    let r = body(&me, dir);
     let _ = tb(&["down"]);
     r?;
     Ok(0)
 }
 
-fn on_node(me: &Path, dir: &Path, n: u32) -> Command {
+pub fn on_node(me: &Path, dir: &Path, n: u32) -> Command {
     let mut c = Command::new(me);
     c.args(["testbed", "exec", &n.to_string(), "--dir"])
         .arg(dir)
@@ -70,7 +79,7 @@ fn on_node(me: &Path, dir: &Path, n: u32) -> Command {
 }
 
 /// TCP bandwidth from node 1 to node 2 over the veth pair, bytes/s.
-fn link_bandwidth(me: &Path, dir: &Path, mib: u64) -> Result<f64> {
+pub fn link_bandwidth(me: &Path, dir: &Path, mib: u64) -> Result<f64> {
     let mut sink = on_node(me, dir, 2)
         .arg("__net-sink")
         .arg(format!("{}.2:5499", super::testbed::subnet()))

@@ -1,6 +1,7 @@
 //! One module per subcommand; each has `Args` (clap) and `run(Args) -> anyhow::Result<i32>`
 //! returning the process exit code.
 
+pub mod benchcalls;
 pub mod benchmig;
 pub mod checkpoint;
 pub mod fs;

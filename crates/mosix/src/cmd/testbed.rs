@@ -145,8 +145,8 @@ enum Sub {
         kill: bool,
     },
     /// Crash node NODE: SIGKILL everything in it (its mosixd, the supervisors and guests
-    /// it hosts, the jobs started there), as a power cut would. The namespace stays;
-    /// `start` brings its mosixd back.
+    /// it hosts, the jobs started there) and set its link down, as a power cut would.
+    /// The namespace stays; `start` brings its link and its mosixd back.
     Crash {
         node: u32,
         #[command(flatten)]
@@ -175,6 +175,10 @@ enum Sub {
     /// between two nodes (total and freeze time), against the veth link's TCP bandwidth
     /// measured in the same run. Prints BENCH lines.
     BenchMigration(super::benchmig::Args),
+    /// Benchmark: the cost of a call carried home (a process away using a file of its
+    /// home through its deputy) against the same calls at home and the link's TCP
+    /// bandwidth, measured in the same run; BENCH lines.
+    BenchCalls(super::benchcalls::Args),
     /// Benchmark balancing: the FAQ experiment (8 CPU-bound jobs started on node 1 of 4),
     /// equal speeds then 1,1,2,3; makespan against the ideal (total work / total CPU
     /// capacity) and against no migration, measured in the same run. Prints BENCH lines.
@@ -292,7 +296,11 @@ pub fn run(a: Args) -> Result<i32> {
                 }
             }
             let _ = std::fs::remove_file(node_dir(&d, node).join("mosixd.pid"));
-            println!("node {node}: crashed ({n} processes killed)");
+            // A dead machine answers nothing (not even "connection refused", which is
+            // how the others tell a restarting mosixd from a dead node): its link goes
+            // down until `start`.
+            ip(&["link", "set", &format!("{}{node}h", link_prefix()), "down"])?;
+            println!("node {node}: crashed ({n} processes killed, its link down)");
             Ok(0)
         }
         Sub::Start { node, dir, config } => {
@@ -300,12 +308,15 @@ pub fn run(a: Args) -> Result<i32> {
             let tb = load(&d)?;
             check_node(&tb, node)?;
             let cgs = cgroup_dirs(tb.cgroup, node)?;
+            // Up again after a crash (a no-op otherwise).
+            ip(&["link", "set", &format!("{}{node}h", link_prefix()), "up"])?;
             let pid = start_daemon(&d, &tb, node, config.as_deref(), &cgs)?;
             println!("node {node}: mosixd started (pid {pid})");
             Ok(0)
         }
         Sub::Bench(b) => bench(b),
         Sub::BenchMigration(b) => super::benchmig::run(b),
+        Sub::BenchCalls(b) => super::benchcalls::run(b),
         Sub::BenchBalance(b) => super::benchmig::run_balance(b),
         Sub::Down { dir } => {
             let removed = cleanup(&dir.path())?;

@@ -187,6 +187,15 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        // MOSIX_TESTBED_LOGS=DIR keeps each node's mosixd.log there (for debugging).
+        if let Some(keep) = std::env::var_os("MOSIX_TESTBED_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            for n in 1..=4 {
+                let log = self.dir.path().join(format!("n{n}/mosixd.log"));
+                let _ = std::fs::copy(&log, keep.join(format!("n{n}.log")));
+            }
+        }
         let _ = self.testbed(&["down"], &[]);
     }
 }

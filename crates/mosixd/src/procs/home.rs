@@ -4,13 +4,13 @@
 
 use super::job::{self, Act, Ev, Job, MoveResult, Where};
 use super::{lock, Link, MoveError, Procs, Snapshot};
-use crate::peer::Peer;
+use crate::peer::{Peer, PeerPidfd};
 use anyhow::{anyhow, bail, Result};
 use mosix_proto::control::RegisterRequest;
 use mosix_proto::wire::{self, LinkHello, ToHome, ToHost};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -95,6 +95,11 @@ pub struct Record {
     pub node: u32,
     pub epoch: u64,
     pub token: String,
+    /// Being moved to (node, residence): from just before the commit until the move is
+    /// settled here. A mosixd that restarts meanwhile finds out from the process itself
+    /// whether it left (its mover made it its deputy) or not.
+    #[serde(default)]
+    pub leaving: Option<(u32, u64)>,
 }
 
 fn start_time(pid: i32) -> Option<u64> {
@@ -118,13 +123,32 @@ fn new_token() -> String {
 /// Who registers (from the control socket's peer credentials).
 pub struct Caller {
     pub uid: u32,
+    /// Its PID when it connected (SO_PEERCRED): by now perhaps another process's.
     pub pid: Option<i32>,
-    /// Its pidfd says it has exited already.
-    pub gone: bool,
+    /// The process that connected (SO_PEERPIDFD), which the PID is checked against.
+    pub pidfd: PeerPidfd,
+}
+
+/// The process that connected as `peer`, if it is still the one with its PID: its pidfd
+/// (SO_PEERPIDFD) still refers to a live process, so the PID cannot have been given to
+/// another. Without SO_PEERPIDFD (kernels before 6.5) the PID is all there is.
+fn caller_process(peer: &Caller) -> Result<(i32, OwnedFd)> {
+    let gone = || anyhow!("the calling process has gone");
+    let pid = peer.pid.ok_or_else(gone)?;
+    let fd = match &peer.pidfd {
+        PeerPidfd::Open(fd) => fd.try_clone()?,
+        PeerPidfd::Gone => return Err(gone()),
+        PeerPidfd::Unsupported => mosix_ckpt::sys::pidfd_open(pid).map_err(|_| gone())?,
+    };
+    if !crate::peer::alive(&fd) {
+        return Err(gone());
+    }
+    Ok((pid, fd))
 }
 
 /// What a deputy's exec needs: its program, the process's own argv (so `ps` at home
 /// shows what runs), and its environment.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct DeputyExec {
     pub path: String,
     pub argv: Vec<String>,
@@ -152,6 +176,58 @@ impl Procs {
         }
     }
 
+    /// Marks the record of `pid` as leaving to (node, residence), or not.
+    pub(crate) fn mark_leaving(&self, pid: i32, to: Option<(u32, u64)>) {
+        let path = self.record_dir().join(format!("{pid}.json"));
+        let rec = std::fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Record>(&t).ok());
+        if let Some(mut r) = rec {
+            r.leaving = to;
+            self.write_record(&r);
+        }
+    }
+
+    /// Where a process found again after a restart of mosixd is, from the process itself
+    /// (the record may be behind: mosixd died in a move): its mover or the supervisor
+    /// rebuilding it at home (a tracer) is given time to finish; then it is away if it is
+    /// its deputy, else home.
+    fn settle_place(&self, r: &mut Record) {
+        let traced = || {
+            mosix_ckpt::procfs::status(r.pid)
+                .ok()
+                .and_then(|s| s.get("TracerPid").map(|t| t.trim() != "0"))
+                .unwrap_or(false)
+        };
+        let end = Instant::now() + std::time::Duration::from_secs(30);
+        while traced() && Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let exe = std::fs::read_link(format!("/proc/{}/exe", r.pid)).ok();
+        let deputy = std::fs::canonicalize(&self.deputy_path).ok();
+        let is_deputy = exe.is_some() && exe == deputy;
+        let was = r.node;
+        match r.leaving.take() {
+            Some((to, epoch)) if is_deputy => {
+                r.node = to;
+                r.epoch = epoch;
+                r.migrations += 1;
+            }
+            _ if r.node != self.me() && !is_deputy => {
+                r.node = self.me();
+                r.migrations += 1;
+            }
+            _ => {}
+        }
+        if r.node != was {
+            info!(
+                pid = r.pid,
+                "it moved from node {was} to node {} while mosixd was away", r.node
+            );
+        }
+        self.write_record(r);
+    }
+
     fn remove_record(&self, pid: i32) {
         let _ = std::fs::remove_file(self.record_dir().join(format!("{pid}.json")));
     }
@@ -159,12 +235,7 @@ impl Procs {
     /// `mosrun`: the calling process becomes a migratable process of this node. With
     /// `to`/`best`, it is moved as soon as it has exec'd its program.
     pub fn register(self: &Arc<Self>, peer: &Caller, req: RegisterRequest) -> Result<i32> {
-        let pid = peer
-            .pid
-            .ok_or_else(|| anyhow!("the calling process has gone"))?;
-        if peer.gone {
-            bail!("the calling process has gone");
-        }
+        let (pid, pidfd) = caller_process(peer)?;
         if lock(&self.homes).contains_key(&pid) {
             bail!("process {pid} is a migratable process already");
         }
@@ -172,6 +243,10 @@ impl Procs {
             self.check_destination(t).map_err(|e| anyhow!("{e}"))?;
         }
         let st = start_time(pid).ok_or_else(|| anyhow!("the calling process has gone"))?;
+        // Read by PID: still the caller's if it lives on after the read.
+        if !crate::peer::alive(&pidfd) {
+            bail!("the calling process has gone");
+        }
         let cmd = req.argv.join(" ");
         let now = Instant::now();
         let mut j = HomeJob::new(self.me(), pid, peer.uid, cmd, now);
@@ -189,6 +264,7 @@ impl Procs {
             node: self.me(),
             epoch: 0,
             token: token.clone(),
+            leaving: None,
         };
         self.write_record(&rec);
         let target = if req.best { self.best_node() } else { req.to };
@@ -197,7 +273,7 @@ impl Procs {
             Some(t) => Some((t, super::transfer::ExecWatch::seize(pid)?)),
             None => None,
         };
-        self.start_driver(j, rec, token, first)?;
+        self.start_driver(j, rec, token, first, pidfd)?;
         info!(pid, uid = peer.uid, "registered a migratable process");
         Ok(pid)
     }
@@ -208,10 +284,9 @@ impl Procs {
         rec: Record,
         token: String,
         first: Option<(u32, super::transfer::ExecWatch)>,
+        pidfd: OwnedFd,
     ) -> Result<()> {
         let pid = j.pid;
-        let pidfd = mosix_ckpt::sys::pidfd_open(pid)
-            .map_err(|e| anyhow!("cannot watch process {pid}: {e}"))?;
         let (tx, rx) = mpsc::channel();
         let info = Arc::new(Mutex::new(snapshot(&j, pid)));
         let h = Handle {
@@ -261,7 +336,7 @@ impl Procs {
             let Ok(text) = std::fs::read(e.path()) else {
                 continue;
             };
-            let Ok(r) = serde_json::from_slice::<Record>(&text) else {
+            let Ok(mut r) = serde_json::from_slice::<Record>(&text) else {
                 let _ = std::fs::remove_file(e.path());
                 continue;
             };
@@ -269,6 +344,7 @@ impl Procs {
                 self.remove_record(r.pid);
                 continue;
             }
+            self.settle_place(&mut r);
             let now = Instant::now();
             let mut j = HomeJob::new(self.me(), r.pid, r.uid, r.cmd.clone(), now);
             j.pinned = r.pinned;
@@ -284,7 +360,19 @@ impl Procs {
                 "following process {} again",
                 r.pid
             );
-            if let Err(e) = self.start_driver(j, r, token, None) {
+            let pidfd = match mosix_ckpt::sys::pidfd_open(r.pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    warn!(pid = r.pid, "cannot watch process {}: {e}", r.pid);
+                    continue;
+                }
+            };
+            // The start time read before the pidfd was opened: still it if still alive.
+            if start_time(r.pid) != Some(r.start_time) {
+                self.remove_record(r.pid);
+                continue;
+            }
+            if let Err(e) = self.start_driver(j, r, token, None, pidfd) {
                 warn!("{e:#}");
             }
         }
@@ -490,10 +578,14 @@ struct Driver {
 }
 
 const TICK: Duration = Duration::from_millis(200);
+/// How often a host that gossip calls down is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 impl Driver {
     fn run(&mut self) {
         let mut nodes_seen: Vec<(u32, bool)> = Vec::new();
+        // (node, when, answered) of the last probe of a host that gossip calls down.
+        let mut probed: Option<(u32, Instant, bool)> = None;
         while !self.job.ended() {
             let ev = self.rx.recv_timeout(TICK);
             let now = Instant::now();
@@ -504,7 +596,20 @@ impl Driver {
             };
 
             if let Where::Away { node, .. } = self.job.place {
-                let up = self.procs.node_up(node);
+                // A node whose mosixd is down but whose machine answers is not dead:
+                // its mosixd is restarting, and its guests (with their supervisors) live.
+                let mut up = self.procs.node_up(node);
+                if !up {
+                    let answered = match probed {
+                        Some((n, t, a)) if n == node && now.duration_since(t) < PROBE_EVERY => a,
+                        _ => {
+                            let a = self.procs.machine_answers(node);
+                            probed = Some((node, now, a));
+                            a
+                        }
+                    };
+                    up = answered;
+                }
                 if !nodes_seen.contains(&(node, up)) {
                     nodes_seen = vec![(node, up)];
                     acts.extend(self.job.handle(Ev::NodeState { node, up }, now));

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 /// How long a process away may be without a link from its host (and its host node down)
 /// before it is reported lost.
 pub const LINK_WAIT: Duration = Duration::from_secs(30);
+/// How long a move whose host went away in its middle may take to be heard of from the
+/// next host before it is answered as failed.
+pub const DOUBT: Duration = Duration::from_secs(2);
 /// Frames kept for an end that is not connected (beyond: the oldest are dropped; the
 /// supervisor sends its calls again after a reconnection).
 const MAX_QUEUED: usize = 4096;
@@ -151,6 +154,9 @@ pub struct Job<D, H> {
     /// meanwhile.
     early: Option<(u64, u32, H)>,
     early_msgs: Vec<ToHome>,
+    /// Since when a move asked of its host is in doubt: the host's link dropped before it
+    /// said how the move ended.
+    doubt: Option<Instant>,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -177,6 +183,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             ended: false,
             early: None,
             early_msgs: Vec::new(),
+            doubt: None,
         }
     }
 
@@ -274,6 +281,50 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         }
     }
 
+    fn is_home(&self) -> bool {
+        matches!(self.place, Where::Home)
+    }
+
+    /// It runs on another node now (a new residence).
+    fn moved_on(&mut self, moved: super::Moved, now: Instant, acts: &mut Vec<Act>) {
+        let to = moved.to;
+        self.doubt = None;
+        self.host = None;
+        // What the deputy said meanwhile (signals) is for the next host.
+        self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
+        self.epoch += 1;
+        self.migrations += 1;
+        self.place = Where::Away {
+            node: to,
+            epoch: self.epoch,
+        };
+        self.since = now;
+        self.reason = format!("running on node {to}");
+        self.unlinked_since = Some(now);
+        self.host_down = false;
+        if let Some((e, n, link)) = self.early.take() {
+            if e == self.epoch && n == to {
+                self.host = Some(link);
+                self.unlinked_since = None;
+                self.flush_host();
+            }
+        }
+        self.answer_waiters(to, &Ok(moved));
+        acts.push(Act::Persist);
+    }
+
+    /// The next host linked and the last one cannot say it moved there: it did.
+    fn moved_on_early(&mut self, now: Instant, acts: &mut Vec<Act>) {
+        if let Some((_, to, _)) = &self.early {
+            let moved = super::Moved {
+                to: *to,
+                frozen_ms: 0,
+                memory_bytes: 0,
+            };
+            self.moved_on(moved, now, acts);
+        }
+    }
+
     pub fn handle(&mut self, ev: Ev<D, H>, now: Instant) -> Vec<Act> {
         let epoch = self.epoch;
         let mut acts = self.handle_one(ev, now);
@@ -326,25 +377,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 }
             }
             Ev::LeftHome { to, moved } => {
-                self.epoch += 1;
-                self.migrations += 1;
-                self.place = Where::Away {
-                    node: to,
-                    epoch: self.epoch,
-                };
-                self.since = now;
-                self.reason = format!("running on node {to}");
-                self.unlinked_since = Some(now);
-                self.host_down = false;
-                if let Some((e, n, link)) = self.early.take() {
-                    if e == self.epoch && n == to {
-                        self.host = Some(link);
-                        self.unlinked_since = None;
-                        self.flush_host();
-                    }
-                }
-                self.answer_waiters(to, &Ok(moved));
-                acts.push(Act::Persist);
+                self.moved_on(super::Moved { to, ..moved }, now, &mut acts);
             }
             Ev::LeaveFailed { to, err } => {
                 if matches!(self.place, Where::Leaving { .. }) {
@@ -358,6 +391,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.answer_waiters(to, &Err(err));
             }
             Ev::CameHome { moved } => {
+                self.doubt = None;
                 self.place = Where::Home;
                 self.migrations += 1;
                 self.since = now;
@@ -384,25 +418,43 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             } => {
                 match self.place {
                     Where::Away { node: n, epoch: e } if epoch == e && node == n => {
-                        self.host = Some(link);
-                        self.unlinked_since = None;
-                        self.host_down = false;
-                        self.flush_host();
+                        if self.host.is_none() && self.early.is_some() {
+                            // Its old host's mosixd came back after the move on was
+                            // committed (the next host links only then): that copy is
+                            // not the process any more.
+                            let _ = link.send(&ToHost::Kill);
+                            self.moved_on_early(now, &mut acts);
+                        } else {
+                            self.host = Some(link);
+                            self.unlinked_since = None;
+                            self.host_down = false;
+                            self.flush_host();
+                        }
                     }
                     Where::Leaving { to } if epoch == self.epoch + 1 && node == to => {
                         // The new host runs it already; our end of the move is not done.
                         self.early = Some((epoch, node, link));
                     }
                     Where::Away { .. } if epoch == self.epoch + 1 => {
-                        // The next host, before the last one said it was moved there.
+                        // The next host, before the last one said it was moved there. A
+                        // host links only once it runs it: if the last host is not linked
+                        // (its mosixd died in the move), the move is done.
                         self.early = Some((epoch, node, link));
+                        if self.host.is_none() {
+                            self.moved_on_early(now, &mut acts);
+                        }
                     }
                     Where::Home if epoch > self.epoch => {
                         // A copy that was committed there but never got its deputy (the
                         // exec into the deputy failed, and it went on here): end it.
                         let _ = link.send(&ToHost::Kill);
                     }
-                    // A link of another residence or node is not taken.
+                    Where::Home | Where::Away { .. } if epoch < self.epoch || self.is_home() => {
+                        // A copy of an older residence (its host's mosixd restarted after
+                        // the process moved on): end it.
+                        let _ = link.send(&ToHost::Kill);
+                    }
+                    // A link of another node of this residence is not taken.
                     _ => {}
                 }
             }
@@ -430,34 +482,24 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                             memory_bytes,
                         };
                         self.host = None;
-                        // What the deputy said meanwhile (signals) is for the next host.
-                        self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
                         if to == self.me {
                             // The move home is ours to finish (CameHome); nothing to do.
+                            self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
                             self.answer_waiters(to, &Ok(moved));
                         } else {
-                            self.epoch += 1;
-                            self.migrations += 1;
-                            self.place = Where::Away {
-                                node: to,
-                                epoch: self.epoch,
-                            };
-                            self.since = now;
-                            self.reason = format!("running on node {to}");
-                            self.unlinked_since = Some(now);
-                            self.host_down = false;
-                            if let Some((e, n, link)) = self.early.take() {
-                                if e == self.epoch && n == to {
-                                    self.host = Some(link);
-                                    self.unlinked_since = None;
-                                    self.flush_host();
-                                }
-                            }
-                            self.answer_waiters(to, &Ok(moved));
-                            acts.push(Act::Persist);
+                            self.moved_on(moved, now, &mut acts);
                         }
                     }
                     ToHome::MigrateFailed { to, reason } => {
+                        if let Some((_, n, mut link)) = self.early.take() {
+                            if n == to {
+                                // The copy there was committed but its host did not hear
+                                // it run, and let it go on here: that one is ended.
+                                let _ = link.send(&ToHost::Kill);
+                            } else {
+                                self.early = Some((self.epoch + 1, n, link));
+                            }
+                        }
                         self.answer_waiters(to, &Err(MoveError::Failed { reason }));
                     }
                 }
@@ -466,6 +508,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 if epoch == self.epoch && matches!(self.place, Where::Away { .. }) {
                     self.host = None;
                     self.unlinked_since.get_or_insert(now);
+                    if !self.waiters.is_empty() {
+                        self.doubt.get_or_insert(now);
+                    }
+                    if self.early.is_some() {
+                        // The next host runs it, and the last will not say so.
+                        self.moved_on_early(now, &mut acts);
+                    }
                 }
             }
             Ev::PidEnded => {
@@ -497,6 +546,19 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
     /// [`LINK_WAIT`] is lost.
     pub fn tick(&mut self, now: Instant) -> Vec<Act> {
         let mut acts = Vec::new();
+        if let (Some(t), Where::Away { node, .. }) = (self.doubt, self.place) {
+            // The next host links as soon as it runs it; none did: the host's mover let
+            // it go on there.
+            if now.duration_since(t) >= DOUBT {
+                self.doubt = None;
+                for (_, w) in std::mem::take(&mut self.waiters) {
+                    w.answer(Err(MoveError::PeerGone {
+                        node,
+                        why: "its mosixd went away during the move; the process stays there".into(),
+                    }));
+                }
+            }
+        }
         if let (Where::Away { node, .. }, Some(t)) = (self.place, self.unlinked_since) {
             if self.host_down && now.duration_since(t) >= LINK_WAIT.min(Duration::from_secs(3))
                 || now.duration_since(t) >= LINK_WAIT
@@ -681,6 +743,97 @@ mod tests {
         assert_eq!(*d.0.borrow(), vec![b"call".to_vec()]);
         j.handle(Ev::FromDeputy(b"answer".to_vec()), t);
         assert_eq!(*h.0.borrow(), vec![ToHost::Deputy(b"answer".to_vec())]);
+    }
+
+    #[test]
+    fn when_the_last_host_dies_in_a_move_the_next_hosts_link_settles_it() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let h2 = Rec::<ToHost>::default();
+        let link = |j: &mut J, epoch, node, l: &Rec<ToHost>| {
+            j.handle(
+                Ev::HostLinked {
+                    epoch,
+                    node,
+                    link: l.clone(),
+                },
+                t,
+            )
+        };
+        link(&mut j, 1, 2, &h2);
+        let got = got();
+        j.handle(
+            Ev::Migrate {
+                to: 3,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        // Node 2's mosixd dies during the commit: its link drops, no Left comes; node 3
+        // runs it and links (a host links only once it runs it).
+        j.handle(Ev::HostGone { epoch: 1 }, t);
+        let h3 = Rec::<ToHost>::default();
+        assert_eq!(link(&mut j, 2, 3, &h3), vec![Act::Persist]);
+        assert_eq!(j.place, Where::Away { node: 3, epoch: 2 });
+        assert!(matches!(got.lock().unwrap().as_slice(), [Ok(m)] if m.to == 3));
+        // Node 2's restarted mosixd finds the supervisor of the old copy and links: the
+        // copy is ended.
+        let h2b = Rec::<ToHost>::default();
+        link(&mut j, 1, 2, &h2b);
+        assert_eq!(*h2b.0.borrow(), vec![ToHost::Kill]);
+        // The same if the next host linked first, while the last one was still linked.
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        link(&mut j, 1, 2, &h2);
+        link(&mut j, 2, 3, &h3);
+        assert_eq!(j.place, Where::Away { node: 2, epoch: 1 }, "Left awaited");
+        assert_eq!(j.handle(Ev::HostGone { epoch: 1 }, t), vec![Act::Persist]);
+        assert_eq!(j.place, Where::Away { node: 3, epoch: 2 });
+        // And if no next host links, the move is answered as failed: it stays there.
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        link(&mut j, 1, 2, &h2);
+        let got3 = super::tests::got();
+        j.handle(
+            Ev::Migrate {
+                to: 3,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got3.clone()))),
+            },
+            t,
+        );
+        j.handle(Ev::HostGone { epoch: 1 }, t);
+        j.tick(t + DOUBT / 2);
+        assert!(got3.lock().unwrap().is_empty());
+        j.tick(t + DOUBT);
+        assert!(matches!(
+            got3.lock().unwrap().as_slice(),
+            [Err(MoveError::PeerGone { node: 2, .. })]
+        ));
+        assert_eq!(j.place, Where::Away { node: 2, epoch: 1 });
+    }
+
+    #[test]
+    fn a_copy_linking_after_its_process_came_home_is_ended() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        j.handle(Ev::CameHome { moved: moved(1) }, t);
+        assert_eq!(j.place, Where::Home);
+        let old = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: old.clone(),
+            },
+            t,
+        );
+        assert_eq!(*old.0.borrow(), vec![ToHost::Kill]);
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod gate;
 pub mod guest;
 pub mod home;
 pub mod job;
+pub mod mover;
 pub mod supervisor;
 pub mod transfer;
 
@@ -76,6 +77,10 @@ pub enum MoveError {
     PeerGone { node: u32, why: String },
     #[error("it cannot move: {0}")]
     Engine(String),
+    /// It runs with rights its user does not have (a set-user-ID or set-group-ID program,
+    /// capabilities): away it would have only its user's, and its deputy all of them.
+    #[error("it runs with more rights than its user's ({0}): such a process stays home")]
+    Rights(String),
     /// A failure reported by the node it runs on, as text.
     #[error("{reason}")]
     Failed { reason: String },
@@ -352,6 +357,18 @@ impl Procs {
         read(&self.state.nodes)
             .iter()
             .any(|s| s.node == n && s.state == NodeState::Up)
+    }
+
+    /// Whether `node`'s machine answers on its mosixd's address, even if mosixd does not
+    /// (a refused connection: the machine is up, its mosixd is restarting).
+    pub(crate) fn machine_answers(&self, node: u32) -> bool {
+        let Some(m) = self.cfg.map.iter().find(|m| m.node == node) else {
+            return false;
+        };
+        match TcpStream::connect_timeout(&m.addr, Duration::from_millis(300)) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        }
     }
 
     pub(crate) fn connect(&self, node: u32) -> anyhow::Result<Link> {

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use tracing::{info, warn};
 
-/// The descriptor a supervisor gets its connection on.
-const CONN_FD: RawFd = 3;
+/// The descriptor a helper (supervisor, mover) gets its connection on.
+pub(crate) const CONN_FD: RawFd = 3;
 
 /// What the supervisor restores.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,14 +104,21 @@ pub fn recv<T: for<'de> Deserialize<'de>>(s: &mut UnixStream) -> std::io::Result
     wire::expect(s)
 }
 
-/// Starts a supervisor: this program again, in a session of its own, not our child (it
-/// outlives us); returns our end of its connection.
+/// Starts a supervisor (see [`spawn_helper`]).
 pub fn spawn() -> std::io::Result<UnixStream> {
+    spawn_helper("supervise")
+}
+
+/// Starts a helper process, `mosixd ROLE`: this program again, in a session of its own,
+/// not our child (it outlives us); returns our end of its connection.
+pub fn spawn_helper(role: &str) -> std::io::Result<UnixStream> {
     let (ours, theirs) = UnixStream::pair()?;
-    let exe = std::env::current_exe()?;
     let fd = theirs.as_raw_fd();
-    let mut c = Command::new(exe);
-    c.arg("supervise")
+    // This very program, even if its file has been replaced (an upgrade while it runs):
+    // a helper speaks its daemon's protocol.
+    let mut c = Command::new("/proc/self/exe");
+    c.arg0("mosixd")
+        .arg(role)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     // SAFETY: in the forked child before exec: dup2, setsid and fork only. The
@@ -134,6 +141,13 @@ pub fn spawn() -> std::io::Result<UnixStream> {
     let _ = child.wait();
     drop(theirs);
     Ok(ours)
+}
+
+/// Names this process `mosixd` (its command name would be `exe`, from /proc/self/exe).
+pub fn name_self() {
+    let name = c"mosixd";
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
 /// The supervisor process's main.
@@ -269,6 +283,8 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 moved: false,
                 went_home: None,
                 ns_init: restored.ns_init,
+                killed: false,
+                doubtful: false,
             };
             s.serve(&start.socket)
         }
@@ -297,6 +313,10 @@ struct Supervision {
     /// The call that asked to go home (asked once per call).
     went_home: Option<u64>,
     ns_init: Option<i32>,
+    /// Its home ended it.
+    killed: bool,
+    /// mosixd went away while it was frozen for a move, and it has not run since.
+    doubtful: bool,
 }
 
 impl Supervision {
@@ -391,6 +411,8 @@ impl Supervision {
             }
             if fds[0].revents & libc::POLLIN != 0 {
                 if let Ok(n) = self.live.notify.recv() {
+                    // It runs: the move it was frozen for did not take it.
+                    self.doubtful = false;
                     let o = self.g.on_notif(n, &mut self.live);
                     self.outs(o);
                 }
@@ -405,6 +427,13 @@ impl Supervision {
                         warn!(pid, "lost mosixd; waiting for it");
                         reader = None;
                         self.conn = None;
+                        if self.moving {
+                            // Its mover finishes alone: it lets it go on here, or (once
+                            // the commit was announced) ends it, as it runs elsewhere.
+                            self.moving = false;
+                            self.went_home = None;
+                            self.doubtful = true;
+                        }
                     }
                 }
             }
@@ -441,10 +470,16 @@ impl Supervision {
                 };
                 reap(self.ns_init);
                 let _ = std::fs::remove_file(socket);
+                if self.doubtful && st == ExitStatus::Signal(libc::SIGKILL) {
+                    // Ended by its mover after the commit, with mosixd away: it runs
+                    // where it went, and its end here is not its end.
+                    info!(pid, "its copy here was ended by its move");
+                    return Ok(());
+                }
                 if self.moved || self.moving {
                     // Its copy here was ended by the move (the mover kills it once it runs
                     // there): nothing to report.
-                    if !self.moved {
+                    if !self.moved && !self.killed {
                         self.await_settled(&mut reader);
                     }
                     if self.moved {
@@ -467,6 +502,11 @@ impl Supervision {
             match wire::recv::<_, ToSup>(r) {
                 Ok(Some(ToSup::Moved)) => {
                     self.moved = true;
+                    return;
+                }
+                // Its home ended it (it lives elsewhere now, or its deputy is gone).
+                Ok(Some(ToSup::Kill)) => {
+                    self.killed = true;
                     return;
                 }
                 Ok(Some(ToSup::Thaw)) | Ok(None) | Err(_) => return,
@@ -498,6 +538,7 @@ impl Supervision {
             }
             ToSup::Moved => self.moved = true,
             ToSup::Kill => {
+                self.killed = true;
                 let _ = mosix_ckpt::sys::kill(self.live.pid, libc::SIGKILL);
             }
             ToSup::Relinked => {

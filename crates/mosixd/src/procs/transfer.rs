@@ -11,14 +11,13 @@
 //! chunk by chunk.
 
 use super::gate::{HandshakeGate, HandshakeSlot};
+use super::mover::{Mover, MoverStart};
 use super::supervisor::{self, FromSup, SupMode, SupStart, ToSup};
 use super::{Link, MoveError, Moved, Procs};
 use anyhow::{anyhow, bail, Context, Result};
 use mosix_proto::channel::Channel;
-use mosix_proto::wire::{self, ChunkWriter, Decision, Hello, MigrateHeader, Tail, Verdict};
-use std::io::{Read, Write};
+use mosix_proto::wire::{self, Decision, Hello, MigrateHeader, Tail, Verdict};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,16 +111,19 @@ fn peer_gone(to: u32, e: impl std::fmt::Display) -> MoveError {
     }
 }
 
-/// The source's half after the image: the tail, the destination's verdict, the commit.
-fn commit(ch: &mut Link, to: u32, tail: Tail) -> Result<i32, MoveError> {
+/// The source's half after the image: the tail and the destination's verdict (restored,
+/// held there).
+fn ready(ch: &mut Link, to: u32, tail: Tail) -> Result<(), MoveError> {
     wire::send_flush(ch, &tail).map_err(|e| peer_gone(to, e))?;
     match wire::expect::<_, Verdict>(ch).map_err(|e| peer_gone(to, e))? {
-        Verdict::Ready => {}
-        Verdict::Refused(reason) => return Err(MoveError::Refused { node: to, reason }),
-        Verdict::Running { .. } => {
-            return Err(peer_gone(to, "it answered out of order"));
-        }
+        Verdict::Ready => Ok(()),
+        Verdict::Refused(reason) => Err(MoveError::Refused { node: to, reason }),
+        Verdict::Running { .. } => Err(peer_gone(to, "it answered out of order")),
     }
+}
+
+/// The commit: the destination lets it run. Its PID there.
+fn commit(ch: &mut Link, to: u32) -> Result<i32, MoveError> {
     wire::send_flush(ch, &Decision::Commit).map_err(|e| peer_gone(to, e))?;
     match wire::expect::<_, Verdict>(ch) {
         Ok(Verdict::Running { host_pid }) => Ok(host_pid),
@@ -133,12 +135,74 @@ fn commit(ch: &mut Link, to: u32, tail: Tail) -> Result<i32, MoveError> {
     }
 }
 
+/// The source's half of a move once the process is saved (held by `mover`): tail,
+/// verdict, the commit announced to the mover then sent, and the mover told to finish
+/// (`deputy`: it becomes its deputy, else it is ended). The PID there and the signals
+/// that reached it meanwhile.
+fn finish_move(
+    ch: &mut Link,
+    to: u32,
+    tail: Tail,
+    mut mover: Mover,
+    deputy: Option<super::home::DeputyExec>,
+) -> Result<(i32, Vec<i32>), MoveError> {
+    if let Err(e) = ready(ch, to, tail) {
+        mover.release();
+        return Err(e);
+    }
+    // Announced first: if this daemon dies from here on, the mover finishes the move.
+    mover.committing(deputy)?;
+    match commit(ch, to) {
+        Ok(host_pid) => Ok((host_pid, mover.commit()?)),
+        Err(e) => {
+            mover.release();
+            Err(e)
+        }
+    }
+}
+
 fn no_new_privs(pid: i32) -> bool {
     mosix_ckpt::procfs::status(pid)
         .ok()
         .and_then(|s| s.get("NoNewPrivs").cloned())
         .as_deref()
         == Some("1")
+}
+
+/// Whether process `pid` runs with exactly its user's rights: every user ID `uid`, its
+/// group IDs all one, and (unless `uid` is root) no capabilities. A set-user-ID program
+/// of another user, a set-group-ID one or a process given capabilities fails: away it
+/// would be restored with its user's rights only, and its deputy here would keep the
+/// others, serving calls that its user could make from the host's copy.
+fn own_rights_only(pid: i32, uid: u32) -> Result<(), MoveError> {
+    let st = mosix_ckpt::procfs::status(pid).map_err(|_| MoveError::Ended)?;
+    let ids = |k: &str| -> Vec<u32> {
+        st.get(k)
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (u, g) = (ids("Uid"), ids("Gid"));
+    if u.len() != 4 || u.iter().any(|&x| x != uid) {
+        return Err(MoveError::Rights(format!(
+            "user IDs {u:?}, its user is {uid}"
+        )));
+    }
+    if g.len() != 4 || g.iter().any(|&x| x != g[0]) {
+        return Err(MoveError::Rights(format!("group IDs {g:?}")));
+    }
+    if uid != 0 {
+        for k in ["CapEff", "CapPrm"] {
+            let v = st.get(k).map(|v| v.trim()).unwrap_or("");
+            if u64::from_str_radix(v, 16) != Ok(0) {
+                return Err(MoveError::Rights(format!("capabilities {k} {v}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Procs {
@@ -153,6 +217,7 @@ impl Procs {
             w.wait()?;
         }
         let to = m.to;
+        own_rights_only(m.pid, m.uid)?;
         self.check_destination(to)?;
         let dp = &self.deputy_path;
         if !dp.exists() {
@@ -183,70 +248,47 @@ impl Procs {
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
         let t0 = Instant::now();
-        let (cw, stats, held) = mosix_ckpt::checkpoint_moving(
-            m.pid,
-            ChunkWriter::new(ch),
-            self.cfg.compression,
-            &leaving,
-            &mut |_, _| {},
-        )
-        .map_err(|e| MoveError::Engine(e.to_string()))?;
-        let res = cw
-            .finish()
-            .map_err(|e| peer_gone(to, e))
-            .and_then(|mut ch| {
-                commit(
-                    &mut ch,
-                    to,
-                    Tail {
-                        next_seq: 1,
-                        proc_fds: Vec::new(),
-                    },
-                )
-            });
-        let host_pid = match res {
-            Ok(p) => p,
+        let mut mover = Mover::start(MoverStart {
+            pid: m.pid,
+            away: leaving.away,
+            no_new_privs: leaving.no_new_privs,
+            compression: self.cfg.compression,
+        })?;
+        let memory_bytes = mover.dump(&mut ch, &mut || Ok(Vec::new()))?;
+        // Its deputy's exec, read while it is held; its record says where it is going,
+        // for a mosixd that restarts before the move is done here.
+        let exec = self.deputy_exec(m.pid, &m.token);
+        self.mark_leaving(m.pid, Some((to, m.epoch)));
+        let tail = Tail {
+            next_seq: 1,
+            proc_fds: Vec::new(),
+        };
+        let (host_pid, signals) = match finish_move(&mut ch, to, tail, mover, Some(exec)) {
+            Ok(r) => r,
             Err(e) => {
-                if let Err(e2) = held.release() {
-                    warn!(pid = m.pid, "releasing after a failed move: {e2}");
-                }
+                self.mark_leaving(m.pid, None);
                 return Err(e);
             }
         };
-        // It runs there now: what is left here becomes its deputy.
-        let exec = self.deputy_exec(m.pid, &m.token);
-        match held.become_program(&exec.path, &exec.argv, &exec.envp, &exec.cloexec) {
-            Ok(signals) => {
-                let frozen_ms = t0.elapsed().as_millis() as u64;
-                crate::metrics::migration_moved(frozen_ms, stats.memory_bytes);
-                info!(
-                    pid = m.pid,
-                    to,
-                    host_pid,
-                    bytes = stats.memory_bytes,
-                    frozen_ms,
-                    "process left home: {}",
-                    m.reason
-                );
-                Ok((
-                    Moved {
-                        to,
-                        frozen_ms,
-                        memory_bytes: stats.memory_bytes,
-                    },
-                    signals,
-                ))
-            }
-            Err(b) => {
-                // The copy there can do nothing without its deputy: it is ended when it
-                // links (the job is still at home, see job.rs), and this one goes on.
-                let (e, held) = *b;
-                let _ = held.release();
-                Err(MoveError::Engine(format!(
-                    "it could not become its deputy here: {e}"
-                )))
-            }
-        }
+        let frozen_ms = t0.elapsed().as_millis() as u64;
+        crate::metrics::migration_moved(frozen_ms, memory_bytes);
+        info!(
+            pid = m.pid,
+            to,
+            host_pid,
+            bytes = memory_bytes,
+            frozen_ms,
+            "process left home: {}",
+            m.reason
+        );
+        Ok((
+            Moved {
+                to,
+                frozen_ms,
+                memory_bytes,
+            },
+            signals,
+        ))
     }
 
     /// Moves guest `pid` from here to `dest` (its home, or another node). `quiesce` is
@@ -275,56 +317,37 @@ impl Procs {
             next_seq: 1,
             proc_fds: Vec::new(),
         };
-        let r = mosix_ckpt::checkpoint_moving_with(
+        let mut mover = Mover::start(MoverStart {
             pid,
-            ChunkWriter::new(ch),
-            self.cfg.compression,
-            &leaving,
-            &mut || {
-                let (done, seq, proc_fds) =
-                    quiesce().map_err(|e| mosix_ckpt::Error::Unrestorable(e.to_string()))?;
-                tail = Tail {
-                    next_seq: seq,
-                    proc_fds,
-                };
-                Ok(done)
-            },
-            &mut |_, _| {},
+            away: leaving.away,
+            no_new_privs: leaving.no_new_privs,
+            compression: self.cfg.compression,
+        })?;
+        let memory_bytes = mover.dump(&mut ch, &mut || {
+            let (done, seq, proc_fds) = quiesce()?;
+            tail = Tail {
+                next_seq: seq,
+                proc_fds,
+            };
+            Ok(done)
+        })?;
+        let (host_pid, _) = finish_move(&mut ch, dest, tail, mover, None)?;
+        let frozen_ms = t0.elapsed().as_millis() as u64;
+        crate::metrics::migration_moved(frozen_ms, memory_bytes);
+        info!(
+            home = header.home,
+            home_pid = header.home_pid,
+            to = dest,
+            host_pid,
+            frozen_ms,
+            "guest moved on: {}",
+            header.reason
         );
-        let (cw, stats, held) = r.map_err(|e| MoveError::Engine(e.to_string()))?;
-        let res = cw
-            .finish()
-            .map_err(|e| peer_gone(dest, e))
-            .and_then(|mut ch| commit(&mut ch, dest, tail));
-        match res {
-            Ok(host_pid) => {
-                if let Err(e) = held.kill() {
-                    warn!(pid, "ending the moved process's old copy: {e}");
-                }
-                let frozen_ms = t0.elapsed().as_millis() as u64;
-                crate::metrics::migration_moved(frozen_ms, stats.memory_bytes);
-                info!(
-                    home = header.home,
-                    home_pid = header.home_pid,
-                    to = dest,
-                    host_pid,
-                    frozen_ms,
-                    "guest moved on: {}",
-                    header.reason
-                );
-                Ok(Moved {
-                    to: dest,
-                    frozen_ms,
-                    memory_bytes: stats.memory_bytes,
-                })
-            }
-            Err(e) => {
-                if let Err(e2) = held.release() {
-                    warn!(pid, "releasing after a failed move: {e2}");
-                }
-                Err(e)
-            }
-        }
+        Ok(Moved {
+            to: dest,
+            frozen_ms,
+            memory_bytes,
+        })
     }
 
     /// Serves node-to-node connections (migrations in, links from hosts) on the node's
@@ -467,7 +490,11 @@ impl Procs {
         };
         supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
         // The image, chunk by chunk, then the tail.
-        let relayed = relay_chunks(&mut ch, &mut sup);
+        let relayed = match super::mover::relay_chunks(&mut ch, &mut sup) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow!("the image was cut short")),
+            Err(e) => Err(e.into()),
+        };
         let tail = relayed.and_then(|_| Ok(wire::expect::<_, Tail>(&mut ch)?));
         let tail = match tail {
             Ok(t) => t,
@@ -557,24 +584,5 @@ impl Procs {
             pid: h.home_pid,
             deputy: (exec.path, exec.argv, exec.envp),
         })
-    }
-}
-
-/// Copies a chunk stream (an image) from `from` to `to` as it is.
-fn relay_chunks(from: &mut Link, to: &mut UnixStream) -> Result<()> {
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let mut len = [0u8; 4];
-        from.read_exact(&mut len)?;
-        let n = u32::from_le_bytes(len) as usize;
-        to.write_all(&len)?;
-        if n == 0 {
-            return Ok(());
-        }
-        if n > buf.len() {
-            bail!("image chunk larger than the limit");
-        }
-        from.read_exact(&mut buf[..n])?;
-        to.write_all(&buf[..n])?;
     }
 }

@@ -1,0 +1,288 @@
+//! `mosixd move`: the process that holds a leaving process frozen for the source's half
+//! of a move. It freezes it (ptrace), saves it into its connection to mosixd (which
+//! relays the image to the destination), keeps it frozen while the destination restores
+//! it, and then ends it, turns it into its deputy, or lets it go on, as mosixd says.
+//!
+//! It is a process of its own, like a supervisor, because a frozen process must never
+//! depend on mosixd staying alive: a tracer that dies lets its tracee run on from
+//! wherever it was stopped, and in the middle of the calls injected to read its state
+//! that is a crash. If mosixd dies, the mover finishes on its own: before the commit was
+//! announced it lets the process go on where it was (the destination, whose link
+//! dropped, drops its copy); once the commit was announced ([`ToMover::Committing`],
+//! sent just before the destination is told to commit), it completes the move.
+
+use super::home::DeputyExec;
+use mosix_proto::wire::{self, ChunkWriter};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use tracing::{info, warn};
+
+/// A chunk length that no image has: the dump failed, a [`FromMover::Failed`] follows.
+const ABORTED: u32 = u32::MAX;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MoverStart {
+    pub pid: i32,
+    /// It runs away from home now (see [`mosix_ckpt::Leaving`]).
+    pub away: bool,
+    pub no_new_privs: Option<bool>,
+    pub compression: mosix_ckpt::Compression,
+}
+
+/// mosixd to mover.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToMover {
+    Start(MoverStart),
+    /// Its calls at home are settled: those finished for it meanwhile (TID, result).
+    Quiesced(Vec<(i32, i64)>),
+    /// The move failed: let it go on here.
+    Release,
+    /// The destination is about to be told to commit: from now on, if mosixd goes away,
+    /// the move is done. With the deputy's exec for a process leaving home (else it is
+    /// ended here).
+    Committing(Option<DeputyExec>),
+    /// It runs there: finish (end it, or make it its deputy).
+    Commit,
+}
+
+/// Mover to mosixd. After `Frozen` come the image's chunks, then `Dumped` (or the
+/// [`ABORTED`] mark and `Failed`).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromMover {
+    /// It is frozen: settle its calls at home (answer `Quiesced`).
+    Frozen,
+    Dumped {
+        memory_bytes: u64,
+    },
+    /// It could not be frozen or saved, and goes on where it was.
+    Failed(String),
+    /// Finished: the signals that reached it meanwhile (to pass on, for a deputy).
+    Done {
+        signals: Vec<i32>,
+    },
+    /// The exec into its deputy failed: it goes on here as it was.
+    NoDeputy(String),
+}
+
+/// Our end of a mover.
+pub struct Mover {
+    conn: UnixStream,
+}
+
+fn engine(e: impl std::fmt::Display) -> super::MoveError {
+    super::MoveError::Engine(e.to_string())
+}
+
+impl Mover {
+    /// Starts a mover for `pid` (it is not frozen yet).
+    pub fn start(start: MoverStart) -> Result<Mover, super::MoveError> {
+        let mut conn = super::supervisor::spawn_helper("move")
+            .map_err(|e| engine(format!("no mover: {e}")))?;
+        wire::send_flush(&mut conn, &ToMover::Start(start)).map_err(engine)?;
+        Ok(Mover { conn })
+    }
+
+    fn recv(&mut self) -> Result<FromMover, super::MoveError> {
+        wire::expect(&mut self.conn).map_err(|e| engine(format!("its mover is gone: {e}")))
+    }
+
+    fn send(&mut self, m: &ToMover) -> Result<(), super::MoveError> {
+        wire::send_flush(&mut self.conn, m).map_err(|e| engine(format!("its mover is gone: {e}")))
+    }
+
+    /// Freezes and saves it into `out` (chunks, not yet ended by the tail); `quiesce` is
+    /// called once it is frozen. Returns the bytes of memory saved. On failure it goes
+    /// on where it was.
+    pub fn dump<W: Write>(
+        &mut self,
+        out: &mut W,
+        quiesce: &mut dyn FnMut() -> Result<Vec<(i32, i64)>, super::MoveError>,
+    ) -> Result<u64, super::MoveError> {
+        match self.recv()? {
+            FromMover::Frozen => {}
+            FromMover::Failed(e) => return Err(super::MoveError::Engine(e)),
+            other => return Err(engine(format!("its mover said {other:?}"))),
+        }
+        match quiesce() {
+            Ok(done) => self.send(&ToMover::Quiesced(done))?,
+            Err(e) => {
+                let _ = self.send(&ToMover::Release);
+                return Err(e);
+            }
+        }
+        let relayed =
+            relay_chunks(&mut self.conn, out).map_err(|e| engine(format!("image I/O: {e}")))?;
+        if !relayed {
+            return match self.recv()? {
+                FromMover::Failed(e) => Err(super::MoveError::Engine(e)),
+                other => Err(engine(format!("its mover said {other:?}"))),
+            };
+        }
+        match self.recv()? {
+            FromMover::Dumped { memory_bytes } => Ok(memory_bytes),
+            FromMover::Failed(e) => Err(super::MoveError::Engine(e)),
+            other => Err(engine(format!("its mover said {other:?}"))),
+        }
+    }
+
+    /// Lets it go on here.
+    pub fn release(mut self) {
+        if self.send(&ToMover::Release).is_ok() {
+            let _ = self.recv();
+        }
+    }
+
+    /// Announces the commit (see [`ToMover::Committing`]).
+    pub fn committing(&mut self, deputy: Option<DeputyExec>) -> Result<(), super::MoveError> {
+        self.send(&ToMover::Committing(deputy))
+    }
+
+    /// It runs there: ends it here or makes it its deputy. The signals that reached it.
+    pub fn commit(mut self) -> Result<Vec<i32>, super::MoveError> {
+        self.send(&ToMover::Commit)?;
+        match self.recv()? {
+            FromMover::Done { signals } => Ok(signals),
+            FromMover::NoDeputy(e) => {
+                Err(engine(format!("it could not become its deputy here: {e}")))
+            }
+            other => Err(engine(format!("its mover said {other:?}"))),
+        }
+    }
+}
+
+/// Copies a chunk stream (an image) from `from` to `to` as it is, through its end (a
+/// zero-length chunk, written and flushed). False if `from` marked it aborted.
+pub fn relay_chunks<R: Read, W: Write>(from: &mut R, to: &mut W) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let mut len = [0u8; 4];
+        from.read_exact(&mut len)?;
+        let n = u32::from_le_bytes(len);
+        if n == ABORTED {
+            return Ok(false);
+        }
+        to.write_all(&len)?;
+        if n == 0 {
+            to.flush()?;
+            return Ok(true);
+        }
+        let n = n as usize;
+        if n > buf.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "image chunk larger than the limit",
+            ));
+        }
+        from.read_exact(&mut buf[..n])?;
+        to.write_all(&buf[..n])?;
+    }
+}
+
+/// The mover process's main.
+pub fn main() -> i32 {
+    // SAFETY: the descriptor is the connection mosixd gave us (see spawn_helper).
+    let conn = unsafe { UnixStream::from_raw_fd(super::supervisor::CONN_FD) };
+    match run(conn) {
+        Ok(()) => 0,
+        Err(e) => {
+            warn!("mover: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(mut conn: UnixStream) -> anyhow::Result<()> {
+    let start = match wire::expect::<_, ToMover>(&mut conn)? {
+        ToMover::Start(s) => s,
+        other => anyhow::bail!("expected a start, got {other:?}"),
+    };
+    let pid = start.pid;
+    let leaving = mosix_ckpt::Leaving {
+        away: start.away,
+        no_new_privs: start.no_new_privs,
+    };
+    let mut ctl = conn.try_clone()?;
+    let data = conn.try_clone()?;
+    let r = mosix_ckpt::checkpoint_moving_with(
+        pid,
+        ChunkWriter::new(data),
+        start.compression,
+        &leaving,
+        &mut || {
+            wire::send_flush(&mut ctl, &FromMover::Frozen)?;
+            match wire::expect::<_, ToMover>(&mut ctl) {
+                Ok(ToMover::Quiesced(done)) => Ok(done),
+                _ => Err(mosix_ckpt::Error::Unrestorable(
+                    "the move was abandoned".into(),
+                )),
+            }
+        },
+        &mut |_, _| {},
+    );
+    let (cw, stats, held) = match r {
+        Ok(x) => x,
+        Err(e) => {
+            // It goes on where it was (the engine let it go).
+            let _ = conn.write_all(&ABORTED.to_le_bytes());
+            let _ = wire::send_flush(&mut conn, &FromMover::Failed(e.to_string()));
+            return Ok(());
+        }
+    };
+    if let Err(e) = cw.finish() {
+        held.release()?;
+        anyhow::bail!("the image could not be sent: {e}");
+    }
+    wire::send_flush(
+        &mut conn,
+        &FromMover::Dumped {
+            memory_bytes: stats.memory_bytes,
+        },
+    )?;
+    let mut committing: Option<Option<DeputyExec>> = None;
+    loop {
+        match wire::recv::<_, ToMover>(&mut conn) {
+            Ok(Some(ToMover::Committing(d))) => committing = Some(d),
+            Ok(Some(ToMover::Commit)) if committing.is_some() => break,
+            Ok(Some(ToMover::Release)) => {
+                held.release()?;
+                let _ = wire::send_flush(&mut conn, &FromMover::Done { signals: vec![] });
+                return Ok(());
+            }
+            Ok(Some(other)) => warn!(pid, "mover: unexpected {other:?}"),
+            Ok(None) | Err(_) => {
+                if committing.is_some() {
+                    warn!(
+                        pid,
+                        "mosixd went away during the commit: finishing the move"
+                    );
+                    break;
+                }
+                warn!(pid, "mosixd went away during the move: it goes on here");
+                held.release()?;
+                return Ok(());
+            }
+        }
+    }
+    match committing.flatten() {
+        None => {
+            held.kill()?;
+            let _ = wire::send_flush(&mut conn, &FromMover::Done { signals: vec![] });
+        }
+        Some(d) => match held.become_program(&d.path, &d.argv, &d.envp, &d.cloexec) {
+            Ok(signals) => {
+                let _ = wire::send_flush(&mut conn, &FromMover::Done { signals });
+            }
+            Err(b) => {
+                // The copy there can do nothing without its deputy: it is ended when it
+                // links (the job is still at home, see job.rs), and this one goes on.
+                let (e, held) = *b;
+                held.release()?;
+                info!(pid, "the exec into its deputy failed: {e}");
+                let _ = wire::send_flush(&mut conn, &FromMover::NoDeputy(e.to_string()));
+            }
+        },
+    }
+    Ok(())
+}
