@@ -27,6 +27,7 @@ mod remote;
 mod reopen;
 mod restore;
 mod shmem;
+pub use shmem::PLACEHOLDER;
 pub mod sys;
 mod threads;
 

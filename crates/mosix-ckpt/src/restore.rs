@@ -738,7 +738,7 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
                             )?
                         }
                         None => {
-                            let name = b.put_str(AT_STR, "mosix-home-fd")?;
+                            let name = b.put_str(AT_STR, crate::shmem::PLACEHOLDER)?;
                             b.call("memfd_create", libc::SYS_memfd_create, &[name, 0])?
                         }
                     };

@@ -22,6 +22,10 @@ pub fn is_shmem(name: &str) -> bool {
 }
 
 /// The NAME of "/memfd:NAME (deleted)".
+/// The name of the memfd that stands for a descriptor of home on a process's host
+/// (mosix-remote's placeholders, and the ones a restore away makes).
+pub const PLACEHOLDER: &str = "mosix-home-fd";
+
 fn memfd_name(name: &str) -> Option<&str> {
     name.strip_prefix("/memfd:")?.strip_suffix(" (deleted)")
 }
@@ -58,9 +62,12 @@ pub fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
 
 /// Why `pid`'s shared memory cannot move: another process maps it or holds it open.
 pub fn refusals(pid: i32, maps: &[MapLine], why: &mut Vec<String>) {
-    let Ok(objs) = objects_of(pid, maps) else {
+    let Ok(mut objs) = objects_of(pid, maps) else {
         return;
     };
+    // The placeholders of a process away from home (its descriptors of home objects) are
+    // one memfd its supervisor also holds: nothing in them moves, so nothing is shared.
+    objs.retain(|_, (_, name)| memfd_name(name) != Some(PLACEHOLDER));
     if objs.is_empty() {
         return;
     }

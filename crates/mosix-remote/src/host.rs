@@ -32,7 +32,14 @@ impl Live {
 /// The name of a placeholder descriptor's memfd: what a descriptor of a process away
 /// from home is on its host, whatever it is at home (`/memfd:mosix-home-fd (deleted)` in
 /// /proc).
+/// (The checkpoint engine knows it by the same name: mosix_ckpt::PLACEHOLDER.)
 pub const PLACEHOLDER: &str = "mosix-home-fd";
+
+#[cfg(test)]
+#[test]
+fn the_engine_knows_placeholders_by_the_same_name() {
+    assert_eq!(PLACEHOLDER, mosix_ckpt::PLACEHOLDER);
+}
 
 /// A new placeholder descriptor.
 pub fn placeholder() -> std::io::Result<OwnedFd> {

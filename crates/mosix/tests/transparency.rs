@@ -1,0 +1,505 @@
+//! Home-node transparency with real, unmodified programs (issue 10), on a 4-node testbed
+//! (root; one test function, because the testbed's names are machine-wide). Each program
+//! is moved 1 → 2 → 3 (→ home) in the middle of its run, by construction: between pieces
+//! of its input, which it cannot finish without. Its output (files byte for byte, stdout,
+//! exit status) is compared with an unmoved run's. No file system is shared between the
+//! program and where it runs: every file, pipe, socket, device and the terminal are the
+//! home node's, used through its deputy.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+const PY: &str = "/usr/bin/python3";
+
+/// `mosix testbed exec 1 -- [as nobody] mosix run ARGV`, the job itself (its PID is the
+/// home PID).
+fn job_cmd(tb: &Testbed, argv: &[&str], nobody: bool) -> Command {
+    let mut c = Command::new(mosix());
+    c.args(["testbed", "exec", "1", "--dir"])
+        .arg(tb.dir.path())
+        .arg("--");
+    if nobody {
+        c.args(AS_NOBODY);
+    }
+    c.arg(mosix()).arg("run").args(argv);
+    c
+}
+
+fn move_ok(tb: &Testbed, pid: i32, to: &str) {
+    let o = tb.migrate(pid, to);
+    assert!(
+        o.status.success(),
+        "migrate {pid} {to}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let want = if to == "home" { "0" } else { to };
+    assert_eq!(tb.where_(pid), want, "where {pid} after the move to {to}");
+}
+
+/// Waits until `pid` is a registered migratable process of node 1.
+fn registered(tb: &Testbed, pid: i32) {
+    tb.wait_until(&format!("{pid} is registered"), || {
+        tb.ps(1).iter().any(|p| p["home_pid"] == pid)
+    });
+}
+
+/// Deterministic text, `n` bytes (lines of words, compressible but not trivially).
+fn text(seed: u64, n: usize) -> Vec<u8> {
+    let words = [
+        "mosix", "cluster", "node", "deputy", "home", "process", "moves", "load", "file", "zstd",
+        "gossip", "where",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n + 16);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+        out.push(if x % 11 == 0 { b'\n' } else { b' ' });
+        if x % 5 == 0 {
+            out.extend_from_slice(format!("{}", x % 100_000).as_bytes());
+        }
+    }
+    out.truncate(n);
+    out
+}
+
+/// A compressor reading 4 pieces of stdin with a move between them, writing a home file:
+/// the file equals what the same program writes unmoved.
+fn compressor(tb: &Testbed, prog: &[&str], name: &str) {
+    let pieces: Vec<Vec<u8>> = (0..4).map(|i| text(i + 1, 3 << 20)).collect();
+    let all: Vec<u8> = pieces.concat();
+    let mut r = Command::new(prog[0])
+        .args(&prog[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = r.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || w.write_all(&all).unwrap());
+    let mut want = Vec::new();
+    r.stdout.take().unwrap().read_to_end(&mut want).unwrap();
+    feeder.join().unwrap();
+    assert!(r.wait().unwrap().success());
+
+    let out = tb.dir.path().join(format!("{name}.out"));
+    let mut c = job_cmd(tb, prog, false)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = c.id() as i32;
+    let mut stdin = c.stdin.take().unwrap();
+    registered(tb, pid);
+    stdin.write_all(&pieces[0]).unwrap();
+    for (i, to) in ["2", "3", "home"].iter().enumerate() {
+        move_ok(tb, pid, to);
+        stdin.write_all(&pieces[i + 1]).unwrap();
+    }
+    drop(stdin);
+    let st = c.wait().unwrap();
+    assert!(st.success(), "{name}: {st:?}");
+    let got = std::fs::read(&out).unwrap();
+    assert!(
+        got == want,
+        "{name}: its output file differs from an unmoved run's"
+    );
+}
+
+/// A line-by-line conversation with a job (its stdin and stdout piped).
+struct Talk {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+    pid: i32,
+}
+
+impl Talk {
+    fn start(tb: &Testbed, argv: &[&str], nobody: bool) -> Talk {
+        let mut child = job_cmd(tb, argv, nobody)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut t = Talk {
+            child,
+            stdin,
+            out,
+            pid,
+        };
+        assert_eq!(t.line(), "start");
+        t
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+    fn say(&mut self, s: &str) -> String {
+        let w = self.stdin.as_mut().unwrap();
+        writeln!(w, "{s}").unwrap();
+        w.flush().unwrap();
+        self.line()
+    }
+    fn end(mut self) -> (String, std::process::ExitStatus) {
+        self.stdin = None;
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).unwrap();
+        (rest, self.child.wait().unwrap())
+    }
+}
+
+/// Runs `script` with these lines, unmoved, outside the testbed: its stdout lines.
+fn unmoved(script: &str, args: &[&str], lines: &[&str]) -> Vec<String> {
+    let mut c = Command::new(PY)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = c.stdin.take().unwrap();
+    for l in lines {
+        writeln!(w, "{l}").unwrap();
+    }
+    drop(w);
+    let o = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Talks to `script` (python3) moved 1 → 2 → 3 → home, one line at each place, and
+/// compares what it says with an unmoved run (after `fresh` resets its files).
+fn conversation(tb: &Testbed, script: &str, args: &[&str], lines: [&str; 4], fresh: &dyn Fn()) {
+    fresh();
+    let want = unmoved(script, args, &lines);
+    fresh();
+    let mut argv = vec![PY, "-c", script];
+    argv.extend_from_slice(args);
+    let mut t = Talk::start(tb, &argv, false);
+    let mut got = vec!["start".to_string()];
+    got.push(t.say(lines[0]));
+    for (i, to) in ["2", "3", "home"].iter().enumerate() {
+        move_ok(tb, t.pid, to);
+        got.push(t.say(lines[i + 1]));
+    }
+    let (rest, st) = t.end();
+    got.extend(rest.lines().map(String::from));
+    assert_eq!(got, want, "{args:?}");
+    assert!(st.success(), "{st:?}");
+}
+
+const LOG_PY: &str = r#"
+import os, sys
+log = open(sys.argv[1], 'a')
+rnd, null = open('/dev/urandom', 'rb'), open('/dev/null', 'w')
+print('start', flush=True)
+for line in sys.stdin:
+    log.write(line); log.flush()
+    st = os.fstat(log.fileno())
+    ok = len(rnd.read(16)) == 16 and null.write('x' * 100) == 100
+    # A file opened after the move: resolved at home, in its cwd.
+    with open(sys.argv[1]) as f:
+        lines = f.read().splitlines()
+    print(line.strip(), st.st_size, len(lines), lines[-1], ok, os.getcwd() == sys.argv[2], flush=True)
+print('end', os.path.getsize(sys.argv[1]), flush=True)
+"#;
+
+const SQL_PY: &str = r#"
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute('create table if not exists t (k integer primary key, v text)')
+db.commit()
+print('start', flush=True)
+for i, line in enumerate(sys.stdin):
+    with db:
+        db.executemany('insert into t (v) values (?)', [(f'{line.strip()}-{j}',) for j in range(500)])
+    n, s = db.execute('select count(*), sum(length(v)) from t').fetchone()
+    print(line.strip(), n, s, flush=True)
+db.close()
+print('end', flush=True)
+"#;
+
+const CLIENT_PY: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+def connect():
+    s = socket.create_connection(('127.0.0.1', port))
+    return s, s.makefile('r')
+kept, kept_in = connect()
+print('start', flush=True)
+for line in sys.stdin:
+    kept.sendall(line.encode()); a = kept_in.readline().strip()
+    # And a connection made where it runs now: from the home node too.
+    s, f = connect(); s.sendall(line.encode()); b = f.readline().strip(); s.close()
+    print(a, b, flush=True)
+print('end', flush=True)
+"#;
+
+const SERVER_PY: &str = r#"
+import socket, sys, threading
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(('127.0.0.1', 0)); l.listen(16)
+print(l.getsockname()[1], flush=True)
+def serve(c, peer):
+    f = c.makefile('r')
+    for line in f:
+        c.sendall(f'{line.strip().upper()}@{peer}\n'.encode())
+while True:
+    c, a = l.accept()
+    threading.Thread(target=serve, args=(c, a[0]), daemon=True).start()
+"#;
+
+fn sockets(tb: &Testbed) {
+    // The server runs in node 1's network namespace, on its loopback: only a socket of
+    // the home node reaches it.
+    let mut server = Command::new(mosix())
+        .args(["testbed", "exec", "1", "--dir"])
+        .arg(tb.dir.path())
+        .args(["--", PY, "-c", SERVER_PY])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let port = port.trim().to_string();
+    let lines = ["one", "two", "three", "four"];
+    let mut t = Talk::start(tb, &[PY, "-c", CLIENT_PY, &port], false);
+    let mut got = vec![t.say(lines[0])];
+    for (i, to) in ["2", "3", "home"].iter().enumerate() {
+        move_ok(tb, t.pid, to);
+        got.push(t.say(lines[i + 1]));
+    }
+    let (rest, st) = t.end();
+    let _ = server.kill();
+    let _ = server.wait();
+    let want: Vec<String> = lines
+        .iter()
+        .map(|l| format!("{0}@127.0.0.1 {0}@127.0.0.1", l.to_uppercase()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(rest.trim(), "end");
+    assert!(st.success());
+}
+
+const TTY_PY: &str = r#"
+import os, sys, signal, fcntl, termios, struct
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+def where():
+    rows, cols = struct.unpack('hh', fcntl.ioctl(1, termios.TIOCGWINSZ, b'1234'))
+    return f'{os.isatty(0)} {os.isatty(1)} {rows}x{cols}'
+print('start', where(), flush=True)
+for line in sys.stdin:
+    print('got', line.strip(), where(), flush=True)
+"#;
+
+/// Under `script` (a terminal at home), the job sees a terminal on every node, with its
+/// window size, and Ctrl-C typed in the terminal ends it where it runs.
+fn terminal(tb: &Testbed) {
+    let py = tb.dir.path().join("tty.py");
+    std::fs::write(&py, TTY_PY).unwrap();
+    let cmd = format!(
+        "stty rows 33 cols 101; exec {m} testbed exec 1 --dir {d} -- {m} run {PY} {py}",
+        m = mosix().display(),
+        d = tb.dir.path().display(),
+        py = py.display(),
+    );
+    let mut c = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = c.stdin.take().unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut next = |want: &str| {
+        // The terminal echoes what is typed: skip to the program's own line.
+        loop {
+            let mut l = String::new();
+            assert!(out.read_line(&mut l).unwrap() > 0, "terminal closed");
+            let l = l.trim().to_string();
+            if l.starts_with(want) {
+                return l;
+            }
+        }
+    };
+    assert_eq!(next("start"), "start True True 33x101");
+    let pid = tb
+        .ps(1)
+        .into_iter()
+        .find(|p| p["cmd"].as_str().is_some_and(|c| c.contains("python3")))
+        .and_then(|p| p["home_pid"].as_i64())
+        .expect("the job under script in node 1's ps") as i32;
+    for to in ["2", "3"] {
+        move_ok(tb, pid, to);
+        writeln!(w, "at{to}").unwrap();
+        w.flush().unwrap();
+        assert_eq!(next("got"), format!("got at{to} True True 33x101"));
+    }
+    // Ctrl-C, typed: the line discipline at home signals the foreground job.
+    w.write_all(b"\x03").unwrap();
+    w.flush().unwrap();
+    let st = c.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGINT), "{st:?}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
+
+const PERM_PY: &str = r#"
+import sys
+print('start', flush=True)
+for line in sys.stdin:
+    try:
+        with open(line.strip()) as f:
+            print('read', len(f.read()), flush=True)
+    except OSError as e:
+        print('refused', e.errno, flush=True)
+"#;
+
+/// A file the user cannot read at home is not readable after the move either; one it
+/// can read is.
+fn permissions(tb: &Testbed) {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = tb.dir.path().join("secret");
+    std::fs::write(&secret, "root only").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let open = tb.dir.path().join("open");
+    std::fs::write(&open, "anyone").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut t = Talk::start(tb, &[PY, "-c", PERM_PY], true);
+    move_ok(tb, t.pid, "2");
+    assert_eq!(t.say(secret.to_str().unwrap()), "refused 13");
+    assert_eq!(t.say(open.to_str().unwrap()), "read 6");
+    let (_, st) = t.end();
+    assert!(st.success());
+}
+
+/// What the MOSIX manuals teach: `mosrun prog &`, then `migrate $!`, `where $!` and
+/// `kill $!`; the shell's `wait` sees the status the program died with.
+fn background_job_of_a_shell(tb: &Testbed) {
+    let script = format!(
+        "{m} run {PY} -c 'import signal; signal.pause()' & echo $!; wait $!; echo status $?",
+        m = mosix().display()
+    );
+    let mut c = Command::new(mosix())
+        .args(["testbed", "exec", "1", "--dir"])
+        .arg(tb.dir.path())
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let pid: i32 = l.trim().parse().unwrap();
+    registered(tb, pid);
+    move_ok(tb, pid, "2");
+    move_ok(tb, pid, "3");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    l.clear();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), format!("status {}", 128 + libc::SIGTERM));
+    assert!(c.wait().unwrap().success());
+}
+
+#[test]
+fn real_programs_keep_their_home_world_on_every_node() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (testbed)");
+        return;
+    }
+    let tb = Testbed::up(&[]);
+    let d = tb.dir.path().to_path_buf();
+
+    // gzip and xz (xz -T1 has a pipe to itself) writing a home file.
+    compressor(&tb, &["gzip", "-9", "-n", "-c"], "gzip");
+    compressor(&tb, &["xz", "-T1", "-3", "-c"], "xz");
+
+    // sha256sum of its stdin, then of a large home file it opens only after the moves.
+    let big = d.join("big.bin");
+    std::fs::write(&big, text(9, 40 << 20)).unwrap();
+    let pieces: Vec<Vec<u8>> = (0..3).map(|i| text(20 + i, 1 << 20)).collect();
+    let mut r = Command::new("sha256sum")
+        .args(["-", big.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    r.stdin.take().unwrap().write_all(&pieces.concat()).unwrap();
+    let want = r.wait_with_output().unwrap().stdout;
+    let mut c = job_cmd(&tb, &["sha256sum", "-", big.to_str().unwrap()], false)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = c.id() as i32;
+    let mut stdin = c.stdin.take().unwrap();
+    registered(&tb, pid);
+    stdin.write_all(&pieces[0]).unwrap();
+    for (i, to) in ["2", "3"].iter().enumerate() {
+        move_ok(&tb, pid, to);
+        stdin.write_all(&pieces[i + 1]).unwrap();
+    }
+    drop(stdin);
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&want)
+    );
+
+    // python3 appending to a log it keeps open, with /dev/urandom and /dev/null open, and
+    // opening the log again by name after each move.
+    let log = d.join("job.log");
+    let l = log.clone();
+    let fresh = move || {
+        let _ = std::fs::remove_file(&l);
+    };
+    let cwd = std::env::current_dir().unwrap();
+    conversation(
+        &tb,
+        LOG_PY,
+        &[log.to_str().unwrap(), cwd.to_str().unwrap()],
+        ["a", "bb", "ccc", "dddd"],
+        &fresh,
+    );
+
+    // sqlite3 (file locks held at home) on a home database.
+    let db = d.join("t.db");
+    let b = db.clone();
+    let fresh = move || {
+        for s in ["", "-journal", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{s}", b.display()));
+        }
+    };
+    conversation(
+        &tb,
+        SQL_PY,
+        &[db.to_str().unwrap()],
+        ["w", "x", "y", "z"],
+        &fresh,
+    );
+
+    // A TCP connection to a server on the home node kept across moves, and new ones.
+    sockets(&tb);
+    // A terminal at home.
+    terminal(&tb);
+    // Permissions are the user's at home.
+    permissions(&tb);
+    // `mosrun prog &` and `$!`.
+    background_job_of_a_shell(&tb);
+}
