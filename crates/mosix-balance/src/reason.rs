@@ -243,7 +243,10 @@ impl fmt::Display for Reason {
                 }
             }
             Reason::Pinned => write!(f, "pinned (mosrun -L)"),
-            Reason::NotAuto => write!(f, "automatic migration is off for this process"),
+            Reason::NotAuto => write!(
+                f,
+                "automatic migration is off for this process (or its children move instead)"
+            ),
             Reason::NodeStay => write!(f, "this node sends nothing away (mosctl stay)"),
             Reason::LocalStay => write!(f, "local processes stay home (mosctl lstay)"),
             Reason::Residency { resident_ms, needed_ms } => write!(

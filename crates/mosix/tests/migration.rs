@@ -14,6 +14,10 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// Debian's python (scripts/setup.sh installs it): the program itself, not a wrapper
+/// script that would run it as a child (pyenv's shim is one).
+const PY: &str = "/usr/bin/python3";
+
 /// Output and exit code of the same job run plainly, never moved.
 fn reference(argv: &[&str], input: &str) -> (Vec<String>, Option<i32>) {
     let mut c = Command::new(argv[0])
@@ -147,7 +151,7 @@ fn migration_on_four_nodes() {
                  printf \"phase %d sum %d got %s\\n\", NR - 1, s, $0; fflush() } \
                END { print \"end\"; exit 4 }";
     round_trip(&tb, &["mawk", "-W", "interactive", awk]);
-    round_trip(&tb, &["python3", py.to_str().unwrap()]);
+    round_trip(&tb, &[PY, py.to_str().unwrap()]);
     round_trip(&tb, &[heap.to_str().unwrap(), "256"]);
     // A pthreads job (4 workers under a mutex, one asleep in a condition variable): its
     // threads move with it and keep their IDs.
@@ -199,7 +203,7 @@ fn migration_on_four_nodes() {
         (nix::sys::signal::Signal::SIGTERM, 2u32),
         (nix::sys::signal::Signal::SIGINT, 4),
     ] {
-        let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+        let mut j = Job::start(&tb, &[PY, py.to_str().unwrap()]);
         let o = tb.migrate(j.home_pid, &n.to_string());
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let g = guest_on(&tb, n, j.home_pid).expect("guest listed");
@@ -218,7 +222,7 @@ fn migration_on_four_nodes() {
     // 4b. Ctrl-Z (SIGTSTP) to mosrun stops the remote process and mosrun; SIGCONT to
     //     mosrun lets both go on.
     {
-        let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+        let mut j = Job::start(&tb, &[PY, py.to_str().unwrap()]);
         let o = tb.migrate(j.home_pid, "3");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let g = guest_on(&tb, 3, j.home_pid).expect("guest listed");
@@ -258,7 +262,7 @@ fn migration_on_four_nodes() {
     std::fs::write(&script, holder).unwrap();
     let p = private.to_str().unwrap();
     for mode in ["plain", "thread"] {
-        let mut j = Job::start(&tb, &["python3", script.to_str().unwrap(), p, mode]);
+        let mut j = Job::start(&tb, &[PY, script.to_str().unwrap(), p, mode]);
         let o = tb.migrate(j.home_pid, "2");
         assert!(
             o.status.success(),
@@ -272,7 +276,7 @@ fn migration_on_four_nodes() {
     }
     {
         let (mode, want) = ("sharedchild", "shared");
-        let mut j = Job::start(&tb, &["python3", script.to_str().unwrap(), p, mode]);
+        let mut j = Job::start(&tb, &[PY, script.to_str().unwrap(), p, mode]);
         let o = tb.migrate(j.home_pid, "2");
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(!o.status.success(), "a move that must be refused succeeded");
@@ -325,7 +329,7 @@ fn migration_on_four_nodes() {
     //    started again, then the daemon of its home; the job goes on (its calls wait
     //    meanwhile) and ends exactly as an unmoved run.
     let input: String = (0..4).map(|i| format!("go {i}\n")).collect();
-    let argv = ["python3", py.to_str().unwrap()];
+    let argv = [PY, py.to_str().unwrap()];
     let (want, want_code) = reference(&argv, &input);
     let mut j = Job::start(&tb, &argv);
     let o = tb.migrate(j.home_pid, "4");
@@ -350,7 +354,7 @@ fn migration_on_four_nodes() {
 
     // 7b. The node where a process runs dies (everything on it): its deputy reports it
     //     lost (137, a line on its stderr).
-    let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+    let mut j = Job::start(&tb, &[PY, py.to_str().unwrap()]);
     let o = tb.migrate(j.home_pid, "4");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let g = guest_on(&tb, 4, j.home_pid).unwrap();
@@ -363,7 +367,7 @@ fn migration_on_four_nodes() {
     tb.ok(&["start", "4"]);
 
     // 8. Bad requests: unknown node, down node, not a migratable process, not yours.
-    let mut j = Job::start(&tb, &["python3", py.to_str().unwrap()]);
+    let mut j = Job::start(&tb, &[PY, py.to_str().unwrap()]);
     let pid = j.home_pid.to_string();
     for (to, want) in [("9", "not in the cluster map"), ("1", "already")] {
         let o = tb.migrate(j.home_pid, to);

@@ -91,10 +91,21 @@ impl Run {
             .expect("program starts");
         let out = child.stdout.take().unwrap();
         let (tx, rx) = channel();
+        // Pieces as written, each up to its newline (the last maybe without one): a
+        // checkpoint may fall between two writes of one line, and the output compared is
+        // the bytes, not lines.
         std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
+            let mut r = BufReader::new(out);
+            loop {
+                let mut piece = Vec::new();
+                match r.read_until(b'\n', &mut piece) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+                if tx
+                    .send(String::from_utf8_lossy(&piece).into_owned())
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -112,8 +123,7 @@ impl Run {
             .recv_timeout(PATIENCE)
             .unwrap_or_else(|_| panic!("no next line after {:?}", self.seen));
         self.seen.push_str(&l);
-        self.seen.push('\n');
-        l
+        l.trim_end_matches('\n').to_string()
     }
     fn send(&mut self, s: &str) {
         let w = self.stdin.as_mut().expect("stdin open");
@@ -125,7 +135,6 @@ impl Run {
         self.stdin = None;
         while let Ok(l) = self.lines.recv_timeout(PATIENCE) {
             self.seen.push_str(&l);
-            self.seen.push('\n');
         }
         (self.seen.clone(), self.child.wait().unwrap())
     }

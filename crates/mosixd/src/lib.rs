@@ -162,6 +162,7 @@ pub fn run(args: Options) -> Result<()> {
         // What was running before a restart of this daemon is found again.
         procs.readopt_homes();
         procs.readopt_guests();
+        procs.start_families()?;
         procs.listen()?;
         balance::start(procs.clone())?;
         let server = tokio::spawn(control::serve(listener, state.clone(), procs.clone()));

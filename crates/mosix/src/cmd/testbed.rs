@@ -296,6 +296,14 @@ pub fn run(a: Args) -> Result<i32> {
                 }
             }
             let _ = std::fs::remove_file(node_dir(&d, node).join("mosixd.pid"));
+            // Their connections close as they die (the others see them end, as they see a
+            // crashed machine's peers time out); then the link goes.
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while cgs.iter().any(|cg| pids_in(cg).iter().any(|&p| p != me))
+                && std::time::Instant::now() < end
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             // A dead machine answers nothing (not even "connection refused", which is
             // how the others tell a restarting mosixd from a dead node): its link goes
             // down until `start`.

@@ -102,16 +102,35 @@ pub struct Record {
     pub leaving: Option<(u32, u64)>,
 }
 
+impl Record {
+    /// The record of a process just made migratable at home.
+    fn new(j: &HomeJob, start_time: u64, token: &str) -> Record {
+        Record {
+            pid: j.pid,
+            start_time,
+            uid: j.uid,
+            cmd: j.cmd.clone(),
+            pinned: j.pinned,
+            avoid: j.avoid.clone(),
+            migrations: 0,
+            node: j.me,
+            epoch: 0,
+            token: token.to_string(),
+            leaving: None,
+        }
+    }
+}
+
 fn start_time(pid: i32) -> Option<u64> {
     mosix_ckpt::procfs::stat_fields(pid)
         .ok()
-        .map(|f| mosix_ckpt::procfs::field_u64(&f, 21))
+        .map(|f| mosix_ckpt::procfs::field_u64(&f, 22))
 }
 
 fn ppid_of(pid: i32) -> Option<i32> {
     mosix_ckpt::procfs::stat_fields(pid)
         .ok()
-        .map(|f| mosix_ckpt::procfs::field_u64(&f, 3) as i32)
+        .map(|f| mosix_ckpt::procfs::field_u64(&f, 4) as i32)
 }
 
 fn new_token() -> String {
@@ -253,19 +272,7 @@ impl Procs {
         j.pinned = req.pinned;
         j.avoid = req.avoid.clone();
         let token = new_token();
-        let rec = Record {
-            pid,
-            start_time: st,
-            uid: peer.uid,
-            cmd: j.cmd.clone(),
-            pinned: j.pinned,
-            avoid: j.avoid.clone(),
-            migrations: 0,
-            node: self.me(),
-            epoch: 0,
-            token: token.clone(),
-            leaving: None,
-        };
+        let rec = Record::new(&j, st, &token);
         self.write_record(&rec);
         let target = if req.best { self.best_node() } else { req.to };
         let first = match target.filter(|&t| t != self.me()) {
@@ -276,6 +283,57 @@ impl Procs {
         self.start_driver(j, rec, token, first, pidfd)?;
         info!(pid, uid = peer.uid, "registered a migratable process");
         Ok(pid)
+    }
+
+    /// A child `pid` of migratable process `parent` (at home, uid `uid`) becomes a
+    /// migratable process of this node too, pinned or avoiding nodes as its parent. Not if
+    /// it is gone, not that parent's child any more, or runs with other user IDs than its
+    /// parent's user (a set-user-ID program).
+    pub(crate) fn adopt_child(
+        self: &Arc<Self>,
+        pid: i32,
+        parent: i32,
+        uid: u32,
+        pinned: bool,
+        avoid: Vec<u32>,
+    ) -> Result<()> {
+        let pidfd = mosix_ckpt::sys::pidfd_open(pid)?;
+        let st = start_time(pid).ok_or_else(|| anyhow!("process {pid} has gone"))?;
+        if ppid_of(pid) != Some(parent) {
+            bail!("process {pid} is not a child of {parent} any more");
+        }
+        let status = mosix_ckpt::procfs::status(pid)?;
+        let ids: Vec<u32> = status
+            .get("Uid")
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ids.len() != 4 || ids.iter().any(|&u| u != uid) {
+            bail!("process {pid} runs as {ids:?}, not as its parent's user {uid}");
+        }
+        // Checked after the pidfd was opened: still that process if still alive.
+        if start_time(pid) != Some(st) {
+            bail!("process {pid} has gone");
+        }
+        let mut j = HomeJob::new(self.me(), pid, uid, String::new(), Instant::now());
+        j.cmd = cmd_now(&j, pid);
+        j.pinned = pinned;
+        j.avoid = avoid;
+        let token = new_token();
+        let rec = Record::new(&j, st, &token);
+        if lock(&self.homes).contains_key(&pid) {
+            return Ok(());
+        }
+        self.write_record(&rec);
+        self.start_driver(j, rec, token, None, pidfd)?;
+        info!(
+            pid,
+            parent, uid, "a child of {parent} is a migratable process"
+        );
+        Ok(())
     }
 
     fn start_driver(
@@ -546,11 +604,27 @@ impl Procs {
     }
 }
 
+/// Its command line as /proc shows it now (a child adopted before its exec has exec'd
+/// since; a deputy keeps its process's argv), else as registered.
+fn cmd_now(j: &HomeJob, pid: i32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let now: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if now.is_empty() {
+        j.cmd.clone()
+    } else {
+        now.join(" ")
+    }
+}
+
 fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
     Snapshot {
         pid,
         uid: j.uid,
-        cmd: j.cmd.clone(),
+        cmd: cmd_now(j, pid),
         node: j.node(),
         state: match j.place {
             Where::Home => "running",
@@ -720,5 +794,26 @@ impl Driver {
                 now,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn start_time_and_parent_are_read_from_the_right_fields() {
+        let me = std::process::id() as i32;
+        let st = super::start_time(me).unwrap();
+        assert!(st > 0, "field 22 (starttime) of a running process is not 0");
+        assert_eq!(super::ppid_of(me), Some(nix::unistd::getppid().as_raw()));
+        // A child started after us started later.
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let child = super::start_time(c.id() as i32).unwrap();
+        assert!(child >= st);
+        assert_eq!(super::ppid_of(c.id() as i32), Some(me));
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }

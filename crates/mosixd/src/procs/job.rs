@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 /// How long a process away may be without a link from its host (and its host node down)
 /// before it is reported lost.
 pub const LINK_WAIT: Duration = Duration::from_secs(30);
+/// How long a host that is down must be unlinked before its processes are lost.
+pub const DOWN_WAIT: Duration = Duration::from_secs(3);
 /// How long a move whose host went away in its middle may take to be heard of from the
 /// next host before it is answered as failed.
 pub const DOUBT: Duration = Duration::from_secs(2);
@@ -148,7 +150,8 @@ pub struct Job<D, H> {
     waiters: Vec<(u32, Box<dyn Waiter + Send>)>,
     /// Since when it is away with no link from its host.
     unlinked_since: Option<Instant>,
-    host_down: bool,
+    /// Since when its host's node is down (gossip silent and its machine not answering).
+    host_down: Option<Instant>,
     ended: bool,
     /// The new host's link, come before our move of it was done here, and what it said
     /// meanwhile.
@@ -157,6 +160,8 @@ pub struct Job<D, H> {
     /// Since when a move asked of its host is in doubt: the host's link dropped before it
     /// said how the move ended.
     doubt: Option<Instant>,
+    /// Reported lost (once).
+    lost: bool,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -179,11 +184,12 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             to_host: VecDeque::new(),
             waiters: Vec::new(),
             unlinked_since: None,
-            host_down: false,
+            host_down: None,
             ended: false,
             early: None,
             early_msgs: Vec::new(),
             doubt: None,
+            lost: false,
         }
     }
 
@@ -301,7 +307,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.since = now;
         self.reason = format!("running on node {to}");
         self.unlinked_since = Some(now);
-        self.host_down = false;
+        self.host_down = None;
         if let Some((e, n, link)) = self.early.take() {
             if e == self.epoch && n == to {
                 self.host = Some(link);
@@ -427,7 +433,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         } else {
                             self.host = Some(link);
                             self.unlinked_since = None;
-                            self.host_down = false;
+                            self.host_down = None;
                             self.flush_host();
                         }
                     }
@@ -534,7 +540,11 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             Ev::NodeState { node, up } => {
                 if let Where::Away { node: n, .. } = self.place {
                     if n == node {
-                        self.host_down = !up;
+                        self.host_down = if up {
+                            None
+                        } else {
+                            Some(self.host_down.unwrap_or(now))
+                        };
                     }
                 }
             }
@@ -559,17 +569,24 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 }
             }
         }
-        if let (Where::Away { node, .. }, Some(t)) = (self.place, self.unlinked_since) {
-            if self.host_down && now.duration_since(t) >= LINK_WAIT.min(Duration::from_secs(3))
-                || now.duration_since(t) >= LINK_WAIT
-            {
+        if let Where::Away { node, .. } = self.place {
+            let unlinked = self.unlinked_since.map(|t| now.duration_since(t));
+            let down = self.host_down.map(|t| now.duration_since(t));
+            // Down and unlinked: dead. Down for long with its link still open: dead too
+            // (a machine that lost its power closes none of its connections). Unlinked
+            // for long: its host never came back.
+            let dead = down.is_some() && unlinked.is_some_and(|u| u >= DOWN_WAIT)
+                || down.is_some_and(|d| d >= LINK_WAIT)
+                || unlinked.is_some_and(|u| u >= LINK_WAIT);
+            if dead && !self.lost {
+                self.lost = true;
+                self.host = None;
                 acts.push(Act::Lost {
                     message: format!(
                         "mosix: process {} was lost: node {node} stopped answering",
                         self.pid
                     ),
                 });
-                self.unlinked_since = None;
             }
         }
         acts
@@ -970,6 +987,30 @@ mod tests {
         j.handle(Ev::NodeState { node: 2, up: false }, t);
         let a = j.tick(t + Duration::from_secs(4));
         assert!(matches!(a.as_slice(), [Act::Lost { message }] if message.contains("node 2")));
+        // A dead machine closes none of its connections: down with its link still open,
+        // it is lost only after LINK_WAIT (a partition of a few seconds is survived).
+        let mut j = J::new(1, 102, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let h = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: h.clone(),
+            },
+            t,
+        );
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        assert!(j.tick(t + Duration::from_secs(10)).is_empty());
+        j.handle(
+            Ev::NodeState { node: 2, up: true },
+            t + Duration::from_secs(10),
+        );
+        assert!(j.tick(t + LINK_WAIT).is_empty(), "it came back");
+        j.handle(Ev::NodeState { node: 2, up: false }, t + LINK_WAIT);
+        let a = j.tick(t + LINK_WAIT * 2);
+        assert!(matches!(a.as_slice(), [Act::Lost { .. }]));
+        assert!(j.tick(t + LINK_WAIT * 3).is_empty(), "told once");
         // Killing the deputy at home kills the process on its host.
         let mut j = J::new(1, 101, 0, "x".into(), t);
         away(&mut j, t, 2);

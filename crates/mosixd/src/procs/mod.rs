@@ -22,6 +22,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod family;
 mod gate;
 pub mod guest;
 pub mod home;
@@ -219,7 +220,7 @@ impl Procs {
         let speed = self.my_speed();
         let me = self.me();
         let mut out = Vec::new();
-        let info = |pid: i32, id: u64, home: u32, s: &Snapshot| {
+        let info = |pid: i32, id: u64, home: u32, s: &Snapshot, parent: bool| {
             let (rss, cpu) = usage(pid);
             BalanceView {
                 pid,
@@ -233,7 +234,9 @@ impl Procs {
                     where_now: me,
                     home,
                     pinned: s.pinned,
-                    auto: !s.pinned,
+                    // A parent (a shell, a driver) stays where its children were made and
+                    // they move instead: away, its next fork would bring it home.
+                    auto: !s.pinned && !parent,
                     avoid: s.avoid.clone(),
                 },
             }
@@ -241,13 +244,14 @@ impl Procs {
         for (pid, h) in lock(&self.homes).iter() {
             let s = lock(&h.info).clone();
             if s.node == me && !s.moving {
-                out.push(info(*pid, proc_id(me, *pid), me, &s));
+                let parent = !family::children_of(*pid).is_empty();
+                out.push(info(*pid, proc_id(me, *pid), me, &s, parent));
             }
         }
         for (&(home, home_pid), g) in lock(&self.guests).iter() {
             let s = lock(&g.info).clone();
             if !s.moving {
-                out.push(info(s.pid, proc_id(home, home_pid), home, &s));
+                out.push(info(s.pid, proc_id(home, home_pid), home, &s, false));
             }
         }
         out
