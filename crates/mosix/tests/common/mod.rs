@@ -215,11 +215,16 @@ impl Job {
     pub fn start(tb: &Testbed, argv: &[&str]) -> Job {
         let mut args = vec!["run"];
         args.extend_from_slice(argv);
+        // In a process group of its own, as a shell's job is: the group of a test run
+        // started in the background may be orphaned, and the kernel discards Ctrl-Z
+        // (SIGTSTP) in an orphaned group, so the job would not stop where a shell's would.
+        use std::os::unix::process::CommandExt;
         let mut child = tb
             .cmd(1, &args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .process_group(0)
             .spawn()
             .unwrap();
         let out = child.stdout.take().unwrap();
