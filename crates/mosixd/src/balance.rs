@@ -1,6 +1,6 @@
 //! Drives the pure policy of `mosix-balance` from the daemon: once a second it feeds the
 //! balancer this node's own load, the gossiped loads of the others and the processes
-//! running here, and asks their keepers to move the ones it picks. The destination checks
+//! running here, and asks their drivers to move the ones it picks. The destination checks
 //! each offer with its own fresher load (`Balancer::admit`) before taking a process.
 
 use crate::procs::Procs;
@@ -16,7 +16,7 @@ use tracing::{info, warn};
 const TICK: Duration = Duration::from_millis(mosix_balance::TICK_MS);
 
 /// The nice value of the daemon's work that must not wait behind the jobs of a busy node:
-/// the balancing thread, and a keeper thread while it moves its process out.
+/// the balancing thread, and a driver's thread while it moves its process out.
 const BOOSTED_NICE: i32 = -10;
 
 /// Raises the calling thread's CPU priority (nice, per thread on Linux) until dropped,
@@ -34,7 +34,7 @@ fn gettid() -> libc::id_t {
 }
 
 impl Boost {
-    /// Boosts the calling thread (a keeper moving its process: `let _b = Boost::thread();`).
+    /// Boosts the calling thread (a driver moving its process: `let _b = Boost::thread();`).
     pub fn thread() -> Boost {
         let tid = gettid();
         // SAFETY: getpriority/setpriority on our own thread id; errno is cleared first
