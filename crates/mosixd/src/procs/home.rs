@@ -562,13 +562,8 @@ impl Procs {
     /// The deputy program's exec for process `pid`, with its close-on-exec descriptors
     /// (read while it is frozen) and `token`.
     pub(crate) fn deputy_exec(&self, pid: i32, token: &str) -> DeputyExec {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let mut argv: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .take(64)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+        let mut argv = argv_of(pid);
+        argv.truncate(64);
         if argv.is_empty() {
             argv.push("mosix-deputy".into());
         }
@@ -606,13 +601,18 @@ impl Procs {
 
 /// Its command line as /proc shows it now (a child adopted before its exec has exec'd
 /// since; a deputy keeps its process's argv), else as registered.
-fn cmd_now(j: &HomeJob, pid: i32) -> String {
+/// The arguments of `pid` as /proc shows them now (none if it is gone).
+fn argv_of(pid: i32) -> Vec<String> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let now: Vec<String> = cmdline
+    cmdline
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+        .collect()
+}
+
+fn cmd_now(j: &HomeJob, pid: i32) -> String {
+    let now = argv_of(pid);
     if now.is_empty() {
         j.cmd.clone()
     } else {
