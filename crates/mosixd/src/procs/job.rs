@@ -10,6 +10,7 @@
 
 use super::MoveError;
 use mosix_proto::wire::{ToHome, ToHost};
+use mosix_remote::wire::{FromDeputy, HomeFd};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -18,9 +19,17 @@ use std::time::{Duration, Instant};
 pub const LINK_WAIT: Duration = Duration::from_secs(30);
 /// How long a host that is down must be unlinked before its processes are lost.
 pub const DOWN_WAIT: Duration = Duration::from_secs(3);
+/// How long a host that is down, its link still open (a machine that lost its power
+/// closes none of its connections; a cut cable neither), must stay so before a process
+/// that has a checkpoint to be recovered from is given up for it.
+pub const RECOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long a move whose host went away in its middle may take to be heard of from the
 /// next host before it is answered as failed.
 pub const DOUBT: Duration = Duration::from_secs(2);
+/// How far a recovered process's residence number jumps ahead: a copy of an older
+/// residence (the old host's, cut off but alive, or one it was moving on to when it died,
+/// even after further moves of its own) links with a smaller one and is ended.
+pub const RECOVERY_EPOCHS: u64 = 1 << 20;
 /// Frames kept for an end that is not connected (beyond: the oldest are dropped; the
 /// supervisor sends its calls again after a reconnection).
 const MAX_QUEUED: usize = 4096;
@@ -33,6 +42,8 @@ pub trait ToDeputySink {
 /// The way to the host; false once the link is broken.
 pub trait ToHostSink {
     fn send(&mut self, m: &ToHost) -> bool;
+    /// Closes the link (its host is given up).
+    fn close(&mut self) {}
 }
 
 /// Where the process is.
@@ -43,9 +54,16 @@ pub enum Where {
     Leaving {
         to: u32,
     },
-    /// Running on `node`, residence `epoch`.
+    /// Running on `node`, residence `epoch` (`node` may be this one: a process recovered
+    /// here runs under a supervisor, as away, with its deputy).
     Away {
         node: u32,
+        epoch: u64,
+    },
+    /// Its host `from` died: it is being brought back from a checkpoint, as residence
+    /// `epoch`.
+    Recovering {
+        from: u32,
         epoch: u64,
     },
 }
@@ -110,6 +128,14 @@ pub enum Ev<D, H> {
         node: u32,
         up: bool,
     },
+    /// It runs again, restored from a checkpoint on `moved.to` (after [`Act::Recover`]).
+    Recovered {
+        moved: super::Moved,
+    },
+    /// It could not be brought back.
+    RecoverFailed {
+        why: String,
+    },
 }
 
 /// What the driver must do.
@@ -125,6 +151,24 @@ pub enum Act {
     Persist,
     /// It is lost (its host died): the deputy ends it with 137 after printing `message`.
     Lost { message: String },
+    /// Its host `node` died and it has checkpoint `number` (its deputy holds its mark):
+    /// bring it back from it (the deputy is asked to rewind first).
+    Recover { number: u64, node: u32 },
+    /// The deputy's answer to the rewind for checkpoint `number`: the highest call
+    /// sequence number it saw, or why it could not.
+    Rewound {
+        number: u64,
+        result: Result<u64, String>,
+    },
+    /// The deputy marked checkpoint `id` (its descriptors then), or could not.
+    Marked {
+        id: u64,
+        result: Result<Vec<HomeFd>, String>,
+    },
+    /// Its host could not take checkpoint `id`.
+    CkptFailed { id: u64, reason: String },
+    /// Its host froze it (or let it go on), or could not.
+    FreezeAnswer { freeze: bool, error: Option<String> },
     /// Nothing more to do: forget the job.
     Forget,
 }
@@ -162,6 +206,11 @@ pub struct Job<D, H> {
     doubt: Option<Instant>,
     /// Reported lost (once).
     lost: bool,
+    /// The checkpoint it can be brought back from if its host dies: its image is saved
+    /// and its deputy holds its mark (none at home: no deputy).
+    pub recovery: Option<u64>,
+    /// Held where it is by `migrate PID freeze`.
+    pub frozen: bool,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -190,6 +239,8 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             early_msgs: Vec::new(),
             doubt: None,
             lost: false,
+            recovery: None,
+            frozen: false,
         }
     }
 
@@ -205,12 +256,18 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.ended
     }
 
-    /// The node it runs on (this one when home or leaving).
+    /// The node it runs on (this one when home or leaving; the one that died while it
+    /// is being recovered).
     pub fn node(&self) -> u32 {
         match self.place {
-            Where::Away { node, .. } => node,
+            Where::Away { node, .. } | Where::Recovering { from: node, .. } => node,
             _ => self.me,
         }
+    }
+
+    /// Whether it runs here natively (not away, nor here under a supervisor).
+    pub fn native(&self) -> bool {
+        matches!(self.place, Where::Home | Where::Leaving { .. })
     }
 
     /// Whether its deputy is connected (for `ps`).
@@ -218,7 +275,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         (self.deputy.is_some(), self.host.is_some())
     }
 
-    fn send_host(&mut self, m: ToHost) {
+    /// Whether its host is linked and up (not silent in the cluster's view).
+    pub fn host_ok(&self) -> bool {
+        self.host.is_some() && self.host_down.is_none()
+    }
+
+    /// Sends `m` to its host (queued while there is no link).
+    pub(crate) fn send_host(&mut self, m: ToHost) {
         if let Some(h) = &mut self.host {
             if h.send(&m) {
                 return;
@@ -231,7 +294,8 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.to_host.push_back(m);
     }
 
-    fn send_deputy(&mut self, f: Vec<u8>) {
+    /// Sends frame `f` to its deputy (queued while it is not connected).
+    pub(crate) fn send_deputy(&mut self, f: Vec<u8>) {
         if let Some(d) = &mut self.deputy {
             if d.send(&f) {
                 return;
@@ -293,12 +357,18 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
 
     /// It runs on another node now (a new residence).
     fn moved_on(&mut self, moved: super::Moved, now: Instant, acts: &mut Vec<Act>) {
+        let next = self.epoch + 1;
+        self.moved_to(moved, next, now, acts)
+    }
+
+    /// It runs on `moved.to` now, as residence `epoch`.
+    fn moved_to(&mut self, moved: super::Moved, epoch: u64, now: Instant, acts: &mut Vec<Act>) {
         let to = moved.to;
         self.doubt = None;
         self.host = None;
         // What the deputy said meanwhile (signals) is for the next host.
         self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
-        self.epoch += 1;
+        self.epoch = epoch;
         self.migrations += 1;
         self.place = Where::Away {
             node: to,
@@ -353,11 +423,19 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 offer,
                 reply,
             } => {
-                let busy = matches!(self.place, Where::Leaving { .. })
+                let busy = matches!(self.place, Where::Leaving { .. } | Where::Recovering { .. })
                     || (matches!(self.place, Where::Away { .. }) && self.host.is_none());
+                // Here under a supervisor (recovered here), it may still come home for real.
+                let supervised_here = self.place
+                    == Where::Away {
+                        node: self.me,
+                        epoch: self.epoch,
+                    };
                 let err = if self.ended {
                     Some(MoveError::Ended)
-                } else if to == self.node() {
+                } else if self.frozen {
+                    Some(MoveError::Frozen)
+                } else if to == self.node() && !supervised_here {
                     Some(MoveError::AlreadyThere { to })
                 } else if busy {
                     Some(MoveError::Busy)
@@ -379,7 +457,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         acts.push(Act::Leave { to, reason, offer });
                     }
                     Where::Away { .. } => self.send_host(ToHost::Migrate { to }),
-                    Where::Leaving { .. } => {}
+                    Where::Leaving { .. } | Where::Recovering { .. } => {}
                 }
             }
             Ev::LeftHome { to, moved } => {
@@ -398,6 +476,8 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             }
             Ev::CameHome { moved } => {
                 self.doubt = None;
+                // Its deputy, which held its marks, is the process again.
+                self.recovery = None;
                 self.place = Where::Home;
                 self.migrations += 1;
                 self.since = now;
@@ -415,7 +495,32 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.deputy = Some(d);
                 self.flush_deputy();
             }
-            Ev::FromDeputy(f) => self.send_host(ToHost::Deputy(f)),
+            Ev::FromDeputy(f) => {
+                if FromDeputy::is_for_home(&f) {
+                    match mosix_remote::wire::decode::<FromDeputy>(&f) {
+                        Ok(FromDeputy::Marked { id, result }) => {
+                            acts.push(Act::Marked { id, result })
+                        }
+                        Ok(FromDeputy::Rewound { id, result }) => {
+                            if matches!(self.place, Where::Recovering { .. }) {
+                                acts.push(Act::Rewound { number: id, result });
+                            }
+                        }
+                        _ => {}
+                    }
+                } else if matches!(self.place, Where::Recovering { .. }) {
+                    // Answers to the calls of the copy that died are for nobody; signals
+                    // are for the process wherever it comes back.
+                    if matches!(
+                        mosix_remote::wire::decode::<FromDeputy>(&f),
+                        Ok(FromDeputy::Signal { .. })
+                    ) {
+                        self.send_host(ToHost::Deputy(f));
+                    }
+                } else {
+                    self.send_host(ToHost::Deputy(f));
+                }
+            }
             Ev::DeputyGone => self.deputy = None,
             Ev::HostLinked {
                 epoch,
@@ -441,6 +546,15 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         // The new host runs it already; our end of the move is not done.
                         self.early = Some((epoch, node, link));
                     }
+                    Where::Recovering { epoch: e, .. } if epoch == e => {
+                        // Its restored copy runs already; the recovery is not done here.
+                        self.early = Some((epoch, node, link));
+                    }
+                    Where::Recovering { epoch: e, .. } if epoch < e => {
+                        // The copy of the host that was given up (cut off, not dead), or
+                        // of a move it was making: not the process any more.
+                        let _ = link.send(&ToHost::Kill);
+                    }
                     Where::Away { .. } if epoch == self.epoch + 1 => {
                         // The next host, before the last one said it was moved there. A
                         // host links only once it runs it: if the last host is not linked
@@ -465,6 +579,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 }
             }
             Ev::FromHost { epoch, msg } => {
+                if let Where::Recovering { epoch: e, .. } = self.place {
+                    // Only its restored copy is heard (once its recovery is done here).
+                    if epoch == e && self.early_msgs.len() < MAX_QUEUED {
+                        self.early_msgs.push(msg);
+                    }
+                    return acts;
+                }
                 if epoch == self.epoch + 1 {
                     // From the next host, before this move was done here: kept for then.
                     if self.early_msgs.len() < MAX_QUEUED {
@@ -508,6 +629,12 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         }
                         self.answer_waiters(to, &Err(MoveError::Failed { reason }));
                     }
+                    ToHome::CheckpointFailed { id, reason } => {
+                        acts.push(Act::CkptFailed { id, reason })
+                    }
+                    ToHome::Frozen { freeze, error } => {
+                        acts.push(Act::FreezeAnswer { freeze, error })
+                    }
                 }
             }
             Ev::HostGone { epoch } => {
@@ -529,7 +656,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         // Its home half was killed: so is the process, wherever it is.
                         self.send_host(ToHost::Kill);
                     }
-                    Where::Home | Where::Leaving { .. } => {}
+                    Where::Home | Where::Leaving { .. } | Where::Recovering { .. } => {}
                 }
                 self.ended = true;
                 for (_, w) in std::mem::take(&mut self.waiters) {
@@ -546,6 +673,25 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                             Some(self.host_down.unwrap_or(now))
                         };
                     }
+                }
+            }
+            Ev::Recovered { moved } => {
+                if let Where::Recovering { epoch, .. } = self.place {
+                    self.lost = false;
+                    self.moved_to(moved, epoch, now, &mut acts);
+                    self.reason =
+                        format!("recovered from a checkpoint; running on node {}", moved.to);
+                }
+            }
+            Ev::RecoverFailed { why } => {
+                if let Where::Recovering { from, .. } = self.place {
+                    self.lost = true;
+                    acts.push(Act::Lost {
+                        message: format!(
+                            "mosix: process {} was lost: node {from} stopped answering, and it could not be recovered: {why}",
+                            self.pid
+                        ),
+                    });
                 }
             }
         }
@@ -575,18 +721,57 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             // Down and unlinked: dead. Down for long with its link still open: dead too
             // (a machine that lost its power closes none of its connections). Unlinked
             // for long: its host never came back.
+            // With a checkpoint to come back from, a host down for a while is given up
+            // sooner even with its link open (a partition that heals later costs the work
+            // since the checkpoint, not the job: its copy there is ended then).
+            let give_up = if self.recovery.is_some() {
+                RECOVER_WAIT
+            } else {
+                LINK_WAIT
+            };
             let dead = down.is_some() && unlinked.is_some_and(|u| u >= DOWN_WAIT)
-                || down.is_some_and(|d| d >= LINK_WAIT)
+                || down.is_some_and(|d| d >= give_up)
                 || unlinked.is_some_and(|u| u >= LINK_WAIT);
             if dead && !self.lost {
-                self.lost = true;
+                if let Some(h) = &mut self.host {
+                    h.close();
+                }
                 self.host = None;
-                acts.push(Act::Lost {
-                    message: format!(
-                        "mosix: process {} was lost: node {node} stopped answering",
-                        self.pid
-                    ),
-                });
+                self.host_down = None;
+                self.unlinked_since = None;
+                // Moves asked of it will not happen.
+                for (_, w) in std::mem::take(&mut self.waiters) {
+                    w.answer(Err(MoveError::PeerGone {
+                        node,
+                        why: "it stopped answering".into(),
+                    }));
+                }
+                self.doubt = None;
+                if let Some((_, _, mut link)) = self.early.take() {
+                    let _ = link.send(&ToHost::Kill);
+                }
+                self.early_msgs.clear();
+                match self.recovery.take() {
+                    Some(number) => {
+                        // Only signals for it are kept for its next host.
+                        self.to_host.clear();
+                        self.place = Where::Recovering {
+                            from: node,
+                            epoch: self.epoch + RECOVERY_EPOCHS,
+                        };
+                        self.reason = format!("node {node} died: recovering it");
+                        acts.push(Act::Recover { number, node });
+                    }
+                    None => {
+                        self.lost = true;
+                        acts.push(Act::Lost {
+                            message: format!(
+                                "mosix: process {} was lost: node {node} stopped answering",
+                                self.pid
+                            ),
+                        });
+                    }
+                }
             }
         }
         acts
