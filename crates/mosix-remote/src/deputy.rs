@@ -505,7 +505,7 @@ impl Deputy {
             if std::time::Instant::now() > end {
                 return Err("a call of it at home did not end".into());
             }
-            if i % 50 == 0 {
+            if i.is_multiple_of(50) {
                 // Again now and then: a cancel may come just before the call starts.
                 for seq in now {
                     self.cancel(seq);

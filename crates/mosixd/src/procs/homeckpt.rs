@@ -25,6 +25,8 @@ use tracing::{info, warn};
 const CKPT_DEADLINE: Duration = Duration::from_secs(600);
 
 type Reply = Sender<Result<CkptDone, String>>;
+/// Why its image failed (if it did), and the receiving thread waiting for the rest.
+type ImageIn = (Option<String>, Sender<Result<CkptInfo, String>>);
 
 struct Conf {
     base: PathBuf,
@@ -44,7 +46,7 @@ struct Pending {
     /// The deputy's answer to its mark.
     marked: Option<Result<Vec<HomeFd>, String>>,
     /// Its image arrived (or failed): the receiving thread waits for the rest.
-    image: Option<(Option<String>, Sender<Result<CkptInfo, String>>)>,
+    image: Option<ImageIn>,
 }
 
 /// A home process's checkpoints.

@@ -1211,4 +1211,246 @@ mod tests {
         assert_eq!(j.handle(Ev::PidEnded, t), vec![Act::Forget]);
         assert_eq!(h.0.borrow().last(), Some(&ToHost::Kill));
     }
+
+    fn frame<T: serde::Serialize>(m: &T) -> Vec<u8> {
+        mosix_remote::wire::encode(m)
+    }
+
+    #[test]
+    fn a_host_that_dies_brings_a_process_with_a_checkpoint_back_as_a_newer_residence() {
+        use mosix_remote::wire::{FromDeputy, Reply};
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let h2 = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: h2.clone(),
+            },
+            t,
+        );
+        let dep = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(dep.clone()), t);
+        // Its deputy's marks are for home, not for the host.
+        let a = j.handle(
+            Ev::FromDeputy(frame(&FromDeputy::Marked {
+                id: 3,
+                result: Ok(vec![]),
+            })),
+            t,
+        );
+        assert!(matches!(
+            a.as_slice(),
+            [Act::Marked {
+                id: 3,
+                result: Ok(_)
+            }]
+        ));
+        assert!(h2.0.borrow().is_empty());
+        j.recovery = Some(3);
+        // Node 2 dies: its link drops and gossip calls it down.
+        j.handle(Ev::HostGone { epoch: 1 }, t);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        assert!(j.tick(t + DOWN_WAIT / 2).is_empty());
+        let a = j.tick(t + DOWN_WAIT);
+        assert_eq!(a, vec![Act::Recover { number: 3, node: 2 }]);
+        let e = 1 + RECOVERY_EPOCHS;
+        assert_eq!(j.place, Where::Recovering { from: 2, epoch: e });
+        assert!(j.recovery.is_none(), "used once");
+        assert!(j.tick(t + LINK_WAIT * 2).is_empty(), "not lost meanwhile");
+        // Moves wait; answers to the dead copy's calls are dropped, signals are kept for
+        // where it comes back; the deputy's rewind is home's.
+        let got = got();
+        j.handle(
+            Ev::Migrate {
+                to: 3,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(matches!(
+            got.lock().unwrap().as_slice(),
+            [Err(MoveError::Busy)]
+        ));
+        j.handle(
+            Ev::FromDeputy(frame(&FromDeputy::Reply(Reply::Cancelled { seq: 9 }))),
+            t,
+        );
+        j.handle(Ev::FromDeputy(frame(&FromDeputy::Signal { sig: 15 })), t);
+        let a = j.handle(
+            Ev::FromDeputy(frame(&FromDeputy::Rewound {
+                id: 3,
+                result: Ok(41),
+            })),
+            t,
+        );
+        assert_eq!(
+            a,
+            vec![Act::Rewound {
+                number: 3,
+                result: Ok(41)
+            }]
+        );
+        // The cut-off copy of node 2 links again: it is not the process any more, and
+        // what it says is not heard.
+        let old = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: old.clone(),
+            },
+            t,
+        );
+        assert_eq!(*old.0.borrow(), vec![ToHost::Kill]);
+        j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Deputy(b"stale call".to_vec()),
+            },
+            t,
+        );
+        // Its restored copy on node 4 links before the recovery is done here.
+        let h4 = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: e,
+                node: 4,
+                link: h4.clone(),
+            },
+            t,
+        );
+        j.handle(
+            Ev::FromHost {
+                epoch: e,
+                msg: ToHome::Deputy(b"new call".to_vec()),
+            },
+            t,
+        );
+        assert!(!dep
+            .0
+            .borrow()
+            .iter()
+            .any(|f| f == b"stale call" || f == b"new call"));
+        let a = j.handle(Ev::Recovered { moved: moved(4) }, t);
+        assert_eq!(a, vec![Act::Persist]);
+        assert_eq!(j.place, Where::Away { node: 4, epoch: e });
+        assert_eq!(j.epoch, e);
+        assert!(dep.0.borrow().iter().any(|f| f == b"new call"));
+        assert!(!dep.0.borrow().iter().any(|f| f == b"stale call"));
+        let sent = h4.0.borrow().clone();
+        assert_eq!(
+            sent,
+            vec![ToHost::Deputy(frame(&FromDeputy::Signal { sig: 15 }))],
+            "only the signal went to the new host"
+        );
+        // A copy of any older residence is ended.
+        let older = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 2,
+                node: 3,
+                link: older.clone(),
+            },
+            t,
+        );
+        assert_eq!(*older.0.borrow(), vec![ToHost::Kill]);
+    }
+
+    #[test]
+    fn a_cut_off_host_is_given_up_sooner_when_there_is_a_checkpoint() {
+        let t = Instant::now();
+        for (recovery, after) in [(Some(1), RECOVER_WAIT), (None, LINK_WAIT)] {
+            let mut j = J::new(1, 100, 0, "x".into(), t);
+            away(&mut j, t, 2);
+            let h = Rec::<ToHost>::default();
+            j.handle(
+                Ev::HostLinked {
+                    epoch: 1,
+                    node: 2,
+                    link: h.clone(),
+                },
+                t,
+            );
+            j.recovery = recovery;
+            // Down, its link still open (a cut cable closes nothing).
+            j.handle(Ev::NodeState { node: 2, up: false }, t);
+            assert!(j.tick(t + after - Duration::from_millis(1)).is_empty());
+            let a = j.tick(t + after);
+            match recovery {
+                Some(n) => assert_eq!(a, vec![Act::Recover { number: n, node: 2 }]),
+                None => assert!(matches!(a.as_slice(), [Act::Lost { .. }])),
+            }
+        }
+        // A recovery that fails: lost, with why.
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        j.recovery = Some(1);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        j.tick(t + DOWN_WAIT);
+        let a = j.handle(
+            Ev::RecoverFailed {
+                why: "no node can take it".into(),
+            },
+            t,
+        );
+        assert!(
+            matches!(a.as_slice(), [Act::Lost { message }] if message.contains("no node can take it")),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_frozen_process_does_not_move_and_one_recovered_here_may_come_home() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        j.frozen = true;
+        let got = got();
+        j.handle(
+            Ev::Migrate {
+                to: 2,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(matches!(
+            got.lock().unwrap().as_slice(),
+            [Err(MoveError::Frozen)]
+        ));
+        // Recovered here: it runs under a supervisor, as away on this node; a move home
+        // is asked of that host (itself).
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        j.recovery = Some(1);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        j.tick(t + DOWN_WAIT);
+        j.handle(Ev::Recovered { moved: moved(1) }, t);
+        assert!(!j.native());
+        let here = Rec::<ToHost>::default();
+        let e = j.epoch;
+        j.handle(
+            Ev::HostLinked {
+                epoch: e,
+                node: 1,
+                link: here.clone(),
+            },
+            t,
+        );
+        j.handle(
+            Ev::Migrate {
+                to: 1,
+                reason: "r".into(),
+                offer: None,
+                reply: None,
+            },
+            t,
+        );
+        assert_eq!(*here.0.borrow(), vec![ToHost::Migrate { to: 1 }]);
+    }
 }
