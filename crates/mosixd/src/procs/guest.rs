@@ -447,6 +447,11 @@ impl GuestDriver {
             self.home_down_seen = true;
             return;
         }
+        // In the middle of a move or a checkpoint the link is left as it is: home follows
+        // the move by it (a link that drops then puts the move in doubt).
+        if self.moving {
+            return;
+        }
         if std::mem::take(&mut self.home_down_seen) {
             if let Some(l) = self.link.take() {
                 info!(pid = self.h.home_pid, "its home is back: linking again");
