@@ -264,6 +264,7 @@ impl Driver {
             self.job.send_host(ToHost::Checkpoint { id, then });
             return;
         }
+        self.job.checkpointing = true;
         let procs = self.procs.clone();
         let tx = self.tx.clone();
         let pid = self.job.pid;
@@ -358,6 +359,9 @@ impl Driver {
             Some(p) if p.id == id => self.ck.pending.take(),
             _ => None,
         };
+        if pending.is_some() {
+            self.job.checkpointing = false;
+        }
         if let Some(p) = pending {
             for w in p.waiters {
                 let _ = w.send(result.clone());

@@ -211,6 +211,8 @@ pub struct Job<D, H> {
     pub recovery: Option<u64>,
     /// Held where it is by `migrate PID freeze`.
     pub frozen: bool,
+    /// A checkpoint of it is being taken here (moves wait).
+    pub checkpointing: bool,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -241,6 +243,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             lost: false,
             recovery: None,
             frozen: false,
+            checkpointing: false,
         }
     }
 
