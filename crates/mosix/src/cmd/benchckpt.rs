@@ -82,23 +82,39 @@ fn start(me: &Path, a: &Args, passes: u64, mosrun: &[&str]) -> Result<(Child, i3
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
     let mut out = BufReader::new(job.stdout.take().context("job stdout")?);
+    let mut err = job.stderr.take().context("job stderr")?;
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let pid: i32 = line
-        .trim()
-        .strip_prefix("ready ")
-        .context("the job did not start")?
-        .parse()?;
+    let Some(pid) = line.trim().strip_prefix("ready ").and_then(|p| p.parse::<i32>().ok()) else {
+        let mut e = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut e);
+        let _ = job.wait();
+        bail!("the job did not start: {}", e.trim());
+    };
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     // Its output is read (and dropped) so that it never blocks.
     std::thread::spawn(move || for _ in out.lines() {});
     Ok((job, pid))
 }
 
+/// A request to node 1's mosixd, asked again while the job is busy (just moved: its host
+/// links to home an instant after).
 fn call(sock: &Path, req: &Request) -> Result<Response> {
-    Ok(Client::connect(sock, Duration::from_secs(600))?.call(req)?)
+    let mut tries = 0;
+    loop {
+        match Client::connect(sock, Duration::from_secs(600))?.call(req) {
+            Err(mosix_proto::control::ClientError::Refused(m))
+                if m.contains("try again") && tries < 50 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return Ok(r?),
+        }
+    }
 }
 
 fn end(mut job: Child) {
@@ -260,6 +276,21 @@ fn recovery(me: &Path, a: &Args, work: &Path, tb: &dyn Fn(&[&str]) -> Result<()>
         let o = on_node(me, &a.dir, 2).args(["mosctl", "stay"]).output()?;
         if !o.status.success() {
             bail!("mosctl stay: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        // Node 1 sees it up again before the next round.
+        let end_by = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = on_node(me, &a.dir, 1).args(["status", "--json"]).output()?;
+            let up = serde_json::from_slice::<Value>(&o.stdout)
+                .map(|v| v["nodes"][1]["status"] == 3)
+                .unwrap_or(false);
+            if up {
+                break;
+            }
+            if Instant::now() > end_by {
+                bail!("node 2 did not come back");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     println!(

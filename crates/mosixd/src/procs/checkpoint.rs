@@ -51,6 +51,27 @@ fn stop_now(pid: i32) {
     let _ = mosix_ckpt::sys::kill(pid, libc::SIGSTOP);
 }
 
+/// Resident memory of `pid`, bytes.
+fn rss(pid: i32) -> u64 {
+    mosix_ckpt::procfs::status(pid)
+        .ok()
+        .and_then(|s| s.get("VmRSS").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()))
+        .map_or(u64::MAX, |kb| kb << 10)
+}
+
+/// The length of the whole chunks at the start of chunk stream `b`.
+fn whole_chunks(b: &[u8]) -> usize {
+    let mut at = 0;
+    while at + 4 <= b.len() {
+        let n = u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if n == 0 || at + 4 + n > b.len() {
+            break;
+        }
+        at += 4 + n;
+    }
+    at
+}
+
 /// Ends a process held by its mover (`chkexit`, its image safely written).
 fn end_held(pid: i32, mut m: Mover) {
     let r = m.committing(None).and_then(|_| m.commit());
@@ -198,15 +219,28 @@ impl Procs {
         })
         .map_err(|e| e.to_string())?;
         let mut proc_fds = Vec::new();
-        let dumped = mover.dump(&mut ch, &mut || {
-            let (done, _next_seq, pfds) = quiesce()?;
-            proc_fds = pfds;
-            Ok(done)
-        });
+        // With memory to spare here, the image is taken into memory and the process goes on
+        // before it crosses the link: it is stopped for a copy, not for a transfer.
+        let mut buffer = (rss(pid) < mosix_ckpt::memory_room() / 3).then(Vec::new);
+        let dumped = {
+            let mut quiesce = || {
+                let (done, _next_seq, pfds) = quiesce()?;
+                proc_fds = pfds;
+                Ok(done)
+            };
+            match &mut buffer {
+                Some(b) => mover.dump(b, &mut quiesce),
+                None => mover.dump(&mut ch, &mut quiesce),
+            }
+        };
         let memory_bytes = match dumped {
             Ok(m) => m,
             Err(e) => {
                 // The image stream ends here, and home hears why.
+                if let Some(b) = &buffer {
+                    // Whole chunks only (the mover marks a failure between chunks).
+                    let _ = std::io::Write::write_all(&mut ch, &b[..whole_chunks(b)]);
+                }
                 let _ = std::io::Write::write_all(&mut ch, &0u32.to_le_bytes());
                 let _ = wire::send_flush(&mut ch, &CkptEnd::Failed(e.to_string()));
                 return Err(e.to_string());
@@ -222,6 +256,14 @@ impl Procs {
             }
         }
         let frozen_ms = t0.elapsed().as_millis() as u64;
+        if let Some(b) = buffer.take() {
+            if let Err(e) = std::io::Write::write_all(&mut ch, &b) {
+                if let Some(m) = held.take() {
+                    m.release();
+                }
+                return Err(format!("its image did not reach its home: {e}"));
+            }
+        }
         let sent = wire::send_flush(
             &mut ch,
             &CkptEnd::Done {
@@ -351,11 +393,13 @@ impl Procs {
             }
             Err(e) => CkptVerdict::Failed(e.clone()),
         };
+        // The host hears first: it is done with it before anyone is told it is written.
+        let sent = wire::send_flush(&mut ch, &verdict);
         h.send_home(super::home::HomeEv::CkptSaved {
             id: hello.id,
             result: r,
         });
-        wire::send_flush(&mut ch, &verdict)?;
+        sent?;
         Ok(())
     }
 }

@@ -160,6 +160,8 @@ impl Procs {
                     freezer: None,
                     link_no: 0,
                     home_down_seen: false,
+                    checkpointing: false,
+                    queued_move: None,
                 };
                 d.run();
                 lock(&d.procs.guests).remove(&key);
@@ -229,6 +231,9 @@ struct GuestDriver {
     marking: Option<u64>,
     /// Frozen by `migrate PID freeze`.
     freezer: Option<super::checkpoint::Freezer>,
+    /// A checkpoint is being taken (a move asked by home meanwhile waits for its end).
+    checkpointing: bool,
+    queued_move: Option<(u32, String)>,
     /// The number of the current link to home.
     link_no: u64,
     /// Its home was seen down since the link was made.
@@ -349,6 +354,7 @@ impl GuestDriver {
                 }
                 GuestEv::CkptDone { id, r } => {
                     self.moving = false;
+                    self.checkpointing = false;
                     self.marking = None;
                     lock(&self.info).moving = false;
                     self.sup(ToSup::Thaw);
@@ -363,6 +369,9 @@ impl GuestDriver {
                             info!(pid = self.h.home_pid, "checkpoint {id} not taken: {reason}");
                             self.home(ToHome::CheckpointFailed { id, reason });
                         }
+                    }
+                    if let Some((to, reason)) = self.queued_move.take() {
+                        self.start_move(to, reason, None, Origin::Home);
                     }
                 }
                 GuestEv::MoveDone { to, origin, r } => {
@@ -541,6 +550,7 @@ impl GuestDriver {
             return;
         }
         self.moving = true;
+        self.checkpointing = true;
         self.marking = Some(id);
         lock(&self.info).moving = true;
         let procs = self.procs.clone();
@@ -572,6 +582,7 @@ impl GuestDriver {
             });
         if r.is_err() {
             self.moving = false;
+            self.checkpointing = false;
             self.marking = None;
             lock(&self.info).moving = false;
             self.home(ToHome::CheckpointFailed {
@@ -631,6 +642,11 @@ impl GuestDriver {
             return;
         }
         if self.moving {
+            if origin == Origin::Home && self.checkpointing && self.queued_move.is_none() {
+                // Its checkpoint ends soon: the move follows it.
+                self.queued_move = Some((to, reason));
+                return;
+            }
             if origin == Origin::Home {
                 self.home(ToHome::MigrateFailed {
                     to,

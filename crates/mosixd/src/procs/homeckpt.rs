@@ -65,7 +65,13 @@ pub(super) struct Ckpts {
     freeze_reply: Option<Sender<Result<bool, String>>>,
     /// A recovery in progress: (checkpoint, file, when taken, the dead host).
     recovering: Option<(u64, String, u64, u32)>,
+    /// Checkpoints asked for while its host was not linked (just after a move): taken
+    /// once it is, or refused after [`LINK_WAIT`].
+    waiting: Vec<(After, Reply, Instant)>,
 }
+
+/// How long a checkpoint asked for waits for the host's link.
+const LINK_WAIT: Duration = Duration::from_secs(10);
 
 impl Ckpts {
     pub(super) fn of(rec: &Record) -> Ckpts {
@@ -84,6 +90,7 @@ impl Ckpts {
             freezer: None,
             freeze_reply: None,
             recovering: None,
+            waiting: Vec::new(),
         };
         if let Some((n, p, t)) = c.and_then(|c| c.recovery) {
             k.saved.insert(n, (p.clone(), t));
@@ -241,7 +248,13 @@ impl Driver {
         let away = match self.job.place {
             Where::Home => false,
             Where::Away { .. } if self.job.host_ok() => true,
-            Where::Away { .. } => return fail(reply, "its host is not linked to its home now"),
+            Where::Away { .. } => {
+                // Just moved, or its link is being made again: it waits a little.
+                if let Some(r) = reply {
+                    self.ck.waiting.push((then, r, Instant::now()));
+                }
+                return;
+            }
             Where::Leaving { .. } => return fail(reply, "it is in the middle of a move"),
             Where::Recovering { .. } => return fail(reply, "it is being recovered"),
         };
@@ -314,6 +327,10 @@ impl Driver {
     }
 
     pub(super) fn marked(&mut self, id: u64, result: Result<Vec<HomeFd>, String>) {
+        if self.ck.recovering.is_some() {
+            // A mark its dead host asked for: the rewind drops it.
+            return;
+        }
         if let Some(p) = &mut self.ck.pending {
             if p.id == id {
                 p.marked = Some(result);
@@ -420,6 +437,17 @@ impl Driver {
 
     /// Its next automatic checkpoint, when due (not while it moves, is frozen or stopped).
     pub(super) fn periodic(&mut self, now: Instant) {
+        if !self.ck.waiting.is_empty() && self.ck.pending.is_none() {
+            let linked = matches!(self.job.place, Where::Away { .. }) && self.job.host_ok();
+            let (then, r, since) = self.ck.waiting.remove(0);
+            if linked || self.job.native() {
+                self.start_checkpoint(then, Some(r));
+            } else if now.duration_since(since) > LINK_WAIT {
+                let _ = r.send(Err("its host is not linked to its home now".into()));
+            } else {
+                self.ck.waiting.insert(0, (then, r, since));
+            }
+        }
         if let Some(p) = &self.ck.pending {
             if now.duration_since(p.started) > CKPT_DEADLINE {
                 let id = p.id;
@@ -459,6 +487,9 @@ impl Driver {
 
     /// It ended: nobody waits any more.
     pub(super) fn ended(&mut self) {
+        for (_, r, _) in self.ck.waiting.drain(..) {
+            let _ = r.send(Err("it ended".into()));
+        }
         if let Some(p) = self.ck.pending.take() {
             for w in p.waiters {
                 let _ = w.send(Err("it ended".into()));

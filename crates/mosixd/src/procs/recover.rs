@@ -164,7 +164,15 @@ impl Procs {
             proc_fds: o.info.proc_fds.clone(),
         };
         ready(&mut ch, to, tail)?;
-        commit(&mut ch, to)?;
+        // Its record says where it is going: a mosixd that restarts before the recovery is
+        // settled here takes it as done (its deputy is its deputy either way), and if that
+        // copy never runs, no link comes from it and the job is recovered again, as a
+        // newer residence still: never two copies.
+        self.mark_leaving(r.pid, Some((to, r.epoch)));
+        if let Err(e) = commit(&mut ch, to) {
+            self.mark_leaving(r.pid, None);
+            return Err(e);
+        }
         Ok(Moved {
             to,
             frozen_ms: 0,
