@@ -30,6 +30,13 @@ pub struct Args {
     /// Testbed state directory (a 3-node testbed is brought up and down in it).
     #[arg(long, default_value = "/run/mosix-bench-checkpoint")]
     dir: PathBuf,
+    /// What to measure: frozen, slowdown, recovery.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "frozen,slowdown,recovery"
+    )]
+    parts: Vec<String>,
 }
 
 pub fn run(a: Args) -> Result<i32> {
@@ -63,9 +70,17 @@ pub fn run(a: Args) -> Result<i32> {
         }
         let work = a.dir.join("work");
         std::fs::create_dir_all(&work)?;
-        frozen(&me, &a, &work)?;
-        slowdown(&me, &a, &work)?;
-        recovery(&me, &a, &work, &tb)
+        let part = |p: &str| a.parts.iter().any(|x| x == p);
+        if part("frozen") {
+            frozen(&me, &a, &work)?;
+        }
+        if part("slowdown") {
+            slowdown(&me, &a, &work)?;
+        }
+        if part("recovery") {
+            recovery(&me, &a, &work, &tb)?;
+        }
+        Ok(())
     })();
     let _ = tb(&["down"]);
     r?;
@@ -88,7 +103,11 @@ fn start(me: &Path, a: &Args, passes: u64, mosrun: &[&str]) -> Result<(Child, i3
     let mut err = job.stderr.take().context("job stderr")?;
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let Some(pid) = line.trim().strip_prefix("ready ").and_then(|p| p.parse::<i32>().ok()) else {
+    let Some(pid) = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
         let mut e = String::new();
         let _ = std::io::Read::read_to_string(&mut err, &mut e);
         let _ = job.wait();
@@ -273,10 +292,6 @@ fn recovery(me: &Path, a: &Args, work: &Path, tb: &dyn Fn(&[&str]) -> Result<()>
         }
         end(job);
         tb(&["start", "2"])?;
-        let o = on_node(me, &a.dir, 2).args(["mosctl", "stay"]).output()?;
-        if !o.status.success() {
-            bail!("mosctl stay: {}", String::from_utf8_lossy(&o.stderr));
-        }
         // Node 1 sees it up again before the next round.
         let end_by = Instant::now() + Duration::from_secs(60);
         loop {
@@ -291,6 +306,10 @@ fn recovery(me: &Path, a: &Args, work: &Path, tb: &dyn Fn(&[&str]) -> Result<()>
                 bail!("node 2 did not come back");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        let o = on_node(me, &a.dir, 2).args(["mosctl", "stay"]).output()?;
+        if !o.status.success() {
+            bail!("mosctl stay: {}", String::from_utf8_lossy(&o.stderr));
         }
     }
     println!(

@@ -55,7 +55,10 @@ fn stop_now(pid: i32) {
 fn rss(pid: i32) -> u64 {
     mosix_ckpt::procfs::status(pid)
         .ok()
-        .and_then(|s| s.get("VmRSS").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.get("VmRSS")
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
         .map_or(u64::MAX, |kb| kb << 10)
 }
 
