@@ -74,6 +74,22 @@ fn reference(argv: &[&str], input: &str) -> (Vec<String>, Option<i32>) {
     )
 }
 
+/// `got` equals `want`; if not, where they part (a few lines, not thousands).
+fn same_lines(got: &[String], want: &[String], what: &str) {
+    if got == want {
+        return;
+    }
+    let i = got.iter().zip(want).take_while(|(a, b)| a == b).count();
+    let near = |v: &[String]| v[i.saturating_sub(2)..(i + 3).min(v.len())].to_vec();
+    panic!(
+        "{what}: output differs from line {i} on ({} lines, {} wanted): got {:?}, wanted {:?}",
+        got.len(),
+        want.len(),
+        near(got),
+        near(want)
+    );
+}
+
 fn wait_for(what: &str, deadline: Duration, cond: impl Fn() -> bool) {
     let end = Instant::now() + deadline;
     while !cond() {
@@ -253,7 +269,7 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
         home_entry(tb, pid).is_some_and(|p| p["state"] == "away" && p["where_"] != 2)
     });
     let (got, st, err) = r.finish();
-    assert_eq!(got, want, "{death:?}: output");
+    same_lines(&got, &want, &format!("{death:?}"));
     assert_eq!(st.code(), want_code, "{death:?}: exit status");
     assert_eq!(
         std::fs::read(&file).unwrap(),
@@ -427,7 +443,7 @@ fn freeze_and_continue(tb: &Testbed, work: &Path) {
     let _ = spin.wait();
     r.job.send(&numbers(301, 600));
     let (got, st, err) = r.finish();
-    assert_eq!(got, want);
+    same_lines(&got, &want, "frozen");
     assert_eq!(st.code(), want_code);
     assert!(err.is_empty(), "{err:?}");
 }
