@@ -38,6 +38,7 @@ KNOWN = {
     "threads": 20,
     "migration": 20,
     "cluster_testbed": 15,
+    "demo": 40,
 }
 
 
