@@ -35,13 +35,23 @@ bash scripts/install.sh --prefix /usr --destdir "$stage" --no-config "${bin_args
 rm -rf "$stage/usr/share/mosix"
 mkdir -p "$stage/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
+# Depends: the shared libraries the programs link to, with the versions their symbols
+# need (dpkg-shlibdeps, from Debian's dpkg-dev; it wants a debian/control to read).
+command -v dpkg-shlibdeps >/dev/null || die "dpkg-shlibdeps not found (Debian's dpkg-dev package)"
+shl=$(mktemp -d)
+mkdir "$shl/debian"
+printf 'Source: mosix\n\nPackage: mosix\nArchitecture: any\n' > "$shl/debian/control"
+mapfile -t progs < <(find "$stage" -type f -perm -u+x ! -path "*/DEBIAN/*" -exec sh -c 'head -c4 "$1" | grep -q ELF' _ {} \; -print)
+depends=$(cd "$shl" && dpkg-shlibdeps -O "${progs[@]}" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
+rm -rf "$shl"
+[ -n "$depends" ] || die "dpkg-shlibdeps found no dependencies for ${progs[*]}"
 cat > "$stage/DEBIAN/control" <<CTL
 Package: mosix
 Version: $version
 Architecture: $arch
 Maintainer: MOSIX for Linux <root@localhost>
 Installed-Size: $size
-Depends: libc6
+Depends: $depends
 Recommends: fuse3
 Section: admin
 Priority: optional

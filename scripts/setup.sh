@@ -8,10 +8,10 @@ set -euo pipefail
 # the testbed, tmux to test `mon`; for the multi-threaded programs of tests/threads.rs: Go,
 # a JVM, numpy over OpenBLAS's threaded BLAS; man-db (`man -l` on the generated pages),
 # fuse3 (fusermount3 for `mosix fs` run by a user; root mounts without it), binutils
-# (strip, for install.sh), dpkg-deb (scripts/deb.sh).
+# (strip, for install.sh), dpkg-deb and dpkg-shlibdeps (scripts/deb.sh).
 PACKAGES=(gcc libc6-dev make python3 mawk iproute2 procps tmux util-linux pkg-config
     xz-utils gzip golang-go default-jre-headless python3-numpy libopenblas0-pthread
-    man-db fuse3 binutils dpkg)
+    man-db fuse3 binutils dpkg dpkg-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -203,6 +203,13 @@ fn debian_package_installs_and_purges() {
         .arg(bin_dir()));
     let deb = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
     assert!(deb.is_file(), "{}", deb.display());
+    // Depends names the C library the programs were linked against, with a version.
+    let o = run(Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(&deb)
+        .arg("Depends"));
+    let depends = String::from_utf8_lossy(&o.stdout);
+    assert!(depends.contains("libc6 (>= 2."), "Depends: {depends}");
     let etc_before = Path::new("/etc/mosix").exists();
     let secret_before = std::fs::read("/etc/mosix/secret").ok();
     dpkg(&["-i"], Some(&deb));

@@ -58,13 +58,19 @@ pub fn compile(name: &str) -> PathBuf {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("migprogs");
     std::fs::create_dir_all(&out).unwrap();
     let bin = out.join(name);
+    // Built under a name of its own, then renamed: test binaries that run side by side
+    // (scripts/run-tests.py) never run a half-written program.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = out.join(format!(".{name}.{}.{n}", std::process::id()));
     let st = Command::new("cc")
         .args(["-O2", "-o"])
-        .arg(&bin)
+        .arg(&tmp)
         .arg(progs_src().join(format!("{name}.c")))
         .status()
         .expect("cc runs");
     assert!(st.success(), "cc {name}.c failed");
+    std::fs::rename(&tmp, &bin).unwrap();
     bin
 }
 

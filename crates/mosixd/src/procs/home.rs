@@ -87,6 +87,22 @@ pub struct Handle {
     tx: Sender<HomeEv>,
     pub info: Arc<Mutex<Snapshot>>,
     token: Arc<String>,
+    answers: Answers,
+}
+
+/// Answers to `migrate`, held by the driver until it has published the process's new
+/// place in its [`Snapshot`]: whoever is answered and asks `where` at once sees it there.
+type Answers = Arc<Mutex<Vec<(Sender<MoveResult>, MoveResult)>>>;
+
+struct AnswerLater {
+    tx: Sender<MoveResult>,
+    answers: Answers,
+}
+
+impl job::Waiter for AnswerLater {
+    fn answer(self: Box<Self>, r: MoveResult) {
+        lock(&self.answers).push((self.tx, r));
+    }
 }
 
 impl Handle {
@@ -103,7 +119,12 @@ impl Handle {
                 to,
                 reason,
                 offer,
-                reply: reply.map(|r| Box::new(r) as Box<dyn job::Waiter + Send>),
+                reply: reply.map(|tx| {
+                    Box::new(AnswerLater {
+                        tx,
+                        answers: self.answers.clone(),
+                    }) as Box<dyn job::Waiter + Send>
+                }),
             }))
             .is_ok()
     }
@@ -440,10 +461,12 @@ impl Procs {
         let pid = j.pid;
         let (tx, rx) = mpsc::channel();
         let info = Arc::new(Mutex::new(snapshot(&j, pid)));
+        let answers = Answers::default();
         let h = Handle {
             tx: tx.clone(),
             info: info.clone(),
             token: Arc::new(token),
+            answers: answers.clone(),
         };
         lock(&self.homes).insert(pid, h);
         // Its end is heard at once (a thread waits on its pidfd).
@@ -468,6 +491,7 @@ impl Procs {
                     rx,
                     tx,
                     info,
+                    answers,
                     ck,
                 };
                 d.job.recovery = d.ck.recovery_number();
@@ -816,6 +840,7 @@ pub(super) struct Driver {
     rx: Receiver<HomeEv>,
     pub(super) tx: Sender<HomeEv>,
     info: Arc<Mutex<Snapshot>>,
+    answers: Answers,
     /// Its checkpoints (homeckpt.rs).
     pub(super) ck: super::homeckpt::Ckpts,
 }
@@ -868,11 +893,20 @@ impl Driver {
             }
             self.periodic(now);
             *lock(&self.info) = snapshot(&self.job, self.job.pid);
+            self.send_answers();
         }
         self.ended();
         lock(&self.procs.homes).remove(&self.job.pid);
+        self.send_answers();
         self.procs.remove_record(self.job.pid);
         debug!(pid = self.job.pid, "process ended");
+    }
+
+    /// The answers to `migrate` given since the snapshot was last published.
+    fn send_answers(&self) {
+        for (tx, r) in std::mem::take(&mut *lock(&self.answers)) {
+            let _ = tx.send(r);
+        }
     }
 
     pub(super) fn persist(&mut self) {

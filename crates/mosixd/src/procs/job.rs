@@ -613,9 +613,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         };
                         self.host = None;
                         if to == self.me {
-                            // The move home is ours to finish (CameHome); nothing to do.
+                            // The move home is ours to finish: CameHome answers the
+                            // waiters, once it is home (not before: `where` must say 0).
                             self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
-                            self.answer_waiters(to, &Ok(moved));
                         } else {
                             self.moved_on(moved, now, &mut acts);
                         }
@@ -1020,6 +1020,49 @@ mod tests {
             [Err(MoveError::PeerGone { node: 2, .. })]
         ));
         assert_eq!(j.place, Where::Away { node: 2, epoch: 1 });
+    }
+
+    #[test]
+    fn a_move_home_is_answered_once_it_is_home() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let host = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: host.clone(),
+            },
+            t,
+        );
+        let got = got();
+        j.handle(
+            Ev::Migrate {
+                to: 1,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        // The host says it left for home before home's own half has finished: whoever
+        // asked is not answered yet (a `where` then would still say node 2).
+        j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Left {
+                    to: 1,
+                    frozen_ms: 1,
+                    memory_bytes: 2,
+                },
+            },
+            t,
+        );
+        assert!(got.lock().unwrap().is_empty());
+        j.handle(Ev::CameHome { moved: moved(1) }, t);
+        assert_eq!(j.node(), 1);
+        assert!(matches!(got.lock().unwrap().as_slice(), [Ok(m)] if m.to == 1));
     }
 
     #[test]
