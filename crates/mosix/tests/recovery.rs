@@ -249,7 +249,10 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
     let pid = r.job.home_pid;
     // Half of its input now, the rest once node 2 is dead: it cannot end before.
     r.job.send(&numbers(1, 800));
-    assert_eq!(tb.where_(pid), "2");
+    // It runs there from its first instruction (`-r 2`); home publishes it an instant later.
+    wait_for("home says it runs on node 2", DEADLINE, || {
+        tb.where_(pid) == "2"
+    });
     let old = guest_pid(tb, 2, pid).expect("it runs on node 2");
     // A checkpoint taken there (the first is the image of its move), and output since.
     let second = PathBuf::from(format!("{}.2", base.display()));

@@ -131,6 +131,7 @@ pub struct Target {
 }
 
 /// A checkpoint being written (a temporary file beside its final name).
+#[derive(Debug)]
 pub struct Temp {
     pub file: File,
     path: PathBuf,

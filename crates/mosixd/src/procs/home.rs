@@ -990,15 +990,17 @@ impl Driver {
                         ckpt,
                     }) => {
                         let _ = tx.send(HomeEv::Job(Ev::LeftHome { to, moved }));
-                        if let Some((id, result)) = ckpt {
-                            let _ = tx.send(HomeEv::CkptSaved { id, result });
-                        }
                         // Signals that reached it while it became its deputy: passed on.
                         for sig in signals {
                             let f = mosix_remote::wire::encode(
                                 &mosix_remote::wire::FromDeputy::Signal { sig },
                             );
                             let _ = tx.send(HomeEv::Job(Ev::FromDeputy(f)));
+                        }
+                        // Its checkpoint with this move is completed now (synced: slow).
+                        if let Some(c) = ckpt {
+                            let (id, result) = c.finish();
+                            let _ = tx.send(HomeEv::CkptSaved { id, result });
                         }
                         return;
                     }

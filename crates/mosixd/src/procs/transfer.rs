@@ -49,11 +49,44 @@ pub struct HomeMove {
 }
 
 /// What a move from home did: where it went, the signals that reached it meanwhile (to
-/// pass on), and the checkpoint written with it (`mosrun -C`).
+/// pass on), and the checkpoint written with it (`mosrun -C`), to be completed.
 pub struct LeftHome {
     pub moved: Moved,
     pub signals: Vec<i32>,
-    pub ckpt: Option<(u64, Result<super::checkpoint::CkptDone, String>)>,
+    pub ckpt: Option<TeeCkpt>,
+}
+
+/// The checkpoint written with a move from home, its image whole in its temporary file:
+/// completed ([`TeeCkpt::finish`]: synced, renamed) once the move is known at home, not
+/// before (a file's sync must not delay the process's first calls from its new host).
+pub struct TeeCkpt {
+    pub number: u64,
+    file: Result<
+        (
+            super::ckptfile::Target,
+            super::ckptfile::Temp,
+            super::ckptfile::CkptInfo,
+            u64,
+        ),
+        String,
+    >,
+}
+
+impl TeeCkpt {
+    /// Completes the file: its number, and the checkpoint or why not.
+    pub fn finish(self) -> (u64, Result<super::checkpoint::CkptDone, String>) {
+        let r = self.file.and_then(|(target, temp, info, memory_bytes)| {
+            target
+                .finish(temp, &info)
+                .map(|p| super::checkpoint::CkptDone {
+                    path: p.to_string_lossy().into_owned(),
+                    frozen_ms: 0,
+                    memory_bytes,
+                })
+                .map_err(|e| e.to_string())
+        });
+        (self.number, r)
+    }
 }
 
 /// A process caught at its exec (`mosrun -r`): seized by a thread of its own before
@@ -317,25 +350,19 @@ impl Procs {
         };
         let ckpt = match (temp, m.ckpt) {
             (Some(t), Some((target, mut info))) => {
-                let r = if mark.is_some() {
+                let number = target.number;
+                let file = if mark.is_some() {
                     info.fds = fds;
                     info.no_new_privs = nnp;
                     info.memory_bytes = memory_bytes;
                     info.mark = mark;
                     info.node = self.me();
-                    target
-                        .finish(t, &info)
-                        .map(|p| super::checkpoint::CkptDone {
-                            path: p.to_string_lossy().into_owned(),
-                            frozen_ms: 0,
-                            memory_bytes,
-                        })
-                        .map_err(|e| e.to_string())
+                    Ok((target, t, info, memory_bytes))
                 } else {
                     target.discard(t);
                     Err("its image could not be written".into())
                 };
-                Some((target.number, r))
+                Some(TeeCkpt { number, file })
             }
             _ => None,
         };
