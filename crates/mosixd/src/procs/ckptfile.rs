@@ -527,7 +527,7 @@ mod tests {
             number: 1,
             owner: nobody.clone(),
         };
-        let e = t.create().err().expect("refused");
+        let e = t.create().expect_err("refused");
         assert!(e.to_string().contains("Permission denied"), "{e}");
         // In nobody's directory: nobody's file.
         let sub = dir.path().join("nobody");
