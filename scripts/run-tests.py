@@ -29,6 +29,7 @@ LONG = 60
 KNOWN = {
     "faults": 95,
     "migration_stdio": 65,
+    "recovery": 45,
     "checkpoint": 40,
     "transparency": 35,
     "security": 35,

@@ -102,6 +102,16 @@ impl Held {
     }
 }
 
+/// Freezes every thread of `pid` (ptrace) and saves nothing: it stays stopped, using no
+/// CPU, until [`Held::release`] (or the holder ends). Its parent's wait sees nothing
+/// (a ptrace stop is not a job-control stop). Must be called, and the `Held` used, from
+/// one thread (the ptrace tracer).
+pub fn freeze_held(pid: i32) -> Result<Held> {
+    Ok(Held {
+        frozen: freeze(pid)?,
+    })
+}
+
 /// Checkpoints `pid` into `out` and keeps it frozen: the caller decides with
 /// [`Held::kill`] or [`Held::release`]. On failure the process goes on as it was.
 /// Must be called, and the `Held` used, from one thread (the ptrace tracer).

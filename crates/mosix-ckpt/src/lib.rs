@@ -36,7 +36,7 @@ pub use away::{
     Leaving, Rebuilt,
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
-pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
+pub use dump::{check, checkpoint, checkpoint_held, freeze_held, DumpOptions, DumpStats, Held};
 pub use error::{Error, Result};
 pub use image::{
     memory_room, read_image, read_image_bytes, read_image_file, Compression, LoadedImage,

@@ -499,6 +499,17 @@ fn wire_frames(d: &[u8]) -> u64 {
                 }
             }
             Ok(wire::Hello::Link(_)) => drain::<wire::ToHome>(&mut r),
+            // A checkpoint as home reads it: hello, image chunks, its end.
+            Ok(wire::Hello::Checkpoint(h)) => {
+                std::hint::black_box(&h);
+                match wire::copy_chunks(&mut r, &mut std::io::sink(), CHUNK_LIMIT) {
+                    Ok(n) => {
+                        let e = wire::expect::<_, wire::CkptEnd>(&mut r);
+                        class(&format!("{n} {}", e.is_ok()))
+                    }
+                    Err(e) => class(&format!("{:?} {e}", e.kind())),
+                }
+            }
             Err(e) => class(&format!("{:?} {e}", e.kind())),
         },
     };
@@ -549,7 +560,16 @@ fn wire_seeds() -> Vec<Vec<u8>> {
     let mut v = vec![
         framed(
             0,
-            &[Hello::Migrate(migrate_header()), Hello::Link(link.clone())],
+            &[
+                Hello::Migrate(migrate_header()),
+                Hello::Link(link.clone()),
+                Hello::Checkpoint(wire::CkptHello {
+                    home_pid: 7,
+                    epoch: 2,
+                    node: 3,
+                    id: 4,
+                }),
+            ],
         ),
         framed(
             1,
@@ -564,6 +584,14 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     to: 3,
                     reason: "refused".into(),
                 },
+                ToHome::CheckpointFailed {
+                    id: 4,
+                    reason: "busy".into(),
+                },
+                ToHome::Frozen {
+                    freeze: true,
+                    error: None,
+                },
             ],
         ),
         framed(
@@ -572,6 +600,11 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                 ToHost::Deputy(b"frame".to_vec()),
                 ToHost::Migrate { to: 0 },
                 ToHost::Kill,
+                ToHost::Checkpoint {
+                    id: 4,
+                    then: mosix_proto::control::After::Stop,
+                },
+                ToHost::Freeze { freeze: false },
             ],
         ),
         remote_framed(
@@ -588,6 +621,11 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     ],
                 }),
                 mosix_remote::wire::ToDeputy::Cancel { seq: 1 },
+                mosix_remote::wire::ToDeputy::Mark { id: 3 },
+                mosix_remote::wire::ToDeputy::Rewind {
+                    id: 3,
+                    message: "back".into(),
+                },
                 mosix_remote::wire::ToDeputy::Exited(mosix_remote::wire::ExitStatus::Code(3)),
             ],
         ),
@@ -595,6 +633,10 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             4,
             &[
                 mosix_remote::wire::FromDeputy::Signal { sig: 2 },
+                mosix_remote::wire::FromDeputy::Rewound {
+                    id: 3,
+                    result: Ok(9),
+                },
                 mosix_remote::wire::FromDeputy::Reply(mosix_remote::wire::Reply::Done {
                     seq: 1,
                     ret: 5,
@@ -786,6 +828,24 @@ fn requests() -> Vec<Request> {
             best: false,
             pinned: true,
             avoid: vec![3],
+            checkpoint: Some(mosix_proto::control::CheckpointSpec {
+                file: "/tmp/job.ckpt".into(),
+                every_min: Some(0.5),
+            }),
+        }),
+        Request::Checkpoint {
+            pid: 42,
+            then: mosix_proto::control::After::Exit,
+        },
+        Request::Freeze {
+            pid: 42,
+            freeze: true,
+        },
+        Request::Restore(mosix_proto::control::RestoreRequest {
+            file: "/tmp/job.ckpt.3".into(),
+            checkpoint: None,
+            pinned: false,
+            avoid: vec![],
         }),
         Request::Mosctl {
             cmd: "block".into(),
@@ -844,6 +904,16 @@ fn responses() -> Vec<Response> {
             memory_bytes: 1 << 20,
         },
         Response::Where { pid: 77, node: 2 },
+        Response::Checkpointed {
+            pid: 77,
+            file: "/tmp/job.ckpt.3".into(),
+            frozen_ms: 40,
+            memory_bytes: 1 << 20,
+        },
+        Response::Frozen {
+            pid: 77,
+            frozen: true,
+        },
         Response::Ps {
             node: 1,
             procs: vec![mosix_proto::control::ProcEntry {

@@ -15,6 +15,10 @@ use std::time::Duration;
 /// The longest line either side accepts.
 pub const MAX_LINE: usize = 4 << 20;
 
+/// The last 8 bytes of a checkpoint file of a migratable job (`mosrun -C`): an image
+/// followed by what home knew of the job (see mosixd's `procs/ckptfile.rs`).
+pub const CHECKPOINT_MAGIC: &[u8; 8] = b"MOSXJOB\x01";
+
 /// A request to the daemon. Room is kept for migrate/where/ps (issue 4).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -42,6 +46,58 @@ pub enum Request {
     Where { pid: i32 },
     /// This node's migratable processes, home and guests: [`Response::Ps`].
     Ps,
+    /// `migrate PID checkpoint|chkstop|chkexit`: checkpoint the process with this home
+    /// PID now (to its `mosrun -C` file, else `ckpt.PID` in its working directory), then
+    /// let it go on, stop it, or end it. Answered with [`Response::Checkpointed`].
+    Checkpoint { pid: i32, then: After },
+    /// `migrate PID freeze|continue`: hold the process where it is (stopped, using no CPU,
+    /// invisible to its parent's wait) or let it go on; `continue` also resumes a process
+    /// stopped by `chkstop` or SIGSTOP. Answered with [`Response::Frozen`].
+    Freeze { pid: i32, freeze: bool },
+    /// `mosrun -R FILE`: the calling process (mosrun) becomes the process checkpointed in
+    /// FILE, a migratable process of this node with mosrun's PID and standard descriptors.
+    /// No answer on success (the caller is the restored process by then).
+    Restore(RestoreRequest),
+}
+
+/// What becomes of a process after `migrate PID checkpoint|chkstop|chkexit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum After {
+    /// It goes on (`checkpoint`).
+    Continue,
+    /// It is stopped, as by SIGSTOP (`chkstop`).
+    Stop,
+    /// It ends, killed once its image is safely written (`chkexit`).
+    Exit,
+}
+
+/// `mosrun -C FILE [-A MINUTES]`: where a process's checkpoints go (FILE.1, FILE.2, ...,
+/// the last few kept) and how often they are taken automatically.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointSpec {
+    /// FILE, an absolute path (mosrun makes it so, from its working directory).
+    pub file: String,
+    /// Minutes between automatic checkpoints (fractions allowed); none: only on request
+    /// and when it leaves home.
+    #[serde(default)]
+    pub every_min: Option<f64>,
+}
+
+/// What `mosrun -R` asks for ([`Request::Restore`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// The checkpoint file, an absolute path; read with the caller's rights.
+    pub file: String,
+    /// Checkpoints of the restored process (default: those of the checkpoint's own
+    /// `mosrun -C`, numbered on from it).
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointSpec>,
+    /// Kept from automatic migration (`mosrun -L`), and nodes to avoid.
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub avoid: Vec<u32>,
 }
 
 /// What `mosrun` asks for the process it is about to become ([`Request::Register`]).
@@ -61,6 +117,9 @@ pub struct RegisterRequest {
     /// Nodes it must never be sent to automatically.
     #[serde(default)]
     pub avoid: Vec<u32>,
+    /// `mosrun -C FILE [-A MINUTES]`.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointSpec>,
 }
 
 /// One migratable process as `mosix ps` shows it.
@@ -125,6 +184,18 @@ pub enum Response {
     Ps {
         node: u32,
         procs: Vec<ProcEntry>,
+    },
+    Checkpointed {
+        pid: i32,
+        /// The image file written (FILE.N).
+        file: String,
+        /// How long the process was stopped for it (ms), and the bytes of memory saved.
+        frozen_ms: u64,
+        memory_bytes: u64,
+    },
+    Frozen {
+        pid: i32,
+        frozen: bool,
     },
     Mode {
         stay: bool,

@@ -113,6 +113,44 @@ fn libc_wifsignaled(status: i32) -> bool {
 pub enum Hello {
     Migrate(MigrateHeader),
     Link(LinkHello),
+    /// The node running a process sends its home a checkpoint of it (asked for by
+    /// [`ToHost::Checkpoint`]): the image as chunks ended by an empty one, then
+    /// [`CkptEnd`]; home answers [`CkptVerdict`] once the image is safely written.
+    Checkpoint(CkptHello),
+}
+
+/// First message of a checkpoint's connection from a process's host to its home.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CkptHello {
+    pub home_pid: i32,
+    /// The residence it was taken in, and the hosting node.
+    pub epoch: u64,
+    pub node: u32,
+    /// The checkpoint's number ([`ToHost::Checkpoint`]).
+    pub id: u64,
+}
+
+/// After a checkpoint's image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CkptEnd {
+    Done {
+        memory_bytes: u64,
+        /// How long the process was stopped for it.
+        frozen_ms: u64,
+        /// Its descriptors that are files of its own /proc (see [`Tail::proc_fds`]).
+        proc_fds: Vec<(i32, String)>,
+        /// Its own no_new_privs (away it runs with it set).
+        no_new_privs: bool,
+    },
+    /// It could not be saved (the image sent is not one); it goes on as it was.
+    Failed(String),
+}
+
+/// Home's answer to a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CkptVerdict {
+    Saved { path: String },
+    Failed(String),
 }
 
 /// What the destination must know before the image.
@@ -196,6 +234,10 @@ pub enum ToHome {
     },
     /// A migration asked for (or decided there) failed; the process goes on there.
     MigrateFailed { to: u32, reason: String },
+    /// A checkpoint asked for could not be taken; the process goes on there.
+    CheckpointFailed { id: u64, reason: String },
+    /// The answer to [`ToHost::Freeze`]: it is frozen (or not), or why not.
+    Frozen { freeze: bool, error: Option<String> },
 }
 
 /// From the home to the node running the process.
@@ -207,6 +249,15 @@ pub enum ToHost {
     Migrate { to: u32 },
     /// Its deputy is gone (killed at home): end it.
     Kill,
+    /// Checkpoint it now as number `id` (the image goes home on a connection of its own,
+    /// [`Hello::Checkpoint`]), then let it go on, stop it, or end it once home has the
+    /// image.
+    Checkpoint {
+        id: u64,
+        then: crate::control::After,
+    },
+    /// Hold it where it is (frozen), or let it go on.
+    Freeze { freeze: bool },
 }
 
 /// A writer that cuts what is written into chunks (`len u32 LE | bytes`, raw: no
@@ -306,6 +357,106 @@ pub fn read_chunks<R: Read>(r: &mut R, limit: u64) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Copies a chunk stream's contents from `r` into `w` (without the chunk lengths), to its
+/// end; at most `limit` bytes. The number of bytes copied.
+pub fn copy_chunks<R: Read, W: Write>(r: &mut R, w: &mut W, limit: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n == 0 {
+            w.flush()?;
+            return Ok(total);
+        }
+        if n > CHUNK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "image chunk larger than the limit",
+            ));
+        }
+        total += n as u64;
+        if total > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the image is larger than {} MiB", limit >> 20),
+            ));
+        }
+        r.read_exact(&mut buf[..n])?;
+        w.write_all(&buf[..n])?;
+    }
+}
+
+/// A writer that takes a chunk stream (as [`ChunkWriter`] makes it) and writes only its
+/// contents into `inner`. [`Unchunk::ended`] says whether the empty chunk that ends the
+/// stream has come.
+pub struct Unchunk<W: Write> {
+    inner: W,
+    len: [u8; 4],
+    have: usize,
+    left: usize,
+    ended: bool,
+    /// Bytes of contents written.
+    pub written: u64,
+}
+
+impl<W: Write> Unchunk<W> {
+    pub fn new(inner: W) -> Self {
+        Unchunk {
+            inner,
+            len: [0; 4],
+            have: 0,
+            left: 0,
+            ended: false,
+            written: 0,
+        }
+    }
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+impl<W: Write> Write for Unchunk<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.ended {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bytes after the end of a chunk stream",
+            ));
+        }
+        if self.left > 0 {
+            let n = data.len().min(self.left);
+            self.inner.write_all(&data[..n])?;
+            self.left -= n;
+            self.written += n as u64;
+            return Ok(n);
+        }
+        let n = data.len().min(4 - self.have);
+        self.len[self.have..self.have + n].copy_from_slice(&data[..n]);
+        self.have += n;
+        if self.have == 4 {
+            self.have = 0;
+            let l = u32::from_le_bytes(self.len) as usize;
+            if l > CHUNK {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "image chunk larger than the limit",
+                ));
+            }
+            self.left = l;
+            self.ended = l == 0;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Reads and drops the `pending` bytes of the current chunk and every chunk after it, up
 /// to and including the terminator; returns how many bytes were dropped.
 fn drain_chunks<R: Read>(r: &mut R, pending: usize) -> io::Result<u64> {
@@ -398,6 +549,30 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("memory free here"), "{e}");
         assert_eq!(expect::<_, Tail>(&mut r).unwrap().next_seq, 5);
+    }
+
+    #[test]
+    fn chunk_streams_unchunk_to_their_contents() {
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i * 13) as u8).collect();
+        let mut w = ChunkWriter::new(Vec::new());
+        w.write_all(&data).unwrap();
+        let stream = w.finish().unwrap();
+        // Written in odd pieces, as a relay passes it on.
+        let mut u = Unchunk::new(Vec::new());
+        for piece in stream.chunks(1001) {
+            u.write_all(piece).unwrap();
+        }
+        assert!(u.ended());
+        assert_eq!(u.written, data.len() as u64);
+        assert_eq!(u.into_inner(), data);
+        let mut out = Vec::new();
+        assert_eq!(
+            copy_chunks(&mut &stream[..], &mut out, u64::MAX).unwrap(),
+            data.len() as u64
+        );
+        assert_eq!(out, data);
+        assert!(copy_chunks(&mut &stream[..], &mut Vec::new(), 1000).is_err());
+        assert!(copy_chunks(&mut &stream[..stream.len() - 2], &mut Vec::new(), u64::MAX).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! record of the last answer instead of being made twice.
 
 use crate::exec;
+use crate::marks::{Marks, Pre};
 use crate::wire::{self, Call, ExitStatus, FromDeputy, Reply, ToDeputy};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -85,12 +86,18 @@ pub fn remove_private(fd: RawFd) {
     }
 }
 
-/// Whether `fd` is one of the deputy's own descriptors.
+/// Whether `fd` is one of the deputy's own descriptors (its connections, its wake-up
+/// pipe, the duplicates kept for checkpoints' marks).
 pub fn is_private(fd: u64) -> bool {
     PRIVATE
         .iter()
         .any(|p| p.load(Ordering::SeqCst) as i64 == fd as i64)
+        || crate::marks::is_saved(fd as i64)
 }
+
+/// Bumped when the process is rewound to a mark: what workers remember of calls before
+/// (to answer one sent again) is forgotten.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// A close-on-exec duplicate of `fd` at a number just below the soft RLIMIT_NOFILE,
 /// marked private.
@@ -287,14 +294,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
+fn worker_main(
+    rx: Receiver<Job>,
+    out: Arc<Link>,
+    st: Arc<Mutex<WState>>,
+    marks: Arc<Mutex<Marks>>,
+) {
     block_all_but(&[libc::SIGTTIN, libc::SIGTTOU, SIG_CANCEL]);
     lock(&st).tid = gettid();
-    let mut last: Option<(u64, Reply)> = None;
+    let mut last: Option<(u64, u64, Reply)> = None;
     while let Ok(job) = rx.recv() {
         let Job::Call(call) = job else { continue };
-        if let Some((s, r)) = &last {
-            if *s == call.seq {
+        let generation = GENERATION.load(Ordering::SeqCst);
+        if let Some((g, s, r)) = &last {
+            if *g == generation && *s == call.seq {
                 // Sent again after a reconnect: answered from the record, not made twice.
                 out.send(Some(FromDeputy::Reply(r.clone())));
                 continue;
@@ -309,12 +322,27 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
             }
             s.current = call.seq;
         }
+        // A write of what went out already, a read of what was read already (the process
+        // was brought back to a checkpoint): see marks.rs.
+        let (run, io) = match lock(&marks).before(&call, &is_private) {
+            Pre::Answer(r) => {
+                lock(&st).current = 0;
+                last = Some((generation, call.seq, r.clone()));
+                out.send(Some(FromDeputy::Reply(r)));
+                continue;
+            }
+            Pre::Run(run, io) => (run, io),
+        };
+        let made = run.as_ref().unwrap_or(&call);
         let mut masked = false;
         let reply = loop {
             TAKEN.with(|t| t.set(0));
-            let o = exec::execute(&call, &is_private);
+            let mut o = exec::execute(made, &is_private);
             let sigs = take_thread_signals();
             if o.ret != -(libc::EINTR as i64) {
+                if let Some(io) = &io {
+                    lock(&marks).after(io, &mut o.ret, &o.outs);
+                }
                 break exec::reply(&call, o, sigs);
             }
             if lock(&st).cancelled.remove(&call.seq) {
@@ -351,7 +379,7 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
             s.cancelled.remove(&call.seq);
         }
         if let Reply::Done { .. } = reply {
-            last = Some((call.seq, reply.clone()));
+            last = Some((generation, call.seq, reply.clone()));
         }
         out.send(Some(FromDeputy::Reply(reply)));
     }
@@ -416,6 +444,10 @@ pub struct Deputy {
     calls: HashMap<u64, i32>,
     out: Arc<Link>,
     wake_r: RawFd,
+    /// What checkpoints of the process keep here (marks.rs).
+    marks: Arc<Mutex<Marks>>,
+    /// The highest call sequence number seen.
+    max_seq: u64,
 }
 
 impl Deputy {
@@ -436,18 +468,75 @@ impl Deputy {
             calls: HashMap::new(),
             out: Arc::new(Link::default()),
             wake_r: r,
+            marks: Arc::new(Mutex::new(Marks::default())),
+            max_seq: 0,
         })
+    }
+
+    /// Marks the process's state now as checkpoint `id` and says so to home's mosixd
+    /// (see marks.rs). Every call of it must be settled.
+    pub fn mark(&mut self, id: u64) {
+        let result = lock(&self.marks).mark(id, &is_private);
+        if let Err(e) = &result {
+            tracing::warn!("mark of checkpoint {id}: {e}");
+        }
+        self.out.send(Some(FromDeputy::Marked { id, result }));
+    }
+
+    /// Brings the process's home half back to mark `id` for a process restored from that
+    /// checkpoint: every call still being made is cancelled and waited for, descriptors
+    /// and streams are put back, `message` goes to its stderr. The highest call sequence
+    /// number seen (the restored process numbers its calls after it).
+    fn rewind(&mut self, id: u64, message: &str) -> Result<u64, String> {
+        let busy = |d: &Deputy| -> Vec<u64> {
+            d.workers
+                .values()
+                .map(|w| lock(&w.state).current)
+                .filter(|&c| c != 0)
+                .collect()
+        };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut i = 0u32;
+        loop {
+            let now = busy(self);
+            if now.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > end {
+                return Err("a call of it at home did not end".into());
+            }
+            if i.is_multiple_of(50) {
+                // Again now and then: a cancel may come just before the call starts.
+                for seq in now {
+                    self.cancel(seq);
+                }
+                for w in self.workers.values() {
+                    let _ = w.tx.send(Job::Forget);
+                }
+            }
+            i += 1;
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        GENERATION.fetch_add(1, Ordering::SeqCst);
+        lock(&self.marks).rewind(id, &is_private)?;
+        if !message.is_empty() {
+            let line = format!("{message}\n");
+            // SAFETY: a write of our own buffer to the process's stderr.
+            unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+        }
+        Ok(self.max_seq)
     }
 
     fn worker(&mut self, tid: i32) -> &Worker {
         let out = self.out.clone();
+        let marks = self.marks.clone();
         self.workers.entry(tid).or_insert_with(|| {
             let (tx, rx) = mpsc::channel();
             let state = Arc::new(Mutex::new(WState::default()));
             let s2 = state.clone();
             std::thread::Builder::new()
                 .name(format!("call-{tid}"))
-                .spawn(move || worker_main(rx, out, s2))
+                .spawn(move || worker_main(rx, out, s2, marks))
                 .expect("a thread for the calls of a thread");
             Worker { tx, state }
         })
@@ -505,6 +594,7 @@ impl Deputy {
     fn handle(&mut self, msg: ToDeputy) {
         match msg {
             ToDeputy::Call(c) => {
+                self.max_seq = self.max_seq.max(c.seq);
                 self.calls.insert(c.seq, c.tid);
                 if self.calls.len() > 4096 {
                     let old: Vec<u64> = self
@@ -572,6 +662,16 @@ impl Deputy {
                 };
                 self.out.send(Some(FromDeputy::Data { seq, ret, data }));
             }
+            ToDeputy::Mark { id } => self.mark(id),
+            ToDeputy::Rewind { id, message } => {
+                let result = self.rewind(id, &message);
+                if let Err(e) = &result {
+                    tracing::warn!("rewind to checkpoint {id}: {e}");
+                }
+                self.out.send(Some(FromDeputy::Rewound { id, result }));
+            }
+            ToDeputy::KeepMarks { from } => lock(&self.marks).keep_from(from),
+            ToDeputy::DropMark { id } => lock(&self.marks).drop_mark(id),
         }
     }
 

@@ -648,7 +648,10 @@ impl Guest {
             FromDeputy::Reply(r) => self.on_reply(r, k),
             FromDeputy::Described { seq, path, id } => self.described(seq, path, id, k),
             FromDeputy::Data { seq, ret, data } => self.fetched(seq, ret, data, k),
-            FromDeputy::Signal { .. } => Vec::new(),
+            // Signals are the driver's; marks are for home's mosixd, which keeps them.
+            FromDeputy::Signal { .. } | FromDeputy::Marked { .. } | FromDeputy::Rewound { .. } => {
+                Vec::new()
+            }
         }
     }
 

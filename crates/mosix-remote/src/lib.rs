@@ -10,7 +10,8 @@
 //! - [`notify`]: the seccomp notification descriptor;
 //! - [`guest`]: the supervisor's side, a state machine driven by its thread, and
 //!   [`host`], the real process it acts on;
-//! - [`deputy`]: the deputy's side.
+//! - [`deputy`]: the deputy's side, and [`marks`], what it keeps at checkpoints so that
+//!   its process can be brought back to one after the death of its host.
 //!
 //! See docs/transparency.md.
 
@@ -21,6 +22,7 @@ pub mod gather;
 pub mod guest;
 pub mod host;
 pub mod local;
+pub mod marks;
 pub mod notify;
 pub mod spec;
 pub mod wire;

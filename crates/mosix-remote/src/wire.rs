@@ -168,6 +168,55 @@ pub enum ToDeputy {
         off: u64,
         len: u32,
     },
+    /// From home's mosixd: the process is frozen for checkpoint `id`, and every call of it
+    /// is settled. Keep what bringing it back to this point later needs (its descriptors
+    /// as they are, their offsets, how much it has written to and read from pipes,
+    /// terminals and sockets) and answer [`FromDeputy::Marked`].
+    Mark {
+        id: u64,
+    },
+    /// From home's mosixd: its host died; the process will be restored from checkpoint
+    /// `id` and run again with this deputy. Settle every call, put the descriptors back as
+    /// at the mark, say `message` on stderr, and answer [`FromDeputy::Rewound`].
+    Rewind {
+        id: u64,
+        message: String,
+    },
+    /// From home's mosixd: checkpoints before `id` are no longer needed.
+    KeepMarks {
+        from: u64,
+    },
+    /// From home's mosixd: checkpoint `id` was not saved.
+    DropMark {
+        id: u64,
+    },
+}
+
+/// What a descriptor is, as a checkpoint records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdType {
+    File,
+    Dir,
+    Pipe,
+    /// A terminal or another character device.
+    Char,
+    Socket,
+    Other,
+}
+
+/// One descriptor of a process at home at a checkpoint: enough to reopen a regular file
+/// at its offset, and to say what the others were.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeFd {
+    pub fd: i32,
+    /// Its path at home (/proc/PID/fd/N), e.g. `/home/u/out.txt`, `pipe:[123]`.
+    pub path: String,
+    pub kind: FdType,
+    /// Access mode and status flags (O_APPEND, O_NONBLOCK, ...).
+    pub flags: i32,
+    /// Its offset, for a file that has one.
+    pub pos: Option<u64>,
+    pub cloexec: bool,
 }
 
 /// From the deputy.
@@ -191,6 +240,27 @@ pub enum FromDeputy {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Checkpoint `id` is marked (its descriptors then), or why not. For home's mosixd.
+    Marked {
+        id: u64,
+        result: Result<Vec<HomeFd>, String>,
+    },
+    /// Back at checkpoint `id`: the highest call sequence number seen (the restored
+    /// process numbers its calls after it), or why not. For home's mosixd.
+    Rewound {
+        id: u64,
+        result: Result<u64, String>,
+    },
+}
+
+impl FromDeputy {
+    /// Whether a frame (as [`encode`]d) is for home's mosixd rather than the process's
+    /// host ([`FromDeputy::Marked`], [`FromDeputy::Rewound`]): known from its first byte,
+    /// without decoding the frame.
+    pub fn is_for_home(frame: &[u8]) -> bool {
+        // postcard writes the variant's index first (a varint: one byte below 128).
+        matches!(frame.first(), Some(4 | 5))
+    }
 }
 
 /// Why a frame could not be read.
@@ -277,6 +347,27 @@ mod tests {
             recv::<_, ToDeputy>(&mut &big[..]),
             Err(FrameError::TooLong(_))
         ));
+        // Frames for home's mosixd are told apart by their first byte.
+        for (m, home) in [
+            (FromDeputy::Signal { sig: 2 }, false),
+            (FromDeputy::Reply(Reply::Cancelled { seq: 4 }), false),
+            (
+                FromDeputy::Marked {
+                    id: 3,
+                    result: Ok(vec![]),
+                },
+                true,
+            ),
+            (
+                FromDeputy::Rewound {
+                    id: 3,
+                    result: Err("x".into()),
+                },
+                true,
+            ),
+        ] {
+            assert_eq!(FromDeputy::is_for_home(&encode(&m)), home, "{m:?}");
+        }
         let garbage = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
         assert!(recv::<_, ToDeputy>(&mut &garbage[..]).is_err());
         assert!(recv::<_, ToDeputy>(&mut &[][..]).unwrap().is_none());

@@ -53,10 +53,22 @@ enum Command {
     Touch {
         mib: u64,
     },
+    /// (benchmark helper) write MIB MiB of memory over PASSES times; see bench-checkpoint.
+    #[command(name = "__churn", hide = true)]
+    Churn {
+        mib: u64,
+        passes: u64,
+    },
     /// (benchmark helper) with FILE open, make the calls asked on stdin; see bench-calls.
     #[command(name = "__calls", hide = true)]
     Calls {
         file: std::path::PathBuf,
+    },
+    /// (mosrun -R helper) print MESSAGE on stderr and exit 1: what a process becomes
+    /// when its restore fails after it began.
+    #[command(name = "__fail", hide = true)]
+    Fail {
+        message: String,
     },
     /// (benchmark helper) accept one TCP connection at ADDR and read it to the end.
     #[command(name = "__net-sink", hide = true)]
@@ -182,7 +194,12 @@ fn main() {
         Command::Completions(a) => completions(a),
         Command::ManPages { dir } => man_pages(&dir),
         Command::Touch { mib } => cmd::benchmig::touch(mib),
+        Command::Churn { mib, passes } => cmd::benchckpt::churn(mib, passes),
         Command::Calls { file } => cmd::benchcalls::calls(&file),
+        Command::Fail { message } => {
+            eprintln!("{message}");
+            Ok(1)
+        }
         Command::NetSink { addr } => cmd::benchmig::net_sink(&addr),
         Command::NetSource { addr, mib } => cmd::benchmig::net_source(&addr, mib),
     };

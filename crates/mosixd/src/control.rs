@@ -194,6 +194,32 @@ async fn connection(
                         message: format!("internal error: {e}"),
                     })
                 }
+                Ok(Request::Restore(req)) => {
+                    let pr = procs.clone();
+                    let caller = crate::procs::home::Caller {
+                        uid: peer.uid,
+                        pid: peer.pid,
+                        pidfd: match &peer.pidfd {
+                            PeerPidfd::Open(fd) => match fd.try_clone() {
+                                Ok(fd) => PeerPidfd::Open(fd),
+                                Err(_) => PeerPidfd::Gone,
+                            },
+                            PeerPidfd::Gone => PeerPidfd::Gone,
+                            PeerPidfd::Unsupported => PeerPidfd::Unsupported,
+                        },
+                    };
+                    tokio::task::spawn_blocking(move || match pr.restore_job(&caller, req) {
+                        // Nobody hears it: the caller is the restored process by now.
+                        Ok(home_pid) => Response::Registered { home_pid },
+                        Err(e) => Response::Error {
+                            message: format!("{e:#}"),
+                        },
+                    })
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        message: format!("internal error: {e}"),
+                    })
+                }
                 Ok(Request::Deputy { home_pid, token }) => {
                     if !r.buffer().is_empty() {
                         bail!("a deputy sent data before its answer");
@@ -225,6 +251,8 @@ async fn connection(
                     req @ (Request::Migrate { .. }
                     | Request::Where { .. }
                     | Request::Ps
+                    | Request::Checkpoint { .. }
+                    | Request::Freeze { .. }
                     | Request::Mosctl { .. }),
                 ) => {
                     let pr = procs.clone();
@@ -271,6 +299,19 @@ fn process_answer(req: &Request, uid: u32, procs: &Procs) -> Response {
             frozen_ms: m.frozen_ms,
             memory_bytes: m.memory_bytes,
         }),
+        Request::Checkpoint { pid, then } => {
+            procs
+                .checkpoint(*pid, *then, uid)
+                .map(|d| Response::Checkpointed {
+                    pid: *pid,
+                    file: d.path,
+                    frozen_ms: d.frozen_ms,
+                    memory_bytes: d.memory_bytes,
+                })
+        }
+        Request::Freeze { pid, freeze } => procs
+            .freeze(*pid, *freeze, uid)
+            .map(|frozen| Response::Frozen { pid: *pid, frozen }),
         Request::Where { pid } => procs
             .where_is(*pid)
             .map(|node| Response::Where { pid: *pid, node }),

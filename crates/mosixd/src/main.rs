@@ -67,11 +67,11 @@ struct Args {
 }
 
 fn main() {
-    // A supervisor of a guest, and the mover of a leaving process, are this program
-    // again (see procs::supervisor, procs::mover).
+    // A supervisor of a guest, the mover of a leaving process and the freezer of a frozen
+    // one are this program again (see procs::supervisor, procs::mover, procs::checkpoint).
     let helper = std::env::args()
         .nth(1)
-        .filter(|a| a == "supervise" || a == "move");
+        .filter(|a| a == "supervise" || a == "move" || a == "freeze");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSIXD_LOG")
@@ -83,10 +83,10 @@ fn main() {
     if let Some(role) = helper {
         // Started as /proc/self/exe: named as the daemon, not "exe".
         mosixd::procs::supervisor::name_self();
-        std::process::exit(if role == "move" {
-            mosixd::procs::mover::main()
-        } else {
-            mosixd::procs::supervisor::main()
+        std::process::exit(match role.as_str() {
+            "move" => mosixd::procs::mover::main(),
+            "freeze" => mosixd::procs::checkpoint::freezer_main(),
+            _ => mosixd::procs::supervisor::main(),
         });
     }
     let args = Args::parse();

@@ -112,6 +112,7 @@ impl Outcome {
             | MoveError::Elsewhere { .. }
             | MoveError::Refused { .. }
             | MoveError::Destination(_)
+            | MoveError::Frozen
             | MoveError::Rights(_) => Outcome::Refused,
             MoveError::PeerGone { why, .. } if why.contains("timed out") => Outcome::Timeout,
             MoveError::PeerGone { .. } => Outcome::PeerGone,

@@ -8,7 +8,8 @@
 //! - `cloexec=A,B,..`: the process's descriptors that were close-on-exec (cleared for
 //!   this exec, set again here);
 //! - `closed=A,..`: standard descriptors the process did not have open (the runtime may
-//!   have opened /dev/null on them: closed again).
+//!   have opened /dev/null on them: closed again);
+//! - `mark=N`: its image of this move is checkpoint N: mark it (see `marks.rs`) at once.
 
 use mosix_remote::deputy::{self, Deputy};
 use std::io::{BufRead, BufReader, Write};
@@ -23,6 +24,7 @@ struct Conf {
     conn: Option<i32>,
     cloexec: Vec<i32>,
     closed: Vec<i32>,
+    mark: Option<u64>,
 }
 
 fn parse(v: &str) -> Conf {
@@ -33,6 +35,7 @@ fn parse(v: &str) -> Conf {
         conn: None,
         cloexec: Vec::new(),
         closed: Vec::new(),
+        mark: None,
     };
     let list = |s: &str| s.split(',').filter_map(|x| x.parse().ok()).collect();
     for kv in v.split(';') {
@@ -44,6 +47,7 @@ fn parse(v: &str) -> Conf {
             "conn" => c.conn = val.parse().ok(),
             "cloexec" => c.cloexec = list(val),
             "closed" => c.closed = list(val),
+            "mark" => c.mark = val.parse().ok(),
             _ => {}
         }
     }
@@ -98,6 +102,10 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Some(id) = c.mark {
+        // Nothing of the process has run since its image was made: this is its state then.
+        d.mark(id);
+    }
     if let Some(fd) = c.conn {
         deputy::add_private(fd);
         // SAFETY: the harness gave us this connected socket as descriptor `fd`.

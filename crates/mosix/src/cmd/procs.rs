@@ -3,37 +3,64 @@
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use mosix_proto::control::{Client, ProcEntry, Request, Response};
+use mosix_proto::control::{After, Client, ProcEntry, Request, Response};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A node given on the command line: a number, or `home` (= 0).
-fn parse_node(s: &str) -> Result<u32, String> {
-    match s {
-        "home" | "0" => Ok(0),
-        _ => s
-            .parse::<u32>()
-            .map_err(|_| format!("'{s}' is not a node number or 'home'")),
-    }
+/// What `migrate PID WHAT` asks: a move, a checkpoint, a freeze.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// To a node (0: home).
+    Node(u32),
+    Checkpoint(After),
+    Freeze(bool),
+}
+
+/// The second argument of `migrate`: a node number, `home` (= 0), or an action.
+fn parse_action(s: &str) -> Result<Action, String> {
+    Ok(match s {
+        "home" | "0" => Action::Node(0),
+        "checkpoint" => Action::Checkpoint(After::Continue),
+        "chkstop" => Action::Checkpoint(After::Stop),
+        "chkexit" => Action::Checkpoint(After::Exit),
+        "freeze" => Action::Freeze(true),
+        "continue" => Action::Freeze(false),
+        _ => Action::Node(s.parse::<u32>().map_err(|_| {
+            format!(
+                "'{s}' is not a node number, 'home', checkpoint, chkstop, chkexit, freeze or continue"
+            )
+        })?),
+    })
 }
 
 #[derive(Parser)]
 #[command(
-    about = "Move a migratable process to another node, or home (MOSIX migrate)",
-    long_about = "Move a running migratable process to another node, or back home (MOSIX migrate).\n\n\
+    about = "Move a migratable process to another node, or home; checkpoint or freeze it (MOSIX migrate)",
+    long_about = "Move a running migratable process to another node, or back home (MOSIX migrate); \
+        or checkpoint it, or freeze it.\n\n\
         PID is the process's home PID, given on its home node (the node where mosrun started \
         it). Returns once the process runs on NODE; if the move fails (the node is down, \
         refuses, or the process cannot move), the process goes on where it was and the \
-        reason is printed. You may move your own processes; root may move any.",
-    after_help = "Examples:\n  migrate 4321 3      # to node 3\n  migrate 4321 home   # back home"
+        reason is printed. You may move your own processes; root may move any.\n\n\
+        checkpoint   write a checkpoint now (to its mosrun -C FILE.N, else ckpt.PID.N in its\n\
+        \x20            working directory), wherever it runs; it goes on. Prints the file.\n\
+        chkstop      the same, then it is stopped (as by SIGSTOP; `continue` or kill -CONT)\n\
+        chkexit      the same, then it ends (killed) once its image is safely written;\n\
+        \x20            `mosrun -R FILE` brings it back\n\
+        freeze       hold it where it runs: it uses no CPU, its parent sees no stop\n\
+        continue     let a frozen (or stopped) process go on",
+    after_help = "Examples:\n  migrate 4321 3            # to node 3\n  migrate 4321 home         # back home\n  \
+        migrate 4321 checkpoint   # prints e.g. /home/u/sim.ckpt.4\n  \
+        migrate 4321 freeze; migrate 4321 continue"
 )]
 pub struct MigrateArgs {
     /// Home PID of the process.
     pid: i32,
-    /// Destination: a node number, or `home` (also 0).
-    #[arg(value_parser = parse_node)]
-    node: u32,
-    /// Print what the move took (JSON: to, frozen_ms, memory_bytes) instead of nothing.
+    /// A node number, `home` (also 0), checkpoint, chkstop, chkexit, freeze or continue.
+    #[arg(value_parser = parse_action, value_name = "NODE|ACTION")]
+    node: Action,
+    /// Print what it took as JSON (a move: to, frozen_ms, memory_bytes; a checkpoint:
+    /// file, frozen_ms, memory_bytes) instead of nothing or the file.
     #[arg(long)]
     json: bool,
     /// Control socket of the local mosixd.
@@ -79,17 +106,23 @@ fn ask(socket: Option<PathBuf>, req: &Request, timeout: Duration) -> Result<Resp
 }
 
 pub fn migrate(a: MigrateArgs) -> Result<i32> {
-    match ask(
-        a.socket,
-        &Request::Migrate {
-            pid: a.pid,
-            to: a.node,
-        },
-        Duration::from_secs(300),
-    )? {
-        r @ Response::Migrated { .. } => {
+    let req = match a.node {
+        Action::Node(to) => Request::Migrate { pid: a.pid, to },
+        Action::Checkpoint(then) => Request::Checkpoint { pid: a.pid, then },
+        Action::Freeze(freeze) => Request::Freeze { pid: a.pid, freeze },
+    };
+    match ask(a.socket, &req, Duration::from_secs(600))? {
+        r @ (Response::Migrated { .. } | Response::Frozen { .. }) => {
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(0)
+        }
+        r @ Response::Checkpointed { .. } => {
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else if let Response::Checkpointed { file, .. } = r {
+                println!("{file}");
             }
             Ok(0)
         }

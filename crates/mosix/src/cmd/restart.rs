@@ -160,6 +160,22 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         Some(open_image(&a.image)?)
     };
+    if let Some((f, _)) = &file {
+        let mut r = std::fs::File::open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .with_context(|| format!("cannot open {}", a.image.display()))?;
+        let mut m = [0u8; 8];
+        use std::io::Seek;
+        if r.seek(std::io::SeekFrom::End(-8)).is_ok()
+            && r.read_exact(&mut m).is_ok()
+            && &m == mosix_proto::control::CHECKPOINT_MAGIC
+        {
+            anyhow::bail!(
+                "{} is a checkpoint of a migratable job (mosrun -C): bring it back with `mosrun -R {}`",
+                a.image.display(),
+                a.image.display()
+            );
+        }
+    }
     // Decided before the image is read: a refusal costs nothing.
     let creds = cred_options(&a, file.as_ref().map(|f| &f.1))?;
     let img = match &file {

@@ -175,6 +175,11 @@ enum Sub {
     /// between two nodes (total and freeze time), against the veth link's TCP bandwidth
     /// measured in the same run. Prints BENCH lines.
     BenchMigration(super::benchmig::Args),
+    /// Benchmark checkpoints: the time a 256 MiB job away is stopped for one (against a
+    /// migration of it), its slowdown with a checkpoint every 0.1 minute (against no
+    /// checkpoints, alternating runs), and the time from the death of its node to it
+    /// running again. Prints BENCH lines. Brings a 3-node testbed up and down.
+    BenchCheckpoint(super::benchckpt::Args),
     /// Benchmark: the cost of a call carried home (a process away using a file of its
     /// home through its deputy) against the same calls at home and the link's TCP
     /// bandwidth, measured in the same run; BENCH lines.
@@ -325,6 +330,7 @@ pub fn run(a: Args) -> Result<i32> {
         Sub::Bench(b) => bench(b),
         Sub::BenchMigration(b) => super::benchmig::run(b),
         Sub::BenchCalls(b) => super::benchcalls::run(b),
+        Sub::BenchCheckpoint(b) => super::benchckpt::run(b),
         Sub::BenchBalance(b) => super::benchmig::run_balance(b),
         Sub::Down { dir } => {
             let removed = cleanup(&dir.path())?;

@@ -35,8 +35,9 @@ pub enum GuestEv {
     FromSup(FromSup),
     SupGone,
     FromHome(ToHost),
-    LinkUp(Link),
-    LinkDown,
+    /// A link to home (its number: a link that is replaced may still report its end).
+    LinkUp(Link, u64),
+    LinkDown(u64),
     Migrate {
         to: u32,
         reason: String,
@@ -48,6 +49,13 @@ pub enum GuestEv {
         origin: Origin,
         r: Result<Moved, MoveError>,
     },
+    /// Checkpoint `id` is done here (its image is home, or it failed).
+    CkptDone {
+        id: u64,
+        r: Result<super::checkpoint::CkptDone, String>,
+    },
+    /// `chkexit`: its supervisor must know it is being ended (answered once told).
+    CkptKill(Sender<()>),
 }
 
 /// The way to a guest's driver.
@@ -97,6 +105,9 @@ impl Procs {
             migrations: h.migrations,
             moving: false,
             ppid: None,
+            epoch: h.epoch,
+            native: false,
+            recovering: None,
         }));
         let key = (h.home, h.home_pid);
         lock(&self.guests).insert(
@@ -145,6 +156,12 @@ impl Procs {
                     home_next: None,
                     home_tries: 0,
                     relink: readopted,
+                    marking: None,
+                    freezer: None,
+                    link_no: 0,
+                    home_down_seen: false,
+                    checkpointing: false,
+                    queued_move: None,
                 };
                 d.run();
                 lock(&d.procs.guests).remove(&key);
@@ -210,6 +227,17 @@ struct GuestDriver {
     home_tries: u32,
     /// The link was down (or mosixd restarted): the supervisor resends once it is up.
     relink: bool,
+    /// A checkpoint is being taken: its deputy marks it once its calls are settled.
+    marking: Option<u64>,
+    /// Frozen by `migrate PID freeze`.
+    freezer: Option<super::checkpoint::Freezer>,
+    /// A checkpoint is being taken (a move asked by home meanwhile waits for its end).
+    checkpointing: bool,
+    queued_move: Option<(u32, String)>,
+    /// The number of the current link to home.
+    link_no: u64,
+    /// Its home was seen down since the link was made.
+    home_down_seen: bool,
 }
 
 const TICK: Duration = Duration::from_millis(200);
@@ -218,6 +246,7 @@ const LINK_RETRY: Duration = Duration::from_secs(1);
 impl GuestDriver {
     fn run(&mut self) {
         loop {
+            self.check_home();
             self.keep_linked();
             let ev = match self.rx.recv_timeout(TICK) {
                 Ok(e) => e,
@@ -239,6 +268,15 @@ impl GuestDriver {
                         next_seq,
                         proc_fds,
                     } => {
+                        if let Some(id) = self.marking.take() {
+                            // Every call of it is settled and it is held: its deputy keeps
+                            // this point (after every frame the supervisor sent before).
+                            let f =
+                                mosix_remote::wire::encode(&mosix_remote::wire::ToDeputy::Mark {
+                                    id,
+                                });
+                            self.home(ToHome::Deputy(f));
+                        }
                         if let Some(r) = self.quiesce.take() {
                             let _ = r.send(Ok((completed, next_seq, proc_fds)));
                         }
@@ -272,9 +310,24 @@ impl GuestDriver {
                     ToHost::Migrate { to } => {
                         self.start_move(to, "asked for by migrate".into(), None, Origin::Home)
                     }
-                    ToHost::Kill => self.sup(ToSup::Kill),
+                    ToHost::Kill => {
+                        if let Some(f) = self.freezer.take() {
+                            f.release();
+                        }
+                        // A checkpoint or move waiting for its calls to settle will not
+                        // have them: it ends.
+                        if let Some(r) = self.quiesce.take() {
+                            let _ = r.send(Err(MoveError::Ended));
+                        }
+                        self.sup(ToSup::Kill)
+                    }
+                    ToHost::Checkpoint { id, then } => self.start_checkpoint(id, then),
+                    ToHost::Freeze { freeze } => self.freeze(freeze),
                 },
-                GuestEv::LinkUp(l) => {
+                GuestEv::LinkUp(l, n) => {
+                    if n != self.link_no {
+                        continue;
+                    }
                     self.link = Some(l);
                     self.flush_home();
                     if self.relink {
@@ -282,9 +335,11 @@ impl GuestDriver {
                         self.sup(ToSup::Relinked);
                     }
                 }
-                GuestEv::LinkDown => {
-                    self.link = None;
-                    self.relink = true;
+                GuestEv::LinkDown(n) => {
+                    if n == self.link_no {
+                        self.link = None;
+                        self.relink = true;
+                    }
                 }
                 GuestEv::Migrate { to, reason, offer } => {
                     self.start_move(to, reason, offer, Origin::Auto)
@@ -292,6 +347,32 @@ impl GuestDriver {
                 GuestEv::Quiesce(reply) => {
                     self.quiesce = Some(reply);
                     self.sup(ToSup::Quiesce);
+                }
+                GuestEv::CkptKill(ack) => {
+                    self.sup(ToSup::Kill);
+                    let _ = ack.send(());
+                }
+                GuestEv::CkptDone { id, r } => {
+                    self.moving = false;
+                    self.checkpointing = false;
+                    self.marking = None;
+                    lock(&self.info).moving = false;
+                    self.sup(ToSup::Thaw);
+                    match r {
+                        Ok(d) => debug!(
+                            pid = self.h.home_pid,
+                            frozen_ms = d.frozen_ms,
+                            "checkpoint {id} taken: {}",
+                            d.path
+                        ),
+                        Err(reason) => {
+                            info!(pid = self.h.home_pid, "checkpoint {id} not taken: {reason}");
+                            self.home(ToHome::CheckpointFailed { id, reason });
+                        }
+                    }
+                    if let Some((to, reason)) = self.queued_move.take() {
+                        self.start_move(to, reason, None, Origin::Home);
+                    }
                 }
                 GuestEv::MoveDone { to, origin, r } => {
                     self.moving = false;
@@ -365,6 +446,31 @@ impl GuestDriver {
         }
     }
 
+    /// A home that was down (by gossip) and is up again may have given this copy up
+    /// meanwhile (a partition: its process recovered elsewhere) with its link still open on
+    /// both sides: the link is made again, and home ends this copy if it is not the
+    /// process any more (or takes it back, calls resent, if it is).
+    fn check_home(&mut self) {
+        let up = self.procs.node_up(self.h.home);
+        if !up {
+            self.home_down_seen = true;
+            return;
+        }
+        // In the middle of a move or a checkpoint the link is left as it is: home follows
+        // the move by it (a link that drops then puts the move in doubt).
+        if self.moving {
+            return;
+        }
+        if std::mem::take(&mut self.home_down_seen) {
+            if let Some(l) = self.link.take() {
+                info!(pid = self.h.home_pid, "its home is back: linking again");
+                let _ = l.get_ref().shutdown(std::net::Shutdown::Both);
+                self.relink = true;
+                self.last_try = None;
+            }
+        }
+    }
+
     /// Opens the link to home when there is none (at most once per LINK_RETRY).
     fn keep_linked(&mut self) {
         if self.link.is_some() || self.last_try.is_some_and(|t| t.elapsed() < LINK_RETRY) {
@@ -388,6 +494,8 @@ impl GuestDriver {
         match r {
             Ok((mut rd, w)) => {
                 let tx = self.tx.clone();
+                self.link_no += 1;
+                let no = self.link_no;
                 let _ = std::thread::Builder::new()
                     .name(format!("link-{}", self.h.home_pid))
                     .spawn(move || loop {
@@ -398,12 +506,12 @@ impl GuestDriver {
                                 }
                             }
                             _ => {
-                                let _ = tx.send(GuestEv::LinkDown);
+                                let _ = tx.send(GuestEv::LinkDown(no));
                                 return;
                             }
                         }
                     });
-                let _ = self.tx.send(GuestEv::LinkUp(w));
+                let _ = self.tx.send(GuestEv::LinkUp(w, no));
             }
             Err(e) => debug!(home = self.h.home, "no link to home yet: {e:#}"),
         }
@@ -425,8 +533,120 @@ impl GuestDriver {
         }
     }
 
+    /// Checkpoint `id` asked for by home: taken by a thread (see checkpoint.rs).
+    fn start_checkpoint(&mut self, id: u64, then: mosix_proto::control::After) {
+        let busy = if self.moving {
+            Some("it is in the middle of a move or another checkpoint")
+        } else if self.freezer.is_some() {
+            Some("it is frozen")
+        } else {
+            None
+        };
+        if let Some(why) = busy {
+            self.home(ToHome::CheckpointFailed {
+                id,
+                reason: why.into(),
+            });
+            return;
+        }
+        self.moving = true;
+        self.checkpointing = true;
+        self.marking = Some(id);
+        lock(&self.info).moving = true;
+        let procs = self.procs.clone();
+        let tx = self.tx.clone();
+        let pid = self.host_pid;
+        let h = self.h.clone();
+        let r = std::thread::Builder::new()
+            .name(format!("ckpt-{}", self.h.home_pid))
+            .spawn(move || {
+                let qtx = tx.clone();
+                let mut quiesce = || -> Result<Quiesced, MoveError> {
+                    let (rtx, rrx) = mpsc::channel();
+                    qtx.send(GuestEv::Quiesce(rtx))
+                        .map_err(|_| MoveError::Engine("its driver is gone".into()))?;
+                    rrx.recv_timeout(Duration::from_secs(20))
+                        .unwrap_or(Err(MoveError::Engine(
+                            "its calls at home did not settle in time".into(),
+                        )))
+                };
+                let ktx = tx.clone();
+                let mut kill = || {
+                    let (atx, arx) = mpsc::channel();
+                    if ktx.send(GuestEv::CkptKill(atx)).is_ok() {
+                        let _ = arx.recv_timeout(Duration::from_secs(5));
+                    }
+                };
+                let r = procs.checkpoint_guest(pid, &h, id, then, &mut quiesce, &mut kill);
+                let _ = tx.send(GuestEv::CkptDone { id, r });
+            });
+        if r.is_err() {
+            self.moving = false;
+            self.checkpointing = false;
+            self.marking = None;
+            lock(&self.info).moving = false;
+            self.home(ToHome::CheckpointFailed {
+                id,
+                reason: "no thread for it".into(),
+            });
+        }
+    }
+
+    /// `migrate PID freeze|continue` asked by home.
+    fn freeze(&mut self, freeze: bool) {
+        let error = if freeze {
+            if self.freezer.is_some() {
+                None
+            } else if self.moving {
+                Some("it is in the middle of a move or a checkpoint; try again".to_string())
+            } else {
+                match super::checkpoint::Freezer::start(self.host_pid) {
+                    Ok(f) => {
+                        self.freezer = Some(f);
+                        lock(&self.info).state = "frozen";
+                        lock(&self.info).moving = true;
+                        None
+                    }
+                    Err(e) => Some(e),
+                }
+            }
+        } else {
+            match self.freezer.take() {
+                Some(f) => {
+                    f.release();
+                    lock(&self.info).state = "running";
+                    lock(&self.info).moving = false;
+                }
+                // Not frozen: stopped (chkstop, SIGSTOP) perhaps; it goes on.
+                None => {
+                    let _ = mosix_ckpt::sys::kill(self.host_pid, libc::SIGCONT);
+                }
+            }
+            None
+        };
+        let ok = error.is_none();
+        self.home(ToHome::Frozen {
+            freeze: if ok { freeze } else { self.freezer.is_some() },
+            error,
+        });
+    }
+
     fn start_move(&mut self, to: u32, reason: String, offer: Option<String>, origin: Origin) {
+        if self.freezer.is_some() {
+            if origin == Origin::Home {
+                self.home(ToHome::MigrateFailed {
+                    to,
+                    reason: MoveError::Frozen.to_string(),
+                });
+            }
+            return;
+        }
         if self.moving {
+            if origin == Origin::Home && self.checkpointing && self.queued_move.is_none() {
+                // Its checkpoint ends soon: the move follows it.
+                self.queued_move = Some((to, reason));
+                return;
+            }
             if origin == Origin::Home {
                 self.home(ToHome::MigrateFailed {
                     to,
@@ -435,7 +655,9 @@ impl GuestDriver {
             }
             return;
         }
-        if to == self.procs.me() {
+        // A process recovered at its home runs there under a supervisor, as away: it may
+        // still come home for real (rebuilt inside its deputy).
+        if to == self.procs.me() && self.h.home != to {
             if origin == Origin::Home {
                 self.home(ToHome::MigrateFailed {
                     to,

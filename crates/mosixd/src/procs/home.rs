@@ -2,11 +2,13 @@
 //! program), followed by one driver thread each around [`job::Job`], their deputy's
 //! connection when away, their host's link, and their record in `state_dir/home/`.
 
+use super::checkpoint::CkptDone;
+use super::ckptfile::{CkptInfo, Owner, Target};
 use super::job::{self, Act, Ev, Job, MoveResult, Where};
 use super::{lock, Link, MoveError, Procs, Snapshot};
 use crate::peer::{Peer, PeerPidfd};
 use anyhow::{anyhow, bail, Result};
-use mosix_proto::control::RegisterRequest;
+use mosix_proto::control::{After, CheckpointSpec, RegisterRequest};
 use mosix_proto::wire::{self, LinkHello, ToHome, ToHost};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -36,13 +38,47 @@ impl job::ToHostSink for HostLink {
     fn send(&mut self, m: &ToHost) -> bool {
         wire::send_flush(&mut self.0, m).is_ok()
     }
+    fn close(&mut self) {
+        // Its reader ends too; the host hears it when its link heals.
+        let _ = self.0.get_ref().shutdown(std::net::Shutdown::Both);
+    }
 }
 
-type HomeJob = Job<DeputyConn, HostLink>;
+pub(crate) type HomeJob = Job<DeputyConn, HostLink>;
 
 /// What a driver is told.
 pub enum HomeEv {
     Job(Ev<DeputyConn, HostLink>),
+    /// `migrate PID checkpoint|chkstop|chkexit`.
+    Checkpoint {
+        then: After,
+        reply: Sender<Result<CkptDone, String>>,
+    },
+    /// `migrate PID freeze|continue`: frozen after it, or why not.
+    Freeze {
+        freeze: bool,
+        reply: Sender<Result<bool, String>>,
+    },
+    /// Its host sends checkpoint `id` (residence `epoch` on `node`): where it goes, if it
+    /// is the one expected.
+    CkptIncoming {
+        id: u64,
+        epoch: u64,
+        node: u32,
+        reply: Sender<Option<Target>>,
+    },
+    /// The image of checkpoint `id` arrived (or `failed`): what completes its file (the
+    /// deputy's descriptors at the mark), or why it is not to be.
+    CkptImage {
+        id: u64,
+        failed: Option<String>,
+        reply: Sender<Result<CkptInfo, String>>,
+    },
+    /// Checkpoint `id` is written, or failed.
+    CkptSaved {
+        id: u64,
+        result: Result<CkptDone, String>,
+    },
 }
 
 /// The way to a home process's driver.
@@ -95,6 +131,9 @@ impl Handle {
     pub(crate) fn send(&self, ev: Ev<DeputyConn, HostLink>) -> bool {
         self.tx.send(HomeEv::Job(ev)).is_ok()
     }
+    pub(crate) fn send_home(&self, ev: HomeEv) -> bool {
+        self.tx.send(ev).is_ok()
+    }
     /// The secret its deputy proves itself with.
     pub(crate) fn token(&self) -> &str {
         &self.token
@@ -121,10 +160,45 @@ pub struct Record {
     /// whether it left (its mover made it its deputy) or not.
     #[serde(default)]
     pub leaving: Option<(u32, u64)>,
+    /// Its owner's credentials, for its checkpoint files (read when it was registered).
+    #[serde(default)]
+    pub owner: Option<Owner>,
+    /// Its checkpoints (`mosrun -C`, or since a `migrate PID checkpoint`).
+    #[serde(default)]
+    pub ckpt: Option<CkptRecord>,
+}
+
+/// A job's checkpoints, as its record keeps them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CkptRecord {
+    /// FILE of `mosrun -C FILE` (absolute), and minutes between automatic checkpoints.
+    pub base: String,
+    pub every_min: Option<f64>,
+    /// The next checkpoint's number.
+    pub next: u64,
+    /// The checkpoint it can be recovered from: (number, its file, when it was taken in
+    /// ms since the Unix epoch).
+    pub recovery: Option<(u64, String, u64)>,
+}
+
+impl CkptRecord {
+    /// The record of `mosrun -C FILE -A MINUTES`, numbered from `next`.
+    pub fn of(spec: &CheckpointSpec, next: u64) -> CkptRecord {
+        CkptRecord {
+            base: spec.file.clone(),
+            every_min: spec.every_min.filter(|m| *m > 0.0),
+            next,
+            recovery: None,
+        }
+    }
 }
 
 impl Record {
     /// The record of a process just made migratable at home.
+    pub(crate) fn new_for(j: &HomeJob, start_time: u64, token: &str) -> Record {
+        Record::new(j, start_time, token)
+    }
+
     fn new(j: &HomeJob, start_time: u64, token: &str) -> Record {
         Record {
             pid: j.pid,
@@ -138,6 +212,8 @@ impl Record {
             epoch: 0,
             token: token.to_string(),
             leaving: None,
+            owner: None,
+            ckpt: None,
         }
     }
 }
@@ -154,7 +230,7 @@ fn ppid_of(pid: i32) -> Option<i32> {
         .map(|f| mosix_ckpt::procfs::field_u64(&f, 4) as i32)
 }
 
-fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     let mut b = [0u8; 16];
     let _ = getrandom::fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -172,7 +248,7 @@ pub struct Caller {
 /// The process that connected as `peer`, if it is still the one with its PID: its pidfd
 /// (SO_PEERPIDFD) still refers to a live process, so the PID cannot have been given to
 /// another. Without SO_PEERPIDFD (kernels before 6.5) the PID is all there is.
-fn caller_process(peer: &Caller) -> Result<(i32, OwnedFd)> {
+pub(crate) fn caller_process(peer: &Caller) -> Result<(i32, OwnedFd)> {
     let gone = || anyhow!("the calling process has gone");
     let pid = peer.pid.ok_or_else(gone)?;
     let fd = match &peer.pidfd {
@@ -217,6 +293,10 @@ impl Procs {
     }
 
     /// Marks the record of `pid` as leaving to (node, residence), or not.
+    pub(crate) fn write_record_of(&self, r: &Record) {
+        self.write_record(r)
+    }
+
     pub(crate) fn mark_leaving(&self, pid: i32, to: Option<(u32, u64)>) {
         let path = self.record_dir().join(format!("{pid}.json"));
         let rec = std::fs::read(&path)
@@ -232,7 +312,7 @@ impl Procs {
     /// (the record may be behind: mosixd died in a move): its mover or the supervisor
     /// rebuilding it at home (a tracer) is given time to finish; then it is away if it is
     /// its deputy, else home.
-    fn settle_place(&self, r: &mut Record) {
+    fn settle_place(&self, r: &mut Record) -> bool {
         let traced = || {
             mosix_ckpt::procfs::status(r.pid)
                 .ok()
@@ -265,7 +345,14 @@ impl Procs {
                 "it moved from node {was} to node {} while mosixd was away", r.node
             );
         }
+        if !is_deputy {
+            // Its deputy, which held its marks, is gone.
+            if let Some(c) = &mut r.ckpt {
+                c.recovery = None;
+            }
+        }
         self.write_record(r);
+        is_deputy
     }
 
     fn remove_record(&self, pid: i32) {
@@ -293,7 +380,12 @@ impl Procs {
         j.pinned = req.pinned;
         j.avoid = req.avoid.clone();
         let token = new_token();
-        let rec = Record::new(&j, st, &token);
+        let mut rec = Record::new(&j, st, &token);
+        rec.owner = Owner::of_process(pid).ok();
+        if let Some(c) = &req.checkpoint {
+            check_checkpoint_spec(c)?;
+            rec.ckpt = Some(CkptRecord::of(c, 1));
+        }
         self.write_record(&rec);
         let target = if req.best { self.best_node() } else { req.to };
         let first = match target.filter(|&t| t != self.me()) {
@@ -344,7 +436,8 @@ impl Procs {
         j.pinned = pinned;
         j.avoid = avoid;
         let token = new_token();
-        let rec = Record::new(&j, st, &token);
+        let mut rec = Record::new(&j, st, &token);
+        rec.owner = Owner::of_process(pid).ok();
         if lock(&self.homes).contains_key(&pid) {
             return Ok(());
         }
@@ -357,7 +450,7 @@ impl Procs {
         Ok(())
     }
 
-    fn start_driver(
+    pub(crate) fn start_driver(
         self: &Arc<Self>,
         j: HomeJob,
         rec: Record,
@@ -390,6 +483,7 @@ impl Procs {
         std::thread::Builder::new()
             .name(format!("home-{pid}"))
             .spawn(move || {
+                let ck = super::homeckpt::Ckpts::of(&rec);
                 let mut d = Driver {
                     procs: me,
                     job: j,
@@ -398,7 +492,9 @@ impl Procs {
                     tx,
                     info,
                     answers,
+                    ck,
                 };
+                d.job.recovery = d.ck.recovery_number();
                 if let Some((to, watch)) = first {
                     d.initial_move(to, watch);
                 }
@@ -426,13 +522,14 @@ impl Procs {
                 self.remove_record(r.pid);
                 continue;
             }
-            self.settle_place(&mut r);
+            let deputy = self.settle_place(&mut r);
             let now = Instant::now();
             let mut j = HomeJob::new(self.me(), r.pid, r.uid, r.cmd.clone(), now);
             j.pinned = r.pinned;
             j.avoid = r.avoid.clone();
             j.migrations = r.migrations;
-            if r.node != self.me() {
+            // Away, or here under a supervisor (recovered here): its deputy says so.
+            if r.node != self.me() || deputy {
                 j = j.away(r.node, r.epoch, now);
             }
             let token = r.token.clone();
@@ -563,6 +660,47 @@ impl Procs {
         Ok(if n == self.me() { 0 } else { n })
     }
 
+    /// `migrate PID checkpoint|chkstop|chkexit`: blocks until it is written.
+    pub fn checkpoint(&self, pid: i32, then: After, uid: u32) -> Result<CkptDone> {
+        let h = self.home(pid)?;
+        let owner = lock(&h.info).uid;
+        if uid != 0 && uid != owner {
+            bail!(
+                "process {pid} belongs to uid {owner}: you may only checkpoint your own processes"
+            );
+        }
+        let (tx, rx) = mpsc::channel();
+        if !h.send_home(HomeEv::Checkpoint { then, reply: tx }) {
+            bail!("process {pid} has just ended");
+        }
+        match rx.recv_timeout(super::PEER_TIMEOUT * 5) {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(anyhow!("process {pid} was not checkpointed: {e}")),
+            Err(_) => Err(anyhow!("no answer about the checkpoint of process {pid}")),
+        }
+    }
+
+    /// `migrate PID freeze|continue`: whether it is frozen after it.
+    pub fn freeze(&self, pid: i32, freeze: bool, uid: u32) -> Result<bool> {
+        let h = self.home(pid)?;
+        let owner = lock(&h.info).uid;
+        if uid != 0 && uid != owner {
+            bail!("process {pid} belongs to uid {owner}: you may only freeze your own processes");
+        }
+        let (tx, rx) = mpsc::channel();
+        if !h.send_home(HomeEv::Freeze { freeze, reply: tx }) {
+            bail!("process {pid} has just ended");
+        }
+        match rx.recv_timeout(super::PEER_TIMEOUT) {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => Err(anyhow!(
+                "process {pid} was not {}: {e}",
+                if freeze { "frozen" } else { "continued" }
+            )),
+            Err(_) => Err(anyhow!("no answer about process {pid}")),
+        }
+    }
+
     /// `migrate PID NODE|0`: blocks until it runs there, or says why not.
     pub fn migrate(&self, pid: i32, to: u32, uid: u32) -> Result<super::Moved> {
         let h = self.home(pid)?;
@@ -584,8 +722,9 @@ impl Procs {
     }
 
     /// The deputy program's exec for process `pid`, with its close-on-exec descriptors
-    /// (read while it is frozen) and `token`.
-    pub(crate) fn deputy_exec(&self, pid: i32, token: &str) -> DeputyExec {
+    /// (read while it is frozen) and `token`; `mark`: its image is checkpoint N (the
+    /// deputy marks it at once).
+    pub(crate) fn deputy_exec(&self, pid: i32, token: &str, mark: Option<u64>) -> DeputyExec {
         let mut argv = argv_of(pid);
         argv.truncate(64);
         if argv.is_empty() {
@@ -608,12 +747,16 @@ impl Procs {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let envp = vec![format!(
+        let mut env = format!(
             "MOSIX_DEPUTY=sock={};pid={pid};token={token};cloexec={};closed={}",
             self.cfg.control_socket.display(),
             list(&cloexec),
             list(&closed)
-        )];
+        );
+        if let Some(m) = mark {
+            env.push_str(&format!(";mark={m}"));
+        }
+        let envp = vec![env];
         DeputyExec {
             path: self.deputy_path.to_string_lossy().into_owned(),
             argv,
@@ -644,6 +787,22 @@ fn cmd_now(j: &HomeJob, pid: i32) -> String {
     }
 }
 
+/// `mosrun -C FILE -A MINUTES` makes sense: FILE absolute, MINUTES a positive number.
+fn check_checkpoint_spec(c: &CheckpointSpec) -> Result<()> {
+    if !c.file.starts_with('/') {
+        bail!(
+            "the checkpoint file must be an absolute path, not {}",
+            c.file
+        );
+    }
+    if let Some(m) = c.every_min {
+        if !m.is_finite() || m <= 0.0 {
+            bail!("minutes between checkpoints must be a positive number, not {m}");
+        }
+    }
+    Ok(())
+}
+
 fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
     Snapshot {
         pid,
@@ -651,29 +810,39 @@ fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
         cmd: cmd_now(j, pid),
         node: j.node(),
         state: match j.place {
+            _ if j.frozen => "frozen",
             Where::Home => "running",
             Where::Leaving { .. } => "migrating",
             Where::Away { .. } => "away",
+            Where::Recovering { .. } => "recovering",
         },
         since: j.since,
         reason: j.reason.clone(),
         pinned: j.pinned,
         avoid: j.avoid.clone(),
         migrations: j.migrations,
-        moving: matches!(j.place, Where::Leaving { .. }),
+        moving: matches!(j.place, Where::Leaving { .. } | Where::Recovering { .. }) || j.frozen,
         ppid: ppid_of(pid),
+        epoch: j.epoch,
+        native: j.native(),
+        recovering: match j.place {
+            Where::Recovering { epoch, .. } => Some(epoch),
+            _ => None,
+        },
     }
 }
 
 /// One home process's thread.
-struct Driver {
-    procs: Arc<Procs>,
-    job: HomeJob,
-    rec: Record,
+pub(super) struct Driver {
+    pub(super) procs: Arc<Procs>,
+    pub(super) job: HomeJob,
+    pub(super) rec: Record,
     rx: Receiver<HomeEv>,
-    tx: Sender<HomeEv>,
+    pub(super) tx: Sender<HomeEv>,
     info: Arc<Mutex<Snapshot>>,
     answers: Answers,
+    /// Its checkpoints (homeckpt.rs).
+    pub(super) ck: super::homeckpt::Ckpts,
 }
 
 const TICK: Duration = Duration::from_millis(200);
@@ -690,6 +859,10 @@ impl Driver {
             let now = Instant::now();
             let mut acts = match ev {
                 Ok(HomeEv::Job(e)) => self.job.handle(e, now),
+                Ok(other) => {
+                    self.on_ckpt_ev(other);
+                    Vec::new()
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
@@ -718,9 +891,11 @@ impl Driver {
             for a in acts {
                 self.act(a);
             }
+            self.periodic(now);
             *lock(&self.info) = snapshot(&self.job, self.job.pid);
             self.send_answers();
         }
+        self.ended();
         lock(&self.procs.homes).remove(&self.job.pid);
         self.send_answers();
         self.procs.remove_record(self.job.pid);
@@ -734,27 +909,36 @@ impl Driver {
         }
     }
 
-    fn act(&mut self, a: Act) {
+    pub(super) fn persist(&mut self) {
+        self.rec.node = self.job.node();
+        self.rec.epoch = self.job.epoch;
+        self.rec.migrations = self.job.migrations;
+        self.rec.ckpt = self.ck.record();
+        self.procs.write_record(&self.rec);
+    }
+
+    pub(super) fn act(&mut self, a: Act) {
         match a {
             Act::Leave { to, reason, offer } => self.leave(to, reason, offer, None),
             Act::Persist => {
-                self.rec.node = self.job.node();
-                self.rec.epoch = self.job.epoch;
-                self.rec.migrations = self.job.migrations;
-                self.procs.write_record(&self.rec);
+                if self.job.native() {
+                    // Its deputy, which held its marks, is the process again.
+                    self.ck.came_home();
+                    self.job.recovery = None;
+                }
+                self.after_recovery();
+                self.persist()
             }
+            Act::Recover { number, node } => self.recover(number, node),
+            Act::Rewound { number, result } => self.rewound(number, result),
+            Act::Marked { id, result } => self.marked(id, result),
+            Act::CkptFailed { id, reason } => self.ckpt_failed(id, reason),
+            Act::FreezeAnswer { freeze, error } => self.freeze_answer(freeze, error),
             Act::Lost { message } => {
                 warn!("{message}");
                 let f = mosix_remote::wire::encode(&mosix_remote::wire::ToDeputy::Lost { message });
                 // Through the job, so it waits if the deputy is reconnecting.
-                let now = Instant::now();
-                let _ = self.job.handle(
-                    Ev::FromHost {
-                        epoch: self.job.epoch,
-                        msg: ToHome::Deputy(f),
-                    },
-                    now,
-                );
+                self.job.send_deputy(f);
             }
             Act::Forget => {}
         }
@@ -776,6 +960,7 @@ impl Driver {
     ) {
         let procs = self.procs.clone();
         let tx = self.tx.clone();
+        let ckpt = self.leave_checkpoint();
         let spec = super::transfer::HomeMove {
             pid: self.job.pid,
             to,
@@ -788,6 +973,7 @@ impl Driver {
             reason,
             offer,
             token: self.rec.token.clone(),
+            ckpt,
         };
         let id = super::proc_id(procs.me(), self.job.pid);
         let auto = spec.offer.is_some();
@@ -798,7 +984,11 @@ impl Driver {
                 let _boost = crate::balance::Boost::thread();
                 let r = crate::metrics::migration(why, procs.leave_home(spec, watch));
                 let ev = match r {
-                    Ok((moved, signals)) => {
+                    Ok(super::transfer::LeftHome {
+                        moved,
+                        signals,
+                        ckpt,
+                    }) => {
                         let _ = tx.send(HomeEv::Job(Ev::LeftHome { to, moved }));
                         // Signals that reached it while it became its deputy: passed on.
                         for sig in signals {
@@ -806,6 +996,11 @@ impl Driver {
                                 &mosix_remote::wire::FromDeputy::Signal { sig },
                             );
                             let _ = tx.send(HomeEv::Job(Ev::FromDeputy(f)));
+                        }
+                        // Its checkpoint with this move is completed now (synced: slow).
+                        if let Some(c) = ckpt {
+                            let (id, result) = c.finish();
+                            let _ = tx.send(HomeEv::CkptSaved { id, result });
                         }
                         return;
                     }

@@ -10,6 +10,7 @@
 
 use super::MoveError;
 use mosix_proto::wire::{ToHome, ToHost};
+use mosix_remote::wire::{FromDeputy, HomeFd};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -18,9 +19,17 @@ use std::time::{Duration, Instant};
 pub const LINK_WAIT: Duration = Duration::from_secs(30);
 /// How long a host that is down must be unlinked before its processes are lost.
 pub const DOWN_WAIT: Duration = Duration::from_secs(3);
+/// How long a host that is down, its link still open (a machine that lost its power
+/// closes none of its connections; a cut cable neither), must stay so before a process
+/// that has a checkpoint to be recovered from is given up for it.
+pub const RECOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long a move whose host went away in its middle may take to be heard of from the
 /// next host before it is answered as failed.
 pub const DOUBT: Duration = Duration::from_secs(2);
+/// How far a recovered process's residence number jumps ahead: a copy of an older
+/// residence (the old host's, cut off but alive, or one it was moving on to when it died,
+/// even after further moves of its own) links with a smaller one and is ended.
+pub const RECOVERY_EPOCHS: u64 = 1 << 20;
 /// Frames kept for an end that is not connected (beyond: the oldest are dropped; the
 /// supervisor sends its calls again after a reconnection).
 const MAX_QUEUED: usize = 4096;
@@ -33,6 +42,8 @@ pub trait ToDeputySink {
 /// The way to the host; false once the link is broken.
 pub trait ToHostSink {
     fn send(&mut self, m: &ToHost) -> bool;
+    /// Closes the link (its host is given up).
+    fn close(&mut self) {}
 }
 
 /// Where the process is.
@@ -43,9 +54,16 @@ pub enum Where {
     Leaving {
         to: u32,
     },
-    /// Running on `node`, residence `epoch`.
+    /// Running on `node`, residence `epoch` (`node` may be this one: a process recovered
+    /// here runs under a supervisor, as away, with its deputy).
     Away {
         node: u32,
+        epoch: u64,
+    },
+    /// Its host `from` died: it is being brought back from a checkpoint, as residence
+    /// `epoch`.
+    Recovering {
+        from: u32,
         epoch: u64,
     },
 }
@@ -110,6 +128,14 @@ pub enum Ev<D, H> {
         node: u32,
         up: bool,
     },
+    /// It runs again, restored from a checkpoint on `moved.to` (after [`Act::Recover`]).
+    Recovered {
+        moved: super::Moved,
+    },
+    /// It could not be brought back.
+    RecoverFailed {
+        why: String,
+    },
 }
 
 /// What the driver must do.
@@ -125,6 +151,24 @@ pub enum Act {
     Persist,
     /// It is lost (its host died): the deputy ends it with 137 after printing `message`.
     Lost { message: String },
+    /// Its host `node` died and it has checkpoint `number` (its deputy holds its mark):
+    /// bring it back from it (the deputy is asked to rewind first).
+    Recover { number: u64, node: u32 },
+    /// The deputy's answer to the rewind for checkpoint `number`: the highest call
+    /// sequence number it saw, or why it could not.
+    Rewound {
+        number: u64,
+        result: Result<u64, String>,
+    },
+    /// The deputy marked checkpoint `id` (its descriptors then), or could not.
+    Marked {
+        id: u64,
+        result: Result<Vec<HomeFd>, String>,
+    },
+    /// Its host could not take checkpoint `id`.
+    CkptFailed { id: u64, reason: String },
+    /// Its host froze it (or let it go on), or could not.
+    FreezeAnswer { freeze: bool, error: Option<String> },
     /// Nothing more to do: forget the job.
     Forget,
 }
@@ -162,6 +206,13 @@ pub struct Job<D, H> {
     doubt: Option<Instant>,
     /// Reported lost (once).
     lost: bool,
+    /// The checkpoint it can be brought back from if its host dies: its image is saved
+    /// and its deputy holds its mark (none at home: no deputy).
+    pub recovery: Option<u64>,
+    /// Held where it is by `migrate PID freeze`.
+    pub frozen: bool,
+    /// A checkpoint of it is being taken here (moves wait).
+    pub checkpointing: bool,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -190,6 +241,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             early_msgs: Vec::new(),
             doubt: None,
             lost: false,
+            recovery: None,
+            frozen: false,
+            checkpointing: false,
         }
     }
 
@@ -205,12 +259,18 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.ended
     }
 
-    /// The node it runs on (this one when home or leaving).
+    /// The node it runs on (this one when home or leaving; the one that died while it
+    /// is being recovered).
     pub fn node(&self) -> u32 {
         match self.place {
-            Where::Away { node, .. } => node,
+            Where::Away { node, .. } | Where::Recovering { from: node, .. } => node,
             _ => self.me,
         }
+    }
+
+    /// Whether it runs here natively (not away, nor here under a supervisor).
+    pub fn native(&self) -> bool {
+        matches!(self.place, Where::Home | Where::Leaving { .. })
     }
 
     /// Whether its deputy is connected (for `ps`).
@@ -218,7 +278,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         (self.deputy.is_some(), self.host.is_some())
     }
 
-    fn send_host(&mut self, m: ToHost) {
+    /// Whether its host is linked and up (not silent in the cluster's view).
+    pub fn host_ok(&self) -> bool {
+        self.host.is_some() && self.host_down.is_none()
+    }
+
+    /// Sends `m` to its host (queued while there is no link).
+    pub(crate) fn send_host(&mut self, m: ToHost) {
         if let Some(h) = &mut self.host {
             if h.send(&m) {
                 return;
@@ -231,7 +297,8 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.to_host.push_back(m);
     }
 
-    fn send_deputy(&mut self, f: Vec<u8>) {
+    /// Sends frame `f` to its deputy (queued while it is not connected).
+    pub(crate) fn send_deputy(&mut self, f: Vec<u8>) {
         if let Some(d) = &mut self.deputy {
             if d.send(&f) {
                 return;
@@ -293,12 +360,18 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
 
     /// It runs on another node now (a new residence).
     fn moved_on(&mut self, moved: super::Moved, now: Instant, acts: &mut Vec<Act>) {
+        let next = self.epoch + 1;
+        self.moved_to(moved, next, now, acts)
+    }
+
+    /// It runs on `moved.to` now, as residence `epoch`.
+    fn moved_to(&mut self, moved: super::Moved, epoch: u64, now: Instant, acts: &mut Vec<Act>) {
         let to = moved.to;
         self.doubt = None;
         self.host = None;
         // What the deputy said meanwhile (signals) is for the next host.
         self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
-        self.epoch += 1;
+        self.epoch = epoch;
         self.migrations += 1;
         self.place = Where::Away {
             node: to,
@@ -353,11 +426,19 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 offer,
                 reply,
             } => {
-                let busy = matches!(self.place, Where::Leaving { .. })
+                let busy = matches!(self.place, Where::Leaving { .. } | Where::Recovering { .. })
                     || (matches!(self.place, Where::Away { .. }) && self.host.is_none());
+                // Here under a supervisor (recovered here), it may still come home for real.
+                let supervised_here = self.place
+                    == Where::Away {
+                        node: self.me,
+                        epoch: self.epoch,
+                    };
                 let err = if self.ended {
                     Some(MoveError::Ended)
-                } else if to == self.node() {
+                } else if self.frozen {
+                    Some(MoveError::Frozen)
+                } else if to == self.node() && !supervised_here {
                     Some(MoveError::AlreadyThere { to })
                 } else if busy {
                     Some(MoveError::Busy)
@@ -379,7 +460,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         acts.push(Act::Leave { to, reason, offer });
                     }
                     Where::Away { .. } => self.send_host(ToHost::Migrate { to }),
-                    Where::Leaving { .. } => {}
+                    Where::Leaving { .. } | Where::Recovering { .. } => {}
                 }
             }
             Ev::LeftHome { to, moved } => {
@@ -398,6 +479,8 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             }
             Ev::CameHome { moved } => {
                 self.doubt = None;
+                // Its deputy, which held its marks, is the process again.
+                self.recovery = None;
                 self.place = Where::Home;
                 self.migrations += 1;
                 self.since = now;
@@ -415,7 +498,32 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.deputy = Some(d);
                 self.flush_deputy();
             }
-            Ev::FromDeputy(f) => self.send_host(ToHost::Deputy(f)),
+            Ev::FromDeputy(f) => {
+                if FromDeputy::is_for_home(&f) {
+                    match mosix_remote::wire::decode::<FromDeputy>(&f) {
+                        Ok(FromDeputy::Marked { id, result }) => {
+                            acts.push(Act::Marked { id, result })
+                        }
+                        Ok(FromDeputy::Rewound { id, result }) => {
+                            if matches!(self.place, Where::Recovering { .. }) {
+                                acts.push(Act::Rewound { number: id, result });
+                            }
+                        }
+                        _ => {}
+                    }
+                } else if matches!(self.place, Where::Recovering { .. }) {
+                    // Answers to the calls of the copy that died are for nobody; signals
+                    // are for the process wherever it comes back.
+                    if matches!(
+                        mosix_remote::wire::decode::<FromDeputy>(&f),
+                        Ok(FromDeputy::Signal { .. })
+                    ) {
+                        self.send_host(ToHost::Deputy(f));
+                    }
+                } else {
+                    self.send_host(ToHost::Deputy(f));
+                }
+            }
             Ev::DeputyGone => self.deputy = None,
             Ev::HostLinked {
                 epoch,
@@ -441,6 +549,15 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         // The new host runs it already; our end of the move is not done.
                         self.early = Some((epoch, node, link));
                     }
+                    Where::Recovering { epoch: e, .. } if epoch == e => {
+                        // Its restored copy runs already; the recovery is not done here.
+                        self.early = Some((epoch, node, link));
+                    }
+                    Where::Recovering { epoch: e, .. } if epoch < e => {
+                        // The copy of the host that was given up (cut off, not dead), or
+                        // of a move it was making: not the process any more.
+                        let _ = link.send(&ToHost::Kill);
+                    }
                     Where::Away { .. } if epoch == self.epoch + 1 => {
                         // The next host, before the last one said it was moved there. A
                         // host links only once it runs it: if the last host is not linked
@@ -465,6 +582,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 }
             }
             Ev::FromHost { epoch, msg } => {
+                if let Where::Recovering { epoch: e, .. } = self.place {
+                    // Only its restored copy is heard (once its recovery is done here).
+                    if epoch == e && self.early_msgs.len() < MAX_QUEUED {
+                        self.early_msgs.push(msg);
+                    }
+                    return acts;
+                }
                 if epoch == self.epoch + 1 {
                     // From the next host, before this move was done here: kept for then.
                     if self.early_msgs.len() < MAX_QUEUED {
@@ -508,6 +632,12 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         }
                         self.answer_waiters(to, &Err(MoveError::Failed { reason }));
                     }
+                    ToHome::CheckpointFailed { id, reason } => {
+                        acts.push(Act::CkptFailed { id, reason })
+                    }
+                    ToHome::Frozen { freeze, error } => {
+                        acts.push(Act::FreezeAnswer { freeze, error })
+                    }
                 }
             }
             Ev::HostGone { epoch } => {
@@ -529,7 +659,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         // Its home half was killed: so is the process, wherever it is.
                         self.send_host(ToHost::Kill);
                     }
-                    Where::Home | Where::Leaving { .. } => {}
+                    Where::Home | Where::Leaving { .. } | Where::Recovering { .. } => {}
                 }
                 self.ended = true;
                 for (_, w) in std::mem::take(&mut self.waiters) {
@@ -546,6 +676,25 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                             Some(self.host_down.unwrap_or(now))
                         };
                     }
+                }
+            }
+            Ev::Recovered { moved } => {
+                if let Where::Recovering { epoch, .. } = self.place {
+                    self.lost = false;
+                    self.moved_to(moved, epoch, now, &mut acts);
+                    self.reason =
+                        format!("recovered from a checkpoint; running on node {}", moved.to);
+                }
+            }
+            Ev::RecoverFailed { why } => {
+                if let Where::Recovering { from, .. } = self.place {
+                    self.lost = true;
+                    acts.push(Act::Lost {
+                        message: format!(
+                            "mosix: process {} was lost: node {from} stopped answering, and it could not be recovered: {why}",
+                            self.pid
+                        ),
+                    });
                 }
             }
         }
@@ -575,18 +724,57 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             // Down and unlinked: dead. Down for long with its link still open: dead too
             // (a machine that lost its power closes none of its connections). Unlinked
             // for long: its host never came back.
+            // With a checkpoint to come back from, a host down for a while is given up
+            // sooner even with its link open (a partition that heals later costs the work
+            // since the checkpoint, not the job: its copy there is ended then).
+            let give_up = if self.recovery.is_some() {
+                RECOVER_WAIT
+            } else {
+                LINK_WAIT
+            };
             let dead = down.is_some() && unlinked.is_some_and(|u| u >= DOWN_WAIT)
-                || down.is_some_and(|d| d >= LINK_WAIT)
+                || down.is_some_and(|d| d >= give_up)
                 || unlinked.is_some_and(|u| u >= LINK_WAIT);
             if dead && !self.lost {
-                self.lost = true;
+                if let Some(h) = &mut self.host {
+                    h.close();
+                }
                 self.host = None;
-                acts.push(Act::Lost {
-                    message: format!(
-                        "mosix: process {} was lost: node {node} stopped answering",
-                        self.pid
-                    ),
-                });
+                self.host_down = None;
+                self.unlinked_since = None;
+                // Moves asked of it will not happen.
+                for (_, w) in std::mem::take(&mut self.waiters) {
+                    w.answer(Err(MoveError::PeerGone {
+                        node,
+                        why: "it stopped answering".into(),
+                    }));
+                }
+                self.doubt = None;
+                if let Some((_, _, mut link)) = self.early.take() {
+                    let _ = link.send(&ToHost::Kill);
+                }
+                self.early_msgs.clear();
+                match self.recovery.take() {
+                    Some(number) => {
+                        // Only signals for it are kept for its next host.
+                        self.to_host.clear();
+                        self.place = Where::Recovering {
+                            from: node,
+                            epoch: self.epoch + RECOVERY_EPOCHS,
+                        };
+                        self.reason = format!("node {node} died: recovering it");
+                        acts.push(Act::Recover { number, node });
+                    }
+                    None => {
+                        self.lost = true;
+                        acts.push(Act::Lost {
+                            message: format!(
+                                "mosix: process {} was lost: node {node} stopped answering",
+                                self.pid
+                            ),
+                        });
+                    }
+                }
             }
         }
         acts
@@ -1068,5 +1256,247 @@ mod tests {
         );
         assert_eq!(j.handle(Ev::PidEnded, t), vec![Act::Forget]);
         assert_eq!(h.0.borrow().last(), Some(&ToHost::Kill));
+    }
+
+    fn frame<T: serde::Serialize>(m: &T) -> Vec<u8> {
+        mosix_remote::wire::encode(m)
+    }
+
+    #[test]
+    fn a_host_that_dies_brings_a_process_with_a_checkpoint_back_as_a_newer_residence() {
+        use mosix_remote::wire::{FromDeputy, Reply};
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let h2 = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: h2.clone(),
+            },
+            t,
+        );
+        let dep = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(dep.clone()), t);
+        // Its deputy's marks are for home, not for the host.
+        let a = j.handle(
+            Ev::FromDeputy(frame(&FromDeputy::Marked {
+                id: 3,
+                result: Ok(vec![]),
+            })),
+            t,
+        );
+        assert!(matches!(
+            a.as_slice(),
+            [Act::Marked {
+                id: 3,
+                result: Ok(_)
+            }]
+        ));
+        assert!(h2.0.borrow().is_empty());
+        j.recovery = Some(3);
+        // Node 2 dies: its link drops and gossip calls it down.
+        j.handle(Ev::HostGone { epoch: 1 }, t);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        assert!(j.tick(t + DOWN_WAIT / 2).is_empty());
+        let a = j.tick(t + DOWN_WAIT);
+        assert_eq!(a, vec![Act::Recover { number: 3, node: 2 }]);
+        let e = 1 + RECOVERY_EPOCHS;
+        assert_eq!(j.place, Where::Recovering { from: 2, epoch: e });
+        assert!(j.recovery.is_none(), "used once");
+        assert!(j.tick(t + LINK_WAIT * 2).is_empty(), "not lost meanwhile");
+        // Moves wait; answers to the dead copy's calls are dropped, signals are kept for
+        // where it comes back; the deputy's rewind is home's.
+        let got = got();
+        j.handle(
+            Ev::Migrate {
+                to: 3,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(matches!(
+            got.lock().unwrap().as_slice(),
+            [Err(MoveError::Busy)]
+        ));
+        j.handle(
+            Ev::FromDeputy(frame(&FromDeputy::Reply(Reply::Cancelled { seq: 9 }))),
+            t,
+        );
+        j.handle(Ev::FromDeputy(frame(&FromDeputy::Signal { sig: 15 })), t);
+        let a = j.handle(
+            Ev::FromDeputy(frame(&FromDeputy::Rewound {
+                id: 3,
+                result: Ok(41),
+            })),
+            t,
+        );
+        assert_eq!(
+            a,
+            vec![Act::Rewound {
+                number: 3,
+                result: Ok(41)
+            }]
+        );
+        // The cut-off copy of node 2 links again: it is not the process any more, and
+        // what it says is not heard.
+        let old = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                link: old.clone(),
+            },
+            t,
+        );
+        assert_eq!(*old.0.borrow(), vec![ToHost::Kill]);
+        j.handle(
+            Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Deputy(b"stale call".to_vec()),
+            },
+            t,
+        );
+        // Its restored copy on node 4 links before the recovery is done here.
+        let h4 = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: e,
+                node: 4,
+                link: h4.clone(),
+            },
+            t,
+        );
+        j.handle(
+            Ev::FromHost {
+                epoch: e,
+                msg: ToHome::Deputy(b"new call".to_vec()),
+            },
+            t,
+        );
+        assert!(!dep
+            .0
+            .borrow()
+            .iter()
+            .any(|f| f == b"stale call" || f == b"new call"));
+        let a = j.handle(Ev::Recovered { moved: moved(4) }, t);
+        assert_eq!(a, vec![Act::Persist]);
+        assert_eq!(j.place, Where::Away { node: 4, epoch: e });
+        assert_eq!(j.epoch, e);
+        assert!(dep.0.borrow().iter().any(|f| f == b"new call"));
+        assert!(!dep.0.borrow().iter().any(|f| f == b"stale call"));
+        let sent = h4.0.borrow().clone();
+        assert_eq!(
+            sent,
+            vec![ToHost::Deputy(frame(&FromDeputy::Signal { sig: 15 }))],
+            "only the signal went to the new host"
+        );
+        // A copy of any older residence is ended.
+        let older = Rec::<ToHost>::default();
+        j.handle(
+            Ev::HostLinked {
+                epoch: 2,
+                node: 3,
+                link: older.clone(),
+            },
+            t,
+        );
+        assert_eq!(*older.0.borrow(), vec![ToHost::Kill]);
+    }
+
+    #[test]
+    fn a_cut_off_host_is_given_up_sooner_when_there_is_a_checkpoint() {
+        let t = Instant::now();
+        for (recovery, after) in [(Some(1), RECOVER_WAIT), (None, LINK_WAIT)] {
+            let mut j = J::new(1, 100, 0, "x".into(), t);
+            away(&mut j, t, 2);
+            let h = Rec::<ToHost>::default();
+            j.handle(
+                Ev::HostLinked {
+                    epoch: 1,
+                    node: 2,
+                    link: h.clone(),
+                },
+                t,
+            );
+            j.recovery = recovery;
+            // Down, its link still open (a cut cable closes nothing).
+            j.handle(Ev::NodeState { node: 2, up: false }, t);
+            assert!(j.tick(t + after - Duration::from_millis(1)).is_empty());
+            let a = j.tick(t + after);
+            match recovery {
+                Some(n) => assert_eq!(a, vec![Act::Recover { number: n, node: 2 }]),
+                None => assert!(matches!(a.as_slice(), [Act::Lost { .. }])),
+            }
+        }
+        // A recovery that fails: lost, with why.
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        j.recovery = Some(1);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        j.tick(t + DOWN_WAIT);
+        let a = j.handle(
+            Ev::RecoverFailed {
+                why: "no node can take it".into(),
+            },
+            t,
+        );
+        assert!(
+            matches!(a.as_slice(), [Act::Lost { message }] if message.contains("no node can take it")),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_frozen_process_does_not_move_and_one_recovered_here_may_come_home() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        j.frozen = true;
+        let got = got();
+        j.handle(
+            Ev::Migrate {
+                to: 2,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(matches!(
+            got.lock().unwrap().as_slice(),
+            [Err(MoveError::Frozen)]
+        ));
+        // Recovered here: it runs under a supervisor, as away on this node; a move home
+        // is asked of that host (itself).
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        j.recovery = Some(1);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        j.tick(t + DOWN_WAIT);
+        j.handle(Ev::Recovered { moved: moved(1) }, t);
+        assert!(!j.native());
+        let here = Rec::<ToHost>::default();
+        let e = j.epoch;
+        j.handle(
+            Ev::HostLinked {
+                epoch: e,
+                node: 1,
+                link: here.clone(),
+            },
+            t,
+        );
+        j.handle(
+            Ev::Migrate {
+                to: 1,
+                reason: "r".into(),
+                offer: None,
+                reply: None,
+            },
+            t,
+        );
+        assert_eq!(*here.0.borrow(), vec![ToHost::Migrate { to: 1 }]);
     }
 }

@@ -22,12 +22,16 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod checkpoint;
+pub mod ckptfile;
 pub mod family;
 mod gate;
 pub mod guest;
 pub mod home;
+mod homeckpt;
 pub mod job;
 pub mod mover;
+pub mod recover;
 pub mod supervisor;
 pub mod transfer;
 
@@ -50,6 +54,12 @@ pub struct Snapshot {
     pub moving: bool,
     /// Its parent at home.
     pub ppid: Option<i32>,
+    /// Its residence number (home processes).
+    pub epoch: u64,
+    /// It runs natively at home (not away, nor here under a supervisor).
+    pub native: bool,
+    /// Being recovered from a checkpoint, as this residence.
+    pub recovering: Option<u64>,
 }
 
 /// How long either side of a migration waits for the other.
@@ -68,6 +78,8 @@ pub enum MoveError {
     Busy,
     #[error("it has ended")]
     Ended,
+    #[error("it is frozen (`migrate PID continue` first)")]
+    Frozen,
     #[error("it moved to node {to} instead")]
     Elsewhere { to: u32 },
     #[error("node {node} cannot take it: {reason}")]
@@ -243,7 +255,8 @@ impl Procs {
         };
         for (pid, h) in lock(&self.homes).iter() {
             let s = lock(&h.info).clone();
-            if s.node == me && !s.moving {
+            // Recovered here and supervised, it is listed as the guest it is.
+            if s.node == me && !s.moving && s.native {
                 let parent = !family::children_of(*pid).is_empty();
                 out.push(info(*pid, proc_id(me, *pid), me, &s, parent));
             }
@@ -399,7 +412,11 @@ impl Procs {
         for (pid, h) in lock(&self.homes).iter() {
             let s = lock(&h.info).clone();
             let here = s.node == me;
-            let (rss, cpu) = if here { usage(*pid) } else { (0, 0.0) };
+            let (rss, cpu) = if here && s.native {
+                usage(*pid)
+            } else {
+                (0, 0.0)
+            };
             let reason = match explain.get(&proc_id(me, *pid)) {
                 Some(w) if here => format!("{}; stays: {w}", s.reason),
                 _ => s.reason.clone(),

@@ -33,6 +33,10 @@ pub enum SupMode {
     Into {
         pid: i32,
         deputy: (String, Vec<String>, Vec<String>),
+        /// `mosrun -R`: descriptors held at home in the image that are reopened instead
+        /// (regular files, at their offsets): (number, path, flags, offset).
+        #[serde(default)]
+        reopen: Vec<(i32, String, i32, u64)>,
     },
 }
 
@@ -216,7 +220,22 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         }
     };
     match start.mode {
-        SupMode::Into { pid, deputy } => {
+        SupMode::Into {
+            pid,
+            deputy,
+            reopen,
+        } => {
+            let mut img = img;
+            for (fd, path, flags, pos) in reopen {
+                if let Some(f) = img.meta.fds.iter_mut().find(|f| f.fd == fd) {
+                    f.kind = mosix_ckpt::image::FdKind::File {
+                        path,
+                        flags,
+                        pos,
+                        id: None,
+                    };
+                }
+            }
             let opts = mosix_ckpt::RestoreOptions {
                 hold: true,
                 ..Default::default()

@@ -43,6 +43,50 @@ pub struct HomeMove {
     pub reason: String,
     pub offer: Option<String>,
     pub token: String,
+    /// `mosrun -C`: its image is also its next checkpoint (FILE.N, marked N by its
+    /// deputy at once), so that it can be recovered from the start of its stay away.
+    pub ckpt: Option<(super::ckptfile::Target, super::ckptfile::CkptInfo)>,
+}
+
+/// What a move from home did: where it went, the signals that reached it meanwhile (to
+/// pass on), and the checkpoint written with it (`mosrun -C`), to be completed.
+pub struct LeftHome {
+    pub moved: Moved,
+    pub signals: Vec<i32>,
+    pub ckpt: Option<TeeCkpt>,
+}
+
+/// The checkpoint written with a move from home, its image whole in its temporary file:
+/// completed ([`TeeCkpt::finish`]: synced, renamed) once the move is known at home, not
+/// before (a file's sync must not delay the process's first calls from its new host).
+pub struct TeeCkpt {
+    pub number: u64,
+    file: Result<
+        (
+            super::ckptfile::Target,
+            super::ckptfile::Temp,
+            super::ckptfile::CkptInfo,
+            u64,
+        ),
+        String,
+    >,
+}
+
+impl TeeCkpt {
+    /// Completes the file: its number, and the checkpoint or why not.
+    pub fn finish(self) -> (u64, Result<super::checkpoint::CkptDone, String>) {
+        let r = self.file.and_then(|(target, temp, info, memory_bytes)| {
+            target
+                .finish(temp, &info)
+                .map(|p| super::checkpoint::CkptDone {
+                    path: p.to_string_lossy().into_owned(),
+                    frozen_ms: 0,
+                    memory_bytes,
+                })
+                .map_err(|e| e.to_string())
+        });
+        (self.number, r)
+    }
 }
 
 /// A process caught at its exec (`mosrun -r`): seized by a thread of its own before
@@ -113,7 +157,7 @@ fn peer_gone(to: u32, e: impl std::fmt::Display) -> MoveError {
 
 /// The source's half after the image: the tail and the destination's verdict (restored,
 /// held there).
-fn ready(ch: &mut Link, to: u32, tail: Tail) -> Result<(), MoveError> {
+pub(super) fn ready(ch: &mut Link, to: u32, tail: Tail) -> Result<(), MoveError> {
     wire::send_flush(ch, &tail).map_err(|e| peer_gone(to, e))?;
     match wire::expect::<_, Verdict>(ch).map_err(|e| peer_gone(to, e))? {
         Verdict::Ready => Ok(()),
@@ -123,7 +167,7 @@ fn ready(ch: &mut Link, to: u32, tail: Tail) -> Result<(), MoveError> {
 }
 
 /// The commit: the destination lets it run. Its PID there.
-fn commit(ch: &mut Link, to: u32) -> Result<i32, MoveError> {
+pub(super) fn commit(ch: &mut Link, to: u32) -> Result<i32, MoveError> {
     wire::send_flush(ch, &Decision::Commit).map_err(|e| peer_gone(to, e))?;
     match wire::expect::<_, Verdict>(ch) {
         Ok(Verdict::Running { host_pid }) => Ok(host_pid),
@@ -212,7 +256,7 @@ impl Procs {
         &self,
         m: HomeMove,
         watch: Option<ExecWatch>,
-    ) -> Result<(Moved, Vec<i32>), MoveError> {
+    ) -> Result<LeftHome, MoveError> {
         if let Some(w) = watch {
             w.wait()?;
         }
@@ -254,10 +298,41 @@ impl Procs {
             no_new_privs: leaving.no_new_privs,
             compression: self.cfg.compression,
         })?;
-        let memory_bytes = mover.dump(&mut ch, &mut || Ok(Vec::new()))?;
+        // `mosrun -C`: the image is written into its next checkpoint file as it goes.
+        let temp = m.ckpt.as_ref().and_then(|(t, _)| match t.create() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!(
+                    pid = m.pid,
+                    "its checkpoint with this move is not written: {e}"
+                );
+                None
+            }
+        });
+        let mut fds = Vec::new();
+        let mut nnp = false;
+        let (memory_bytes, teed) = {
+            let file = temp.as_ref().map(|t| {
+                mosix_proto::wire::Unchunk::new(std::io::BufWriter::with_capacity(1 << 20, &t.file))
+            });
+            let mut out = super::checkpoint::Tee::new(&mut ch, file);
+            let pid = m.pid;
+            let r = mover.dump(&mut out, &mut || {
+                fds = super::ckptfile::home_fds(pid);
+                nnp = no_new_privs(pid);
+                Ok(Vec::new())
+            });
+            let teed = out.finish();
+            (r?, teed)
+        };
+        let mark = if temp.is_some() && teed {
+            m.ckpt.as_ref().map(|(t, _)| t.number)
+        } else {
+            None
+        };
         // Its deputy's exec, read while it is held; its record says where it is going,
         // for a mosixd that restarts before the move is done here.
-        let exec = self.deputy_exec(m.pid, &m.token);
+        let exec = self.deputy_exec(m.pid, &m.token, mark);
         self.mark_leaving(m.pid, Some((to, m.epoch)));
         let tail = Tail {
             next_seq: 1,
@@ -267,8 +342,29 @@ impl Procs {
             Ok(r) => r,
             Err(e) => {
                 self.mark_leaving(m.pid, None);
+                if let (Some(t), Some((target, _))) = (temp, &m.ckpt) {
+                    target.discard(t);
+                }
                 return Err(e);
             }
+        };
+        let ckpt = match (temp, m.ckpt) {
+            (Some(t), Some((target, mut info))) => {
+                let number = target.number;
+                let file = if mark.is_some() {
+                    info.fds = fds;
+                    info.no_new_privs = nnp;
+                    info.memory_bytes = memory_bytes;
+                    info.mark = mark;
+                    info.node = self.me();
+                    Ok((target, t, info, memory_bytes))
+                } else {
+                    target.discard(t);
+                    Err("its image could not be written".into())
+                };
+                Some(TeeCkpt { number, file })
+            }
+            _ => None,
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
@@ -281,14 +377,15 @@ impl Procs {
             "process left home: {}",
             m.reason
         );
-        Ok((
-            Moved {
+        Ok(LeftHome {
+            moved: Moved {
                 to,
                 frozen_ms,
                 memory_bytes,
             },
             signals,
-        ))
+            ckpt,
+        })
     }
 
     /// Moves guest `pid` from here to `dest` (its home, or another node). `quiesce` is
@@ -414,6 +511,13 @@ impl Procs {
                 }
                 self.host_linked(ch, l)
             }
+            Hello::Checkpoint(c) => {
+                if let Err(e) = ch.check_claim(c.node) {
+                    warn!("refused a checkpoint from {peer}: {e}");
+                    bail!("{e}");
+                }
+                self.checkpoint_in(ch, c)
+            }
         }
     }
 
@@ -465,7 +569,7 @@ impl Procs {
             return refuse(&mut ch, why);
         }
         let mode = if h.home == self.me() {
-            match self.return_spec(&h) {
+            match self.home_mode(&h) {
                 Ok(m) => m,
                 Err(e) => return refuse(&mut ch, format!("node {}: {e:#}", self.me())),
             }
@@ -568,21 +672,31 @@ impl Procs {
         }
     }
 
-    /// How a process of ours coming home is rebuilt: inside its deputy, which must be
-    /// the process we sent there.
-    fn return_spec(&self, h: &MigrateHeader) -> Result<SupMode> {
+    /// How a process of ours arriving here runs: recovered from a checkpoint (as the
+    /// residence its recovery made), under a supervisor as away; coming home from where
+    /// it runs, rebuilt inside its deputy, which must be the process we sent there.
+    fn home_mode(&self, h: &MigrateHeader) -> Result<SupMode> {
         let home = super::lock(&self.homes)
             .get(&h.home_pid)
             .cloned()
             .ok_or_else(|| anyhow!("process {} has no home here any more", h.home_pid))?;
         let snap = super::lock(&home.info).clone();
-        if snap.node == self.me() || snap.uid != h.uid {
+        if snap.uid != h.uid {
             bail!("process {} is not away from here", h.home_pid);
         }
-        let exec = self.deputy_exec(h.home_pid, home.token());
+        if snap.recovering == Some(h.epoch) && h.from == self.me() {
+            return Ok(SupMode::Guest);
+        }
+        // From where it runs, as its next residence: a copy of an older residence (its
+        // host was given up for dead) never comes back into its deputy.
+        if snap.native || h.from != snap.node || h.epoch != snap.epoch + 1 {
+            bail!("process {} is not away from here", h.home_pid);
+        }
+        let exec = self.deputy_exec(h.home_pid, home.token(), None);
         Ok(SupMode::Into {
             pid: h.home_pid,
             deputy: (exec.path, exec.argv, exec.envp),
+            reopen: Vec::new(),
         })
     }
 }
