@@ -222,9 +222,10 @@ struct Injected {
     own: Vec<((u64, i32, u64), u64)>,
 }
 
-fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
+/// Finds a `syscall` instruction in frozen process `f` (its [vdso] always has one; any
+/// executable mapping will do) for the calls injected into it.
+pub(crate) fn find_syscall(f: &mut Frozen, maps: &[MapLine]) -> Result<()> {
     let pid = f.pid;
-    // A syscall instruction: the vdso always has one; any executable mapping will do.
     let mut ip = None;
     let mut order: Vec<&MapLine> = maps.iter().filter(|m| m.name == "[vdso]").collect();
     order.extend(
@@ -245,6 +246,12 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
         pid,
         msg: "no syscall instruction found in its code".into(),
     })?);
+    Ok(())
+}
+
+fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
+    let pid = f.pid;
+    find_syscall(f, maps)?;
     // Scratch memory: below the stack's red zone if the stack is there, else the start of
     // a writable mapping. Its bytes are saved and put back.
     let below = (f.main().regs.rsp.wrapping_sub(128 + SCRATCH as u64)) & !15;

@@ -15,6 +15,7 @@
 mod away;
 pub mod check;
 mod creds;
+pub mod dirty;
 mod dump;
 mod error;
 mod fdobj;
