@@ -21,6 +21,7 @@ mod error;
 mod fdobj;
 pub mod image;
 mod limits;
+mod parse;
 pub mod procfs;
 mod read;
 pub mod records;
