@@ -202,7 +202,7 @@ impl Drop for Frozen {
 }
 
 /// The last of a /proc status list of IDs (the one of the innermost PID namespace).
-fn last_id(v: Option<&String>) -> i32 {
+pub(crate) fn last_id(v: Option<&String>) -> i32 {
     v.and_then(|x| x.split_whitespace().last()?.parse().ok())
         .unwrap_or(0)
 }
@@ -339,7 +339,7 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
     })
 }
 
-fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
+pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
     let flags = procfs::vm_flags(pid)?;
     let mut out = Vec::new();
     for m in maps {
@@ -426,7 +426,7 @@ fn page_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64, bool)>> {
     Ok(runs)
 }
 
-fn is_zero(p: &[u8]) -> bool {
+pub(crate) fn is_zero(p: &[u8]) -> bool {
     let (pre, mid, post) = {
         // SAFETY: reinterpreting initialised bytes as u128 is sound; align_to keeps only
         // the properly aligned middle.
@@ -452,13 +452,24 @@ fn dump_frozen<W: Write + 'static>(
     dump_frozen_for(f, out, opts, Moving::default(), progress)
 }
 
-pub(crate) fn dump_frozen_for<W: Write + 'static>(
-    f: &mut Frozen,
-    out: W,
-    opts: DumpOptions,
-    moving: Moving,
-    progress: Progress<'_>,
-) -> Result<(W, DumpStats)> {
+/// The state of a frozen process, all of it but the contents of its memory.
+pub(crate) struct State {
+    /// `memory_estimate` is 0: the caller knows what memory it writes.
+    pub meta: ProcessImage,
+    /// Its shared memory objects (see [`shmem::objects_of`]) and their runs of data.
+    pub objs: std::collections::BTreeMap<u64, (String, String)>,
+    pub shmem_runs: Vec<(u64, u64, u64)>,
+}
+
+impl State {
+    /// Bytes of its shared memory objects' data, at most.
+    pub fn shmem_bytes(&self) -> u64 {
+        self.shmem_runs.iter().map(|r| r.2).sum()
+    }
+}
+
+/// Reads everything of frozen process `f` but its memory contents.
+pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
     let pid = f.pid;
     // Anything could have changed between the check and the stop; now nothing runs.
     let reasons = checks::refusals_with(pid, moving.rules)?;
@@ -524,11 +535,8 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
     }
     crate::fdobj::fill_pipes(pid, &mut fds)?;
     let vmas = vmas_of(pid, &maps)?;
-    let runs = page_runs(pid, &vmas)?;
     let objs = shmem::objects_of(pid, &maps)?;
     let (shmem_objects, shmem_runs) = shmem::describe(&objs)?;
-    let estimate: u64 =
-        runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
     let exe = procfs::link(pid, "exe")?;
     let meta = ProcessImage {
         arch: std::env::consts::ARCH.to_string(),
@@ -586,7 +594,7 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         robust_list,
         clear_child_tid: inj.clear_child_tid,
         fds,
-        memory_estimate: estimate,
+        memory_estimate: 0,
         clocks: Some(clocks_of(pid)),
         caps: crate::Caps::of_pid(pid).ok(),
         threads: others,
@@ -594,7 +602,31 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         sid: last_id(st.get("NSsid")),
         shmem: shmem_objects,
     };
+    Ok(State {
+        meta,
+        objs,
+        shmem_runs,
+    })
+}
 
+pub(crate) fn dump_frozen_for<W: Write + 'static>(
+    f: &mut Frozen,
+    out: W,
+    opts: DumpOptions,
+    moving: Moving,
+    progress: Progress<'_>,
+) -> Result<(W, DumpStats)> {
+    let pid = f.pid;
+    let State {
+        mut meta,
+        objs,
+        shmem_runs,
+        ..
+    } = capture(f, moving)?;
+    let runs = page_runs(pid, &meta.vmas)?;
+    let estimate: u64 =
+        runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
+    meta.memory_estimate = estimate;
     let mut w = ImageWriter::new(out, opts.compression, &meta)?;
     let mut stats = DumpStats::default();
     let mut buf = vec![0u8; PAGES_RECORD_MAX];
@@ -636,7 +668,7 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
 
 /// The process's CLOCK_MONOTONIC and CLOCK_BOOTTIME now, as it sees them: ours, less our
 /// time namespace's offsets, plus its.
-fn clocks_of(pid: i32) -> Clocks {
+pub(crate) fn clocks_of(pid: i32) -> Clocks {
     let own = procfs::timens_offsets("self");
     let its = procfs::timens_offsets(&pid.to_string());
     Clocks {

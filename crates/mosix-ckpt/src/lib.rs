@@ -22,6 +22,7 @@ mod fdobj;
 pub mod image;
 mod limits;
 mod parse;
+mod precopy;
 pub mod procfs;
 mod read;
 pub mod records;
@@ -39,6 +40,7 @@ pub use away::{
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
+pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
 pub use error::{Error, Result};
 pub use image::{
     memory_room, read_image, read_image_bytes, read_image_file, Compression, LoadedImage,

@@ -29,6 +29,7 @@ fn progs() -> &'static Path {
             ("avx", &["-mavx2"]),
             ("refuse", &["-pthread"]),
             ("pidclock", &[]),
+            ("memwriter", &[]),
         ];
         for (name, flags) in builds {
             let st = Command::new("cc")
@@ -415,6 +416,50 @@ fn leave_running_leaves_the_original_as_it_was() {
     let r = mosix(&["restart", img.to_str().unwrap()]);
     assert_ok(&r, "restart");
     assert!(want.stdout.ends_with(&r.stdout) && !r.stdout.is_empty());
+}
+
+/// --leave-running saves the memory of a process that keeps writing it while it is
+/// saved: the original goes on as if nothing happened, and the image restarts into a
+/// process whose memory checks out (memwriter reads every page back against what it
+/// wrote after each pass) and prints the rest of an uninterrupted run.
+#[test]
+fn live_checkpoint_of_a_process_writing_its_memory() {
+    let args = ["64", "30", "20", "512"];
+    let make = || {
+        let mut c = prog("memwriter");
+        c.args(args);
+        c
+    };
+    let want = reference(make());
+    let want = String::from_utf8_lossy(&want.stdout).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("live.img");
+    let mut job = Job::start(make());
+    job.line();
+    job.line();
+    let pid = job.pid().to_string();
+    let o = mosix(&[
+        "checkpoint",
+        &pid,
+        "-o",
+        img.to_str().unwrap(),
+        "--leave-running",
+        "--json",
+    ]);
+    assert_ok(&o, "checkpoint --leave-running");
+    let st: serde_json::Value = serde_json::from_slice(&o.stderr).expect("--json");
+    assert!(st["frozen_ms"].as_f64().is_some(), "{st}");
+    // At least the first round and the final one.
+    assert!(st["rounds"].as_array().unwrap().len() >= 2, "{st}");
+    assert_eq!(job.rest(), want, "the original's output changed");
+    assert!(job.wait().success());
+    let r = mosix(&["restart", img.to_str().unwrap()]);
+    assert_ok(&r, "restart");
+    let got = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        !got.is_empty() && want.ends_with(&*got),
+        "the restarted process printed {got:?}"
+    );
 }
 
 #[test]
