@@ -24,6 +24,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use crate::dump::{self, Frozen};
 use crate::error::{sys_err, Error, Result};
 use crate::procfs;
+use crate::remote::Remote;
 use crate::sys::{self, PageRegion, ScanArgs, PAGE};
 
 /// PAGEMAP_SCAN page categories (include/uapi/linux/fs.h).
@@ -49,6 +50,8 @@ pub struct Tracker {
     pid: i32,
     uffd: OwnedFd,
     pagemap: File,
+    /// No other reference to the userfaultfd: closing ours unregisters everything.
+    alone: bool,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -83,40 +86,36 @@ impl Tracker {
             dump::find_syscall(f, &procfs::maps(pid)?)?;
         }
         let mut r = f.remote_of(0)?;
-        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;
-        let made = r.call("userfaultfd", libc::SYS_userfaultfd, &[flags]);
-        let res = made.and_then(|fd| {
-            let taken = sys::pidfd_open(pid)
-                .and_then(|p| sys::pidfd_getfd(p.as_raw_fd(), fd as i32))
-                .map_err(|e| sys_err("taking the userfaultfd", e));
-            let closed = r.call("close of the userfaultfd", libc::SYS_close, &[fd]);
-            let uffd = taken?;
-            closed?;
-            Ok(uffd)
-        });
+        let made = make_raw(&mut r, None);
         f.tasks[0].held.append(&mut r.held);
         sys::set_regs(pid, &f.main().regs)?;
-        Self::adopt(pid, res.map_err(|e| match e {
-            Error::Remote { errno, .. } => unsupported(std::io::Error::from_raw_os_error(errno)),
-            e => e,
-        })?)
+        let mut t = Self::adopt(pid, made?)?;
+        t.alone = true;
+        Ok(t)
     }
 
     /// Tracks `pid` with `uffd`, a userfaultfd of its memory not yet set up (made in it
     /// by someone else, e.g. its restorer).
     pub fn adopt(pid: i32, uffd: OwnedFd) -> Result<Tracker> {
-        let want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-        let have = sys::uffd_api(uffd.as_raw_fd(), want).map_err(unsupported)?;
-        if have & want != want {
-            return Err(unsupported(std::io::Error::from_raw_os_error(
-                libc::EOPNOTSUPP,
-            )));
-        }
-        let pagemap = File::open(format!("/proc/{pid}/pagemap"))
-            .map_err(|e| sys_err("opening the page map", e))?;
-        Ok(Tracker { pid, uffd, pagemap })
+        set_up(uffd.as_fd())?;
+        Self::adopt_ready(pid, uffd)
     }
 
+    /// Tracks `pid` with `uffd`, a userfaultfd of its memory set up already
+    /// ([`set_up`]). Whatever is registered with it is unregistered when the tracker
+    /// is dropped.
+    pub fn adopt_ready(pid: i32, uffd: OwnedFd) -> Result<Tracker> {
+        let pagemap = File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|e| sys_err("opening the page map", e))?;
+        Ok(Tracker {
+            pid,
+            uffd,
+            pagemap,
+            alone: false,
+        })
+    }
+
+    /// The process's PID.
     pub fn pid(&self) -> i32 {
         self.pid
     }
@@ -215,6 +214,63 @@ impl Tracker {
     pub fn saved(&self, start: u64, end: u64, anon: bool) -> Result<Vec<(u64, u64)>> {
         saved_pages(&self.pagemap, start, end, anon)
     }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        // Another reference to the userfaultfd (a restorer's) would keep it registered.
+        if self.alone {
+            return;
+        }
+        if let Ok(ranges) = self.registered() {
+            for (s, e) in ranges {
+                let _ = self.unregister(s, e);
+            }
+        }
+    }
+}
+
+/// Makes a userfaultfd of the memory of stopped tracee `r.pid` by a call injected into
+/// it (let through its seccomp filter with `listener` if it has one), takes it, and
+/// closes its descriptor there again. Not set up yet.
+fn make_raw(r: &mut Remote, listener: Option<&OwnedFd>) -> Result<OwnedFd> {
+    let pid = r.pid;
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;
+    let call = |r: &mut Remote, what: &str, nr: i64, args: &[u64]| match listener {
+        Some(l) => r.call_through_filter(what, nr, args, l),
+        None => r.call(what, nr, args),
+    };
+    let fd = call(r, "userfaultfd", libc::SYS_userfaultfd, &[flags]).map_err(|e| match e {
+        Error::Remote { errno, .. } => unsupported(std::io::Error::from_raw_os_error(errno)),
+        e => e,
+    })?;
+    let taken = sys::pidfd_open(pid)
+        .and_then(|p| sys::pidfd_getfd(p.as_raw_fd(), fd as i32))
+        .map_err(|e| sys_err("taking the userfaultfd", e));
+    let closed = call(r, "close of the userfaultfd", libc::SYS_close, &[fd]);
+    let uffd = taken?;
+    closed?;
+    Ok(uffd)
+}
+
+/// [`make_raw`], set up for tracking: for a process being restored, whose restorer keeps
+/// it for a later move ([`Tracker::adopt_ready`]).
+pub(crate) fn make_in(r: &mut Remote, listener: Option<&OwnedFd>) -> Result<OwnedFd> {
+    let u = make_raw(r, listener)?;
+    set_up(u.as_fd())?;
+    Ok(u)
+}
+
+/// Sets up userfaultfd `uffd` for tracking (asynchronous write protection).
+pub fn set_up(uffd: BorrowedFd<'_>) -> Result<()> {
+    let want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+    let have = sys::uffd_api(uffd.as_raw_fd(), want).map_err(unsupported)?;
+    if have & want != want {
+        return Err(unsupported(std::io::Error::from_raw_os_error(
+            libc::EOPNOTSUPP,
+        )));
+    }
+    Ok(())
 }
 
 /// /proc/PID/pagemap bits.

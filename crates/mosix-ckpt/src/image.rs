@@ -638,6 +638,12 @@ impl<W: Write + 'static> ImageWriter<W> {
         Ok(())
     }
 
+    /// Passes on everything written so far (a compressor ends its block).
+    pub fn flush(&mut self) -> Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+
     /// Writes the end record and returns the underlying writer.
     pub fn finish(mut self) -> Result<W> {
         if self.prefix.is_some() {

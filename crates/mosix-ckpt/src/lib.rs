@@ -30,13 +30,14 @@ mod remote;
 mod reopen;
 mod restore;
 mod shmem;
+mod stage;
 pub use shmem::PLACEHOLDER;
 pub mod sys;
 mod threads;
 
 pub use away::{
-    check_moving, checkpoint_moving, checkpoint_moving_with, restore_away, restore_into, Away,
-    Leaving, Rebuilt,
+    check_moving, checkpoint_moving, checkpoint_moving_live, checkpoint_moving_with, restore_away,
+    restore_into, Away, Leaving, Rebuilt,
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};

@@ -558,7 +558,8 @@ pub(crate) fn precopy<W: Write + 'static>(
         }
         prev = Some(r.bytes);
     }
-    // The final round, frozen.
+    // The final round, frozen; what was written so far is on its way first.
+    w.flush()?;
     let mut f = dump::freeze(pid)?;
     let t1 = Instant::now();
     for (tid, ret) in on_frozen()? {
