@@ -31,6 +31,7 @@ mod reopen;
 mod restore;
 mod shmem;
 mod stage;
+mod stream;
 pub use shmem::PLACEHOLDER;
 pub mod sys;
 mod threads;
@@ -48,3 +49,4 @@ pub use image::{
     ProcessImage,
 };
 pub use restore::{preflight, restore, restore_with, resume, RestoreOptions, Restored};
+pub use stream::{receive, restore_stream, Incoming};

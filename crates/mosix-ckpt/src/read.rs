@@ -85,7 +85,7 @@ impl LoadedImage {
 pub type Version = (u16, u16);
 
 /// Reads and checks the 32-byte header.
-fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
+pub(crate) fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
     if h.len() < HEADER_LEN {
         return Err(bad("truncated: shorter than the image header"));
     }

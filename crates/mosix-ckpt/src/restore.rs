@@ -83,7 +83,8 @@ pub(crate) fn preflight_meta(m: &ProcessImage) -> Result<()> {
             std::env::consts::ARCH
         )));
     }
-    if sys::regs_from_bytes(&m.regs).is_none() {
+    // (A pre-copy layout has no registers yet: they come with the final state.)
+    if !m.regs.is_empty() && sys::regs_from_bytes(&m.regs).is_none() {
         return Err(Error::Unrestorable("registers of an unknown layout".into()));
     }
     let own = specials(&procfs::maps(std::process::id() as i32)?);

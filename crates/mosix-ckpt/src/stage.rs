@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
+use crate::away::Away;
 use crate::creds::{self, CredOptions, Plan, Restorer};
 use crate::error::{sys_err, Error, Result};
 use crate::image::{MmFields, ProcessImage, Vma, VmaKind};
@@ -27,8 +28,26 @@ use crate::threads;
 const PR_SET_VMA: u64 = 0x53564d41;
 const PR_SET_VMA_ANON_NAME: u64 = 0;
 
+/// How the process is restored (see [`Mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    Away,
+    Into,
+}
+
+impl Kind {
+    fn of(m: Mode) -> Kind {
+        match m {
+            Mode::Plain => Kind::Plain,
+            Mode::Away(_) => Kind::Away,
+            Mode::Into => Kind::Into,
+        }
+    }
+}
+
 /// A process being restored (see the module documentation).
-pub(crate) struct Site<'a> {
+pub(crate) struct Site {
     pub pid: i32,
     /// Its PID in its own PID namespace.
     own: i32,
@@ -37,7 +56,9 @@ pub(crate) struct Site<'a> {
     scratch: u64,
     fs_uid: u32,
     plan: Plan,
-    mode: Mode<'a>,
+    kind: Kind,
+    /// Away from home: what it is restored with.
+    away: Option<Away>,
     opts: RestoreOptions,
     shm: HashMap<u64, u64>,
     /// Its shared memory objects' descriptors of ours, to write their data through.
@@ -61,7 +82,7 @@ fn dummy_remote() -> Remote {
     Remote::new(0, 0, zero)
 }
 
-impl Drop for Site<'_> {
+impl Drop for Site {
     fn drop(&mut self) {
         if self.done || !self.made {
             return;
@@ -74,15 +95,15 @@ impl Drop for Site<'_> {
     }
 }
 
-impl<'a> Site<'a> {
+impl Site {
     /// Makes a new traced child and lays its memory out as `spec` says (a layout, or the
     /// final state of a plain image). Its PID, clocks and credentials are `spec`'s.
     pub(crate) fn begin(
         spec: &ProcessImage,
         opts: RestoreOptions,
         creds: &CredOptions,
-        mode: Mode<'a>,
-    ) -> Result<Site<'a>> {
+        mode: Mode,
+    ) -> Result<Site> {
         let t = Instant::now();
         preflight_meta(spec)?;
         let plan = creds::plan(&spec.creds, spec.caps, creds, &Restorer::current())?;
@@ -130,7 +151,11 @@ impl<'a> Site<'a> {
             scratch: 0,
             fs_uid: plan.creds.uid[3],
             plan,
-            mode,
+            kind: Kind::of(mode),
+            away: match mode {
+                Mode::Away(a) => Some(a.clone()),
+                _ => None,
+            },
             opts,
             shm: HashMap::new(),
             shm_files: HashMap::new(),
@@ -152,8 +177,8 @@ impl<'a> Site<'a> {
         spec: &ProcessImage,
         opts: RestoreOptions,
         plan: Plan,
-        mode: Mode<'a>,
-    ) -> Result<Site<'a>> {
+        mode: Mode,
+    ) -> Result<Site> {
         let mut site = Site {
             pid,
             own: pid,
@@ -162,7 +187,11 @@ impl<'a> Site<'a> {
             scratch: 0,
             fs_uid: plan.creds.uid[3],
             plan,
-            mode,
+            kind: Kind::of(mode),
+            away: match mode {
+                Mode::Away(a) => Some(a.clone()),
+                _ => None,
+            },
             opts,
             shm: HashMap::new(),
             shm_files: HashMap::new(),
@@ -183,6 +212,12 @@ impl<'a> Site<'a> {
         img: &ProcessImage,
         f: impl FnOnce(&mut Builder) -> Result<T>,
     ) -> Result<T> {
+        let away = self.away.take();
+        let mode = match (self.kind, &away) {
+            (Kind::Away, Some(a)) => Mode::Away(a),
+            (Kind::Into, _) => Mode::Into,
+            _ => Mode::Plain,
+        };
         let mut b = Builder {
             pid: self.pid,
             own: self.own,
@@ -190,13 +225,22 @@ impl<'a> Site<'a> {
             scratch: self.scratch,
             img,
             fs_uid: self.fs_uid,
-            mode: self.mode,
+            mode,
             shm: std::mem::take(&mut self.shm),
         };
         let res = f(&mut b);
         self.r = b.r;
         self.shm = b.shm;
+        self.away = away;
         res
+    }
+
+    /// Away from home: its descriptors that are files of its own /proc (known only once
+    /// its image has arrived).
+    pub(crate) fn set_proc_fds(&mut self, fds: Vec<(i32, String)>) {
+        if let Some(a) = &mut self.away {
+            a.proc_fds = fds;
+        }
     }
 
     /// The child as exec left it: a work area of ours, nothing else of its own, the
@@ -488,7 +532,7 @@ impl<'a> Site<'a> {
         let pid = self.pid;
         let opts = self.opts;
         let plan = self.plan.clone();
-        let mode = self.mode;
+        let kind = self.kind;
         let scratch = self.scratch;
         let (listener, uffd) = self.with(m, |b| {
             map_shared(b)?;
@@ -500,9 +544,9 @@ impl<'a> Site<'a> {
             // The other threads, made by the main thread while it still may choose their
             // IDs; each then takes on the process's credentials itself (they are per
             // thread).
-            let tids = match (opts.keep_pid, mode) {
+            let tids = match (opts.keep_pid, kind) {
                 (true, _) => threads::Tids::Keep,
-                (false, Mode::Into) => threads::Tids::Hint,
+                (false, Kind::Into) => threads::Tids::Hint,
                 _ => threads::Tids::New,
             };
             let made = threads::make_all(b, tids)?;
@@ -536,7 +580,7 @@ impl<'a> Site<'a> {
                 )?;
             }
             // The filter last of all system calls (those after it are let through by it).
-            let listener = match mode {
+            let listener = match b.mode {
                 Mode::Away(a) => Some(crate::restore::install_filter(b, &a.filter)?),
                 _ => None,
             };

@@ -842,6 +842,7 @@ fn responses() -> Vec<Response> {
             to: 2,
             frozen_ms: 30,
             memory_bytes: 1 << 20,
+            rounds: vec![1 << 20, 4096],
         },
         Response::Where { pid: 77, node: 2 },
         Response::Ps {

@@ -1,7 +1,6 @@
 //! `mosix restart`: bring a checkpointed process back.
 
 use std::fs::Metadata;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -162,30 +161,32 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     // Decided before the image is read: a refusal costs nothing.
     let creds = cred_options(&a, file.as_ref().map(|f| &f.1))?;
-    let img = match &file {
-        None => {
-            let mut buf = Vec::new();
-            std::io::stdin()
-                .lock()
-                .read_to_end(&mut buf)
-                .context("reading the image from standard input")?;
-            mosix_ckpt::read_image(&buf[..])
-        }
-        // The file already opened and checked, not the name again.
-        Some((f, _)) => {
-            mosix_ckpt::read_image_file(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
-        }
-    }
-    .with_context(|| format!("{}", a.image.display()))?;
-    drop(file);
     let opts = mosix_ckpt::RestoreOptions {
         keep_pid: a.keep_pid,
         time_ns: a.keep_pid,
         ..Default::default()
     };
+    // A file is read (mapped) and verified whole first; standard input is restored
+    // while it arrives (the process runs only once all of it arrived and checked out).
+    let img = match &file {
+        None => None,
+        // The file already opened and checked, not the name again.
+        Some((f, _)) => Some(
+            mosix_ckpt::read_image_file(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
+                .with_context(|| format!("{}", a.image.display()))?,
+        ),
+    };
+    drop(file);
     tracing::debug!("image read and verified in {:?}", t0.elapsed());
+    let restore = |img: &Option<mosix_ckpt::LoadedImage>| -> anyhow::Result<mosix_ckpt::Restored> {
+        Ok(match img {
+            Some(img) => mosix_ckpt::restore_with(img, opts, &creds)?,
+            None => mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
+                .context("the image on standard input")?,
+        })
+    };
     if a.detach {
-        let new = mosix_ckpt::restore_with(&img, opts, &creds)?;
+        let new = restore(&img)?;
         println!("{}", new.pid);
         return Ok(0);
     }
@@ -201,11 +202,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
         unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }?;
     }
-    let (pid, ns_init) = match mosix_ckpt::restore_with(&img, opts, &creds) {
+    let (pid, ns_init) = match restore(&img) {
         Ok(p) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw)),
         Err(e) => {
             old.thread_set_mask()?;
-            return Err(e.into());
+            return Err(e);
         }
     };
     drop(img);

@@ -324,8 +324,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         if let Some((_, to, _)) = &self.early {
             let moved = super::Moved {
                 to: *to,
-                frozen_ms: 0,
-                memory_bytes: 0,
+                ..Default::default()
             };
             self.moved_on(moved, now, acts);
         }
@@ -481,11 +480,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         to,
                         frozen_ms,
                         memory_bytes,
+                        rounds,
                     } => {
                         let moved = super::Moved {
                             to,
                             frozen_ms,
                             memory_bytes,
+                            rounds,
                         };
                         self.host = None;
                         if to == self.me {
@@ -645,6 +646,7 @@ mod tests {
             to,
             frozen_ms: 1,
             memory_bytes: 2,
+            rounds: Vec::new(),
         }
     }
 
@@ -905,6 +907,7 @@ mod tests {
                     to: 3,
                     frozen_ms: 5,
                     memory_bytes: 6,
+                    rounds: vec![],
                 },
             },
             t,

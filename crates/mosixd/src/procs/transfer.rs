@@ -161,6 +161,23 @@ fn finish_move(
     }
 }
 
+/// Processes with less memory than this move frozen (pre-copy would only add a round).
+const PRECOPY_MIN: u64 = 16 << 20;
+
+impl Procs {
+    /// Whether process `pid` moves with pre-copy: configured so, and big enough.
+    fn precopy(&self, pid: i32) -> bool {
+        self.cfg.precopy
+            && mosix_ckpt::procfs::status(pid)
+                .ok()
+                .and_then(|s| {
+                    s.get("VmRSS")
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .is_some_and(|kb| kb * 1024 >= PRECOPY_MIN)
+    }
+}
+
 fn no_new_privs(pid: i32) -> bool {
     mosix_ckpt::procfs::status(pid)
         .ok()
@@ -247,14 +264,16 @@ impl Procs {
             no_new_privs: no_new_privs(m.pid),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
-        let t0 = Instant::now();
         let mut mover = Mover::start(MoverStart {
             pid: m.pid,
             away: leaving.away,
             no_new_privs: leaving.no_new_privs,
             compression: self.cfg.compression,
+            precopy: self.precopy(m.pid),
+            supervisor: None,
         })?;
-        let memory_bytes = mover.dump(&mut ch, &mut || Ok(Vec::new()))?;
+        let dumped = mover.dump(&mut ch, &mut || Ok(Vec::new()))?;
+        let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
         // Its deputy's exec, read while it is held; its record says where it is going,
         // for a mosixd that restarts before the move is done here.
         let exec = self.deputy_exec(m.pid, &m.token);
@@ -286,6 +305,7 @@ impl Procs {
                 to,
                 frozen_ms,
                 memory_bytes,
+                rounds,
             },
             signals,
         ))
@@ -312,18 +332,23 @@ impl Procs {
             .connect(dest)
             .map_err(|e| MoveError::Destination(format!("{e:#}")))?;
         wire::send(&mut ch, &Hello::Migrate(header.clone())).map_err(|e| peer_gone(dest, e))?;
-        let t0 = Instant::now();
         let mut tail = Tail {
             next_seq: 1,
             proc_fds: Vec::new(),
         };
+        // Its supervisor keeps a userfaultfd of its memory for pre-copy.
+        let supervisor = mosix_ckpt::procfs::status(pid)
+            .ok()
+            .and_then(|s| s.get("PPid").and_then(|p| p.parse::<i32>().ok()));
         let mut mover = Mover::start(MoverStart {
             pid,
             away: leaving.away,
             no_new_privs: leaving.no_new_privs,
             compression: self.cfg.compression,
+            precopy: supervisor.is_some() && self.precopy(pid),
+            supervisor,
         })?;
-        let memory_bytes = mover.dump(&mut ch, &mut || {
+        let dumped = mover.dump(&mut ch, &mut || {
             let (done, seq, proc_fds) = quiesce()?;
             tail = Tail {
                 next_seq: seq,
@@ -331,6 +356,7 @@ impl Procs {
             };
             Ok(done)
         })?;
+        let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
         let (host_pid, _) = finish_move(&mut ch, dest, tail, mover, None)?;
         let frozen_ms = t0.elapsed().as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
@@ -347,6 +373,7 @@ impl Procs {
             to: dest,
             frozen_ms,
             memory_bytes,
+            rounds,
         })
     }
 
@@ -558,8 +585,7 @@ impl Procs {
                     home.send(super::job::Ev::CameHome {
                         moved: Moved {
                             to: self.me(),
-                            frozen_ms: 0,
-                            memory_bytes: 0,
+                            ..Default::default()
                         },
                     });
                 }
