@@ -340,7 +340,22 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
 }
 
 pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
+    Ok(vmas_tracked(pid, maps)?.0)
+}
+
+/// [`vmas_of`], and the areas registered with a userfaultfd for write protection (VmFlags
+/// "uw": tracked by a [`crate::dirty::Tracker`]).
+pub(crate) fn vmas_tracked(pid: i32, maps: &[MapLine]) -> Result<(Vec<Vma>, Vec<(u64, u64)>)> {
     let flags = procfs::vm_flags(pid)?;
+    let tracked = maps
+        .iter()
+        .filter(|m| {
+            flags
+                .get(&m.start)
+                .is_some_and(|f| f.iter().any(|x| x == "uw"))
+        })
+        .map(|m| (m.start, m.end))
+        .collect();
     let mut out = Vec::new();
     for m in maps {
         if m.name == "[vsyscall]" {
@@ -382,7 +397,7 @@ pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
             anon_name,
         });
     }
-    Ok(out)
+    Ok((out, tracked))
 }
 
 /// Runs of pages to save: (start address, page count, anonymous?).
@@ -456,6 +471,8 @@ fn dump_frozen<W: Write + 'static>(
 pub(crate) struct State {
     /// `memory_estimate` is 0: the caller knows what memory it writes.
     pub meta: ProcessImage,
+    /// Its areas tracked by a userfaultfd (see [`vmas_tracked`]).
+    pub tracked: Vec<(u64, u64)>,
     /// Its shared memory objects (see [`shmem::objects_of`]) and their runs of data.
     pub objs: std::collections::BTreeMap<u64, (String, String)>,
     pub shmem_runs: Vec<(u64, u64, u64)>,
@@ -534,7 +551,7 @@ pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
         });
     }
     crate::fdobj::fill_pipes(pid, &mut fds)?;
-    let vmas = vmas_of(pid, &maps)?;
+    let (vmas, tracked) = vmas_tracked(pid, &maps)?;
     let objs = shmem::objects_of(pid, &maps)?;
     let (shmem_objects, shmem_runs) = shmem::describe(&objs)?;
     let exe = procfs::link(pid, "exe")?;
@@ -604,6 +621,7 @@ pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
     };
     Ok(State {
         meta,
+        tracked,
         objs,
         shmem_runs,
     })

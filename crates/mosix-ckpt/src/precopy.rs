@@ -225,21 +225,27 @@ impl Source {
 
     /// Finds what a round with layout `vmas` saves (and protects it again). `frozen`:
     /// nothing may change meanwhile (any failure is one).
-    fn plan(&mut self, vmas: &[Vma], frozen: bool) -> Result<Plan> {
+    /// `reg`: the areas registered with the tracker (VmFlags "uw").
+    fn plan(&mut self, vmas: &[Vma], reg: &[(u64, u64)], frozen: bool) -> Result<Plan> {
         let t = self.tracker.take().ok_or_else(|| Error::Target {
             pid: self.pid,
             msg: "its tracking has ended".into(),
         })?;
-        let r = self.plan_with(&t, vmas, frozen);
+        let r = self.plan_with(&t, vmas, &normalize(reg.to_vec()), frozen);
         self.tracker = Some(t);
         r
     }
 
-    fn plan_with(&mut self, t: &Tracker, vmas: &[Vma], frozen: bool) -> Result<Plan> {
-        let reg = t.registered()?;
+    fn plan_with(
+        &mut self,
+        t: &Tracker,
+        vmas: &[Vma],
+        reg: &[(u64, u64)],
+        frozen: bool,
+    ) -> Result<Plan> {
         let mut lost: Ranges = Vec::new();
         for v in vmas.iter().filter(|v| staged(v)) {
-            for (s, e) in subtract(&[(v.start, v.end)], &reg) {
+            for (s, e) in subtract(&[(v.start, v.end)], reg) {
                 if let Err(e2) = t.register(s, e) {
                     if frozen {
                         return Err(e2);
@@ -253,7 +259,7 @@ impl Source {
             Some(prev) => kept_ranges(prev, vmas),
             None => Vec::new(),
         };
-        let tracked = subtract(&intersect(&kept, &reg), &self.redo);
+        let tracked = subtract(&intersect(&kept, reg), &self.redo);
         let mut drops: Ranges = Vec::new();
         let mut reads = Vec::new();
         let mut untracked: Ranges = Vec::new();
@@ -417,8 +423,8 @@ impl Source {
     ) -> Result<Option<RoundStat>> {
         let t0 = Instant::now();
         let maps = procfs::maps(self.pid)?;
-        let vmas = dump::vmas_of(self.pid, &maps)?;
-        let plan = self.plan(&vmas, false)?;
+        let (vmas, reg) = dump::vmas_tracked(self.pid, &maps)?;
+        let plan = self.plan(&vmas, &reg, false)?;
         let layout = layout_of(self.pid, &vmas)?;
         let fits = w
             .rounds_left()
@@ -568,10 +574,13 @@ pub(crate) fn precopy<W: Write + 'static>(
             sys::set_regs(tid, &t.regs)?;
         }
     }
+    let settled = t1.elapsed();
     let state = dump::capture(&mut f, moving)?;
-    let plan = src.plan(&state.meta.vmas, true)?;
+    let captured = t1.elapsed();
+    let plan = src.plan(&state.meta.vmas, &state.tracked, true)?;
     // Every page written is known now: the tracking ends here.
     src.tracker = None;
+    let planned = t1.elapsed();
     let shmem_bytes = state.shmem_bytes();
     let mut meta = state.meta;
     meta.memory_estimate = plan.bound(&src.sent) + shmem_bytes;
@@ -590,6 +599,11 @@ pub(crate) fn precopy<W: Write + 'static>(
     };
     stats.memory_bytes += bytes + shm;
     stats.frozen = t1.elapsed();
+    tracing::debug!(
+        "final round of {pid}: settled {settled:?}, state {captured:?}, scanned {planned:?}, {} bytes written by {:?}",
+        bytes + shm,
+        stats.frozen
+    );
     Ok((out, stats, f))
 }
 

@@ -529,6 +529,7 @@ impl Site {
         track: bool,
     ) -> Result<(Restored, Option<OwnedFd>, Option<OwnedFd>)> {
         self.shm_files.clear();
+        let t0 = Instant::now();
         let pid = self.pid;
         let opts = self.opts;
         let plan = self.plan.clone();
@@ -612,7 +613,12 @@ impl Site {
             }
             Ok((listener, uffd))
         })?;
+        let built = t0.elapsed();
         self.keep_clocks(m);
+        tracing::debug!(
+            "process {pid} completed in {built:?} ({:?} with its clocks)",
+            t0.elapsed()
+        );
         if !opts.hold {
             crate::restore::resume(pid)?;
         }

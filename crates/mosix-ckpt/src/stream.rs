@@ -219,7 +219,9 @@ fn records<R: Read>(
                             site.insert(Site::begin(&m, opts, creds, mode)?)
                         }
                     };
+                    let t = std::time::Instant::now();
                     s.final_state(&m)?;
+                    tracing::debug!("final state of {} taken in {:?}", s.pid, t.elapsed());
                     meta = Some(*m);
                 }
                 Event::Drops(d) => {

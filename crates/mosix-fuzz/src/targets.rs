@@ -617,6 +617,11 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             &[Tail {
                 next_seq: 1 << 40,
                 proc_fds: vec![(4, "status".into())],
+                figures: wire::MoveFigures {
+                    frozen_ms: 3,
+                    memory_bytes: 1 << 30,
+                    rounds: vec![1 << 29, 4096],
+                },
             }],
         ),
         framed(8, &[migrate_header()]),
@@ -637,6 +642,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             &Tail {
                 next_seq: 3,
                 proc_fds: vec![],
+                figures: Default::default(),
             },
         );
         let _ = wire::send(&mut b, &Decision::Commit);

@@ -153,6 +153,19 @@ pub struct Tail {
     /// Its descriptors that are files of its own /proc (opened where it runs, not at
     /// home): (number, path after /proc/self/).
     pub proc_fds: Vec<(i32, String)>,
+    /// The move so far as its source saw it (protocol 1.3).
+    pub figures: MoveFigures,
+}
+
+/// How a move went so far, as its source saw it when it sent the image's tail.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MoveFigures {
+    /// How long the process has been stopped so far (ms).
+    pub frozen_ms: u64,
+    /// Bytes of memory contents sent.
+    pub memory_bytes: u64,
+    /// Bytes of memory sent in each pre-copy round, the final one last.
+    pub rounds: Vec<u64>,
 }
 
 /// The destination's answers.
@@ -447,6 +460,7 @@ mod tests {
             &Tail {
                 next_seq: 5,
                 proc_fds: vec![],
+                figures: MoveFigures::default(),
             },
         )
         .unwrap();

@@ -52,6 +52,9 @@ enum Command {
     #[command(name = "__touch", hide = true)]
     Touch {
         mib: u64,
+        /// MiB per second written to it until the line comes.
+        #[arg(long, default_value_t = 0.0)]
+        dirty: f64,
     },
     /// (benchmark helper) with FILE open, make the calls asked on stdin; see bench-calls.
     #[command(name = "__calls", hide = true)]
@@ -181,7 +184,7 @@ fn main() {
         Command::Fs(a) => cmd::fs::run(a),
         Command::Completions(a) => completions(a),
         Command::ManPages { dir } => man_pages(&dir),
-        Command::Touch { mib } => cmd::benchmig::touch(mib),
+        Command::Touch { mib, dirty } => cmd::benchmig::touch(mib, dirty),
         Command::Calls { file } => cmd::benchcalls::calls(&file),
         Command::NetSink { addr } => cmd::benchmig::net_sink(&addr),
         Command::NetSource { addr, mib } => cmd::benchmig::net_source(&addr, mib),

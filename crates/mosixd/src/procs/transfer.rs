@@ -16,7 +16,7 @@ use super::supervisor::{self, FromSup, SupMode, SupStart, ToSup};
 use super::{Link, MoveError, Moved, Procs};
 use anyhow::{anyhow, bail, Context, Result};
 use mosix_proto::channel::Channel;
-use mosix_proto::wire::{self, Decision, Hello, MigrateHeader, Tail, Verdict};
+use mosix_proto::wire::{self, Decision, Hello, MigrateHeader, MoveFigures, Tail, Verdict};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -137,15 +137,16 @@ fn commit(ch: &mut Link, to: u32) -> Result<i32, MoveError> {
 
 /// The source's half of a move once the process is saved (held by `mover`): tail,
 /// verdict, the commit announced to the mover then sent, and the mover told to finish
-/// (`deputy`: it becomes its deputy, else it is ended). The PID there and the signals
-/// that reached it meanwhile.
+/// (`deputy`: it becomes its deputy, else it is ended). The PID there, the signals that
+/// reached it meanwhile, and when it ran there (the end of its freeze: what its mover
+/// does here after that is not).
 fn finish_move(
     ch: &mut Link,
     to: u32,
     tail: Tail,
     mut mover: Mover,
     deputy: Option<super::home::DeputyExec>,
-) -> Result<(i32, Vec<i32>), MoveError> {
+) -> Result<(i32, Vec<i32>, Instant), MoveError> {
     if let Err(e) = ready(ch, to, tail) {
         mover.release();
         return Err(e);
@@ -153,7 +154,10 @@ fn finish_move(
     // Announced first: if this daemon dies from here on, the mover finishes the move.
     mover.committing(deputy)?;
     match commit(ch, to) {
-        Ok(host_pid) => Ok((host_pid, mover.commit()?)),
+        Ok(host_pid) => {
+            let running = Instant::now();
+            Ok((host_pid, mover.commit()?, running))
+        }
         Err(e) => {
             mover.release();
             Err(e)
@@ -281,15 +285,21 @@ impl Procs {
         let tail = Tail {
             next_seq: 1,
             proc_fds: Vec::new(),
+            figures: MoveFigures {
+                frozen_ms: t0.elapsed().as_millis() as u64,
+                memory_bytes,
+                rounds: rounds.clone(),
+            },
         };
-        let (host_pid, signals) = match finish_move(&mut ch, to, tail, mover, Some(exec)) {
-            Ok(r) => r,
-            Err(e) => {
-                self.mark_leaving(m.pid, None);
-                return Err(e);
-            }
-        };
-        let frozen_ms = t0.elapsed().as_millis() as u64;
+        let (host_pid, signals, running) =
+            match finish_move(&mut ch, to, tail, mover, Some(exec)) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.mark_leaving(m.pid, None);
+                    return Err(e);
+                }
+            };
+        let frozen_ms = running.duration_since(t0).as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
         info!(
             pid = m.pid,
@@ -335,6 +345,7 @@ impl Procs {
         let mut tail = Tail {
             next_seq: 1,
             proc_fds: Vec::new(),
+            figures: MoveFigures::default(),
         };
         // Its supervisor keeps a userfaultfd of its memory for pre-copy.
         let supervisor = mosix_ckpt::procfs::status(pid)
@@ -353,12 +364,18 @@ impl Procs {
             tail = Tail {
                 next_seq: seq,
                 proc_fds,
+                figures: MoveFigures::default(),
             };
             Ok(done)
         })?;
         let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
-        let (host_pid, _) = finish_move(&mut ch, dest, tail, mover, None)?;
-        let frozen_ms = t0.elapsed().as_millis() as u64;
+        tail.figures = MoveFigures {
+            frozen_ms: t0.elapsed().as_millis() as u64,
+            memory_bytes,
+            rounds: rounds.clone(),
+        };
+        let (host_pid, _, running) = finish_move(&mut ch, dest, tail, mover, None)?;
+        let frozen_ms = running.duration_since(t0).as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
         info!(
             home = header.home,
@@ -530,6 +547,7 @@ impl Procs {
                 return Err(e);
             }
         };
+        let (figures, tail_at) = (tail.figures.clone(), Instant::now());
         wire::send_flush(&mut sup, &tail)?;
         if std::env::var_os(ENV_TEST_STALL).is_some() {
             let _ = std::fs::write(self.cfg.state_dir.join("stalled"), b"");
@@ -583,9 +601,12 @@ impl Procs {
             SupMode::Into { .. } => {
                 if let Some(home) = super::lock(&self.homes).get(&h.home_pid) {
                     home.send(super::job::Ev::CameHome {
+                        // Stopped from its freeze at the source until it ran here.
                         moved: Moved {
                             to: self.me(),
-                            ..Default::default()
+                            frozen_ms: figures.frozen_ms + tail_at.elapsed().as_millis() as u64,
+                            memory_bytes: figures.memory_bytes,
+                            rounds: figures.rounds,
                         },
                     });
                 }
