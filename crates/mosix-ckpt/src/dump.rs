@@ -279,51 +279,10 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
     }
     f.scratch = Some((addr, orig));
     let mut r = f.remote_of(0)?;
-    let mut buf = [0u8; 32];
-    let mut sigactions = Vec::new();
-    for signo in 1..=64i32 {
-        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
-            continue;
-        }
-        r.call(
-            "rt_sigaction",
-            libc::SYS_rt_sigaction,
-            &[signo as u64, 0, addr, 8],
-        )?;
-        sys::read_mem(pid, addr, &mut buf)?;
-        let (handler, flags, restorer, mask) = (
-            le_u64(&buf, 0),
-            le_u64(&buf, 1),
-            le_u64(&buf, 2),
-            le_u64(&buf, 3),
-        );
-        if handler != 0 || flags != 0 || mask != 0 {
-            sigactions.push(SigAction {
-                signo,
-                handler,
-                flags,
-                restorer,
-                mask,
-            });
-        }
-    }
-    let mut itimers = Vec::new();
-    for which in 0..3u64 {
-        r.call("getitimer", libc::SYS_getitimer, &[which, addr])?;
-        sys::read_mem(pid, addr, &mut buf)?;
-        itimers.push([0, 1, 2, 3].map(|i| le_u64(&buf, i) as i64));
-    }
-    let brk = r.call("brk", libc::SYS_brk, &[0])?;
-    // Each thread's own: the main thread's, then the others' (each one's registers put
-    // back after).
-    let mut own = vec![threads::own_queries(&mut r, addr)?];
-    f.tasks[0].held.append(&mut r.held);
-    for i in 1..f.tasks.len() {
-        let mut rt = f.remote_of(i)?;
-        own.push(threads::own_queries(&mut rt, addr)?);
-        f.tasks[i].held.append(&mut rt.held);
-        sys::set_regs(f.tasks[i].tid, &f.tasks[i].regs)?;
-    }
+    let (sigactions, itimers, brk, own) = match batch_queries(f, &mut r)? {
+        Some(q) => q,
+        None => one_by_one(f, &mut r, addr)?,
+    };
     let (sigaltstack, clear_child_tid) = own[0];
     // Put the scratch bytes and the registers back now: memory is read after this.
     let (a, o) = f.scratch.clone().expect("set above");
@@ -337,6 +296,182 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
         clear_child_tid,
         own,
     })
+}
+
+type Queries = (
+    Vec<SigAction>,
+    Vec<[i64; 4]>,
+    u64,
+    Vec<((u64, i32, u64), u64)>,
+);
+
+fn sigaction_of(signo: i32, buf: &[u8]) -> Option<SigAction> {
+    let (handler, flags, restorer, mask) = (
+        le_u64(buf, 0),
+        le_u64(buf, 1),
+        le_u64(buf, 2),
+        le_u64(buf, 3),
+    );
+    (handler != 0 || flags != 0 || mask != 0).then_some(SigAction {
+        signo,
+        handler,
+        flags,
+        restorer,
+        mask,
+    })
+}
+
+/// The queries, one injected call at a time (main thread `r`, scratch memory `addr`).
+fn one_by_one(f: &mut Frozen, r: &mut Remote, addr: u64) -> Result<Queries> {
+    let pid = f.pid;
+    let mut buf = [0u8; 32];
+    let mut sigactions = Vec::new();
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        r.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[signo as u64, 0, addr, 8],
+        )?;
+        sys::read_mem(pid, addr, &mut buf)?;
+        sigactions.extend(sigaction_of(signo, &buf));
+    }
+    let mut itimers = Vec::new();
+    for which in 0..3u64 {
+        r.call("getitimer", libc::SYS_getitimer, &[which, addr])?;
+        sys::read_mem(pid, addr, &mut buf)?;
+        itimers.push([0, 1, 2, 3].map(|i| le_u64(&buf, i) as i64));
+    }
+    let brk = r.call("brk", libc::SYS_brk, &[0])?;
+    // Each thread's own: the main thread's, then the others' (each one's registers put
+    // back after).
+    let mut own = vec![threads::own_queries(r, addr)?];
+    f.tasks[0].held.append(&mut r.held);
+    for i in 1..f.tasks.len() {
+        let mut rt = f.remote_of(i)?;
+        own.push(threads::own_queries(&mut rt, addr)?);
+        f.tasks[i].held.append(&mut rt.held);
+        sys::set_regs(f.tasks[i].tid, &f.tasks[i].regs)?;
+    }
+    Ok((sigactions, itimers, brk, own))
+}
+
+/// The queries in one run of calls per thread ([`Remote::batch`]), in two pages of its
+/// own mapped for this (executable) and unmapped after; None if it cannot map them.
+fn batch_queries(f: &mut Frozen, r: &mut Remote) -> Result<Option<Queries>> {
+    use crate::remote::{BATCH_CODE, BATCH_ENTRY};
+    let pid = f.pid;
+    // A batch ends on a breakpoint: its SIGTRAP would reset the action of a SIGTRAP that
+    // a thread blocks or the process ignores (and unblock it). Not then.
+    let trap = 1u64 << (libc::SIGTRAP - 1);
+    let ignored = procfs::status(pid)
+        .ok()
+        .is_some_and(|st| procfs::hex(st.get("SigIgn")) & trap != 0);
+    if ignored {
+        return Ok(None);
+    }
+    for t in &f.tasks {
+        if sys::get_sigmask(t.tid)? & trap != 0 {
+            return Ok(None);
+        }
+    }
+    let len = 2 * PAGE;
+    let area = r.raw(
+        libc::SYS_mmap,
+        &[
+            0,
+            len,
+            (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    if (-4095..0).contains(&area) {
+        return Ok(None);
+    }
+    let area = area as u64;
+    let res = (|| -> Result<Queries> {
+        sys::write_mem(pid, area, &BATCH_CODE)?;
+        let table = area + 64;
+        let data = table + 72 * BATCH_ENTRY;
+        // Data: 64 sigactions, 3 itimers, an altstack, a tid address: 32 bytes each.
+        let at = |i: u64| data + 32 * i;
+        let mut calls: Vec<(i64, [u64; 6])> = (1..=64u64)
+            .map(|s| (libc::SYS_rt_sigaction, [s, 0, at(s - 1), 8, 0, 0]))
+            .collect();
+        for w in 0..3u64 {
+            calls.push((libc::SYS_getitimer, [w, at(64 + w), 0, 0, 0, 0]));
+        }
+        calls.push((libc::SYS_brk, [0; 6]));
+        let own_calls = [
+            (libc::SYS_sigaltstack, [0, at(67), 0, 0, 0, 0]),
+            (libc::SYS_prctl, [40, at(68), 0, 0, 0, 0]),
+        ];
+        calls.extend(own_calls);
+        let read_own = |rr: &mut Remote, got: &[i64]| -> Result<((u64, i32, u64), u64)> {
+            for (i, &g) in got.iter().enumerate() {
+                if (-4095..0).contains(&g) {
+                    return Err(Error::Remote {
+                        pid,
+                        what: ["sigaltstack", "prctl(PR_GET_TID_ADDRESS)"][i].into(),
+                        errno: (-g) as i32,
+                    });
+                }
+            }
+            let mut b = [0u8; 64];
+            sys::read_mem(rr.pid, at(67), &mut b)?;
+            let altstack = (
+                le_u64(&b, 0),
+                i32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+                le_u64(&b, 2),
+            );
+            Ok((altstack, le_u64(&b, 4)))
+        };
+        let got = r.batch(area, table, &calls)?;
+        if let Some((i, &g)) = got[..67].iter().enumerate().find(|(_, &g)| g < 0) {
+            return Err(Error::Remote {
+                pid,
+                what: if i < 64 { "rt_sigaction" } else { "getitimer" }.into(),
+                errno: (-g) as i32,
+            });
+        }
+        let mut buf = vec![0u8; 69 * 32];
+        sys::read_mem(pid, data, &mut buf)?;
+        let mut sigactions = Vec::new();
+        for signo in 1..=64i32 {
+            if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+                continue;
+            }
+            let b = &buf[(signo as usize - 1) * 32..signo as usize * 32];
+            sigactions.extend(sigaction_of(signo, b));
+        }
+        let itimers = (0..3)
+            .map(|w| {
+                let b = &buf[(64 + w) * 32..(65 + w) * 32];
+                [0, 1, 2, 3].map(|i| le_u64(b, i) as i64)
+            })
+            .collect();
+        let brk = got[67] as u64;
+        let mut own = vec![read_own(r, &got[68..70])?];
+        f.tasks[0].held.append(&mut r.held);
+        for i in 1..f.tasks.len() {
+            let mut rt = f.remote_of(i)?;
+            let g = rt.batch(area, table, &own_calls);
+            f.tasks[i].held.append(&mut rt.held);
+            let put = sys::set_regs(f.tasks[i].tid, &f.tasks[i].regs);
+            own.push(read_own(&mut rt, &g?)?);
+            put?;
+        }
+        Ok((sigactions, itimers, brk, own))
+    })();
+    // Its memory as it was, whatever happened.
+    let unmapped = r.call("munmap", libc::SYS_munmap, &[area, len]);
+    let q = res?;
+    unmapped?;
+    Ok(Some(q))
 }
 
 pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {

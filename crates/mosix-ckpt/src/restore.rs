@@ -22,6 +22,9 @@ pub(crate) const SCRATCH_LEN: u64 = 64 * 1024;
 const AT_AUXV: u64 = 0x1000;
 const AT_MM: u64 = 0x2000;
 pub(crate) const AT_MISC: u64 = 0x3000;
+/// Where a batch of calls runs from (code, then its table), and its data.
+pub(crate) const AT_BATCH: u64 = 0x4000;
+pub(crate) const AT_BATCH_DATA: u64 = 0x5800;
 pub(crate) const AT_STR: u64 = 0x8000;
 /// Where a seccomp program goes (up to 24 KiB: 3072 instructions).
 const AT_FILTER: u64 = 0xa000;
@@ -594,6 +597,12 @@ pub(crate) fn restore_misc(b: &mut Builder) -> Result<()> {
 
 pub(crate) fn restore_signals(b: &mut Builder) -> Result<()> {
     let m = b.img;
+    // In runs of calls from the work area ([`Remote::batch`]): the actions, altstack and
+    // timers, then the pending signals, in order.
+    let mut calls: Vec<(i64, Vec<u8>, [u64; 6], &str)> = Vec::new();
+    // (SIGTRAP's action last, alone: a batch ends on a breakpoint, whose SIGTRAP would
+    // reset an action that ignores it.)
+    let mut trap = None;
     for signo in 1..=64i32 {
         if signo == libc::SIGKILL || signo == libc::SIGSTOP {
             continue;
@@ -603,12 +612,17 @@ pub(crate) fn restore_signals(b: &mut Builder) -> Result<()> {
         for x in sa.map_or([0; 4], |s| [s.handler, s.flags, s.restorer, s.mask]) {
             buf.extend_from_slice(&x.to_le_bytes());
         }
-        let p = b.put(AT_MISC, &buf)?;
-        b.call(
-            "rt_sigaction",
+        if signo == libc::SIGTRAP {
+            trap = Some(buf);
+            continue;
+        }
+        // (Argument 1 is the data's address, filled in by `run_batch`.)
+        calls.push((
             libc::SYS_rt_sigaction,
-            &[signo as u64, p, 0, 8],
-        )?;
+            buf,
+            [signo as u64, 0, 0, 8, 0, 0],
+            "rt_sigaction",
+        ));
     }
     let (sp, flags, size) = m.sigaltstack;
     if flags & libc::SS_DISABLE == 0 {
@@ -616,35 +630,98 @@ pub(crate) fn restore_signals(b: &mut Builder) -> Result<()> {
         buf.extend_from_slice(&sp.to_le_bytes());
         buf.extend_from_slice(&(flags as i64).to_le_bytes());
         buf.extend_from_slice(&size.to_le_bytes());
-        let p = b.put(AT_MISC, &buf)?;
-        b.call("sigaltstack", libc::SYS_sigaltstack, &[p, 0])?;
+        calls.push((libc::SYS_sigaltstack, buf, [0; 6], "sigaltstack"));
     }
     for (which, t) in m.itimers.iter().enumerate() {
         if t.iter().all(|&x| x == 0) {
             continue;
         }
         let buf: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let p = b.put(AT_MISC, &buf)?;
-        b.call("setitimer", libc::SYS_setitimer, &[which as u64, p, 0])?;
+        calls.push((libc::SYS_setitimer, buf, [which as u64, 0, 0, 0, 0, 0], "setitimer"));
     }
+    run_batch(b, &calls)?;
+    let mut queued = Vec::new();
     for s in &m.pending {
         if s.siginfo.len() != 128 {
             return Err(Error::BadImage("pending signal of wrong size".into()));
         }
         let signo = i32::from_le_bytes(s.siginfo[..4].try_into().expect("4 bytes"));
-        let p = b.put(AT_MISC, &s.siginfo)?;
-        if s.shared {
-            b.call(
-                "rt_sigqueueinfo",
+        queued.push(if s.shared {
+            (
                 libc::SYS_rt_sigqueueinfo,
-                &[b.own as u64, signo as u64, p],
-            )?;
+                s.siginfo.clone(),
+                [b.own as u64, signo as u64, 0, 0, 0, 0],
+                "rt_sigqueueinfo",
+            )
         } else {
-            b.call(
-                "rt_tgsigqueueinfo",
+            (
                 libc::SYS_rt_tgsigqueueinfo,
-                &[b.own as u64, b.own as u64, signo as u64, p],
-            )?;
+                s.siginfo.clone(),
+                [b.own as u64, b.own as u64, signo as u64, 0, 0, 0],
+                "rt_tgsigqueueinfo",
+            )
+        });
+    }
+    for chunk in queued.chunks(16) {
+        run_batch(b, chunk)?;
+    }
+    if let Some(buf) = trap {
+        let p = b.put(AT_MISC, &buf)?;
+        b.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[libc::SIGTRAP as u64, p, 0, 8],
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `calls` in one go from the work area: each (number, data, arguments, what), the
+/// data put in the work area and its address passed as the argument that is 0 where the
+/// call takes a pointer (argument 1 for rt_sigaction, 0 for sigaltstack, 1 for
+/// setitimer, 2 for rt_sigqueueinfo, 3 for rt_tgsigqueueinfo). Any failure is an error
+/// naming the call.
+fn run_batch(b: &mut Builder, calls: &[(i64, Vec<u8>, [u64; 6], &str)]) -> Result<()> {
+    use crate::remote::{BATCH_CODE, BATCH_ENTRY};
+    let code = b.put(AT_BATCH, &BATCH_CODE)?;
+    let table = b.scratch + AT_BATCH + 0x100;
+    if 0x100 + calls.len() as u64 * BATCH_ENTRY > AT_BATCH_DATA - AT_BATCH {
+        return Err(Error::Unrestorable("too many calls for the work area".into()));
+    }
+    let mut data: Vec<u8> = Vec::new();
+    let mut list = Vec::with_capacity(calls.len());
+    for (nr, bytes, args, _) in calls {
+        let at = b.scratch + AT_BATCH_DATA + data.len() as u64;
+        data.extend_from_slice(bytes);
+        data.resize(data.len().div_ceil(8) * 8, 0);
+        let mut a = *args;
+        let slot = match *nr {
+            libc::SYS_sigaltstack => 0,
+            libc::SYS_rt_sigqueueinfo => 2,
+            libc::SYS_rt_tgsigqueueinfo => 3,
+            _ => 1,
+        };
+        a[slot] = at;
+        list.push((*nr, a));
+    }
+    if AT_BATCH_DATA + data.len() as u64 > AT_STR {
+        return Err(Error::Unrestorable("too much data for the work area".into()));
+    }
+    b.put(AT_BATCH_DATA, &data)?;
+    // Everything but SIGTRAP blocked meanwhile (the batch ends on a breakpoint: its
+    // SIGTRAP, blocked, would be unblocked and its action reset).
+    let trap = 1u64 << (libc::SIGTRAP - 1);
+    sys::set_sigmask(b.r.pid, !trap)?;
+    let got = b.r.batch(code, table, &list);
+    sys::set_sigmask(b.r.pid, !0u64)?;
+    let got = got?;
+    for (g, c) in got.iter().zip(calls) {
+        if (-4095..0).contains(g) {
+            return Err(Error::Remote {
+                pid: b.pid,
+                what: c.3.to_string(),
+                errno: (-g) as i32,
+            });
         }
     }
     Ok(())
