@@ -542,6 +542,36 @@ fn damaged_images_are_refused_and_nothing_starts() {
     try_restart(&newer, "image format 9.0 is not supported");
     let missing = mosix(&["restart", "/nonexistent/x.img"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open /nonexistent/x.img"));
+    // On standard input the process is built while the image arrives: a damaged image
+    // is found before it runs (the last check is the whole stream's checksum), and the
+    // half-built process is gone.
+    let stdin_restart = |bytes: &[u8]| {
+        use std::io::Write;
+        let mut c = Command::new(MOSIX)
+            .args(["restart", "--trust-image", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // (It may stop reading at the first damaged record.)
+        let _ = c.stdin.take().unwrap().write_all(bytes);
+        c.wait_with_output().unwrap()
+    };
+    let ok = stdin_restart(&good);
+    assert_eq!(ok.status.code(), Some(5), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(!ok.stdout.is_empty());
+    for i in 0..30 {
+        let p = 40 + i * (good.len() - 41) / 29;
+        let mut b = good.clone();
+        b[p] ^= 1 << (p % 8);
+        let o = stdin_restart(&b);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "flip at {p} restored");
+        assert!(o.stdout.is_empty(), "a process ran from a damaged image");
+        assert!(err.contains("bad image"), "flip at {p}: {err:?}");
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    }
 }
 
 #[test]

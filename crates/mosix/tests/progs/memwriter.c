@@ -1,11 +1,13 @@
 /* Keeps writing its memory while it runs and checks all of it after every pass: a
  * process whose memory changes under a checkpoint or a move. argv: MiB of memory,
- * passes, MiB written per second (0: as fast as it can), pages written per pass.
+ * passes (0: until a line arrives on stdin; then it prints "done P" after its last pass
+ * P), MiB written per second (0: as fast as it can), pages written per pass.
  * Every 8-byte word of page i holds i, the page's generation and the word's place; a
  * pass rewrites pages chosen by a fixed pseudo-random sequence, then reads every page
  * back against its generation. Prints "pass P <checksum of the generations>" (the
  * same on every run), or "BAD page I word W" and exits 3 at the first wrong word. */
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,12 +33,19 @@ int main(int argc, char **argv) {
     if (!m || !gen) return 2;
     for (size_t i = 0; i < pages; i++)
         for (size_t w = 0; w < words; w++) m[i * words + w] = word(i, 0, w);
-    printf("filled %zu MiB\n", mib);
+    printf("start: filled %zu MiB\n", mib);
     fflush(stdout);
     uint64_t x = 88172645463325252ULL;
     /* Pages of 4 KiB at `rate` MiB/s: a pause after every 16 pages. */
     long ns16 = rate > 0 ? (long)(16 * 4096 / (rate * 1048576.0) * 1e9) : 0;
-    for (int pass = 0; pass < passes; pass++) {
+    for (int pass = 0; passes == 0 || pass < passes; pass++) {
+        if (passes == 0) {
+            struct pollfd p = {0, POLLIN, 0};
+            if (poll(&p, 1, 0) > 0) {
+                printf("done %d\n", pass);
+                return 0;
+            }
+        }
         for (size_t k = 0; k < per_pass; k++) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             size_t i = x % pages;
