@@ -186,7 +186,7 @@ impl Frozen {
         Ok(())
     }
 
-    fn kill(&mut self) -> Result<()> {
+    pub(crate) fn kill(&mut self) -> Result<()> {
         threads::kill_all(&self.tasks)?;
         self.done = true;
         Ok(())
@@ -536,7 +536,7 @@ pub(crate) fn vmas_tracked(pid: i32, maps: &[MapLine]) -> Result<(Vec<Vma>, Vec<
 }
 
 /// Runs of pages to save: (start address, page count, anonymous?).
-fn page_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64, bool)>> {
+pub(crate) fn page_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64, bool)>> {
     let pm = std::fs::File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| sys_err("opening the page map", e))?;
     let mut runs = Vec::new();

@@ -22,6 +22,7 @@ mod fdobj;
 pub mod image;
 mod limits;
 mod parse;
+mod pipeline;
 mod precopy;
 pub mod procfs;
 mod read;
@@ -42,6 +43,7 @@ pub use away::{
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
+pub use pipeline::checkpoint_to;
 pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
 pub use error::{Error, Result};
 pub use image::{

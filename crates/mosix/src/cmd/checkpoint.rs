@@ -70,7 +70,7 @@ struct Done {
 }
 
 /// Checkpoints into `w` as the arguments say.
-fn save<W: Write + 'static>(
+fn save<W: Write + Send + 'static>(
     a: &Args,
     w: W,
     progress: &mut dyn FnMut(u64, u64),
@@ -96,7 +96,8 @@ fn save<W: Write + 'static>(
         leave_running: a.leave_running,
         compression: a.compress,
     };
-    let (w, st) = mosix_ckpt::checkpoint(a.pid, w, opts, progress)?;
+    // Its memory read while the image is written.
+    let (w, st) = mosix_ckpt::checkpoint_to(a.pid, w, opts, progress)?;
     Ok((
         w,
         Done {
@@ -153,10 +154,16 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .tempfile_in(dir)
             .with_context(|| format!("cannot create a file in {}", dir.display()))?;
         let (file, path) = tmp.into_parts();
+        let file = WriteBehind {
+            inner: file,
+            start: a.sync,
+            written: 0,
+            started: 0,
+        };
         let w = Counting::new(std::io::BufWriter::with_capacity(1 << 20, file));
         let (w, done) = save(&a, w, &mut progress)?;
         let n = w.n;
-        let f = w.inner.into_inner().map_err(|e| e.into_error())?;
+        let f = w.inner.into_inner().map_err(|e| e.into_error())?.inner;
         if a.sync {
             f.sync_data()
                 .with_context(|| format!("cannot write {} to the disk", out.display()))?;
@@ -207,6 +214,35 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// A file whose writing back to its disk is started as it is written (every 32 MiB), when
+/// it will be synced at the end: the fdatasync then waits for less.
+struct WriteBehind {
+    inner: std::fs::File,
+    start: bool,
+    written: u64,
+    started: u64,
+}
+
+impl Write for WriteBehind {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.written += n as u64;
+        if self.start && self.written - self.started >= 32 << 20 {
+            use std::os::fd::AsRawFd;
+            let _ = mosix_ckpt::sys::start_writeback(
+                self.inner.as_raw_fd(),
+                self.started,
+                self.written - self.started,
+            );
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Counts the bytes written through it.
