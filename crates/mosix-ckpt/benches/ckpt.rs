@@ -283,7 +283,7 @@ fn bench_file_and_pipe(mib: usize, reps: usize) {
         let (mut r, w) = std::io::pipe().expect("pipe");
         let reader = std::thread::spawn(move || {
             let mut buf = vec![0u8; 1 << 20];
-            while r.read(&mut buf).map_or(false, |n| n > 0) {}
+            while r.read(&mut buf).is_ok_and(|n| n > 0) {}
         });
         let t = Instant::now();
         let (w, _) = checkpoint_to(pid, w, opts, &mut |_, _| {}).expect("checkpoint to a pipe");

@@ -115,15 +115,15 @@ pub fn checkpoint_moving_live<W: Write + 'static>(
     progress: dump::Progress<'_>,
 ) -> Result<(W, crate::LiveStats, Held)> {
     check_moving(pid, l)?;
-    let tracker = match uffd {
-        Some(u) => Some(crate::dirty::Tracker::adopt_ready(pid, u)?),
-        None if l.away => {
-            return Err(Error::Unrestorable(
-                "a process away from home is tracked only with a userfaultfd made by its restorer".into(),
-            ))
-        }
-        None => None,
-    };
+    let tracker =
+        match uffd {
+            Some(u) => Some(crate::dirty::Tracker::adopt_ready(pid, u)?),
+            None if l.away => return Err(Error::Unrestorable(
+                "a process away from home is tracked only with a userfaultfd made by its restorer"
+                    .into(),
+            )),
+            None => None,
+        };
     let moving = Moving {
         rules: Rules {
             leave_home: true,

@@ -298,6 +298,9 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
     })
 }
 
+/// Address ranges (start, end).
+pub(crate) type Ranges = Vec<(u64, u64)>;
+
 type Queries = (
     Vec<SigAction>,
     Vec<[i64; 4]>,
@@ -480,7 +483,7 @@ pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
 
 /// [`vmas_of`], and the areas registered with a userfaultfd for write protection (VmFlags
 /// "uw": tracked by a [`crate::dirty::Tracker`]).
-pub(crate) fn vmas_tracked(pid: i32, maps: &[MapLine]) -> Result<(Vec<Vma>, Vec<(u64, u64)>)> {
+pub(crate) fn vmas_tracked(pid: i32, maps: &[MapLine]) -> Result<(Vec<Vma>, Ranges)> {
     let flags = procfs::vm_flags(pid)?;
     let tracked = maps
         .iter()

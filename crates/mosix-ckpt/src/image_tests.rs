@@ -257,7 +257,11 @@ fn format_2_keeps_every_thread() {
         );
         // A plain 3.0 image is a 2.0 image but for its version: both read the same.
         for old in [false, true] {
-            let bytes = if old { as_version(&bytes, 2, 0) } else { bytes.clone() };
+            let bytes = if old {
+                as_version(&bytes, 2, 0)
+            } else {
+                bytes.clone()
+            };
             let new = read_image(&bytes[..]).unwrap();
             assert_eq!(new.meta, meta);
             assert_eq!(new.pages().count(), 1);
@@ -326,7 +330,12 @@ fn format_2_records_must_match_the_index() {
 
 #[test]
 fn newer_version_is_refused_clearly() {
-    for (major, minor) in [(4u16, 0u16), (3, FORMAT_MINOR + 1), (2, 1), (1, V1_LAST_MINOR + 1)] {
+    for (major, minor) in [
+        (4u16, 0u16),
+        (3, FORMAT_MINOR + 1),
+        (2, 1),
+        (1, V1_LAST_MINOR + 1),
+    ] {
         let mut b = sample(Compression::None);
         b[8..10].copy_from_slice(&major.to_le_bytes());
         b[10..12].copy_from_slice(&minor.to_le_bytes());
@@ -464,7 +473,10 @@ fn precopy_damage_and_excess_are_refused() {
         ..Default::default()
     };
     let mut w = ImageWriter::precopy(Vec::new(), Compression::None, &pc).unwrap();
-    assert!(w.pages(0x10000, &[1u8; 4096]).is_err(), "memory before a layout");
+    assert!(
+        w.pages(0x10000, &[1u8; 4096]).is_err(),
+        "memory before a layout"
+    );
     w.layout(&l, &[]).unwrap();
     assert!(w.layout(&l, &[]).is_err(), "more rounds than declared");
     w.pages(0x10000, &[1u8; 4096]).unwrap();
@@ -477,6 +489,9 @@ fn precopy_damage_and_excess_are_refused() {
     w.layout(&l, &[]).unwrap();
     w.pages(0x30000, &[1u8; 4096]).unwrap();
     w.final_part(&ProcessImage::default(), &[]).unwrap();
-    let e = read_image(&w.finish().unwrap()[..]).err().unwrap().to_string();
+    let e = read_image(&w.finish().unwrap()[..])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("outside the process's private memory"), "{e}");
 }

@@ -43,12 +43,12 @@ pub use away::{
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, DumpOptions, DumpStats, Held};
-pub use pipeline::checkpoint_to;
-pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
 pub use error::{Error, Result};
 pub use image::{
     memory_room, read_image, read_image_bytes, read_image_file, Compression, LoadedImage,
     ProcessImage,
 };
+pub use pipeline::checkpoint_to;
+pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
 pub use restore::{preflight, restore, restore_with, resume, RestoreOptions, Restored};
 pub use stream::{receive, restore_stream, Incoming};

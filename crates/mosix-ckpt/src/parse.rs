@@ -15,8 +15,7 @@ use crate::image::{
 };
 use crate::limits::ReadLimits;
 use crate::read::{
-    decode2, decode_index, decode_meta_v1, first_name, meta_decode_need, too_big, Version,
-    MAX_META,
+    decode2, decode_index, decode_meta_v1, first_name, meta_decode_need, too_big, Version, MAX_META,
 };
 use crate::records::{
     self, Index, Layout, PreCopy, ProcRecord, TAG_DROPS, TAG_INDEX, TAG_LAYOUT, TAG_PRECOPY,
@@ -36,7 +35,11 @@ pub(crate) enum Event<'a> {
     /// The process's final state; the memory that follows is laid out as it says.
     Final(Box<ProcessImage>),
     /// Memory contents at `vaddr` (`at`: where `data` starts in the body).
-    Pages { vaddr: u64, data: &'a [u8], at: usize },
+    Pages {
+        vaddr: u64,
+        data: &'a [u8],
+        at: usize,
+    },
     /// Data of shared memory object `ino` at `offset`.
     Shmem {
         ino: u64,

@@ -96,7 +96,9 @@ fn dump_parallel<W: Write + Send + 'static>(
                 }
             }
             if !ended {
-                return Err(Error::Io(std::io::Error::other("reading the memory failed")));
+                return Err(Error::Io(std::io::Error::other(
+                    "reading the memory failed",
+                )));
             }
             let shm = crate::shmem::write_contents(&objs, &shmem_runs, &mut w)?;
             Ok((w.finish()?, shm))

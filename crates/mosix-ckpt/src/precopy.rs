@@ -646,7 +646,10 @@ mod tests {
         assert_eq!(subtract(&b, &a), vec![(10, 20)]);
         assert_eq!(subtract(&a, &[]), a);
         assert_eq!(intersect(&a, &[]), vec![]);
-        assert_eq!(normalize(vec![(3, 4), (0, 2), (2, 3), (9, 9)]), vec![(0, 4)]);
+        assert_eq!(
+            normalize(vec![(3, 4), (0, 2), (2, 3), (9, 9)]),
+            vec![(0, 4)]
+        );
         assert!(contains(&a, 0) && contains(&a, 29) && !contains(&a, 10) && !contains(&a, 30));
         assert_eq!(
             subtract(&[(0, 100)], &[(10, 20), (30, 40), (90, 200)]),

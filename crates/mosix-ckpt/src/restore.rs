@@ -5,15 +5,15 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 
 use crate::creds::CredOptions;
-use crate::stage::Site;
-use std::os::fd::OwnedFd;
 use crate::error::{sys_err, Error, Result};
 use crate::fdobj;
 use crate::image::{FdKind, LoadedImage, ProcessImage, VmaKind};
 use crate::procfs;
 use crate::remote::{find_syscall_insn, Remote};
+use crate::stage::Site;
 use crate::sys::{self, PAGE};
 use crate::threads;
+use std::os::fd::OwnedFd;
 
 /// Highest user address on x86_64 with 4-level paging.
 pub(crate) const TASK_SIZE: u64 = 0x7fff_ffff_f000;
@@ -637,7 +637,12 @@ pub(crate) fn restore_signals(b: &mut Builder) -> Result<()> {
             continue;
         }
         let buf: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
-        calls.push((libc::SYS_setitimer, buf, [which as u64, 0, 0, 0, 0, 0], "setitimer"));
+        calls.push((
+            libc::SYS_setitimer,
+            buf,
+            [which as u64, 0, 0, 0, 0, 0],
+            "setitimer",
+        ));
     }
     run_batch(b, &calls)?;
     let mut queued = Vec::new();
@@ -686,7 +691,9 @@ fn run_batch(b: &mut Builder, calls: &[(i64, Vec<u8>, [u64; 6], &str)]) -> Resul
     let code = b.put(AT_BATCH, &BATCH_CODE)?;
     let table = b.scratch + AT_BATCH + 0x100;
     if 0x100 + calls.len() as u64 * BATCH_ENTRY > AT_BATCH_DATA - AT_BATCH {
-        return Err(Error::Unrestorable("too many calls for the work area".into()));
+        return Err(Error::Unrestorable(
+            "too many calls for the work area".into(),
+        ));
     }
     let mut data: Vec<u8> = Vec::new();
     let mut list = Vec::with_capacity(calls.len());
@@ -705,7 +712,9 @@ fn run_batch(b: &mut Builder, calls: &[(i64, Vec<u8>, [u64; 6], &str)]) -> Resul
         list.push((*nr, a));
     }
     if AT_BATCH_DATA + data.len() as u64 > AT_STR {
-        return Err(Error::Unrestorable("too much data for the work area".into()));
+        return Err(Error::Unrestorable(
+            "too much data for the work area".into(),
+        ));
     }
     b.put(AT_BATCH_DATA, &data)?;
     // Everything but SIGTRAP blocked meanwhile (the batch ends on a breakpoint: its

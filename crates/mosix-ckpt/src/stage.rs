@@ -648,7 +648,9 @@ impl Site {
         let since = self.born.elapsed().as_nanos() as i64;
         let wait = ahead - since;
         if wait > 0 {
-            std::thread::sleep(std::time::Duration::from_nanos(wait.min(5_000_000_000) as u64));
+            std::thread::sleep(std::time::Duration::from_nanos(
+                wait.min(5_000_000_000) as u64
+            ));
         }
     }
 }
@@ -693,7 +695,13 @@ fn map_private(
                 end: e,
                 ..v.clone()
             };
-            map_file(b, &part, fd, offset + (s - v.start), &format!("mapping {path}"))?;
+            map_file(
+                b,
+                &part,
+                fd,
+                offset + (s - v.start),
+                &format!("mapping {path}"),
+            )?;
         }
         _ => {}
     }
@@ -737,7 +745,13 @@ fn map_shared(b: &mut Builder) -> Result<()> {
             b.call(
                 "naming memory",
                 libc::SYS_prctl,
-                &[PR_SET_VMA, PR_SET_VMA_ANON_NAME, v.start, v.end - v.start, p],
+                &[
+                    PR_SET_VMA,
+                    PR_SET_VMA_ANON_NAME,
+                    v.start,
+                    v.end - v.start,
+                    p,
+                ],
             )?;
         }
     }

@@ -559,6 +559,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     to: 2,
                     frozen_ms: 5,
                     memory_bytes: 4096,
+                    rounds: vec![4096, 0],
                 },
                 ToHome::MigrateFailed {
                     to: 3,

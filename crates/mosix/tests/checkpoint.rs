@@ -559,7 +559,12 @@ fn damaged_images_are_refused_and_nothing_starts() {
         c.wait_with_output().unwrap()
     };
     let ok = stdin_restart(&good);
-    assert_eq!(ok.status.code(), Some(5), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(
+        ok.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(!ok.stdout.is_empty());
     for i in 0..30 {
         let p = 40 + i * (good.len() - 41) / 29;

@@ -842,7 +842,8 @@ fn round(b: &mut Bench, p: &Plan) -> Result<Report, String> {
         let end = Instant::now() + MOVE_DEADLINE;
         let mut late = false;
         loop {
-            let crossed = |pct: u64| link_rx(p.dst).saturating_sub(rx0) >= (JOB_MIB << 20) * pct / 100;
+            let crossed =
+                |pct: u64| link_rx(p.dst).saturating_sub(rx0) >= (JOB_MIB << 20) * pct / 100;
             let reached = match p.point {
                 // Stopped for its final state (not for the moment tracking starts).
                 Point::Freeze => proc_info(src_pid).is_some_and(|i| i.state == 't') && crossed(95),

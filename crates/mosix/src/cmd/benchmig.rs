@@ -187,10 +187,7 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
             let tag = format!("migration_{mib}MiB_dirty{rate}MiBps");
             for (k, &(kind, _)) in KINDS.iter().enumerate() {
                 let col = |i: usize| got[k].iter().map(|x| [x.0, x.1, x.2, x.3][i]).collect();
-                println!(
-                    "BENCH {tag}_{kind}_frozen {:.1} ms",
-                    median(col(1))
-                );
+                println!("BENCH {tag}_{kind}_frozen {:.1} ms", median(col(1)));
                 println!(
                     "BENCH {tag}_{kind}_total {:.1} ms vs link={:.3}",
                     median(col(0)) * 1e3,

@@ -74,9 +74,7 @@ pub enum FromMover {
     /// It could not be frozen or saved, and goes on where it was.
     Failed(String),
     /// Finished: the signals that reached it meanwhile (to pass on, for a deputy).
-    Done {
-        signals: Vec<i32>,
-    },
+    Done { signals: Vec<i32> },
     /// The exec into its deputy failed: it goes on here as it was.
     NoDeputy(String),
 }

@@ -267,7 +267,9 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             let incoming = match incoming {
                 Ok(i) if !chunks.ended() && chunks.drain().is_ok_and(|n| n > 0) => {
                     drop(i);
-                    Err(mosix_ckpt::Error::BadImage("trailing data after the image".into()))
+                    Err(mosix_ckpt::Error::BadImage(
+                        "trailing data after the image".into(),
+                    ))
                 }
                 other => other,
             };

@@ -291,14 +291,13 @@ impl Procs {
                 rounds: rounds.clone(),
             },
         };
-        let (host_pid, signals, running) =
-            match finish_move(&mut ch, to, tail, mover, Some(exec)) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.mark_leaving(m.pid, None);
-                    return Err(e);
-                }
-            };
+        let (host_pid, signals, running) = match finish_move(&mut ch, to, tail, mover, Some(exec)) {
+            Ok(r) => r,
+            Err(e) => {
+                self.mark_leaving(m.pid, None);
+                return Err(e);
+            }
+        };
         let frozen_ms = running.duration_since(t0).as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
         info!(
