@@ -36,8 +36,11 @@ trap 'rm -rf "$WORK" "$DIR"/criu "$DIR"/mosix.img' EXIT
 cat > "$WORK/touch.c" <<'EOF'
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 int main(int argc, char **argv) {
+    /* Only 0, 1, 2 (/dev/null): whatever else the shell had is not the process's. */
+    syscall(SYS_close_range, 3, ~0U, 0);
     size_t n = strtoul(argv[1], 0, 10) << 17;
     uint64_t *h = malloc(n * 8), x = 88172645463325252ULL;
     for (size_t i = 0; i < n; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; h[i] = x; }
@@ -46,15 +49,15 @@ int main(int argc, char **argv) {
 EOF
 cc -O2 -o "$WORK/touch" "$WORK/touch.c"
 
-# A fresh process of MIB MiB (its own session, no terminal, no descriptors but /dev/null).
+# A fresh process of MIB MiB (its own session, no terminal, no descriptors but /dev/null),
+# a child of this shell (so that it is reaped here: CRIU restores the same PID), in $pid.
 start() {
     setsid "$WORK/touch" "$MIB" </dev/null >/dev/null 2>&1 &
-    local pid=$!
+    pid=$!
     # Touched once its resident memory reaches MIB.
     while [ "$(awk '/VmRSS/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)" -lt $((MIB * 1024)) ]; do
         sleep 0.05
     done
-    echo "$pid"
 }
 now() { date +%s.%N; }
 ms() { echo "($2 - $1) * 1000" | bc -l; }
@@ -63,22 +66,34 @@ median() { sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 declare -a cd cr md mr
 for ((i = 0; i < REPS; i++)); do
     # CRIU: dump (the process ends), restore detached, end the copy.
-    pid=$(start)
+    start
     rm -rf "$DIR/criu" && mkdir -p "$DIR/criu"
+    # Each side starts with nothing of the other's left to write back.
+    sync
     t0=$(now)
     "$CRIU" dump -t "$pid" -D "$DIR/criu" -o dump.log >/dev/null 2>&1 || { echo "criu dump failed:" >&2; tail -5 "$DIR/criu/dump.log" >&2; exit 1; }
     t1=$(now)
+    # (CRIU restores the same PID: the dumped process must be reaped first.)
+    wait "$pid" 2>/dev/null || true
+    t1b=$(now)
     "$CRIU" restore -D "$DIR/criu" -d -o restore.log >/dev/null 2>&1 || { echo "criu restore failed:" >&2; tail -5 "$DIR/criu/restore.log" >&2; exit 1; }
     t2=$(now)
     kill -9 "$pid" 2>/dev/null || true
-    cd+=("$(ms "$t0" "$t1")"); cr+=("$(ms "$t1" "$t2")")
+    cd+=("$(ms "$t0" "$t1")"); cr+=("$(ms "$t1b" "$t2")")
     # mosix: checkpoint (the process ends), restart detached, end the copy.
-    pid=$(start)
+    start
+    rm -f "$DIR/mosix.img"
+    sync
     t0=$(now)
     "$MOSIX" checkpoint "$pid" -o "$DIR/mosix.img" --quiet
     t1=$(now)
-    new=$("$MOSIX" restart --detach --trust-image "$DIR/mosix.img")
+    wait "$pid" 2>/dev/null || true
+    t1=$(now)
+    # (Its standard output, /dev/null in the original, becomes restart's: a file here.)
+    "$MOSIX" restart --detach --trust-image "$DIR/mosix.img" >"$WORK/new" ||
+        { echo "mosix restart failed" >&2; exit 1; }
     t2=$(now)
+    new=$(head -1 "$WORK/new")
     kill -9 "$new" 2>/dev/null || true
     md+=("$(ms "$t0" "$t1")"); mr+=("$(ms "$t1" "$t2")")
 done
