@@ -17,6 +17,7 @@ MOSIX=${MOSIX:-$HERE/target/release/mosix}
 [ "$(id -u)" = 0 ] || { echo "bench-criu: run as root" >&2; exit 1; }
 [ -x "$MOSIX" ] || { echo "bench-criu: build mosix first (cargo build --release -p mosix)" >&2; exit 1; }
 
+command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
 if [ -n "${CRIU_SRC:-}" ]; then
     apt-get install -y -q build-essential pkg-config libprotobuf-dev libprotobuf-c-dev \
         protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev \
