@@ -95,6 +95,48 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
     Ok((w, stats, Held { frozen }))
 }
 
+/// [`checkpoint_moving_with`] with the memory saved while the process runs (pre-copy
+/// rounds, see [`crate::checkpoint_live`]): it is frozen only at the end, when
+/// `on_frozen` is called, for its state and the pages it wrote last, and then held.
+/// `uffd`: a userfaultfd of its memory made by its restorer and set up already
+/// ([`crate::dirty::Tracker::adopt_ready`]), needed for a process away from home (calls
+/// injected into it would be trapped by its filter); None: one is made in it. The
+/// stream is flushed before `on_frozen` is called. On failure the process goes on as
+/// it was.
+#[allow(clippy::too_many_arguments)]
+pub fn checkpoint_moving_live<W: Write + 'static>(
+    pid: i32,
+    out: W,
+    l: &Leaving,
+    opts: &crate::LiveOptions,
+    uffd: Option<OwnedFd>,
+    on_frozen: &mut dyn FnMut() -> Result<Vec<(i32, i64)>>,
+    on_round: &mut dyn FnMut(&crate::RoundStat),
+    progress: dump::Progress<'_>,
+) -> Result<(W, crate::LiveStats, Held)> {
+    check_moving(pid, l)?;
+    let tracker =
+        match uffd {
+            Some(u) => Some(crate::dirty::Tracker::adopt_ready(pid, u)?),
+            None if l.away => return Err(Error::Unrestorable(
+                "a process away from home is tracked only with a userfaultfd made by its restorer"
+                    .into(),
+            )),
+            None => None,
+        };
+    let moving = Moving {
+        rules: Rules {
+            leave_home: true,
+            away: l.away,
+        },
+        no_new_privs: l.no_new_privs,
+    };
+    let (w, stats, frozen) = crate::precopy::precopy(
+        pid, out, opts, moving, tracker, on_frozen, on_round, progress,
+    )?;
+    Ok((w, stats, Held { frozen }))
+}
+
 /// Strings and the pointer arrays of an execve, laid out for address `base`.
 fn exec_block(base: u64, path: &str, argv: &[String], envp: &[String]) -> (Vec<u8>, u64, u64, u64) {
     let mut strings = Vec::new();
@@ -434,7 +476,9 @@ pub fn restore_into(
             plan.set_groups = false;
             plan.caps = None;
         }
-        crate::restore::build_mode(pid, pid, img, opts, &plan, Mode::Into)?;
+        let mut site = crate::stage::Site::begin_in(pid, m, opts, plan, Mode::Into)?;
+        crate::restore::build_loaded(&mut site, img)?;
+        site.complete(m, false)?;
         Ok(())
     })();
     match built {

@@ -196,7 +196,7 @@ impl Frozen {
         Ok(())
     }
 
-    fn kill(&mut self) -> Result<()> {
+    pub(crate) fn kill(&mut self) -> Result<()> {
         threads::kill_all(&self.tasks)?;
         self.done = true;
         Ok(())
@@ -212,7 +212,7 @@ impl Drop for Frozen {
 }
 
 /// The last of a /proc status list of IDs (the one of the innermost PID namespace).
-fn last_id(v: Option<&String>) -> i32 {
+pub(crate) fn last_id(v: Option<&String>) -> i32 {
     v.and_then(|x| x.split_whitespace().last()?.parse().ok())
         .unwrap_or(0)
 }
@@ -232,9 +232,10 @@ struct Injected {
     own: Vec<((u64, i32, u64), u64)>,
 }
 
-fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
+/// Finds a `syscall` instruction in frozen process `f` (its [vdso] always has one; any
+/// executable mapping will do) for the calls injected into it.
+pub(crate) fn find_syscall(f: &mut Frozen, maps: &[MapLine]) -> Result<()> {
     let pid = f.pid;
-    // A syscall instruction: the vdso always has one; any executable mapping will do.
     let mut ip = None;
     let mut order: Vec<&MapLine> = maps.iter().filter(|m| m.name == "[vdso]").collect();
     order.extend(
@@ -255,6 +256,12 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
         pid,
         msg: "no syscall instruction found in its code".into(),
     })?);
+    Ok(())
+}
+
+fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
+    let pid = f.pid;
+    find_syscall(f, maps)?;
     // Scratch memory: below the stack's red zone if the stack is there, else the start of
     // a writable mapping. Its bytes are saved and put back.
     let below = (f.main().regs.rsp.wrapping_sub(128 + SCRATCH as u64)) & !15;
@@ -282,51 +289,10 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
     }
     f.scratch = Some((addr, orig));
     let mut r = f.remote_of(0)?;
-    let mut buf = [0u8; 32];
-    let mut sigactions = Vec::new();
-    for signo in 1..=64i32 {
-        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
-            continue;
-        }
-        r.call(
-            "rt_sigaction",
-            libc::SYS_rt_sigaction,
-            &[signo as u64, 0, addr, 8],
-        )?;
-        sys::read_mem(pid, addr, &mut buf)?;
-        let (handler, flags, restorer, mask) = (
-            le_u64(&buf, 0),
-            le_u64(&buf, 1),
-            le_u64(&buf, 2),
-            le_u64(&buf, 3),
-        );
-        if handler != 0 || flags != 0 || mask != 0 {
-            sigactions.push(SigAction {
-                signo,
-                handler,
-                flags,
-                restorer,
-                mask,
-            });
-        }
-    }
-    let mut itimers = Vec::new();
-    for which in 0..3u64 {
-        r.call("getitimer", libc::SYS_getitimer, &[which, addr])?;
-        sys::read_mem(pid, addr, &mut buf)?;
-        itimers.push([0, 1, 2, 3].map(|i| le_u64(&buf, i) as i64));
-    }
-    let brk = r.call("brk", libc::SYS_brk, &[0])?;
-    // Each thread's own: the main thread's, then the others' (each one's registers put
-    // back after).
-    let mut own = vec![threads::own_queries(&mut r, addr)?];
-    f.tasks[0].held.append(&mut r.held);
-    for i in 1..f.tasks.len() {
-        let mut rt = f.remote_of(i)?;
-        own.push(threads::own_queries(&mut rt, addr)?);
-        f.tasks[i].held.append(&mut rt.held);
-        sys::set_regs(f.tasks[i].tid, &f.tasks[i].regs)?;
-    }
+    let (sigactions, itimers, brk, own) = match batch_queries(f, &mut r)? {
+        Some(q) => q,
+        None => one_by_one(f, &mut r, addr)?,
+    };
     let (sigaltstack, clear_child_tid) = own[0];
     // Put the scratch bytes and the registers back now: memory is read after this.
     let (a, o) = f.scratch.clone().expect("set above");
@@ -342,8 +308,202 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
     })
 }
 
-fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
+/// Address ranges (start, end).
+pub(crate) type Ranges = Vec<(u64, u64)>;
+
+type Queries = (
+    Vec<SigAction>,
+    Vec<[i64; 4]>,
+    u64,
+    Vec<((u64, i32, u64), u64)>,
+);
+
+fn sigaction_of(signo: i32, buf: &[u8]) -> Option<SigAction> {
+    let (handler, flags, restorer, mask) = (
+        le_u64(buf, 0),
+        le_u64(buf, 1),
+        le_u64(buf, 2),
+        le_u64(buf, 3),
+    );
+    (handler != 0 || flags != 0 || mask != 0).then_some(SigAction {
+        signo,
+        handler,
+        flags,
+        restorer,
+        mask,
+    })
+}
+
+/// The queries, one injected call at a time (main thread `r`, scratch memory `addr`).
+fn one_by_one(f: &mut Frozen, r: &mut Remote, addr: u64) -> Result<Queries> {
+    let pid = f.pid;
+    let mut buf = [0u8; 32];
+    let mut sigactions = Vec::new();
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        r.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[signo as u64, 0, addr, 8],
+        )?;
+        sys::read_mem(pid, addr, &mut buf)?;
+        sigactions.extend(sigaction_of(signo, &buf));
+    }
+    let mut itimers = Vec::new();
+    for which in 0..3u64 {
+        r.call("getitimer", libc::SYS_getitimer, &[which, addr])?;
+        sys::read_mem(pid, addr, &mut buf)?;
+        itimers.push([0, 1, 2, 3].map(|i| le_u64(&buf, i) as i64));
+    }
+    let brk = r.call("brk", libc::SYS_brk, &[0])?;
+    // Each thread's own: the main thread's, then the others' (each one's registers put
+    // back after).
+    let mut own = vec![threads::own_queries(r, addr)?];
+    f.tasks[0].held.append(&mut r.held);
+    for i in 1..f.tasks.len() {
+        let mut rt = f.remote_of(i)?;
+        own.push(threads::own_queries(&mut rt, addr)?);
+        f.tasks[i].held.append(&mut rt.held);
+        sys::set_regs(f.tasks[i].tid, &f.tasks[i].regs)?;
+    }
+    Ok((sigactions, itimers, brk, own))
+}
+
+/// The queries in one run of calls per thread ([`Remote::batch`]), in two pages of its
+/// own mapped for this (executable) and unmapped after; None if it cannot map them.
+fn batch_queries(f: &mut Frozen, r: &mut Remote) -> Result<Option<Queries>> {
+    use crate::remote::{BATCH_CODE, BATCH_ENTRY};
+    let pid = f.pid;
+    // A batch ends on a breakpoint: its SIGTRAP would reset the action of a SIGTRAP that
+    // a thread blocks or the process ignores (and unblock it). Not then.
+    let trap = 1u64 << (libc::SIGTRAP - 1);
+    let ignored = procfs::status(pid)
+        .ok()
+        .is_some_and(|st| procfs::hex(st.get("SigIgn")) & trap != 0);
+    if ignored {
+        return Ok(None);
+    }
+    for t in &f.tasks {
+        if sys::get_sigmask(t.tid)? & trap != 0 {
+            return Ok(None);
+        }
+    }
+    let len = 2 * PAGE;
+    let area = r.raw(
+        libc::SYS_mmap,
+        &[
+            0,
+            len,
+            (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    if (-4095..0).contains(&area) {
+        return Ok(None);
+    }
+    let area = area as u64;
+    let res = (|| -> Result<Queries> {
+        sys::write_mem(pid, area, &BATCH_CODE)?;
+        let table = area + 64;
+        let data = table + 72 * BATCH_ENTRY;
+        // Data: 64 sigactions, 3 itimers, an altstack, a tid address: 32 bytes each.
+        let at = |i: u64| data + 32 * i;
+        let mut calls: Vec<(i64, [u64; 6])> = (1..=64u64)
+            .map(|s| (libc::SYS_rt_sigaction, [s, 0, at(s - 1), 8, 0, 0]))
+            .collect();
+        for w in 0..3u64 {
+            calls.push((libc::SYS_getitimer, [w, at(64 + w), 0, 0, 0, 0]));
+        }
+        calls.push((libc::SYS_brk, [0; 6]));
+        let own_calls = [
+            (libc::SYS_sigaltstack, [0, at(67), 0, 0, 0, 0]),
+            (libc::SYS_prctl, [40, at(68), 0, 0, 0, 0]),
+        ];
+        calls.extend(own_calls);
+        let read_own = |rr: &mut Remote, got: &[i64]| -> Result<((u64, i32, u64), u64)> {
+            for (i, &g) in got.iter().enumerate() {
+                if (-4095..0).contains(&g) {
+                    return Err(Error::Remote {
+                        pid,
+                        what: ["sigaltstack", "prctl(PR_GET_TID_ADDRESS)"][i].into(),
+                        errno: (-g) as i32,
+                    });
+                }
+            }
+            let mut b = [0u8; 64];
+            sys::read_mem(rr.pid, at(67), &mut b)?;
+            let altstack = (
+                le_u64(&b, 0),
+                i32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+                le_u64(&b, 2),
+            );
+            Ok((altstack, le_u64(&b, 4)))
+        };
+        let got = r.batch(area, table, &calls)?;
+        if let Some((i, &g)) = got[..67].iter().enumerate().find(|(_, &g)| g < 0) {
+            return Err(Error::Remote {
+                pid,
+                what: if i < 64 { "rt_sigaction" } else { "getitimer" }.into(),
+                errno: (-g) as i32,
+            });
+        }
+        let mut buf = vec![0u8; 69 * 32];
+        sys::read_mem(pid, data, &mut buf)?;
+        let mut sigactions = Vec::new();
+        for signo in 1..=64i32 {
+            if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+                continue;
+            }
+            let b = &buf[(signo as usize - 1) * 32..signo as usize * 32];
+            sigactions.extend(sigaction_of(signo, b));
+        }
+        let itimers = (0..3)
+            .map(|w| {
+                let b = &buf[(64 + w) * 32..(65 + w) * 32];
+                [0, 1, 2, 3].map(|i| le_u64(b, i) as i64)
+            })
+            .collect();
+        let brk = got[67] as u64;
+        let mut own = vec![read_own(r, &got[68..70])?];
+        f.tasks[0].held.append(&mut r.held);
+        for i in 1..f.tasks.len() {
+            let mut rt = f.remote_of(i)?;
+            let g = rt.batch(area, table, &own_calls);
+            f.tasks[i].held.append(&mut rt.held);
+            let put = sys::set_regs(f.tasks[i].tid, &f.tasks[i].regs);
+            own.push(read_own(&mut rt, &g?)?);
+            put?;
+        }
+        Ok((sigactions, itimers, brk, own))
+    })();
+    // Its memory as it was, whatever happened.
+    let unmapped = r.call("munmap", libc::SYS_munmap, &[area, len]);
+    let q = res?;
+    unmapped?;
+    Ok(Some(q))
+}
+
+pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
+    Ok(vmas_tracked(pid, maps)?.0)
+}
+
+/// [`vmas_of`], and the areas registered with a userfaultfd for write protection (VmFlags
+/// "uw": tracked by a [`crate::dirty::Tracker`]).
+pub(crate) fn vmas_tracked(pid: i32, maps: &[MapLine]) -> Result<(Vec<Vma>, Ranges)> {
     let flags = procfs::vm_flags(pid)?;
+    let tracked = maps
+        .iter()
+        .filter(|m| {
+            flags
+                .get(&m.start)
+                .is_some_and(|f| f.iter().any(|x| x == "uw"))
+        })
+        .map(|m| (m.start, m.end))
+        .collect();
     let mut out = Vec::new();
     for m in maps {
         if m.name == "[vsyscall]" {
@@ -385,11 +545,11 @@ fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
             anon_name,
         });
     }
-    Ok(out)
+    Ok((out, tracked))
 }
 
 /// Runs of pages to save: (start address, page count, anonymous?).
-fn page_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64, bool)>> {
+pub(crate) fn page_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64, bool)>> {
     let pm = std::fs::File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| sys_err("opening the page map", e))?;
     let mut runs = Vec::new();
@@ -429,7 +589,7 @@ fn page_runs(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64, bool)>> {
     Ok(runs)
 }
 
-fn is_zero(p: &[u8]) -> bool {
+pub(crate) fn is_zero(p: &[u8]) -> bool {
     let (pre, mid, post) = {
         // SAFETY: reinterpreting initialised bytes as u128 is sound; align_to keeps only
         // the properly aligned middle.
@@ -455,13 +615,26 @@ fn dump_frozen<W: Write + 'static>(
     dump_frozen_for(f, out, opts, Moving::default(), progress)
 }
 
-pub(crate) fn dump_frozen_for<W: Write + 'static>(
-    f: &mut Frozen,
-    out: W,
-    opts: DumpOptions,
-    moving: Moving,
-    progress: Progress<'_>,
-) -> Result<(W, DumpStats)> {
+/// The state of a frozen process, all of it but the contents of its memory.
+pub(crate) struct State {
+    /// `memory_estimate` is 0: the caller knows what memory it writes.
+    pub meta: ProcessImage,
+    /// Its areas tracked by a userfaultfd (see [`vmas_tracked`]).
+    pub tracked: Vec<(u64, u64)>,
+    /// Its shared memory objects (see [`shmem::objects_of`]) and their runs of data.
+    pub objs: std::collections::BTreeMap<u64, (String, String)>,
+    pub shmem_runs: Vec<(u64, u64, u64)>,
+}
+
+impl State {
+    /// Bytes of its shared memory objects' data, at most.
+    pub fn shmem_bytes(&self) -> u64 {
+        self.shmem_runs.iter().map(|r| r.2).sum()
+    }
+}
+
+/// Reads everything of frozen process `f` but its memory contents.
+pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
     let pid = f.pid;
     // Anything could have changed between the check and the stop; now nothing runs.
     let reasons = checks::refusals_with(pid, moving.rules)?;
@@ -526,12 +699,9 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         });
     }
     crate::fdobj::fill_pipes(pid, &mut fds)?;
-    let vmas = vmas_of(pid, &maps)?;
-    let runs = page_runs(pid, &vmas)?;
+    let (vmas, tracked) = vmas_tracked(pid, &maps)?;
     let objs = shmem::objects_of(pid, &maps)?;
     let (shmem_objects, shmem_runs) = shmem::describe(&objs)?;
-    let estimate: u64 =
-        runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
     let exe = procfs::link(pid, "exe")?;
     let meta = ProcessImage {
         arch: std::env::consts::ARCH.to_string(),
@@ -589,7 +759,7 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         robust_list,
         clear_child_tid: inj.clear_child_tid,
         fds,
-        memory_estimate: estimate,
+        memory_estimate: 0,
         clocks: Some(clocks_of(pid)),
         caps: crate::Caps::of_pid(pid).ok(),
         threads: others,
@@ -597,7 +767,32 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         sid: last_id(st.get("NSsid")),
         shmem: shmem_objects,
     };
+    Ok(State {
+        meta,
+        tracked,
+        objs,
+        shmem_runs,
+    })
+}
 
+pub(crate) fn dump_frozen_for<W: Write + 'static>(
+    f: &mut Frozen,
+    out: W,
+    opts: DumpOptions,
+    moving: Moving,
+    progress: Progress<'_>,
+) -> Result<(W, DumpStats)> {
+    let pid = f.pid;
+    let State {
+        mut meta,
+        objs,
+        shmem_runs,
+        ..
+    } = capture(f, moving)?;
+    let runs = page_runs(pid, &meta.vmas)?;
+    let estimate: u64 =
+        runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
+    meta.memory_estimate = estimate;
     let mut w = ImageWriter::new(out, opts.compression, &meta)?;
     let mut stats = DumpStats::default();
     let mut buf = vec![0u8; PAGES_RECORD_MAX];
@@ -639,7 +834,7 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
 
 /// The process's CLOCK_MONOTONIC and CLOCK_BOOTTIME now, as it sees them: ours, less our
 /// time namespace's offsets, plus its.
-fn clocks_of(pid: i32) -> Clocks {
+pub(crate) fn clocks_of(pid: i32) -> Clocks {
     let own = procfs::timens_offsets("self");
     let its = procfs::timens_offsets(&pid.to_string());
     Clocks {

@@ -31,7 +31,7 @@ use crate::sys::PAGE;
 pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
-pub const FORMAT_MAJOR: u16 = 2;
+pub const FORMAT_MAJOR: u16 = 3;
 pub const FORMAT_MINOR: u16 = 0;
 pub const HEADER_LEN: usize = 32;
 
@@ -344,14 +344,20 @@ pub struct Pages<'a> {
     pub data: &'a [u8],
 }
 
-/// Writes an image stream: header, metadata, memory records, end.
+/// Writes an image stream: header, metadata, memory records, end. A plain image
+/// ([`ImageWriter::new`]) starts with the process's final state; one saved while the
+/// process ran ([`ImageWriter::precopy`]) starts with pre-copy rounds ([`ImageWriter::layout`]
+/// and memory) and gets the final state later ([`ImageWriter::final_part`]).
 pub struct ImageWriter<W: Write> {
     out: Box<dyn FinishWrite<Hashing<W>>>,
     records: u64,
     payload_total: u64,
-    /// The metadata's `memory_estimate`, and the memory contents written so far.
+    /// The bound of memory contents (and drop records) of the current part: the
+    /// pre-copy budget, then the final state's `memory_estimate`; and what it holds so far.
     estimate: u64,
     page_bytes: u64,
+    /// In the pre-copy rounds: (rounds left, layout bytes left, a round begun).
+    prefix: Option<(u32, u64, bool)>,
 }
 
 /// A compressing writer that can be finished to get the inner writer back.
@@ -414,9 +420,32 @@ pub(crate) fn header(compression: Compression) -> [u8; HEADER_LEN] {
     h
 }
 
+fn invalid(msg: String) -> Error {
+    Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))
+}
+
+fn encode<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(v)
+        .map_err(|e| Error::Io(std::io::Error::other(format!("encoding the {what}: {e}"))))
+}
+
+/// The payload of a drop record: (address, length) pairs of whole pages.
+pub(crate) fn drops_payload(drops: &[(u64, u64)]) -> Result<Vec<u8>> {
+    let mut b = Vec::with_capacity(drops.len() * 16);
+    for &(a, len) in drops {
+        if !a.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 {
+            return Err(invalid(format!(
+                "memory given back at {a:#x} ({len} bytes) is not whole pages"
+            )));
+        }
+        b.extend_from_slice(&a.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+    }
+    Ok(b)
+}
+
 impl<W: Write + 'static> ImageWriter<W> {
-    /// Starts an image with `meta` as its metadata record.
-    pub fn new(w: W, compression: Compression, meta: &ProcessImage) -> Result<Self> {
+    fn start(w: W, compression: Compression) -> Result<Self> {
         let mut w = Hashing {
             inner: w,
             h: Xxh3::new(),
@@ -435,21 +464,88 @@ impl<W: Write + 'static> ImageWriter<W> {
                 Box::new(e)
             }
         };
-        let mut me = ImageWriter {
+        Ok(ImageWriter {
             out,
             records: 0,
             payload_total: 0,
-            estimate: meta.memory_estimate,
+            estimate: 0,
             page_bytes: 0,
+            prefix: None,
+        })
+    }
+
+    /// Starts an image with `meta` as its metadata record.
+    pub fn new(w: W, compression: Compression, meta: &ProcessImage) -> Result<Self> {
+        let mut me = Self::start(w, compression)?;
+        me.write_process(meta, &[])?;
+        Ok(me)
+    }
+
+    /// Starts an image of a process that runs while its memory is saved: pre-copy
+    /// rounds within the bounds of `pc`, each begun by [`ImageWriter::layout`], then
+    /// [`ImageWriter::final_part`].
+    pub fn precopy(w: W, compression: Compression, pc: &records::PreCopy) -> Result<Self> {
+        let mut me = Self::start(w, compression)?;
+        me.record(records::TAG_PRECOPY, &[&encode("pre-copy record", pc)?])?;
+        me.estimate = pc.budget;
+        me.prefix = Some((pc.rounds, pc.layouts_bytes, false));
+        Ok(me)
+    }
+
+    /// Begins a pre-copy round: the layout of the process's memory now, and the memory
+    /// given back since the last round (`drops`, counted against the budget).
+    pub fn layout(&mut self, l: &records::Layout, drops: &[(u64, u64)]) -> Result<()> {
+        let Some((rounds, bytes, _)) = self.prefix else {
+            return Err(invalid("a layout after the final state".into()));
         };
-        let enc = |what: &str, r: postcard::Result<Vec<u8>>| {
-            r.map_err(|e| Error::Io(std::io::Error::other(format!("encoding the {what}: {e}"))))
-        };
+        let lb = encode("layout record", l)?;
+        if rounds == 0 || (lb.len() as u64) > bytes {
+            return Err(invalid(format!(
+                "a pre-copy round beyond the declared bounds ({rounds} rounds, {bytes} layout bytes left)"
+            )));
+        }
+        self.prefix = Some((rounds - 1, bytes - lb.len() as u64, true));
+        self.record(records::TAG_LAYOUT, &[&lb])?;
+        self.drops(drops)
+    }
+
+    /// Rounds the writer may still begin, and layout bytes left.
+    pub fn rounds_left(&self) -> Option<(u32, u64)> {
+        self.prefix.map(|(r, b, _)| (r, b))
+    }
+
+    /// Bytes of memory contents the current part may still hold.
+    pub fn room(&self) -> u64 {
+        self.estimate.saturating_sub(self.page_bytes)
+    }
+
+    fn drops(&mut self, drops: &[(u64, u64)]) -> Result<()> {
+        if drops.is_empty() {
+            return Ok(());
+        }
+        let b = drops_payload(drops)?;
+        self.count(b.len() as u64)?;
+        self.record(records::TAG_DROPS, &[&b])
+    }
+
+    /// Ends the pre-copy rounds with the process's final state (`meta`, whose
+    /// `memory_estimate` bounds what follows: memory contents, and `drops`' 16 bytes
+    /// per range) and the memory given back since the last round.
+    pub fn final_part(&mut self, meta: &ProcessImage, drops: &[(u64, u64)]) -> Result<()> {
+        if self.prefix.take().is_none() {
+            return Err(invalid("the final state was written already".into()));
+        }
+        self.write_process(meta, drops)
+    }
+
+    fn write_process(&mut self, meta: &ProcessImage, drops: &[(u64, u64)]) -> Result<()> {
+        self.estimate = meta.memory_estimate;
+        self.page_bytes = 0;
         let (tree, proc_rec, threads) = records::split(meta);
-        let proc_bytes = enc("process record", postcard::to_stdvec(&proc_rec))?;
+        let proc_bytes = encode("process record", &proc_rec)?;
         let mut thread_bytes = Vec::with_capacity(threads.len());
         for t in &threads {
-            thread_bytes.push(enc("thread record", postcard::to_stdvec(t))?);
+            thread_bytes.push(encode("thread record", t)?);
         }
         let index = Index {
             memory_estimate: meta.memory_estimate,
@@ -457,12 +553,23 @@ impl<W: Write + 'static> ImageWriter<W> {
                 + thread_bytes.iter().map(|t| t.len() as u64).sum::<u64>(),
             tree: vec![tree],
         };
-        me.record(TAG_INDEX, &[&enc("index", postcard::to_stdvec(&index))?])?;
-        me.record(TAG_PROCESS, &[&proc_bytes])?;
+        self.record(TAG_INDEX, &[&encode("index", &index)?])?;
+        self.record(TAG_PROCESS, &[&proc_bytes])?;
         for t in &thread_bytes {
-            me.record(TAG_THREAD, &[t])?;
+            self.record(TAG_THREAD, &[t])?;
         }
-        Ok(me)
+        self.drops(drops)
+    }
+
+    fn count(&mut self, n: u64) -> Result<()> {
+        self.page_bytes += n;
+        if self.page_bytes > self.estimate {
+            return Err(invalid(format!(
+                "memory contents of {} bytes exceed the declared {}",
+                self.page_bytes, self.estimate
+            )));
+        }
+        Ok(())
     }
 
     fn record(&mut self, tag: u8, parts: &[&[u8]]) -> Result<()> {
@@ -501,21 +608,22 @@ impl<W: Write + 'static> ImageWriter<W> {
     /// Memory records (`ino` None, at address `at`) or shared-memory records (of object
     /// `ino`, at offset `at`).
     fn contents(&mut self, ino: Option<u64>, at: u64, data: &[u8]) -> Result<()> {
-        let invalid =
-            |msg: String| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
         if !at.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
             return Err(invalid(format!(
                 "memory contents at {at:#x} of {} bytes are not whole pages",
                 data.len()
             )));
         }
-        self.page_bytes += data.len() as u64;
-        if self.page_bytes > self.estimate {
-            return Err(invalid(format!(
-                "memory contents of {} bytes exceed the metadata's memory_estimate ({})",
-                self.page_bytes, self.estimate
-            )));
+        match self.prefix {
+            Some((_, _, false)) => {
+                return Err(invalid("memory before the first pre-copy layout".into()))
+            }
+            Some(_) if ino.is_some() => {
+                return Err(invalid("shared memory in a pre-copy round".into()))
+            }
+            _ => {}
         }
+        self.count(data.len() as u64)?;
         for (i, chunk) in data.chunks(PAGES_RECORD_MAX).enumerate() {
             let here = at
                 .checked_add((i * PAGES_RECORD_MAX) as u64)
@@ -530,8 +638,17 @@ impl<W: Write + 'static> ImageWriter<W> {
         Ok(())
     }
 
+    /// Passes on everything written so far (a compressor ends its block).
+    pub fn flush(&mut self) -> Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+
     /// Writes the end record and returns the underlying writer.
     pub fn finish(mut self) -> Result<W> {
+        if self.prefix.is_some() {
+            return Err(invalid("an image without its final state".into()));
+        }
         let count = self.records + 1;
         let total = self.payload_total;
         let mut end = [0u8; 16];

@@ -207,6 +207,19 @@ fn thread(tid: i32, fs_base: u64) -> ThreadImage {
     }
 }
 
+/// `img` with the version in its header changed, and its checksums made right again.
+fn as_version(img: &[u8], major: u16, minor: u16) -> Vec<u8> {
+    let mut b = img.to_vec();
+    b[8..10].copy_from_slice(&major.to_le_bytes());
+    b[10..12].copy_from_slice(&minor.to_le_bytes());
+    let sum = xxh3_64(&b[..24]);
+    b[24..32].copy_from_slice(&sum.to_le_bytes());
+    let n = b.len() - 8;
+    let sum = xxh3_64(&b[..n]);
+    b[n..].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
 fn zero_regs() -> crate::sys::Regs {
     crate::sys::regs_from_bytes(&[0u8; std::mem::size_of::<crate::sys::Regs>()]).unwrap()
 }
@@ -240,11 +253,19 @@ fn format_2_keeps_every_thread() {
         let bytes = w.finish().unwrap();
         assert_eq!(
             (u16::from_le_bytes([bytes[8], bytes[9]]), bytes[10]),
-            (2, 0)
+            (3, 0)
         );
-        let new = read_image(&bytes[..]).unwrap();
-        assert_eq!(new.meta, meta);
-        assert_eq!(new.pages().count(), 1);
+        // A plain 3.0 image is a 2.0 image but for its version: both read the same.
+        for old in [false, true] {
+            let bytes = if old {
+                as_version(&bytes, 2, 0)
+            } else {
+                bytes.clone()
+            };
+            let new = read_image(&bytes[..]).unwrap();
+            assert_eq!(new.meta, meta);
+            assert_eq!(new.pages().count(), 1);
+        }
     }
 }
 
@@ -309,7 +330,12 @@ fn format_2_records_must_match_the_index() {
 
 #[test]
 fn newer_version_is_refused_clearly() {
-    for (major, minor) in [(3u16, 0u16), (2, FORMAT_MINOR + 1), (1, V1_LAST_MINOR + 1)] {
+    for (major, minor) in [
+        (4u16, 0u16),
+        (3, FORMAT_MINOR + 1),
+        (2, 1),
+        (1, V1_LAST_MINOR + 1),
+    ] {
         let mut b = sample(Compression::None);
         b[8..10].copy_from_slice(&major.to_le_bytes());
         b[10..12].copy_from_slice(&minor.to_le_bytes());
@@ -327,4 +353,145 @@ fn newer_version_is_refused_clearly() {
         .unwrap()
         .to_string();
     assert!(e.contains("not a mosix process image"), "{e}");
+}
+
+fn anon(start: u64, end: u64) -> Vma {
+    Vma {
+        start,
+        end,
+        prot: 3,
+        shared: false,
+        growsdown: false,
+        kind: VmaKind::Anon,
+        anon_name: None,
+    }
+}
+
+/// Pre-copy rounds then the final state: a page later in the stream wins, a layout
+/// keeps only what stays the same kind of memory, drops clear.
+fn precopy_image(c: Compression) -> Vec<u8> {
+    let a = anon(0x10000, 0x20000);
+    let file = Vma {
+        kind: VmaKind::File {
+            path: "/x".into(),
+            offset: 0,
+            id: FileId {
+                dev: 1,
+                ino: 2,
+                size: 3,
+                mtime_sec: 4,
+                mtime_nsec: 5,
+            },
+        },
+        ..anon(0x40000, 0x44000)
+    };
+    let b2 = anon(0x40000, 0x44000);
+    let pc = records::PreCopy {
+        budget: 40 << 12,
+        layouts_bytes: 4096,
+        rounds: 3,
+        resident: 17 << 12,
+    };
+    let mut w = ImageWriter::precopy(Vec::new(), c, &pc).unwrap();
+    let l1 = records::Layout {
+        pid: 5,
+        vmas: vec![a.clone(), file],
+        ..Default::default()
+    };
+    w.layout(&l1, &[]).unwrap();
+    w.pages(0x10000, &[1u8; 16 << 12]).unwrap();
+    w.pages(0x40000, &[2u8; 4096]).unwrap();
+    let l2 = records::Layout {
+        vmas: vec![a.clone(), b2.clone()],
+        ..l1
+    };
+    w.layout(&l2, &[(0x13000, 4096)]).unwrap();
+    w.pages(0x15000, &[3u8; 4096]).unwrap();
+    w.pages(0x41000, &[4u8; 4096]).unwrap();
+    let meta = ProcessImage {
+        pid: 5,
+        vmas: vec![a, b2],
+        memory_estimate: 4096 + 16,
+        ..Default::default()
+    };
+    w.final_part(&meta, &[(0x16000, 4096)]).unwrap();
+    w.pages(0x17000, &[5u8; 4096]).unwrap();
+    w.finish().unwrap()
+}
+
+fn page_bytes(img: &LoadedImage) -> std::collections::BTreeMap<u64, u8> {
+    let mut m = std::collections::BTreeMap::new();
+    for p in img.pages() {
+        for (i, pg) in p.data.chunks(4096).enumerate() {
+            assert!(pg.iter().all(|&b| b == pg[0]));
+            assert!(m.insert(p.vaddr + i as u64 * 4096, pg[0]).is_none());
+        }
+    }
+    m
+}
+
+#[test]
+fn precopy_rounds_resolve_to_the_final_memory() {
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let img = read_image(&precopy_image(c)[..]).unwrap();
+        assert_eq!(img.meta.pid, 5);
+        let mut want = std::collections::BTreeMap::new();
+        for i in 0..16u64 {
+            want.insert(0x10000 + i * 4096, 1u8);
+        }
+        want.remove(&0x13000);
+        want.remove(&0x16000);
+        want.insert(0x15000, 3);
+        want.insert(0x17000, 5);
+        // The file's page went with its mapping; the new area has its own.
+        want.insert(0x41000, 4);
+        assert_eq!(page_bytes(&img), want, "{c:?}");
+        assert_eq!(img.memory_bytes(), 15 << 12);
+    }
+}
+
+#[test]
+fn precopy_damage_and_excess_are_refused() {
+    for c in [Compression::None, Compression::Lz4] {
+        let good = precopy_image(c);
+        let step = (good.len() * 8 / 3000).max(1);
+        for bit in (0..good.len() * 8).step_by(step) {
+            let mut b = good.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(read_image(&b[..]).is_err(), "{c:?}: bit {bit}");
+        }
+    }
+    // The writer keeps to what it declared.
+    let pc = records::PreCopy {
+        budget: 4096,
+        layouts_bytes: 4096,
+        rounds: 1,
+        resident: 0,
+    };
+    let l = records::Layout {
+        vmas: vec![anon(0x10000, 0x20000)],
+        ..Default::default()
+    };
+    let mut w = ImageWriter::precopy(Vec::new(), Compression::None, &pc).unwrap();
+    assert!(
+        w.pages(0x10000, &[1u8; 4096]).is_err(),
+        "memory before a layout"
+    );
+    w.layout(&l, &[]).unwrap();
+    assert!(w.layout(&l, &[]).is_err(), "more rounds than declared");
+    w.pages(0x10000, &[1u8; 4096]).unwrap();
+    assert!(w.pages(0x11000, &[1u8; 4096]).is_err(), "over budget");
+    let mut w = ImageWriter::precopy(Vec::new(), Compression::None, &pc).unwrap();
+    w.layout(&l, &[]).unwrap();
+    assert!(w.finish().is_err(), "no final state");
+    // A reader refuses memory outside the layout's private memory.
+    let mut w = ImageWriter::precopy(Vec::new(), Compression::None, &pc).unwrap();
+    w.layout(&l, &[]).unwrap();
+    w.pages(0x30000, &[1u8; 4096]).unwrap();
+    w.final_part(&ProcessImage::default(), &[]).unwrap();
+    let e = read_image(&w.finish().unwrap()[..])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("outside the process's private memory"), "{e}");
 }

@@ -15,11 +15,15 @@
 mod away;
 pub mod check;
 mod creds;
+pub mod dirty;
 mod dump;
 mod error;
 mod fdobj;
 pub mod image;
 mod limits;
+mod parse;
+mod pipeline;
+mod precopy;
 pub mod procfs;
 mod read;
 pub mod records;
@@ -27,13 +31,15 @@ mod remote;
 mod reopen;
 mod restore;
 mod shmem;
+mod stage;
+mod stream;
 pub use shmem::PLACEHOLDER;
 pub mod sys;
 mod threads;
 
 pub use away::{
-    check_moving, checkpoint_moving, checkpoint_moving_with, restore_away, restore_into, Away,
-    Leaving, Rebuilt,
+    check_moving, checkpoint_moving, checkpoint_moving_live, checkpoint_moving_with, restore_away,
+    restore_into, Away, Leaving, Rebuilt,
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, freeze_held, DumpOptions, DumpStats, Held};
@@ -42,4 +48,7 @@ pub use image::{
     memory_room, read_image, read_image_bytes, read_image_file, Compression, LoadedImage,
     ProcessImage,
 };
+pub use pipeline::checkpoint_to;
+pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
 pub use restore::{preflight, restore, restore_with, resume, RestoreOptions, Restored};
+pub use stream::{receive, restore_stream, Incoming};

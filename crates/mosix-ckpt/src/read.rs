@@ -14,8 +14,10 @@ use crate::image::{
     TAG_SHMEM,
 };
 use crate::limits::ReadLimits;
+use crate::parse::Event;
 use crate::records::{
-    self, Index, ProcRecord, ProcessImageV1, TAG_INDEX, TAG_PROCESS, TAG_THREAD, V1_LAST_MINOR,
+    self, Index, PreCopy, ProcessImageV1, TAG_DROPS, TAG_INDEX, TAG_LAYOUT, TAG_PRECOPY,
+    TAG_PROCESS, TAG_THREAD, V1_LAST_MINOR,
 };
 
 /// A fully read and verified image: metadata plus memory runs (views into one buffer).
@@ -83,7 +85,7 @@ impl LoadedImage {
 pub type Version = (u16, u16);
 
 /// Reads and checks the 32-byte header.
-fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
+pub(crate) fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
     if h.len() < HEADER_LEN {
         return Err(bad("truncated: shorter than the image header"));
     }
@@ -99,12 +101,13 @@ fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
     #[allow(clippy::absurd_extreme_comparisons)] // true while FORMAT_MINOR is 0
     let known = match major {
         1 => minor <= V1_LAST_MINOR,
+        2 => minor == 0,
         FORMAT_MAJOR => minor <= FORMAT_MINOR,
         _ => false,
     };
     if !known {
         return Err(bad(format!(
-            "image format {major}.{minor} is not supported by this mosix (reads 1.0 to 1.{V1_LAST_MINOR} and {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a matching mosix version"
+            "image format {major}.{minor} is not supported by this mosix (reads 1.0 to 1.{V1_LAST_MINOR}, 2.0 and {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a matching mosix version"
         )));
     }
     Ok((Compression::from_code(h[12])?, (major, minor)))
@@ -144,7 +147,7 @@ pub const META_GROWTH: u64 = {
 };
 
 /// The memory decoding metadata records of `len` bytes in all may take.
-fn meta_decode_need(len: u64, v: Version) -> u64 {
+pub(crate) fn meta_decode_need(len: u64, v: Version) -> u64 {
     // An older 1.x record is copied once to be decoded.
     let copy = if v.0 == 1 && v.1 < V1_LAST_MINOR {
         len + 1
@@ -178,7 +181,7 @@ fn mib(n: u64) -> String {
     }
 }
 
-fn too_big(what: &str, need: u64, limits: &ReadLimits) -> Error {
+pub(crate) fn too_big(what: &str, need: u64, limits: &ReadLimits) -> Error {
     Error::Unrestorable(format!(
         "{what} {} of memory, more than the {} available here",
         mib(need),
@@ -294,63 +297,103 @@ fn damaged(e: std::io::Error) -> Error {
 }
 
 /// Decompresses a body record by record, never holding more than the image declares:
-/// first the metadata record (1.x) or the index (2.x), at most [`MAX_META`], whose
-/// `memory_estimate` (and, 2.x, the size of the process and thread records) then bounds
-/// the rest; a declared size beyond `limits` is refused before anything more is read.
-/// Only the records' shapes are checked here; [`parse_body`] verifies the result.
+/// first the record that declares what follows (1.x metadata, 2.x/3.x index, or 3.x
+/// pre-copy record), at most [`MAX_META`], whose bounds (memory contents, size of the
+/// process and thread records, of the rounds) then bound the rest; a declared size
+/// beyond `limits` is refused before anything more is read. Only the records' shapes are
+/// checked here; [`parse_body`] verifies the result.
 fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Vec<u8>> {
     let mut body = Vec::new();
     let mut bound = 9 + MAX_META + 8;
-    let (tag, len) = record_head(&mut dec, &mut body, bound)?
-        .ok_or_else(|| bad("truncated: the end record is missing"))?;
-    if tag != first_tag(v) {
-        return Err(bad(format!("{} record out of place", first_name(v))));
-    }
-    if len > MAX_META {
-        return Err(bad(format!(
-            "{} record of {len} bytes (a reader takes at most {MAX_META})",
-            first_name(v)
-        )));
-    }
-    let first_need = (9 + len + 8).saturating_add(meta_decode_need(len, v));
-    if first_need > limits.max_memory {
-        return Err(too_big("its metadata needs", first_need, limits));
-    }
-    read_payload(&mut dec, &mut body, len + 8, bound)?;
-    let payload = &body[9..9 + len as usize];
-    let (estimate, records_bytes, records) = if v.0 == 1 {
-        (decode_meta_v1(payload, v.1)?.memory_estimate, 0, 0)
-    } else {
-        let ix = decode_index(payload)?;
-        let records: u64 = ix.tree.iter().map(|t| 1 + t.threads.len() as u64).sum();
-        (ix.memory_estimate, ix.records_bytes, records)
-    };
-    let meta_need = meta_decode_need(len + records_bytes, v);
-    // (A shared-memory record has 8 bytes more than a memory record.)
-    let shmem_extra = if v.0 >= 2 { (estimate / PAGE) * 8 } else { 0 };
-    bound = declared_body_len(len, estimate)
-        .saturating_add(records_bytes)
-        .saturating_add(records.saturating_mul(17))
-        .saturating_add(shmem_extra);
-    if bound.saturating_add(meta_need) > limits.max_memory {
-        return Err(too_big(
-            &format!(
-                "the image declares {} of memory contents; reading it needs",
-                mib(estimate)
-            ),
-            bound.saturating_add(meta_need),
-            limits,
-        ));
-    }
+    // Memory that decoding the metadata takes, declared so far.
+    let mut meta_need = 0u64;
+    let mut first = true;
+    let mut prefix: Option<PreCopy> = None;
     loop {
-        let at = body.len();
+        let at = body.len() as u64;
         let (tag, len) = record_head(&mut dec, &mut body, bound)?
             .ok_or_else(|| bad("truncated: the end record is missing"))?;
+        let declaring = if first {
+            let ok = tag == first_tag(v) || (v.0 >= 3 && tag == TAG_PRECOPY);
+            if !ok {
+                return Err(bad(format!("{} record out of place", first_name(v))));
+            }
+            true
+        } else {
+            tag == TAG_INDEX && prefix.is_some()
+        };
+        first = false;
+        if declaring {
+            if len > MAX_META {
+                return Err(bad(format!(
+                    "{} record of {len} bytes (a reader takes at most {MAX_META})",
+                    first_name(v)
+                )));
+            }
+            let need = (at + 9 + len + 8)
+                .saturating_add(meta_need)
+                .saturating_add(meta_decode_need(len, v));
+            if need > limits.max_memory {
+                return Err(too_big("its metadata needs", need, limits));
+            }
+            bound = bound.max(at + 9 + len + 8);
+            read_payload(&mut dec, &mut body, len + 8, bound)?;
+            let payload = &body[at as usize + 9..(at + 9 + len) as usize];
+            let (what, part) = if tag == TAG_PRECOPY {
+                let pc: PreCopy = decode2(payload, "pre-copy")?;
+                if pc.layouts_bytes > MAX_META || pc.rounds > crate::parse::MAX_ROUNDS {
+                    return Err(bad("pre-copy rounds beyond the bounds of a reader"));
+                }
+                meta_need = meta_need.saturating_add(meta_decode_need(pc.layouts_bytes, v));
+                // Rounds: layouts, a drop record each, memory; then room for the index.
+                let part = (pc.layouts_bytes)
+                    .saturating_add(u64::from(pc.rounds) * 2 * 17)
+                    .saturating_add(declared_body_len(0, pc.budget))
+                    .saturating_add(9 + MAX_META + 8);
+                let est = pc.budget;
+                prefix = Some(pc);
+                (est, part)
+            } else {
+                let (estimate, records_bytes, records) = if v.0 == 1 {
+                    (decode_meta_v1(payload, v.1)?.memory_estimate, 0, 0)
+                } else {
+                    let ix = decode_index(payload)?;
+                    let records: u64 = ix.tree.iter().map(|t| 1 + t.threads.len() as u64).sum();
+                    (ix.memory_estimate, ix.records_bytes, records)
+                };
+                meta_need = meta_need.saturating_add(meta_decode_need(len + records_bytes, v));
+                prefix = None;
+                // (A shared-memory record has 8 bytes more than a memory record; 3.x
+                // has one drop record more.)
+                let shmem_extra = if v.0 >= 2 { (estimate / PAGE) * 8 } else { 0 };
+                let drops = if v.0 >= 3 { 17 } else { 0 };
+                let part = declared_body_len(0, estimate)
+                    .saturating_add(records_bytes)
+                    .saturating_add(records.saturating_mul(17))
+                    .saturating_add(shmem_extra)
+                    .saturating_add(drops);
+                (estimate, part)
+            };
+            bound = (at + 9 + len + 8).saturating_add(part);
+            if bound.saturating_add(meta_need) > limits.max_memory {
+                return Err(too_big(
+                    &format!(
+                        "the image declares {} of memory contents; reading it needs",
+                        mib(what)
+                    ),
+                    bound.saturating_add(meta_need),
+                    limits,
+                ));
+            }
+            continue;
+        }
         match tag {
             TAG_PAGES if (8 + PAGE..=8 + PAGES_RECORD_MAX as u64).contains(&len) => {}
             TAG_PAGES => return Err(bad("memory record of odd size")),
-            TAG_PROCESS | TAG_THREAD if v.0 >= 2 && len <= records_bytes => {}
+            TAG_PROCESS | TAG_THREAD if v.0 >= 2 && len <= MAX_META => {}
             TAG_SHMEM if v.0 >= 2 && (16 + PAGE..=16 + PAGES_RECORD_MAX as u64).contains(&len) => {}
+            TAG_LAYOUT if prefix.as_ref().is_some_and(|p| len <= p.layouts_bytes) => {}
+            TAG_DROPS if v.0 >= 3 && len <= MAX_META => {}
             TAG_END if len == 16 => {}
             TAG_END => return Err(bad("end record of wrong size")),
             TAG_META => return Err(bad("metadata record out of place")),
@@ -441,7 +484,7 @@ fn first_tag(v: Version) -> u8 {
         TAG_INDEX
     }
 }
-fn first_name(v: Version) -> &'static str {
+pub(crate) fn first_name(v: Version) -> &'static str {
     if v.0 == 1 {
         "metadata"
     } else {
@@ -450,7 +493,7 @@ fn first_name(v: Version) -> &'static str {
 }
 
 /// Decodes a 1.`minor` metadata record (the frozen 1.2 layout).
-fn decode_meta_v1(payload: &[u8], minor: u16) -> Result<ProcessImageV1> {
+pub(crate) fn decode_meta_v1(payload: &[u8], minor: u16) -> Result<ProcessImageV1> {
     // Each minor version added one trailing `Option` field to the metadata: 1.1 `clocks`,
     // 1.2 `caps`. An older record is decoded with a None (one 0 byte) for each field it
     // does not have.
@@ -469,12 +512,12 @@ fn decode_meta_v1(payload: &[u8], minor: u16) -> Result<ProcessImageV1> {
 }
 
 /// Decodes one record of format 2 (no minor has added fields yet).
-fn decode2<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
+pub(crate) fn decode2<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
     postcard::from_bytes(payload)
         .map_err(|e| bad(format!("the {what} record does not decode: {e}")))
 }
 
-fn decode_index(payload: &[u8]) -> Result<Index> {
+pub(crate) fn decode_index(payload: &[u8]) -> Result<Index> {
     let ix: Index = decode2(payload, "index")?;
     if ix.records_bytes > MAX_META {
         return Err(bad(format!(
@@ -495,102 +538,96 @@ fn decode_index(payload: &[u8]) -> Result<Index> {
 }
 
 type Runs = Vec<(u64, usize, usize)>;
-
-/// What the records of a format 2 body read so far make.
-#[derive(Default)]
-struct Body2 {
-    index: Option<Index>,
-    /// The process being read: its record and its threads so far.
-    current: Option<(ProcRecord, Vec<ThreadImage>)>,
-    done: Vec<ProcessImage>,
-    records_bytes: u64,
-}
-
-impl Body2 {
-    fn finish_current(&mut self) -> Result<()> {
-        if let Some((p, threads)) = self.current.take() {
-            let ix = self.index.as_ref().expect("index before processes");
-            let t = &ix.tree[self.done.len()];
-            self.done.push(records::join(t, p, threads)?);
-        }
-        Ok(())
-    }
-    fn record(&mut self, tag: u8, payload: &[u8], limits: &ReadLimits) -> Result<()> {
-        if tag == TAG_INDEX {
-            if self.index.is_some() {
-                return Err(bad("index record out of place"));
-            }
-            let ix = decode_index(payload)?;
-            let need = meta_decode_need(payload.len() as u64 + ix.records_bytes, (2, 0));
-            if need > limits.max_memory {
-                return Err(too_big("its metadata needs", need, limits));
-            }
-            self.index = Some(ix);
-            return Ok(());
-        }
-        let Some((declared, processes)) = self
-            .index
-            .as_ref()
-            .map(|ix| (ix.records_bytes, ix.tree.len()))
-        else {
-            return Err(bad("index record out of place"));
-        };
-        self.records_bytes += payload.len() as u64;
-        if self.records_bytes > declared {
-            return Err(bad(
-                "the process and thread records are larger than declared",
-            ));
-        }
-        match tag {
-            TAG_PROCESS => {
-                self.finish_current()?;
-                let n = self.done.len();
-                if n >= processes {
-                    return Err(bad("more process records than processes in the tree"));
-                }
-                self.current = Some((decode2(payload, "process")?, Vec::new()));
-            }
-            _ => {
-                let Some((_, threads)) = &mut self.current else {
-                    return Err(bad("thread record before its process record"));
-                };
-                threads.push(decode2(payload, "thread")?);
-            }
-        }
-        Ok(())
-    }
-    fn end(mut self) -> Result<ProcessImage> {
-        self.finish_current()?;
-        let ix = self.index.take().ok_or_else(|| bad("no index record"))?;
-        if self.done.len() != ix.tree.len() || self.records_bytes != ix.records_bytes {
-            return Err(bad("the records do not match the index"));
-        }
-        let mut p = self.done.remove(0);
-        if p.memory_estimate > ix.memory_estimate {
-            return Err(bad("a process declares more memory than the image"));
-        }
-        p.memory_estimate = ix.memory_estimate;
-        Ok(p)
-    }
-}
-
 type ShmemRuns = Vec<(u64, u64, usize, usize)>;
+
+/// The memory an image leaves in place, record after record: later copies of a page
+/// win, a new layout keeps only what [`records::kept_ranges`] keeps, drops clear.
+#[derive(Default)]
+pub(crate) struct PageMap {
+    /// start -> (end, offset of `start`'s data in the body).
+    map: std::collections::BTreeMap<u64, (u64, usize)>,
+}
+
+impl PageMap {
+    /// Clears [s, e).
+    pub(crate) fn clear(&mut self, s: u64, e: u64) {
+        let over: Vec<(u64, u64, usize)> = self
+            .map
+            .range(..e)
+            .rev()
+            .take_while(|(_, &(end, _))| end > s)
+            .map(|(&a, &(b, off))| (a, b, off))
+            .collect();
+        for (a, b, off) in over {
+            self.map.remove(&a);
+            if a < s {
+                self.map.insert(a, (s, off));
+            }
+            if b > e {
+                self.map.insert(e, (b, off + (e - a) as usize));
+            }
+        }
+    }
+    /// Data at [s, e) is at `off` of the body now.
+    pub(crate) fn put(&mut self, s: u64, e: u64, off: usize) {
+        self.clear(s, e);
+        self.map.insert(s, (e, off));
+    }
+    /// Keeps only what lies in `keep` (sorted, not overlapping).
+    pub(crate) fn keep_only(&mut self, keep: &[(u64, u64)]) {
+        let mut gaps = Vec::new();
+        let mut at = 0u64;
+        for &(s, e) in keep {
+            if s > at {
+                gaps.push((at, s));
+            }
+            at = at.max(e);
+        }
+        gaps.push((at, u64::MAX));
+        for (s, e) in gaps {
+            self.clear(s, e);
+        }
+    }
+    fn runs(&self) -> Runs {
+        self.map
+            .iter()
+            .map(|(&s, &(e, off))| (s, off, (e - s) as usize))
+            .collect()
+    }
+}
+
+/// Whether [s, s+len) lies in staged areas of `vmas` (where a pre-copy image's memory
+/// records may be).
+pub(crate) fn in_staged(vmas: &[Vma], s: u64, len: u64) -> bool {
+    let e = s + len;
+    let mut at = s;
+    let mut areas: Vec<&Vma> = vmas.iter().filter(|v| records::staged(v)).collect();
+    areas.sort_by_key(|v| v.start);
+    for v in areas {
+        if v.start <= at && at < v.end {
+            at = v.end;
+            if at >= e {
+                return true;
+            }
+        }
+    }
+    false
+}
 
 fn parse_body(
     body: &[u8],
     v: Version,
     limits: &ReadLimits,
 ) -> Result<(ProcessImage, Runs, ShmemRuns)> {
-    let mut pos = 0usize;
+    let mut parser = crate::parse::Parser::new(v, *limits);
+    let mut pages = PageMap::default();
+    let mut layout: Option<Vec<Vma>> = None;
     let mut meta: Option<ProcessImage> = None;
-    let mut v2 = Body2::default();
-    let mut estimate: Option<u64> = None;
-    let mut runs = Vec::new();
     let mut shmem_runs = Vec::new();
-    let mut records = 0u64;
-    let mut payload_total = 0u64;
-    let mut page_bytes = 0u64;
-    loop {
+    let mut pos = 0usize;
+    let mut n = 0u64;
+    let mut rounds = false;
+    while !parser.ended() {
         if body.len() - pos < 9 {
             return Err(bad("truncated: the end record is missing"));
         }
@@ -598,7 +635,7 @@ fn parse_body(
         let len = u64::from_le_bytes(body[pos + 1..pos + 9].try_into().expect("8 bytes"));
         if len > MAX_RECORD || ((body.len() - pos - 9) as u64) < len + 8 {
             return Err(bad(format!(
-                "truncated or damaged record {records} at byte {pos} of the body"
+                "truncated or damaged record {n} at byte {pos} of the body"
             )));
         }
         let len = len as usize;
@@ -607,122 +644,56 @@ fn parse_body(
         let sum = u64::from_le_bytes(body[sum_at..sum_at + 8].try_into().expect("8 bytes"));
         if xxh3_64(&body[pos..sum_at]) != sum {
             return Err(bad(format!(
-                "checksum mismatch in record {records} at byte {pos} of the body (damaged image)"
+                "checksum mismatch in record {n} at byte {pos} of the body (damaged image)"
             )));
         }
-        records += 1;
-        payload_total += len as u64;
-        let payload = &body[payload_at..sum_at];
-        if (records == 1) != (tag == first_tag(v)) {
-            return Err(bad(format!("{} record out of place", first_name(v))));
-        }
-        match tag {
-            TAG_META if v.0 == 1 => {
-                if len as u64 > MAX_META {
-                    return Err(bad(format!(
-                        "metadata record of {len} bytes (a reader takes at most {MAX_META})"
-                    )));
+        n += 1;
+        parser.record(tag, &body[payload_at..sum_at], payload_at, &mut |ev| {
+            match ev {
+                Event::Layout(l) => {
+                    match &layout {
+                        Some(prev) => pages.keep_only(&records::kept_ranges(prev, &l.vmas)),
+                        None => pages.keep_only(&[]),
+                    }
+                    layout = Some(l.vmas);
+                    rounds = true;
                 }
-                let need = meta_decode_need(len as u64, v);
-                if need > limits.max_memory {
-                    return Err(too_big("its metadata needs", need, limits));
+                Event::Final(m) => {
+                    if let Some(prev) = &layout {
+                        pages.keep_only(&records::kept_ranges(prev, &m.vmas));
+                    }
+                    layout = Some(m.vmas.clone());
+                    meta = Some(*m);
                 }
-                let m: ProcessImage = decode_meta_v1(payload, v.1)?.into();
-                estimate = Some(m.memory_estimate);
-                meta = Some(m);
+                Event::Drops(d) => {
+                    for (a, len) in d {
+                        pages.clear(a, a + len);
+                    }
+                }
+                Event::Pages { vaddr, data, at } => {
+                    let len = data.len() as u64;
+                    // (After pre-copy rounds every page must be where it can be put.)
+                    if rounds && !layout.as_ref().is_some_and(|l| in_staged(l, vaddr, len)) {
+                        return Err(bad(format!(
+                            "memory at {vaddr:#x} outside the process's private memory"
+                        )));
+                    }
+                    pages.put(vaddr, vaddr + len, at);
+                }
+                Event::Shmem {
+                    ino,
+                    offset,
+                    data,
+                    at,
+                } => shmem_runs.push((ino, offset, at, data.len())),
             }
-            TAG_INDEX | TAG_PROCESS | TAG_THREAD if v.0 >= 2 => {
-                if len as u64 > MAX_META {
-                    return Err(bad(format!(
-                        "a record of {len} bytes (a reader takes at most {MAX_META})"
-                    )));
-                }
-                v2.record(tag, payload, limits)?;
-                if let Some(ix) = &v2.index {
-                    estimate = Some(ix.memory_estimate);
-                }
-            }
-            TAG_SHMEM if v.0 >= 2 => {
-                let Some(est) = estimate.filter(|_| v2.current.is_some()) else {
-                    return Err(bad("shared memory data before its process"));
-                };
-                if len < 16 + PAGE as usize
-                    || len > 16 + PAGES_RECORD_MAX
-                    || !(len - 16).is_multiple_of(PAGE as usize)
-                {
-                    return Err(bad("shared memory record of odd size"));
-                }
-                page_bytes += (len - 16) as u64;
-                if page_bytes > est {
-                    return Err(bad(format!(
-                        "the image holds more memory contents than the {est} bytes it declares"
-                    )));
-                }
-                let ino = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-                let offset = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
-                if offset % PAGE != 0 {
-                    return Err(bad("shared memory record at unaligned offset"));
-                }
-                shmem_runs.push((ino, offset, payload_at + 16, len - 16));
-            }
-            TAG_PAGES => {
-                let ready = if v.0 == 1 {
-                    meta.is_some()
-                } else {
-                    v2.current.is_some()
-                };
-                let Some(est) = estimate.filter(|_| ready) else {
-                    return Err(bad("memory before metadata"));
-                };
-                if len < 8 + PAGE as usize
-                    || len > 8 + PAGES_RECORD_MAX
-                    || !(len - 8).is_multiple_of(PAGE as usize)
-                {
-                    return Err(bad("memory record of odd size"));
-                }
-                page_bytes += (len - 8) as u64;
-                if page_bytes > est {
-                    return Err(bad(format!(
-                        "the image holds more memory contents than the {est} bytes it declares"
-                    )));
-                }
-                let vaddr = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-                if vaddr % 4096 != 0 {
-                    return Err(bad("memory record at unaligned address"));
-                }
-                runs.push((vaddr, payload_at + 8, len - 8));
-            }
-            TAG_END => {
-                if len != 16 {
-                    return Err(bad("end record of wrong size"));
-                }
-                let count = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-                let total = u64::from_le_bytes(payload[8..].try_into().expect("8 bytes"));
-                if count != records || total != payload_total - 16 {
-                    return Err(bad("record count or size does not match the end record"));
-                }
-                if sum_at + 8 != body.len() {
-                    return Err(bad("trailing data after the end record"));
-                }
-                break;
-            }
-            t => return Err(bad(format!("unknown record type {t}"))),
-        }
+            Ok(())
+        })?;
         pos = sum_at + 8;
     }
-    let meta = if v.0 == 1 {
-        meta.ok_or_else(|| bad("no metadata record"))?
-    } else {
-        v2.end()?
-    };
-    // Every shared memory record is of an object of the process, within its size.
-    for &(ino, offset, _, len) in &shmem_runs {
-        let fits = meta.shmem.iter().any(|o| {
-            o.ino == ino && offset.saturating_add(len as u64) <= o.size.div_ceil(PAGE) * PAGE
-        });
-        if !fits {
-            return Err(bad("shared memory data of no object of the process"));
-        }
+    if pos != body.len() {
+        return Err(bad("trailing data after the end record"));
     }
-    Ok((meta, runs, shmem_runs))
+    let meta = meta.ok_or_else(|| bad("no metadata record"))?;
+    Ok((meta, pages.runs(), shmem_runs))
 }

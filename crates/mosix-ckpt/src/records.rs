@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{bad, Result};
 use crate::image::{
     Clocks, Creds, Fd, FileId, MmFields, PendingSignal, ProcessImage, Rseq, ShmemObject, SigAction,
-    ThreadImage, Vma,
+    ThreadImage, Vma, VmaKind,
 };
 use crate::Caps;
 
@@ -20,6 +20,146 @@ pub const TAG_INDEX: u8 = 3;
 pub const TAG_PROCESS: u8 = 4;
 /// Format 2: one per thread, right after its process record, main thread first.
 pub const TAG_THREAD: u8 = 5;
+
+/// Format 3: first record of an image that begins with pre-copy rounds (memory saved while
+/// the process ran); says what the rounds may hold, so that a reader can bound them.
+pub const TAG_PRECOPY: u8 = 9;
+/// Format 3: starts a pre-copy round: the layout of the process's memory then
+/// ([`Layout`]); the round's memory records follow.
+pub const TAG_LAYOUT: u8 = 7;
+/// Format 3: memory given back since an earlier round (at most one, right after a layout
+/// or after the last thread record): (address u64, length u64) pairs, whole pages. The
+/// pages there are as in a fresh mapping again (zero, or the file's).
+pub const TAG_DROPS: u8 = 8;
+
+/// The pre-copy record (format 3): bounds of the rounds that follow it, up to the index.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreCopy {
+    /// Bytes of memory contents and drop records in all rounds together, at most.
+    pub budget: u64,
+    /// Payload bytes of all layout records together, at most.
+    pub layouts_bytes: u64,
+    /// Rounds (layout records), at most.
+    pub rounds: u32,
+    /// Bytes of memory contents the process had when the rounds began (what a receiver
+    /// admits it by: rounds send some of it more than once).
+    pub resident: u64,
+}
+
+/// A pre-copy round's layout record (format 3): what a receiver needs to map the
+/// process's memory before its final state is known.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub pid: i32,
+    pub arch: String,
+    pub kernel: String,
+    pub exe: String,
+    pub exe_id: Option<FileId>,
+    pub creds: Creds,
+    pub caps: Option<Caps>,
+    pub mm: MmFields,
+    pub vmas: Vec<Vma>,
+    /// Its clocks when the layout was read.
+    pub clocks: Option<Clocks>,
+}
+
+impl Layout {
+    /// The layout part of a process image.
+    pub fn of(m: &ProcessImage) -> Layout {
+        Layout {
+            pid: m.pid,
+            arch: m.arch.clone(),
+            kernel: m.kernel.clone(),
+            exe: m.exe.clone(),
+            exe_id: m.exe_id.clone(),
+            creds: m.creds.clone(),
+            caps: m.caps,
+            mm: m.mm.clone(),
+            vmas: m.vmas.clone(),
+            clocks: m.clocks,
+        }
+    }
+    /// A process image with only the layout's fields (what restoring memory needs).
+    pub fn to_image(&self) -> ProcessImage {
+        ProcessImage {
+            pid: self.pid,
+            arch: self.arch.clone(),
+            kernel: self.kernel.clone(),
+            exe: self.exe.clone(),
+            exe_id: self.exe_id.clone(),
+            creds: self.creds.clone(),
+            caps: self.caps,
+            mm: self.mm.clone(),
+            vmas: self.vmas.clone(),
+            clocks: self.clocks,
+            ..Default::default()
+        }
+    }
+}
+
+/// Whether memory of area `v` is put in place before the process's final state is
+/// known (its own pages: private, not the kernel's), as pre-copy rounds and a receiver
+/// restoring while it receives do.
+pub fn staged(v: &Vma) -> bool {
+    !v.shared && matches!(v.kind, VmaKind::Anon | VmaKind::File { .. })
+}
+
+/// The address ranges whose contents carry over from layout `prev` to layout `next`: in
+/// a staged area of both, of the same kind at every address (anonymous memory, or the
+/// same file at the same offset), and for a stack (growing down) the very same area.
+/// Everything else of `next` is mapped afresh (zero, or the file's pages). Writer and
+/// readers of pre-copy rounds decide by this one rule. Sorted, not overlapping.
+pub fn kept_ranges(prev: &[Vma], next: &[Vma]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for n in next.iter().filter(|v| staged(v)) {
+        for p in prev.iter().filter(|v| staged(v)) {
+            let (s, e) = (n.start.max(p.start), n.end.min(p.end));
+            if s >= e {
+                continue;
+            }
+            let same = match (&n.kind, &p.kind) {
+                (VmaKind::Anon, VmaKind::Anon) => {
+                    if n.growsdown || p.growsdown {
+                        n.growsdown == p.growsdown && n.start == p.start && n.end == p.end
+                    } else {
+                        true
+                    }
+                }
+                (
+                    VmaKind::File {
+                        path: a,
+                        offset: ao,
+                        id: ai,
+                    },
+                    VmaKind::File {
+                        path: b,
+                        offset: bo,
+                        id: bi,
+                    },
+                ) => {
+                    a == b
+                        && ai == bi
+                        && ao.wrapping_sub(n.start) == bo.wrapping_sub(p.start)
+                        && !n.growsdown
+                        && !p.growsdown
+                }
+                _ => false,
+            };
+            if same {
+                out.push((s, e));
+            }
+        }
+    }
+    out.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.len());
+    for (s, e) in out {
+        match merged.last_mut() {
+            Some(l) if l.1 >= s => l.1 = l.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
 
 /// One process of the image's process tree (format 2 index). An image of one process has
 /// one entry; images of process families will have one per process, parents first.

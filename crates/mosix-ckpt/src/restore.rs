@@ -4,30 +4,32 @@
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 
-use crate::creds::{self, CredOptions, Plan, Restorer};
+use crate::creds::CredOptions;
 use crate::error::{sys_err, Error, Result};
 use crate::fdobj;
 use crate::image::{FdKind, LoadedImage, ProcessImage, VmaKind};
 use crate::procfs;
 use crate::remote::{find_syscall_insn, Remote};
-use crate::shmem;
+use crate::stage::Site;
 use crate::sys::{self, PAGE};
 use crate::threads;
+use std::os::fd::OwnedFd;
 
 /// Highest user address on x86_64 with 4-level paging.
-const TASK_SIZE: u64 = 0x7fff_ffff_f000;
-const SCRATCH_LEN: u64 = 64 * 1024;
+pub(crate) const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+pub(crate) const SCRATCH_LEN: u64 = 64 * 1024;
 // Layout of the work area: code, auxv, prctl_mm_map, small structs, strings.
 const AT_AUXV: u64 = 0x1000;
 const AT_MM: u64 = 0x2000;
 pub(crate) const AT_MISC: u64 = 0x3000;
+/// Where a batch of calls runs from (code, then its table), and its data.
+pub(crate) const AT_BATCH: u64 = 0x4000;
+pub(crate) const AT_BATCH_DATA: u64 = 0x5800;
 pub(crate) const AT_STR: u64 = 0x8000;
 /// Where a seccomp program goes (up to 24 KiB: 3072 instructions).
 const AT_FILTER: u64 = 0xa000;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
-const PR_SET_VMA: u64 = 0x53564d41;
-const PR_SET_VMA_ANON_NAME: u64 = 0;
 
 /// How the new process is created.
 #[derive(Clone, Copy, Debug, Default)]
@@ -72,7 +74,11 @@ pub struct Restored {
 /// before the open could be raced, and made as root would tell about files the user
 /// cannot see.
 pub fn preflight(img: &LoadedImage) -> Result<()> {
-    let m = &img.meta;
+    preflight_meta(&img.meta)
+}
+
+/// [`preflight`] of a process image.
+pub(crate) fn preflight_meta(m: &ProcessImage) -> Result<()> {
     if m.arch != std::env::consts::ARCH {
         return Err(Error::Unrestorable(format!(
             "the image is of a {} process; this machine is {}",
@@ -80,7 +86,8 @@ pub fn preflight(img: &LoadedImage) -> Result<()> {
             std::env::consts::ARCH
         )));
     }
-    if sys::regs_from_bytes(&m.regs).is_none() {
+    // (A pre-copy layout has no registers yet: they come with the final state.)
+    if !m.regs.is_empty() && sys::regs_from_bytes(&m.regs).is_none() {
         return Err(Error::Unrestorable("registers of an unknown layout".into()));
     }
     let own = specials(&procfs::maps(std::process::id() as i32)?);
@@ -100,14 +107,14 @@ pub fn preflight(img: &LoadedImage) -> Result<()> {
     Ok(())
 }
 
-fn specials(maps: &[procfs::MapLine]) -> HashMap<String, (u64, u64)> {
+pub(crate) fn specials(maps: &[procfs::MapLine]) -> HashMap<String, (u64, u64)> {
     maps.iter()
         .filter(|m| m.is_special())
         .map(|m| (m.name.clone(), (m.start, m.len())))
         .collect()
 }
 
-fn image_specials(m: &ProcessImage) -> HashMap<String, (u64, u64)> {
+pub(crate) fn image_specials(m: &ProcessImage) -> HashMap<String, (u64, u64)> {
     m.vmas
         .iter()
         .filter_map(|v| match &v.kind {
@@ -119,7 +126,7 @@ fn image_specials(m: &ProcessImage) -> HashMap<String, (u64, u64)> {
 
 /// A free range of `len` bytes not overlapping any of `used`, searching downwards from
 /// below `top`.
-fn free_range(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
+pub(crate) fn free_range(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
     let mut v: Vec<(u64, u64)> = used.to_vec();
     v.sort();
     let mut hi = top;
@@ -173,67 +180,37 @@ pub(crate) fn restore_mode(
     creds: &CredOptions,
     mode: Mode,
 ) -> Result<(Restored, Option<std::os::fd::OwnedFd>)> {
+    restore_loaded(img, opts, creds, mode, false).map(|(r, l, _)| (r, l))
+}
+
+/// Restores a whole image (read and verified) in a new child; with `track` a
+/// userfaultfd of its memory is made too (see [`Site::complete`]).
+pub(crate) fn restore_loaded(
+    img: &LoadedImage,
+    opts: RestoreOptions,
+    creds: &CredOptions,
+    mode: Mode,
+    track: bool,
+) -> Result<(Restored, Option<OwnedFd>, Option<OwnedFd>)> {
     let t = std::time::Instant::now();
-    preflight(img)?;
     let m = &img.meta;
-    let plan = creds::plan(&m.creds, m.caps, creds, &Restorer::current())?;
-    let (pid, ns_init) = if opts.keep_pid || opts.time_ns {
-        let set_tid = if opts.keep_pid {
-            if m.pid <= 1 {
-                return Err(Error::Unrestorable(format!(
-                    "the process had PID {}, which it cannot keep (PID 1 is the namespace's init)",
-                    m.pid
-                )));
-            }
-            if let Some(t) = m.threads.iter().find(|t| t.tid <= 1) {
-                return Err(Error::Unrestorable(format!(
-                    "a thread of the process had ID {}, which it cannot keep",
-                    t.tid
-                )));
-            }
-            m.pid
-        } else {
-            0
-        };
-        let offsets = if opts.time_ns {
-            let Some(c) = &m.clocks else {
-                return Err(Error::Unrestorable(
-                    "the image has no clock readings (made by an older mosix): cannot keep its clocks"
-                        .into(),
-                ));
-            };
-            let (own_mono, own_boot) = procfs::timens_offsets("self");
-            let mono = c.monotonic_ns - (sys::clock_ns(libc::CLOCK_MONOTONIC) - own_mono);
-            let boot = c.boottime_ns - (sys::clock_ns(libc::CLOCK_BOOTTIME) - own_boot);
-            Some((mono, boot))
-        } else {
-            None
-        };
-        let hostname = match mode {
-            Mode::Away(a) => a.hostname.as_deref(),
-            _ => None,
-        };
-        sys::spawn_traced_child_in_ns_named(opts.stdio, set_tid, offsets, hostname)?
-    } else {
-        (sys::spawn_traced_child(opts.stdio)?, None)
-    };
-    tracing::debug!("preflight and fork in {:?}", t.elapsed());
-    // The process's own PID, for system calls it makes about itself.
-    let own = if opts.keep_pid { m.pid } else { pid };
-    match build_mode(pid, own, img, opts, &plan, mode) {
-        Ok(listener) => {
-            tracing::debug!("restored in {:?}", t.elapsed());
-            Ok((Restored { pid, ns_init }, listener))
-        }
-        Err(e) => {
-            threads::kill_and_reap(pid);
-            if let Some(i) = ns_init {
-                let _ = sys::kill(i, libc::SIGKILL);
-                let _ = sys::wait(i);
-            }
-            Err(e)
-        }
+    let mut site = Site::begin(m, opts, creds, mode)?;
+    build_loaded(&mut site, img)?;
+    tracing::debug!("memory in place after {:?}", t.elapsed());
+    let r = site.complete(m, track)?;
+    tracing::debug!("restored in {:?}", t.elapsed());
+    Ok(r)
+}
+
+/// Puts the memory of a whole image in place and takes its final state.
+pub(crate) fn build_loaded(site: &mut Site, img: &LoadedImage) -> Result<()> {
+    let parts: Vec<(u64, &[u8])> = img.pages().map(|p| (p.vaddr, p.data)).collect();
+    site.pages(&parts)?;
+    site.final_state(&img.meta)?;
+    for p in img.shmem_pages() {
+        site.shmem_data(p.ino, p.offset, p.data)?;
     }
+    Ok(())
 }
 
 pub(crate) struct Builder<'a> {
@@ -287,213 +264,10 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Builds the image inside stopped tracee `pid`; with [`Mode::Away`] returns the filter's
-/// listener.
-pub(crate) fn build_mode(
-    pid: i32,
-    own: i32,
-    img: &LoadedImage,
-    opts: RestoreOptions,
-    plan: &Plan,
-    mode: Mode,
-) -> Result<Option<std::os::fd::OwnedFd>> {
-    let m = &img.meta;
-    sys::set_options(
-        pid,
-        (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE) as u64,
-    )
-    .map_err(|e| sys_err("ptrace options", e))?;
-    // Nothing is delivered while we work.
-    sys::set_sigmask(pid, !0u64)?;
-    let base = sys::get_regs(pid)?;
-    // The first system calls go through a syscall instruction of its [vdso].
-    let child_maps = procfs::maps(pid)?;
-    let vdso = child_maps.iter().filter(|c| c.name == "[vdso]");
-    let ip = syscall_insn_in(pid, vdso.map(|c| (c.start, c.end)))
-        .ok_or_else(|| Error::Unrestorable("no syscall instruction in the [vdso]".into()))?;
-    let mut r = Remote::new(pid, ip, base);
-
-    // rseq registered by our own libc must go before its memory does.
-    if let Some((addr, len, sig)) = sys::get_rseq(pid)? {
-        r.call(
-            "rseq unregister",
-            libc::SYS_rseq,
-            &[addr, len as u64, 1, sig as u64],
-        )?;
-    }
-
-    // A scratch area for code and arguments, clear of the image and of what is there now.
-    let mut used: Vec<(u64, u64)> = m.vmas.iter().map(|v| (v.start, v.end)).collect();
-    used.extend(child_maps.iter().map(|c| (c.start, c.end)));
-    let scratch = free_range(&used, SCRATCH_LEN, TASK_SIZE - (1 << 30))
-        .ok_or_else(|| Error::Unrestorable("no room for the restore work area".into()))?;
-    r.call(
-        "mmap of the work area",
-        libc::SYS_mmap,
-        &[
-            scratch,
-            SCRATCH_LEN,
-            (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
-    sys::write_mem(pid, scratch, &[0x0f, 0x05, 0xcc])?;
-    r.ip = scratch;
-    used.push((scratch, scratch + SCRATCH_LEN));
-
-    // Drop everything of ours but the work area and the kernel's [vdso]/[vvar].
-    let mut keep: Vec<(u64, u64)> = child_maps
-        .iter()
-        .filter(|c| c.is_special())
-        .map(|c| (c.start, c.end))
-        .collect();
-    keep.push((scratch, scratch + SCRATCH_LEN));
-    keep.sort();
-    let mut at = 0u64;
-    for &(s, e) in keep.iter().chain(std::iter::once(&(TASK_SIZE, TASK_SIZE))) {
-        if s > at {
-            r.call("munmap", libc::SYS_munmap, &[at, s - at])?;
-        }
-        at = at.max(e);
-    }
-
-    // Move [vvar]/[vdso] to where the image had them (via a free spot, in case the
-    // old and new places overlap).
-    let have = specials(&child_maps);
-    let want = image_specials(m);
-    let mut moved = Vec::new();
-    for (name, &(from, len)) in &have {
-        let Some(&(to, wlen)) = want.get(name) else {
-            return Err(Error::Unrestorable(format!("the image has no {name}")));
-        };
-        if wlen != len {
-            return Err(Error::Unrestorable(format!("{name} size differs")));
-        }
-        if from == to {
-            continue;
-        }
-        let mut all = used.clone();
-        all.extend(keep.iter().copied());
-        let tmp = free_range(&all, len, TASK_SIZE - (2 << 30))
-            .ok_or_else(|| Error::Unrestorable("no room to move the vdso".into()))?;
-        used.push((tmp, tmp + len));
-        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-        r.call(
-            &format!("moving {name}"),
-            libc::SYS_mremap,
-            &[from, len, len, flags, tmp],
-        )?;
-        moved.push((name.clone(), tmp, to, len));
-    }
-    for (name, tmp, to, len) in moved {
-        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-        r.call(
-            &format!("moving {name}"),
-            libc::SYS_mremap,
-            &[tmp, len, len, flags, to],
-        )?;
-    }
-
-    let mut b = Builder {
-        pid,
-        own,
-        r,
-        scratch,
-        img: m,
-        fs_uid: plan.creds.uid[3],
-        mode,
-        shm: HashMap::new(),
-    };
-    // From here on, every path is opened as the user the process belongs to.
-    creds::enter(&mut b, plan)?;
-    // The mm fields (and exe link) before the image's mappings exist: the kernel refuses
-    // to change the exe link while the old exe is mapped, and the image may map that
-    // very file.
-    set_mm(&mut b)?;
-    let t = std::time::Instant::now();
-    shmem::make(&mut b, img)?;
-    map_memory(&mut b)?;
-    tracing::debug!("mapped in {:?}", t.elapsed());
-    write_memory(pid, img)?;
-    tracing::debug!("memory written in {:?}", t.elapsed());
-    finish_memory(&mut b)?;
-    restore_fds(&mut b)?;
-    shmem::seal(&mut b)?;
-    restore_misc(&mut b)?;
-    restore_signals(&mut b)?;
-    // The other threads, made by the main thread while it still may choose their IDs;
-    // each then takes on the process's credentials itself (they are per thread).
-    let tids = match (opts.keep_pid, mode) {
-        (true, _) => threads::Tids::Keep,
-        (false, Mode::Into) => threads::Tids::Hint,
-        _ => threads::Tids::New,
-    };
-    let made = threads::make_all(&mut b, tids)?;
-    for (t, _) in &made {
-        let theirs = Remote::new(t.tid, b.r.ip, t.regs);
-        let main_r = std::mem::replace(&mut b.r, theirs);
-        let res = creds::finish(&mut b, plan);
-        b.r = main_r;
-        res?;
-    }
-    creds::finish(&mut b, plan)?;
-
-    // Leave the work area through a syscall instruction of the restored program itself.
-    let vdso = m
-        .vmas
-        .iter()
-        .filter(|v| v.kind == VmaKind::Special("[vdso]".into()));
-    let code = m
-        .vmas
-        .iter()
-        .filter(|v| v.prot & libc::PROT_EXEC != 0 && v.prot & libc::PROT_READ != 0);
-    let ip = syscall_insn_in(pid, vdso.chain(code).map(|v| (v.start, v.end)));
-    b.r.ip = ip
-        .ok_or_else(|| Error::Unrestorable("no syscall instruction in the restored code".into()))?;
-    if let Some(sig) = opts.pdeathsig {
-        b.call(
-            "prctl(PR_SET_PDEATHSIG)",
-            libc::SYS_prctl,
-            &[libc::PR_SET_PDEATHSIG as u64, sig as u64, 0, 0, 0],
-        )?;
-    }
-    // The filter last of all system calls (those after it are let through by it).
-    let listener = match mode {
-        Mode::Away(a) => Some(install_filter(&mut b, &a.filter)?),
-        _ => None,
-    };
-    b.call(
-        "munmap of the work area",
-        libc::SYS_munmap,
-        &[scratch, SCRATCH_LEN],
-    )?;
-
-    // Registers last; a system call interrupted at checkpoint time is restarted.
-    let regs = sys::regs_from_bytes(&m.regs).expect("checked in preflight");
-    final_state(pid, regs, &m.xstate, m.blocked)?;
-    for (t, ti) in &made {
-        let mut regs = sys::regs_from_bytes(&ti.regs).ok_or_else(|| {
-            Error::Unrestorable(format!(
-                "registers of thread {} of an unknown layout",
-                ti.tid
-            ))
-        })?;
-        regs.fs_base = ti.fs_base;
-        regs.gs_base = ti.gs_base;
-        final_state(t.tid, regs, &ti.xstate, ti.blocked)?;
-    }
-    if !opts.hold {
-        resume(pid)?;
-    }
-    Ok(listener)
-}
-
 /// Installs seccomp program `prog` in the process being built (no_new_privs first: it
 /// runs as its user by now) and returns the listener, which is closed in the process
 /// itself (that close is trapped already, and let through here).
-fn install_filter(b: &mut Builder, prog: &[u8]) -> Result<std::os::fd::OwnedFd> {
+pub(crate) fn install_filter(b: &mut Builder, prog: &[u8]) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     b.call(
         "prctl(PR_SET_NO_NEW_PRIVS)",
@@ -526,7 +300,7 @@ fn install_filter(b: &mut Builder, prog: &[u8]) -> Result<std::os::fd::OwnedFd> 
 
 /// Sets the registers (an interrupted system call made to restart), XSAVE area and
 /// blocked signals a restored thread starts with.
-fn final_state(tid: i32, regs: sys::Regs, xstate: &[u8], blocked: u64) -> Result<()> {
+pub(crate) fn final_state(tid: i32, regs: sys::Regs, xstate: &[u8], blocked: u64) -> Result<()> {
     sys::set_regs(tid, &threads::resume_regs(regs))?;
     sys::set_xstate(tid, xstate).map_err(|e| {
         Error::Unrestorable(format!("the FPU/AVX state does not fit this CPU ({e})"))
@@ -535,7 +309,7 @@ fn final_state(tid: i32, regs: sys::Regs, xstate: &[u8], blocked: u64) -> Result
 }
 
 /// The first `syscall` instruction in the given ranges of `pid`'s memory.
-fn syscall_insn_in(pid: i32, ranges: impl Iterator<Item = (u64, u64)>) -> Option<u64> {
+pub(crate) fn syscall_insn_in(pid: i32, ranges: impl Iterator<Item = (u64, u64)>) -> Option<u64> {
     for (start, end) in ranges {
         let mut code = vec![0u8; (end - start).min(1 << 20) as usize];
         if sys::read_mem(pid, start, &mut code).unwrap_or(false) {
@@ -547,66 +321,9 @@ fn syscall_insn_in(pid: i32, ranges: impl Iterator<Item = (u64, u64)>) -> Option
     None
 }
 
-fn map_memory(b: &mut Builder) -> Result<()> {
-    let m = b.img;
-    let mut open_files: HashMap<String, u64> = HashMap::new();
-    for v in &m.vmas {
-        let len = v.end - v.start;
-        let growsdown = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
-        match &v.kind {
-            VmaKind::Special(_) => continue,
-            VmaKind::Anon => {
-                b.call(
-                    "mmap",
-                    libc::SYS_mmap,
-                    &[
-                        v.start,
-                        len,
-                        (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                        (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | growsdown)
-                            as u64,
-                        u64::MAX,
-                        0,
-                    ],
-                )?;
-            }
-            VmaKind::Shmem { ino, offset } => {
-                let fd = *b.shm.get(ino).ok_or_else(|| {
-                    Error::BadImage(format!("memory at {:#x} of no shared object", v.start))
-                })?;
-                map_file(b, v, fd, *offset, "mapping shared memory")?;
-            }
-            VmaKind::File { path, offset, id } => {
-                let fd = match open_files.get(path) {
-                    Some(&fd) => fd,
-                    None => {
-                        let fd =
-                            b.open(path, libc::O_RDONLY | libc::O_CLOEXEC, Some((id, true)))?;
-                        open_files.insert(path.clone(), fd);
-                        fd
-                    }
-                };
-                map_file(b, v, fd, *offset, &format!("mapping {path}"))?;
-            }
-        }
-        if let Some(name) = &v.anon_name {
-            let p = b.put_str(AT_STR, name)?;
-            b.call(
-                "naming memory",
-                libc::SYS_prctl,
-                &[PR_SET_VMA, PR_SET_VMA_ANON_NAME, v.start, len, p],
-            )?;
-        }
-    }
-    for (_, fd) in open_files {
-        b.call("close", libc::SYS_close, &[fd])?;
-    }
-    Ok(())
-}
-
 /// Maps memory area `v` from descriptor `fd` at `offset`: shared as it was, or private
 /// and writable (its own pages are written next, its protection set after).
-fn map_file(
+pub(crate) fn map_file(
     b: &mut Builder,
     v: &crate::image::Vma,
     fd: u64,
@@ -633,12 +350,7 @@ fn map_file(
     Ok(())
 }
 
-fn write_memory(pid: i32, img: &LoadedImage) -> Result<()> {
-    let parts: Vec<(u64, &[u8])> = img.pages().map(|p| (p.vaddr, p.data)).collect();
-    sys::write_mem_many(pid, &parts)
-}
-
-fn finish_memory(b: &mut Builder) -> Result<()> {
+pub(crate) fn finish_memory(b: &mut Builder) -> Result<()> {
     for v in &b.img.vmas {
         if matches!(v.kind, VmaKind::Special(_)) || v.shared {
             continue;
@@ -654,13 +366,15 @@ fn finish_memory(b: &mut Builder) -> Result<()> {
     Ok(())
 }
 
-fn set_mm(b: &mut Builder) -> Result<()> {
+/// Sets the mm fields (PR_SET_MM_MAP); with `exe` also the exe link (the executable
+/// opened as the user and checked).
+pub(crate) fn set_mm(b: &mut Builder, exe: bool) -> Result<()> {
     let mm = &b.img.mm;
     let auxv: Vec<u8> = mm.auxv.iter().flat_map(|x| x.to_le_bytes()).collect();
     let auxv_addr = b.put(AT_AUXV, &auxv)?;
     // Opened (and checked) as the user in any case; the exe link is set only by root.
     // Inside the deputy, the exec made the link (and it was checked).
-    let exe_fd = if matches!(b.mode, Mode::Into) {
+    let exe_fd = if matches!(b.mode, Mode::Into) || !exe {
         u32::MAX
     } else {
         let exe = b.img.exe.clone();
@@ -704,7 +418,7 @@ fn set_mm(b: &mut Builder) -> Result<()> {
     Ok(())
 }
 
-fn restore_fds(b: &mut Builder) -> Result<()> {
+pub(crate) fn restore_fds(b: &mut Builder) -> Result<()> {
     let fds = b.img.fds.clone();
     for std_fd in 0..3 {
         if !fds.iter().any(|f| f.fd == std_fd) {
@@ -819,7 +533,7 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
     Ok(())
 }
 
-fn restore_misc(b: &mut Builder) -> Result<()> {
+pub(crate) fn restore_misc(b: &mut Builder) -> Result<()> {
     let m = b.img;
     if let Mode::Away(_) = b.mode {
         // A process group of its own under its supervisor (same session): not orphaned,
@@ -881,8 +595,14 @@ fn restore_misc(b: &mut Builder) -> Result<()> {
     Ok(())
 }
 
-fn restore_signals(b: &mut Builder) -> Result<()> {
+pub(crate) fn restore_signals(b: &mut Builder) -> Result<()> {
     let m = b.img;
+    // In runs of calls from the work area ([`Remote::batch`]): the actions, altstack and
+    // timers, then the pending signals, in order.
+    let mut calls: Vec<(i64, Vec<u8>, [u64; 6], &str)> = Vec::new();
+    // (SIGTRAP's action last, alone: a batch ends on a breakpoint, whose SIGTRAP would
+    // reset an action that ignores it.)
+    let mut trap = None;
     for signo in 1..=64i32 {
         if signo == libc::SIGKILL || signo == libc::SIGSTOP {
             continue;
@@ -892,12 +612,17 @@ fn restore_signals(b: &mut Builder) -> Result<()> {
         for x in sa.map_or([0; 4], |s| [s.handler, s.flags, s.restorer, s.mask]) {
             buf.extend_from_slice(&x.to_le_bytes());
         }
-        let p = b.put(AT_MISC, &buf)?;
-        b.call(
-            "rt_sigaction",
+        if signo == libc::SIGTRAP {
+            trap = Some(buf);
+            continue;
+        }
+        // (Argument 1 is the data's address, filled in by `run_batch`.)
+        calls.push((
             libc::SYS_rt_sigaction,
-            &[signo as u64, p, 0, 8],
-        )?;
+            buf,
+            [signo as u64, 0, 0, 8, 0, 0],
+            "rt_sigaction",
+        ));
     }
     let (sp, flags, size) = m.sigaltstack;
     if flags & libc::SS_DISABLE == 0 {
@@ -905,35 +630,107 @@ fn restore_signals(b: &mut Builder) -> Result<()> {
         buf.extend_from_slice(&sp.to_le_bytes());
         buf.extend_from_slice(&(flags as i64).to_le_bytes());
         buf.extend_from_slice(&size.to_le_bytes());
-        let p = b.put(AT_MISC, &buf)?;
-        b.call("sigaltstack", libc::SYS_sigaltstack, &[p, 0])?;
+        calls.push((libc::SYS_sigaltstack, buf, [0; 6], "sigaltstack"));
     }
     for (which, t) in m.itimers.iter().enumerate() {
         if t.iter().all(|&x| x == 0) {
             continue;
         }
         let buf: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let p = b.put(AT_MISC, &buf)?;
-        b.call("setitimer", libc::SYS_setitimer, &[which as u64, p, 0])?;
+        calls.push((
+            libc::SYS_setitimer,
+            buf,
+            [which as u64, 0, 0, 0, 0, 0],
+            "setitimer",
+        ));
     }
+    run_batch(b, &calls)?;
+    let mut queued = Vec::new();
     for s in &m.pending {
         if s.siginfo.len() != 128 {
             return Err(Error::BadImage("pending signal of wrong size".into()));
         }
         let signo = i32::from_le_bytes(s.siginfo[..4].try_into().expect("4 bytes"));
-        let p = b.put(AT_MISC, &s.siginfo)?;
-        if s.shared {
-            b.call(
-                "rt_sigqueueinfo",
+        queued.push(if s.shared {
+            (
                 libc::SYS_rt_sigqueueinfo,
-                &[b.own as u64, signo as u64, p],
-            )?;
+                s.siginfo.clone(),
+                [b.own as u64, signo as u64, 0, 0, 0, 0],
+                "rt_sigqueueinfo",
+            )
         } else {
-            b.call(
-                "rt_tgsigqueueinfo",
+            (
                 libc::SYS_rt_tgsigqueueinfo,
-                &[b.own as u64, b.own as u64, signo as u64, p],
-            )?;
+                s.siginfo.clone(),
+                [b.own as u64, b.own as u64, signo as u64, 0, 0, 0],
+                "rt_tgsigqueueinfo",
+            )
+        });
+    }
+    for chunk in queued.chunks(16) {
+        run_batch(b, chunk)?;
+    }
+    if let Some(buf) = trap {
+        let p = b.put(AT_MISC, &buf)?;
+        b.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[libc::SIGTRAP as u64, p, 0, 8],
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `calls` in one go from the work area: each (number, data, arguments, what), the
+/// data put in the work area and its address passed as the argument that is 0 where the
+/// call takes a pointer (argument 1 for rt_sigaction, 0 for sigaltstack, 1 for
+/// setitimer, 2 for rt_sigqueueinfo, 3 for rt_tgsigqueueinfo). Any failure is an error
+/// naming the call.
+fn run_batch(b: &mut Builder, calls: &[(i64, Vec<u8>, [u64; 6], &str)]) -> Result<()> {
+    use crate::remote::{BATCH_CODE, BATCH_ENTRY};
+    let code = b.put(AT_BATCH, &BATCH_CODE)?;
+    let table = b.scratch + AT_BATCH + 0x100;
+    if 0x100 + calls.len() as u64 * BATCH_ENTRY > AT_BATCH_DATA - AT_BATCH {
+        return Err(Error::Unrestorable(
+            "too many calls for the work area".into(),
+        ));
+    }
+    let mut data: Vec<u8> = Vec::new();
+    let mut list = Vec::with_capacity(calls.len());
+    for (nr, bytes, args, _) in calls {
+        let at = b.scratch + AT_BATCH_DATA + data.len() as u64;
+        data.extend_from_slice(bytes);
+        data.resize(data.len().div_ceil(8) * 8, 0);
+        let mut a = *args;
+        let slot = match *nr {
+            libc::SYS_sigaltstack => 0,
+            libc::SYS_rt_sigqueueinfo => 2,
+            libc::SYS_rt_tgsigqueueinfo => 3,
+            _ => 1,
+        };
+        a[slot] = at;
+        list.push((*nr, a));
+    }
+    if AT_BATCH_DATA + data.len() as u64 > AT_STR {
+        return Err(Error::Unrestorable(
+            "too much data for the work area".into(),
+        ));
+    }
+    b.put(AT_BATCH_DATA, &data)?;
+    // Everything but SIGTRAP blocked meanwhile (the batch ends on a breakpoint: its
+    // SIGTRAP, blocked, would be unblocked and its action reset).
+    let trap = 1u64 << (libc::SIGTRAP - 1);
+    sys::set_sigmask(b.r.pid, !trap)?;
+    let got = b.r.batch(code, table, &list);
+    sys::set_sigmask(b.r.pid, !0u64)?;
+    let got = got?;
+    for (g, c) in got.iter().zip(calls) {
+        if (-4095..0).contains(g) {
+            return Err(Error::Remote {
+                pid: b.pid,
+                what: c.3.to_string(),
+                errno: (-g) as i32,
+            });
         }
     }
     Ok(())

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use crate::error::{sys_err, Error, Result};
-use crate::image::{ImageWriter, LoadedImage, ShmemObject};
+use crate::error::{sys_err, Result};
+use crate::image::{ImageWriter, ShmemObject};
 use crate::procfs::{self, MapLine};
 use crate::restore::{Builder, AT_STR};
 use crate::sys::PAGE;
@@ -205,16 +205,16 @@ pub fn write_contents<W: std::io::Write + 'static>(
     Ok(written)
 }
 
-/// Restore: the process's memfds and MAP_SHARED anonymous memory, made again as memfds (above
-/// every descriptor number of the image) with their data.
-pub(crate) fn make(b: &mut Builder, img: &LoadedImage) -> Result<()> {
-    use std::os::unix::fs::FileExt;
+/// Restore: the process's memfds and MAP_SHARED anonymous memory, made again as memfds
+/// (above every descriptor number of the image); returns a descriptor of ours for each
+/// (by image inode), to write its data through.
+pub(crate) fn make(b: &mut Builder) -> Result<HashMap<u64, std::fs::File>> {
     let objs = &b.img.shmem;
+    let mut files = HashMap::new();
     if objs.is_empty() {
-        return Ok(());
+        return Ok(files);
     }
     let above = b.above_fds();
-    let mut files = HashMap::new();
     for o in objs {
         let name = b.put_str(AT_STR, o.name.as_deref().unwrap_or("mosix-shared"))?;
         let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
@@ -234,14 +234,7 @@ pub(crate) fn make(b: &mut Builder, img: &LoadedImage) -> Result<()> {
             .map_err(|e| sys_err("opening a restored memfd", e))?;
         files.insert(o.ino, f);
     }
-    for p in img.shmem_pages() {
-        let f = files
-            .get(&p.ino)
-            .ok_or_else(|| Error::BadImage("shared memory data of no object".into()))?;
-        f.write_all_at(p.data, p.offset)
-            .map_err(|e| sys_err("writing shared memory", e))?;
-    }
-    Ok(())
+    Ok(files)
 }
 
 /// Seals the memfds as they were, and closes the descriptors the restore used.

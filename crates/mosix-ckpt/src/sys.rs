@@ -924,3 +924,172 @@ pub fn unread_bytes(fd: RawFd) -> io::Result<usize> {
     }
     Ok(n.max(0) as usize)
 }
+
+/// A descriptor of process `pidfd` (its number `fd` there) duplicated into ours
+/// (pidfd_getfd; needs ptrace rights over it).
+pub fn pidfd_getfd(pidfd: RawFd, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_getfd takes two descriptors numbers and flags, returns a new one or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: r is a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// ioctl(fd, req, arg) with `arg` a pointer to `T`, which the kernel reads and may write.
+fn ioctl_ptr<T>(fd: RawFd, req: u64, arg: &mut T) -> io::Result<i64> {
+    // SAFETY: `arg` is a live, exclusively borrowed value of the size and layout the
+    // request `req` reads and writes (the callers below pass the kernel's structs).
+    let r = unsafe { libc::ioctl(fd, req as _, arg as *mut T) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as i64)
+}
+
+// userfaultfd (include/uapi/linux/userfaultfd.h; the headers here are older than the
+// kernel, so the numbers are ours).
+const UFFD_API: u64 = 0xAA;
+/// _IOWR(0xAA, 0x3F, struct uffdio_api)
+const UFFDIO_API: u64 = 0xC018_AA3F;
+/// _IOWR(0xAA, 0x00, struct uffdio_register)
+const UFFDIO_REGISTER: u64 = 0xC020_AA00;
+/// _IOR(0xAA, 0x01, struct uffdio_range)
+const UFFDIO_UNREGISTER: u64 = 0x8010_AA01;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+
+/// UFFDIO_API on userfaultfd `fd` with `features`; returns the features the kernel has.
+pub fn uffd_api(fd: RawFd, features: u64) -> io::Result<u64> {
+    #[repr(C)]
+    struct Api {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    let mut a = Api {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    ioctl_ptr(fd, UFFDIO_API, &mut a)?;
+    Ok(a.features)
+}
+
+/// Registers [start, start+len) with userfaultfd `fd` for write protection.
+pub fn uffd_register_wp(fd: RawFd, start: u64, len: u64) -> io::Result<()> {
+    #[repr(C)]
+    struct Register {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+    let mut r = Register {
+        start,
+        len,
+        mode: UFFDIO_REGISTER_MODE_WP,
+        ioctls: 0,
+    };
+    ioctl_ptr(fd, UFFDIO_REGISTER, &mut r).map(drop)
+}
+
+/// Unregisters [start, start+len) from userfaultfd `fd`.
+pub fn uffd_unregister(fd: RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut r = [start, len];
+    ioctl_ptr(fd, UFFDIO_UNREGISTER, &mut r).map(drop)
+}
+
+/// One region PAGEMAP_SCAN reports (struct page_region).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    /// PAGE_IS_* bits (those of the scan's return mask).
+    pub categories: u64,
+}
+
+/// What a PAGEMAP_SCAN asks (struct pm_scan_arg, less the output vector).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScanArgs {
+    /// PM_SCAN_* flags.
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
+/// _IOWR('f', 16, struct pm_scan_arg)
+const PAGEMAP_SCAN: u64 = 0xC060_6610;
+
+/// One PAGEMAP_SCAN ioctl on `/proc/PID/pagemap` descriptor `fd`: the regions found are
+/// appended to `out` (at most `room` of them); returns where the walk ended (`a.end`
+/// when it covered everything).
+pub fn pagemap_scan(
+    fd: RawFd,
+    a: &ScanArgs,
+    out: &mut Vec<PageRegion>,
+    room: usize,
+) -> io::Result<u64> {
+    #[repr(C)]
+    struct Arg {
+        size: u64,
+        flags: u64,
+        start: u64,
+        end: u64,
+        walk_end: u64,
+        vec: u64,
+        vec_len: u64,
+        max_pages: u64,
+        category_inverted: u64,
+        category_mask: u64,
+        category_anyof_mask: u64,
+        return_mask: u64,
+    }
+    out.reserve(room);
+    let spare = out.spare_capacity_mut();
+    let mut arg = Arg {
+        size: std::mem::size_of::<Arg>() as u64,
+        flags: a.flags,
+        start: a.start,
+        end: a.end,
+        walk_end: 0,
+        vec: spare.as_mut_ptr() as u64,
+        vec_len: room as u64,
+        max_pages: a.max_pages,
+        category_inverted: a.category_inverted,
+        category_mask: a.category_mask,
+        category_anyof_mask: a.category_anyof_mask,
+        return_mask: a.return_mask,
+    };
+    let n = ioctl_ptr(fd, PAGEMAP_SCAN, &mut arg)? as usize;
+    let n = n.min(room);
+    // SAFETY: the kernel wrote `n` (at most `room`) page_region structs into the spare
+    // capacity reserved above; PageRegion is repr(C) plain data of the same layout.
+    unsafe { out.set_len(out.len() + n) };
+    Ok(arg.walk_end)
+}
+
+/// Starts writing [off, off+len) of file `fd` back to its disk without waiting for it
+/// (sync_file_range SYNC_FILE_RANGE_WRITE), so that a later fdatasync has less to wait for.
+pub fn start_writeback(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: sync_file_range takes a descriptor, offsets and flags; no memory.
+    let r = unsafe {
+        libc::sync_file_range(
+            fd,
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -579,6 +579,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     to: 2,
                     frozen_ms: 5,
                     memory_bytes: 4096,
+                    rounds: vec![4096, 0],
                 },
                 ToHome::MigrateFailed {
                     to: 3,
@@ -659,6 +660,11 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             &[Tail {
                 next_seq: 1 << 40,
                 proc_fds: vec![(4, "status".into())],
+                figures: wire::MoveFigures {
+                    frozen_ms: 3,
+                    memory_bytes: 1 << 30,
+                    rounds: vec![1 << 29, 4096],
+                },
             }],
         ),
         framed(8, &[migrate_header()]),
@@ -679,6 +685,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             &Tail {
                 next_seq: 3,
                 proc_fds: vec![],
+                figures: Default::default(),
             },
         );
         let _ = wire::send(&mut b, &Decision::Commit);
@@ -902,6 +909,7 @@ fn responses() -> Vec<Response> {
             to: 2,
             frozen_ms: 30,
             memory_bytes: 1 << 20,
+            rounds: vec![1 << 20, 4096],
         },
         Response::Where { pid: 77, node: 2 },
         Response::Checkpointed {

@@ -176,6 +176,10 @@ pub enum Response {
         /// Bytes of memory contents moved.
         #[serde(default)]
         memory_bytes: u64,
+        /// Bytes of memory sent in each pre-copy round (while it ran), the final round
+        /// (while it was stopped) last; empty for a move without pre-copy.
+        #[serde(default)]
+        rounds: Vec<u64>,
     },
     Where {
         pid: i32,

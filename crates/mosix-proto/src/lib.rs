@@ -30,7 +30,8 @@ pub const FLAG_LEAVING: u32 = 2;
 /// 1.3: checkpoints of processes away from home written at home (`Hello::Checkpoint`,
 /// `ToHost::Checkpoint`, `ToHost::Freeze` and their answers), recovery after the death of
 /// a process's host, marks of its deputy (`mosix_remote::wire`).
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
+/// 1.4: pre-copy moves (image format 3.0 in the link, `Tail.figures`, `ToHome::Left.rounds`).
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
 
 /// Default UDP port of the gossip transport.
 pub const DEFAULT_PORT: u16 = 5400;

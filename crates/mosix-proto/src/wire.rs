@@ -191,6 +191,19 @@ pub struct Tail {
     /// Its descriptors that are files of its own /proc (opened where it runs, not at
     /// home): (number, path after /proc/self/).
     pub proc_fds: Vec<(i32, String)>,
+    /// The move so far as its source saw it (protocol 1.4).
+    pub figures: MoveFigures,
+}
+
+/// How a move went so far, as its source saw it when it sent the image's tail.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MoveFigures {
+    /// How long the process has been stopped so far (ms).
+    pub frozen_ms: u64,
+    /// Bytes of memory contents sent.
+    pub memory_bytes: u64,
+    /// Bytes of memory sent in each pre-copy round, the final one last.
+    pub rounds: Vec<u64>,
 }
 
 /// The destination's answers.
@@ -231,6 +244,8 @@ pub enum ToHome {
         /// How long it was stopped by the move, and the bytes of memory moved.
         frozen_ms: u64,
         memory_bytes: u64,
+        /// Bytes sent in each pre-copy round, the final (frozen) one last (protocol 1.4).
+        rounds: Vec<u64>,
     },
     /// A migration asked for (or decided there) failed; the process goes on there.
     MigrateFailed { to: u32, reason: String },
@@ -312,6 +327,66 @@ impl<W: Write> Write for ChunkWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.emit()?;
         self.inner.flush()
+    }
+}
+
+/// Reads a chunk stream as one byte stream: `read` gives the chunks' bytes, and 0 at the
+/// empty chunk that ends it (which is then consumed); the stream the chunks come from
+/// goes on after it. For restoring an image while it arrives.
+pub struct ChunkReader<R: Read> {
+    inner: R,
+    /// Bytes left in the current chunk.
+    left: usize,
+    ended: bool,
+}
+
+impl<R: Read> ChunkReader<R> {
+    pub fn new(inner: R) -> Self {
+        ChunkReader {
+            inner,
+            left: 0,
+            ended: false,
+        }
+    }
+    /// Whether the chunk stream's end was read.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+    /// Reads (and drops) the rest of the chunk stream, through its end; the bytes
+    /// dropped.
+    pub fn drain(&mut self) -> io::Result<u64> {
+        io::copy(self, &mut io::sink())
+    }
+}
+
+impl<R: Read> Read for ChunkReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ended || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut len = [0u8; 4];
+            self.inner.read_exact(&mut len)?;
+            let n = u32::from_le_bytes(len) as usize;
+            if n == 0 {
+                self.ended = true;
+                return Ok(0);
+            }
+            if n > CHUNK {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "image chunk larger than the limit",
+                ));
+            }
+            self.left = n;
+        }
+        let want = buf.len().min(self.left);
+        let got = self.inner.read(&mut buf[..want])?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.left -= got;
+        Ok(got)
     }
 }
 
@@ -536,6 +611,7 @@ mod tests {
             &Tail {
                 next_seq: 5,
                 proc_fds: vec![],
+                figures: MoveFigures::default(),
             },
         )
         .unwrap();
@@ -548,6 +624,23 @@ mod tests {
         let e = read_chunks(&mut r, 100_000).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("memory free here"), "{e}");
+        assert_eq!(expect::<_, Tail>(&mut r).unwrap().next_seq, 5);
+        // As a byte stream: its bytes, then the end, and what follows is still there.
+        let mut r = &out[..];
+        let mut c = ChunkReader::new(&mut r);
+        let mut got = Vec::new();
+        let mut small = [0u8; 1000];
+        let n = c.read(&mut small).unwrap();
+        got.extend_from_slice(&small[..n]);
+        c.read_to_end(&mut got).unwrap();
+        assert!(c.ended());
+        assert_eq!(got, data);
+        assert_eq!(expect::<_, Tail>(&mut r).unwrap().next_seq, 5);
+        // Drained part-way.
+        let mut r = &out[..];
+        let mut c = ChunkReader::new(&mut r);
+        c.read_exact(&mut small).unwrap();
+        assert_eq!(c.drain().unwrap(), data.len() as u64 - 1000);
         assert_eq!(expect::<_, Tail>(&mut r).unwrap().next_seq, 5);
     }
 

@@ -52,6 +52,9 @@ enum Command {
     #[command(name = "__touch", hide = true)]
     Touch {
         mib: u64,
+        /// MiB per second written to it until the line comes.
+        #[arg(long, default_value_t = 0.0)]
+        dirty: f64,
     },
     /// (benchmark helper) write MIB MiB of memory over PASSES times; see bench-checkpoint.
     #[command(name = "__churn", hide = true)]
@@ -193,7 +196,7 @@ fn main() {
         Command::Fs(a) => cmd::fs::run(a),
         Command::Completions(a) => completions(a),
         Command::ManPages { dir } => man_pages(&dir),
-        Command::Touch { mib } => cmd::benchmig::touch(mib),
+        Command::Touch { mib, dirty } => cmd::benchmig::touch(mib, dirty),
         Command::Churn { mib, passes } => cmd::benchckpt::churn(mib, passes),
         Command::Calls { file } => cmd::benchcalls::calls(&file),
         Command::Fail { message } => {

@@ -29,6 +29,7 @@ fn progs() -> &'static Path {
             ("avx", &["-mavx2"]),
             ("refuse", &["-pthread"]),
             ("pidclock", &[]),
+            ("memwriter", &[]),
         ];
         for (name, flags) in builds {
             let st = Command::new("cc")
@@ -417,6 +418,50 @@ fn leave_running_leaves_the_original_as_it_was() {
     assert!(want.stdout.ends_with(&r.stdout) && !r.stdout.is_empty());
 }
 
+/// --leave-running saves the memory of a process that keeps writing it while it is
+/// saved: the original goes on as if nothing happened, and the image restarts into a
+/// process whose memory checks out (memwriter reads every page back against what it
+/// wrote after each pass) and prints the rest of an uninterrupted run.
+#[test]
+fn live_checkpoint_of_a_process_writing_its_memory() {
+    let args = ["64", "30", "20", "512"];
+    let make = || {
+        let mut c = prog("memwriter");
+        c.args(args);
+        c
+    };
+    let want = reference(make());
+    let want = String::from_utf8_lossy(&want.stdout).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("live.img");
+    let mut job = Job::start(make());
+    job.line();
+    job.line();
+    let pid = job.pid().to_string();
+    let o = mosix(&[
+        "checkpoint",
+        &pid,
+        "-o",
+        img.to_str().unwrap(),
+        "--leave-running",
+        "--json",
+    ]);
+    assert_ok(&o, "checkpoint --leave-running");
+    let st: serde_json::Value = serde_json::from_slice(&o.stderr).expect("--json");
+    assert!(st["frozen_ms"].as_f64().is_some(), "{st}");
+    // At least the first round and the final one.
+    assert!(st["rounds"].as_array().unwrap().len() >= 2, "{st}");
+    assert_eq!(job.rest(), want, "the original's output changed");
+    assert!(job.wait().success());
+    let r = mosix(&["restart", img.to_str().unwrap()]);
+    assert_ok(&r, "restart");
+    let got = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        !got.is_empty() && want.ends_with(&*got),
+        "the restarted process printed {got:?}"
+    );
+}
+
 #[test]
 fn every_refusal_reason_and_the_process_goes_on() {
     let cases = [
@@ -497,6 +542,41 @@ fn damaged_images_are_refused_and_nothing_starts() {
     try_restart(&newer, "image format 9.0 is not supported");
     let missing = mosix(&["restart", "/nonexistent/x.img"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open /nonexistent/x.img"));
+    // On standard input the process is built while the image arrives: a damaged image
+    // is found before it runs (the last check is the whole stream's checksum), and the
+    // half-built process is gone.
+    let stdin_restart = |bytes: &[u8]| {
+        use std::io::Write;
+        let mut c = Command::new(MOSIX)
+            .args(["restart", "--trust-image", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // (It may stop reading at the first damaged record.)
+        let _ = c.stdin.take().unwrap().write_all(bytes);
+        c.wait_with_output().unwrap()
+    };
+    let ok = stdin_restart(&good);
+    assert_eq!(
+        ok.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!ok.stdout.is_empty());
+    for i in 0..30 {
+        let p = 40 + i * (good.len() - 41) / 29;
+        let mut b = good.clone();
+        b[p] ^= 1 << (p % 8);
+        let o = stdin_restart(&b);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "flip at {p} restored");
+        assert!(o.stdout.is_empty(), "a process ran from a damaged image");
+        assert!(err.contains("bad image"), "flip at {p}: {err:?}");
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    }
 }
 
 #[test]

@@ -13,11 +13,12 @@
 //! - `mem_dst`: D's cgroup memory limit set below what the process needs (put back after).
 //!
 //! at one of these points, each an event that is awaited (polled with a deadline), not a
-//! time: `before` the move is asked for, `freeze` (the process is seen stopped for the
-//! checkpoint on S), `transfer@P%` (P% of the image has crossed D's link), `restore` (the
-//! copy being restored has appeared in D's PID namespace), `after` the move answered. If
-//! the move answers before the awaited event, the fault hits then and the point is
-//! printed as `<point>>late`.
+//! time: `before` the move is asked for, `round@P%` (P% of the job's memory has crossed
+//! D's link while the job still runs on S: the pre-copy rounds), `freeze` (the process is
+//! seen stopped on S for its final state, after its memory crossed), `restore` (the copy
+//! being restored, which appears as soon as the first round arrives, is in D's PID
+//! namespace), `after` the move answered. If the move answers before the awaited event,
+//! the fault hits then and the point is printed as `<point>>late`.
 //!
 //! After each round: exactly one copy of the process runs (and where `where` says: at D if
 //! the move succeeded, else at S), its output is that of a run that never moved and it
@@ -100,8 +101,9 @@ impl Kind {
 enum Point {
     Before,
     Freeze,
-    /// This percentage of the image has reached the destination.
-    Transfer(u64),
+    /// This percentage of the job's memory has reached the destination while it runs
+    /// (pre-copy rounds).
+    Round(u64),
     Restore,
     After,
 }
@@ -111,7 +113,7 @@ impl Point {
         match self {
             Point::Before => "before".into(),
             Point::Freeze => "freeze".into(),
-            Point::Transfer(p) => format!("transfer@{p}%"),
+            Point::Round(p) => format!("round@{p}%"),
             Point::Restore => "restore".into(),
             Point::After => "after".into(),
         }
@@ -140,7 +142,7 @@ fn plan(seed: u64, round: u64) -> Plan {
     let point = match r.below(points) {
         0 => Point::Before,
         1 => Point::Freeze,
-        2 => Point::Transfer(5 + r.below(91)),
+        2 => Point::Round(5 + r.below(91)),
         3 => Point::Restore,
         _ => Point::After,
     };
@@ -840,10 +842,13 @@ fn round(b: &mut Bench, p: &Plan) -> Result<Report, String> {
         let end = Instant::now() + MOVE_DEADLINE;
         let mut late = false;
         loop {
+            let crossed =
+                |pct: u64| link_rx(p.dst).saturating_sub(rx0) >= (JOB_MIB << 20) * pct / 100;
             let reached = match p.point {
-                Point::Freeze => proc_info(src_pid).is_some_and(|i| i.state == 't'),
-                Point::Transfer(pct) => {
-                    link_rx(p.dst).saturating_sub(rx0) >= (JOB_MIB << 20) * pct / 100
+                // Stopped for its final state (not for the moment tracking starts).
+                Point::Freeze => proc_info(src_pid).is_some_and(|i| i.state == 't') && crossed(95),
+                Point::Round(pct) => {
+                    crossed(pct) && proc_info(src_pid).is_some_and(|i| i.state != 't')
                 }
                 Point::Restore => restoring_on(p.dst, home_pid),
                 Point::After | Point::Before => false,

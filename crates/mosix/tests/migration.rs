@@ -157,6 +157,43 @@ fn migration_on_four_nodes() {
     // threads move with it and keep their IDs.
     round_trip(&tb, &[threaded.to_str().unwrap()]);
 
+    // 1b. A job that keeps writing its memory while it moves (10 MiB/s: pre-copy rounds
+    //     see its writes) and reads all of it back after every pass, moved 1 → 2 → 3 →
+    //     home mid-run. Its passes after each move check the memory that moved; the
+    //     checksums of its passes are those of a run that never moved.
+    let mw = compile("memwriter");
+    let mut j = Job::start(&tb, &[mw.to_str().unwrap(), "64", "0", "10", "256"]);
+    assert!(j.line().starts_with("pass 0"));
+    for to in ["2", "3", "home"] {
+        let o = tb.exec(1, &["migrate", &j.home_pid.to_string(), to, "--json"]);
+        assert!(
+            o.status.success(),
+            "migrate memwriter {to}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+        // Its memory moved while it ran: the first round, then at least the final one.
+        assert!(m["rounds"].as_array().unwrap().len() >= 2, "{m}");
+        // A pass or two at its new place, memory checked.
+        for _ in 0..2 {
+            let l = j.line();
+            assert!(l.starts_with("pass "), "after the move to {to}: {l:?}");
+        }
+    }
+    j.send("q\n");
+    let (got, st) = j.finish();
+    assert_eq!(st.code(), Some(0), "memwriter: {got:?}");
+    let done: usize = got
+        .last()
+        .and_then(|l| l.strip_prefix("done "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("memwriter did not finish: {got:?}"));
+    let passes = done.to_string();
+    let (want, _) = reference(&[mw.to_str().unwrap(), "64", &passes, "0", "256"], "");
+    let got_passes: Vec<&String> = got.iter().filter(|l| l.starts_with("pass ")).collect();
+    let want_passes: Vec<&String> = want.iter().filter(|l| l.starts_with("pass ")).collect();
+    assert_eq!(got_passes, want_passes);
+
     // 2. Input piped into mosrun reaches a process that runs elsewhere from the start.
     let o = Command::new(mosix())
         .args(["testbed", "exec", "1", "--dir"])

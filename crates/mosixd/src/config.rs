@@ -76,6 +76,8 @@ struct RawConfig {
     auto_balance: bool,
     compression: Option<String>,
     deputy_path: Option<PathBuf>,
+    #[serde(default = "yes")]
+    precopy: bool,
 }
 
 fn yes() -> bool {
@@ -158,6 +160,9 @@ pub struct Config {
     /// The deputy program a process becomes at home while away (default: mosix-deputy
     /// beside mosixd). Every user must be able to run it.
     pub deputy_path: Option<PathBuf>,
+    /// Whether a process's memory moves while it runs (pre-copy; default true): it is
+    /// stopped only for what it wrote last and its state.
+    pub precopy: bool,
 }
 
 impl Config {
@@ -293,6 +298,7 @@ impl Config {
                 Some("zstd") => mosix_ckpt::Compression::Zstd,
                 Some(o) => bail!("compression '{o}': use none, lz4 or zstd"),
             },
+            precopy: raw.precopy,
             deputy_path: match raw.deputy_path {
                 Some(p) if !p.is_absolute() => {
                     bail!("deputy_path: {} is not an absolute path", p.display())

@@ -298,6 +298,7 @@ fn process_answer(req: &Request, uid: u32, procs: &Procs) -> Response {
             to: m.to,
             frozen_ms: m.frozen_ms,
             memory_bytes: m.memory_bytes,
+            rounds: m.rounds,
         }),
         Request::Checkpoint { pid, then } => {
             procs

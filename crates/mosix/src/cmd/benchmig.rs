@@ -14,10 +14,14 @@ pub struct Args {
     /// Touched memory of the moved process, MiB.
     #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
     sizes: Vec<u64>,
-    /// Moves per size (there and back counts two); medians are printed.
+    /// MiB per second the moved process writes to its memory while it moves (sizes of 64
+    /// MiB and more; the others only at 0).
+    #[arg(long, value_delimiter = ',', default_value = "0,10,100")]
+    dirty: Vec<f64>,
+    /// Moves of each kind per size and rate; medians are printed.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
-    /// Testbed state directory (a 2-node testbed is brought up and down in it).
+    /// Testbed state directory (a 3-node testbed is brought up and down in it).
     #[arg(long, default_value = "/run/mosix-bench-migration")]
     dir: PathBuf,
 }
@@ -32,14 +36,24 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    on_two_nodes("bench-migration", &a.dir, |me, dir| measure(me, dir, &a))
+    on_nodes("bench-migration", &a.dir, 3, |me, dir| measure(me, dir, &a))
 }
 
-/// Runs `body` (given the mosix binary and the testbed directory) with a 2-node testbed
-/// up in `dir`, which is brought down after, whatever happened.
+/// [`on_nodes`] with 2 nodes.
 pub fn on_two_nodes(
     what: &str,
     dir: &Path,
+    body: impl FnOnce(&Path, &Path) -> Result<()>,
+) -> Result<i32> {
+    on_nodes(what, dir, 2, body)
+}
+
+/// Runs `body` (given the mosix binary and the testbed directory) with an `n`-node
+/// testbed up in `dir`, which is brought down after, whatever happened.
+pub fn on_nodes(
+    what: &str,
+    dir: &Path,
+    n: u32,
     body: impl FnOnce(&Path, &Path) -> Result<()>,
 ) -> Result<i32> {
     if !nix::unistd::geteuid().is_root() {
@@ -62,7 +76,7 @@ pub fn on_two_nodes(
         }
         Ok(())
     };
-    tb(&["up", "--nodes", "2"])?;
+    tb(&["up", "--nodes", &n.to_string()])?;
     let r = body(&me, dir);
     let _ = tb(&["down"]);
     r?;
@@ -101,86 +115,141 @@ pub fn link_bandwidth(me: &Path, dir: &Path, mib: u64) -> Result<f64> {
     Ok((mib << 20) as f64 / secs)
 }
 
+/// The kinds of move measured, each a leg of the round 1 -> 2 -> 3 -> 1.
+const KINDS: [(&str, u32); 3] = [("leave_home", 2), ("host_to_host", 3), ("come_home", 0)];
+
 fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     let sock = dir.join("n1/mosixd.sock");
+    // Only the moves asked for here.
+    mosctl_all(me, dir, 3, "stay")?;
+    let mut link = vec![];
     for &mib in &a.sizes {
-        let mut job = on_node(me, dir, 1)
-            .args([
-                "run",
-                me.to_str().unwrap_or("mosix"),
-                "__touch",
-                &mib.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut out = BufReader::new(job.stdout.take().context("job stdout")?);
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        let pid: i32 = line
-            .trim()
-            .strip_prefix("ready ")
-            .context("toucher did not start")?
-            .parse()?;
-        let (mut total, mut frozen, mut ratio, mut link) = (vec![], vec![], vec![], vec![]);
-        let mut bytes = 0u64;
-        for i in 0..a.repeat * 2 {
-            let bw = link_bandwidth(me, dir, mib.max(64))?;
-            link.push(bw);
-            let to = if i % 2 == 0 { 2 } else { 0 };
-            let mut c = Client::connect(&sock, Duration::from_secs(300))?;
-            let t = Instant::now();
-            let r = c.call(&Request::Migrate { pid, to })?;
-            let secs = t.elapsed().as_secs_f64();
-            let Response::Migrated {
-                frozen_ms,
-                memory_bytes,
-                ..
-            } = r
-            else {
-                bail!("unexpected answer {r:?}");
-            };
-            bytes = memory_bytes;
-            total.push(secs);
-            frozen.push(frozen_ms as f64 / 1000.0);
-            ratio.push(memory_bytes as f64 / secs / bw);
+        for &rate in a.dirty.iter().filter(|&&r| r == 0.0 || mib >= 64) {
+            let mut job = on_node(me, dir, 1)
+                .args([
+                    "run",
+                    me.to_str().unwrap_or("mosix"),
+                    "__touch",
+                    &mib.to_string(),
+                    "--dirty",
+                    &rate.to_string(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut out = BufReader::new(job.stdout.take().context("job stdout")?);
+            let mut line = String::new();
+            out.read_line(&mut line)?;
+            let pid: i32 = line
+                .trim()
+                .strip_prefix("ready ")
+                .context("toucher did not start")?
+                .parse()?;
+            // Per kind: (total s, frozen ms, rounds, ratio to the link).
+            let mut got: Vec<Vec<(f64, f64, f64, f64)>> = vec![vec![]; KINDS.len()];
+            for _ in 0..a.repeat {
+                // The reference first, alternating with the moves.
+                let bw = link_bandwidth(me, dir, mib.max(64))?;
+                link.push(bw);
+                for (k, &(_, to)) in KINDS.iter().enumerate() {
+                    // (A move just answered may still be finishing at its source.)
+                    let mut tries = 0;
+                    let (r, secs) = loop {
+                        let mut c = Client::connect(&sock, Duration::from_secs(300))?;
+                        let t = Instant::now();
+                        let r = c.call(&Request::Migrate { pid, to });
+                        let secs = t.elapsed().as_secs_f64();
+                        match r {
+                            Err(e) if e.to_string().contains("middle of a move") && tries < 50 => {
+                                tries += 1;
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            r => break (r?, secs),
+                        }
+                    };
+                    if tries > 0 {
+                        eprintln!("(move to {to} busy {tries} times first)");
+                    }
+                    let Response::Migrated {
+                        frozen_ms, rounds, ..
+                    } = r
+                    else {
+                        bail!("unexpected answer {r:?}");
+                    };
+                    let ideal = (mib << 20) as f64 / bw;
+                    got[k].push((secs, frozen_ms as f64, rounds.len() as f64, ideal / secs));
+                }
+            }
+            if let Some(mut w) = job.stdin.take() {
+                let _ = w.write_all(b"q\n");
+            }
+            let _ = job.wait();
+            let tag = format!("migration_{mib}MiB_dirty{rate}MiBps");
+            for (k, &(kind, _)) in KINDS.iter().enumerate() {
+                let col = |i: usize| got[k].iter().map(|x| [x.0, x.1, x.2, x.3][i]).collect();
+                println!("BENCH {tag}_{kind}_frozen {:.1} ms", median(col(1)));
+                println!(
+                    "BENCH {tag}_{kind}_total {:.1} ms vs link={:.3}",
+                    median(col(0)) * 1e3,
+                    median(col(3))
+                );
+                println!("BENCH {tag}_{kind}_rounds {:.0} rounds", median(col(2)));
+            }
         }
-        if let Some(mut w) = job.stdin.take() {
-            let _ = w.write_all(b"q\n");
-        }
-        let _ = job.wait();
-        let t = median(total);
-        println!("BENCH migration_{mib}MiB_total {:.1} ms", t * 1000.0);
-        println!(
-            "BENCH migration_{mib}MiB_freeze {:.1} ms",
-            median(frozen) * 1000.0
-        );
-        println!(
-            "BENCH migration_{mib}MiB_throughput {:.3} GB/s vs veth_tcp={:.3}",
-            bytes as f64 / t / 1e9,
-            median(ratio)
-        );
-        println!("BENCH veth_tcp_bandwidth {:.3} GB/s", median(link) / 1e9);
     }
+    println!("BENCH veth_tcp_bandwidth {:.3} GB/s", median(link) / 1e9);
     Ok(())
 }
 
-/// `__touch MIB`: touch MIB MiB of memory with random data, print "ready PID", wait for a
-/// line on stdin, exit.
-pub fn touch(mib: u64) -> Result<i32> {
+/// `__touch MIB [--dirty R]`: touch MIB MiB of memory with random data, print "ready
+/// PID", then (with R > 0) write R MiB/s to it, one word per page, page after page, until
+/// a line arrives on stdin; exit.
+pub fn touch(mib: u64, dirty: f64) -> Result<i32> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
     let n = (mib << 20) as usize / 8;
-    let mut v = vec![0u64; n];
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for w in v.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *w = x;
-    }
+    let v: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                AtomicU64::new(x)
+            })
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = (dirty > 0.0).then(|| {
+        let (v, stop) = (v.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // 100 ticks a second, each writing its share of pages.
+            let per_tick = ((dirty * 256.0 / 100.0).round() as usize).max(1);
+            let pages = v.len() / 512;
+            let mut i = 0usize;
+            let t0 = Instant::now();
+            let mut tick = 0u32;
+            while !stop.load(Ordering::Relaxed) && pages > 0 {
+                for _ in 0..per_tick {
+                    v[i * 512].fetch_add(1, Ordering::Relaxed);
+                    i = (i + 1) % pages;
+                }
+                tick += 1;
+                let due = t0 + Duration::from_millis(10) * tick;
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+        })
+    });
     println!("ready {}", std::process::id());
     std::io::stdout().flush()?;
     let mut s = String::new();
     std::io::stdin().read_line(&mut s)?;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     std::hint::black_box(&v);
     Ok(0)
 }

@@ -1,7 +1,6 @@
 //! `mosix restart`: bring a checkpointed process back.
 
 use std::fs::Metadata;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -164,7 +163,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let mut r = std::fs::File::open(format!("/proc/self/fd/{}", f.as_raw_fd()))
             .with_context(|| format!("cannot open {}", a.image.display()))?;
         let mut m = [0u8; 8];
-        use std::io::Seek;
+        use std::io::{Read, Seek};
         if r.seek(std::io::SeekFrom::End(-8)).is_ok()
             && r.read_exact(&mut m).is_ok()
             && &m == mosix_proto::control::CHECKPOINT_MAGIC
@@ -178,30 +177,32 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     // Decided before the image is read: a refusal costs nothing.
     let creds = cred_options(&a, file.as_ref().map(|f| &f.1))?;
-    let img = match &file {
-        None => {
-            let mut buf = Vec::new();
-            std::io::stdin()
-                .lock()
-                .read_to_end(&mut buf)
-                .context("reading the image from standard input")?;
-            mosix_ckpt::read_image(&buf[..])
-        }
-        // The file already opened and checked, not the name again.
-        Some((f, _)) => {
-            mosix_ckpt::read_image_file(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
-        }
-    }
-    .with_context(|| format!("{}", a.image.display()))?;
-    drop(file);
     let opts = mosix_ckpt::RestoreOptions {
         keep_pid: a.keep_pid,
         time_ns: a.keep_pid,
         ..Default::default()
     };
+    // A file is read (mapped) and verified whole first; standard input is restored
+    // while it arrives (the process runs only once all of it arrived and checked out).
+    let img = match &file {
+        None => None,
+        // The file already opened and checked, not the name again.
+        Some((f, _)) => Some(
+            mosix_ckpt::read_image_file(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
+                .with_context(|| format!("{}", a.image.display()))?,
+        ),
+    };
+    drop(file);
     tracing::debug!("image read and verified in {:?}", t0.elapsed());
+    let restore = |img: &Option<mosix_ckpt::LoadedImage>| -> anyhow::Result<mosix_ckpt::Restored> {
+        Ok(match img {
+            Some(img) => mosix_ckpt::restore_with(img, opts, &creds)?,
+            None => mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
+                .context("the image on standard input")?,
+        })
+    };
     if a.detach {
-        let new = mosix_ckpt::restore_with(&img, opts, &creds)?;
+        let new = restore(&img)?;
         println!("{}", new.pid);
         return Ok(0);
     }
@@ -217,11 +218,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
         unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }?;
     }
-    let (pid, ns_init) = match mosix_ckpt::restore_with(&img, opts, &creds) {
+    let (pid, ns_init) = match restore(&img) {
         Ok(p) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw)),
         Err(e) => {
             old.thread_set_mask()?;
-            return Err(e.into());
+            return Err(e);
         }
     };
     drop(img);

@@ -171,9 +171,11 @@ enum Sub {
     /// change to reach every node, and mosixd's idle CPU and memory. Prints BENCH lines.
     /// Brings a testbed up and down for each size (replacing any testbed in DIR).
     Bench(BenchArgs),
-    /// Benchmark migration: processes with 1, 64 and 512 MiB of touched memory moved
-    /// between two nodes (total and freeze time), against the veth link's TCP bandwidth
-    /// measured in the same run. Prints BENCH lines.
+    /// Benchmark migration: processes with 1, 64 and 512 MiB of touched memory, writing 0,
+    /// 10 and 100 MiB/s to it, moved 1 -> 2 -> 3 -> 1 (leaving home, host to host, coming
+    /// home): time stopped, total time against what the veth link's TCP bandwidth
+    /// (measured in the same run, alternating) would take for its memory, pre-copy rounds.
+    /// Prints BENCH lines.
     BenchMigration(super::benchmig::Args),
     /// Benchmark checkpoints: the time a 256 MiB job away is stopped for one (against a
     /// migration of it), its slowdown with a checkpoint every 0.1 minute (against no

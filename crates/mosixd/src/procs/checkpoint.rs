@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::{info, warn};
 
 /// A checkpoint written.
@@ -102,13 +102,16 @@ impl Procs {
         target: &Target,
         mut info: CkptInfo,
     ) -> Result<CkptDone, String> {
-        let t0 = Instant::now();
         let temp = target.create().map_err(|e| e.to_string())?;
+        // Saved while it runs when it is big enough (pre-copy rounds): frozen only for
+        // what it wrote meanwhile and its state.
         let mut mover = match Mover::start(MoverStart {
             pid,
             away: false,
             no_new_privs: None,
             compression: self.cfg.compression,
+            precopy: self.precopy(pid),
+            supervisor: None,
         }) {
             Ok(m) => m,
             Err(e) => {
@@ -126,8 +129,8 @@ impl Procs {
         });
         let ended = out.ended();
         let flushed = out.into_inner().flush();
-        let memory_bytes = match (dumped, ended, flushed) {
-            (Ok(m), true, Ok(())) => m,
+        let (memory_bytes, t0) = match (dumped, ended, flushed) {
+            (Ok(d), true, Ok(())) => (d.memory_bytes, d.frozen_at),
             (Err(e), ..) => {
                 target.discard(temp);
                 return Err(e.to_string());
@@ -213,12 +216,14 @@ impl Procs {
             }),
         )
         .map_err(|e| e.to_string())?;
-        let t0 = Instant::now();
+        let supervisor = super::transfer::supervisor_of(pid);
         let mut mover = Mover::start(MoverStart {
             pid,
             away: true,
             no_new_privs: Some(h.no_new_privs),
             compression: self.cfg.compression,
+            precopy: supervisor.is_some() && self.precopy(pid),
+            supervisor,
         })
         .map_err(|e| e.to_string())?;
         let mut proc_fds = Vec::new();
@@ -236,8 +241,8 @@ impl Procs {
                 None => mover.dump(&mut ch, &mut quiesce),
             }
         };
-        let memory_bytes = match dumped {
-            Ok(m) => m,
+        let (memory_bytes, t0) = match dumped {
+            Ok(d) => (d.memory_bytes, d.frozen_at),
             Err(e) => {
                 // The image stream ends here, and home hears why.
                 if let Some(b) = &buffer {

@@ -384,6 +384,7 @@ impl GuestDriver {
                                 to,
                                 frozen_ms: m.frozen_ms,
                                 memory_bytes: m.memory_bytes,
+                                rounds: m.rounds,
                             });
                             self.flush_home();
                             return;

@@ -397,8 +397,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         if let Some((_, to, _)) = &self.early {
             let moved = super::Moved {
                 to: *to,
-                frozen_ms: 0,
-                memory_bytes: 0,
+                ..Default::default()
             };
             self.moved_on(moved, now, acts);
         }
@@ -605,11 +604,13 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         to,
                         frozen_ms,
                         memory_bytes,
+                        rounds,
                     } => {
                         let moved = super::Moved {
                             to,
                             frozen_ms,
                             memory_bytes,
+                            rounds,
                         };
                         self.host = None;
                         if to == self.me {
@@ -681,9 +682,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             Ev::Recovered { moved } => {
                 if let Where::Recovering { epoch, .. } = self.place {
                     self.lost = false;
+                    let to = moved.to;
                     self.moved_to(moved, epoch, now, &mut acts);
-                    self.reason =
-                        format!("recovered from a checkpoint; running on node {}", moved.to);
+                    self.reason = format!("recovered from a checkpoint; running on node {to}");
                 }
             }
             Ev::RecoverFailed { why } => {
@@ -833,6 +834,7 @@ mod tests {
             to,
             frozen_ms: 1,
             memory_bytes: 2,
+            rounds: Vec::new(),
         }
     }
 
@@ -1055,6 +1057,7 @@ mod tests {
                     to: 1,
                     frozen_ms: 1,
                     memory_bytes: 2,
+                    rounds: Vec::new(),
                 },
             },
             t,
@@ -1136,6 +1139,7 @@ mod tests {
                     to: 3,
                     frozen_ms: 5,
                     memory_bytes: 6,
+                    rounds: vec![],
                 },
             },
             t,

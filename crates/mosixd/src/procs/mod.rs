@@ -100,11 +100,14 @@ pub enum MoveError {
 }
 
 /// A finished move, as its requester hears of it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Moved {
     pub to: u32,
     pub frozen_ms: u64,
     pub memory_bytes: u64,
+    /// Bytes of memory sent in each pre-copy round, the final (frozen) one last; empty
+    /// for a move without pre-copy.
+    pub rounds: Vec<u64>,
 }
 
 /// Everything about migratable processes on this node.

@@ -21,6 +21,10 @@ use tracing::{info, warn};
 
 /// A chunk length that no image has: the dump failed, a [`FromMover::Failed`] follows.
 const ABORTED: u32 = u32::MAX;
+/// A chunk length that no image has, in a pre-copy stream: the process is frozen now for
+/// its final state; mosixd settles its calls and answers [`ToMover::Quiesced`], then the
+/// rest of the image follows.
+const FROZEN: u32 = u32::MAX - 1;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MoverStart {
@@ -29,6 +33,11 @@ pub struct MoverStart {
     pub away: bool,
     pub no_new_privs: Option<bool>,
     pub compression: mosix_ckpt::Compression,
+    /// Save its memory while it runs (pre-copy rounds), freezing it only at the end.
+    pub precopy: bool,
+    /// Away: the PID of its supervisor, which keeps a userfaultfd of its memory at
+    /// [`super::supervisor::UFFD_FD`] for pre-copy.
+    pub supervisor: Option<i32>,
 }
 
 /// mosixd to mover.
@@ -53,15 +62,19 @@ pub enum ToMover {
 pub enum FromMover {
     /// It is frozen: settle its calls at home (answer `Quiesced`).
     Frozen,
+    /// Its memory is saved while it runs: the chunks begin now, and the [`FROZEN`] mark
+    /// among them says when it is frozen.
+    Rounds,
     Dumped {
         memory_bytes: u64,
+        /// Bytes saved in each pre-copy round, the final (frozen) one last; empty for a
+        /// move without pre-copy.
+        rounds: Vec<u64>,
     },
     /// It could not be frozen or saved, and goes on where it was.
     Failed(String),
     /// Finished: the signals that reached it meanwhile (to pass on, for a deputy).
-    Done {
-        signals: Vec<i32>,
-    },
+    Done { signals: Vec<i32> },
     /// The exec into its deputy failed: it goes on here as it was.
     NoDeputy(String),
 }
@@ -93,27 +106,42 @@ impl Mover {
     }
 
     /// Freezes and saves it into `out` (chunks, not yet ended by the tail); `quiesce` is
-    /// called once it is frozen. Returns the bytes of memory saved. On failure it goes
-    /// on where it was.
+    /// called once it is frozen. Returns the bytes of memory saved, those of each
+    /// pre-copy round, and when it was frozen. On failure it goes on where it was.
     pub fn dump<W: Write>(
         &mut self,
         out: &mut W,
         quiesce: &mut dyn FnMut() -> Result<Vec<(i32, i64)>, super::MoveError>,
-    ) -> Result<u64, super::MoveError> {
+    ) -> Result<Dumped, super::MoveError> {
+        let mut frozen_at = None;
         match self.recv()? {
-            FromMover::Frozen => {}
+            FromMover::Frozen => {
+                frozen_at = Some(std::time::Instant::now());
+                self.settle(quiesce)?;
+            }
+            FromMover::Rounds => {}
             FromMover::Failed(e) => return Err(super::MoveError::Engine(e)),
             other => return Err(engine(format!("its mover said {other:?}"))),
         }
-        match quiesce() {
-            Ok(done) => self.send(&ToMover::Quiesced(done))?,
-            Err(e) => {
-                let _ = self.send(&ToMover::Release);
-                return Err(e);
-            }
-        }
-        let relayed =
-            relay_chunks(&mut self.conn, out).map_err(|e| engine(format!("image I/O: {e}")))?;
+        let mut ctl = self
+            .conn
+            .try_clone()
+            .map_err(|e| engine(format!("its mover: {e}")))?;
+        let mut settled: Result<(), super::MoveError> = Ok(());
+        let relayed = relay_chunks_marked(&mut self.conn, out, &mut || {
+            frozen_at = Some(std::time::Instant::now());
+            settled = match quiesce() {
+                Ok(done) => wire::send_flush(&mut ctl, &ToMover::Quiesced(done))
+                    .map_err(|e| engine(format!("its mover is gone: {e}"))),
+                Err(e) => {
+                    let _ = wire::send_flush(&mut ctl, &ToMover::Release);
+                    Err(e)
+                }
+            };
+            Ok(settled.is_ok())
+        });
+        settled?;
+        let relayed = relayed.map_err(|e| engine(format!("image I/O: {e}")))?;
         if !relayed {
             return match self.recv()? {
                 FromMover::Failed(e) => Err(super::MoveError::Engine(e)),
@@ -121,9 +149,29 @@ impl Mover {
             };
         }
         match self.recv()? {
-            FromMover::Dumped { memory_bytes } => Ok(memory_bytes),
+            FromMover::Dumped {
+                memory_bytes,
+                rounds,
+            } => Ok(Dumped {
+                memory_bytes,
+                rounds,
+                frozen_at: frozen_at.unwrap_or_else(std::time::Instant::now),
+            }),
             FromMover::Failed(e) => Err(super::MoveError::Engine(e)),
             other => Err(engine(format!("its mover said {other:?}"))),
+        }
+    }
+
+    fn settle(
+        &mut self,
+        quiesce: &mut dyn FnMut() -> Result<Vec<(i32, i64)>, super::MoveError>,
+    ) -> Result<(), super::MoveError> {
+        match quiesce() {
+            Ok(done) => self.send(&ToMover::Quiesced(done)),
+            Err(e) => {
+                let _ = self.send(&ToMover::Release);
+                Err(e)
+            }
         }
     }
 
@@ -152,9 +200,33 @@ impl Mover {
     }
 }
 
+/// What a mover saved.
+pub struct Dumped {
+    pub memory_bytes: u64,
+    /// Bytes of each pre-copy round (the final one last); empty without pre-copy.
+    pub rounds: Vec<u64>,
+    /// When it was frozen for the last time.
+    pub frozen_at: std::time::Instant,
+}
+
 /// Copies a chunk stream (an image) from `from` to `to` as it is, through its end (a
 /// zero-length chunk, written and flushed). False if `from` marked it aborted.
 pub fn relay_chunks<R: Read, W: Write>(from: &mut R, to: &mut W) -> std::io::Result<bool> {
+    relay_chunks_marked(from, to, &mut || {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a frozen mark out of place",
+        ))
+    })
+}
+
+/// [`relay_chunks`] of a mover's stream: at its [`FROZEN`] mark (not passed on)
+/// `frozen` is called, and the relay goes on if it says so (else: aborted).
+fn relay_chunks_marked<R: Read, W: Write>(
+    from: &mut R,
+    to: &mut W,
+    frozen: &mut dyn FnMut() -> std::io::Result<bool>,
+) -> std::io::Result<bool> {
     let mut buf = vec![0u8; 256 << 10];
     loop {
         let mut len = [0u8; 4];
@@ -162,6 +234,14 @@ pub fn relay_chunks<R: Read, W: Write>(from: &mut R, to: &mut W) -> std::io::Res
         let n = u32::from_le_bytes(len);
         if n == ABORTED {
             return Ok(false);
+        }
+        if n == FROZEN {
+            // What came before is on its way while its calls are settled.
+            to.flush()?;
+            if !frozen()? {
+                return Ok(false);
+            }
+            continue;
         }
         to.write_all(&len)?;
         if n == 0 {
@@ -205,23 +285,61 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     };
     let mut ctl = conn.try_clone()?;
     let data = conn.try_clone()?;
-    let r = mosix_ckpt::checkpoint_moving_with(
-        pid,
-        ChunkWriter::new(data),
-        start.compression,
-        &leaving,
-        &mut || {
-            wire::send_flush(&mut ctl, &FromMover::Frozen)?;
-            match wire::expect::<_, ToMover>(&mut ctl) {
-                Ok(ToMover::Quiesced(done)) => Ok(done),
-                _ => Err(mosix_ckpt::Error::Unrestorable(
-                    "the move was abandoned".into(),
-                )),
-            }
-        },
-        &mut |_, _| {},
-    );
-    let (cw, stats, held) = match r {
+    let r = if start.precopy {
+        let uffd = match start.supervisor {
+            Some(sup) => Some(supervisor_uffd(sup)?),
+            None => None,
+        };
+        wire::send_flush(&mut conn, &FromMover::Rounds)?;
+        let mut mark = conn.try_clone()?;
+        let opts = mosix_ckpt::LiveOptions {
+            compression: start.compression,
+            ..Default::default()
+        };
+        mosix_ckpt::checkpoint_moving_live(
+            pid,
+            ChunkWriter::new(data),
+            &leaving,
+            &opts,
+            uffd,
+            &mut || {
+                mark.write_all(&FROZEN.to_le_bytes())?;
+                mark.flush()?;
+                match wire::expect::<_, ToMover>(&mut ctl) {
+                    Ok(ToMover::Quiesced(done)) => Ok(done),
+                    _ => Err(mosix_ckpt::Error::Unrestorable(
+                        "the move was abandoned".into(),
+                    )),
+                }
+            },
+            &mut |_| {},
+            &mut |_, _| {},
+        )
+        .map(|(w, st, held)| {
+            let mut rounds: Vec<u64> = st.rounds.iter().map(|r| r.bytes).collect();
+            rounds.push(st.last.bytes);
+            (w, st.memory_bytes, rounds, held)
+        })
+    } else {
+        mosix_ckpt::checkpoint_moving_with(
+            pid,
+            ChunkWriter::new(data),
+            start.compression,
+            &leaving,
+            &mut || {
+                wire::send_flush(&mut ctl, &FromMover::Frozen)?;
+                match wire::expect::<_, ToMover>(&mut ctl) {
+                    Ok(ToMover::Quiesced(done)) => Ok(done),
+                    _ => Err(mosix_ckpt::Error::Unrestorable(
+                        "the move was abandoned".into(),
+                    )),
+                }
+            },
+            &mut |_, _| {},
+        )
+        .map(|(w, st, held)| (w, st.memory_bytes, Vec::new(), held))
+    };
+    let (cw, memory_bytes, rounds, held) = match r {
         Ok(x) => x,
         Err(e) => {
             // It goes on where it was (the engine let it go).
@@ -237,7 +355,8 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     wire::send_flush(
         &mut conn,
         &FromMover::Dumped {
-            memory_bytes: stats.memory_bytes,
+            memory_bytes,
+            rounds,
         },
     )?;
     let mut committing: Option<Option<DeputyExec>> = None;
@@ -285,4 +404,14 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         },
     }
     Ok(())
+}
+
+/// The userfaultfd of a guest's memory that its supervisor `sup` keeps.
+fn supervisor_uffd(sup: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let pidfd = mosix_ckpt::sys::pidfd_open(sup)?;
+    Ok(mosix_ckpt::sys::pidfd_getfd(
+        pidfd.as_raw_fd(),
+        super::supervisor::UFFD_FD,
+    )?)
 }

@@ -162,6 +162,7 @@ impl Procs {
         let tail = Tail {
             next_seq: r.next_seq,
             proc_fds: o.info.proc_fds.clone(),
+            figures: Default::default(),
         };
         ready(&mut ch, to, tail)?;
         // Its record says where it is going: a mosixd that restarts before the recovery is
@@ -177,6 +178,7 @@ impl Procs {
             to,
             frozen_ms: 0,
             memory_bytes: o.info.memory_bytes,
+            rounds: Vec::new(),
         })
     }
 
@@ -301,6 +303,7 @@ impl Procs {
             &Tail {
                 next_seq: 1,
                 proc_fds: Vec::new(),
+                figures: Default::default(),
             },
         )?;
         match supervisor::recv::<FromSup>(&mut sup) {

@@ -22,6 +22,9 @@ use tracing::{info, warn};
 
 /// The descriptor a helper (supervisor, mover) gets its connection on.
 pub(crate) const CONN_FD: RawFd = 3;
+/// Where a supervisor keeps a userfaultfd of its guest's memory (made when it restored
+/// it), for the mover of a later move to track the pages it writes (pre-copy).
+pub(crate) const UFFD_FD: RawFd = 200;
 
 /// What the supervisor restores.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -179,53 +182,34 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         other => anyhow::bail!("expected a start, got {other:?}"),
     };
     let h = start.header.clone();
-    let bytes = match wire::read_chunks(&mut conn, start.limit) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = recv::<Tail>(&mut conn);
-            return refuse(&mut conn, e.to_string());
-        }
-    };
-    let tail: Tail = recv(&mut conn)?;
-    let img = match mosix_ckpt::read_image_bytes(bytes) {
-        Ok(i) => i,
-        Err(e) => return refuse(&mut conn, e.to_string()),
-    };
-    if img.meta.creds.uid[0] != h.uid {
-        return refuse(
-            &mut conn,
-            "the image's owner differs from the sender's".into(),
-        );
-    }
-    let need = img.memory_bytes() + img.memory_bytes() / 32 + (16 << 20);
-    let room = mosix_ckpt::memory_room();
-    if room < need {
-        return refuse(
-            &mut conn,
-            format!(
-                "not enough memory: the process needs {} MiB, {} MiB are free",
-                need >> 20,
-                room >> 20
-            ),
-        );
-    }
     // No credential its owner (as its home says) could not have here: root's processes
     // are root's (every node is root on every other); a user's only that user's.
     let creds = if h.uid == 0 {
-        mosix_ckpt::CredOptions::from_image()
+        Ok(mosix_ckpt::CredOptions::from_image())
     } else {
-        match mosix_ckpt::Identity::of_uid(h.uid) {
-            Ok(who) => mosix_ckpt::CredOptions::within(who),
-            Err(e) => return refuse(&mut conn, e.to_string()),
-        }
+        mosix_ckpt::Identity::of_uid(h.uid).map(mosix_ckpt::CredOptions::within)
     };
-    match start.mode {
+    match start.mode.clone() {
         SupMode::Into {
             pid,
             deputy,
             reopen,
         } => {
-            let mut img = img;
+            // Rebuilt inside its deputy, which serves the process until it is frozen
+            // there: the image is read whole first.
+            let bytes = match wire::read_chunks(&mut conn, start.limit) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = recv::<Tail>(&mut conn);
+                    return refuse(&mut conn, e.to_string());
+                }
+            };
+            let _tail: Tail = recv(&mut conn)?;
+            let mut img = match mosix_ckpt::read_image_bytes(bytes) {
+                Ok(i) => i,
+                Err(e) => return refuse(&mut conn, e.to_string()),
+            };
+            // `mosrun -R`: descriptors held at home in the image that are reopened.
             for (fd, path, flags, pos) in reopen {
                 if let Some(f) = img.meta.fds.iter_mut().find(|f| f.fd == fd) {
                     f.kind = mosix_ckpt::image::FdKind::File {
@@ -236,6 +220,19 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     };
                 }
             }
+            if img.meta.creds.uid[0] != h.uid {
+                return refuse(
+                    &mut conn,
+                    "the image's owner differs from the sender's".into(),
+                );
+            }
+            if let Err(why) = admit(img.memory_bytes(), start.limit) {
+                return refuse(&mut conn, why);
+            }
+            let creds = match creds {
+                Ok(c) => c,
+                Err(e) => return refuse(&mut conn, e.to_string()),
+            };
             let opts = mosix_ckpt::RestoreOptions {
                 hold: true,
                 ..Default::default()
@@ -264,7 +261,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             let away = mosix_ckpt::Away {
                 filter: mosix_remote::filter::to_bytes(&mosix_remote::filter::program(h.home_pid)),
                 hostname: Some(h.hostname.clone()),
-                proc_fds: tail.proc_fds.clone(),
+                proc_fds: Vec::new(),
             };
             let opts = mosix_ckpt::RestoreOptions {
                 keep_pid: true,
@@ -273,12 +270,62 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 pdeathsig: Some(libc::SIGKILL),
                 stdio: None,
             };
-            let (restored, listener) = match mosix_ckpt::restore_away(&img, opts, &creds, &away) {
-                Ok(r) => r,
-                Err(e) => return refuse(&mut conn, e.to_string()),
+            // Restored while its image arrives (its memory in place as it comes).
+            let mut chunks = wire::ChunkReader::new(&mut conn);
+            let incoming = match creds {
+                Ok(creds) => mosix_ckpt::receive(
+                    &mut chunks,
+                    opts,
+                    &creds,
+                    Some(&away),
+                    mosix_ckpt::image::ReadLimits::system(),
+                    &mut |need| admit(need, start.limit).map_err(mosix_ckpt::Error::Unrestorable),
+                ),
+                Err(e) => Err(e),
             };
-            drop(img);
+            let incoming = match incoming {
+                Ok(i) if !chunks.ended() && chunks.drain().is_ok_and(|n| n > 0) => {
+                    drop(i);
+                    Err(mosix_ckpt::Error::BadImage(
+                        "trailing data after the image".into(),
+                    ))
+                }
+                other => other,
+            };
+            let incoming = match incoming {
+                Ok(i) => i,
+                Err(e) => {
+                    // Read past the rest of the image, so that the answer is heard.
+                    if !chunks.ended() && chunks.drain().is_err() {
+                        anyhow::bail!("lost mosixd in the middle of an image: {e}");
+                    }
+                    let _ = recv::<Tail>(&mut conn);
+                    return refuse(&mut conn, e.to_string());
+                }
+            };
+            let tail: Tail = recv(&mut conn)?;
+            if incoming.meta().creds.uid[0] != h.uid {
+                return refuse(
+                    &mut conn,
+                    "the image's owner differs from the sender's".into(),
+                );
+            }
+            let (restored, listener, uffd) =
+                match incoming.complete(Some(tail.proc_fds.clone()), true) {
+                    Ok((r, Some(l), u)) => (r, l, u),
+                    Ok(_) => return refuse(&mut conn, "no listener for its filter".into()),
+                    Err(e) => return refuse(&mut conn, e.to_string()),
+                };
             let pid = restored.pid;
+            // Kept for the pre-copy of its next move (see UFFD_FD).
+            let _uffd = uffd.and_then(|u| {
+                // SAFETY: dup2 of a descriptor we own onto a number we reserve for it.
+                let r = unsafe { libc::dup2(u.as_raw_fd(), UFFD_FD) };
+                (r == UFFD_FD).then(|| {
+                    // SAFETY: UFFD_FD now holds a descriptor of ours that nothing else owns.
+                    unsafe { OwnedFd::from_raw_fd(UFFD_FD) }
+                })
+            });
             send(&mut conn, &FromSup::Ready { host_pid: pid })?;
             match recv::<ToSup>(&mut conn) {
                 Ok(ToSup::Commit) => {
@@ -308,6 +355,21 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             s.serve(&start.socket)
         }
     }
+}
+
+/// Whether a process with `bytes` of memory contents fits here (at most `limit`, and what
+/// is free now with a margin).
+fn admit(bytes: u64, limit: u64) -> Result<(), String> {
+    let need = bytes + bytes / 32 + (16 << 20);
+    let room = mosix_ckpt::memory_room().min(limit.saturating_add(16 << 20));
+    if room < need {
+        return Err(format!(
+            "not enough memory: the process needs {} MiB, {} MiB are free",
+            need >> 20,
+            room >> 20
+        ));
+    }
+    Ok(())
 }
 
 fn reap(pid: Option<i32>) {

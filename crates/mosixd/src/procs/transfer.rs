@@ -16,7 +16,7 @@ use super::supervisor::{self, FromSup, SupMode, SupStart, ToSup};
 use super::{Link, MoveError, Moved, Procs};
 use anyhow::{anyhow, bail, Context, Result};
 use mosix_proto::channel::Channel;
-use mosix_proto::wire::{self, Decision, Hello, MigrateHeader, Tail, Verdict};
+use mosix_proto::wire::{self, Decision, Hello, MigrateHeader, MoveFigures, Tail, Verdict};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -181,15 +181,16 @@ pub(super) fn commit(ch: &mut Link, to: u32) -> Result<i32, MoveError> {
 
 /// The source's half of a move once the process is saved (held by `mover`): tail,
 /// verdict, the commit announced to the mover then sent, and the mover told to finish
-/// (`deputy`: it becomes its deputy, else it is ended). The PID there and the signals
-/// that reached it meanwhile.
+/// (`deputy`: it becomes its deputy, else it is ended). The PID there, the signals that
+/// reached it meanwhile, and when it ran there (the end of its freeze: what its mover
+/// does here after that is not).
 fn finish_move(
     ch: &mut Link,
     to: u32,
     tail: Tail,
     mut mover: Mover,
     deputy: Option<super::home::DeputyExec>,
-) -> Result<(i32, Vec<i32>), MoveError> {
+) -> Result<(i32, Vec<i32>, Instant), MoveError> {
     if let Err(e) = ready(ch, to, tail) {
         mover.release();
         return Err(e);
@@ -197,12 +198,40 @@ fn finish_move(
     // Announced first: if this daemon dies from here on, the mover finishes the move.
     mover.committing(deputy)?;
     match commit(ch, to) {
-        Ok(host_pid) => Ok((host_pid, mover.commit()?)),
+        Ok(host_pid) => {
+            let running = Instant::now();
+            Ok((host_pid, mover.commit()?, running))
+        }
         Err(e) => {
             mover.release();
             Err(e)
         }
     }
+}
+
+/// Processes with less memory than this move frozen (pre-copy would only add a round).
+const PRECOPY_MIN: u64 = 16 << 20;
+
+impl Procs {
+    /// Whether process `pid` moves with pre-copy: configured so, and big enough.
+    pub(super) fn precopy(&self, pid: i32) -> bool {
+        self.cfg.precopy
+            && mosix_ckpt::procfs::status(pid)
+                .ok()
+                .and_then(|s| {
+                    s.get("VmRSS")
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .is_some_and(|kb| kb * 1024 >= PRECOPY_MIN)
+    }
+}
+
+/// The supervisor of guest `pid` (its parent), which keeps a userfaultfd of its memory
+/// for pre-copy.
+pub(super) fn supervisor_of(pid: i32) -> Option<i32> {
+    mosix_ckpt::procfs::status(pid)
+        .ok()
+        .and_then(|s| s.get("PPid").and_then(|p| p.parse::<i32>().ok()))
 }
 
 fn no_new_privs(pid: i32) -> bool {
@@ -291,12 +320,13 @@ impl Procs {
             no_new_privs: no_new_privs(m.pid),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
-        let t0 = Instant::now();
         let mut mover = Mover::start(MoverStart {
             pid: m.pid,
             away: leaving.away,
             no_new_privs: leaving.no_new_privs,
             compression: self.cfg.compression,
+            precopy: self.precopy(m.pid),
+            supervisor: None,
         })?;
         // `mosrun -C`: the image is written into its next checkpoint file as it goes.
         let temp = m.ckpt.as_ref().and_then(|(t, _)| match t.create() {
@@ -311,7 +341,7 @@ impl Procs {
         });
         let mut fds = Vec::new();
         let mut nnp = false;
-        let (memory_bytes, teed) = {
+        let (dumped, teed) = {
             let file = temp.as_ref().map(|t| {
                 mosix_proto::wire::Unchunk::new(std::io::BufWriter::with_capacity(1 << 20, &t.file))
             });
@@ -325,6 +355,7 @@ impl Procs {
             let teed = out.finish();
             (r?, teed)
         };
+        let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
         let mark = if temp.is_some() && teed {
             m.ckpt.as_ref().map(|(t, _)| t.number)
         } else {
@@ -337,8 +368,13 @@ impl Procs {
         let tail = Tail {
             next_seq: 1,
             proc_fds: Vec::new(),
+            figures: MoveFigures {
+                frozen_ms: t0.elapsed().as_millis() as u64,
+                memory_bytes,
+                rounds: rounds.clone(),
+            },
         };
-        let (host_pid, signals) = match finish_move(&mut ch, to, tail, mover, Some(exec)) {
+        let (host_pid, signals, running) = match finish_move(&mut ch, to, tail, mover, Some(exec)) {
             Ok(r) => r,
             Err(e) => {
                 self.mark_leaving(m.pid, None);
@@ -366,7 +402,7 @@ impl Procs {
             }
             _ => None,
         };
-        let frozen_ms = t0.elapsed().as_millis() as u64;
+        let frozen_ms = running.duration_since(t0).as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
         info!(
             pid = m.pid,
@@ -382,6 +418,7 @@ impl Procs {
                 to,
                 frozen_ms,
                 memory_bytes,
+                rounds,
             },
             signals,
             ckpt,
@@ -409,27 +446,37 @@ impl Procs {
             .connect(dest)
             .map_err(|e| MoveError::Destination(format!("{e:#}")))?;
         wire::send(&mut ch, &Hello::Migrate(header.clone())).map_err(|e| peer_gone(dest, e))?;
-        let t0 = Instant::now();
         let mut tail = Tail {
             next_seq: 1,
             proc_fds: Vec::new(),
+            figures: MoveFigures::default(),
         };
+        let supervisor = supervisor_of(pid);
         let mut mover = Mover::start(MoverStart {
             pid,
             away: leaving.away,
             no_new_privs: leaving.no_new_privs,
             compression: self.cfg.compression,
+            precopy: supervisor.is_some() && self.precopy(pid),
+            supervisor,
         })?;
-        let memory_bytes = mover.dump(&mut ch, &mut || {
+        let dumped = mover.dump(&mut ch, &mut || {
             let (done, seq, proc_fds) = quiesce()?;
             tail = Tail {
                 next_seq: seq,
                 proc_fds,
+                figures: MoveFigures::default(),
             };
             Ok(done)
         })?;
-        let (host_pid, _) = finish_move(&mut ch, dest, tail, mover, None)?;
-        let frozen_ms = t0.elapsed().as_millis() as u64;
+        let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
+        tail.figures = MoveFigures {
+            frozen_ms: t0.elapsed().as_millis() as u64,
+            memory_bytes,
+            rounds: rounds.clone(),
+        };
+        let (host_pid, _, running) = finish_move(&mut ch, dest, tail, mover, None)?;
+        let frozen_ms = running.duration_since(t0).as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
         info!(
             home = header.home,
@@ -444,6 +491,7 @@ impl Procs {
             to: dest,
             frozen_ms,
             memory_bytes,
+            rounds,
         })
     }
 
@@ -607,6 +655,7 @@ impl Procs {
                 return Err(e);
             }
         };
+        let (figures, tail_at) = (tail.figures.clone(), Instant::now());
         wire::send_flush(&mut sup, &tail)?;
         if std::env::var_os(ENV_TEST_STALL).is_some() {
             let _ = std::fs::write(self.cfg.state_dir.join("stalled"), b"");
@@ -660,10 +709,12 @@ impl Procs {
             SupMode::Into { .. } => {
                 if let Some(home) = super::lock(&self.homes).get(&h.home_pid) {
                     home.send(super::job::Ev::CameHome {
+                        // Stopped from its freeze at the source until it ran here.
                         moved: Moved {
                             to: self.me(),
-                            frozen_ms: 0,
-                            memory_bytes: 0,
+                            frozen_ms: figures.frozen_ms + tail_at.elapsed().as_millis() as u64,
+                            memory_bytes: figures.memory_bytes,
+                            rounds: figures.rounds,
                         },
                     });
                 }

@@ -1,0 +1,161 @@
+//! Dirty-page tracking (mosix_ckpt::dirty) on a real process, as root: the pages it
+//! writes are found exactly, areas it maps later are not registered, pages it gives back
+//! are no longer present, and nothing of the tracking is left in it afterwards.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+
+use mosix_ckpt::dirty::{pages, Tracker};
+
+const PROG: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+int main(void) {
+    size_t len = 16 << 20;
+    char *m = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(m, 1, len);
+    printf("%lx\n", (unsigned long)m);
+    fflush(stdout);
+    char cmd[64];
+    while (fgets(cmd, sizeof cmd, stdin)) {
+        long n = atol(cmd + 2);
+        if (cmd[0] == 'w') m[n * 4096 + 7] += 1;
+        if (cmd[0] == 'd') madvise(m + n * 4096, 4096, MADV_DONTNEED);
+        if (cmd[0] == 'm') {
+            char *x = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            x[0] = 1;
+            printf("%lx ", (unsigned long)x);
+        }
+        printf("ok\n");
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+struct Prog {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+    addr: u64,
+}
+
+impl Prog {
+    fn start() -> Prog {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let src = dir.join("dirty_prog.c");
+        let bin = dir.join("dirty_prog");
+        std::fs::write(&src, PROG).unwrap();
+        let st = Command::new("cc")
+            .args(["-O1", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut child = Command::new(&bin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        let addr = u64::from_str_radix(l.trim(), 16).unwrap();
+        Prog { child, out, addr }
+    }
+    fn cmd(&mut self, c: &str) -> String {
+        let w = self.child.stdin.as_mut().unwrap();
+        writeln!(w, "{c}").unwrap();
+        w.flush().unwrap();
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        assert!(l.trim_end().ends_with("ok"), "{l}");
+        l
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+fn page_list(regions: &[mosix_ckpt::sys::PageRegion], base: u64) -> Vec<u64> {
+    let mut v = Vec::new();
+    for r in regions {
+        let mut a = r.start;
+        while a < r.end {
+            v.push((a - base) / 4096);
+            a += 4096;
+        }
+    }
+    v
+}
+
+#[test]
+fn written_pages_are_found_exactly() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut p = Prog::start();
+    let (pid, base, end) = (p.pid(), p.addr, p.addr + (16 << 20));
+    let t = Tracker::attach(pid).unwrap();
+    // Nothing of it in the process's descriptors.
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let l = std::fs::read_link(e.unwrap().path()).unwrap();
+        assert!(!l.to_string_lossy().contains("userfaultfd"), "{l:?}");
+    }
+    assert!(t.registered().unwrap().is_empty());
+    t.register(base, end).unwrap();
+    assert_eq!(t.registered().unwrap(), vec![(base, end)]);
+    // The first scan: every page present.
+    let all = t.written(base, end).unwrap().unwrap();
+    assert_eq!(all.iter().map(pages).sum::<u64>(), 4096);
+    assert!(t.written(base, end).unwrap().unwrap().is_empty());
+    for n in [3, 100, 4095, 100] {
+        p.cmd(&format!("w {n}"));
+    }
+    assert_eq!(
+        page_list(&t.written(base, end).unwrap().unwrap(), base),
+        vec![3, 100, 4095]
+    );
+    assert!(t.written(base, end).unwrap().unwrap().is_empty());
+    // A page given back is not present any more, and not "written".
+    p.cmd("d 5");
+    assert!(t.written(base, end).unwrap().unwrap().is_empty());
+    let live: Vec<u64> = t
+        .saved(base, end, true)
+        .unwrap()
+        .iter()
+        .flat_map(|&(s, e)| (s..e).step_by(4096).map(|a| (a - base) / 4096))
+        .collect();
+    assert_eq!(live.len(), 4095);
+    assert!(!live.contains(&5));
+    // Written again after that: found.
+    p.cmd("w 5");
+    assert_eq!(
+        page_list(&t.written(base, end).unwrap().unwrap(), base),
+        vec![5]
+    );
+    // A new mapping is not registered.
+    let l = p.cmd("m");
+    let new = u64::from_str_radix(l.split_whitespace().next().unwrap(), 16).unwrap();
+    assert!(!t
+        .registered()
+        .unwrap()
+        .iter()
+        .any(|&(s, e)| s <= new && new < e));
+    // Gone with the tracker: no area of the process is tracked any more.
+    drop(t);
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    assert!(
+        !smaps
+            .lines()
+            .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw")),
+        "still tracked"
+    );
+    // It goes on normally.
+    p.cmd("w 9");
+    drop(p.child.stdin.take());
+    assert!(p.child.wait().unwrap().success());
+}
