@@ -317,7 +317,6 @@ pub(crate) fn create(
     t: &ThreadImage,
     tids: Tids,
 ) -> Result<Task> {
-    let keep_tid = tids == Tids::Keep;
     let before: HashSet<i32> = procfs::tasks(pid)?.into_iter().collect();
     let flags = (libc::CLONE_VM
         | libc::CLONE_FS
@@ -327,25 +326,46 @@ pub(crate) fn create(
         | libc::CLONE_SYSVSEM) as u64;
     // struct clone_args (88 bytes), then the set_tid array.
     let tid_at = scratch_args + 128;
-    let mut a = [0u64; 11];
-    a[0] = flags;
-    if keep_tid {
-        a[8] = tid_at;
-        a[9] = 1;
-    }
-    let mut bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
-    bytes.resize(128, 0);
-    bytes.extend_from_slice(&t.tid.to_le_bytes());
-    sys::write_mem(pid, scratch_args, &bytes)?;
-    let what = if keep_tid {
-        format!("creating thread {}", t.tid)
-    } else {
-        "creating a thread".to_string()
+    let args = |with_tid: bool| {
+        let mut a = [0u64; 11];
+        a[0] = flags;
+        if with_tid {
+            a[8] = tid_at;
+            a[9] = 1;
+        }
+        let mut bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+        bytes.resize(128, 0);
+        bytes.extend_from_slice(&t.tid.to_le_bytes());
+        bytes
     };
-    if tids == Tids::Hint && t.tid > 1 {
-        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (t.tid - 1).to_string());
+    // Hint: set_tid first where the process may ask for it (a root job rebuilt at home
+    // has CAP_SYS_ADMIN over its PID namespace); a user's job cannot, and gets its own
+    // ID only if it is free when ns_last_pid is set (a process forking elsewhere on the
+    // machine at that instant takes it).
+    let mut keep_tid = matches!(tids, Tids::Keep | Tids::Hint) && t.tid > 1;
+    sys::write_mem(pid, scratch_args, &args(keep_tid))?;
+    let made = if keep_tid {
+        r.call(
+            &format!("creating thread {}", t.tid),
+            libc::SYS_clone3,
+            &[scratch_args, 88],
+        )
+    } else {
+        r.call("creating a thread", libc::SYS_clone3, &[scratch_args, 88])
+    };
+    match made {
+        Err(Error::Remote { errno, .. })
+            if tids == Tids::Hint && (errno == libc::EPERM || errno == libc::EEXIST) =>
+        {
+            keep_tid = false;
+            sys::write_mem(pid, scratch_args, &args(false))?;
+            let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (t.tid - 1).to_string());
+            r.call("creating a thread", libc::SYS_clone3, &[scratch_args, 88])?;
+        }
+        other => {
+            other?;
+        }
     }
-    r.call(&what, libc::SYS_clone3, &[scratch_args, 88])?;
     let new: Vec<i32> = procfs::tasks(pid)?
         .into_iter()
         .filter(|x| !before.contains(x))
