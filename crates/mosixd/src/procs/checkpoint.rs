@@ -18,6 +18,7 @@
 use super::ckptfile::{self, CkptInfo, Target};
 use super::guest::Quiesced;
 use super::mover::{Mover, MoverStart};
+use super::rights::{no_new_privs, own_rights_only};
 use super::{Link, MoveError, Procs};
 use anyhow::{anyhow, Result};
 use mosix_proto::control::After;
@@ -83,14 +84,6 @@ fn end_held(pid: i32, mut m: Mover) {
     }
 }
 
-fn no_new_privs(pid: i32) -> bool {
-    mosix_ckpt::procfs::status(pid)
-        .ok()
-        .and_then(|s| s.get("NoNewPrivs").cloned())
-        .as_deref()
-        == Some("1")
-}
-
 impl Procs {
     /// Checkpoints process `pid` (running here, at home) into `target`, then lets it go
     /// on, stops it, or ends it (once the file is written). `info` is completed with its
@@ -103,6 +96,10 @@ impl Procs {
         mut info: CkptInfo,
     ) -> Result<CkptDone, String> {
         let t0 = Instant::now();
+        // A process with more rights than its user (a set-user-ID program) is not written
+        // into its user's file: checked now, and again once it is held.
+        let uid = info.uid;
+        own_rights_only(pid, uid).map_err(|e| e.to_string())?;
         let temp = target.create().map_err(|e| e.to_string())?;
         let mut mover = match Mover::start(MoverStart {
             pid,
@@ -120,6 +117,7 @@ impl Procs {
         let mut out =
             mosix_proto::wire::Unchunk::new(BufWriter::with_capacity(1 << 20, &temp.file));
         let dumped = mover.dump(&mut out, &mut || {
+            own_rights_only(pid, uid)?;
             // Held: its descriptors do not change until it goes on.
             fds = ckptfile::home_fds(pid);
             Ok(Vec::new())

@@ -21,7 +21,7 @@ use mosix_proto::control::RestoreRequest;
 use mosix_proto::wire::{self, ChunkWriter, Hello, MigrateHeader, Tail};
 use mosix_proto::NodeState;
 use mosix_remote::wire::FdType;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -223,7 +223,18 @@ impl Procs {
                 o.info.uid
             );
         }
-        let image = o.image()?;
+        // The image goes to the restorer straight from the file, never whole into this
+        // daemon's memory (a sparse file can claim any size); the restorer holds at most
+        // `limit` bytes of it, and one larger is refused before anything is read.
+        let limit = mosix_ckpt::memory_room().saturating_sub(RESTORE_MARGIN);
+        if o.image_len > limit {
+            bail!(
+                "{}: its image ({}) is larger than the {} of memory free here",
+                req.file,
+                size(o.image_len),
+                size(limit)
+            );
+        }
         // Its descriptors beyond the standard ones were held at its home: regular files
         // are reopened at their offsets, the others cannot come back.
         let mut reopen = Vec::new();
@@ -282,7 +293,7 @@ impl Procs {
                 deputy: fallback,
                 reopen,
             },
-            limit: mosix_ckpt::memory_room().saturating_sub(RESTORE_MARGIN),
+            limit,
             socket: self
                 .cfg
                 .state_dir
@@ -291,11 +302,15 @@ impl Procs {
         };
         supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
         {
+            let mut f = &o.file;
+            f.seek(SeekFrom::Start(0))?;
             let mut cw = ChunkWriter::new(&mut sup);
-            cw.write_all(&image)?;
+            let n = std::io::copy(&mut f.take(o.image_len), &mut cw)?;
+            if n != o.image_len {
+                bail!("{} was cut short while it was read", req.file);
+            }
             cw.finish()?;
         }
-        drop(image);
         wire::send_flush(
             &mut sup,
             &Tail {
@@ -340,5 +355,14 @@ impl Procs {
         }
         info!(pid, uid = peer.uid, "restored from {}", req.file);
         Ok(pid)
+    }
+}
+
+/// `n` bytes for a person: MiB below 10 GiB, else GiB.
+fn size(n: u64) -> String {
+    if n < 10 << 30 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{:.1} GiB", n as f64 / f64::from(1u32 << 30))
     }
 }
