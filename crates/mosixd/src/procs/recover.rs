@@ -144,7 +144,9 @@ impl Procs {
             reason: format!("recovered from {}", r.path.display()),
             offer: None,
             hostname: mosix_ckpt::sys::hostname(),
-            no_new_privs: o.info.no_new_privs,
+            // The file is its owner's to edit: its flag is OR'd with its deputy's own (the
+            // process at home, whose no_new_privs an exec does not clear).
+            no_new_privs: o.info.no_new_privs || super::rights::no_new_privs(r.pid),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(gone)?;
         {
@@ -189,8 +191,18 @@ impl Procs {
         if lock(&self.homes).contains_key(&pid) {
             bail!("process {pid} is a migratable process already");
         }
-        let owner = Owner::of_process(pid)?;
-        if owner.uid != peer.uid {
+        // Its files are opened with the rights its connection showed (SO_PEERCRED,
+        // SO_PEERGROUPS); the process it is now must still be that user's, or it would be
+        // rebuilt with credentials it no longer has.
+        let owner = peer.owner();
+        let now = super::rights::Rights::of(pid);
+        if !crate::peer::alive(&pidfd) {
+            bail!("the calling process has gone");
+        }
+        let Some(now) = now else {
+            bail!("the calling process has gone");
+        };
+        if now.uid.iter().any(|&u| u != peer.uid) {
             bail!("the calling process has changed its user");
         }
         let path = Path::new(&req.file);
@@ -283,7 +295,9 @@ impl Procs {
             reason: format!("restored from {}", req.file),
             offer: None,
             hostname: mosix_ckpt::sys::hostname(),
-            no_new_privs: o.info.no_new_privs,
+            // The file is the user's to edit: the flag it says is never all there is. The
+            // caller's own (it cannot be cleared) goes on too.
+            no_new_privs: o.info.no_new_privs || now.no_new_privs,
         };
         let mut sup = supervisor::spawn()?;
         let start = SupStart {
