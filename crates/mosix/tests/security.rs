@@ -551,3 +551,171 @@ fn unauthenticated_peers_get_a_deadline_and_a_cap() {
         }
     }
 }
+
+/// A set-user-ID root program that nobody runs with `mosrun -C` at home: a checkpoint of
+/// it (`migrate PID checkpoint`, or its periodic ones) would have root's mosixd write the
+/// memory of a process running as root (password hashes, host keys) into a file nobody
+/// owns, and `migrate PID freeze` would let nobody hold a root process stopped (passwd
+/// holding /etc/.pwd.lock). Both are refused, and no file is written.
+#[test]
+fn a_job_with_more_rights_than_its_user_is_not_checkpointed_or_frozen() {
+    let n = Node::start(78, false);
+    let prog = n.path().join("suid-sleep");
+    std::fs::copy("/usr/bin/sleep", &prog).unwrap();
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let mine = n.path().join("nobody");
+    std::fs::create_dir(&mine).unwrap();
+    std::os::unix::fs::chown(&mine, Some(65534), Some(65534)).unwrap();
+    let base = mine.join("c");
+    let mut job = n
+        .mosrun_as_nobody(
+            "",
+            &[
+                "-C",
+                &base.to_string_lossy(),
+                &prog.to_string_lossy(),
+                "600",
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // setpriv, sh and mosrun exec: the child is the job.
+    let pid = job.id() as i32;
+    n.wait_until("the set-user-ID job runs as root, registered", || {
+        let euid_root = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+        euid_root
+            && Command::new(n.mosix())
+                .args(["ps", "--json", "--socket"])
+                .arg(n.sock())
+                .output()
+                .map(|o| lists(&o.stdout, pid))
+                .unwrap_or(false)
+    });
+    let migrate = |what: &str| {
+        as_nobody()
+            .arg(n.mosix())
+            .args(["migrate", "--socket"])
+            .arg(n.sock())
+            .args([&pid.to_string(), what])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let ck = migrate("checkpoint");
+    let fr = migrate("freeze");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let files: Vec<String> = std::fs::read_dir(&mine)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let _ = job.kill();
+    let _ = job.wait();
+    let e = String::from_utf8_lossy(&ck.stderr);
+    assert!(
+        !ck.status.success(),
+        "root's memory was written into nobody's file: {}",
+        String::from_utf8_lossy(&ck.stdout)
+    );
+    assert!(e.contains("more rights than its user's"), "{e}");
+    assert!(files.is_empty(), "files written: {files:?}");
+    let e = String::from_utf8_lossy(&fr.stderr);
+    assert!(!fr.status.success(), "nobody froze a root process");
+    assert!(e.contains("more rights than its user's"), "{e}");
+    let st = state.rsplit_once(") ").map(|(_, r)| r.chars().next());
+    assert_ne!(st, Some(Some('t')), "it is held in a ptrace stop");
+}
+
+/// A memory cgroup of our own limited to `bytes` (v1 or v2): its directory and the file of
+/// its processes.
+fn mem_cgroup(bytes: u64) -> Option<(PathBuf, PathBuf)> {
+    let name = format!("mosix-sectest-mem-{}", std::process::id());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for l in info.lines() {
+        let (pre, post) = l.split_once(" - ")?;
+        let f: Vec<&str> = pre.split(' ').collect();
+        let g: Vec<&str> = post.split(' ').collect();
+        let v1 = g[0] == "cgroup"
+            && g.get(2)
+                .is_some_and(|o| o.split(',').any(|x| x == "memory"));
+        if !(v1 || g[0] == "cgroup2") || f[3] != "/" {
+            continue;
+        }
+        let dir = Path::new(f[4]).join(&name);
+        if std::fs::create_dir(&dir).is_err() {
+            continue;
+        }
+        let limit = if v1 {
+            "memory.limit_in_bytes"
+        } else {
+            "memory.max"
+        };
+        if std::fs::write(dir.join(limit), bytes.to_string()).is_ok() {
+            return Some((dir.clone(), dir.join("cgroup.procs")));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    None
+}
+
+/// `mosrun -R` of a checkpoint file that claims an image of 4 GiB (a sparse file with a
+/// valid description at its end, nobody's own): root's mosixd read the whole image into
+/// its own memory before handing it to the restorer, so that any user could make it run
+/// out of memory. It is refused in one line before anything is read, and the daemon is
+/// unharmed. (The daemon runs in a memory cgroup of 256 MiB: the code before the fix was
+/// killed by its cgroup, not by the machine running out of memory.)
+#[test]
+fn a_checkpoint_file_claiming_a_huge_image_is_not_read_into_the_daemon() {
+    let mut n = Node::start(79, false);
+    let (cg, procs) = mem_cgroup(256 << 20).expect("a memory cgroup to test with");
+    std::fs::write(&procs, n.daemon.id().to_string()).unwrap();
+    let file = n.path().join("huge.ckpt.1");
+    let info = serde_json::json!({
+        "home": 1, "home_pid": 4242, "uid": 65534, "cmd": "sleep 600", "number": 1,
+        "taken_unix_ms": 1, "node": 1, "mark": null, "fds": [], "proc_fds": [],
+        "no_new_privs": false, "base": file.with_extension("").to_string_lossy(),
+        "every_min": null, "memory_bytes": 4u64 << 30
+    })
+    .to_string();
+    {
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(4 << 30).unwrap();
+        let mut w = &f;
+        use std::io::Seek;
+        w.seek(std::io::SeekFrom::End(0)).unwrap();
+        w.write_all(info.as_bytes()).unwrap();
+        w.write_all(&(info.len() as u64).to_le_bytes()).unwrap();
+        w.write_all(b"MOSXJOB\x01").unwrap();
+    }
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+    let o = n
+        .mosrun_as_nobody("", &["-R", &file.to_string_lossy()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let alive = n.daemon.try_wait().unwrap().is_none();
+    let answers = Command::new(n.mosix())
+        .args(["status", "--socket"])
+        .arg(n.sock())
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let _ = n.daemon.kill();
+    let _ = n.daemon.wait();
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir(&cg);
+    assert!(
+        alive && answers,
+        "the daemon died reading the image; log:\n{}",
+        n.log()
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a 4 GiB image was restored?");
+    assert!(e.contains("larger than") && e.contains("memory"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}

@@ -6,7 +6,7 @@
 //! process. A deputy's `deputy` hello hands its connection over to its process's home
 //! driver (binary frames, see `mosix_remote::wire`).
 
-use crate::peer::{Peer, PeerPidfd};
+use crate::peer::Peer;
 use crate::procs::Procs;
 use crate::State;
 use anyhow::{bail, Context, Result};
@@ -171,18 +171,7 @@ async fn connection(
             match serde_json::from_slice::<Request>(&line) {
                 Ok(Request::Register(req)) => {
                     let pr = procs.clone();
-                    let caller = crate::procs::home::Caller {
-                        uid: peer.uid,
-                        pid: peer.pid,
-                        pidfd: match &peer.pidfd {
-                            PeerPidfd::Open(fd) => match fd.try_clone() {
-                                Ok(fd) => PeerPidfd::Open(fd),
-                                Err(_) => PeerPidfd::Gone,
-                            },
-                            PeerPidfd::Gone => PeerPidfd::Gone,
-                            PeerPidfd::Unsupported => PeerPidfd::Unsupported,
-                        },
-                    };
+                    let caller = crate::procs::home::Caller::of(&peer);
                     tokio::task::spawn_blocking(move || match pr.register(&caller, req) {
                         Ok(home_pid) => Response::Registered { home_pid },
                         Err(e) => Response::Error {
@@ -196,18 +185,7 @@ async fn connection(
                 }
                 Ok(Request::Restore(req)) => {
                     let pr = procs.clone();
-                    let caller = crate::procs::home::Caller {
-                        uid: peer.uid,
-                        pid: peer.pid,
-                        pidfd: match &peer.pidfd {
-                            PeerPidfd::Open(fd) => match fd.try_clone() {
-                                Ok(fd) => PeerPidfd::Open(fd),
-                                Err(_) => PeerPidfd::Gone,
-                            },
-                            PeerPidfd::Gone => PeerPidfd::Gone,
-                            PeerPidfd::Unsupported => PeerPidfd::Unsupported,
-                        },
-                    };
+                    let caller = crate::procs::home::Caller::of(&peer);
                     tokio::task::spawn_blocking(move || match pr.restore_job(&caller, req) {
                         // Nobody hears it: the caller is the restored process by now.
                         Ok(home_pid) => Response::Registered { home_pid },

@@ -18,6 +18,7 @@
 use super::ckptfile::{self, CkptInfo, Target};
 use super::guest::Quiesced;
 use super::mover::{Mover, MoverStart};
+use super::rights::{no_new_privs, own_rights_only};
 use super::{Link, MoveError, Procs};
 use anyhow::{anyhow, Result};
 use mosix_proto::control::After;
@@ -51,15 +52,71 @@ fn stop_now(pid: i32) {
     let _ = mosix_ckpt::sys::kill(pid, libc::SIGSTOP);
 }
 
-/// Resident memory of `pid`, bytes.
-fn rss(pid: i32) -> u64 {
-    mosix_ckpt::procfs::status(pid)
-        .ok()
-        .and_then(|s| {
-            s.get("VmRSS")
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map_or(u64::MAX, |kb| kb << 10)
+/// The memory of `pid` its image may hold: resident plus swapped out, bytes (None: gone).
+fn image_estimate(pid: i32) -> Option<u64> {
+    let st = mosix_ckpt::procfs::status(pid).ok()?;
+    let kb = |k: &str| -> Option<u64> { st.get(k)?.split_whitespace().next()?.parse().ok() };
+    Some((kb("VmRSS")? + kb("VmSwap").unwrap_or(0)) << 10)
+}
+
+/// Bytes of memory held now by images of checkpoints taken on this host, waiting to be
+/// sent to their homes (see [`Budget`]).
+static BUFFERED: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+
+/// Room in this host's memory for the image of one checkpoint, reserved until dropped:
+/// all images held at once take at most a third of the memory free here.
+struct Budget(u64);
+
+impl Budget {
+    /// `bytes` of room, if there is that much.
+    fn reserve(bytes: u64) -> Option<Budget> {
+        let mut held = super::lock(&BUFFERED);
+        // Free memory counts what is held already as used: the third is of what is left.
+        if held.saturating_add(bytes) > mosix_ckpt::memory_room() / 3 {
+            return None;
+        }
+        *held += bytes;
+        Some(Budget(bytes))
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        let mut held = super::lock(&BUFFERED);
+        *held = held.saturating_sub(self.0);
+    }
+}
+
+/// Where a checkpoint's image goes on its host: into a buffer of a fixed size reserved
+/// beforehand (the process goes on before the image crosses the link), and if the image
+/// is larger than that, the buffer and the rest straight into the link (the process is
+/// then held until all of it is sent, as without a buffer). Never more memory than
+/// reserved.
+struct Spill<'a, W: Write> {
+    buf: Vec<u8>,
+    link: &'a mut W,
+    spilled: bool,
+}
+
+impl<W: Write> Write for Spill<'_, W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if !self.spilled && self.buf.len() + data.len() <= self.buf.capacity() {
+            self.buf.extend_from_slice(data);
+            return Ok(data.len());
+        }
+        if !self.spilled {
+            self.spilled = true;
+            self.link.write_all(&self.buf)?;
+            self.buf = Vec::new();
+        }
+        self.link.write(data)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.spilled {
+            self.link.flush()?;
+        }
+        Ok(())
+    }
 }
 
 /// The length of the whole chunks at the start of chunk stream `b`.
@@ -83,14 +140,6 @@ fn end_held(pid: i32, mut m: Mover) {
     }
 }
 
-fn no_new_privs(pid: i32) -> bool {
-    mosix_ckpt::procfs::status(pid)
-        .ok()
-        .and_then(|s| s.get("NoNewPrivs").cloned())
-        .as_deref()
-        == Some("1")
-}
-
 impl Procs {
     /// Checkpoints process `pid` (running here, at home) into `target`, then lets it go
     /// on, stops it, or ends it (once the file is written). `info` is completed with its
@@ -102,6 +151,10 @@ impl Procs {
         target: &Target,
         mut info: CkptInfo,
     ) -> Result<CkptDone, String> {
+        // A process with more rights than its user (a set-user-ID program) is not written
+        // into its user's file: checked now, and again once it is held.
+        let uid = info.uid;
+        own_rights_only(pid, uid).map_err(|e| e.to_string())?;
         let temp = target.create().map_err(|e| e.to_string())?;
         // Saved while it runs when it is big enough (pre-copy rounds): frozen only for
         // what it wrote meanwhile and its state.
@@ -123,6 +176,7 @@ impl Procs {
         let mut out =
             mosix_proto::wire::Unchunk::new(BufWriter::with_capacity(1 << 20, &temp.file));
         let dumped = mover.dump(&mut out, &mut || {
+            own_rights_only(pid, uid)?;
             // Held: its descriptors do not change until it goes on.
             fds = ckptfile::home_fds(pid);
             Ok(Vec::new())
@@ -217,35 +271,46 @@ impl Procs {
         )
         .map_err(|e| e.to_string())?;
         let supervisor = super::transfer::supervisor_of(pid);
+        let precopy = supervisor.is_some() && self.precopy(pid);
         let mut mover = Mover::start(MoverStart {
             pid,
             away: true,
             no_new_privs: Some(h.no_new_privs),
             compression: self.cfg.compression,
-            precopy: supervisor.is_some() && self.precopy(pid),
+            precopy,
             supervisor,
         })
         .map_err(|e| e.to_string())?;
         let mut proc_fds = Vec::new();
         // With memory to spare here, the image is taken into memory and the process goes on
-        // before it crosses the link: it is stopped for a copy, not for a transfer.
-        let mut buffer = (rss(pid) < mosix_ckpt::memory_room() / 3).then(Vec::new);
-        let dumped = {
-            let mut quiesce = || {
-                let (done, _next_seq, pfds) = quiesce()?;
-                proc_fds = pfds;
-                Ok(done)
-            };
-            match &mut buffer {
-                Some(b) => mover.dump(b, &mut quiesce),
-                None => mover.dump(&mut ch, &mut quiesce),
-            }
+        // before it crosses the link: it is stopped for a copy, not for a transfer. The room
+        // is reserved up front (its memory resident and swapped, and a little more for the
+        // image's own records), against a budget shared by every checkpoint of this host.
+        // With pre-copy its memory is saved while it runs: a buffer would gain nothing (and
+        // the image can be larger than its memory), so it goes straight into the link.
+        let budget = (!precopy)
+            .then(|| image_estimate(pid))
+            .flatten()
+            .map(|m| m + m / 64 + (1 << 20))
+            .and_then(|m| Budget::reserve(m).map(|b| (b, m)));
+        let mut out = Spill {
+            buf: Vec::with_capacity(budget.as_ref().map_or(0, |(_, m)| *m as usize)),
+            link: &mut ch,
+            // Without room here, straight into the link.
+            spilled: budget.is_none(),
         };
+        let dumped = mover.dump(&mut out, &mut || {
+            let (done, _next_seq, pfds) = quiesce()?;
+            proc_fds = pfds;
+            Ok(done)
+        });
+        // What is still to be sent once it goes on (none if it all went into the link).
+        let held_image = (!out.spilled).then_some(out.buf);
         let (memory_bytes, t0) = match dumped {
             Ok(d) => (d.memory_bytes, d.frozen_at),
             Err(e) => {
                 // The image stream ends here, and home hears why.
-                if let Some(b) = &buffer {
+                if let Some(b) = &held_image {
                     // Whole chunks only (the mover marks a failure between chunks).
                     let _ = std::io::Write::write_all(&mut ch, &b[..whole_chunks(b)]);
                 }
@@ -264,8 +329,11 @@ impl Procs {
             }
         }
         let frozen_ms = t0.elapsed().as_millis() as u64;
-        if let Some(b) = buffer.take() {
-            if let Err(e) = std::io::Write::write_all(&mut ch, &b) {
+        if let Some(b) = held_image {
+            let sent = std::io::Write::write_all(&mut ch, &b);
+            drop(b);
+            drop(budget);
+            if let Err(e) = sent {
                 if let Some(m) = held.take() {
                     m.release();
                 }

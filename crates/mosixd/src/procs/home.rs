@@ -88,6 +88,8 @@ pub struct Handle {
     pub info: Arc<Mutex<Snapshot>>,
     token: Arc<String>,
     answers: Answers,
+    /// Its owner, as the socket of its registration said (for its children's files).
+    owner: Option<Owner>,
 }
 
 /// Answers to `migrate`, held by the driver until it has published the process's new
@@ -239,10 +241,43 @@ pub(crate) fn new_token() -> String {
 /// Who registers (from the control socket's peer credentials).
 pub struct Caller {
     pub uid: u32,
+    /// Its group and supplementary groups (SO_PEERCRED, SO_PEERGROUPS): whose rights its
+    /// checkpoint files are written and read with.
+    pub gid: u32,
+    pub groups: Vec<u32>,
     /// Its PID when it connected (SO_PEERCRED): by now perhaps another process's.
     pub pid: Option<i32>,
     /// The process that connected (SO_PEERPIDFD), which the PID is checked against.
     pub pidfd: PeerPidfd,
+}
+
+impl Caller {
+    /// The caller behind a control connection's credentials.
+    pub fn of(peer: &Peer) -> Caller {
+        Caller {
+            uid: peer.uid,
+            gid: peer.gid,
+            groups: peer.groups.clone(),
+            pid: peer.pid,
+            pidfd: match &peer.pidfd {
+                PeerPidfd::Open(fd) => match fd.try_clone() {
+                    Ok(fd) => PeerPidfd::Open(fd),
+                    Err(_) => PeerPidfd::Gone,
+                },
+                PeerPidfd::Gone => PeerPidfd::Gone,
+                PeerPidfd::Unsupported => PeerPidfd::Unsupported,
+            },
+        }
+    }
+
+    /// Whose files its jobs' checkpoints are.
+    pub fn owner(&self) -> Owner {
+        Owner {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+    }
 }
 
 /// The process that connected as `peer`, if it is still the one with its PID: its pidfd
@@ -381,7 +416,7 @@ impl Procs {
         j.avoid = req.avoid.clone();
         let token = new_token();
         let mut rec = Record::new(&j, st, &token);
-        rec.owner = Owner::of_process(pid).ok();
+        rec.owner = Some(peer.owner());
         if let Some(c) = &req.checkpoint {
             check_checkpoint_spec(c)?;
             rec.ckpt = Some(CkptRecord::of(c, 1));
@@ -415,18 +450,14 @@ impl Procs {
         if ppid_of(pid) != Some(parent) {
             bail!("process {pid} is not a child of {parent} any more");
         }
-        let status = mosix_ckpt::procfs::status(pid)?;
-        let ids: Vec<u32> = status
-            .get("Uid")
-            .map(|v| {
-                v.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if ids.len() != 4 || ids.iter().any(|&u| u != uid) {
+        let ids = super::rights::Rights::of(pid)
+            .ok_or_else(|| anyhow!("process {pid} has gone"))?
+            .uid;
+        if ids.iter().any(|&u| u != uid) {
             bail!("process {pid} runs as {ids:?}, not as its parent's user {uid}");
         }
+        // Its files are its parent's owner's (who registered the parent, by the socket).
+        let owner = lock(&self.homes).get(&parent).and_then(|h| h.owner.clone());
         // Checked after the pidfd was opened: still that process if still alive.
         if start_time(pid) != Some(st) {
             bail!("process {pid} has gone");
@@ -437,7 +468,7 @@ impl Procs {
         j.avoid = avoid;
         let token = new_token();
         let mut rec = Record::new(&j, st, &token);
-        rec.owner = Owner::of_process(pid).ok();
+        rec.owner = owner;
         if lock(&self.homes).contains_key(&pid) {
             return Ok(());
         }
@@ -467,6 +498,7 @@ impl Procs {
             info: info.clone(),
             token: Arc::new(token),
             answers: answers.clone(),
+            owner: rec.owner.clone(),
         };
         lock(&self.homes).insert(pid, h);
         // Its end is heard at once (a thread waits on its pidfd).

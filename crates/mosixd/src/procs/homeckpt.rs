@@ -513,11 +513,24 @@ impl Driver {
                     } else if self.ck.pending.is_some() {
                         Err("a checkpoint of it is being taken; try again".into())
                     } else {
-                        Freezer::start(pid).map(|f| {
-                            self.ck.freezer = Some(f);
-                            self.job.frozen = true;
-                            true
-                        })
+                        // Its user may not hold a process with more rights than theirs
+                        // (a set-user-ID program): checked before, and once it is held.
+                        let uid = self.job.uid;
+                        super::rights::own_rights_only(pid, uid)
+                            .map_err(|e| e.to_string())
+                            .and_then(|_| Freezer::start(pid))
+                            .and_then(|f| match super::rights::own_rights_only(pid, uid) {
+                                Ok(()) => Ok(f),
+                                Err(e) => {
+                                    f.release();
+                                    Err(e.to_string())
+                                }
+                            })
+                            .map(|f| {
+                                self.ck.freezer = Some(f);
+                                self.job.frozen = true;
+                                true
+                            })
                     }
                 } else {
                     match self.ck.freezer.take() {

@@ -32,6 +32,7 @@ mod homeckpt;
 pub mod job;
 pub mod mover;
 pub mod recover;
+mod rights;
 pub mod supervisor;
 pub mod transfer;
 

@@ -21,7 +21,7 @@ use mosix_proto::control::RestoreRequest;
 use mosix_proto::wire::{self, ChunkWriter, Hello, MigrateHeader, Tail};
 use mosix_proto::NodeState;
 use mosix_remote::wire::FdType;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -144,7 +144,9 @@ impl Procs {
             reason: format!("recovered from {}", r.path.display()),
             offer: None,
             hostname: mosix_ckpt::sys::hostname(),
-            no_new_privs: o.info.no_new_privs,
+            // The file is its owner's to edit: its flag is OR'd with its deputy's own (the
+            // process at home, whose no_new_privs an exec does not clear).
+            no_new_privs: o.info.no_new_privs || super::rights::no_new_privs(r.pid),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(gone)?;
         {
@@ -191,8 +193,18 @@ impl Procs {
         if lock(&self.homes).contains_key(&pid) {
             bail!("process {pid} is a migratable process already");
         }
-        let owner = Owner::of_process(pid)?;
-        if owner.uid != peer.uid {
+        // Its files are opened with the rights its connection showed (SO_PEERCRED,
+        // SO_PEERGROUPS); the process it is now must still be that user's, or it would be
+        // rebuilt with credentials it no longer has.
+        let owner = peer.owner();
+        let now = super::rights::Rights::of(pid);
+        if !crate::peer::alive(&pidfd) {
+            bail!("the calling process has gone");
+        }
+        let Some(now) = now else {
+            bail!("the calling process has gone");
+        };
+        if now.uid.iter().any(|&u| u != peer.uid) {
             bail!("the calling process has changed its user");
         }
         let path = Path::new(&req.file);
@@ -225,7 +237,18 @@ impl Procs {
                 o.info.uid
             );
         }
-        let image = o.image()?;
+        // The image goes to the restorer straight from the file, never whole into this
+        // daemon's memory (a sparse file can claim any size); the restorer holds at most
+        // `limit` bytes of it, and one larger is refused before anything is read.
+        let limit = mosix_ckpt::memory_room().saturating_sub(RESTORE_MARGIN);
+        if o.image_len > limit {
+            bail!(
+                "{}: its image ({}) is larger than the {} of memory free here",
+                req.file,
+                size(o.image_len),
+                size(limit)
+            );
+        }
         // Its descriptors beyond the standard ones were held at its home: regular files
         // are reopened at their offsets, the others cannot come back.
         let mut reopen = Vec::new();
@@ -274,7 +297,9 @@ impl Procs {
             reason: format!("restored from {}", req.file),
             offer: None,
             hostname: mosix_ckpt::sys::hostname(),
-            no_new_privs: o.info.no_new_privs,
+            // The file is the user's to edit: the flag it says is never all there is. The
+            // caller's own (it cannot be cleared) goes on too.
+            no_new_privs: o.info.no_new_privs || now.no_new_privs,
         };
         let mut sup = supervisor::spawn()?;
         let start = SupStart {
@@ -284,7 +309,7 @@ impl Procs {
                 deputy: fallback,
                 reopen,
             },
-            limit: mosix_ckpt::memory_room().saturating_sub(RESTORE_MARGIN),
+            limit,
             socket: self
                 .cfg
                 .state_dir
@@ -293,11 +318,15 @@ impl Procs {
         };
         supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
         {
+            let mut f = &o.file;
+            f.seek(SeekFrom::Start(0))?;
             let mut cw = ChunkWriter::new(&mut sup);
-            cw.write_all(&image)?;
+            let n = std::io::copy(&mut f.take(o.image_len), &mut cw)?;
+            if n != o.image_len {
+                bail!("{} was cut short while it was read", req.file);
+            }
             cw.finish()?;
         }
-        drop(image);
         wire::send_flush(
             &mut sup,
             &Tail {
@@ -343,5 +372,14 @@ impl Procs {
         }
         info!(pid, uid = peer.uid, "restored from {}", req.file);
         Ok(pid)
+    }
+}
+
+/// `n` bytes for a person: MiB below 10 GiB, else GiB.
+fn size(n: u64) -> String {
+    if n < 10 << 30 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{:.1} GiB", n as f64 / f64::from(1u32 << 30))
     }
 }

@@ -12,6 +12,7 @@
 
 use super::gate::{HandshakeGate, HandshakeSlot};
 use super::mover::{Mover, MoverStart};
+use super::rights::{no_new_privs, own_rights_only};
 use super::supervisor::{self, FromSup, SupMode, SupStart, ToSup};
 use super::{Link, MoveError, Moved, Procs};
 use anyhow::{anyhow, bail, Context, Result};
@@ -234,50 +235,6 @@ pub(super) fn supervisor_of(pid: i32) -> Option<i32> {
         .and_then(|s| s.get("PPid").and_then(|p| p.parse::<i32>().ok()))
 }
 
-fn no_new_privs(pid: i32) -> bool {
-    mosix_ckpt::procfs::status(pid)
-        .ok()
-        .and_then(|s| s.get("NoNewPrivs").cloned())
-        .as_deref()
-        == Some("1")
-}
-
-/// Whether process `pid` runs with exactly its user's rights: every user ID `uid`, its
-/// group IDs all one, and (unless `uid` is root) no capabilities. A set-user-ID program
-/// of another user, a set-group-ID one or a process given capabilities fails: away it
-/// would be restored with its user's rights only, and its deputy here would keep the
-/// others, serving calls that its user could make from the host's copy.
-fn own_rights_only(pid: i32, uid: u32) -> Result<(), MoveError> {
-    let st = mosix_ckpt::procfs::status(pid).map_err(|_| MoveError::Ended)?;
-    let ids = |k: &str| -> Vec<u32> {
-        st.get(k)
-            .map(|v| {
-                v.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (u, g) = (ids("Uid"), ids("Gid"));
-    if u.len() != 4 || u.iter().any(|&x| x != uid) {
-        return Err(MoveError::Rights(format!(
-            "user IDs {u:?}, its user is {uid}"
-        )));
-    }
-    if g.len() != 4 || g.iter().any(|&x| x != g[0]) {
-        return Err(MoveError::Rights(format!("group IDs {g:?}")));
-    }
-    if uid != 0 {
-        for k in ["CapEff", "CapPrm"] {
-            let v = st.get(k).map(|v| v.trim()).unwrap_or("");
-            if u64::from_str_radix(v, 16) != Ok(0) {
-                return Err(MoveError::Rights(format!("capabilities {k} {v}")));
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Procs {
     /// Moves process `m.pid` from home to `m.to`; once it runs there, the frozen original
     /// becomes its deputy. Returns the signals that reached it meanwhile (to pass on).
@@ -346,8 +303,11 @@ impl Procs {
                 mosix_proto::wire::Unchunk::new(std::io::BufWriter::with_capacity(1 << 20, &t.file))
             });
             let mut out = super::checkpoint::Tee::new(&mut ch, file);
-            let pid = m.pid;
+            let (pid, uid) = (m.pid, m.uid);
             let r = mover.dump(&mut out, &mut || {
+                // Checked again while it is held: it may have exec'd a set-user-ID
+                // program since the check above.
+                own_rights_only(pid, uid)?;
                 fds = super::ckptfile::home_fds(pid);
                 nnp = no_new_privs(pid);
                 Ok(Vec::new())
