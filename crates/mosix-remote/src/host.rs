@@ -60,6 +60,22 @@ pub fn signal_masks(pid: i32, tid: i32) -> Option<(u64, u64, u64)> {
     Some((get("SigBlk:")?, get("SigIgn:")?, get("SigCgt:")?))
 }
 
+/// The system call thread `tid` of `pid` is in (stopped in, or blocked in), with its
+/// arguments, from /proc; None if it is in none (running, or in its own code).
+pub fn current_call(pid: i32, tid: i32) -> Option<(i64, [u64; 6])> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    let mut it = s.split_whitespace();
+    let nr: i64 = it.next()?.parse().ok()?;
+    if nr < 0 {
+        return None;
+    }
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    }
+    Some((nr, args))
+}
+
 /// Signals whose default action is to do nothing.
 fn ignored_by_default(sig: i32) -> bool {
     matches!(

@@ -45,12 +45,29 @@ pub enum HomeEv {
     Job(Ev<DeputyConn, HostLink>),
 }
 
+/// Answers to moves asked for, sent by the driver once its snapshot (what `where` and
+/// `ps` read) shows their outcome: `migrate` returning means `where` says so.
+type Answers = Arc<Mutex<Vec<(Sender<MoveResult>, MoveResult)>>>;
+
+/// A move's requester, answered after the snapshot (see [`Answers`]).
+struct AfterSnapshot {
+    tx: Sender<MoveResult>,
+    answers: Answers,
+}
+
+impl job::Waiter for AfterSnapshot {
+    fn answer(self: Box<Self>, r: MoveResult) {
+        lock(&self.answers).push((self.tx, r));
+    }
+}
+
 /// The way to a home process's driver.
 #[derive(Clone)]
 pub struct Handle {
     tx: Sender<HomeEv>,
     pub info: Arc<Mutex<Snapshot>>,
     token: Arc<String>,
+    answers: Answers,
 }
 
 impl Handle {
@@ -67,7 +84,12 @@ impl Handle {
                 to,
                 reason,
                 offer,
-                reply: reply.map(|r| Box::new(r) as Box<dyn job::Waiter + Send>),
+                reply: reply.map(|tx| {
+                    Box::new(AfterSnapshot {
+                        tx,
+                        answers: self.answers.clone(),
+                    }) as Box<dyn job::Waiter + Send>
+                }),
             }))
             .is_ok()
     }
@@ -351,7 +373,9 @@ impl Procs {
             tx: tx.clone(),
             info: info.clone(),
             token: Arc::new(token),
+            answers: Answers::default(),
         };
+        let answers = h.answers.clone();
         lock(&self.homes).insert(pid, h);
         // Its end is heard at once (a thread waits on its pidfd).
         let watch = pidfd.try_clone()?;
@@ -374,6 +398,7 @@ impl Procs {
                     rx,
                     tx,
                     info,
+                    answers,
                 };
                 if let Some((to, watch)) = first {
                     d.initial_move(to, watch);
@@ -649,6 +674,7 @@ struct Driver {
     rx: Receiver<HomeEv>,
     tx: Sender<HomeEv>,
     info: Arc<Mutex<Snapshot>>,
+    answers: Answers,
 }
 
 const TICK: Duration = Duration::from_millis(200);
@@ -694,10 +720,19 @@ impl Driver {
                 self.act(a);
             }
             *lock(&self.info) = snapshot(&self.job, self.job.pid);
+            self.answer();
         }
         lock(&self.procs.homes).remove(&self.job.pid);
+        self.answer();
         self.procs.remove_record(self.job.pid);
         debug!(pid = self.job.pid, "process ended");
+    }
+
+    /// Sends the answers of moves now that the snapshot shows them.
+    fn answer(&self) {
+        for (tx, r) in std::mem::take(&mut *lock(&self.answers)) {
+            let _ = tx.send(r);
+        }
     }
 
     fn act(&mut self, a: Act) {

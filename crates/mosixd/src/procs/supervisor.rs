@@ -348,7 +348,10 @@ impl Supervision {
         if self.moving && self.g.outstanding() == 0 {
             let completed = {
                 use mosix_remote::guest::Kernel;
-                self.g.completed(self.live.mem())
+                let pid = self.live.pid;
+                self.g.completed(self.live.mem(), &|tid| {
+                    mosix_remote::host::current_call(pid, tid)
+                })
             };
             let next_seq = self.g.next_seq();
             let proc_fds = self.g.local_fds();
