@@ -135,6 +135,8 @@ pub(crate) struct Frozen {
     /// Stack scratch area (address, original bytes) while in use.
     scratch: Option<(u64, Vec<u8>)>,
     pub(crate) done: bool,
+    /// Its memory that stays at home (a move's checkpoint; see crate::homemem).
+    pub(crate) home_memory: Vec<crate::homemem::Area>,
 }
 
 pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
@@ -145,6 +147,7 @@ pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
         tasks,
         syscall_ip: None,
         scratch: None,
+        home_memory: Vec::new(),
         done: false,
     })
 }
@@ -332,11 +335,27 @@ fn inject_queries(f: &mut Frozen, maps: &[MapLine]) -> Result<Injected> {
     })
 }
 
-fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
+fn vmas_of(pid: i32, maps: &[MapLine], home: &[crate::homemem::Area]) -> Result<Vec<Vma>> {
     let flags = procfs::vm_flags(pid)?;
     let mut out = Vec::new();
     for m in maps {
         if m.name == "[vsyscall]" {
+            continue;
+        }
+        if let Some(a) = home.iter().find(|a| (a.start, a.end) == (m.start, m.end)) {
+            out.push(Vma {
+                start: m.start,
+                end: m.end,
+                prot: m.prot(),
+                shared: true,
+                growsdown: false,
+                kind: VmaKind::HomeShared {
+                    dev: a.dev,
+                    ino: a.ino,
+                    offset: a.offset,
+                },
+                anon_name: None,
+            });
             continue;
         }
         let kind = if m.is_special() {
@@ -516,9 +535,16 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
         });
     }
     crate::fdobj::fill_pipes(pid, &mut fds)?;
-    let vmas = vmas_of(pid, &maps)?;
+    let home = if moving.rules.leave_home {
+        crate::homemem::areas(pid, &maps, moving.rules.away)
+    } else {
+        Vec::new()
+    };
+    let vmas = vmas_of(pid, &maps, &home)?;
     let runs = page_runs(pid, &vmas)?;
-    let objs = shmem::objects_of(pid, &maps)?;
+    let mut objs = shmem::objects_of(pid, &maps)?;
+    objs.retain(|ino, _| !home.iter().any(|a| a.here_ino == *ino));
+    f.home_memory = home;
     let (shmem_objects, shmem_runs) = shmem::describe(&objs)?;
     let estimate: u64 =
         runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();

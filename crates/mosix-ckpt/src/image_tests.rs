@@ -240,7 +240,7 @@ fn format_2_keeps_every_thread() {
         let bytes = w.finish().unwrap();
         assert_eq!(
             (u16::from_le_bytes([bytes[8], bytes[9]]), bytes[10]),
-            (2, 0)
+            (2, crate::image::FORMAT_MINOR as u8)
         );
         let new = read_image(&bytes[..]).unwrap();
         assert_eq!(new.meta, meta);

@@ -18,6 +18,7 @@ mod creds;
 mod dump;
 mod error;
 mod fdobj;
+pub mod homemem;
 pub mod image;
 mod limits;
 pub mod procfs;

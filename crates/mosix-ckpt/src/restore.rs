@@ -163,8 +163,17 @@ pub(crate) enum Mode<'a> {
     /// and the filter last.
     Away(&'a crate::away::Away),
     /// Inside the deputy at home: its descriptors are the process's, its credentials
-    /// too, and its exe link is already right.
-    Into,
+    /// too, and its exe link is already right. With the deputy's descriptors of the
+    /// process's home memory objects: (dev, ino) -> descriptor number.
+    Into(&'a crate::homemem::Held),
+}
+
+/// What a build leaves besides the process: the filter's listener (away), and the
+/// userfaultfd that watches its home memory (away, if it has any: crate::homemem).
+#[derive(Default)]
+pub(crate) struct Built {
+    pub(crate) listener: Option<std::os::fd::OwnedFd>,
+    pub(crate) home_memory: Option<std::os::fd::OwnedFd>,
 }
 
 pub(crate) fn restore_mode(
@@ -172,7 +181,7 @@ pub(crate) fn restore_mode(
     opts: RestoreOptions,
     creds: &CredOptions,
     mode: Mode,
-) -> Result<(Restored, Option<std::os::fd::OwnedFd>)> {
+) -> Result<(Restored, Built)> {
     let t = std::time::Instant::now();
     preflight(img)?;
     let m = &img.meta;
@@ -221,9 +230,9 @@ pub(crate) fn restore_mode(
     // The process's own PID, for system calls it makes about itself.
     let own = if opts.keep_pid { m.pid } else { pid };
     match build_mode(pid, own, img, opts, &plan, mode) {
-        Ok(listener) => {
+        Ok(built) => {
             tracing::debug!("restored in {:?}", t.elapsed());
-            Ok((Restored { pid, ns_init }, listener))
+            Ok((Restored { pid, ns_init }, built))
         }
         Err(e) => {
             threads::kill_and_reap(pid);
@@ -248,6 +257,8 @@ pub(crate) struct Builder<'a> {
     pub(crate) mode: Mode<'a>,
     /// The process's shared memory objects made again: image inode -> descriptor.
     pub(crate) shm: HashMap<u64, u64>,
+    /// The userfaultfd watching its home memory (away), once made.
+    pub(crate) home_uffd: Option<std::os::fd::OwnedFd>,
 }
 
 impl<'a> Builder<'a> {
@@ -288,7 +299,7 @@ impl<'a> Builder<'a> {
 }
 
 /// Builds the image inside stopped tracee `pid`; with [`Mode::Away`] returns the filter's
-/// listener.
+/// listener (and the watch of its home memory).
 pub(crate) fn build_mode(
     pid: i32,
     own: i32,
@@ -296,7 +307,7 @@ pub(crate) fn build_mode(
     opts: RestoreOptions,
     plan: &Plan,
     mode: Mode,
-) -> Result<Option<std::os::fd::OwnedFd>> {
+) -> Result<Built> {
     let m = &img.meta;
     sys::set_options(
         pid,
@@ -405,6 +416,7 @@ pub(crate) fn build_mode(
         fs_uid: plan.creds.uid[3],
         mode,
         shm: HashMap::new(),
+        home_uffd: None,
     };
     // From here on, every path is opened as the user the process belongs to.
     creds::enter(&mut b, plan)?;
@@ -427,7 +439,7 @@ pub(crate) fn build_mode(
     // each then takes on the process's credentials itself (they are per thread).
     let tids = match (opts.keep_pid, mode) {
         (true, _) => threads::Tids::Keep,
-        (false, Mode::Into) => threads::Tids::Hint,
+        (false, Mode::Into(_)) => threads::Tids::Hint,
         _ => threads::Tids::New,
     };
     let made = threads::make_all(&mut b, tids)?;
@@ -487,7 +499,10 @@ pub(crate) fn build_mode(
     if !opts.hold {
         resume(pid)?;
     }
-    Ok(listener)
+    Ok(Built {
+        listener,
+        home_memory: b.home_uffd.take(),
+    })
 }
 
 /// Installs seccomp program `prog` in the process being built (no_new_privs first: it
@@ -576,6 +591,10 @@ fn map_memory(b: &mut Builder) -> Result<()> {
                 })?;
                 map_file(b, v, fd, *offset, "mapping shared memory")?;
             }
+            VmaKind::HomeShared { dev, ino, offset } => {
+                home_memory(b, v, (*dev, *ino, *offset))?;
+                continue;
+            }
             VmaKind::File { path, offset, id } => {
                 let fd = match open_files.get(path) {
                     Some(&fd) => fd,
@@ -601,7 +620,106 @@ fn map_memory(b: &mut Builder) -> Result<()> {
     for (_, fd) in open_files {
         b.call("close", libc::SYS_close, &[fd])?;
     }
+    if let Some(u) = &b.home_uffd {
+        let ranges: Vec<(u64, u64)> = m
+            .vmas
+            .iter()
+            .filter(|v| matches!(v.kind, VmaKind::HomeShared { .. }))
+            .map(|v| (v.start, v.end))
+            .collect();
+        crate::homemem::register(u, &ranges)?;
+    }
     Ok(())
+}
+
+/// Memory `v` that the process shares with others at its home (object `dev`, `ino`,
+/// mapped from `offset`): at home, mapped from the deputy's descriptor of the object;
+/// away, a stand-in (anonymous, named after the object) that a userfaultfd watches.
+fn home_memory(
+    b: &mut Builder,
+    v: &crate::image::Vma,
+    (dev, ino, offset): (u64, u64, u64),
+) -> Result<()> {
+    let len = v.end - v.start;
+    match b.mode {
+        Mode::Plain => Err(Error::Unrestorable(format!(
+            "its memory at {:#x} is shared with processes at its home node: only a move can bring it back",
+            v.start
+        ))),
+        Mode::Into(held) => {
+            let fd = *held.get(&(dev, ino)).ok_or_else(|| {
+                Error::Unrestorable(format!(
+                    "its deputy does not hold the memory it shares at home (at {:#x})",
+                    v.start
+                ))
+            })?;
+            b.call(
+                "mapping the memory it shares at home",
+                libc::SYS_mmap,
+                &[
+                    v.start,
+                    len,
+                    v.prot as u64,
+                    (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                    fd as u64,
+                    offset,
+                ],
+            )?;
+            Ok(())
+        }
+        Mode::Away(_) => {
+            if b.home_uffd.is_none() {
+                b.home_uffd = Some(make_uffd(b)?);
+            }
+            // An empty memfd of its size, named after the object, that nothing fills.
+            let name = crate::homemem::placeholder_name(dev, ino, v.start.wrapping_sub(offset));
+            let p = b.put_str(AT_STR, &name)?;
+            let fd = b.call(
+                "memfd_create",
+                libc::SYS_memfd_create,
+                &[p, libc::MFD_CLOEXEC as u64],
+            )?;
+            b.call("ftruncate", libc::SYS_ftruncate, &[fd, len])?;
+            b.call(
+                "mapping a stand-in for memory shared at home",
+                libc::SYS_mmap,
+                &[
+                    v.start,
+                    len,
+                    v.prot as u64,
+                    (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                    fd,
+                    0,
+                ],
+            )?;
+            b.call("close", libc::SYS_close, &[fd])?;
+            Ok(())
+        }
+    }
+}
+
+/// A userfaultfd of the process being built (made by it while it still has the
+/// restorer's privilege: one that also sees faults in the kernel's accesses), taken
+/// here and closed there.
+fn make_uffd(b: &mut Builder) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let fd = b.call(
+        "userfaultfd",
+        libc::SYS_userfaultfd,
+        &[(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64],
+    )?;
+    let pidfd = sys::pidfd_open(b.pid).map_err(|e| sys_err("pidfd_open", e))?;
+    // SAFETY: pidfd_getfd on the process we build; the result is a new descriptor of ours.
+    let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if ours < 0 {
+        return Err(sys_err(
+            "taking the userfaultfd",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    b.call("close", libc::SYS_close, &[fd])?;
+    // SAFETY: a fresh descriptor of ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(ours as i32) })
 }
 
 /// Maps memory area `v` from descriptor `fd` at `offset`: shared as it was, or private
@@ -660,7 +778,7 @@ fn set_mm(b: &mut Builder) -> Result<()> {
     let auxv_addr = b.put(AT_AUXV, &auxv)?;
     // Opened (and checked) as the user in any case; the exe link is set only by root.
     // Inside the deputy, the exec made the link (and it was checked).
-    let exe_fd = if matches!(b.mode, Mode::Into) {
+    let exe_fd = if matches!(b.mode, Mode::Into(_)) {
         u32::MAX
     } else {
         let exe = b.img.exe.clone();
@@ -721,7 +839,7 @@ fn restore_fds(b: &mut Builder) -> Result<()> {
                         f.fd
                     )))
                 }
-                Mode::Into => {
+                Mode::Into(_) => {
                     // The deputy's own (one the process no longer has is not there).
                     let cl = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
                     b.r.raw(libc::SYS_fcntl, &[f.fd as u64, libc::F_SETFD as u64, cl as u64])?;
@@ -845,7 +963,7 @@ fn restore_misc(b: &mut Builder) -> Result<()> {
     }
     // Inside the deputy, the limits are the process's already: an exec keeps them, and a
     // change it made away was made at home too.
-    let rlimits: &[(u32, u64, u64)] = if matches!(b.mode, Mode::Into) {
+    let rlimits: &[(u32, u64, u64)] = if matches!(b.mode, Mode::Into(_)) {
         &[]
     } else {
         &m.rlimits

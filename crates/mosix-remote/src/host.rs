@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 pub struct Live {
     pub notify: NotifyFd,
     pub pid: i32,
-    mem: ProcessMem,
+    mem: GuardedMem,
     /// What a placeholder descriptor is: an empty memfd named [`PLACEHOLDER`].
     placeholder: OwnedFd,
 }
@@ -23,9 +23,50 @@ impl Live {
         Ok(Live {
             notify,
             pid,
-            mem: ProcessMem(pid),
+            mem: GuardedMem {
+                mem: ProcessMem(pid),
+                off_limits: Vec::new(),
+            },
             placeholder: p,
         })
+    }
+
+    /// With these ranges of its memory off limits: memory it shares at home, which is
+    /// not here (reading or writing it would wait for ever; it fails with EFAULT).
+    pub fn with_off_limits(mut self, ranges: Vec<(u64, u64)>) -> Live {
+        self.mem.off_limits = ranges;
+        self
+    }
+}
+
+/// The process's memory, but for ranges that are not on this host.
+struct GuardedMem {
+    mem: ProcessMem,
+    off_limits: Vec<(u64, u64)>,
+}
+
+impl GuardedMem {
+    fn check(&self, addr: u64, len: usize) -> Result<(), Errno> {
+        let end = addr.saturating_add(len as u64);
+        if self
+            .off_limits
+            .iter()
+            .any(|&(s, e)| addr < e && end > s && len > 0)
+        {
+            return Err(Errno::EFAULT);
+        }
+        Ok(())
+    }
+}
+
+impl Mem for GuardedMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.check(addr, buf.len())?;
+        self.mem.read(addr, buf)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        self.check(addr, data.len())?;
+        self.mem.write(addr, data)
     }
 }
 

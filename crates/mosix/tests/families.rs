@@ -639,6 +639,63 @@ fn make_j4(tb: &Testbed) {
     nothing_left(tb, "make -j4");
 }
 
+/// A driver using Python's multiprocessing: a Pool of 4 workers forked by it (their
+/// queues' locks are POSIX semaphores in memory they all share).
+const POOL: &str = r#"import hashlib, multiprocessing as mp, sys
+def work(i):
+    h = hashlib.sha256(str(i).encode()).digest()
+    for _ in range(int(sys.argv[1])):
+        h = hashlib.sha256(h).digest()
+    return i, h.hex()[:16]
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    print("start", flush=True)
+    with mp.Pool(4) as p:
+        for r in p.imap(work, range(int(sys.argv[2]))):
+            print(*r, flush=True)
+    print("done", flush=True)
+"#;
+
+/// Python's multiprocessing Pool: its workers, moved to three other nodes while they
+/// compute their first task (then the next ones at home), give the driver the same
+/// results as an unmoved run. The semaphores of the
+/// Pool's queues are memory the workers share with each other at home: it stays there,
+/// and a worker that touches it comes home to do so (its deputy holds it meanwhile).
+fn python_pool(tb: &Testbed) {
+    let py = tb.shared().join("pool.py");
+    std::fs::write(&py, POOL).unwrap();
+    let py = py.to_str().unwrap();
+    let args = ["/usr/bin/python3", py, "1000000", "8"];
+    let want = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(want.status.success());
+    let mut argv = vec!["-L"];
+    argv.extend(args);
+    let mut c = job(tb, &argv).stdout(Stdio::piped()).spawn().unwrap();
+    let driver = c.id() as i32;
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert_eq!(first, "start\n");
+    let workers = adopted(tb, driver, 4);
+    for (w, to) in workers.iter().zip(["2", "3", "4"]) {
+        let o = tb.migrate(*w, to);
+        assert!(
+            o.status.success(),
+            "migrate worker {w} {to}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(c.wait().unwrap().success());
+    assert_eq!(
+        first + &rest,
+        String::from_utf8_lossy(&want.stdout),
+        "the Pool's results"
+    );
+    nothing_left(tb, "the Pool");
+}
+
 #[test]
 fn children_of_a_migratable_process_are_migratable() {
     if !nix::unistd::geteuid().is_root() {
@@ -659,6 +716,8 @@ fn children_of_a_migratable_process_are_migratable() {
     lap("pipeline");
     ctrl_c_ends_every_member(&tb);
     lap("ctrl-c");
+    python_pool(&tb);
+    lap("python pool");
     make_j4(&tb);
     lap("make");
 }
