@@ -2,6 +2,7 @@
 //! returning the process exit code.
 
 pub mod benchcalls;
+pub mod benchfam;
 pub mod benchmig;
 pub mod checkpoint;
 pub mod fs;

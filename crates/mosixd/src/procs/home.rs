@@ -399,6 +399,7 @@ impl Procs {
                     tx,
                     info,
                     answers,
+                    looked: None,
                 };
                 if let Some((to, watch)) = first {
                     d.initial_move(to, watch);
@@ -646,10 +647,15 @@ fn cmd_now(j: &HomeJob, pid: i32) -> String {
 }
 
 fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
+    snapshot_with(j, pid, cmd_now(j, pid), ppid_of(pid))
+}
+
+/// The snapshot with its command line and parent as last read from /proc.
+fn snapshot_with(j: &HomeJob, pid: i32, cmd: String, ppid: Option<i32>) -> Snapshot {
     Snapshot {
         pid,
         uid: j.uid,
-        cmd: cmd_now(j, pid),
+        cmd,
         node: j.node(),
         state: match j.place {
             Where::Home => "running",
@@ -662,7 +668,7 @@ fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
         avoid: j.avoid.clone(),
         migrations: j.migrations,
         moving: matches!(j.place, Where::Leaving { .. }),
-        ppid: ppid_of(pid),
+        ppid,
     }
 }
 
@@ -675,7 +681,13 @@ struct Driver {
     tx: Sender<HomeEv>,
     info: Arc<Mutex<Snapshot>>,
     answers: Answers,
+    /// Its command line and parent as last read from /proc, and when (read again every
+    /// [`LOOK_EVERY`], not at every tick: with many processes those reads add up).
+    looked: Option<(Instant, String, Option<i32>)>,
 }
+
+/// How often a driver reads its process's command line and parent again (for `ps`).
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 const TICK: Duration = Duration::from_millis(200);
 /// How often a host that gossip calls down is probed.
@@ -719,13 +731,29 @@ impl Driver {
             for a in acts {
                 self.act(a);
             }
-            *lock(&self.info) = snapshot(&self.job, self.job.pid);
+            self.update_snapshot();
             self.answer();
         }
         lock(&self.procs.homes).remove(&self.job.pid);
         self.answer();
         self.procs.remove_record(self.job.pid);
         debug!(pid = self.job.pid, "process ended");
+    }
+
+    /// What `ps`, `where` and the balancer read of it, from the job (and /proc at most
+    /// every [`LOOK_EVERY`]).
+    fn update_snapshot(&mut self) {
+        let now = Instant::now();
+        let pid = self.job.pid;
+        let (cmd, ppid) = match &self.looked {
+            Some((t, c, p)) if now.duration_since(*t) < LOOK_EVERY => (c.clone(), *p),
+            _ => {
+                let (c, p) = (cmd_now(&self.job, pid), ppid_of(pid));
+                self.looked = Some((now, c.clone(), p));
+                (c, p)
+            }
+        };
+        *lock(&self.info) = snapshot_with(&self.job, pid, cmd, ppid);
     }
 
     /// Sends the answers of moves now that the snapshot shows them.
