@@ -356,6 +356,42 @@ fn parent_moves_children_stay(tb: &Testbed) {
     nothing_left(tb, "the moved parent's family");
 }
 
+/// An orphan (its shell exits once it is adopted) is reparented at home as it would be,
+/// stays a migratable process listed on its home node, moves, and ends with nothing
+/// left. (A child whose parent exits before mosixd's next look for children, 25 to 200
+/// ms, is not adopted: it runs at home, as without mosix.)
+fn orphans(tb: &Testbed) {
+    let go = tb.shared().join("go-orphan");
+    let script = format!(
+        "mawk '{BUSY}' {} 9 > /dev/null & echo $!; read x; exit 0",
+        go.display()
+    );
+    let mut c = job(tb, &["-L", "bash", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bash = c.id() as i32;
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let orphan: i32 = l.trim().parse().unwrap();
+    adopted(tb, bash, 1);
+    drop(c.stdin.take());
+    assert!(c.wait().unwrap().success());
+    tb.wait_until("the orphan is listed, reparented", || {
+        tb.ps(1).iter().any(|p| {
+            p["home_pid"] == orphan
+                && p["ppid"]
+                    .as_i64()
+                    .is_some_and(|pp| pp != i64::from(bash) && pp == i64::from(ppid(orphan)))
+        })
+    });
+    move_ok(tb, orphan, "2");
+    std::fs::write(&go, "go\n").unwrap();
+    nothing_left(tb, "an orphan");
+}
+
 /// Children that end in different ways while away, reaped by a shell at home: exit codes,
 /// kill by the parent (TERM, KILL, USR1) and death by its own signal (SEGV) reach wait
 /// unchanged.
@@ -710,6 +746,8 @@ fn children_of_a_migratable_process_are_migratable() {
     lap("pinned");
     parent_moves_children_stay(&tb);
     lap("parent");
+    orphans(&tb);
+    lap("orphan");
     exit_statuses_and_signals(&tb);
     lap("signals");
     pipeline_on_three_nodes(&tb);
