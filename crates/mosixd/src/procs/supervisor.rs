@@ -242,8 +242,20 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             Ok(())
         }
         SupMode::Guest => {
+            // Memory it shares with processes at home is not here (homemem): its calls
+            // on it are trapped, its touches watched.
+            let home_ranges: Vec<(u64, u64)> = img
+                .meta
+                .vmas
+                .iter()
+                .filter(|v| matches!(v.kind, mosix_ckpt::image::VmaKind::HomeShared { .. }))
+                .map(|v| (v.start, v.end))
+                .collect();
             let away = mosix_ckpt::Away {
-                filter: mosix_remote::filter::to_bytes(&mosix_remote::filter::program(h.home_pid)),
+                filter: mosix_remote::filter::to_bytes(&mosix_remote::filter::program_for(
+                    h.home_pid,
+                    &home_ranges,
+                )),
                 hostname: Some(h.hostname.clone()),
                 proc_fds: tail.proc_fds.clone(),
             };
@@ -259,14 +271,6 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     Ok(r) => r,
                     Err(e) => return refuse(&mut conn, e.to_string()),
                 };
-            // Memory it shares with processes at home is not here (homemem).
-            let home_ranges: Vec<(u64, u64)> = img
-                .meta
-                .vmas
-                .iter()
-                .filter(|v| matches!(v.kind, mosix_ckpt::image::VmaKind::HomeShared { .. }))
-                .map(|v| (v.start, v.end))
-                .collect();
             drop(img);
             let pid = restored.pid;
             send(&mut conn, &FromSup::Ready { host_pid: pid })?;
