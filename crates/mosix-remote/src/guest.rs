@@ -32,6 +32,11 @@ pub trait Kernel {
     fn signal_thread(&mut self, tid: i32, sig: i32);
     /// What thread `tid` does with signal `sig` now.
     fn disposition(&self, tid: i32, sig: i32) -> Disposition;
+    /// Whether signal `sig` would end the process now (neither blocked, ignored nor
+    /// caught by thread `tid`, and ending the process is its default action).
+    fn ends_it(&self, _tid: i32, _sig: i32) -> bool {
+        false
+    }
     /// The target of the process's `/proc/self/exe` on the host.
     fn exe(&self) -> Option<Vec<u8>>;
     /// A descriptor of the file at `path` here if it is the very file `id` describes
@@ -599,7 +604,10 @@ impl Guest {
     }
 
     /// Gives the process the outcome of its call: memory, mirrored descriptors, result,
-    /// then the signals the call raised.
+    /// then the signals the call raised. A signal that ends the process (SIGPIPE of a
+    /// write to a pipe with no reader, by default) comes first, as at home, where the
+    /// process dies before it sees the result (no "write failure" printed away only); its
+    /// answer is kept in case the call comes again.
     #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
@@ -611,6 +619,27 @@ impl Guest {
         sigs: u64,
         k: &mut dyn Kernel,
     ) {
+        let raised = |sig: i32| sigs & (1u64 << (sig - 1)) != 0;
+        let fatal: Vec<i32> = (1..=64)
+            .filter(|&sig| raised(sig) && k.ends_it(n.pid, sig))
+            .collect();
+        if !fatal.is_empty() {
+            for sig in fatal {
+                k.signal_thread(n.pid, sig);
+            }
+            self.undelivered.insert(
+                n.pid,
+                Undelivered {
+                    nr: n.nr,
+                    args: n.args,
+                    spec: *s,
+                    layout: layout.clone(),
+                    ret,
+                    outs: outs.to_vec(),
+                },
+            );
+            return;
+        }
         if ret >= 0 {
             if let Err(e) = gather::scatter(layout, outs, k.mem()) {
                 let _ = k.answer(n.id, -(e as i64));
@@ -852,6 +881,7 @@ mod tests {
         invalid: Vec<u64>,
         signalled: Vec<(i32, i32)>,
         held: bool,
+        ends: bool,
     }
     impl Kernel for FakeKernel {
         fn mem(&self) -> &dyn Mem {
@@ -874,6 +904,9 @@ mod tests {
         }
         fn signal_thread(&mut self, tid: i32, sig: i32) {
             self.signalled.push((tid, sig));
+        }
+        fn ends_it(&self, _: i32, _: i32) -> bool {
+            self.ends
         }
         fn disposition(&self, _: i32, _: i32) -> Disposition {
             if self.held {
@@ -1001,6 +1034,30 @@ mod tests {
         );
         assert_eq!(k.answers, vec![(2, -(libc::EPIPE as i64))]);
         assert_eq!(k.signalled, vec![(100, libc::SIGPIPE)]);
+        // SIGPIPE at its default action: it dies of it before it sees EPIPE, as at home
+        // (the answer is kept should the write come again).
+        k.ends = true;
+        let c = sent_call(&g.on_notif(
+            notif(3, 100, libc::SYS_write, [1, BASE, 3, 0, 0, 0]),
+            &mut k,
+        ));
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: -(libc::EPIPE as i64),
+                outs: vec![],
+                sigs: 1 << (libc::SIGPIPE - 1),
+            },
+            &mut k,
+        );
+        assert_eq!(k.answers.len(), 1, "not answered: {:?}", k.answers);
+        assert_eq!(k.signalled.last(), Some(&(100, libc::SIGPIPE)));
+        let out = g.on_notif(
+            notif(4, 100, libc::SYS_write, [1, BASE, 3, 0, 0, 0]),
+            &mut k,
+        );
+        assert!(out.is_empty());
+        assert_eq!(k.answers.last(), Some(&(4, -(libc::EPIPE as i64))));
     }
 
     #[test]

@@ -147,6 +147,19 @@ impl Kernel for Live {
         // SAFETY: tgkill to a thread of our own child; no memory involved.
         unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, sig) };
     }
+    fn ends_it(&self, tid: i32, sig: i32) -> bool {
+        let bit = 1u64 << (sig - 1);
+        let stops = matches!(
+            sig,
+            libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+        );
+        match signal_masks(self.pid, tid) {
+            Some((blk, ign, cgt)) => {
+                (blk | ign | cgt) & bit == 0 && !stops && !ignored_by_default(sig)
+            }
+            None => false,
+        }
+    }
     fn disposition(&self, tid: i32, sig: i32) -> Disposition {
         let bit = 1u64 << (sig - 1);
         match signal_masks(self.pid, tid) {

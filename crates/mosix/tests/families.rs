@@ -466,9 +466,13 @@ fn pipeline_on_three_nodes(tb: &Testbed) {
     let gen = tb.shared().join("gen.awk");
     std::fs::write(&gen, GEN).unwrap();
     let go = tb.shared().join("go-pipe");
+    let err = tb.shared().join("pipe.err");
     let run = |script: &str, out: &Path| -> String {
+        // What the stages print on stderr is compared too (a stage must not see EPIPE
+        // and complain where at home SIGPIPE ends it first).
         let full = format!(
-            "mawk -f {} {} 20000 | {script} > {}; echo ${{PIPESTATUS[@]}}",
+            "exec 2> {}; mawk -f {} {} 20000 | {script} > {}; echo ${{PIPESTATUS[@]}}",
+            err.display(),
             gen.display(),
             go.display(),
             out.display()
@@ -478,6 +482,7 @@ fn pipeline_on_three_nodes(tb: &Testbed) {
         let (want, st) = unmoved(tb, &["bash", "-c", &full], "");
         assert!(st.success());
         let want_bytes = std::fs::read(out).unwrap();
+        let want_err = std::fs::read_to_string(&err).unwrap();
         std::fs::remove_file(&go).unwrap();
 
         let mut c = job(tb, &["-L", "bash", "-c", &full])
@@ -498,6 +503,7 @@ fn pipeline_on_three_nodes(tb: &Testbed) {
             std::fs::read(out).unwrap() == want_bytes,
             "the pipeline's output differs from an unmoved run's"
         );
+        assert_eq!(std::fs::read_to_string(&err).unwrap(), want_err, "stderr");
         std::fs::remove_file(&go).unwrap();
         got
     };
@@ -675,6 +681,53 @@ fn make_j4(tb: &Testbed) {
     nothing_left(tb, "make -j4");
 }
 
+/// A parent and child sharing MAP_SHARED memory (progs/homemem.c): the memory stays
+/// home. The parent away comes home for a futex wait on it (trapped before the kernel
+/// touches it) and for a write to it, which the child at home sees; the child moved away
+/// comes back at its next touch, and answers again.
+fn memory_shared_with_a_child(tb: &Testbed) {
+    let bin = compile("homemem");
+    let mut c = job(tb, &["-L", bin.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let parent = c.id() as i32;
+    let mut w = c.stdin.take().unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with("start"), "{first:?}");
+    let mut say = |s: &str| -> String {
+        writeln!(w, "{s}").unwrap();
+        w.flush().unwrap();
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    };
+    let kid = adopted(tb, parent, 1)[0];
+    let home = |pid: i32, what: &str| {
+        tb.wait_until(&format!("{what} came home"), || tb.where_(pid) == "0")
+    };
+    move_ok(tb, parent, "2");
+    assert_eq!(say("futex"), "futex ETIMEDOUT");
+    home(parent, "the parent waiting on shared memory");
+    move_ok(tb, parent, "3");
+    assert_eq!(say("set 7"), "b=70");
+    home(parent, "the parent writing shared memory");
+    let o = tb.migrate(kid, "4");
+    assert!(
+        o.status.success(),
+        "migrate the child: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    home(kid, "the child touching shared memory");
+    assert_eq!(say("set 8"), "b=80");
+    drop(w);
+    assert!(c.wait().unwrap().success());
+    nothing_left(tb, "memory shared with a child");
+}
+
 /// A driver using Python's multiprocessing: a Pool of 4 workers forked by it (their
 /// queues' locks are POSIX semaphores in memory they all share).
 const POOL: &str = r#"import hashlib, multiprocessing as mp, sys
@@ -754,6 +807,8 @@ fn children_of_a_migratable_process_are_migratable() {
     lap("pipeline");
     ctrl_c_ends_every_member(&tb);
     lap("ctrl-c");
+    memory_shared_with_a_child(&tb);
+    lap("shared memory");
     python_pool(&tb);
     lap("python pool");
     make_j4(&tb);
