@@ -67,6 +67,8 @@ pub struct Area {
     /// The inode of what is mapped there on this node: the object at home, the stand-in
     /// away.
     pub here_ino: u64,
+    /// Mapped writable.
+    pub writable: bool,
 }
 
 impl Area {
@@ -98,6 +100,7 @@ fn from_placeholder(m: &MapLine) -> Option<Area> {
         ino,
         offset: m.start.wrapping_sub(base),
         here_ino: m.inode,
+        writable: m.write,
     })
 }
 
@@ -138,6 +141,7 @@ pub fn areas(pid: i32, maps: &[MapLine], away: bool) -> Vec<Area> {
                 ino: md.ino(),
                 offset: m.offset,
                 here_ino: md.ino(),
+                writable: m.write,
             });
         }
     }
@@ -222,19 +226,23 @@ pub fn waiting_on(pid: i32, areas: &[Area]) -> Option<String> {
 }
 
 /// Opens each object of `areas` once (through /proc/PID/map_files, which needs
-/// CAP_CHECKPOINT_RESTORE or root), read-write if it can be: (dev, ino, descriptor).
+/// CAP_CHECKPOINT_RESTORE or root): (dev, ino, descriptor). Read-write only if the process
+/// maps it writable: the descriptor goes to its deputy, which runs as its user, and must
+/// not give that user more than the mappings did.
 pub(crate) fn open_objects(pid: i32, areas: &[Area]) -> Result<Vec<(u64, u64, std::fs::File)>> {
     let mut out: Vec<(u64, u64, std::fs::File)> = Vec::new();
     for a in areas {
         if out.iter().any(|(d, i, _)| (*d, *i) == (a.dev, a.ino)) {
             continue;
         }
+        let writable = areas
+            .iter()
+            .any(|b| (b.dev, b.ino) == (a.dev, a.ino) && b.writable);
         let path = format!("/proc/{pid}/map_files/{:x}-{:x}", a.start, a.end);
         let f = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(writable)
             .open(&path)
-            .or_else(|_| std::fs::File::open(&path))
             .map_err(|e| sys_err(format!("opening the shared memory at {:#x}", a.start), e))?;
         let md = f
             .metadata()

@@ -728,6 +728,108 @@ fn memory_shared_with_a_child(tb: &Testbed) {
     nothing_left(tb, "memory shared with a child");
 }
 
+/// A user's process mapping a root file in /dev/shm read-only and shared (with the test,
+/// here) moves; its deputy holds the file for it, read-only: the user cannot take that
+/// descriptor from the deputy (their own process) and write with it.
+fn home_memory_gives_no_more_rights(tb: &Testbed) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = format!("/dev/shm/mosix-families-{}", std::process::id());
+    std::fs::write(&path, b"hello, world").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    // SAFETY: a read-only shared mapping of a file we own, unmapped below.
+    let ours = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    assert_ne!(ours, libc::MAP_FAILED);
+    let reader = "import mmap, sys\nf = open(sys.argv[1], 'rb')\n\
+        m = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)\nf.close()\n\
+        print('start', flush=True)\n\
+        for line in sys.stdin:\n    print('read', m[:5].decode(), flush=True)\n";
+    let mut argv: Vec<&str> = AS_NOBODY.to_vec();
+    let m = mosix();
+    argv.extend([
+        m.to_str().unwrap(),
+        "run",
+        "/usr/bin/python3",
+        "-c",
+        reader,
+        &path,
+    ]);
+    let mut c = on_node(tb, 1, &argv)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = c.id() as i32;
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l, "start\n");
+    move_ok(tb, pid, "2");
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let held: Vec<i32> = env
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"MOSIX_HOME_MEMORY="))
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|x| x.parse().unwrap())
+                .collect()
+        })
+        .expect("the deputy holds the shared file");
+    assert_eq!(held.len(), 1);
+    let attack = r#"import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+n = libc.syscall(438, os.pidfd_open(int(sys.argv[1])), int(sys.argv[2]), 0)
+if n < 0:
+    print('getfd', errno.errorcode[ctypes.get_errno()])
+else:
+    try:
+        os.write(n, b'owned')
+        print('wrote')
+    except OSError as e:
+        print('write', errno.errorcode[e.errno])
+"#;
+    let o = Command::new(AS_NOBODY[0])
+        .args(&AS_NOBODY[1..])
+        .args(["/usr/bin/python3", "-c", attack])
+        .arg(pid.to_string())
+        .arg(held[0].to_string())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "write EBADF",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello, world");
+    let mut w = c.stdin.take().unwrap();
+    writeln!(w, "read").unwrap();
+    w.flush().unwrap();
+    l.clear();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l, "read hello\n");
+    tb.wait_until("it came home to read the shared file", || {
+        tb.where_(pid) == "0"
+    });
+    drop(w);
+    assert!(c.wait().unwrap().success());
+    // SAFETY: our mapping from above.
+    unsafe { libc::munmap(ours, 4096) };
+    let _ = std::fs::remove_file(&path);
+    nothing_left(tb, "a user's read-only shared file");
+}
+
 /// A driver using Python's multiprocessing: a Pool of 4 workers forked by it (their
 /// queues' locks are POSIX semaphores in memory they all share).
 const POOL: &str = r#"import hashlib, multiprocessing as mp, sys
@@ -808,6 +910,7 @@ fn children_of_a_migratable_process_are_migratable() {
     ctrl_c_ends_every_member(&tb);
     lap("ctrl-c");
     memory_shared_with_a_child(&tb);
+    home_memory_gives_no_more_rights(&tb);
     lap("shared memory");
     python_pool(&tb);
     lap("python pool");
