@@ -681,6 +681,71 @@ fn make_j4(tb: &Testbed) {
     nothing_left(tb, "make -j4");
 }
 
+/// A parent talking to its child over a Unix socketpair; the child checks getppid().
+const SOCKETPAIR: &str = r#"import os, socket, sys
+a, b = socket.socketpair()
+parent = os.getpid()
+kid = os.fork()
+if kid == 0:
+    a.close()
+    while True:
+        m = b.recv(100)
+        if not m:
+            os._exit(0)
+        b.sendall(m.upper() + b" " + str(os.getppid() == parent).encode())
+b.close()
+print("start", kid, flush=True)
+for line in sys.stdin:
+    a.sendall(line.strip().encode())
+    print(a.recv(100).decode(), flush=True)
+a.close()
+_, st = os.waitpid(kid, 0)
+print("child", os.waitstatus_to_exitcode(st), flush=True)
+"#;
+
+/// A socketpair between a parent and its child keeps working with the two on different
+/// nodes (and with the child back home), and the child's parent is its parent wherever
+/// both run.
+fn socketpair_between_members(tb: &Testbed) {
+    let argv = ["/usr/bin/python3", "-c", SOCKETPAIR];
+    let (want, st) = unmoved(tb, &argv, "one\ntwo\nthree\n");
+    assert!(st.success());
+    let want: Vec<&str> = want.lines().skip(1).collect();
+    let mut pinned = vec!["-L"];
+    pinned.extend(argv);
+    let mut c = job(tb, &pinned)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let parent = c.id() as i32;
+    let mut w = c.stdin.take().unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = || {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    };
+    assert!(line().starts_with("start"));
+    let kid = adopted(tb, parent, 1)[0];
+    let mut got = Vec::new();
+    for (what, who, to) in [
+        ("one", kid, "2"),
+        ("two", parent, "3"),
+        ("three", kid, "home"),
+    ] {
+        move_ok(tb, who, to);
+        writeln!(w, "{what}").unwrap();
+        w.flush().unwrap();
+        got.push(line());
+    }
+    drop(w);
+    got.push(line());
+    assert_eq!(got, want, "over a socketpair between members on two nodes");
+    assert!(c.wait().unwrap().success());
+    nothing_left(tb, "the socketpair");
+}
+
 /// A parent and child sharing MAP_SHARED memory (progs/homemem.c): the memory stays
 /// home. The parent away comes home for a futex wait on it (trapped before the kernel
 /// touches it) and for a write to it, which the child at home sees; the child moved away
@@ -906,7 +971,8 @@ fn children_of_a_migratable_process_are_migratable() {
     exit_statuses_and_signals(&tb);
     lap("signals");
     pipeline_on_three_nodes(&tb);
-    lap("pipeline");
+    socketpair_between_members(&tb);
+    lap("pipeline, socketpair");
     ctrl_c_ends_every_member(&tb);
     lap("ctrl-c");
     memory_shared_with_a_child(&tb);
