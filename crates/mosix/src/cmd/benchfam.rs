@@ -124,13 +124,23 @@ fn faq(me: &Path, a: &Args) -> Result<()> {
     let w = a.job_secs * quota[0];
     let capacity = quota.iter().sum::<f64>().min(host_cpus);
     let ideal = (f64::from(jobs) * w / capacity).max(w / quota.iter().cloned().fold(0.0, f64::max));
-    let (mut fam, mut sep, mut ratio) = (vec![], vec![], vec![]);
+    let place = benchmig::placement(jobs, &quota);
+    let (mut fam, mut sep, mut ratio, mut placed, mut r_placed) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..a.rounds {
+        // The references alternate with the family: eight mosruns balanced, and eight
+        // placed at once where they belong (balancing off: what no balancer beats on this
+        // machine at this moment).
         let s = benchmig::faq_round(me, dir, jobs, iters, &quota, None)?.makespan;
+        benchmig::mosctl_all(me, dir, nodes, "stay")?;
+        let p = benchmig::faq_round(me, dir, jobs, iters, &quota, Some(&place))?.makespan;
+        benchmig::mosctl_all(me, dir, nodes, "nostay")?;
         let f = family_round(me, dir, jobs, iters)?;
         sep.push(s);
+        placed.push(p);
         fam.push(f);
         ratio.push(f / s);
+        r_placed.push(f / p);
     }
     let (f, s) = (median(fam), median(sep));
     let tag = format!("faq_family_{}s", a.job_secs);
@@ -140,9 +150,19 @@ fn faq(me: &Path, a: &Args) -> Result<()> {
         median(ratio)
     );
     println!(
+        "BENCH {tag}_makespan_vs_placed {f:.2} s vs placed={:.3}",
+        median(r_placed)
+    );
+    println!(
         "BENCH faq_separate_{}s_makespan {s:.2} s vs ideal={:.3}",
         a.job_secs,
         s / ideal
+    );
+    println!(
+        "BENCH faq_placed_{}s_makespan {:.2} s vs ideal={:.3}",
+        a.job_secs,
+        median(placed.clone()),
+        median(placed) / ideal
     );
     println!(
         "BENCH {tag}_ideal {ideal:.2} s (work {w:.2} CPU-s per job, capacity {capacity:.2} CPUs: quotas {quota:.2?}, host CPUs {host_cpus})"
