@@ -1,9 +1,10 @@
 //! Families (issue 11), on a 4-node testbed (root; one test function, because the
 //! testbed's names are machine-wide): the children of a migratable process are migratable
 //! processes of the same home, each moved on its own, while the family behaves as if all
-//! ran at home: wait and exit statuses, signals, pipes, the terminal. Each case is
-//! compared with an unmoved run of the same command, and ends with nothing of the family
-//! left on any node.
+//! ran at home: wait and exit statuses, signals, pipes, socketpairs, the terminal, memory
+//! they share (which stays home). Each case is compared with an unmoved run of the same
+//! command, and ends with nothing of the family left on any node. Real programs: bash,
+//! mawk, sort, make and gcc, python3's multiprocessing, a small C program.
 
 mod common;
 use common::*;
@@ -603,9 +604,9 @@ fn c_project(dir: &Path, files: usize, stmts: usize) {
     .unwrap();
 }
 
-/// `mosrun make -j4` of a generated C project (24 files): gcc's compilers (cc1, its grandchildren by
-/// fork and exec) are adopted and moved to the other nodes by the balancer; the build's
-/// output and the program's output equal an unmoved build's.
+/// `mosrun make -j4` of a generated C project (24 files): gcc's compilers (cc1, make's
+/// grandchildren by fork and exec) are adopted and moved to the other nodes by the
+/// balancer; the build's output and the program's output equal an unmoved build's.
 fn make_j4(tb: &Testbed) {
     let moved = tb.shared().join("proj-moved");
     let plain = tb.shared().join("proj-plain");
