@@ -259,8 +259,10 @@ impl Held {
     /// PID, parent, process group, session, controlling terminal, credentials, cwd,
     /// limits and descriptors (close-on-exec is cleared on `clear_cloexec` first, the
     /// new program sets it again). It is let go at the new program's first instruction.
-    /// Returns the signals that reached it since it was saved (to pass on). On failure
-    /// it is still held as it was.
+    /// Memory it shares with other processes here (crate::homemem) stays: the new
+    /// program gets a descriptor of each such object, listed in its environment as
+    /// [`crate::homemem::HOLD_ENV`]. Returns the signals that reached it since it was
+    /// saved (to pass on). On failure it is still held as it was.
     pub fn become_program(
         mut self,
         path: &str,
@@ -278,7 +280,22 @@ impl Held {
         if let Err(e) = self.end_other_threads() {
             return Err(Box::new((e, self)));
         }
-        match inject_exec(&mut r, path, argv, envp, clear_cloexec) {
+        let held = match hand_over(&mut r, self.frozen.pid, &self.frozen.home_memory) {
+            Ok(h) => h,
+            Err(e) => {
+                self.frozen.tasks[0].held.append(&mut r.held);
+                let _ = sys::set_regs(self.frozen.pid, &self.frozen.tasks[0].regs);
+                return Err(Box::new((e, self)));
+            }
+        };
+        let mut envp = envp.to_vec();
+        let mut keep = clear_cloexec.to_vec();
+        if !held.is_empty() {
+            let list: Vec<String> = held.iter().map(|n| n.to_string()).collect();
+            envp.push(format!("{}={}", crate::homemem::HOLD_ENV, list.join(",")));
+            keep.extend(&held);
+        }
+        match inject_exec(&mut r, path, argv, &envp, &keep) {
             Ok(mut sigs) => {
                 let pid = self.frozen.pid;
                 for t in &mut self.frozen.tasks {
@@ -295,6 +312,9 @@ impl Held {
                 Ok(sigs)
             }
             Err(e) => {
+                for &fd in &held {
+                    let _ = r.raw(libc::SYS_close, &[fd as u64]);
+                }
                 self.frozen.tasks[0].held.append(&mut r.held);
                 // Registers back as they were (the injected calls changed them).
                 let _ = sys::set_regs(self.frozen.pid, &self.frozen.tasks[0].regs);
@@ -302,6 +322,184 @@ impl Held {
             }
         }
     }
+}
+
+/// Gives stopped tracee `r` (process `pid`, at home) a descriptor of each object of its
+/// home memory `areas`, at numbers just below its RLIMIT_NOFILE (out of the way of its
+/// own): it asks for them over a Unix socket (an abstract address of ours, checked to be
+/// it that connected) and receives them with SCM_RIGHTS. The numbers, not close-on-exec.
+fn hand_over(r: &mut Remote, pid: i32, areas: &[crate::homemem::Area]) -> Result<Vec<i32>> {
+    use std::os::fd::AsRawFd;
+    use std::os::linux::net::SocketAddrExt;
+    if areas.is_empty() {
+        return Ok(Vec::new());
+    }
+    let objs = crate::homemem::open_objects(pid, areas)?;
+    let fds: Vec<i32> = objs.iter().map(|(_, _, f)| f.as_raw_fd()).collect();
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "mosix-home-mem-{}-{pid}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let io = |what: &str, e: std::io::Error| {
+        sys_err(format!("handing its shared memory over: {what}"), e)
+    };
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| io("address", e))?;
+    let listener =
+        std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| io("listening", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io("listening", e))?;
+    let page = r.call(
+        "mmap for the hand-over",
+        libc::SYS_mmap,
+        &[
+            0,
+            sys::PAGE,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    let mut sa = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
+    sa.push(0);
+    sa.extend_from_slice(name.as_bytes());
+    sys::write_mem(pid, page, &sa)?;
+    let sock = r.call(
+        "socket",
+        libc::SYS_socket,
+        &[
+            libc::AF_UNIX as u64,
+            (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64,
+            0,
+        ],
+    )?;
+    let got = (|| -> Result<Vec<i32>> {
+        r.call("connect", libc::SYS_connect, &[sock, page, sa.len() as u64])?;
+        let (conn, _) = listener.accept().map_err(|e| io("accepting", e))?;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED writes a struct ucred of the size we pass.
+        let rc = unsafe {
+            libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || cred.pid != pid {
+            return Err(Error::Target {
+                pid,
+                msg: "another process answered the hand-over of its shared memory".into(),
+            });
+        }
+        send_fds(conn.as_raw_fd(), &fds).map_err(|e| io("sending", e))?;
+        // Its recvmsg: iovec at +256, msghdr at +320, byte at +512, control at +1024.
+        let space = 16 + (4 * fds.len()).div_ceil(8) * 8;
+        let (iov, hdr, byte, ctl) = (page + 256, page + 320, page + 512, page + 1024);
+        let mut b = Vec::new();
+        b.extend_from_slice(&byte.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        sys::write_mem(pid, iov, &b)?;
+        let mut h = Vec::new();
+        for v in [0u64, 0, iov, 1, ctl, space as u64, 0] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        sys::write_mem(pid, hdr, &h)?;
+        r.call("recvmsg", libc::SYS_recvmsg, &[sock, hdr, 0])?;
+        let mut c = vec![0u8; space];
+        sys::read_mem(pid, ctl, &mut c)?;
+        let clen = u64::from_le_bytes(c[0..8].try_into().expect("8")) as usize;
+        let level = i32::from_le_bytes(c[8..12].try_into().expect("4"));
+        let kind = i32::from_le_bytes(c[12..16].try_into().expect("4"));
+        if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS || clen != 16 + 4 * fds.len() {
+            return Err(Error::Target {
+                pid,
+                msg: "it did not receive its shared memory".into(),
+            });
+        }
+        Ok(c[16..clen]
+            .chunks(4)
+            .map(|x| i32::from_le_bytes(x.try_into().expect("4")))
+            .collect())
+    })();
+    let _ = r.raw(libc::SYS_close, &[sock]);
+    let got = match got {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = r.raw(libc::SYS_munmap, &[page, sys::PAGE]);
+            return Err(e);
+        }
+    };
+    // Out of the way: below the 64 numbers under the limit that the deputy keeps for
+    // its own, down from there.
+    let soft = crate::procfs::limits(pid)?
+        .get(libc::RLIMIT_NOFILE as usize)
+        .map(|l| l.1)
+        .unwrap_or(1024)
+        .min(1 << 20) as i64;
+    let mut used: std::collections::HashSet<i64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut at = soft - 65;
+    let mut out = Vec::new();
+    for fd in got {
+        while at > 2 && used.contains(&at) {
+            at -= 1;
+        }
+        let n = if at > fd as i64 {
+            r.call("dup3", libc::SYS_dup3, &[fd as u64, at as u64, 0])?;
+            r.raw(libc::SYS_close, &[fd as u64])?;
+            used.insert(at);
+            at
+        } else {
+            fd as i64
+        };
+        out.push(n as i32);
+    }
+    let _ = r.raw(libc::SYS_munmap, &[page, sys::PAGE]);
+    Ok(out)
+}
+
+/// Sends descriptors `fds` over connected Unix socket `sock` (one byte of data).
+fn send_fds(sock: i32, fds: &[i32]) -> std::io::Result<()> {
+    let space = 16 + (4 * fds.len()).div_ceil(8) * 8;
+    let mut ctl = vec![0u8; space];
+    ctl[0..8].copy_from_slice(&((16 + 4 * fds.len()) as u64).to_le_bytes());
+    ctl[8..12].copy_from_slice(&libc::SOL_SOCKET.to_le_bytes());
+    ctl[12..16].copy_from_slice(&libc::SCM_RIGHTS.to_le_bytes());
+    for (i, fd) in fds.iter().enumerate() {
+        ctl[16 + 4 * i..20 + 4 * i].copy_from_slice(&fd.to_le_bytes());
+    }
+    let mut byte = [b'm'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to our live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: sendmsg reads the msghdr and the buffers it points to, all alive here.
+    if unsafe { libc::sendmsg(sock, &msg, 0) } != 1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Ends thread `tid` (stopped under our ptrace, registers `regs`) by an exit of its own
@@ -346,16 +544,21 @@ pub struct Away {
 
 /// Restores a process away from home: as [`crate::restore_with`], plus its descriptors as
 /// placeholders, its home's host name and the filter. The filter's listener is returned
-/// (the process is stopped under our ptrace with `opts.hold`, so nothing is trapped yet).
+/// (the process is stopped under our ptrace with `opts.hold`, so nothing is trapped yet),
+/// and, if it shares memory with processes at its home, the userfaultfd that sees it
+/// touch that memory ([`crate::homemem::touched`]: it must then go home; its threads
+/// wait meanwhile).
 pub fn restore_away(
     img: &LoadedImage,
     opts: RestoreOptions,
     creds: &CredOptions,
     away: &Away,
-) -> Result<(Restored, OwnedFd)> {
-    let (r, l) = crate::restore::restore_mode(img, opts, creds, Mode::Away(away))?;
-    let l = l.ok_or_else(|| Error::Unrestorable("no listener for the filter".into()))?;
-    Ok((r, l))
+) -> Result<(Restored, OwnedFd, Option<OwnedFd>)> {
+    let (r, b) = crate::restore::restore_mode(img, opts, creds, Mode::Away(away))?;
+    let l = b
+        .listener
+        .ok_or_else(|| Error::Unrestorable("no listener for the filter".into()))?;
+    Ok((r, l, b.home_memory))
 }
 
 /// A process rebuilt inside its deputy at home, held until [`Rebuilt::resume`].
@@ -366,11 +569,27 @@ pub struct Rebuilt {
     keep: Vec<i32>,
     /// Signals that reached its deputy and were not passed on: raised when it resumes.
     signals: Vec<i32>,
+    /// The deputy's descriptors of its home memory, closed when it resumes (kept for a
+    /// revert).
+    close: Vec<i32>,
 }
 
 impl Rebuilt {
     /// Lets it run.
-    pub fn resume(self) -> Result<()> {
+    pub fn resume(mut self) -> Result<()> {
+        if !self.close.is_empty() {
+            let regs = sys::get_regs(self.pid)?;
+            let mut r = remote_of(self.pid)?;
+            for &fd in &self.close {
+                r.raw(libc::SYS_close, &[fd as u64])?;
+            }
+            sys::set_regs(self.pid, &regs)?;
+            self.signals.extend(
+                r.held
+                    .drain(..)
+                    .map(|i| i32::from_le_bytes(i[..4].try_into().expect("4"))),
+            );
+        }
         crate::restore::resume(self.pid)?;
         for s in self.signals {
             let _ = sys::kill(self.pid, s);
@@ -442,12 +661,34 @@ pub fn restore_into(
         }
     }
     let mut r = remote_of(pid)?;
-    let keep: Vec<i32> = m
+    let mut keep: Vec<i32> = m
         .fds
         .iter()
         .filter(|f| matches!(f.kind, crate::image::FdKind::Home { .. }))
         .map(|f| f.fd)
         .collect();
+    // Its memory shared at home: the objects its deputy holds.
+    let wanted: std::collections::HashSet<(u64, u64)> = m
+        .vmas
+        .iter()
+        .filter_map(|v| match v.kind {
+            crate::image::VmaKind::HomeShared { dev, ino, .. } => Some((dev, ino)),
+            _ => None,
+        })
+        .collect();
+    let held = crate::homemem::held_by(pid, &wanted, &keep);
+    if held.len() != wanted.len() {
+        let _ = sys::detach(pid, 0);
+        return Err(Error::Unrestorable(
+            "its deputy does not hold the memory it shares with other processes here".into(),
+        ));
+    }
+    let close: Vec<i32> = held
+        .values()
+        .filter(|n| !keep.contains(n))
+        .copied()
+        .collect();
+    keep.extend(&close);
     let argv = vec![m.exe.clone()];
     let signals = match inject_exec(&mut r, &m.exe, &argv, &[], &keep) {
         Ok(s) => s,
@@ -476,13 +717,18 @@ pub fn restore_into(
             plan.set_groups = false;
             plan.caps = None;
         }
-        let mut site = crate::stage::Site::begin_in(pid, m, opts, plan, Mode::Into)?;
+        let mut site = crate::stage::Site::begin_in(pid, m, opts, plan, Mode::Into(&held))?;
         crate::restore::build_loaded(&mut site, img)?;
         site.complete(m, false)?;
         Ok(())
     })();
     match built {
-        Ok(()) => Ok(Rebuilt { pid, keep, signals }),
+        Ok(()) => Ok(Rebuilt {
+            pid,
+            keep,
+            signals,
+            close,
+        }),
         Err(e) => {
             let (p, a, env) = fallback;
             if let Err(e2) = revert(pid, p, a, env, &keep) {

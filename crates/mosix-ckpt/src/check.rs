@@ -191,8 +191,23 @@ pub fn refusals_with(pid: i32, rules: Rules) -> Result<Vec<String>> {
         }
     }
     let maps = procfs::maps(pid)?;
-    crate::shmem::refusals(pid, &maps, &mut why);
+    // Moving, memory it shares with other processes at home stays there (homemem).
+    let home = if rules.leave_home {
+        crate::homemem::areas(pid, &maps, rules.away)
+    } else {
+        Vec::new()
+    };
+    let stays: std::collections::HashSet<u64> = home.iter().map(|a| a.here_ino).collect();
+    crate::shmem::refusals(pid, &maps, &stays, &mut why);
+    if !rules.away {
+        if let Some(r) = crate::homemem::waiting_on(pid, &home) {
+            why.push(r);
+        }
+    }
     for m in maps {
+        if home.iter().any(|a| (a.start, a.end) == (m.start, m.end)) {
+            continue;
+        }
         if let Some(r) = vma_refusal(&m) {
             if !why.contains(&r) {
                 why.push(r);

@@ -145,6 +145,8 @@ pub(crate) struct Frozen {
     /// Stack scratch area (address, original bytes) while in use.
     scratch: Option<(u64, Vec<u8>)>,
     pub(crate) done: bool,
+    /// Its memory that stays at home (a move's checkpoint; see crate::homemem).
+    pub(crate) home_memory: Vec<crate::homemem::Area>,
 }
 
 pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
@@ -155,6 +157,7 @@ pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
         tasks,
         syscall_ip: None,
         scratch: None,
+        home_memory: Vec::new(),
         done: false,
     })
 }
@@ -488,12 +491,17 @@ fn batch_queries(f: &mut Frozen, r: &mut Remote) -> Result<Option<Queries>> {
 }
 
 pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
-    Ok(vmas_tracked(pid, maps)?.0)
+    Ok(vmas_tracked(pid, maps, &[])?.0)
 }
 
 /// [`vmas_of`], and the areas registered with a userfaultfd for write protection (VmFlags
-/// "uw": tracked by a [`crate::dirty::Tracker`]).
-pub(crate) fn vmas_tracked(pid: i32, maps: &[MapLine]) -> Result<(Vec<Vma>, Ranges)> {
+/// "uw": tracked by a [`crate::dirty::Tracker`]). Areas of `home` (memory shared at
+/// home, which stays there) are [`VmaKind::HomeShared`].
+pub(crate) fn vmas_tracked(
+    pid: i32,
+    maps: &[MapLine],
+    home: &[crate::homemem::Area],
+) -> Result<(Vec<Vma>, Ranges)> {
     let flags = procfs::vm_flags(pid)?;
     let tracked = maps
         .iter()
@@ -507,6 +515,22 @@ pub(crate) fn vmas_tracked(pid: i32, maps: &[MapLine]) -> Result<(Vec<Vma>, Rang
     let mut out = Vec::new();
     for m in maps {
         if m.name == "[vsyscall]" {
+            continue;
+        }
+        if let Some(a) = home.iter().find(|a| (a.start, a.end) == (m.start, m.end)) {
+            out.push(Vma {
+                start: m.start,
+                end: m.end,
+                prot: m.prot(),
+                shared: true,
+                growsdown: false,
+                kind: VmaKind::HomeShared {
+                    dev: a.dev,
+                    ino: a.ino,
+                    offset: a.offset,
+                },
+                anon_name: None,
+            });
             continue;
         }
         let kind = if m.is_special() {
@@ -699,8 +723,15 @@ pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
         });
     }
     crate::fdobj::fill_pipes(pid, &mut fds)?;
-    let (vmas, tracked) = vmas_tracked(pid, &maps)?;
-    let objs = shmem::objects_of(pid, &maps)?;
+    let home = if moving.rules.leave_home {
+        crate::homemem::areas(pid, &maps, moving.rules.away)
+    } else {
+        Vec::new()
+    };
+    let (vmas, tracked) = vmas_tracked(pid, &maps, &home)?;
+    let mut objs = shmem::objects_of(pid, &maps)?;
+    objs.retain(|ino, _| !home.iter().any(|a| a.here_ino == *ino));
+    f.home_memory = home;
     let (shmem_objects, shmem_runs) = shmem::describe(&objs)?;
     let exe = procfs::link(pid, "exe")?;
     let meta = ProcessImage {

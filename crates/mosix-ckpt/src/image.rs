@@ -32,7 +32,7 @@ pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
 pub const FORMAT_MAJOR: u16 = 3;
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 pub const HEADER_LEN: usize = 32;
 
 pub(crate) const TAG_META: u8 = 1;
@@ -119,6 +119,11 @@ pub enum VmaKind {
     /// A shared memory object of the process ([`ShmemObject`] `ino`) from `offset`
     /// (format 2): a memfd, or MAP_SHARED anonymous memory.
     Shmem { ino: u64, offset: u64 },
+    /// Memory the process shares with other processes at its home (format 3.1): object
+    /// (`dev`, `ino`) there, mapped from `offset`. It stays at home (`homemem`): away it is
+    /// a stand-in the process cannot touch there, at home it is mapped from its deputy's
+    /// descriptor of the object. Only a move restores it.
+    HomeShared { dev: u64, ino: u64, offset: u64 },
 }
 
 /// A memfd or MAP_SHARED anonymous memory object of the process (format 2); its data is

@@ -253,7 +253,7 @@ fn format_2_keeps_every_thread() {
         let bytes = w.finish().unwrap();
         assert_eq!(
             (u16::from_le_bytes([bytes[8], bytes[9]]), bytes[10]),
-            (3, 0)
+            (3, crate::image::FORMAT_MINOR as u8)
         );
         // A plain 3.0 image is a 2.0 image but for its version: both read the same.
         for old in [false, true] {

@@ -19,6 +19,7 @@ pub mod dirty;
 mod dump;
 mod error;
 mod fdobj;
+pub mod homemem;
 pub mod image;
 mod limits;
 mod parse;
@@ -50,5 +51,5 @@ pub use image::{
 };
 pub use pipeline::checkpoint_to;
 pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
-pub use restore::{preflight, restore, restore_with, resume, RestoreOptions, Restored};
+pub use restore::{preflight, restore, restore_with, resume, Built, RestoreOptions, Restored};
 pub use stream::{receive, restore_stream, Incoming};

@@ -18,6 +18,8 @@ pub struct MapLine {
     pub exec: bool,
     pub shared: bool,
     pub offset: u64,
+    /// The device of the mapped object (as stat's st_dev), 0 for anonymous memory.
+    pub dev: u64,
     pub inode: u64,
     /// Path or pseudo-name ("[heap]", "[stack]", "[vdso]", "[anon:x]"), empty if anonymous.
     pub name: String,
@@ -57,7 +59,7 @@ pub fn parse_maps(text: &str) -> Vec<MapLine> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(off), Some(_dev), Some(ino)) =
+        let (Some(range), Some(perms), Some(off), Some(dev), Some(ino)) =
             (it.next(), it.next(), it.next(), it.next(), it.next())
         else {
             continue;
@@ -78,6 +80,15 @@ pub fn parse_maps(text: &str) -> Vec<MapLine> {
         if p.len() < 4 {
             continue;
         }
+        let dev = dev
+            .split_once(':')
+            .and_then(|(a, b)| {
+                Some(libc::makedev(
+                    u32::from_str_radix(a, 16).ok()?,
+                    u32::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .unwrap_or(0);
         out.push(MapLine {
             start,
             end,
@@ -86,6 +97,7 @@ pub fn parse_maps(text: &str) -> Vec<MapLine> {
             exec: p[2] == b'x',
             shared: p[3] == b's',
             offset,
+            dev,
             inode,
             name,
         });

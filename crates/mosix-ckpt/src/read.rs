@@ -98,7 +98,6 @@ pub(crate) fn read_header(h: &[u8]) -> Result<(Compression, Version)> {
     }
     let major = u16::from_le_bytes([h[8], h[9]]);
     let minor = u16::from_le_bytes([h[10], h[11]]);
-    #[allow(clippy::absurd_extreme_comparisons)] // true while FORMAT_MINOR is 0
     let known = match major {
         1 => minor <= V1_LAST_MINOR,
         2 => minor == 0,

@@ -170,8 +170,17 @@ pub(crate) enum Mode<'a> {
     /// and the filter last.
     Away(&'a crate::away::Away),
     /// Inside the deputy at home: its descriptors are the process's, its credentials
-    /// too, and its exe link is already right.
-    Into,
+    /// too, and its exe link is already right. With the deputy's descriptors of the
+    /// process's home memory objects: (dev, ino) -> descriptor number.
+    Into(&'a crate::homemem::Held),
+}
+
+/// What a build leaves besides the process: the filter's listener (away), and the
+/// userfaultfd that watches its home memory (away, if it has any: crate::homemem).
+#[derive(Debug, Default)]
+pub struct Built {
+    pub listener: Option<std::os::fd::OwnedFd>,
+    pub home_memory: Option<std::os::fd::OwnedFd>,
 }
 
 pub(crate) fn restore_mode(
@@ -179,8 +188,8 @@ pub(crate) fn restore_mode(
     opts: RestoreOptions,
     creds: &CredOptions,
     mode: Mode,
-) -> Result<(Restored, Option<std::os::fd::OwnedFd>)> {
-    restore_loaded(img, opts, creds, mode, false).map(|(r, l, _)| (r, l))
+) -> Result<(Restored, Built)> {
+    restore_loaded(img, opts, creds, mode, false).map(|(r, b, _)| (r, b))
 }
 
 /// Restores a whole image (read and verified) in a new child; with `track` a
@@ -191,7 +200,7 @@ pub(crate) fn restore_loaded(
     creds: &CredOptions,
     mode: Mode,
     track: bool,
-) -> Result<(Restored, Option<OwnedFd>, Option<OwnedFd>)> {
+) -> Result<(Restored, Built, Option<OwnedFd>)> {
     let t = std::time::Instant::now();
     let m = &img.meta;
     let mut site = Site::begin(m, opts, creds, mode)?;
@@ -225,6 +234,8 @@ pub(crate) struct Builder<'a> {
     pub(crate) mode: Mode<'a>,
     /// The process's shared memory objects made again: image inode -> descriptor.
     pub(crate) shm: HashMap<u64, u64>,
+    /// The userfaultfd watching its home memory (away), once made.
+    pub(crate) home_uffd: Option<std::os::fd::OwnedFd>,
 }
 
 impl<'a> Builder<'a> {
@@ -321,6 +332,96 @@ pub(crate) fn syscall_insn_in(pid: i32, ranges: impl Iterator<Item = (u64, u64)>
     None
 }
 
+/// Memory `v` that the process shares with others at its home (object `dev`, `ino`,
+/// mapped from `offset`): at home, mapped from the deputy's descriptor of the object;
+/// away, a stand-in (anonymous, named after the object) that a userfaultfd watches.
+pub(crate) fn home_memory(
+    b: &mut Builder,
+    v: &crate::image::Vma,
+    (dev, ino, offset): (u64, u64, u64),
+) -> Result<()> {
+    let len = v.end - v.start;
+    match b.mode {
+        Mode::Plain => Err(Error::Unrestorable(format!(
+            "its memory at {:#x} is shared with processes at its home node: only a move can bring it back",
+            v.start
+        ))),
+        Mode::Into(held) => {
+            let fd = *held.get(&(dev, ino)).ok_or_else(|| {
+                Error::Unrestorable(format!(
+                    "its deputy does not hold the memory it shares at home (at {:#x})",
+                    v.start
+                ))
+            })?;
+            b.call(
+                "mapping the memory it shares at home",
+                libc::SYS_mmap,
+                &[
+                    v.start,
+                    len,
+                    v.prot as u64,
+                    (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                    fd as u64,
+                    offset,
+                ],
+            )?;
+            Ok(())
+        }
+        Mode::Away(_) => {
+            if b.home_uffd.is_none() {
+                b.home_uffd = Some(make_uffd(b)?);
+            }
+            // An empty memfd of its size, named after the object, that nothing fills.
+            let name = crate::homemem::placeholder_name(dev, ino, v.start.wrapping_sub(offset));
+            let p = b.put_str(AT_STR, &name)?;
+            let fd = b.call(
+                "memfd_create",
+                libc::SYS_memfd_create,
+                &[p, libc::MFD_CLOEXEC as u64],
+            )?;
+            b.call("ftruncate", libc::SYS_ftruncate, &[fd, len])?;
+            b.call(
+                "mapping a stand-in for memory shared at home",
+                libc::SYS_mmap,
+                &[
+                    v.start,
+                    len,
+                    v.prot as u64,
+                    (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                    fd,
+                    0,
+                ],
+            )?;
+            b.call("close", libc::SYS_close, &[fd])?;
+            Ok(())
+        }
+    }
+}
+
+/// A userfaultfd of the process being built (made by it while it still has the
+/// restorer's privilege: one that also sees faults in the kernel's accesses), taken
+/// here and closed there.
+fn make_uffd(b: &mut Builder) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let fd = b.call(
+        "userfaultfd",
+        libc::SYS_userfaultfd,
+        &[(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64],
+    )?;
+    let pidfd = sys::pidfd_open(b.pid).map_err(|e| sys_err("pidfd_open", e))?;
+    // SAFETY: pidfd_getfd on the process we build; the result is a new descriptor of ours.
+    let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if ours < 0 {
+        return Err(sys_err(
+            "taking the userfaultfd",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    b.call("close", libc::SYS_close, &[fd])?;
+    // SAFETY: a fresh descriptor of ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(ours as i32) })
+}
+
 /// Maps memory area `v` from descriptor `fd` at `offset`: shared as it was, or private
 /// and writable (its own pages are written next, its protection set after).
 pub(crate) fn map_file(
@@ -374,7 +475,7 @@ pub(crate) fn set_mm(b: &mut Builder, exe: bool) -> Result<()> {
     let auxv_addr = b.put(AT_AUXV, &auxv)?;
     // Opened (and checked) as the user in any case; the exe link is set only by root.
     // Inside the deputy, the exec made the link (and it was checked).
-    let exe_fd = if matches!(b.mode, Mode::Into) || !exe {
+    let exe_fd = if matches!(b.mode, Mode::Into(_)) || !exe {
         u32::MAX
     } else {
         let exe = b.img.exe.clone();
@@ -435,7 +536,7 @@ pub(crate) fn restore_fds(b: &mut Builder) -> Result<()> {
                         f.fd
                     )))
                 }
-                Mode::Into => {
+                Mode::Into(_) => {
                     // The deputy's own (one the process no longer has is not there).
                     let cl = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
                     b.r.raw(libc::SYS_fcntl, &[f.fd as u64, libc::F_SETFD as u64, cl as u64])?;
@@ -559,7 +660,7 @@ pub(crate) fn restore_misc(b: &mut Builder) -> Result<()> {
     }
     // Inside the deputy, the limits are the process's already: an exec keeps them, and a
     // change it made away was made at home too.
-    let rlimits: &[(u32, u64, u64)] = if matches!(b.mode, Mode::Into) {
+    let rlimits: &[(u32, u64, u64)] = if matches!(b.mode, Mode::Into(_)) {
         &[]
     } else {
         &m.rlimits

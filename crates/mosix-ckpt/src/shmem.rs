@@ -61,10 +61,12 @@ pub fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
 }
 
 /// Why `pid`'s shared memory cannot move: another process maps it or holds it open.
-pub fn refusals(pid: i32, maps: &[MapLine], why: &mut Vec<String>) {
+/// Objects whose inode is in `stays` stay at home (crate::homemem) and do not refuse.
+pub fn refusals(pid: i32, maps: &[MapLine], stays: &HashSet<u64>, why: &mut Vec<String>) {
     let Ok(mut objs) = objects_of(pid, maps) else {
         return;
     };
+    objs.retain(|ino, _| !stays.contains(ino));
     // The placeholders of a process away from home (its descriptors of home objects) are
     // one memfd its supervisor also holds: nothing in them moves, so nothing is shared.
     objs.retain(|_, (_, name)| memfd_name(name) != Some(PLACEHOLDER));

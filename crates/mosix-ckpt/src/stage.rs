@@ -20,7 +20,8 @@ use crate::records::{kept_ranges, staged};
 use crate::remote::Remote;
 use crate::restore::{
     final_state, free_range, image_specials, map_file, preflight_meta, set_mm, specials,
-    syscall_insn_in, Builder, Mode, RestoreOptions, Restored, AT_STR, SCRATCH_LEN, TASK_SIZE,
+    syscall_insn_in, Builder, Built, Mode, RestoreOptions, Restored, AT_STR, SCRATCH_LEN,
+    TASK_SIZE,
 };
 use crate::sys;
 use crate::threads;
@@ -41,7 +42,7 @@ impl Kind {
         match m {
             Mode::Plain => Kind::Plain,
             Mode::Away(_) => Kind::Away,
-            Mode::Into => Kind::Into,
+            Mode::Into(_) => Kind::Into,
         }
     }
 }
@@ -59,6 +60,10 @@ pub(crate) struct Site {
     kind: Kind,
     /// Away from home: what it is restored with.
     away: Option<Away>,
+    /// Inside its deputy: the deputy's descriptors of the memory it shares at home.
+    held: crate::homemem::Held,
+    /// Away: the userfaultfd that watches the memory it shares at home (if any).
+    home_uffd: Option<OwnedFd>,
     opts: RestoreOptions,
     shm: HashMap<u64, u64>,
     /// Its shared memory objects' descriptors of ours, to write their data through.
@@ -156,6 +161,11 @@ impl Site {
                 Mode::Away(a) => Some(a.clone()),
                 _ => None,
             },
+            held: match mode {
+                Mode::Into(h) => h.clone(),
+                _ => Default::default(),
+            },
+            home_uffd: None,
             opts,
             shm: HashMap::new(),
             shm_files: HashMap::new(),
@@ -192,6 +202,11 @@ impl Site {
                 Mode::Away(a) => Some(a.clone()),
                 _ => None,
             },
+            held: match mode {
+                Mode::Into(h) => h.clone(),
+                _ => Default::default(),
+            },
+            home_uffd: None,
             opts,
             shm: HashMap::new(),
             shm_files: HashMap::new(),
@@ -213,9 +228,10 @@ impl Site {
         f: impl FnOnce(&mut Builder) -> Result<T>,
     ) -> Result<T> {
         let away = self.away.take();
+        let held = std::mem::take(&mut self.held);
         let mode = match (self.kind, &away) {
             (Kind::Away, Some(a)) => Mode::Away(a),
-            (Kind::Into, _) => Mode::Into,
+            (Kind::Into, _) => Mode::Into(&held),
             _ => Mode::Plain,
         };
         let mut b = Builder {
@@ -227,11 +243,14 @@ impl Site {
             fs_uid: self.fs_uid,
             mode,
             shm: std::mem::take(&mut self.shm),
+            home_uffd: self.home_uffd.take(),
         };
         let res = f(&mut b);
         self.r = b.r;
         self.shm = b.shm;
+        self.home_uffd = b.home_uffd;
         self.away = away;
+        self.held = held;
         res
     }
 
@@ -240,6 +259,14 @@ impl Site {
     pub(crate) fn set_proc_fds(&mut self, fds: Vec<(i32, String)>) {
         if let Some(a) = &mut self.away {
             a.proc_fds = fds;
+        }
+    }
+
+    /// Away from home: the seccomp program it gets (known only once its final state has
+    /// arrived: it depends on the memory it shares at home).
+    pub(crate) fn set_filter(&mut self, filter: Vec<u8>) {
+        if let Some(a) = &mut self.away {
+            a.filter = filter;
         }
     }
 
@@ -522,12 +549,13 @@ impl Site {
     /// [`Site::final_state`]): shared mappings, protections and names of its memory,
     /// descriptors, signals, threads, credentials, registers. With `track` (away from
     /// home) a userfaultfd of its memory is made in it too (for a later move) and
-    /// returned. Returns the filter's listener with [`Mode::Away`].
+    /// returned. Returns the filter's listener with [`Mode::Away`], and the userfaultfd
+    /// that watches the memory it shares at home (away, if it has any).
     pub(crate) fn complete(
         mut self,
         m: &ProcessImage,
         track: bool,
-    ) -> Result<(Restored, Option<OwnedFd>, Option<OwnedFd>)> {
+    ) -> Result<(Restored, Built, Option<OwnedFd>)> {
         self.shm_files.clear();
         let t0 = Instant::now();
         let pid = self.pid;
@@ -628,7 +656,10 @@ impl Site {
                 pid,
                 ns_init: self.ns_init,
             },
-            listener,
+            Built {
+                listener,
+                home_memory: self.home_uffd.take(),
+            },
             uffd,
         ))
     }
@@ -733,11 +764,23 @@ fn map_shared(b: &mut Builder) -> Result<()> {
                 };
                 map_file(b, v, fd, *offset, &format!("mapping {path}"))?;
             }
+            VmaKind::HomeShared { dev, ino, offset } => {
+                crate::restore::home_memory(b, v, (*dev, *ino, *offset))?;
+            }
             _ => {}
         }
     }
     for (_, fd) in open_files {
         b.call("close", libc::SYS_close, &[fd])?;
+    }
+    if let Some(u) = &b.home_uffd {
+        let ranges: Vec<(u64, u64)> = m
+            .vmas
+            .iter()
+            .filter(|v| matches!(v.kind, VmaKind::HomeShared { .. }))
+            .map(|v| (v.start, v.end))
+            .collect();
+        crate::homemem::register(u, &ranges)?;
     }
     for v in &m.vmas {
         if let Some(name) = &v.anon_name {

@@ -64,15 +64,22 @@ impl Incoming {
         &self.meta
     }
 
+    /// Away: the seccomp program it gets (see [`crate::Away::filter`]), when it depends
+    /// on its final state (the memory it shares at home).
+    pub fn set_filter(&mut self, filter: Vec<u8>) {
+        self.site.set_filter(filter);
+    }
+
     /// Makes the rest of it (descriptors, signals, threads, credentials, registers; away:
     /// its descriptors of its own /proc are `proc_fds`), as [`crate::restore_away`] does.
     /// With `track` a userfaultfd of its memory is made too and returned (see
-    /// [`crate::dirty::Tracker::adopt_ready`]). Returns the filter's listener away.
+    /// [`crate::dirty::Tracker::adopt_ready`]). Returns the filter's listener away and
+    /// the userfaultfd that watches the memory it shares at home (if any).
     pub fn complete(
         mut self,
         proc_fds: Option<Vec<(i32, String)>>,
         track: bool,
-    ) -> Result<(Restored, Option<OwnedFd>, Option<OwnedFd>)> {
+    ) -> Result<(Restored, crate::restore::Built, Option<OwnedFd>)> {
         if let Some(fds) = proc_fds {
             self.site.set_proc_fds(fds);
         }

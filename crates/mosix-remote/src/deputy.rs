@@ -28,12 +28,25 @@ use std::sync::{Arc, Mutex};
 /// process by somebody else is passed on like any other).
 pub const SIG_CANCEL: i32 = 63;
 
+/// The variable of the deputy's environment that lists its descriptors of the memory the
+/// process shares with other processes at home, which it holds while the process is away
+/// (the checkpoint engine sets it: mosix_ckpt::homemem::HOLD_ENV).
+pub const HOLD_ENV: &str = "MOSIX_HOME_MEMORY";
+
+#[cfg(test)]
+#[test]
+fn the_engine_names_the_held_memory_alike() {
+    assert_eq!(HOLD_ENV, mosix_ckpt::homemem::HOLD_ENV);
+}
+
 /// Signals for the process that arrived and are not yet passed on (bit n-1: signal n).
 static PENDING: AtomicU64 = AtomicU64::new(0);
 /// Write end of the pipe that wakes the main thread.
 static WAKE: AtomicI32 = AtomicI32::new(-1);
-/// The deputy's own descriptors (never the process's), up to 8.
-static PRIVATE: [AtomicI32; 8] = [const { AtomicI32::new(-1) }; 8];
+/// The deputy's own descriptors (never the process's), up to 64: its connection and
+/// wake-up pipe, and the objects of the process's memory shared at home that it holds
+/// (mosix_ckpt::homemem).
+static PRIVATE: [AtomicI32; 64] = [const { AtomicI32::new(-1) }; 64];
 /// Kernel TIDs of workers sent SIG_CANCEL by the main thread (so their handler knows the
 /// signal is ours, not the process's).
 static CANCELLING: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];

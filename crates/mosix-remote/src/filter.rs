@@ -11,6 +11,7 @@ const BPF_W: u16 = 0x00;
 const BPF_ABS: u16 = 0x20;
 const BPF_JMP: u16 = 0x05;
 const BPF_JEQ: u16 = 0x10;
+const BPF_JGT: u16 = 0x20;
 const BPF_JGE: u16 = 0x30;
 const BPF_JSET: u16 = 0x40;
 const BPF_K: u16 = 0x00;
@@ -61,6 +62,14 @@ fn ret(v: u32) -> Insn {
 
 /// The program for a process whose PID (as it sees it) is `own_pid`.
 pub fn program(own_pid: i32) -> Vec<Insn> {
+    program_for(own_pid, &[])
+}
+
+/// The program for a process whose PID (as it sees it) is `own_pid` and whose memory in
+/// `not_here` (start, end) is not on this host (memory it shares with processes at home):
+/// any call with an argument pointing there is sent to the supervisor, which brings the
+/// process home to make it (made here, the kernel's touch of that memory would fail).
+pub fn program_for(own_pid: i32, not_here: &[(u64, u64)]) -> Vec<Insn> {
     let mut p = vec![
         load(OFF_ARCH),
         jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
@@ -69,6 +78,22 @@ pub fn program(own_pid: i32) -> Vec<Insn> {
         jump(BPF_JMP | BPF_JGE | BPF_K, X32_BIT, 0, 1),
         ret(RET_ERRNO | libc::ENOSYS as u32),
     ];
+    let segs = segments(not_here);
+    if !segs.is_empty() {
+        for i in 0..6 {
+            for &(hi, lo, last) in &segs {
+                p.extend([
+                    load(off_arg_hi(i)),
+                    jump(BPF_JMP | BPF_JEQ | BPF_K, hi, 0, 4),
+                    load(off_arg_lo(i)),
+                    jump(BPF_JMP | BPF_JGE | BPF_K, lo, 0, 2),
+                    jump(BPF_JMP | BPF_JGT | BPF_K, last, 1, 0),
+                    ret(RET_NOTIF),
+                ]);
+            }
+        }
+        p.push(load(OFF_NR));
+    }
     for &nr in spec::LOCAL {
         p.push(jump(BPF_JMP | BPF_JEQ | BPF_K, nr as u32, 0, 1));
         p.push(ret(RET_ALLOW));
@@ -111,6 +136,31 @@ pub fn program(own_pid: i32) -> Vec<Insn> {
     p
 }
 
+/// `ranges` merged where they touch and cut at 4 GiB boundaries: (high word, first low
+/// word, last low word) of each piece, at most 64 pieces (the rest are left out: their
+/// calls are not trapped, only the touch itself is seen).
+fn segments(ranges: &[(u64, u64)]) -> Vec<(u32, u32, u32)> {
+    let mut r: Vec<(u64, u64)> = ranges.iter().copied().filter(|(s, e)| e > s).collect();
+    r.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in r {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut out = Vec::new();
+    for (mut s, e) in merged {
+        while s < e && out.len() < 64 {
+            let hi = s >> 32;
+            let end = e.min((hi + 1) << 32);
+            out.push((hi as u32, s as u32, (end - 1) as u32));
+            s = end;
+        }
+    }
+    out
+}
+
 /// The program as the bytes of a `struct sock_filter` array.
 pub fn to_bytes(p: &[Insn]) -> Vec<u8> {
     let mut out = Vec::with_capacity(p.len() * 8);
@@ -145,6 +195,7 @@ pub fn run(p: &[Insn], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
             c if c & 0x07 == BPF_JMP => {
                 let cond = match c & 0xf0 {
                     BPF_JEQ => acc == i.k,
+                    BPF_JGT => acc > i.k,
                     BPF_JGE => acc >= i.k,
                     BPF_JSET => acc & i.k != 0,
                     _ => panic!("unknown jump {c:#x}"),
@@ -222,5 +273,39 @@ mod tests {
             run(&p, libc::SYS_read as u32, 0x4000_0003, z),
             RET_KILL_PROCESS
         );
+    }
+
+    #[test]
+    fn calls_on_memory_not_here_are_trapped_whatever_they_are() {
+        let base = 0x7f12_3456_7000u64;
+        let p = program_for(
+            4242,
+            &[(base, base + 0x2000), (base + 0x2000, base + 0x3000)],
+        );
+        let a = AUDIT_ARCH_X86_64;
+        let futex = libc::SYS_futex as u32;
+        assert!(spec::LOCAL.iter().any(|&n| n as u32 == futex));
+        // futex (a local call) on a word there: trapped; elsewhere: made here.
+        assert_eq!(run(&p, futex, a, [base + 8, 0, 1, 0, 0, 0]), RET_NOTIF);
+        assert_eq!(run(&p, futex, a, [base + 0x2ffc, 0, 1, 0, 0, 0]), RET_NOTIF);
+        assert_eq!(run(&p, futex, a, [base + 0x3000, 0, 1, 0, 0, 0]), RET_ALLOW);
+        assert_eq!(run(&p, futex, a, [base - 1, 0, 1, 0, 0, 0]), RET_ALLOW);
+        // Any argument: a read into it.
+        assert_eq!(
+            run(&p, libc::SYS_read as u32, a, [0, base + 100, 10, 0, 0, 0]),
+            RET_NOTIF
+        );
+        // The same low word with another high word is not there.
+        assert_eq!(
+            run(&p, futex, a, [(base + 8) ^ (1 << 40), 0, 1, 0, 0, 0]),
+            RET_ALLOW
+        );
+        // A range across a 4 GiB boundary is cut in two.
+        assert_eq!(segments(&[(0x1_ffff_f000, 0x2_0000_1000)]).len(), 2);
+        let q = program_for(1, &[(0x1_ffff_f000, 0x2_0000_1000)]);
+        assert_eq!(run(&q, futex, a, [0x2_0000_0008, 0, 1, 0, 0, 0]), RET_NOTIF);
+        assert_eq!(run(&q, futex, a, [0x1_ffff_fff8, 0, 1, 0, 0, 0]), RET_NOTIF);
+        assert_eq!(run(&q, futex, a, [0x2_0000_1000, 0, 1, 0, 0, 0]), RET_ALLOW);
+        assert!(q.len() < 4096);
     }
 }

@@ -32,6 +32,11 @@ pub trait Kernel {
     fn signal_thread(&mut self, tid: i32, sig: i32);
     /// What thread `tid` does with signal `sig` now.
     fn disposition(&self, tid: i32, sig: i32) -> Disposition;
+    /// Whether signal `sig` would end the process now (neither blocked, ignored nor
+    /// caught by thread `tid`, and ending the process is its default action).
+    fn ends_it(&self, _tid: i32, _sig: i32) -> bool {
+        false
+    }
     /// The target of the process's `/proc/self/exe` on the host.
     fn exe(&self) -> Option<Vec<u8>>;
     /// A descriptor of the file at `path` here if it is the very file `id` describes
@@ -194,11 +199,18 @@ impl Guest {
         }
         // Likewise an mmap being prepared (it will come again if restarted).
         self.mappings.retain(|_, m| m.notif.pid != n.pid);
-        if let Some(u) = self.undelivered.remove(&n.pid) {
-            if u.nr == n.nr && u.args == n.args {
-                self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
-                return out;
-            }
+        // The interrupted call made again: its answer at once. Another call first (one
+        // made by the signal handler that interrupted it) leaves the answer kept for it:
+        // the interrupted call comes again once the handler returns (SA_RESTART), and
+        // made again at home it would run twice (a write written twice).
+        if self
+            .undelivered
+            .get(&n.pid)
+            .is_some_and(|u| u.nr == n.nr && u.args == n.args)
+        {
+            let u = self.undelivered.remove(&n.pid).expect("just seen");
+            self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
+            return out;
         }
         let route = spec::route(n.nr, &n.args);
         if let Some(o) = self.on_local_fd(&n, route, k) {
@@ -592,7 +604,10 @@ impl Guest {
     }
 
     /// Gives the process the outcome of its call: memory, mirrored descriptors, result,
-    /// then the signals the call raised.
+    /// then the signals the call raised. A signal that ends the process (SIGPIPE of a
+    /// write to a pipe with no reader, by default) comes first, as at home, where the
+    /// process dies before it sees the result (no "write failure" printed away only); its
+    /// answer is kept in case the call comes again.
     #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
@@ -604,6 +619,27 @@ impl Guest {
         sigs: u64,
         k: &mut dyn Kernel,
     ) {
+        let raised = |sig: i32| sigs & (1u64 << (sig - 1)) != 0;
+        let fatal: Vec<i32> = (1..=64)
+            .filter(|&sig| raised(sig) && k.ends_it(n.pid, sig))
+            .collect();
+        if !fatal.is_empty() {
+            for sig in fatal {
+                k.signal_thread(n.pid, sig);
+            }
+            self.undelivered.insert(
+                n.pid,
+                Undelivered {
+                    nr: n.nr,
+                    args: n.args,
+                    spec: *s,
+                    layout: layout.clone(),
+                    ret,
+                    outs: outs.to_vec(),
+                },
+            );
+            return;
+        }
         if ret >= 0 {
             if let Err(e) = gather::scatter(layout, outs, k.mem()) {
                 let _ = k.answer(n.id, -(e as i64));
@@ -800,10 +836,27 @@ impl Guest {
     /// that made a descriptor is not finished this way (it has no placeholder yet): it is
     /// dropped, and made again (its descriptor at home leaks; rare: a freeze exactly as the
     /// answer arrives).
-    pub fn completed(&mut self, mem: &dyn Mem) -> Vec<(i32, i64)> {
+    ///
+    /// Only a thread frozen in that very call (`now_in(tid)`: the call it is in, number
+    /// and arguments) gets it: one frozen elsewhere (in the handler of the signal that
+    /// interrupted it, or in another call) would have its registers overwritten; its
+    /// answer is dropped and the call made again (rare: a freeze in that handler).
+    pub fn completed(
+        &mut self,
+        mem: &dyn Mem,
+        now_in: &dyn Fn(i32) -> Option<(i64, [u64; 6])>,
+    ) -> Vec<(i32, i64)> {
         let mut done = Vec::new();
         for (tid, u) in std::mem::take(&mut self.undelivered) {
             if (u.spec.ret_fd || u.spec.out_fds.is_some()) && u.ret >= 0 {
+                continue;
+            }
+            if now_in(tid) != Some((u.nr, u.args)) {
+                tracing::debug!(
+                    tid,
+                    "a call done at home for a thread now elsewhere ({}): made again",
+                    spec::name(u.nr)
+                );
                 continue;
             }
             if u.ret >= 0 && gather::scatter(&u.layout, &u.outs, mem).is_err() {
@@ -831,6 +884,7 @@ mod tests {
         invalid: Vec<u64>,
         signalled: Vec<(i32, i32)>,
         held: bool,
+        ends: bool,
     }
     impl Kernel for FakeKernel {
         fn mem(&self) -> &dyn Mem {
@@ -853,6 +907,9 @@ mod tests {
         }
         fn signal_thread(&mut self, tid: i32, sig: i32) {
             self.signalled.push((tid, sig));
+        }
+        fn ends_it(&self, _: i32, _: i32) -> bool {
+            self.ends
         }
         fn disposition(&self, _: i32, _: i32) -> Disposition {
             if self.held {
@@ -980,6 +1037,30 @@ mod tests {
         );
         assert_eq!(k.answers, vec![(2, -(libc::EPIPE as i64))]);
         assert_eq!(k.signalled, vec![(100, libc::SIGPIPE)]);
+        // SIGPIPE at its default action: it dies of it before it sees EPIPE, as at home
+        // (the answer is kept should the write come again).
+        k.ends = true;
+        let c = sent_call(&g.on_notif(
+            notif(3, 100, libc::SYS_write, [1, BASE, 3, 0, 0, 0]),
+            &mut k,
+        ));
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: -(libc::EPIPE as i64),
+                outs: vec![],
+                sigs: 1 << (libc::SIGPIPE - 1),
+            },
+            &mut k,
+        );
+        assert_eq!(k.answers.len(), 1, "not answered: {:?}", k.answers);
+        assert_eq!(k.signalled.last(), Some(&(100, libc::SIGPIPE)));
+        let out = g.on_notif(
+            notif(4, 100, libc::SYS_write, [1, BASE, 3, 0, 0, 0]),
+            &mut k,
+        );
+        assert!(out.is_empty());
+        assert_eq!(k.answers.last(), Some(&(4, -(libc::EPIPE as i64))));
     }
 
     #[test]
@@ -1123,7 +1204,70 @@ mod tests {
         );
         assert_eq!(g.outstanding(), 0);
         let m = k.mem.take().unwrap();
-        assert_eq!(g.completed(&m), vec![(100, 4)]);
+        let read = (libc::SYS_read, [0, BASE + 8, 5, 0, 0, 0]);
+        assert_eq!(g.completed(&m, &|_| Some(read)), vec![(100, 4)]);
         assert_eq!(&m.mem.borrow()[8..12], b"data");
+    }
+
+    #[test]
+    fn a_call_made_by_the_handler_keeps_the_interrupted_calls_answer() {
+        // bash away writes a line; a SIGCHLD interrupts the write while it is at home; its
+        // handler calls waitpid (another call) before the write is made again. The write
+        // was done at home: made again, it gets that answer and is not written twice.
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        let wr = [1, BASE, 4, 0, 0, 0];
+        let c = sent_call(&g.on_notif(notif(1, 100, libc::SYS_write, wr), &mut k));
+        k.invalid.push(1);
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 4,
+                outs: vec![],
+                sigs: 0,
+            },
+            &mut k,
+        );
+        assert!(k.answers.is_empty());
+        let w = sent_call(&g.on_notif(
+            notif(2, 100, libc::SYS_wait4, [u64::MAX, 0, 1, 0, 0, 0]),
+            &mut k,
+        ));
+        assert_eq!(w.nr, libc::SYS_wait4);
+        g.on_reply(
+            Reply::Done {
+                seq: w.seq,
+                ret: 0,
+                outs: vec![Back::None; 4],
+                sigs: 0,
+            },
+            &mut k,
+        );
+        assert_eq!(k.answers, vec![(2, 0)]);
+        let out = g.on_notif(notif(3, 100, libc::SYS_write, wr), &mut k);
+        assert!(out.is_empty(), "not sent home again: {out:?}");
+        assert_eq!(k.answers.last(), Some(&(3, 4)));
+    }
+
+    #[test]
+    fn a_freeze_elsewhere_does_not_take_an_answer_for_another_call() {
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1);
+        let wr = [1, BASE, 4, 0, 0, 0];
+        let c = sent_call(&g.on_notif(notif(1, 100, libc::SYS_write, wr), &mut k));
+        k.invalid.push(1);
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 4,
+                outs: vec![],
+                sigs: 0,
+            },
+            &mut k,
+        );
+        let m = k.mem.take().unwrap();
+        let in_wait = (libc::SYS_wait4, [u64::MAX, 0, 1, 0, 0, 0]);
+        assert_eq!(g.completed(&m, &|_| Some(in_wait)), vec![]);
+        assert_eq!(g.completed(&m, &|_| None), vec![]);
     }
 }

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 pub struct Live {
     pub notify: NotifyFd,
     pub pid: i32,
-    mem: ProcessMem,
+    mem: GuardedMem,
     /// What a placeholder descriptor is: an empty memfd named [`PLACEHOLDER`].
     placeholder: OwnedFd,
 }
@@ -23,9 +23,50 @@ impl Live {
         Ok(Live {
             notify,
             pid,
-            mem: ProcessMem(pid),
+            mem: GuardedMem {
+                mem: ProcessMem(pid),
+                off_limits: Vec::new(),
+            },
             placeholder: p,
         })
+    }
+
+    /// With these ranges of its memory off limits: memory it shares at home, which is
+    /// not here (reading or writing it would wait for ever; it fails with EFAULT).
+    pub fn with_off_limits(mut self, ranges: Vec<(u64, u64)>) -> Live {
+        self.mem.off_limits = ranges;
+        self
+    }
+}
+
+/// The process's memory, but for ranges that are not on this host.
+struct GuardedMem {
+    mem: ProcessMem,
+    off_limits: Vec<(u64, u64)>,
+}
+
+impl GuardedMem {
+    fn check(&self, addr: u64, len: usize) -> Result<(), Errno> {
+        let end = addr.saturating_add(len as u64);
+        if self
+            .off_limits
+            .iter()
+            .any(|&(s, e)| addr < e && end > s && len > 0)
+        {
+            return Err(Errno::EFAULT);
+        }
+        Ok(())
+    }
+}
+
+impl Mem for GuardedMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.check(addr, buf.len())?;
+        self.mem.read(addr, buf)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        self.check(addr, data.len())?;
+        self.mem.write(addr, data)
     }
 }
 
@@ -60,6 +101,22 @@ pub fn signal_masks(pid: i32, tid: i32) -> Option<(u64, u64, u64)> {
     Some((get("SigBlk:")?, get("SigIgn:")?, get("SigCgt:")?))
 }
 
+/// The system call thread `tid` of `pid` is in (stopped in, or blocked in), with its
+/// arguments, from /proc; None if it is in none (running, or in its own code).
+pub fn current_call(pid: i32, tid: i32) -> Option<(i64, [u64; 6])> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    let mut it = s.split_whitespace();
+    let nr: i64 = it.next()?.parse().ok()?;
+    if nr < 0 {
+        return None;
+    }
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    }
+    Some((nr, args))
+}
+
 /// Signals whose default action is to do nothing.
 fn ignored_by_default(sig: i32) -> bool {
     matches!(
@@ -89,6 +146,19 @@ impl Kernel for Live {
     fn signal_thread(&mut self, tid: i32, sig: i32) {
         // SAFETY: tgkill to a thread of our own child; no memory involved.
         unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, sig) };
+    }
+    fn ends_it(&self, tid: i32, sig: i32) -> bool {
+        let bit = 1u64 << (sig - 1);
+        let stops = matches!(
+            sig,
+            libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+        );
+        match signal_masks(self.pid, tid) {
+            Some((blk, ign, cgt)) => {
+                (blk | ign | cgt) & bit == 0 && !stops && !ignored_by_default(sig)
+            }
+            None => false,
+        }
     }
     fn disposition(&self, tid: i32, sig: i32) -> Disposition {
         let bit = 1u64 << (sig - 1);

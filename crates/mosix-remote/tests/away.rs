@@ -146,7 +146,7 @@ fn a_process_leaves_home_runs_away_with_its_deputy_and_comes_back() {
         hold: true,
         ..Default::default()
     };
-    let (guest, listener) =
+    let (guest, listener, _) =
         mosix_ckpt::restore_away(&img, opts, &CredOptions::from_image(), &away).unwrap();
     let sock = d.path().join("deputy.sock");
     let l = UnixListener::bind(&sock).unwrap();

@@ -84,6 +84,20 @@ enum Command {
         addr: String,
         mib: u64,
     },
+    /// (benchmark helper) time N forks; under mosrun, also until children are migratable.
+    #[command(name = "__forks", hide = true)]
+    Forks {
+        n: u32,
+    },
+    /// (benchmark helper) once file GO exists, write MIB MiB to stdout.
+    #[command(name = "__pipe-writer", hide = true)]
+    PipeWriter {
+        go: std::path::PathBuf,
+        mib: u64,
+    },
+    /// (benchmark helper) read stdin to its end; print the bytes and seconds.
+    #[command(name = "__pipe-reader", hide = true)]
+    PipeReader,
 }
 
 /// Print a shell completion script for mosix or one of its MOSIX names.
@@ -205,6 +219,9 @@ fn main() {
         }
         Command::NetSink { addr } => cmd::benchmig::net_sink(&addr),
         Command::NetSource { addr, mib } => cmd::benchmig::net_source(&addr, mib),
+        Command::Forks { n } => cmd::benchfam::forks(n),
+        Command::PipeWriter { go, mib } => cmd::benchfam::pipe_writer(&go, mib),
+        Command::PipeReader => cmd::benchfam::pipe_reader(),
     };
     match result {
         Ok(code) => std::process::exit(code),

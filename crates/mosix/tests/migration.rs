@@ -283,22 +283,26 @@ fn migration_on_four_nodes() {
     }
 
     // 5. Files stay at home and keep working: a private file (no shared path) moves with
-    //    the process, used through its deputy; so does a process with a thread. What
-    //    cannot move (memory shared with another process) is refused, the reason in one
-    //    line, and the process goes on at home.
+    //    the process, used through its deputy; so does a process with a thread, and one
+    //    with memory it shares with its child (the memory stays home: its next touch
+    //    brings it back). What cannot move (a thread waiting on that shared memory) is
+    //    refused, the reason in one line, and the process goes on at home.
     let private = tb.dir.path().join("private.txt");
     std::fs::write(&private, "x").unwrap();
-    let holder = "import sys, os, threading, time, mmap, signal\n\
+    let holder = "import sys, os, threading, time, mmap, signal, multiprocessing as mp\n\
          f = open(sys.argv[1])\n\
-         if sys.argv[2] == 'thread':\n    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n\
-         if sys.argv[2] == 'sharedchild':\n    m = mmap.mmap(-1, 4096)\n    kid = os.fork()\n    if kid == 0:\n        time.sleep(600)\n        os._exit(0)\n\
+         mode = sys.argv[2]\n\
+         if mode == 'thread':\n    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n\
+         kid = 0\n\
+         if mode in ('sharedchild', 'waitshared'):\n    m = mmap.mmap(-1, 4096)\n    lock = mp.Lock()\n    lock.acquire()\n    kid = os.fork()\n    if kid == 0:\n        time.sleep(600)\n        os._exit(0)\n\
+         if mode == 'waitshared':\n    threading.Thread(target=lock.acquire, daemon=True).start()\n    while not any(open(f'/proc/self/task/{t}/syscall').read().startswith('202 ') for t in os.listdir('/proc/self/task')):\n        time.sleep(0.01)\n\
          print('start', flush=True)\n\
-         for line in sys.stdin:\n    f.seek(0)\n    print('got', line.strip(), f.read(), flush=True)\n\
-         if sys.argv[2] == 'sharedchild':\n    os.kill(kid, signal.SIGKILL)\n";
+         for line in sys.stdin:\n    if mode == 'sharedchild':\n        m[0] = (m[0] + 1) % 256\n    f.seek(0)\n    print('got', line.strip(), f.read(), flush=True)\n\
+         if kid:\n    os.kill(kid, signal.SIGKILL)\n";
     let script = tb.shared().join("holder.py");
     std::fs::write(&script, holder).unwrap();
     let p = private.to_str().unwrap();
-    for mode in ["plain", "thread"] {
+    for mode in ["plain", "thread", "sharedchild"] {
         let mut j = Job::start(&tb, &[PY, script.to_str().unwrap(), p, mode]);
         let o = tb.migrate(j.home_pid, "2");
         assert!(
@@ -308,11 +312,16 @@ fn migration_on_four_nodes() {
         );
         j.send("moved\n");
         assert_eq!(j.line(), "got moved x");
+        if mode == "sharedchild" {
+            tb.wait_until("touching its shared memory brought it home", || {
+                tb.where_(j.home_pid) == "0"
+            });
+        }
         let (_, st) = j.finish();
         assert_eq!(st.code(), Some(0));
     }
     {
-        let (mode, want) = ("sharedchild", "shared");
+        let (mode, want) = ("waitshared", "shares with other processes");
         let mut j = Job::start(&tb, &[PY, script.to_str().unwrap(), p, mode]);
         let o = tb.migrate(j.home_pid, "2");
         let err = String::from_utf8_lossy(&o.stderr).to_string();

@@ -10,6 +10,10 @@
 //! - `closed=A,..`: standard descriptors the process did not have open (the runtime may
 //!   have opened /dev/null on them: closed again);
 //! - `mark=N`: its image of this move is checkpoint N: mark it (see `marks.rs`) at once.
+//!
+//! and `MOSIX_HOME_MEMORY=A,B,..` ([`deputy::HOLD_ENV`]), the descriptors of the
+//! memory the process shares with other processes here, which it holds while the process
+//! is away (never the process's own descriptors: its calls cannot touch them).
 
 use mosix_remote::deputy::{self, Deputy};
 use std::io::{BufRead, BufReader, Write};
@@ -93,6 +97,12 @@ fn main() {
     }
     for &fd in &c.cloexec {
         // SAFETY: setting FD_CLOEXEC on the process's own descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    let held = std::env::var(deputy::HOLD_ENV).unwrap_or_default();
+    for fd in held.split(',').filter_map(|x| x.parse::<i32>().ok()) {
+        deputy::add_private(fd);
+        // SAFETY: setting FD_CLOEXEC on a descriptor we were given to hold.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     let mut d = match Deputy::start() {

@@ -305,7 +305,7 @@ pub struct BalanceArgs {
 }
 
 /// One node's CPU capacity in the testbed: its cgroup quota, in host CPUs.
-fn quotas(me: &Path, dir: &Path) -> Result<Vec<f64>> {
+pub(crate) fn quotas(me: &Path, dir: &Path) -> Result<Vec<f64>> {
     let o = Command::new(me)
         .args(["testbed", "status", "--json", "--dir"])
         .arg(dir)
@@ -404,8 +404,8 @@ fn migrations_done(nodes: u32) -> Result<f64> {
 }
 
 /// What one round measured.
-struct Round {
-    makespan: f64,
+pub(crate) struct Round {
+    pub(crate) makespan: f64,
     /// Seconds from the start until the jobs were spread (None: never).
     spread: Option<f64>,
     migrations: f64,
@@ -415,7 +415,7 @@ struct Round {
 /// they run; returns the makespan, the time to a balanced spread, and the migrations.
 /// With `place`, job i is started with `mosrun -r place[i]` (placed at once, no
 /// balancing needed).
-fn faq_round(
+pub(crate) fn faq_round(
     me: &Path,
     dir: &Path,
     jobs: u32,
@@ -471,7 +471,7 @@ fn faq_round(
     })
 }
 
-fn mosctl_all(me: &Path, dir: &Path, nodes: u32, cmd: &str) -> Result<()> {
+pub(crate) fn mosctl_all(me: &Path, dir: &Path, nodes: u32, cmd: &str) -> Result<()> {
     for n in 1..=nodes {
         let o = on_node(me, dir, n).args(["mosctl", cmd]).output()?;
         if !o.status.success() {

@@ -3,6 +3,7 @@
 
 pub mod benchcalls;
 pub mod benchckpt;
+pub mod benchfam;
 pub mod benchmig;
 pub mod checkpoint;
 pub mod fs;

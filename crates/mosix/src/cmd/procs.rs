@@ -88,7 +88,9 @@ pub struct WhereArgs {
     about = "List this node's migratable processes: its own (here or away) and guests",
     long_about = "List this node's migratable processes: those whose home is this node \
         (running here, or away on another node) and guests from other nodes running here, \
-        with where they run, state, memory, CPU time and why they are where they are.",
+        with where they run, state, memory, CPU time and why they are where they are. \
+        Families show as trees: a member's children follow it, indented (its `ppid` in \
+        --json).",
     after_help = "Examples:\n  mosix ps\n  mosix ps --json | jq '.[] | select(.role == \"guest\")'"
 )]
 pub struct PsArgs {
@@ -158,13 +160,50 @@ pub fn ps(a: PsArgs) -> Result<i32> {
     }
 }
 
+/// The entries in family order: each home process followed by its children (those listed
+/// whose parent it is), depth first, with their depth; guests last, as given.
+fn family_order(procs: &[ProcEntry]) -> Vec<(usize, &ProcEntry)> {
+    let homes: std::collections::HashSet<i32> = procs
+        .iter()
+        .filter(|p| p.role == "home")
+        .map(|p| p.home_pid)
+        .collect();
+    let parent_of = |p: &ProcEntry| {
+        p.ppid
+            .filter(|pp| p.role == "home" && *pp != p.home_pid && homes.contains(pp))
+    };
+    let mut out = Vec::with_capacity(procs.len());
+    let mut todo: Vec<(usize, &ProcEntry)> = procs
+        .iter()
+        .rev()
+        .filter(|p| parent_of(p).is_none())
+        .map(|p| (0, p))
+        .collect();
+    while let Some((d, p)) = todo.pop() {
+        out.push((d, p));
+        if p.role == "home" && out.len() <= procs.len() {
+            todo.extend(
+                procs
+                    .iter()
+                    .rev()
+                    .filter(|c| parent_of(c) == Some(p.home_pid))
+                    .map(|c| (d + 1, c)),
+            );
+        }
+    }
+    out
+}
+
 fn table(node: u32, procs: &[ProcEntry]) -> String {
     let mut s = format!(
         "{:>8} {:>5} {:>8} {:>6} {:>5} {:<9} {:>7} {:>8} {:<24} REASON\n",
         "HOME_PID", "HOME", "PID", "ROLE", "WHERE", "STATE", "RSS", "CPU", "COMMAND"
     );
-    for p in procs {
-        let mut cmd = p.cmd.clone();
+    for (depth, p) in family_order(procs) {
+        let mut cmd = match depth {
+            0 => p.cmd.clone(),
+            d => format!("{}└ {}", "  ".repeat(d - 1), p.cmd),
+        };
         if cmd.chars().count() > 24 {
             cmd = cmd.chars().take(23).collect::<String>() + "…";
         }
@@ -231,5 +270,51 @@ pub fn mosctl(a: MosctlArgs) -> Result<i32> {
             Ok(0)
         }
         other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pid: i32, ppid: Option<i32>, role: &str, cmd: &str) -> ProcEntry {
+        ProcEntry {
+            home: 1,
+            home_pid: pid,
+            pid,
+            role: role.into(),
+            where_: 0,
+            state: "running".into(),
+            uid: 0,
+            cmd: cmd.into(),
+            rss: 0,
+            cpu_secs: 0.0,
+            resident_secs: 0.0,
+            reason: String::new(),
+            ppid,
+        }
+    }
+
+    #[test]
+    fn families_show_as_trees() {
+        let procs = vec![
+            entry(10, Some(1), "home", "make -j4"),
+            entry(11, Some(10), "home", "cc -c a.c"),
+            entry(12, Some(11), "home", "cc1 a.c"),
+            entry(13, Some(10), "home", "cc -c b.c"),
+            entry(20, Some(1), "home", "awk"),
+            entry(30, None, "guest", "python3"),
+        ];
+        let order: Vec<(usize, i32)> = family_order(&procs)
+            .into_iter()
+            .map(|(d, p)| (d, p.home_pid))
+            .collect();
+        assert_eq!(
+            order,
+            [(0, 10), (1, 11), (2, 12), (1, 13), (0, 20), (0, 30)]
+        );
+        let t = table(1, &procs);
+        assert!(t.contains("  └ cc1 a.c"), "{t}");
+        assert_eq!(t.lines().count(), 7);
     }
 }

@@ -190,6 +190,12 @@ enum Sub {
     /// equal speeds then 1,1,2,3; makespan against the ideal (total work / total CPU
     /// capacity) and against no migration, measured in the same run. Prints BENCH lines.
     BenchBalance(super::benchmig::BalanceArgs),
+    /// Benchmark families: the FAQ experiment as ONE command (a shell and its eight awk
+    /// children) against the ideal and against eight separate mosruns; a fork in a
+    /// migratable process against a plain one, and the time until its child is
+    /// migratable; a pipe between two members on two nodes against the same pipe at home
+    /// and the link's TCP bandwidth; all measured in the same run. Prints BENCH lines.
+    BenchFamilies(super::benchfam::Args),
 }
 
 #[derive(clap::Args)]
@@ -333,6 +339,7 @@ pub fn run(a: Args) -> Result<i32> {
         Sub::BenchMigration(b) => super::benchmig::run(b),
         Sub::BenchCalls(b) => super::benchcalls::run(b),
         Sub::BenchCheckpoint(b) => super::benchckpt::run(b),
+        Sub::BenchFamilies(b) => super::benchfam::run(b),
         Sub::BenchBalance(b) => super::benchmig::run_balance(b),
         Sub::Down { dir } => {
             let removed = cleanup(&dir.path())?;

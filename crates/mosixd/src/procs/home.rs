@@ -525,6 +525,7 @@ impl Procs {
                     info,
                     answers,
                     ck,
+                    looked: None,
                 };
                 d.job.recovery = d.ck.recovery_number();
                 if let Some((to, watch)) = first {
@@ -836,10 +837,15 @@ fn check_checkpoint_spec(c: &CheckpointSpec) -> Result<()> {
 }
 
 fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
+    snapshot_with(j, pid, cmd_now(j, pid), ppid_of(pid))
+}
+
+/// The snapshot with its command line and parent as last read from /proc.
+fn snapshot_with(j: &HomeJob, pid: i32, cmd: String, ppid: Option<i32>) -> Snapshot {
     Snapshot {
         pid,
         uid: j.uid,
-        cmd: cmd_now(j, pid),
+        cmd,
         node: j.node(),
         state: match j.place {
             _ if j.frozen => "frozen",
@@ -854,7 +860,7 @@ fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
         avoid: j.avoid.clone(),
         migrations: j.migrations,
         moving: matches!(j.place, Where::Leaving { .. } | Where::Recovering { .. }) || j.frozen,
-        ppid: ppid_of(pid),
+        ppid,
         epoch: j.epoch,
         native: j.native(),
         recovering: match j.place {
@@ -875,7 +881,13 @@ pub(super) struct Driver {
     answers: Answers,
     /// Its checkpoints (homeckpt.rs).
     pub(super) ck: super::homeckpt::Ckpts,
+    /// Its command line and parent as last read from /proc, and when (read again every
+    /// [`LOOK_EVERY`], not at every tick: with many processes those reads add up).
+    looked: Option<(Instant, String, Option<i32>)>,
 }
+
+/// How often a driver reads its process's command line and parent again (for `ps`).
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 const TICK: Duration = Duration::from_millis(200);
 /// How often a host that gossip calls down is probed.
@@ -924,7 +936,7 @@ impl Driver {
                 self.act(a);
             }
             self.periodic(now);
-            *lock(&self.info) = snapshot(&self.job, self.job.pid);
+            self.update_snapshot();
             self.send_answers();
         }
         self.ended();
@@ -932,6 +944,22 @@ impl Driver {
         self.send_answers();
         self.procs.remove_record(self.job.pid);
         debug!(pid = self.job.pid, "process ended");
+    }
+
+    /// What `ps`, `where` and the balancer read of it, from the job (and /proc at most
+    /// every [`LOOK_EVERY`]).
+    fn update_snapshot(&mut self) {
+        let now = Instant::now();
+        let pid = self.job.pid;
+        let (cmd, ppid) = match &self.looked {
+            Some((t, c, p)) if now.duration_since(*t) < LOOK_EVERY => (c.clone(), *p),
+            _ => {
+                let (c, p) = (cmd_now(&self.job, pid), ppid_of(pid));
+                self.looked = Some((now, c.clone(), p));
+                (c, p)
+            }
+        };
+        *lock(&self.info) = snapshot_with(&self.job, pid, cmd, ppid);
     }
 
     /// The answers to `migrate` given since the snapshot was last published.

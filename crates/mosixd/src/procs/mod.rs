@@ -121,6 +121,8 @@ pub struct Procs {
     homes: Mutex<HashMap<i32, home::Handle>>,
     /// Processes of other homes running here, by (home node, home PID).
     guests: Mutex<HashMap<(u32, i32), guest::Handle>>,
+    /// Processes at home that had children at the family scan's last look.
+    parents: Mutex<std::collections::HashSet<i32>>,
     /// The balancing policy's state (also used to admit incoming offers).
     balancer: Mutex<mosix_balance::Balancer>,
     /// Automatic moves that failed since the balancer last looked: (process id, to).
@@ -183,6 +185,7 @@ impl Procs {
             state,
             homes: Mutex::new(HashMap::new()),
             guests: Mutex::new(HashMap::new()),
+            parents: Mutex::new(std::collections::HashSet::new()),
             balancer: Mutex::new(b),
             failed_moves: Mutex::new(Vec::new()),
             explanations: Mutex::new(HashMap::new()),
@@ -261,7 +264,7 @@ impl Procs {
             let s = lock(&h.info).clone();
             // Recovered here and supervised, it is listed as the guest it is.
             if s.node == me && !s.moving && s.native {
-                let parent = !family::children_of(*pid).is_empty();
+                let parent = self.is_parent(*pid);
                 out.push(info(*pid, proc_id(me, *pid), me, &s, parent));
             }
         }

@@ -259,6 +259,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         }
         SupMode::Guest => {
             let away = mosix_ckpt::Away {
+                // Made again once its final state is known if it shares memory at home.
                 filter: mosix_remote::filter::to_bytes(&mosix_remote::filter::program(h.home_pid)),
                 hostname: Some(h.hostname.clone()),
                 proc_fds: Vec::new(),
@@ -292,7 +293,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 }
                 other => other,
             };
-            let incoming = match incoming {
+            let mut incoming = match incoming {
                 Ok(i) => i,
                 Err(e) => {
                     // Read past the rest of the image, so that the answer is heard.
@@ -310,9 +311,30 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     "the image's owner differs from the sender's".into(),
                 );
             }
-            let (restored, listener, uffd) =
+            // Memory it shares with processes at home is not here (homemem): its calls
+            // on it are trapped, its touches watched.
+            let home_ranges: Vec<(u64, u64)> = incoming
+                .meta()
+                .vmas
+                .iter()
+                .filter(|v| matches!(v.kind, mosix_ckpt::image::VmaKind::HomeShared { .. }))
+                .map(|v| (v.start, v.end))
+                .collect();
+            if !home_ranges.is_empty() {
+                incoming.set_filter(mosix_remote::filter::to_bytes(
+                    &mosix_remote::filter::program_for(h.home_pid, &home_ranges),
+                ));
+            }
+            let (restored, listener, home_memory, uffd) =
                 match incoming.complete(Some(tail.proc_fds.clone()), true) {
-                    Ok((r, Some(l), u)) => (r, l, u),
+                    Ok((
+                        r,
+                        mosix_ckpt::Built {
+                            listener: Some(l),
+                            home_memory,
+                        },
+                        u,
+                    )) => (r, l, home_memory, u),
                     Ok(_) => return refuse(&mut conn, "no listener for its filter".into()),
                     Err(e) => return refuse(&mut conn, e.to_string()),
                 };
@@ -340,7 +362,10 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 }
             }
             let mut s = Supervision {
-                live: Live::new(NotifyFd(listener), pid)?,
+                live: Live::new(NotifyFd(listener), pid)?.with_off_limits(home_ranges.clone()),
+                home_memory,
+                home_ranges,
+                touched_home: false,
                 g: Guest::new(h.home_pid, tail.next_seq).with_local(tail.proc_fds.clone()),
                 header: h,
                 conn: Some(conn),
@@ -383,6 +408,12 @@ fn reap(pid: Option<i32>) {
 
 struct Supervision {
     live: Live,
+    /// The userfaultfd that sees it touch memory it shares at home (then it goes home).
+    home_memory: Option<OwnedFd>,
+    /// Where that memory is.
+    home_ranges: Vec<(u64, u64)>,
+    /// It touched it, and was asked home (again after a failed move).
+    touched_home: bool,
     g: Guest,
     header: MigrateHeader,
     conn: Option<UnixStream>,
@@ -401,6 +432,12 @@ struct Supervision {
 }
 
 impl Supervision {
+    fn is_home_memory(&self, addr: u64) -> bool {
+        self.home_ranges
+            .iter()
+            .any(|&(s, e)| (s..e).contains(&addr))
+    }
+
     fn up(&mut self, m: FromSup) {
         if let Some(c) = &mut self.conn {
             if send(c, &m).is_ok() {
@@ -429,7 +466,10 @@ impl Supervision {
         if self.moving && self.g.outstanding() == 0 {
             let completed = {
                 use mosix_remote::guest::Kernel;
-                self.g.completed(self.live.mem())
+                let pid = self.live.pid;
+                self.g.completed(self.live.mem(), &|tid| {
+                    mosix_remote::host::current_call(pid, tid)
+                })
             };
             let next_seq = self.g.next_seq();
             let proc_fds = self.g.local_fds();
@@ -483,6 +523,15 @@ impl Supervision {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd {
+                    fd: self
+                        .home_memory
+                        .as_ref()
+                        .map(|f| f.as_raw_fd())
+                        .unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             let buffered = reader.as_ref().is_some_and(|r| !r.buffer().is_empty());
             let timeout = if self.g.outstanding() > 0 { 100 } else { 1000 };
@@ -494,8 +543,33 @@ impl Supervision {
                 if let Ok(n) = self.live.notify.recv() {
                     // It runs: the move it was frozen for did not take it.
                     self.doubtful = false;
-                    let o = self.g.on_notif(n, &mut self.live);
+                    let o = if let Some(at) = n.args.iter().find(|a| self.is_home_memory(**a)) {
+                        // A call on memory it shares at home is made there.
+                        vec![Out::GoHome {
+                            id: n.id,
+                            why: format!(
+                                "its call ({}) uses memory it shares with processes at home ({at:#x})",
+                                mosix_remote::spec::name(n.nr)
+                            ),
+                        }]
+                    } else {
+                        self.g.on_notif(n, &mut self.live)
+                    };
                     self.outs(o);
+                }
+            }
+            if fds[5].revents & libc::POLLIN != 0 {
+                let at = self
+                    .home_memory
+                    .as_ref()
+                    .map(mosix_ckpt::homemem::touched)
+                    .unwrap_or_default();
+                if let (Some(a), false) = (at.first(), self.touched_home) {
+                    self.touched_home = true;
+                    let why =
+                        format!("it touched memory it shares with processes at home ({a:#x})");
+                    info!(pid, "needs home: {why}");
+                    self.up(FromSup::GoHome { why });
                 }
             }
             if buffered || fds[1].revents != 0 {
@@ -616,6 +690,8 @@ impl Supervision {
             ToSup::Thaw => {
                 self.moving = false;
                 self.went_home = None;
+                // A thread waiting on memory shared at home touches it again.
+                self.touched_home = false;
             }
             ToSup::Moved => self.moved = true,
             ToSup::Kill => {
