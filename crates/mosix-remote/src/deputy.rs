@@ -227,6 +227,27 @@ impl Link {
         }
         l.flush();
     }
+    /// Sends `m` (written from where it is when nothing waits before it).
+    fn send_ref(&self, m: &FromDeputy) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let sigs = PENDING.swap(0, Ordering::SeqCst);
+        for sig in 1..=64 {
+            if sigs & (1u64 << (sig - 1)) != 0 {
+                l.backlog.push(FromDeputy::Signal { sig });
+            }
+        }
+        l.flush();
+        if l.backlog.is_empty() {
+            if let Some(c) = &mut l.conn {
+                if wire::send(c, m).is_ok() {
+                    return;
+                }
+                l.conn = None;
+            }
+        }
+        l.backlog.push(m.clone());
+        l.flush();
+    }
     fn attach(&self, c: UnixStream) {
         let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         l.conn = Some(c);
@@ -290,13 +311,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
     block_all_but(&[libc::SIGTTIN, libc::SIGTTOU, SIG_CANCEL]);
     lock(&st).tid = gettid();
-    let mut last: Option<(u64, Reply)> = None;
+    let mut last: Option<(u64, FromDeputy)> = None;
     while let Ok(job) = rx.recv() {
         let Job::Call(call) = job else { continue };
         if let Some((s, r)) = &last {
             if *s == call.seq {
                 // Sent again after a reconnect: answered from the record, not made twice.
-                out.send(Some(FromDeputy::Reply(r.clone())));
+                out.send_ref(r);
                 continue;
             }
         }
@@ -310,23 +331,32 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
             s.current = call.seq;
         }
         let mut masked = false;
+        let seq = call.seq;
+        let mut prepared = exec::prepare(call, &is_private);
         let reply = loop {
+            let p = match &mut prepared {
+                Ok(p) => p,
+                Err(o) => {
+                    let o = std::mem::replace(o, exec::Outcome::default());
+                    break exec::reply(seq, o, 0);
+                }
+            };
             TAKEN.with(|t| t.set(0));
-            let o = exec::execute(&call, &is_private);
+            let ret = p.run(&is_private);
             let sigs = take_thread_signals();
-            if o.ret != -(libc::EINTR as i64) {
-                break exec::reply(&call, o, sigs);
+            if ret != -(libc::EINTR as i64) {
+                let Ok(p) = prepared else {
+                    unreachable!("made")
+                };
+                break exec::reply(seq, p.finish(ret), sigs);
             }
-            if lock(&st).cancelled.remove(&call.seq) {
-                break Reply::Cancelled { seq: call.seq };
+            if lock(&st).cancelled.remove(&seq) {
+                break Reply::Cancelled { seq };
             }
             let by = TAKEN.with(|t| t.get());
             if by == libc::SIGTTIN || by == libc::SIGTTOU {
                 // What would the process do with it? Ask, and wait for the answer.
-                out.send(Some(FromDeputy::Reply(Reply::Interrupted {
-                    seq: call.seq,
-                    sig: by,
-                })));
+                out.send(Some(FromDeputy::Reply(Reply::Interrupted { seq, sig: by })));
                 match rx.recv() {
                     Ok(Job::Again { block }) => {
                         if block {
@@ -336,7 +366,7 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
                         continue;
                     }
                     Ok(Job::Forget) | Ok(Job::Call(_)) | Err(_) => {
-                        break Reply::Cancelled { seq: call.seq };
+                        break Reply::Cancelled { seq };
                     }
                 }
             }
@@ -348,12 +378,14 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
         {
             let mut s = lock(&st);
             s.current = 0;
-            s.cancelled.remove(&call.seq);
+            s.cancelled.remove(&seq);
         }
-        if let Reply::Done { .. } = reply {
-            last = Some((call.seq, reply.clone()));
+        let done = matches!(reply, Reply::Done { .. });
+        let msg = FromDeputy::Reply(reply);
+        out.send_ref(&msg);
+        if done {
+            last = Some((seq, msg));
         }
-        out.send(Some(FromDeputy::Reply(reply)));
     }
 }
 

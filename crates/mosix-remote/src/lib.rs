@@ -24,3 +24,16 @@ pub mod local;
 pub mod notify;
 pub mod spec;
 pub mod wire;
+
+/// Buffers of forwarded calls (up to a few MiB) come and go all the time: they are kept
+/// in the heap instead of being mapped and unmapped each time (fresh pages cost a fault
+/// each, and the kernel zeroes them). Called once at the start of the deputy, the
+/// supervisor and mosixd.
+pub fn keep_heap() {
+    // SAFETY: mallopt only changes the allocator's thresholds; called before the buffers
+    // it concerns exist, it is sound at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
+}

@@ -3,7 +3,8 @@
 //! what happens to the process.
 //!
 //! Frames are postcard-encoded messages behind a 4-byte little-endian length, at most
-//! [`MAX_FRAME`] bytes; a reader allocates only what arrives.
+//! [`MAX_FRAME`] bytes; a reader allocates small frames as they arrive, a large one (bounded)
+//! at once.
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -204,13 +205,28 @@ pub enum FrameError {
     Malformed(#[from] postcard::Error),
 }
 
+/// Frames up to this size are encoded into one buffer and written at once; a larger one
+/// (a forwarded call's data) is written as it is encoded, its data never copied into a
+/// message first.
+const SMALL: usize = 64 << 10;
+
 /// Writes one message as a frame.
 pub fn send<W: Write, T: Serialize>(w: &mut W, m: &T) -> std::io::Result<()> {
-    let body = postcard::to_stdvec(m).map_err(std::io::Error::other)?;
-    let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
-    w.write_all(&frame)?;
+    let n = postcard::experimental::serialized_size(m).map_err(std::io::Error::other)?;
+    if n > MAX_FRAME {
+        return Err(std::io::Error::other(FrameError::TooLong(n)));
+    }
+    if n <= SMALL {
+        let mut frame = Vec::with_capacity(n + 4);
+        frame.extend_from_slice(&(n as u32).to_le_bytes());
+        let frame = postcard::to_extend(m, frame).map_err(std::io::Error::other)?;
+        w.write_all(&frame)?;
+        return w.flush();
+    }
+    let mut bw = std::io::BufWriter::with_capacity(16 << 10, &mut *w);
+    bw.write_all(&(n as u32).to_le_bytes())?;
+    let bw = postcard::to_io(m, bw).map_err(std::io::Error::other)?;
+    bw.into_inner().map_err(|e| e.into_error())?;
     w.flush()
 }
 
@@ -225,6 +241,12 @@ pub fn recv_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let n = u32::from_le_bytes(len) as usize;
     if n > MAX_FRAME {
         return Err(FrameError::TooLong(n));
+    }
+    if n > SMALL {
+        // Bounded by MAX_FRAME: read in one pass.
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body)?;
+        return Ok(Some(body));
     }
     let mut body = Vec::new();
     r.take(n as u64).read_to_end(&mut body)?;

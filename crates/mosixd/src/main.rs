@@ -67,6 +67,7 @@ struct Args {
 }
 
 fn main() {
+    mosix_remote::keep_heap();
     // A supervisor of a guest, and the mover of a leaving process, are this program
     // again (see procs::supervisor, procs::mover).
     let helper = std::env::args()

@@ -112,7 +112,7 @@ impl Procs {
         std::thread::Builder::new()
             .name(format!("sup-{}", h.home_pid))
             .spawn(move || loop {
-                match supervisor::recv::<FromSup>(&mut r) {
+                match FromSup::recv(&mut r) {
                     Ok(m) => {
                         if stx.send(GuestEv::FromSup(m)).is_err() {
                             return;
@@ -263,7 +263,7 @@ impl GuestDriver {
                             self.procs.me()
                         ),
                     });
-                    self.home(ToHome::Deputy(f));
+                    self.home(ToHome::Deputy(f.into()));
                     self.flush_home();
                     return;
                 }
@@ -391,7 +391,7 @@ impl GuestDriver {
                 let _ = std::thread::Builder::new()
                     .name(format!("link-{}", self.h.home_pid))
                     .spawn(move || loop {
-                        match wire::recv::<_, ToHost>(&mut rd) {
+                        match wire::recv_framed(&mut rd, ToHost::DEPUTY, ToHost::Deputy) {
                             Ok(Some(m)) => {
                                 if tx.send(GuestEv::FromHome(m)).is_err() {
                                     return;

@@ -22,10 +22,15 @@ pub struct DeputyConn(UnixStream);
 
 impl job::ToDeputySink for DeputyConn {
     fn send(&mut self, frame: &[u8]) -> bool {
-        let mut b = Vec::with_capacity(frame.len() + 4);
-        b.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-        b.extend_from_slice(frame);
-        self.0.write_all(&b).is_ok()
+        let len = (frame.len() as u32).to_le_bytes();
+        if frame.len() <= 64 << 10 {
+            let mut b = Vec::with_capacity(frame.len() + 4);
+            b.extend_from_slice(&len);
+            b.extend_from_slice(frame);
+            return self.0.write_all(&b).is_ok();
+        }
+        // A large frame is written from where it is.
+        self.0.write_all(&len).is_ok() && self.0.write_all(frame).is_ok()
     }
 }
 
@@ -462,7 +467,7 @@ impl Procs {
                 loop {
                     match mosix_remote::wire::recv_bytes(&mut r) {
                         Ok(Some(f)) => {
-                            if tx.send(HomeEv::Job(Ev::FromDeputy(f))).is_err() {
+                            if tx.send(HomeEv::Job(Ev::FromDeputy(f.into()))).is_err() {
                                 return;
                             }
                         }
@@ -505,7 +510,7 @@ impl Procs {
             "host linked"
         );
         loop {
-            match wire::recv::<_, ToHome>(&mut r) {
+            match wire::recv_framed(&mut r, ToHome::DEPUTY, ToHome::Deputy) {
                 Ok(Some(msg)) => {
                     let last = matches!(msg, ToHome::Left { .. });
                     if !h.send(Ev::FromHost {
@@ -717,7 +722,7 @@ impl Driver {
                 let _ = self.job.handle(
                     Ev::FromHost {
                         epoch: self.job.epoch,
-                        msg: ToHome::Deputy(f),
+                        msg: ToHome::Deputy(f.into()),
                     },
                     now,
                 );
@@ -771,7 +776,7 @@ impl Driver {
                             let f = mosix_remote::wire::encode(
                                 &mosix_remote::wire::FromDeputy::Signal { sig },
                             );
-                            let _ = tx.send(HomeEv::Job(Ev::FromDeputy(f)));
+                            let _ = tx.send(HomeEv::Job(Ev::FromDeputy(f.into())));
                         }
                         return;
                     }

@@ -9,7 +9,7 @@
 //! that restarted), so nothing is lost across a move or a reconnection.
 
 use super::MoveError;
-use mosix_proto::wire::{ToHome, ToHost};
+use mosix_proto::wire::{Frame, ToHome, ToHost};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -89,7 +89,7 @@ pub enum Ev<D, H> {
     },
     DeputyConnected(D),
     /// A frame from the deputy, for the host.
-    FromDeputy(Vec<u8>),
+    FromDeputy(Frame),
     DeputyGone,
     HostLinked {
         epoch: u64,
@@ -145,7 +145,7 @@ pub struct Job<D, H> {
     pub epoch: u64,
     deputy: Option<D>,
     host: Option<H>,
-    to_deputy: VecDeque<Vec<u8>>,
+    to_deputy: VecDeque<Frame>,
     to_host: VecDeque<ToHost>,
     waiters: Vec<(u32, Box<dyn Waiter + Send>)>,
     /// Since when it is away with no link from its host.
@@ -231,7 +231,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.to_host.push_back(m);
     }
 
-    fn send_deputy(&mut self, f: Vec<u8>) {
+    fn send_deputy(&mut self, f: Frame) {
         if let Some(d) = &mut self.deputy {
             if d.send(&f) {
                 return;
@@ -692,21 +692,24 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"call1".to_vec()),
+                msg: ToHome::Deputy(b"call1".to_vec().into()),
             },
             t,
         );
         let dep = Rec::<Vec<u8>>::default();
         j.handle(Ev::DeputyConnected(dep.clone()), t);
         assert_eq!(*dep.0.borrow(), vec![b"call1".to_vec()]);
-        j.handle(Ev::FromDeputy(b"reply1".to_vec()), t);
-        assert_eq!(*host.0.borrow(), vec![ToHost::Deputy(b"reply1".to_vec())]);
+        j.handle(Ev::FromDeputy(b"reply1".to_vec().into()), t);
+        assert_eq!(
+            *host.0.borrow(),
+            vec![ToHost::Deputy(b"reply1".to_vec().into())]
+        );
         // The deputy's connection breaks (mosixd restarted): frames wait, then go.
         *dep.1.borrow_mut() = true;
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"call2".to_vec()),
+                msg: ToHome::Deputy(b"call2".to_vec().into()),
             },
             t,
         );
@@ -743,7 +746,7 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"call".to_vec()),
+                msg: ToHome::Deputy(b"call".to_vec().into()),
             },
             t,
         );
@@ -758,8 +761,11 @@ mod tests {
             t,
         );
         assert_eq!(*d.0.borrow(), vec![b"call".to_vec()]);
-        j.handle(Ev::FromDeputy(b"answer".to_vec()), t);
-        assert_eq!(*h.0.borrow(), vec![ToHost::Deputy(b"answer".to_vec())]);
+        j.handle(Ev::FromDeputy(b"answer".to_vec().into()), t);
+        assert_eq!(
+            *h.0.borrow(),
+            vec![ToHost::Deputy(b"answer".to_vec().into())]
+        );
     }
 
     #[test]
@@ -867,7 +873,7 @@ mod tests {
             },
             t,
         );
-        j.handle(Ev::FromDeputy(b"r".to_vec()), t);
+        j.handle(Ev::FromDeputy(b"r".to_vec().into()), t);
         assert!(
             wrong.0.borrow().is_empty(),
             "node 3 does not host residence 1"
@@ -919,7 +925,7 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"old".to_vec()),
+                msg: ToHome::Deputy(b"old".to_vec().into()),
             },
             t,
         );

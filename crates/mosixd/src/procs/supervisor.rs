@@ -6,7 +6,7 @@
 //!
 //! For a process coming home it only rebuilds it inside its deputy, and exits.
 
-use mosix_proto::wire::{self, MigrateHeader, Tail};
+use mosix_proto::wire::{self, Frame, MigrateHeader, Tail};
 use mosix_remote::guest::{Guest, Out};
 use mosix_remote::host::Live;
 use mosix_remote::notify::NotifyFd;
@@ -53,7 +53,7 @@ pub enum ToSup {
     Commit,
     Abort,
     /// A frame from the deputy.
-    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    Deputy(Frame),
     /// The process is frozen for a move: cancel its calls at home, say what was done.
     Quiesce,
     /// The move failed: it goes on here.
@@ -75,7 +75,7 @@ pub enum FromSup {
     Refused(String),
     Running,
     /// A frame for the deputy.
-    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    Deputy(Frame),
     /// It made a call that can only be made at home: bring it home.
     GoHome {
         why: String,
@@ -94,6 +94,50 @@ pub enum FromSup {
         header: MigrateHeader,
         host_pid: i32,
     },
+}
+
+impl ToSup {
+    /// The index of [`ToSup::Deputy`] (for `wire::recv_framed`).
+    pub const DEPUTY: u32 = 3;
+    /// Reads one message from mosixd (a deputy's frame without a copy).
+    pub fn recv<R: std::io::Read>(r: &mut R) -> std::io::Result<Option<ToSup>> {
+        wire::recv_framed(r, Self::DEPUTY, ToSup::Deputy)
+    }
+}
+
+impl FromSup {
+    /// The index of [`FromSup::Deputy`] (for `wire::send_wrapped`).
+    pub const DEPUTY: u32 = 3;
+    /// Reads one message from a supervisor (a frame for the deputy without a copy).
+    pub fn recv<R: std::io::Read>(r: &mut R) -> std::io::Result<FromSup> {
+        wire::recv_framed(r, Self::DEPUTY, FromSup::Deputy)?.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn deputy_frames_have_the_indexes_the_fast_paths_use() {
+    let f: Frame = b"xyz".to_vec().into();
+    let mut a = Vec::new();
+    wire::send(&mut a, &ToSup::Deputy(f.clone())).unwrap();
+    let mut b = Vec::new();
+    wire::send_frame(&mut b, ToSup::DEPUTY, &f).unwrap();
+    assert_eq!(a, b);
+    let m = ToDeputy::Cancel { seq: 7 };
+    let mut a = Vec::new();
+    wire::send(
+        &mut a,
+        &FromSup::Deputy(mosix_remote::wire::encode(&m).into()),
+    )
+    .unwrap();
+    let mut b = Vec::new();
+    wire::send_wrapped(&mut b, FromSup::DEPUTY, &m).unwrap();
+    assert_eq!(a, b);
 }
 
 pub fn send<T: Serialize>(s: &mut UnixStream, m: &T) -> std::io::Result<()> {
@@ -332,10 +376,23 @@ impl Supervision {
         }
     }
 
+    /// Sends a message for the deputy, encoded straight into the connection.
+    fn to_deputy(&mut self, m: &ToDeputy) {
+        if self.backlog.is_empty() {
+            if let Some(c) = &mut self.conn {
+                if wire::send_wrapped(c, FromSup::DEPUTY, m).is_ok() {
+                    return;
+                }
+                self.conn = None;
+            }
+        }
+        self.up(FromSup::Deputy(mosix_remote::wire::encode(m).into()));
+    }
+
     fn outs(&mut self, outs: Vec<Out>) {
         for o in outs {
             match o {
-                Out::Deputy(m) => self.up(FromSup::Deputy(mosix_remote::wire::encode(&m))),
+                Out::Deputy(m) => self.to_deputy(&m),
                 Out::GoHome { id, why } => {
                     if self.went_home != Some(id) {
                         self.went_home = Some(id);
@@ -418,7 +475,7 @@ impl Supervision {
                 }
             }
             if buffered || fds[1].revents != 0 {
-                let msg = reader.as_mut().map(wire::recv::<_, ToSup>);
+                let msg = reader.as_mut().map(ToSup::recv);
                 match msg {
                     Some(Ok(Some(m))) => self.on_mosixd(m),
                     _ => {
@@ -486,9 +543,7 @@ impl Supervision {
                         return Ok(());
                     }
                 }
-                self.up(FromSup::Deputy(mosix_remote::wire::encode(
-                    &ToDeputy::Exited(st),
-                )));
+                self.to_deputy(&ToDeputy::Exited(st));
                 self.up(FromSup::Exited);
                 info!(pid, ?st, "guest ended");
                 return Ok(());
@@ -499,7 +554,7 @@ impl Supervision {
     /// Its copy here ended during a move: wait to hear whether the move took it.
     fn await_settled(&mut self, reader: &mut Option<BufReader<UnixStream>>) {
         while let Some(r) = reader.as_mut() {
-            match wire::recv::<_, ToSup>(r) {
+            match ToSup::recv(r) {
                 Ok(Some(ToSup::Moved)) => {
                     self.moved = true;
                     return;
@@ -557,9 +612,7 @@ impl Supervision {
         if let Ok(WaitStatus::Stopped(_, sig)) = waitid(id(), flags) {
             // Consume the stop report (WNOWAIT left it), then tell the deputy.
             let _ = waitid(id(), WaitPidFlag::WSTOPPED | WaitPidFlag::WNOHANG);
-            self.up(FromSup::Deputy(mosix_remote::wire::encode(
-                &ToDeputy::Stopped { sig: sig as i32 },
-            )));
+            self.to_deputy(&ToDeputy::Stopped { sig: sig as i32 });
         }
     }
 }
