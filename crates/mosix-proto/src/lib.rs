@@ -26,7 +26,7 @@ pub const FLAG_LEAVING: u32 = 2;
 
 /// The protocol version of this build. Nodes whose `major.minor` differ see each other with
 /// status 1 (`DS_MOSIX_DEF` only) and never exchange processes.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 
 /// Default UDP port of the gossip transport.
 pub const DEFAULT_PORT: u16 = 5400;

@@ -13,6 +13,7 @@
 //! connects again ([`Deputy::serve`] once more), calls sent again are answered from the
 //! record of the last answer instead of being made twice.
 
+use crate::ahead::Ahead;
 use crate::exec;
 use crate::wire::{self, Call, ExitStatus, FromDeputy, Reply, ToDeputy};
 use std::collections::{HashMap, HashSet};
@@ -205,6 +206,8 @@ fn take_thread_signals() -> u64 {
 #[derive(Default)]
 struct Link {
     inner: Mutex<LinkInner>,
+    /// Streams: a change of a file read ahead is told before anything sent after it.
+    ahead: Arc<Ahead>,
 }
 
 #[derive(Default)]
@@ -214,15 +217,41 @@ struct LinkInner {
 }
 
 impl Link {
-    fn send(&self, m: Option<FromDeputy>) {
-        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    /// Under the lock: what must go before any message (signals, stale streams).
+    fn before(&self, l: &mut LinkInner) {
         let sigs = PENDING.swap(0, Ordering::SeqCst);
         for sig in 1..=64 {
             if sigs & (1u64 << (sig - 1)) != 0 {
                 l.backlog.push(FromDeputy::Signal { sig });
             }
         }
+        if let Some(m) = self.ahead.stale() {
+            l.backlog.push(m);
+        }
+    }
+    fn send(&self, m: Option<FromDeputy>) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.before(&mut l);
         if let Some(m) = m {
+            l.backlog.push(m);
+        }
+        l.flush();
+    }
+    /// Sends read-ahead bytes of stream `s` at `off`, unless the stream ended meanwhile
+    /// (its file changed: then the host hears that first).
+    fn send_ahead(&self, s: u64, off: u64, len: u64, eof: bool, m: FromDeputy) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.before(&mut l);
+        if let crate::ahead::Send::Yes = self.ahead.sending(s, off, len, eof) {
+            l.flush();
+            if l.backlog.is_empty() {
+                if let Some(c) = &mut l.conn {
+                    if wire::send(c, &m).is_ok() {
+                        return;
+                    }
+                    l.conn = None;
+                }
+            }
             l.backlog.push(m);
         }
         l.flush();
@@ -230,12 +259,7 @@ impl Link {
     /// Sends `m` (written from where it is when nothing waits before it).
     fn send_ref(&self, m: &FromDeputy) {
         let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let sigs = PENDING.swap(0, Ordering::SeqCst);
-        for sig in 1..=64 {
-            if sigs & (1u64 << (sig - 1)) != 0 {
-                l.backlog.push(FromDeputy::Signal { sig });
-            }
-        }
+        self.before(&mut l);
         l.flush();
         if l.backlog.is_empty() {
             if let Some(c) = &mut l.conn {
@@ -248,10 +272,10 @@ impl Link {
         l.backlog.push(m.clone());
         l.flush();
     }
+    /// A new connection; what waits for it is sent by the next sender.
     fn attach(&self, c: UnixStream) {
         let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         l.conn = Some(c);
-        l.flush();
     }
     fn detach(&self) {
         if let Some(c) = self
@@ -285,8 +309,11 @@ impl LinkInner {
 }
 
 enum Job {
-    Call(Call),
-    Again { block: bool },
+    /// A call, made once the first `n` writes behind are made.
+    Call(Call, u64),
+    Again {
+        block: bool,
+    },
     Forget,
 }
 
@@ -312,8 +339,11 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
     block_all_but(&[libc::SIGTTIN, libc::SIGTTOU, SIG_CANCEL]);
     lock(&st).tid = gettid();
     let mut last: Option<(u64, FromDeputy)> = None;
+    let ahead = out.ahead.clone();
     while let Ok(job) = rx.recv() {
-        let Job::Call(call) = job else { continue };
+        let Job::Call(call, writes) = job else {
+            continue;
+        };
         if let Some((s, r)) = &last {
             if *s == call.seq {
                 // Sent again after a reconnect: answered from the record, not made twice.
@@ -332,7 +362,19 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
         }
         let mut masked = false;
         let seq = call.seq;
-        let mut prepared = exec::prepare(call, &is_private);
+        let (nr, args) = (call.nr, call.args);
+        // Writes behind sent before it are made first.
+        ahead.wait_writes(writes);
+        let deferred = ahead.deferred(&call);
+        let mut prepared = match deferred {
+            // A write behind on its descriptor failed: this call says so (a close is
+            // made all the same).
+            Some(e) if nr != libc::SYS_close => Err(exec::Outcome {
+                ret: -(e as i64),
+                outs: Vec::new(),
+            }),
+            _ => exec::prepare(call, &is_private),
+        };
         let reply = loop {
             let p = match &mut prepared {
                 Ok(p) => p,
@@ -347,6 +389,10 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
             if ret != -(libc::EINTR as i64) {
                 let Ok(p) = prepared else {
                     unreachable!("made")
+                };
+                let ret = match deferred {
+                    Some(e) if ret >= 0 => -(e as i64),
+                    _ => ret,
                 };
                 break exec::reply(seq, p.finish(ret), sigs);
             }
@@ -365,7 +411,7 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
                         }
                         continue;
                     }
-                    Ok(Job::Forget) | Ok(Job::Call(_)) | Err(_) => {
+                    Ok(Job::Forget) | Ok(Job::Call(..)) | Err(_) => {
                         break Reply::Cancelled { seq };
                     }
                 }
@@ -380,9 +426,19 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
             s.current = 0;
             s.cancelled.remove(&seq);
         }
-        let done = matches!(reply, Reply::Done { .. });
+        let mut reply = reply;
+        let done = if let Reply::Done { ret, begin, .. } = &mut reply {
+            // A read or write that continues the last may begin a stream: the host
+            // hears it with the answer, before the process's next call.
+            *begin = ahead.after(seq, nr, &args, *ret, &is_private);
+            true
+        } else {
+            false
+        };
         let msg = FromDeputy::Reply(reply);
         out.send_ref(&msg);
+        // Read ahead only once the answer that begins the stream is on its way.
+        ahead.go(seq);
         if done {
             last = Some((seq, msg));
         }
@@ -447,7 +503,114 @@ pub struct Deputy {
     /// Which thread each call came from.
     calls: HashMap<u64, i32>,
     out: Arc<Link>,
+    /// What the main thread has to send: sent by a thread of its own, so that the main
+    /// thread, which reads the connection, never waits on a write (the other end may be
+    /// waiting for it to read: see docs/transparency.md, "The path of a forwarded call").
+    aux: Sender<Aux>,
     wake_r: RawFd,
+}
+
+/// Work of the deputy's sending thread. `writes`: the writes behind made before it.
+enum Aux {
+    /// Signals arrived: pass them on.
+    Flush,
+    Describe {
+        seq: u64,
+        fd: i32,
+        writes: u64,
+    },
+    ReadAt {
+        seq: u64,
+        fd: i32,
+        off: u64,
+        len: u32,
+        writes: u64,
+    },
+    Synced {
+        seq: u64,
+    },
+}
+
+fn aux_main(rx: Receiver<Aux>, out: Arc<Link>) {
+    block_all_but(&[]);
+    while let Ok(job) = rx.recv() {
+        match job {
+            Aux::Flush => out.send(None),
+            Aux::Describe { seq, fd, writes } => {
+                out.ahead.wait_writes(writes);
+                let (path, id) = describe(fd);
+                out.send(Some(FromDeputy::Described { seq, path, id }));
+            }
+            Aux::ReadAt {
+                seq,
+                fd,
+                off,
+                len,
+                writes,
+            } => {
+                out.ahead.wait_writes(writes);
+                let (ret, data) = read_at(fd, off, len);
+                out.send(Some(FromDeputy::Data { seq, ret, data }));
+            }
+            Aux::Synced { seq } => out.send(Some(FromDeputy::Synced { seq })),
+        }
+    }
+}
+
+/// The deputy's thread that reads ahead.
+fn read_ahead_main(out: Arc<Link>) {
+    block_all_but(&[]);
+    let ahead = out.ahead.clone();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some((stream, fd, kind, file, off, len)) = ahead.next_read() {
+        buf.resize(len as usize, 0);
+        // SAFETY: pread into our buffer, of its length, from the process's descriptor
+        // (a call that could close it ends the stream first; a read of what it became
+        // meanwhile is dropped by `sending`).
+        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off as libc::off_t) };
+        let (data, eof) = if n < 0 {
+            // Not readable ahead: the stream ends; the process's reads go home.
+            (Vec::new(), true)
+        } else {
+            (buf[..n as usize].to_vec(), (n as u64) < len)
+        };
+        let got = data.len() as u64;
+        let m = FromDeputy::Ahead {
+            stream,
+            fd,
+            kind,
+            file,
+            off,
+            data,
+            eof,
+        };
+        out.send_ahead(stream, off, got, eof, m);
+    }
+}
+
+/// The deputy's thread that makes writes sent behind.
+fn write_behind_main(out: Arc<Link>) {
+    block_all_but(&[]);
+    let ahead = out.ahead.clone();
+    ahead.write_loop(&|m| out.send(Some(m)));
+}
+
+/// `len` bytes of the process's descriptor `fd` from `off` (its offset untouched).
+fn read_at(fd: i32, off: u64, len: u32) -> (i64, Vec<u8>) {
+    if is_private(fd as u64) {
+        return (-(libc::EBADF as i64), Vec::new());
+    }
+    let mut data = vec![0u8; len.min(crate::spec::MAX_IO) as usize];
+    // SAFETY: pread into a buffer of ours of the length we give.
+    let n = unsafe { libc::pread(fd, data.as_mut_ptr().cast(), data.len(), off as libc::off_t) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return (-(e as i64), Vec::new());
+    }
+    data.truncate(n as usize);
+    (n as i64, data)
 }
 
 impl Deputy {
@@ -463,10 +626,25 @@ impl Deputy {
         WAKE.store(w, Ordering::SeqCst);
         set_handlers();
         unblock_all();
+        let out = Arc::new(Link::default());
+        let (aux, arx) = mpsc::channel();
+        let o2 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-out".into())
+            .spawn(move || aux_main(arx, o2))?;
+        let o3 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-ahead".into())
+            .spawn(move || read_ahead_main(o3))?;
+        let o4 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-behind".into())
+            .spawn(move || write_behind_main(o4))?;
         Ok(Deputy {
             workers: HashMap::new(),
             calls: HashMap::new(),
-            out: Arc::new(Link::default()),
+            out,
+            aux,
             wake_r: r,
         })
     }
@@ -495,6 +673,7 @@ impl Deputy {
         // SAFETY: `w` is a fresh duplicate we own.
         self.out
             .attach(unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(w) });
+        let _ = self.aux.send(Aux::Flush);
         let mut reader = std::io::BufReader::new(conn);
         loop {
             let buffered = !reader.buffer().is_empty();
@@ -518,7 +697,7 @@ impl Deputy {
                 let mut b = [0u8; 64];
                 // SAFETY: draining our own non-blocking pipe.
                 while unsafe { libc::read(self.wake_r, b.as_mut_ptr().cast(), b.len()) } > 0 {}
-                self.out.send(None);
+                let _ = self.aux.send(Aux::Flush);
             }
             if !buffered && fds[0].revents == 0 {
                 continue;
@@ -549,8 +728,29 @@ impl Deputy {
                         self.calls.remove(&s);
                     }
                 }
+                // Positions the process read streams to on its host are set first; the
+                // call then ends its descriptors' streams, and waits for the writes
+                // behind sent before it.
+                self.out.ahead.took(&c.took);
+                let writes = self.out.ahead.calling(&c);
                 let tid = c.tid;
-                let _ = self.worker(tid).tx.send(Job::Call(c));
+                let _ = self.worker(tid).tx.send(Job::Call(c, writes));
+            }
+            ToDeputy::Took { took, stop } => {
+                self.out.ahead.took(&took);
+                if stop {
+                    self.out.ahead.stop();
+                }
+            }
+            ToDeputy::Behind {
+                stream,
+                n,
+                off,
+                data,
+            } => self.out.ahead.behind(stream, n, off, data),
+            ToDeputy::Sync { seq, took } => {
+                self.out.ahead.took(&took);
+                let _ = self.aux.send(Aux::Synced { seq });
             }
             ToDeputy::Cancel { seq } => self.cancel(seq),
             ToDeputy::Retry { seq, block } => self.to_worker_of(seq, Job::Again { block }),
@@ -574,8 +774,10 @@ impl Deputy {
                     set_handlers();
                 }
             }
+            // The process is gone: what it wrote behind is made; nothing of it is to be
+            // sent any more.
             ToDeputy::Exited(st) => {
-                self.out.send(None);
+                self.out.ahead.finish();
                 end_as(st)
             }
             ToDeputy::Lost { message } => {
@@ -585,24 +787,18 @@ impl Deputy {
                 end_as(ExitStatus::Code(137))
             }
             ToDeputy::Describe { seq, fd } => {
-                let (path, id) = describe(fd);
-                self.out.send(Some(FromDeputy::Described { seq, path, id }));
+                let writes = self.out.ahead.writes_sent();
+                let _ = self.aux.send(Aux::Describe { seq, fd, writes });
             }
             ToDeputy::ReadAt { seq, fd, off, len } => {
-                let mut data = vec![0u8; len.min(crate::spec::MAX_IO) as usize];
-                // SAFETY: pread into a buffer of ours of the length we give.
-                let n = unsafe {
-                    libc::pread(fd, data.as_mut_ptr().cast(), data.len(), off as libc::off_t)
-                };
-                let ret = if n < 0 || is_private(fd as u64) {
-                    -(std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EBADF) as i64)
-                } else {
-                    data.truncate(n as usize);
-                    n as i64
-                };
-                self.out.send(Some(FromDeputy::Data { seq, ret, data }));
+                let writes = self.out.ahead.writes_sent();
+                let _ = self.aux.send(Aux::ReadAt {
+                    seq,
+                    fd,
+                    off,
+                    len,
+                    writes,
+                });
             }
         }
     }

@@ -395,6 +395,7 @@ pub fn reply(seq: u64, o: Outcome, sigs: u64) -> Reply {
         ret: o.ret,
         outs: o.outs,
         sigs,
+        begin: None,
     }
 }
 
@@ -495,6 +496,7 @@ mod tests {
             nr,
             args,
             bufs: vec![],
+            took: vec![],
         })
         .expect("forwarded");
         let (call, layout) = gather(1, 1, nr, args, &spec, mem).expect("gathered");
@@ -654,6 +656,7 @@ mod tests {
             nr: libc::SYS_close,
             args: [fd, 0, 0, 0, 0, 0],
             bufs: vec![Buf::None; 6],
+            took: vec![],
         };
         assert_eq!(execute(&call, &private).ret, -(libc::EBADF as i64));
         let cr = Call {
@@ -682,6 +685,7 @@ mod tests {
                 Buf::None,
                 Buf::None,
             ],
+            took: vec![],
         };
         assert_eq!(execute(&call, &none).ret, -(libc::EINVAL as i64));
         let fork = Call {

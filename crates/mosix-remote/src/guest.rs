@@ -9,9 +9,10 @@
 use crate::gather::{self, Layout, Mem};
 use crate::notify::Notif;
 use crate::spec::{self, Route, Spec, Special};
+use crate::streams::{Streams, Verdict};
 #[cfg(test)]
 use crate::wire::Call;
-use crate::wire::{FileId, FromDeputy, Reply, ToDeputy};
+use crate::wire::{ExitStatus, FileId, FromDeputy, Reply, ToDeputy};
 use nix::errno::Errno;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -125,6 +126,12 @@ pub struct Guest {
     /// are made here; home holds /dev/null at their number. With what they are (the part
     /// of the path after /proc/self/).
     local: HashMap<i32, String>,
+    /// Read-ahead and write-behind.
+    pub streams: Streams,
+    /// The process ended so; its end is reported once nothing of it is left to be done
+    /// at home (writes behind, positions).
+    ended: Option<ExitStatus>,
+    exit_sent: bool,
     /// Calls carried so far (for figures).
     pub forwarded: u64,
 }
@@ -139,6 +146,9 @@ impl Guest {
             undelivered: HashMap::new(),
             mappings: HashMap::new(),
             local: HashMap::new(),
+            streams: Streams::default(),
+            ended: None,
+            exit_sent: false,
             forwarded: 0,
         }
     }
@@ -166,9 +176,45 @@ impl Guest {
         self.pending.values().filter(|p| !p.cancelled).count()
     }
 
-    /// Calls sent home, cancelled or not, whose answer has not come.
+    /// Calls sent home, cancelled or not, whose answer has not come (and writes behind or
+    /// positions not yet known at home).
     pub fn outstanding(&self) -> usize {
-        self.pending.len() + self.mappings.len()
+        self.pending.len() + self.mappings.len() + usize::from(self.streams.unsettled())
+    }
+
+    /// The process ended (its status): the deputy is told once what it did on its host is
+    /// all known at home. What to send now.
+    pub fn end(&mut self, st: ExitStatus) -> Vec<Out> {
+        self.ended = Some(st);
+        let mut out = Vec::new();
+        let seq = self.next_seq;
+        if let Some(m) = self.streams.sync(seq) {
+            self.next_seq += 1;
+            out.push(Out::Deputy(m));
+        }
+        out.extend(self.report_end());
+        out
+    }
+
+    /// Whether the end of the process was sent to its deputy.
+    pub fn exit_sent(&self) -> bool {
+        self.exit_sent
+    }
+
+    fn report_end(&mut self) -> Vec<Out> {
+        match self.ended {
+            Some(st) if !self.exit_sent && !self.streams.unsettled() => {
+                self.exit_sent = true;
+                vec![Out::Deputy(ToDeputy::Exited(st))]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Nothing happened for a while: home hears where the process has read streams to
+    /// (its offsets there follow it even when it makes no call).
+    pub fn idle(&mut self) -> Vec<Out> {
+        self.streams.tick().into_iter().map(Out::Deputy).collect()
     }
 
     /// A trapped call.
@@ -198,6 +244,27 @@ impl Guest {
             if u.nr == n.nr && u.args == n.args {
                 self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
                 return out;
+            }
+        }
+        if matches!(
+            n.nr,
+            libc::SYS_read
+                | libc::SYS_pread64
+                | libc::SYS_write
+                | libc::SYS_pwrite64
+                | libc::SYS_lseek
+        ) {
+            match self.streams.on_call(&n, k.mem()) {
+                Verdict::Pass => {}
+                Verdict::Parked => return out,
+                Verdict::Answer(ret, c) => {
+                    // Made only if the process takes the answer (it may have been
+                    // interrupted meanwhile: then it makes the call again).
+                    if k.answer(n.id, ret).is_ok() {
+                        out.extend(self.streams.commit(c).into_iter().map(Out::Deputy));
+                    }
+                    return out;
+                }
             }
         }
         let route = spec::route(n.nr, &n.args);
@@ -445,6 +512,7 @@ impl Guest {
                 crate::wire::Buf::None,
                 crate::wire::Buf::None,
             ],
+            took: Vec::new(),
         };
         let s = match spec::route(libc::SYS_openat, &call.args) {
             Route::Special(Special::Open(s)) => s,
@@ -473,7 +541,21 @@ impl Guest {
             Err(e) => {
                 let _ = k.answer(n.id, -(e as i64));
             }
-            Ok((call, layout)) => {
+            Ok((mut call, layout)) => {
+                // Streams on its descriptors end; positions read here go home with it.
+                let fds: Vec<i32> = s
+                    .args
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| **a == spec::Arg::Fd)
+                    .map(|(i, _)| n.args[i] as i32)
+                    .collect();
+                let range = (n.nr == libc::SYS_close_range).then_some((n.args[0], n.args[1]));
+                let closes = matches!(
+                    n.nr,
+                    libc::SYS_close | libc::SYS_dup2 | libc::SYS_dup3 | libc::SYS_close_range
+                ) || (n.nr == libc::SYS_fcntl && n.args[1] as i32 == libc::F_SETFL);
+                call.took = self.streams.forwarding(seq, &fds, range, closes);
                 self.next_seq += 1;
                 self.forwarded += 1;
                 self.pending.insert(
@@ -507,6 +589,8 @@ impl Guest {
     pub fn on_reply(&mut self, r: Reply, k: &mut dyn Kernel) -> Vec<Out> {
         let mut out = Vec::new();
         let seq = r.seq();
+        // Whatever the answer, the call reached home: the positions it carried are there.
+        self.streams.answered(seq);
         match r {
             Reply::Cancelled { .. } => {
                 if let Some(p) = self.forget(seq) {
@@ -543,11 +627,19 @@ impl Guest {
                 }
             }
             Reply::Done {
-                ret, outs, sigs, ..
+                ret,
+                outs,
+                sigs,
+                begin,
+                ..
             } => {
                 let Some(p) = self.forget(seq) else {
                     return out;
                 };
+                if let Some(b) = begin {
+                    // Followed from before the process's next call.
+                    self.streams.begin(seq, p.notif.args[0] as i32, b);
+                }
                 if let (Some((file, rest)), true) = (&p.local, ret >= 0) {
                     if k.valid(p.notif.id)
                         && k.install_answer(p.notif.id, file.as_raw_fd(), ret as i32)
@@ -644,12 +736,24 @@ impl Guest {
 
     /// A message from the deputy other than a signal (signals are the driver's).
     pub fn on_deputy(&mut self, m: FromDeputy, k: &mut dyn Kernel) -> Vec<Out> {
-        match m {
+        let mut out = match m {
             FromDeputy::Reply(r) => self.on_reply(r, k),
             FromDeputy::Described { seq, path, id } => self.described(seq, path, id, k),
             FromDeputy::Data { seq, ret, data } => self.fetched(seq, ret, data, k),
             FromDeputy::Signal { .. } => Vec::new(),
-        }
+            m => {
+                let mut out = Vec::new();
+                // Calls that waited for it are offered again.
+                for n in self.streams.on_deputy(&m).unwrap_or_default() {
+                    if k.valid(n.id) {
+                        out.extend(self.on_notif(n, k));
+                    }
+                }
+                out
+            }
+        };
+        out.extend(self.report_end());
+        out
     }
 
     fn described(
@@ -750,14 +854,22 @@ impl Guest {
 
     /// What to send again after the way home was broken and is back: every call still
     /// waiting (the deputy answers one it already made from its record), and the cancels.
-    pub fn resend(&self) -> Vec<Out> {
+    pub fn resend(&mut self, k: &mut dyn Kernel) -> Vec<Out> {
+        // Writes behind and positions first: calls made after them come after them.
+        let (again, parked) = self.streams.relinked();
+        let mut out: Vec<Out> = again.into_iter().map(Out::Deputy).collect();
         let mut v: Vec<(&u64, &Pending)> = self.pending.iter().collect();
         v.sort_by_key(|(s, _)| **s);
-        let mut out = Vec::new();
         for (seq, p) in v {
             out.push(Out::Deputy(ToDeputy::Call(p.call.clone())));
             if p.cancelled {
                 out.push(Out::Deputy(ToDeputy::Cancel { seq: *seq }));
+            }
+        }
+        // Reads that waited for bytes read ahead (which may be lost) go home.
+        for n in parked {
+            if k.valid(n.id) {
+                out.extend(self.on_notif(n, k));
             }
         }
         out
@@ -766,6 +878,7 @@ impl Guest {
     /// Time passed: calls whose thread stopped waiting (a signal it handled) are cancelled.
     pub fn tick(&mut self, k: &dyn Kernel) -> Vec<Out> {
         let mut out = Vec::new();
+        self.streams.forget_parked(&|id| k.valid(id));
         let gone: Vec<u64> = self
             .pending
             .iter()
@@ -789,6 +902,13 @@ impl Guest {
         }
         // An mmap being prepared is made again after the move.
         self.mappings.clear();
+        // Streams end; what was read here and written behind is settled at home first.
+        out.extend(self.streams.quiesce().into_iter().map(Out::Deputy));
+        let seq = self.next_seq;
+        if let Some(m) = self.streams.sync(seq) {
+            self.next_seq += 1;
+            out.push(Out::Deputy(m));
+        }
         out
     }
 
@@ -929,6 +1049,7 @@ mod tests {
             ret: 3,
             outs: vec![Back::None, Back::Bytes(b"abc".to_vec()), Back::None],
             sigs: 0,
+            begin: None,
         };
         assert!(g.on_reply(r, &mut k).is_empty());
         assert_eq!(k.answers, vec![(7, 3)]);
@@ -956,6 +1077,7 @@ mod tests {
                 ret: 5,
                 outs: vec![Back::None; 4],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -972,6 +1094,7 @@ mod tests {
                 ret: -(libc::EPIPE as i64),
                 outs: vec![],
                 sigs: 1 << (libc::SIGPIPE - 1),
+                begin: None,
             },
             &mut k,
         );
@@ -996,6 +1119,7 @@ mod tests {
                 ret: 2,
                 outs: vec![Back::None, Back::Bytes(b"hi".to_vec()), Back::None],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1025,6 +1149,7 @@ mod tests {
                 ret: 2,
                 outs: vec![Back::None, Back::Bytes(b"yo".to_vec()), Back::None],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1115,6 +1240,7 @@ mod tests {
                 ret: 4,
                 outs: vec![Back::None, Back::Bytes(b"data".to_vec()), Back::None],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );

@@ -10,10 +10,12 @@
 //! - [`notify`]: the seccomp notification descriptor;
 //! - [`guest`]: the supervisor's side, a state machine driven by its thread, and
 //!   [`host`], the real process it acts on;
-//! - [`deputy`]: the deputy's side.
+//! - [`deputy`]: the deputy's side;
+//! - [`streams`] (host) and [`ahead`] (home): reading ahead and writing behind.
 //!
 //! See docs/transparency.md.
 
+pub mod ahead;
 pub mod deputy;
 pub mod exec;
 pub mod filter;
@@ -23,6 +25,7 @@ pub mod host;
 pub mod local;
 pub mod notify;
 pub mod spec;
+pub mod streams;
 pub mod wire;
 
 /// Buffers of forwarded calls (up to a few MiB) come and go all the time: they are kept

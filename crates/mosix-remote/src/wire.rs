@@ -60,6 +60,29 @@ pub struct Call {
     pub args: [u64; 6],
     /// One per argument.
     pub bufs: Vec<Buf>,
+    /// Where the process has read read-ahead streams up to on its host, not yet known at
+    /// home: set at home before the call is made (see [`Took`]).
+    pub took: Vec<Took>,
+}
+
+/// How far the process has read a read-ahead stream on its host ([`FromDeputy::Ahead`]):
+/// the deputy moves the descriptor's offset there (a stream of `read`s) and lets the
+/// stream run further. Idempotent: a position at or behind the last one applied, or of a
+/// stream that has ended at home, is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Took {
+    pub stream: u64,
+    pub upto: u64,
+}
+
+/// Which calls a read-ahead stream follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// `read`s: the stream starts at the descriptor's offset, which follows the process's
+    /// reads (through [`Took`]).
+    Read,
+    /// `pread`s at increasing offsets: the descriptor's offset is not involved.
+    Pread,
 }
 
 /// What comes back for one argument.
@@ -89,6 +112,8 @@ pub enum Reply {
         ret: i64,
         outs: Vec<Back>,
         sigs: u64,
+        /// A stream begins with this call (on its first argument, a descriptor).
+        begin: Option<Begin>,
     },
     /// A job-control signal (SIGTTIN, SIGTTOU: a background process at the terminal)
     /// interrupted the deputy's call before it did anything; the supervisor, which knows
@@ -107,6 +132,22 @@ impl Reply {
             }
         }
     }
+}
+
+/// What begins with a call (a `read`/`pread` or `write`/`pwrite` of a regular file that
+/// continues the one before it on its descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Begin {
+    /// Read-ahead: [`FromDeputy::Ahead`] messages follow from offset `from` of `file`
+    /// (device, inode).
+    Ahead {
+        kind: Kind,
+        file: (u64, u64),
+        from: u64,
+    },
+    /// Write-behind: the host may answer writes to the descriptor at once, up to `credit`
+    /// bytes ([`FromDeputy::Grant`] gives more).
+    Behind { file: (u64, u64), credit: u64 },
 }
 
 /// How a process ended.
@@ -169,6 +210,28 @@ pub enum ToDeputy {
         off: u64,
         len: u32,
     },
+    /// The process read streams this far; with `stop`, every stream ends (the process is
+    /// frozen for a move).
+    Took {
+        took: Vec<Took>,
+        stop: bool,
+    },
+    /// A write of the process to a file at home it was granted write-behind for
+    /// ([`FromDeputy::Grant`]), already answered on its host: made at home in order (the
+    /// `n`th of its stream), before any call that comes after it. `off`: a pwrite's offset.
+    Behind {
+        stream: u64,
+        n: u64,
+        off: Option<u64>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Apply these positions and say so ([`FromDeputy::Synced`]): nothing of what the
+    /// process did on its host is left to be done at home once the answer comes.
+    Sync {
+        seq: u64,
+        took: Vec<Took>,
+    },
 }
 
 /// From the deputy.
@@ -191,6 +254,44 @@ pub enum FromDeputy {
         ret: i64,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    /// Read-ahead: the bytes of the file behind descriptor `fd` at `off`, read at home for
+    /// the stream begun by call `stream` (a sequential `read` or `pread` of a regular
+    /// file), before the process asks for them; `eof`: the file ends after them. `file`:
+    /// the file's (device, inode).
+    Ahead {
+        stream: u64,
+        fd: i32,
+        kind: Kind,
+        file: (u64, u64),
+        off: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        eof: bool,
+    },
+    /// These streams' files changed at home (written by anyone): what was read ahead of
+    /// them is stale. Sent before anything that comes after the change.
+    Stale {
+        streams: Vec<u64>,
+    },
+    /// The process may write to descriptor `fd` (the file `file`) behind: up to `credit`
+    /// bytes in all since the grant began (with call `stream`); the first `applied`
+    /// writes sent behind are made at home.
+    Grant {
+        stream: u64,
+        fd: i32,
+        file: (u64, u64),
+        credit: u64,
+        applied: u64,
+    },
+    /// Write-behind on stream `stream` ends (a write failed at home: the process learns it
+    /// at its next write, fsync or close of that descriptor, as of a failed write-back).
+    Revoke {
+        stream: u64,
+    },
+    /// The answer to [`ToDeputy::Sync`].
+    Synced {
+        seq: u64,
     },
 }
 
@@ -286,6 +387,7 @@ mod tests {
             nr: 1,
             args: [1, 2, 3, 0, 0, 0],
             bufs: vec![Buf::None, Buf::In(b"hello".to_vec()), Buf::None],
+            took: vec![Took { stream: 3, upto: 9 }],
         });
         let mut v = Vec::new();
         send(&mut v, &m).unwrap();

@@ -211,3 +211,52 @@ fn xz_with_its_own_pipe_and_a_reader_that_stops_early() {
         "the deputy ends as the process did"
     );
 }
+
+const PY_STREAMS: &str = r#"
+import os, sys, zlib
+# Sequential reads of a file (read ahead), with the offset asked now and then.
+f = open('big.txt', 'rb', buffering=0)
+total, crc, n = 0, 0, 0
+while True:
+    b = f.read(65536)
+    if not b:
+        break
+    total += len(b); crc = zlib.crc32(b, crc); n += 1
+    if n % 7 == 0:
+        assert f.tell() == total, (f.tell(), total)
+        assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == total
+print('read', total, crc)
+# The offset at home followed: a new descriptor of the same open file sees it.
+g = os.fdopen(os.dup(f.fileno()), 'rb', buffering=0)
+print('dup at', g.tell())
+f.seek(100)
+print(f.read(10))
+# A file written in pieces (behind), read back, changed, read again.
+with open('out.bin', 'wb', buffering=0) as w:
+    for i in range(64):
+        w.write(bytes([i]) * 50000)
+r = open('out.bin', 'rb', buffering=0)
+first = r.read(65536); first += r.read(65536); first += r.read(65536)
+w = open('out.bin', 'r+b', buffering=0)
+w.seek(len(first)); w.write(b'X' * 1000); w.flush()
+rest = r.read(2000)
+print('changed', rest[:1000] == b'X' * 1000, len(rest))
+print('size', os.path.getsize('out.bin'), zlib.crc32(open('out.bin','rb').read()))
+os.unlink('out.bin')
+"#;
+
+#[test]
+fn streams_read_ahead_and_write_behind_as_a_local_run_would() {
+    let (d, f) = data_dir();
+    // tr of a 3 MB file (its stdin) into a file (its stdout), 8 KiB at a time: read
+    // ahead and written behind, byte for byte.
+    let r = same(&which("tr"), &["a-z", "A-Z"], d.path(), Some(&f));
+    assert!(r.read_ahead > 1 << 20, "read ahead: {r:?}");
+    assert!(r.written_behind > 1 << 20, "written behind: {r:?}");
+    let r = same(&which("sha256sum"), &[f.to_str().unwrap()], d.path(), None);
+    assert!(r.read_ahead > 1 << 20, "read ahead: {r:?}");
+    // Offsets follow the reads answered on the host; a change of the file ends what
+    // was read ahead of it.
+    let r = same(&which("python3"), &["-c", PY_STREAMS], d.path(), None);
+    assert!(r.read_ahead > 0 && r.written_behind > 0, "{r:?}");
+}

@@ -45,15 +45,23 @@ impl job::ToHostSink for HostLink {
 
 type HomeJob = Job<DeputyConn, HostLink>;
 
+/// A job, shared by its driver and the threads that read its deputy's connection and its
+/// host's link: those handle what they read themselves (a frame between the process and
+/// its deputy crosses no other thread).
+type SharedJob = Arc<Mutex<HomeJob>>;
+
 /// What a driver is told.
 pub enum HomeEv {
     Job(Ev<DeputyConn, HostLink>),
+    /// What the job decided on an event handled by another thread.
+    Acts(Vec<Act>),
 }
 
 /// The way to a home process's driver.
 #[derive(Clone)]
 pub struct Handle {
     tx: Sender<HomeEv>,
+    job: SharedJob,
     pub info: Arc<Mutex<Snapshot>>,
     token: Arc<String>,
 }
@@ -76,8 +84,18 @@ impl Handle {
             }))
             .is_ok()
     }
+    /// Handles `ev` (from the deputy's connection or the host's link) on the calling
+    /// thread; what it decides is done by the driver. False once the job has ended.
     pub(crate) fn send(&self, ev: Ev<DeputyConn, HostLink>) -> bool {
-        self.tx.send(HomeEv::Job(ev)).is_ok()
+        let (acts, ended) = {
+            let mut j = lock(&self.job);
+            let acts = j.handle(ev, Instant::now());
+            (acts, j.ended())
+        };
+        if !acts.is_empty() && self.tx.send(HomeEv::Acts(acts)).is_err() {
+            return false;
+        }
+        !ended
     }
     /// The secret its deputy proves itself with.
     pub(crate) fn token(&self) -> &str {
@@ -352,8 +370,10 @@ impl Procs {
         let pid = j.pid;
         let (tx, rx) = mpsc::channel();
         let info = Arc::new(Mutex::new(snapshot(&j, pid)));
+        let job = Arc::new(Mutex::new(j));
         let h = Handle {
             tx: tx.clone(),
+            job: job.clone(),
             info: info.clone(),
             token: Arc::new(token),
         };
@@ -374,7 +394,8 @@ impl Procs {
             .spawn(move || {
                 let mut d = Driver {
                     procs: me,
-                    job: j,
+                    pid,
+                    job,
                     rec,
                     rx,
                     tx,
@@ -627,9 +648,18 @@ fn cmd_now(j: &HomeJob, pid: i32) -> String {
 
 fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
     Snapshot {
+        cmd: cmd_now(j, pid),
+        ppid: ppid_of(pid),
+        ..snapshot_of(j, pid)
+    }
+}
+
+/// What `ps` shows of it, without reading /proc (no command line, no parent).
+fn snapshot_of(j: &HomeJob, pid: i32) -> Snapshot {
+    Snapshot {
         pid,
         uid: j.uid,
-        cmd: cmd_now(j, pid),
+        cmd: String::new(),
         node: j.node(),
         state: match j.place {
             Where::Home => "running",
@@ -642,14 +672,15 @@ fn snapshot(j: &HomeJob, pid: i32) -> Snapshot {
         avoid: j.avoid.clone(),
         migrations: j.migrations,
         moving: matches!(j.place, Where::Leaving { .. }),
-        ppid: ppid_of(pid),
+        ppid: None,
     }
 }
 
 /// One home process's thread.
 struct Driver {
     procs: Arc<Procs>,
-    job: HomeJob,
+    pid: i32,
+    job: SharedJob,
     rec: Record,
     rx: Receiver<HomeEv>,
     tx: Sender<HomeEv>,
@@ -665,16 +696,17 @@ impl Driver {
         let mut nodes_seen: Vec<(u32, bool)> = Vec::new();
         // (node, when, answered) of the last probe of a host that gossip calls down.
         let mut probed: Option<(u32, Instant, bool)> = None;
-        while !self.job.ended() {
+        while !lock(&self.job).ended() {
             let ev = self.rx.recv_timeout(TICK);
             let now = Instant::now();
             let mut acts = match ev {
-                Ok(HomeEv::Job(e)) => self.job.handle(e, now),
+                Ok(HomeEv::Job(e)) => lock(&self.job).handle(e, now),
+                Ok(HomeEv::Acts(a)) => a,
                 Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
-
-            if let Where::Away { node, .. } = self.job.place {
+            let place = lock(&self.job).place;
+            if let Where::Away { node, .. } = place {
                 // A node whose mosixd is down but whose machine answers is not dead:
                 // its mosixd is restarting, and its guests (with their supervisors) live.
                 let mut up = self.procs.node_up(node);
@@ -691,27 +723,48 @@ impl Driver {
                 }
                 if !nodes_seen.contains(&(node, up)) {
                     nodes_seen = vec![(node, up)];
-                    acts.extend(self.job.handle(Ev::NodeState { node, up }, now));
+                    acts.extend(lock(&self.job).handle(Ev::NodeState { node, up }, now));
                 }
             }
-            acts.extend(self.job.tick(now));
+            acts.extend(lock(&self.job).tick(now));
             for a in acts {
                 self.act(a);
             }
-            *lock(&self.info) = snapshot(&self.job, self.job.pid);
+            self.update_info();
         }
-        lock(&self.procs.homes).remove(&self.job.pid);
-        self.procs.remove_record(self.job.pid);
-        debug!(pid = self.job.pid, "process ended");
+        lock(&self.procs.homes).remove(&self.pid);
+        self.procs.remove_record(self.pid);
+        debug!(pid = self.pid, "process ended");
+    }
+
+    /// What `ps` shows of it (read from /proc outside the job's lock).
+    fn update_info(&self) {
+        let mut s = {
+            let j = lock(&self.job);
+            Snapshot {
+                cmd: j.cmd.clone(),
+                ppid: None,
+                ..snapshot_of(&j, self.pid)
+            }
+        };
+        let now = argv_of(self.pid);
+        if !now.is_empty() {
+            s.cmd = now.join(" ");
+        }
+        s.ppid = ppid_of(self.pid);
+        *lock(&self.info) = s;
     }
 
     fn act(&mut self, a: Act) {
         match a {
             Act::Leave { to, reason, offer } => self.leave(to, reason, offer, None),
             Act::Persist => {
-                self.rec.node = self.job.node();
-                self.rec.epoch = self.job.epoch;
-                self.rec.migrations = self.job.migrations;
+                {
+                    let j = lock(&self.job);
+                    self.rec.node = j.node();
+                    self.rec.epoch = j.epoch;
+                    self.rec.migrations = j.migrations;
+                }
                 self.procs.write_record(&self.rec);
             }
             Act::Lost { message } => {
@@ -719,9 +772,11 @@ impl Driver {
                 let f = mosix_remote::wire::encode(&mosix_remote::wire::ToDeputy::Lost { message });
                 // Through the job, so it waits if the deputy is reconnecting.
                 let now = Instant::now();
-                let _ = self.job.handle(
+                let mut j = lock(&self.job);
+                let epoch = j.epoch;
+                let _ = j.handle(
                     Ev::FromHost {
-                        epoch: self.job.epoch,
+                        epoch,
                         msg: ToHome::Deputy(f.into()),
                     },
                     now,
@@ -733,8 +788,8 @@ impl Driver {
 
     /// `mosrun -r/-b`: move it as soon as it has exec'd its program.
     fn initial_move(&mut self, to: u32, watch: super::transfer::ExecWatch) {
-        self.job.place = Where::Leaving { to };
-        *lock(&self.info) = snapshot(&self.job, self.job.pid);
+        lock(&self.job).place = Where::Leaving { to };
+        self.update_info();
         self.leave(to, "started there (mosrun -r/-b)".into(), None, Some(watch));
     }
 
@@ -747,24 +802,27 @@ impl Driver {
     ) {
         let procs = self.procs.clone();
         let tx = self.tx.clone();
-        let spec = super::transfer::HomeMove {
-            pid: self.job.pid,
-            to,
-            epoch: self.job.epoch + 1,
-            uid: self.job.uid,
-            cmd: self.job.cmd.clone(),
-            pinned: self.job.pinned,
-            avoid: self.job.avoid.clone(),
-            migrations: self.job.migrations + 1,
-            reason,
-            offer,
-            token: self.rec.token.clone(),
+        let spec = {
+            let j = lock(&self.job);
+            super::transfer::HomeMove {
+                pid: self.pid,
+                to,
+                epoch: j.epoch + 1,
+                uid: j.uid,
+                cmd: j.cmd.clone(),
+                pinned: j.pinned,
+                avoid: j.avoid.clone(),
+                migrations: j.migrations + 1,
+                reason,
+                offer,
+                token: self.rec.token.clone(),
+            }
         };
-        let id = super::proc_id(procs.me(), self.job.pid);
+        let id = super::proc_id(procs.me(), self.pid);
         let auto = spec.offer.is_some();
         let why = crate::metrics::MoveReason::of_offer(spec.offer.as_deref());
         let r = std::thread::Builder::new()
-            .name(format!("leave-{}", self.job.pid))
+            .name(format!("leave-{}", self.pid))
             .spawn(move || {
                 let _boost = crate::balance::Boost::thread();
                 let r = crate::metrics::migration(why, procs.leave_home(spec, watch));
@@ -791,7 +849,7 @@ impl Driver {
             });
         if let Err(e) = r {
             let now = Instant::now();
-            let _ = self.job.handle(
+            let _ = lock(&self.job).handle(
                 Ev::LeaveFailed {
                     to,
                     err: MoveError::Engine(format!("no thread for the move: {e}")),

@@ -162,6 +162,8 @@ pub struct Job<D, H> {
     doubt: Option<Instant>,
     /// Reported lost (once).
     lost: bool,
+    /// The figures of a move home its host reported before it was rebuilt here.
+    home_figures: Option<super::Moved>,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -190,6 +192,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             early_msgs: Vec::new(),
             doubt: None,
             lost: false,
+            home_figures: None,
         }
     }
 
@@ -397,6 +400,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.answer_waiters(to, &Err(err));
             }
             Ev::CameHome { moved } => {
+                let moved = self.home_figures.take().unwrap_or(moved);
                 self.doubt = None;
                 self.place = Where::Home;
                 self.migrations += 1;
@@ -489,9 +493,14 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         };
                         self.host = None;
                         if to == self.me {
-                            // The move home is ours to finish (CameHome); nothing to do.
+                            // The move home is ours to finish (CameHome): `migrate` is
+                            // answered once it runs here (whichever is heard first).
                             self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
-                            self.answer_waiters(to, &Ok(moved));
+                            if self.is_home() {
+                                self.answer_waiters(to, &Ok(moved));
+                            } else {
+                                self.home_figures = Some(moved);
+                            }
                         } else {
                             self.moved_on(moved, now, &mut acts);
                         }
@@ -838,6 +847,68 @@ mod tests {
             [Err(MoveError::PeerGone { node: 2, .. })]
         ));
         assert_eq!(j.place, Where::Away { node: 2, epoch: 1 });
+    }
+
+    #[test]
+    fn a_move_home_is_answered_once_it_runs_home_whichever_is_heard_first() {
+        for left_first in [true, false] {
+            let t = Instant::now();
+            let mut j = J::new(1, 100, 0, "x".into(), t);
+            away(&mut j, t, 2);
+            let h = Rec::<ToHost>::default();
+            j.handle(
+                Ev::HostLinked {
+                    epoch: 1,
+                    node: 2,
+                    link: h.clone(),
+                },
+                t,
+            );
+            let got = super::tests::got();
+            j.handle(
+                Ev::Migrate {
+                    to: 1,
+                    reason: "r".into(),
+                    offer: None,
+                    reply: Some(Box::new(W(got.clone()))),
+                },
+                t,
+            );
+            let left = Ev::FromHost {
+                epoch: 1,
+                msg: ToHome::Left {
+                    to: 1,
+                    frozen_ms: 7,
+                    memory_bytes: 8,
+                },
+            };
+            let came = Ev::CameHome {
+                moved: super::super::Moved {
+                    to: 1,
+                    frozen_ms: 0,
+                    memory_bytes: 0,
+                },
+            };
+            let (a, b) = if left_first {
+                (left, came)
+            } else {
+                (came, left)
+            };
+            j.handle(a, t);
+            if left_first {
+                // `where` would still say node 2: no answer yet.
+                assert!(got.lock().unwrap().is_empty());
+                assert_eq!(j.node(), 2);
+            }
+            j.handle(b, t);
+            assert_eq!(j.place, Where::Home);
+            let r = got.lock().unwrap();
+            assert_eq!(r.len(), 1);
+            assert!(matches!(r[0], Ok(m) if m.to == 1), "{:?}", r[0]);
+            if left_first {
+                assert!(matches!(r[0], Ok(m) if m.frozen_ms == 7));
+            }
+        }
     }
 
     #[test]

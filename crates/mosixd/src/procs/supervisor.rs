@@ -428,14 +428,18 @@ impl Supervision {
             .as_ref()
             .map(|c| c.try_clone().map(BufReader::new))
             .transpose()?;
+        // It ended so, and waits for what it did here to be settled at home (writes
+        // behind, positions) before its end is reported.
+        let mut reaped: Option<ExitStatus> = None;
         loop {
             let conn_fd = reader
                 .as_ref()
                 .map(|r| r.get_ref().as_raw_fd())
                 .unwrap_or(-1);
+            let alive = reaped.is_none();
             let mut fds = [
                 libc::pollfd {
-                    fd: self.live.notify.raw(),
+                    fd: if alive { self.live.notify.raw() } else { -1 },
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -445,7 +449,7 @@ impl Supervision {
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: pidfd.as_raw_fd(),
+                    fd: if alive { pidfd.as_raw_fd() } else { -1 },
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -464,7 +468,12 @@ impl Supervision {
             let timeout = if self.g.outstanding() > 0 { 100 } else { 1000 };
             if !buffered {
                 // SAFETY: poll on descriptors we own (a negative one is skipped).
-                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, timeout) };
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, timeout) };
+                if n == 0 {
+                    // Quiet: home hears how far the process read its streams.
+                    let o = self.g.idle();
+                    self.outs(o);
+                }
             }
             if fds[0].revents & libc::POLLIN != 0 {
                 if let Ok(n) = self.live.notify.recv() {
@@ -526,10 +535,10 @@ impl Supervision {
                     _ => ExitStatus::Signal(libc::SIGKILL),
                 };
                 reap(self.ns_init);
-                let _ = std::fs::remove_file(socket);
                 if self.doubtful && st == ExitStatus::Signal(libc::SIGKILL) {
                     // Ended by its mover after the commit, with mosixd away: it runs
                     // where it went, and its end here is not its end.
+                    let _ = std::fs::remove_file(socket);
                     info!(pid, "its copy here was ended by its move");
                     return Ok(());
                 }
@@ -540,13 +549,25 @@ impl Supervision {
                         self.await_settled(&mut reader);
                     }
                     if self.moved {
+                        let _ = std::fs::remove_file(socket);
                         return Ok(());
                     }
                 }
-                self.to_deputy(&ToDeputy::Exited(st));
-                self.up(FromSup::Exited);
-                info!(pid, ?st, "guest ended");
-                return Ok(());
+                let o = self.g.end(st);
+                self.outs(o);
+                reaped = Some(st);
+            }
+            if let Some(st) = reaped {
+                // Reported once home has what it wrote behind (or its home ended it).
+                if self.g.exit_sent() || self.killed {
+                    if !self.g.exit_sent() {
+                        self.to_deputy(&ToDeputy::Exited(st));
+                    }
+                    self.up(FromSup::Exited);
+                    let _ = std::fs::remove_file(socket);
+                    info!(pid, ?st, "guest ended");
+                    return Ok(());
+                }
             }
         }
     }
@@ -597,7 +618,7 @@ impl Supervision {
                 let _ = mosix_ckpt::sys::kill(self.live.pid, libc::SIGKILL);
             }
             ToSup::Relinked => {
-                let o = self.g.resend();
+                let o = self.g.resend(&mut self.live);
                 self.outs(o);
             }
             ToSup::Start(_) | ToSup::Commit | ToSup::Abort => {}
