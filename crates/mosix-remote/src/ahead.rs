@@ -198,6 +198,8 @@ pub struct Ahead {
     /// The writing thread waits for writes; calls wait for writes to be made.
     write_cv: Condvar,
     made_cv: Condvar,
+    /// The watching thread waits for the inotify descriptor to exist.
+    watch_cv: Condvar,
 }
 
 /// How a sent message of a stream fares.
@@ -437,7 +439,10 @@ impl Ahead {
                 return None;
             }
             match crate::deputy::move_high(i) {
-                Ok(i) => st.inotify = Some(i),
+                Ok(i) => {
+                    st.inotify = Some(i);
+                    self.watch_cv.notify_all();
+                }
                 Err(_) => {
                     // SAFETY: our own descriptor.
                     unsafe { libc::close(i) };
@@ -448,9 +453,7 @@ impl Ahead {
         let ino = st.inotify?;
         let path = format!("/proc/self/fd/{fd}\0");
         // SAFETY: a NUL-terminated path of ours; the watch follows the descriptor's file.
-        let wd = unsafe {
-            libc::inotify_add_watch(ino, path.as_ptr().cast(), libc::IN_MODIFY | libc::IN_ATTRIB)
-        };
+        let wd = unsafe { libc::inotify_add_watch(ino, path.as_ptr().cast(), libc::IN_MODIFY) };
         if wd < 0 {
             return None;
         }
@@ -573,6 +576,34 @@ impl Ahead {
         st.done = true;
         self.read_cv.notify_all();
         self.write_cv.notify_all();
+        self.watch_cv.notify_all();
+    }
+
+    /// Watching thread: waits until a file read ahead may have changed (its inotify
+    /// descriptor is readable); then the way out is to send what that means, even when
+    /// nothing else is sent (a reader at the end of a file that grows). False: the
+    /// process ended.
+    pub fn watch(&self) -> bool {
+        let ino = {
+            let mut st = self.lock();
+            loop {
+                if st.done {
+                    return false;
+                }
+                if let Some(i) = st.inotify {
+                    break i;
+                }
+                st = self.watch_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let mut p = libc::pollfd {
+            fd: ino,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on our own descriptor.
+        unsafe { libc::poll(&mut p, 1, 1000) };
+        true
     }
 
     /// The way out, before anything is sent: the streams whose files changed since it
@@ -580,9 +611,6 @@ impl Ahead {
     pub fn stale(&self) -> Option<FromDeputy> {
         let mut st = self.lock();
         let ino = st.inotify?;
-        if st.reads.is_empty() {
-            return None;
-        }
         let mut changed: Vec<i32> = Vec::new();
         let mut all = false;
         let mut buf = [0u8; 4096];
@@ -604,7 +632,7 @@ impl Ahead {
                 at += 16 + len as usize;
             }
         }
-        if changed.is_empty() && !all {
+        if changed.is_empty() && !all || st.reads.is_empty() {
             return None;
         }
         let gone: Vec<u64> = st
@@ -773,5 +801,79 @@ impl Ahead {
             credit: w.granted,
             applied: made,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+
+    fn write_call(fd: RawFd) -> Call {
+        Call {
+            seq: 9,
+            tid: 1,
+            nr: libc::SYS_write,
+            args: [fd as u64, 0, 1, 0, 0, 0],
+            bufs: Vec::new(),
+            took: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn writes_behind_are_made_in_order_and_a_failed_one_is_reported_once() {
+        let d = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(d.path().join("f"))
+            .unwrap();
+        let fd = f.as_raw_fd();
+        let a = Arc::new(Ahead::default());
+        let none = |_: u64| false;
+        // Two forwarded writes in a row begin write-behind.
+        let args = [fd as u64, 0, 5, 0, 0, 0];
+        assert!(a.after(1, libc::SYS_write, &args, 5, &none).is_none());
+        let b = a.after(2, libc::SYS_write, &args, 5, &none);
+        assert!(
+            matches!(b, Some(Begin::Behind { credit: WINDOW, .. })),
+            "{b:?}"
+        );
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (a2, s2) = (a.clone(), sent.clone());
+        let t = std::thread::spawn(move || a2.write_loop(&|m| s2.lock().unwrap().push(m)));
+        a.behind(2, 0, None, b"hello ".to_vec());
+        a.behind(2, 1, Some(100), b"far".to_vec());
+        // A duplicate (sent again after a broken link) is made once.
+        a.behind(2, 0, None, b"hello ".to_vec());
+        a.wait_writes(3);
+        let got = std::fs::read(d.path().join("f")).unwrap();
+        assert_eq!(&got[..6], b"hello ");
+        assert_eq!(&got[100..], b"far");
+        // The descriptor now refuses writes: the next write behind fails; the host hears
+        // the stream ends, and the next write on the descriptor gets the error, once.
+        let ro = std::fs::File::open(d.path().join("f")).unwrap();
+        // SAFETY: dup2 of our own descriptors.
+        assert_eq!(unsafe { libc::dup2(ro.as_raw_fd(), fd) }, fd);
+        a.behind(2, 2, None, b"lost".to_vec());
+        a.wait_writes(4);
+        assert!(
+            sent.lock()
+                .unwrap()
+                .iter()
+                .any(|m| matches!(m, FromDeputy::Revoke { stream: 2 })),
+            "{:?}",
+            sent.lock().unwrap()
+        );
+        assert_eq!(a.deferred(&write_call(fd)), Some(libc::EBADF));
+        assert_eq!(a.deferred(&write_call(fd)), None);
+        // What comes for it after the failure is dropped.
+        a.behind(2, 3, None, b"more".to_vec());
+        a.finish();
+        t.join().unwrap();
+        assert_eq!(a.lock().applied, 5);
     }
 }

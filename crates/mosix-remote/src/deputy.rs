@@ -588,6 +588,15 @@ fn read_ahead_main(out: Arc<Link>) {
     }
 }
 
+/// The deputy's thread that tells the host at once of a change of a file read ahead.
+fn watch_main(out: Arc<Link>) {
+    block_all_but(&[]);
+    let ahead = out.ahead.clone();
+    while ahead.watch() {
+        out.send(None);
+    }
+}
+
 /// The deputy's thread that makes writes sent behind.
 fn write_behind_main(out: Arc<Link>) {
     block_all_but(&[]);
@@ -640,6 +649,10 @@ impl Deputy {
         std::thread::Builder::new()
             .name("deputy-behind".into())
             .spawn(move || write_behind_main(o4))?;
+        let o5 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-watch".into())
+            .spawn(move || watch_main(o5))?;
         Ok(Deputy {
             workers: HashMap::new(),
             calls: HashMap::new(),

@@ -260,3 +260,62 @@ fn streams_read_ahead_and_write_behind_as_a_local_run_would() {
     let r = same(&which("python3"), &["-c", PY_STREAMS], d.path(), None);
     assert!(r.read_ahead > 0 && r.written_behind > 0, "{r:?}");
 }
+
+const PY_TAIL: &str = r#"
+import time
+f = open('grow.txt', 'rb', buffering=0)
+n = 0
+while True:
+    b = f.read(4096)
+    if not b:
+        break
+    n += len(b)
+print('eof', n, flush=True)
+# As tail -f: read again until the file has grown (bounded: 60 s).
+for i in range(6000):
+    b = f.read(4096)
+    if b:
+        print('more', b.decode().strip(), flush=True)
+        break
+    time.sleep(0.01)
+else:
+    print('nothing came', flush=True)
+"#;
+
+#[test]
+fn a_reader_at_the_end_of_a_file_sees_it_grow() {
+    let d = tempfile::tempdir().unwrap();
+    let grow = d.path().join("grow.txt");
+    std::fs::write(&grow, vec![b'x'; 100_000]).unwrap();
+    let out = d.path().join("out.txt");
+    let o = std::fs::File::create(&out).unwrap();
+    let dir = d.path().to_path_buf();
+    let run = std::thread::spawn(move || {
+        local::run(
+            Path::new(DEPUTY),
+            &which("python3"),
+            &["-c", PY_TAIL],
+            &dir,
+            [Stdio::null(), Stdio::from(o), Stdio::null()],
+        )
+        .unwrap()
+    });
+    // It read to the end (ahead of it, on its host): the file grows at home.
+    while !std::fs::read_to_string(&out).unwrap().contains("eof") {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&grow)
+        .unwrap()
+        .write_all(b"appended\n")
+        .unwrap();
+    let r = run.join().unwrap();
+    assert_eq!(r.status, ExitStatus::Code(0));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "eof 100000\nmore appended\n"
+    );
+    assert!(r.read_ahead > 0, "{r:?}");
+}
