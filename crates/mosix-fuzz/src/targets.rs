@@ -536,6 +536,7 @@ fn migrate_header() -> wire::MigrateHeader {
         offer: Some("{\"gain\":1.5}".into()),
         hostname: "home".into(),
         no_new_privs: false,
+        shared_paths: vec!["/shared".into()],
     }
 }
 

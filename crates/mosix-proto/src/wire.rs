@@ -325,6 +325,9 @@ pub struct MigrateHeader {
     pub hostname: String,
     /// The process's own no_new_privs (away it runs with it set, for its filter).
     pub no_new_privs: bool,
+    /// The home node's shared paths: files under those that the host shares too are
+    /// opened and used where the process runs (DFSA), not through home.
+    pub shared_paths: Vec<String>,
 }
 
 /// Sent after the image.

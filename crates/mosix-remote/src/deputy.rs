@@ -529,6 +529,15 @@ enum Aux {
     Synced {
         seq: u64,
     },
+    Adopt {
+        seq: u64,
+        fd: i32,
+        path: Vec<u8>,
+        flags: i32,
+        offset: u64,
+        cloexec: bool,
+        writes: u64,
+    },
 }
 
 fn aux_main(rx: Receiver<Aux>, out: Arc<Link>) {
@@ -553,6 +562,19 @@ fn aux_main(rx: Receiver<Aux>, out: Arc<Link>) {
                 out.send(Some(FromDeputy::Data { seq, ret, data }));
             }
             Aux::Synced { seq } => out.send(Some(FromDeputy::Synced { seq })),
+            Aux::Adopt {
+                seq,
+                fd,
+                path,
+                flags,
+                offset,
+                cloexec,
+                writes,
+            } => {
+                out.ahead.wait_writes(writes);
+                let ret = adopt(fd, &path, flags, offset, cloexec);
+                out.send(Some(FromDeputy::Adopted { seq, ret }));
+            }
         }
     }
 }
@@ -602,6 +624,41 @@ fn write_behind_main(out: Arc<Link>) {
     block_all_but(&[]);
     let ahead = out.ahead.clone();
     ahead.write_loop(&|m| out.send(Some(m)));
+}
+
+/// Opens `path` as the process (it is the deputy's own credentials, cwd and root) with
+/// `flags`, at `offset`, at the process's descriptor number `fd` (close-on-exec as
+/// `cloexec`): 0, or -errno (and `fd` is untouched).
+fn adopt(fd: i32, path: &[u8], flags: i32, offset: u64, cloexec: bool) -> i64 {
+    if is_private(fd as u64) || fd < 0 {
+        return -(libc::EBADF as i64);
+    }
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return -(libc::EINVAL as i64);
+    };
+    let keep =
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOCTTY);
+    // SAFETY: open of a NUL-terminated path of ours; a new descriptor or -1.
+    let f = unsafe { libc::open(c.as_ptr(), keep | libc::O_CLOEXEC | libc::O_NOCTTY) };
+    if f < 0 {
+        return -(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO) as i64);
+    }
+    // SAFETY: lseek, dup3 and close of descriptors of this process: `f` is ours; `fd`
+    // (home's /dev/null reserving the number) becomes the file.
+    unsafe {
+        libc::lseek(f, offset as libc::off_t, libc::SEEK_SET);
+        let r = libc::dup3(f, fd, if cloexec { libc::O_CLOEXEC } else { 0 });
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        libc::close(f);
+        if r < 0 {
+            return -(e as i64);
+        }
+    }
+    0
 }
 
 /// `len` bytes of the process's descriptor `fd` from `off` (its offset untouched).
@@ -761,6 +818,26 @@ impl Deputy {
                 off,
                 data,
             } => self.out.ahead.behind(stream, n, off, data),
+            ToDeputy::Adopt {
+                seq,
+                fd,
+                path,
+                flags,
+                offset,
+                cloexec,
+            } => {
+                // A call on it may come next: it waits for this like for a write behind.
+                let writes = self.out.ahead.writes_sent();
+                let _ = self.aux.send(Aux::Adopt {
+                    seq,
+                    fd,
+                    path,
+                    flags,
+                    offset,
+                    cloexec,
+                    writes,
+                });
+            }
             ToDeputy::Sync { seq, took } => {
                 self.out.ahead.took(&took);
                 let _ = self.aux.send(Aux::Synced { seq });

@@ -17,6 +17,7 @@
 
 pub mod ahead;
 pub mod deputy;
+pub mod dfsa;
 pub mod exec;
 pub mod filter;
 pub mod gather;

@@ -28,6 +28,8 @@ pub struct Run {
     pub forwarded: u64,
     /// Bytes read from what the deputy sent ahead, and written behind.
     pub read_ahead: u64,
+    /// Files of shared paths opened where it ran (DFSA).
+    pub opened_here: u64,
     pub written_behind: u64,
     /// Calls that would have needed a move home (answered ENOSYS here).
     pub home: Vec<String>,
@@ -191,6 +193,19 @@ pub fn run(
     cwd: &Path,
     stdio: [Stdio; 3],
 ) -> std::io::Result<Run> {
+    run_shared(deputy_bin, prog, args, cwd, stdio, &[])
+}
+
+/// [`run`], with `shared` directories shared by home and host (DFSA: files under them
+/// are opened and used by the process itself).
+pub fn run_shared(
+    deputy_bin: &Path,
+    prog: &str,
+    args: &[&str],
+    cwd: &Path,
+    stdio: [Stdio; 3],
+    shared: &[std::path::PathBuf],
+) -> std::io::Result<Run> {
     let (sup, dep) = UnixStream::pair()?;
     let [i, o, e] = stdio;
     let dep_fd = dep.as_raw_fd();
@@ -234,7 +249,15 @@ pub fn run(
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let mut live = Live::new(NotifyFd(listener), pid)?;
-    let mut g = Guest::new(pid, 1);
+    let home: Vec<String> = shared
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut g = Guest::new(pid, 1).with_dfsa(crate::dfsa::Dfsa::new(
+        &home,
+        shared,
+        Some(cwd.to_path_buf()),
+    ));
     let mut home = Vec::new();
     let status = supervise(
         &mut live,
@@ -266,6 +289,7 @@ pub fn run(
         deputy: dst,
         forwarded: g.forwarded,
         read_ahead: g.streams.served,
+        opened_here: g.dfsa.opened,
         written_behind: g.streams.behind,
         home,
     })

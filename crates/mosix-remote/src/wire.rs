@@ -232,6 +232,19 @@ pub enum ToDeputy {
         seq: u64,
         took: Vec<Took>,
     },
+    /// The process's descriptor `fd` is a file of a shared path opened where it runs
+    /// (DFSA; home holds /dev/null at its number): open that file here (`path`, as the
+    /// process, with `flags` and at `offset`) at the same number, so that it is home's from
+    /// now on (before a move, or a call that must be made at home).
+    Adopt {
+        seq: u64,
+        fd: i32,
+        #[serde(with = "serde_bytes")]
+        path: Vec<u8>,
+        flags: i32,
+        offset: u64,
+        cloexec: bool,
+    },
 }
 
 /// From the deputy.
@@ -292,6 +305,11 @@ pub enum FromDeputy {
     /// The answer to [`ToDeputy::Sync`].
     Synced {
         seq: u64,
+    },
+    /// The answer to [`ToDeputy::Adopt`]: 0, or -errno.
+    Adopted {
+        seq: u64,
+        ret: i64,
     },
 }
 

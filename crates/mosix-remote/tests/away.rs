@@ -225,7 +225,7 @@ fn a_process_leaves_home_runs_away_with_its_deputy_and_comes_back() {
     )
     .unwrap();
     // Its read waits at home: cancel it there (the deputy answers), as a move does.
-    for out in g.quiesce() {
+    for out in g.quiesce(&mut live) {
         if let mosix_remote::guest::Out::Deputy(m) = out {
             mosix_remote::wire::send(&mut &conn, &m).unwrap();
         }

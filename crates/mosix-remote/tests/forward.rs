@@ -319,3 +319,66 @@ fn a_reader_at_the_end_of_a_file_sees_it_grow() {
     );
     assert!(r.read_ahead > 0, "{r:?}");
 }
+
+const PY_SHARED: &str = r#"
+import fcntl, os, zlib
+# A file of the shared directory, written and read back where it runs.
+with open('shared/out.bin', 'wb') as f:
+    for i in range(200):
+        f.write(bytes([i % 251]) * 10000)
+with open('shared/out.bin', 'rb') as f:
+    d = f.read()
+    print('size', len(d), zlib.crc32(d), f.tell())
+    f.seek(12345)
+    print(f.read(8), os.fstat(f.fileno()).st_size)
+    # A lock: the file is home's from then on, at the same offset.
+    fcntl.flock(f, fcntl.LOCK_SH)
+    print('locked at', f.tell(), f.read(4))
+    fcntl.flock(f, fcntl.LOCK_UN)
+# Appends from two descriptors, one a dup.
+g = open('shared/log.txt', 'a')
+h = os.fdopen(os.dup(g.fileno()), 'a')
+g.write('one\n'); g.flush(); h.write('two\n'); h.flush()
+g.close(); h.close()
+print(open('shared/log.txt').read().split())
+print(open('big.txt', 'rb').read(10))
+os.unlink('shared/out.bin'); os.unlink('shared/log.txt')
+"#;
+
+#[test]
+fn files_of_a_shared_directory_are_used_where_the_process_runs() {
+    let (d, f) = data_dir();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::copy(&f, shared.join("big.txt")).unwrap();
+    let run = |prog: &str, args: &[&str]| {
+        let (want, wst) = direct(prog, args, d.path(), None);
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let r = local::run_shared(
+            Path::new(DEPUTY),
+            prog,
+            args,
+            d.path(),
+            [
+                Stdio::null(),
+                Stdio::from(out.reopen().unwrap()),
+                Stdio::null(),
+            ],
+            std::slice::from_ref(&shared),
+        )
+        .unwrap();
+        let got = std::fs::read(out.path()).unwrap();
+        assert_eq!(r.status, wst, "{prog}: {r:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{prog} {args:?}"
+        );
+        r
+    };
+    let r = run(&which("sha256sum"), &["shared/big.txt", "big.txt"]);
+    // The shared one is opened where it runs; the other is home's.
+    assert_eq!(r.opened_here, 1, "{r:?}");
+    let r = run(&which("python3"), &["-c", PY_SHARED]);
+    assert!(r.opened_here >= 3, "{r:?}");
+}

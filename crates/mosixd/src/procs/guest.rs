@@ -234,6 +234,11 @@ impl GuestDriver {
                         self.home_wanted = Some(why);
                         self.retry_home();
                     }
+                    FromSup::Unquiesced { why } => {
+                        if let Some(r) = self.quiesce.take() {
+                            let _ = r.send(Err(MoveError::Engine(why)));
+                        }
+                    }
                     FromSup::Quiesced {
                         completed,
                         next_seq,

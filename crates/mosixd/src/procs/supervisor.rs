@@ -7,6 +7,7 @@
 //! For a process coming home it only rebuilds it inside its deputy, and exits.
 
 use mosix_proto::wire::{self, Frame, MigrateHeader, Tail};
+use mosix_remote::dfsa::Dfsa;
 use mosix_remote::guest::{Guest, Out};
 use mosix_remote::host::Live;
 use mosix_remote::notify::NotifyFd;
@@ -44,6 +45,8 @@ pub struct SupStart {
     pub limit: u64,
     /// Where it listens for mosixd once it supervises (after a restart of mosixd).
     pub socket: PathBuf,
+    /// This node's shared paths (DFSA: with the home's, where files are used here).
+    pub shared_paths: Vec<PathBuf>,
 }
 
 /// mosixd to supervisor. After `Start` come the image's chunks and its [`Tail`].
@@ -78,6 +81,10 @@ pub enum FromSup {
     Deputy(Frame),
     /// It made a call that can only be made at home: bring it home.
     GoHome {
+        why: String,
+    },
+    /// Its calls at home cannot be settled: the move cannot be made.
+    Unquiesced {
         why: String,
     },
     /// Its calls at home are settled: those done meanwhile (TID, result) and the next
@@ -302,6 +309,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 Ok(r) => r,
                 Err(e) => return refuse(&mut conn, e.to_string()),
             };
+            let cwd = PathBuf::from(&img.meta.cwd);
             drop(img);
             let pid = restored.pid;
             send(&mut conn, &FromSup::Ready { host_pid: pid })?;
@@ -319,7 +327,9 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             }
             let mut s = Supervision {
                 live: Live::new(NotifyFd(listener), pid)?,
-                g: Guest::new(h.home_pid, tail.next_seq).with_local(tail.proc_fds.clone()),
+                g: Guest::new(h.home_pid, tail.next_seq)
+                    .with_local(tail.proc_fds.clone())
+                    .with_dfsa(Dfsa::new(&h.shared_paths, &start.shared_paths, Some(cwd))),
                 header: h,
                 conn: Some(conn),
                 backlog: Vec::new(),
@@ -403,6 +413,10 @@ impl Supervision {
             }
         }
         if self.moving && self.g.outstanding() == 0 {
+            if let Some(why) = self.g.unquiesced() {
+                self.up(FromSup::Unquiesced { why });
+                return;
+            }
             let completed = {
                 use mosix_remote::guest::Kernel;
                 self.g.completed(self.live.mem())
@@ -605,7 +619,7 @@ impl Supervision {
             },
             ToSup::Quiesce => {
                 self.moving = true;
-                let o = self.g.quiesce();
+                let o = self.g.quiesce(&mut self.live);
                 self.outs(o);
             }
             ToSup::Thaw => {

@@ -245,6 +245,12 @@ impl Procs {
             offer: m.offer.clone(),
             hostname: mosix_ckpt::sys::hostname(),
             no_new_privs: no_new_privs(m.pid),
+            shared_paths: self
+                .cfg
+                .shared_paths
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
         let t0 = Instant::now();
@@ -487,6 +493,7 @@ impl Procs {
             mode: mode.clone(),
             limit,
             socket: sock,
+            shared_paths: self.cfg.shared_paths.clone(),
         };
         supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
         // The image, chunk by chunk, then the tail.
