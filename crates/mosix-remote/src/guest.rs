@@ -635,11 +635,16 @@ impl Guest {
             }
             Special::Readlink(s) => {
                 let path_arg = if n.nr == libc::SYS_readlink { 0 } else { 1 };
-                let own_exe = gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH)
-                    .map(|p| self.is_own_exe(&p))
-                    .unwrap_or(false);
-                match (own_exe, k.exe()) {
-                    (true, Some(target)) => {
+                let path = gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH)
+                    .unwrap_or_default();
+                // Its executable here; a shared file opened here (home has /dev/null).
+                let target = if self.is_own_exe(&path) {
+                    k.exe()
+                } else {
+                    self.own_fd_link(&path)
+                };
+                match target {
+                    Some(target) => {
                         let (buf, cap) = (n.args[path_arg + 1], n.args[path_arg + 2] as usize);
                         let m = target.len().min(cap);
                         let ret = match k.mem().write(buf, &target[..m]) {
@@ -755,6 +760,22 @@ impl Guest {
             Err(Errno::EXDEV | Errno::ELOOP | Errno::EAGAIN | Errno::ENOSYS) => None,
             Err(e) => Some(Err(e)),
         }
+    }
+
+    /// What `/proc/self/fd/N` links to when N is a shared file opened here.
+    fn own_fd_link(&self, p: &[u8]) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.dfsa.files.is_empty() {
+            return None;
+        }
+        let p = std::str::from_utf8(p.strip_suffix(&[0]).unwrap_or(p)).ok()?;
+        let own = format!("/proc/{}/fd/", self.own_pid);
+        let n = p
+            .strip_prefix("/proc/self/fd/")
+            .or_else(|| p.strip_prefix("/proc/thread-self/fd/"))
+            .or_else(|| p.strip_prefix(own.as_str()))?;
+        let f = self.dfsa.files.get(&n.parse::<i32>().ok()?)?;
+        Some(f.path.as_os_str().as_bytes().to_vec())
     }
 
     fn is_own_exe(&self, p: &[u8]) -> bool {
