@@ -429,7 +429,7 @@ fn is_zero(p: &[u8]) -> bool {
 }
 
 /// How a checkpoint for a move differs from a plain one.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Moving {
     pub rules: checks::Rules,
     /// The no_new_privs the process really has (away, it runs with it set for our filter).
@@ -454,7 +454,7 @@ pub(crate) fn dump_frozen_for<W: Write + 'static>(
 ) -> Result<(W, DumpStats)> {
     let pid = f.pid;
     // Anything could have changed between the check and the stop; now nothing runs.
-    let reasons = checks::refusals_with(pid, moving.rules)?;
+    let reasons = checks::refusals_with(pid, moving.rules.clone())?;
     if !reasons.is_empty() {
         return Err(Error::Refused { pid, reasons });
     }

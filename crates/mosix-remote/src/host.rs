@@ -114,13 +114,21 @@ impl Kernel for Live {
     fn memfile(&self, size: u64, parts: &[(u64, Vec<u8>)]) -> Option<OwnedFd> {
         let fd = nix::sys::memfd::memfd_create(
             c"mosix-home-file",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
         )
         .ok()?;
         let f = std::fs::File::from(fd);
         f.set_len(size).ok()?;
         for (off, d) in parts {
             std::os::unix::fs::FileExt::write_all_at(&f, d, *off).ok()?;
+        }
+        // A copy: what the process would write into it through a shared mapping would
+        // never reach home, so it cannot (mprotect to writable fails; private mappings
+        // stay copy-on-write).
+        let seals = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+        // SAFETY: F_ADD_SEALS on our own memfd.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return None;
         }
         Some(f.into())
     }

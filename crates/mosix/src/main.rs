@@ -57,6 +57,7 @@ enum Command {
     #[command(name = "__calls", hide = true)]
     Calls {
         file: std::path::PathBuf,
+        shared: std::path::PathBuf,
     },
     /// (benchmark helper) accept one TCP connection at ADDR and read it to the end.
     #[command(name = "__net-sink", hide = true)]
@@ -182,7 +183,7 @@ fn main() {
         Command::Completions(a) => completions(a),
         Command::ManPages { dir } => man_pages(&dir),
         Command::Touch { mib } => cmd::benchmig::touch(mib),
-        Command::Calls { file } => cmd::benchcalls::calls(&file),
+        Command::Calls { file, shared } => cmd::benchcalls::calls(&file, &shared),
         Command::NetSink { addr } => cmd::benchmig::net_sink(&addr),
         Command::NetSource { addr, mib } => cmd::benchmig::net_source(&addr, mib),
     };

@@ -535,6 +535,113 @@ fn shared_files(tb: &Testbed) {
     assert!(st.success(), "{st:?}");
 }
 
+const MMAP_PY: &str = r#"
+import mmap, os, sys, zlib
+os.chdir(sys.argv[1])
+f = open('map.bin', 'w+b')
+f.truncate(1 << 20)
+# A writable shared mapping of a file of the shared path, made at home, kept across moves.
+m = mmap.mmap(f.fileno(), 1 << 20)
+print('start', flush=True)
+for i, line in enumerate(sys.stdin):
+    m[i * 4096:(i + 1) * 4096] = bytes([65 + i]) * 4096
+    m.flush()
+    f.seek(0)
+    print(line.strip(), zlib.crc32(m[:]), zlib.crc32(f.read()), flush=True)
+m.close()
+f.close()
+print('end', zlib.crc32(open('map.bin', 'rb').read()), flush=True)
+"#;
+
+/// A writable shared mapping of a file of the shared path moves with the process (mapped
+/// again from the file where it goes): the file and what the process reads of it are an
+/// unmoved run's, byte for byte.
+fn shared_mapping(tb: &Testbed) {
+    let dir = tb.shared().join("mmap");
+    let d = dir.clone();
+    let fresh = move || {
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+    };
+    conversation(
+        tb,
+        MMAP_PY,
+        &[dir.to_str().unwrap()],
+        ["a", "b", "c", "d"],
+        &fresh,
+    );
+}
+
+const HOMEONLY_PY: &str = r#"
+import ctypes, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+print('start', flush=True)
+for line in sys.stdin:
+    what = line.split()[0]
+    if what == 'map':
+        # A writable shared mapping of a file of its home (no shared path).
+        f = open(line.split()[1], 'w+b'); f.truncate(4096)
+        m = mmap.mmap(f.fileno(), 4096); m[:5] = b'hello'; m.flush()
+        print('map', open(line.split()[1], 'rb').read(5), flush=True)
+    elif what == 'uring':
+        params = ctypes.create_string_buffer(120)
+        fd = libc.syscall(425, 4, params)
+        print('uring', fd >= 0, flush=True)
+    elif what == 'peek':
+        # process_vm_readv of another process (its parent).
+        iov = (ctypes.c_uint64 * 2)(0, 0)
+        r = libc.syscall(310, os.getppid(), iov, 1, iov, 1, 0)
+        print('peek', r, flush=True)
+    elif what == 'shm':
+        shmid = libc.shmget(0, 4096, 0o1600)
+        libc.shmat.restype = ctypes.c_void_p
+        addr = libc.shmat(shmid, None, 0)
+        ctypes.memmove(addr, b'sysv', 4)
+        print('shm', ctypes.string_at(addr, 4), flush=True)
+        libc.shmctl(shmid, 0, None)
+"#;
+
+/// What cannot be carried from away brings the process home, where it is made (and it
+/// goes on there); what cannot move at all keeps it home, with the reason.
+fn home_only(tb: &Testbed) {
+    let file = tb.dir.path().join("home-only.map");
+    let mut t = Talk::start(tb, &[PY, "-c", HOMEONLY_PY], false);
+    for (cmd, want) in [
+        ("uring".to_string(), "uring True"),
+        ("peek".to_string(), "peek 0"),
+        (format!("map {}", file.display()), "map b'hello'"),
+    ] {
+        move_ok(tb, t.pid, "2");
+        assert_eq!(t.say(&cmd), want);
+        assert_eq!(tb.where_(t.pid), "0", "{cmd}: it went home to make it");
+    }
+    // Now it holds a writable shared mapping of a home file: it stays home, and says why.
+    let o = tb.migrate(t.pid, "2");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("writable shared memory") && err.contains("home-only.map"),
+        "{err}"
+    );
+    assert_eq!(tb.where_(t.pid), "0");
+    // System V shared memory: home, then kept there.
+    let mut t2 = Talk::start(tb, &[PY, "-c", HOMEONLY_PY], false);
+    move_ok(tb, t2.pid, "3");
+    assert_eq!(t2.say("shm"), "shm b'sysv'");
+    assert_eq!(tb.where_(t2.pid), "0");
+    let o = tb.migrate(t2.pid, "3");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("System V shared memory"),
+        "{err}"
+    );
+    for t in [t, t2] {
+        let (_, st) = t.end();
+        assert!(st.success(), "{st:?}");
+    }
+}
+
 const PERM_PY: &str = r#"
 import sys
 print('start', flush=True)
@@ -679,8 +786,11 @@ fn real_programs_keep_their_home_world_on_every_node() {
     // Reading ahead and writing behind across moves; offsets left right at home.
     streams(&tb);
     offset_left_at_home(&tb);
-    // Files of the shared path used where it runs (DFSA).
+    // Files of the shared path used where it runs (DFSA), and mapped shared and writable.
     shared_files(&tb);
+    shared_mapping(&tb);
+    // What cannot be carried from away: made at home.
+    home_only(&tb);
 
     // A TCP connection to a server on the home node kept across moves, and new ones.
     sockets(&tb);

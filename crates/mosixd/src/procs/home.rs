@@ -97,6 +97,19 @@ impl Handle {
         }
         !ended
     }
+    /// What `ps`, `where` and the balancer read of it: where it is, from the job itself
+    /// (a move is answered before the driver's copy is refreshed), the rest from the
+    /// driver's last look at /proc.
+    pub fn snapshot(&self) -> Snapshot {
+        let s = lock(&self.info).clone();
+        let j = lock(&self.job);
+        Snapshot {
+            cmd: s.cmd,
+            ppid: s.ppid,
+            ..snapshot_of(&j, s.pid)
+        }
+    }
+
     /// The secret its deputy proves itself with.
     pub(crate) fn token(&self) -> &str {
         &self.token
@@ -480,20 +493,21 @@ impl Procs {
         }
         let mut w = stream.try_clone()?;
         w.write_all(b"{\"type\":\"deputy_ok\"}\n")?;
-        let tx = h.tx.clone();
+        let hr = h.clone();
         std::thread::Builder::new()
             .name(format!("deputy-{home_pid}"))
             .spawn(move || {
+                // The deputy's frames go to its host from this thread.
                 let mut r = std::io::BufReader::new(stream);
                 loop {
                     match mosix_remote::wire::recv_bytes(&mut r) {
                         Ok(Some(f)) => {
-                            if tx.send(HomeEv::Job(Ev::FromDeputy(f.into()))).is_err() {
+                            if !hr.send(Ev::FromDeputy(f.into())) {
                                 return;
                             }
                         }
                         _ => {
-                            let _ = tx.send(HomeEv::Job(Ev::DeputyGone));
+                            hr.send(Ev::DeputyGone);
                             return;
                         }
                     }
@@ -561,7 +575,7 @@ impl Procs {
 
     /// `where`: 0 when home, else the node number.
     pub fn where_is(&self, pid: i32) -> Result<u32> {
-        let n = lock(&self.home(pid)?.info).node;
+        let n = self.home(pid)?.snapshot().node;
         Ok(if n == self.me() { 0 } else { n })
     }
 

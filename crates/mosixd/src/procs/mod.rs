@@ -242,7 +242,7 @@ impl Procs {
             }
         };
         for (pid, h) in lock(&self.homes).iter() {
-            let s = lock(&h.info).clone();
+            let s = h.snapshot();
             if s.node == me && !s.moving {
                 let parent = !family::children_of(*pid).is_empty();
                 out.push(info(*pid, proc_id(me, *pid), me, &s, parent));
@@ -397,7 +397,7 @@ impl Procs {
         let explain = lock(&self.explanations).clone();
         let mut out = Vec::new();
         for (pid, h) in lock(&self.homes).iter() {
-            let s = lock(&h.info).clone();
+            let s = h.snapshot();
             let here = s.node == me;
             let (rss, cpu) = if here { usage(*pid) } else { (0, 0.0) };
             let reason = match explain.get(&proc_id(me, *pid)) {

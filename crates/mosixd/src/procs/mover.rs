@@ -29,6 +29,9 @@ pub struct MoverStart {
     pub away: bool,
     pub no_new_privs: Option<bool>,
     pub compression: mosix_ckpt::Compression,
+    /// Directories every node shares (a writable shared mapping of a file under them
+    /// moves).
+    pub shared: Vec<String>,
 }
 
 /// mosixd to mover.
@@ -202,6 +205,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     let leaving = mosix_ckpt::Leaving {
         away: start.away,
         no_new_privs: start.no_new_privs,
+        shared: start.shared.clone(),
     };
     let mut ctl = conn.try_clone()?;
     let data = conn.try_clone()?;

@@ -332,6 +332,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     .with_dfsa(Dfsa::new(&h.shared_paths, &start.shared_paths, Some(cwd))),
                 header: h,
                 conn: Some(conn),
+                out: Outbox::default(),
                 backlog: Vec::new(),
                 moving: false,
                 moved: false,
@@ -354,13 +355,50 @@ fn reap(pid: Option<i32>) {
     }
 }
 
+/// Frames for mosixd that its socket has not taken yet: written as it takes them, so that
+/// the supervisor never waits on mosixd (which may be writing to it meanwhile: both then
+/// would wait for ever); the process's calls wait instead once too much is queued.
+#[derive(Default)]
+struct Outbox {
+    frames: std::collections::VecDeque<Vec<u8>>,
+    /// Bytes of the first frame written.
+    at: usize,
+    bytes: usize,
+}
+
+/// Queued beyond this, the process's new calls wait.
+const OUTBOX_FULL: usize = 32 << 20;
+
+/// Writes what `fd` takes now (MSG_DONTWAIT): bytes written, 0 if it takes nothing now.
+fn send_now(fd: RawFd, b: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: send of a buffer of ours on our socket; it does not block.
+    let n = unsafe {
+        libc::send(
+            fd,
+            b.as_ptr().cast(),
+            b.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(0),
+        _ => Err(e),
+    }
+}
+
 struct Supervision {
     live: Live,
     g: Guest,
     header: MigrateHeader,
     conn: Option<UnixStream>,
-    /// What could not be sent while mosixd was away.
-    backlog: Vec<FromSup>,
+    /// What the connection has not taken yet.
+    out: Outbox,
+    /// Frames that could not be sent while mosixd was away.
+    backlog: Vec<Vec<u8>>,
     /// Frozen for a move: its end is not reported until the move is settled.
     moving: bool,
     moved: bool,
@@ -375,28 +413,62 @@ struct Supervision {
 
 impl Supervision {
     fn up(&mut self, m: FromSup) {
-        if let Some(c) = &mut self.conn {
-            if send(c, &m).is_ok() {
-                return;
-            }
-            self.conn = None;
-        }
-        if !matches!(m, FromSup::Hello { .. }) {
-            self.backlog.push(m);
+        let mut f = Vec::new();
+        if wire::send(&mut f, &m).is_ok() {
+            self.frame(f);
         }
     }
 
-    /// Sends a message for the deputy, encoded straight into the connection.
+    /// Sends a message for the deputy (encoded once, into its frame).
     fn to_deputy(&mut self, m: &ToDeputy) {
-        if self.backlog.is_empty() {
-            if let Some(c) = &mut self.conn {
-                if wire::send_wrapped(c, FromSup::DEPUTY, m).is_ok() {
+        let mut f = Vec::new();
+        if wire::send_wrapped(&mut f, FromSup::DEPUTY, m).is_ok() {
+            self.frame(f);
+        }
+    }
+
+    /// Queues a frame for mosixd (kept for its next connection when there is none).
+    fn frame(&mut self, f: Vec<u8>) {
+        if self.conn.is_none() {
+            self.backlog.push(f);
+            return;
+        }
+        self.out.bytes += f.len();
+        self.out.frames.push_back(f);
+        self.pump();
+    }
+
+    /// Writes what the connection takes now.
+    fn pump(&mut self) {
+        let Some(c) = &self.conn else { return };
+        let fd = c.as_raw_fd();
+        while let Some(f) = self.out.frames.front() {
+            match send_now(fd, &f[self.out.at..]) {
+                Ok(0) => return,
+                Ok(n) => {
+                    self.out.at += n;
+                    if self.out.at == f.len() {
+                        self.out.bytes -= f.len();
+                        self.out.at = 0;
+                        self.out.frames.pop_front();
+                    }
+                }
+                Err(_) => {
+                    self.lost();
                     return;
                 }
-                self.conn = None;
             }
         }
-        self.up(FromSup::Deputy(mosix_remote::wire::encode(m).into()));
+    }
+
+    /// The connection to mosixd is gone: what it did not take whole is sent again on the
+    /// next one (a frame cut short went to a reader that is gone too).
+    fn lost(&mut self) {
+        self.conn = None;
+        let mut back: Vec<Vec<u8>> = self.out.frames.drain(..).collect();
+        back.append(&mut self.backlog);
+        self.backlog = back;
+        self.out = Outbox::default();
     }
 
     fn outs(&mut self, outs: Vec<Out>) {
@@ -451,15 +523,22 @@ impl Supervision {
                 .map(|r| r.get_ref().as_raw_fd())
                 .unwrap_or(-1);
             let alive = reaped.is_none();
+            // Too much waits for mosixd: the process's new calls wait.
+            let taking = alive && self.out.bytes < OUTBOX_FULL;
+            let writing = if self.out.frames.is_empty() {
+                0
+            } else {
+                libc::POLLOUT
+            };
             let mut fds = [
                 libc::pollfd {
-                    fd: if alive { self.live.notify.raw() } else { -1 },
+                    fd: if taking { self.live.notify.raw() } else { -1 },
                     events: libc::POLLIN,
                     revents: 0,
                 },
                 libc::pollfd {
                     fd: conn_fd,
-                    events: libc::POLLIN,
+                    events: libc::POLLIN | writing,
                     revents: 0,
                 },
                 libc::pollfd {
@@ -497,7 +576,10 @@ impl Supervision {
                     self.outs(o);
                 }
             }
-            if buffered || fds[1].revents != 0 {
+            if fds[1].revents & libc::POLLOUT != 0 {
+                self.pump();
+            }
+            if buffered || fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 let msg = reader.as_mut().map(ToSup::recv);
                 match msg {
                     Some(Ok(Some(m))) => self.on_mosixd(m),
@@ -506,7 +588,7 @@ impl Supervision {
                         // wait until mosixd connects again.
                         warn!(pid, "lost mosixd; waiting for it");
                         reader = None;
-                        self.conn = None;
+                        self.lost();
                         if self.moving {
                             // Its mover finishes alone: it lets it go on here, or (once
                             // the commit was announced) ends it, as it runs elsewhere.
@@ -520,13 +602,15 @@ impl Supervision {
             if fds[3].revents & libc::POLLIN != 0 {
                 if let Ok((c, _)) = listener.accept() {
                     reader = Some(BufReader::new(c.try_clone()?));
+                    self.lost();
+                    let backlog = std::mem::take(&mut self.backlog);
                     self.conn = Some(c);
                     self.up(FromSup::Hello {
                         header: self.header.clone(),
                         host_pid: pid,
                     });
-                    for m in std::mem::take(&mut self.backlog) {
-                        self.up(m);
+                    for f in backlog {
+                        self.frame(f);
                     }
                     info!(pid, "mosixd is back");
                 }
@@ -578,9 +662,38 @@ impl Supervision {
                         self.to_deputy(&ToDeputy::Exited(st));
                     }
                     self.up(FromSup::Exited);
+                    self.drain(&mut reader);
                     let _ = std::fs::remove_file(socket);
                     info!(pid, ?st, "guest ended");
                     return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Before it exits: what mosixd has not taken yet is written, while what mosixd
+    /// sends meanwhile is read (and dropped: the process is gone), for at most 30 s.
+    fn drain(&mut self, reader: &mut Option<BufReader<UnixStream>>) {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.out.frames.is_empty() && std::time::Instant::now() < end {
+            let Some(fd) = self.conn.as_ref().map(|c| c.as_raw_fd()) else {
+                return;
+            };
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN | libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: poll on our own socket.
+            unsafe { libc::poll(&mut p, 1, 1000) };
+            if p.revents & libc::POLLOUT != 0 {
+                self.pump();
+            }
+            let buffered = reader.as_ref().is_some_and(|r| !r.buffer().is_empty());
+            if buffered || p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                match reader.as_mut().map(ToSup::recv) {
+                    Some(Ok(Some(_))) => {}
+                    _ => return,
                 }
             }
         }

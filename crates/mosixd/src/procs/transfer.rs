@@ -226,7 +226,10 @@ impl Procs {
                 dp.display()
             )));
         }
-        let leaving = mosix_ckpt::Leaving::default();
+        let leaving = mosix_ckpt::Leaving {
+            shared: self.shared_with(&[]),
+            ..Default::default()
+        };
         mosix_ckpt::check_moving(m.pid, &leaving).map_err(|e| MoveError::Engine(e.to_string()))?;
         let mut ch = self
             .connect(to)
@@ -259,6 +262,7 @@ impl Procs {
             away: leaving.away,
             no_new_privs: leaving.no_new_privs,
             compression: self.cfg.compression,
+            shared: leaving.shared.clone(),
         })?;
         let memory_bytes = mover.dump(&mut ch, &mut || Ok(Vec::new()))?;
         // Its deputy's exec, read while it is held; its record says where it is going,
@@ -297,6 +301,23 @@ impl Procs {
         ))
     }
 
+    /// The directories this node shares with every node (its `shared_paths`), and, for a
+    /// guest, that its home shares too (`home`; empty: this node is its home).
+    fn shared_with(&self, home: &[String]) -> Vec<String> {
+        let mine: Vec<String> = self
+            .cfg
+            .shared_paths
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        if home.is_empty() {
+            return mine;
+        }
+        mine.into_iter()
+            .filter(|p| home.iter().any(|h| h == p))
+            .collect()
+    }
+
     /// Moves guest `pid` from here to `dest` (its home, or another node). `quiesce` is
     /// called once it is frozen: its calls at home are cancelled, and it returns those
     /// made meanwhile and the next sequence number of its calls. On success the frozen
@@ -312,6 +333,7 @@ impl Procs {
         let leaving = mosix_ckpt::Leaving {
             away: true,
             no_new_privs: Some(header.no_new_privs),
+            shared: self.shared_with(&header.shared_paths),
         };
         mosix_ckpt::check_moving(pid, &leaving).map_err(|e| MoveError::Engine(e.to_string()))?;
         let mut ch = self
@@ -328,6 +350,7 @@ impl Procs {
             away: leaving.away,
             no_new_privs: leaving.no_new_privs,
             compression: self.cfg.compression,
+            shared: leaving.shared.clone(),
         })?;
         let memory_bytes = mover.dump(&mut ch, &mut || {
             let (done, seq, proc_fds) = quiesce()?;
@@ -582,7 +605,7 @@ impl Procs {
             .get(&h.home_pid)
             .cloned()
             .ok_or_else(|| anyhow!("process {} has no home here any more", h.home_pid))?;
-        let snap = super::lock(&home.info).clone();
+        let snap = home.snapshot();
         if snap.node == self.me() || snap.uid != h.uid {
             bail!("process {} is not away from here", h.home_pid);
         }
