@@ -217,12 +217,11 @@ fn recv_body<R: Read>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
             format!("message of {n} bytes is larger than the limit"),
         ));
     }
-    // Small bodies are allocated as they arrive; a large one (bounded by MAX_MSG, from a
-    // peer that authenticated) at once, so that it is read in one pass.
+    // Memory grows with the bytes that arrive, not with the length the peer claims: a
+    // small body as it comes, a large one in at most two steps (a forwarded call's 1 MiB
+    // and its headers in one, read in one pass).
     if n > SMALL {
-        let mut body = vec![0u8; n];
-        r.read_exact(&mut body)?;
-        return Ok(Some(body));
+        return read_large(r, n).map(Some);
     }
     let mut body = Vec::new();
     if r.by_ref().take(n as u64).read_to_end(&mut body)? != n {
@@ -235,6 +234,21 @@ fn recv_body<R: Read>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
 pub fn send_flush<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
     send(w, msg)?;
     w.flush()
+}
+
+/// The first step of a large body (a forwarded call's data and its headers).
+pub const FIRST_STEP: usize = (1 << 20) + (64 << 10);
+
+/// Reads a body of `n` bytes: up to [`FIRST_STEP`] at once, the rest once that arrived.
+pub fn read_large<R: Read>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
+    let mut body = vec![0u8; n.min(FIRST_STEP)];
+    r.read_exact(&mut body)?;
+    if n > body.len() {
+        let at = body.len();
+        body.resize(n, 0);
+        r.read_exact(&mut body[at..])?;
+    }
+    Ok(body)
 }
 
 /// Reads one message; Ok(None) on a clean end of stream before its first byte.

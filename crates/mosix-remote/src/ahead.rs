@@ -202,6 +202,17 @@ pub struct Ahead {
     watch_cv: Condvar,
 }
 
+/// A piece of a file to read ahead: of `stream`, on descriptor `fd` (the file `file`),
+/// `len` bytes from `off`.
+pub struct Piece {
+    pub stream: u64,
+    pub fd: RawFd,
+    pub kind: Kind,
+    pub file: (u64, u64),
+    pub off: u64,
+    pub len: u64,
+}
+
 /// How a sent message of a stream fares.
 pub enum Send {
     /// Send it.
@@ -669,9 +680,9 @@ impl Ahead {
         }
     }
 
-    /// Reading thread: the next piece to read ahead (waits for one): (stream, fd, kind,
-    /// file, offset, length). None: the process ended.
-    pub fn next_read(&self) -> Option<(u64, RawFd, Kind, (u64, u64), u64, u64)> {
+    /// Reading thread: the next piece to read ahead (waits for one). None: the process
+    /// ended.
+    pub fn next_read(&self) -> Option<Piece> {
         let mut st = self.lock();
         loop {
             if st.done {
@@ -682,15 +693,13 @@ impl Ahead {
                 .iter()
                 .filter(|(_, r)| r.reading && r.next < r.limit)
                 .min_by_key(|(_, r)| r.next)
-                .map(|(s, r)| {
-                    (
-                        *s,
-                        r.fd,
-                        r.kind,
-                        r.file,
-                        r.next,
-                        (r.limit - r.next).min(CHUNK),
-                    )
+                .map(|(s, r)| Piece {
+                    stream: *s,
+                    fd: r.fd,
+                    kind: r.kind,
+                    file: r.file,
+                    off: r.next,
+                    len: (r.limit - r.next).min(CHUNK),
                 });
             if let Some(p) = pick {
                 return Some(p);

@@ -379,7 +379,7 @@ fn worker_main(rx: Receiver<Job>, out: Arc<Link>, st: Arc<Mutex<WState>>) {
             let p = match &mut prepared {
                 Ok(p) => p,
                 Err(o) => {
-                    let o = std::mem::replace(o, exec::Outcome::default());
+                    let o = std::mem::take(o);
                     break exec::reply(seq, o, 0);
                 }
             };
@@ -584,7 +584,15 @@ fn read_ahead_main(out: Arc<Link>) {
     block_all_but(&[]);
     let ahead = out.ahead.clone();
     let mut buf: Vec<u8> = Vec::new();
-    while let Some((stream, fd, kind, file, off, len)) = ahead.next_read() {
+    while let Some(crate::ahead::Piece {
+        stream,
+        fd,
+        kind,
+        file,
+        off,
+        len,
+    }) = ahead.next_read()
+    {
         buf.resize(len as usize, 0);
         // SAFETY: pread into our buffer, of its length, from the process's descriptor
         // (a call that could close it ends the stream first; a read of what it became

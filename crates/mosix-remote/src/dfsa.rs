@@ -146,7 +146,7 @@ mod tests {
             &[PathBuf::from("/shared/work"), PathBuf::from("/data")],
             Some(PathBuf::from("/shared/work/job")),
         );
-        let at = |p: &str| d.place(p.as_bytes()).map(|(r, rel, a)| (r, rel, a));
+        let at = |p: &str| d.place(p.as_bytes());
         let (r, rel, a) = at("/shared/work/in.txt").unwrap();
         assert_eq!(r, Path::new("/shared/work"));
         assert_eq!(rel, Path::new("in.txt"));

@@ -1588,7 +1588,7 @@ mod tests {
         let mut k = kernel();
         let mut g = Guest::new(100, 1).with_dfsa(Dfsa::new(
             std::slice::from_ref(&root),
-            &[shared.clone()],
+            std::slice::from_ref(&shared),
             Some(shared.clone()),
         ));
         // open("data"): opened here; home reserves the number (/dev/null).

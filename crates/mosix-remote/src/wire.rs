@@ -3,8 +3,8 @@
 //! what happens to the process.
 //!
 //! Frames are postcard-encoded messages behind a 4-byte little-endian length, at most
-//! [`MAX_FRAME`] bytes; a reader allocates small frames as they arrive, a large one (bounded)
-//! at once.
+//! [`MAX_FRAME`] bytes; a reader's memory grows with the bytes that arrive (a large frame
+//! in at most two steps).
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -362,9 +362,14 @@ pub fn recv_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
         return Err(FrameError::TooLong(n));
     }
     if n > SMALL {
-        // Bounded by MAX_FRAME: read in one pass.
-        let mut body = vec![0u8; n];
+        // Memory grows with what arrives: in at most two steps.
+        let first = n.min((1 << 20) + (64 << 10));
+        let mut body = vec![0u8; first];
         r.read_exact(&mut body)?;
+        if n > first {
+            body.resize(n, 0);
+            r.read_exact(&mut body[first..])?;
+        }
         return Ok(Some(body));
     }
     let mut body = Vec::new();

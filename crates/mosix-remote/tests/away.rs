@@ -220,6 +220,7 @@ fn a_process_leaves_home_runs_away_with_its_deputy_and_comes_back() {
         &Leaving {
             away: true,
             no_new_privs: Some(false),
+            shared: Vec::new(),
         },
         &mut |_, _| {},
     )

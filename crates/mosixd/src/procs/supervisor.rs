@@ -420,7 +420,7 @@ impl Supervision {
     }
 
     /// Sends a message for the deputy (encoded once, into its frame).
-    fn to_deputy(&mut self, m: &ToDeputy) {
+    fn for_deputy(&mut self, m: &ToDeputy) {
         let mut f = Vec::new();
         if wire::send_wrapped(&mut f, FromSup::DEPUTY, m).is_ok() {
             self.frame(f);
@@ -474,7 +474,7 @@ impl Supervision {
     fn outs(&mut self, outs: Vec<Out>) {
         for o in outs {
             match o {
-                Out::Deputy(m) => self.to_deputy(&m),
+                Out::Deputy(m) => self.for_deputy(&m),
                 Out::GoHome { id, why } => {
                     if self.went_home != Some(id) {
                         self.went_home = Some(id);
@@ -659,7 +659,7 @@ impl Supervision {
                 // Reported once home has what it wrote behind (or its home ended it).
                 if self.g.exit_sent() || self.killed {
                     if !self.g.exit_sent() {
-                        self.to_deputy(&ToDeputy::Exited(st));
+                        self.for_deputy(&ToDeputy::Exited(st));
                     }
                     self.up(FromSup::Exited);
                     self.drain(&mut reader);
@@ -760,7 +760,7 @@ impl Supervision {
         if let Ok(WaitStatus::Stopped(_, sig)) = waitid(id(), flags) {
             // Consume the stop report (WNOWAIT left it), then tell the deputy.
             let _ = waitid(id(), WaitPidFlag::WSTOPPED | WaitPidFlag::WNOHANG);
-            self.to_deputy(&ToDeputy::Stopped { sig: sig as i32 });
+            self.for_deputy(&ToDeputy::Stopped { sig: sig as i32 });
         }
     }
 }
