@@ -337,6 +337,14 @@ impl Guest {
     /// A call on a descriptor that is a file here: made here (its reservation at home is
     /// kept in step by closes and dup2s). None: not such a call.
     fn on_local_fd(&mut self, n: &Notif, route: Route, k: &mut dyn Kernel) -> Option<Vec<Out>> {
+        if n.nr == libc::SYS_close_range {
+            // Home frees its numbers in the range; then the same here.
+            let (a, b) = (n.args[0], n.args[1]);
+            let gone = |f: &i32| *f >= 0 && (a..=b).contains(&(*f as u64));
+            self.dfsa.files.retain(|f, _| !gone(f));
+            self.local.retain(|f, _| !gone(f));
+            return None;
+        }
         if !self.dfsa.files.is_empty() {
             if let Some(o) = self.on_shared_fd(n, route, k) {
                 return Some(o);
@@ -418,17 +426,12 @@ impl Guest {
             .copied()
             .filter(|f| self.dfsa.files.contains_key(f))
             .collect();
+        if matches!(n.nr, libc::SYS_dup2 | libc::SYS_dup3) && !shared.contains(&first) {
+            // A home descriptor copied over a shared one: home's from now on.
+            self.dfsa.files.remove(&(n.args[1] as i32));
+            return None;
+        }
         if shared.is_empty() {
-            if matches!(n.nr, libc::SYS_dup2 | libc::SYS_dup3) {
-                // A home descriptor copied over a shared one: home's from now on.
-                self.dfsa.files.remove(&(n.args[1] as i32));
-            }
-            if n.nr == libc::SYS_close_range {
-                let (a, b) = (n.args[0], n.args[1]);
-                self.dfsa
-                    .files
-                    .retain(|f, _| !(a..=b).contains(&(*f as u64)));
-            }
             return None;
         }
         let fcntl = (n.nr == libc::SYS_fcntl).then_some(n.args[1] as i32);
@@ -1709,6 +1712,48 @@ mod tests {
             &mut k,
         );
         assert!(matches!(&sent_call(&out).bufs[0], crate::wire::Buf::In(p) if p == b"dir\0"));
+    }
+
+    #[test]
+    fn shared_files_closed_by_a_range_or_covered_by_a_dup2_are_homes_again() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let root = d.path().to_string_lossy().into_owned();
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1).with_dfsa(Dfsa::new(
+            std::slice::from_ref(&root),
+            &[d.path().to_path_buf()],
+            Some(d.path().to_path_buf()),
+        ));
+        k.mem().write(BASE, b"f\0").unwrap();
+        for (i, fd) in [(1u64, 5i32), (2, 6)] {
+            let c = sent_call(&g.on_notif(
+                notif(i, 100 + i as i32, libc::SYS_open, [BASE, 0, 0, 0, 0, 0]),
+                &mut k,
+            ));
+            g.on_reply(
+                Reply::Done {
+                    seq: c.seq,
+                    ret: fd as i64,
+                    outs: vec![],
+                    sigs: 0,
+                    begin: None,
+                },
+                &mut k,
+            );
+        }
+        assert_eq!(g.dfsa.files.len(), 2);
+        // dup2 of a home descriptor over 5: forwarded, and 5 is home's.
+        let c = sent_call(&g.on_notif(notif(3, 110, libc::SYS_dup2, [1, 5, 0, 0, 0, 0]), &mut k));
+        assert_eq!(c.nr, libc::SYS_dup2);
+        assert!(!g.dfsa.files.contains_key(&5));
+        // close_range over 6: forwarded, and 6 is forgotten.
+        let c = sent_call(&g.on_notif(
+            notif(4, 111, libc::SYS_close_range, [6, 100, 0, 0, 0, 0]),
+            &mut k,
+        ));
+        assert_eq!(c.nr, libc::SYS_close_range);
+        assert!(g.dfsa.files.is_empty());
     }
 
     #[test]
