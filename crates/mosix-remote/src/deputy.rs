@@ -583,7 +583,6 @@ fn aux_main(rx: Receiver<Aux>, out: Arc<Link>) {
 fn read_ahead_main(out: Arc<Link>) {
     block_all_but(&[]);
     let ahead = out.ahead.clone();
-    let mut buf: Vec<u8> = Vec::new();
     while let Some(crate::ahead::Piece {
         stream,
         fd,
@@ -593,16 +592,26 @@ fn read_ahead_main(out: Arc<Link>) {
         len,
     }) = ahead.next_read()
     {
-        buf.resize(len as usize, 0);
-        // SAFETY: pread into our buffer, of its length, from the process's descriptor
-        // (a call that could close it ends the stream first; a read of what it became
-        // meanwhile is dropped by `sending`).
-        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off as libc::off_t) };
-        let (data, eof) = if n < 0 {
+        let mut data: Vec<u8> = Vec::with_capacity(len as usize);
+        // SAFETY: pread of at most `len` bytes into the buffer's spare room, from the
+        // process's descriptor (a call that could close it ends the stream first; a read
+        // of what it became meanwhile is dropped by `sending`); only what it wrote is
+        // then taken as the buffer's contents.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                data.as_mut_ptr().cast(),
+                len as usize,
+                off as libc::off_t,
+            )
+        };
+        let eof = if n < 0 {
             // Not readable ahead: the stream ends; the process's reads go home.
-            (Vec::new(), true)
+            true
         } else {
-            (buf[..n as usize].to_vec(), (n as u64) < len)
+            // SAFETY: pread wrote `n` <= `len` bytes there.
+            unsafe { data.set_len(n as usize) };
+            (n as u64) < len
         };
         let got = data.len() as u64;
         let m = FromDeputy::Ahead {

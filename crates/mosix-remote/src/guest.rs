@@ -1112,7 +1112,7 @@ impl Guest {
             m => {
                 let mut out = Vec::new();
                 // Calls that waited for it are offered again.
-                for n in self.streams.on_deputy(&m).unwrap_or_default() {
+                for n in self.streams.on_deputy(m).unwrap_or_default() {
                     if k.valid(n.id) {
                         out.extend(self.on_notif(n, k));
                     }

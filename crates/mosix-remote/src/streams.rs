@@ -658,19 +658,24 @@ impl Streams {
 
     /// A message of the deputy about streams; the parked calls it lets go on, to be
     /// offered again (`on_call`), and whether it was one.
-    pub fn on_deputy(&mut self, m: &FromDeputy) -> Option<Vec<Notif>> {
-        match m {
-            FromDeputy::Ahead {
-                stream,
-                fd,
-                kind,
-                file,
-                off,
-                data,
-                eof,
-            } => {
-                self.ahead(*stream, *fd, *kind, *file, *off, data, *eof);
-                Some(self.unpark(*stream))
+    pub fn on_deputy(&mut self, m: FromDeputy) -> Option<Vec<Notif>> {
+        match &m {
+            FromDeputy::Ahead { stream, .. } => {
+                let stream = *stream;
+                let FromDeputy::Ahead {
+                    fd,
+                    kind,
+                    file,
+                    off,
+                    data,
+                    eof,
+                    ..
+                } = m
+                else {
+                    unreachable!("matched")
+                };
+                self.ahead(stream, fd, kind, file, off, data, eof);
+                Some(self.unpark(stream))
             }
             FromDeputy::Stale { streams } => {
                 let mut again = Vec::new();
@@ -727,7 +732,7 @@ impl Streams {
         kind: Kind,
         file: (u64, u64),
         off: u64,
-        data: &[u8],
+        data: Vec<u8>,
         eof: bool,
     ) {
         // Only streams this host took (a stream of a past residence, or one ended here,
@@ -744,10 +749,10 @@ impl Streams {
             self.end_read(sid);
             return;
         }
-        if !data.is_empty() {
-            r.chunks.insert(off, data.to_vec());
-        }
         r.end = off + data.len() as u64;
+        if !data.is_empty() {
+            r.chunks.insert(off, data);
+        }
         r.eof = eof;
     }
 
@@ -851,8 +856,8 @@ mod tests {
         let mut s = Streams::default();
         // The read that began the stream was call 7 (forwarded), which ended at offset 4.
         begun(&mut s, 7, 4);
-        s.on_deputy(&ahead(7, 4, b"efgh", false));
-        s.on_deputy(&ahead(7, 8, b"ij", true));
+        s.on_deputy(ahead(7, 4, b"efgh", false));
+        s.on_deputy(ahead(7, 8, b"ij", true));
         let r = |id, len| notif(id, libc::SYS_read, [5, BASE, len, 0, 0, 0]);
         assert_eq!(call(&mut s, &r(1, 3), &m), Got::Answer(3, vec![]));
         assert_eq!(&m.mem.borrow()[..3], b"efg");
@@ -885,7 +890,7 @@ mod tests {
         let m = mem();
         let mut s = Streams::default();
         begun(&mut s, 7, 0);
-        s.on_deputy(&ahead(7, 0, b"abcd", false));
+        s.on_deputy(ahead(7, 0, b"abcd", false));
         let r = notif(1, libc::SYS_read, [5, BASE, 2, 0, 0, 0]);
         // Its thread was interrupted before the answer: not committed.
         assert!(matches!(s.on_call(&r, &m), Verdict::Answer(2, _)));
@@ -910,7 +915,7 @@ mod tests {
                 from: 4,
             },
         );
-        s.on_deputy(&ahead(7, 4, b"stale", false));
+        s.on_deputy(ahead(7, 4, b"stale", false));
         let r = notif(1, libc::SYS_read, [5, BASE, 2, 0, 0, 0]);
         assert_eq!(call(&mut s, &r, &m), Got::Pass);
     }
@@ -923,18 +928,16 @@ mod tests {
         // Nothing came yet: it waits.
         let r = notif(1, libc::SYS_read, [5, BASE, 4, 0, 0, 0]);
         assert_eq!(call(&mut s, &r, &m), Got::Parked);
-        let again = s.on_deputy(&ahead(7, 0, b"ab", false)).unwrap();
+        let again = s.on_deputy(ahead(7, 0, b"ab", false)).unwrap();
         assert_eq!(again, vec![r]);
         assert_eq!(call(&mut s, &r, &m), Got::Parked);
-        let again = s.on_deputy(&ahead(7, 2, b"cd", false)).unwrap();
+        let again = s.on_deputy(ahead(7, 2, b"cd", false)).unwrap();
         assert_eq!(again, vec![r]);
         assert_eq!(call(&mut s, &r, &m), Got::Answer(4, vec![]));
         // Parked again; the file changes at home: it goes home.
         let r2 = notif(2, libc::SYS_read, [5, BASE, 4, 0, 0, 0]);
         assert_eq!(call(&mut s, &r2, &m), Got::Parked);
-        let again = s
-            .on_deputy(&FromDeputy::Stale { streams: vec![7] })
-            .unwrap();
+        let again = s.on_deputy(FromDeputy::Stale { streams: vec![7] }).unwrap();
         assert_eq!(again, vec![r2]);
         assert_eq!(call(&mut s, &r2, &m), Got::Pass);
         // What it read is still owed to home.
@@ -958,7 +961,7 @@ mod tests {
                 from: 100,
             },
         );
-        s.on_deputy(&FromDeputy::Ahead {
+        s.on_deputy(FromDeputy::Ahead {
             stream: 3,
             fd: 5,
             kind: Kind::Pread,
@@ -1003,7 +1006,7 @@ mod tests {
         assert!(s.unsettled());
         assert_eq!(s.resend().len(), 1);
         let again = s
-            .on_deputy(&FromDeputy::Grant {
+            .on_deputy(FromDeputy::Grant {
                 stream: 20,
                 fd: 6,
                 file: (1, 3),
@@ -1022,7 +1025,7 @@ mod tests {
         s.forwarding(30, &[6], None, true);
         assert_eq!(call(&mut s, &w(4, 1), &m), Got::Pass);
         assert!(s.unsettled());
-        s.on_deputy(&FromDeputy::Grant {
+        s.on_deputy(FromDeputy::Grant {
             stream: 20,
             fd: 6,
             file: (1, 3),
@@ -1051,7 +1054,7 @@ mod tests {
         let m = mem();
         let mut s = Streams::default();
         begun(&mut s, 7, 0);
-        s.on_deputy(&ahead(7, 0, b"abcd", false));
+        s.on_deputy(ahead(7, 0, b"abcd", false));
         granted(&mut s, 8, 6, (1, 2), 100);
         let w = notif(1, libc::SYS_pwrite64, [6, BASE, 2, 0, 0, 0]);
         assert!(matches!(call(&mut s, &w, &m), Got::Answer(2, _)));
@@ -1064,7 +1067,7 @@ mod tests {
         let m = mem();
         let mut s = Streams::default();
         begun(&mut s, 7, 0);
-        s.on_deputy(&ahead(7, 0, b"abcd", false));
+        s.on_deputy(ahead(7, 0, b"abcd", false));
         let r = notif(1, libc::SYS_read, [5, BASE, 2, 0, 0, 0]);
         assert_eq!(call(&mut s, &r, &m), Got::Answer(2, vec![]));
         assert_eq!(
@@ -1080,7 +1083,7 @@ mod tests {
         };
         assert_eq!(took, vec![Took { stream: 7, upto: 2 }]);
         assert!(s.sync(41).is_none(), "one at a time");
-        s.on_deputy(&FromDeputy::Synced { seq: 40 });
+        s.on_deputy(FromDeputy::Synced { seq: 40 });
         assert!(!s.unsettled());
         assert_eq!(call(&mut s, &r, &m), Got::Pass);
     }
