@@ -401,6 +401,90 @@ fn streams(tb: &Testbed) {
     );
 }
 
+const RESTART_PY: &str = r#"
+import os, sys, zlib
+src = open(sys.argv[1], 'rb', buffering=0)
+dst = open(sys.argv[2], 'wb', buffering=0)
+print('start', flush=True)
+sys.stdin.readline()
+crc, n = 0, 0
+while True:
+    b = src.read(65536)
+    if not b:
+        break
+    crc = zlib.crc32(b, crc)
+    dst.write(b[::-1])
+    n += 1
+    if n % 256 == 0:
+        print('at', n, flush=True)
+dst.close()
+print('done', crc, os.path.getsize(sys.argv[2]), flush=True)
+"#;
+
+/// The daemons of its host and of its home are killed and started again while a job reads
+/// ahead and writes behind: what it read and the file it wrote are exactly an unmoved
+/// run's (positions and writes not known to be settled are sent again and made once;
+/// what was read ahead and may be lost is read again from home).
+fn streams_outlive_their_daemons(tb: &Testbed) {
+    let src = tb.dir.path().join("restart.in");
+    let data = text(51, 64 << 20);
+    std::fs::write(&src, &data).unwrap();
+    let dst = tb.dir.path().join("restart.out");
+    let mut t = Talk::start(
+        tb,
+        &[
+            PY,
+            "-c",
+            RESTART_PY,
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+        ],
+        false,
+    );
+    move_ok(tb, t.pid, "2");
+    assert_eq!(t.say("go"), "at 256");
+    for node in ["2", "1"] {
+        tb.ok(&["stop", node, "--kill"]);
+        tb.ok(&["start", node]);
+        // It goes on (its calls waited meanwhile): the next 16 MiB.
+        let l = t.line();
+        assert!(l.starts_with("at "), "{l}");
+    }
+    let mut l = t.line();
+    while l.starts_with("at ") {
+        l = t.line();
+    }
+    let (_, st) = t.end();
+    assert!(st.success(), "{st:?}");
+    let mut want: Vec<u8> = Vec::with_capacity(data.len());
+    let mut crc = 0u32;
+    for c in data.chunks(65536) {
+        crc = crc32(crc, c);
+        want.extend(c.iter().rev());
+    }
+    assert_eq!(l, format!("done {crc} {}", data.len()));
+    assert!(
+        std::fs::read(&dst).unwrap() == want,
+        "the file written behind"
+    );
+}
+
+/// zlib's crc32, continued from `crc`.
+fn crc32(crc: u32, data: &[u8]) -> u32 {
+    let mut c = !crc;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
 const HEAD_PY: &str = r#"
 import os, sys
 # Reads its stdin (a file it shares with the shell that started it) 1 MiB per line of the
@@ -786,6 +870,7 @@ fn real_programs_keep_their_home_world_on_every_node() {
     // Reading ahead and writing behind across moves; offsets left right at home.
     streams(&tb);
     offset_left_at_home(&tb);
+    streams_outlive_their_daemons(&tb);
     // Files of the shared path used where it runs (DFSA), and mapped shared and writable.
     shared_files(&tb);
     shared_mapping(&tb);
