@@ -21,12 +21,14 @@ use std::io::Write;
 use std::os::fd::OwnedFd;
 
 /// How a process leaves the node it is on.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Leaving {
     /// It runs away from home now (under our filter; its descriptors are placeholders).
     pub away: bool,
     /// The no_new_privs it really has (away, it runs with it set for the filter's sake).
     pub no_new_privs: Option<bool>,
+    /// Directories every node shares ([`crate::check::Rules::shared`]).
+    pub shared: Vec<String>,
 }
 
 /// Checks whether `pid` can move: Ok(()) or every reason it cannot. Its descriptors and
@@ -37,6 +39,7 @@ pub fn check_moving(pid: i32, l: &Leaving) -> Result<()> {
         Rules {
             leave_home: true,
             away: l.away,
+            shared: l.shared.clone(),
         },
     )?;
     if reasons.is_empty() {
@@ -73,6 +76,11 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
     check_moving(pid, l)?;
     let t0 = std::time::Instant::now();
     let mut frozen = dump::freeze(pid)?;
+    if let Err(e) = sync_shared_maps(pid) {
+        // Nothing is saved: it goes on where it was.
+        drop(frozen);
+        return Err(e);
+    }
     for (tid, ret) in on_frozen()? {
         if let Some(t) = frozen.tasks.iter_mut().find(|t| t.tid == tid) {
             t.regs.rax = ret as u64;
@@ -87,6 +95,7 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
         rules: Rules {
             leave_home: true,
             away: l.away,
+            shared: l.shared.clone(),
         },
         no_new_privs: l.no_new_privs,
     };
@@ -128,13 +137,41 @@ pub fn checkpoint_moving_live<W: Write + 'static>(
         rules: Rules {
             leave_home: true,
             away: l.away,
+            shared: l.shared.clone(),
         },
         no_new_privs: l.no_new_privs,
     };
+    // Frozen: what it wrote into shared mappings of files goes to the files first.
+    let mut on_frozen = || {
+        sync_shared_maps(pid)?;
+        on_frozen()
+    };
     let (w, stats, frozen) = crate::precopy::precopy(
-        pid, out, opts, moving, tracker, on_frozen, on_round, progress,
+        pid,
+        out,
+        opts,
+        moving,
+        tracker,
+        &mut on_frozen,
+        on_round,
+        progress,
     )?;
     Ok((w, stats, Held { frozen }))
+}
+
+/// Writes what the frozen process wrote into shared mappings of files (of shared paths:
+/// the only ones that move) to the files, so that the node it goes to, which maps the
+/// same files again, sees it.
+fn sync_shared_maps(pid: i32) -> Result<()> {
+    for m in crate::procfs::maps(pid)? {
+        if m.shared && m.write && m.is_file() && !crate::shmem::is_shmem(&m.name) {
+            let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            std::fs::File::open(&mf)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| crate::error::sys_err(format!("writing {} back", m.name), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Strings and the pointer arrays of an execve, laid out for address `base`.

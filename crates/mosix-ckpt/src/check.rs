@@ -90,6 +90,12 @@ pub fn kind_of_fd(pid: i32, f: &FdInfo, all: &[FdInfo]) -> std::result::Result<F
 
 /// Why mapping `m` cannot be saved, if it cannot.
 pub fn vma_refusal(m: &MapLine) -> Option<String> {
+    vma_refusal_in(m, &[])
+}
+
+/// [`vma_refusal`], with directories `shared` by every node: a writable shared mapping of
+/// a file under them moves (mapped again from the same file).
+pub fn vma_refusal_in(m: &MapLine, shared: &[String]) -> Option<String> {
     let at = format!("{:#x}-{:#x}", m.start, m.end);
     if crate::shmem::is_shmem(&m.name) {
         // Moves with the process, unless another one has it too (see `refusals`).
@@ -101,13 +107,20 @@ pub fn vma_refusal(m: &MapLine) -> Option<String> {
     if m.name == "[uprobes]" {
         return Some("it has uprobes attached".into());
     }
-    if m.shared && (m.write || !m.is_file()) {
+    if m.shared && (m.write || !m.is_file()) && !(m.is_file() && under_shared(&m.name, shared)) {
         let what = if m.is_file() {
             m.name.as_str()
         } else {
             "anonymous memory"
         };
-        return Some(format!("it has writable shared memory: {what} ({at})"));
+        return Some(format!(
+            "it has writable shared memory: {what} ({at}){}",
+            if m.is_file() {
+                ", a file of no shared path (its writes could not be seen where it is)"
+            } else {
+                ""
+            }
+        ));
     }
     if m.name.ends_with(" (deleted)") {
         return Some(format!("it maps a deleted file {} ({at})", m.name));
@@ -129,13 +142,28 @@ pub fn vma_refusal(m: &MapLine) -> Option<String> {
 }
 
 /// What a checkpoint keeps of a process's kernel objects.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rules {
     /// Its descriptors and children stay where they are (at home, with its deputy): no
     /// descriptor and no child refuses (a migration).
     pub leave_home: bool,
     /// It runs away from home already, under our own seccomp filter (not a refusal).
     pub away: bool,
+    /// Directories every node of the cluster shares (a cluster file system mounted at the
+    /// same path everywhere): a writable shared mapping of a file under them is mapped
+    /// again from the same file where the process goes.
+    pub shared: Vec<String>,
+}
+
+/// Whether `path` lies under one of `shared` (component by component, no `..`).
+pub fn under_shared(path: &str, shared: &[String]) -> bool {
+    let p = std::path::Path::new(path);
+    p.is_absolute()
+        && !p.components().any(|c| c == std::path::Component::ParentDir)
+        && shared.iter().any(|s| {
+            let s = std::path::Path::new(s);
+            s.is_absolute() && p.starts_with(s) && p != s
+        })
 }
 
 /// Every reason `pid` cannot be checkpointed (empty when it can).
@@ -208,7 +236,7 @@ pub fn refusals_with(pid: i32, rules: Rules) -> Result<Vec<String>> {
         if home.iter().any(|a| (a.start, a.end) == (m.start, m.end)) {
             continue;
         }
-        if let Some(r) = vma_refusal(&m) {
+        if let Some(r) = vma_refusal_in(&m, &rules.shared) {
             if !why.contains(&r) {
                 why.push(r);
             }

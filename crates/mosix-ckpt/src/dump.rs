@@ -623,7 +623,7 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
 }
 
 /// How a checkpoint for a move differs from a plain one.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Moving {
     pub rules: checks::Rules,
     /// The no_new_privs the process really has (away, it runs with it set for our filter).
@@ -661,7 +661,7 @@ impl State {
 pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
     let pid = f.pid;
     // Anything could have changed between the check and the stop; now nothing runs.
-    let reasons = checks::refusals_with(pid, moving.rules)?;
+    let reasons = checks::refusals_with(pid, moving.rules.clone())?;
     if !reasons.is_empty() {
         return Err(Error::Refused { pid, reasons });
     }

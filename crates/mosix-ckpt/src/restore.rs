@@ -642,7 +642,17 @@ pub(crate) fn restore_misc(b: &mut Builder) -> Result<()> {
         b.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
     }
     let cwd = b.put_str(AT_STR, &m.cwd)?;
-    b.call(&format!("chdir to {}", m.cwd), libc::SYS_chdir, &[cwd])?;
+    if let Err(e) = b.call(&format!("chdir to {}", m.cwd), libc::SYS_chdir, &[cwd]) {
+        // Away its working directory is its home's (every path it gives is resolved
+        // there): a host without that directory is no reason to refuse it.
+        if !matches!(b.mode, Mode::Away(_)) {
+            return Err(e);
+        }
+        let root = b.put_str(AT_STR, "/")?;
+        if b.call("chdir to /", libc::SYS_chdir, &[root]).is_err() {
+            return Err(e);
+        }
+    }
     b.call("umask", libc::SYS_umask, &[m.umask as u64])?;
     b.call("personality", libc::SYS_personality, &[m.personality])?;
     let comm = b.put_str(AT_STR, &m.comm)?;

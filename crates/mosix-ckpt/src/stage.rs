@@ -743,7 +743,7 @@ fn map_private(
 /// files), and names the anonymous ones that had names.
 fn map_shared(b: &mut Builder) -> Result<()> {
     let m = b.img;
-    let mut open_files: HashMap<String, u64> = HashMap::new();
+    let mut open_files: HashMap<(String, bool), u64> = HashMap::new();
     for v in &m.vmas {
         match &v.kind {
             VmaKind::Shmem { ino, offset } => {
@@ -753,12 +753,20 @@ fn map_shared(b: &mut Builder) -> Result<()> {
                 map_file(b, v, fd, *offset, "mapping shared memory")?;
             }
             VmaKind::File { path, offset, id } if v.shared => {
-                let fd = match open_files.get(path) {
+                // A writable shared mapping (of a file of a shared path: the only ones
+                // saved) maps the file again, read-write: it holds the data, and changes
+                // while the process moves (others write it too), so it is the same by
+                // its path.
+                let rw = v.prot & libc::PROT_WRITE != 0;
+                let fd = match open_files.get(&(path.clone(), rw)) {
                     Some(&fd) => fd,
                     None => {
-                        let fd =
-                            b.open(path, libc::O_RDONLY | libc::O_CLOEXEC, Some((id, true)))?;
-                        open_files.insert(path.clone(), fd);
+                        let fd = if rw {
+                            b.open(path, libc::O_RDWR | libc::O_CLOEXEC, None)?
+                        } else {
+                            b.open(path, libc::O_RDONLY | libc::O_CLOEXEC, Some((id, true)))?
+                        };
+                        open_files.insert((path.clone(), rw), fd);
                         fd
                     }
                 };

@@ -547,6 +547,7 @@ fn migrate_header() -> wire::MigrateHeader {
         offer: Some("{\"gain\":1.5}".into()),
         hostname: "home".into(),
         no_new_privs: false,
+        shared_paths: vec!["/shared".into()],
     }
 }
 
@@ -574,7 +575,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         framed(
             1,
             &[
-                ToHome::Deputy(b"frame".to_vec()),
+                ToHome::Deputy(b"frame".to_vec().into()),
                 ToHome::Left {
                     to: 2,
                     frozen_ms: 5,
@@ -598,7 +599,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         framed(
             2,
             &[
-                ToHost::Deputy(b"frame".to_vec()),
+                ToHost::Deputy(b"frame".to_vec().into()),
                 ToHost::Migrate { to: 0 },
                 ToHost::Kill,
                 ToHost::Checkpoint {
@@ -620,12 +621,38 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                         mosix_remote::wire::Buf::None,
                         mosix_remote::wire::Buf::In(b"hello".to_vec()),
                     ],
+                    took: vec![mosix_remote::wire::Took { stream: 4, upto: 9 }],
                 }),
                 mosix_remote::wire::ToDeputy::Cancel { seq: 1 },
                 mosix_remote::wire::ToDeputy::Mark { id: 3 },
                 mosix_remote::wire::ToDeputy::Rewind {
                     id: 3,
                     message: "back".into(),
+                },
+                mosix_remote::wire::ToDeputy::Took {
+                    took: vec![mosix_remote::wire::Took {
+                        stream: 4,
+                        upto: 10,
+                    }],
+                    stop: true,
+                },
+                mosix_remote::wire::ToDeputy::Behind {
+                    stream: 4,
+                    n: 0,
+                    off: Some(7),
+                    data: b"behind".to_vec(),
+                },
+                mosix_remote::wire::ToDeputy::Sync {
+                    seq: 5,
+                    took: vec![],
+                },
+                mosix_remote::wire::ToDeputy::Adopt {
+                    seq: 6,
+                    fd: 3,
+                    path: b"/shared/f".to_vec(),
+                    flags: 2,
+                    offset: 100,
+                    cloexec: true,
                 },
                 mosix_remote::wire::ToDeputy::Exited(mosix_remote::wire::ExitStatus::Code(3)),
             ],
@@ -643,7 +670,32 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     ret: 5,
                     outs: vec![],
                     sigs: 0,
+                    begin: Some(mosix_remote::wire::Begin::Ahead {
+                        kind: mosix_remote::wire::Kind::Read,
+                        file: (1, 2),
+                        from: 5,
+                    }),
                 }),
+                mosix_remote::wire::FromDeputy::Ahead {
+                    stream: 1,
+                    fd: 3,
+                    kind: mosix_remote::wire::Kind::Pread,
+                    file: (1, 2),
+                    off: 5,
+                    data: b"ahead".to_vec(),
+                    eof: true,
+                },
+                mosix_remote::wire::FromDeputy::Stale { streams: vec![1] },
+                mosix_remote::wire::FromDeputy::Grant {
+                    stream: 4,
+                    fd: 5,
+                    file: (1, 3),
+                    credit: 1 << 20,
+                    applied: 1,
+                },
+                mosix_remote::wire::FromDeputy::Revoke { stream: 4 },
+                mosix_remote::wire::FromDeputy::Synced { seq: 5 },
+                mosix_remote::wire::FromDeputy::Adopted { seq: 6, ret: -2 },
             ],
         ),
         framed(

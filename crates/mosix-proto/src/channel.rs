@@ -378,7 +378,12 @@ pub struct Channel<S: Read + Write> {
     /// Decrypted plaintext not yet read, from `in_pos`.
     inbuf: Vec<u8>,
     in_pos: usize,
-    frame: Vec<u8>,
+    /// Bytes read from the stream and not yet taken as frames: `raw[raw_at..raw_end]`
+    /// (several frames are read with one call).
+    raw: Vec<u8>,
+    raw_at: usize,
+    raw_end: usize,
+    /// A frame as it is written: its length, then the ciphertext.
     cipher: Vec<u8>,
     peer_finished: bool,
     /// The authenticated peer node (None: shared-secret-only channel).
@@ -535,21 +540,107 @@ impl<S: Read + Write> Channel<S> {
             out: Vec::with_capacity(MAX_PLAIN),
             inbuf: Vec::new(),
             in_pos: 0,
-            frame: Vec::new(),
-            cipher: vec![0u8; MAX_FRAME],
+            raw: Vec::new(),
+            raw_at: 0,
+            raw_end: 0,
+            cipher: Vec::new(),
             peer_finished: false,
             peer,
         }
     }
 
     fn send_frame(&mut self, plain: &[u8]) -> io::Result<()> {
+        if self.cipher.is_empty() {
+            self.cipher = vec![0u8; 2 + MAX_FRAME];
+        }
         let n = self
             .noise
             .lock()
             .map_err(|_| io::Error::other("channel state poisoned"))?
-            .write_message(plain, &mut self.cipher)
+            .write_message(plain, &mut self.cipher[2..])
             .map_err(io::Error::other)?;
-        write_frame(&mut self.stream, &self.cipher[..n])
+        let len = u16::try_from(n).map_err(|_| io::Error::other("frame too large"))?;
+        self.cipher[..2].copy_from_slice(&len.to_be_bytes());
+        // Length and frame in one write.
+        self.stream.write_all(&self.cipher[..2 + n])
+    }
+
+    /// Makes sure `need` bytes are buffered from `raw_at`, reading as much as comes.
+    /// Ok(false): the stream ended cleanly with nothing buffered.
+    fn fill(&mut self, need: usize) -> io::Result<bool> {
+        const RAW: usize = 4 * (2 + MAX_FRAME);
+        if self.raw.is_empty() {
+            self.raw = vec![0u8; RAW];
+        }
+        if self.raw_end - self.raw_at >= need {
+            return Ok(true);
+        }
+        if self.raw_at + need > self.raw.len() {
+            self.raw.copy_within(self.raw_at..self.raw_end, 0);
+            self.raw_end -= self.raw_at;
+            self.raw_at = 0;
+        }
+        while self.raw_end - self.raw_at < need {
+            let n = match self.stream.read(&mut self.raw[self.raw_end..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                if self.raw_end == self.raw_at {
+                    return Ok(false);
+                }
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.raw_end += n;
+        }
+        Ok(true)
+    }
+
+    /// Reads the next frame and decrypts it into `dest` if it has room (Some(plaintext
+    /// length)), else into `inbuf` (None). Err(UnexpectedEof) when the stream ends.
+    fn next_frame(&mut self, dest: &mut [u8]) -> io::Result<Option<usize>> {
+        if !self.fill(2)? {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the channel in the middle of a transfer",
+            ));
+        }
+        let len = u16::from_be_bytes([self.raw[self.raw_at], self.raw[self.raw_at + 1]]) as usize;
+        if !self.fill(2 + len)? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let frame = &self.raw[self.raw_at + 2..self.raw_at + 2 + len];
+        let plain = len.saturating_sub(TAG);
+        // Room for the ciphertext (it is opened in place there).
+        let direct = dest.len() >= len && plain > 0;
+        if !direct {
+            self.inbuf.resize(len, 0);
+        }
+        let out: &mut [u8] = if direct { dest } else { &mut self.inbuf };
+        let n = self
+            .noise
+            .lock()
+            .map_err(|_| io::Error::other("channel state poisoned"))?
+            .read_message(frame, out)
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "channel frame failed authentication",
+                )
+            })?;
+        self.raw_at += 2 + len;
+        if self.raw_at == self.raw_end {
+            self.raw_at = 0;
+            self.raw_end = 0;
+        }
+        if direct {
+            Ok(Some(n))
+        } else {
+            self.inbuf.truncate(n);
+            self.in_pos = 0;
+            Ok(None)
+        }
     }
 
     fn flush_out(&mut self) -> io::Result<()> {
@@ -610,27 +701,11 @@ impl<S: Read + Write> Read for Channel<S> {
             if self.peer_finished {
                 return Ok(0);
             }
-            if !read_frame(&mut self.stream, &mut self.frame)? {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the channel in the middle of a transfer",
-                ));
+            // A whole frame's room: decrypted straight into the caller's buffer.
+            if let Some(n) = self.next_frame(buf)? {
+                return Ok(n);
             }
-            self.inbuf.resize(self.frame.len(), 0);
-            let n = self
-                .noise
-                .lock()
-                .map_err(|_| io::Error::other("channel state poisoned"))?
-                .read_message(&self.frame, &mut self.inbuf)
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "channel frame failed authentication",
-                    )
-                })?;
-            self.inbuf.truncate(n);
-            self.in_pos = 0;
-            if n == 0 {
+            if self.inbuf.is_empty() {
                 self.peer_finished = true;
             }
         }

@@ -31,7 +31,9 @@ pub const FLAG_LEAVING: u32 = 2;
 /// `ToHost::Checkpoint`, `ToHost::Freeze` and their answers), recovery after the death of
 /// a process's host, marks of its deputy (`mosix_remote::wire`).
 /// 1.4: pre-copy moves (image format 3.0 in the link, `Tail.figures`, `ToHome::Left.rounds`).
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
+/// 1.5: read-ahead and write-behind of forwarded calls, DFSA (`ToDeputy::Took`, `Behind`,
+/// `Sync`, `Adopt`; shared paths in the migrate header).
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
 
 /// Default UDP port of the gossip transport.
 pub const DEFAULT_PORT: u16 = 5400;

@@ -18,24 +18,187 @@ use std::io::{self, Read, Write};
 /// The largest message either side accepts.
 pub const MAX_MSG: usize = 4 << 20;
 
+/// Messages up to this size are encoded into one buffer and written at once; larger ones
+/// (a forwarded call's data) are written as they are encoded, their bytes never copied
+/// into a message first.
+const SMALL: usize = 64 << 10;
+
 /// Writes one message as a frame (not flushed).
 pub fn send<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
-    let body = postcard::to_allocvec(msg).map_err(io::Error::other)?;
-    if body.len() > MAX_MSG {
+    let n = postcard::experimental::serialized_size(msg).map_err(io::Error::other)?;
+    if n > MAX_MSG {
         return Err(io::Error::other("message too large"));
     }
-    w.write_all(&(body.len() as u32).to_le_bytes())?;
-    w.write_all(&body)
+    if n <= SMALL {
+        let mut frame = Vec::with_capacity(n + 4);
+        frame.extend_from_slice(&(n as u32).to_le_bytes());
+        let frame = postcard::to_extend(msg, frame).map_err(io::Error::other)?;
+        return w.write_all(&frame);
+    }
+    // Small fields gather in the buffer; a large byte field goes straight through.
+    let mut bw = io::BufWriter::with_capacity(16 << 10, w);
+    bw.write_all(&(n as u32).to_le_bytes())?;
+    let bw = postcard::to_io(msg, bw).map_err(io::Error::other)?;
+    bw.into_inner().map_err(|e| e.into_error())?;
+    Ok(())
 }
 
-/// Writes one message and flushes.
-pub fn send_flush<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
-    send(w, msg)?;
-    w.flush()
+/// A message's bytes that only pass through (a frame between a process's supervisor
+/// and its deputy): read once from the stream, written once into the next, never copied
+/// in between. Encoded as a byte string.
+#[derive(Clone, Default)]
+pub struct Frame {
+    buf: Vec<u8>,
+    start: usize,
 }
 
-/// Reads one message; Ok(None) on a clean end of stream before its first byte.
-pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
+impl Frame {
+    /// The bytes of `buf` from `start` on.
+    pub fn from_parts(buf: Vec<u8>, start: usize) -> Frame {
+        let start = start.min(buf.len());
+        Frame { buf, start }
+    }
+    pub fn into_vec(mut self) -> Vec<u8> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+        }
+        self.buf
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(buf: Vec<u8>) -> Frame {
+        Frame { buf, start: 0 }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, o: &Frame) -> bool {
+        **self == **o
+    }
+}
+
+impl Eq for Frame {}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Frame({} bytes)", self.len())
+    }
+}
+
+impl Serialize for Frame {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Frame {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Frame, D::Error> {
+        Ok(serde_bytes::ByteBuf::deserialize(d)?.into_vec().into())
+    }
+}
+
+/// Appends `v` as postcard's varint.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A varint at the start of `b`: (value, bytes it took).
+fn get_varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &x) in b.iter().enumerate().take(10) {
+        v |= ((x & 0x7f) as u64) << (7 * i);
+        if x & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Writes (not flushed) the message `Enum::Variant(bytes)` where the variant has index
+/// `variant` and `bytes` is `inner` encoded: what `send` of such a message writes, without
+/// encoding `inner` into bytes first.
+pub fn send_wrapped<W: Write, T: Serialize>(w: &mut W, variant: u32, inner: &T) -> io::Result<()> {
+    let n = postcard::experimental::serialized_size(inner).map_err(io::Error::other)?;
+    let mut head = Vec::with_capacity(24);
+    head.extend_from_slice(&[0; 4]);
+    put_varint(&mut head, variant as u64);
+    put_varint(&mut head, n as u64);
+    let total = head.len() - 4 + n;
+    if total > MAX_MSG {
+        return Err(io::Error::other("message too large"));
+    }
+    head[..4].copy_from_slice(&(total as u32).to_le_bytes());
+    if total <= SMALL {
+        let frame = postcard::to_extend(inner, head).map_err(io::Error::other)?;
+        return w.write_all(&frame);
+    }
+    let mut bw = io::BufWriter::with_capacity(16 << 10, w);
+    bw.write_all(&head)?;
+    let bw = postcard::to_io(inner, bw).map_err(io::Error::other)?;
+    bw.into_inner().map_err(|e| e.into_error())?;
+    Ok(())
+}
+
+/// Writes (not flushed) the message `Enum::Variant(frame)` (variant index `variant`,
+/// a byte-string field): as `send` would, with the frame's bytes written from where they
+/// are.
+pub fn send_frame<W: Write>(w: &mut W, variant: u32, frame: &[u8]) -> io::Result<()> {
+    let mut head = Vec::with_capacity(24);
+    head.extend_from_slice(&[0; 4]);
+    put_varint(&mut head, variant as u64);
+    put_varint(&mut head, frame.len() as u64);
+    let total = head.len() - 4 + frame.len();
+    if total > MAX_MSG {
+        return Err(io::Error::other("message too large"));
+    }
+    head[..4].copy_from_slice(&(total as u32).to_le_bytes());
+    if total <= SMALL {
+        head.extend_from_slice(frame);
+        return w.write_all(&head);
+    }
+    w.write_all(&head)?;
+    w.write_all(frame)
+}
+
+/// Reads one message, like [`recv`]; but a message of variant index `variant`, whose only
+/// field is a byte string, is handed to `wrap` as a [`Frame`] of the bytes read, not
+/// decoded (copied) out of them.
+pub fn recv_framed<R: Read, T: DeserializeOwned>(
+    r: &mut R,
+    variant: u32,
+    wrap: impl FnOnce(Frame) -> T,
+) -> io::Result<Option<T>> {
+    let Some(body) = recv_body(r)? else {
+        return Ok(None);
+    };
+    if let Some((tag, a)) = get_varint(&body) {
+        if tag == variant as u64 {
+            if let Some((len, b)) = get_varint(&body[a..]) {
+                if (a + b) as u64 + len == body.len() as u64 {
+                    return Ok(Some(wrap(Frame::from_parts(body, a + b))));
+                }
+            }
+        }
+    }
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
+}
+
+/// One frame's body; Ok(None) on a clean end of stream before its first byte.
+fn recv_body<R: Read>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -54,11 +217,45 @@ pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
             format!("message of {n} bytes is larger than the limit"),
         ));
     }
-    // Memory grows with the bytes that arrive, not with the length the peer claims.
+    // Memory grows with the bytes that arrive, not with the length the peer claims: a
+    // small body as it comes, a large one in at most two steps (a forwarded call's 1 MiB
+    // and its headers in one, read in one pass).
+    if n > SMALL {
+        return read_large(r, n).map(Some);
+    }
     let mut body = Vec::new();
     if r.by_ref().take(n as u64).read_to_end(&mut body)? != n {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
+    Ok(Some(body))
+}
+
+/// Writes one message and flushes.
+pub fn send_flush<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    send(w, msg)?;
+    w.flush()
+}
+
+/// The first step of a large body (a forwarded call's data and its headers).
+pub const FIRST_STEP: usize = (1 << 20) + (64 << 10);
+
+/// Reads a body of `n` bytes: up to [`FIRST_STEP`] at once, the rest once that arrived.
+pub fn read_large<R: Read>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
+    let mut body = vec![0u8; n.min(FIRST_STEP)];
+    r.read_exact(&mut body)?;
+    if n > body.len() {
+        let at = body.len();
+        body.resize(n, 0);
+        r.read_exact(&mut body[at..])?;
+    }
+    Ok(body)
+}
+
+/// Reads one message; Ok(None) on a clean end of stream before its first byte.
+pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
+    let Some(body) = recv_body(r)? else {
+        return Ok(None);
+    };
     postcard::from_bytes(&body)
         .map(Some)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
@@ -180,6 +377,9 @@ pub struct MigrateHeader {
     pub hostname: String,
     /// The process's own no_new_privs (away it runs with it set, for its filter).
     pub no_new_privs: bool,
+    /// The home node's shared paths: files under those that the host shares too are
+    /// opened and used where the process runs (DFSA), not through home.
+    pub shared_paths: Vec<String>,
 }
 
 /// Sent after the image.
@@ -237,7 +437,7 @@ pub struct LinkHello {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToHome {
     /// A message for the deputy (a `mosix_remote::wire::ToDeputy` frame).
-    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    Deputy(Frame),
     /// The process moved on to `to`; nothing follows on this link.
     Left {
         to: u32,
@@ -259,7 +459,7 @@ pub enum ToHome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToHost {
     /// A message from the deputy (a `mosix_remote::wire::FromDeputy` frame).
-    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    Deputy(Frame),
     /// Move the process to `to` (asked for by `migrate`; `to` may be its home).
     Migrate { to: u32 },
     /// Its deputy is gone (killed at home): end it.
@@ -273,6 +473,16 @@ pub enum ToHost {
     },
     /// Hold it where it is (frozen), or let it go on.
     Freeze { freeze: bool },
+}
+
+impl ToHome {
+    /// The index of [`ToHome::Deputy`] (for [`send_frame`] and [`recv_framed`]).
+    pub const DEPUTY: u32 = 0;
+}
+
+impl ToHost {
+    /// The index of [`ToHost::Deputy`] (for [`send_frame`] and [`recv_framed`]).
+    pub const DEPUTY: u32 = 0;
 }
 
 /// A writer that cuts what is written into chunks (`len u32 LE | bytes`, raw: no
@@ -567,7 +777,7 @@ mod tests {
     #[test]
     fn messages_round_trip_and_garbage_is_an_error() {
         let mut buf = Vec::new();
-        send(&mut buf, &ToHome::Deputy(b"hi".to_vec())).unwrap();
+        send(&mut buf, &ToHome::Deputy(b"hi".to_vec().into())).unwrap();
         send(
             &mut buf,
             &ToHome::MigrateFailed {
@@ -579,7 +789,7 @@ mod tests {
         let mut r = &buf[..];
         assert_eq!(
             recv::<_, ToHome>(&mut r).unwrap(),
-            Some(ToHome::Deputy(b"hi".to_vec()))
+            Some(ToHome::Deputy(b"hi".to_vec().into()))
         );
         assert_eq!(
             recv::<_, ToHome>(&mut r).unwrap(),
@@ -598,6 +808,52 @@ mod tests {
         assert!(recv::<_, ToHome>(&mut r).is_err());
         let mut r: &[u8] = &[3, 0, 0, 0, 99, 98, 97];
         assert!(recv::<_, ToHome>(&mut r).is_err());
+    }
+
+    #[test]
+    fn frames_pass_through_as_the_messages_that_carry_them() {
+        for len in [0usize, 5, 200, 70_000, 1 << 20] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31) as u8).collect();
+            let mut a = Vec::new();
+            send(&mut a, &ToHost::Deputy(payload.clone().into())).unwrap();
+            let mut b = Vec::new();
+            send_frame(&mut b, ToHost::DEPUTY, &payload).unwrap();
+            assert_eq!(a, b, "{len}");
+            // A message wrapping another, encoded once.
+            let inner = ToHome::MigrateFailed {
+                to: 9,
+                reason: "x".repeat(len.min(100_000)),
+            };
+            let mut c = Vec::new();
+            send(
+                &mut c,
+                &ToHome::Deputy(postcard::to_allocvec(&inner).unwrap().into()),
+            )
+            .unwrap();
+            let mut d = Vec::new();
+            send_wrapped(&mut d, ToHome::DEPUTY, &inner).unwrap();
+            assert_eq!(c, d, "{len}");
+            // Read back without a copy, and other messages decoded as usual.
+            send(&mut b, &ToHost::Kill).unwrap();
+            let mut r = &b[..];
+            let got = recv_framed(&mut r, ToHost::DEPUTY, ToHost::Deputy).unwrap();
+            assert_eq!(got, Some(ToHost::Deputy(payload.into())));
+            let got = recv_framed(&mut r, ToHost::DEPUTY, ToHost::Deputy).unwrap();
+            assert_eq!(got, Some(ToHost::Kill));
+            assert!(recv_framed(&mut r, ToHost::DEPUTY, ToHost::Deputy)
+                .unwrap()
+                .is_none());
+        }
+        // A frame whose stated length disagrees with its message is decoded as `recv`
+        // decodes it, not taken whole.
+        let mut bad = Vec::new();
+        send_frame(&mut bad, ToHost::DEPUTY, b"abc").unwrap();
+        bad[5] = 2;
+        let mut r = &bad[..];
+        assert_eq!(
+            recv_framed(&mut r, ToHost::DEPUTY, ToHost::Deputy).unwrap(),
+            recv::<_, ToHost>(&mut &bad[..]).unwrap()
+        );
     }
 
     #[test]

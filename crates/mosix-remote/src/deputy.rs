@@ -13,6 +13,7 @@
 //! connects again ([`Deputy::serve`] once more), calls sent again are answered from the
 //! record of the last answer instead of being made twice.
 
+use crate::ahead::Ahead;
 use crate::exec;
 use crate::marks::{Marks, Pre};
 use crate::wire::{self, Call, ExitStatus, FromDeputy, Reply, ToDeputy};
@@ -225,6 +226,8 @@ fn take_thread_signals() -> u64 {
 #[derive(Default)]
 struct Link {
     inner: Mutex<LinkInner>,
+    /// Streams: a change of a file read ahead is told before anything sent after it.
+    ahead: Arc<Ahead>,
 }
 
 #[derive(Default)]
@@ -234,23 +237,65 @@ struct LinkInner {
 }
 
 impl Link {
-    fn send(&self, m: Option<FromDeputy>) {
-        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    /// Under the lock: what must go before any message (signals, stale streams).
+    fn before(&self, l: &mut LinkInner) {
         let sigs = PENDING.swap(0, Ordering::SeqCst);
         for sig in 1..=64 {
             if sigs & (1u64 << (sig - 1)) != 0 {
                 l.backlog.push(FromDeputy::Signal { sig });
             }
         }
+        if let Some(m) = self.ahead.stale() {
+            l.backlog.push(m);
+        }
+    }
+    fn send(&self, m: Option<FromDeputy>) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.before(&mut l);
         if let Some(m) = m {
             l.backlog.push(m);
         }
         l.flush();
     }
+    /// Sends read-ahead bytes of stream `s` at `off`, unless the stream ended meanwhile
+    /// (its file changed: then the host hears that first).
+    fn send_ahead(&self, s: u64, off: u64, len: u64, eof: bool, m: FromDeputy) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.before(&mut l);
+        if let crate::ahead::Send::Yes = self.ahead.sending(s, off, len, eof) {
+            l.flush();
+            if l.backlog.is_empty() {
+                if let Some(c) = &mut l.conn {
+                    if wire::send(c, &m).is_ok() {
+                        return;
+                    }
+                    l.conn = None;
+                }
+            }
+            l.backlog.push(m);
+        }
+        l.flush();
+    }
+    /// Sends `m` (written from where it is when nothing waits before it).
+    fn send_ref(&self, m: &FromDeputy) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.before(&mut l);
+        l.flush();
+        if l.backlog.is_empty() {
+            if let Some(c) = &mut l.conn {
+                if wire::send(c, m).is_ok() {
+                    return;
+                }
+                l.conn = None;
+            }
+        }
+        l.backlog.push(m.clone());
+        l.flush();
+    }
+    /// A new connection; what waits for it is sent by the next sender.
     fn attach(&self, c: UnixStream) {
         let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         l.conn = Some(c);
-        l.flush();
     }
     fn detach(&self) {
         if let Some(c) = self
@@ -284,8 +329,11 @@ impl LinkInner {
 }
 
 enum Job {
-    Call(Call),
-    Again { block: bool },
+    /// A call, made once the first `n` writes behind are made.
+    Call(Call, u64),
+    Again {
+        block: bool,
+    },
     Forget,
 }
 
@@ -315,14 +363,17 @@ fn worker_main(
 ) {
     block_all_but(&[libc::SIGTTIN, libc::SIGTTOU, SIG_CANCEL]);
     lock(&st).tid = gettid();
-    let mut last: Option<(u64, u64, Reply)> = None;
+    let mut last: Option<(u64, u64, FromDeputy)> = None;
+    let ahead = out.ahead.clone();
     while let Ok(job) = rx.recv() {
-        let Job::Call(call) = job else { continue };
+        let Job::Call(call, writes) = job else {
+            continue;
+        };
         let generation = GENERATION.load(Ordering::SeqCst);
         if let Some((g, s, r)) = &last {
             if *g == generation && *s == call.seq {
                 // Sent again after a reconnect: answered from the record, not made twice.
-                out.send(Some(FromDeputy::Reply(r.clone())));
+                out.send_ref(r);
                 continue;
             }
         }
@@ -335,39 +386,66 @@ fn worker_main(
             }
             s.current = call.seq;
         }
+        let seq = call.seq;
+        // Writes behind sent before it are made first.
+        ahead.wait_writes(writes);
         // A write of what went out already, a read of what was read already (the process
         // was brought back to a checkpoint): see marks.rs.
         let (run, io) = match lock(&marks).before(&call, &is_private) {
             Pre::Answer(r) => {
                 lock(&st).current = 0;
-                last = Some((generation, call.seq, r.clone()));
-                out.send(Some(FromDeputy::Reply(r)));
+                let msg = FromDeputy::Reply(r);
+                out.send_ref(&msg);
+                last = Some((generation, seq, msg));
                 continue;
             }
             Pre::Run(run, io) => (run, io),
         };
-        let made = run.as_ref().unwrap_or(&call);
+        let call = run.unwrap_or(call);
         let mut masked = false;
+        let (nr, args) = (call.nr, call.args);
+        let deferred = ahead.deferred(&call);
+        let mut prepared = match deferred {
+            // A write behind on its descriptor failed: this call says so (a close is
+            // made all the same).
+            Some(e) if nr != libc::SYS_close => Err(exec::Outcome {
+                ret: -(e as i64),
+                outs: Vec::new(),
+            }),
+            _ => exec::prepare(call, &is_private),
+        };
         let reply = loop {
+            let p = match &mut prepared {
+                Ok(p) => p,
+                Err(o) => {
+                    let o = std::mem::take(o);
+                    break exec::reply(seq, o, 0);
+                }
+            };
             TAKEN.with(|t| t.set(0));
-            let mut o = exec::execute(made, &is_private);
+            let ret = p.run(&is_private);
             let sigs = take_thread_signals();
-            if o.ret != -(libc::EINTR as i64) {
+            if ret != -(libc::EINTR as i64) {
+                let Ok(p) = prepared else {
+                    unreachable!("made")
+                };
+                let ret = match deferred {
+                    Some(e) if ret >= 0 => -(e as i64),
+                    _ => ret,
+                };
+                let mut o = p.finish(ret);
                 if let Some(io) = &io {
                     lock(&marks).after(io, &mut o.ret, &o.outs);
                 }
-                break exec::reply(&call, o, sigs);
+                break exec::reply(seq, o, sigs);
             }
-            if lock(&st).cancelled.remove(&call.seq) {
-                break Reply::Cancelled { seq: call.seq };
+            if lock(&st).cancelled.remove(&seq) {
+                break Reply::Cancelled { seq };
             }
             let by = TAKEN.with(|t| t.get());
             if by == libc::SIGTTIN || by == libc::SIGTTOU {
                 // What would the process do with it? Ask, and wait for the answer.
-                out.send(Some(FromDeputy::Reply(Reply::Interrupted {
-                    seq: call.seq,
-                    sig: by,
-                })));
+                out.send(Some(FromDeputy::Reply(Reply::Interrupted { seq, sig: by })));
                 match rx.recv() {
                     Ok(Job::Again { block }) => {
                         if block {
@@ -376,8 +454,8 @@ fn worker_main(
                         }
                         continue;
                     }
-                    Ok(Job::Forget) | Ok(Job::Call(_)) | Err(_) => {
-                        break Reply::Cancelled { seq: call.seq };
+                    Ok(Job::Forget) | Ok(Job::Call(..)) | Err(_) => {
+                        break Reply::Cancelled { seq };
                     }
                 }
             }
@@ -389,12 +467,24 @@ fn worker_main(
         {
             let mut s = lock(&st);
             s.current = 0;
-            s.cancelled.remove(&call.seq);
+            s.cancelled.remove(&seq);
         }
-        if let Reply::Done { .. } = reply {
-            last = Some((generation, call.seq, reply.clone()));
+        let mut reply = reply;
+        let done = if let Reply::Done { ret, begin, .. } = &mut reply {
+            // A read or write that continues the last may begin a stream: the host
+            // hears it with the answer, before the process's next call.
+            *begin = ahead.after(seq, nr, &args, *ret, &is_private);
+            true
+        } else {
+            false
+        };
+        let msg = FromDeputy::Reply(reply);
+        out.send_ref(&msg);
+        // Read ahead only once the answer that begins the stream is on its way.
+        ahead.go(seq);
+        if done {
+            last = Some((generation, seq, msg));
         }
-        out.send(Some(FromDeputy::Reply(reply)));
     }
 }
 
@@ -456,11 +546,201 @@ pub struct Deputy {
     /// Which thread each call came from.
     calls: HashMap<u64, i32>,
     out: Arc<Link>,
+    /// What the main thread has to send: sent by a thread of its own, so that the main
+    /// thread, which reads the connection, never waits on a write (the other end may be
+    /// waiting for it to read: see docs/transparency.md, "The path of a forwarded call").
+    aux: Sender<Aux>,
     wake_r: RawFd,
     /// What checkpoints of the process keep here (marks.rs).
     marks: Arc<Mutex<Marks>>,
     /// The highest call sequence number seen.
     max_seq: u64,
+}
+
+/// Work of the deputy's sending thread. `writes`: the writes behind made before it.
+enum Aux {
+    /// Signals arrived: pass them on.
+    Flush,
+    Describe {
+        seq: u64,
+        fd: i32,
+        writes: u64,
+    },
+    ReadAt {
+        seq: u64,
+        fd: i32,
+        off: u64,
+        len: u32,
+        writes: u64,
+    },
+    Synced {
+        seq: u64,
+    },
+    Adopt {
+        seq: u64,
+        fd: i32,
+        path: Vec<u8>,
+        flags: i32,
+        offset: u64,
+        cloexec: bool,
+        writes: u64,
+    },
+}
+
+fn aux_main(rx: Receiver<Aux>, out: Arc<Link>) {
+    block_all_but(&[]);
+    while let Ok(job) = rx.recv() {
+        match job {
+            Aux::Flush => out.send(None),
+            Aux::Describe { seq, fd, writes } => {
+                out.ahead.wait_writes(writes);
+                let (path, id) = describe(fd);
+                out.send(Some(FromDeputy::Described { seq, path, id }));
+            }
+            Aux::ReadAt {
+                seq,
+                fd,
+                off,
+                len,
+                writes,
+            } => {
+                out.ahead.wait_writes(writes);
+                let (ret, data) = read_at(fd, off, len);
+                out.send(Some(FromDeputy::Data { seq, ret, data }));
+            }
+            Aux::Synced { seq } => out.send(Some(FromDeputy::Synced { seq })),
+            Aux::Adopt {
+                seq,
+                fd,
+                path,
+                flags,
+                offset,
+                cloexec,
+                writes,
+            } => {
+                out.ahead.wait_writes(writes);
+                let ret = adopt(fd, &path, flags, offset, cloexec);
+                out.send(Some(FromDeputy::Adopted { seq, ret }));
+            }
+        }
+    }
+}
+
+/// The deputy's thread that reads ahead.
+fn read_ahead_main(out: Arc<Link>) {
+    block_all_but(&[]);
+    let ahead = out.ahead.clone();
+    while let Some(crate::ahead::Piece {
+        stream,
+        fd,
+        kind,
+        file,
+        off,
+        len,
+    }) = ahead.next_read()
+    {
+        let mut data: Vec<u8> = Vec::with_capacity(len as usize);
+        // SAFETY: pread of at most `len` bytes into the buffer's spare room, from the
+        // process's descriptor (a call that could close it ends the stream first; a read
+        // of what it became meanwhile is dropped by `sending`); only what it wrote is
+        // then taken as the buffer's contents.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                data.as_mut_ptr().cast(),
+                len as usize,
+                off as libc::off_t,
+            )
+        };
+        let eof = if n < 0 {
+            // Not readable ahead: the stream ends; the process's reads go home.
+            true
+        } else {
+            // SAFETY: pread wrote `n` <= `len` bytes there.
+            unsafe { data.set_len(n as usize) };
+            (n as u64) < len
+        };
+        let got = data.len() as u64;
+        let m = FromDeputy::Ahead {
+            stream,
+            fd,
+            kind,
+            file,
+            off,
+            data,
+            eof,
+        };
+        out.send_ahead(stream, off, got, eof, m);
+    }
+}
+
+/// The deputy's thread that tells the host at once of a change of a file read ahead.
+fn watch_main(out: Arc<Link>) {
+    block_all_but(&[]);
+    let ahead = out.ahead.clone();
+    while ahead.watch() {
+        out.send(None);
+    }
+}
+
+/// The deputy's thread that makes writes sent behind.
+fn write_behind_main(out: Arc<Link>) {
+    block_all_but(&[]);
+    let ahead = out.ahead.clone();
+    ahead.write_loop(&|m| out.send(Some(m)));
+}
+
+/// Opens `path` as the process (it is the deputy's own credentials, cwd and root) with
+/// `flags`, at `offset`, at the process's descriptor number `fd` (close-on-exec as
+/// `cloexec`): 0, or -errno (and `fd` is untouched).
+fn adopt(fd: i32, path: &[u8], flags: i32, offset: u64, cloexec: bool) -> i64 {
+    if is_private(fd as u64) || fd < 0 {
+        return -(libc::EBADF as i64);
+    }
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return -(libc::EINVAL as i64);
+    };
+    let keep =
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOCTTY);
+    // SAFETY: open of a NUL-terminated path of ours; a new descriptor or -1.
+    let f = unsafe { libc::open(c.as_ptr(), keep | libc::O_CLOEXEC | libc::O_NOCTTY) };
+    if f < 0 {
+        return -(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO) as i64);
+    }
+    // SAFETY: lseek, dup3 and close of descriptors of this process: `f` is ours; `fd`
+    // (home's /dev/null reserving the number) becomes the file.
+    unsafe {
+        libc::lseek(f, offset as libc::off_t, libc::SEEK_SET);
+        let r = libc::dup3(f, fd, if cloexec { libc::O_CLOEXEC } else { 0 });
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        libc::close(f);
+        if r < 0 {
+            return -(e as i64);
+        }
+    }
+    0
+}
+
+/// `len` bytes of the process's descriptor `fd` from `off` (its offset untouched).
+fn read_at(fd: i32, off: u64, len: u32) -> (i64, Vec<u8>) {
+    if is_private(fd as u64) {
+        return (-(libc::EBADF as i64), Vec::new());
+    }
+    let mut data = vec![0u8; len.min(crate::spec::MAX_IO) as usize];
+    // SAFETY: pread into a buffer of ours of the length we give.
+    let n = unsafe { libc::pread(fd, data.as_mut_ptr().cast(), data.len(), off as libc::off_t) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return (-(e as i64), Vec::new());
+    }
+    data.truncate(n as usize);
+    (n as i64, data)
 }
 
 impl Deputy {
@@ -476,10 +756,29 @@ impl Deputy {
         WAKE.store(w, Ordering::SeqCst);
         set_handlers();
         unblock_all();
+        let out = Arc::new(Link::default());
+        let (aux, arx) = mpsc::channel();
+        let o2 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-out".into())
+            .spawn(move || aux_main(arx, o2))?;
+        let o3 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-ahead".into())
+            .spawn(move || read_ahead_main(o3))?;
+        let o4 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-behind".into())
+            .spawn(move || write_behind_main(o4))?;
+        let o5 = out.clone();
+        std::thread::Builder::new()
+            .name("deputy-watch".into())
+            .spawn(move || watch_main(o5))?;
         Ok(Deputy {
             workers: HashMap::new(),
             calls: HashMap::new(),
-            out: Arc::new(Link::default()),
+            out,
+            aux,
             wake_r: r,
             marks: Arc::new(Mutex::new(Marks::default())),
             max_seq: 0,
@@ -565,6 +864,7 @@ impl Deputy {
         // SAFETY: `w` is a fresh duplicate we own.
         self.out
             .attach(unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(w) });
+        let _ = self.aux.send(Aux::Flush);
         let mut reader = std::io::BufReader::new(conn);
         loop {
             let buffered = !reader.buffer().is_empty();
@@ -588,7 +888,7 @@ impl Deputy {
                 let mut b = [0u8; 64];
                 // SAFETY: draining our own non-blocking pipe.
                 while unsafe { libc::read(self.wake_r, b.as_mut_ptr().cast(), b.len()) } > 0 {}
-                self.out.send(None);
+                let _ = self.aux.send(Aux::Flush);
             }
             if !buffered && fds[0].revents == 0 {
                 continue;
@@ -609,19 +909,53 @@ impl Deputy {
             ToDeputy::Call(c) => {
                 self.max_seq = self.max_seq.max(c.seq);
                 self.calls.insert(c.seq, c.tid);
-                if self.calls.len() > 4096 {
-                    let old: Vec<u64> = self
-                        .calls
-                        .keys()
-                        .copied()
-                        .filter(|s| *s + 4096 < c.seq)
-                        .collect();
-                    for s in old {
-                        self.calls.remove(&s);
-                    }
+                if self.calls.len() > 8192 {
+                    // The oldest half is forgotten (once in 4096 calls, not at each).
+                    self.calls.retain(|s, _| *s + 4096 >= c.seq);
                 }
+                // Positions the process read streams to on its host are set first; the
+                // call then ends its descriptors' streams, and waits for the writes
+                // behind sent before it.
+                self.out.ahead.took(&c.took);
+                let writes = self.out.ahead.calling(&c);
                 let tid = c.tid;
-                let _ = self.worker(tid).tx.send(Job::Call(c));
+                let _ = self.worker(tid).tx.send(Job::Call(c, writes));
+            }
+            ToDeputy::Took { took, stop } => {
+                self.out.ahead.took(&took);
+                if stop {
+                    self.out.ahead.stop();
+                }
+            }
+            ToDeputy::Behind {
+                stream,
+                n,
+                off,
+                data,
+            } => self.out.ahead.behind(stream, n, off, data),
+            ToDeputy::Adopt {
+                seq,
+                fd,
+                path,
+                flags,
+                offset,
+                cloexec,
+            } => {
+                // A call on it may come next: it waits for this like for a write behind.
+                let writes = self.out.ahead.writes_sent();
+                let _ = self.aux.send(Aux::Adopt {
+                    seq,
+                    fd,
+                    path,
+                    flags,
+                    offset,
+                    cloexec,
+                    writes,
+                });
+            }
+            ToDeputy::Sync { seq, took } => {
+                self.out.ahead.took(&took);
+                let _ = self.aux.send(Aux::Synced { seq });
             }
             ToDeputy::Cancel { seq } => self.cancel(seq),
             ToDeputy::Retry { seq, block } => self.to_worker_of(seq, Job::Again { block }),
@@ -645,8 +979,10 @@ impl Deputy {
                     set_handlers();
                 }
             }
+            // The process is gone: what it wrote behind is made; nothing of it is to be
+            // sent any more.
             ToDeputy::Exited(st) => {
-                self.out.send(None);
+                self.out.ahead.finish();
                 end_as(st)
             }
             ToDeputy::Lost { message } => {
@@ -656,24 +992,18 @@ impl Deputy {
                 end_as(ExitStatus::Code(137))
             }
             ToDeputy::Describe { seq, fd } => {
-                let (path, id) = describe(fd);
-                self.out.send(Some(FromDeputy::Described { seq, path, id }));
+                let writes = self.out.ahead.writes_sent();
+                let _ = self.aux.send(Aux::Describe { seq, fd, writes });
             }
             ToDeputy::ReadAt { seq, fd, off, len } => {
-                let mut data = vec![0u8; len.min(crate::spec::MAX_IO) as usize];
-                // SAFETY: pread into a buffer of ours of the length we give.
-                let n = unsafe {
-                    libc::pread(fd, data.as_mut_ptr().cast(), data.len(), off as libc::off_t)
-                };
-                let ret = if n < 0 || is_private(fd as u64) {
-                    -(std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EBADF) as i64)
-                } else {
-                    data.truncate(n as usize);
-                    n as i64
-                };
-                self.out.send(Some(FromDeputy::Data { seq, ret, data }));
+                let writes = self.out.ahead.writes_sent();
+                let _ = self.aux.send(Aux::ReadAt {
+                    seq,
+                    fd,
+                    off,
+                    len,
+                    writes,
+                });
             }
             ToDeputy::Mark { id } => self.mark(id),
             ToDeputy::Rewind { id, message } => {

@@ -6,6 +6,7 @@ use crate::spec::{self, Arg, Back as BackRule, Len, Route, Spec, Special, MAX_IO
 use crate::wire::{Back, Buf, Call, Reply};
 
 /// The raw outcome of one call: its result, and the output per argument.
+#[derive(Default)]
 pub struct Outcome {
     pub ret: i64,
     pub outs: Vec<Back>,
@@ -76,30 +77,59 @@ enum Post {
     Msg(usize, usize, usize, usize),
 }
 
+/// A call laid out in the deputy's memory, ready to be made (and made again, after an
+/// interruption that the process does not see).
+pub struct Prepared {
+    seq: u64,
+    nr: i64,
+    a: [u64; 6],
+    f: Frame,
+    post: Vec<Post>,
+    socklen_buf: [Option<usize>; 6],
+    /// Buffers the call writes over (in-out arguments, messages' headers) as they came:
+    /// put back before it is made again.
+    inout: Vec<(usize, Vec<u8>)>,
+    msgs: Vec<libc::msghdr>,
+    made: bool,
+}
+
 /// Makes `call` here. `private(fd)` says whether a descriptor is the deputy's own (the
 /// process never sees those: EBADF).
 pub fn execute(call: &Call, private: &dyn Fn(u64) -> bool) -> Outcome {
-    let Some(spec) = spec_of(call) else {
-        return err(libc::ENOSYS);
+    match prepare(call.clone(), private) {
+        Err(o) => o,
+        Ok(mut p) => {
+            let ret = p.run(private);
+            p.finish(ret)
+        }
+    }
+}
+
+/// Lays `call` out (its buffers are moved, not copied). Err: the outcome it has without
+/// being made (a malformed call).
+pub fn prepare(call: Call, private: &dyn Fn(u64) -> bool) -> Result<Prepared, Outcome> {
+    let Some(spec) = spec_of(&call) else {
+        return Err(err(libc::ENOSYS));
     };
     if call.bufs.len() != 6 {
-        return err(libc::EINVAL);
+        return Err(err(libc::EINVAL));
     }
     let mut a = call.args;
     let mut f = Frame::default();
     let mut post: Vec<Post> = Vec::with_capacity(6);
+    let mut inout = Vec::new();
     // Out arguments whose length is a socklen_t elsewhere: (out buffer, socklen buffer).
     let mut clamp: Vec<(usize, usize)> = Vec::new();
     let mut socklen_buf: [Option<usize>; 6] = [None; 6];
-    for i in 0..6 {
-        let p = match (spec.args[i], &call.bufs[i]) {
+    for (i, buf) in call.bufs.into_iter().enumerate() {
+        let p = match (spec.args[i], buf) {
             (Arg::V, Buf::None) => {
                 post.push(Post::None);
                 continue;
             }
             (Arg::Fd, Buf::None) => {
                 if private(a[i]) {
-                    return err(libc::EBADF);
+                    return Err(err(libc::EBADF));
                 }
                 post.push(Post::None);
                 continue;
@@ -117,48 +147,48 @@ pub fn execute(call: &Call, private: &dyn Fn(u64) -> bool) -> Outcome {
             }
             (Arg::Path, Buf::In(b)) => {
                 if b.last() != Some(&0) {
-                    return err(libc::EINVAL);
+                    return Err(err(libc::EINVAL));
                 }
-                let (_, p) = f.buf(b.clone());
+                let (_, p) = f.buf(b);
                 post.push(Post::None);
                 p
             }
             (Arg::In(len), Buf::In(b)) => {
                 if b.len() > MAX_IO as usize {
-                    return err(libc::EINVAL);
+                    return Err(err(libc::EINVAL));
                 }
                 set_len(&mut a, len, b.len() as u64);
-                let (_, p) = f.buf(b.clone());
+                let (_, p) = f.buf(b);
                 post.push(Post::None);
                 p
             }
             (Arg::Out(len, rule), Buf::Out(cap)) => {
-                if *cap > MAX_IO {
-                    return err(libc::EINVAL);
+                if cap > MAX_IO {
+                    return Err(err(libc::EINVAL));
                 }
-                set_len(&mut a, len, *cap as u64);
-                let (k, p) = f.buf(vec![0u8; *cap as usize]);
+                set_len(&mut a, len, cap as u64);
+                let (k, p) = f.buf(vec![0u8; cap as usize]);
                 if let Len::At(j) = len {
                     clamp.push((k, j as usize));
                 }
-                post.push(Post::Bytes(k, rule, *cap));
+                post.push(Post::Bytes(k, rule, cap));
                 p
             }
             (Arg::InOut(_), Buf::InOut(b)) => {
                 if b.len() > MAX_IO as usize {
-                    return err(libc::EINVAL);
+                    return Err(err(libc::EINVAL));
                 }
-                let (k, p) = f.buf(b.clone());
+                let (k, p) = f.buf(b);
                 socklen_buf[i] = Some(k);
                 post.push(Post::InOut(k));
                 p
             }
             (Arg::IovIn(k), Buf::IovIn { data, lens }) => {
-                if !iov_ok(lens, data.len()) {
-                    return err(libc::EINVAL);
+                if !iov_ok(&lens, data.len()) {
+                    return Err(err(libc::EINVAL));
                 }
-                let (b, _) = f.buf(data.clone());
-                let (_, p) = f.iov(b, lens);
+                let (b, _) = f.buf(data);
+                let (_, p) = f.iov(b, &lens);
                 a[k as usize] = lens.len() as u64;
                 post.push(Post::None);
                 p
@@ -166,10 +196,10 @@ pub fn execute(call: &Call, private: &dyn Fn(u64) -> bool) -> Outcome {
             (Arg::IovOut(k), Buf::IovOut { lens }) => {
                 let total: u64 = lens.iter().map(|&l| l as u64).sum();
                 if lens.len() as u64 > MAX_IOV || total > MAX_IO as u64 {
-                    return err(libc::EINVAL);
+                    return Err(err(libc::EINVAL));
                 }
                 let (b, _) = f.buf(vec![0u8; total as usize]);
-                let (_, p) = f.iov(b, lens);
+                let (_, p) = f.iov(b, &lens);
                 a[k as usize] = lens.len() as u64;
                 post.push(Post::Iov(b));
                 p
@@ -183,13 +213,13 @@ pub fn execute(call: &Call, private: &dyn Fn(u64) -> bool) -> Outcome {
                     control,
                 },
             ) => {
-                if !iov_ok(lens, data.len()) || name.len() > 4096 || control.len() > 65536 {
-                    return err(libc::EINVAL);
+                if !iov_ok(&lens, data.len()) || name.len() > 4096 || control.len() > 65536 {
+                    return Err(err(libc::EINVAL));
                 }
-                let (nb, np) = f.buf(name.clone());
-                let (db, _) = f.buf(data.clone());
-                let (vi, vp) = f.iov(db, lens);
-                let (cb, cp) = f.buf(control.clone());
+                let (nb, np) = f.buf(name);
+                let (db, _) = f.buf(data);
+                let (vi, vp) = f.iov(db, &lens);
+                let (cb, cp) = f.buf(control);
                 let m = msghdr(
                     np,
                     f.bufs[nb].len(),
@@ -213,31 +243,31 @@ pub fn execute(call: &Call, private: &dyn Fn(u64) -> bool) -> Outcome {
                 let total: u64 = lens.iter().map(|&l| l as u64).sum();
                 if lens.len() as u64 > MAX_IOV
                     || total > MAX_IO as u64
-                    || *name > 4096
-                    || *control > 65536
+                    || name > 4096
+                    || control > 65536
                 {
-                    return err(libc::EINVAL);
+                    return Err(err(libc::EINVAL));
                 }
-                let (nb, np) = f.buf(vec![0u8; *name as usize]);
+                let (nb, np) = f.buf(vec![0u8; name as usize]);
                 let (db, _) = f.buf(vec![0u8; total as usize]);
-                let (vi, vp) = f.iov(db, lens);
-                let (cb, cp) = f.buf(vec![0u8; *control as usize]);
-                let np = if *name == 0 { 0 } else { np };
-                let cp = if *control == 0 { 0 } else { cp };
+                let (vi, vp) = f.iov(db, &lens);
+                let (cb, cp) = f.buf(vec![0u8; control as usize]);
+                let np = if name == 0 { 0 } else { np };
+                let cp = if control == 0 { 0 } else { cp };
                 let m = msghdr(
                     np,
-                    *name as usize,
+                    name as usize,
                     vp,
                     f.iovs[vi].len(),
                     cp,
-                    *control as usize,
+                    control as usize,
                 );
                 f.msgs.push(Box::new(m));
                 let mi = f.msgs.len() - 1;
                 post.push(Post::Msg(mi, nb, db, cb));
                 &*f.msgs[mi] as *const libc::msghdr as u64
             }
-            _ => return err(libc::EINVAL),
+            _ => return Err(err(libc::EINVAL)),
         };
         a[i] = p;
     }
@@ -252,56 +282,120 @@ pub fn execute(call: &Call, private: &dyn Fn(u64) -> bool) -> Outcome {
             }
         }
     }
-    if call.nr == libc::SYS_close_range {
-        return close_range(a[0], a[1], a[2], private);
+    for p in &post {
+        if let Post::InOut(k) = p {
+            inout.push((*k, f.bufs[*k].clone()));
+        }
     }
-    let ret = raw_syscall(call.nr, &a);
-    let mut outs = Vec::with_capacity(6);
-    for (i, p) in post.iter().enumerate() {
-        outs.push(match p {
-            Post::None => Back::None,
-            _ if ret < 0 && !matches!(p, Post::InOut(_)) => Back::None,
-            Post::Bytes(k, rule, cap) => {
-                let n = match rule {
-                    BackRule::At(j) => socklen_buf[*j as usize]
-                        .and_then(|sb| f.bufs[sb].get(..4))
-                        .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
-                        .unwrap_or(0)
-                        .min(*cap),
-                    r => crate::gather::back_len(*r, *cap, ret),
-                };
-                Back::Bytes(f.bufs[*k][..n as usize].to_vec())
-            }
-            Post::InOut(k) => Back::Bytes(f.bufs[*k].clone()),
-            Post::Iov(b) => {
-                let n = (ret.max(0) as usize).min(f.bufs[*b].len());
-                Back::Bytes(f.bufs[*b][..n].to_vec())
-            }
-            Post::Msg(mi, nb, db, cb) => {
-                let m = &f.msgs[*mi];
-                let nl = (m.msg_namelen as usize).min(f.bufs[*nb].len());
-                let cl = m.msg_controllen.min(f.bufs[*cb].len());
-                let dl = (ret.max(0) as usize).min(f.bufs[*db].len());
-                Back::Msg {
-                    name: f.bufs[*nb][..nl].to_vec(),
-                    data: f.bufs[*db][..dl].to_vec(),
-                    control: f.bufs[*cb][..cl].to_vec(),
-                    flags: m.msg_flags,
-                }
-            }
-        });
-        let _ = i;
-    }
-    Outcome { ret, outs }
+    let msgs = f.msgs.iter().map(|m| **m).collect();
+    Ok(Prepared {
+        seq: call.seq,
+        nr: call.nr,
+        a,
+        f,
+        post,
+        socklen_buf,
+        inout,
+        msgs,
+        made: false,
+    })
 }
 
-/// The reply to a call made with this outcome.
-pub fn reply(call: &Call, o: Outcome, sigs: u64) -> Reply {
+impl Prepared {
+    /// The call's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Makes the call (again: with what it overwrote put back first): -errno on failure.
+    pub fn run(&mut self, private: &dyn Fn(u64) -> bool) -> i64 {
+        if self.made {
+            for (k, orig) in &self.inout {
+                self.f.bufs[*k].copy_from_slice(orig);
+            }
+            for (m, orig) in self.f.msgs.iter_mut().zip(&self.msgs) {
+                **m = *orig;
+            }
+        }
+        self.made = true;
+        if self.nr == libc::SYS_close_range {
+            return close_range(self.a[0], self.a[1], self.a[2], private);
+        }
+        raw_syscall(self.nr, &self.a)
+    }
+
+    /// What the call made with result `ret` wrote, per argument (its buffers are moved
+    /// into the outcome, not copied).
+    pub fn finish(mut self, ret: i64) -> Outcome {
+        if self.nr == libc::SYS_close_range {
+            return Outcome {
+                ret,
+                outs: vec![Back::None; 6],
+            };
+        }
+        let f = &mut self.f;
+        let socklen_buf = self.socklen_buf;
+        let mut outs = Vec::with_capacity(6);
+        for p in &self.post {
+            outs.push(match p {
+                Post::None => Back::None,
+                _ if ret < 0 && !matches!(p, Post::InOut(_)) => Back::None,
+                Post::Bytes(k, rule, cap) => {
+                    let n = match rule {
+                        BackRule::At(j) => socklen_buf[*j as usize]
+                            .and_then(|sb| f.bufs[sb].get(..4))
+                            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+                            .unwrap_or(0)
+                            .min(*cap),
+                        r => crate::gather::back_len(*r, *cap, ret),
+                    };
+                    Back::Bytes(take(&mut f.bufs[*k], n as usize))
+                }
+                Post::InOut(k) => Back::Bytes(f.bufs[*k].clone()),
+                Post::Iov(b) => {
+                    let n = (ret.max(0) as usize).min(f.bufs[*b].len());
+                    Back::Bytes(take(&mut f.bufs[*b], n))
+                }
+                Post::Msg(mi, nb, db, cb) => {
+                    let m = &f.msgs[*mi];
+                    let nl = (m.msg_namelen as usize).min(f.bufs[*nb].len());
+                    let cl = m.msg_controllen.min(f.bufs[*cb].len());
+                    let dl = (ret.max(0) as usize).min(f.bufs[*db].len());
+                    let flags = m.msg_flags;
+                    Back::Msg {
+                        name: f.bufs[*nb][..nl].to_vec(),
+                        data: take(&mut f.bufs[*db], dl),
+                        control: f.bufs[*cb][..cl].to_vec(),
+                        flags,
+                    }
+                }
+            });
+        }
+        Outcome { ret, outs }
+    }
+}
+
+/// The first `n` bytes of `buf`, taken out of it (a large buffer is moved, a small part
+/// of one copied).
+fn take(buf: &mut Vec<u8>, n: usize) -> Vec<u8> {
+    let n = n.min(buf.len());
+    if n >= buf.len() / 2 || n > 64 << 10 {
+        let mut v = std::mem::take(buf);
+        v.truncate(n);
+        v
+    } else {
+        buf[..n].to_vec()
+    }
+}
+
+/// The reply to call `seq` made with this outcome.
+pub fn reply(seq: u64, o: Outcome, sigs: u64) -> Reply {
     Reply::Done {
-        seq: call.seq,
+        seq,
         ret: o.ret,
         outs: o.outs,
         sigs,
+        begin: None,
     }
 }
 
@@ -352,9 +446,9 @@ pub fn raw_syscall(nr: i64, a: &[u64; 6]) -> i64 {
 }
 
 /// close_range that spares the deputy's own descriptors.
-fn close_range(first: u64, last: u64, flags: u64, private: &dyn Fn(u64) -> bool) -> Outcome {
+fn close_range(first: u64, last: u64, flags: u64, private: &dyn Fn(u64) -> bool) -> i64 {
     if first > last {
-        return err(libc::EINVAL);
+        return -(libc::EINVAL as i64);
     }
     let mut lo = first;
     let mut ret = 0;
@@ -379,10 +473,7 @@ fn close_range(first: u64, last: u64, flags: u64, private: &dyn Fn(u64) -> bool)
             &[lo, last, flags, 0, 0, 0],
         ));
     }
-    Outcome {
-        ret,
-        outs: vec![Back::None; 6],
-    }
+    ret
 }
 
 #[cfg(test)]
@@ -405,6 +496,7 @@ mod tests {
             nr,
             args,
             bufs: vec![],
+            took: vec![],
         })
         .expect("forwarded");
         let (call, layout) = gather(1, 1, nr, args, &spec, mem).expect("gathered");
@@ -564,6 +656,7 @@ mod tests {
             nr: libc::SYS_close,
             args: [fd, 0, 0, 0, 0, 0],
             bufs: vec![Buf::None; 6],
+            took: vec![],
         };
         assert_eq!(execute(&call, &private).ret, -(libc::EBADF as i64));
         let cr = Call {
@@ -592,6 +685,7 @@ mod tests {
                 Buf::None,
                 Buf::None,
             ],
+            took: vec![],
         };
         assert_eq!(execute(&call, &none).ret, -(libc::EINVAL as i64));
         let fork = Call {

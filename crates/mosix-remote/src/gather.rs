@@ -308,6 +308,7 @@ pub fn gather(
             nr,
             args,
             bufs,
+            took: Vec::new(),
         },
         Layout { places },
     ))

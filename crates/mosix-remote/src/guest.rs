@@ -6,15 +6,18 @@
 //! notification descriptor) and says what goes home as [`Out`]. The supervisor's thread
 //! drives it; the tests drive it with fakes.
 
+use crate::dfsa::{Dfsa, SharedFile};
 use crate::gather::{self, Layout, Mem};
 use crate::notify::Notif;
 use crate::spec::{self, Route, Spec, Special};
+use crate::streams::{Streams, Verdict};
 #[cfg(test)]
 use crate::wire::Call;
-use crate::wire::{FileId, FromDeputy, Reply, ToDeputy};
+use crate::wire::{ExitStatus, FileId, FromDeputy, Reply, ToDeputy};
 use nix::errno::Errno;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 
 /// What the supervisor can do to the process.
 pub trait Kernel {
@@ -52,6 +55,28 @@ pub trait Kernel {
     /// Opens `rest` of the process's own /proc directory here (thread `tid`'s with
     /// `thread`), read-only.
     fn open_proc(&self, tid: i32, thread: bool, rest: &str) -> Option<OwnedFd>;
+    /// Opens `rel` beneath the shared directory `root` here as the process would (its file
+    /// system IDs, groups and umask; never leaving `root`), for DFSA.
+    fn open_shared(&self, root: &Path, rel: &Path, flags: i32, mode: u32)
+        -> Result<OwnedFd, Errno>;
+    /// The offset, status flags and close-on-exec flag of the process's descriptor `fd`,
+    /// whose open file `file` also is.
+    fn fd_state(&self, fd: i32, file: &OwnedFd) -> Option<(u64, i32, bool)>;
+}
+
+/// A file opened here whose number home reserves: one of the process's own /proc (what
+/// follows /proc/self/), or a file of a shared path (its path).
+enum LocalOpen {
+    Proc(OwnedFd, String),
+    Shared(OwnedFd, PathBuf),
+}
+
+/// A descriptor that is a shared file here being made home's.
+struct Adopting {
+    fd: i32,
+    msg: ToDeputy,
+    /// The call that needs it home's, made once it is.
+    then: Option<Notif>,
 }
 
 /// What a thread does with a signal.
@@ -80,8 +105,10 @@ struct Pending {
     cancelled: bool,
     /// The call as sent (sent again after a reconnection).
     call: crate::wire::Call,
-    /// A number reserved at home for a file of the process's own /proc opened here.
-    local: Option<(OwnedFd, String)>,
+    /// A number reserved at home for a file opened here.
+    local: Option<LocalOpen>,
+    /// A dup of this descriptor (a shared file here): the copy is the same file here.
+    mirror_of: Option<i32>,
     /// `notif` is the same call made again (restarted after a signal or a freeze) while
     /// the first was at home: it gets the first's outcome, or is sent anew if the first
     /// was cancelled before it did anything.
@@ -130,6 +157,17 @@ pub struct Guest {
     /// are made here; home holds /dev/null at their number. With what they are (the part
     /// of the path after /proc/self/).
     local: HashMap<i32, String>,
+    /// Read-ahead and write-behind.
+    pub streams: Streams,
+    /// Files of shared paths opened here.
+    pub dfsa: Dfsa,
+    adopting: HashMap<u64, Adopting>,
+    /// Why its files here cannot all be made home's (the move it is frozen for fails).
+    unquiesced: Option<String>,
+    /// The process ended so; its end is reported once nothing of it is left to be done
+    /// at home (writes behind, positions).
+    ended: Option<ExitStatus>,
+    exit_sent: bool,
     /// Calls carried so far (for figures).
     pub forwarded: u64,
 }
@@ -144,6 +182,12 @@ impl Guest {
             undelivered: HashMap::new(),
             mappings: HashMap::new(),
             local: HashMap::new(),
+            streams: Streams::default(),
+            dfsa: Dfsa::default(),
+            adopting: HashMap::new(),
+            unquiesced: None,
+            ended: None,
+            exit_sent: false,
             forwarded: 0,
         }
     }
@@ -152,6 +196,17 @@ impl Guest {
     pub fn with_local(mut self, fds: Vec<(i32, String)>) -> Guest {
         self.local = fds.into_iter().collect();
         self
+    }
+
+    /// With these shared directories (DFSA).
+    pub fn with_dfsa(mut self, d: Dfsa) -> Guest {
+        self.dfsa = d;
+        self
+    }
+
+    /// Why the move it is frozen for cannot be made (once settled).
+    pub fn unquiesced(&self) -> Option<String> {
+        self.unquiesced.clone()
     }
 
     /// Its descriptors that are files of its own /proc here (for its next host).
@@ -171,9 +226,48 @@ impl Guest {
         self.pending.values().filter(|p| !p.cancelled).count()
     }
 
-    /// Calls sent home, cancelled or not, whose answer has not come.
+    /// Calls sent home, cancelled or not, whose answer has not come (and writes behind or
+    /// positions not yet known at home).
     pub fn outstanding(&self) -> usize {
-        self.pending.len() + self.mappings.len()
+        self.pending.len()
+            + self.mappings.len()
+            + self.adopting.len()
+            + usize::from(self.streams.unsettled())
+    }
+
+    /// The process ended (its status): the deputy is told once what it did on its host is
+    /// all known at home. What to send now.
+    pub fn end(&mut self, st: ExitStatus) -> Vec<Out> {
+        self.ended = Some(st);
+        let mut out = Vec::new();
+        let seq = self.next_seq;
+        if let Some(m) = self.streams.sync(seq) {
+            self.next_seq += 1;
+            out.push(Out::Deputy(m));
+        }
+        out.extend(self.report_end());
+        out
+    }
+
+    /// Whether the end of the process was sent to its deputy.
+    pub fn exit_sent(&self) -> bool {
+        self.exit_sent
+    }
+
+    fn report_end(&mut self) -> Vec<Out> {
+        match self.ended {
+            Some(st) if !self.exit_sent && !self.streams.unsettled() => {
+                self.exit_sent = true;
+                vec![Out::Deputy(ToDeputy::Exited(st))]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Nothing happened for a while: home hears where the process has read streams to
+    /// (its offsets there follow it even when it makes no call).
+    pub fn idle(&mut self) -> Vec<Out> {
+        self.streams.tick().into_iter().map(Out::Deputy).collect()
     }
 
     /// A trapped call.
@@ -212,6 +306,27 @@ impl Guest {
             self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
             return out;
         }
+        if matches!(
+            n.nr,
+            libc::SYS_read
+                | libc::SYS_pread64
+                | libc::SYS_write
+                | libc::SYS_pwrite64
+                | libc::SYS_lseek
+        ) {
+            match self.streams.on_call(&n, k.mem()) {
+                Verdict::Pass => {}
+                Verdict::Parked => return out,
+                Verdict::Answer(ret, c) => {
+                    // Made only if the process takes the answer (it may have been
+                    // interrupted meanwhile: then it makes the call again).
+                    if k.answer(n.id, ret).is_ok() {
+                        out.extend(self.streams.commit(c).into_iter().map(Out::Deputy));
+                    }
+                    return out;
+                }
+            }
+        }
         let route = spec::route(n.nr, &n.args);
         if let Some(o) = self.on_local_fd(&n, route, k) {
             out.extend(o);
@@ -234,6 +349,19 @@ impl Guest {
     /// A call on a descriptor that is a file here: made here (its reservation at home is
     /// kept in step by closes and dup2s). None: not such a call.
     fn on_local_fd(&mut self, n: &Notif, route: Route, k: &mut dyn Kernel) -> Option<Vec<Out>> {
+        if n.nr == libc::SYS_close_range {
+            // Home frees its numbers in the range; then the same here.
+            let (a, b) = (n.args[0], n.args[1]);
+            let gone = |f: &i32| *f >= 0 && (a..=b).contains(&(*f as u64));
+            self.dfsa.files.retain(|f, _| !gone(f));
+            self.local.retain(|f, _| !gone(f));
+            return None;
+        }
+        if !self.dfsa.files.is_empty() {
+            if let Some(o) = self.on_shared_fd(n, route, k) {
+                return Some(o);
+            }
+        }
         if self.local.is_empty() {
             return None;
         }
@@ -279,6 +407,182 @@ impl Guest {
                 Some(Vec::new())
             }
         }
+    }
+
+    /// A call on a descriptor that is a shared file here (DFSA): made here, or (a lock, a
+    /// call that mixes it with home's descriptors) made at home once the file is home's.
+    /// None: not such a call, or forwarded as it is (a close, a dup2: home keeps its
+    /// reservation in step).
+    fn on_shared_fd(&mut self, n: &Notif, route: Route, k: &mut dyn Kernel) -> Option<Vec<Out>> {
+        let spec = match route {
+            Route::Forward(s) => s,
+            Route::Special(Special::Mmap) => {
+                if self.dfsa.files.contains_key(&(n.args[4] as i32)) {
+                    let _ = k.proceed(n.id);
+                    return Some(Vec::new());
+                }
+                return None;
+            }
+            _ => return None,
+        };
+        let fds: Vec<i32> = spec
+            .args
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| **a == spec::Arg::Fd)
+            .map(|(i, _)| n.args[i] as i32)
+            .collect();
+        let first = *fds.first()?;
+        let shared: Vec<i32> = fds
+            .iter()
+            .copied()
+            .filter(|f| self.dfsa.files.contains_key(f))
+            .collect();
+        if matches!(n.nr, libc::SYS_dup2 | libc::SYS_dup3) && !shared.contains(&first) {
+            // A home descriptor copied over a shared one: home's from now on.
+            self.dfsa.files.remove(&(n.args[1] as i32));
+            return None;
+        }
+        if shared.is_empty() {
+            return None;
+        }
+        let fcntl = (n.nr == libc::SYS_fcntl).then_some(n.args[1] as i32);
+        let home_only = n.nr == libc::SYS_flock
+            || fcntl.is_some_and(|c| {
+                !matches!(
+                    c,
+                    libc::F_GETFD
+                        | libc::F_SETFD
+                        | libc::F_GETFL
+                        | libc::F_SETFL
+                        | libc::F_DUPFD
+                        | libc::F_DUPFD_CLOEXEC
+                )
+            });
+        let all_here = fds.iter().all(|f| {
+            self.dfsa.files.contains_key(f) || self.local.contains_key(f) || *f == libc::AT_FDCWD
+        });
+        match n.nr {
+            libc::SYS_close => {
+                // Home frees its reservation; then it is closed here.
+                self.dfsa.files.remove(&first);
+                None
+            }
+            libc::SYS_dup2 | libc::SYS_dup3 if shared.contains(&first) => {
+                // Home copies its reservation; the copy here is the same file.
+                let to = n.args[1] as i32;
+                if to != first {
+                    let copy = self.dfsa.files.get(&first).and_then(|f| {
+                        f.file.try_clone().ok().map(|file| SharedFile {
+                            path: f.path.clone(),
+                            file,
+                        })
+                    });
+                    match copy {
+                        Some(c) => {
+                            self.dfsa.files.insert(to, c);
+                        }
+                        None => {
+                            self.dfsa.files.remove(&to);
+                        }
+                    }
+                }
+                None
+            }
+            libc::SYS_dup | libc::SYS_fcntl
+                if shared.contains(&first)
+                    && (n.nr == libc::SYS_dup
+                        || matches!(fcntl, Some(libc::F_DUPFD | libc::F_DUPFD_CLOEXEC))) =>
+            {
+                // Home makes the number (a copy of its reservation); here it is the file.
+                let mut out = Vec::new();
+                self.forward_mirror(*n, spec, Some(first), k, &mut out);
+                Some(out)
+            }
+            _ if !home_only && all_here => {
+                let _ = k.proceed(n.id);
+                Some(Vec::new())
+            }
+            _ => {
+                // Made at home: the file becomes home's first.
+                let mut out = Vec::new();
+                self.adopt(shared[0], Some(*n), k, &mut out);
+                Some(out)
+            }
+        }
+    }
+
+    /// Makes the shared file at descriptor `fd` home's (the deputy opens it at that
+    /// number and offset); then `then` is offered again.
+    fn adopt(&mut self, fd: i32, then: Option<Notif>, k: &mut dyn Kernel, out: &mut Vec<Out>) {
+        let Some(sf) = self.dfsa.files.get(&fd) else {
+            return;
+        };
+        let Some((offset, flags, cloexec)) = k.fd_state(fd, &sf.file) else {
+            if then.is_none() {
+                self.unquiesced = Some(format!(
+                    "its descriptor {fd} ({}) cannot be read here",
+                    sf.path.display()
+                ));
+            }
+            return;
+        };
+        use std::os::unix::ffi::OsStrExt;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let msg = ToDeputy::Adopt {
+            seq,
+            fd,
+            path: sf.path.as_os_str().as_bytes().to_vec(),
+            flags,
+            offset,
+            cloexec,
+        };
+        self.adopting.insert(
+            seq,
+            Adopting {
+                fd,
+                msg: msg.clone(),
+                then,
+            },
+        );
+        out.push(Out::Deputy(msg));
+    }
+
+    fn adopted(&mut self, seq: u64, ret: i64, k: &mut dyn Kernel) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(a) = self.adopting.remove(&seq) else {
+            return out;
+        };
+        let path = self
+            .dfsa
+            .files
+            .get(&a.fd)
+            .map(|f| f.path.display().to_string())
+            .unwrap_or_default();
+        match a.then {
+            None if ret < 0 => {
+                self.unquiesced = Some(format!(
+                    "its file {path} (of a shared path, opened where it runs) cannot be opened at home: {}",
+                    Errno::from_raw(-ret as i32).desc()
+                ));
+            }
+            // Frozen for a move: it stays here as well until the move is done (if it
+            // fails, the process goes on with it here).
+            None => {}
+            Some(n) if !k.valid(n.id) => {}
+            Some(n) => {
+                // Home's now: a placeholder here at its number, and the call goes on.
+                if ret >= 0 && k.placeholder(n.id, a.fd, false).is_ok() {
+                    self.dfsa.files.remove(&a.fd);
+                    out.extend(self.on_notif(n, k));
+                } else {
+                    // It stays a file here: the call is made here.
+                    let _ = k.proceed(n.id);
+                }
+            }
+        }
+        out
     }
 
     /// `/proc/self/...` (or its thread's, or its own PID's) and what follows, when it is a
@@ -334,17 +638,28 @@ impl Guest {
                 match own
                     .and_then(|(thread, rest)| k.open_proc(n.pid, thread, &rest).map(|f| (f, rest)))
                 {
-                    Some(local) => self.reserve(n, local, k, out),
-                    None => self.forward(n, s, k, out),
+                    Some((f, rest)) => self.reserve(n, LocalOpen::Proc(f, rest), k, out),
+                    None => match self.open_shared(&n, path_arg, k) {
+                        Some(Ok(l)) => self.reserve(n, l, k, out),
+                        Some(Err(e)) => {
+                            let _ = k.answer(n.id, -(e as i64));
+                        }
+                        None => self.forward(n, s, k, out),
+                    },
                 }
             }
             Special::Readlink(s) => {
                 let path_arg = if n.nr == libc::SYS_readlink { 0 } else { 1 };
-                let own_exe = gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH)
-                    .map(|p| self.is_own_exe(&p))
-                    .unwrap_or(false);
-                match (own_exe, k.exe()) {
-                    (true, Some(target)) => {
+                let path = gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH)
+                    .unwrap_or_default();
+                // Its executable here; a shared file opened here (home has /dev/null).
+                let target = if self.is_own_exe(&path) {
+                    k.exe()
+                } else {
+                    self.own_fd_link(&path)
+                };
+                match target {
+                    Some(target) => {
                         let (buf, cap) = (n.args[path_arg + 1], n.args[path_arg + 2] as usize);
                         let m = target.len().min(cap);
                         let ret = match k.mem().write(buf, &target[..m]) {
@@ -417,6 +732,67 @@ impl Guest {
         }
     }
 
+    /// The open call `n` of a file of a shared path, opened here (DFSA): the file, or the
+    /// error opening it gives (as it would at home: the same file system). None: not
+    /// such a file (or one to open at home: a directory, a path leading out of the shared
+    /// directory).
+    fn open_shared(
+        &mut self,
+        n: &Notif,
+        path_arg: usize,
+        k: &mut dyn Kernel,
+    ) -> Option<Result<LocalOpen, Errno>> {
+        if !self.dfsa.enabled() {
+            return None;
+        }
+        if n.nr == libc::SYS_openat && n.args[0] as i32 != libc::AT_FDCWD {
+            return None;
+        }
+        let (flags, mode) = match n.nr {
+            libc::SYS_open => (n.args[1] as i32, n.args[2] as u32),
+            libc::SYS_creat => (
+                libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+                n.args[1] as u32,
+            ),
+            libc::SYS_openat => (n.args[2] as i32, n.args[3] as u32),
+            _ => return None,
+        };
+        if flags & (libc::O_PATH | libc::O_DIRECTORY | libc::O_TMPFILE) != 0 {
+            return None;
+        }
+        let path = gather::read_cstr(k.mem(), n.args[path_arg], spec::MAX_PATH).ok()?;
+        let (root, rel, abs) = self.dfsa.place(path.strip_suffix(&[0]).unwrap_or(&path))?;
+        match k.open_shared(&root, &rel, flags, mode) {
+            Ok(f) => {
+                // A directory is home's (its listing, a working directory, ...).
+                let st = nix::sys::stat::fstat(&f).ok()?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    return None;
+                }
+                Some(Ok(LocalOpen::Shared(f, abs)))
+            }
+            // It leads out of the shared directory (a link, a mount): home resolves it.
+            Err(Errno::EXDEV | Errno::ELOOP | Errno::EAGAIN | Errno::ENOSYS) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// What `/proc/self/fd/N` links to when N is a shared file opened here.
+    fn own_fd_link(&self, p: &[u8]) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.dfsa.files.is_empty() {
+            return None;
+        }
+        let p = std::str::from_utf8(p.strip_suffix(&[0]).unwrap_or(p)).ok()?;
+        let own = format!("/proc/{}/fd/", self.own_pid);
+        let n = p
+            .strip_prefix("/proc/self/fd/")
+            .or_else(|| p.strip_prefix("/proc/thread-self/fd/"))
+            .or_else(|| p.strip_prefix(own.as_str()))?;
+        let f = self.dfsa.files.get(&n.parse::<i32>().ok()?)?;
+        Some(f.path.as_os_str().as_bytes().to_vec())
+    }
+
     fn is_own_exe(&self, p: &[u8]) -> bool {
         let p = p.strip_suffix(&[0]).unwrap_or(p);
         p == b"/proc/self/exe"
@@ -426,15 +802,12 @@ impl Guest {
 
     /// Opens a file of the process's own /proc here: its number is reserved at home
     /// (/dev/null, close-on-exec as asked), then the file put at that number.
-    fn reserve(
-        &mut self,
-        n: Notif,
-        local: (OwnedFd, String),
-        k: &mut dyn Kernel,
-        out: &mut Vec<Out>,
-    ) {
-        let flags_arg = if n.nr == libc::SYS_open { 1 } else { 2 };
-        let cloexec = n.args[flags_arg] as i32 & libc::O_CLOEXEC;
+    fn reserve(&mut self, n: Notif, local: LocalOpen, k: &mut dyn Kernel, out: &mut Vec<Out>) {
+        let cloexec = match n.nr {
+            libc::SYS_open => n.args[1] as i32 & libc::O_CLOEXEC,
+            libc::SYS_openat => n.args[2] as i32 & libc::O_CLOEXEC,
+            _ => 0,
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
         let call = crate::wire::Call {
@@ -457,6 +830,7 @@ impl Guest {
                 crate::wire::Buf::None,
                 crate::wire::Buf::None,
             ],
+            took: Vec::new(),
         };
         let s = match spec::route(libc::SYS_openat, &call.args) {
             Route::Special(Special::Open(s)) => s,
@@ -472,6 +846,7 @@ impl Guest {
                 cancelled: false,
                 call: call.clone(),
                 local: Some(local),
+                mirror_of: None,
                 retry: false,
             },
         );
@@ -480,12 +855,39 @@ impl Guest {
     }
 
     fn forward(&mut self, n: Notif, s: Spec, k: &mut dyn Kernel, out: &mut Vec<Out>) {
+        self.forward_mirror(n, s, None, k, out)
+    }
+
+    /// Forwards call `n`; with `mirror_of`, the descriptor it makes is a copy of that
+    /// shared file here.
+    fn forward_mirror(
+        &mut self,
+        n: Notif,
+        s: Spec,
+        mirror_of: Option<i32>,
+        k: &mut dyn Kernel,
+        out: &mut Vec<Out>,
+    ) {
         let seq = self.next_seq;
         match gather::gather(seq, n.pid, n.nr, n.args, &s, k.mem()) {
             Err(e) => {
                 let _ = k.answer(n.id, -(e as i64));
             }
-            Ok((call, layout)) => {
+            Ok((mut call, layout)) => {
+                // Streams on its descriptors end; positions read here go home with it.
+                let fds: Vec<i32> = s
+                    .args
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| **a == spec::Arg::Fd)
+                    .map(|(i, _)| n.args[i] as i32)
+                    .collect();
+                let range = (n.nr == libc::SYS_close_range).then_some((n.args[0], n.args[1]));
+                let closes = matches!(
+                    n.nr,
+                    libc::SYS_close | libc::SYS_dup2 | libc::SYS_dup3 | libc::SYS_close_range
+                ) || (n.nr == libc::SYS_fcntl && n.args[1] as i32 == libc::F_SETFL);
+                call.took = self.streams.forwarding(seq, &fds, range, closes);
                 self.next_seq += 1;
                 self.forwarded += 1;
                 self.pending.insert(
@@ -497,6 +899,7 @@ impl Guest {
                         cancelled: false,
                         call: call.clone(),
                         local: None,
+                        mirror_of,
                         retry: false,
                     },
                 );
@@ -519,6 +922,8 @@ impl Guest {
     pub fn on_reply(&mut self, r: Reply, k: &mut dyn Kernel) -> Vec<Out> {
         let mut out = Vec::new();
         let seq = r.seq();
+        // Whatever the answer, the call reached home: the positions it carried are there.
+        self.streams.answered(seq);
         match r {
             Reply::Cancelled { .. } => {
                 if let Some(p) = self.forget(seq) {
@@ -555,17 +960,71 @@ impl Guest {
                 }
             }
             Reply::Done {
-                ret, outs, sigs, ..
+                ret,
+                outs,
+                sigs,
+                begin,
+                ..
             } => {
                 let Some(p) = self.forget(seq) else {
                     return out;
                 };
-                if let (Some((file, rest)), true) = (&p.local, ret >= 0) {
+                if let Some(b) = begin {
+                    // Followed from before the process's next call.
+                    self.streams.begin(seq, p.notif.args[0] as i32, b);
+                }
+                if ret == 0 {
+                    // Its working directory (or root) at home changed.
+                    match p.notif.nr {
+                        libc::SYS_chdir => match p.call.bufs.first() {
+                            Some(crate::wire::Buf::In(b)) => {
+                                self.dfsa.chdir(Some(b.strip_suffix(&[0]).unwrap_or(b)))
+                            }
+                            _ => self.dfsa.chdir(None),
+                        },
+                        libc::SYS_fchdir => self.dfsa.chdir(None),
+                        libc::SYS_chroot => self.dfsa.chroot(),
+                        _ => {}
+                    }
+                }
+                if let (Some(of), true) = (p.mirror_of, ret >= 0) {
+                    // A copy of a shared file here: the same file at the number home made.
+                    let copy = self.dfsa.files.get(&of).and_then(|f| {
+                        f.file.try_clone().ok().map(|file| SharedFile {
+                            path: f.path.clone(),
+                            file,
+                        })
+                    });
+                    if let Some(c) = copy {
+                        if k.valid(p.notif.id)
+                            && k.install_answer(p.notif.id, c.file.as_raw_fd(), ret as i32)
+                                .is_ok()
+                        {
+                            self.dfsa.files.insert(ret as i32, c);
+                            return out;
+                        }
+                    }
+                }
+                if let (Some(l), true) = (&p.local, ret >= 0) {
+                    let file = match l {
+                        LocalOpen::Proc(f, _) | LocalOpen::Shared(f, _) => f,
+                    };
                     if k.valid(p.notif.id)
                         && k.install_answer(p.notif.id, file.as_raw_fd(), ret as i32)
                             .is_ok()
                     {
-                        self.local.insert(ret as i32, rest.clone());
+                        match p.local {
+                            Some(LocalOpen::Proc(_, rest)) => {
+                                self.local.insert(ret as i32, rest);
+                            }
+                            Some(LocalOpen::Shared(file, path)) => {
+                                self.dfsa.opened += 1;
+                                self.dfsa
+                                    .files
+                                    .insert(ret as i32, SharedFile { path, file });
+                            }
+                            None => {}
+                        }
                     } else {
                         // It is gone (interrupted): home's /dev/null at that number leaks
                         // until the process ends; rare.
@@ -680,7 +1139,7 @@ impl Guest {
 
     /// A message from the deputy other than a signal (signals are the driver's).
     pub fn on_deputy(&mut self, m: FromDeputy, k: &mut dyn Kernel) -> Vec<Out> {
-        match m {
+        let mut out = match m {
             FromDeputy::Reply(r) => self.on_reply(r, k),
             FromDeputy::Described { seq, path, id } => self.described(seq, path, id, k),
             FromDeputy::Data { seq, ret, data } => self.fetched(seq, ret, data, k),
@@ -688,7 +1147,20 @@ impl Guest {
             FromDeputy::Signal { .. } | FromDeputy::Marked { .. } | FromDeputy::Rewound { .. } => {
                 Vec::new()
             }
-        }
+            FromDeputy::Adopted { seq, ret } => self.adopted(seq, ret, k),
+            m => {
+                let mut out = Vec::new();
+                // Calls that waited for it are offered again.
+                for n in self.streams.on_deputy(m).unwrap_or_default() {
+                    if k.valid(n.id) {
+                        out.extend(self.on_notif(n, k));
+                    }
+                }
+                out
+            }
+        };
+        out.extend(self.report_end());
+        out
     }
 
     fn described(
@@ -789,14 +1261,26 @@ impl Guest {
 
     /// What to send again after the way home was broken and is back: every call still
     /// waiting (the deputy answers one it already made from its record), and the cancels.
-    pub fn resend(&self) -> Vec<Out> {
+    pub fn resend(&mut self, k: &mut dyn Kernel) -> Vec<Out> {
+        // Writes behind and positions first: calls made after them come after them.
+        let (again, parked) = self.streams.relinked();
+        let mut out: Vec<Out> = again.into_iter().map(Out::Deputy).collect();
         let mut v: Vec<(&u64, &Pending)> = self.pending.iter().collect();
         v.sort_by_key(|(s, _)| **s);
-        let mut out = Vec::new();
         for (seq, p) in v {
             out.push(Out::Deputy(ToDeputy::Call(p.call.clone())));
             if p.cancelled {
                 out.push(Out::Deputy(ToDeputy::Cancel { seq: *seq }));
+            }
+        }
+        // Files being made home's (the deputy opens each anew: the same end).
+        let mut a: Vec<(&u64, &Adopting)> = self.adopting.iter().collect();
+        a.sort_by_key(|(s, _)| **s);
+        out.extend(a.into_iter().map(|(_, a)| Out::Deputy(a.msg.clone())));
+        // Reads that waited for bytes read ahead (which may be lost) go home.
+        for n in parked {
+            if k.valid(n.id) {
+                out.extend(self.on_notif(n, k));
             }
         }
         out
@@ -805,6 +1289,7 @@ impl Guest {
     /// Time passed: calls whose thread stopped waiting (a signal it handled) are cancelled.
     pub fn tick(&mut self, k: &dyn Kernel) -> Vec<Out> {
         let mut out = Vec::new();
+        self.streams.forget_parked(&|id| k.valid(id));
         let gone: Vec<u64> = self
             .pending
             .iter()
@@ -820,7 +1305,7 @@ impl Guest {
     /// The process is frozen for a move: every call at home is cancelled. Once
     /// [`outstanding`](Self::outstanding) is 0, [`completed`](Self::completed) says which
     /// calls were made at home after all, to be finished in the frozen process.
-    pub fn quiesce(&mut self) -> Vec<Out> {
+    pub fn quiesce(&mut self, k: &mut dyn Kernel) -> Vec<Out> {
         let mut out = Vec::new();
         let seqs: Vec<u64> = self.pending.keys().copied().collect();
         for seq in seqs {
@@ -828,6 +1313,21 @@ impl Guest {
         }
         // An mmap being prepared is made again after the move.
         self.mappings.clear();
+        // Streams end; what was read here and written behind is settled at home first.
+        out.extend(self.streams.quiesce().into_iter().map(Out::Deputy));
+        // Files of shared paths opened here become home's (the process may be rebuilt
+        // anywhere; home's descriptors go with it).
+        self.unquiesced = None;
+        let mut fds: Vec<i32> = self.dfsa.files.keys().copied().collect();
+        fds.sort();
+        for fd in fds {
+            self.adopt(fd, None, k, &mut out);
+        }
+        let seq = self.next_seq;
+        if let Some(m) = self.streams.sync(seq) {
+            self.next_seq += 1;
+            out.push(Out::Deputy(m));
+        }
         out
     }
 
@@ -943,6 +1443,14 @@ mod tests {
         fn open_proc(&self, _: i32, _: bool, rest: &str) -> Option<OwnedFd> {
             (rest == "status").then(|| tempfile::tempfile().unwrap().into())
         }
+        fn open_shared(&self, root: &Path, rel: &Path, _: i32, _: u32) -> Result<OwnedFd, Errno> {
+            std::fs::File::open(root.join(rel))
+                .map(Into::into)
+                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+        }
+        fn fd_state(&self, _: i32, _: &OwnedFd) -> Option<(u64, i32, bool)> {
+            Some((7, libc::O_RDWR, false))
+        }
     }
 
     const BASE: u64 = 0x5000_0000;
@@ -989,6 +1497,7 @@ mod tests {
             ret: 3,
             outs: vec![Back::None, Back::Bytes(b"abc".to_vec()), Back::None],
             sigs: 0,
+            begin: None,
         };
         assert!(g.on_reply(r, &mut k).is_empty());
         assert_eq!(k.answers, vec![(7, 3)]);
@@ -1016,6 +1525,7 @@ mod tests {
                 ret: 5,
                 outs: vec![Back::None; 4],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1032,6 +1542,7 @@ mod tests {
                 ret: -(libc::EPIPE as i64),
                 outs: vec![],
                 sigs: 1 << (libc::SIGPIPE - 1),
+                begin: None,
             },
             &mut k,
         );
@@ -1050,6 +1561,7 @@ mod tests {
                 ret: -(libc::EPIPE as i64),
                 outs: vec![],
                 sigs: 1 << (libc::SIGPIPE - 1),
+                begin: None,
             },
             &mut k,
         );
@@ -1080,6 +1592,7 @@ mod tests {
                 ret: 2,
                 outs: vec![Back::None, Back::Bytes(b"hi".to_vec()), Back::None],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1090,7 +1603,7 @@ mod tests {
         // restarted read waits for the first; cancelled before doing anything, it is
         // sent anew.
         let c = sent_call(&g.on_notif(notif(3, 100, libc::SYS_read, args), &mut k));
-        let q = g.quiesce();
+        let q = g.quiesce(&mut k);
         assert_eq!(q, vec![Out::Deputy(ToDeputy::Cancel { seq: c.seq })]);
         k.invalid.push(3);
         assert!(g
@@ -1109,6 +1622,7 @@ mod tests {
                 ret: 2,
                 outs: vec![Back::None, Back::Bytes(b"yo".to_vec()), Back::None],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1153,6 +1667,181 @@ mod tests {
     }
 
     #[test]
+    fn shared_files_are_opened_here_used_here_and_made_homes_for_locks_and_moves() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::write(shared.join("data"), b"0123456789").unwrap();
+        let root = shared.to_string_lossy().into_owned();
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1).with_dfsa(Dfsa::new(
+            std::slice::from_ref(&root),
+            std::slice::from_ref(&shared),
+            Some(shared.clone()),
+        ));
+        // open("data"): opened here; home reserves the number (/dev/null).
+        k.mem().write(BASE, b"data\0").unwrap();
+        let c = sent_call(&g.on_notif(
+            notif(
+                1,
+                100,
+                libc::SYS_open,
+                [BASE, libc::O_RDONLY as u64, 0, 0, 0, 0],
+            ),
+            &mut k,
+        ));
+        assert_eq!(c.nr, libc::SYS_openat);
+        assert!(matches!(&c.bufs[1], crate::wire::Buf::In(p) if p == b"/dev/null\0"));
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 5,
+                outs: vec![],
+                sigs: 0,
+                begin: None,
+            },
+            &mut k,
+        );
+        assert_eq!(k.placed, vec![(1, 5, true)], "the file put at number 5");
+        assert!(g.dfsa.files.contains_key(&5));
+        // Its reads are made here.
+        assert!(g
+            .on_notif(notif(2, 100, libc::SYS_read, [5, BASE, 4, 0, 0, 0]), &mut k)
+            .is_empty());
+        assert_eq!(k.proceeded, vec![2]);
+        // A lock is made at home, once the file is home's there.
+        let out = g.on_notif(notif(3, 100, libc::SYS_flock, [5, 2, 0, 0, 0, 0]), &mut k);
+        let Some(Out::Deputy(ToDeputy::Adopt {
+            seq,
+            fd: 5,
+            offset: 7,
+            ..
+        })) = out.first()
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!(g.outstanding(), 1);
+        let out = g.on_deputy(FromDeputy::Adopted { seq: *seq, ret: 0 }, &mut k);
+        assert_eq!(k.placed.last(), Some(&(3, 5, false)), "a placeholder again");
+        assert!(!g.dfsa.files.contains_key(&5));
+        let c = sent_call(&out);
+        assert_eq!(c.nr, libc::SYS_flock);
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 0,
+                outs: vec![],
+                sigs: 0,
+                begin: None,
+            },
+            &mut k,
+        );
+        // Another one, and a move: made home's before it leaves; one that cannot be
+        // opened at home fails the move.
+        let c = sent_call(&g.on_notif(
+            notif(
+                4,
+                100,
+                libc::SYS_open,
+                [BASE, libc::O_RDONLY as u64, 0, 0, 0, 0],
+            ),
+            &mut k,
+        ));
+        g.on_reply(
+            Reply::Done {
+                seq: c.seq,
+                ret: 6,
+                outs: vec![],
+                sigs: 0,
+                begin: None,
+            },
+            &mut k,
+        );
+        let q = g.quiesce(&mut k);
+        let Some(Out::Deputy(ToDeputy::Adopt { seq, fd: 6, .. })) = q.last() else {
+            panic!("{q:?}");
+        };
+        assert_eq!(g.outstanding(), 1);
+        g.on_deputy(
+            FromDeputy::Adopted {
+                seq: *seq,
+                ret: -(libc::ENOENT as i64),
+            },
+            &mut k,
+        );
+        assert_eq!(g.outstanding(), 0);
+        assert!(g.unquiesced().unwrap().contains("cannot be opened at home"));
+        // A path outside the shared directory, or a directory in it: home's.
+        k.mem().write(BASE, b"/etc/hostname\0").unwrap();
+        let out = g.on_notif(
+            notif(
+                5,
+                100,
+                libc::SYS_open,
+                [BASE, libc::O_RDONLY as u64, 0, 0, 0, 0],
+            ),
+            &mut k,
+        );
+        assert!(
+            matches!(&sent_call(&out).bufs[0], crate::wire::Buf::In(p) if p.starts_with(b"/etc"))
+        );
+        std::fs::create_dir(shared.join("dir")).unwrap();
+        k.mem().write(BASE, b"dir\0").unwrap();
+        let out = g.on_notif(
+            notif(
+                6,
+                101,
+                libc::SYS_open,
+                [BASE, libc::O_RDONLY as u64, 0, 0, 0, 0],
+            ),
+            &mut k,
+        );
+        assert!(matches!(&sent_call(&out).bufs[0], crate::wire::Buf::In(p) if p == b"dir\0"));
+    }
+
+    #[test]
+    fn shared_files_closed_by_a_range_or_covered_by_a_dup2_are_homes_again() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let root = d.path().to_string_lossy().into_owned();
+        let mut k = kernel();
+        let mut g = Guest::new(100, 1).with_dfsa(Dfsa::new(
+            std::slice::from_ref(&root),
+            &[d.path().to_path_buf()],
+            Some(d.path().to_path_buf()),
+        ));
+        k.mem().write(BASE, b"f\0").unwrap();
+        for (i, fd) in [(1u64, 5i32), (2, 6)] {
+            let c = sent_call(&g.on_notif(
+                notif(i, 100 + i as i32, libc::SYS_open, [BASE, 0, 0, 0, 0, 0]),
+                &mut k,
+            ));
+            g.on_reply(
+                Reply::Done {
+                    seq: c.seq,
+                    ret: fd as i64,
+                    outs: vec![],
+                    sigs: 0,
+                    begin: None,
+                },
+                &mut k,
+            );
+        }
+        assert_eq!(g.dfsa.files.len(), 2);
+        // dup2 of a home descriptor over 5: forwarded, and 5 is home's.
+        let c = sent_call(&g.on_notif(notif(3, 110, libc::SYS_dup2, [1, 5, 0, 0, 0, 0]), &mut k));
+        assert_eq!(c.nr, libc::SYS_dup2);
+        assert!(!g.dfsa.files.contains_key(&5));
+        // close_range over 6: forwarded, and 6 is forgotten.
+        let c = sent_call(&g.on_notif(
+            notif(4, 111, libc::SYS_close_range, [6, 100, 0, 0, 0, 0]),
+            &mut k,
+        ));
+        assert_eq!(c.nr, libc::SYS_close_range);
+        assert!(g.dfsa.files.is_empty());
+    }
+
+    #[test]
     fn calls_that_need_home_ask_for_it_and_local_ones_proceed() {
         let mut k = kernel();
         let mut g = Guest::new(100, 1);
@@ -1189,7 +1878,7 @@ mod tests {
             &mut k,
         ));
         assert_eq!(
-            g.quiesce(),
+            g.quiesce(&mut k),
             vec![Out::Deputy(ToDeputy::Cancel { seq: c.seq })]
         );
         k.invalid.push(1);
@@ -1199,6 +1888,7 @@ mod tests {
                 ret: 4,
                 outs: vec![Back::None, Back::Bytes(b"data".to_vec()), Back::None],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1225,6 +1915,7 @@ mod tests {
                 ret: 4,
                 outs: vec![],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1240,6 +1931,7 @@ mod tests {
                 ret: 0,
                 outs: vec![Back::None; 4],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );
@@ -1262,6 +1954,7 @@ mod tests {
                 ret: 4,
                 outs: vec![],
                 sigs: 0,
+                begin: None,
             },
             &mut k,
         );

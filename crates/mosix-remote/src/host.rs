@@ -184,13 +184,21 @@ impl Kernel for Live {
     fn memfile(&self, size: u64, parts: &[(u64, Vec<u8>)]) -> Option<OwnedFd> {
         let fd = nix::sys::memfd::memfd_create(
             c"mosix-home-file",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
         )
         .ok()?;
         let f = std::fs::File::from(fd);
         f.set_len(size).ok()?;
         for (off, d) in parts {
             std::os::unix::fs::FileExt::write_all_at(&f, d, *off).ok()?;
+        }
+        // A copy: what the process would write into it through a shared mapping would
+        // never reach home, so it cannot (mprotect to writable fails; private mappings
+        // stay copy-on-write).
+        let seals = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+        // SAFETY: F_ADD_SEALS on our own memfd.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return None;
         }
         Some(f.into())
     }
@@ -199,6 +207,34 @@ impl Kernel for Live {
     }
     fn install_answer(&mut self, id: u64, fd: RawFd, at: i32) -> Result<(), Errno> {
         self.notify.install(id, fd, at, false, true).map(|_| ())
+    }
+    fn open_shared(
+        &self,
+        root: &std::path::Path,
+        rel: &std::path::Path,
+        flags: i32,
+        mode: u32,
+    ) -> Result<OwnedFd, Errno> {
+        open_as(self.pid, root, rel, flags, mode)
+    }
+    fn fd_state(&self, fd: i32, file: &OwnedFd) -> Option<(u64, i32, bool)> {
+        // SAFETY: lseek and F_GETFL read the state of an open file of ours (the
+        // process's descriptor is the same open file).
+        let (off, fl) = unsafe {
+            (
+                libc::lseek(file.as_raw_fd(), 0, libc::SEEK_CUR),
+                libc::fcntl(file.as_raw_fd(), libc::F_GETFL),
+            )
+        };
+        if off < 0 || fl < 0 {
+            return None;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", self.pid)).ok()?;
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| i64::from_str_radix(v.trim(), 8).ok())?;
+        Some((off as u64, fl, flags & libc::O_CLOEXEC as i64 != 0))
     }
     fn open_proc(&self, tid: i32, thread: bool, rest: &str) -> Option<OwnedFd> {
         let base = if thread {
@@ -256,4 +292,125 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor of ours.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
+}
+
+/// The credentials a file is opened with for process `pid` (from /proc): file system user
+/// and group IDs, supplementary groups, umask, and whether it is root with every
+/// capability this process has.
+struct OpenCreds {
+    fsuid: u32,
+    fsgid: u32,
+    groups: Vec<u32>,
+    umask: u32,
+}
+
+fn open_creds(pid: i32) -> Option<OpenCreds> {
+    let own = std::fs::read_to_string("/proc/self/status").ok()?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |t: &str, k: &str| -> Option<String> {
+        t.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+    };
+    let ids = |k: &str| -> Option<Vec<u32>> {
+        field(&s, k)?
+            .split_whitespace()
+            .map(|x| x.parse().ok())
+            .collect()
+    };
+    let uid = ids("Uid:")?;
+    let gid = ids("Gid:")?;
+    let groups = ids("Groups:").unwrap_or_default();
+    let umask = u32::from_str_radix(&field(&s, "Umask:")?, 8).ok()?;
+    if uid.len() != 4 || gid.len() != 4 {
+        return None;
+    }
+    // A root process with fewer capabilities than ours would open more than it may.
+    if uid[3] == 0 && field(&s, "CapEff:")? != field(&own, "CapEff:")? {
+        return None;
+    }
+    Some(OpenCreds {
+        fsuid: uid[3],
+        fsgid: gid[3],
+        groups,
+        umask,
+    })
+}
+
+/// Opens `rel` beneath `root` with process `pid`'s credentials (this thread takes them
+/// for the call: file system IDs and groups are per thread; the umask is the process's,
+/// this one being single-threaded), never resolving out of `root` (no `..` above it, no
+/// symbolic link leading out, no other mount): EXDEV/ELOOP then.
+pub fn open_as(
+    pid: i32,
+    root: &std::path::Path,
+    rel: &std::path::Path,
+    flags: i32,
+    mode: u32,
+) -> Result<OwnedFd, Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = open_creds(pid).ok_or(Errno::EXDEV)?;
+    let dir = nix::fcntl::open(
+        root,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let rel = std::ffi::CString::new(rel.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_XDEV: u64 = 0x01;
+    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+    const RESOLVE_BENEATH: u64 = 0x08;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC | libc::O_NOCTTY) as u32 as u64,
+        mode: if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
+            (mode & 0o7777) as u64
+        } else {
+            0
+        },
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+    };
+    let mut saved_groups = vec![0u32; 65536];
+    // SAFETY: getgroups fills our buffer of the size we give.
+    let n = unsafe { libc::getgroups(saved_groups.len() as i32, saved_groups.as_mut_ptr()) };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    saved_groups.truncate(n as usize);
+    // SAFETY: raw setgroups/setfsgid/setfsuid change this thread's credentials only (the
+    // kernel's calls are per thread; glibc's wrappers would change every thread); umask
+    // is set back below. Between them, one openat2 of a buffer of ours.
+    let r = unsafe {
+        libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr());
+        libc::syscall(libc::SYS_setfsgid, c.fsgid);
+        libc::syscall(libc::SYS_setfsuid, c.fsuid);
+        let old_mask = libc::umask(c.umask as libc::mode_t);
+        let r = libc::syscall(
+            libc::SYS_openat2,
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            rel.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        );
+        let e = Errno::last();
+        libc::umask(old_mask);
+        libc::syscall(libc::SYS_setfsuid, 0);
+        libc::syscall(libc::SYS_setfsgid, 0);
+        libc::syscall(
+            libc::SYS_setgroups,
+            saved_groups.len(),
+            saved_groups.as_ptr(),
+        );
+        if r < 0 {
+            Err(e)
+        } else {
+            Ok(r as i32)
+        }
+    };
+    // SAFETY: a fresh descriptor of ours.
+    r.map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }

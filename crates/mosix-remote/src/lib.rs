@@ -11,11 +11,14 @@
 //! - [`guest`]: the supervisor's side, a state machine driven by its thread, and
 //!   [`host`], the real process it acts on;
 //! - [`deputy`]: the deputy's side, and [`marks`], what it keeps at checkpoints so that
-//!   its process can be brought back to one after the death of its host.
+//!   its process can be brought back to one after the death of its host;
+//! - [`streams`] (host) and [`ahead`] (home): reading ahead and writing behind.
 //!
 //! See docs/transparency.md.
 
+pub mod ahead;
 pub mod deputy;
+pub mod dfsa;
 pub mod exec;
 pub mod filter;
 pub mod gather;
@@ -25,4 +28,18 @@ pub mod local;
 pub mod marks;
 pub mod notify;
 pub mod spec;
+pub mod streams;
 pub mod wire;
+
+/// Buffers of forwarded calls (up to a few MiB) come and go all the time: they are kept
+/// in the heap instead of being mapped and unmapped each time (fresh pages cost a fault
+/// each, and the kernel zeroes them). Called once at the start of the deputy, the
+/// supervisor and mosixd.
+pub fn keep_heap() {
+    // SAFETY: mallopt only changes the allocator's thresholds; called before the buffers
+    // it concerns exist, it is sound at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
+}

@@ -7,7 +7,7 @@
 use crate::guest::{Guest, Out};
 use crate::host::Live;
 use crate::notify::NotifyFd;
-use crate::wire::{self, ExitStatus, FromDeputy, ToDeputy};
+use crate::wire::{self, ExitStatus, FromDeputy};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -26,6 +26,11 @@ pub struct Run {
     pub deputy: std::process::ExitStatus,
     /// Calls carried to the deputy.
     pub forwarded: u64,
+    /// Bytes read from what the deputy sent ahead, and written behind.
+    pub read_ahead: u64,
+    /// Files of shared paths opened where it ran (DFSA).
+    pub opened_here: u64,
+    pub written_behind: u64,
     /// Calls that would have needed a move home (answered ENOSYS here).
     pub home: Vec<String>,
 }
@@ -89,10 +94,13 @@ pub fn supervise(
     let pid = live.pid;
     let mut reader = std::io::BufReader::new(conn.try_clone()?);
     let mut writer = conn.try_clone()?;
+    // Its end, reported once what it did is settled at home.
+    let mut reaped: Option<ExitStatus> = None;
     let status = loop {
+        let alive = reaped.is_none();
         let mut fds = [
             libc::pollfd {
-                fd: live.notify.raw(),
+                fd: if alive { live.notify.raw() } else { -1 },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -102,7 +110,7 @@ pub fn supervise(
                 revents: 0,
             },
             libc::pollfd {
-                fd: pidfd.as_raw_fd(),
+                fd: if alive { pidfd.as_raw_fd() } else { -1 },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -114,14 +122,16 @@ pub fn supervise(
         ];
         let timeout = if g.outstanding() > 0 { 100 } else { -1 };
         let buffered = !reader.buffer().is_empty();
+        let mut outs = Vec::new();
         if !buffered {
             // SAFETY: poll on descriptors we own (a negative one is skipped).
-            unsafe { libc::poll(fds.as_mut_ptr(), 4, timeout) };
+            if unsafe { libc::poll(fds.as_mut_ptr(), 4, timeout) } == 0 {
+                outs.extend(g.idle());
+            }
         }
         if fds[3].revents & libc::POLLIN != 0 {
             return Ok(Supervised::Stopped);
         }
-        let mut outs = Vec::new();
         if fds[0].revents & libc::POLLIN != 0 {
             if let Ok(n) = live.notify.recv() {
                 if booting {
@@ -141,6 +151,9 @@ pub fn supervise(
                 }
                 Ok(Some(m)) => outs.extend(g.on_deputy(m, live)),
                 Ok(None) | Err(_) => {
+                    if let Some(st) = reaped {
+                        break st;
+                    }
                     // The deputy is gone: so is the process.
                     // SAFETY: as above.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -155,10 +168,20 @@ pub fn supervise(
             }
         }
         if fds[2].revents & libc::POLLIN != 0 {
-            break reap()?;
+            let st = reap()?;
+            reaped = Some(st);
+            for out in g.end(st) {
+                if let Out::Deputy(m) = out {
+                    wire::send(&mut writer, &m)?;
+                }
+            }
+        }
+        if let Some(st) = reaped {
+            if g.exit_sent() {
+                break st;
+            }
         }
     };
-    let _ = wire::send(&mut writer, &ToDeputy::Exited(status));
     Ok(Supervised::Exited(status))
 }
 
@@ -169,6 +192,19 @@ pub fn run(
     args: &[&str],
     cwd: &Path,
     stdio: [Stdio; 3],
+) -> std::io::Result<Run> {
+    run_shared(deputy_bin, prog, args, cwd, stdio, &[])
+}
+
+/// [`run`], with `shared` directories shared by home and host (DFSA: files under them
+/// are opened and used by the process itself).
+pub fn run_shared(
+    deputy_bin: &Path,
+    prog: &str,
+    args: &[&str],
+    cwd: &Path,
+    stdio: [Stdio; 3],
+    shared: &[std::path::PathBuf],
 ) -> std::io::Result<Run> {
     let (sup, dep) = UnixStream::pair()?;
     let [i, o, e] = stdio;
@@ -213,7 +249,15 @@ pub fn run(
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let mut live = Live::new(NotifyFd(listener), pid)?;
-    let mut g = Guest::new(pid, 1);
+    let home: Vec<String> = shared
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut g = Guest::new(pid, 1).with_dfsa(crate::dfsa::Dfsa::new(
+        &home,
+        shared,
+        Some(cwd.to_path_buf()),
+    ));
     let mut home = Vec::new();
     let status = supervise(
         &mut live,
@@ -244,6 +288,9 @@ pub fn run(
         status,
         deputy: dst,
         forwarded: g.forwarded,
+        read_ahead: g.streams.served,
+        opened_here: g.dfsa.opened,
+        written_behind: g.streams.behind,
         home,
     })
 }

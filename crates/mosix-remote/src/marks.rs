@@ -495,6 +495,7 @@ impl Marks {
                 ret,
                 outs,
                 sigs: 0,
+                begin: None,
             })
         };
         if write {
@@ -694,6 +695,7 @@ mod tests {
             nr,
             args: [fd, 0, 0, 0, 0, 0],
             bufs: vec![Buf::None, buf, Buf::None, Buf::None, Buf::None, Buf::None],
+            took: Vec::new(),
         }
     }
 

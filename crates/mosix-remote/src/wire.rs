@@ -3,7 +3,8 @@
 //! what happens to the process.
 //!
 //! Frames are postcard-encoded messages behind a 4-byte little-endian length, at most
-//! [`MAX_FRAME`] bytes; a reader allocates only what arrives.
+//! [`MAX_FRAME`] bytes; a reader's memory grows with the bytes that arrive (a large frame
+//! in at most two steps).
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -59,6 +60,29 @@ pub struct Call {
     pub args: [u64; 6],
     /// One per argument.
     pub bufs: Vec<Buf>,
+    /// Where the process has read read-ahead streams up to on its host, not yet known at
+    /// home: set at home before the call is made (see [`Took`]).
+    pub took: Vec<Took>,
+}
+
+/// How far the process has read a read-ahead stream on its host ([`FromDeputy::Ahead`]):
+/// the deputy moves the descriptor's offset there (a stream of `read`s) and lets the
+/// stream run further. Idempotent: a position at or behind the last one applied, or of a
+/// stream that has ended at home, is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Took {
+    pub stream: u64,
+    pub upto: u64,
+}
+
+/// Which calls a read-ahead stream follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// `read`s: the stream starts at the descriptor's offset, which follows the process's
+    /// reads (through [`Took`]).
+    Read,
+    /// `pread`s at increasing offsets: the descriptor's offset is not involved.
+    Pread,
 }
 
 /// What comes back for one argument.
@@ -88,6 +112,8 @@ pub enum Reply {
         ret: i64,
         outs: Vec<Back>,
         sigs: u64,
+        /// A stream begins with this call (on its first argument, a descriptor).
+        begin: Option<Begin>,
     },
     /// A job-control signal (SIGTTIN, SIGTTOU: a background process at the terminal)
     /// interrupted the deputy's call before it did anything; the supervisor, which knows
@@ -106,6 +132,22 @@ impl Reply {
             }
         }
     }
+}
+
+/// What begins with a call (a `read`/`pread` or `write`/`pwrite` of a regular file that
+/// continues the one before it on its descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Begin {
+    /// Read-ahead: [`FromDeputy::Ahead`] messages follow from offset `from` of `file`
+    /// (device, inode).
+    Ahead {
+        kind: Kind,
+        file: (u64, u64),
+        from: u64,
+    },
+    /// Write-behind: the host may answer writes to the descriptor at once, up to `credit`
+    /// bytes ([`FromDeputy::Grant`] gives more).
+    Behind { file: (u64, u64), credit: u64 },
 }
 
 /// How a process ended.
@@ -190,6 +232,41 @@ pub enum ToDeputy {
     DropMark {
         id: u64,
     },
+    /// The process read streams this far; with `stop`, every stream ends (the process is
+    /// frozen for a move).
+    Took {
+        took: Vec<Took>,
+        stop: bool,
+    },
+    /// A write of the process to a file at home it was granted write-behind for
+    /// ([`FromDeputy::Grant`]), already answered on its host: made at home in order (the
+    /// `n`th of its stream), before any call that comes after it. `off`: a pwrite's offset.
+    Behind {
+        stream: u64,
+        n: u64,
+        off: Option<u64>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Apply these positions and say so ([`FromDeputy::Synced`]): nothing of what the
+    /// process did on its host is left to be done at home once the answer comes.
+    Sync {
+        seq: u64,
+        took: Vec<Took>,
+    },
+    /// The process's descriptor `fd` is a file of a shared path opened where it runs
+    /// (DFSA; home holds /dev/null at its number): open that file here (`path`, as the
+    /// process, with `flags` and at `offset`) at the same number, so that it is home's from
+    /// now on (before a move, or a call that must be made at home).
+    Adopt {
+        seq: u64,
+        fd: i32,
+        #[serde(with = "serde_bytes")]
+        path: Vec<u8>,
+        flags: i32,
+        offset: u64,
+        cloexec: bool,
+    },
 }
 
 /// What a descriptor is, as a checkpoint records it.
@@ -251,6 +328,49 @@ pub enum FromDeputy {
         id: u64,
         result: Result<u64, String>,
     },
+    /// Read-ahead: the bytes of the file behind descriptor `fd` at `off`, read at home for
+    /// the stream begun by call `stream` (a sequential `read` or `pread` of a regular
+    /// file), before the process asks for them; `eof`: the file ends after them. `file`:
+    /// the file's (device, inode).
+    Ahead {
+        stream: u64,
+        fd: i32,
+        kind: Kind,
+        file: (u64, u64),
+        off: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        eof: bool,
+    },
+    /// These streams' files changed at home (written by anyone): what was read ahead of
+    /// them is stale. Sent before anything that comes after the change.
+    Stale {
+        streams: Vec<u64>,
+    },
+    /// The process may write to descriptor `fd` (the file `file`) behind: up to `credit`
+    /// bytes in all since the grant began (with call `stream`); the first `applied`
+    /// writes sent behind are made at home.
+    Grant {
+        stream: u64,
+        fd: i32,
+        file: (u64, u64),
+        credit: u64,
+        applied: u64,
+    },
+    /// Write-behind on stream `stream` ends (a write failed at home: the process learns it
+    /// at its next write, fsync or close of that descriptor, as of a failed write-back).
+    Revoke {
+        stream: u64,
+    },
+    /// The answer to [`ToDeputy::Sync`].
+    Synced {
+        seq: u64,
+    },
+    /// The answer to [`ToDeputy::Adopt`]: 0, or -errno.
+    Adopted {
+        seq: u64,
+        ret: i64,
+    },
 }
 
 impl FromDeputy {
@@ -274,13 +394,28 @@ pub enum FrameError {
     Malformed(#[from] postcard::Error),
 }
 
+/// Frames up to this size are encoded into one buffer and written at once; a larger one
+/// (a forwarded call's data) is written as it is encoded, its data never copied into a
+/// message first.
+const SMALL: usize = 64 << 10;
+
 /// Writes one message as a frame.
 pub fn send<W: Write, T: Serialize>(w: &mut W, m: &T) -> std::io::Result<()> {
-    let body = postcard::to_stdvec(m).map_err(std::io::Error::other)?;
-    let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
-    w.write_all(&frame)?;
+    let n = postcard::experimental::serialized_size(m).map_err(std::io::Error::other)?;
+    if n > MAX_FRAME {
+        return Err(std::io::Error::other(FrameError::TooLong(n)));
+    }
+    if n <= SMALL {
+        let mut frame = Vec::with_capacity(n + 4);
+        frame.extend_from_slice(&(n as u32).to_le_bytes());
+        let frame = postcard::to_extend(m, frame).map_err(std::io::Error::other)?;
+        w.write_all(&frame)?;
+        return w.flush();
+    }
+    let mut bw = std::io::BufWriter::with_capacity(16 << 10, &mut *w);
+    bw.write_all(&(n as u32).to_le_bytes())?;
+    let bw = postcard::to_io(m, bw).map_err(std::io::Error::other)?;
+    bw.into_inner().map_err(|e| e.into_error())?;
     w.flush()
 }
 
@@ -295,6 +430,17 @@ pub fn recv_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let n = u32::from_le_bytes(len) as usize;
     if n > MAX_FRAME {
         return Err(FrameError::TooLong(n));
+    }
+    if n > SMALL {
+        // Memory grows with what arrives: in at most two steps.
+        let first = n.min((1 << 20) + (64 << 10));
+        let mut body = vec![0u8; first];
+        r.read_exact(&mut body)?;
+        if n > first {
+            body.resize(n, 0);
+            r.read_exact(&mut body[first..])?;
+        }
+        return Ok(Some(body));
     }
     let mut body = Vec::new();
     r.take(n as u64).read_to_end(&mut body)?;
@@ -334,6 +480,7 @@ mod tests {
             nr: 1,
             args: [1, 2, 3, 0, 0, 0],
             bufs: vec![Buf::None, Buf::In(b"hello".to_vec()), Buf::None],
+            took: vec![Took { stream: 3, upto: 9 }],
         });
         let mut v = Vec::new();
         send(&mut v, &m).unwrap();

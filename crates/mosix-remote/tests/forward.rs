@@ -211,3 +211,174 @@ fn xz_with_its_own_pipe_and_a_reader_that_stops_early() {
         "the deputy ends as the process did"
     );
 }
+
+const PY_STREAMS: &str = r#"
+import os, sys, zlib
+# Sequential reads of a file (read ahead), with the offset asked now and then.
+f = open('big.txt', 'rb', buffering=0)
+total, crc, n = 0, 0, 0
+while True:
+    b = f.read(65536)
+    if not b:
+        break
+    total += len(b); crc = zlib.crc32(b, crc); n += 1
+    if n % 7 == 0:
+        assert f.tell() == total, (f.tell(), total)
+        assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == total
+print('read', total, crc)
+# The offset at home followed: a new descriptor of the same open file sees it.
+g = os.fdopen(os.dup(f.fileno()), 'rb', buffering=0)
+print('dup at', g.tell())
+f.seek(100)
+print(f.read(10))
+# A file written in pieces (behind), read back, changed, read again.
+with open('out.bin', 'wb', buffering=0) as w:
+    for i in range(64):
+        w.write(bytes([i]) * 50000)
+r = open('out.bin', 'rb', buffering=0)
+first = r.read(65536); first += r.read(65536); first += r.read(65536)
+w = open('out.bin', 'r+b', buffering=0)
+w.seek(len(first)); w.write(b'X' * 1000); w.flush()
+rest = r.read(2000)
+print('changed', rest[:1000] == b'X' * 1000, len(rest))
+print('size', os.path.getsize('out.bin'), zlib.crc32(open('out.bin','rb').read()))
+os.unlink('out.bin')
+"#;
+
+#[test]
+fn streams_read_ahead_and_write_behind_as_a_local_run_would() {
+    let (d, f) = data_dir();
+    // tr of a 3 MB file (its stdin) into a file (its stdout), 8 KiB at a time: read
+    // ahead and written behind, byte for byte.
+    let r = same(&which("tr"), &["a-z", "A-Z"], d.path(), Some(&f));
+    assert!(r.read_ahead > 1 << 20, "read ahead: {r:?}");
+    assert!(r.written_behind > 1 << 20, "written behind: {r:?}");
+    let r = same(&which("sha256sum"), &[f.to_str().unwrap()], d.path(), None);
+    assert!(r.read_ahead > 1 << 20, "read ahead: {r:?}");
+    // Offsets follow the reads answered on the host; a change of the file ends what
+    // was read ahead of it.
+    let r = same(&which("python3"), &["-c", PY_STREAMS], d.path(), None);
+    assert!(r.read_ahead > 0 && r.written_behind > 0, "{r:?}");
+}
+
+const PY_TAIL: &str = r#"
+import time
+f = open('grow.txt', 'rb', buffering=0)
+n = 0
+while True:
+    b = f.read(4096)
+    if not b:
+        break
+    n += len(b)
+print('eof', n, flush=True)
+# As tail -f: read again until the file has grown (bounded: 60 s).
+for i in range(6000):
+    b = f.read(4096)
+    if b:
+        print('more', b.decode().strip(), flush=True)
+        break
+    time.sleep(0.01)
+else:
+    print('nothing came', flush=True)
+"#;
+
+#[test]
+fn a_reader_at_the_end_of_a_file_sees_it_grow() {
+    let d = tempfile::tempdir().unwrap();
+    let grow = d.path().join("grow.txt");
+    std::fs::write(&grow, vec![b'x'; 100_000]).unwrap();
+    let out = d.path().join("out.txt");
+    let o = std::fs::File::create(&out).unwrap();
+    let dir = d.path().to_path_buf();
+    let run = std::thread::spawn(move || {
+        local::run(
+            Path::new(DEPUTY),
+            &which("python3"),
+            &["-c", PY_TAIL],
+            &dir,
+            [Stdio::null(), Stdio::from(o), Stdio::null()],
+        )
+        .unwrap()
+    });
+    // It read to the end (ahead of it, on its host): the file grows at home.
+    while !std::fs::read_to_string(&out).unwrap().contains("eof") {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&grow)
+        .unwrap()
+        .write_all(b"appended\n")
+        .unwrap();
+    let r = run.join().unwrap();
+    assert_eq!(r.status, ExitStatus::Code(0));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "eof 100000\nmore appended\n"
+    );
+    assert!(r.read_ahead > 0, "{r:?}");
+}
+
+const PY_SHARED: &str = r#"
+import fcntl, os, zlib
+# A file of the shared directory, written and read back where it runs.
+with open('shared/out.bin', 'wb') as f:
+    for i in range(200):
+        f.write(bytes([i % 251]) * 10000)
+with open('shared/out.bin', 'rb') as f:
+    d = f.read()
+    print('size', len(d), zlib.crc32(d), f.tell())
+    f.seek(12345)
+    print(f.read(8), os.fstat(f.fileno()).st_size)
+    # A lock: the file is home's from then on, at the same offset.
+    fcntl.flock(f, fcntl.LOCK_SH)
+    print('locked at', f.tell(), f.read(4))
+    fcntl.flock(f, fcntl.LOCK_UN)
+# Appends from two descriptors, one a dup.
+g = open('shared/log.txt', 'a')
+h = os.fdopen(os.dup(g.fileno()), 'a')
+g.write('one\n'); g.flush(); h.write('two\n'); h.flush()
+g.close(); h.close()
+print(open('shared/log.txt').read().split())
+print(open('big.txt', 'rb').read(10))
+os.unlink('shared/out.bin'); os.unlink('shared/log.txt')
+"#;
+
+#[test]
+fn files_of_a_shared_directory_are_used_where_the_process_runs() {
+    let (d, f) = data_dir();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::copy(&f, shared.join("big.txt")).unwrap();
+    let run = |prog: &str, args: &[&str]| {
+        let (want, wst) = direct(prog, args, d.path(), None);
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let r = local::run_shared(
+            Path::new(DEPUTY),
+            prog,
+            args,
+            d.path(),
+            [
+                Stdio::null(),
+                Stdio::from(out.reopen().unwrap()),
+                Stdio::null(),
+            ],
+            std::slice::from_ref(&shared),
+        )
+        .unwrap();
+        let got = std::fs::read(out.path()).unwrap();
+        assert_eq!(r.status, wst, "{prog}: {r:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{prog} {args:?}"
+        );
+        r
+    };
+    let r = run(&which("sha256sum"), &["shared/big.txt", "big.txt"]);
+    // The shared one is opened where it runs; the other is home's.
+    assert_eq!(r.opened_here, 1, "{r:?}");
+    let r = run(&which("python3"), &["-c", PY_SHARED]);
+    assert!(r.opened_here >= 3, "{r:?}");
+}

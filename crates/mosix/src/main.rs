@@ -66,6 +66,7 @@ enum Command {
     #[command(name = "__calls", hide = true)]
     Calls {
         file: std::path::PathBuf,
+        shared: std::path::PathBuf,
     },
     /// (mosrun -R helper) print MESSAGE on stderr and exit 1: what a process becomes
     /// when its restore fails after it began.
@@ -212,7 +213,7 @@ fn main() {
         Command::ManPages { dir } => man_pages(&dir),
         Command::Touch { mib, dirty } => cmd::benchmig::touch(mib, dirty),
         Command::Churn { mib, passes } => cmd::benchckpt::churn(mib, passes),
-        Command::Calls { file } => cmd::benchcalls::calls(&file),
+        Command::Calls { file, shared } => cmd::benchcalls::calls(&file, &shared),
         Command::Fail { message } => {
             eprintln!("{message}");
             Ok(1)

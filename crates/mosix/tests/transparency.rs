@@ -2,9 +2,9 @@
 //! (root; one test function, because the testbed's names are machine-wide). Each program
 //! is moved 1 → 2 → 3 (→ home) in the middle of its run, by construction: between pieces
 //! of its input, which it cannot finish without. Its output (files byte for byte, stdout,
-//! exit status) is compared with an unmoved run's. No file system is shared between the
-//! program and where it runs: every file, pipe, socket, device and the terminal are the
-//! home node's, used through its deputy.
+//! exit status) is compared with an unmoved run's. Every file, pipe, socket, device and the
+//! terminal are the home node's, used through its deputy, except files under the
+//! cluster's shared path (DFSA), used where the process runs.
 
 mod common;
 use common::*;
@@ -355,6 +355,377 @@ fn terminal(tb: &Testbed) {
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }
 
+const STREAM_PY: &str = r#"
+import os, sys, zlib
+# Sequential reads of a large home file (read ahead) and writes of another (written
+# behind), 12 MiB per line of stdin, with their offsets and what was read checked.
+src = open(sys.argv[1], 'rb', buffering=0)
+dst = open(sys.argv[2], 'wb', buffering=0)
+crc = 0
+print('start', flush=True)
+for line in sys.stdin:
+    for _ in range(192):
+        b = src.read(65536)
+        crc = zlib.crc32(b, crc)
+        dst.write(b[::-1])
+    print(line.strip(), src.tell(), dst.tell(), os.lseek(src.fileno(), 0, os.SEEK_CUR), crc, flush=True)
+dst.close()
+print('end', os.path.getsize(sys.argv[2]), flush=True)
+"#;
+
+/// Reading ahead and writing behind across moves: what the process reads, the offsets it
+/// sees and the file it writes are an unmoved run's (a move while a stream runs settles it
+/// at home first: nothing read twice or lost, nothing written twice).
+fn streams(tb: &Testbed) {
+    let src = tb.dir.path().join("stream.in");
+    std::fs::write(&src, text(31, 48 << 20)).unwrap();
+    let dst = tb.dir.path().join("stream.out");
+    let d = dst.clone();
+    let fresh = move || {
+        let _ = std::fs::remove_file(&d);
+    };
+    conversation(
+        tb,
+        STREAM_PY,
+        &[src.to_str().unwrap(), dst.to_str().unwrap()],
+        ["a", "b", "c", "d"],
+        &fresh,
+    );
+    let mut want: Vec<u8> = Vec::new();
+    for c in std::fs::read(&src).unwrap().chunks(65536) {
+        want.extend(c.iter().rev());
+    }
+    assert!(
+        std::fs::read(&dst).unwrap() == want,
+        "the file written behind"
+    );
+}
+
+const RESTART_PY: &str = r#"
+import os, sys, zlib
+src = open(sys.argv[1], 'rb', buffering=0)
+dst = open(sys.argv[2], 'wb', buffering=0)
+print('start', flush=True)
+sys.stdin.readline()
+crc, n = 0, 0
+while True:
+    b = src.read(65536)
+    if not b:
+        break
+    crc = zlib.crc32(b, crc)
+    dst.write(b[::-1])
+    n += 1
+    if n % 256 == 0:
+        print('at', n, flush=True)
+dst.close()
+print('done', crc, os.path.getsize(sys.argv[2]), flush=True)
+"#;
+
+/// The daemons of its host and of its home are killed and started again while a job reads
+/// ahead and writes behind: what it read and the file it wrote are exactly an unmoved
+/// run's (positions and writes not known to be settled are sent again and made once;
+/// what was read ahead and may be lost is read again from home).
+fn streams_outlive_their_daemons(tb: &Testbed) {
+    let src = tb.dir.path().join("restart.in");
+    let data = text(51, 64 << 20);
+    std::fs::write(&src, &data).unwrap();
+    let dst = tb.dir.path().join("restart.out");
+    let mut t = Talk::start(
+        tb,
+        &[
+            PY,
+            "-c",
+            RESTART_PY,
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+        ],
+        false,
+    );
+    move_ok(tb, t.pid, "2");
+    assert_eq!(t.say("go"), "at 256");
+    for node in ["2", "1"] {
+        tb.ok(&["stop", node, "--kill"]);
+        tb.ok(&["start", node]);
+        // It goes on (its calls waited meanwhile): the next 16 MiB.
+        let l = t.line();
+        assert!(l.starts_with("at "), "{l}");
+    }
+    let mut l = t.line();
+    while l.starts_with("at ") {
+        l = t.line();
+    }
+    let (_, st) = t.end();
+    assert!(st.success(), "{st:?}");
+    let mut want: Vec<u8> = Vec::with_capacity(data.len());
+    let mut crc = 0u32;
+    for c in data.chunks(65536) {
+        crc = crc32(crc, c);
+        want.extend(c.iter().rev());
+    }
+    assert_eq!(l, format!("done {crc} {}", data.len()));
+    assert!(
+        std::fs::read(&dst).unwrap() == want,
+        "the file written behind"
+    );
+}
+
+/// zlib's crc32, continued from `crc`.
+fn crc32(crc: u32, data: &[u8]) -> u32 {
+    let mut c = !crc;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+const HEAD_PY: &str = r#"
+import os, sys
+# Reads its stdin (a file it shares with the shell that started it) 1 MiB per line of the
+# control FIFO; the shell reads on from where it stopped.
+data = os.fdopen(0, 'rb', buffering=0)
+ctl = open(sys.argv[1])
+print('start', flush=True)
+for line in ctl:
+    n = 0
+    while n < 1 << 20:
+        n += len(data.read(65536))
+    print(line.strip(), data.tell(), flush=True)
+"#;
+
+/// A file it shares with a process at home (its shell's stdin) is left at the offset it
+/// read to, though what it read came ahead: the shell reads on from there.
+fn offset_left_at_home(tb: &Testbed) {
+    let data = tb.dir.path().join("head.in");
+    std::fs::write(&data, text(41, 8 << 20)).unwrap();
+    let fifo = tb.dir.path().join("head.ctl");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let script = format!(
+        "{m} run {PY} -c \"$0\" \"$1\"; head -c 24; echo",
+        m = mosix().display()
+    );
+    let mut c = Command::new(mosix())
+        .args(["testbed", "exec", "1", "--dir"])
+        .arg(tb.dir.path())
+        .args(["--", "sh", "-c", &script, HEAD_PY, fifo.to_str().unwrap()])
+        .stdin(std::fs::File::open(&data).unwrap())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut ctl = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let mut line = || {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    };
+    assert_eq!(line(), "start");
+    let pid = tb
+        .ps(1)
+        .into_iter()
+        .find(|p| p["cmd"].as_str().is_some_and(|c| c.contains("head.ctl")))
+        .and_then(|p| p["home_pid"].as_i64())
+        .expect("the job in node 1's ps") as i32;
+    let mut got = Vec::new();
+    for (i, to) in ["2", "3", "home", "2"].iter().enumerate() {
+        move_ok(tb, pid, to);
+        writeln!(ctl, "l{i}").unwrap();
+        ctl.flush().unwrap();
+        got.push(line());
+    }
+    drop(ctl);
+    let tail = line();
+    assert!(c.wait().unwrap().success());
+    let want: Vec<String> = (0..4).map(|i| format!("l{i} {}", (i + 1) << 20)).collect();
+    assert_eq!(got, want);
+    let bytes = std::fs::read(&data).unwrap();
+    assert_eq!(
+        tail,
+        String::from_utf8_lossy(&bytes[4 << 20..(4 << 20) + 24])
+    );
+}
+
+const DFSA_PY: &str = r#"
+import fcntl, os, sys, zlib
+os.chdir(sys.argv[1])
+kept = None
+print('start', flush=True)
+for i, line in enumerate(sys.stdin):
+    name = f'out-{line.strip()}.bin'
+    with open(name, 'wb') as f:
+        for j in range(50):
+            f.write(bytes([(i * 7 + j) % 256]) * 20000)
+    with open(name, 'rb') as f:
+        d = f.read()
+    if i == 1:
+        # Opened on node 2, kept on every node after.
+        kept = open('kept.txt', 'a+')
+    if kept:
+        kept.write(f'{line.strip()} {len(d)} {zlib.crc32(d)}\n'); kept.flush()
+        kept.seek(0); n = len(kept.read().splitlines())
+        link = os.readlink(f'/proc/self/fd/{kept.fileno()}') == os.path.abspath('kept.txt')
+    else:
+        n, link = 0, True
+    with open('locked.txt', 'a') as l:
+        fcntl.lockf(l, fcntl.LOCK_EX); l.write(line); fcntl.lockf(l, fcntl.LOCK_UN)
+    print(line.strip(), len(d), zlib.crc32(d), n, link, flush=True)
+print('end', open('locked.txt').read().split(), flush=True)
+"#;
+
+/// Files under the cluster's shared path (DFSA) are opened and used on the node where the
+/// process runs; a lock on one is made at home; one kept open across moves is home's once
+/// the process leaves the node that opened it. Everything as an unmoved run.
+fn shared_files(tb: &Testbed) {
+    let work = tb.shared().join("work");
+    let w = work.clone();
+    let fresh = move || {
+        let _ = std::fs::remove_dir_all(&w);
+        std::fs::create_dir_all(&w).unwrap();
+    };
+    let lines = ["a", "b", "c", "d"];
+    fresh();
+    let want = unmoved(DFSA_PY, &[work.to_str().unwrap()], &lines);
+    fresh();
+    let mut t = Talk::start(tb, &[PY, "-c", DFSA_PY, work.to_str().unwrap()], false);
+    let mut got = vec!["start".to_string(), t.say(lines[0])];
+    for (i, to) in ["2", "3", "home"].iter().enumerate() {
+        move_ok(tb, t.pid, to);
+        got.push(t.say(lines[i + 1]));
+        if *to == "2" {
+            // The file it keeps is open on node 2 itself (home holds a placeholder).
+            let host = tb
+                .ps(2)
+                .into_iter()
+                .find(|p| p["home_pid"] == t.pid)
+                .and_then(|p| p["pid"].as_i64())
+                .expect("the guest in node 2's ps");
+            let kept = work.join("kept.txt");
+            let open_here = std::fs::read_dir(format!("/proc/{host}/fd"))
+                .unwrap()
+                .flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == kept));
+            assert!(open_here, "kept.txt is not open on node 2");
+        }
+    }
+    let (rest, st) = t.end();
+    got.extend(rest.lines().map(String::from));
+    assert_eq!(got, want);
+    assert!(st.success(), "{st:?}");
+}
+
+const MMAP_PY: &str = r#"
+import mmap, os, sys, zlib
+os.chdir(sys.argv[1])
+f = open('map.bin', 'w+b')
+f.truncate(1 << 20)
+# A writable shared mapping of a file of the shared path, made at home, kept across moves.
+m = mmap.mmap(f.fileno(), 1 << 20)
+print('start', flush=True)
+for i, line in enumerate(sys.stdin):
+    m[i * 4096:(i + 1) * 4096] = bytes([65 + i]) * 4096
+    m.flush()
+    f.seek(0)
+    print(line.strip(), zlib.crc32(m[:]), zlib.crc32(f.read()), flush=True)
+m.close()
+f.close()
+print('end', zlib.crc32(open('map.bin', 'rb').read()), flush=True)
+"#;
+
+/// A writable shared mapping of a file of the shared path moves with the process (mapped
+/// again from the file where it goes): the file and what the process reads of it are an
+/// unmoved run's, byte for byte.
+fn shared_mapping(tb: &Testbed) {
+    let dir = tb.shared().join("mmap");
+    let d = dir.clone();
+    let fresh = move || {
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+    };
+    conversation(
+        tb,
+        MMAP_PY,
+        &[dir.to_str().unwrap()],
+        ["a", "b", "c", "d"],
+        &fresh,
+    );
+}
+
+const HOMEONLY_PY: &str = r#"
+import ctypes, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+print('start', flush=True)
+for line in sys.stdin:
+    what = line.split()[0]
+    if what == 'map':
+        # A writable shared mapping of a file of its home (no shared path).
+        f = open(line.split()[1], 'w+b'); f.truncate(4096)
+        m = mmap.mmap(f.fileno(), 4096); m[:5] = b'hello'; m.flush()
+        print('map', open(line.split()[1], 'rb').read(5), flush=True)
+    elif what == 'uring':
+        params = ctypes.create_string_buffer(120)
+        fd = libc.syscall(425, 4, params)
+        print('uring', fd >= 0, flush=True)
+    elif what == 'peek':
+        # process_vm_readv of another process (its parent).
+        iov = (ctypes.c_uint64 * 2)(0, 0)
+        r = libc.syscall(310, os.getppid(), iov, 1, iov, 1, 0)
+        print('peek', r, flush=True)
+    elif what == 'shm':
+        shmid = libc.shmget(0, 4096, 0o1600)
+        libc.shmat.restype = ctypes.c_void_p
+        addr = libc.shmat(shmid, None, 0)
+        ctypes.memmove(addr, b'sysv', 4)
+        print('shm', ctypes.string_at(addr, 4), flush=True)
+        libc.shmctl(shmid, 0, None)
+"#;
+
+/// What cannot be carried from away brings the process home, where it is made (and it
+/// goes on there); what cannot move at all keeps it home, with the reason.
+fn home_only(tb: &Testbed) {
+    let file = tb.dir.path().join("home-only.map");
+    let mut t = Talk::start(tb, &[PY, "-c", HOMEONLY_PY], false);
+    for (cmd, want) in [
+        ("uring".to_string(), "uring True"),
+        ("peek".to_string(), "peek 0"),
+        (format!("map {}", file.display()), "map b'hello'"),
+    ] {
+        move_ok(tb, t.pid, "2");
+        assert_eq!(t.say(&cmd), want);
+        assert_eq!(tb.where_(t.pid), "0", "{cmd}: it went home to make it");
+    }
+    // Now it holds a writable shared mapping of a home file: it stays home, and says why.
+    let o = tb.migrate(t.pid, "2");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("writable shared memory") && err.contains("home-only.map"),
+        "{err}"
+    );
+    assert_eq!(tb.where_(t.pid), "0");
+    // System V shared memory: home, then kept there.
+    let mut t2 = Talk::start(tb, &[PY, "-c", HOMEONLY_PY], false);
+    move_ok(tb, t2.pid, "3");
+    assert_eq!(t2.say("shm"), "shm b'sysv'");
+    assert_eq!(tb.where_(t2.pid), "0");
+    let o = tb.migrate(t2.pid, "3");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("System V shared memory"),
+        "{err}"
+    );
+    for t in [t, t2] {
+        let (_, st) = t.end();
+        assert!(st.success(), "{st:?}");
+    }
+}
+
 const PERM_PY: &str = r#"
 import sys
 print('start', flush=True)
@@ -367,19 +738,21 @@ for line in sys.stdin:
 "#;
 
 /// A file the user cannot read at home is not readable after the move either; one it
-/// can read is.
+/// can read is. The same for files of the shared path, opened where it runs.
 fn permissions(tb: &Testbed) {
     use std::os::unix::fs::PermissionsExt;
-    let secret = tb.dir.path().join("secret");
-    std::fs::write(&secret, "root only").unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let open = tb.dir.path().join("open");
-    std::fs::write(&open, "anyone").unwrap();
-    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut t = Talk::start(tb, &[PY, "-c", PERM_PY], true);
     move_ok(tb, t.pid, "2");
-    assert_eq!(t.say(secret.to_str().unwrap()), "refused 13");
-    assert_eq!(t.say(open.to_str().unwrap()), "read 6");
+    for dir in [tb.dir.path().to_path_buf(), tb.shared()] {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "root only").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let open = dir.join("open");
+        std::fs::write(&open, "anyone").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(t.say(secret.to_str().unwrap()), "refused 13");
+        assert_eq!(t.say(open.to_str().unwrap()), "read 6");
+    }
     let (_, st) = t.end();
     assert!(st.success());
 }
@@ -493,6 +866,16 @@ fn real_programs_keep_their_home_world_on_every_node() {
         ["w", "x", "y", "z"],
         &fresh,
     );
+
+    // Reading ahead and writing behind across moves; offsets left right at home.
+    streams(&tb);
+    offset_left_at_home(&tb);
+    streams_outlive_their_daemons(&tb);
+    // Files of the shared path used where it runs (DFSA), and mapped shared and writable.
+    shared_files(&tb);
+    shared_mapping(&tb);
+    // What cannot be carried from away: made at home.
+    home_only(&tb);
 
     // A TCP connection to a server on the home node kept across moves, and new ones.
     sockets(&tb);

@@ -67,6 +67,7 @@ struct Args {
 }
 
 fn main() {
+    mosix_remote::keep_heap();
     // A supervisor of a guest, the mover of a leaving process and the freezer of a frozen
     // one are this program again (see procs::supervisor, procs::mover, procs::checkpoint).
     let helper = std::env::args()

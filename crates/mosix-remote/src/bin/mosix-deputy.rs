@@ -84,6 +84,7 @@ fn connect(c: &Conf, path: &str) -> std::io::Result<UnixStream> {
 }
 
 fn main() {
+    mosix_remote::keep_heap();
     let Ok(v) = std::env::var("MOSIX_DEPUTY") else {
         eprintln!(
             "mosix-deputy: this program is what a migrated process becomes at home; mosixd runs it, not you"

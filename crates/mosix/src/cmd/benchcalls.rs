@@ -1,8 +1,10 @@
 //! `mosix testbed bench-calls`: what a call carried home costs. A process started on node
 //! 1 with a file open there makes the same calls at home and after a move to node 2
-//! (where every call on that file is made by its deputy at home), alternating, against
-//! the veth link's TCP bandwidth measured in the same run. Also the hidden helper it
-//! runs (`__calls FILE`).
+//! (where every call on that file is made by its deputy at home, bulk reads and writes
+//! through read-ahead and write-behind), alternating, against the veth link's TCP
+//! bandwidth measured in the same run; and reads a file of the shared directory, opened
+//! where it runs (DFSA), against the same read at home. Also the hidden helper it runs
+//! (`__calls FILE SHARED`).
 
 use super::benchmig::{link_bandwidth, median, on_node, on_two_nodes};
 use anyhow::{bail, Context, Result};
@@ -61,15 +63,45 @@ fn migrate(sock: &Path, pid: i32, to: u32) -> Result<()> {
     }
 }
 
+/// Figures of one side (home or away) of one round.
+#[derive(Default)]
+struct Side {
+    /// Nanoseconds per call: 1-byte pread, stat, open+close.
+    pread: f64,
+    stat: f64,
+    open: f64,
+    /// Seconds for the whole file: 1 MiB preads, 1 MiB pwrites, 64 KiB reads.
+    read: f64,
+    write: f64,
+    read64: f64,
+    /// Seconds to read the file of the shared directory (1 MiB preads), opened then.
+    dread: f64,
+}
+
+fn side(job: &mut Job, calls: u64) -> Result<Side> {
+    Ok(Side {
+        pread: job.ask(&format!("lat {calls}"))?,
+        stat: job.ask(&format!("stat {calls}"))?,
+        open: job.ask(&format!("open {}", calls / 2))?,
+        read: job.ask("read")?,
+        write: job.ask("write")?,
+        read64: job.ask("read64")?,
+        dread: job.ask("dread")?,
+    })
+}
+
 fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     let file = dir.join("bench-calls.dat");
-    {
-        let f = std::fs::File::create(&file)?;
+    // Under the testbed's shared directory (every node sees it alike): DFSA.
+    let shared = dir.join("shared").join("bench-calls-dfsa.dat");
+    for f in [&file, &shared] {
+        let f = std::fs::File::create(f)?;
         f.set_len(a.mib << 20)?;
     }
     let mut child = on_node(me, dir, 1)
         .args(["run", me.to_str().unwrap_or("mosix"), "__calls"])
         .arg(&file)
+        .arg(&shared)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -84,29 +116,16 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     let mut job = Job { child, out, pid };
     let sock = dir.join("n1/mosixd.sock");
     let bytes = (a.mib << 20) as f64;
-    let (mut lat_home, mut lat_away, mut lat_ratio) = (vec![], vec![], vec![]);
-    let (mut rd, mut wr, mut rd_ratio, mut wr_ratio, mut link) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    let (mut rd_home, mut wr_home) = (vec![], vec![]);
+    let mut homes = Vec::new();
+    let mut aways = Vec::new();
+    let mut link = Vec::new();
     let r = (|| -> Result<()> {
         for _ in 0..a.repeat {
-            let home = job.ask(&format!("lat {}", a.calls * 10))?;
-            rd_home.push(bytes / job.ask("read")?);
-            wr_home.push(bytes / job.ask("write")?);
-            let bw = link_bandwidth(me, dir, a.mib.max(64))?;
-            link.push(bw);
+            homes.push(side(&mut job, a.calls * 10)?);
+            link.push(link_bandwidth(me, dir, a.mib.max(64))?);
             migrate(&sock, job.pid, 2)?;
-            let away = job.ask(&format!("lat {}", a.calls))?;
-            let r_s = job.ask("read")?;
-            let w_s = job.ask("write")?;
+            aways.push(side(&mut job, a.calls)?);
             migrate(&sock, job.pid, 0)?;
-            lat_home.push(home);
-            lat_away.push(away);
-            lat_ratio.push(away / home);
-            rd.push(bytes / r_s);
-            wr.push(bytes / w_s);
-            rd_ratio.push(bytes / r_s / bw);
-            wr_ratio.push(bytes / w_s / bw);
         }
         Ok(())
     })();
@@ -115,36 +134,69 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     }
     let _ = job.child.wait();
     let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&shared);
     r?;
+    // Medians of the values, and of the per-round ratios.
+    let med = |f: &dyn Fn(&Side) -> f64, v: &[Side]| median(v.iter().map(f).collect());
+    let ratio = |f: &dyn Fn(&Side, &Side, f64) -> f64| {
+        median(
+            homes
+                .iter()
+                .zip(&aways)
+                .zip(&link)
+                .map(|((h, w), l)| f(h, w, *l))
+                .collect(),
+        )
+    };
+    let us = |ns: f64| ns / 1e3;
+    for (name, f) in [
+        ("pread1", &(|s: &Side| s.pread) as &dyn Fn(&Side) -> f64),
+        ("stat", &|s: &Side| s.stat),
+        ("open_close", &|s: &Side| s.open),
+    ] {
+        println!(
+            "BENCH forwarded_{name}_latency {:.1} us vs local={:.0}",
+            us(med(f, &aways)),
+            ratio(&|h, w, _| f(w) / f(h))
+        );
+        println!("BENCH local_{name}_latency {:.2} us", us(med(f, &homes)));
+    }
+    let gbs = |secs: f64| bytes / secs / 1e9;
+    let mib = a.mib;
+    for (name, f) in [
+        ("read", &(|s: &Side| s.read) as &dyn Fn(&Side) -> f64),
+        ("write", &|s: &Side| s.write),
+        ("read64k", &|s: &Side| s.read64),
+    ] {
+        println!(
+            "BENCH forwarded_{name}_{mib}MiB {:.3} GB/s vs veth_tcp={:.3}",
+            gbs(med(f, &aways)),
+            ratio(&|_, w, l| gbs(f(w)) * 1e9 / l)
+        );
+        println!(
+            "BENCH local_{name}_{mib}MiB {:.3} GB/s",
+            gbs(med(f, &homes))
+        );
+    }
     println!(
-        "BENCH forwarded_call_latency {:.1} us vs local={:.0}",
-        median(lat_away) / 1e3,
-        median(lat_ratio)
-    );
-    println!("BENCH local_call_latency {:.2} us", median(lat_home) / 1e3);
-    let gb = |v: Vec<f64>| median(v) / 1e9;
-    println!(
-        "BENCH forwarded_read_{}MiB {:.3} GB/s vs veth_tcp={:.3}",
-        a.mib,
-        gb(rd),
-        median(rd_ratio)
+        "BENCH dfsa_read_{mib}MiB {:.3} GB/s vs local={:.3}",
+        gbs(med(&|s| s.dread, &aways)),
+        ratio(&|h, w, _| h.dread / w.dread)
     );
     println!(
-        "BENCH forwarded_write_{}MiB {:.3} GB/s vs veth_tcp={:.3}",
-        a.mib,
-        gb(wr),
-        median(wr_ratio)
+        "BENCH local_dfsa_file_read_{mib}MiB {:.3} GB/s",
+        gbs(med(&|s| s.dread, &homes))
     );
-    println!("BENCH local_read_{}MiB {:.3} GB/s", a.mib, gb(rd_home));
-    println!("BENCH local_write_{}MiB {:.3} GB/s", a.mib, gb(wr_home));
-    println!("BENCH veth_tcp_bandwidth {:.3} GB/s", gb(link));
+    println!("BENCH veth_tcp_bandwidth {:.3} GB/s", median(link) / 1e9);
     Ok(())
 }
 
-/// `__calls FILE`: with FILE open, answer commands on stdin, one line each: `lat N` (N
-/// one-byte preads, nanoseconds per call), `read` / `write` (the whole file in 1 MiB
-/// preads / pwrites, seconds), `q`.
-pub fn calls(file: &Path) -> Result<i32> {
+/// `__calls FILE SHARED`: with FILE open, answer commands on stdin, one line each:
+/// `lat N` (N one-byte preads, nanoseconds per call), `stat N` (N stats of FILE), `open N`
+/// (N opens and closes of FILE), `read` / `write` (the whole file in 1 MiB preads /
+/// pwrites, seconds), `read64` (the whole file from its start in 64 KiB reads), `dread`
+/// (SHARED opened then and read whole in 1 MiB preads), `q`.
+pub fn calls(file: &Path, shared: &Path) -> Result<i32> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -156,31 +208,48 @@ pub fn calls(file: &Path) -> Result<i32> {
     writeln!(out, "ready {}", std::process::id())?;
     out.flush()?;
     let mut line = String::new();
+    let per = |n: u64, t: Instant| t.elapsed().as_nanos() as f64 / n.max(1) as f64;
+    let read_all = |f: &std::fs::File, buf: &mut [u8]| -> Result<()> {
+        let mut off = 0;
+        loop {
+            let n = f.read_at(buf, off)?;
+            if n == 0 {
+                return Ok(());
+            }
+            off += n as u64;
+        }
+    };
     loop {
         line.clear();
         if std::io::stdin().read_line(&mut line)? == 0 {
             return Ok(0);
         }
         let mut w = line.split_whitespace();
-        let answer = match (w.next(), w.next()) {
-            (Some("lat"), Some(n)) => {
-                let n: u64 = n.parse()?;
+        let answer = match (w.next(), w.next().map(|n| n.parse::<u64>())) {
+            (Some("lat"), Some(Ok(n))) => {
                 let t = Instant::now();
                 for _ in 0..n {
                     f.read_at(&mut buf[..1], 0)?;
                 }
-                t.elapsed().as_nanos() as f64 / n.max(1) as f64
+                per(n, t)
+            }
+            (Some("stat"), Some(Ok(n))) => {
+                let t = Instant::now();
+                for _ in 0..n {
+                    std::fs::metadata(file)?;
+                }
+                per(n, t)
+            }
+            (Some("open"), Some(Ok(n))) => {
+                let t = Instant::now();
+                for _ in 0..n {
+                    drop(std::fs::File::open(file)?);
+                }
+                per(n, t)
             }
             (Some("read"), None) => {
                 let t = Instant::now();
-                let mut off = 0;
-                while off < size {
-                    let n = f.read_at(&mut buf, off)?;
-                    if n == 0 {
-                        break;
-                    }
-                    off += n as u64;
-                }
+                read_all(&f, &mut buf)?;
                 t.elapsed().as_secs_f64()
             }
             (Some("write"), None) => {
@@ -191,6 +260,21 @@ pub fn calls(file: &Path) -> Result<i32> {
                     f.write_all_at(&buf[..n], off)?;
                     off += n as u64;
                 }
+                t.elapsed().as_secs_f64()
+            }
+            (Some("read64"), None) => {
+                use std::io::{Read, Seek};
+                let t = Instant::now();
+                let mut g = &f;
+                g.seek(std::io::SeekFrom::Start(0))?;
+                while g.read(&mut buf[..64 << 10])? > 0 {}
+                t.elapsed().as_secs_f64()
+            }
+            (Some("dread"), None) => {
+                let t = Instant::now();
+                let d = std::fs::File::open(shared)
+                    .with_context(|| format!("cannot open {}", shared.display()))?;
+                read_all(&d, &mut buf)?;
                 t.elapsed().as_secs_f64()
             }
             _ => return Ok(0),

@@ -165,6 +165,7 @@ impl Procs {
             compression: self.cfg.compression,
             precopy: self.precopy(pid),
             supervisor: None,
+            shared: self.shared_with(&[]),
         }) {
             Ok(m) => m,
             Err(e) => {
@@ -254,6 +255,7 @@ impl Procs {
         let leaving = mosix_ckpt::Leaving {
             away: true,
             no_new_privs: Some(h.no_new_privs),
+            shared: self.shared_with(&h.shared_paths),
         };
         mosix_ckpt::check_moving(pid, &leaving)
             .map_err(|e| format!("it cannot be checkpointed: {e}"))?;
@@ -279,6 +281,7 @@ impl Procs {
             compression: self.cfg.compression,
             precopy,
             supervisor,
+            shared: leaving.shared.clone(),
         })
         .map_err(|e| e.to_string())?;
         let mut proc_fds = Vec::new();

@@ -117,13 +117,24 @@ impl Procs {
                 info: info.clone(),
             },
         );
-        // The supervisor's messages come in on a thread of their own.
+        let ways = Arc::new(Ways {
+            home: Mutex::new(HomeWay {
+                link: None,
+                to_home: VecDeque::new(),
+                relink: readopted,
+            }),
+            sup: Mutex::new(sup.try_clone()?),
+        });
+        // The supervisor's messages come in on a thread of their own, which passes the
+        // deputy's frames home itself.
         let mut r = sup.try_clone()?;
         let stx = tx.clone();
+        let w2 = ways.clone();
         std::thread::Builder::new()
             .name(format!("sup-{}", h.home_pid))
             .spawn(move || loop {
-                match supervisor::recv::<FromSup>(&mut r) {
+                match FromSup::recv(&mut r) {
+                    Ok(FromSup::Deputy(f)) => w2.home(ToHome::Deputy(f)),
                     Ok(m) => {
                         if stx.send(GuestEv::FromSup(m)).is_err() {
                             return;
@@ -139,23 +150,21 @@ impl Procs {
         std::thread::Builder::new()
             .name(format!("guest-{}", h.home_pid))
             .spawn(move || {
+                let _ = sup;
                 let mut d = GuestDriver {
                     procs: me,
                     h,
                     host_pid,
-                    sup,
+                    ways,
                     rx,
                     tx,
                     info,
-                    link: None,
-                    to_home: VecDeque::new(),
                     last_try: None,
                     moving: false,
                     quiesce: None,
                     home_wanted: None,
                     home_next: None,
                     home_tries: 0,
-                    relink: readopted,
                     marking: None,
                     freezer: None,
                     link_no: 0,
@@ -206,17 +215,79 @@ impl Procs {
     }
 }
 
+/// The two ways of a guest's messages, each used by the thread that reads the other end
+/// (a frame between the process's supervisor and its deputy crosses no other thread) and
+/// by the driver. Each has its own lock: a way waits only for its own reader, and the
+/// supervisor never waits to read (see supervisor.rs, Outbox).
+struct Ways {
+    home: Mutex<HomeWay>,
+    sup: Mutex<UnixStream>,
+}
+
+/// The link to its home, and what waits for it.
+struct HomeWay {
+    link: Option<Link>,
+    to_home: VecDeque<ToHome>,
+    /// The link was down (or mosixd restarted): the supervisor resends once it is up.
+    relink: bool,
+}
+
+impl Ways {
+    fn home(&self, m: ToHome) {
+        let mut w = lock(&self.home);
+        if w.to_home.is_empty() {
+            if let Some(l) = &mut w.link {
+                if wire::send_flush(l, &m).is_ok() {
+                    return;
+                }
+                w.link = None;
+                w.relink = true;
+            }
+        }
+        w.to_home.push_back(m);
+        if w.to_home.len() > 4096 {
+            w.to_home.pop_front();
+        }
+        w.flush();
+    }
+
+    fn sup(&self, m: &ToSup) {
+        let mut s = lock(&self.sup);
+        let r = match m {
+            ToSup::Deputy(f) => wire::send_frame(&mut *s, ToSup::DEPUTY, f),
+            m => supervisor::send(&mut s, m),
+        };
+        if let Err(e) = r {
+            debug!("to the supervisor: {e}");
+        }
+    }
+}
+
+impl HomeWay {
+    fn flush(&mut self) {
+        while let Some(m) = self.to_home.pop_front() {
+            let Some(l) = &mut self.link else {
+                self.to_home.push_front(m);
+                return;
+            };
+            if wire::send_flush(l, &m).is_err() {
+                self.link = None;
+                self.relink = true;
+                self.to_home.push_front(m);
+                return;
+            }
+        }
+    }
+}
+
 struct GuestDriver {
     procs: Arc<Procs>,
     h: MigrateHeader,
     host_pid: i32,
-    sup: UnixStream,
+    ways: Arc<Ways>,
     rx: Receiver<GuestEv>,
     tx: Sender<GuestEv>,
     info: Arc<Mutex<Snapshot>>,
-    /// The link to its home, and what waits for it.
-    link: Option<Link>,
-    to_home: VecDeque<ToHome>,
     last_try: Option<Instant>,
     moving: bool,
     quiesce: Option<QuiesceReply>,
@@ -225,8 +296,6 @@ struct GuestDriver {
     home_wanted: Option<String>,
     home_next: Option<Instant>,
     home_tries: u32,
-    /// The link was down (or mosixd restarted): the supervisor resends once it is up.
-    relink: bool,
     /// A checkpoint is being taken: its deputy marks it once its calls are settled.
     marking: Option<u64>,
     /// Frozen by `migrate PID freeze`.
@@ -263,6 +332,11 @@ impl GuestDriver {
                         self.home_wanted = Some(why);
                         self.retry_home();
                     }
+                    FromSup::Unquiesced { why } => {
+                        if let Some(r) = self.quiesce.take() {
+                            let _ = r.send(Err(MoveError::Engine(why)));
+                        }
+                    }
                     FromSup::Quiesced {
                         completed,
                         next_seq,
@@ -275,7 +349,7 @@ impl GuestDriver {
                                 mosix_remote::wire::encode(&mosix_remote::wire::ToDeputy::Mark {
                                     id,
                                 });
-                            self.home(ToHome::Deputy(f));
+                            self.home(ToHome::Deputy(f.into()));
                         }
                         if let Some(r) = self.quiesce.take() {
                             let _ = r.send(Ok((completed, next_seq, proc_fds)));
@@ -301,7 +375,7 @@ impl GuestDriver {
                             self.procs.me()
                         ),
                     });
-                    self.home(ToHome::Deputy(f));
+                    self.home(ToHome::Deputy(f.into()));
                     self.flush_home();
                     return;
                 }
@@ -328,17 +402,21 @@ impl GuestDriver {
                     if n != self.link_no {
                         continue;
                     }
-                    self.link = Some(l);
-                    self.flush_home();
-                    if self.relink {
-                        self.relink = false;
+                    let relink = {
+                        let mut w = lock(&self.ways.home);
+                        w.link = Some(l);
+                        w.flush();
+                        std::mem::take(&mut w.relink)
+                    };
+                    if relink {
                         self.sup(ToSup::Relinked);
                     }
                 }
                 GuestEv::LinkDown(n) => {
                     if n == self.link_no {
-                        self.link = None;
-                        self.relink = true;
+                        let mut w = lock(&self.ways.home);
+                        w.link = None;
+                        w.relink = true;
                     }
                 }
                 GuestEv::Migrate { to, reason, offer } => {
@@ -413,38 +491,15 @@ impl GuestDriver {
     }
 
     fn sup(&mut self, m: ToSup) {
-        if let Err(e) = supervisor::send(&mut self.sup, &m) {
-            debug!("to the supervisor: {e}");
-        }
+        self.ways.sup(&m);
     }
 
     fn home(&mut self, m: ToHome) {
-        if let Some(l) = &mut self.link {
-            if wire::send_flush(l, &m).is_ok() {
-                return;
-            }
-            self.link = None;
-            self.relink = true;
-        }
-        self.to_home.push_back(m);
-        if self.to_home.len() > 4096 {
-            self.to_home.pop_front();
-        }
+        self.ways.home(m);
     }
 
     fn flush_home(&mut self) {
-        while let Some(m) = self.to_home.pop_front() {
-            let Some(l) = &mut self.link else {
-                self.to_home.push_front(m);
-                return;
-            };
-            if wire::send_flush(l, &m).is_err() {
-                self.link = None;
-                self.relink = true;
-                self.to_home.push_front(m);
-                return;
-            }
-        }
+        lock(&self.ways.home).flush();
     }
 
     /// A home that was down (by gossip) and is up again may have given this copy up
@@ -463,10 +518,11 @@ impl GuestDriver {
             return;
         }
         if std::mem::take(&mut self.home_down_seen) {
-            if let Some(l) = self.link.take() {
+            let mut w = lock(&self.ways.home);
+            if let Some(l) = w.link.take() {
                 info!(pid = self.h.home_pid, "its home is back: linking again");
                 let _ = l.get_ref().shutdown(std::net::Shutdown::Both);
-                self.relink = true;
+                w.relink = true;
                 self.last_try = None;
             }
         }
@@ -474,7 +530,8 @@ impl GuestDriver {
 
     /// Opens the link to home when there is none (at most once per LINK_RETRY).
     fn keep_linked(&mut self) {
-        if self.link.is_some() || self.last_try.is_some_and(|t| t.elapsed() < LINK_RETRY) {
+        let linked = lock(&self.ways.home).link.is_some();
+        if linked || self.last_try.is_some_and(|t| t.elapsed() < LINK_RETRY) {
             return;
         }
         self.last_try = Some(Instant::now());
@@ -497,10 +554,13 @@ impl GuestDriver {
                 let tx = self.tx.clone();
                 self.link_no += 1;
                 let no = self.link_no;
+                let ways = self.ways.clone();
                 let _ = std::thread::Builder::new()
                     .name(format!("link-{}", self.h.home_pid))
                     .spawn(move || loop {
-                        match wire::recv::<_, ToHost>(&mut rd) {
+                        match wire::recv_framed(&mut rd, ToHost::DEPUTY, ToHost::Deputy) {
+                            // The deputy's frames go to the supervisor from here.
+                            Ok(Some(ToHost::Deputy(f))) => ways.sup(&ToSup::Deputy(f)),
                             Ok(Some(m)) => {
                                 if tx.send(GuestEv::FromHome(m)).is_err() {
                                     return;

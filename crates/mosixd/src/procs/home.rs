@@ -24,10 +24,14 @@ pub struct DeputyConn(UnixStream);
 
 impl job::ToDeputySink for DeputyConn {
     fn send(&mut self, frame: &[u8]) -> bool {
-        let mut b = Vec::with_capacity(frame.len() + 4);
-        b.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-        b.extend_from_slice(frame);
-        self.0.write_all(&b).is_ok()
+        let len = (frame.len() as u32).to_le_bytes();
+        if frame.len() <= 64 << 10 {
+            let mut b = Vec::with_capacity(frame.len() + 4);
+            b.extend_from_slice(&len);
+            b.extend_from_slice(frame);
+            return self.0.write_all(&b).is_ok();
+        }
+        self.0.write_all(&len).is_ok() && self.0.write_all(frame).is_ok()
     }
 }
 
@@ -135,6 +139,12 @@ impl Handle {
     }
     pub(crate) fn send_home(&self, ev: HomeEv) -> bool {
         self.tx.send(ev).is_ok()
+    }
+
+    /// What `ps`, `where` and the balancer read of it (published by its driver before
+    /// it answers a move).
+    pub fn snapshot(&self) -> Snapshot {
+        lock(&self.info).clone()
     }
     /// The secret its deputy proves itself with.
     pub(crate) fn token(&self) -> &str {
@@ -616,7 +626,7 @@ impl Procs {
                 loop {
                     match mosix_remote::wire::recv_bytes(&mut r) {
                         Ok(Some(f)) => {
-                            if tx.send(HomeEv::Job(Ev::FromDeputy(f))).is_err() {
+                            if tx.send(HomeEv::Job(Ev::FromDeputy(f.into()))).is_err() {
                                 return;
                             }
                         }
@@ -659,7 +669,7 @@ impl Procs {
             "host linked"
         );
         loop {
-            match wire::recv::<_, ToHome>(&mut r) {
+            match wire::recv_framed(&mut r, ToHome::DEPUTY, ToHome::Deputy) {
                 Ok(Some(msg)) => {
                     let last = matches!(msg, ToHome::Left { .. });
                     if !h.send(Ev::FromHost {
@@ -998,7 +1008,7 @@ impl Driver {
                 warn!("{message}");
                 let f = mosix_remote::wire::encode(&mosix_remote::wire::ToDeputy::Lost { message });
                 // Through the job, so it waits if the deputy is reconnecting.
-                self.job.send_deputy(f);
+                self.job.send_deputy(f.into());
             }
             Act::Forget => {}
         }
@@ -1055,7 +1065,7 @@ impl Driver {
                             let f = mosix_remote::wire::encode(
                                 &mosix_remote::wire::FromDeputy::Signal { sig },
                             );
-                            let _ = tx.send(HomeEv::Job(Ev::FromDeputy(f)));
+                            let _ = tx.send(HomeEv::Job(Ev::FromDeputy(f.into())));
                         }
                         // Its checkpoint with this move is completed now (synced: slow).
                         if let Some(c) = ckpt {

@@ -365,7 +365,7 @@ impl Driver {
         self.ck.recovery = Some((id, p, t));
         self.job.recovery = Some(id);
         self.job
-            .send_deputy(deputy_frame(&ToDeputy::KeepMarks { from: id }));
+            .send_deputy(deputy_frame(&ToDeputy::KeepMarks { from: id }).into());
         self.ck.saved.retain(|n, _| *n >= id);
         self.ck.marked.retain(|n| *n >= id);
         self.persist();
@@ -393,7 +393,7 @@ impl Driver {
                 Err(e) => {
                     if p.away {
                         self.job
-                            .send_deputy(deputy_frame(&ToDeputy::DropMark { id }));
+                            .send_deputy(deputy_frame(&ToDeputy::DropMark { id }).into());
                     }
                     warn!(pid = self.job.pid, "checkpoint {id} not taken: {e}");
                 }
@@ -413,7 +413,7 @@ impl Driver {
             }
             Err(e) => {
                 self.job
-                    .send_deputy(deputy_frame(&ToDeputy::DropMark { id }));
+                    .send_deputy(deputy_frame(&ToDeputy::DropMark { id }).into());
                 warn!(
                     pid = self.job.pid,
                     "checkpoint {id} with its move not written: {e}"
@@ -607,7 +607,7 @@ impl Driver {
             "node {node} died: recovering it from {path}"
         );
         self.job
-            .send_deputy(deputy_frame(&ToDeputy::Rewind { id: n, message }));
+            .send_deputy(deputy_frame(&ToDeputy::Rewind { id: n, message }).into());
         self.ck.recovering = Some((n, path, taken, node));
     }
 

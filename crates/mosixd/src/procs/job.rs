@@ -9,7 +9,7 @@
 //! that restarted), so nothing is lost across a move or a reconnection.
 
 use super::MoveError;
-use mosix_proto::wire::{ToHome, ToHost};
+use mosix_proto::wire::{Frame, ToHome, ToHost};
 use mosix_remote::wire::{FromDeputy, HomeFd};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -107,7 +107,7 @@ pub enum Ev<D, H> {
     },
     DeputyConnected(D),
     /// A frame from the deputy, for the host.
-    FromDeputy(Vec<u8>),
+    FromDeputy(Frame),
     DeputyGone,
     HostLinked {
         epoch: u64,
@@ -189,7 +189,7 @@ pub struct Job<D, H> {
     pub epoch: u64,
     deputy: Option<D>,
     host: Option<H>,
-    to_deputy: VecDeque<Vec<u8>>,
+    to_deputy: VecDeque<Frame>,
     to_host: VecDeque<ToHost>,
     waiters: Vec<(u32, Box<dyn Waiter + Send>)>,
     /// Since when it is away with no link from its host.
@@ -213,6 +213,8 @@ pub struct Job<D, H> {
     pub frozen: bool,
     /// A checkpoint of it is being taken here (moves wait).
     pub checkpointing: bool,
+    /// The figures of a move home its host reported before it was rebuilt here.
+    home_figures: Option<super::Moved>,
 }
 
 impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
@@ -244,6 +246,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             recovery: None,
             frozen: false,
             checkpointing: false,
+            home_figures: None,
         }
     }
 
@@ -298,7 +301,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
     }
 
     /// Sends frame `f` to its deputy (queued while it is not connected).
-    pub(crate) fn send_deputy(&mut self, f: Vec<u8>) {
+    pub(crate) fn send_deputy(&mut self, f: Frame) {
         if let Some(d) = &mut self.deputy {
             if d.send(&f) {
                 return;
@@ -477,6 +480,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.answer_waiters(to, &Err(err));
             }
             Ev::CameHome { moved } => {
+                let moved = self.home_figures.take().unwrap_or(moved);
                 self.doubt = None;
                 // Its deputy, which held its marks, is the process again.
                 self.recovery = None;
@@ -614,9 +618,14 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         };
                         self.host = None;
                         if to == self.me {
-                            // The move home is ours to finish: CameHome answers the
-                            // waiters, once it is home (not before: `where` must say 0).
+                            // The move home is ours to finish (CameHome): `migrate` is
+                            // answered once it runs here (whichever is heard first).
                             self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
+                            if self.is_home() {
+                                self.answer_waiters(to, &Ok(moved));
+                            } else {
+                                self.home_figures = Some(moved);
+                            }
                         } else {
                             self.moved_on(moved, now, &mut acts);
                         }
@@ -882,21 +891,24 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"call1".to_vec()),
+                msg: ToHome::Deputy(b"call1".to_vec().into()),
             },
             t,
         );
         let dep = Rec::<Vec<u8>>::default();
         j.handle(Ev::DeputyConnected(dep.clone()), t);
         assert_eq!(*dep.0.borrow(), vec![b"call1".to_vec()]);
-        j.handle(Ev::FromDeputy(b"reply1".to_vec()), t);
-        assert_eq!(*host.0.borrow(), vec![ToHost::Deputy(b"reply1".to_vec())]);
+        j.handle(Ev::FromDeputy(b"reply1".to_vec().into()), t);
+        assert_eq!(
+            *host.0.borrow(),
+            vec![ToHost::Deputy(b"reply1".to_vec().into())]
+        );
         // The deputy's connection breaks (mosixd restarted): frames wait, then go.
         *dep.1.borrow_mut() = true;
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"call2".to_vec()),
+                msg: ToHome::Deputy(b"call2".to_vec().into()),
             },
             t,
         );
@@ -933,7 +945,7 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"call".to_vec()),
+                msg: ToHome::Deputy(b"call".to_vec().into()),
             },
             t,
         );
@@ -948,8 +960,11 @@ mod tests {
             t,
         );
         assert_eq!(*d.0.borrow(), vec![b"call".to_vec()]);
-        j.handle(Ev::FromDeputy(b"answer".to_vec()), t);
-        assert_eq!(*h.0.borrow(), vec![ToHost::Deputy(b"answer".to_vec())]);
+        j.handle(Ev::FromDeputy(b"answer".to_vec().into()), t);
+        assert_eq!(
+            *h.0.borrow(),
+            vec![ToHost::Deputy(b"answer".to_vec().into())]
+        );
     }
 
     #[test]
@@ -1025,47 +1040,67 @@ mod tests {
     }
 
     #[test]
-    fn a_move_home_is_answered_once_it_is_home() {
-        let t = Instant::now();
-        let mut j = J::new(1, 100, 0, "x".into(), t);
-        away(&mut j, t, 2);
-        let host = Rec::<ToHost>::default();
-        j.handle(
-            Ev::HostLinked {
-                epoch: 1,
-                node: 2,
-                link: host.clone(),
-            },
-            t,
-        );
-        let got = got();
-        j.handle(
-            Ev::Migrate {
-                to: 1,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
-        // The host says it left for home before home's own half has finished: whoever
-        // asked is not answered yet (a `where` then would still say node 2).
-        j.handle(
-            Ev::FromHost {
+    fn a_move_home_is_answered_once_it_runs_home_whichever_is_heard_first() {
+        for left_first in [true, false] {
+            let t = Instant::now();
+            let mut j = J::new(1, 100, 0, "x".into(), t);
+            away(&mut j, t, 2);
+            let h = Rec::<ToHost>::default();
+            j.handle(
+                Ev::HostLinked {
+                    epoch: 1,
+                    node: 2,
+                    link: h.clone(),
+                },
+                t,
+            );
+            let got = super::tests::got();
+            j.handle(
+                Ev::Migrate {
+                    to: 1,
+                    reason: "r".into(),
+                    offer: None,
+                    reply: Some(Box::new(W(got.clone()))),
+                },
+                t,
+            );
+            let left = Ev::FromHost {
                 epoch: 1,
                 msg: ToHome::Left {
                     to: 1,
-                    frozen_ms: 1,
-                    memory_bytes: 2,
+                    frozen_ms: 7,
+                    memory_bytes: 8,
                     rounds: Vec::new(),
                 },
-            },
-            t,
-        );
-        assert!(got.lock().unwrap().is_empty());
-        j.handle(Ev::CameHome { moved: moved(1) }, t);
-        assert_eq!(j.node(), 1);
-        assert!(matches!(got.lock().unwrap().as_slice(), [Ok(m)] if m.to == 1));
+            };
+            let came = Ev::CameHome {
+                moved: super::super::Moved {
+                    to: 1,
+                    frozen_ms: 0,
+                    memory_bytes: 0,
+                    rounds: Vec::new(),
+                },
+            };
+            let (a, b) = if left_first {
+                (left, came)
+            } else {
+                (came, left)
+            };
+            j.handle(a, t);
+            if left_first {
+                // `where` would still say node 2: no answer yet.
+                assert!(got.lock().unwrap().is_empty());
+                assert_eq!(j.node(), 2);
+            }
+            j.handle(b, t);
+            assert_eq!(j.place, Where::Home);
+            let r = got.lock().unwrap();
+            assert_eq!(r.len(), 1);
+            assert!(matches!(&r[0], Ok(m) if m.to == 1), "{:?}", r[0]);
+            if left_first {
+                assert!(matches!(&r[0], Ok(m) if m.frozen_ms == 7));
+            }
+        }
     }
 
     #[test]
@@ -1101,7 +1136,7 @@ mod tests {
             },
             t,
         );
-        j.handle(Ev::FromDeputy(b"r".to_vec()), t);
+        j.handle(Ev::FromDeputy(b"r".to_vec().into()), t);
         assert!(
             wrong.0.borrow().is_empty(),
             "node 3 does not host residence 1"
@@ -1154,7 +1189,7 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"old".to_vec()),
+                msg: ToHome::Deputy(b"old".to_vec().into()),
             },
             t,
         );
@@ -1262,8 +1297,8 @@ mod tests {
         assert_eq!(h.0.borrow().last(), Some(&ToHost::Kill));
     }
 
-    fn frame<T: serde::Serialize>(m: &T) -> Vec<u8> {
-        mosix_remote::wire::encode(m)
+    fn frame<T: serde::Serialize>(m: &T) -> Frame {
+        mosix_remote::wire::encode(m).into()
     }
 
     #[test]
@@ -1360,7 +1395,7 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: 1,
-                msg: ToHome::Deputy(b"stale call".to_vec()),
+                msg: ToHome::Deputy(b"stale call".to_vec().into()),
             },
             t,
         );
@@ -1377,7 +1412,7 @@ mod tests {
         j.handle(
             Ev::FromHost {
                 epoch: e,
-                msg: ToHome::Deputy(b"new call".to_vec()),
+                msg: ToHome::Deputy(b"new call".to_vec().into()),
             },
             t,
         );

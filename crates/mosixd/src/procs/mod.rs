@@ -261,7 +261,7 @@ impl Procs {
             }
         };
         for (pid, h) in lock(&self.homes).iter() {
-            let s = lock(&h.info).clone();
+            let s = h.snapshot();
             // Recovered here and supervised, it is listed as the guest it is.
             if s.node == me && !s.moving && s.native {
                 let parent = self.is_parent(*pid);
@@ -417,7 +417,7 @@ impl Procs {
         let explain = lock(&self.explanations).clone();
         let mut out = Vec::new();
         for (pid, h) in lock(&self.homes).iter() {
-            let s = lock(&h.info).clone();
+            let s = h.snapshot();
             let here = s.node == me;
             let (rss, cpu) = if here && s.native {
                 usage(*pid)

@@ -38,6 +38,9 @@ pub struct MoverStart {
     /// Away: the PID of its supervisor, which keeps a userfaultfd of its memory at
     /// [`super::supervisor::UFFD_FD`] for pre-copy.
     pub supervisor: Option<i32>,
+    /// Directories every node shares (a writable shared mapping of a file under them
+    /// moves).
+    pub shared: Vec<String>,
 }
 
 /// mosixd to mover.
@@ -282,6 +285,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     let leaving = mosix_ckpt::Leaving {
         away: start.away,
         no_new_privs: start.no_new_privs,
+        shared: start.shared.clone(),
     };
     let mut ctl = conn.try_clone()?;
     let data = conn.try_clone()?;

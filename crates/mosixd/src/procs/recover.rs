@@ -147,6 +147,7 @@ impl Procs {
             // The file is its owner's to edit: its flag is OR'd with its deputy's own (the
             // process at home, whose no_new_privs an exec does not clear).
             no_new_privs: o.info.no_new_privs || super::rights::no_new_privs(r.pid),
+            shared_paths: self.shared_with(&[]),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(gone)?;
         {
@@ -300,6 +301,7 @@ impl Procs {
             // The file is the user's to edit: the flag it says is never all there is. The
             // caller's own (it cannot be cleared) goes on too.
             no_new_privs: o.info.no_new_privs || now.no_new_privs,
+            shared_paths: self.shared_with(&[]),
         };
         let mut sup = supervisor::spawn()?;
         let start = SupStart {
@@ -310,6 +312,7 @@ impl Procs {
                 reopen,
             },
             limit,
+            shared_paths: self.cfg.shared_paths.clone(),
             socket: self
                 .cfg
                 .state_dir

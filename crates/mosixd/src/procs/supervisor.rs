@@ -6,7 +6,8 @@
 //!
 //! For a process coming home it only rebuilds it inside its deputy, and exits.
 
-use mosix_proto::wire::{self, MigrateHeader, Tail};
+use mosix_proto::wire::{self, Frame, MigrateHeader, Tail};
+use mosix_remote::dfsa::Dfsa;
 use mosix_remote::guest::{Guest, Out};
 use mosix_remote::host::Live;
 use mosix_remote::notify::NotifyFd;
@@ -51,6 +52,8 @@ pub struct SupStart {
     pub limit: u64,
     /// Where it listens for mosixd once it supervises (after a restart of mosixd).
     pub socket: PathBuf,
+    /// This node's shared paths (DFSA: with the home's, where files are used here).
+    pub shared_paths: Vec<PathBuf>,
 }
 
 /// mosixd to supervisor. After `Start` come the image's chunks and its [`Tail`].
@@ -60,7 +63,7 @@ pub enum ToSup {
     Commit,
     Abort,
     /// A frame from the deputy.
-    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    Deputy(Frame),
     /// The process is frozen for a move: cancel its calls at home, say what was done.
     Quiesce,
     /// The move failed: it goes on here.
@@ -82,9 +85,13 @@ pub enum FromSup {
     Refused(String),
     Running,
     /// A frame for the deputy.
-    Deputy(#[serde(with = "serde_bytes")] Vec<u8>),
+    Deputy(Frame),
     /// It made a call that can only be made at home: bring it home.
     GoHome {
+        why: String,
+    },
+    /// Its calls at home cannot be settled: the move cannot be made.
+    Unquiesced {
         why: String,
     },
     /// Its calls at home are settled: those done meanwhile (TID, result) and the next
@@ -101,6 +108,50 @@ pub enum FromSup {
         header: MigrateHeader,
         host_pid: i32,
     },
+}
+
+impl ToSup {
+    /// The index of [`ToSup::Deputy`] (for `wire::recv_framed`).
+    pub const DEPUTY: u32 = 3;
+    /// Reads one message from mosixd (a deputy's frame without a copy).
+    pub fn recv<R: std::io::Read>(r: &mut R) -> std::io::Result<Option<ToSup>> {
+        wire::recv_framed(r, Self::DEPUTY, ToSup::Deputy)
+    }
+}
+
+impl FromSup {
+    /// The index of [`FromSup::Deputy`] (for `wire::send_wrapped`).
+    pub const DEPUTY: u32 = 3;
+    /// Reads one message from a supervisor (a frame for the deputy without a copy).
+    pub fn recv<R: std::io::Read>(r: &mut R) -> std::io::Result<FromSup> {
+        wire::recv_framed(r, Self::DEPUTY, FromSup::Deputy)?.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn deputy_frames_have_the_indexes_the_fast_paths_use() {
+    let f: Frame = b"xyz".to_vec().into();
+    let mut a = Vec::new();
+    wire::send(&mut a, &ToSup::Deputy(f.clone())).unwrap();
+    let mut b = Vec::new();
+    wire::send_frame(&mut b, ToSup::DEPUTY, &f).unwrap();
+    assert_eq!(a, b);
+    let m = ToDeputy::Cancel { seq: 7 };
+    let mut a = Vec::new();
+    wire::send(
+        &mut a,
+        &FromSup::Deputy(mosix_remote::wire::encode(&m).into()),
+    )
+    .unwrap();
+    let mut b = Vec::new();
+    wire::send_wrapped(&mut b, FromSup::DEPUTY, &m).unwrap();
+    assert_eq!(a, b);
 }
 
 pub fn send<T: Serialize>(s: &mut UnixStream, m: &T) -> std::io::Result<()> {
@@ -325,6 +376,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     &mosix_remote::filter::program_for(h.home_pid, &home_ranges),
                 ));
             }
+            let cwd = PathBuf::from(&incoming.meta().cwd);
             let (restored, listener, home_memory, uffd) =
                 match incoming.complete(Some(tail.proc_fds.clone()), true) {
                     Ok((
@@ -366,9 +418,12 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 home_memory,
                 home_ranges,
                 touched_home: false,
-                g: Guest::new(h.home_pid, tail.next_seq).with_local(tail.proc_fds.clone()),
+                g: Guest::new(h.home_pid, tail.next_seq)
+                    .with_local(tail.proc_fds.clone())
+                    .with_dfsa(Dfsa::new(&h.shared_paths, &start.shared_paths, Some(cwd))),
                 header: h,
                 conn: Some(conn),
+                out: Outbox::default(),
                 backlog: Vec::new(),
                 moving: false,
                 moved: false,
@@ -406,6 +461,41 @@ fn reap(pid: Option<i32>) {
     }
 }
 
+/// Frames for mosixd that its socket has not taken yet: written as it takes them, so that
+/// the supervisor never waits on mosixd (which may be writing to it meanwhile: both then
+/// would wait for ever); the process's calls wait instead once too much is queued.
+#[derive(Default)]
+struct Outbox {
+    frames: std::collections::VecDeque<Vec<u8>>,
+    /// Bytes of the first frame written.
+    at: usize,
+    bytes: usize,
+}
+
+/// Queued beyond this, the process's new calls wait.
+const OUTBOX_FULL: usize = 32 << 20;
+
+/// Writes what `fd` takes now (MSG_DONTWAIT): bytes written, 0 if it takes nothing now.
+fn send_now(fd: RawFd, b: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: send of a buffer of ours on our socket; it does not block.
+    let n = unsafe {
+        libc::send(
+            fd,
+            b.as_ptr().cast(),
+            b.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(0),
+        _ => Err(e),
+    }
+}
+
 struct Supervision {
     live: Live,
     /// The userfaultfd that sees it touch memory it shares at home (then it goes home).
@@ -417,8 +507,10 @@ struct Supervision {
     g: Guest,
     header: MigrateHeader,
     conn: Option<UnixStream>,
-    /// What could not be sent while mosixd was away.
-    backlog: Vec<FromSup>,
+    /// What the connection has not taken yet.
+    out: Outbox,
+    /// Frames that could not be sent while mosixd was away.
+    backlog: Vec<Vec<u8>>,
     /// Frozen for a move: its end is not reported until the move is settled.
     moving: bool,
     moved: bool,
@@ -439,21 +531,68 @@ impl Supervision {
     }
 
     fn up(&mut self, m: FromSup) {
-        if let Some(c) = &mut self.conn {
-            if send(c, &m).is_ok() {
-                return;
+        let mut f = Vec::new();
+        if wire::send(&mut f, &m).is_ok() {
+            self.frame(f);
+        }
+    }
+
+    /// Sends a message for the deputy (encoded once, into its frame).
+    fn for_deputy(&mut self, m: &ToDeputy) {
+        let mut f = Vec::new();
+        if wire::send_wrapped(&mut f, FromSup::DEPUTY, m).is_ok() {
+            self.frame(f);
+        }
+    }
+
+    /// Queues a frame for mosixd (kept for its next connection when there is none).
+    fn frame(&mut self, f: Vec<u8>) {
+        if self.conn.is_none() {
+            self.backlog.push(f);
+            return;
+        }
+        self.out.bytes += f.len();
+        self.out.frames.push_back(f);
+        self.pump();
+    }
+
+    /// Writes what the connection takes now.
+    fn pump(&mut self) {
+        let Some(c) = &self.conn else { return };
+        let fd = c.as_raw_fd();
+        while let Some(f) = self.out.frames.front() {
+            match send_now(fd, &f[self.out.at..]) {
+                Ok(0) => return,
+                Ok(n) => {
+                    self.out.at += n;
+                    if self.out.at == f.len() {
+                        self.out.bytes -= f.len();
+                        self.out.at = 0;
+                        self.out.frames.pop_front();
+                    }
+                }
+                Err(_) => {
+                    self.lost();
+                    return;
+                }
             }
-            self.conn = None;
         }
-        if !matches!(m, FromSup::Hello { .. }) {
-            self.backlog.push(m);
-        }
+    }
+
+    /// The connection to mosixd is gone: what it did not take whole is sent again on the
+    /// next one (a frame cut short went to a reader that is gone too).
+    fn lost(&mut self) {
+        self.conn = None;
+        let mut back: Vec<Vec<u8>> = self.out.frames.drain(..).collect();
+        back.append(&mut self.backlog);
+        self.backlog = back;
+        self.out = Outbox::default();
     }
 
     fn outs(&mut self, outs: Vec<Out>) {
         for o in outs {
             match o {
-                Out::Deputy(m) => self.up(FromSup::Deputy(mosix_remote::wire::encode(&m))),
+                Out::Deputy(m) => self.for_deputy(&m),
                 Out::GoHome { id, why } => {
                     if self.went_home != Some(id) {
                         self.went_home = Some(id);
@@ -464,6 +603,10 @@ impl Supervision {
             }
         }
         if self.moving && self.g.outstanding() == 0 {
+            if let Some(why) = self.g.unquiesced() {
+                self.up(FromSup::Unquiesced { why });
+                return;
+            }
             let completed = {
                 use mosix_remote::guest::Kernel;
                 let pid = self.live.pid;
@@ -492,24 +635,35 @@ impl Supervision {
             .as_ref()
             .map(|c| c.try_clone().map(BufReader::new))
             .transpose()?;
+        // It ended so, and waits for what it did here to be settled at home (writes
+        // behind, positions) before its end is reported.
+        let mut reaped: Option<ExitStatus> = None;
         loop {
             let conn_fd = reader
                 .as_ref()
                 .map(|r| r.get_ref().as_raw_fd())
                 .unwrap_or(-1);
+            let alive = reaped.is_none();
+            // Too much waits for mosixd: the process's new calls wait.
+            let taking = alive && self.out.bytes < OUTBOX_FULL;
+            let writing = if self.out.frames.is_empty() {
+                0
+            } else {
+                libc::POLLOUT
+            };
             let mut fds = [
                 libc::pollfd {
-                    fd: self.live.notify.raw(),
+                    fd: if taking { self.live.notify.raw() } else { -1 },
                     events: libc::POLLIN,
                     revents: 0,
                 },
                 libc::pollfd {
                     fd: conn_fd,
-                    events: libc::POLLIN,
+                    events: libc::POLLIN | writing,
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: pidfd.as_raw_fd(),
+                    fd: if alive { pidfd.as_raw_fd() } else { -1 },
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -537,7 +691,12 @@ impl Supervision {
             let timeout = if self.g.outstanding() > 0 { 100 } else { 1000 };
             if !buffered {
                 // SAFETY: poll on descriptors we own (a negative one is skipped).
-                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, timeout) };
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, timeout) };
+                if n == 0 {
+                    // Quiet: home hears how far the process read its streams.
+                    let o = self.g.idle();
+                    self.outs(o);
+                }
             }
             if fds[0].revents & libc::POLLIN != 0 {
                 if let Ok(n) = self.live.notify.recv() {
@@ -572,8 +731,11 @@ impl Supervision {
                     self.up(FromSup::GoHome { why });
                 }
             }
-            if buffered || fds[1].revents != 0 {
-                let msg = reader.as_mut().map(wire::recv::<_, ToSup>);
+            if fds[1].revents & libc::POLLOUT != 0 {
+                self.pump();
+            }
+            if buffered || fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                let msg = reader.as_mut().map(ToSup::recv);
                 match msg {
                     Some(Ok(Some(m))) => self.on_mosixd(m),
                     _ => {
@@ -581,7 +743,7 @@ impl Supervision {
                         // wait until mosixd connects again.
                         warn!(pid, "lost mosixd; waiting for it");
                         reader = None;
-                        self.conn = None;
+                        self.lost();
                         if self.moving {
                             // Its mover finishes alone: it lets it go on here, or (once
                             // the commit was announced) ends it, as it runs elsewhere.
@@ -595,13 +757,15 @@ impl Supervision {
             if fds[3].revents & libc::POLLIN != 0 {
                 if let Ok((c, _)) = listener.accept() {
                     reader = Some(BufReader::new(c.try_clone()?));
+                    self.lost();
+                    let backlog = std::mem::take(&mut self.backlog);
                     self.conn = Some(c);
                     self.up(FromSup::Hello {
                         header: self.header.clone(),
                         host_pid: pid,
                     });
-                    for m in std::mem::take(&mut self.backlog) {
-                        self.up(m);
+                    for f in backlog {
+                        self.frame(f);
                     }
                     info!(pid, "mosixd is back");
                 }
@@ -624,10 +788,10 @@ impl Supervision {
                     _ => ExitStatus::Signal(libc::SIGKILL),
                 };
                 reap(self.ns_init);
-                let _ = std::fs::remove_file(socket);
                 if self.doubtful && st == ExitStatus::Signal(libc::SIGKILL) {
                     // Ended by its mover after the commit, with mosixd away: it runs
                     // where it went, and its end here is not its end.
+                    let _ = std::fs::remove_file(socket);
                     info!(pid, "its copy here was ended by its move");
                     return Ok(());
                 }
@@ -638,15 +802,54 @@ impl Supervision {
                         self.await_settled(&mut reader);
                     }
                     if self.moved {
+                        let _ = std::fs::remove_file(socket);
                         return Ok(());
                     }
                 }
-                self.up(FromSup::Deputy(mosix_remote::wire::encode(
-                    &ToDeputy::Exited(st),
-                )));
-                self.up(FromSup::Exited);
-                info!(pid, ?st, "guest ended");
-                return Ok(());
+                let o = self.g.end(st);
+                self.outs(o);
+                reaped = Some(st);
+            }
+            if let Some(st) = reaped {
+                // Reported once home has what it wrote behind (or its home ended it).
+                if self.g.exit_sent() || self.killed {
+                    if !self.g.exit_sent() {
+                        self.for_deputy(&ToDeputy::Exited(st));
+                    }
+                    self.up(FromSup::Exited);
+                    self.drain(&mut reader);
+                    let _ = std::fs::remove_file(socket);
+                    info!(pid, ?st, "guest ended");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Before it exits: what mosixd has not taken yet is written, while what mosixd
+    /// sends meanwhile is read (and dropped: the process is gone), for at most 30 s.
+    fn drain(&mut self, reader: &mut Option<BufReader<UnixStream>>) {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.out.frames.is_empty() && std::time::Instant::now() < end {
+            let Some(fd) = self.conn.as_ref().map(|c| c.as_raw_fd()) else {
+                return;
+            };
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN | libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: poll on our own socket.
+            unsafe { libc::poll(&mut p, 1, 1000) };
+            if p.revents & libc::POLLOUT != 0 {
+                self.pump();
+            }
+            let buffered = reader.as_ref().is_some_and(|r| !r.buffer().is_empty());
+            if buffered || p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                match reader.as_mut().map(ToSup::recv) {
+                    Some(Ok(Some(_))) => {}
+                    _ => return,
+                }
             }
         }
     }
@@ -654,7 +857,7 @@ impl Supervision {
     /// Its copy here ended during a move: wait to hear whether the move took it.
     fn await_settled(&mut self, reader: &mut Option<BufReader<UnixStream>>) {
         while let Some(r) = reader.as_mut() {
-            match wire::recv::<_, ToSup>(r) {
+            match ToSup::recv(r) {
                 Ok(Some(ToSup::Moved)) => {
                     self.moved = true;
                     return;
@@ -684,7 +887,7 @@ impl Supervision {
             },
             ToSup::Quiesce => {
                 self.moving = true;
-                let o = self.g.quiesce();
+                let o = self.g.quiesce(&mut self.live);
                 self.outs(o);
             }
             ToSup::Thaw => {
@@ -699,7 +902,7 @@ impl Supervision {
                 let _ = mosix_ckpt::sys::kill(self.live.pid, libc::SIGKILL);
             }
             ToSup::Relinked => {
-                let o = self.g.resend();
+                let o = self.g.resend(&mut self.live);
                 self.outs(o);
             }
             ToSup::Start(_) | ToSup::Commit | ToSup::Abort => {}
@@ -714,9 +917,7 @@ impl Supervision {
         if let Ok(WaitStatus::Stopped(_, sig)) = waitid(id(), flags) {
             // Consume the stop report (WNOWAIT left it), then tell the deputy.
             let _ = waitid(id(), WaitPidFlag::WSTOPPED | WaitPidFlag::WNOHANG);
-            self.up(FromSup::Deputy(mosix_remote::wire::encode(
-                &ToDeputy::Stopped { sig: sig as i32 },
-            )));
+            self.for_deputy(&ToDeputy::Stopped { sig: sig as i32 });
         }
     }
 }

@@ -256,7 +256,10 @@ impl Procs {
                 dp.display()
             )));
         }
-        let leaving = mosix_ckpt::Leaving::default();
+        let leaving = mosix_ckpt::Leaving {
+            shared: self.shared_with(&[]),
+            ..Default::default()
+        };
         mosix_ckpt::check_moving(m.pid, &leaving).map_err(|e| MoveError::Engine(e.to_string()))?;
         let mut ch = self
             .connect(to)
@@ -275,6 +278,12 @@ impl Procs {
             offer: m.offer.clone(),
             hostname: mosix_ckpt::sys::hostname(),
             no_new_privs: no_new_privs(m.pid),
+            shared_paths: self
+                .cfg
+                .shared_paths
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
         let mut mover = Mover::start(MoverStart {
@@ -284,6 +293,7 @@ impl Procs {
             compression: self.cfg.compression,
             precopy: self.precopy(m.pid),
             supervisor: None,
+            shared: leaving.shared.clone(),
         })?;
         // `mosrun -C`: the image is written into its next checkpoint file as it goes.
         let temp = m.ckpt.as_ref().and_then(|(t, _)| match t.create() {
@@ -385,6 +395,23 @@ impl Procs {
         })
     }
 
+    /// The directories this node shares with every node (its `shared_paths`), and, for a
+    /// guest, that its home shares too (`home`; empty: this node is its home).
+    pub(super) fn shared_with(&self, home: &[String]) -> Vec<String> {
+        let mine: Vec<String> = self
+            .cfg
+            .shared_paths
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        if home.is_empty() {
+            return mine;
+        }
+        mine.into_iter()
+            .filter(|p| home.iter().any(|h| h == p))
+            .collect()
+    }
+
     /// Moves guest `pid` from here to `dest` (its home, or another node). `quiesce` is
     /// called once it is frozen: its calls at home are cancelled, and it returns those
     /// made meanwhile and the next sequence number of its calls. On success the frozen
@@ -400,6 +427,7 @@ impl Procs {
         let leaving = mosix_ckpt::Leaving {
             away: true,
             no_new_privs: Some(header.no_new_privs),
+            shared: self.shared_with(&header.shared_paths),
         };
         mosix_ckpt::check_moving(pid, &leaving).map_err(|e| MoveError::Engine(e.to_string()))?;
         let mut ch = self
@@ -419,6 +447,7 @@ impl Procs {
             compression: self.cfg.compression,
             precopy: supervisor.is_some() && self.precopy(pid),
             supervisor,
+            shared: leaving.shared.clone(),
         })?;
         let dumped = mover.dump(&mut ch, &mut || {
             let (done, seq, proc_fds) = quiesce()?;
@@ -599,6 +628,7 @@ impl Procs {
             mode: mode.clone(),
             limit,
             socket: sock,
+            shared_paths: self.cfg.shared_paths.clone(),
         };
         supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
         // The image, chunk by chunk, then the tail.
@@ -691,7 +721,7 @@ impl Procs {
             .get(&h.home_pid)
             .cloned()
             .ok_or_else(|| anyhow!("process {} has no home here any more", h.home_pid))?;
-        let snap = super::lock(&home.info).clone();
+        let snap = home.snapshot();
         if snap.uid != h.uid {
             bail!("process {} is not away from here", h.home_pid);
         }
