@@ -355,7 +355,7 @@ pub(crate) fn create(
     };
     match made {
         Err(Error::Remote { errno, .. })
-            if tids == Tids::Hint && (errno == libc::EPERM || errno == libc::EEXIST) =>
+            if tids == Tids::Hint && matches!(errno, libc::EPERM | libc::EEXIST | libc::EINVAL) =>
         {
             keep_tid = false;
             sys::write_mem(pid, scratch_args, &args(false))?;

@@ -32,7 +32,8 @@ pub const FLAG_LEAVING: u32 = 2;
 /// a process's host, marks of its deputy (`mosix_remote::wire`).
 /// 1.4: pre-copy moves (image format 3.0 in the link, `Tail.figures`, `ToHome::Left.rounds`).
 /// 1.5: read-ahead and write-behind of forwarded calls, DFSA (`ToDeputy::Took`, `Behind`,
-/// `Sync`, `Adopt`; shared paths in the migrate header).
+/// `Sync`, `Adopt`; shared paths in the migrate header); moves carry image format 3.1
+/// (memory shared at home, process families).
 pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
 
 /// Default UDP port of the gossip transport.

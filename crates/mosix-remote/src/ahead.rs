@@ -578,6 +578,25 @@ impl Ahead {
         self.write_cv.notify_all();
     }
 
+    /// Main thread, before the process is brought back to a checkpoint (its host died):
+    /// the writes behind sent so far are made (the checkpoint's offsets are put back
+    /// after), and every stream, grant and failed write of the dead copy is forgotten:
+    /// the restored process begins its own.
+    pub fn reset(&self) {
+        let mut st = self.lock();
+        while st.applied < st.enqueued && !st.done {
+            st = self.made_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let streams: Vec<u64> = st.reads.keys().copied().collect();
+        for s in streams {
+            self.end_read(&mut st, s);
+        }
+        st.writes.clear();
+        st.last_end.clear();
+        st.wrote.clear();
+        st.deferred.clear();
+    }
+
     /// Main thread: the process ended: waits for every write behind to be made.
     pub fn finish(&self) {
         let mut st = self.lock();

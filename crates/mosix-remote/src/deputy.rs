@@ -387,8 +387,14 @@ fn worker_main(
             s.current = call.seq;
         }
         let seq = call.seq;
-        // Writes behind sent before it are made first.
+        // Writes behind sent before it are made first; a cancel that came meanwhile
+        // still counts.
         ahead.wait_writes(writes);
+        if lock(&st).cancelled.remove(&seq) {
+            lock(&st).current = 0;
+            out.send(Some(FromDeputy::Reply(Reply::Cancelled { seq })));
+            continue;
+        }
         // A write of what went out already, a read of what was read already (the process
         // was brought back to a checkpoint): see marks.rs.
         let (run, io) = match lock(&marks).before(&call, &is_private) {
@@ -830,6 +836,7 @@ impl Deputy {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         GENERATION.fetch_add(1, Ordering::SeqCst);
+        self.out.ahead.reset();
         lock(&self.marks).rewind(id, &is_private)?;
         if !message.is_empty() {
             let line = format!("{message}\n");

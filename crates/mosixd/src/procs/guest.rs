@@ -530,7 +530,12 @@ impl GuestDriver {
 
     /// Opens the link to home when there is none (at most once per LINK_RETRY).
     fn keep_linked(&mut self) {
-        let linked = lock(&self.ways.home).link.is_some();
+        // Busy: a reading thread is sending on the link (and may wait on it): it is there.
+        let linked = match self.ways.home.try_lock() {
+            Ok(w) => w.link.is_some(),
+            Err(std::sync::TryLockError::WouldBlock) => true,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().link.is_some(),
+        };
         if linked || self.last_try.is_some_and(|t| t.elapsed() < LINK_RETRY) {
             return;
         }
