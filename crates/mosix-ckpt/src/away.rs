@@ -76,7 +76,7 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
     check_moving(pid, l)?;
     let t0 = std::time::Instant::now();
     let mut frozen = dump::freeze(pid)?;
-    if let Err(e) = sync_shared_maps(pid) {
+    if let Err(e) = sync_shared_maps(pid, &l.shared) {
         // Nothing is saved: it goes on where it was.
         drop(frozen);
         return Err(e);
@@ -143,7 +143,7 @@ pub fn checkpoint_moving_live<W: Write + 'static>(
     };
     // Frozen: what it wrote into shared mappings of files goes to the files first.
     let mut on_frozen = || {
-        sync_shared_maps(pid)?;
+        sync_shared_maps(pid, &l.shared)?;
         on_frozen()
     };
     let (w, stats, frozen) = crate::precopy::precopy(
@@ -162,9 +162,17 @@ pub fn checkpoint_moving_live<W: Write + 'static>(
 /// Writes what the frozen process wrote into shared mappings of files (of shared paths:
 /// the only ones that move) to the files, so that the node it goes to, which maps the
 /// same files again, sees it.
-fn sync_shared_maps(pid: i32) -> Result<()> {
+/// Only files under `shared` (the others keep the process home anyway).
+fn sync_shared_maps(pid: i32, shared: &[String]) -> Result<()> {
+    let under = |path: &str| {
+        shared.iter().any(|d| {
+            let d = d.trim_end_matches('/');
+            path.strip_prefix(d).is_some_and(|r| r.starts_with('/'))
+        })
+    };
     for m in crate::procfs::maps(pid)? {
-        if m.shared && m.write && m.is_file() && !crate::shmem::is_shmem(&m.name) {
+        if m.shared && m.write && m.is_file() && !crate::shmem::is_shmem(&m.name) && under(&m.name)
+        {
             let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             std::fs::File::open(&mf)
                 .and_then(|f| f.sync_data())

@@ -239,14 +239,18 @@ pub fn send_flush<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> 
 /// The first step of a large body (a forwarded call's data and its headers).
 pub const FIRST_STEP: usize = (1 << 20) + (64 << 10);
 
-/// Reads a body of `n` bytes: up to [`FIRST_STEP`] at once, the rest once that arrived.
+/// Reads a body of `n` bytes in steps, each allocated once the one before arrived: 16 KiB,
+/// then up to [`FIRST_STEP`], then the rest (a peer that claims much and sends little
+/// costs at most 16 KiB).
 pub fn read_large<R: Read>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
-    let mut body = vec![0u8; n.min(FIRST_STEP)];
-    r.read_exact(&mut body)?;
-    if n > body.len() {
+    let mut body = Vec::new();
+    for step in [16 << 10, FIRST_STEP, n] {
         let at = body.len();
-        body.resize(n, 0);
-        r.read_exact(&mut body[at..])?;
+        let to = n.min(step.max(at));
+        if to > at {
+            body.resize(to, 0);
+            r.read_exact(&mut body[at..])?;
+        }
     }
     Ok(body)
 }
