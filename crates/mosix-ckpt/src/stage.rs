@@ -148,6 +148,34 @@ impl Site {
         };
         tracing::debug!("preflight and fork in {:?}", t.elapsed());
         let own = if opts.keep_pid { spec.pid } else { pid };
+        Site::lay_out(pid, own, ns_init, spec, opts, plan, mode, true)
+    }
+
+    /// Takes stopped tracee `pid` (a deputy after its exec of the image's executable) and
+    /// lays its memory out as `spec` says, with credential plan `plan`.
+    pub(crate) fn begin_in(
+        pid: i32,
+        spec: &ProcessImage,
+        opts: RestoreOptions,
+        plan: Plan,
+        mode: Mode,
+    ) -> Result<Site> {
+        Site::lay_out(pid, pid, None, spec, opts, plan, mode, false)
+    }
+
+    /// The site of tracee `pid` (`own` in its PID namespace; `made` here, or a deputy
+    /// taken over), laid out as `spec` says.
+    #[allow(clippy::too_many_arguments)]
+    fn lay_out(
+        pid: i32,
+        own: i32,
+        ns_init: Option<i32>,
+        spec: &ProcessImage,
+        opts: RestoreOptions,
+        plan: Plan,
+        mode: Mode,
+        made: bool,
+    ) -> Result<Site> {
         let mut site = Site {
             pid,
             own,
@@ -173,48 +201,7 @@ impl Site {
             first: spec.clone(),
             mm: spec.mm.clone(),
             born: Instant::now(),
-            made: true,
-            done: false,
-        };
-        site.setup(spec)?;
-        Ok(site)
-    }
-
-    /// Takes stopped tracee `pid` (a deputy after its exec of the image's executable) and
-    /// lays its memory out as `spec` says, with credential plan `plan`.
-    pub(crate) fn begin_in(
-        pid: i32,
-        spec: &ProcessImage,
-        opts: RestoreOptions,
-        plan: Plan,
-        mode: Mode,
-    ) -> Result<Site> {
-        let mut site = Site {
-            pid,
-            own: pid,
-            ns_init: None,
-            r: dummy_remote(),
-            scratch: 0,
-            fs_uid: plan.creds.uid[3],
-            plan,
-            kind: Kind::of(mode),
-            away: match mode {
-                Mode::Away(a) => Some(a.clone()),
-                _ => None,
-            },
-            held: match mode {
-                Mode::Into(h) => h.clone(),
-                _ => Default::default(),
-            },
-            home_uffd: None,
-            opts,
-            shm: HashMap::new(),
-            shm_files: HashMap::new(),
-            staged: Vec::new(),
-            first: spec.clone(),
-            mm: spec.mm.clone(),
-            born: Instant::now(),
-            made: false,
+            made,
             done: false,
         };
         site.setup(spec)?;
