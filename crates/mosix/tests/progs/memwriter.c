@@ -7,7 +7,8 @@
  * back against its generation. Prints "pass P <checksum of the generations>" (the
  * same on every run), or "BAD page I word W" and exits 3 at the first wrong word.
  * argv[5], optional, letters of memory that changes shape while it runs:
- *   s: its main stack grows: every pass recurses 8 KiB deeper (up to 6 MiB), each frame
+ *   s: its main stack grows: every pass recurses 8 KiB deeper (from 192 KiB, past the
+ *      stack's first extent, up to 6 MiB), each frame
  *      checked on the way back, and 64 KiB of main's own frame, written once, are
  *      checked after every pass (memory of an area that changed size but was not
  *      written since: a move must still carry it);
@@ -97,7 +98,8 @@ int main(int argc, char **argv) {
             if (ns16 && k % 16 == 15) pause_ns(ns16);
         }
         if (stack) {
-            int depth = pass < 768 ? pass : 768;
+            /* From 192 KiB down (past the stack's first extent), so it grows at once. */
+            int depth = pass < 744 ? 24 + pass : 768;
             if (dive(depth, pass)) {
                 printf("BAD frame at pass %d\n", pass);
                 fflush(stdout);
