@@ -100,10 +100,17 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
 /// frozen one ([`checkpoint_moving_with`]). `uffd`: a userfaultfd of its memory made by
 /// its restorer and set up already, needed for a process away from home (calls injected
 /// into it would be trapped by its filter): checked to be one. None: one is made in it
-/// (it is frozen for a moment). Whatever an earlier tracker of the same userfaultfd left
+/// (it is frozen for a moment). A process with a private mapping of shared memory gets
+/// none (pre-copy would not save the pages it copies on write there). Whatever an earlier tracker of the same userfaultfd left
 /// registered and protected is saved whole by the first round (see
 /// [`crate::dirty::Tracker::whole`]).
 pub fn track_moving(pid: i32, l: &Leaving, uffd: Option<OwnedFd>) -> Result<crate::dirty::Tracker> {
+    let maps = crate::procfs::maps(pid)?;
+    if let Some(name) = crate::shmem::private_mapping(&maps) {
+        return Err(Error::Unrestorable(format!(
+            "it has a private mapping of its shared memory {name}: the pages it copies on write there are saved only frozen"
+        )));
+    }
     match uffd {
         Some(u) => {
             crate::dirty::check_userfaultfd(&u)?;

@@ -596,6 +596,19 @@ pub(crate) fn precopy<W: Write + 'static>(
     let settled = t1.elapsed();
     let state = dump::capture(&mut f, moving)?;
     let captured = t1.elapsed();
+    // Pages copied on write in private mappings of shared memory are no staged memory:
+    // the rounds did not save them, and the final part has no place for them.
+    for v in &state.meta.vmas {
+        if let VmaKind::Shmem { ino, .. } = v.kind {
+            if !v.shared && !src.tracker()?.saved(v.start, v.end, false)?.is_empty() {
+                // Released when `f` is dropped.
+                return Err(Error::Target {
+                    pid,
+                    msg: crate::shmem::private_copies_reason(&format!("(inode {ino})")),
+                });
+            }
+        }
+    }
     let plan = src.plan(&state.meta.vmas, &state.tracked, true)?;
     // Every page written is known now: the tracking ends here.
     src.tracker = None;
