@@ -104,35 +104,53 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
     Ok((w, stats, Held { frozen }))
 }
 
+/// A tracker of the pages `pid` writes, for [`checkpoint_moving_live`], made before
+/// anything of a pre-copy move is announced: if this fails, the move can still be a
+/// frozen one ([`checkpoint_moving_with`]). `uffd`: a userfaultfd of its memory made by
+/// its restorer and set up already, needed for a process away from home (calls injected
+/// into it would be trapped by its filter): checked to be one. None: one is made in it
+/// (it is frozen for a moment). A process with a private mapping of shared memory gets
+/// none (pre-copy would not save the pages it copies on write there). Whatever an earlier tracker of the same userfaultfd left
+/// registered and protected is saved whole by the first round (see
+/// [`crate::dirty::Tracker::whole`]).
+pub fn track_moving(pid: i32, l: &Leaving, uffd: Option<OwnedFd>) -> Result<crate::dirty::Tracker> {
+    let maps = crate::procfs::maps(pid)?;
+    if let Some(name) = crate::shmem::private_mapping(&maps) {
+        return Err(Error::Unrestorable(format!(
+            "it has a private mapping of its shared memory {name}: the pages it copies on write there are saved only frozen"
+        )));
+    }
+    match uffd {
+        Some(u) => {
+            crate::dirty::check_userfaultfd(&u)?;
+            crate::dirty::Tracker::adopt_ready(pid, u)
+        }
+        None if l.away => Err(Error::Unrestorable(
+            "a process away from home is tracked only with a userfaultfd made by its restorer, and there is none"
+                .into(),
+        )),
+        None => crate::dirty::Tracker::attach(pid),
+    }
+}
+
 /// [`checkpoint_moving_with`] with the memory saved while the process runs (pre-copy
 /// rounds, see [`crate::checkpoint_live`]): it is frozen only at the end, when
 /// `on_frozen` is called, for its state and the pages it wrote last, and then held.
-/// `uffd`: a userfaultfd of its memory made by its restorer and set up already
-/// ([`crate::dirty::Tracker::adopt_ready`]), needed for a process away from home (calls
-/// injected into it would be trapped by its filter); None: one is made in it. The
-/// stream is flushed before `on_frozen` is called. On failure the process goes on as
-/// it was.
+/// `tracker`: see [`track_moving`]. The stream is flushed before `on_frozen` is called.
+/// On failure the process goes on as it was.
 #[allow(clippy::too_many_arguments)]
 pub fn checkpoint_moving_live<W: Write + 'static>(
     pid: i32,
     out: W,
     l: &Leaving,
     opts: &crate::LiveOptions,
-    uffd: Option<OwnedFd>,
+    tracker: crate::dirty::Tracker,
     on_frozen: &mut dyn FnMut() -> Result<Vec<(i32, i64)>>,
     on_round: &mut dyn FnMut(&crate::RoundStat),
     progress: dump::Progress<'_>,
 ) -> Result<(W, crate::LiveStats, Held)> {
     check_moving(pid, l)?;
-    let tracker =
-        match uffd {
-            Some(u) => Some(crate::dirty::Tracker::adopt_ready(pid, u)?),
-            None if l.away => return Err(Error::Unrestorable(
-                "a process away from home is tracked only with a userfaultfd made by its restorer"
-                    .into(),
-            )),
-            None => None,
-        };
+    let tracker = Some(tracker);
     let moving = Moving {
         rules: Rules {
             leave_home: true,

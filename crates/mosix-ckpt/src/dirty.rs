@@ -66,6 +66,19 @@ fn unsupported(e: std::io::Error) -> Error {
     ))
 }
 
+/// Checks that `fd` is a userfaultfd (its /proc/self/fd link names one).
+pub fn check_userfaultfd(fd: &OwnedFd) -> Result<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| sys_err("reading the link of the tracking descriptor", e))?;
+    if link.as_os_str() != "anon_inode:[userfaultfd]" {
+        return Err(Error::Unrestorable(format!(
+            "the descriptor kept for tracking its writes is not a userfaultfd but {}",
+            link.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Tracker {
     /// Starts tracking running process `pid` (nothing registered yet): it is frozen only
     /// for the two system calls injected into it.
@@ -125,7 +138,10 @@ impl Tracker {
     }
 
     /// Tracks [start, end) (whole mappings of the process, or parts of them) from now
-    /// on. Its pages count as written until the next [`Tracker::written`].
+    /// on. Its pages count as written until they are protected by a scan; an area
+    /// registered earlier (by another tracker of the same userfaultfd, e.g. a mover
+    /// that died) may hold protected pages not written since: save it first with
+    /// [`Tracker::whole`], never with [`Tracker::written`].
     pub fn register(&self, start: u64, end: u64) -> Result<()> {
         sys::uffd_register_wp(self.uffd.as_raw_fd(), start, end - start)
             .map_err(|e| sys_err(format!("tracking memory at {start:#x}-{end:#x}"), e))
@@ -183,8 +199,8 @@ impl Tracker {
         Ok(ranges)
     }
 
-    /// The pages of [start, end) that were written since the last call (all of those
-    /// present at the first) and hold memory of their own (present or swapped out, not
+    /// The pages of [start, end) that were written since they were last protected (by
+    /// this call or [`Tracker::whole`]) and hold memory of their own (present or swapped out, not
     /// pages of a file still as they are in the file), protected again. Regions carry
     /// PAGE_IS_PRESENT / _SWAPPED / _PFNZERO. `Ok(None)` if part of the range is no
     /// longer registered (it was remapped). A page given back (MADV_DONTNEED) is not
@@ -207,6 +223,52 @@ impl Tracker {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(None),
             Err(e) => Err(sys_err("scanning for written pages", e)),
         }
+    }
+
+    /// Every page of [start, end) that holds memory of the process's own (present or
+    /// swapped out, not pages of a file still as they are in the file), written or not,
+    /// protected first: for memory to be saved whole (new at the receiver, or whose
+    /// earlier copies there are dropped). The protection is set again in the same walk
+    /// that lists the pages, so a page written after it is listed is found written by
+    /// the next [`Tracker::written`]; pages protected long ago and not written since are
+    /// listed too (which [`Tracker::written`] would leave out). `anon`: anonymous memory
+    /// (else a private mapping of a file, where page-table markers are told from pages
+    /// by their pagemap entries). Regions carry PAGE_IS_PRESENT / _SWAPPED / _PFNZERO.
+    /// `Ok(None)` if part of the range is no longer registered.
+    pub fn whole(&self, start: u64, end: u64, anon: bool) -> Result<Option<Vec<PageRegion>>> {
+        let mut out = Vec::new();
+        let a = ScanArgs {
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            start,
+            end,
+            category_mask: PAGE_IS_FILE,
+            category_inverted: PAGE_IS_FILE,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
+            ..Default::default()
+        };
+        match self.scan(a, &mut out) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(None),
+            Err(e) => return Err(sys_err("scanning for the pages to save", e)),
+        }
+        if anon || out.is_empty() {
+            return Ok(Some(out));
+        }
+        // A marker looks swapped to PAGEMAP_SCAN: keep only what is the process's own.
+        let own = saved_pages(&self.pagemap, start, end, false)?;
+        let mut kept = Vec::with_capacity(out.len());
+        for r in out {
+            let i = own.partition_point(|o| o.1 <= r.start);
+            for &(s, e) in own[i..].iter().take_while(|o| o.0 < r.end) {
+                kept.push(PageRegion {
+                    start: s.max(r.start),
+                    end: e.min(r.end),
+                    categories: r.categories,
+                });
+            }
+        }
+        Ok(Some(kept))
     }
 
     /// The runs of pages of [start, end) that hold memory of the process's own (see
@@ -241,7 +303,13 @@ fn make_raw(r: &mut Remote, listener: Option<&OwnedFd>) -> Result<OwnedFd> {
         None => r.call(what, nr, args),
     };
     let fd = call(r, "userfaultfd", libc::SYS_userfaultfd, &[flags]).map_err(|e| match e {
-        Error::Remote { errno, .. } => unsupported(std::io::Error::from_raw_os_error(errno)),
+        Error::Remote { errno, .. } if errno == libc::ENOSYS => {
+            unsupported(std::io::Error::from_raw_os_error(errno))
+        }
+        Error::Remote { errno, .. } => Error::Unrestorable(format!(
+            "no userfaultfd could be made in it to track its writes: {}",
+            std::io::Error::from_raw_os_error(errno)
+        )),
         e => e,
     })?;
     let taken = sys::pidfd_open(pid)
@@ -264,7 +332,10 @@ pub(crate) fn make_in(r: &mut Remote, listener: Option<&OwnedFd>) -> Result<Owne
 /// Sets up userfaultfd `uffd` for tracking (asynchronous write protection).
 pub fn set_up(uffd: BorrowedFd<'_>) -> Result<()> {
     let want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-    let have = sys::uffd_api(uffd.as_raw_fd(), want).map_err(unsupported)?;
+    let have = sys::uffd_api(uffd.as_raw_fd(), want).map_err(|e| match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => unsupported(e),
+        _ => sys_err("setting up the userfaultfd for tracking", e),
+    })?;
     if have & want != want {
         return Err(unsupported(std::io::Error::from_raw_os_error(
             libc::EOPNOTSUPP,

@@ -40,7 +40,7 @@ mod threads;
 
 pub use away::{
     check_moving, checkpoint_moving, checkpoint_moving_live, checkpoint_moving_with, restore_away,
-    restore_into, Away, Leaving, Rebuilt,
+    restore_into, track_moving, Away, Leaving, Rebuilt,
 };
 pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, freeze_held, DumpOptions, DumpStats, Held};

@@ -162,6 +162,8 @@ struct Plan {
     reads: Vec<Read>,
     /// What carries over at the receiver from the layout before.
     kept: Ranges,
+    /// What is saved whole (every page of its own, protected again first).
+    whole: Ranges,
 }
 
 impl Plan {
@@ -263,13 +265,21 @@ impl Source {
         let mut drops: Ranges = Vec::new();
         let mut reads = Vec::new();
         let mut untracked: Ranges = Vec::new();
+        let mut saved_whole: Ranges = Vec::new();
         let mut areas: Vec<&Vma> = vmas.iter().filter(|v| staged(v)).collect();
         areas.sort_by_key(|v| v.start);
         for v in areas {
             let area = [(v.start, v.end)];
             let anon = v.kind == VmaKind::Anon;
-            let found = |s: u64, e: u64, reads: &mut Vec<Read>| -> Result<bool> {
-                let Some(w) = t.written(s, e)? else {
+            // `whole`: every page of its own there (the receiver has none of them), else
+            // those written since the last scan. Either way protected again first.
+            let found = |s: u64, e: u64, whole: bool, reads: &mut Vec<Read>| -> Result<bool> {
+                let w = if whole {
+                    t.whole(s, e, anon)?
+                } else {
+                    t.written(s, e)?
+                };
+                let Some(w) = w else {
                     return Ok(false);
                 };
                 for r in w {
@@ -283,7 +293,7 @@ impl Source {
                 Ok(true)
             };
             for (s, e) in intersect(&area, &tracked) {
-                if !found(s, e, &mut reads)? {
+                if !found(s, e, false, &mut reads)? {
                     untracked.push((s, e));
                     continue;
                 }
@@ -299,7 +309,8 @@ impl Source {
             whole.extend(intersect(&area, &untracked));
             for (s, e) in normalize(whole) {
                 drops.push((s, e));
-                if !found(s, e, &mut reads)? {
+                saved_whole.push((s, e));
+                if !found(s, e, true, &mut reads)? {
                     if frozen {
                         return Err(Error::Target {
                             pid: self.pid,
@@ -311,7 +322,8 @@ impl Source {
             }
             // New at the receiver: saved whole.
             for (s, e) in subtract(&area, &kept) {
-                if !found(s, e, &mut reads)? {
+                saved_whole.push((s, e));
+                if !found(s, e, true, &mut reads)? {
                     if frozen {
                         return Err(Error::Target {
                             pid: self.pid,
@@ -325,7 +337,12 @@ impl Source {
         self.redo = normalize(lost);
         // Drops only where the receiver holds something of ours.
         let drops = intersect(&normalize(drops), &intersect(&self.sent, &kept));
-        Ok(Plan { drops, reads, kept })
+        Ok(Plan {
+            drops,
+            reads,
+            kept,
+            whole: normalize(saved_whole),
+        })
     }
 
     /// Reads what `plan` says and writes it after the round's layout: returns the bytes
@@ -430,8 +447,10 @@ impl Source {
             .rounds_left()
             .is_some_and(|(r, b)| r > 0 && (postcard_len(&layout) as u64) <= b);
         if !fits || plan.bound(&self.sent) > w.room() {
-            // Not saved now: saved whole at the end.
+            // Not saved now: saved whole later. The plan protected its pages again, so
+            // what it found written, and all it would have saved whole, is saved whole.
             let mut redo: Ranges = plan.reads.iter().map(|r| (r.start, r.end)).collect();
+            redo.extend_from_slice(&plan.whole);
             redo.append(&mut self.redo);
             self.redo = normalize(redo);
             return Ok(None);
@@ -577,6 +596,19 @@ pub(crate) fn precopy<W: Write + 'static>(
     let settled = t1.elapsed();
     let state = dump::capture(&mut f, moving)?;
     let captured = t1.elapsed();
+    // Pages copied on write in private mappings of shared memory are no staged memory:
+    // the rounds did not save them, and the final part has no place for them.
+    for v in &state.meta.vmas {
+        if let VmaKind::Shmem { ino, .. } = v.kind {
+            if !v.shared && !src.tracker()?.saved(v.start, v.end, false)?.is_empty() {
+                // Released when `f` is dropped.
+                return Err(Error::Target {
+                    pid,
+                    msg: crate::shmem::private_copies_reason(&format!("(inode {ino})")),
+                });
+            }
+        }
+    }
     let plan = src.plan(&state.meta.vmas, &state.tracked, true)?;
     // Every page written is known now: the tracking ends here.
     src.tracker = None;

@@ -60,6 +60,24 @@ pub fn fd_inode(pid: i32, fd: i32) -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// The name of a private mapping (MAP_PRIVATE) of shared memory (a memfd, /dev/zero's
+/// object) among `maps`, if there is one: the pages a process copies on write there are
+/// not staged memory, so pre-copy rounds do not save them (see
+/// [`crate::track_moving`]).
+pub fn private_mapping(maps: &[MapLine]) -> Option<&str> {
+    maps.iter()
+        .find(|m| !m.shared && is_shmem(&m.name))
+        .map(|m| m.name.as_str())
+}
+
+/// Why the pages a process wrote into its private mapping of shared memory `name` stop
+/// a checkpoint of it while it runs.
+pub fn private_copies_reason(name: &str) -> String {
+    format!(
+        "it wrote into a private mapping of its shared memory {name} (pages copied on write are not saved while it runs)"
+    )
+}
+
 /// Why `pid`'s shared memory cannot move: another process maps it or holds it open.
 /// Objects whose inode is in `stays` stay at home (crate::homemem) and do not refuse.
 pub fn refusals(pid: i32, maps: &[MapLine], stays: &HashSet<u64>, why: &mut Vec<String>) {

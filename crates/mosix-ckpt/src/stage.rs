@@ -600,8 +600,18 @@ impl Site {
                 Mode::Away(a) => Some(crate::restore::install_filter(b, &a.filter)?),
                 _ => None,
             };
+            // Without a tracker (no userfaultfd could be made in it: its descriptor limit,
+            // a security module) it is restored all the same, and its next move is a
+            // frozen one. A failure of the injection itself is not survived.
             let uffd = if track {
-                Some(crate::dirty::make_in(&mut b.r, listener.as_ref())?)
+                match crate::dirty::make_in(&mut b.r, listener.as_ref()) {
+                    Ok(u) => Some(u),
+                    Err(e @ (Error::Unrestorable(_) | Error::Sys { .. })) => {
+                        tracing::warn!(pid, "its writes cannot be tracked here: {e}");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             } else {
                 None
             };

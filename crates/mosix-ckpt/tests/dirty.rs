@@ -44,8 +44,11 @@ struct Prog {
 impl Prog {
     fn start() -> Prog {
         let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let src = dir.join("dirty_prog.c");
-        let bin = dir.join("dirty_prog");
+        // Each its own files: the tests run side by side.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let src = dir.join(format!("dirty_prog.{}.{n}.c", std::process::id()));
+        let bin = dir.join(format!("dirty_prog.{}.{n}", std::process::id()));
         std::fs::write(&src, PROG).unwrap();
         let st = Command::new("cc")
             .args(["-O1", "-o"])
@@ -158,4 +161,177 @@ fn written_pages_are_found_exactly() {
     p.cmd("w 9");
     drop(p.child.stdin.take());
     assert!(p.child.wait().unwrap().success());
+}
+
+/// Memory saved whole lists every page of its own, also those protected by an earlier
+/// scan and not written since (which `written` leaves out), and protects them again.
+#[test]
+fn whole_lists_pages_protected_long_ago() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut p = Prog::start();
+    let (base, end) = (p.addr, p.addr + (16 << 20));
+    let t = Tracker::attach(p.pid()).unwrap();
+    t.register(base, end).unwrap();
+    assert_eq!(pages_in(&t.written(base, end).unwrap().unwrap()), 4096);
+    // Protected now: nothing written since.
+    assert!(t.written(base, end).unwrap().unwrap().is_empty());
+    p.cmd("w 9");
+    let all = t.whole(base, end, true).unwrap().unwrap();
+    assert_eq!(pages_in(&all), 4096);
+    // Protected again by it: only what is written after it is written.
+    assert!(t.written(base, end).unwrap().unwrap().is_empty());
+    p.cmd("w 5");
+    assert_eq!(
+        page_list(&t.written(base, end).unwrap().unwrap(), base),
+        vec![5]
+    );
+    drop(t);
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+fn pages_in(r: &[mosix_ckpt::sys::PageRegion]) -> u64 {
+    r.iter().map(pages).sum()
+}
+
+/// A tracker that cannot be made says why (the real errno), and a descriptor that is not a
+/// userfaultfd is not taken for one: the mover then moves the process frozen.
+#[test]
+fn a_tracker_that_cannot_be_made_says_why() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut p = Prog::start();
+    let pid = p.pid();
+    let lim = |n: u64| {
+        let r = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: 1024,
+        };
+        // SAFETY: prlimit of a child of ours with a valid rlimit; no old value asked for.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &r, std::ptr::null_mut()) };
+        assert_eq!(rc, 0);
+    };
+    // No descriptor left in it: no userfaultfd can be made there.
+    lim(3);
+    let e = mosix_ckpt::track_moving(pid, &mosix_ckpt::Leaving::default(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Too many open files"), "{e}");
+    assert!(!e.contains("this kernel cannot"), "{e}");
+    lim(1024);
+    // Away, a descriptor that is not a userfaultfd is refused.
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    let away = mosix_ckpt::Leaving {
+        away: true,
+        no_new_privs: None,
+    };
+    let e = mosix_ckpt::track_moving(pid, &away, Some(r))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a userfaultfd"), "{e}");
+    // With room, it is made; the process still answers.
+    let t = mosix_ckpt::track_moving(pid, &mosix_ckpt::Leaving::default(), None).unwrap();
+    drop(t);
+    p.cmd("w 1");
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+const COW_PROG: &str = r#"
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(void) {
+    int fd = memfd_create("cow", 0);
+    if (fd < 0 || ftruncate(fd, 16 * 4096)) return 1;
+    char *p = mmap(0, 16 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) return 1;
+    volatile char c = p[4096];
+    (void)c;
+    printf("ready\n");
+    fflush(stdout);
+    char cmd[16];
+    while (fgets(cmd, sizeof cmd, stdin)) {
+        p[4096] = 'x';
+        printf("ok\n");
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+/// Pages a process wrote into a private mapping of a memfd (copies on write) are no
+/// memory pre-copy rounds save: a move gets no tracker for it (the mover then moves it
+/// frozen), and a checkpoint of it running fails in its final round with the reason,
+/// never saved with those pages lost.
+#[test]
+fn copies_on_write_of_a_private_memfd_mapping_are_not_lost() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let src = dir.join(format!("cow_prog.{}.c", std::process::id()));
+    let bin = dir.join(format!("cow_prog.{}", std::process::id()));
+    std::fs::write(&src, COW_PROG).unwrap();
+    let st = Command::new("cc")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut cmd = Command::new(&bin);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    // Only 0, 1, 2 in it: stray descriptors of the test runner would refuse.
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l, "ready\n");
+    // A move is not made with pre-copy (the mover moves it frozen).
+    let l0 = mosix_ckpt::Leaving::default();
+    let e = mosix_ckpt::track_moving(pid, &l0, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("private mapping of its shared memory"), "{e}");
+    writeln!(child.stdin.as_mut().unwrap(), "w").unwrap();
+    child.stdin.as_mut().unwrap().flush().unwrap();
+    l.clear();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l, "ok\n");
+    let e = mosix_ckpt::checkpoint_live(
+        pid,
+        Vec::new(),
+        &mosix_ckpt::LiveOptions::default(),
+        &mut |_| {},
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("private mapping of its shared memory"), "{e}");
+    // It goes on.
+    writeln!(child.stdin.as_mut().unwrap(), "w").unwrap();
+    child.stdin.as_mut().unwrap().flush().unwrap();
+    l.clear();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l, "ok\n");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

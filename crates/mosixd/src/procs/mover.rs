@@ -289,11 +289,25 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     };
     let mut ctl = conn.try_clone()?;
     let data = conn.try_clone()?;
-    let r = if start.precopy {
-        let uffd = match start.supervisor {
-            Some(sup) => Some(supervisor_uffd(sup)?),
-            None => None,
+    // Pre-copy needs a tracker of its writes, made (or taken from its supervisor and
+    // checked) before the rounds are announced: without one it moves frozen.
+    let tracker = if start.precopy {
+        let t = match start.supervisor {
+            Some(sup) => supervisor_uffd(sup)
+                .and_then(|u| Ok(mosix_ckpt::track_moving(pid, &leaving, Some(u))?)),
+            None => mosix_ckpt::track_moving(pid, &leaving, None).map_err(anyhow::Error::from),
         };
+        match t {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(pid, "pre-copy is off for this move, it moves frozen: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let r = if let Some(tracker) = tracker {
         wire::send_flush(&mut conn, &FromMover::Rounds)?;
         let mut mark = conn.try_clone()?;
         let opts = mosix_ckpt::LiveOptions {
@@ -305,7 +319,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             ChunkWriter::new(data),
             &leaving,
             &opts,
-            uffd,
+            tracker,
             &mut || {
                 mark.write_all(&FROZEN.to_le_bytes())?;
                 mark.flush()?;
@@ -412,10 +426,14 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
 
 /// The userfaultfd of a guest's memory that its supervisor `sup` keeps.
 fn supervisor_uffd(sup: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use anyhow::Context;
     use std::os::fd::AsRawFd;
-    let pidfd = mosix_ckpt::sys::pidfd_open(sup)?;
-    Ok(mosix_ckpt::sys::pidfd_getfd(
-        pidfd.as_raw_fd(),
-        super::supervisor::UFFD_FD,
-    )?)
+    let pidfd = mosix_ckpt::sys::pidfd_open(sup)
+        .with_context(|| format!("its supervisor {sup} cannot be reached"))?;
+    mosix_ckpt::sys::pidfd_getfd(pidfd.as_raw_fd(), super::supervisor::UFFD_FD).with_context(|| {
+        format!(
+            "its supervisor {sup} keeps no userfaultfd at {}",
+            super::supervisor::UFFD_FD
+        )
+    })
 }

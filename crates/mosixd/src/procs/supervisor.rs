@@ -393,8 +393,9 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             let pid = restored.pid;
             // Kept for the pre-copy of its next move (see UFFD_FD).
             let _uffd = uffd.and_then(|u| {
-                // SAFETY: dup2 of a descriptor we own onto a number we reserve for it.
-                let r = unsafe { libc::dup2(u.as_raw_fd(), UFFD_FD) };
+                // SAFETY: dup3 of a descriptor we own onto a number we reserve for it
+                // (close-on-exec kept: nothing this process may exec needs it).
+                let r = unsafe { libc::dup3(u.as_raw_fd(), UFFD_FD, libc::O_CLOEXEC) };
                 (r == UFFD_FD).then(|| {
                     // SAFETY: UFFD_FD now holds a descriptor of ours that nothing else owns.
                     unsafe { OwnedFd::from_raw_fd(UFFD_FD) }
