@@ -229,6 +229,7 @@ fn a_tracker_that_cannot_be_made_says_why() {
     let away = mosix_ckpt::Leaving {
         away: true,
         no_new_privs: None,
+        shared: Vec::new(),
     };
     let e = mosix_ckpt::track_moving(pid, &away, Some(r))
         .unwrap_err()
