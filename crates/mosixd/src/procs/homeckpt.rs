@@ -659,7 +659,7 @@ impl Driver {
             .name(format!("recover-{}", self.job.pid))
             .spawn(move || {
                 let ev = match procs.recover(&spec) {
-                    Ok(moved) => Ev::Recovered { moved },
+                    Ok((moved, epoch)) => Ev::Recovered { moved, epoch },
                     Err(why) => Ev::RecoverFailed { why },
                 };
                 let _ = tx.send(HomeEv::Job(ev));
