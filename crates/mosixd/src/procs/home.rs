@@ -1022,6 +1022,7 @@ impl Driver {
                     self.job.recovery = None;
                 }
                 self.after_recovery();
+                self.residence_changed();
                 self.persist()
             }
             Act::Recover { number, node } => self.recover(number, node),
