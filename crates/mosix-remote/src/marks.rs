@@ -207,16 +207,58 @@ struct Mark {
     id: u64,
     saved: Vec<Saved>,
     pos: Positions,
+    /// The process's working directory then (an O_PATH descriptor of the deputy's own,
+    /// which carries out its chdir calls), and its umask (also the deputy's).
+    cwd: Option<i32>,
+    umask: Option<u32>,
 }
 
 fn close_saved(m: &Mark) {
     let mut set = saved_set();
-    for s in &m.saved {
+    for dup in m.saved.iter().map(|s| s.dup).chain(m.cwd) {
         // SAFETY: closing a duplicate this module made and owns.
-        unsafe { libc::close(s.dup) };
-        set.remove(&s.dup);
+        unsafe { libc::close(dup) };
+        set.remove(&dup);
     }
     saved_bounds(&set);
+}
+
+/// Keeps the deputy's working directory (the process's) as an O_PATH descriptor at
+/// `base` or above, registered with the saved duplicates.
+fn keep_cwd(base: i32) -> Result<i32, String> {
+    let cant = |e: std::io::Error| format!("cannot keep its working directory: {e}");
+    // SAFETY: open of a constant path; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            c".".as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(cant(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a close-on-exec duplicate of the descriptor just opened, which is then
+    // closed (ours).
+    let dup = unsafe {
+        let d = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base);
+        libc::close(fd);
+        d
+    };
+    if dup < 0 {
+        return Err(cant(std::io::Error::last_os_error()));
+    }
+    let mut set = saved_set();
+    set.insert(dup);
+    saved_bounds(&set);
+    Ok(dup)
+}
+
+/// The deputy's umask (the process's), read without changing it (other threads may be
+/// creating files): from /proc, else None.
+fn current_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
+    let v = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(v.trim(), 8).ok()
 }
 
 fn errno() -> i32 {
@@ -355,6 +397,8 @@ impl Marks {
             id,
             saved: Vec::new(),
             pos: HashMap::new(),
+            cwd: Some(keep_cwd(base)?),
+            umask: current_umask(),
         };
         let mut out = Vec::new();
         for fd in fds {
@@ -405,8 +449,8 @@ impl Marks {
         Ok(out)
     }
 
-    /// Puts the process's descriptors and streams back as at mark `id` (marks after it
-    /// are dropped; it is kept).
+    /// Puts the process's descriptors, streams, working directory and umask back as at
+    /// mark `id` (marks after it are dropped; it is kept).
     pub fn rewind(&mut self, id: u64, private: &dyn Fn(u64) -> bool) -> Result<(), String> {
         let Some(i) = self.marks.iter().position(|m| m.id == id) else {
             return Err(format!("its deputy has no mark of checkpoint {id}"));
@@ -444,6 +488,19 @@ impl Marks {
                     std::io::Error::last_os_error()
                 ));
             }
+        }
+        if let Some(cwd) = m.cwd {
+            // SAFETY: fchdir to a directory descriptor this module keeps.
+            if unsafe { libc::fchdir(cwd) } != 0 {
+                return Err(format!(
+                    "cannot go back to its working directory: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        if let Some(mask) = m.umask {
+            // SAFETY: umask only sets the process's file mode mask.
+            unsafe { libc::umask(mask as libc::mode_t) };
         }
         let pos = m.pos.clone();
         self.streams.rewind(&pos)?;
@@ -716,6 +773,8 @@ mod tests {
             id: 1,
             saved: Vec::new(),
             pos: Positions::new(),
+            cwd: None,
+            umask: None,
         });
         m.trim();
         let wk = key_of(w as i32).unwrap();
@@ -783,6 +842,7 @@ mod tests {
     fn a_mark_puts_descriptors_and_offsets_back() {
         use std::io::{Seek, Write};
         use std::os::fd::AsRawFd;
+        let _one = PROCESS_WIDE.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let mut f = std::fs::File::create(&path).unwrap();
@@ -816,5 +876,46 @@ mod tests {
         m.keep_from(8);
         assert!(!m.active());
         assert!(m.rewind(7, &only).is_err());
+    }
+
+    /// Held by the tests that mark and rewind: a rewind sets the working directory and
+    /// umask of the whole test process.
+    static PROCESS_WIDE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn umask_now() -> u32 {
+        current_umask().expect("Umask in /proc/thread-self/status")
+    }
+
+    #[test]
+    fn a_mark_puts_the_working_directory_and_umask_back() {
+        let _one = PROCESS_WIDE.lock().unwrap_or_else(|p| p.into_inner());
+        let was_dir = std::env::current_dir().unwrap();
+        let was_mask = umask_now();
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(top.join("sub")).unwrap();
+        std::env::set_current_dir(&top).unwrap();
+        // SAFETY: umask only sets the process's file mode mask.
+        unsafe { libc::umask(0o027) };
+        let mut m = Marks::default();
+        let none = |_: u64| true;
+        m.mark(3, &none).unwrap();
+        // After the checkpoint the process did `cd sub` and `umask 077`.
+        std::env::set_current_dir("sub").unwrap();
+        // SAFETY: as above.
+        unsafe { libc::umask(0o077) };
+        let rewound = m.rewind(3, &none);
+        let (dir_then, mask_then) = (std::env::current_dir().unwrap(), umask_now());
+        std::env::set_current_dir(&was_dir).unwrap();
+        // SAFETY: as above.
+        unsafe { libc::umask(was_mask as libc::mode_t) };
+        rewound.unwrap();
+        assert_eq!(dir_then, top, "back in the directory of the checkpoint");
+        assert_eq!(mask_then, 0o027, "the umask of the checkpoint");
+        // Its directory descriptor is the deputy's, not the process's, and goes with it.
+        let kept = m.marks[0].cwd.unwrap();
+        assert!(is_saved(kept as i64));
+        m.keep_from(4);
+        assert!(!is_saved(kept as i64));
     }
 }

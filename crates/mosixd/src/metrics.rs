@@ -113,6 +113,7 @@ impl Outcome {
             | MoveError::Refused { .. }
             | MoveError::Destination(_)
             | MoveError::Frozen
+            | MoveError::Checkpointing
             | MoveError::Rights(_) => Outcome::Refused,
             MoveError::PeerGone { why, .. } if why.contains("timed out") => Outcome::Timeout,
             MoveError::PeerGone { .. } => Outcome::PeerGone,

@@ -343,14 +343,31 @@ impl Procs {
     }
 
     pub(crate) fn mark_leaving(&self, pid: i32, to: Option<(u32, u64)>) {
-        let path = self.record_dir().join(format!("{pid}.json"));
-        let rec = std::fs::read(&path)
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Record>(&t).ok());
-        if let Some(mut r) = rec {
+        let _one = lock(&RECORDS);
+        if let Some(mut r) = self.read_record(pid) {
             r.leaving = to;
             self.write_record(&r);
         }
+    }
+
+    fn read_record(&self, pid: i32) -> Option<Record> {
+        let path = self.record_dir().join(format!("{pid}.json"));
+        std::fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
+    }
+
+    /// Writes the record of a job from its thread. While it is leaving or being recovered,
+    /// the place its mover marked (see [`Procs::mark_leaving`]) is kept: a move or recovery
+    /// whose commit got no answer may run it there, as that residence.
+    pub(super) fn persist_record(&self, r: &mut Record, moving: bool) {
+        let _one = lock(&RECORDS);
+        r.leaving = if moving {
+            self.read_record(r.pid).and_then(|d| d.leaving)
+        } else {
+            None
+        };
+        self.write_record(r);
     }
 
     /// Where a process found again after a restart of mosixd is, from the process itself
@@ -655,9 +672,13 @@ impl Procs {
         let s2 = ch.get_ref().try_clone()?;
         ch.get_ref().set_read_timeout(None)?;
         let (mut r, w) = ch.split(s2)?;
+        // Each link its own number: its job hears only the link it took.
+        static LINKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !h.send(Ev::HostLinked {
             epoch: l.epoch,
             node: l.node,
+            id,
             link: HostLink(w),
         }) {
             bail!("process {} has ended", l.home_pid);
@@ -672,16 +693,12 @@ impl Procs {
             match wire::recv_framed(&mut r, ToHome::DEPUTY, ToHome::Deputy) {
                 Ok(Some(msg)) => {
                     let last = matches!(msg, ToHome::Left { .. });
-                    if !h.send(Ev::FromHost {
-                        epoch: l.epoch,
-                        msg,
-                    }) || last
-                    {
+                    if !h.send(Ev::FromHost { id, msg }) || last {
                         return Ok(());
                     }
                 }
                 Ok(None) | Err(_) => {
-                    h.send(Ev::HostGone { epoch: l.epoch });
+                    h.send(Ev::HostGone { id });
                     return Ok(());
                 }
             }
@@ -880,6 +897,10 @@ fn snapshot_with(j: &HomeJob, pid: i32, cmd: String, ppid: Option<i32>) -> Snaps
     }
 }
 
+/// Held while a record is read and written again (a job's thread and its mover both
+/// write it).
+static RECORDS: Mutex<()> = Mutex::new(());
+
 /// One home process's thread.
 pub(super) struct Driver {
     pub(super) procs: Arc<Procs>,
@@ -984,7 +1005,11 @@ impl Driver {
         self.rec.epoch = self.job.epoch;
         self.rec.migrations = self.job.migrations;
         self.rec.ckpt = self.ck.record();
-        self.procs.write_record(&self.rec);
+        let moving = matches!(
+            self.job.place,
+            Where::Leaving { .. } | Where::Recovering { .. }
+        );
+        self.procs.persist_record(&mut self.rec, moving);
     }
 
     pub(super) fn act(&mut self, a: Act) {
@@ -997,6 +1022,7 @@ impl Driver {
                     self.job.recovery = None;
                 }
                 self.after_recovery();
+                self.residence_changed();
                 self.persist()
             }
             Act::Recover { number, node } => self.recover(number, node),

@@ -43,10 +43,22 @@ struct Pending {
     taken_ms: u64,
     /// Taken by its host (else here).
     away: bool,
+    /// The residence whose host was asked to take it (when away).
+    epoch: u64,
+    /// Its host has begun sending its image (it comes, or its receiving thread fails).
+    incoming: bool,
     /// The deputy's answer to its mark.
     marked: Option<Result<Vec<HomeFd>, String>>,
     /// Its image arrived (or failed): the receiving thread waits for the rest.
     image: Option<ImageIn>,
+}
+
+impl Pending {
+    /// Whether it was asked of a host that is not its host any more and its image has not
+    /// come: it never will (the request or the host's answer went with the old residence).
+    fn outlived(&self, native: bool, epoch: u64) -> bool {
+        self.away && !self.incoming && self.image.is_none() && (native || epoch != self.epoch)
+    }
 }
 
 /// A home process's checkpoints.
@@ -153,8 +165,11 @@ impl Driver {
                 reply,
             } => {
                 let here = self.job.place == Where::Away { node, epoch };
-                let t = match &self.ck.pending {
-                    Some(p) if p.id == id && p.away && here => Some(p.target.clone()),
+                let t = match &mut self.ck.pending {
+                    Some(p) if p.id == id && p.away && here => {
+                        p.incoming = true;
+                        Some(p.target.clone())
+                    }
                     _ => None,
                 };
                 let _ = reply.send(t);
@@ -270,6 +285,8 @@ impl Driver {
             started: Instant::now(),
             taken_ms: info.taken_unix_ms,
             away,
+            epoch: self.job.epoch,
+            incoming: false,
             marked: None,
             image: None,
         });
@@ -391,7 +408,8 @@ impl Driver {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if p.away {
+                    if p.away && !self.job.native() {
+                        // (Home again, its deputy, with its marks, is the process.)
                         self.job
                             .send_deputy(deputy_frame(&ToDeputy::DropMark { id }).into());
                     }
@@ -421,6 +439,26 @@ impl Driver {
             }
         }
         self.persist();
+    }
+
+    /// Its residence changed (a move, a recovery, back home): a checkpoint asked of its
+    /// last host whose image has not come fails now (and its mark is dropped), rather
+    /// than after [`CKPT_DEADLINE`] with no checkpoint taken meanwhile.
+    pub(super) fn residence_changed(&mut self) {
+        let native = self.job.native();
+        let epoch = self.job.epoch;
+        if let Some(id) = self
+            .ck
+            .pending
+            .as_ref()
+            .filter(|p| p.outlived(native, epoch))
+            .map(|p| p.id)
+        {
+            self.saved(
+                id,
+                Err("it moved before its host took the checkpoint; try again".into()),
+            );
+        }
     }
 
     pub(super) fn ckpt_failed(&mut self, id: u64, reason: String) {
@@ -659,7 +697,7 @@ impl Driver {
             .name(format!("recover-{}", self.job.pid))
             .spawn(move || {
                 let ev = match procs.recover(&spec) {
-                    Ok(moved) => Ev::Recovered { moved },
+                    Ok((moved, epoch)) => Ev::Recovered { moved, epoch },
                     Err(why) => Ev::RecoverFailed { why },
                 };
                 let _ = tx.send(HomeEv::Job(ev));
@@ -683,5 +721,53 @@ impl Driver {
                 self.job.node()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(away: bool, epoch: u64) -> Pending {
+        Pending {
+            id: 4,
+            then: After::Continue,
+            target: Target {
+                base: PathBuf::from("/tmp/c"),
+                number: 4,
+                owner: Owner {
+                    uid: 1,
+                    gid: 1,
+                    groups: Vec::new(),
+                },
+            },
+            waiters: Vec::new(),
+            started: Instant::now(),
+            taken_ms: 0,
+            away,
+            epoch,
+            incoming: false,
+            marked: None,
+            image: None,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_asked_of_a_host_it_left_is_given_up_at_once() {
+        // Still on the host it was asked of: it waits.
+        assert!(!pending(true, 3).outlived(false, 3));
+        // Moved on (or recovered), or back home: its image will never come.
+        assert!(pending(true, 3).outlived(false, 4));
+        assert!(pending(true, 3).outlived(true, 3));
+        // Taken at home: not a host's.
+        assert!(!pending(false, 0).outlived(true, 1));
+        // Its image was coming, or came, before the move: it completes.
+        let mut p = pending(true, 3);
+        p.incoming = true;
+        assert!(!p.outlived(false, 4));
+        let mut p = pending(true, 3);
+        let (tx, _rx) = std::sync::mpsc::channel();
+        p.image = Some((None, tx));
+        assert!(!p.outlived(false, 4));
     }
 }

@@ -109,17 +109,21 @@ pub enum Ev<D, H> {
     /// A frame from the deputy, for the host.
     FromDeputy(Frame),
     DeputyGone,
+    /// A link from a host that runs it as residence `epoch`; `id` names this link (each
+    /// link its own number): what comes over it is heard only while it is the link the
+    /// job took (or may take), never because its residence number matches.
     HostLinked {
         epoch: u64,
         node: u32,
+        id: u64,
         link: H,
     },
     FromHost {
-        epoch: u64,
+        id: u64,
         msg: ToHome,
     },
     HostGone {
-        epoch: u64,
+        id: u64,
     },
     /// Its PID ended at home: the process itself (at home) or its deputy (away).
     PidEnded,
@@ -128,9 +132,12 @@ pub enum Ev<D, H> {
         node: u32,
         up: bool,
     },
-    /// It runs again, restored from a checkpoint on `moved.to` (after [`Act::Recover`]).
+    /// It runs again, restored from a checkpoint on `moved.to` as residence `epoch` (after
+    /// [`Act::Recover`]; each node tried is given its own residence number, counting up
+    /// from the one in [`Where::Recovering`]).
     Recovered {
         moved: super::Moved,
+        epoch: u64,
     },
     /// It could not be brought back.
     RecoverFailed {
@@ -173,6 +180,17 @@ pub enum Act {
     Forget,
 }
 
+/// A link come before the job knew it was its host's.
+struct Early<H> {
+    epoch: u64,
+    node: u32,
+    id: u64,
+    link: H,
+}
+
+/// How many early links are kept (one per node a move or recovery was tried on).
+const MAX_EARLY: usize = 64;
+
 /// The home side of one process.
 pub struct Job<D, H> {
     pub pid: i32,
@@ -189,6 +207,8 @@ pub struct Job<D, H> {
     pub epoch: u64,
     deputy: Option<D>,
     host: Option<H>,
+    /// The number of the host link the job took (see [`Ev::HostLinked`]).
+    host_id: Option<u64>,
     to_deputy: VecDeque<Frame>,
     to_host: VecDeque<ToHost>,
     waiters: Vec<(u32, Box<dyn Waiter + Send>)>,
@@ -197,10 +217,11 @@ pub struct Job<D, H> {
     /// Since when its host's node is down (gossip silent and its machine not answering).
     host_down: Option<Instant>,
     ended: bool,
-    /// The new host's link, come before our move of it was done here, and what it said
-    /// meanwhile.
-    early: Option<(u64, u32, H)>,
-    early_msgs: Vec<ToHome>,
+    /// Links of would-be next hosts, come before our move (or recovery) of it was done
+    /// here, and what each said meanwhile (by link number). When the move is done, the one
+    /// of its residence and node is taken and the others are ended.
+    early: Vec<Early<H>>,
+    early_msgs: Vec<(u64, ToHome)>,
     /// Since when a move asked of its host is in doubt: the host's link dropped before it
     /// said how the move ended.
     doubt: Option<Instant>,
@@ -233,13 +254,14 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             epoch: 0,
             deputy: None,
             host: None,
+            host_id: None,
             to_deputy: VecDeque::new(),
             to_host: VecDeque::new(),
             waiters: Vec::new(),
             unlinked_since: None,
             host_down: None,
             ended: false,
-            early: None,
+            early: Vec::new(),
             early_msgs: Vec::new(),
             doubt: None,
             lost: false,
@@ -372,6 +394,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         let to = moved.to;
         self.doubt = None;
         self.host = None;
+        self.host_id = None;
         // What the deputy said meanwhile (signals) is for the next host.
         self.to_host.retain(|m| matches!(m, ToHost::Deputy(_)));
         self.epoch = epoch;
@@ -384,22 +407,29 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.reason = format!("running on node {to}");
         self.unlinked_since = Some(now);
         self.host_down = None;
-        if let Some((e, n, link)) = self.early.take() {
-            if e == self.epoch && n == to {
-                self.host = Some(link);
+        for x in std::mem::take(&mut self.early) {
+            if x.epoch == epoch && x.node == to && self.host.is_none() {
+                self.host = Some(x.link);
+                self.host_id = Some(x.id);
                 self.unlinked_since = None;
-                self.flush_host();
+            } else {
+                // A copy that is not this residence (a move or recovery tried there whose
+                // end was not heard): never two copies.
+                let mut link = x.link;
+                let _ = link.send(&ToHost::Kill);
             }
         }
+        self.flush_host();
         self.answer_waiters(to, &Ok(moved));
         acts.push(Act::Persist);
     }
 
     /// The next host linked and the last one cannot say it moved there: it did.
     fn moved_on_early(&mut self, now: Instant, acts: &mut Vec<Act>) {
-        if let Some((_, to, _)) = &self.early {
+        let next = self.epoch + 1;
+        if let Some(x) = self.early.iter().rev().find(|x| x.epoch == next) {
             let moved = super::Moved {
-                to: *to,
+                to: x.node,
                 ..Default::default()
             };
             self.moved_on(moved, now, acts);
@@ -410,10 +440,12 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         let epoch = self.epoch;
         let mut acts = self.handle_one(ev, now);
         if self.epoch != epoch && !self.early_msgs.is_empty() {
-            // A new residence: what its host said before it was ours to hear.
-            for msg in std::mem::take(&mut self.early_msgs) {
-                let e = self.epoch;
-                acts.extend(self.handle_one(Ev::FromHost { epoch: e, msg }, now));
+            // A new residence: what its host said before it was ours to hear (what the
+            // other early links said is not heard).
+            for (id, msg) in std::mem::take(&mut self.early_msgs) {
+                if Some(id) == self.host_id {
+                    acts.extend(self.handle_one(Ev::FromHost { id, msg }, now));
+                }
             }
         }
         acts
@@ -440,6 +472,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     Some(MoveError::Ended)
                 } else if self.frozen {
                     Some(MoveError::Frozen)
+                } else if self.checkpointing {
+                    // Its checkpoint at home holds it (traced): a second mover could not.
+                    Some(MoveError::Checkpointing)
                 } else if to == self.node() && !supervised_here {
                     Some(MoveError::AlreadyThere { to })
                 } else if busy {
@@ -472,9 +507,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 if matches!(self.place, Where::Leaving { .. }) {
                     self.place = Where::Home;
                 }
-                if let Some((_, _, mut link)) = self.early.take() {
+                for mut x in std::mem::take(&mut self.early) {
                     // A copy there that will never get its deputy: end it.
-                    let _ = link.send(&ToHost::Kill);
+                    let _ = x.link.send(&ToHost::Kill);
                 }
                 self.early_msgs.clear();
                 self.answer_waiters(to, &Err(err));
@@ -489,6 +524,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.since = now;
                 self.reason = "back home".into();
                 self.deputy = None;
+                // (Its last host's link stays the one heard: its Left may come after.)
                 self.host = None;
                 self.to_deputy.clear();
                 self.to_host.clear();
@@ -531,11 +567,24 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             Ev::HostLinked {
                 epoch,
                 node,
+                id,
                 mut link,
             } => {
+                let early = |j: &mut Self, mut link: H| {
+                    if j.early.len() < MAX_EARLY {
+                        j.early.push(Early {
+                            epoch,
+                            node,
+                            id,
+                            link,
+                        });
+                    } else {
+                        let _ = link.send(&ToHost::Kill);
+                    }
+                };
                 match self.place {
                     Where::Away { node: n, epoch: e } if epoch == e && node == n => {
-                        if self.host.is_none() && self.early.is_some() {
+                        if self.host.is_none() && self.early.iter().any(|x| x.epoch == e + 1) {
                             // Its old host's mosixd came back after the move on was
                             // committed (the next host links only then): that copy is
                             // not the process any more.
@@ -543,29 +592,38 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                             self.moved_on_early(now, &mut acts);
                         } else {
                             self.host = Some(link);
+                            self.host_id = Some(id);
                             self.unlinked_since = None;
                             self.host_down = None;
                             self.flush_host();
                         }
                     }
+                    Where::Away { epoch: e, .. } if epoch == e => {
+                        // Another node runs a copy of this residence (a move to it was
+                        // given up here without hearing how it ended): not the process.
+                        let _ = link.send(&ToHost::Kill);
+                    }
                     Where::Leaving { to } if epoch == self.epoch + 1 && node == to => {
                         // The new host runs it already; our end of the move is not done.
-                        self.early = Some((epoch, node, link));
+                        early(self, link);
                     }
-                    Where::Recovering { epoch: e, .. } if epoch == e => {
-                        // Its restored copy runs already; the recovery is not done here.
-                        self.early = Some((epoch, node, link));
+                    Where::Recovering { epoch: e, .. } if epoch >= e => {
+                        // A restored copy runs already (of the node tried last, or of one
+                        // tried before whose commit got no answer); the recovery is not
+                        // done here: the one it ends with is taken, the others ended.
+                        early(self, link);
                     }
-                    Where::Recovering { epoch: e, .. } if epoch < e => {
+                    Where::Recovering { .. } | Where::Leaving { .. } => {
                         // The copy of the host that was given up (cut off, not dead), or
-                        // of a move it was making: not the process any more.
+                        // of a move it was making, or of a move from home tried before:
+                        // not the process any more.
                         let _ = link.send(&ToHost::Kill);
                     }
                     Where::Away { .. } if epoch == self.epoch + 1 => {
                         // The next host, before the last one said it was moved there. A
                         // host links only once it runs it: if the last host is not linked
                         // (its mosixd died in the move), the move is done.
-                        self.early = Some((epoch, node, link));
+                        early(self, link);
                         if self.host.is_none() {
                             self.moved_on_early(now, &mut acts);
                         }
@@ -580,26 +638,18 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         // the process moved on): end it.
                         let _ = link.send(&ToHost::Kill);
                     }
-                    // A link of another node of this residence is not taken.
+                    // A residence further ahead than the next: not known here yet.
                     _ => {}
                 }
             }
-            Ev::FromHost { epoch, msg } => {
-                if let Where::Recovering { epoch: e, .. } = self.place {
-                    // Only its restored copy is heard (once its recovery is done here).
-                    if epoch == e && self.early_msgs.len() < MAX_QUEUED {
-                        self.early_msgs.push(msg);
+            Ev::FromHost { id, msg } => {
+                if self.host_id != Some(id) {
+                    if self.early.iter().any(|x| x.id == id) && self.early_msgs.len() < MAX_QUEUED {
+                        // From a would-be next host, before its move was done here: kept
+                        // for then (heard if it is the one taken).
+                        self.early_msgs.push((id, msg));
                     }
-                    return acts;
-                }
-                if epoch == self.epoch + 1 {
-                    // From the next host, before this move was done here: kept for then.
-                    if self.early_msgs.len() < MAX_QUEUED {
-                        self.early_msgs.push(msg);
-                    }
-                    return acts;
-                }
-                if epoch != self.epoch {
+                    // Else from a link the job did not take: not heard.
                     return acts;
                 }
                 match msg {
@@ -631,13 +681,14 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                         }
                     }
                     ToHome::MigrateFailed { to, reason } => {
-                        if let Some((_, n, mut link)) = self.early.take() {
-                            if n == to {
+                        for mut x in std::mem::take(&mut self.early) {
+                            if x.node == to {
                                 // The copy there was committed but its host did not hear
                                 // it run, and let it go on here: that one is ended.
-                                let _ = link.send(&ToHost::Kill);
+                                let _ = x.link.send(&ToHost::Kill);
+                                self.early_msgs.retain(|m| m.0 != x.id);
                             } else {
-                                self.early = Some((self.epoch + 1, n, link));
+                                self.early.push(x);
                             }
                         }
                         self.answer_waiters(to, &Err(MoveError::Failed { reason }));
@@ -650,14 +701,19 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     }
                 }
             }
-            Ev::HostGone { epoch } => {
-                if epoch == self.epoch && matches!(self.place, Where::Away { .. }) {
+            Ev::HostGone { id } => {
+                if self.host_id != Some(id) {
+                    // An early link that broke: it links again if its copy lives.
+                    self.early.retain(|x| x.id != id);
+                    self.early_msgs.retain(|m| m.0 != id);
+                } else if matches!(self.place, Where::Away { .. }) {
                     self.host = None;
+                    self.host_id = None;
                     self.unlinked_since.get_or_insert(now);
                     if !self.waiters.is_empty() {
                         self.doubt.get_or_insert(now);
                     }
-                    if self.early.is_some() {
+                    if !self.early.is_empty() {
                         // The next host runs it, and the last will not say so.
                         self.moved_on_early(now, &mut acts);
                     }
@@ -688,8 +744,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     }
                 }
             }
-            Ev::Recovered { moved } => {
-                if let Where::Recovering { epoch, .. } = self.place {
+            Ev::Recovered { moved, epoch } => {
+                if let Where::Recovering { epoch: base, .. } = self.place {
+                    let epoch = epoch.max(base);
                     self.lost = false;
                     let to = moved.to;
                     self.moved_to(moved, epoch, now, &mut acts);
@@ -750,6 +807,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     h.close();
                 }
                 self.host = None;
+                self.host_id = None;
                 self.host_down = None;
                 self.unlinked_since = None;
                 // Moves asked of it will not happen.
@@ -760,8 +818,8 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     }));
                 }
                 self.doubt = None;
-                if let Some((_, _, mut link)) = self.early.take() {
-                    let _ = link.send(&ToHost::Kill);
+                for mut x in std::mem::take(&mut self.early) {
+                    let _ = x.link.send(&ToHost::Kill);
                 }
                 self.early_msgs.clear();
                 match self.recovery.take() {
@@ -838,6 +896,11 @@ mod tests {
         Default::default()
     }
 
+    /// The number of the test's link of residence `epoch` from `node`.
+    fn id(epoch: u64, node: u32) -> u64 {
+        epoch * 100 + u64::from(node)
+    }
+
     fn moved(to: u32) -> super::super::Moved {
         super::super::Moved {
             to,
@@ -884,13 +947,14 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: host.clone(),
             },
             t,
         );
         j.handle(
             Ev::FromHost {
-                epoch: 1,
+                id: id(1, 2),
                 msg: ToHome::Deputy(b"call1".to_vec().into()),
             },
             t,
@@ -907,7 +971,7 @@ mod tests {
         *dep.1.borrow_mut() = true;
         j.handle(
             Ev::FromHost {
-                epoch: 1,
+                id: id(1, 2),
                 msg: ToHome::Deputy(b"call2".to_vec().into()),
             },
             t,
@@ -938,13 +1002,14 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: h.clone(),
             },
             t,
         );
         j.handle(
             Ev::FromHost {
-                epoch: 1,
+                id: id(1, 2),
                 msg: ToHome::Deputy(b"call".to_vec().into()),
             },
             t,
@@ -978,6 +1043,7 @@ mod tests {
                 Ev::HostLinked {
                     epoch,
                     node,
+                    id: id(epoch, node),
                     link: l.clone(),
                 },
                 t,
@@ -996,7 +1062,7 @@ mod tests {
         );
         // Node 2's mosixd dies during the commit: its link drops, no Left comes; node 3
         // runs it and links (a host links only once it runs it).
-        j.handle(Ev::HostGone { epoch: 1 }, t);
+        j.handle(Ev::HostGone { id: id(1, 2) }, t);
         let h3 = Rec::<ToHost>::default();
         assert_eq!(link(&mut j, 2, 3, &h3), vec![Act::Persist]);
         assert_eq!(j.place, Where::Away { node: 3, epoch: 2 });
@@ -1012,7 +1078,10 @@ mod tests {
         link(&mut j, 1, 2, &h2);
         link(&mut j, 2, 3, &h3);
         assert_eq!(j.place, Where::Away { node: 2, epoch: 1 }, "Left awaited");
-        assert_eq!(j.handle(Ev::HostGone { epoch: 1 }, t), vec![Act::Persist]);
+        assert_eq!(
+            j.handle(Ev::HostGone { id: id(1, 2) }, t),
+            vec![Act::Persist]
+        );
         assert_eq!(j.place, Where::Away { node: 3, epoch: 2 });
         // And if no next host links, the move is answered as failed: it stays there.
         let mut j = J::new(1, 100, 0, "x".into(), t);
@@ -1028,7 +1097,7 @@ mod tests {
             },
             t,
         );
-        j.handle(Ev::HostGone { epoch: 1 }, t);
+        j.handle(Ev::HostGone { id: id(1, 2) }, t);
         j.tick(t + DOUBT / 2);
         assert!(got3.lock().unwrap().is_empty());
         j.tick(t + DOUBT);
@@ -1050,6 +1119,7 @@ mod tests {
                 Ev::HostLinked {
                     epoch: 1,
                     node: 2,
+                    id: id(1, 2),
                     link: h.clone(),
                 },
                 t,
@@ -1065,7 +1135,7 @@ mod tests {
                 t,
             );
             let left = Ev::FromHost {
-                epoch: 1,
+                id: id(1, 2),
                 msg: ToHome::Left {
                     to: 1,
                     frozen_ms: 7,
@@ -1115,6 +1185,7 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: old.clone(),
             },
             t,
@@ -1123,7 +1194,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_or_foreign_link_is_ignored_and_moves_follow_residences() {
+    fn a_stale_or_foreign_link_is_ended_and_moves_follow_residences() {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
         away(&mut j, t, 2);
@@ -1132,20 +1203,23 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 3,
+                id: id(1, 3),
                 link: wrong.clone(),
             },
             t,
         );
         j.handle(Ev::FromDeputy(b"r".to_vec().into()), t);
-        assert!(
-            wrong.0.borrow().is_empty(),
-            "node 3 does not host residence 1"
+        assert_eq!(
+            *wrong.0.borrow(),
+            vec![ToHost::Kill],
+            "node 3 does not host residence 1: its copy is ended, and gets no frames"
         );
         let h = Rec::<ToHost>::default();
         j.handle(
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: h.clone(),
             },
             t,
@@ -1169,7 +1243,7 @@ mod tests {
         assert_eq!(h.0.borrow().last(), Some(&ToHost::Migrate { to: 3 }));
         let a = j.handle(
             Ev::FromHost {
-                epoch: 1,
+                id: id(1, 2),
                 msg: ToHome::Left {
                     to: 3,
                     frozen_ms: 5,
@@ -1188,7 +1262,7 @@ mod tests {
         // Messages of the old residence are dropped now.
         j.handle(
             Ev::FromHost {
-                epoch: 1,
+                id: id(1, 2),
                 msg: ToHome::Deputy(b"old".to_vec().into()),
             },
             t,
@@ -1266,6 +1340,7 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: h.clone(),
             },
             t,
@@ -1289,6 +1364,7 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: h.clone(),
             },
             t,
@@ -1312,6 +1388,7 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: h2.clone(),
             },
             t,
@@ -1336,7 +1413,7 @@ mod tests {
         assert!(h2.0.borrow().is_empty());
         j.recovery = Some(3);
         // Node 2 dies: its link drops and gossip calls it down.
-        j.handle(Ev::HostGone { epoch: 1 }, t);
+        j.handle(Ev::HostGone { id: id(1, 2) }, t);
         j.handle(Ev::NodeState { node: 2, up: false }, t);
         assert!(j.tick(t + DOWN_WAIT / 2).is_empty());
         let a = j.tick(t + DOWN_WAIT);
@@ -1387,6 +1464,7 @@ mod tests {
             Ev::HostLinked {
                 epoch: 1,
                 node: 2,
+                id: id(1, 2),
                 link: old.clone(),
             },
             t,
@@ -1394,7 +1472,7 @@ mod tests {
         assert_eq!(*old.0.borrow(), vec![ToHost::Kill]);
         j.handle(
             Ev::FromHost {
-                epoch: 1,
+                id: id(1, 2),
                 msg: ToHome::Deputy(b"stale call".to_vec().into()),
             },
             t,
@@ -1405,13 +1483,14 @@ mod tests {
             Ev::HostLinked {
                 epoch: e,
                 node: 4,
+                id: id(e, 4),
                 link: h4.clone(),
             },
             t,
         );
         j.handle(
             Ev::FromHost {
-                epoch: e,
+                id: id(e, 4),
                 msg: ToHome::Deputy(b"new call".to_vec().into()),
             },
             t,
@@ -1421,7 +1500,13 @@ mod tests {
             .borrow()
             .iter()
             .any(|f| f == b"stale call" || f == b"new call"));
-        let a = j.handle(Ev::Recovered { moved: moved(4) }, t);
+        let a = j.handle(
+            Ev::Recovered {
+                moved: moved(4),
+                epoch: e,
+            },
+            t,
+        );
         assert_eq!(a, vec![Act::Persist]);
         assert_eq!(j.place, Where::Away { node: 4, epoch: e });
         assert_eq!(j.epoch, e);
@@ -1439,6 +1524,7 @@ mod tests {
             Ev::HostLinked {
                 epoch: 2,
                 node: 3,
+                id: id(2, 3),
                 link: older.clone(),
             },
             t,
@@ -1457,6 +1543,7 @@ mod tests {
                 Ev::HostLinked {
                     epoch: 1,
                     node: 2,
+                    id: id(1, 2),
                     link: h.clone(),
                 },
                 t,
@@ -1515,7 +1602,13 @@ mod tests {
         j.recovery = Some(1);
         j.handle(Ev::NodeState { node: 2, up: false }, t);
         j.tick(t + DOWN_WAIT);
-        j.handle(Ev::Recovered { moved: moved(1) }, t);
+        j.handle(
+            Ev::Recovered {
+                moved: moved(1),
+                epoch: 1 + RECOVERY_EPOCHS,
+            },
+            t,
+        );
         assert!(!j.native());
         let here = Rec::<ToHost>::default();
         let e = j.epoch;
@@ -1523,6 +1616,7 @@ mod tests {
             Ev::HostLinked {
                 epoch: e,
                 node: 1,
+                id: id(e, 1),
                 link: here.clone(),
             },
             t,
@@ -1537,5 +1631,207 @@ mod tests {
             t,
         );
         assert_eq!(*here.0.borrow(), vec![ToHost::Migrate { to: 1 }]);
+    }
+
+    fn link(j: &mut J, epoch: u64, node: u32, id: u64, l: &Rec<ToHost>) -> Vec<Act> {
+        j.handle(
+            Ev::HostLinked {
+                epoch,
+                node,
+                id,
+                link: l.clone(),
+            },
+            Instant::now(),
+        )
+    }
+
+    fn call(j: &mut J, id: u64, what: &[u8]) {
+        j.handle(
+            Ev::FromHost {
+                id,
+                msg: ToHome::Deputy(what.to_vec().into()),
+            },
+            Instant::now(),
+        );
+    }
+
+    #[test]
+    fn a_recovery_whose_first_commit_got_no_answer_leaves_one_copy() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let h2 = Rec::<ToHost>::default();
+        link(&mut j, 1, 2, id(1, 2), &h2);
+        let dep = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(dep.clone()), t);
+        j.recovery = Some(3);
+        j.handle(Ev::HostGone { id: id(1, 2) }, t);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        assert_eq!(
+            j.tick(t + DOWN_WAIT),
+            vec![Act::Recover { number: 3, node: 2 }]
+        );
+        let e = 1 + RECOVERY_EPOCHS;
+        // Node 3 was tried first: its commit got no answer, yet it runs the copy and
+        // links; node 4, tried next as the next residence, runs it too.
+        let h3 = Rec::<ToHost>::default();
+        link(&mut j, e, 3, 103, &h3);
+        call(&mut j, 103, b"from 3");
+        let h4 = Rec::<ToHost>::default();
+        link(&mut j, e + 1, 4, 104, &h4);
+        call(&mut j, 104, b"from 4");
+        let a = j.handle(
+            Ev::Recovered {
+                moved: moved(4),
+                epoch: e + 1,
+            },
+            t,
+        );
+        assert_eq!(a, vec![Act::Persist]);
+        assert_eq!(
+            j.place,
+            Where::Away {
+                node: 4,
+                epoch: e + 1
+            }
+        );
+        assert_eq!(*h3.0.borrow(), vec![ToHost::Kill], "node 3's copy is ended");
+        assert_eq!(
+            *dep.0.borrow(),
+            vec![b"from 4".to_vec()],
+            "only node 4 is heard"
+        );
+        // Node 3's link breaks (its copy ended), or it links again: node 4 stays the host.
+        j.handle(Ev::HostGone { id: 103 }, t);
+        let h3b = Rec::<ToHost>::default();
+        link(&mut j, e, 3, 203, &h3b);
+        assert_eq!(*h3b.0.borrow(), vec![ToHost::Kill]);
+        call(&mut j, 203, b"again from 3");
+        j.handle(Ev::FromDeputy(b"answer".to_vec().into()), t);
+        assert_eq!(
+            *h4.0.borrow(),
+            vec![ToHost::Deputy(b"answer".to_vec().into())]
+        );
+        assert_eq!(*dep.0.borrow(), vec![b"from 4".to_vec()]);
+        assert!(j.tick(t + LINK_WAIT * 2).is_empty(), "node 4 is linked");
+    }
+
+    #[test]
+    fn only_the_link_taken_is_heard_and_its_end_alone_unlinks_the_host() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let dep = Rec::<Vec<u8>>::default();
+        j.handle(Ev::DeputyConnected(dep.clone()), t);
+        let old = Rec::<ToHost>::default();
+        link(&mut j, 1, 2, 10, &old);
+        // Its host links again (a new connection) before the old one's end is heard.
+        let new = Rec::<ToHost>::default();
+        link(&mut j, 1, 2, 11, &new);
+        j.handle(Ev::HostGone { id: 10 }, t);
+        j.handle(Ev::FromDeputy(b"answer".to_vec().into()), t);
+        assert_eq!(
+            *new.0.borrow(),
+            vec![ToHost::Deputy(b"answer".to_vec().into())],
+            "the old link's end did not unlink the host"
+        );
+        assert!(old.0.borrow().is_empty());
+        // A link of the same residence from another node is ended, and not heard.
+        let other = Rec::<ToHost>::default();
+        link(&mut j, 1, 3, 12, &other);
+        assert_eq!(*other.0.borrow(), vec![ToHost::Kill]);
+        call(&mut j, 12, b"from 3");
+        call(&mut j, 11, b"from 2");
+        assert_eq!(*dep.0.borrow(), vec![b"from 2".to_vec()]);
+        // Its end unlinks the host.
+        j.handle(Ev::HostGone { id: 11 }, t);
+        assert_eq!(j.linked(), (true, false));
+    }
+
+    #[test]
+    fn a_move_from_home_tried_before_ends_the_copy_it_left_when_the_next_move_is_done() {
+        // A move to node 3 whose commit got no answer (it went on here), then a move to
+        // node 4 as the same residence: node 3's copy is ended, whenever it links.
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        for to in [3, 4] {
+            j.handle(
+                Ev::Migrate {
+                    to,
+                    reason: "r".into(),
+                    offer: None,
+                    reply: None,
+                },
+                t,
+            );
+            if to == 3 {
+                j.handle(
+                    Ev::LeaveFailed {
+                        to,
+                        err: MoveError::PeerGone {
+                            node: 3,
+                            why: "no answer to the commit".into(),
+                        },
+                    },
+                    t,
+                );
+            }
+        }
+        let h3 = Rec::<ToHost>::default();
+        link(&mut j, 1, 3, 13, &h3);
+        assert_eq!(*h3.0.borrow(), vec![ToHost::Kill], "while leaving to 4");
+        let h4 = Rec::<ToHost>::default();
+        link(&mut j, 1, 4, 14, &h4);
+        j.handle(
+            Ev::LeftHome {
+                to: 4,
+                moved: moved(4),
+            },
+            t,
+        );
+        let h3b = Rec::<ToHost>::default();
+        link(&mut j, 1, 3, 23, &h3b);
+        assert_eq!(*h3b.0.borrow(), vec![ToHost::Kill], "once away on 4");
+        assert!(h4.0.borrow().is_empty());
+        assert!(j.linked().1, "node 4 is its host");
+    }
+
+    #[test]
+    fn a_move_asked_while_a_checkpoint_is_taken_at_home_is_refused_with_why() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        j.checkpointing = true;
+        let got = got();
+        let a = j.handle(
+            Ev::Migrate {
+                to: 2,
+                reason: "r".into(),
+                offer: None,
+                reply: Some(Box::new(W(got.clone()))),
+            },
+            t,
+        );
+        assert!(a.is_empty(), "no second mover: {a:?}");
+        assert_eq!(j.place, Where::Home);
+        let r = got.lock().unwrap();
+        assert!(matches!(r.as_slice(), [Err(MoveError::Checkpointing)]));
+        assert!(r[0]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("checkpoint"));
+        drop(r);
+        // Once it is written, it moves.
+        j.checkpointing = false;
+        let a = j.handle(
+            Ev::Migrate {
+                to: 2,
+                reason: "r".into(),
+                offer: None,
+                reply: None,
+            },
+            t,
+        );
+        assert!(matches!(a.as_slice(), [Act::Leave { to: 2, .. }]));
     }
 }

@@ -81,6 +81,9 @@ pub enum MoveError {
     Ended,
     #[error("it is frozen (`migrate PID continue` first)")]
     Frozen,
+    /// A checkpoint of it is being written at home (the process is held for it).
+    #[error("a checkpoint of it is being written; try again when it is done")]
+    Checkpointing,
     #[error("it moved to node {to} instead")]
     Elsewhere { to: u32 },
     #[error("node {node} cannot take it: {reason}")]

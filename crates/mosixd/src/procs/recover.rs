@@ -39,7 +39,9 @@ pub struct RecoverSpec {
     /// The checkpoint file and its number (the deputy's mark).
     pub path: PathBuf,
     pub number: u64,
-    /// The residence it comes back as.
+    /// The residence it comes back as on the first node tried; each further node tried
+    /// is given the next number (a node whose commit got no answer may run it: a copy of
+    /// a residence that is not the one it ends with is ended when it links).
     pub epoch: u64,
     /// Where the restored process numbers its calls from.
     pub next_seq: u64,
@@ -88,8 +90,9 @@ impl Procs {
     }
 
     /// Brings process `r.pid` back from its checkpoint (its deputy is back at its mark):
-    /// the first node of [`Procs::recovery_targets`] that takes it runs it.
-    pub(crate) fn recover(&self, r: &RecoverSpec) -> Result<Moved, String> {
+    /// the first node of [`Procs::recovery_targets`] that takes it runs it, as the residence
+    /// returned.
+    pub(crate) fn recover(&self, r: &RecoverSpec) -> Result<(Moved, u64), String> {
         let o = ckptfile::open(&r.path, &r.owner).map_err(|e| e.to_string())?;
         if o.info.home_pid != r.pid || o.info.mark != Some(r.number) {
             return Err(format!(
@@ -99,9 +102,14 @@ impl Procs {
             ));
         }
         let mut last = String::from("no node can take it");
-        for to in self.recovery_targets(&r.avoid, r.dead) {
+        for (i, to) in self
+            .recovery_targets(&r.avoid, r.dead)
+            .into_iter()
+            .enumerate()
+        {
             let t0 = Instant::now();
-            match self.send_recovery(to, r, &o) {
+            let epoch = r.epoch + i as u64;
+            match self.send_recovery(to, r, epoch, &o) {
                 Ok(m) => {
                     info!(
                         pid = r.pid,
@@ -110,7 +118,7 @@ impl Procs {
                         "recovered from {}",
                         r.path.display()
                     );
-                    return Ok(m);
+                    return Ok((m, epoch));
                 }
                 Err(e) => {
                     warn!(pid = r.pid, to, "recovery there failed: {e}");
@@ -122,8 +130,14 @@ impl Procs {
     }
 
     /// Sends the checkpoint's image to `to` as a migration from here, as residence
-    /// `r.epoch`, and has it run there.
-    fn send_recovery(&self, to: u32, r: &RecoverSpec, o: &Opened) -> Result<Moved, MoveError> {
+    /// `epoch`, and has it run there.
+    fn send_recovery(
+        &self,
+        to: u32,
+        r: &RecoverSpec,
+        epoch: u64,
+        o: &Opened,
+    ) -> Result<Moved, MoveError> {
         let gone = |e: std::io::Error| MoveError::PeerGone {
             node: to,
             why: e.to_string(),
@@ -135,7 +149,7 @@ impl Procs {
             home: self.me(),
             home_pid: r.pid,
             from: self.me(),
-            epoch: r.epoch,
+            epoch,
             uid: r.uid,
             cmd: r.cmd.clone(),
             pinned: r.pinned,
@@ -168,15 +182,15 @@ impl Procs {
             figures: Default::default(),
         };
         ready(&mut ch, to, tail)?;
-        // Its record says where it is going: a mosixd that restarts before the recovery is
-        // settled here takes it as done (its deputy is its deputy either way), and if that
-        // copy never runs, no link comes from it and the job is recovered again, as a
-        // newer residence still: never two copies.
-        self.mark_leaving(r.pid, Some((to, r.epoch)));
-        if let Err(e) = commit(&mut ch, to) {
-            self.mark_leaving(r.pid, None);
-            return Err(e);
-        }
+        // Its record says where it is going, before the commit: a mosixd that restarts
+        // before the recovery is settled here takes it as done (its deputy is its deputy
+        // either way), and if that copy never runs, no link comes from it and the job is
+        // recovered again, as a newer residence still: never two copies. A commit that
+        // gets no answer leaves it so (that node may run it): the next node tried, or a
+        // recovery after a restart, counts from past this residence, and the copy here,
+        // if any, is ended when it links.
+        self.mark_leaving(r.pid, Some((to, epoch)));
+        commit(&mut ch, to)?;
         Ok(Moved {
             to,
             frozen_ms: 0,
