@@ -116,7 +116,7 @@ impl Outcome {
             | MoveError::Checkpointing
             | MoveError::Rights(_) => Outcome::Refused,
             MoveError::PeerGone { why, .. } if why.contains("timed out") => Outcome::Timeout,
-            MoveError::PeerGone { .. } => Outcome::PeerGone,
+            MoveError::PeerGone { .. } | MoveError::LinkLost(_) => Outcome::PeerGone,
             MoveError::Engine(why) if why.starts_with("it cannot move") => Outcome::Refused,
             MoveError::Ended | MoveError::Engine(_) | MoveError::Failed { .. } => Outcome::Engine,
         }

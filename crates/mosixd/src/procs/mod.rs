@@ -92,6 +92,9 @@ pub enum MoveError {
     Destination(String),
     #[error("node {node} went away during the move: {why}")]
     PeerGone { node: u32, why: String },
+    /// The link the image went into broke (the caller knows which node it led to).
+    #[error("the link broke during the move: {0}")]
+    LinkLost(String),
     #[error("it cannot move: {0}")]
     Engine(String),
     /// It runs with rights its user does not have (a set-user-ID or set-group-ID program,

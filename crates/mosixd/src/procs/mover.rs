@@ -131,7 +131,11 @@ impl Mover {
             .try_clone()
             .map_err(|e| engine(format!("its mover: {e}")))?;
         let mut settled: Result<(), super::MoveError> = Ok(());
-        let relayed = relay_chunks_marked(&mut self.conn, out, &mut || {
+        let mut out = WriteSide {
+            w: out,
+            failed: false,
+        };
+        let relayed = relay_chunks_marked(&mut self.conn, &mut out, &mut || {
             frozen_at = Some(std::time::Instant::now());
             settled = match quiesce() {
                 Ok(done) => wire::send_flush(&mut ctl, &ToMover::Quiesced(done))
@@ -144,7 +148,13 @@ impl Mover {
             Ok(settled.is_ok())
         });
         settled?;
-        let relayed = relayed.map_err(|e| engine(format!("image I/O: {e}")))?;
+        let relayed = relayed.map_err(|e| {
+            if out.failed {
+                super::MoveError::LinkLost(e.to_string())
+            } else {
+                engine(format!("image I/O: {e}"))
+            }
+        })?;
         if !relayed {
             return match self.recv()? {
                 FromMover::Failed(e) => Err(super::MoveError::Engine(e)),
@@ -260,6 +270,26 @@ fn relay_chunks_marked<R: Read, W: Write>(
         }
         from.read_exact(&mut buf[..n])?;
         to.write_all(&buf[..n])?;
+    }
+}
+
+/// The side the image goes to, remembering whether writing to it failed (the link, not
+/// the mover).
+struct WriteSide<'a, W: Write> {
+    w: &'a mut W,
+    failed: bool,
+}
+
+impl<W: Write> Write for WriteSide<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let r = self.w.write(b);
+        self.failed |= r.is_err();
+        r
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.w.flush();
+        self.failed |= r.is_err();
+        r
     }
 }
 
@@ -436,4 +466,99 @@ fn supervisor_uffd(sup: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
             super::supervisor::UFFD_FD
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: &[u8]) -> Vec<u8> {
+        let mut v = (data.len() as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// A writer that fails once `room` bytes were written.
+    struct Full {
+        room: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::ConnectionReset.into());
+            }
+            let n = b.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn chunks_pass_and_the_frozen_mark_is_called_not_passed() {
+        let mut stream = chunk(b"abc");
+        stream.extend_from_slice(&FROZEN.to_le_bytes());
+        stream.extend_from_slice(&chunk(b"de"));
+        stream.extend_from_slice(&0u32.to_le_bytes());
+        let mut out = Vec::new();
+        let mut marks = 0;
+        let done = relay_chunks_marked(&mut &stream[..], &mut out, &mut || {
+            marks += 1;
+            Ok(true)
+        })
+        .unwrap();
+        assert!(done);
+        assert_eq!(marks, 1);
+        let mut want = chunk(b"abc");
+        want.extend_from_slice(&chunk(b"de"));
+        want.extend_from_slice(&0u32.to_le_bytes());
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn an_abort_after_the_mark_or_a_refused_mark_ends_the_relay() {
+        let mut stream = chunk(b"abc");
+        stream.extend_from_slice(&ABORTED.to_le_bytes());
+        let mut out = Vec::new();
+        assert!(!relay_chunks_marked(&mut &stream[..], &mut out, &mut || Ok(true)).unwrap());
+        let mut stream = chunk(b"abc");
+        stream.extend_from_slice(&FROZEN.to_le_bytes());
+        stream.extend_from_slice(&chunk(b"never"));
+        let mut out = Vec::new();
+        assert!(!relay_chunks_marked(&mut &stream[..], &mut out, &mut || Ok(false)).unwrap());
+        assert_eq!(out, chunk(b"abc"));
+        // A mark where none may be (a plain relay) is an error.
+        let stream = FROZEN.to_le_bytes();
+        assert!(relay_chunks(&mut &stream[..], &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn an_oversized_chunk_is_refused() {
+        let stream = (1u32 << 30).to_le_bytes();
+        let e = relay_chunks(&mut &stream[..], &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("larger than the limit"), "{e}");
+    }
+
+    #[test]
+    fn a_failure_of_the_side_written_is_told_from_one_of_the_side_read() {
+        let stream = chunk(&[7u8; 100]);
+        let mut link = Full { room: 10 };
+        let mut side = WriteSide {
+            w: &mut link,
+            failed: false,
+        };
+        assert!(relay_chunks(&mut &stream[..], &mut side).is_err());
+        assert!(side.failed);
+        // The mover's stream ends early: a read failure, the link is fine.
+        let mut out = Vec::new();
+        let mut side = WriteSide {
+            w: &mut out,
+            failed: false,
+        };
+        assert!(relay_chunks(&mut &stream[..50], &mut side).is_err());
+        assert!(!side.failed);
+    }
 }

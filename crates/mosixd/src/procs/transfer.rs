@@ -156,6 +156,14 @@ fn peer_gone(to: u32, e: impl std::fmt::Display) -> MoveError {
     }
 }
 
+/// A broken link named by the node it led to.
+fn lost_to(to: u32, e: MoveError) -> MoveError {
+    match e {
+        MoveError::LinkLost(why) => peer_gone(to, why),
+        e => e,
+    }
+}
+
 /// The source's half after the image: the tail and the destination's verdict (restored,
 /// held there).
 pub(super) fn ready(ch: &mut Link, to: u32, tail: Tail) -> Result<(), MoveError> {
@@ -323,7 +331,7 @@ impl Procs {
                 Ok(Vec::new())
             });
             let teed = out.finish();
-            (r?, teed)
+            (r.map_err(|e| lost_to(to, e))?, teed)
         };
         let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
         let mark = if temp.is_some() && teed {
@@ -449,15 +457,17 @@ impl Procs {
             supervisor,
             shared: leaving.shared.clone(),
         })?;
-        let dumped = mover.dump(&mut ch, &mut || {
-            let (done, seq, proc_fds) = quiesce()?;
-            tail = Tail {
-                next_seq: seq,
-                proc_fds,
-                figures: MoveFigures::default(),
-            };
-            Ok(done)
-        })?;
+        let dumped = mover
+            .dump(&mut ch, &mut || {
+                let (done, seq, proc_fds) = quiesce()?;
+                tail = Tail {
+                    next_seq: seq,
+                    proc_fds,
+                    figures: MoveFigures::default(),
+                };
+                Ok(done)
+            })
+            .map_err(|e| lost_to(dest, e))?;
         let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
         tail.figures = MoveFigures {
             frozen_ms: t0.elapsed().as_millis() as u64,
