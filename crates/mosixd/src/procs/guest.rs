@@ -185,31 +185,65 @@ impl Procs {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return;
         };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.extension().is_none_or(|x| x != "sock") {
-                continue;
-            }
-            let Ok(mut s) = UnixStream::connect(&p) else {
-                let _ = std::fs::remove_file(&p);
-                continue;
-            };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            match supervisor::recv::<FromSup>(&mut s) {
-                Ok(FromSup::Hello { header, host_pid }) => {
-                    let _ = s.set_read_timeout(None);
-                    info!(
-                        home = header.home,
-                        home_pid = header.home_pid,
-                        host_pid,
-                        "supervising guest again"
-                    );
-                    let reason = format!("from node {}: {}", header.from, header.reason);
-                    if let Err(e) = self.drive_guest(s, header, host_pid, reason, true) {
-                        warn!("{e:#}");
+        let mut later: Vec<std::path::PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .filter(|p| !self.readopt(p))
+            .collect();
+        if later.is_empty() {
+            return;
+        }
+        // A supervisor too busy to say who it is within its time (a loaded machine) is
+        // asked again, every second for a minute: left alone, its process's end would
+        // never reach its home.
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("readopt".into())
+            .spawn(move || {
+                for _ in 0..60 {
+                    std::thread::sleep(Duration::from_secs(1));
+                    later.retain(|p| !me.readopt(p));
+                    if later.is_empty() {
+                        return;
                     }
                 }
-                _ => warn!("{} did not introduce itself", p.display()),
+                for p in later {
+                    warn!(
+                        "{} never introduced itself: its guest is not supervised here",
+                        p.display()
+                    );
+                }
+            });
+    }
+
+    /// Supervises the guest of supervisor socket `p` again; false: ask again later (it
+    /// did not introduce itself in time).
+    fn readopt(self: &Arc<Self>, p: &std::path::Path) -> bool {
+        let Ok(mut s) = UnixStream::connect(p) else {
+            // Nobody listens there any more: its supervisor is gone.
+            let _ = std::fs::remove_file(p);
+            return true;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        match supervisor::recv::<FromSup>(&mut s) {
+            Ok(FromSup::Hello { header, host_pid }) => {
+                let _ = s.set_read_timeout(None);
+                info!(
+                    home = header.home,
+                    home_pid = header.home_pid,
+                    host_pid,
+                    "supervising guest again"
+                );
+                let reason = format!("from node {}: {}", header.from, header.reason);
+                if let Err(e) = self.drive_guest(s, header, host_pid, reason, true) {
+                    warn!("{e:#}");
+                }
+                true
+            }
+            _ => {
+                warn!("{} did not introduce itself (yet)", p.display());
+                false
             }
         }
     }
