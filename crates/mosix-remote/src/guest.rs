@@ -134,6 +134,7 @@ const MAX_FETCH: u64 = 256 << 20;
 
 /// A call completed at home that the process no longer waited for (it was interrupted,
 /// or frozen): made again identically, it gets this answer at once, so it runs once.
+#[derive(Clone)]
 struct Undelivered {
     nr: i64,
     args: [u64; 6],
@@ -151,6 +152,15 @@ pub struct Guest {
     pending: HashMap<u64, Pending>,
     by_tid: HashMap<i32, u64>,
     undelivered: HashMap<i32, Undelivered>,
+    /// Calls finished for it while it was frozen (written into its memory, their results
+    /// sent to its mover through mosixd: [`Guest::completed`]), until it is known whether
+    /// the mover set them in its registers. If mosixd went away in between
+    /// ([`Guest::in_doubt`]), the mover let it go on with its old registers: the thread
+    /// makes that very call again first thing, and gets this answer (its data read at
+    /// home is not lost); any other call first means the result was set.
+    applied: HashMap<i32, Undelivered>,
+    /// mosixd went away while results of `applied` were on their way to the mover.
+    doubt: bool,
     /// mmaps being prepared, by the seq of their request to the deputy.
     mappings: HashMap<u64, Mapping>,
     /// Descriptors of the process that are files here (of its own /proc): calls on them
@@ -180,6 +190,8 @@ impl Guest {
             pending: HashMap::new(),
             by_tid: HashMap::new(),
             undelivered: HashMap::new(),
+            applied: HashMap::new(),
+            doubt: false,
             mappings: HashMap::new(),
             local: HashMap::new(),
             streams: Streams::default(),
@@ -293,6 +305,19 @@ impl Guest {
         }
         // Likewise an mmap being prepared (it will come again if restarted).
         self.mappings.retain(|_, m| m.notif.pid != n.pid);
+        // mosixd went away while the results of calls finished for the frozen process
+        // were on their way to its mover: the very call made again is one whose result
+        // was not set (its answer now, as it was); another call means it was.
+        if self.doubt {
+            if let Some(u) = self.applied.remove(&n.pid) {
+                if u.nr == n.nr && u.args == n.args {
+                    self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
+                    self.doubt = !self.applied.is_empty();
+                    return out;
+                }
+            }
+            self.doubt = !self.applied.is_empty();
+        }
         // The interrupted call made again: its answer at once. Another call first (one
         // made by the signal handler that interrupted it) leaves the answer kept for it:
         // the interrupted call comes again once the handler returns (SA_RESTART), and
@@ -1347,6 +1372,8 @@ impl Guest {
         now_in: &dyn Fn(i32) -> Option<(i64, [u64; 6])>,
     ) -> Vec<(i32, i64)> {
         let mut done = Vec::new();
+        self.applied.clear();
+        self.doubt = false;
         for (tid, u) in std::mem::take(&mut self.undelivered) {
             if (u.spec.ret_fd || u.spec.out_fds.is_some()) && u.ret >= 0 {
                 continue;
@@ -1363,8 +1390,22 @@ impl Guest {
                 continue;
             }
             done.push((tid, u.ret));
+            self.applied.insert(tid, u);
         }
         done
+    }
+
+    /// The results [`Guest::completed`] gave are set (mosixd, alive, passed them to the
+    /// mover): forgotten.
+    pub fn results_set(&mut self) {
+        self.applied.clear();
+        self.doubt = false;
+    }
+
+    /// mosixd went away while the process was frozen: whether the results
+    /// [`Guest::completed`] gave were set is not known (see `applied`).
+    pub fn in_doubt(&mut self) {
+        self.doubt = !self.applied.is_empty();
     }
 }
 
@@ -1897,6 +1938,66 @@ mod tests {
         let read = (libc::SYS_read, [0, BASE + 8, 5, 0, 0, 0]);
         assert_eq!(g.completed(&m, &|_| Some(read)), vec![(100, 4)]);
         assert_eq!(&m.mem.borrow()[8..12], b"data");
+    }
+
+    #[test]
+    fn a_read_finished_for_a_frozen_process_is_answered_again_if_its_result_was_not_set() {
+        // A read done at home while the process was frozen for a move is written into its
+        // memory and its result sent to the mover through mosixd. If mosixd goes away
+        // before the mover set it, the process goes on with its old registers and makes
+        // the read again: it gets the same answer (the line read at home is not lost).
+        // If the result was set (mosixd passed it on, or another call comes first), a read
+        // that follows is a new one.
+        for (lost, other_first) in [(true, false), (true, true), (false, false)] {
+            let mut k = kernel();
+            let mut g = Guest::new(100, 1);
+            let args = [0, BASE + 8, 5, 0, 0, 0];
+            let c = sent_call(&g.on_notif(notif(1, 100, libc::SYS_read, args), &mut k));
+            g.quiesce(&mut k);
+            k.invalid.push(1);
+            g.on_reply(
+                Reply::Done {
+                    seq: c.seq,
+                    ret: 4,
+                    outs: vec![Back::None, Back::Bytes(b"data".to_vec()), Back::None],
+                    sigs: 0,
+                    begin: None,
+                },
+                &mut k,
+            );
+            let m = k.mem.take().unwrap();
+            let read = (libc::SYS_read, args);
+            assert_eq!(g.completed(&m, &|_| Some(read)), vec![(100, 4)]);
+            k.mem = Some(m);
+            if lost {
+                g.in_doubt();
+            } else {
+                g.results_set();
+            }
+            if other_first {
+                let w = sent_call(&g.on_notif(
+                    notif(2, 100, libc::SYS_write, [1, BASE, 4, 0, 0, 0]),
+                    &mut k,
+                ));
+                g.on_reply(
+                    Reply::Done {
+                        seq: w.seq,
+                        ret: 4,
+                        outs: vec![],
+                        sigs: 0,
+                        begin: None,
+                    },
+                    &mut k,
+                );
+            }
+            let out = g.on_notif(notif(3, 100, libc::SYS_read, args), &mut k);
+            if lost && !other_first {
+                assert!(out.is_empty(), "not sent home again: {out:?}");
+                assert_eq!(k.answers.last(), Some(&(3, 4)));
+            } else {
+                assert_eq!(sent_call(&out).nr, libc::SYS_read, "{lost} {other_first}");
+            }
+        }
     }
 
     #[test]

@@ -751,6 +751,9 @@ impl Supervision {
                             self.moving = false;
                             self.went_home = None;
                             self.doubtful = true;
+                            // Results of calls finished for it may not have reached
+                            // its mover: a call made again gets its answer from here.
+                            self.g.in_doubt();
                         }
                     }
                 }
@@ -892,6 +895,8 @@ impl Supervision {
                 self.outs(o);
             }
             ToSup::Thaw => {
+                // mosixd passed the results of its finished calls to its mover.
+                self.g.results_set();
                 self.moving = false;
                 self.went_home = None;
                 // A thread waiting on memory shared at home touches it again.
