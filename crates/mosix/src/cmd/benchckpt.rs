@@ -10,7 +10,7 @@ use mosix_proto::control::{After, Client, Request, Response};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -44,22 +44,7 @@ pub fn run(a: Args) -> Result<i32> {
         bail!("bench-checkpoint needs root (it brings a testbed up)");
     }
     let me = std::env::current_exe().context("cannot find the mosix binary")?;
-    let tb = |args: &[&str]| -> Result<()> {
-        let o = Command::new(&me)
-            .arg("testbed")
-            .args(args)
-            .arg("--dir")
-            .arg(&a.dir)
-            .stdin(Stdio::null())
-            .output()?;
-        if !o.status.success() {
-            bail!(
-                "testbed {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-        }
-        Ok(())
-    };
+    let tb = |args: &[&str]| super::benchmig::testbed(&me, &a.dir, args);
     tb(&["up", "--nodes", "3", "--gossip-interval-ms", "200"])?;
     let r = (|| {
         for n in 1..=3 {

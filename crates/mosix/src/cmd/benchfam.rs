@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use mosix_proto::control::{Client, Request, Response};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -51,22 +51,7 @@ pub fn run(a: Args) -> Result<i32> {
         }
     }
     let me = std::env::current_exe().context("cannot find the mosix binary")?;
-    let tb = |args: &[&str]| -> Result<()> {
-        let o = Command::new(&me)
-            .arg("testbed")
-            .args(args)
-            .arg("--dir")
-            .arg(&a.dir)
-            .stdin(Stdio::null())
-            .output()?;
-        if !o.status.success() {
-            bail!(
-                "testbed {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-        }
-        Ok(())
-    };
+    let tb = |args: &[&str]| super::benchmig::testbed(&me, &a.dir, args);
     tb(&["up", "--nodes", "4"])?;
     let r = (|| -> Result<()> {
         for w in &a.what {

@@ -27,6 +27,24 @@ pub struct Args {
 }
 
 /// The median (NaN for no values).
+/// Runs `mosix testbed ARGS --dir DIR` (this program, `me`), failing with its stderr.
+pub fn testbed(me: &Path, dir: &Path, args: &[&str]) -> Result<()> {
+    let o = Command::new(me)
+        .arg("testbed")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()?;
+    if !o.status.success() {
+        bail!(
+            "testbed {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -60,22 +78,7 @@ pub fn on_nodes(
         bail!("{what} needs root (it brings a testbed up)");
     }
     let me = std::env::current_exe().context("cannot find the mosix binary")?;
-    let tb = |args: &[&str]| -> Result<()> {
-        let o = Command::new(&me)
-            .arg("testbed")
-            .args(args)
-            .arg("--dir")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .output()?;
-        if !o.status.success() {
-            bail!(
-                "testbed {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-        }
-        Ok(())
-    };
+    let tb = |args: &[&str]| testbed(&me, dir, args);
     tb(&["up", "--nodes", &n.to_string()])?;
     let r = body(&me, dir);
     let _ = tb(&["down"]);
