@@ -82,8 +82,10 @@ fn main() {
         .with_ansi(false)
         .init();
     if let Some(role) = helper {
-        // Started as /proc/self/exe: named as the daemon, not "exe".
+        // Started as /proc/self/exe: named as the daemon, not "exe". A helper (and the
+        // process a supervisor restores) is an ordinary process for the OOM killer again.
         mosixd::procs::supervisor::name_self();
+        let _ = std::fs::write("/proc/self/oom_score_adj", "0");
         std::process::exit(match role.as_str() {
             "move" => mosixd::procs::mover::main(),
             "freeze" => mosixd::procs::checkpoint::freezer_main(),
@@ -91,6 +93,10 @@ fn main() {
         });
     }
     let args = Args::parse();
+    // Out of memory in its node (a process restored into a memory limit too small), the
+    // kernel kills the process being restored, not the daemon every job depends on.
+    // Its helpers set themselves back to 0 (above).
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-900");
     if args.man_page || args.completions.is_some() {
         use clap::CommandFactory;
         let mut out = std::io::stdout();
