@@ -690,14 +690,7 @@ pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
 
     let st = procfs::status(pid)?;
     let sf = procfs::stat_fields(pid)?;
-    let groups = st
-        .get("Groups")
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let groups = procfs::id_list(st.get("Groups"));
     let rlimits = procfs::limits(pid)?;
     let mut fds = Vec::new();
     let infos = procfs::fds(pid)?;

@@ -474,14 +474,7 @@ fn postcard_len<T: serde::Serialize>(v: &T) -> usize {
 fn layout_of(pid: i32, vmas: &[Vma]) -> Result<Layout> {
     let st = procfs::status(pid)?;
     let sf = procfs::stat_fields(pid)?;
-    let groups = st
-        .get("Groups")
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let groups = procfs::id_list(st.get("Groups"));
     let start_brk = procfs::field_u64(&sf, 47);
     // Its brk needs a system call of its own; the end of its heap is as good for this.
     let brk = vmas

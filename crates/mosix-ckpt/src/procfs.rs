@@ -261,6 +261,16 @@ pub fn hex(s: Option<&String>) -> u64 {
 }
 
 /// Four numbers of a "Uid:"/"Gid:" line.
+/// Every number of a status line such as `Groups:` (none if it is missing).
+pub fn id_list(s: Option<&String>) -> Vec<u32> {
+    s.map(|g| {
+        g.split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 pub fn ids(s: Option<&String>) -> [u32; 4] {
     let mut out = [0u32; 4];
     if let Some(v) = s {

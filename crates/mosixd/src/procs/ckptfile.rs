@@ -72,14 +72,7 @@ impl Owner {
                 "process {pid} has no credentials"
             )));
         };
-        let groups = st
-            .get("Groups")
-            .map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let groups = mosix_ckpt::procfs::id_list(st.get("Groups"));
         Ok(Owner { uid, gid, groups })
     }
 }
