@@ -365,7 +365,9 @@ fn worker_main(
     lock(&st).tid = gettid();
     let mut last: Option<(u64, u64, FromDeputy)> = None;
     let ahead = out.ahead.clone();
-    while let Ok(job) = rx.recv() {
+    // A call that came while an interrupted one waited for what to do: made next.
+    let mut next: Option<Job> = None;
+    while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
         let Job::Call(call, writes) = job else {
             continue;
         };
@@ -377,22 +379,29 @@ fn worker_main(
                 continue;
             }
         }
+        let seq = call.seq;
+        // Cancelled before it began: answered so, and remembered like any answer (the
+        // call may be sent again after a reconnect, and must not be made then).
+        let cancelled = |last: &mut Option<(u64, u64, FromDeputy)>| {
+            lock(&st).current = 0;
+            let msg = FromDeputy::Reply(Reply::Cancelled { seq });
+            out.send_ref(&msg);
+            *last = Some((generation, seq, msg));
+        };
         {
             let mut s = lock(&st);
-            if s.cancelled.remove(&call.seq) {
+            if s.cancelled.remove(&seq) {
                 drop(s);
-                out.send(Some(FromDeputy::Reply(Reply::Cancelled { seq: call.seq })));
+                cancelled(&mut last);
                 continue;
             }
-            s.current = call.seq;
+            s.current = seq;
         }
-        let seq = call.seq;
         // Writes behind sent before it are made first; a cancel that came meanwhile
         // still counts.
         ahead.wait_writes(writes);
         if lock(&st).cancelled.remove(&seq) {
-            lock(&st).current = 0;
-            out.send(Some(FromDeputy::Reply(Reply::Cancelled { seq })));
+            cancelled(&mut last);
             continue;
         }
         // A write of what went out already, a read of what was read already (the process
@@ -460,7 +469,12 @@ fn worker_main(
                         }
                         continue;
                     }
-                    Ok(Job::Forget) | Ok(Job::Call(..)) | Err(_) => {
+                    Ok(Job::Call(c, w)) => {
+                        // The thread made another call: this one is over.
+                        next = Some(Job::Call(c, w));
+                        break Reply::Cancelled { seq };
+                    }
+                    Ok(Job::Forget) | Err(_) => {
                         break Reply::Cancelled { seq };
                     }
                 }
@@ -476,21 +490,19 @@ fn worker_main(
             s.cancelled.remove(&seq);
         }
         let mut reply = reply;
-        let done = if let Reply::Done { ret, begin, .. } = &mut reply {
+        if let Reply::Done { ret, begin, .. } = &mut reply {
             // A read or write that continues the last may begin a stream: the host
             // hears it with the answer, before the process's next call.
             *begin = ahead.after(seq, nr, &args, *ret, &is_private);
-            true
-        } else {
-            false
-        };
+        }
         let msg = FromDeputy::Reply(reply);
         out.send_ref(&msg);
         // Read ahead only once the answer that begins the stream is on its way.
         ahead.go(seq);
-        if done {
-            last = Some((generation, seq, msg));
-        }
+        // Done or cancelled, the call is over: sent again (a reconnect whose cancel was
+        // lost sends the call and its cancel again, the call first), it gets this answer.
+        // Made again, a cancelled read would take input meant for the next one.
+        last = Some((generation, seq, msg));
     }
 }
 
