@@ -190,10 +190,9 @@ pub fn refusals_with(pid: i32, rules: Rules) -> Result<Vec<String>> {
         return Ok(why);
     }
     let tracer: i32 = get("TracerPid").parse().unwrap_or(0);
-    // We are the tracer once the process is frozen for the checkpoint (TracerPid names
-    // the tracing thread).
-    let me = [std::process::id() as i32, nix::unistd::gettid().as_raw()];
-    if tracer != 0 && !me.contains(&tracer) {
+    // We are the tracer once the process is frozen for the checkpoint, or a thread of
+    // ours holds it.
+    if !crate::threads::tracer_is_us(tracer) {
         why.push(format!("it is being traced by process {tracer}"));
     }
     let ours = rules.away && get("Seccomp_filters") == "1";

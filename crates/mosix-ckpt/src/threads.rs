@@ -112,7 +112,14 @@ fn traced_by_us(t: i32) -> bool {
         .ok()
         .and_then(|s| s.get("TracerPid").and_then(|p| p.parse().ok()))
         .unwrap_or(0);
-    tracer != 0 && procfs::tasks(std::process::id() as i32).is_ok_and(|ts| ts.contains(&tracer))
+    tracer != 0 && tracer_is_us(tracer)
+}
+
+/// Whether a thread's TracerPid (a thread ID; 0: not traced) is nobody's or one of this
+/// process's threads (the one that froze it, or one that holds it at its exec).
+pub(crate) fn tracer_is_us(tracer: i32) -> bool {
+    let me = std::process::id() as i32;
+    tracer == 0 || tracer == me || procfs::tasks(me).is_ok_and(|ts| ts.contains(&tracer))
 }
 
 /// Waits until seized thread `t` is in its interrupt stop; false if it ended. A signal
@@ -271,7 +278,6 @@ pub(crate) fn image_of(pid: i32, t: &Task, own: ((u64, i32, u64), u64)) -> Resul
 /// main thread ended (pthread_exit), or a thread is traced or filtered (seccomp; with
 /// `away`, the one filter of a process away from home is ours and no refusal).
 pub(crate) fn refusals(pid: i32, away: bool, why: &mut Vec<String>) {
-    let me = [std::process::id() as i32, nix::unistd::gettid().as_raw()];
     for t in procfs::tasks(pid).unwrap_or_default() {
         let Ok(st) = procfs::status(t) else { continue };
         let get = |k: &str| st.get(k).map(String::as_str).unwrap_or("");
@@ -284,7 +290,7 @@ pub(crate) fn refusals(pid: i32, away: bool, why: &mut Vec<String>) {
             add("its main thread has ended (the others go on)".into());
         }
         let tracer: i32 = get("TracerPid").parse().unwrap_or(0);
-        if tracer != 0 && !me.contains(&tracer) {
+        if !tracer_is_us(tracer) {
             add(format!("it is being traced by process {tracer}"));
         }
         let ours = away && get("Seccomp_filters") == "1";

@@ -311,6 +311,18 @@ fn migration_on_four_nodes() {
         String::from_utf8_lossy(&o.stderr)
     );
 
+    // 2b. `-r` moves it before its first instruction: even a program that lasts a few
+    //     milliseconds (cat) runs all its life on node 3 (it used to run whole at home
+    //     while the move was being set up).
+    let o = tb.exec(1, &["run", "-r", "3", "cat", "/proc/self/cgroup"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.ends_with(&format!("/{}3", common::tb_prefix()))),
+        "cat did not run on node 3: {out}"
+    );
+
     // 3. `mosrun ... | head -1`: the reader goes away, the remote writer gets SIGPIPE.
     let o = Command::new(mosix())
         .args(["testbed", "exec", "1", "--dir"])
@@ -338,7 +350,7 @@ fn migration_on_four_nodes() {
         let g = guest_on(&tb, n, j.home_pid).expect("guest listed");
         let guest_pid = g["pid"].as_i64().unwrap() as i32;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(j.child.id() as i32), sig).unwrap();
-        let st = j.child.wait().unwrap();
+        let st = j.wait();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(st.signal(), Some(sig as i32), "mosrun status {st:?}");
         tb.wait_until("the guest has ended", || {
@@ -498,7 +510,7 @@ fn migration_on_four_nodes() {
     let g = guest_on(&tb, 4, j.home_pid).unwrap();
     let guest_pid = g["pid"].as_i64().unwrap();
     tb.ok(&["crash", "4"]);
-    let st = j.child.wait().unwrap();
+    let st = j.wait();
     assert_eq!(st.code(), Some(137), "a lost process: {st:?}");
     assert!(!Path::new(&format!("/proc/{guest_pid}")).exists());
     j.stdin = None;

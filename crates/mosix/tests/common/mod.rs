@@ -283,7 +283,29 @@ impl Job {
         while let Ok(l) = self.lines.recv_timeout(DEADLINE) {
             self.seen.push(l);
         }
-        let st = self.child.wait().unwrap();
+        let st = self.wait();
         (self.seen, st)
+    }
+
+    /// Waits for the job (mosrun, then its deputy) to end, at most [`DEADLINE`]: a job
+    /// that does not end fails the test with what /proc says of it (a hang in CI would
+    /// otherwise say nothing).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > end {
+                let pid = self.child.id();
+                let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let st: Vec<&str> = st
+                    .lines()
+                    .filter(|l| l.starts_with("State") || l.contains("Pnd") || l.starts_with("Sig"))
+                    .collect();
+                panic!("job {pid} did not end within {DEADLINE:?}: {st:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

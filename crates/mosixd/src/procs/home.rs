@@ -1104,6 +1104,7 @@ impl Driver {
                         if auto {
                             procs.move_failed(id, to);
                         }
+                        info!(pid = id as u32 as i32, to, "it did not leave home: {err}");
                         Ev::LeaveFailed { to, err }
                     }
                 };

@@ -47,6 +47,12 @@ pub struct MoverStart {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToMover {
     Start(MoverStart),
+    /// `mosrun -r/-b`: seize process `pid` before it execs its program and hold it at
+    /// its exec (answers `Watching`, then `Execd`); a `Start` then moves it from its
+    /// first instruction, anything else (or mosixd gone) lets it go.
+    Watch {
+        pid: i32,
+    },
     /// Its calls at home are settled: those finished for it meanwhile (TID, result).
     Quiesced(Vec<(i32, i64)>),
     /// The move failed: let it go on here.
@@ -80,6 +86,10 @@ pub enum FromMover {
     Done { signals: Vec<i32> },
     /// The exec into its deputy failed: it goes on here as it was.
     NoDeputy(String),
+    /// Seized (`Watch`): it may exec now.
+    Watching,
+    /// It has exec'd its program and is held at its first instruction.
+    Execd,
 }
 
 /// Our end of a mover.
@@ -94,10 +104,48 @@ fn engine(e: impl std::fmt::Display) -> super::MoveError {
 impl Mover {
     /// Starts a mover for `pid` (it is not frozen yet).
     pub fn start(start: MoverStart) -> Result<Mover, super::MoveError> {
-        let mut conn = super::supervisor::spawn_helper("move")
+        Mover::spawn()?.begin(start)
+    }
+
+    /// The mover process, not yet told what to do ([`Mover::begin`]): what can be done
+    /// before the process is touched.
+    pub fn spawn() -> Result<Mover, super::MoveError> {
+        let conn = super::supervisor::spawn_helper("move")
             .map_err(|e| engine(format!("no mover: {e}")))?;
-        wire::send_flush(&mut conn, &ToMover::Start(start)).map_err(engine)?;
         Ok(Mover { conn })
+    }
+
+    /// Tells a spawned mover to begin: it seizes the process at once.
+    pub fn begin(mut self, start: MoverStart) -> Result<Mover, super::MoveError> {
+        wire::send_flush(&mut self.conn, &ToMover::Start(start)).map_err(engine)?;
+        Ok(self)
+    }
+
+    /// A mover that holds `pid` at its coming exec ([`ToMover::Watch`]); returns once it
+    /// is seized.
+    pub fn watch(pid: i32) -> Result<Mover, super::MoveError> {
+        let mut m = Mover::spawn()?;
+        m.send(&ToMover::Watch { pid })?;
+        match m.recv()? {
+            FromMover::Watching => Ok(m),
+            FromMover::Failed(e) => Err(engine(e)),
+            other => Err(engine(format!("its mover said {other:?}"))),
+        }
+    }
+
+    /// Waits until the watched process has exec'd (held there by the mover).
+    pub fn execd(&mut self) -> Result<(), super::MoveError> {
+        let _ = self
+            .conn
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)));
+        let r = self.recv();
+        let _ = self.conn.set_read_timeout(None);
+        match r {
+            Ok(FromMover::Execd) => Ok(()),
+            Ok(FromMover::Failed(_)) => Err(super::MoveError::Ended),
+            Ok(other) => Err(engine(format!("its mover said {other:?}"))),
+            Err(_) => Err(engine("it did not start its program")),
+        }
     }
 
     fn recv(&mut self) -> Result<FromMover, super::MoveError> {
@@ -294,6 +342,51 @@ impl<W: Write> Write for WriteSide<'_, W> {
 }
 
 /// The mover process's main.
+/// [`ToMover::Watch`]: seizes `pid` (its exec is reported), holds it at its exec, and
+/// returns the `Start` that follows with the process about to stop before its first
+/// instruction (interrupted, then continued: the freeze finds it stopping, traced by us
+/// already); None if it ended or the move was given up (then it is let go).
+fn hold_at_exec(conn: &mut UnixStream, pid: i32) -> anyhow::Result<Option<MoverStart>> {
+    use mosix_ckpt::sys::{self, Stop};
+    let opts =
+        (libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE) as u64;
+    if let Err(e) = sys::seize(pid, opts) {
+        wire::send_flush(conn, &FromMover::Failed(e.to_string()))?;
+        return Ok(None);
+    }
+    wire::send_flush(conn, &FromMover::Watching)?;
+    loop {
+        match sys::wait(pid) {
+            Ok(Stop::Stopped { event, .. }) if event == libc::PTRACE_EVENT_EXEC => break,
+            Ok(Stop::Stopped { sig, event: 0 }) => {
+                // A signal for mosrun itself: passed on.
+                let _ = sys::cont(pid, sig);
+            }
+            Ok(Stop::Stopped { .. }) => {
+                let _ = sys::cont(pid, 0);
+            }
+            _ => {
+                let _ = wire::send_flush(conn, &FromMover::Failed("it ended".into()));
+                return Ok(None);
+            }
+        }
+    }
+    wire::send_flush(conn, &FromMover::Execd)?;
+    match wire::expect::<_, ToMover>(conn) {
+        Ok(ToMover::Start(s)) if s.pid == pid => {
+            // Stops again (PTRACE_EVENT_STOP) on its way out of exec, before any
+            // instruction of the program.
+            sys::interrupt(pid)?;
+            sys::cont(pid, 0)?;
+            Ok(Some(s))
+        }
+        _ => {
+            let _ = sys::detach(pid, 0);
+            Ok(None)
+        }
+    }
+}
+
 pub fn main() -> i32 {
     // SAFETY: the descriptor is the connection mosixd gave us (see spawn_helper).
     let conn = unsafe { UnixStream::from_raw_fd(super::supervisor::CONN_FD) };
@@ -309,6 +402,10 @@ pub fn main() -> i32 {
 fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     let start = match wire::expect::<_, ToMover>(&mut conn)? {
         ToMover::Start(s) => s,
+        ToMover::Watch { pid } => match hold_at_exec(&mut conn, pid)? {
+            Some(s) => s,
+            None => return Ok(()),
+        },
         other => anyhow::bail!("expected a start, got {other:?}"),
     };
     let pid = start.pid;
@@ -337,8 +434,13 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Whether mosixd reads chunks now (the rounds were announced, or it was frozen): a
+    // failure then ends the chunk stream with the ABORTED mark before it is told; before,
+    // it is told at once.
+    let streaming = std::cell::Cell::new(false);
     let r = if let Some(tracker) = tracker {
         wire::send_flush(&mut conn, &FromMover::Rounds)?;
+        streaming.set(true);
         let mut mark = conn.try_clone()?;
         let opts = mosix_ckpt::LiveOptions {
             compression: start.compression,
@@ -376,6 +478,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             &leaving,
             &mut || {
                 wire::send_flush(&mut ctl, &FromMover::Frozen)?;
+                streaming.set(true);
                 match wire::expect::<_, ToMover>(&mut ctl) {
                     Ok(ToMover::Quiesced(done)) => Ok(done),
                     _ => Err(mosix_ckpt::Error::Unrestorable(
@@ -391,7 +494,9 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         Ok(x) => x,
         Err(e) => {
             // It goes on where it was (the engine let it go).
-            let _ = conn.write_all(&ABORTED.to_le_bytes());
+            if streaming.get() {
+                let _ = conn.write_all(&ABORTED.to_le_bytes());
+            }
             let _ = wire::send_flush(&mut conn, &FromMover::Failed(e.to_string()));
             return Ok(());
         }

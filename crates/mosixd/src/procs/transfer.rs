@@ -19,7 +19,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use mosix_proto::channel::Channel;
 use mosix_proto::wire::{self, Decision, Hello, MigrateHeader, MoveFigures, Tail, Verdict};
 use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -90,62 +89,32 @@ impl TeeCkpt {
     }
 }
 
-/// A process caught at its exec (`mosrun -r`): seized by a thread of its own before
-/// mosrun execs, so that the move starts with the program's first instruction.
+/// A process caught at its exec (`mosrun -r`): seized by its mover before mosrun execs,
+/// and held by it at its exec, so that the move starts with the program's first
+/// instruction (a short program would otherwise run whole at home while the move is
+/// being set up).
 pub struct ExecWatch {
-    done: mpsc::Receiver<Result<(), MoveError>>,
+    mover: Mover,
+}
+
+/// The program has exec'd and is held at its first instruction by its mover; dropped, the
+/// mover lets it go.
+pub struct Held {
+    mover: Mover,
 }
 
 impl ExecWatch {
-    /// Seizes `pid` (returns once it is seized); its exec is then awaited by the thread.
+    /// Seizes `pid` (returns once it is seized); its exec is then awaited by its mover.
     pub fn seize(pid: i32) -> Result<ExecWatch> {
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (done_tx, done_rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("exec-{pid}"))
-            .spawn(move || {
-                let opts = (libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACESYSGOOD) as u64;
-                if let Err(e) = mosix_ckpt::sys::seize(pid, opts) {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(()));
-                let _ = done_tx.send(wait_exec(pid));
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| anyhow!("the watching thread died"))?
+        let mover = Mover::watch(pid)
             .map_err(|e| anyhow!("cannot follow process {pid} to its exec: {e}"))?;
-        Ok(ExecWatch { done: done_rx })
+        Ok(ExecWatch { mover })
     }
 
-    /// Waits until the program has exec'd (and was let go).
-    pub fn wait(self) -> Result<(), MoveError> {
-        self.done
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or(Err(MoveError::Engine(
-                "it did not start its program".into(),
-            )))
-    }
-}
-
-fn wait_exec(pid: i32) -> Result<(), MoveError> {
-    use mosix_ckpt::sys::{self, Stop};
-    loop {
-        match sys::wait(pid) {
-            Ok(Stop::Stopped { event, .. }) if event == libc::PTRACE_EVENT_EXEC => {
-                let _ = sys::detach(pid, 0);
-                return Ok(());
-            }
-            Ok(Stop::Stopped { sig, event: 0 }) => {
-                // A signal for mosrun itself: pass it on.
-                let _ = sys::cont(pid, sig);
-            }
-            Ok(Stop::Stopped { .. }) => {
-                let _ = sys::cont(pid, 0);
-            }
-            _ => return Err(MoveError::Ended),
-        }
+    /// Waits until the program has exec'd: it is held there.
+    pub fn wait(mut self) -> Result<Held, MoveError> {
+        self.mover.execd()?;
+        Ok(Held { mover: self.mover })
     }
 }
 
@@ -251,9 +220,9 @@ impl Procs {
         m: HomeMove,
         watch: Option<ExecWatch>,
     ) -> Result<LeftHome, MoveError> {
-        if let Some(w) = watch {
-            w.wait()?;
-        }
+        // `mosrun -r`: held at its exec by its mover, which freezes it there once told
+        // to begin; any failure before lets it go (dropped).
+        let mut held = watch.map(ExecWatch::wait).transpose()?;
         let to = m.to;
         own_rights_only(m.pid, m.uid)?;
         self.check_destination(to)?;
@@ -268,7 +237,11 @@ impl Procs {
             shared: self.shared_with(&[]),
             ..Default::default()
         };
-        mosix_ckpt::check_moving(m.pid, &leaving).map_err(|e| MoveError::Engine(e.to_string()))?;
+        if held.is_none() {
+            // (Held by its mover, it is checked there, before it is touched.)
+            mosix_ckpt::check_moving(m.pid, &leaving)
+                .map_err(|e| MoveError::Engine(e.to_string()))?;
+        }
         let mut ch = self
             .connect(to)
             .map_err(|e| MoveError::Destination(format!("{e:#}")))?;
@@ -294,7 +267,11 @@ impl Procs {
                 .collect(),
         };
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
-        let mut mover = Mover::start(MoverStart {
+        let mover = match held.take() {
+            Some(h) => h.mover,
+            None => Mover::spawn()?,
+        };
+        let mut mover = mover.begin(MoverStart {
             pid: m.pid,
             away: leaving.away,
             no_new_privs: leaving.no_new_privs,
