@@ -329,8 +329,10 @@ impl LinkInner {
 }
 
 enum Job {
-    /// A call, made once the first `n` writes behind are made.
-    Call(Call, u64),
+    /// A call, made once the first `n` writes behind are made; sent in generation `g`
+    /// ([`GENERATION`]): one queued before a rewind is of the copy that died, and is not
+    /// made.
+    Call(Call, u64, u64),
     Again {
         block: bool,
     },
@@ -368,10 +370,14 @@ fn worker_main(
     // A call that came while an interrupted one waited for what to do: made next.
     let mut next: Option<Job> = None;
     while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
-        let Job::Call(call, writes) = job else {
+        let Job::Call(call, writes, sent_in) = job else {
             continue;
         };
         let generation = GENERATION.load(Ordering::SeqCst);
+        if sent_in != generation {
+            // Of the copy before a rewind: for nobody.
+            continue;
+        }
         if let Some((g, s, r)) = &last {
             if *g == generation && *s == call.seq {
                 // Sent again after a reconnect: answered from the record, not made twice.
@@ -390,6 +396,11 @@ fn worker_main(
         };
         {
             let mut s = lock(&st);
+            // Checked again under the lock a rewind reads `current` with: either the
+            // rewind sees this call (and cancels it) or this sees the new generation.
+            if GENERATION.load(Ordering::SeqCst) != sent_in {
+                continue;
+            }
             if s.cancelled.remove(&seq) {
                 drop(s);
                 cancelled(&mut last);
@@ -469,9 +480,9 @@ fn worker_main(
                         }
                         continue;
                     }
-                    Ok(Job::Call(c, w)) => {
+                    Ok(Job::Call(c, w, g)) => {
                         // The thread made another call: this one is over.
-                        next = Some(Job::Call(c, w));
+                        next = Some(Job::Call(c, w, g));
                         break Reply::Cancelled { seq };
                     }
                     Ok(Job::Forget) | Err(_) => {
@@ -818,6 +829,10 @@ impl Deputy {
     /// and streams are put back, `message` goes to its stderr. The highest call sequence
     /// number seen (the restored process numbers its calls after it).
     fn rewind(&mut self, id: u64, message: &str) -> Result<u64, String> {
+        // First: calls still queued for workers (sent before now) are not made; what
+        // workers remember of calls before is forgotten. Then those being made are
+        // cancelled and waited for.
+        GENERATION.fetch_add(1, Ordering::SeqCst);
         let busy = |d: &Deputy| -> Vec<u64> {
             d.workers
                 .values()
@@ -847,7 +862,6 @@ impl Deputy {
             i += 1;
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        GENERATION.fetch_add(1, Ordering::SeqCst);
         self.out.ahead.reset();
         lock(&self.marks).rewind(id, &is_private)?;
         if !message.is_empty() {
@@ -938,7 +952,8 @@ impl Deputy {
                 self.out.ahead.took(&c.took);
                 let writes = self.out.ahead.calling(&c);
                 let tid = c.tid;
-                let _ = self.worker(tid).tx.send(Job::Call(c, writes));
+                let g = GENERATION.load(Ordering::SeqCst);
+                let _ = self.worker(tid).tx.send(Job::Call(c, writes, g));
             }
             ToDeputy::Took { took, stop } => {
                 self.out.ahead.took(&took);

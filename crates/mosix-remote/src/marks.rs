@@ -265,8 +265,11 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-/// The stream a descriptor is, if it is one (not a regular file, directory or block
-/// device, which have offsets).
+/// The stream a descriptor is, if it is one whose input a rewind replays: a FIFO, a
+/// socket or a terminal (what was read there is gone). Files, directories and block
+/// devices have offsets (put back instead); other devices (/dev/zero, /dev/urandom) and
+/// anonymous files (eventfd, timerfd) are not logged: reading them again gives what
+/// they give now (and the log would fill with zeros).
 pub fn key_of(fd: i32) -> Option<Key> {
     // SAFETY: fstat into a struct of ours; a bad number fails with EBADF.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -274,10 +277,13 @@ pub fn key_of(fd: i32) -> Option<Key> {
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return None;
     }
-    match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG | libc::S_IFDIR | libc::S_IFBLK => None,
-        _ => Some((st.st_dev, st.st_ino)),
-    }
+    let stream = match st.st_mode & libc::S_IFMT {
+        libc::S_IFIFO | libc::S_IFSOCK => true,
+        // SAFETY: isatty is an ioctl on a descriptor number; no memory of ours.
+        libc::S_IFCHR => (unsafe { libc::isatty(fd) }) == 1,
+        _ => false,
+    };
+    stream.then_some((st.st_dev, st.st_ino))
 }
 
 /// What kind of file mode `mode` is.
@@ -831,10 +837,19 @@ mod tests {
         let f = std::fs::File::open("/proc/self/status").unwrap();
         use std::os::fd::AsRawFd;
         assert!(key_of(f.as_raw_fd()).is_none());
-        // SAFETY: closing the pipe we made.
+        // Nor devices other than terminals, nor anonymous files: their reads are not
+        // logged (16 MiB of /dev/zero would fill the log).
+        let z = std::fs::File::open("/dev/zero").unwrap();
+        assert!(key_of(z.as_raw_fd()).is_none());
+        // SAFETY: eventfd makes a descriptor of ours, closed below.
+        let e = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(e >= 0);
+        assert!(key_of(e).is_none());
+        // SAFETY: closing the pipe and the eventfd we made.
         unsafe {
             libc::close(r as i32);
             libc::close(w as i32);
+            libc::close(e);
         }
     }
 

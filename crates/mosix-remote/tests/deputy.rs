@@ -1,6 +1,6 @@
-//! The deputy as its supervisor sees it over the wire: calls, cancels, and calls sent again
-//! after a reconnect (mosixd restarting), with a real `mosix-deputy` holding a pipe as its
-//! stdin. No root needed.
+//! The deputy as its supervisor and home's mosixd see it over the wire: calls, cancels,
+//! calls sent again after a reconnect (mosixd restarting), a rewind to a checkpoint; with
+//! a real `mosix-deputy` holding a pipe as its stdin. No root needed.
 
 use mosix_remote::wire::{self, Buf, Call, FromDeputy, Reply, ToDeputy};
 use std::io::Write;
@@ -31,17 +31,14 @@ fn read_stdin(seq: u64) -> ToDeputy {
     })
 }
 
-/// A read of stdin sent again with its cancel (what a supervisor does when its link to
-/// home comes back, as its first cancel may have been lost) is cancelled, not made again: the next read gets the next line. (It was made again, and took the line,
-/// seen in the fault runs as a lost line of input when home's mosixd was killed while
-/// the process was frozen for its move home.)
-#[test]
-fn a_cancelled_call_sent_again_after_a_reconnect_is_not_made_again() {
-    let (mut sup, dep) = UnixStream::pair().unwrap();
+/// A `mosix-deputy` serving the returned connection, with a pipe as its stdin and
+/// `stdout` as its stdout.
+fn spawn_deputy(stdout: Stdio) -> (UnixStream, std::process::Child) {
+    let (sup, dep) = UnixStream::pair().unwrap();
     let dep_fd = dep.as_raw_fd();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mosix-deputy"));
     cmd.stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::inherit())
         .env("MOSIX_DEPUTY", format!("conn={CONN_FD}"));
     // SAFETY: dup2 and close_range in the forked child, no allocation.
@@ -54,8 +51,19 @@ fn a_cancelled_call_sent_again_after_a_reconnect_is_not_made_again() {
             Ok(())
         });
     }
-    let mut deputy = cmd.spawn().unwrap();
+    let deputy = cmd.spawn().unwrap();
     drop(dep);
+    (sup, deputy)
+}
+
+/// A read of stdin sent again with its cancel (what a supervisor does when its link to
+/// home comes back, as its first cancel may have been lost) is cancelled, not made
+/// again: the next read gets the next line. (It was made again, and took the line,
+/// seen in the fault runs as a lost line of input when home's mosixd was killed while
+/// the process was frozen for its move home.)
+#[test]
+fn a_cancelled_call_sent_again_after_a_reconnect_is_not_made_again() {
+    let (mut sup, mut deputy) = spawn_deputy(Stdio::null());
     let mut input = deputy.stdin.take().unwrap();
     // A guard against a hang only (a broken deputy would wait forever for input).
     sup.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -103,4 +111,89 @@ fn a_cancelled_call_sent_again_after_a_reconnect_is_not_made_again() {
     wire::send(&mut sup, &ToDeputy::Exited(wire::ExitStatus::Code(0))).unwrap();
     let st = deputy.wait().unwrap();
     assert_eq!(st.code(), Some(0));
+}
+
+fn write_stdout(seq: u64, what: &[u8]) -> ToDeputy {
+    ToDeputy::Call(Call {
+        seq,
+        tid: 1,
+        nr: libc::SYS_write,
+        args: [1, 0x1000, what.len() as u64, 0, 0, 0],
+        bufs: vec![
+            Buf::None,
+            Buf::In(what.to_vec()),
+            Buf::None,
+            Buf::None,
+            Buf::None,
+            Buf::None,
+        ],
+        took: Vec::new(),
+    })
+}
+
+/// A rewind to a checkpoint (the host died; the process comes back from its image) makes
+/// none of the calls of the copy that died: not the one being made (cancelled), nor one
+/// queued behind it for the same thread (a handler's write after an interrupted read), which
+/// used to run after the rewind and write where the restored copy will write again.
+#[test]
+fn a_call_queued_before_a_rewind_is_not_made_after_it() {
+    let (mut sup, mut deputy) = spawn_deputy(Stdio::piped());
+    let mut out = deputy.stdout.take().unwrap();
+    sup.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut reader = sup.try_clone().unwrap();
+    let mut next = || match wire::recv::<_, FromDeputy>(&mut reader) {
+        Ok(Some(m)) => m,
+        other => panic!("no answer from the deputy: {other:?}"),
+    };
+    wire::send(&mut sup, &ToDeputy::Mark { id: 1 }).unwrap();
+    assert!(matches!(
+        next(),
+        FromDeputy::Marked {
+            id: 1,
+            result: Ok(_)
+        }
+    ));
+    // The dead copy's thread: a read of stdin waiting at home, and a write queued behind.
+    wire::send(&mut sup, &read_stdin(1)).unwrap();
+    wire::send(&mut sup, &write_stdout(2, b"stale\n")).unwrap();
+    wire::send(
+        &mut sup,
+        &ToDeputy::Rewind {
+            id: 1,
+            message: String::new(),
+        },
+    )
+    .unwrap();
+    loop {
+        match next() {
+            FromDeputy::Rewound { id: 1, result } => {
+                assert!(result.is_ok(), "{result:?}");
+                break;
+            }
+            FromDeputy::Reply(Reply::Done { seq: 2, .. }) => {
+                panic!("the queued write of the dead copy was made")
+            }
+            _ => {}
+        }
+    }
+    // The restored copy writes its own line.
+    wire::send(&mut sup, &write_stdout(3, b"fresh\n")).unwrap();
+    loop {
+        match next() {
+            FromDeputy::Reply(Reply::Done { seq: 3, ret, .. }) => {
+                assert_eq!(ret, 6);
+                break;
+            }
+            FromDeputy::Reply(Reply::Done { seq: 2, .. }) => {
+                panic!("the queued write of the dead copy was made")
+            }
+            _ => {}
+        }
+    }
+    wire::send(&mut sup, &ToDeputy::Exited(wire::ExitStatus::Code(0))).unwrap();
+    let mut got = String::new();
+    use std::io::Read;
+    out.read_to_string(&mut got).unwrap();
+    assert_eq!(deputy.wait().unwrap().code(), Some(0));
+    assert_eq!(got, "fresh\n");
 }

@@ -212,6 +212,9 @@ impl Driver {
         });
         let number = self.ck.next;
         self.ck.next += 1;
+        // Saved at once: a mosixd restarted before the next save would give the number
+        // again (its deputy answers "marked already", and that checkpoint fails).
+        self.persist();
         Target {
             base: self.ck.conf.as_ref().expect("ensured").base.clone(),
             number,

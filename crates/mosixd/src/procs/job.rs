@@ -216,6 +216,10 @@ pub struct Job<D, H> {
     unlinked_since: Option<Instant>,
     /// Since when its host's node is down (gossip silent and its machine not answering).
     host_down: Option<Instant>,
+    /// When its host's link last carried a frame: a host that still talks over it is
+    /// not given up for being down in the cluster's view (lost gossip, an overloaded
+    /// node).
+    heard: Option<Instant>,
     ended: bool,
     /// Links of would-be next hosts, come before our move (or recovery) of it was done
     /// here, and what each said meanwhile (by link number). When the move is done, the one
@@ -260,6 +264,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             waiters: Vec::new(),
             unlinked_since: None,
             host_down: None,
+            heard: None,
             ended: false,
             early: Vec::new(),
             early_msgs: Vec::new(),
@@ -652,6 +657,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     // Else from a link the job did not take: not heard.
                     return acts;
                 }
+                self.heard = Some(now);
                 match msg {
                     ToHome::Deputy(f) => self.send_deputy(f),
                     ToHome::Left {
@@ -799,8 +805,10 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             } else {
                 LINK_WAIT
             };
+            // A link that carried a frame within that time is not silent: its host lives.
+            let silent = self.heard.is_none_or(|h| now.duration_since(h) >= give_up);
             let dead = down.is_some() && unlinked.is_some_and(|u| u >= DOWN_WAIT)
-                || down.is_some_and(|d| d >= give_up)
+                || down.is_some_and(|d| d >= give_up) && silent
                 || unlinked.is_some_and(|u| u >= LINK_WAIT);
             if dead && !self.lost {
                 if let Some(h) = &mut self.host {
@@ -1558,6 +1566,39 @@ mod tests {
                 None => assert!(matches!(a.as_slice(), [Act::Lost { .. }])),
             }
         }
+        // Down in the cluster's view, but its link carries its calls: not given up (an
+        // overloaded host, lost gossip), until the link too is silent that long.
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        let h = Rec::<ToHost>::default();
+        let hid = id(1, 2);
+        j.handle(
+            Ev::HostLinked {
+                epoch: 1,
+                node: 2,
+                id: hid,
+                link: h.clone(),
+            },
+            t,
+        );
+        j.recovery = Some(1);
+        j.handle(Ev::NodeState { node: 2, up: false }, t);
+        let call = |j: &mut J, at: Instant| {
+            j.handle(
+                Ev::FromHost {
+                    id: hid,
+                    msg: ToHome::Deputy(vec![1, 2, 3].into()),
+                },
+                at,
+            );
+        };
+        call(&mut j, t + RECOVER_WAIT - Duration::from_secs(1));
+        assert!(j.tick(t + RECOVER_WAIT).is_empty());
+        call(&mut j, t + 2 * RECOVER_WAIT - Duration::from_secs(1));
+        assert!(j.tick(t + 2 * RECOVER_WAIT).is_empty());
+        let a = j.tick(t + 3 * RECOVER_WAIT);
+        assert_eq!(a, vec![Act::Recover { number: 1, node: 2 }]);
+
         // A recovery that fails: lost, with why.
         let mut j = J::new(1, 100, 0, "x".into(), t);
         away(&mut j, t, 2);
