@@ -56,11 +56,21 @@ pub fn checkpoint<W: Write + 'static>(
     opts: DumpOptions,
     progress: Progress<'_>,
 ) -> Result<(W, DumpStats)> {
+    frozen_checkpoint(pid, opts, |frozen| dump_frozen(frozen, out, opts, progress))
+}
+
+/// Checks, freezes `pid`, saves it with `save` and then lets it go on or ends it (as
+/// `opts` says), with the time it was frozen; on any failure of `save` it is left
+/// running as it was.
+pub(crate) fn frozen_checkpoint<W>(
+    pid: i32,
+    opts: DumpOptions,
+    save: impl FnOnce(&mut Frozen) -> Result<(W, DumpStats)>,
+) -> Result<(W, DumpStats)> {
     check(pid)?;
     let t0 = Instant::now();
     let mut frozen = freeze(pid)?;
-    let res = dump_frozen(&mut frozen, out, opts, progress);
-    match res {
+    match save(&mut frozen) {
         Ok((w, mut stats)) => {
             if opts.leave_running {
                 frozen.release()?;

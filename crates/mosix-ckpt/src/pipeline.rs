@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::sync::mpsc::{channel, sync_channel};
-use std::time::Instant;
 
 use crate::dump::{self, is_zero, DumpOptions, DumpStats, Frozen, Moving, Progress};
 use crate::error::{Error, Result};
@@ -35,27 +34,9 @@ pub fn checkpoint_to<W: Write + Send + 'static>(
     opts: DumpOptions,
     progress: Progress<'_>,
 ) -> Result<(W, DumpStats)> {
-    dump::check(pid)?;
-    let t0 = Instant::now();
-    let mut frozen = dump::freeze(pid)?;
-    match dump_parallel(&mut frozen, out, opts, progress) {
-        Ok((w, mut stats)) => {
-            if opts.leave_running {
-                frozen.release()?;
-            } else {
-                frozen.kill()?;
-            }
-            stats.frozen = t0.elapsed();
-            Ok((w, stats))
-        }
-        Err(e) => {
-            // Never lose the process: put it back as it was, whatever went wrong.
-            if let Err(e2) = frozen.release() {
-                tracing::error!("could not release process {pid} after a failed checkpoint: {e2}");
-            }
-            Err(e)
-        }
-    }
+    dump::frozen_checkpoint(pid, opts, |frozen| {
+        dump_parallel(frozen, out, opts, progress)
+    })
 }
 
 fn dump_parallel<W: Write + Send + 'static>(

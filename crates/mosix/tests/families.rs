@@ -88,17 +88,6 @@ fn adopted(tb: &Testbed, parent: i32, n: usize) -> Vec<i32> {
         .collect()
 }
 
-fn move_ok(tb: &Testbed, pid: i32, to: &str) {
-    let o = tb.migrate(pid, to);
-    assert!(
-        o.status.success(),
-        "migrate {pid} {to}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let want = if to == "home" { "0" } else { to };
-    assert_eq!(tb.where_(pid), want, "where {pid} after the move to {to}");
-}
-
 /// `mosix ps --json` of node `n` of the testbed in `dir` as a list, empty if it cannot
 /// be read (a poller's view).
 fn ps_at(dir: &Path, n: u32) -> Vec<Value> {
@@ -341,9 +330,9 @@ fn parent_moves_children_stay(tb: &Testbed) {
     let kids = adopted(tb, bash, 3);
     let (a, b, sh) = (kids[0], kids[1], kids[2]);
     // The parent, with three children, moves by hand; they stay where they are.
-    move_ok(tb, bash, "2");
-    move_ok(tb, b, "3");
-    move_ok(tb, sh, "4");
+    tb.move_ok(bash, "2");
+    tb.move_ok(b, "3");
+    tb.move_ok(sh, "4");
     assert_eq!(tb.where_(a), "0");
     assert_eq!(tb.where_(bash), "2");
     // The shell away execs: it comes home to do it, and the program it became is the
@@ -354,7 +343,7 @@ fn parent_moves_children_stay(tb: &Testbed) {
             .iter()
             .any(|p| p["home_pid"] == sh && p["cmd"].as_str().unwrap_or("").starts_with("mawk"))
     });
-    move_ok(tb, sh, "4");
+    tb.move_ok(sh, "4");
     let mut stdin = c.stdin.take().unwrap();
     stdin.write_all(b"go\n").unwrap();
     drop(stdin);
@@ -397,7 +386,7 @@ fn orphans(tb: &Testbed) {
                     .is_some_and(|pp| pp != i64::from(bash) && pp == i64::from(ppid(orphan)))
         })
     });
-    move_ok(tb, orphan, "2");
+    tb.move_ok(orphan, "2");
     std::fs::write(&go, "go\n").unwrap();
     nothing_left(tb, "an orphan");
 }
@@ -448,7 +437,7 @@ fn exit_statuses_and_signals(tb: &Testbed) {
     out.read_line(&mut l).unwrap();
     let kids = adopted(tb, bash, 7);
     for (i, k) in kids.iter().enumerate() {
-        move_ok(tb, *k, ["2", "3", "4"][i % 3]);
+        tb.move_ok(*k, ["2", "3", "4"][i % 3]);
     }
     let mut stdin = c.stdin.take().unwrap();
     stdin.write_all(b"go\n").unwrap();
@@ -502,7 +491,7 @@ fn pipeline_on_three_nodes(tb: &Testbed) {
         let bash = c.id() as i32;
         let kids = adopted(tb, bash, 3);
         for (k, to) in kids.iter().zip(["2", "3", "4"]) {
-            move_ok(tb, *k, to);
+            tb.move_ok(*k, to);
         }
         std::fs::write(&go, "go\n").unwrap();
         let mut got = String::new();
@@ -564,7 +553,7 @@ fn ctrl_c_ends_every_member(tb: &Testbed) {
     });
     let kids = adopted(tb, bash.get(), 3);
     for (k, to) in kids.iter().zip(["2", "3", "4"]) {
-        move_ok(tb, *k, to);
+        tb.move_ok(*k, to);
     }
     let mut w = c.stdin.take().unwrap();
     w.write_all(b"\x03").unwrap();
@@ -744,7 +733,7 @@ fn socketpair_between_members(tb: &Testbed) {
         ("two", parent, "3"),
         ("three", kid, "home"),
     ] {
-        move_ok(tb, who, to);
+        tb.move_ok(who, to);
         writeln!(w, "{what}").unwrap();
         w.flush().unwrap();
         got.push(line());
@@ -784,10 +773,10 @@ fn memory_shared_with_a_child(tb: &Testbed) {
     let home = |pid: i32, what: &str| {
         tb.wait_until(&format!("{what} came home"), || tb.where_(pid) == "0")
     };
-    move_ok(tb, parent, "2");
+    tb.move_ok(parent, "2");
     assert_eq!(say("futex"), "futex ETIMEDOUT");
     home(parent, "the parent waiting on shared memory");
-    move_ok(tb, parent, "3");
+    tb.move_ok(parent, "3");
     assert_eq!(say("set 7"), "b=70");
     home(parent, "the parent writing shared memory");
     let o = tb.migrate(kid, "4");
@@ -849,7 +838,7 @@ fn home_memory_gives_no_more_rights(tb: &Testbed) {
     let mut l = String::new();
     out.read_line(&mut l).unwrap();
     assert_eq!(l, "start\n");
-    move_ok(tb, pid, "2");
+    tb.move_ok(pid, "2");
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let held: Vec<i32> = env
         .split(|&b| b == 0)

@@ -526,43 +526,10 @@ fn wait_child(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus
     }
 }
 
-/// Lines with the PID of "start pid=N" taken out (it differs between runs).
-fn normalise(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| match l.strip_prefix("start pid=") {
-            Some(rest) => format!(
-                "start pid=N{}",
-                rest.trim_start_matches(|c: char| c.is_ascii_digit())
-            ),
-            None => l.clone(),
-        })
-        .collect()
-}
-
 /// Output and exit code of the job run plainly, never moved.
-fn reference(argv: &[&str]) -> (Vec<String>, Option<i32>) {
-    let mut c = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(INPUT.concat().as_bytes())
-        .unwrap();
-    let o = c.wait_with_output().unwrap();
-    (
-        normalise(
-            &String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect::<Vec<_>>(),
-        ),
-        o.status.code(),
-    )
+fn unmoved(argv: &[&str]) -> (Vec<String>, Option<i32>) {
+    let (out, code) = reference(argv, &INPUT.concat());
+    (normalise(&out), code)
 }
 
 // ---------- the bench: a testbed and what the rounds share ----------
@@ -1044,7 +1011,7 @@ fn run_faults(rounds: u64, seed: u64, from: u64, how: &str) {
     );
     let heap = compile("migheap");
     let mib = JOB_MIB.to_string();
-    let want = reference(&[heap.to_str().unwrap(), &mib]);
+    let want = unmoved(&[heap.to_str().unwrap(), &mib]);
     let mut bench = Some(Bench::new(heap.clone(), want.clone()));
     let mut failed = Vec::new();
     let mut tally: std::collections::BTreeMap<(&str, String), u64> = Default::default();

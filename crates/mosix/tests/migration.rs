@@ -10,46 +10,12 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Debian's python (scripts/setup.sh installs it): the program itself, not a wrapper
 /// script that would run it as a child (pyenv's shim is one).
 const PY: &str = "/usr/bin/python3";
-
-/// Output and exit code of the same job run plainly, never moved.
-fn reference(argv: &[&str], input: &str) -> (Vec<String>, Option<i32>) {
-    let mut c = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let o = c.wait_with_output().unwrap();
-    (
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect(),
-        o.status.code(),
-    )
-}
-
-/// Lines with the PID of "start pid=N" taken out (it differs between runs).
-fn normalise(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| match l.strip_prefix("start pid=") {
-            Some(rest) => format!(
-                "start pid=N{}",
-                rest.trim_start_matches(|c: char| c.is_ascii_digit())
-            ),
-            None => l.clone(),
-        })
-        .collect()
-}
 
 /// The guest entry for `home_pid` in node `n`'s `ps`, if it runs there.
 fn guest_on(tb: &Testbed, n: u32, home_pid: i32) -> Option<Value> {

@@ -24,15 +24,6 @@ fn expected(to: u64) -> String {
 /// Moves through these nodes in turn ("home" = 0).
 const TOUR: [&str; 6] = ["2", "3", "home", "4", "2", "home"];
 
-fn move_ok(tb: &Testbed, pid: i32, to: &str) {
-    let o = tb.migrate(pid, to);
-    assert!(
-        o.status.success(),
-        "migrate {pid} {to}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// Stdin written in pieces with a move after each: every move happens at a known point.
 fn paced_stdin(tb: &Testbed) {
     let mut j = Job::start(tb, &["awk", SUM_AWK]);
@@ -40,7 +31,7 @@ fn paced_stdin(tb: &Testbed) {
     let pieces = 12u64;
     for k in 0..pieces {
         j.send(&numbers(k * per + 1, (k + 1) * per));
-        move_ok(tb, j.home_pid, TOUR[k as usize % TOUR.len()]);
+        tb.move_ok(j.home_pid, TOUR[k as usize % TOUR.len()]);
     }
     let pid = j.home_pid;
     let (out, st) = j.finish();
@@ -67,7 +58,7 @@ fn burst_stdin(tb: &Testbed) {
         }
     });
     for to in TOUR {
-        move_ok(tb, j.home_pid, to);
+        tb.move_ok(j.home_pid, to);
     }
     writer.join().unwrap();
     let (out, st) = j.finish();
@@ -145,7 +136,7 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
     tb.wait_until("the user's job is registered", || {
         tb.ps(1).iter().any(|p| p["home_pid"] == home_pid)
     });
-    move_ok(tb, home_pid, "2");
+    tb.move_ok(home_pid, "2");
     let g = tb
         .ps(2)
         .into_iter()
@@ -161,7 +152,7 @@ fn user_job_moves_as_its_user(tb: &Testbed) {
         "{uids}"
     );
     stdin.write_all(numbers(1001, 2000).as_bytes()).unwrap();
-    move_ok(tb, home_pid, "home");
+    tb.move_ok(home_pid, "home");
     drop(stdin);
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success());

@@ -55,25 +55,6 @@ fn numbers(from: u32, to: u32) -> String {
     (from..=to).map(|i| format!("{i}\n")).collect()
 }
 
-/// Output (lines) and exit code of `argv` run plainly with `input`.
-fn reference(argv: &[&str], input: &str) -> (Vec<String>, Option<i32>) {
-    let mut c = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let o = c.wait_with_output().unwrap();
-    (
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect(),
-        o.status.code(),
-    )
-}
-
 /// `got` equals `want`; if not, where they part (a few lines, not thousands).
 fn same_lines(got: &[String], want: &[String], what: &str) {
     if got == want {

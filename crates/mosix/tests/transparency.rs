@@ -27,17 +27,6 @@ fn job_cmd(tb: &Testbed, argv: &[&str], nobody: bool) -> Command {
     c
 }
 
-fn move_ok(tb: &Testbed, pid: i32, to: &str) {
-    let o = tb.migrate(pid, to);
-    assert!(
-        o.status.success(),
-        "migrate {pid} {to}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let want = if to == "home" { "0" } else { to };
-    assert_eq!(tb.where_(pid), want, "where {pid} after the move to {to}");
-}
-
 /// Waits until `pid` is a registered migratable process of node 1.
 fn registered(tb: &Testbed, pid: i32) {
     tb.wait_until(&format!("{pid} is registered"), || {
@@ -96,7 +85,7 @@ fn compressor(tb: &Testbed, prog: &[&str], name: &str) {
     registered(tb, pid);
     stdin.write_all(&pieces[0]).unwrap();
     for (i, to) in ["2", "3", "home"].iter().enumerate() {
-        move_ok(tb, pid, to);
+        tb.move_ok(pid, to);
         stdin.write_all(&pieces[i + 1]).unwrap();
     }
     drop(stdin);
@@ -189,7 +178,7 @@ fn conversation(tb: &Testbed, script: &str, args: &[&str], lines: [&str; 4], fre
     let mut got = vec!["start".to_string()];
     got.push(t.say(lines[0]));
     for (i, to) in ["2", "3", "home"].iter().enumerate() {
-        move_ok(tb, t.pid, to);
+        tb.move_ok(t.pid, to);
         got.push(t.say(lines[i + 1]));
     }
     let (rest, st) = t.end();
@@ -278,7 +267,7 @@ fn sockets(tb: &Testbed) {
     let mut t = Talk::start(tb, &[PY, "-c", CLIENT_PY, &port], false);
     let mut got = vec![t.say(lines[0])];
     for (i, to) in ["2", "3", "home"].iter().enumerate() {
-        move_ok(tb, t.pid, to);
+        tb.move_ok(t.pid, to);
         got.push(t.say(lines[i + 1]));
     }
     let (rest, st) = t.end();
@@ -342,7 +331,7 @@ fn terminal(tb: &Testbed) {
         .and_then(|p| p["home_pid"].as_i64())
         .expect("the job under script in node 1's ps") as i32;
     for to in ["2", "3"] {
-        move_ok(tb, pid, to);
+        tb.move_ok(pid, to);
         writeln!(w, "at{to}").unwrap();
         w.flush().unwrap();
         assert_eq!(next("got"), format!("got at{to} True True 33x101"));
@@ -441,7 +430,7 @@ fn streams_outlive_their_daemons(tb: &Testbed) {
         ],
         false,
     );
-    move_ok(tb, t.pid, "2");
+    tb.move_ok(t.pid, "2");
     assert_eq!(t.say("go"), "at 256");
     for node in ["2", "1"] {
         tb.ok(&["stop", node, "--kill"]);
@@ -534,7 +523,7 @@ fn offset_left_at_home(tb: &Testbed) {
         .expect("the job in node 1's ps") as i32;
     let mut got = Vec::new();
     for (i, to) in ["2", "3", "home", "2"].iter().enumerate() {
-        move_ok(tb, pid, to);
+        tb.move_ok(pid, to);
         writeln!(ctl, "l{i}").unwrap();
         ctl.flush().unwrap();
         got.push(line());
@@ -595,7 +584,7 @@ fn shared_files(tb: &Testbed) {
     let mut t = Talk::start(tb, &[PY, "-c", DFSA_PY, work.to_str().unwrap()], false);
     let mut got = vec!["start".to_string(), t.say(lines[0])];
     for (i, to) in ["2", "3", "home"].iter().enumerate() {
-        move_ok(tb, t.pid, to);
+        tb.move_ok(t.pid, to);
         got.push(t.say(lines[i + 1]));
         if *to == "2" {
             // The file it keeps is open on node 2 itself (home holds a placeholder).
@@ -696,7 +685,7 @@ fn home_only(tb: &Testbed) {
         ("peek".to_string(), "peek 0"),
         (format!("map {}", file.display()), "map b'hello'"),
     ] {
-        move_ok(tb, t.pid, "2");
+        tb.move_ok(t.pid, "2");
         assert_eq!(t.say(&cmd), want);
         // Its record at home says so once the supervisor that rebuilt it there reports
         // (just after it runs again: its answer may come first).
@@ -715,7 +704,7 @@ fn home_only(tb: &Testbed) {
     assert_eq!(tb.where_(t.pid), "0");
     // System V shared memory: home, then kept there.
     let mut t2 = Talk::start(tb, &[PY, "-c", HOMEONLY_PY], false);
-    move_ok(tb, t2.pid, "3");
+    tb.move_ok(t2.pid, "3");
     assert_eq!(t2.say("shm"), "shm b'sysv'");
     assert_eq!(tb.where_(t2.pid), "0");
     let o = tb.migrate(t2.pid, "3");
@@ -746,7 +735,7 @@ for line in sys.stdin:
 fn permissions(tb: &Testbed) {
     use std::os::unix::fs::PermissionsExt;
     let mut t = Talk::start(tb, &[PY, "-c", PERM_PY], true);
-    move_ok(tb, t.pid, "2");
+    tb.move_ok(t.pid, "2");
     for dir in [tb.dir.path().to_path_buf(), tb.shared()] {
         let secret = dir.join("secret");
         std::fs::write(&secret, "root only").unwrap();
@@ -780,8 +769,8 @@ fn background_job_of_a_shell(tb: &Testbed) {
     out.read_line(&mut l).unwrap();
     let pid: i32 = l.trim().parse().unwrap();
     registered(tb, pid);
-    move_ok(tb, pid, "2");
-    move_ok(tb, pid, "3");
+    tb.move_ok(pid, "2");
+    tb.move_ok(pid, "3");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
@@ -828,7 +817,7 @@ fn real_programs_keep_their_home_world_on_every_node() {
     registered(&tb, pid);
     stdin.write_all(&pieces[0]).unwrap();
     for (i, to) in ["2", "3"].iter().enumerate() {
-        move_ok(&tb, pid, to);
+        tb.move_ok(pid, to);
         stdin.write_all(&pieces[i + 1]).unwrap();
     }
     drop(stdin);

@@ -11,6 +11,39 @@ use std::time::{Duration, Instant};
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Output (lines) and exit code of `argv` run plainly, never moved, with `input`.
+pub fn reference(argv: &[&str], input: &str) -> (Vec<String>, Option<i32>) {
+    let mut c = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = c.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        o.status.code(),
+    )
+}
+
+/// Lines with the PID of "start pid=N" taken out (it differs between runs).
+pub fn normalise(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| match l.strip_prefix("start pid=") {
+            Some(rest) => format!(
+                "start pid=N{}",
+                rest.trim_start_matches(|c: char| c.is_ascii_digit())
+            ),
+            None => l.clone(),
+        })
+        .collect()
+}
+
 /// A command prefix that runs the rest as uid/gid 65534 with no supplementary groups.
 pub const AS_NOBODY: [&str; 7] = [
     "setpriv",
@@ -188,6 +221,18 @@ impl Testbed {
 
     pub fn migrate(&self, pid: i32, to: &str) -> std::process::Output {
         self.exec(1, &["migrate", &pid.to_string(), to])
+    }
+
+    /// Moves `pid` to `to` (a node, or "home"): the move succeeds and `where` says so.
+    pub fn move_ok(&self, pid: i32, to: &str) {
+        let o = self.migrate(pid, to);
+        assert!(
+            o.status.success(),
+            "migrate {pid} {to}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let want = if to == "home" { "0" } else { to };
+        assert_eq!(self.where_(pid), want, "where {pid} after the move to {to}");
     }
 }
 
