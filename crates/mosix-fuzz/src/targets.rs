@@ -499,6 +499,7 @@ fn wire_frames(d: &[u8]) -> u64 {
                 }
             }
             Ok(wire::Hello::Link(_)) => drain::<wire::ToHome>(&mut r),
+            Ok(wire::Hello::Resolve(q)) => class(&format!("resolve {}", q.epoch)),
             // A checkpoint as home reads it: hello, image chunks, its end.
             Ok(wire::Hello::Checkpoint(h)) => {
                 std::hint::black_box(&h);

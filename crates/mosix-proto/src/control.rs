@@ -39,6 +39,17 @@ pub enum Request {
     /// `nostay`, `lstay`, `nolstay`, `block`, `noblock`, `expel`, `noexpel`; `show` only
     /// reports. Answered with [`Response::Mode`].
     Mosctl { cmd: String },
+    /// From a mover whose mosixd died after the commit of a move was announced to it and
+    /// before (or after) the destination `to` was told to commit (root only): this
+    /// daemon, restarted, asks `to` to run its held copy of residence `epoch` of process
+    /// `home_pid` (home `home`) if it still holds it. Answered with
+    /// [`Response::Resolved`]: whether it runs there now.
+    ResolveMove {
+        home: u32,
+        home_pid: i32,
+        epoch: u64,
+        to: u32,
+    },
     /// Move the process with this home PID to node `to` (0 = home). Answered with
     /// [`Response::Migrated`] once it runs there, or an error saying why not.
     Migrate { pid: i32, to: u32 },
@@ -200,6 +211,11 @@ pub enum Response {
     Frozen {
         pid: i32,
         frozen: bool,
+    },
+    /// [`Request::ResolveMove`]: the process runs at the destination (else it was
+    /// dropped there, or the destination could not be asked).
+    Resolved {
+        committed: bool,
     },
     Mode {
         stay: bool,

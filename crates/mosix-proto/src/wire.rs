@@ -318,6 +318,26 @@ pub enum Hello {
     /// [`ToHost::Checkpoint`]): the image as chunks ended by an empty one, then
     /// [`CkptEnd`]; home answers [`CkptVerdict`] once the image is safely written.
     Checkpoint(CkptHello),
+    /// The source of a move died between announcing the commit to its mover and
+    /// telling this destination (or just after): the held copy is run if still held
+    /// (answered [`Resolution`]).
+    Resolve(ResolveHello),
+}
+
+/// Which move [`Hello::Resolve`] is about: the process and the residence it was moving
+/// into, asked by the source node `from`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResolveHello {
+    pub home: u32,
+    pub home_pid: i32,
+    pub epoch: u64,
+    pub from: u32,
+}
+
+/// The answer to [`Hello::Resolve`]: whether the process runs here now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resolution {
+    pub committed: bool,
 }
 
 /// First message of a checkpoint's connection from a process's host to its home.

@@ -25,6 +25,10 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
+/// What mosixd answers a deputy that connects while its process is being found again
+/// after a restart (its move still being finished): the deputy connects again.
+pub const NOT_YET: &str = "not followed again yet";
+
 /// The signal that interrupts a worker's call (a real-time signal; one sent to the
 /// process by somebody else is passed on like any other).
 pub const SIG_CANCEL: i32 = 63;

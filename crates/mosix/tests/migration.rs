@@ -441,6 +441,40 @@ fn migration_on_four_nodes() {
     assert_eq!(st.code(), want_code);
     tb.ok(&["start", "3"]);
 
+    // 6b. The source's mosixd dies between announcing the commit to its mover and telling
+    //     the destination (a test switch makes it exit right there): the destination
+    //     holds its copy, the mover asks through the restarted daemon that it run, and the
+    //     process goes on at the destination, once, with all its output (it was lost).
+    tb.ok(&["stop", "1"]);
+    let o = tb.testbed(&["start", "1"], &[("MOSIXD_TEST_DIE_AT_COMMIT", "1")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    tb.wait_until("node 1 sees node 2 up again", || {
+        let o = tb.exec(1, &["status", "--json"]);
+        serde_json::from_slice::<Value>(&o.stdout)
+            .map(|v| v["nodes"][1]["status"] == 3)
+            .unwrap_or(false)
+    });
+    let input: String = (0..2).map(|i| format!("go {i}\n")).collect();
+    let (want, want_code) = reference(&[heap.to_str().unwrap(), "64"], &input);
+    let mut j = Job::start(&tb, &[heap.to_str().unwrap(), "64"]);
+    let o = tb.migrate(j.home_pid, "2");
+    assert!(
+        !o.status.success(),
+        "the source's mosixd did not die at the commit"
+    );
+    tb.ok(&["start", "1"]);
+    tb.wait_until("it runs on node 2", || {
+        let o = tb.exec(1, &["where", &j.home_pid.to_string()]);
+        String::from_utf8_lossy(&o.stdout).trim() == "2"
+    });
+    let g = guest_on(&tb, 2, j.home_pid).expect("node 2 lists it");
+    check_really_there(2, &g, j.home_pid);
+    j.send("go 0\n");
+    j.send("go 1\n");
+    let (got, st) = j.finish();
+    assert_eq!(normalise(&got), normalise(&want));
+    assert_eq!(st.code(), want_code);
+
     // 7. mosixd is not the process: the daemon of the node a job runs on is killed and
     //    started again, then the daemon of its home; the job goes on (its calls wait
     //    meanwhile) and ends exactly as an unmoved run.

@@ -240,6 +240,32 @@ async fn connection(
                             message: format!("internal error: {e}"),
                         })
                 }
+                Ok(Request::ResolveMove {
+                    home,
+                    home_pid,
+                    epoch,
+                    to,
+                }) => {
+                    if uid != 0 {
+                        Response::Error {
+                            message: "only a mover (root) may ask about a move in doubt".into(),
+                        }
+                    } else {
+                        let pr = procs.clone();
+                        tokio::task::spawn_blocking(move || {
+                            match pr.resolve_move(home, home_pid, epoch, to) {
+                                Ok(committed) => Response::Resolved { committed },
+                                Err(e) => Response::Error {
+                                    message: format!("{e:#}"),
+                                },
+                            }
+                        })
+                        .await
+                        .unwrap_or_else(|e| Response::Error {
+                            message: format!("internal error: {e}"),
+                        })
+                    }
+                }
                 Ok(req) => answer(&req, uid, &state),
                 Err(e) => Response::Error {
                     message: format!("bad request: {e}"),

@@ -74,6 +74,10 @@ fn connect(c: &Conf, path: &str) -> std::io::Result<UnixStream> {
     // Read the answer byte by byte: nothing of the frames after it may be taken.
     let mut r = BufReader::with_capacity(1, &s);
     r.read_line(&mut line)?;
+    if line.contains(deputy::NOT_YET) {
+        // mosixd, restarted, is still finding its process again: later.
+        return Err(std::io::Error::other(line.trim().to_string()));
+    }
     if !line.contains("\"deputy_ok\"") {
         return Err(std::io::Error::other(format!(
             "mosixd did not take this deputy: {}",

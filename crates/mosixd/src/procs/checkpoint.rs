@@ -134,7 +134,7 @@ fn whole_chunks(b: &[u8]) -> usize {
 
 /// Ends a process held by its mover (`chkexit`, its image safely written).
 fn end_held(pid: i32, mut m: Mover) {
-    let r = m.committing(None).and_then(|_| m.commit());
+    let r = m.committing(None, None).and_then(|_| m.commit());
     if let Err(e) = r {
         warn!(pid, "ending it after its checkpoint: {e}");
     }

@@ -230,6 +230,14 @@ impl Record {
     }
 }
 
+/// Whether process `pid` is traced now (held by a mover, or being rebuilt).
+fn traced(pid: i32) -> bool {
+    mosix_ckpt::procfs::status(pid)
+        .ok()
+        .and_then(|s| s.get("TracerPid").map(|t| t.trim() != "0"))
+        .unwrap_or(false)
+}
+
 fn start_time(pid: i32) -> Option<u64> {
     mosix_ckpt::procfs::stat_fields(pid)
         .ok()
@@ -375,14 +383,8 @@ impl Procs {
     /// rebuilding it at home (a tracer) is given time to finish; then it is away if it is
     /// its deputy, else home.
     fn settle_place(&self, r: &mut Record) -> bool {
-        let traced = || {
-            mosix_ckpt::procfs::status(r.pid)
-                .ok()
-                .and_then(|s| s.get("TracerPid").map(|t| t.trim() != "0"))
-                .unwrap_or(false)
-        };
         let end = Instant::now() + std::time::Duration::from_secs(30);
-        while traced() && Instant::now() < end {
+        while traced(r.pid) && Instant::now() < end {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let exe = std::fs::read_link(format!("/proc/{}/exe", r.pid)).ok();
@@ -574,7 +576,7 @@ impl Procs {
             let Ok(text) = std::fs::read(e.path()) else {
                 continue;
             };
-            let Ok(mut r) = serde_json::from_slice::<Record>(&text) else {
+            let Ok(r) = serde_json::from_slice::<Record>(&text) else {
                 let _ = std::fs::remove_file(e.path());
                 continue;
             };
@@ -582,6 +584,32 @@ impl Procs {
                 self.remove_record(r.pid);
                 continue;
             }
+            if traced(r.pid) {
+                // In the middle of a move (its mover holds it, and may ask this daemon
+                // whether the destination runs it: doubt.rs) or of its rebuild here:
+                // followed once that is over, without holding up the others.
+                let me = self.clone();
+                let pid = r.pid;
+                lock(&self.readopting).insert(pid);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("readopt-{pid}"))
+                    .spawn(move || {
+                        me.readopt_home(r);
+                        lock(&me.readopting).remove(&pid);
+                    });
+                if let Err(e) = spawned {
+                    lock(&self.readopting).remove(&pid);
+                    warn!("no thread to follow a process again: {e}");
+                }
+                continue;
+            }
+            self.readopt_home(r);
+        }
+    }
+
+    /// Follows again the process of record `r`, alive with the start time recorded.
+    fn readopt_home(self: &Arc<Self>, mut r: Record) {
+        {
             let deputy = self.settle_place(&mut r);
             let now = Instant::now();
             let mut j = HomeJob::new(self.me(), r.pid, r.uid, r.cmd.clone(), now);
@@ -603,13 +631,13 @@ impl Procs {
                 Ok(fd) => fd,
                 Err(e) => {
                     warn!(pid = r.pid, "cannot watch process {}: {e}", r.pid);
-                    continue;
+                    return;
                 }
             };
             // The start time read before the pidfd was opened: still it if still alive.
             if start_time(r.pid) != Some(r.start_time) {
                 self.remove_record(r.pid);
-                continue;
+                return;
             }
             if let Err(e) = self.start_driver(j, r, token, None, pidfd) {
                 warn!("{e:#}");
@@ -626,10 +654,14 @@ impl Procs {
         home_pid: i32,
         token: &str,
     ) -> Result<()> {
-        let h = lock(&self.homes)
-            .get(&home_pid)
-            .cloned()
-            .ok_or_else(|| anyhow!("no migratable process {home_pid} here"))?;
+        let h = lock(&self.homes).get(&home_pid).cloned();
+        let Some(h) = h else {
+            if lock(&self.readopting).contains(&home_pid) {
+                // (The deputy connects again: see mosix-deputy's NOT_YET.)
+                bail!("process {home_pid} is {}", mosix_remote::deputy::NOT_YET);
+            }
+            bail!("no migratable process {home_pid} here");
+        };
         if peer.pid != Some(home_pid) || *h.token != token {
             bail!("that is not the deputy of process {home_pid}");
         }
@@ -664,6 +696,14 @@ impl Procs {
     pub(crate) fn host_linked(&self, ch: Link, l: LinkHello) -> Result<()> {
         let h = lock(&self.homes).get(&l.home_pid).cloned();
         let Some(h) = h else {
+            if lock(&self.readopting).contains(&l.home_pid) {
+                // Found again after a restart, its move still being finished: the host
+                // links again shortly.
+                bail!(
+                    "link for process {} before it is followed again",
+                    l.home_pid
+                );
+            }
             // A process with no home here any more: end it there.
             let mut ch = ch;
             let _ = wire::send_flush(&mut ch, &ToHost::Kill);

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub mod checkpoint;
 pub mod ckptfile;
+pub mod doubt;
 pub mod family;
 mod gate;
 pub mod guest;
@@ -138,6 +139,11 @@ pub struct Procs {
     started: Instant,
     /// What a process leaving home becomes (the deputy program).
     pub deputy_path: std::path::PathBuf,
+    /// Copies restored here whose source went away before deciding (see doubt.rs).
+    doubts: doubt::Doubts,
+    /// Processes of ours found again after a restart whose move is still being finished
+    /// by their mover (followed once it is done): their hosts' links wait, not ended.
+    readopting: Mutex<std::collections::HashSet<i32>>,
 }
 
 /// A process as the balancer sees it, with its PID here.
@@ -197,6 +203,8 @@ impl Procs {
             explanations: Mutex::new(HashMap::new()),
             started: Instant::now(),
             deputy_path,
+            doubts: doubt::Doubts::default(),
+            readopting: Mutex::new(std::collections::HashSet::new()),
         })
     }
 

@@ -57,12 +57,71 @@ pub enum ToMover {
     Quiesced(Vec<(i32, i64)>),
     /// The move failed: let it go on here.
     Release,
-    /// The destination is about to be told to commit: from now on, if mosixd goes away,
-    /// the move is done. With the deputy's exec for a process leaving home (else it is
-    /// ended here).
-    Committing(Option<DeputyExec>),
+    /// The destination is about to be told to commit. With the deputy's exec for a
+    /// process leaving home (else it is ended here), and how to ask whether the
+    /// destination runs it if mosixd goes away from now on (then the move is finished
+    /// only if it does: doubt.rs).
+    /// (None: no destination, as for `chkexit`: the move is finished.)
+    Committing(Option<DeputyExec>, Option<InDoubt>),
     /// It runs there: finish (end it, or make it its deputy).
     Commit,
+}
+
+/// A move whose commit was announced: how its mover asks, if its mosixd goes away, that
+/// the destination run its copy (a [`mosix_proto::control::Request::ResolveMove`] to the
+/// restarted daemon's control socket).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InDoubt {
+    pub socket: std::path::PathBuf,
+    pub home: u32,
+    pub home_pid: i32,
+    pub epoch: u64,
+    pub to: u32,
+}
+
+/// How long a mover whose mosixd went away during the commit waits for it to come back
+/// and answer (less than the destination holds its copy: transfer::IN_DOUBT).
+const ASK_FOR: std::time::Duration = std::time::Duration::from_secs(25);
+
+impl InDoubt {
+    /// Whether the destination runs the process (asked through the restarted mosixd); false
+    /// if it does not, cannot be reached, or mosixd does not answer in [`ASK_FOR`].
+    fn runs_there(&self) -> bool {
+        let end = std::time::Instant::now() + ASK_FOR;
+        let req = mosix_proto::control::Request::ResolveMove {
+            home: self.home,
+            home_pid: self.home_pid,
+            epoch: self.epoch,
+            to: self.to,
+        };
+        while std::time::Instant::now() < end {
+            match self.ask(&req) {
+                Ok(mosix_proto::control::Response::Resolved { committed }) => return committed,
+                Ok(other) => {
+                    warn!("asking whether node {} runs it: {other:?}", self.to);
+                    return false;
+                }
+                // mosixd is not back yet.
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+        false
+    }
+
+    fn ask(
+        &self,
+        req: &mosix_proto::control::Request,
+    ) -> std::io::Result<mosix_proto::control::Response> {
+        use std::io::BufRead;
+        let mut s = UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+        let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        s.write_all(&line)?;
+        let mut answer = String::new();
+        std::io::BufReader::new(&s).read_line(&mut answer)?;
+        serde_json::from_str(&answer).map_err(std::io::Error::other)
+    }
 }
 
 /// Mover to mosixd. After `Frozen` come the image's chunks, then `Dumped` (or the
@@ -244,8 +303,12 @@ impl Mover {
     }
 
     /// Announces the commit (see [`ToMover::Committing`]).
-    pub fn committing(&mut self, deputy: Option<DeputyExec>) -> Result<(), super::MoveError> {
-        self.send(&ToMover::Committing(deputy))
+    pub fn committing(
+        &mut self,
+        deputy: Option<DeputyExec>,
+        doubt: Option<InDoubt>,
+    ) -> Result<(), super::MoveError> {
+        self.send(&ToMover::Committing(deputy, doubt))
     }
 
     /// It runs there: ends it here or makes it its deputy. The signals that reached it.
@@ -513,9 +576,13 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         },
     )?;
     let mut committing: Option<Option<DeputyExec>> = None;
+    let mut doubt: Option<InDoubt> = None;
     loop {
         match wire::recv::<_, ToMover>(&mut conn) {
-            Ok(Some(ToMover::Committing(d))) => committing = Some(d),
+            Ok(Some(ToMover::Committing(d, q))) => {
+                committing = Some(d);
+                doubt = q;
+            }
             Ok(Some(ToMover::Commit)) if committing.is_some() => break,
             Ok(Some(ToMover::Release)) => {
                 held.release()?;
@@ -524,6 +591,21 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             }
             Ok(Some(other)) => warn!(pid, "mover: unexpected {other:?}"),
             Ok(None) | Err(_) => {
+                if let Some(q) = &doubt {
+                    // The destination may or may not have been told to commit: it runs
+                    // its copy if it still holds it and we ask; then the move is done.
+                    warn!(
+                        pid,
+                        "mosixd went away during the commit: asking node {} to run it", q.to
+                    );
+                    if q.runs_there() {
+                        info!(pid, "node {} runs it: finishing the move", q.to);
+                        break;
+                    }
+                    warn!(pid, "node {} does not run it: it goes on here", q.to);
+                    held.release()?;
+                    return Ok(());
+                }
                 if committing.is_some() {
                     warn!(
                         pid,

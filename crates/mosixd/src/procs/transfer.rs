@@ -11,7 +11,7 @@
 //! chunk by chunk.
 
 use super::gate::{HandshakeGate, HandshakeSlot};
-use super::mover::{Mover, MoverStart};
+use super::mover::{InDoubt, Mover, MoverStart};
 use super::rights::{no_new_privs, own_rights_only};
 use super::supervisor::{self, FromSup, SupMode, SupStart, ToSup};
 use super::{Link, MoveError, Moved, Procs};
@@ -168,13 +168,20 @@ fn finish_move(
     tail: Tail,
     mut mover: Mover,
     deputy: Option<super::home::DeputyExec>,
+    doubt: InDoubt,
 ) -> Result<(i32, Vec<i32>, Instant), MoveError> {
     if let Err(e) = ready(ch, to, tail) {
         mover.release();
         return Err(e);
     }
-    // Announced first: if this daemon dies from here on, the mover finishes the move.
-    mover.committing(deputy)?;
+    // Announced first: if this daemon dies from here on, the mover asks the destination
+    // (through this daemon restarted) to run its copy, and finishes the move if it does.
+    mover.committing(deputy, Some(doubt))?;
+    if std::env::var_os(ENV_TEST_DIE_AT_COMMIT).is_some() {
+        warn!("TEST: exiting between announcing the commit and sending it");
+        // SAFETY: _exit ends this process at once; nothing of ours is used after.
+        unsafe { libc::_exit(70) };
+    }
     match commit(ch, to) {
         Ok(host_pid) => {
             let running = Instant::now();
@@ -184,6 +191,34 @@ fn finish_move(
             mover.release();
             Err(e)
         }
+    }
+}
+
+/// How long a destination holds a restored copy whose source went away before deciding
+/// (longer than a mover waits for its mosixd to come back and ask: [`super::mover`]).
+pub const IN_DOUBT: Duration = Duration::from_secs(30);
+/// How long a question about a move in doubt waits for the destination to see its link
+/// broken (at once, when the source's daemon died: its connections were reset).
+const RESOLVE_WAIT: Duration = Duration::from_secs(10);
+/// Test only: a source's mosixd exits right after announcing the commit to its mover,
+/// before the destination is told (the window doubt.rs closes).
+const ENV_TEST_DIE_AT_COMMIT: &str = "MOSIXD_TEST_DIE_AT_COMMIT";
+
+impl Procs {
+    /// A mover whose mosixd died after the commit was announced asks, through this
+    /// (restarted) daemon, that destination `to` run its held copy: whether it runs there.
+    pub fn resolve_move(&self, home: u32, home_pid: i32, epoch: u64, to: u32) -> Result<bool> {
+        let mut ch = self.connect(to)?;
+        wire::send_flush(
+            &mut ch,
+            &Hello::Resolve(mosix_proto::wire::ResolveHello {
+                home,
+                home_pid,
+                epoch,
+                from: self.me(),
+            }),
+        )?;
+        Ok(wire::expect::<_, mosix_proto::wire::Resolution>(&mut ch)?.committed)
     }
 }
 
@@ -329,16 +364,24 @@ impl Procs {
                 rounds: rounds.clone(),
             },
         };
-        let (host_pid, signals, running) = match finish_move(&mut ch, to, tail, mover, Some(exec)) {
-            Ok(r) => r,
-            Err(e) => {
-                self.mark_leaving(m.pid, None);
-                if let (Some(t), Some((target, _))) = (temp, &m.ckpt) {
-                    target.discard(t);
-                }
-                return Err(e);
-            }
+        let doubt = InDoubt {
+            socket: self.cfg.control_socket.clone(),
+            home: self.me(),
+            home_pid: m.pid,
+            epoch: m.epoch,
+            to,
         };
+        let (host_pid, signals, running) =
+            match finish_move(&mut ch, to, tail, mover, Some(exec), doubt) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.mark_leaving(m.pid, None);
+                    if let (Some(t), Some((target, _))) = (temp, &m.ckpt) {
+                        target.discard(t);
+                    }
+                    return Err(e);
+                }
+            };
         let ckpt = match (temp, m.ckpt) {
             (Some(t), Some((target, mut info))) => {
                 let number = target.number;
@@ -451,7 +494,14 @@ impl Procs {
             memory_bytes,
             rounds: rounds.clone(),
         };
-        let (host_pid, _, running) = finish_move(&mut ch, dest, tail, mover, None)?;
+        let doubt = InDoubt {
+            socket: self.cfg.control_socket.clone(),
+            home: header.home,
+            home_pid: header.home_pid,
+            epoch: header.epoch,
+            to: dest,
+        };
+        let (host_pid, _, running) = finish_move(&mut ch, dest, tail, mover, None, doubt)?;
         let frozen_ms = running.duration_since(t0).as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
         info!(
@@ -541,6 +591,24 @@ impl Procs {
                     bail!("{e}");
                 }
                 self.checkpoint_in(ch, c)
+            }
+            Hello::Resolve(r) => {
+                if let Err(e) = ch.check_claim(r.from) {
+                    warn!("refused a question from {peer}: {e}");
+                    bail!("{e}");
+                }
+                let committed = self
+                    .doubts
+                    .resolve((r.home, r.home_pid, r.epoch), RESOLVE_WAIT);
+                info!(
+                    home = r.home,
+                    pid = r.home_pid,
+                    from = r.from,
+                    committed,
+                    "a move in doubt resolved"
+                );
+                wire::send_flush(&mut ch, &mosix_proto::wire::Resolution { committed })?;
+                Ok(())
             }
         }
     }
@@ -659,18 +727,43 @@ impl Procs {
             let _ = supervisor::send(&mut sup, &ToSup::Abort);
             return Err(e.into());
         }
+        let key = (h.home, h.home_pid, h.epoch);
         match wire::expect::<_, Decision>(&mut ch) {
             Ok(Decision::Commit) => {}
-            Ok(Decision::Abort) | Err(_) => {
+            Ok(Decision::Abort) => {
                 let _ = supervisor::send(&mut sup, &ToSup::Abort);
                 return Ok(());
             }
+            Err(e) => {
+                // The source went away: it may have announced the commit to its mover,
+                // which then asks (through its restarted mosixd) that this copy run.
+                info!(
+                    home = h.home,
+                    pid = h.home_pid,
+                    "the source went away before deciding ({e}); the copy is held for {IN_DOUBT:?}"
+                );
+                if !self.doubts.hold(key, IN_DOUBT) {
+                    let _ = supervisor::send(&mut sup, &ToSup::Abort);
+                    return Ok(());
+                }
+                info!(
+                    home = h.home,
+                    pid = h.home_pid,
+                    "its mover asked: it runs here"
+                );
+            }
         }
-        supervisor::send(&mut sup, &ToSup::Commit)?;
-        match supervisor::recv(&mut sup) {
-            Ok(FromSup::Running) => {}
-            other => bail!("the supervisor did not start it: {other:?}"),
+        let started = supervisor::send(&mut sup, &ToSup::Commit)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| match supervisor::recv(&mut sup) {
+                Ok(FromSup::Running) => Ok(()),
+                other => Err(anyhow!("the supervisor did not start it: {other:?}")),
+            });
+        if let Err(e) = started {
+            self.doubts.failed(key);
+            return Err(e);
         }
+        self.doubts.committed(key);
         let _ = wire::send_flush(&mut ch, &Verdict::Running { host_pid });
         drop(ch);
         info!(
