@@ -81,11 +81,14 @@ pub struct InDoubt {
 
 /// How long a mover whose mosixd went away during the commit waits for it to come back
 /// and answer (less than the destination holds its copy: transfer::IN_DOUBT).
-const ASK_FOR: std::time::Duration = std::time::Duration::from_secs(25);
+const ASK_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl InDoubt {
-    /// Whether the destination runs the process (asked through the restarted mosixd); false
-    /// if it does not, cannot be reached, or mosixd does not answer in [`ASK_FOR`].
+    /// Whether the destination runs the process (asked through the restarted mosixd):
+    /// false if it does not or cannot be reached; true also if mosixd does not answer in
+    /// [`ASK_FOR`] (the move is then finished, as before there was a question: the
+    /// destination was most likely told, the two writes being consecutive; a copy it did
+    /// not get is lost, but never do two copies run).
     fn runs_there(&self) -> bool {
         let end = std::time::Instant::now() + ASK_FOR;
         let req = mosix_proto::control::Request::ResolveMove {
@@ -105,7 +108,11 @@ impl InDoubt {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
             }
         }
-        false
+        warn!(
+            "no answer from mosixd in {ASK_FOR:?}: taking it that node {} runs it",
+            self.to
+        );
+        true
     }
 
     fn ask(

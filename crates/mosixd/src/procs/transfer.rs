@@ -196,7 +196,7 @@ fn finish_move(
 
 /// How long a destination holds a restored copy whose source went away before deciding
 /// (longer than a mover waits for its mosixd to come back and ask: [`super::mover`]).
-pub const IN_DOUBT: Duration = Duration::from_secs(30);
+pub const IN_DOUBT: Duration = Duration::from_secs(12);
 /// How long a question about a move in doubt waits for the destination to see its link
 /// broken (at once, when the source's daemon died: its connections were reset).
 const RESOLVE_WAIT: Duration = Duration::from_secs(10);
