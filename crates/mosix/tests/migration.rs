@@ -37,6 +37,9 @@ fn check_really_there(n: u32, g: &Value, home_pid: i32) {
         .map(|x| x.parse::<i32>().unwrap())
         .collect::<Vec<_>>();
     assert_eq!(nspid.last(), Some(&home_pid), "NSpid {nspid:?}");
+    // An ordinary process for the OOM killer (its supervisor is its first choice).
+    let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(adj.trim(), "0", "oom_score_adj of guest {pid}");
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(
         cg.contains(&format!("{}{n}", common::tb_prefix())),

@@ -82,10 +82,19 @@ fn main() {
         .with_ansi(false)
         .init();
     if let Some(role) = helper {
-        // Started as /proc/self/exe: named as the daemon, not "exe". A helper (and the
-        // process a supervisor restores) is an ordinary process for the OOM killer again.
+        // Started as /proc/self/exe: named as the daemon, not "exe". A helper is an
+        // ordinary process for the OOM killer again; a supervisor, and the process it
+        // restores until it runs, is its first choice in the node: out of memory in a
+        // restore, the restore fails, not the daemon (which cannot lower its own score
+        // without CAP_SYS_RESOURCE, missing in some containers and VMs). The restored
+        // process is set back to 0 once it runs.
         mosixd::procs::supervisor::name_self();
-        let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+        let score = if role == "move" || role == "freeze" {
+            "0"
+        } else {
+            "500"
+        };
+        let _ = std::fs::write("/proc/self/oom_score_adj", score);
         std::process::exit(match role.as_str() {
             "move" => mosixd::procs::mover::main(),
             "freeze" => mosixd::procs::checkpoint::freezer_main(),
@@ -95,7 +104,8 @@ fn main() {
     let args = Args::parse();
     // Out of memory in its node (a process restored into a memory limit too small), the
     // kernel kills the process being restored, not the daemon every job depends on.
-    // Its helpers set themselves back to 0 (above).
+    // Needs CAP_SYS_RESOURCE (else it stays 0, and the supervisors' 500 does it). Its
+    // helpers set their own (above).
     let _ = std::fs::write("/proc/self/oom_score_adj", "-900");
     if args.man_page || args.completions.is_some() {
         use clap::CommandFactory;

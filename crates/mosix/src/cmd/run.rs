@@ -45,10 +45,12 @@ use std::time::Duration;
                   mosrun -R ~/sim.ckpt.4 >> out.txt   # ... and later go on from there"
 )]
 pub struct Args {
-    /// Move it to this node as soon as it starts.
+    /// Run it on this node from its start: it is moved before its first instruction (if
+    /// the move fails, it runs here; mosixd's log says why).
     #[arg(short = 'r', value_name = "NODE", conflicts_with = "best")]
     node: Option<u32>,
-    /// Move it to the best node (least load per unit of speed) as soon as it starts.
+    /// Run it on the best node (least load per unit of speed) from its start, as -r does
+    /// (here if this node is the best).
     #[arg(short = 'b')]
     best: bool,
     /// Keep it at home: no automatic migration (explicit `migrate` still works).

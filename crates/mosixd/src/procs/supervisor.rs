@@ -404,6 +404,9 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             send(&mut conn, &FromSup::Ready { host_pid: pid })?;
             match recv::<ToSup>(&mut conn) {
                 Ok(ToSup::Commit) => {
+                    // An ordinary process for the OOM killer from now on (its restore
+                    // had the supervisor's high score: see mosixd's main).
+                    let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "0");
                     mosix_ckpt::resume(pid)?;
                     send(&mut conn, &FromSup::Running)?;
                 }
