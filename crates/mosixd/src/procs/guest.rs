@@ -345,6 +345,8 @@ struct GuestDriver {
 
 const TICK: Duration = Duration::from_millis(200);
 const LINK_RETRY: Duration = Duration::from_secs(1);
+/// How long an ended guest's driver keeps trying to tell its home.
+const END_WAIT: Duration = Duration::from_secs(60);
 
 impl GuestDriver {
     fn run(&mut self) {
@@ -390,7 +392,7 @@ impl GuestDriver {
                         }
                     }
                     FromSup::Exited => {
-                        self.flush_home();
+                        self.finish_home();
                         debug!(pid = self.h.home_pid, "guest ended");
                         return;
                     }
@@ -410,7 +412,7 @@ impl GuestDriver {
                         ),
                     });
                     self.home(ToHome::Deputy(f.into()));
-                    self.flush_home();
+                    self.finish_home();
                     return;
                 }
                 GuestEv::FromHome(m) => match m {
@@ -534,6 +536,29 @@ impl GuestDriver {
 
     fn flush_home(&mut self) {
         lock(&self.ways.home).flush();
+    }
+
+    /// Its last frames (its end) reach home before its driver ends: a link that is down
+    /// (just shut to be made again, or broken) is made again, for at most [`END_WAIT`].
+    /// (They were dropped when the process ended just as a restarted mosixd made its link
+    /// again: its deputy never heard of its end, seen in the fault runs.)
+    fn finish_home(&mut self) {
+        let end = Instant::now() + END_WAIT;
+        loop {
+            self.flush_home();
+            if lock(&self.ways.home).to_home.is_empty() {
+                return;
+            }
+            if Instant::now() >= end {
+                warn!(
+                    pid = self.h.home_pid,
+                    "its end could not be told to its home within {END_WAIT:?}"
+                );
+                return;
+            }
+            self.keep_linked();
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// A home that was down (by gossip) and is up again may have given this copy up
