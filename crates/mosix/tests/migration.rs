@@ -415,12 +415,7 @@ fn migration_on_four_nodes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stalled = tb.dir.path().join("n3/stalled");
     let _ = std::fs::remove_file(&stalled);
-    tb.wait_until("node 1 sees node 3 up again", || {
-        let o = tb.exec(1, &["status", "--json"]);
-        serde_json::from_slice::<Value>(&o.stdout)
-            .map(|v| v["nodes"][2]["status"] == 3)
-            .unwrap_or(false)
-    });
+    tb.wait_node_status(3, 3);
     let input: String = (0..2).map(|i| format!("go {i}\n")).collect();
     let (want, want_code) = reference(&[heap.to_str().unwrap(), "64"], &input);
     let mut j = Job::start(&tb, &[heap.to_str().unwrap(), "64"]);
@@ -451,12 +446,7 @@ fn migration_on_four_nodes() {
     tb.ok(&["stop", "1"]);
     let o = tb.testbed(&["start", "1"], &[("MOSIXD_TEST_DIE_AT_COMMIT", "1")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    tb.wait_until("node 1 sees node 2 up again", || {
-        let o = tb.exec(1, &["status", "--json"]);
-        serde_json::from_slice::<Value>(&o.stdout)
-            .map(|v| v["nodes"][1]["status"] == 3)
-            .unwrap_or(false)
-    });
+    tb.wait_node_status(2, 3);
     let input: String = (0..2).map(|i| format!("go {i}\n")).collect();
     let (want, want_code) = reference(&[heap.to_str().unwrap(), "64"], &input);
     let mut j = Job::start(&tb, &[heap.to_str().unwrap(), "64"]);
@@ -529,12 +519,7 @@ fn migration_on_four_nodes() {
         assert!(e.contains(want), "migrate {pid} {to}: {e}");
     }
     tb.ok(&["stop", "2"]);
-    tb.wait_until("node 1 sees node 2 down", || {
-        let o = tb.exec(1, &["status", "--json"]);
-        serde_json::from_slice::<Value>(&o.stdout)
-            .map(|v| v["nodes"][1]["status"] == 1)
-            .unwrap_or(false)
-    });
+    tb.wait_node_status(2, 1);
     let o = tb.migrate(j.home_pid, "2");
     assert!(String::from_utf8_lossy(&o.stderr).contains("node 2 is down"));
     let o = tb.exec(1, &["migrate", "1", "3"]);

@@ -289,12 +289,7 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
             });
         }
     }
-    tb.wait_until("node 1 sees node 2 up", || {
-        let o = tb.exec(1, &["status", "--json"]);
-        serde_json::from_slice::<Value>(&o.stdout)
-            .map(|v| v["nodes"][1]["status"] == 3)
-            .unwrap_or(false)
-    });
+    tb.wait_node_status(2, 3);
     ok(tb.exec(2, &["mosctl", "stay"]), "mosctl stay");
 }
 

@@ -223,6 +223,20 @@ impl Testbed {
         self.exec(1, &["migrate", &pid.to_string(), to])
     }
 
+    /// Waits until node 1's `status` gives node `n` the status number `status` (the
+    /// FAQ's: 3 up and taking processes, 1 down).
+    pub fn wait_node_status(&self, n: u32, status: u64) {
+        self.wait_until(
+            &format!("node 1 sees node {n} with status {status}"),
+            || {
+                let o = self.exec(1, &["status", "--json"]);
+                serde_json::from_slice::<Value>(&o.stdout)
+                    .map(|v| v["nodes"][(n - 1) as usize]["status"] == status)
+                    .unwrap_or(false)
+            },
+        );
+    }
+
     /// Moves `pid` to `to` (a node, or "home"): the move succeeds and `where` says so.
     pub fn move_ok(&self, pid: i32, to: &str) {
         let o = self.migrate(pid, to);

@@ -78,20 +78,20 @@ impl Doubts {
 
     /// The copy of move `key` runs here.
     pub fn committed(&self, key: MoveKey) {
-        let mut g = self.lock();
-        g.committed.push_back(key);
-        if g.committed.len() > REMEMBERED {
-            g.committed.pop_front();
-        }
-        self.changed.notify_all();
+        self.remember(key, |i| &mut i.committed);
     }
 
     /// A copy that [`Doubts::hold`] said to run could not be started.
     pub fn failed(&self, key: MoveKey) {
+        self.remember(key, |i| &mut i.failed);
+    }
+
+    fn remember(&self, key: MoveKey, list: impl Fn(&mut Inner) -> &mut VecDeque<MoveKey>) {
         let mut g = self.lock();
-        g.failed.push_back(key);
-        if g.failed.len() > REMEMBERED {
-            g.failed.pop_front();
+        let l = list(&mut g);
+        l.push_back(key);
+        if l.len() > REMEMBERED {
+            l.pop_front();
         }
         self.changed.notify_all();
     }

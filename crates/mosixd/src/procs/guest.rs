@@ -539,9 +539,10 @@ impl GuestDriver {
     }
 
     /// Its last frames (its end) reach home before its driver ends: a link that is down
-    /// (just shut to be made again, or broken) is made again, for at most [`END_WAIT`].
-    /// (They were dropped when the process ended just as a restarted mosixd made its link
-    /// again: its deputy never heard of its end, seen in the fault runs.)
+    /// (just shut to be made again, or broken) is made again, for at most [`END_WAIT`],
+    /// unless home says it has no such process any more. (They were dropped when the
+    /// process ended just as a restarted mosixd made its link again: its deputy never heard
+    /// of its end, seen in the fault runs.)
     fn finish_home(&mut self) {
         let end = Instant::now() + END_WAIT;
         loop {
@@ -557,7 +558,16 @@ impl GuestDriver {
                 return;
             }
             self.keep_linked();
-            std::thread::sleep(Duration::from_millis(50));
+            match self.rx.recv_timeout(TICK) {
+                Ok(GuestEv::LinkUp(l, n)) if n == self.link_no => {
+                    lock(&self.ways.home).link = Some(l);
+                }
+                // Home has no such process any more (its job ended there).
+                Ok(GuestEv::FromHome(ToHost::Kill)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return
+                }
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
         }
     }
 
