@@ -260,7 +260,6 @@ pub fn hex(s: Option<&String>) -> u64 {
     s.and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0)
 }
 
-/// Four numbers of a "Uid:"/"Gid:" line.
 /// Every number of a status line such as `Groups:` (none if it is missing).
 pub fn id_list(s: Option<&String>) -> Vec<u32> {
     s.map(|g| {
@@ -271,6 +270,7 @@ pub fn id_list(s: Option<&String>) -> Vec<u32> {
     .unwrap_or_default()
 }
 
+/// Four numbers of a "Uid:"/"Gid:" line.
 pub fn ids(s: Option<&String>) -> [u32; 4] {
     let mut out = [0u32; 4];
     if let Some(v) = s {

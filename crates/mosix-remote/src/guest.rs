@@ -134,7 +134,6 @@ const MAX_FETCH: u64 = 256 << 20;
 
 /// A call completed at home that the process no longer waited for (it was interrupted,
 /// or frozen): made again identically, it gets this answer at once, so it runs once.
-#[derive(Clone)]
 struct Undelivered {
     nr: i64,
     args: [u64; 6],
@@ -309,14 +308,15 @@ impl Guest {
         // were on their way to its mover: the very call made again is one whose result
         // was not set (its answer now, as it was); another call means it was.
         if self.doubt {
-            if let Some(u) = self.applied.remove(&n.pid) {
-                if u.nr == n.nr && u.args == n.args {
-                    self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
-                    self.doubt = !self.applied.is_empty();
-                    return out;
-                }
-            }
+            let again = self
+                .applied
+                .remove(&n.pid)
+                .filter(|u| u.nr == n.nr && u.args == n.args);
             self.doubt = !self.applied.is_empty();
+            if let Some(u) = again {
+                self.deliver(&n, &u.spec, &u.layout, u.ret, &u.outs, 0, k);
+                return out;
+            }
         }
         // The interrupted call made again: its answer at once. Another call first (one
         // made by the signal handler that interrupted it) leaves the answer kept for it:

@@ -56,6 +56,21 @@ fn spawn_deputy(stdout: Stdio) -> (UnixStream, std::process::Child) {
     (sup, deputy)
 }
 
+/// The deputy's side of connection `sup`, for [`next`].
+fn reader(sup: &UnixStream) -> UnixStream {
+    // A guard against a hang only (a broken deputy would wait forever for input).
+    sup.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    sup.try_clone().unwrap()
+}
+
+/// The deputy's next message.
+fn next(r: &mut UnixStream) -> FromDeputy {
+    match wire::recv::<_, FromDeputy>(r) {
+        Ok(Some(m)) => m,
+        other => panic!("no answer from the deputy: {other:?}"),
+    }
+}
+
 /// A read of stdin sent again with its cancel (what a supervisor does when its link to
 /// home comes back, as its first cancel may have been lost) is cancelled, not made
 /// again: the next read gets the next line. (It was made again, and took the line,
@@ -65,14 +80,10 @@ fn spawn_deputy(stdout: Stdio) -> (UnixStream, std::process::Child) {
 fn a_cancelled_call_sent_again_after_a_reconnect_is_not_made_again() {
     let (mut sup, mut deputy) = spawn_deputy(Stdio::null());
     let mut input = deputy.stdin.take().unwrap();
-    // A guard against a hang only (a broken deputy would wait forever for input).
-    sup.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut reader = sup.try_clone().unwrap();
+    let mut reader = reader(&sup);
     let mut next_reply = || loop {
-        match wire::recv::<_, FromDeputy>(&mut reader) {
-            Ok(Some(FromDeputy::Reply(r))) => return r,
-            Ok(Some(_)) => continue,
-            other => panic!("no answer from the deputy: {other:?}"),
+        if let FromDeputy::Reply(r) = next(&mut reader) {
+            return r;
         }
     };
 
@@ -139,12 +150,8 @@ fn write_stdout(seq: u64, what: &[u8]) -> ToDeputy {
 fn a_call_queued_before_a_rewind_is_not_made_after_it() {
     let (mut sup, mut deputy) = spawn_deputy(Stdio::piped());
     let mut out = deputy.stdout.take().unwrap();
-    sup.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut reader = sup.try_clone().unwrap();
-    let mut next = || match wire::recv::<_, FromDeputy>(&mut reader) {
-        Ok(Some(m)) => m,
-        other => panic!("no answer from the deputy: {other:?}"),
-    };
+    let mut reader = reader(&sup);
+    let mut next = || next(&mut reader);
     wire::send(&mut sup, &ToDeputy::Mark { id: 1 }).unwrap();
     assert!(matches!(
         next(),

@@ -513,19 +513,6 @@ impl Drop for FaultJob {
     }
 }
 
-fn wait_child(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Ok(Some(st)) = c.try_wait() {
-            return Some(st);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Output and exit code of the job run plainly, never moved.
 fn unmoved(argv: &[&str]) -> (Vec<String>, Option<i32>) {
     let (out, code) = reference(argv, &INPUT.concat());

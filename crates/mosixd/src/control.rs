@@ -231,7 +231,8 @@ async fn connection(
                     | Request::Ps
                     | Request::Checkpoint { .. }
                     | Request::Freeze { .. }
-                    | Request::Mosctl { .. }),
+                    | Request::Mosctl { .. }
+                    | Request::ResolveMove { .. }),
                 ) => {
                     let pr = procs.clone();
                     tokio::task::spawn_blocking(move || process_answer(&req, uid, &pr))
@@ -239,32 +240,6 @@ async fn connection(
                         .unwrap_or_else(|e| Response::Error {
                             message: format!("internal error: {e}"),
                         })
-                }
-                Ok(Request::ResolveMove {
-                    home,
-                    home_pid,
-                    epoch,
-                    to,
-                }) => {
-                    if uid != 0 {
-                        Response::Error {
-                            message: "only a mover (root) may ask about a move in doubt".into(),
-                        }
-                    } else {
-                        let pr = procs.clone();
-                        tokio::task::spawn_blocking(move || {
-                            match pr.resolve_move(home, home_pid, epoch, to) {
-                                Ok(committed) => Response::Resolved { committed },
-                                Err(e) => Response::Error {
-                                    message: format!("{e:#}"),
-                                },
-                            }
-                        })
-                        .await
-                        .unwrap_or_else(|e| Response::Error {
-                            message: format!("internal error: {e}"),
-                        })
-                    }
                 }
                 Ok(req) => answer(&req, uid, &state),
                 Err(e) => Response::Error {
@@ -330,6 +305,22 @@ fn process_answer(req: &Request, uid: u32, procs: &Procs) -> Response {
             block: m.block,
             expel: m.expel,
         }),
+        Request::ResolveMove {
+            home,
+            home_pid,
+            epoch,
+            to,
+        } => {
+            if uid != 0 {
+                Err(anyhow::anyhow!(
+                    "only a mover (root) may ask about a move in doubt"
+                ))
+            } else {
+                procs
+                    .resolve_move(*home, *home_pid, *epoch, *to)
+                    .map(|committed| Response::Resolved { committed })
+            }
+        }
         _ => Err(anyhow::anyhow!("not a process request")),
     };
     r.unwrap_or_else(|e| Response::Error {

@@ -26,7 +26,6 @@ pub struct Args {
     dir: PathBuf,
 }
 
-/// The median (NaN for no values).
 /// Runs `mosix testbed ARGS --dir DIR` (this program, `me`), failing with its stderr.
 pub fn testbed(me: &Path, dir: &Path, args: &[&str]) -> Result<()> {
     let o = Command::new(me)
@@ -45,6 +44,7 @@ pub fn testbed(me: &Path, dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The median (NaN for no values).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {

@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The exit status of child `c` once it ends, if it does within `limit`.
+pub fn wait_child(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Output (lines) and exit code of `argv` run plainly, never moved, with `input`.
 pub fn reference(argv: &[&str], input: &str) -> (Vec<String>, Option<i32>) {
     let mut c = Command::new(argv[0])
@@ -350,12 +364,9 @@ impl Job {
     /// that does not end fails the test with what /proc says of it (a hang in CI would
     /// otherwise say nothing).
     pub fn wait(&mut self) -> std::process::ExitStatus {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > end {
+        match wait_child(&mut self.child, DEADLINE) {
+            Some(st) => st,
+            None => {
                 let pid = self.child.id();
                 let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 let st: Vec<&str> = st
@@ -364,7 +375,6 @@ impl Job {
                     .collect();
                 panic!("job {pid} did not end within {DEADLINE:?}: {st:?}");
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -609,39 +609,37 @@ impl Procs {
 
     /// Follows again the process of record `r`, alive with the start time recorded.
     fn readopt_home(self: &Arc<Self>, mut r: Record) {
-        {
-            let deputy = self.settle_place(&mut r);
-            let now = Instant::now();
-            let mut j = HomeJob::new(self.me(), r.pid, r.uid, r.cmd.clone(), now);
-            j.pinned = r.pinned;
-            j.avoid = r.avoid.clone();
-            j.migrations = r.migrations;
-            // Away, or here under a supervisor (recovered here): its deputy says so.
-            if r.node != self.me() || deputy {
-                j = j.away(r.node, r.epoch, now);
-            }
-            let token = r.token.clone();
-            info!(
-                pid = r.pid,
-                node = r.node,
-                "following process {} again",
-                r.pid
-            );
-            let pidfd = match mosix_ckpt::sys::pidfd_open(r.pid) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    warn!(pid = r.pid, "cannot watch process {}: {e}", r.pid);
-                    return;
-                }
-            };
-            // The start time read before the pidfd was opened: still it if still alive.
-            if start_time(r.pid) != Some(r.start_time) {
-                self.remove_record(r.pid);
+        let deputy = self.settle_place(&mut r);
+        let now = Instant::now();
+        let mut j = HomeJob::new(self.me(), r.pid, r.uid, r.cmd.clone(), now);
+        j.pinned = r.pinned;
+        j.avoid = r.avoid.clone();
+        j.migrations = r.migrations;
+        // Away, or here under a supervisor (recovered here): its deputy says so.
+        if r.node != self.me() || deputy {
+            j = j.away(r.node, r.epoch, now);
+        }
+        let token = r.token.clone();
+        info!(
+            pid = r.pid,
+            node = r.node,
+            "following process {} again",
+            r.pid
+        );
+        let pidfd = match mosix_ckpt::sys::pidfd_open(r.pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(pid = r.pid, "cannot watch process {}: {e}", r.pid);
                 return;
             }
-            if let Err(e) = self.start_driver(j, r, token, None, pidfd) {
-                warn!("{e:#}");
-            }
+        };
+        // The start time read before the pidfd was opened: still it if still alive.
+        if start_time(r.pid) != Some(r.start_time) {
+            self.remove_record(r.pid);
+            return;
+        }
+        if let Err(e) = self.start_driver(j, r, token, None, pidfd) {
+            warn!("{e:#}");
         }
     }
 
@@ -1111,7 +1109,8 @@ impl Driver {
             token: self.rec.token.clone(),
             ckpt,
         };
-        let id = super::proc_id(procs.me(), self.job.pid);
+        let pid = self.job.pid;
+        let id = super::proc_id(procs.me(), pid);
         let auto = spec.offer.is_some();
         let why = crate::metrics::MoveReason::of_offer(spec.offer.as_deref());
         let r = std::thread::Builder::new()
@@ -1144,7 +1143,7 @@ impl Driver {
                         if auto {
                             procs.move_failed(id, to);
                         }
-                        info!(pid = id as u32 as i32, to, "it did not leave home: {err}");
+                        info!(pid, to, "it did not leave home: {err}");
                         Ev::LeaveFailed { to, err }
                     }
                 };

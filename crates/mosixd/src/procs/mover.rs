@@ -84,6 +84,22 @@ pub struct InDoubt {
 const ASK_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl InDoubt {
+    /// For the move that `header` begins, to node `to`, asked through control socket
+    /// `socket`.
+    pub fn of(
+        header: &mosix_proto::wire::MigrateHeader,
+        socket: &std::path::Path,
+        to: u32,
+    ) -> Self {
+        InDoubt {
+            socket: socket.to_path_buf(),
+            home: header.home,
+            home_pid: header.home_pid,
+            epoch: header.epoch,
+            to,
+        }
+    }
+
     /// Whether the destination runs the process (asked through the restarted mosixd):
     /// false if it does not or cannot be reached; true also if mosixd does not answer in
     /// [`ASK_FOR`] (the move is then finished, as before there was a question: the
@@ -582,14 +598,11 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             rounds,
         },
     )?;
-    let mut committing: Option<Option<DeputyExec>> = None;
-    let mut doubt: Option<InDoubt> = None;
+    // The announced commit: the deputy's exec (if any), and how to ask if mosixd goes.
+    let mut committing: Option<(Option<DeputyExec>, Option<InDoubt>)> = None;
     loop {
         match wire::recv::<_, ToMover>(&mut conn) {
-            Ok(Some(ToMover::Committing(d, q))) => {
-                committing = Some(d);
-                doubt = q;
-            }
+            Ok(Some(ToMover::Committing(d, q))) => committing = Some((d, q)),
             Ok(Some(ToMover::Commit)) if committing.is_some() => break,
             Ok(Some(ToMover::Release)) => {
                 held.release()?;
@@ -598,7 +611,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             }
             Ok(Some(other)) => warn!(pid, "mover: unexpected {other:?}"),
             Ok(None) | Err(_) => {
-                if let Some(q) = &doubt {
+                if let Some((_, Some(q))) = &committing {
                     // The destination may or may not have been told to commit: it runs
                     // its copy if it still holds it and we ask; then the move is done.
                     warn!(
@@ -626,7 +639,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             }
         }
     }
-    match committing.flatten() {
+    match committing.and_then(|(d, _)| d) {
         None => {
             held.kill()?;
             let _ = wire::send_flush(&mut conn, &FromMover::Done { signals: vec![] });

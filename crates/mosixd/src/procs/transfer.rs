@@ -97,12 +97,6 @@ pub struct ExecWatch {
     mover: Mover,
 }
 
-/// The program has exec'd and is held at its first instruction by its mover; dropped, the
-/// mover lets it go.
-pub struct Held {
-    mover: Mover,
-}
-
 impl ExecWatch {
     /// Seizes `pid` (returns once it is seized); its exec is then awaited by its mover.
     pub fn seize(pid: i32) -> Result<ExecWatch> {
@@ -111,10 +105,11 @@ impl ExecWatch {
         Ok(ExecWatch { mover })
     }
 
-    /// Waits until the program has exec'd: it is held there.
-    pub fn wait(mut self) -> Result<Held, MoveError> {
+    /// Waits until the program has exec'd: it is held there by the mover returned (which
+    /// lets it go if dropped).
+    pub fn wait(mut self) -> Result<Mover, MoveError> {
         self.mover.execd()?;
-        Ok(Held { mover: self.mover })
+        Ok(self.mover)
     }
 }
 
@@ -301,9 +296,10 @@ impl Procs {
                 .map(|p| p.to_string_lossy().into_owned())
                 .collect(),
         };
+        let doubt = InDoubt::of(&header, &self.cfg.control_socket, to);
         wire::send(&mut ch, &Hello::Migrate(header)).map_err(|e| peer_gone(to, e))?;
         let mover = match held.take() {
-            Some(h) => h.mover,
+            Some(m) => m,
             None => Mover::spawn()?,
         };
         let mut mover = mover.begin(MoverStart {
@@ -363,13 +359,6 @@ impl Procs {
                 memory_bytes,
                 rounds: rounds.clone(),
             },
-        };
-        let doubt = InDoubt {
-            socket: self.cfg.control_socket.clone(),
-            home: self.me(),
-            home_pid: m.pid,
-            epoch: m.epoch,
-            to,
         };
         let (host_pid, signals, running) =
             match finish_move(&mut ch, to, tail, mover, Some(exec), doubt) {
@@ -494,13 +483,7 @@ impl Procs {
             memory_bytes,
             rounds: rounds.clone(),
         };
-        let doubt = InDoubt {
-            socket: self.cfg.control_socket.clone(),
-            home: header.home,
-            home_pid: header.home_pid,
-            epoch: header.epoch,
-            to: dest,
-        };
+        let doubt = InDoubt::of(&header, &self.cfg.control_socket, dest);
         let (host_pid, _, running) = finish_move(&mut ch, dest, tail, mover, None, doubt)?;
         let frozen_ms = running.duration_since(t0).as_millis() as u64;
         crate::metrics::migration_moved(frozen_ms, memory_bytes);
