@@ -534,12 +534,7 @@ fn ctrl_c_ends_every_member(tb: &Testbed) {
         m = mosix().display(),
         d = tb.dir.path().display(),
     );
-    let mut c = Command::new("script")
-        .args(["-qefc", &cmd, "/dev/null"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = under_terminal(&cmd);
     let bash = std::cell::Cell::new(0);
     tb.wait_until("the job under script is registered", || {
         if let Some(b) = tb
@@ -558,9 +553,7 @@ fn ctrl_c_ends_every_member(tb: &Testbed) {
     let mut w = c.stdin.take().unwrap();
     w.write_all(b"\x03").unwrap();
     w.flush().unwrap();
-    let mut out = String::new();
-    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    let st = c.wait().unwrap();
+    let (st, out) = terminal_end(c, "Ctrl-C to the family");
     assert_eq!(st.code(), Some(128 + libc::SIGINT), "{st:?} {out:?}");
     assert!(!out.contains("after"), "{out:?}");
     nothing_left(tb, "Ctrl-C");

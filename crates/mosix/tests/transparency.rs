@@ -304,12 +304,7 @@ fn terminal(tb: &Testbed) {
         d = tb.dir.path().display(),
         py = py.display(),
     );
-    let mut c = Command::new("script")
-        .args(["-qefc", &cmd, "/dev/null"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = under_terminal(&cmd);
     let mut w = c.stdin.take().unwrap();
     let mut out = BufReader::new(c.stdout.take().unwrap());
     let mut next = |want: &str| {
@@ -339,7 +334,10 @@ fn terminal(tb: &Testbed) {
     // Ctrl-C, typed: the line discipline at home signals the foreground job.
     w.write_all(b"\x03").unwrap();
     w.flush().unwrap();
-    let st = c.wait().unwrap();
+    let Some(st) = wait_child(&mut c, DEADLINE) else {
+        let _ = c.kill();
+        panic!("Ctrl-C did not end the job under the terminal");
+    };
     assert_eq!(st.code(), Some(128 + libc::SIGINT), "{st:?}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }

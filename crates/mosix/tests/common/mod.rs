@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -23,6 +23,45 @@ pub fn wait_child(c: &mut Child, limit: Duration) -> Option<std::process::ExitSt
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// `cmd` (a shell command line) run under `script`: a terminal at home, typed into by
+/// writing to the child's stdin, its screen read from its stdout. Started as from a
+/// login: Ctrl-C and the quit key act by default (a test run from a background job of a shell
+/// would otherwise hand its ignored SIGINT and SIGQUIT down to the job, which then
+/// ignores the Ctrl-C it is sent).
+pub fn under_terminal(cmd: &str) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new("script");
+    c.args(["-qefc", cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    // SAFETY: between fork and exec only signal(2), which is async-signal-safe, on
+    // constant arguments.
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    c.spawn().unwrap()
+}
+
+/// Waits for the end of `c` (typed Ctrl-C into, see [`under_terminal`]) and reads all it
+/// printed; panics after [`DEADLINE`] saying `what` did not end.
+pub fn terminal_end(mut c: Child, what: &str) -> (std::process::ExitStatus, String) {
+    let mut out = c.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let Some(st) = wait_child(&mut c, DEADLINE) else {
+        let _ = c.kill();
+        panic!("{what}: the terminal's job did not end within {DEADLINE:?}");
+    };
+    (st, reader.join().unwrap())
 }
 
 /// Output (lines) and exit code of `argv` run plainly, never moved, with `input`.
