@@ -10,8 +10,11 @@
 //! [image][info JSON][json length: u64 LE]["MOSXJOB\x01"]
 //! ```
 //!
-//! Written to a temporary file beside FILE.N, synced, then renamed: a reader never sees
-//! half a checkpoint under its final name.
+//! Written to a temporary file beside FILE.N (`.FILE.N.TAG.tmp`), synced, then renamed: a
+//! reader never sees half a checkpoint under its final name. The writer holds its temporary
+//! file locked (flock) while it has it open; a temporary file of FILE that nobody holds
+//! locked is one whose writer died (a mosixd killed in the middle of a checkpoint), and
+//! is removed when the next checkpoint of FILE begins.
 
 use mosix_remote::wire::{FdType, HomeFd};
 use serde::{Deserialize, Serialize};
@@ -154,7 +157,13 @@ impl Target {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let base_name = self
+            .base
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         as_user(&self.owner, || {
+            sweep(&dir, &base_name);
             for _ in 0..16 {
                 let mut r = [0u8; 6];
                 let _ = getrandom::fill(&mut r);
@@ -168,7 +177,12 @@ impl Target {
                     .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                     .open(&path)
                 {
-                    Ok(file) => return Ok(Temp { file, path }),
+                    Ok(file) => {
+                        // Its writer's for as long as it is open (see [`sweep`]); a new
+                        // file nobody else holds yet.
+                        file.lock()?;
+                        return Ok(Temp { file, path });
+                    }
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                     Err(e) => {
                         return Err(io::Error::new(
@@ -222,6 +236,46 @@ impl Target {
         let p = t.path;
         drop(t.file);
         let _ = as_user(&self.owner, || std::fs::remove_file(&p));
+    }
+}
+
+/// Removes the temporary files of checkpoints of FILE (named `base_name`) in `dir` that no
+/// writer holds: left by a mosixd that died while writing one. Run with the owner's rights.
+fn sweep(dir: &Path, base_name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{base_name}.");
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(mid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        // N.TAG: a checkpoint number and the twelve hex digits of `Target::create`.
+        let ours = mid.split_once('.').is_some_and(|(n, tag)| {
+            n.parse::<u64>().is_ok()
+                && tag.len() == 12
+                && tag.bytes().all(|b| b.is_ascii_hexdigit())
+        });
+        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = e.path();
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        else {
+            continue;
+        };
+        // Locked by its writer while being written; ours now: nobody writes it.
+        if f.try_lock().is_ok() {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
@@ -456,6 +510,42 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let mut f = File::open(numbered(&base, 4)).unwrap();
         assert!(is_checkpoint(&mut f));
+    }
+
+    #[test]
+    fn temporary_files_of_a_writer_that_died_are_removed_not_those_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("job.ckpt");
+        let t = |number| Target {
+            base: base.clone(),
+            number,
+            owner: me(),
+        };
+        // Left by a mosixd killed in the middle of checkpoint 4 (nobody holds it).
+        let stale = dir.path().join(".job.ckpt.4.0123456789ab.tmp");
+        std::fs::write(&stale, b"HALF AN IMAGE").unwrap();
+        // Not a temporary file of ours, though it looks alike.
+        let other = dir.path().join(".job.ckpt.4.notours.tmp");
+        std::fs::write(&other, b"x").unwrap();
+        let live = t(5).create().unwrap();
+        assert!(!stale.exists(), "the dead writer's file is left");
+        // Again, with checkpoint 5 being written meanwhile (another job, same FILE).
+        std::fs::write(&stale, b"HALF AN IMAGE").unwrap();
+        let next = t(6).create().unwrap();
+        assert!(!stale.exists(), "the dead writer's file is left");
+        assert!(other.exists());
+        assert!(live.path.exists(), "a file being written was removed");
+        t(5).finish(live, &info(5)).unwrap();
+        t(6).finish(next, &info(6)).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [".job.ckpt.4.notours.tmp", "job.ckpt.5", "job.ckpt.6"]
+        );
     }
 
     #[test]
