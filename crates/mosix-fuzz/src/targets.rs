@@ -589,7 +589,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                 },
                 ToHome::CheckpointFailed {
                     id: 4,
-                    reason: "busy".into(),
+                    reason: mosix_proto::wire::CkptError::Busy,
                 },
                 ToHome::Frozen {
                     freeze: true,
@@ -718,6 +718,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     memory_bytes: 1 << 30,
                     rounds: vec![1 << 29, 4096],
                 },
+                cwd: Some("/home/u/work".into()),
             }],
         ),
         framed(8, &[migrate_header()]),
@@ -739,6 +740,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                 next_seq: 3,
                 proc_fds: vec![],
                 figures: Default::default(),
+                cwd: None,
             },
         );
         let _ = wire::send(&mut b, &Decision::Commit);

@@ -34,7 +34,9 @@ pub const FLAG_LEAVING: u32 = 2;
 /// 1.5: read-ahead and write-behind of forwarded calls, DFSA (`ToDeputy::Took`, `Behind`,
 /// `Sync`, `Adopt`; shared paths in the migrate header); moves carry image format 3.1
 /// (memory shared at home, process families).
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
+/// 1.6: a move's tail carries the working directory at home (`Tail.cwd`); typed reasons
+/// of failed checkpoints and marks (`CkptError`, `mosix_remote::wire::MarkError`).
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
 
 /// Default UDP port of the gossip transport.
 pub const DEFAULT_PORT: u16 = 5400;

@@ -364,14 +364,83 @@ pub enum CkptEnd {
         no_new_privs: bool,
     },
     /// It could not be saved (the image sent is not one); it goes on as it was.
-    Failed(String),
+    Failed(CkptError),
 }
 
 /// Home's answer to a checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CkptVerdict {
     Saved { path: String },
-    Failed(String),
+    Failed(CkptError),
+}
+
+/// Why a checkpoint, a freeze or a recovery from a checkpoint did not happen (the process
+/// goes on as it was). Crosses the link between a host and home, and threads at home;
+/// users see it as one line. Failures another part reported in its own words (the
+/// checkpoint engine, a file system, the deputy) are carried as their text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CkptError {
+    /// The process itself cannot be saved, or held for it (the engine's or the mover's
+    /// reason).
+    #[error("{0}")]
+    Process(String),
+    /// Its file could not be made, written or named (the file system's words).
+    #[error("{0}")]
+    File(String),
+    #[error("no process {pid} here")]
+    NoSuchProcess { pid: i32 },
+    #[error("checkpoint {id} of process {pid} is not expected")]
+    Unexpected { id: u64, pid: i32 },
+    #[error("its image was cut short")]
+    CutShort,
+    #[error("no connection to its home: {0}")]
+    NoHome(String),
+    #[error("its image did not reach its home: {0}")]
+    ImageLost(String),
+    #[error("its home did not confirm the checkpoint: {0}")]
+    Unconfirmed(String),
+    #[error("its deputy could not mark it: {0}")]
+    Mark(String),
+    #[error("its deputy did not mark it")]
+    NotMarked,
+    #[error("a checkpoint of it is being taken; try again")]
+    Busy,
+    #[error("it is in the middle of a move or a checkpoint; try again")]
+    Moving,
+    #[error("it is frozen (`migrate PID continue` first)")]
+    Frozen,
+    #[error("it is being recovered")]
+    Recovering,
+    #[error("it moved before its host took the checkpoint; try again")]
+    Moved,
+    #[error("its host is not linked to its home now")]
+    HostUnlinked,
+    #[error("it took too long")]
+    TooLong,
+    #[error("it ended")]
+    Ended,
+    #[error("node {node} died while it was taken")]
+    NodeDied { node: u32 },
+    /// Home has no such checkpoint pending (it was given up meanwhile).
+    #[error("it is not expected any more")]
+    NotExpected,
+    #[error("it cannot be frozen: {0}")]
+    Freeze(String),
+    /// A thread could not be made for it (out of resources).
+    #[error("no thread for it")]
+    NoThread,
+    /// A recovery: the file is not the checkpoint home counted on.
+    #[error("{path} is not checkpoint {number} of this process any more")]
+    NotThatCheckpoint { path: String, number: u64 },
+    #[error("its checkpoint is not known here any more")]
+    Forgotten,
+    #[error("its deputy could not go back: {0}")]
+    Rewind(String),
+    #[error("no node can take it")]
+    NoNode,
+    /// A recovery: the last node tried refused or failed (its reason).
+    #[error("{0}")]
+    Move(String),
 }
 
 /// What the destination must know before the image.
@@ -417,6 +486,11 @@ pub struct Tail {
     pub proc_fds: Vec<(i32, String)>,
     /// The move so far as its source saw it (protocol 1.4).
     pub figures: MoveFigures,
+    /// Its working directory at home, when known (protocol 1.6): its next host resolves
+    /// relative paths of files under shared paths against it. None: not known there (after
+    /// an `fchdir`, say); relative paths are then resolved at home. (The working directory
+    /// in its image is the one it has where it was saved, which away is not its home's.)
+    pub cwd: Option<String>,
 }
 
 /// How a move went so far, as its source saw it when it sent the image's tail.
@@ -474,9 +548,12 @@ pub enum ToHome {
     /// A migration asked for (or decided there) failed; the process goes on there.
     MigrateFailed { to: u32, reason: String },
     /// A checkpoint asked for could not be taken; the process goes on there.
-    CheckpointFailed { id: u64, reason: String },
+    CheckpointFailed { id: u64, reason: CkptError },
     /// The answer to [`ToHost::Freeze`]: it is frozen (or not), or why not.
-    Frozen { freeze: bool, error: Option<String> },
+    Frozen {
+        freeze: bool,
+        error: Option<CkptError>,
+    },
 }
 
 /// From the home to the node running the process.
@@ -892,6 +969,7 @@ mod tests {
                 next_seq: 5,
                 proc_fds: vec![],
                 figures: MoveFigures::default(),
+                cwd: Some("/a".into()),
             },
         )
         .unwrap();

@@ -16,7 +16,7 @@
 use crate::ahead::Ahead;
 use crate::exec;
 use crate::marks::{Marks, Pre};
-use crate::wire::{self, Call, ExitStatus, FromDeputy, Reply, ToDeputy};
+use crate::wire::{self, Call, ExitStatus, FromDeputy, MarkError, Reply, ToDeputy};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
@@ -832,7 +832,7 @@ impl Deputy {
     /// checkpoint: every call still being made is cancelled and waited for, descriptors
     /// and streams are put back, `message` goes to its stderr. The highest call sequence
     /// number seen (the restored process numbers its calls after it).
-    fn rewind(&mut self, id: u64, message: &str) -> Result<u64, String> {
+    fn rewind(&mut self, id: u64, message: &str) -> Result<u64, MarkError> {
         // First: calls still queued for workers (sent before now) are not made; what
         // workers remember of calls before is forgotten. Then those being made are
         // cancelled and waited for.
@@ -852,7 +852,7 @@ impl Deputy {
                 break;
             }
             if std::time::Instant::now() > end {
-                return Err("a call of it at home did not end".into());
+                return Err(MarkError::CallStuck);
             }
             if i.is_multiple_of(50) {
                 // Again now and then: a cancel may come just before the call starts.

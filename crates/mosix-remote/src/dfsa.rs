@@ -129,6 +129,11 @@ impl Dfsa {
         };
     }
 
+    /// Its working directory at home, as far as it is known here.
+    pub fn cwd(&self) -> Option<&Path> {
+        self.cwd.as_deref()
+    }
+
     /// It changed its root directory at home.
     pub fn chroot(&mut self) {
         self.off = true;

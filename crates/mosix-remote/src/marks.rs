@@ -15,7 +15,7 @@
 //! Only `read`, `readv`, `write` and `writev` are counted; other calls on streams
 //! (`send*`, `recv*`, `splice`, `sendfile`) are not.
 
-use crate::wire::{Back, Buf, Call, FdType, HomeFd, Reply};
+use crate::wire::{Back, Buf, Call, FdType, HomeFd, MarkError, Reply};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
@@ -123,21 +123,20 @@ impl Streams {
     }
 
     /// Whether the streams can be put back to `pos`; why not.
-    pub fn can_rewind(&self, pos: &Positions) -> Result<(), String> {
+    pub fn can_rewind(&self, pos: &Positions) -> Result<(), MarkError> {
         for (k, s) in &self.map {
             let (_, r) = pos.get(k).copied().unwrap_or((0, 0));
             if r < s.base {
-                return Err(format!(
-                    "it read more than {} MiB from pipes, terminals or sockets since that checkpoint, which cannot be read again",
-                    MAX_LOG >> 20
-                ));
+                return Err(MarkError::StreamsTooFar {
+                    max_mib: (MAX_LOG >> 20) as u64,
+                });
             }
         }
         Ok(())
     }
 
     /// Puts every stream back to `pos` (a stream it does not have was not used then).
-    pub fn rewind(&mut self, pos: &Positions) -> Result<(), String> {
+    pub fn rewind(&mut self, pos: &Positions) -> Result<(), MarkError> {
         self.can_rewind(pos)?;
         for (k, s) in self.map.iter_mut() {
             let (w, r) = pos.get(k).copied().unwrap_or((0, 0));
@@ -225,8 +224,10 @@ fn close_saved(m: &Mark) {
 
 /// Keeps the deputy's working directory (the process's) as an O_PATH descriptor at
 /// `base` or above, registered with the saved duplicates.
-fn keep_cwd(base: i32) -> Result<i32, String> {
-    let cant = |e: std::io::Error| format!("cannot keep its working directory: {e}");
+fn keep_cwd(base: i32) -> Result<i32, MarkError> {
+    let cant = || MarkError::KeepCwd {
+        errno: MarkError::errno(),
+    };
     // SAFETY: open of a constant path; the result is checked.
     let fd = unsafe {
         libc::open(
@@ -235,7 +236,7 @@ fn keep_cwd(base: i32) -> Result<i32, String> {
         )
     };
     if fd < 0 {
-        return Err(cant(std::io::Error::last_os_error()));
+        return Err(cant());
     }
     // SAFETY: a close-on-exec duplicate of the descriptor just opened, which is then
     // closed (ours).
@@ -245,7 +246,7 @@ fn keep_cwd(base: i32) -> Result<i32, String> {
         d
     };
     if dup < 0 {
-        return Err(cant(std::io::Error::last_os_error()));
+        return Err(cant());
     }
     let mut set = saved_set();
     set.insert(dup);
@@ -299,9 +300,11 @@ pub fn fd_type(mode: u32) -> FdType {
 }
 
 /// The process's descriptor numbers now (not the deputy's own).
-fn process_fds(private: &dyn Fn(u64) -> bool) -> Result<Vec<i32>, String> {
+fn process_fds(private: &dyn Fn(u64) -> bool) -> Result<Vec<i32>, MarkError> {
     let listed: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map_err(|e| format!("cannot list its descriptors: {e}"))?
+        .map_err(|e| MarkError::ListFds {
+            errno: e.raw_os_error().unwrap_or(0),
+        })?
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
         .collect();
@@ -393,9 +396,13 @@ impl Marks {
     }
 
     /// Marks the process's state now as checkpoint `id`; its descriptors.
-    pub fn mark(&mut self, id: u64, private: &dyn Fn(u64) -> bool) -> Result<Vec<HomeFd>, String> {
+    pub fn mark(
+        &mut self,
+        id: u64,
+        private: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<HomeFd>, MarkError> {
         if self.marks.iter().any(|m| m.id == id) {
-            return Err(format!("checkpoint {id} is marked already"));
+            return Err(MarkError::Marked { id });
         }
         let fds = process_fds(private)?;
         let base = dup_base();
@@ -423,12 +430,9 @@ impl Marks {
             // SAFETY: a close-on-exec duplicate of an open descriptor, at `base` or above.
             let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
             if dup < 0 {
-                let e = errno();
+                let errno = errno();
                 close_saved(&m);
-                return Err(format!(
-                    "cannot keep its descriptor {fd}: {}",
-                    std::io::Error::from_raw_os_error(e)
-                ));
+                return Err(MarkError::KeepFd { fd, errno });
             }
             {
                 let mut set = saved_set();
@@ -457,9 +461,9 @@ impl Marks {
 
     /// Puts the process's descriptors, streams, working directory and umask back as at
     /// mark `id` (marks after it are dropped; it is kept).
-    pub fn rewind(&mut self, id: u64, private: &dyn Fn(u64) -> bool) -> Result<(), String> {
+    pub fn rewind(&mut self, id: u64, private: &dyn Fn(u64) -> bool) -> Result<(), MarkError> {
         let Some(i) = self.marks.iter().position(|m| m.id == id) else {
-            return Err(format!("its deputy has no mark of checkpoint {id}"));
+            return Err(MarkError::NoMark { id });
         };
         self.streams.can_rewind(&self.marks[i].pos)?;
         for later in self.marks.drain(i + 1..) {
@@ -488,20 +492,16 @@ impl Marks {
                         .is_none_or(|p| libc::lseek(s.fd, p, libc::SEEK_SET) == p)
             };
             if !ok {
-                return Err(format!(
-                    "cannot put its descriptor {} back: {}",
-                    s.fd,
-                    std::io::Error::last_os_error()
-                ));
+                return Err(MarkError::PutFdBack {
+                    fd: s.fd,
+                    errno: errno(),
+                });
             }
         }
         if let Some(cwd) = m.cwd {
             // SAFETY: fchdir to a directory descriptor this module keeps.
             if unsafe { libc::fchdir(cwd) } != 0 {
-                return Err(format!(
-                    "cannot go back to its working directory: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(MarkError::Cwd { errno: errno() });
             }
         }
         if let Some(mask) = m.umask {
@@ -748,7 +748,8 @@ mod tests {
         s.read(K, &vec![7u8; MAX_LOG + 1]);
         assert_eq!(s.logged, 0);
         let e = s.rewind(&m3).unwrap_err();
-        assert!(e.contains("MiB"), "{e}");
+        assert_eq!(e, MarkError::StreamsTooFar { max_mib: 16 });
+        assert!(e.to_string().contains("16 MiB"), "{e}");
     }
 
     fn call(nr: i64, fd: u64, buf: Buf) -> Call {

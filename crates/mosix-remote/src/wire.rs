@@ -297,6 +297,46 @@ pub struct HomeFd {
 }
 
 /// From the deputy.
+/// Why a deputy could not mark its process's state for a checkpoint, or bring it back to
+/// a mark (marks.rs). OS errors are carried as their numbers.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum MarkError {
+    #[error("checkpoint {id} is marked already")]
+    Marked { id: u64 },
+    #[error("its deputy has no mark of checkpoint {id}")]
+    NoMark { id: u64 },
+    /// The logs of what it read from streams since the mark were trimmed.
+    #[error(
+        "it read more than {max_mib} MiB from pipes, terminals or sockets since that \
+         checkpoint, which cannot be read again"
+    )]
+    StreamsTooFar { max_mib: u64 },
+    #[error("cannot list its descriptors: {}", os(*errno))]
+    ListFds { errno: i32 },
+    #[error("cannot keep its descriptor {fd}: {}", os(*errno))]
+    KeepFd { fd: i32, errno: i32 },
+    #[error("cannot keep its working directory: {}", os(*errno))]
+    KeepCwd { errno: i32 },
+    #[error("cannot put its descriptor {fd} back: {}", os(*errno))]
+    PutFdBack { fd: i32, errno: i32 },
+    #[error("cannot go back to its working directory: {}", os(*errno))]
+    Cwd { errno: i32 },
+    /// A call being made at home for it did not end when cancelled.
+    #[error("a call of it at home did not end")]
+    CallStuck,
+}
+
+impl MarkError {
+    /// The OS error of a failed call just made, as its number.
+    pub fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+}
+
+fn os(errno: i32) -> std::io::Error {
+    std::io::Error::from_raw_os_error(errno)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromDeputy {
     Reply(Reply),
@@ -320,13 +360,13 @@ pub enum FromDeputy {
     /// Checkpoint `id` is marked (its descriptors then), or why not. For home's mosixd.
     Marked {
         id: u64,
-        result: Result<Vec<HomeFd>, String>,
+        result: Result<Vec<HomeFd>, MarkError>,
     },
     /// Back at checkpoint `id`: the highest call sequence number seen (the restored
     /// process numbers its calls after it), or why not. For home's mosixd.
     Rewound {
         id: u64,
-        result: Result<u64, String>,
+        result: Result<u64, MarkError>,
     },
     /// Read-ahead: the bytes of the file behind descriptor `fd` at `off`, read at home for
     /// the stream begun by call `stream` (a sequential `read` or `pread` of a regular
@@ -508,7 +548,7 @@ mod tests {
             (
                 FromDeputy::Rewound {
                     id: 3,
-                    result: Err("x".into()),
+                    result: Err(MarkError::NoMark { id: 3 }),
                 },
                 true,
             ),

@@ -18,9 +18,14 @@ use std::time::{Duration, Instant};
 const PY: &str = "/usr/bin/python3";
 
 /// A deterministic job: for each line of its stdin, some arithmetic, one line of output
-/// and the same line into a file at home (argv[1], opened once, written in place).
-const JOB: &str = r#"import sys
+/// and the same line into a file at home (argv[1], opened once, written in place). It
+/// also walks a ring of directories at home by relative paths (argv[2]/a, a/b, a/b/c,
+/// back to a), one step a line, and prints the name it reads in each: from any other
+/// directory than the one it should be in, its next step fails or reads another name, so
+/// a recovery that does not put its working directory back shows in its output.
+const JOB: &str = r#"import os, sys
 out = open(sys.argv[1], "w")
+os.chdir(os.path.join(sys.argv[2], "a"))
 print("start", flush=True)
 s = n = 0
 for line in sys.stdin:
@@ -28,7 +33,13 @@ for line in sys.stdin:
     for j in range(12000):
         s = (s + j * v) % 1000003
     n += 1
-    print(n, s, flush=True)
+    try:
+        os.chdir(("b", "c", "../..")[n % 3 - 1])
+        with open("name") as f:
+            here = f.read().strip()
+    except OSError as e:
+        sys.exit("line %d: %s, in %s" % (n, e, os.getcwd()))
+    print(n, s, here, flush=True)
     out.write("%d %d\n" % (n, s))
     out.flush()
 print("end", n, s, flush=True)
@@ -191,6 +202,20 @@ fn ok(o: std::process::Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// JOB's ring of directories (`what`-ring/a, a/b, a/b/c, each with its name in `name`),
+/// at home and not under a shared path: each of its steps is a call its deputy carries
+/// out, in the deputy's working directory.
+fn ring(tb: &Testbed, what: &str) -> String {
+    let ring = tb.dir.path().join(format!("{what}-ring"));
+    let mut d = ring.clone();
+    for name in ["a", "b", "c"] {
+        d = d.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("name"), name).unwrap();
+    }
+    ring.to_str().unwrap().to_string()
+}
+
 /// How node 2 dies in a recovery round.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Death {
@@ -208,8 +233,15 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
     let reffile = work.join(format!("{death:?}.ref"));
     let base = work.join(format!("{death:?}.ckpt"));
     let input = numbers(1, 1600);
+    let ring = ring(tb, &format!("{death:?}"));
+    let ring = ring.as_str();
     let (want, want_code) = reference(
-        &[PY, script.to_str().unwrap(), reffile.to_str().unwrap()],
+        &[
+            PY,
+            script.to_str().unwrap(),
+            reffile.to_str().unwrap(),
+            ring,
+        ],
         &input,
     );
     let mut r = start(
@@ -225,6 +257,7 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
             PY,
             script.to_str().unwrap(),
             file.to_str().unwrap(),
+            ring,
         ],
     );
     let pid = r.job.home_pid;
@@ -249,11 +282,20 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
         Death::Cut => ip_link(&veth(2), "down"),
     }
     r.job.send(&numbers(801, 1600));
-    wait_for("it runs again", Duration::from_secs(90), || {
-        home_entry(tb, pid).is_some_and(|p| p["state"] == "away" && p["where_"] != 2)
-    });
+    let end = Instant::now() + Duration::from_secs(90);
+    while !home_entry(tb, pid).is_some_and(|p| p["state"] == "away" && p["where_"] != 2) {
+        if let Ok(Some(st)) = r.job.child.try_wait() {
+            let err: Vec<String> = r.err.try_iter().collect();
+            panic!("{death:?}: it ended ({st}) instead of running again; stderr {err:?}");
+        }
+        assert!(
+            Instant::now() < end,
+            "{death:?}: timed out waiting until it runs again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (got, st, err) = r.finish();
-    same_lines(&got, &want, &format!("{death:?}"));
+    same_lines(&got, &want, &format!("{death:?} (stderr {err:?})"));
     assert_eq!(st.code(), want_code, "{death:?}: exit status");
     assert_eq!(
         std::fs::read(&file).unwrap(),
@@ -374,21 +416,34 @@ fn freeze_and_continue(tb: &Testbed, work: &Path) {
     let script = work.join("job.py");
     let file = work.join("frozen.out");
     let input = numbers(1, 600);
+    let ring = ring(tb, "frozen");
     let (want, want_code) = reference(
         &[
             PY,
             script.to_str().unwrap(),
             work.join("frozen.ref").to_str().unwrap(),
+            &ring,
         ],
         &input,
     );
+    // On node 3 from its start (its working directory there is the shared one it was
+    // started in; the ring it walks is at home).
     let mut r = start(
         tb,
         work,
-        &[PY, script.to_str().unwrap(), file.to_str().unwrap()],
+        &[
+            "-r",
+            "3",
+            PY,
+            script.to_str().unwrap(),
+            file.to_str().unwrap(),
+            &ring,
+        ],
     );
     let pid = r.job.home_pid;
-    ok(tb.migrate(pid, "3"), "migrate 3");
+    wait_for("home says it runs on node 3", DEADLINE, || {
+        tb.where_(pid) == "3"
+    });
     let g = guest_pid(tb, 3, pid).expect("it runs on node 3");
     r.job.send(&numbers(1, 300));
     let _ = r.job.line();
@@ -420,6 +475,9 @@ fn freeze_and_continue(tb: &Testbed, work: &Path) {
     });
     let _ = spin.kill();
     let _ = spin.wait();
+    // From host to host: node 2 goes on resolving its relative paths at home, from where
+    // it is in its ring (not from the directory it has on node 3).
+    tb.move_ok(pid, "2");
     r.job.send(&numbers(301, 600));
     let (got, st, err) = r.finish();
     same_lines(&got, &want, "frozen");

@@ -22,7 +22,7 @@ use super::rights::{no_new_privs, own_rights_only};
 use super::{Link, MoveError, Procs};
 use anyhow::{anyhow, Result};
 use mosix_proto::control::After;
-use mosix_proto::wire::{self, CkptEnd, CkptHello, CkptVerdict, Hello, MigrateHeader};
+use mosix_proto::wire::{self, CkptEnd, CkptError, CkptHello, CkptVerdict, Hello, MigrateHeader};
 use serde::{Deserialize, Serialize};
 use std::io::{BufWriter, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -46,6 +46,16 @@ const MAX_IMAGE: u64 = 1 << 40;
 /// How long home waits for the last pieces of a checkpoint (the deputy's mark, the file
 /// synced) once its image has come.
 const FINISH_WAIT: Duration = Duration::from_secs(120);
+
+/// A failure of the process's own (the engine's, the mover's), as a checkpoint's.
+fn process(e: impl std::fmt::Display) -> CkptError {
+    CkptError::Process(e.to_string())
+}
+
+/// A failure of the checkpoint's file.
+fn file(e: std::io::Error) -> CkptError {
+    CkptError::File(e.to_string())
+}
 
 fn stop_now(pid: i32) {
     // Queued while it is held: it stops before running another instruction of its own.
@@ -150,12 +160,12 @@ impl Procs {
         then: After,
         target: &Target,
         mut info: CkptInfo,
-    ) -> Result<CkptDone, String> {
+    ) -> Result<CkptDone, CkptError> {
         // A process with more rights than its user (a set-user-ID program) is not written
         // into its user's file: checked now, and again once it is held.
         let uid = info.uid;
-        own_rights_only(pid, uid).map_err(|e| e.to_string())?;
-        let temp = target.create().map_err(|e| e.to_string())?;
+        own_rights_only(pid, uid).map_err(process)?;
+        let temp = target.create().map_err(file)?;
         // Saved while it runs when it is big enough (pre-copy rounds): frozen only for
         // what it wrote meanwhile and its state.
         let mut mover = match Mover::start(MoverStart {
@@ -170,7 +180,7 @@ impl Procs {
             Ok(m) => m,
             Err(e) => {
                 target.discard(temp);
-                return Err(e.to_string());
+                return Err(process(e));
             }
         };
         let mut fds = Vec::new();
@@ -188,17 +198,20 @@ impl Procs {
             (Ok(d), true, Ok(())) => (d.memory_bytes, d.frozen_at),
             (Err(e), ..) => {
                 target.discard(temp);
-                return Err(e.to_string());
+                return Err(process(e));
             }
             (_, false, _) => {
                 mover.release();
                 target.discard(temp);
-                return Err("its image was cut short".into());
+                return Err(CkptError::CutShort);
             }
             (_, _, Err(e)) => {
                 mover.release();
                 target.discard(temp);
-                return Err(format!("writing {}: {e}", target.path().display()));
+                return Err(CkptError::File(format!(
+                    "writing {}: {e}",
+                    target.path().display()
+                )));
             }
         };
         info.no_new_privs = no_new_privs(pid);
@@ -224,7 +237,7 @@ impl Procs {
             }
             frozen_ms = t0.elapsed().as_millis() as u64;
         }
-        let path = saved.map_err(|e| e.to_string())?;
+        let path = saved.map_err(file)?;
         info!(
             pid,
             frozen_ms,
@@ -251,17 +264,17 @@ impl Procs {
         then: After,
         quiesce: &mut dyn FnMut() -> Result<Quiesced, MoveError>,
         kill: &mut dyn FnMut(),
-    ) -> Result<CkptDone, String> {
+    ) -> Result<CkptDone, CkptError> {
         let leaving = mosix_ckpt::Leaving {
             away: true,
             no_new_privs: Some(h.no_new_privs),
             shared: self.shared_with(&h.shared_paths),
         };
         mosix_ckpt::check_moving(pid, &leaving)
-            .map_err(|e| format!("it cannot be checkpointed: {e}"))?;
+            .map_err(|e| CkptError::Process(format!("it cannot be checkpointed: {e}")))?;
         let mut ch = self
             .connect(h.home)
-            .map_err(|e| format!("no connection to its home: {e:#}"))?;
+            .map_err(|e| CkptError::NoHome(format!("{e:#}")))?;
         wire::send(
             &mut ch,
             &Hello::Checkpoint(CkptHello {
@@ -271,7 +284,7 @@ impl Procs {
                 id,
             }),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| CkptError::NoHome(e.to_string()))?;
         let supervisor = super::transfer::supervisor_of(pid);
         let precopy = supervisor.is_some() && self.precopy(pid);
         let mut mover = Mover::start(MoverStart {
@@ -283,7 +296,7 @@ impl Procs {
             supervisor,
             shared: leaving.shared.clone(),
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(process)?;
         let mut proc_fds = Vec::new();
         // With memory to spare here, the image is taken into memory and the process goes on
         // before it crosses the link: it is stopped for a copy, not for a transfer. The room
@@ -303,9 +316,9 @@ impl Procs {
             spilled: budget.is_none(),
         };
         let dumped = mover.dump(&mut out, &mut || {
-            let (done, _next_seq, pfds) = quiesce()?;
-            proc_fds = pfds;
-            Ok(done)
+            let q = quiesce()?;
+            proc_fds = q.proc_fds;
+            Ok(q.completed)
         });
         // What is still to be sent once it goes on (none if it all went into the link).
         let held_image = (!out.spilled).then_some(out.buf);
@@ -318,8 +331,9 @@ impl Procs {
                     let _ = std::io::Write::write_all(&mut ch, &b[..whole_chunks(b)]);
                 }
                 let _ = std::io::Write::write_all(&mut ch, &0u32.to_le_bytes());
-                let _ = wire::send_flush(&mut ch, &CkptEnd::Failed(e.to_string()));
-                return Err(e.to_string());
+                let e = process(e);
+                let _ = wire::send_flush(&mut ch, &CkptEnd::Failed(e.clone()));
+                return Err(e);
             }
         };
         let mut held = Some(mover);
@@ -340,7 +354,7 @@ impl Procs {
                 if let Some(m) = held.take() {
                     m.release();
                 }
-                return Err(format!("its image did not reach its home: {e}"));
+                return Err(CkptError::ImageLost(e.to_string()));
             }
         }
         let sent = wire::send_flush(
@@ -352,9 +366,7 @@ impl Procs {
                 no_new_privs: h.no_new_privs,
             },
         );
-        let verdict = sent
-            .map_err(|e| e.to_string())
-            .and_then(|_| wire::expect::<_, CkptVerdict>(&mut ch).map_err(|e| e.to_string()));
+        let verdict = sent.and_then(|_| wire::expect::<_, CkptVerdict>(&mut ch));
         let r = match verdict {
             Ok(CkptVerdict::Saved { path }) => Ok(CkptDone {
                 path,
@@ -362,7 +374,7 @@ impl Procs {
                 memory_bytes,
             }),
             Ok(CkptVerdict::Failed(why)) => Err(why),
-            Err(e) => Err(format!("its home did not confirm the checkpoint: {e}")),
+            Err(e) => Err(CkptError::Unconfirmed(e.to_string())),
         };
         if let Some(m) = held.take() {
             if r.is_ok() {
@@ -380,14 +392,19 @@ impl Procs {
     /// written into the job's next file as its owner, completed with what the deputy said
     /// at the mark, and confirmed.
     pub(crate) fn checkpoint_in(self: &Arc<Self>, mut ch: Link, hello: CkptHello) -> Result<()> {
-        let refuse = |ch: &mut Link, why: String| -> Result<()> {
+        let refuse = |ch: &mut Link, why: CkptError| -> Result<()> {
             let _ = wire::copy_chunks(ch, &mut std::io::sink(), MAX_IMAGE);
             let _ = wire::expect::<_, CkptEnd>(ch);
             wire::send_flush(ch, &CkptVerdict::Failed(why.clone()))?;
             Err(anyhow!(why))
         };
         let Some(h) = super::lock(&self.homes).get(&hello.home_pid).cloned() else {
-            return refuse(&mut ch, format!("no process {} here", hello.home_pid));
+            return refuse(
+                &mut ch,
+                CkptError::NoSuchProcess {
+                    pid: hello.home_pid,
+                },
+            );
         };
         let (tx, rx) = mpsc::channel();
         h.send_home(super::home::HomeEv::CkptIncoming {
@@ -399,23 +416,21 @@ impl Procs {
         let Ok(Some(target)) = rx.recv_timeout(Duration::from_secs(10)) else {
             return refuse(
                 &mut ch,
-                format!(
-                    "checkpoint {} of process {} is not expected",
-                    hello.id, hello.home_pid
-                ),
+                CkptError::Unexpected {
+                    id: hello.id,
+                    pid: hello.home_pid,
+                },
             );
         };
         let temp = match target.create() {
             Ok(t) => t,
-            Err(e) => return refuse(&mut ch, e.to_string()),
+            Err(e) => return refuse(&mut ch, file(e)),
         };
         let copied = {
             let mut w = BufWriter::with_capacity(1 << 20, &temp.file);
             wire::copy_chunks(&mut ch, &mut w, MAX_IMAGE).and_then(|n| w.flush().map(|_| n))
         };
-        let end = copied
-            .map_err(|e| e.to_string())
-            .and_then(|_| wire::expect::<_, CkptEnd>(&mut ch).map_err(|e| e.to_string()));
+        let end = copied.and_then(|_| wire::expect::<_, CkptEnd>(&mut ch));
         let end = match end {
             Ok(CkptEnd::Done {
                 memory_bytes,
@@ -424,7 +439,9 @@ impl Procs {
                 no_new_privs,
             }) => Ok((memory_bytes, frozen_ms, proc_fds, no_new_privs)),
             Ok(CkptEnd::Failed(why)) => Err(why),
-            Err(e) => Err(format!("its image did not arrive whole: {e}")),
+            Err(e) => Err(CkptError::ImageLost(format!(
+                "it did not arrive whole: {e}"
+            ))),
         };
         // What home adds (the deputy's descriptors at the mark), or why it cannot.
         let (itx, irx) = mpsc::channel();
@@ -435,7 +452,7 @@ impl Procs {
         });
         let info = irx
             .recv_timeout(FINISH_WAIT)
-            .unwrap_or_else(|_| Err("its deputy did not mark it".into()));
+            .unwrap_or(Err(CkptError::NotMarked));
         let r = match (end, info) {
             (Ok((memory_bytes, frozen_ms, proc_fds, nnp)), Ok(mut info)) => {
                 info.proc_fds = proc_fds;
@@ -449,7 +466,7 @@ impl Procs {
                         frozen_ms,
                         memory_bytes,
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(file)
             }
             (Err(e), _) | (_, Err(e)) => {
                 target.discard(temp);
@@ -499,15 +516,16 @@ pub struct Freezer {
 
 impl Freezer {
     /// Freezes process `pid` (every thread) in a freezer process of its own.
-    pub fn start(pid: i32) -> Result<Freezer, String> {
-        let mut conn =
-            super::supervisor::spawn_helper("freeze").map_err(|e| format!("no freezer: {e}"))?;
-        wire::send_flush(&mut conn, &pid).map_err(|e| e.to_string())?;
+    pub fn start(pid: i32) -> Result<Freezer, CkptError> {
+        let mut conn = super::supervisor::spawn_helper("freeze")
+            .map_err(|e| CkptError::Freeze(format!("no freezer: {e}")))?;
+        wire::send_flush(&mut conn, &pid)
+            .map_err(|e| CkptError::Freeze(format!("its freezer is gone: {e}")))?;
         match wire::expect::<_, FromFreezer>(&mut conn) {
             Ok(FromFreezer::Frozen) => Ok(Freezer { conn }),
-            Ok(FromFreezer::Failed(e)) => Err(format!("it cannot be frozen: {e}")),
-            Ok(other) => Err(format!("its freezer said {other:?}")),
-            Err(e) => Err(format!("its freezer is gone: {e}")),
+            Ok(FromFreezer::Failed(e)) => Err(CkptError::Freeze(e)),
+            Ok(other) => Err(CkptError::Freeze(format!("its freezer said {other:?}"))),
+            Err(e) => Err(CkptError::Freeze(format!("its freezer is gone: {e}"))),
         }
     }
 

@@ -6,7 +6,7 @@
 use super::supervisor::{self, FromSup, ToSup};
 use super::{lock, proc_id, Link, MoveError, Moved, Procs, Snapshot};
 use anyhow::Result;
-use mosix_proto::wire::{self, Hello, LinkHello, MigrateHeader, ToHome, ToHost};
+use mosix_proto::wire::{self, CkptError, Hello, LinkHello, MigrateHeader, ToHome, ToHost};
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -27,7 +27,15 @@ pub enum Origin {
 
 /// What a quiesced guest says: the calls done for it meanwhile, its next sequence number,
 /// its descriptors of its own /proc.
-pub type Quiesced = (Vec<(i32, i64)>, u64, Vec<(i32, String)>);
+/// A guest's calls at home settled for a move or a checkpoint (see [`FromSup::Quiesced`]).
+pub struct Quiesced {
+    /// Calls done at home meanwhile: (TID, result), for its registers.
+    pub completed: Vec<(i32, i64)>,
+    pub next_seq: u64,
+    pub proc_fds: Vec<(i32, String)>,
+    /// Its working directory at home, as its host knew it.
+    pub cwd: Option<String>,
+}
 type QuiesceReply = Sender<Result<Quiesced, MoveError>>;
 
 /// What a guest's driver is told.
@@ -52,7 +60,7 @@ pub enum GuestEv {
     /// Checkpoint `id` is done here (its image is home, or it failed).
     CkptDone {
         id: u64,
-        r: Result<super::checkpoint::CkptDone, String>,
+        r: Result<super::checkpoint::CkptDone, CkptError>,
     },
     /// `chkexit`: its supervisor must know it is being ended (answered once told).
     CkptKill(Sender<()>),
@@ -377,6 +385,7 @@ impl GuestDriver {
                         completed,
                         next_seq,
                         proc_fds,
+                        cwd,
                     } => {
                         if let Some(id) = self.marking.take() {
                             // Every call of it is settled and it is held: its deputy keeps
@@ -388,7 +397,12 @@ impl GuestDriver {
                             self.home(ToHome::Deputy(f.into()));
                         }
                         if let Some(r) = self.quiesce.take() {
-                            let _ = r.send(Ok((completed, next_seq, proc_fds)));
+                            let _ = r.send(Ok(Quiesced {
+                                completed,
+                                next_seq,
+                                proc_fds,
+                                cwd,
+                            }));
                         }
                     }
                     FromSup::Exited => {
@@ -671,17 +685,14 @@ impl GuestDriver {
     /// Checkpoint `id` asked for by home: taken by a thread (see checkpoint.rs).
     fn start_checkpoint(&mut self, id: u64, then: mosix_proto::control::After) {
         let busy = if self.moving {
-            Some("it is in the middle of a move or another checkpoint")
+            Some(CkptError::Moving)
         } else if self.freezer.is_some() {
-            Some("it is frozen")
+            Some(CkptError::Frozen)
         } else {
             None
         };
-        if let Some(why) = busy {
-            self.home(ToHome::CheckpointFailed {
-                id,
-                reason: why.into(),
-            });
+        if let Some(reason) = busy {
+            self.home(ToHome::CheckpointFailed { id, reason });
             return;
         }
         self.moving = true;
@@ -722,7 +733,7 @@ impl GuestDriver {
             lock(&self.info).moving = false;
             self.home(ToHome::CheckpointFailed {
                 id,
-                reason: "no thread for it".into(),
+                reason: CkptError::NoThread,
             });
         }
     }
@@ -733,7 +744,7 @@ impl GuestDriver {
             if self.freezer.is_some() {
                 None
             } else if self.moving {
-                Some("it is in the middle of a move or a checkpoint; try again".to_string())
+                Some(CkptError::Moving)
             } else {
                 match super::checkpoint::Freezer::start(self.host_pid) {
                     Ok(f) => {

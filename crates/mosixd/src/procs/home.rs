@@ -9,7 +9,7 @@ use super::{lock, Link, MoveError, Procs, Snapshot};
 use crate::peer::{Peer, PeerPidfd};
 use anyhow::{anyhow, bail, Result};
 use mosix_proto::control::{After, CheckpointSpec, RegisterRequest};
-use mosix_proto::wire::{self, LinkHello, ToHome, ToHost};
+use mosix_proto::wire::{self, CkptError, LinkHello, ToHome, ToHost};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -56,12 +56,12 @@ pub enum HomeEv {
     /// `migrate PID checkpoint|chkstop|chkexit`.
     Checkpoint {
         then: After,
-        reply: Sender<Result<CkptDone, String>>,
+        reply: Sender<Result<CkptDone, CkptError>>,
     },
     /// `migrate PID freeze|continue`: frozen after it, or why not.
     Freeze {
         freeze: bool,
-        reply: Sender<Result<bool, String>>,
+        reply: Sender<Result<bool, CkptError>>,
     },
     /// Its host sends checkpoint `id` (residence `epoch` on `node`): where it goes, if it
     /// is the one expected.
@@ -75,13 +75,13 @@ pub enum HomeEv {
     /// deputy's descriptors at the mark), or why it is not to be.
     CkptImage {
         id: u64,
-        failed: Option<String>,
-        reply: Sender<Result<CkptInfo, String>>,
+        failed: Option<CkptError>,
+        reply: Sender<Result<CkptInfo, CkptError>>,
     },
     /// Checkpoint `id` is written, or failed.
     CkptSaved {
         id: u64,
-        result: Result<CkptDone, String>,
+        result: Result<CkptDone, CkptError>,
     },
 }
 

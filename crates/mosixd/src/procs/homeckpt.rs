@@ -10,11 +10,12 @@
 
 use super::checkpoint::{CkptDone, Freezer};
 use super::ckptfile::{self, CkptInfo, Owner, Target};
+use super::ckptplan::{self, Place, Start, Waited};
 use super::home::{CkptRecord, Driver, HomeEv, Record};
 use super::job::{Ev, Where};
 use mosix_proto::control::After;
-use mosix_proto::wire::ToHost;
-use mosix_remote::wire::{HomeFd, ToDeputy};
+use mosix_proto::wire::{CkptError, ToHost};
+use mosix_remote::wire::{HomeFd, MarkError, ToDeputy};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
@@ -24,9 +25,9 @@ use tracing::{info, warn};
 /// A checkpoint that takes longer than this is given up.
 const CKPT_DEADLINE: Duration = Duration::from_secs(600);
 
-type Reply = Sender<Result<CkptDone, String>>;
+type Reply = Sender<Result<CkptDone, CkptError>>;
 /// Why its image failed (if it did), and the receiving thread waiting for the rest.
-type ImageIn = (Option<String>, Sender<Result<CkptInfo, String>>);
+type ImageIn = (Option<CkptError>, Sender<Result<CkptInfo, CkptError>>);
 
 struct Conf {
     base: PathBuf,
@@ -48,7 +49,7 @@ struct Pending {
     /// Its host has begun sending its image (it comes, or its receiving thread fails).
     incoming: bool,
     /// The deputy's answer to its mark.
-    marked: Option<Result<Vec<HomeFd>, String>>,
+    marked: Option<Result<Vec<HomeFd>, MarkError>>,
     /// Its image arrived (or failed): the receiving thread waits for the rest.
     image: Option<ImageIn>,
 }
@@ -57,7 +58,8 @@ impl Pending {
     /// Whether it was asked of a host that is not its host any more and its image has not
     /// come: it never will (the request or the host's answer went with the old residence).
     fn outlived(&self, native: bool, epoch: u64) -> bool {
-        self.away && !self.incoming && self.image.is_none() && (native || epoch != self.epoch)
+        let image = self.image.is_some();
+        ckptplan::outlived(self.away, self.incoming, image, self.epoch, native, epoch)
     }
 }
 
@@ -74,16 +76,13 @@ pub(super) struct Ckpts {
     /// The one it can be recovered from.
     recovery: Option<(u64, String, u64)>,
     freezer: Option<Freezer>,
-    freeze_reply: Option<Sender<Result<bool, String>>>,
+    freeze_reply: Option<Sender<Result<bool, CkptError>>>,
     /// A recovery in progress: (checkpoint, file, when taken, the dead host).
     recovering: Option<(u64, String, u64, u32)>,
     /// Checkpoints asked for while its host was not linked (just after a move): taken
     /// once it is, or refused after [`LINK_WAIT`].
     waiting: Vec<(After, Reply, Instant)>,
 }
-
-/// How long a checkpoint asked for waits for the host's link.
-const LINK_WAIT: Duration = Duration::from_secs(10);
 
 impl Ckpts {
     pub(super) fn of(rec: &Record) -> Ckpts {
@@ -180,7 +179,7 @@ impl Driver {
                     self.try_complete();
                 }
                 _ => {
-                    let _ = reply.send(Err("it is not expected any more".into()));
+                    let _ = reply.send(Err(CkptError::NotExpected));
                 }
             },
             HomeEv::CkptSaved { id, result } => self.saved(id, result),
@@ -244,37 +243,43 @@ impl Driver {
         }
     }
 
+    /// Where it is, for [`ckptplan`].
+    fn place(&self) -> Place {
+        match self.job.place {
+            Where::Home => Place::Home,
+            Where::Away { .. } => Place::Away {
+                linked: self.job.host_ok(),
+            },
+            Where::Leaving { .. } => Place::Leaving,
+            Where::Recovering { .. } => Place::Recovering,
+        }
+    }
+
     fn start_checkpoint(&mut self, then: After, reply: Option<Reply>) {
-        let fail = |reply: Option<Reply>, why: &str| {
-            if let Some(r) = reply {
-                let _ = r.send(Err(why.to_string()));
-            }
-        };
-        if let Some(p) = &mut self.ck.pending {
-            // One being taken already serves a plain `checkpoint`.
-            match reply {
-                Some(r) if then == After::Continue && p.then == After::Continue => {
-                    p.waiters.push(r)
+        let pending = self.ck.pending.as_ref().map(|p| p.then);
+        let asked = reply.is_some();
+        let away = match ckptplan::start(pending, then, asked, self.job.frozen, self.place()) {
+            Start::Here => false,
+            Start::Host => true,
+            Start::Join => {
+                if let (Some(p), Some(r)) = (&mut self.ck.pending, reply) {
+                    p.waiters.push(r);
                 }
-                r => fail(r, "a checkpoint of it is being taken; try again"),
+                return;
             }
-            return;
-        }
-        if self.job.frozen {
-            return fail(reply, "it is frozen (`migrate PID continue` first)");
-        }
-        let away = match self.job.place {
-            Where::Home => false,
-            Where::Away { .. } if self.job.host_ok() => true,
-            Where::Away { .. } => {
-                // Just moved, or its link is being made again: it waits a little.
+            // Just moved, or its link is being made again: it waits a little.
+            Start::Wait => {
                 if let Some(r) = reply {
                     self.ck.waiting.push((then, r, Instant::now()));
                 }
                 return;
             }
-            Where::Leaving { .. } => return fail(reply, "it is in the middle of a move"),
-            Where::Recovering { .. } => return fail(reply, "it is being recovered"),
+            Start::Refuse(why) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(why));
+                }
+                return;
+            }
         };
         let target = self.next_target();
         let id = target.number;
@@ -308,7 +313,7 @@ impl Driver {
                 let _ = tx.send(HomeEv::CkptSaved { id, result });
             });
         if r.is_err() {
-            self.saved(id, Err("no thread for it".into()));
+            self.saved(id, Err(CkptError::NoThread));
         }
     }
 
@@ -322,31 +327,23 @@ impl Driver {
         let Some(p) = &mut self.ck.pending else {
             return;
         };
-        let ready = match &p.image {
-            Some((Some(_), _)) => true,
-            Some((None, _)) => p.marked.is_some(),
-            None => false,
-        };
-        if !ready {
+        let Some(done) = ckptplan::completion(p.image.as_ref().map(|i| &i.0), p.marked.as_ref())
+        else {
             return;
-        }
-        let (failed, reply) = p.image.take().expect("checked");
-        let r = match (failed, p.marked.take()) {
-            (Some(why), _) => Err(why),
-            (None, Some(Ok(fds))) => {
-                let mut i = info;
-                i.taken_unix_ms = p.taken_ms;
-                i.fds = fds;
-                i.mark = Some(p.id);
-                Ok(i)
-            }
-            (None, Some(Err(e))) => Err(format!("its deputy could not mark it: {e}")),
-            (None, None) => Err("its deputy did not mark it".into()),
         };
+        let (_, reply) = p.image.take().expect("complete");
+        p.marked = None;
+        let r = done.map(|fds| {
+            let mut i = info;
+            i.taken_unix_ms = p.taken_ms;
+            i.fds = fds;
+            i.mark = Some(p.id);
+            i
+        });
         let _ = reply.send(r);
     }
 
-    pub(super) fn marked(&mut self, id: u64, result: Result<Vec<HomeFd>, String>) {
+    pub(super) fn marked(&mut self, id: u64, result: Result<Vec<HomeFd>, MarkError>) {
         if self.ck.recovering.is_some() {
             // A mark its dead host asked for: the rewind drops it.
             return;
@@ -373,15 +370,19 @@ impl Driver {
 
     /// Checkpoint `id` is written and marked: it is the one to recover from.
     fn check_recoverable(&mut self, id: u64) {
-        if self.job.native() || !self.ck.marked.contains(&id) {
+        let written = self.ck.saved.get(&id).cloned();
+        if !ckptplan::recoverable(
+            self.job.native(),
+            written.is_some(),
+            self.ck.marked.contains(&id),
+            self.ck.recovery.as_ref().map(|r| r.0),
+            id,
+        ) {
             return;
         }
-        let Some((p, t)) = self.ck.saved.get(&id).cloned() else {
+        let Some((p, t)) = written else {
             return;
         };
-        if self.ck.recovery.as_ref().is_some_and(|r| r.0 > id) {
-            return;
-        }
         self.ck.recovery = Some((id, p, t));
         self.job.recovery = Some(id);
         self.job
@@ -391,7 +392,7 @@ impl Driver {
         self.persist();
     }
 
-    fn saved(&mut self, id: u64, result: Result<CkptDone, String>) {
+    fn saved(&mut self, id: u64, result: Result<CkptDone, CkptError>) {
         let pending = match &self.ck.pending {
             Some(p) if p.id == id => self.ck.pending.take(),
             _ => None,
@@ -457,14 +458,11 @@ impl Driver {
             .filter(|p| p.outlived(native, epoch))
             .map(|p| p.id)
         {
-            self.saved(
-                id,
-                Err("it moved before its host took the checkpoint; try again".into()),
-            );
+            self.saved(id, Err(CkptError::Moved));
         }
     }
 
-    pub(super) fn ckpt_failed(&mut self, id: u64, reason: String) {
+    pub(super) fn ckpt_failed(&mut self, id: u64, reason: CkptError) {
         if self.ck.pending.as_ref().is_some_and(|p| p.id == id) {
             if let Some(p) = &self.ck.pending {
                 if p.image.is_some() {
@@ -479,14 +477,13 @@ impl Driver {
     /// Its next automatic checkpoint, when due (not while it moves, is frozen or stopped).
     pub(super) fn periodic(&mut self, now: Instant) {
         if !self.ck.waiting.is_empty() && self.ck.pending.is_none() {
-            let linked = matches!(self.job.place, Where::Away { .. }) && self.job.host_ok();
             let (then, r, since) = self.ck.waiting.remove(0);
-            if linked || self.job.native() {
-                self.start_checkpoint(then, Some(r));
-            } else if now.duration_since(since) > LINK_WAIT {
-                let _ = r.send(Err("its host is not linked to its home now".into()));
-            } else {
-                self.ck.waiting.insert(0, (then, r, since));
+            match ckptplan::waited(self.place(), now.duration_since(since)) {
+                Waited::Retry => self.start_checkpoint(then, Some(r)),
+                Waited::GiveUp(why) => {
+                    let _ = r.send(Err(why));
+                }
+                Waited::WaitMore => self.ck.waiting.insert(0, (then, r, since)),
             }
         }
         if let Some(p) = &self.ck.pending {
@@ -494,25 +491,16 @@ impl Driver {
                 let id = p.id;
                 if let Some(p) = &mut self.ck.pending {
                     if let Some((_, r)) = p.image.take() {
-                        let _ = r.send(Err("it took too long".into()));
+                        let _ = r.send(Err(CkptError::TooLong));
                     }
                 }
-                self.saved(id, Err("it took too long".into()));
+                self.saved(id, Err(CkptError::TooLong));
             }
             return;
         }
-        let Some(every) = self.ck.every() else {
-            return;
-        };
-        if self.job.frozen || now.duration_since(self.ck.last) < every {
-            return;
-        }
-        let ok = match self.job.place {
-            Where::Home => true,
-            Where::Away { .. } => self.job.host_ok(),
-            _ => false,
-        };
-        if ok && !stopped(self.job.pid) {
+        let since = now.duration_since(self.ck.last);
+        let due = ckptplan::due(self.ck.every(), since, false, self.job.frozen, self.place());
+        if due && !stopped(self.job.pid) {
             self.start_checkpoint(After::Continue, None);
         }
     }
@@ -529,22 +517,22 @@ impl Driver {
     /// It ended: nobody waits any more.
     pub(super) fn ended(&mut self) {
         for (_, r, _) in self.ck.waiting.drain(..) {
-            let _ = r.send(Err("it ended".into()));
+            let _ = r.send(Err(CkptError::Ended));
         }
         if let Some(p) = self.ck.pending.take() {
             for w in p.waiters {
-                let _ = w.send(Err("it ended".into()));
+                let _ = w.send(Err(CkptError::Ended));
             }
         }
         if let Some(f) = self.ck.freezer.take() {
             f.release();
         }
         if let Some(r) = self.ck.freeze_reply.take() {
-            let _ = r.send(Err("it ended".into()));
+            let _ = r.send(Err(CkptError::Ended));
         }
     }
 
-    fn freeze(&mut self, freeze: bool, reply: Sender<Result<bool, String>>) {
+    fn freeze(&mut self, freeze: bool, reply: Sender<Result<bool, CkptError>>) {
         let pid = self.job.pid;
         match self.job.place {
             Where::Home => {
@@ -552,19 +540,22 @@ impl Driver {
                     if self.ck.freezer.is_some() {
                         Ok(true)
                     } else if self.ck.pending.is_some() {
-                        Err("a checkpoint of it is being taken; try again".into())
+                        Err(CkptError::Busy)
                     } else {
                         // Its user may not hold a process with more rights than theirs
                         // (a set-user-ID program): checked before, and once it is held.
                         let uid = self.job.uid;
-                        super::rights::own_rights_only(pid, uid)
-                            .map_err(|e| e.to_string())
+                        let rights = || {
+                            super::rights::own_rights_only(pid, uid)
+                                .map_err(|e| CkptError::Freeze(e.to_string()))
+                        };
+                        rights()
                             .and_then(|_| Freezer::start(pid))
-                            .and_then(|f| match super::rights::own_rights_only(pid, uid) {
+                            .and_then(|f| match rights() {
                                 Ok(()) => Ok(f),
                                 Err(e) => {
                                     f.release();
-                                    Err(e.to_string())
+                                    Err(e)
                                 }
                             })
                             .map(|f| {
@@ -592,21 +583,21 @@ impl Driver {
                     let _ = mosix_ckpt::sys::kill(pid, libc::SIGCONT);
                     let _ = reply.send(Ok(false));
                 } else if !self.job.host_ok() {
-                    let _ = reply.send(Err("its host is not linked to its home now".into()));
+                    let _ = reply.send(Err(CkptError::HostUnlinked));
                 } else if self.ck.pending.is_some() || self.ck.freeze_reply.is_some() {
-                    let _ = reply.send(Err("a checkpoint of it is being taken; try again".into()));
+                    let _ = reply.send(Err(CkptError::Busy));
                 } else {
                     self.ck.freeze_reply = Some(reply);
                     self.job.send_host(ToHost::Freeze { freeze });
                 }
             }
             _ => {
-                let _ = reply.send(Err("it is in the middle of a move".into()));
+                let _ = reply.send(Err(CkptError::Moving));
             }
         }
     }
 
-    pub(super) fn freeze_answer(&mut self, freeze: bool, error: Option<String>) {
+    pub(super) fn freeze_answer(&mut self, freeze: bool, error: Option<CkptError>) {
         if error.is_none() {
             self.job.frozen = freeze;
         }
@@ -623,18 +614,18 @@ impl Driver {
     pub(super) fn recover(&mut self, number: u64, node: u32) {
         if let Some(p) = self.ck.pending.take() {
             for w in p.waiters {
-                let _ = w.send(Err(format!("node {node} died while it was taken")));
+                let _ = w.send(Err(CkptError::NodeDied { node }));
             }
             if let Some((_, r)) = p.image {
-                let _ = r.send(Err(format!("node {node} died")));
+                let _ = r.send(Err(CkptError::NodeDied { node }));
             }
         }
         if let Some(r) = self.ck.freeze_reply.take() {
-            let _ = r.send(Err(format!("node {node} died")));
+            let _ = r.send(Err(CkptError::NodeDied { node }));
         }
         self.job.frozen = false;
         let Some((n, path, taken)) = self.ck.recovery.clone().filter(|r| r.0 == number) else {
-            self.recovery_failed("its checkpoint is not known here any more".into());
+            self.recovery_failed(CkptError::Forgotten);
             return;
         };
         let ago = ckptfile::unix_ms().saturating_sub(taken) as f64 / 1000.0;
@@ -652,7 +643,7 @@ impl Driver {
         self.ck.recovering = Some((n, path, taken, node));
     }
 
-    fn recovery_failed(&mut self, why: String) {
+    fn recovery_failed(&mut self, why: CkptError) {
         self.ck.recovering = None;
         let now = Instant::now();
         let acts = self.job.handle(Ev::RecoverFailed { why }, now);
@@ -662,7 +653,7 @@ impl Driver {
     }
 
     /// Its deputy is back at the checkpoint: the image goes where it can run (thread).
-    pub(super) fn rewound(&mut self, number: u64, result: Result<u64, String>) {
+    pub(super) fn rewound(&mut self, number: u64, result: Result<u64, MarkError>) {
         let Some((n, path, _, node)) = self.ck.recovering.clone() else {
             return;
         };
@@ -671,7 +662,7 @@ impl Driver {
         }
         let max_seq = match result {
             Ok(s) => s,
-            Err(e) => return self.recovery_failed(format!("its deputy could not go back: {e}")),
+            Err(e) => return self.recovery_failed(CkptError::Rewind(e.to_string())),
         };
         let Where::Recovering { epoch, .. } = self.job.place else {
             return;
@@ -706,7 +697,7 @@ impl Driver {
                 let _ = tx.send(HomeEv::Job(ev));
             });
         if r.is_err() {
-            self.recovery_failed("no thread for it".into());
+            self.recovery_failed(CkptError::NoThread);
         }
     }
 
@@ -724,53 +715,5 @@ impl Driver {
                 self.job.node()
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pending(away: bool, epoch: u64) -> Pending {
-        Pending {
-            id: 4,
-            then: After::Continue,
-            target: Target {
-                base: PathBuf::from("/tmp/c"),
-                number: 4,
-                owner: Owner {
-                    uid: 1,
-                    gid: 1,
-                    groups: Vec::new(),
-                },
-            },
-            waiters: Vec::new(),
-            started: Instant::now(),
-            taken_ms: 0,
-            away,
-            epoch,
-            incoming: false,
-            marked: None,
-            image: None,
-        }
-    }
-
-    #[test]
-    fn a_checkpoint_asked_of_a_host_it_left_is_given_up_at_once() {
-        // Still on the host it was asked of: it waits.
-        assert!(!pending(true, 3).outlived(false, 3));
-        // Moved on (or recovered), or back home: its image will never come.
-        assert!(pending(true, 3).outlived(false, 4));
-        assert!(pending(true, 3).outlived(true, 3));
-        // Taken at home: not a host's.
-        assert!(!pending(false, 0).outlived(true, 1));
-        // Its image was coming, or came, before the move: it completes.
-        let mut p = pending(true, 3);
-        p.incoming = true;
-        assert!(!p.outlived(false, 4));
-        let mut p = pending(true, 3);
-        let (tx, _rx) = std::sync::mpsc::channel();
-        p.image = Some((None, tx));
-        assert!(!p.outlived(false, 4));
     }
 }

@@ -9,8 +9,8 @@
 //! that restarted), so nothing is lost across a move or a reconnection.
 
 use super::MoveError;
-use mosix_proto::wire::{Frame, ToHome, ToHost};
-use mosix_remote::wire::{FromDeputy, HomeFd};
+use mosix_proto::wire::{CkptError, Frame, ToHome, ToHost};
+use mosix_remote::wire::{FromDeputy, HomeFd, MarkError};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -141,7 +141,7 @@ pub enum Ev<D, H> {
     },
     /// It could not be brought back.
     RecoverFailed {
-        why: String,
+        why: CkptError,
     },
 }
 
@@ -165,17 +165,20 @@ pub enum Act {
     /// sequence number it saw, or why it could not.
     Rewound {
         number: u64,
-        result: Result<u64, String>,
+        result: Result<u64, MarkError>,
     },
     /// The deputy marked checkpoint `id` (its descriptors then), or could not.
     Marked {
         id: u64,
-        result: Result<Vec<HomeFd>, String>,
+        result: Result<Vec<HomeFd>, MarkError>,
     },
     /// Its host could not take checkpoint `id`.
-    CkptFailed { id: u64, reason: String },
+    CkptFailed { id: u64, reason: CkptError },
     /// Its host froze it (or let it go on), or could not.
-    FreezeAnswer { freeze: bool, error: Option<String> },
+    FreezeAnswer {
+        freeze: bool,
+        error: Option<CkptError>,
+    },
     /// Nothing more to do: forget the job.
     Forget,
 }
@@ -1607,7 +1610,7 @@ mod tests {
         j.tick(t + DOWN_WAIT);
         let a = j.handle(
             Ev::RecoverFailed {
-                why: "no node can take it".into(),
+                why: CkptError::NoNode,
             },
             t,
         );

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub mod checkpoint;
 pub mod ckptfile;
+mod ckptplan;
 pub mod doubt;
 pub mod family;
 mod gate;

@@ -18,7 +18,7 @@ use super::transfer::{commit, ready};
 use super::{lock, MoveError, Moved, Procs};
 use anyhow::{anyhow, bail, Result};
 use mosix_proto::control::RestoreRequest;
-use mosix_proto::wire::{self, ChunkWriter, Hello, MigrateHeader, Tail};
+use mosix_proto::wire::{self, ChunkWriter, CkptError, Hello, MigrateHeader, Tail};
 use mosix_proto::NodeState;
 use mosix_remote::wire::FdType;
 use std::io::{Read, Seek, SeekFrom};
@@ -92,16 +92,15 @@ impl Procs {
     /// Brings process `r.pid` back from its checkpoint (its deputy is back at its mark):
     /// the first node of [`Procs::recovery_targets`] that takes it runs it, as the residence
     /// returned.
-    pub(crate) fn recover(&self, r: &RecoverSpec) -> Result<(Moved, u64), String> {
-        let o = ckptfile::open(&r.path, &r.owner).map_err(|e| e.to_string())?;
+    pub(crate) fn recover(&self, r: &RecoverSpec) -> Result<(Moved, u64), CkptError> {
+        let o = ckptfile::open(&r.path, &r.owner).map_err(|e| CkptError::File(e.to_string()))?;
         if o.info.home_pid != r.pid || o.info.mark != Some(r.number) {
-            return Err(format!(
-                "{} is not checkpoint {} of this process any more",
-                r.path.display(),
-                r.number
-            ));
+            return Err(CkptError::NotThatCheckpoint {
+                path: r.path.display().to_string(),
+                number: r.number,
+            });
         }
-        let mut last = String::from("no node can take it");
+        let mut last = CkptError::NoNode;
         for (i, to) in self
             .recovery_targets(&r.avoid, r.dead)
             .into_iter()
@@ -122,7 +121,7 @@ impl Procs {
                 }
                 Err(e) => {
                     warn!(pid = r.pid, to, "recovery there failed: {e}");
-                    last = e.to_string();
+                    last = CkptError::Move(e.to_string());
                 }
             }
         }
@@ -180,6 +179,10 @@ impl Procs {
             next_seq: r.next_seq,
             proc_fds: o.info.proc_fds.clone(),
             figures: Default::default(),
+            // Its deputy's, put back to the checkpoint's mark (the image's is where it ran).
+            cwd: std::fs::read_link(format!("/proc/{}/cwd", r.pid))
+                .ok()
+                .map(|c| c.to_string_lossy().into_owned()),
         };
         ready(&mut ch, to, tail)?;
         // Its record says where it is going, before the commit: a mosixd that restarts
@@ -350,6 +353,8 @@ impl Procs {
                 next_seq: 1,
                 proc_fds: Vec::new(),
                 figures: Default::default(),
+                // Restored here as itself: its working directory is its own.
+                cwd: None,
             },
         )?;
         match supervisor::recv::<FromSup>(&mut sup) {

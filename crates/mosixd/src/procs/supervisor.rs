@@ -100,6 +100,8 @@ pub enum FromSup {
         completed: Vec<(i32, i64)>,
         next_seq: u64,
         proc_fds: Vec<(i32, String)>,
+        /// Its working directory at home, as known here (see [`Tail::cwd`]).
+        cwd: Option<String>,
     },
     /// It ended (the deputy was told).
     Exited,
@@ -376,7 +378,6 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     &mosix_remote::filter::program_for(h.home_pid, &home_ranges),
                 ));
             }
-            let cwd = PathBuf::from(&incoming.meta().cwd);
             let (restored, listener, home_memory, uffd) =
                 match incoming.complete(Some(tail.proc_fds.clone()), true) {
                     Ok((
@@ -424,7 +425,11 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 touched_home: false,
                 g: Guest::new(h.home_pid, tail.next_seq)
                     .with_local(tail.proc_fds.clone())
-                    .with_dfsa(Dfsa::new(&h.shared_paths, &start.shared_paths, Some(cwd))),
+                    .with_dfsa(Dfsa::new(
+                        &h.shared_paths,
+                        &start.shared_paths,
+                        tail.cwd.as_ref().map(PathBuf::from),
+                    )),
                 header: h,
                 conn: Some(conn),
                 out: Outbox::default(),
@@ -620,10 +625,12 @@ impl Supervision {
             };
             let next_seq = self.g.next_seq();
             let proc_fds = self.g.local_fds();
+            let cwd = self.g.dfsa.cwd().map(|c| c.to_string_lossy().into_owned());
             self.up(FromSup::Quiesced {
                 completed,
                 next_seq,
                 proc_fds,
+                cwd,
             });
         }
     }

@@ -68,13 +68,18 @@ pub struct TeeCkpt {
             super::ckptfile::CkptInfo,
             u64,
         ),
-        String,
+        mosix_proto::wire::CkptError,
     >,
 }
 
 impl TeeCkpt {
     /// Completes the file: its number, and the checkpoint or why not.
-    pub fn finish(self) -> (u64, Result<super::checkpoint::CkptDone, String>) {
+    pub fn finish(
+        self,
+    ) -> (
+        u64,
+        Result<super::checkpoint::CkptDone, mosix_proto::wire::CkptError>,
+    ) {
         let r = self.file.and_then(|(target, temp, info, memory_bytes)| {
             target
                 .finish(temp, &info)
@@ -83,7 +88,7 @@ impl TeeCkpt {
                     frozen_ms: 0,
                     memory_bytes,
                 })
-                .map_err(|e| e.to_string())
+                .map_err(|e| mosix_proto::wire::CkptError::File(e.to_string()))
         });
         (self.number, r)
     }
@@ -359,6 +364,10 @@ impl Procs {
                 memory_bytes,
                 rounds: rounds.clone(),
             },
+            // Held still: the working directory it leaves in (its deputy keeps it).
+            cwd: std::fs::read_link(format!("/proc/{}/cwd", m.pid))
+                .ok()
+                .map(|c| c.to_string_lossy().into_owned()),
         };
         let (host_pid, signals, running) =
             match finish_move(&mut ch, to, tail, mover, Some(exec), doubt) {
@@ -383,7 +392,9 @@ impl Procs {
                     Ok((target, t, info, memory_bytes))
                 } else {
                     target.discard(t);
-                    Err("its image could not be written".into())
+                    Err(mosix_proto::wire::CkptError::File(
+                        "its image could not be written into its file".into(),
+                    ))
                 };
                 Some(TeeCkpt { number, file })
             }
@@ -455,6 +466,7 @@ impl Procs {
             next_seq: 1,
             proc_fds: Vec::new(),
             figures: MoveFigures::default(),
+            cwd: None,
         };
         let supervisor = supervisor_of(pid);
         let mut mover = Mover::start(MoverStart {
@@ -468,13 +480,14 @@ impl Procs {
         })?;
         let dumped = mover
             .dump(&mut ch, &mut || {
-                let (done, seq, proc_fds) = quiesce()?;
+                let q = quiesce()?;
                 tail = Tail {
-                    next_seq: seq,
-                    proc_fds,
+                    next_seq: q.next_seq,
+                    proc_fds: q.proc_fds,
                     figures: MoveFigures::default(),
+                    cwd: q.cwd,
                 };
-                Ok(done)
+                Ok(q.completed)
             })
             .map_err(|e| lost_to(dest, e))?;
         let (memory_bytes, rounds, t0) = (dumped.memory_bytes, dumped.rounds, dumped.frozen_at);
