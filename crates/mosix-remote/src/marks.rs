@@ -15,7 +15,7 @@
 //! Only `read`, `readv`, `write` and `writev` are counted; other calls on streams
 //! (`send*`, `recv*`, `splice`, `sendfile`) are not.
 
-use crate::wire::{Back, Buf, Call, FdType, HomeFd, MarkError, Reply};
+use crate::wire::{Back, Buf, Call, FdType, HomeFd, MarkError, MarkedAt, Reply};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
@@ -395,12 +395,9 @@ impl Marks {
         self.streams.trim(&kept);
     }
 
-    /// Marks the process's state now as checkpoint `id`; its descriptors.
-    pub fn mark(
-        &mut self,
-        id: u64,
-        private: &dyn Fn(u64) -> bool,
-    ) -> Result<Vec<HomeFd>, MarkError> {
+    /// Marks the process's state now as checkpoint `id`; its descriptors and working
+    /// directory.
+    pub fn mark(&mut self, id: u64, private: &dyn Fn(u64) -> bool) -> Result<MarkedAt, MarkError> {
         if self.marks.iter().any(|m| m.id == id) {
             return Err(MarkError::Marked { id });
         }
@@ -456,7 +453,10 @@ impl Marks {
             close_saved(&old);
         }
         self.trim();
-        Ok(out)
+        let cwd = std::fs::read_link("/proc/self/cwd")
+            .ok()
+            .map(|c| c.to_string_lossy().into_owned());
+        Ok(MarkedAt { fds: out, cwd })
     }
 
     /// Puts the process's descriptors, streams, working directory and umask back as at
@@ -867,7 +867,10 @@ mod tests {
         let mut m = Marks::default();
         // Only this file is "the process's" here: everything else counts as private.
         let only = move |n: u64| n != fd as u64;
-        let fds = m.mark(7, &only).unwrap();
+        let at = m.mark(7, &only).unwrap();
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(at.cwd.as_deref(), here.to_str());
+        let fds = at.fds;
         assert_eq!(fds.len(), 1);
         assert_eq!(fds[0].fd, fd);
         assert_eq!(fds[0].pos, Some(5));

@@ -297,6 +297,14 @@ pub struct HomeFd {
 }
 
 /// From the deputy.
+/// The process's state at home at a mark: its descriptors, and its working directory (the
+/// deputy's; None if it cannot be named).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkedAt {
+    pub fds: Vec<HomeFd>,
+    pub cwd: Option<String>,
+}
+
 /// Why a deputy could not mark its process's state for a checkpoint, or bring it back to
 /// a mark (marks.rs). OS errors are carried as their numbers.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -357,10 +365,11 @@ pub enum FromDeputy {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// Checkpoint `id` is marked (its descriptors then), or why not. For home's mosixd.
+    /// Checkpoint `id` is marked (its descriptors and working directory then), or why
+    /// not. For home's mosixd.
     Marked {
         id: u64,
-        result: Result<Vec<HomeFd>, MarkError>,
+        result: Result<MarkedAt, MarkError>,
     },
     /// Back at checkpoint `id`: the highest call sequence number seen (the restored
     /// process numbers its calls after it), or why not. For home's mosixd.
@@ -541,7 +550,7 @@ mod tests {
             (
                 FromDeputy::Marked {
                     id: 3,
-                    result: Ok(vec![]),
+                    result: Ok(MarkedAt::default()),
                 },
                 true,
             ),

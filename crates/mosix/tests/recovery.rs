@@ -47,15 +47,19 @@ sys.exit(5)
 "#;
 
 /// A job in phases gated by lines of its stdin (no PID in its output: `mosrun -R` gives
-/// the process mosrun's PID).
-const PHASED: &str = r#"import sys
+/// the process mosrun's PID), one step a phase in JOB's ring of directories (argv[1]).
+const PHASED: &str = r#"import os, sys
+os.chdir(os.path.join(sys.argv[1], "a"))
 print("start", flush=True)
 acc = 0
 phase = 0
 for line in sys.stdin:
     for i in range(200000):
         acc = (acc * 31 + i + phase) % 1000000007
-    print("phase", phase, acc, "got", line.strip(), flush=True)
+    os.chdir(("b", "c", "../..")[phase % 3])
+    with open("name") as f:
+        here = f.read().strip()
+    print("phase", phase, acc, "got", line.strip(), "in", here, flush=True)
     phase += 1
 print("end", flush=True)
 sys.exit(3)
@@ -339,7 +343,8 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
 /// from the checkpoint; then the same with `chkexit`.
 fn checkpoint_and_restore(tb: &Testbed, work: &Path) {
     let script = work.join("phased.py");
-    let argv = [PY, script.to_str().unwrap()];
+    let ring = ring(tb, "phased");
+    let argv = [PY, script.to_str().unwrap(), &ring];
     let input = "go 0\ngo 1\ngo 2\n";
     let (want, want_code) = reference(&argv, input);
     for how in ["checkpoint", "chkexit"] {
@@ -348,6 +353,10 @@ fn checkpoint_and_restore(tb: &Testbed, work: &Path) {
         r.job.send("go 0\n");
         assert_eq!(r.job.line(), want[1]);
         ok(tb.migrate(pid, "3"), "migrate 3");
+        // A step away: its directory at home is not the one it has on node 3 (where it
+        // was at the move), and `mosrun -R` brings it back in the one at home.
+        r.job.send("go 1\n");
+        assert_eq!(r.job.line(), want[2]);
         let file = ok(tb.migrate(pid, how), how);
         assert!(
             file.starts_with('/') && file.contains(&format!("ckpt.{pid}.")),
@@ -388,7 +397,7 @@ fn checkpoint_and_restore(tb: &Testbed, work: &Path) {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        c.stdin.take().unwrap().write_all(b"go 1\ngo 2\n").unwrap();
+        c.stdin.take().unwrap().write_all(b"go 2\n").unwrap();
         let o = c.wait_with_output().unwrap();
         let got: Vec<String> = String::from_utf8_lossy(&o.stdout)
             .lines()
@@ -396,7 +405,7 @@ fn checkpoint_and_restore(tb: &Testbed, work: &Path) {
             .collect();
         assert_eq!(
             got,
-            want[2..],
+            want[3..],
             "{how}: {}",
             String::from_utf8_lossy(&o.stderr)
         );

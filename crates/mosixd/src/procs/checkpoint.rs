@@ -184,12 +184,14 @@ impl Procs {
             }
         };
         let mut fds = Vec::new();
+        let mut cwd = None;
         let mut out =
             mosix_proto::wire::Unchunk::new(BufWriter::with_capacity(1 << 20, &temp.file));
         let dumped = mover.dump(&mut out, &mut || {
             own_rights_only(pid, uid)?;
-            // Held: its descriptors do not change until it goes on.
+            // Held: its descriptors and directory do not change until it goes on.
             fds = ckptfile::home_fds(pid);
+            cwd = ckptfile::cwd_of(pid);
             Ok(Vec::new())
         });
         let ended = out.ended();
@@ -227,6 +229,7 @@ impl Procs {
             frozen_ms = t0.elapsed().as_millis() as u64;
         }
         info.fds = fds;
+        info.cwd = cwd;
         info.memory_bytes = memory_bytes;
         let saved = target.finish(temp, &info);
         if let Some(m) = held.take() {

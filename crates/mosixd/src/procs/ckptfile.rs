@@ -55,6 +55,10 @@ pub struct CkptInfo {
     pub base: String,
     pub every_min: Option<f64>,
     pub memory_bytes: u64,
+    /// Its working directory at home then (the image's is where it ran, which away is not
+    /// its home's); None in files of older versions.
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 /// Whose files they are: the job's owner (uid, gid and supplementary groups).
@@ -423,6 +427,13 @@ pub fn home_fds(pid: i32) -> Vec<HomeFd> {
 }
 
 /// Milliseconds since the Unix epoch now.
+/// The working directory of process `pid` (None: gone, or not nameable).
+pub fn cwd_of(pid: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/cwd"))
+        .ok()
+        .map(|c| c.to_string_lossy().into_owned())
+}
+
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -473,6 +484,7 @@ mod tests {
             base: "/tmp/x".into(),
             every_min: Some(0.5),
             memory_bytes: 3,
+            cwd: Some("/home/u/work".into()),
         }
     }
 

@@ -6,7 +6,7 @@
 
 use mosix_proto::control::After;
 use mosix_proto::wire::CkptError;
-use mosix_remote::wire::{HomeFd, MarkError};
+use mosix_remote::wire::{MarkError, MarkedAt};
 use std::time::Duration;
 
 /// How long a checkpoint asked for waits for its host's link (just after a move).
@@ -106,16 +106,16 @@ pub fn due(
 
 /// A checkpoint taken by its host is complete once its image arrived (`image`: Some,
 /// with why it failed if it did) and, unless it failed, its deputy's mark (`marked`):
-/// what completes its file then (the deputy's descriptors at the mark), or why it fails.
-/// None: not yet.
+/// what completes its file then (the deputy's descriptors and working directory at the
+/// mark), or why it fails. None: not yet.
 pub fn completion(
     image: Option<&Option<CkptError>>,
-    marked: Option<&Result<Vec<HomeFd>, MarkError>>,
-) -> Option<Result<Vec<HomeFd>, CkptError>> {
+    marked: Option<&Result<MarkedAt, MarkError>>,
+) -> Option<Result<MarkedAt, CkptError>> {
     match (image?, marked) {
         (Some(why), _) => Some(Err(why.clone())),
         (None, None) => None,
-        (None, Some(Ok(fds))) => Some(Ok(fds.clone())),
+        (None, Some(Ok(at))) => Some(Ok(at.clone())),
         (None, Some(Err(e))) => Some(Err(CkptError::Mark(e.to_string()))),
     }
 }
@@ -218,10 +218,14 @@ mod tests {
 
     #[test]
     fn a_hosts_checkpoint_is_complete_with_its_image_and_its_mark() {
-        let fds = Ok(Vec::new());
+        let at = MarkedAt {
+            fds: Vec::new(),
+            cwd: Some("/home/u/w".into()),
+        };
+        let fds = Ok(at.clone());
         assert_eq!(completion(None, Some(&fds)), None);
         assert_eq!(completion(Some(&None), None), None);
-        assert_eq!(completion(Some(&None), Some(&fds)), Some(Ok(Vec::new())));
+        assert_eq!(completion(Some(&None), Some(&fds)), Some(Ok(at)));
         // A failed image needs no mark.
         assert_eq!(
             completion(Some(&Some(CkptError::CutShort)), None),

@@ -15,7 +15,7 @@ use super::home::{CkptRecord, Driver, HomeEv, Record};
 use super::job::{Ev, Where};
 use mosix_proto::control::After;
 use mosix_proto::wire::{CkptError, ToHost};
-use mosix_remote::wire::{HomeFd, MarkError, ToDeputy};
+use mosix_remote::wire::{MarkError, MarkedAt, ToDeputy};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
@@ -49,7 +49,7 @@ struct Pending {
     /// Its host has begun sending its image (it comes, or its receiving thread fails).
     incoming: bool,
     /// The deputy's answer to its mark.
-    marked: Option<Result<Vec<HomeFd>, MarkError>>,
+    marked: Option<Result<MarkedAt, MarkError>>,
     /// Its image arrived (or failed): the receiving thread waits for the rest.
     image: Option<ImageIn>,
 }
@@ -240,6 +240,8 @@ impl Driver {
                 .unwrap_or_default(),
             every_min: c.and_then(|c| c.every_min),
             memory_bytes: 0,
+            // Read once it is held (or said by its deputy's mark).
+            cwd: None,
         }
     }
 
@@ -333,17 +335,18 @@ impl Driver {
         };
         let (_, reply) = p.image.take().expect("complete");
         p.marked = None;
-        let r = done.map(|fds| {
+        let r = done.map(|at| {
             let mut i = info;
             i.taken_unix_ms = p.taken_ms;
-            i.fds = fds;
+            i.fds = at.fds;
+            i.cwd = at.cwd;
             i.mark = Some(p.id);
             i
         });
         let _ = reply.send(r);
     }
 
-    pub(super) fn marked(&mut self, id: u64, result: Result<Vec<HomeFd>, MarkError>) {
+    pub(super) fn marked(&mut self, id: u64, result: Result<MarkedAt, MarkError>) {
         if self.ck.recovering.is_some() {
             // A mark its dead host asked for: the rewind drops it.
             return;

@@ -10,7 +10,7 @@
 
 use super::MoveError;
 use mosix_proto::wire::{CkptError, Frame, ToHome, ToHost};
-use mosix_remote::wire::{FromDeputy, HomeFd, MarkError};
+use mosix_remote::wire::{FromDeputy, MarkError, MarkedAt};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -170,7 +170,7 @@ pub enum Act {
     /// The deputy marked checkpoint `id` (its descriptors then), or could not.
     Marked {
         id: u64,
-        result: Result<Vec<HomeFd>, MarkError>,
+        result: Result<MarkedAt, MarkError>,
     },
     /// Its host could not take checkpoint `id`.
     CkptFailed { id: u64, reason: CkptError },
@@ -1410,7 +1410,7 @@ mod tests {
         let a = j.handle(
             Ev::FromDeputy(frame(&FromDeputy::Marked {
                 id: 3,
-                result: Ok(vec![]),
+                result: Ok(MarkedAt::default()),
             })),
             t,
         );

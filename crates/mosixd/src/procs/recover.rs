@@ -180,9 +180,7 @@ impl Procs {
             proc_fds: o.info.proc_fds.clone(),
             figures: Default::default(),
             // Its deputy's, put back to the checkpoint's mark (the image's is where it ran).
-            cwd: std::fs::read_link(format!("/proc/{}/cwd", r.pid))
-                .ok()
-                .map(|c| c.to_string_lossy().into_owned()),
+            cwd: ckptfile::cwd_of(r.pid),
         };
         ready(&mut ch, to, tail)?;
         // Its record says where it is going, before the commit: a mosixd that restarts
@@ -353,8 +351,9 @@ impl Procs {
                 next_seq: 1,
                 proc_fds: Vec::new(),
                 figures: Default::default(),
-                // Restored here as itself: its working directory is its own.
-                cwd: None,
+                // Its working directory at home when it was saved (the image's is where it
+                // ran, which away is not its home's; None in older files: the image's).
+                cwd: o.info.cwd.clone(),
             },
         )?;
         match supervisor::recv::<FromSup>(&mut sup) {

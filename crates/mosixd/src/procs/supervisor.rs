@@ -257,11 +257,15 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     return refuse(&mut conn, e.to_string());
                 }
             };
-            let _tail: Tail = recv(&mut conn)?;
+            let tail: Tail = recv(&mut conn)?;
             let mut img = match mosix_ckpt::read_image_bytes(bytes) {
                 Ok(i) => i,
                 Err(e) => return refuse(&mut conn, e.to_string()),
             };
+            // Saved away, its image has the directory it had there: home's is in the tail.
+            if let Some(cwd) = tail.cwd {
+                img.meta.cwd = cwd;
+            }
             // `mosrun -R`: descriptors held at home in the image that are reopened.
             for (fd, path, flags, pos) in reopen {
                 if let Some(f) = img.meta.fds.iter_mut().find(|f| f.fd == fd) {

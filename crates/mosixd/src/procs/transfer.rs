@@ -356,6 +356,8 @@ impl Procs {
         // for a mosixd that restarts before the move is done here.
         let exec = self.deputy_exec(m.pid, &m.token, mark);
         self.mark_leaving(m.pid, Some((to, m.epoch)));
+        // Held still: the working directory it leaves in (its deputy keeps it).
+        let tail_cwd = super::ckptfile::cwd_of(m.pid);
         let tail = Tail {
             next_seq: 1,
             proc_fds: Vec::new(),
@@ -364,10 +366,7 @@ impl Procs {
                 memory_bytes,
                 rounds: rounds.clone(),
             },
-            // Held still: the working directory it leaves in (its deputy keeps it).
-            cwd: std::fs::read_link(format!("/proc/{}/cwd", m.pid))
-                .ok()
-                .map(|c| c.to_string_lossy().into_owned()),
+            cwd: tail_cwd.clone(),
         };
         let (host_pid, signals, running) =
             match finish_move(&mut ch, to, tail, mover, Some(exec), doubt) {
@@ -385,6 +384,7 @@ impl Procs {
                 let number = target.number;
                 let file = if mark.is_some() {
                     info.fds = fds;
+                    info.cwd = tail_cwd;
                     info.no_new_privs = nnp;
                     info.memory_bytes = memory_bytes;
                     info.mark = mark;
