@@ -64,15 +64,27 @@ fn unmoved(tb: &Testbed, argv: &[&str], input: &str) -> (String, std::process::E
     (out, c.wait().unwrap())
 }
 
-/// The members of `parent`'s family that node 1 lists (its children), oldest first.
+/// The members of `parent`'s family that node 1 lists (its children), oldest first: by
+/// start time, not by PID (PIDs wrap around at 32768 here, and a long CI run gets there).
 fn children(tb: &Testbed, parent: i32) -> Vec<Value> {
     let mut v: Vec<Value> = tb
         .ps(1)
         .into_iter()
         .filter(|p| p["ppid"] == parent)
         .collect();
-    v.sort_by_key(|p| p["home_pid"].as_i64());
+    v.sort_by_key(|p| {
+        let pid = p["home_pid"].as_i64().unwrap_or(0) as i32;
+        (started(pid), pid)
+    });
     v
+}
+
+/// When process `pid` started (clock ticks after boot; 0 if it is gone).
+fn started(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| st.rsplit(") ").next()?.split(' ').nth(19)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Waits until `parent` has `n` children listed as migratable processes; their PIDs.
@@ -537,11 +549,17 @@ fn ctrl_c_ends_every_member(tb: &Testbed) {
     let mut c = under_terminal(&cmd);
     let bash = std::cell::Cell::new(0);
     tb.wait_until("the job under script is registered", || {
-        if let Some(b) = tb
-            .ps(1)
+        // The family's root: a child forked by bash is listed as "bash -c" too until it
+        // execs mawk, and its PID may be the lower one (PIDs wrap around).
+        let listed = tb.ps(1);
+        let members: Vec<i64> = listed
             .iter()
-            .find(|p| p["cmd"].as_str().unwrap_or("").starts_with("bash -c"))
-        {
+            .filter_map(|p| p["home_pid"].as_i64())
+            .collect();
+        if let Some(b) = listed.iter().find(|p| {
+            p["cmd"].as_str().unwrap_or("").starts_with("bash -c")
+                && !p["ppid"].as_i64().is_some_and(|pp| members.contains(&pp))
+        }) {
             bash.set(b["home_pid"].as_i64().unwrap() as i32);
         }
         bash.get() != 0
