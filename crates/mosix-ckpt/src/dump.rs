@@ -500,18 +500,23 @@ fn batch_queries(f: &mut Frozen, r: &mut Remote) -> Result<Option<Queries>> {
     Ok(Some(q))
 }
 
+/// madvise advice by area start ([`crate::image::ProcessImage::advice`]).
+pub(crate) type Advice = Vec<(u64, u32)>;
+
 pub(crate) fn vmas_of(pid: i32, maps: &[MapLine]) -> Result<Vec<Vma>> {
     Ok(vmas_tracked(pid, maps, &[])?.0)
 }
 
-/// [`vmas_of`], and the areas registered with a userfaultfd for write protection (VmFlags
-/// "uw": tracked by a [`crate::dirty::Tracker`]). Areas of `home` (memory shared at
-/// home, which stays there) are [`VmaKind::HomeShared`].
+/// [`vmas_of`], the areas registered with a userfaultfd for write protection (VmFlags
+/// "uw": tracked by a [`crate::dirty::Tracker`]), and the madvise advice of the private
+/// areas (those a restore maps afresh) that differs from a fresh mapping's, by area start
+/// ([`crate::image::ProcessImage::advice`]). Areas of `home` (memory shared at home, which
+/// stays there) are [`VmaKind::HomeShared`].
 pub(crate) fn vmas_tracked(
     pid: i32,
     maps: &[MapLine],
     home: &[crate::homemem::Area],
-) -> Result<(Vec<Vma>, Ranges)> {
+) -> Result<(Vec<Vma>, Ranges, Advice)> {
     let flags = procfs::vm_flags(pid)?;
     let tracked = maps
         .iter()
@@ -579,7 +584,15 @@ pub(crate) fn vmas_tracked(
             anon_name,
         });
     }
-    Ok((out, tracked))
+    let advice = out
+        .iter()
+        .filter(|v| crate::records::staged(v))
+        .filter_map(|v| {
+            let bits = crate::image::advice_of(flags.get(&v.start)?);
+            (bits != 0).then_some((v.start, bits))
+        })
+        .collect();
+    Ok((out, tracked, advice))
 }
 
 /// Runs of pages to save: (start address, page count, anonymous?).
@@ -731,7 +744,7 @@ pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
     } else {
         Vec::new()
     };
-    let (vmas, tracked) = vmas_tracked(pid, &maps, &home)?;
+    let (vmas, tracked, advice) = vmas_tracked(pid, &maps, &home)?;
     let mut objs = shmem::objects_of(pid, &maps)?;
     objs.retain(|ino, _| !home.iter().any(|a| a.here_ino == *ino));
     f.home_memory = home;
@@ -800,6 +813,7 @@ pub(crate) fn capture(f: &mut Frozen, moving: Moving) -> Result<State> {
         pgid: last_id(st.get("NSpgid")),
         sid: last_id(st.get("NSsid")),
         shmem: shmem_objects,
+        advice,
     };
     Ok(State {
         meta,

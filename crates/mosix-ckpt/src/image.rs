@@ -32,7 +32,7 @@ pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
 pub const FORMAT_MAJOR: u16 = 3;
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
 pub const HEADER_LEN: usize = 32;
 
 pub(crate) const TAG_META: u8 = 1;
@@ -308,6 +308,39 @@ pub struct ProcessImage {
     pub sid: i32,
     /// Its memfds and MAP_SHARED anonymous memory (format 2).
     pub shmem: Vec<ShmemObject>,
+    /// The madvise advice its private areas had (format 3.2; none from older images): by
+    /// area start, bits of [`ADVICE_HUGEPAGE`] and the others. Only what differs from a
+    /// fresh mapping's.
+    pub advice: Vec<(u64, u32)>,
+}
+
+/// MADV_HUGEPAGE (VmFlags "hg"): transparent huge pages wanted.
+pub const ADVICE_HUGEPAGE: u32 = 1;
+/// MADV_NOHUGEPAGE ("nh").
+pub const ADVICE_NOHUGEPAGE: u32 = 2;
+/// MADV_DONTFORK ("dc"): a child does not get the area.
+pub const ADVICE_DONTFORK: u32 = 4;
+/// MADV_DONTDUMP ("dd"): not in a core dump.
+pub const ADVICE_DONTDUMP: u32 = 8;
+/// MADV_WIPEONFORK ("wf"): a child gets it zeroed (random-number state, keys).
+pub const ADVICE_WIPEONFORK: u32 = 16;
+
+/// The advice bits and their madvise numbers, and whether a restore must fail without
+/// one (the fork behaviours, which a child would see) or may go on (hints).
+pub const ADVICES: [(u32, &str, i32, bool); 5] = [
+    (ADVICE_HUGEPAGE, "hg", libc::MADV_HUGEPAGE, false),
+    (ADVICE_NOHUGEPAGE, "nh", libc::MADV_NOHUGEPAGE, false),
+    (ADVICE_DONTFORK, "dc", libc::MADV_DONTFORK, true),
+    (ADVICE_DONTDUMP, "dd", libc::MADV_DONTDUMP, false),
+    (ADVICE_WIPEONFORK, "wf", libc::MADV_WIPEONFORK, true),
+];
+
+/// The advice bits of an area with these VmFlags (/proc/PID/smaps).
+pub fn advice_of(vm_flags: &[String]) -> u32 {
+    ADVICES
+        .iter()
+        .filter(|(_, name, ..)| vm_flags.iter().any(|f| f == name))
+        .fold(0, |bits, (b, ..)| bits | b)
 }
 
 /// One thread's own state (format 2 thread record).
@@ -547,7 +580,8 @@ impl<W: Write + 'static> ImageWriter<W> {
         self.estimate = meta.memory_estimate;
         self.page_bytes = 0;
         let (tree, proc_rec, threads) = records::split(meta);
-        let proc_bytes = encode("process record", &proc_rec)?;
+        let proc_bytes = records::encode_proc(&proc_rec)
+            .map_err(|e| bad(format!("cannot encode the process record: {e}")))?;
         let mut thread_bytes = Vec::with_capacity(threads.len());
         for t in &threads {
             thread_bytes.push(encode("thread record", t)?);

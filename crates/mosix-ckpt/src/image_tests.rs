@@ -495,3 +495,30 @@ fn precopy_damage_and_excess_are_refused() {
         .to_string();
     assert!(e.contains("outside the process's private memory"), "{e}");
 }
+
+#[test]
+fn madvise_advice_is_kept_and_older_process_records_read_without_it() {
+    let meta = ProcessImage {
+        pid: 7,
+        advice: vec![(0x7000_0000, ADVICE_HUGEPAGE | ADVICE_WIPEONFORK)],
+        ..Default::default()
+    };
+    let (_, p, _) = records::split(&meta);
+    let payload = records::encode_proc(&p).unwrap();
+    assert_eq!(records::decode_proc(&payload).unwrap().advice, meta.advice);
+    // A 3.0 or 3.1 process record: the record alone.
+    let older = postcard::to_stdvec(&p).unwrap();
+    let q = records::decode_proc(&older).unwrap();
+    assert!(q.advice.is_empty());
+    assert_eq!(q.pid, 7);
+    // A whole image keeps it.
+    let w = ImageWriter::new(Vec::new(), Compression::None, &meta).unwrap();
+    let back = crate::read::read_image_bytes(w.finish().unwrap()).unwrap();
+    assert_eq!(back.meta.advice, meta.advice);
+    // VmFlags to bits.
+    let flags: Vec<String> = "rd wr mr mw me ac hg dc"
+        .split(' ')
+        .map(String::from)
+        .collect();
+    assert_eq!(advice_of(&flags), ADVICE_HUGEPAGE | ADVICE_DONTFORK);
+}

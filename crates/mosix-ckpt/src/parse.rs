@@ -101,7 +101,9 @@ impl Body2 {
                 if n >= processes {
                     return Err(bad("more process records than processes in the tree"));
                 }
-                self.current = Some((decode2(payload, "process")?, Vec::new()));
+                let p = crate::records::decode_proc(payload)
+                    .map_err(|e| bad(format!("the process record does not decode: {e}")))?;
+                self.current = Some((p, Vec::new()));
             }
             _ => {
                 let Some((_, threads)) = &mut self.current else {

@@ -440,7 +440,7 @@ impl Source {
     ) -> Result<Option<RoundStat>> {
         let t0 = Instant::now();
         let maps = procfs::maps(self.pid)?;
-        let (vmas, reg) = dump::vmas_tracked(self.pid, &maps, &[])?;
+        let (vmas, reg, _) = dump::vmas_tracked(self.pid, &maps, &[])?;
         let plan = self.plan(&vmas, &reg, false)?;
         let layout = layout_of(self.pid, &vmas)?;
         let fits = w

@@ -216,6 +216,36 @@ pub struct ProcRecord {
     /// Bytes of memory contents of this process, at most.
     pub memory_estimate: u64,
     pub clocks: Option<Clocks>,
+    /// [`ProcessImage::advice`]: not in this record's postcard but in the [`ProcExt`]
+    /// after it in the same payload (format 3.2; see [`encode_proc`]).
+    #[serde(skip)]
+    pub advice: Vec<(u64, u32)>,
+}
+
+/// What format 3.2 added to the process record, encoded after it in its payload: a 3.0 or
+/// 3.1 payload ends with the record, and reads with none of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcExt {
+    pub advice: Vec<(u64, u32)>,
+}
+
+/// The payload of a process record: the record, then its [`ProcExt`].
+pub fn encode_proc(p: &ProcRecord) -> std::result::Result<Vec<u8>, postcard::Error> {
+    let mut out = postcard::to_stdvec(p)?;
+    out.extend(postcard::to_stdvec(&ProcExt {
+        advice: p.advice.clone(),
+    })?);
+    Ok(out)
+}
+
+/// A process record from its payload (with its [`ProcExt`] if the payload has one).
+pub fn decode_proc(payload: &[u8]) -> std::result::Result<ProcRecord, postcard::Error> {
+    let (mut p, rest): (ProcRecord, &[u8]) = postcard::take_from_bytes(payload)?;
+    if !rest.is_empty() {
+        let ext: ProcExt = postcard::from_bytes(rest)?;
+        p.advice = ext.advice;
+    }
+    Ok(p)
 }
 
 /// The records of one process: its index entry, process record, thread records (main
@@ -270,6 +300,7 @@ pub fn split(m: &ProcessImage) -> (TreeEntry, ProcRecord, Vec<ThreadImage>) {
         shmem: m.shmem.clone(),
         memory_estimate: m.memory_estimate,
         clocks: m.clocks,
+        advice: m.advice.clone(),
     };
     (tree, p, threads)
 }
@@ -332,6 +363,7 @@ pub fn join(t: &TreeEntry, p: ProcRecord, mut threads: Vec<ThreadImage>) -> Resu
         pgid: t.pgid,
         sid: t.sid,
         shmem: p.shmem,
+        advice: p.advice,
     })
 }
 
@@ -410,6 +442,7 @@ impl From<ProcessImageV1> for ProcessImage {
             pgid: 0,
             sid: 0,
             shmem: Vec::new(),
+            advice: Vec::new(),
         }
     }
 }

@@ -71,6 +71,9 @@ pub(crate) struct Site {
     /// The private areas mapped now (the last layout's).
     staged: Vec<Vma>,
     /// The first layout: the final state must be of the same process.
+    /// The madvise advice of its private areas (see [`ProcessImage::advice`]): given to
+    /// each as it is mapped, before its pages are put in.
+    advice: Vec<(u64, u32)>,
     first: ProcessImage,
     /// The mm fields set last.
     mm: MmFields,
@@ -199,6 +202,7 @@ impl Site {
             shm_files: HashMap::new(),
             staged: Vec::new(),
             first: spec.clone(),
+            advice: spec.advice.clone(),
             mm: spec.mm.clone(),
             born: Instant::now(),
             made,
@@ -428,6 +432,7 @@ impl Site {
         }
         // Fresh: every part of a staged area now that is not kept.
         let spec = self.first.clone();
+        let advice = self.advice.clone();
         let mut open_files: HashMap<String, u64> = HashMap::new();
         let res = self.with(&spec, |b| {
             for v in &areas {
@@ -447,6 +452,11 @@ impl Site {
                 }
                 for (s, e) in parts {
                     map_private(b, v, s, e, &mut open_files)?;
+                }
+                // Before any page is put in: a huge page is made by a fault in an area
+                // that asks for it. (Again on areas kept: it costs one call.)
+                if let Some(&(_, bits)) = advice.iter().find(|(a, _)| *a == v.start) {
+                    advise(b, v, bits)?;
                 }
             }
             for (_, fd) in open_files.drain() {
@@ -507,6 +517,7 @@ impl Site {
             )));
         }
         preflight_meta(m)?;
+        self.advice = m.advice.clone();
         self.reshape(&m.vmas)?;
         if m.mm != self.mm {
             self.with(m, |b| set_mm(b, false))?;
@@ -681,6 +692,26 @@ impl Site {
             ));
         }
     }
+}
+
+/// Gives private area `v` the madvise advice `bits` ([`crate::image::ADVICES`]). A hint
+/// the kernel refuses (no transparent huge pages here) is left out; a fork behaviour it
+/// refuses fails the restore (a child of the process would see the difference).
+fn advise(b: &mut Builder, v: &Vma, bits: u32) -> Result<()> {
+    for &(bit, _, madv, must) in &crate::image::ADVICES {
+        if bits & bit == 0 {
+            continue;
+        }
+        let r = b.call(
+            "madvise",
+            libc::SYS_madvise,
+            &[v.start, v.end - v.start, madv as u64],
+        );
+        if must {
+            r?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps [s, e) of private area `v` afresh: anonymous, or its file (reopened as the

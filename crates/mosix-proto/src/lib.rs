@@ -35,7 +35,8 @@ pub const FLAG_LEAVING: u32 = 2;
 /// `Sync`, `Adopt`; shared paths in the migrate header); moves carry image format 3.1
 /// (memory shared at home, process families).
 /// 1.6: a move's tail carries the working directory at home (`Tail.cwd`); typed reasons
-/// of failed checkpoints and marks (`CkptError`, `mosix_remote::wire::MarkError`).
+/// of failed checkpoints and marks (`CkptError`, `mosix_remote::wire::MarkError`); moves
+/// carry image format 3.2 (madvise advice).
 pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
 
 /// Default UDP port of the gossip transport.

@@ -30,6 +30,7 @@ fn progs() -> &'static Path {
             ("refuse", &["-pthread"]),
             ("pidclock", &[]),
             ("memwriter", &[]),
+            ("advice", &[]),
         ];
         for (name, flags) in builds {
             let st = Command::new("cc")
@@ -280,6 +281,44 @@ fn signal_handler_and_pending_timer_signal() {
 #[test]
 fn avx_registers_and_rounding_mode_survive() {
     round_trip(|| prog("avx"), 2, &[]);
+}
+
+/// madvise advice comes back with the process: transparent huge pages asked for, an area
+/// a child does not get (MADV_DONTFORK), one a child gets zeroed (MADV_WIPEONFORK, what
+/// random-number generators use so that a child never repeats its parent's numbers).
+#[test]
+fn madvise_advice_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let make = || {
+        let mut c = prog("advice");
+        c.arg(&go);
+        c
+    };
+    std::fs::write(&go, "").unwrap();
+    let want = reference(make());
+    let want = String::from_utf8_lossy(&want.stdout).to_string();
+    assert!(
+        want.contains("dontfork 1 wipeonfork 1")
+            && want.contains("child: dontfork area absent, wipeonfork area zeroed")
+            && want.contains("wipeonfork area kept"),
+        "an uninterrupted run: {want}"
+    );
+    std::fs::remove_file(&go).unwrap();
+    let mut job = Job::start(make());
+    assert_eq!(job.line(), "ready");
+    let img = dir.path().join("advice.img");
+    let pid = job.pid().to_string();
+    assert_ok(
+        &mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]),
+        "checkpoint",
+    );
+    assert_eq!(job.wait().signal(), Some(libc::SIGKILL));
+    let before = job.rest();
+    std::fs::write(&go, "").unwrap();
+    let after = mosix(&["restart", img.to_str().unwrap()]);
+    assert_ok(&after, "restart");
+    assert_eq!(before + &String::from_utf8_lossy(&after.stdout), want);
 }
 
 fn file_writer(append: bool) {
