@@ -1,5 +1,8 @@
 //! `mosix testbed bench-migration`: how fast a process moves between two testbed nodes,
-//! against the veth link's own TCP bandwidth measured in the same run (alternating).
+//! against the veth link's own TCP bandwidth measured in the same run (alternating), and
+//! against the optimum: the longer of the link's time for its memory and a copy of its
+//! memory into fresh memory (the destination's least work; on these VMs fresh memory can
+//! be slower than the link).
 //! Also the hidden helpers it runs on the nodes: a memory toucher and a TCP sink/source.
 
 use anyhow::{bail, Context, Result};
@@ -121,6 +124,18 @@ pub fn link_bandwidth(me: &Path, dir: &Path, mib: u64) -> Result<f64> {
 /// The kinds of move measured, each a leg of the round 1 -> 2 -> 3 -> 1.
 const KINDS: [(&str, u32); 3] = [("leave_home", 2), ("host_to_host", 3), ("come_home", 0)];
 
+/// Seconds to copy `mib` MiB into memory never touched before (the kernel gives and
+/// zeroes each page on its first write, as for a restored process's memory).
+fn fresh_copy_secs(mib: u64) -> f64 {
+    let bytes = (mib << 20) as usize;
+    let src = vec![7u8; bytes];
+    let t = Instant::now();
+    let mut fresh = vec![0u8; bytes];
+    fresh.copy_from_slice(&src);
+    std::hint::black_box(&fresh);
+    t.elapsed().as_secs_f64()
+}
+
 fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     let sock = dir.join("n1/mosixd.sock");
     // Only the moves asked for here.
@@ -148,12 +163,17 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                 .strip_prefix("ready ")
                 .context("toucher did not start")?
                 .parse()?;
-            // Per kind: (total s, frozen ms, rounds, ratio to the link).
-            let mut got: Vec<Vec<(f64, f64, f64, f64)>> = vec![vec![]; KINDS.len()];
+            // Per kind: (total s, frozen ms, rounds, ratio to the link, ratio to the
+            // optimum).
+            let mut got: Vec<Vec<[f64; 5]>> = vec![vec![]; KINDS.len()];
             for _ in 0..a.repeat {
-                // The reference first, alternating with the moves.
+                // The references first, alternating with the moves: the link, and a copy
+                // into fresh memory (what the destination must do at least: on these VMs
+                // it can be slower than the link).
                 let bw = link_bandwidth(me, dir, mib.max(64))?;
                 link.push(bw);
+                let fresh = fresh_copy_secs(mib);
+                let optimum = ((mib << 20) as f64 / bw).max(fresh);
                 for (k, &(_, to)) in KINDS.iter().enumerate() {
                     // (A move just answered may still be finishing at its source.)
                     let mut tries = 0;
@@ -180,7 +200,13 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                         bail!("unexpected answer {r:?}");
                     };
                     let ideal = (mib << 20) as f64 / bw;
-                    got[k].push((secs, frozen_ms as f64, rounds.len() as f64, ideal / secs));
+                    got[k].push([
+                        secs,
+                        frozen_ms as f64,
+                        rounds.len() as f64,
+                        ideal / secs,
+                        optimum / secs,
+                    ]);
                 }
             }
             if let Some(mut w) = job.stdin.take() {
@@ -189,12 +215,17 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
             let _ = job.wait();
             let tag = format!("migration_{mib}MiB_dirty{rate}MiBps");
             for (k, &(kind, _)) in KINDS.iter().enumerate() {
-                let col = |i: usize| got[k].iter().map(|x| [x.0, x.1, x.2, x.3][i]).collect();
+                let col = |i: usize| got[k].iter().map(|x| x[i]).collect();
                 println!("BENCH {tag}_{kind}_frozen {:.1} ms", median(col(1)));
                 println!(
                     "BENCH {tag}_{kind}_total {:.1} ms vs link={:.3}",
                     median(col(0)) * 1e3,
                     median(col(3))
+                );
+                println!(
+                    "BENCH {tag}_{kind}_total_vs_optimum {:.1} ms vs optimum={:.3}",
+                    median(col(0)) * 1e3,
+                    median(col(4))
                 );
                 println!("BENCH {tag}_{kind}_rounds {:.0} rounds", median(col(2)));
             }
