@@ -1379,8 +1379,11 @@ impl Guest {
                 continue;
             }
             if now_in(tid) != Some((u.nr, u.args)) {
-                tracing::debug!(
+                // A warning: a read of a pipe, socket or terminal made again loses what
+                // this one took (docs/migration.md, the open window).
+                tracing::warn!(
                     tid,
+                    ret = u.ret,
                     "a call done at home for a thread now elsewhere ({}): made again",
                     spec::name(u.nr)
                 );
