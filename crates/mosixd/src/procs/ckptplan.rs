@@ -87,21 +87,15 @@ pub fn waited(place: Place, waited: Duration) -> Waited {
     }
 }
 
-/// Whether the next automatic checkpoint is due: every `every` (None: no automatic
-/// ones), `since` the last; not while it is frozen or away without its link, nor while
-/// one is being taken. (Nor while it is stopped: the driver looks at that last, in /proc.)
-pub fn due(
-    every: Option<Duration>,
-    since: Duration,
-    pending: bool,
-    frozen: bool,
-    place: Place,
-) -> bool {
+/// Whether the next automatic checkpoint is due (none being taken): every `every` (None:
+/// no automatic ones), `since` the last; not while it is frozen or away without its link.
+/// (Nor while it is stopped: the driver looks at that last, in /proc.)
+pub fn due(every: Option<Duration>, since: Duration, frozen: bool, place: Place) -> bool {
     let Some(every) = every else {
         return false;
     };
     let reachable = matches!(place, Place::Home | Place::Away { linked: true });
-    !pending && !frozen && since >= every && reachable
+    !frozen && since >= every && reachable
 }
 
 /// A checkpoint taken by its host is complete once its image arrived (`image`: Some,
@@ -284,16 +278,15 @@ mod tests {
         fn periodic_checkpoints_keep_their_period(
             every_ms in proptest::option::of(1..100_000u64),
             since_ms in 0..200_000u64,
-            pending: bool,
             frozen: bool,
             place in 0..5usize,
         ) {
             let every = every_ms.map(Duration::from_millis);
             let place = PLACES[place];
-            let d = due(every, Duration::from_millis(since_ms), pending, frozen, place);
+            let d = due(every, Duration::from_millis(since_ms), frozen, place);
             if d {
                 prop_assert!(every.is_some_and(|e| Duration::from_millis(since_ms) >= e));
-                prop_assert!(!pending && !frozen);
+                prop_assert!(!frozen);
                 prop_assert_eq!(
                     start(None, After::Continue, false, frozen, place).clone(),
                     if place == Place::Home { Start::Here } else { Start::Host }

@@ -502,7 +502,7 @@ impl Driver {
             return;
         }
         let since = now.duration_since(self.ck.last);
-        let due = ckptplan::due(self.ck.every(), since, false, self.job.frozen, self.place());
+        let due = ckptplan::due(self.ck.every(), since, self.job.frozen, self.place());
         if due && !stopped(self.job.pid) {
             self.start_checkpoint(After::Continue, None);
         }
