@@ -487,7 +487,11 @@ fn freeze_and_continue(tb: &Testbed, work: &Path) {
     // From host to host: node 2 goes on resolving its relative paths at home, from where
     // it is in its ring (not from the directory it has on node 3).
     tb.move_ok(pid, "2");
-    r.job.send(&numbers(301, 600));
+    r.job.send(&numbers(301, 450));
+    // And home: into its deputy's directory (its hosts lost track of it at the ring's
+    // relative `..`; the directory it has on node 2 is the shared one it started in).
+    tb.move_ok(pid, "home");
+    r.job.send(&numbers(451, 600));
     let (got, st, err) = r.finish();
     same_lines(&got, &want, "frozen");
     assert_eq!(st.code(), want_code);

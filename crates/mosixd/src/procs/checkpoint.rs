@@ -191,7 +191,7 @@ impl Procs {
             own_rights_only(pid, uid)?;
             // Held: its descriptors and directory do not change until it goes on.
             fds = ckptfile::home_fds(pid);
-            cwd = ckptfile::cwd_of(pid);
+            cwd = super::transfer::cwd_of(pid);
             Ok(Vec::new())
         });
         let ended = out.ended();

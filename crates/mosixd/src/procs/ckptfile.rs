@@ -427,13 +427,6 @@ pub fn home_fds(pid: i32) -> Vec<HomeFd> {
 }
 
 /// Milliseconds since the Unix epoch now.
-/// The working directory of process `pid` (None: gone, or not nameable).
-pub fn cwd_of(pid: i32) -> Option<String> {
-    std::fs::read_link(format!("/proc/{pid}/cwd"))
-        .ok()
-        .map(|c| c.to_string_lossy().into_owned())
-}
-
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

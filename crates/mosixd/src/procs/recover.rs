@@ -180,7 +180,7 @@ impl Procs {
             proc_fds: o.info.proc_fds.clone(),
             figures: Default::default(),
             // Its deputy's, put back to the checkpoint's mark (the image's is where it ran).
-            cwd: ckptfile::cwd_of(r.pid),
+            cwd: super::transfer::cwd_of(r.pid),
         };
         ready(&mut ch, to, tail)?;
         // Its record says where it is going, before the commit: a mosixd that restarts

@@ -17,7 +17,9 @@ use super::supervisor::{self, FromSup, SupMode, SupStart, ToSup};
 use super::{Link, MoveError, Moved, Procs};
 use anyhow::{anyhow, bail, Context, Result};
 use mosix_proto::channel::Channel;
-use mosix_proto::wire::{self, Decision, Hello, MigrateHeader, MoveFigures, Tail, Verdict};
+use mosix_proto::wire::{
+    self, CkptError, Decision, Hello, MigrateHeader, MoveFigures, Tail, Verdict,
+};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +58,11 @@ pub struct LeftHome {
     pub ckpt: Option<TeeCkpt>,
 }
 
+/// The working directory of process `pid` (None: gone, or not nameable).
+pub(super) fn cwd_of(pid: i32) -> Option<String> {
+    mosix_ckpt::procfs::link(pid, "cwd").ok()
+}
+
 /// The checkpoint written with a move from home, its image whole in its temporary file:
 /// completed ([`TeeCkpt::finish`]: synced, renamed) once the move is known at home, not
 /// before (a file's sync must not delay the process's first calls from its new host).
@@ -68,18 +75,13 @@ pub struct TeeCkpt {
             super::ckptfile::CkptInfo,
             u64,
         ),
-        mosix_proto::wire::CkptError,
+        CkptError,
     >,
 }
 
 impl TeeCkpt {
     /// Completes the file: its number, and the checkpoint or why not.
-    pub fn finish(
-        self,
-    ) -> (
-        u64,
-        Result<super::checkpoint::CkptDone, mosix_proto::wire::CkptError>,
-    ) {
+    pub fn finish(self) -> (u64, Result<super::checkpoint::CkptDone, CkptError>) {
         let r = self.file.and_then(|(target, temp, info, memory_bytes)| {
             target
                 .finish(temp, &info)
@@ -88,7 +90,7 @@ impl TeeCkpt {
                     frozen_ms: 0,
                     memory_bytes,
                 })
-                .map_err(|e| mosix_proto::wire::CkptError::File(e.to_string()))
+                .map_err(|e| CkptError::File(e.to_string()))
         });
         (self.number, r)
     }
@@ -357,7 +359,7 @@ impl Procs {
         let exec = self.deputy_exec(m.pid, &m.token, mark);
         self.mark_leaving(m.pid, Some((to, m.epoch)));
         // Held still: the working directory it leaves in (its deputy keeps it).
-        let tail_cwd = super::ckptfile::cwd_of(m.pid);
+        let tail_cwd = cwd_of(m.pid);
         let tail = Tail {
             next_seq: 1,
             proc_fds: Vec::new(),
@@ -392,7 +394,7 @@ impl Procs {
                     Ok((target, t, info, memory_bytes))
                 } else {
                     target.discard(t);
-                    Err(mosix_proto::wire::CkptError::File(
+                    Err(CkptError::File(
                         "its image could not be written into its file".into(),
                     ))
                 };
@@ -689,13 +691,21 @@ impl Procs {
             Err(e) => Err(e.into()),
         };
         let tail = relayed.and_then(|_| Ok(wire::expect::<_, Tail>(&mut ch)?));
-        let tail = match tail {
+        let mut tail = match tail {
             Ok(t) => t,
             Err(e) => {
                 let _ = supervisor::send(&mut sup, &ToSup::Abort);
                 return Err(e);
             }
         };
+        if let SupMode::Into { pid, .. } = &mode {
+            // Coming home into its deputy, which made its `chdir`s: the deputy's working
+            // directory is its own, also where its host did not know it (after an
+            // `fchdir`, or a relative `..`).
+            if let Some(cwd) = cwd_of(*pid) {
+                tail.cwd = Some(cwd);
+            }
+        }
         let (figures, tail_at) = (tail.figures.clone(), Instant::now());
         wire::send_flush(&mut sup, &tail)?;
         if std::env::var_os(ENV_TEST_STALL).is_some() {
