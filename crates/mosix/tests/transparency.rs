@@ -23,7 +23,8 @@ fn job_cmd(tb: &Testbed, argv: &[&str], nobody: bool) -> Command {
     if nobody {
         c.args(AS_NOBODY);
     }
-    c.arg(mosix()).arg("run").args(argv);
+    // -L: the test moves it; the balancer must not move it at the same time.
+    c.arg(mosix()).arg("run").arg("-L").args(argv);
     c
 }
 
