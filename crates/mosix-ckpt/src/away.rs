@@ -393,21 +393,29 @@ impl Held {
 /// it that connected) and receives them with SCM_RIGHTS. The numbers, not close-on-exec.
 fn hand_over(r: &mut Remote, pid: i32, areas: &[crate::homemem::Area]) -> Result<Vec<i32>> {
     use std::os::fd::AsRawFd;
-    use std::os::linux::net::SocketAddrExt;
     if areas.is_empty() {
         return Ok(Vec::new());
     }
     let objs = crate::homemem::open_objects(pid, areas)?;
     let fds: Vec<i32> = objs.iter().map(|(_, _, f)| f.as_raw_fd()).collect();
+    let got = give_fds(r, pid, &fds, "its shared memory")?;
+    out_of_the_way(r, pid, got, false)
+}
+
+/// Gives stopped tracee `r` (process `pid`) descriptors `fds` of ours: it asks for them
+/// over a Unix socket (an abstract address of ours, checked to be it that connected) and
+/// receives them with SCM_RIGHTS. Their numbers there, not close-on-exec. `what` names
+/// them in errors.
+pub(crate) fn give_fds(r: &mut Remote, pid: i32, fds: &[i32], what: &str) -> Result<Vec<i32>> {
+    use std::os::fd::AsRawFd;
+    use std::os::linux::net::SocketAddrExt;
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = format!(
         "mosix-home-mem-{}-{pid}-{}",
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let io = |what: &str, e: std::io::Error| {
-        sys_err(format!("handing its shared memory over: {what}"), e)
-    };
+    let io = |step: &str, e: std::io::Error| sys_err(format!("handing {what} over: {step}"), e);
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
         .map_err(|e| io("address", e))?;
     let listener =
@@ -462,10 +470,10 @@ fn hand_over(r: &mut Remote, pid: i32, areas: &[crate::homemem::Area]) -> Result
         if rc != 0 || cred.pid != pid {
             return Err(Error::Target {
                 pid,
-                msg: "another process answered the hand-over of its shared memory".into(),
+                msg: format!("another process answered the hand-over of {what}"),
             });
         }
-        send_fds(conn.as_raw_fd(), &fds).map_err(|e| io("sending", e))?;
+        send_fds(conn.as_raw_fd(), fds).map_err(|e| io("sending", e))?;
         // Its recvmsg: iovec at +256, msghdr at +320, byte at +512, control at +1024.
         let space = 16 + (4 * fds.len()).div_ceil(8) * 8;
         let (iov, hdr, byte, ctl) = (page + 256, page + 320, page + 512, page + 1024);
@@ -487,7 +495,7 @@ fn hand_over(r: &mut Remote, pid: i32, areas: &[crate::homemem::Area]) -> Result
         if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS || clen != 16 + 4 * fds.len() {
             return Err(Error::Target {
                 pid,
-                msg: "it did not receive its shared memory".into(),
+                msg: format!("it did not receive {what}"),
             });
         }
         Ok(c[16..clen]
@@ -496,13 +504,19 @@ fn hand_over(r: &mut Remote, pid: i32, areas: &[crate::homemem::Area]) -> Result
             .collect())
     })();
     let _ = r.raw(libc::SYS_close, &[sock]);
-    let got = match got {
-        Ok(g) => g,
-        Err(e) => {
-            let _ = r.raw(libc::SYS_munmap, &[page, sys::PAGE]);
-            return Err(e);
-        }
-    };
+    let _ = r.raw(libc::SYS_munmap, &[page, sys::PAGE]);
+    got
+}
+
+/// Moves descriptors `got` of stopped tracee `r` (process `pid`) to numbers just below
+/// its RLIMIT_NOFILE, out of the way of its own; their new numbers.
+pub(crate) fn out_of_the_way(
+    r: &mut Remote,
+    pid: i32,
+    got: Vec<i32>,
+    cloexec: bool,
+) -> Result<Vec<i32>> {
+    let flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
     // Out of the way: below the 64 numbers under the limit that the deputy keeps for
     // its own, down from there.
     let soft = crate::procfs::limits(pid)?
@@ -524,7 +538,7 @@ fn hand_over(r: &mut Remote, pid: i32, areas: &[crate::homemem::Area]) -> Result
             at -= 1;
         }
         let n = if at > fd as i64 {
-            r.call("dup3", libc::SYS_dup3, &[fd as u64, at as u64, 0])?;
+            r.call("dup3", libc::SYS_dup3, &[fd as u64, at as u64, flags])?;
             r.raw(libc::SYS_close, &[fd as u64])?;
             used.insert(at);
             at
@@ -533,7 +547,6 @@ fn hand_over(r: &mut Remote, pid: i32, areas: &[crate::homemem::Area]) -> Result
         };
         out.push(n as i32);
     }
-    let _ = r.raw(libc::SYS_munmap, &[page, sys::PAGE]);
     Ok(out)
 }
 
@@ -635,11 +648,14 @@ pub struct Rebuilt {
     /// The deputy's descriptors of its home memory, closed when it resumes (kept for a
     /// revert).
     close: Vec<i32>,
+    /// Its memory being put in (`RestoreOptions::lazy`).
+    filling: Option<crate::lazy::Filling>,
 }
 
 impl Rebuilt {
-    /// Lets it run.
-    pub fn resume(mut self) -> Result<()> {
+    /// Lets it run. Its memory may still be being put in: then the fill is returned,
+    /// to be waited for ([`crate::lazy::Filling::finish`]).
+    pub fn resume(mut self) -> Result<Option<crate::lazy::Filling>> {
         if !self.close.is_empty() {
             let regs = sys::get_regs(self.pid)?;
             let mut r = remote_of(self.pid)?;
@@ -654,19 +670,22 @@ impl Rebuilt {
             );
         }
         crate::restore::resume(self.pid)?;
-        for s in self.signals {
+        for &s in &self.signals {
             let _ = sys::kill(self.pid, s);
         }
-        Ok(())
+        Ok(self.filling.take())
     }
     /// Makes it the deputy again (the move home was abandoned after it was rebuilt):
     /// `path argv envp` is the deputy's exec, as when it left.
-    pub fn revert(self, path: &str, argv: &[String], envp: &[String]) -> Result<()> {
+    pub fn revert(mut self, path: &str, argv: &[String], envp: &[String]) -> Result<()> {
+        if let Some(f) = self.filling.take() {
+            f.abandon();
+        }
         revert(self.pid, path, argv, envp, &self.keep)
     }
 }
 
-fn remote_of(pid: i32) -> Result<Remote> {
+pub(crate) fn remote_of(pid: i32) -> Result<Remote> {
     let maps = crate::procfs::maps(pid)?;
     let regs = sys::get_regs(pid)?;
     for m in maps
@@ -704,7 +723,7 @@ fn revert(pid: i32, path: &str, argv: &[String], envp: &[String], keep: &[i32]) 
 /// `fallback` (path, argv, envp) and the error returned.
 pub fn restore_into(
     pid: i32,
-    img: &LoadedImage,
+    img: &std::sync::Arc<LoadedImage>,
     opts: RestoreOptions,
     creds: &CredOptions,
     fallback: (&str, &[String], &[String]),
@@ -762,7 +781,7 @@ pub fn restore_into(
         }
     };
     // The exec is done: from here a failure makes it the deputy again.
-    let built = (|| -> Result<()> {
+    let built = (|| -> Result<Option<crate::lazy::Filling>> {
         if let Some(want) = &m.exe_id {
             let have = crate::procfs::file_id_of(&format!("/proc/{pid}/exe"))
                 .map_err(|e| sys_err("examining the executable", e))?;
@@ -781,16 +800,21 @@ pub fn restore_into(
             plan.caps = None;
         }
         let mut site = crate::stage::Site::begin_in(pid, m, opts, plan, Mode::Into(&held))?;
-        crate::restore::build_loaded(&mut site, img)?;
-        site.complete(m, false)?;
-        Ok(())
+        if opts.lazy {
+            crate::restore::build_loaded_lazy(&mut site, img)?;
+        } else {
+            crate::restore::build_loaded(&mut site, img)?;
+        }
+        let (_, built, _) = site.complete(m, false)?;
+        Ok(built.filling)
     })();
     match built {
-        Ok(()) => Ok(Rebuilt {
+        Ok(filling) => Ok(Rebuilt {
             pid,
             keep,
             signals,
             close,
+            filling,
         }),
         Err(e) => {
             let (p, a, env) = fallback;

@@ -21,6 +21,7 @@ mod error;
 mod fdobj;
 pub mod homemem;
 pub mod image;
+pub mod lazy;
 mod limits;
 mod parse;
 mod pipeline;
@@ -51,5 +52,7 @@ pub use image::{
 };
 pub use pipeline::checkpoint_to;
 pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
-pub use restore::{preflight, restore, restore_with, resume, Built, RestoreOptions, Restored};
+pub use restore::{
+    preflight, restore, restore_lazy, restore_with, resume, Built, RestoreOptions, Restored,
+};
 pub use stream::{receive, restore_stream, Incoming};

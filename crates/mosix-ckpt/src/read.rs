@@ -57,6 +57,14 @@ impl std::ops::Deref for Storage {
 }
 
 impl LoadedImage {
+    /// The (uncompressed) body: what [`LoadedImage::page_runs`] offsets point into.
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.store[self.body_at..]
+    }
+    /// The memory contents: (address, offset into the body, length).
+    pub(crate) fn page_runs(&self) -> &[(u64, usize, usize)] {
+        &self.runs
+    }
     pub fn pages(&self) -> impl Iterator<Item = Pages<'_>> {
         let body = &self.store[self.body_at..];
         self.runs.iter().map(move |&(vaddr, off, len)| Pages {

@@ -50,6 +50,9 @@ pub struct RestoreOptions {
     /// Signal the process gets when the restoring thread dies (PR_SET_PDEATHSIG), so a
     /// guest dies with the daemon that hosts it.
     pub pdeathsig: Option<i32>,
+    /// Inside its deputy ([`crate::restore_into`]): its private anonymous memory is put
+    /// in while it runs ([`crate::lazy`]), so that it waits for its state only.
+    pub lazy: bool,
 }
 
 /// Lets a process restored with `hold` run, every thread of it. Call from the thread
@@ -181,6 +184,25 @@ pub(crate) enum Mode<'a> {
 pub struct Built {
     pub listener: Option<std::os::fd::OwnedFd>,
     pub home_memory: Option<std::os::fd::OwnedFd>,
+    /// Its memory being put in while it runs (`lazy`).
+    pub filling: Option<crate::lazy::Filling>,
+}
+
+/// As [`restore_with`], its private anonymous memory put in while it runs
+/// ([`crate::lazy`]): the process may start before all of it is in. The fill is returned
+/// (None if there was nothing to fill, or no userfaultfd could be had: then everything was
+/// put in first); finish it ([`crate::lazy::Filling::finish`]) from a thread of ours, and
+/// stay until it is done: the process waits for its memory as long as we are not there.
+pub fn restore_lazy(
+    img: &std::sync::Arc<LoadedImage>,
+    opts: RestoreOptions,
+    creds: &CredOptions,
+) -> Result<(Restored, Option<crate::lazy::Filling>)> {
+    let m = &img.meta;
+    let mut site = Site::begin(m, opts, creds, Mode::Plain)?;
+    build_loaded_lazy(&mut site, img)?;
+    let (r, built, _) = site.complete(m, false)?;
+    Ok((r, built.filling))
 }
 
 pub(crate) fn restore_mode(
@@ -212,6 +234,43 @@ pub(crate) fn restore_loaded(
 }
 
 /// Puts the memory of a whole image in place and takes its final state.
+/// As [`build_loaded`], its private anonymous memory put in while it runs: a thread of
+/// ours fills it from the moment its layout is made (anything that touches that memory
+/// from then on, the restore included, waits for its pages). Without a userfaultfd (no
+/// /dev/userfaultfd here, say) everything is put in before, as [`build_loaded`] does.
+pub(crate) fn build_loaded_lazy(site: &mut Site, img: &std::sync::Arc<LoadedImage>) -> Result<()> {
+    let (areas, mut later, now) = crate::lazy::split(&img.meta, img.page_runs());
+    let filling = if areas.is_empty() || later.is_empty() {
+        None
+    } else {
+        site.with(&img.meta, |b| {
+            Ok(crate::lazy::start(b, img.clone(), later.clone(), &areas)
+                .map_err(|e| tracing::warn!(pid = b.pid, "its memory is put in first: {e}"))
+                .ok())
+        })?
+    };
+    let body = img.body();
+    let mut parts: Vec<(u64, &[u8])> = now
+        .iter()
+        .map(|&(a, off, len)| (a, &body[off..off + len]))
+        .collect();
+    if filling.is_none() {
+        parts.extend(
+            later
+                .take(0, u64::MAX)
+                .into_iter()
+                .map(|(a, len, off)| (a, &body[off..off + len as usize])),
+        );
+    }
+    site.pages(&parts)?;
+    site.filling = filling;
+    site.final_state(&img.meta)?;
+    for p in img.shmem_pages() {
+        site.shmem_data(p.ino, p.offset, p.data)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn build_loaded(site: &mut Site, img: &LoadedImage) -> Result<()> {
     let parts: Vec<(u64, &[u8])> = img.pages().map(|p| (p.vaddr, p.data)).collect();
     site.pages(&parts)?;

@@ -82,6 +82,8 @@ pub(crate) struct Site {
     /// It was made here (not a deputy taken over): killed if the restore fails.
     made: bool,
     done: bool,
+    /// Its memory being put in while it is built and runs (`RestoreOptions::lazy`).
+    pub(crate) filling: Option<crate::lazy::Filling>,
 }
 
 fn dummy_remote() -> Remote {
@@ -207,13 +209,14 @@ impl Site {
             born: Instant::now(),
             made,
             done: false,
+            filling: None,
         };
         site.setup(spec)?;
         Ok(site)
     }
 
     /// Runs `f` with a [`Builder`] of this site on image `img`.
-    fn with<T>(
+    pub(crate) fn with<T>(
         &mut self,
         img: &ProcessImage,
         f: impl FnOnce(&mut Builder) -> Result<T>,
@@ -667,6 +670,7 @@ impl Site {
             Built {
                 listener,
                 home_memory: self.home_uffd.take(),
+                filling: self.filling.take(),
             },
             uffd,
         ))

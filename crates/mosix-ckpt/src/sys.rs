@@ -995,6 +995,90 @@ pub fn uffd_register_wp(fd: RawFd, start: u64, len: u64) -> io::Result<()> {
     ioctl_ptr(fd, UFFDIO_REGISTER, &mut r).map(drop)
 }
 
+/// Registers [start, start+len) with userfaultfd `fd` for missing pages (a fault on a
+/// page not there waits for the holder of `fd` to put it in).
+pub fn uffd_register_missing(fd: RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut r = [start, len, UFFDIO_REGISTER_MODE_MISSING, 0];
+    ioctl_ptr(fd, UFFDIO_REGISTER, &mut r).map(drop)
+}
+
+/// _IOWR(0xAA, 0x03, struct uffdio_copy)
+const UFFDIO_COPY: u64 = 0xC028_AA03;
+/// _IOWR(0xAA, 0x04, struct uffdio_zeropage)
+const UFFDIO_ZEROPAGE: u64 = 0xC020_AA04;
+/// _IOR(0xAA, 0x02, struct uffdio_range)
+const UFFDIO_WAKE: u64 = 0x8010_AA02;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// _IO(0xAA, 0x00) on /dev/userfaultfd: a userfaultfd of the caller's memory.
+pub const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
+
+/// UFFDIO_COPY: `src` (of ours) into [dst, dst+len) of the memory of userfaultfd `fd`,
+/// waking whoever waits there. Err((errno, bytes put in before it failed)).
+pub fn uffd_copy(fd: RawFd, dst: u64, src: &[u8]) -> std::result::Result<(), (i32, u64)> {
+    // struct uffdio_copy: dst, src, len, mode, copy (out).
+    let mut c = [dst, src.as_ptr() as u64, src.len() as u64, 0, 0];
+    match ioctl_ptr(fd, UFFDIO_COPY, &mut c) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let done = c[4] as i64;
+            Err((e.raw_os_error().unwrap_or(libc::EIO), done.max(0) as u64))
+        }
+    }
+}
+
+/// UFFDIO_ZEROPAGE: [start, start+len) of the memory of userfaultfd `fd` reads as zeros.
+pub fn uffd_zeropage(fd: RawFd, start: u64, len: u64) -> io::Result<()> {
+    // struct uffdio_zeropage: range (start, len), mode, zeropage (out).
+    let mut z = [start, len, 0, 0];
+    ioctl_ptr(fd, UFFDIO_ZEROPAGE, &mut z).map(drop)
+}
+
+/// UFFDIO_WAKE: whoever waits on [start, start+len) tries again.
+pub fn uffd_wake(fd: RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut r = [start, len];
+    ioctl_ptr(fd, UFFDIO_WAKE, &mut r).map(drop)
+}
+
+/// One message read from a userfaultfd (struct uffd_msg, 32 bytes): its event and the
+/// three words after the header (their meaning is the event's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UffdMsg {
+    pub event: u8,
+    pub arg: [u64; 3],
+}
+
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+
+/// Reads the messages waiting on non-blocking userfaultfd `fd` (none: empty).
+pub fn uffd_read(fd: RawFd) -> io::Result<Vec<UffdMsg>> {
+    let mut buf = [0u8; 32 * 64];
+    // SAFETY: read into a buffer of ours of the length given.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(Vec::new()),
+            _ => Err(e),
+        };
+    }
+    let word = |m: &[u8], i: usize| u64::from_le_bytes(m[i..i + 8].try_into().expect("8"));
+    Ok(buf[..n as usize]
+        .chunks_exact(32)
+        .map(|m| UffdMsg {
+            event: m[0],
+            arg: [word(m, 8), word(m, 16), word(m, 24)],
+        })
+        .collect())
+}
+
 /// Unregisters [start, start+len) from userfaultfd `fd`.
 pub fn uffd_unregister(fd: RawFd, start: u64, len: u64) -> io::Result<()> {
     let mut r = [start, len];

@@ -1378,12 +1378,15 @@ impl Guest {
             if (u.spec.ret_fd || u.spec.out_fds.is_some()) && u.ret >= 0 {
                 continue;
             }
-            if now_in(tid) != Some((u.nr, u.args)) {
+            let now = now_in(tid);
+            if now != Some((u.nr, u.args)) {
                 // A warning: a read of a pipe, socket or terminal made again loses what
                 // this one took (docs/migration.md, the open window).
                 tracing::warn!(
                     tid,
                     ret = u.ret,
+                    ?now,
+                    args = ?u.args,
                     "a call done at home for a thread now elsewhere ({}): made again",
                     spec::name(u.nr)
                 );

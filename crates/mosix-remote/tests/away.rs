@@ -236,12 +236,14 @@ fn a_process_leaves_home_runs_away_with_its_deputy_and_comes_back() {
         let m: mosix_remote::wire::FromDeputy = mosix_remote::wire::recv(&mut r).unwrap().unwrap();
         g.on_deputy(m, &mut live);
     }
-    let img2 = mosix_ckpt::read_image_bytes(bytes).unwrap();
+    let img2 = std::sync::Arc::new(mosix_ckpt::read_image_bytes(bytes).unwrap());
+    // Its memory put in while it runs, as a move home does.
     let back = mosix_ckpt::restore_into(
         pid,
         &img2,
         RestoreOptions {
             hold: true,
+            lazy: true,
             ..Default::default()
         },
         &CredOptions::from_image(),
@@ -252,7 +254,7 @@ fn a_process_leaves_home_runs_away_with_its_deputy_and_comes_back() {
     if let Some(i) = guest.ns_init {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(i), None);
     }
-    back.resume().unwrap();
+    let filling = back.resume().unwrap();
     assert_eq!(
         std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
         std::fs::read_link(format!("/proc/{}/exe", std::process::id()))
@@ -261,6 +263,10 @@ fn a_process_leaves_home_runs_away_with_its_deputy_and_comes_back() {
     );
     stdin.write_all(b"go\n").unwrap();
     drop(stdin);
+    if let Some(f) = filling {
+        let f = f.finish();
+        assert!(f.bytes > 0, "{f:?}");
+    }
     let st = child.wait().unwrap();
     let got_out = std::fs::read_to_string(d.path().join("out.txt")).unwrap();
     let got_log = std::fs::read_to_string(d.path().join("job.log")).unwrap();

@@ -411,7 +411,7 @@ impl GuestDriver {
                         return;
                     }
                     FromSup::Hello { .. } | FromSup::Ready { .. } | FromSup::Refused(_) => {}
-                    FromSup::Running => {}
+                    FromSup::Running | FromSup::Filled => {}
                 },
                 GuestEv::SupGone => {
                     if self.moving {

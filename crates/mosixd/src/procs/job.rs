@@ -101,10 +101,14 @@ pub enum Ev<D, H> {
         to: u32,
         err: MoveError,
     },
-    /// It was rebuilt at home and runs here again (a move home committed).
+    /// It was rebuilt at home and runs here again (a move home committed); `filling`:
+    /// its memory is still being put in ([`Ev::Filled`] says when it is all in).
     CameHome {
         moved: super::Moved,
+        filling: bool,
     },
+    /// Its memory is all in since it came home: it may move again.
+    Filled,
     DeputyConnected(D),
     /// A frame from the deputy, for the host.
     FromDeputy(Frame),
@@ -241,6 +245,8 @@ pub struct Job<D, H> {
     pub frozen: bool,
     /// A checkpoint of it is being taken here (moves wait).
     pub checkpointing: bool,
+    /// It came home and its memory is still being put in (moves wait).
+    filling: bool,
     /// The figures of a move home its host reported before it was rebuilt here.
     home_figures: Option<super::Moved>,
 }
@@ -276,6 +282,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             recovery: None,
             frozen: false,
             checkpointing: false,
+            filling: false,
             home_figures: None,
         }
     }
@@ -469,7 +476,8 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 reply,
             } => {
                 let busy = matches!(self.place, Where::Leaving { .. } | Where::Recovering { .. })
-                    || (matches!(self.place, Where::Away { .. }) && self.host.is_none());
+                    || (matches!(self.place, Where::Away { .. }) && self.host.is_none())
+                    || self.filling;
                 // Here under a supervisor (recovered here), it may still come home for real.
                 let supervised_here = self.place
                     == Where::Away {
@@ -522,7 +530,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.early_msgs.clear();
                 self.answer_waiters(to, &Err(err));
             }
-            Ev::CameHome { moved } => {
+            Ev::Filled => self.filling = false,
+            Ev::CameHome { moved, filling } => {
+                self.filling = filling;
                 let moved = self.home_figures.take().unwrap_or(moved);
                 self.doubt = None;
                 // Its deputy, which held its marks, is the process again.
@@ -1161,6 +1171,7 @@ mod tests {
                     memory_bytes: 0,
                     rounds: Vec::new(),
                 },
+                filling: false,
             };
             let (a, b) = if left_first {
                 (left, came)
@@ -1185,11 +1196,48 @@ mod tests {
     }
 
     #[test]
+    fn no_move_while_its_memory_is_put_in_after_coming_home() {
+        let t = Instant::now();
+        let mut j = J::new(1, 100, 0, "x".into(), t);
+        away(&mut j, t, 2);
+        j.handle(
+            Ev::CameHome {
+                moved: moved(1),
+                filling: true,
+            },
+            t,
+        );
+        let got = got();
+        let ask = |j: &mut J, got: &Got| {
+            j.handle(
+                Ev::Migrate {
+                    to: 3,
+                    reason: "r".into(),
+                    offer: None,
+                    reply: Some(Box::new(W(got.clone()))),
+                },
+                t,
+            )
+        };
+        assert!(ask(&mut j, &got).is_empty());
+        assert!(matches!(got.lock().unwrap()[0], Err(MoveError::Busy)));
+        j.handle(Ev::Filled, t);
+        let acts = ask(&mut j, &got);
+        assert!(matches!(acts[..], [Act::Leave { to: 3, .. }]), "{acts:?}");
+    }
+
+    #[test]
     fn a_copy_linking_after_its_process_came_home_is_ended() {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
         away(&mut j, t, 2);
-        j.handle(Ev::CameHome { moved: moved(1) }, t);
+        j.handle(
+            Ev::CameHome {
+                moved: moved(1),
+                filling: false,
+            },
+            t,
+        );
         assert_eq!(j.place, Where::Home);
         let old = Rec::<ToHost>::default();
         j.handle(

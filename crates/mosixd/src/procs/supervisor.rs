@@ -105,6 +105,8 @@ pub enum FromSup {
     },
     /// It ended (the deputy was told).
     Exited,
+    /// Coming home: its memory is all in (it may move again).
+    Filled,
     /// Who it supervises (first message on a new connection, after a restart of mosixd).
     Hello {
         header: MigrateHeader,
@@ -290,11 +292,14 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 Ok(c) => c,
                 Err(e) => return refuse(&mut conn, e.to_string()),
             };
+            // Its private memory is put in while it runs: it waits for its state only.
             let opts = mosix_ckpt::RestoreOptions {
                 hold: true,
+                lazy: true,
                 ..Default::default()
             };
             let (p, a, e) = &deputy;
+            let img = std::sync::Arc::new(img);
             let rebuilt = match mosix_ckpt::restore_into(pid, &img, opts, &creds, (p, a, e)) {
                 Ok(r) => r,
                 Err(e) => return refuse(&mut conn, e.to_string()),
@@ -303,9 +308,23 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             send(&mut conn, &FromSup::Ready { host_pid: pid })?;
             match recv::<ToSup>(&mut conn) {
                 Ok(ToSup::Commit) => {
-                    rebuilt.resume()?;
+                    let filling = rebuilt.resume()?;
                     send(&mut conn, &FromSup::Running)?;
                     info!(pid, "back home");
+                    if let Some(f) = filling {
+                        // This process stays until all of it is in.
+                        let done = f.finish();
+                        info!(
+                            pid,
+                            mib = done.bytes >> 20,
+                            ms = done.took.as_millis() as u64,
+                            faults = done.faults,
+                            forks = done.forks,
+                            dropped = done.dropped,
+                            "its memory is all in"
+                        );
+                    }
+                    let _ = send(&mut conn, &FromSup::Filled);
                 }
                 _ => {
                     rebuilt.revert(p, a, e)?;
@@ -327,6 +346,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 hold: true,
                 pdeathsig: Some(libc::SIGKILL),
                 stdio: None,
+                lazy: false,
             };
             // Restored while its image arrives (its memory in place as it comes).
             let mut chunks = wire::ChunkReader::new(&mut conn);
@@ -389,6 +409,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                         mosix_ckpt::Built {
                             listener: Some(l),
                             home_memory,
+                            ..
                         },
                         u,
                     )) => (r, l, home_memory, u),

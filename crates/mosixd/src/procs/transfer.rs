@@ -31,6 +31,9 @@ const ENV_TEST_STALL: &str = "MOSIXD_TEST_STALL_RECEIVE";
 /// Memory kept free beside a process restored here (page tables, the restorer, the
 /// daemon's own growth), on top of its image.
 const RESTORE_MARGIN: u64 = 16 << 20;
+/// How long a process come home may take to get all its memory before it may move again
+/// all the same.
+const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A move of a process from its home.
 pub struct HomeMove {
@@ -783,7 +786,8 @@ impl Procs {
         match mode {
             SupMode::Guest => self.start_guest(sup, h, host_pid),
             SupMode::Into { .. } => {
-                if let Some(home) = super::lock(&self.homes).get(&h.home_pid) {
+                let home = super::lock(&self.homes).get(&h.home_pid).cloned();
+                if let Some(home) = &home {
                     home.send(super::job::Ev::CameHome {
                         // Stopped from its freeze at the source until it ran here.
                         moved: Moved {
@@ -792,7 +796,21 @@ impl Procs {
                             memory_bytes: figures.memory_bytes,
                             rounds: figures.rounds,
                         },
+                        filling: true,
                     });
+                }
+                // Its memory is put in while it runs; it moves again once it is all in
+                // (or its supervisor is gone).
+                let _ = sup.set_read_timeout(Some(FILL_TIMEOUT));
+                match supervisor::recv(&mut sup) {
+                    Ok(FromSup::Filled) => {}
+                    other => warn!(
+                        pid = h.home_pid,
+                        "no word that its memory is all in: {other:?}"
+                    ),
+                }
+                if let Some(home) = home {
+                    home.send(super::job::Ev::Filled);
                 }
                 Ok(())
             }
