@@ -705,7 +705,7 @@ impl<W: Write + 'static> ImageWriter<W> {
 pub use crate::limits::{memory_room, ReadLimits};
 pub use crate::read::{
     read_image, read_image_bytes, read_image_bytes_with, read_image_file, read_image_file_with,
-    read_image_with, LoadedImage, ShmemPages, Version, MAX_META, META_GROWTH,
+    read_image_streamed, read_image_with, LoadedImage, ShmemPages, Version, MAX_META, META_GROWTH,
 };
 
 #[cfg(test)]

@@ -522,3 +522,39 @@ fn madvise_advice_is_kept_and_older_process_records_read_without_it() {
         .collect();
     assert_eq!(advice_of(&flags), ADVICE_HUGEPAGE | ADVICE_DONTFORK);
 }
+
+/// An image read as it arrives is the image read whole; every flipped bit, cut or extra
+/// byte is an error there too (the whole-image checksum is made as the bytes come).
+#[test]
+fn streamed_read_equals_whole_read_and_detects_damage() {
+    let lim = ReadLimits::bytes(1 << 30);
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        for good in [sample(c), precopy_image(c)] {
+            let whole = read_image(&good[..]).unwrap();
+            let streamed = read_image_streamed(&good[..], &lim).unwrap();
+            assert_eq!(whole.meta, streamed.meta);
+            let pages = |i: &LoadedImage| -> Vec<(u64, Vec<u8>)> {
+                i.pages().map(|p| (p.vaddr, p.data.to_vec())).collect()
+            };
+            assert_eq!(pages(&whole), pages(&streamed));
+            let step = (good.len() * 8 / 2000).max(1);
+            for bit in (0..good.len() * 8).step_by(step) {
+                let mut b = good.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                assert!(
+                    read_image_streamed(&b[..], &lim).is_err(),
+                    "{c:?}: flip of bit {bit} not detected"
+                );
+            }
+            for cut in (0..good.len()).step_by((good.len() / 300).max(1)) {
+                assert!(
+                    read_image_streamed(&good[..cut], &lim).is_err(),
+                    "cut at {cut}"
+                );
+            }
+            let mut more = good.clone();
+            more.push(0);
+            assert!(read_image_streamed(&more[..], &lim).is_err());
+        }
+    }
+}

@@ -47,8 +47,8 @@ pub use creds::{Caps, CredOptions, CredPolicy, Identity};
 pub use dump::{check, checkpoint, checkpoint_held, freeze_held, DumpOptions, DumpStats, Held};
 pub use error::{Error, Result};
 pub use image::{
-    memory_room, read_image, read_image_bytes, read_image_file, Compression, LoadedImage,
-    ProcessImage,
+    memory_room, read_image, read_image_bytes, read_image_file, read_image_streamed, Compression,
+    LoadedImage, ProcessImage,
 };
 pub use pipeline::checkpoint_to;
 pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};

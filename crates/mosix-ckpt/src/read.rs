@@ -217,6 +217,110 @@ pub fn read_image_with<R: Read>(r: R, limits: &ReadLimits) -> Result<LoadedImage
     load(Storage::Owned(raw), limits)
 }
 
+/// [`read_image_with`], for an image that arrives slowly (over a link): an uncompressed or
+/// lz4 image is checked (record by record, and whole) and decompressed as its bytes come,
+/// not after they all came, so that little is left to do once the last arrives. A zstd
+/// image is read whole first.
+pub fn read_image_streamed<R: Read>(mut r: R, limits: &ReadLimits) -> Result<LoadedImage> {
+    let mut head = [0u8; HEADER_LEN];
+    r.read_exact(&mut head)
+        .map_err(|_| bad("truncated: shorter than the image header"))?;
+    let (compression, minor) = read_header(&head)?;
+    if compression == Compression::Zstd {
+        let mut raw = head.to_vec();
+        r.take(limits.max_memory.saturating_add(1))
+            .read_to_end(&mut raw)?;
+        if raw.len() as u64 > limits.max_memory {
+            return Err(too_big(
+                "the image needs more than",
+                limits.max_memory,
+                limits,
+            ));
+        }
+        return load(Storage::Owned(raw), limits);
+    }
+    let mut held = HoldBack {
+        inner: &mut r,
+        buf: vec![0u8; 1 << 20],
+        start: 0,
+        end: 0,
+        eof: false,
+        hash: xxhash_rust::xxh3::Xxh3::new(),
+    };
+    held.hash.update(&head);
+    // Record by record (each checked as it comes), decompressed or as it is.
+    let body = if compression == Compression::Lz4 {
+        decompress(lz4_flex::frame::FrameDecoder::new(&mut held), minor, limits)?
+    } else {
+        decompress(&mut held, minor, limits)?
+    };
+    let sum = held.hash.digest();
+    let trailer = held.trailer()?;
+    if u64::from_le_bytes(trailer) != sum {
+        return Err(bad("image checksum mismatch (damaged or truncated image)"));
+    }
+    let (meta, runs, shmem_runs) = parse_body(&body, minor, limits, true)?;
+    Ok(LoadedImage {
+        meta,
+        compression,
+        store: Storage::Owned(body),
+        body_at: 0,
+        runs,
+        shmem_runs,
+    })
+}
+
+/// Reads through all but the last 8 bytes of `inner` (the image's checksum), hashing
+/// what it gives.
+struct HoldBack<R: Read> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    hash: xxhash_rust::xxh3::Xxh3,
+}
+
+impl<R: Read> HoldBack<R> {
+    /// Reads until more than 8 bytes are known, or the end.
+    fn fill(&mut self) -> std::io::Result<()> {
+        while self.end - self.start <= 8 && !self.eof {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = self.inner.read(&mut self.buf[self.end..])?;
+            self.eof = n == 0;
+            self.end += n;
+        }
+        Ok(())
+    }
+    /// The last 8 bytes, once all before them were read: nothing may follow them.
+    fn trailer(&mut self) -> Result<[u8; 8]> {
+        self.fill()?;
+        if self.end - self.start != 8 {
+            return Err(bad(if self.end - self.start < 8 {
+                "truncated: the image checksum is missing"
+            } else {
+                "trailing data after the image"
+            }));
+        }
+        Ok(self.buf[self.start..self.end].try_into().expect("8 bytes"))
+    }
+}
+
+impl<R: Read> Read for HoldBack<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        self.fill()?;
+        let n = (self.end - self.start).saturating_sub(8).min(out.len());
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.hash.update(&out[..n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
 /// Verifies an image already in memory (no copy of an uncompressed one). Decompression is
 /// bounded by [`ReadLimits::system`].
 pub fn read_image_bytes(raw: Vec<u8>) -> Result<LoadedImage> {
@@ -288,7 +392,8 @@ fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
             (Storage::Owned(body), 0, len)
         }
     };
-    let (meta, runs, shmem_runs) = parse_body(&store[body_at..end], minor, limits)?;
+    let checked = compression != Compression::None;
+    let (meta, runs, shmem_runs) = parse_body(&store[body_at..end], minor, limits, checked)?;
     Ok(LoadedImage {
         meta,
         compression,
@@ -307,8 +412,8 @@ fn damaged(e: std::io::Error) -> Error {
 /// first the record that declares what follows (1.x metadata, 2.x/3.x index, or 3.x
 /// pre-copy record), at most [`MAX_META`], whose bounds (memory contents, size of the
 /// process and thread records, of the rounds) then bound the rest; a declared size
-/// beyond `limits` is refused before anything more is read. Only the records' shapes are
-/// checked here; [`parse_body`] verifies the result.
+/// beyond `limits` is refused before anything more is read. Each record's checksum is
+/// checked as it is read; [`parse_body`] verifies the rest.
 fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Vec<u8>> {
     let mut body = Vec::new();
     let mut bound = 9 + MAX_META + 8;
@@ -345,6 +450,7 @@ fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Ve
             }
             bound = bound.max(at + 9 + len + 8);
             read_payload(&mut dec, &mut body, len + 8, bound)?;
+            check_record(&body, at as usize, len as usize)?;
             let payload = &body[at as usize + 9..(at + 9 + len) as usize];
             let (what, part) = if tag == TAG_PRECOPY {
                 let pc: PreCopy = decode2(payload, "pre-copy")?;
@@ -411,6 +517,7 @@ fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Ve
             }
         }
         read_payload(&mut dec, &mut body, len + 8, bound)?;
+        check_record(&body, at as usize, len as usize)?;
         if tag == TAG_END {
             break;
         }
@@ -425,6 +532,19 @@ fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Ve
             Err(e) => return Err(damaged(e)),
         }
     }
+}
+
+/// Checks the checksum of the record at `at` of `body` (its payload `len` bytes long),
+/// as it is read: [`parse_body`] then need not.
+fn check_record(body: &[u8], at: usize, len: usize) -> Result<()> {
+    let sum_at = at + 9 + len;
+    let sum = u64::from_le_bytes(body[sum_at..sum_at + 8].try_into().expect("8 bytes"));
+    if xxh3_64(&body[at..sum_at]) != sum {
+        return Err(bad(format!(
+            "checksum mismatch in the record at byte {at} of the body (damaged image)"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the 9-byte head of the next record onto `body`: Ok(None) at a clean end.
@@ -621,10 +741,12 @@ pub(crate) fn in_staged(vmas: &[Vma], s: u64, len: u64) -> bool {
     false
 }
 
+/// `checked`: every record's checksum was checked as it was read ([`decompress`]).
 fn parse_body(
     body: &[u8],
     v: Version,
     limits: &ReadLimits,
+    checked: bool,
 ) -> Result<(ProcessImage, Runs, ShmemRuns)> {
     let mut parser = crate::parse::Parser::new(v, *limits);
     let mut pages = PageMap::default();
@@ -649,7 +771,7 @@ fn parse_body(
         let payload_at = pos + 9;
         let sum_at = payload_at + len;
         let sum = u64::from_le_bytes(body[sum_at..sum_at + 8].try_into().expect("8 bytes"));
-        if xxh3_64(&body[pos..sum_at]) != sum {
+        if !checked && xxh3_64(&body[pos..sum_at]) != sum {
             return Err(bad(format!(
                 "checksum mismatch in record {n} at byte {pos} of the body (damaged image)"
             )));

@@ -251,19 +251,23 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             reopen,
         } => {
             // Rebuilt inside its deputy, which serves the process until it is frozen
-            // there: the image is read whole first.
-            let bytes = match wire::read_chunks(&mut conn, start.limit) {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = recv::<Tail>(&mut conn);
-                    return refuse(&mut conn, e.to_string());
-                }
-            };
-            let tail: Tail = recv(&mut conn)?;
-            let mut img = match mosix_ckpt::read_image_bytes(bytes) {
+            // there: the image is read whole first (checked and decompressed as it
+            // comes: pre-copy rounds arrive while the process still runs at its host).
+            let t0 = std::time::Instant::now();
+            let mut chunks = wire::ChunkReader::new(&mut conn);
+            let limits = mosix_ckpt::image::ReadLimits::bytes(start.limit);
+            let read = mosix_ckpt::image::read_image_streamed(&mut chunks, &limits);
+            if read.is_err() {
+                let _ = chunks.drain();
+            }
+            let t_read = t0.elapsed();
+            let tail = recv::<Tail>(&mut conn);
+            let t_tail = t0.elapsed();
+            let mut img = match read {
                 Ok(i) => i,
                 Err(e) => return refuse(&mut conn, e.to_string()),
             };
+            let tail = tail?;
             // Saved away, its image has the directory it had there: home's is in the tail.
             if let Some(cwd) = tail.cwd {
                 img.meta.cwd = cwd;
@@ -305,6 +309,12 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 Err(e) => return refuse(&mut conn, e.to_string()),
             };
             drop(img);
+            info!(
+                pid,
+                image_ms = t_read.as_millis() as u64,
+                rebuilt_ms = (t0.elapsed() - t_tail).as_millis() as u64,
+                "rebuilt at home"
+            );
             send(&mut conn, &FromSup::Ready { host_pid: pid })?;
             match recv::<ToSup>(&mut conn) {
                 Ok(ToSup::Commit) => {
