@@ -247,6 +247,8 @@ pub struct Job<D, H> {
     pub checkpointing: bool,
     /// It came home and its memory is still being put in (moves wait).
     filling: bool,
+    /// A `migrate` asked while it was: made once all its memory is in.
+    after_fill: Option<(u32, String, Option<String>, Box<dyn Waiter + Send>)>,
     /// The figures of a move home its host reported before it was rebuilt here.
     home_figures: Option<super::Moved>,
 }
@@ -283,6 +285,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
             frozen: false,
             checkpointing: false,
             filling: false,
+            after_fill: None,
             home_figures: None,
         }
     }
@@ -475,6 +478,18 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 offer,
                 reply,
             } => {
+                // Just come home, its memory still being put in: a `migrate` waits for it
+                // (a fraction of a second); the balancer's tries come again anyway.
+                if self.filling && !self.ended && !self.frozen && !self.checkpointing {
+                    match reply {
+                        Some(w) if self.after_fill.is_none() => {
+                            self.after_fill = Some((to, reason, offer, w));
+                        }
+                        Some(w) => w.answer(Err(MoveError::Busy)),
+                        None => {}
+                    }
+                    return acts;
+                }
                 let busy = matches!(self.place, Where::Leaving { .. } | Where::Recovering { .. })
                     || (matches!(self.place, Where::Away { .. }) && self.host.is_none())
                     || self.filling;
@@ -530,7 +545,18 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.early_msgs.clear();
                 self.answer_waiters(to, &Err(err));
             }
-            Ev::Filled => self.filling = false,
+            Ev::Filled => {
+                self.filling = false;
+                if let Some((to, reason, offer, w)) = self.after_fill.take() {
+                    let ev = Ev::Migrate {
+                        to,
+                        reason,
+                        offer,
+                        reply: Some(w),
+                    };
+                    acts.extend(self.handle_one(ev, now));
+                }
+            }
             Ev::CameHome { moved, filling } => {
                 self.filling = filling;
                 let moved = self.home_figures.take().unwrap_or(moved);
@@ -748,6 +774,9 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 }
                 self.ended = true;
                 for (_, w) in std::mem::take(&mut self.waiters) {
+                    w.answer(Err(MoveError::Ended));
+                }
+                if let Some((.., w)) = self.after_fill.take() {
                     w.answer(Err(MoveError::Ended));
                 }
                 acts.push(Act::Forget);
@@ -1196,7 +1225,7 @@ mod tests {
     }
 
     #[test]
-    fn no_move_while_its_memory_is_put_in_after_coming_home() {
+    fn a_move_asked_while_its_memory_is_put_in_waits_for_it() {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
         away(&mut j, t, 2);
@@ -1219,11 +1248,13 @@ mod tests {
                 t,
             )
         };
+        // The first waits for the fill; a second is told to try again.
         assert!(ask(&mut j, &got).is_empty());
-        assert!(matches!(got.lock().unwrap()[0], Err(MoveError::Busy)));
-        j.handle(Ev::Filled, t);
-        let acts = ask(&mut j, &got);
+        assert!(ask(&mut j, &got).is_empty());
+        assert!(matches!(got.lock().unwrap()[..], [Err(MoveError::Busy)]));
+        let acts = j.handle(Ev::Filled, t);
         assert!(matches!(acts[..], [Act::Leave { to: 3, .. }]), "{acts:?}");
+        assert_eq!(got.lock().unwrap().len(), 1);
     }
 
     #[test]
