@@ -83,6 +83,9 @@ impl Waiter for std::sync::mpsc::Sender<MoveResult> {
 }
 
 /// An event of a job.
+/// A `migrate` kept for later: to, reason, offer, who waits for its answer.
+type Queued = (u32, String, Option<String>, Box<dyn Waiter + Send>);
+
 pub enum Ev<D, H> {
     /// `migrate` (or the balancer): move it to `to` (this node: home).
     Migrate {
@@ -248,7 +251,7 @@ pub struct Job<D, H> {
     /// It came home and its memory is still being put in (moves wait).
     filling: bool,
     /// A `migrate` asked while it was: made once all its memory is in.
-    after_fill: Option<(u32, String, Option<String>, Box<dyn Waiter + Send>)>,
+    after_fill: Option<Queued>,
     /// The figures of a move home its host reported before it was rebuilt here.
     home_figures: Option<super::Moved>,
 }
