@@ -110,6 +110,8 @@ pub enum Ev<D, H> {
         moved: super::Moved,
         filling: bool,
     },
+    /// Its memory is being put in (it was rebuilt here from a checkpoint).
+    Filling,
     /// Its memory is all in since it came home: it may move again.
     Filled,
     DeputyConnected(D),
@@ -548,6 +550,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                 self.early_msgs.clear();
                 self.answer_waiters(to, &Err(err));
             }
+            Ev::Filling => self.filling = true,
             Ev::Filled => {
                 self.filling = false;
                 if let Some((to, reason, offer, w)) = self.after_fill.take() {

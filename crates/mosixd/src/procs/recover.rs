@@ -386,11 +386,25 @@ impl Procs {
         rec.ckpt = Some(CkptRecord::of(&spec, next));
         self.write_record_of(&rec);
         self.start_driver(j, rec, token, None, pidfd)?;
+        // Its private memory is put in while it runs: moves wait until it is all in.
+        let home = lock(&self.homes).get(&pid).cloned();
+        if let Some(h) = &home {
+            h.send(super::job::Ev::Filling);
+        }
         supervisor::send(&mut sup, &ToSup::Commit)?;
         match supervisor::recv::<FromSup>(&mut sup) {
             Ok(FromSup::Running) => {}
             other => warn!(pid, "its restorer did not confirm: {other:?}"),
         }
+        std::thread::spawn(move || {
+            let _ = sup.set_read_timeout(Some(super::transfer::FILL_TIMEOUT));
+            if !matches!(supervisor::recv::<FromSup>(&mut sup), Ok(FromSup::Filled)) {
+                warn!(pid, "no word that its memory is all in");
+            }
+            if let Some(h) = home {
+                h.send(super::job::Ev::Filled);
+            }
+        });
         info!(pid, uid = peer.uid, "restored from {}", req.file);
         Ok(pid)
     }

@@ -33,7 +33,7 @@ const ENV_TEST_STALL: &str = "MOSIXD_TEST_STALL_RECEIVE";
 const RESTORE_MARGIN: u64 = 16 << 20;
 /// How long a process come home may take to get all its memory before it may move again
 /// all the same.
-const FILL_TIMEOUT: Duration = Duration::from_secs(300);
+pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A move of a process from its home.
 pub struct HomeMove {
