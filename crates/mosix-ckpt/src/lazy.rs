@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{sys_err, Error, Result};
-use crate::image::{ProcessImage, VmaKind, ADVICE_DONTFORK, ADVICE_WIPEONFORK};
+use crate::image::{ProcessImage, VmaKind, ADVICE_DONTFORK, ADVICE_HUGEPAGE, ADVICE_WIPEONFORK};
 use crate::read::LoadedImage;
 use crate::restore::Builder;
 use crate::sys::{self, PAGE};
@@ -117,13 +117,16 @@ pub(crate) type Split = (Vec<(u64, u64)>, Pending, Vec<(u64, usize, usize)>);
 
 /// Which of the image's pages wait for the process to run: those of its private anonymous
 /// areas that a child forked meanwhile would get as they are (no MADV_DONTFORK or
-/// MADV_WIPEONFORK). The areas (start, end) and the pages in them; the other pages are
+/// MADV_WIPEONFORK) and that do not ask for huge pages (MADV_HUGEPAGE). The areas (start, end) and the pages in them; the other pages are
 /// returned as (address, offset, length), to be put in before it runs.
 pub(crate) fn split(m: &ProcessImage, runs: &[(u64, usize, usize)]) -> Split {
+    // Put in first: areas a child forked meanwhile would not get as they are, and those
+    // that want huge pages (UFFDIO_COPY puts small pages in; written first, they are
+    // made of huge pages, as the process had them).
     let fork_kept = |start: u64| {
-        !m.advice
-            .iter()
-            .any(|&(a, bits)| a == start && bits & (ADVICE_DONTFORK | ADVICE_WIPEONFORK) != 0)
+        !m.advice.iter().any(|&(a, bits)| {
+            a == start && bits & (ADVICE_DONTFORK | ADVICE_WIPEONFORK | ADVICE_HUGEPAGE) != 0
+        })
     };
     let mut areas: Vec<(u64, u64)> = m
         .vmas
@@ -250,7 +253,13 @@ pub(crate) fn start(
     );
     let _ = b.r.raw(libc::SYS_close, &[dev_there]);
     let made = made?;
-    let its_fd = crate::away::out_of_the_way(&mut b.r, pid, vec![made as i32], true)?[0];
+    let its_fd = match crate::away::out_of_the_way(&mut b.r, pid, vec![made as i32], true) {
+        Ok(n) => n[0],
+        Err(e) => {
+            let _ = b.r.raw(libc::SYS_close, &[made]);
+            return Err(e);
+        }
+    };
     let close_there = |b: &mut Builder| {
         let _ = b.r.raw(libc::SYS_close, &[its_fd as u64]);
     };
@@ -620,16 +629,28 @@ mod tests {
                 vma(0x1000, 0x3000, VmaKind::Anon),
                 vma(0x3000, 0x4000, VmaKind::Special("[vvar]".into())),
                 vma(0x4000, 0x6000, VmaKind::Anon),
+                vma(0x6000, 0x8000, VmaKind::Anon),
             ],
-            advice: vec![(0x4000, ADVICE_WIPEONFORK)],
+            advice: vec![(0x4000, ADVICE_WIPEONFORK), (0x6000, ADVICE_HUGEPAGE)],
             ..Default::default()
         };
-        let (areas, later, now) = split(&m, &[(0x2000, 0, 0x3000), (0x5000, 0x3000, 0x1000)]);
+        let (areas, later, now) = split(
+            &m,
+            &[
+                (0x2000, 0, 0x3000),
+                (0x5000, 0x3000, 0x1000),
+                (0x7000, 0x4000, 0x1000),
+            ],
+        );
         assert_eq!(areas, vec![(0x1000, 0x3000)]);
         assert_eq!(runs(&later), vec![(0x2000, 0x3000)]);
         assert_eq!(
             now,
-            vec![(0x3000, 0x1000, 0x2000), (0x5000, 0x3000, 0x1000)]
+            vec![
+                (0x3000, 0x1000, 0x2000),
+                (0x5000, 0x3000, 0x1000),
+                (0x7000, 0x4000, 0x1000)
+            ]
         );
     }
 
