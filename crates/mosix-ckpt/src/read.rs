@@ -204,7 +204,11 @@ pub fn read_image<R: Read>(r: R) -> Result<LoadedImage> {
 
 /// [`read_image`] within `limits`: a stream longer than `limits.max_memory` is refused.
 pub fn read_image_with<R: Read>(r: R, limits: &ReadLimits) -> Result<LoadedImage> {
-    let mut raw = Vec::new();
+    read_whole(Vec::new(), r, limits)
+}
+
+/// `raw` and the rest of `r`, whole, then verified: at most `limits.max_memory` bytes.
+fn read_whole<R: Read>(mut raw: Vec<u8>, r: R, limits: &ReadLimits) -> Result<LoadedImage> {
     r.take(limits.max_memory.saturating_add(1))
         .read_to_end(&mut raw)?;
     if raw.len() as u64 > limits.max_memory {
@@ -227,17 +231,7 @@ pub fn read_image_streamed<R: Read>(mut r: R, limits: &ReadLimits) -> Result<Loa
         .map_err(|_| bad("truncated: shorter than the image header"))?;
     let (compression, minor) = read_header(&head)?;
     if compression == Compression::Zstd {
-        let mut raw = head.to_vec();
-        r.take(limits.max_memory.saturating_add(1))
-            .read_to_end(&mut raw)?;
-        if raw.len() as u64 > limits.max_memory {
-            return Err(too_big(
-                "the image needs more than",
-                limits.max_memory,
-                limits,
-            ));
-        }
-        return load(Storage::Owned(raw), limits);
+        return read_whole(head.to_vec(), r, limits);
     }
     let mut held = HoldBack {
         inner: &mut r,

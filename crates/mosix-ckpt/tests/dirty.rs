@@ -7,6 +7,8 @@ use std::process::{Child, Command, Stdio};
 
 use mosix_ckpt::dirty::{pages, Tracker};
 
+mod common;
+
 const PROG: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,20 +45,7 @@ struct Prog {
 
 impl Prog {
     fn start() -> Prog {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        // Each its own files: the tests run side by side.
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let src = dir.join(format!("dirty_prog.{}.{n}.c", std::process::id()));
-        let bin = dir.join(format!("dirty_prog.{}.{n}", std::process::id()));
-        std::fs::write(&src, PROG).unwrap();
-        let st = Command::new("cc")
-            .args(["-O1", "-o"])
-            .arg(&bin)
-            .arg(&src)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let bin = common::build_c("dirty_prog", PROG);
         let mut child = Command::new(&bin)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -10,6 +10,8 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+mod common;
+
 const PROG: &str = r#"
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -62,18 +64,7 @@ int main(void) {
 "#;
 
 fn build() -> std::path::PathBuf {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let src = dir.join(format!("lazy_prog.{}.c", std::process::id()));
-    let bin = dir.join(format!("lazy_prog.{}", std::process::id()));
-    std::fs::write(&src, PROG).unwrap();
-    let st = Command::new("cc")
-        .args(["-O1", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    bin
+    common::build_c("lazy_prog", PROG)
 }
 
 /// Starts the program, checkpoints it once it is ready, restores it with its memory put

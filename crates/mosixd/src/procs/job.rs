@@ -957,6 +957,16 @@ mod tests {
         epoch * 100 + u64::from(node)
     }
 
+    /// `migrate` to `to`, its answer into `got`.
+    fn asked(to: u32, got: &Got) -> Ev<Rec<Vec<u8>>, Rec<ToHost>> {
+        Ev::Migrate {
+            to,
+            reason: "r".into(),
+            offer: None,
+            reply: Some(Box::new(W(got.clone()))),
+        }
+    }
+
     fn moved(to: u32) -> super::super::Moved {
         super::super::Moved {
             to,
@@ -1107,15 +1117,7 @@ mod tests {
         };
         link(&mut j, 1, 2, &h2);
         let got = got();
-        j.handle(
-            Ev::Migrate {
-                to: 3,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
+        j.handle(asked(3, &got), t);
         // Node 2's mosixd dies during the commit: its link drops, no Left comes; node 3
         // runs it and links (a host links only once it runs it).
         j.handle(Ev::HostGone { id: id(1, 2) }, t);
@@ -1181,15 +1183,7 @@ mod tests {
                 t,
             );
             let got = super::tests::got();
-            j.handle(
-                Ev::Migrate {
-                    to: 1,
-                    reason: "r".into(),
-                    offer: None,
-                    reply: Some(Box::new(W(got.clone()))),
-                },
-                t,
-            );
+            j.handle(asked(1, &got), t);
             let left = Ev::FromHost {
                 id: id(1, 2),
                 msg: ToHome::Left {
@@ -1230,30 +1224,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_move_asked_while_its_memory_is_put_in_waits_for_it() {
+    /// A job that went to node 2 and came home again (its memory still being put in, or
+    /// all in).
+    fn came_home(filling: bool) -> (J, Instant) {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
         away(&mut j, t, 2);
         j.handle(
             Ev::CameHome {
                 moved: moved(1),
-                filling: true,
+                filling,
             },
             t,
         );
+        (j, t)
+    }
+
+    #[test]
+    fn a_move_asked_while_its_memory_is_put_in_waits_for_it() {
+        let (mut j, t) = came_home(true);
         let got = got();
-        let ask = |j: &mut J, got: &Got| {
-            j.handle(
-                Ev::Migrate {
-                    to: 3,
-                    reason: "r".into(),
-                    offer: None,
-                    reply: Some(Box::new(W(got.clone()))),
-                },
-                t,
-            )
-        };
+        let ask = |j: &mut J, got: &Got| j.handle(asked(3, got), t);
         // The first waits for the fill; a second is told to try again.
         assert!(ask(&mut j, &got).is_empty());
         assert!(ask(&mut j, &got).is_empty());
@@ -1265,16 +1256,7 @@ mod tests {
 
     #[test]
     fn a_copy_linking_after_its_process_came_home_is_ended() {
-        let t = Instant::now();
-        let mut j = J::new(1, 100, 0, "x".into(), t);
-        away(&mut j, t, 2);
-        j.handle(
-            Ev::CameHome {
-                moved: moved(1),
-                filling: false,
-            },
-            t,
-        );
+        let (mut j, t) = came_home(false);
         assert_eq!(j.place, Where::Home);
         let old = Rec::<ToHost>::default();
         j.handle(
@@ -1327,15 +1309,7 @@ mod tests {
         );
         // migrate to 3: asked of the host; it says Left.
         let got = got();
-        j.handle(
-            Ev::Migrate {
-                to: 3,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
+        j.handle(asked(3, &got), t);
         assert_eq!(h.0.borrow().last(), Some(&ToHost::Migrate { to: 3 }));
         let a = j.handle(
             Ev::FromHost {
@@ -1373,15 +1347,7 @@ mod tests {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
         let got = got();
-        j.handle(
-            Ev::Migrate {
-                to: 1,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
+        j.handle(asked(1, &got), t);
         assert!(matches!(
             got.lock().unwrap()[0],
             Err(MoveError::AlreadyThere { to: 1 })
@@ -1395,15 +1361,7 @@ mod tests {
             },
             t,
         );
-        j.handle(
-            Ev::Migrate {
-                to: 3,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
+        j.handle(asked(3, &got), t);
         assert!(matches!(got.lock().unwrap()[1], Err(MoveError::Busy)));
         j.handle(
             Ev::LeaveFailed {
@@ -1521,15 +1479,7 @@ mod tests {
         // Moves wait; answers to the dead copy's calls are dropped, signals are kept for
         // where it comes back; the deputy's rewind is home's.
         let got = got();
-        j.handle(
-            Ev::Migrate {
-                to: 3,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
+        j.handle(asked(3, &got), t);
         assert!(matches!(
             got.lock().unwrap().as_slice(),
             [Err(MoveError::Busy)]
@@ -1711,15 +1661,7 @@ mod tests {
         let mut j = J::new(1, 100, 0, "x".into(), t);
         j.frozen = true;
         let got = got();
-        j.handle(
-            Ev::Migrate {
-                to: 2,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
+        j.handle(asked(2, &got), t);
         assert!(matches!(
             got.lock().unwrap().as_slice(),
             [Err(MoveError::Frozen)]
@@ -1931,15 +1873,7 @@ mod tests {
         let mut j = J::new(1, 100, 0, "x".into(), t);
         j.checkpointing = true;
         let got = got();
-        let a = j.handle(
-            Ev::Migrate {
-                to: 2,
-                reason: "r".into(),
-                offer: None,
-                reply: Some(Box::new(W(got.clone()))),
-            },
-            t,
-        );
+        let a = j.handle(asked(2, &got), t);
         assert!(a.is_empty(), "no second mover: {a:?}");
         assert_eq!(j.place, Where::Home);
         let r = got.lock().unwrap();
