@@ -7,7 +7,9 @@
 //! frozen time, checkpoint and restart, and what each thread adds. Then: checkpoint into
 //! a file against `dd` into the same directory ($MOSIX_BENCH_DIR, else /var/tmp) and into
 //! a pipe against memcpy, the freeze of a checkpoint with --leave-running, 1 MiB
-//! checkpoint plus restart. $MOSIX_BENCH_ONLY=file,live,... runs only those sections.
+//! checkpoint plus restart; restart with the memory put in while the process runs (lazy)
+//! against one that puts it in first. $MOSIX_BENCH_ONLY=file,live,lazy,... runs only those
+//! sections.
 
 use std::time::Instant;
 
@@ -229,6 +231,9 @@ fn main() {
     }
     if only("thp") {
         bench_thp(&img_path, 512, REPS);
+    }
+    if only("lazy") {
+        bench_lazy(&img_path, 512, REPS);
     }
     if only("file") {
         bench_file_and_pipe(512, REPS);
@@ -471,6 +476,62 @@ fn bench_threads(img_path: &std::path::Path, mib: usize, reps: usize) {
 /// Restart of a process whose memory asked for transparent huge pages (MADV_HUGEPAGE,
 /// kept in the image since format 3.2 and given back before its pages are put in) vs the
 /// same process without, alternating; medians of the ratios.
+/// Restart with the memory put in while the process runs (`mosix restart`'s way,
+/// [`mosix_ckpt::restore_lazy`]) against one that puts it all in first, alternating: the
+/// time until it runs, and until all its memory is in; medians of the ratios.
+fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
+    let (mut child, pid) = toucher(mib);
+    let opts = DumpOptions {
+        leave_running: false,
+        compression: Compression::None,
+    };
+    let (image, _) = checkpoint(pid, Vec::new(), opts, &mut |_, _| {}).expect("checkpoint");
+    let _ = child.wait();
+    std::fs::write(img_path, &image).expect("image file");
+    drop(image);
+    let (mut eager, mut running, mut all_in) = (vec![], vec![], vec![]);
+    let (mut r_running, mut r_all_in) = (vec![], vec![]);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let img = read_image_file(img_path).expect("image reads back");
+        let new = restore(&img, RestoreOptions::default()).expect("restore");
+        let e = t.elapsed().as_secs_f64();
+        drop(img);
+        reap(new.pid);
+        let t = Instant::now();
+        let img = std::sync::Arc::new(read_image_file(img_path).expect("image reads back"));
+        let (new, filling) = mosix_ckpt::restore_lazy(
+            &img,
+            RestoreOptions::default(),
+            &mosix_ckpt::CredOptions::from_image(),
+        )
+        .expect("restore");
+        let run = t.elapsed().as_secs_f64();
+        if let Some(f) = filling {
+            f.finish();
+        }
+        let all = t.elapsed().as_secs_f64();
+        drop(img);
+        reap(new.pid);
+        eager.push(e);
+        running.push(run);
+        all_in.push(all);
+        r_running.push(run / e);
+        r_all_in.push(all / e);
+    }
+    println!(
+        "BENCH restart_lazy_{mib}MiB_running {:.1} ms vs eager={:.3}",
+        median(running) * 1e3,
+        median(r_running)
+    );
+    println!(
+        "BENCH restart_lazy_{mib}MiB_all_in {:.1} ms vs eager={:.3}",
+        median(all_in) * 1e3,
+        median(r_all_in)
+    );
+    println!("BENCH restart_eager_{mib}MiB {:.1} ms", median(eager) * 1e3);
+}
+
 fn bench_thp(img_path: &std::path::Path, mib: usize, reps: usize) {
     let restart_of = |thp: bool| -> f64 {
         let (mut child, pid) = toucher_thp(mib, 1, thp);

@@ -185,6 +185,10 @@ pub struct Filling {
     /// its areas were unregistered waits for a reader, and it could not be stopped for
     /// the close of its descriptor meanwhile).
     done: std::sync::mpsc::Receiver<Filled>,
+    /// The figures, once taken from `done`.
+    got: std::cell::Cell<Option<Filled>>,
+    /// (thread, signal) to tell when all is in: see [`Filling::wake_on_done`].
+    wake: Arc<std::sync::Mutex<Option<(i32, i32)>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -198,18 +202,52 @@ impl Filling {
     /// Waits until every page is in, then closes the process's descriptor of the
     /// userfaultfd (it is stopped a moment for that). Call from a thread that may trace it.
     pub fn finish(self) -> Filled {
-        let Ok(filled) = self.done.recv() else {
+        self.finish_reaping().0
+    }
+
+    /// [`Filling::finish`], for the process's parent: how the process ended, if it did
+    /// while it was stopped for the close (its wait status was taken then).
+    pub fn finish_reaping(self) -> (Filled, Option<sys::Stop>) {
+        let Some(filled) = self.got.take().or_else(|| self.done.recv().ok()) else {
             // The thread is gone without its figures (it panicked): what is not in will
             // never be; the process must not go on with zeros there (it would only wait
             // while it holds the userfaultfd, and it could close it).
             tracing::error!(pid = self.pid, "its memory could not all be put in: ended");
             let _ = sys::kill(self.pid, libc::SIGKILL);
-            return Filled::default();
+            return (Filled::default(), None);
         };
-        if let Err(e) = close_in(self.pid, self.its_fd) {
-            tracing::warn!(pid = self.pid, "its userfaultfd stays open in it: {e}");
+        match close_in(self.pid, self.its_fd) {
+            Ok(ended) => (filled, ended),
+            Err(e) => {
+                tracing::warn!(pid = self.pid, "its userfaultfd stays open in it: {e}");
+                (filled, None)
+            }
         }
-        filled
+    }
+
+    /// Whether all of its memory is in ([`Filling::finish`] then does not wait).
+    pub fn is_done(&self) -> bool {
+        if self.got.get().is_some() {
+            return true;
+        }
+        match self.done.try_recv() {
+            Ok(f) => {
+                self.got.set(Some(f));
+                true
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => false,
+            // Gone without its figures: finish says so.
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => true,
+        }
+    }
+
+    /// Once all is in, signal `sig` goes to thread `tid` of this process (one that waits
+    /// for signals can then finish the fill). If it is all in already, none goes: look at
+    /// [`Filling::is_done`] after this.
+    pub fn wake_on_done(&self, tid: i32, sig: i32) {
+        if let Ok(mut w) = self.wake.lock() {
+            *w = Some((tid, sig));
+        }
     }
 
     /// Stops filling (the process is being made something else: its memory goes).
@@ -309,10 +347,16 @@ pub(crate) fn start(
     };
     let flag = stop.clone();
     let (tell, done) = std::sync::mpsc::channel();
+    let wake = Arc::new(std::sync::Mutex::new(None::<(i32, i32)>));
+    let waker = wake.clone();
     let thread = std::thread::Builder::new()
         .name("mosix-fill".into())
         .spawn(move || {
             let targets = fill(&img, pid, first, &flag, &tell);
+            if let Some((tid, sig)) = waker.lock().ok().and_then(|w| *w) {
+                // SAFETY: tgkill takes numbers only.
+                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
+            }
             drain(&targets, &flag);
         })
         .map_err(|e| sys_err("starting the thread that fills its memory", e))?;
@@ -321,6 +365,8 @@ pub(crate) fn start(
         its_fd,
         stop,
         done,
+        got: std::cell::Cell::new(None),
+        wake,
         thread: Some(thread),
     })
 }
@@ -533,15 +579,17 @@ fn put(t: &mut Target, piece: (u64, u64, usize), body: &[u8], f: &mut Filled) {
 
 /// Closes descriptor `fd` (its userfaultfd) in running process `pid`: stopped a moment
 /// (its main thread), the close made by it, its registers put back, let go. A signal that
-/// arrives meanwhile is delivered.
-fn close_in(pid: i32, fd: i32) -> Result<()> {
+/// arrives meanwhile is delivered. How it ended if it did meanwhile (SIGKILL): its wait
+/// status was taken here.
+fn close_in(pid: i32, fd: i32) -> Result<Option<sys::Stop>> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
     if link.as_os_str() != "anon_inode:[userfaultfd]" {
         // It ended, exec'd (the descriptor is close-on-exec), or closed it itself.
-        return Ok(());
+        return Ok(None);
     }
     sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD as u64)
         .map_err(|e| sys_err(format!("attaching to process {pid}"), e))?;
+    let mut ended = None;
     let done = (|| -> Result<()> {
         sys::interrupt(pid).map_err(|e| sys_err("stopping it", e))?;
         loop {
@@ -550,12 +598,16 @@ fn close_in(pid: i32, fd: i32) -> Result<()> {
                 sys::Stop::Stopped { sig, .. } => {
                     sys::cont(pid, sig).map_err(|e| sys_err("ptrace", e))?
                 }
-                _ => return Err(Error::NoProcess(pid)),
+                end => {
+                    ended = Some(end);
+                    return Err(Error::NoProcess(pid));
+                }
             }
         }
         let regs = sys::get_regs(pid)?;
         let mut r = crate::away::remote_of(pid)?;
         let closed = r.raw(libc::SYS_close, &[fd as u64]);
+        ended = r.ended;
         sys::set_regs(pid, &regs)?;
         for s in r.held.drain(..) {
             let sig = i32::from_le_bytes(s[..4].try_into().expect("4"));
@@ -563,8 +615,11 @@ fn close_in(pid: i32, fd: i32) -> Result<()> {
         }
         closed.map(drop)
     })();
+    if ended.is_some() {
+        return Ok(ended);
+    }
     let _ = sys::detach(pid, 0);
-    done
+    done.map(|_| None)
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@ pub struct Remote {
     /// Signals that arrived while we drove the tracee (raw siginfo); they are not lost:
     /// the caller queues them again or saves them in the image.
     pub held: Vec<Vec<u8>>,
+    /// How it ended, if it did while we drove it (its wait status is ours then: a parent
+    /// that drives its own child learns its end here).
+    pub ended: Option<Stop>,
 }
 
 const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
@@ -24,6 +27,7 @@ impl Remote {
             ip,
             base,
             held: Vec::new(),
+            ended: None,
         }
     }
 
@@ -32,7 +36,8 @@ impl Remote {
         self.base
     }
 
-    fn died(&self, s: Stop) -> Error {
+    fn died(&mut self, s: Stop) -> Error {
+        self.ended = Some(s);
         Error::Target {
             pid: self.pid,
             msg: format!("ended while being worked on ({s:?})"),

@@ -187,25 +187,36 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let img = match &file {
         None => None,
         // The file already opened and checked, not the name again.
-        Some((f, _)) => Some(
+        Some((f, _)) => Some(std::sync::Arc::new(
             mosix_ckpt::read_image_file(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
                 .with_context(|| format!("{}", a.image.display()))?,
-        ),
+        )),
     };
     drop(file);
     tracing::debug!("image read and verified in {:?}", t0.elapsed());
-    let restore = |img: &Option<mosix_ckpt::LoadedImage>| -> anyhow::Result<mosix_ckpt::Restored> {
-        Ok(match img {
+    if a.detach {
+        // We do not stay with it: all its memory is put in before it runs.
+        let new = match &img {
             Some(img) => mosix_ckpt::restore_with(img, opts, &creds)?,
             None => mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
                 .context("the image on standard input")?,
-        })
-    };
-    if a.detach {
-        let new = restore(&img)?;
+        };
         println!("{}", new.pid);
         return Ok(0);
     }
+    // We stay with it: its private memory is put in while it runs (by a thread of ours),
+    // so that it runs without waiting for a copy of all of it (docs/checkpoint.md, "Memory
+    // put in while it runs").
+    let restore = |img: &Option<std::sync::Arc<mosix_ckpt::LoadedImage>>| -> anyhow::Result<(mosix_ckpt::Restored, Option<mosix_ckpt::lazy::Filling>)> {
+        Ok(match img {
+            Some(img) => mosix_ckpt::restore_lazy(img, opts, &creds)?,
+            None => (
+                mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
+                    .context("the image on standard input")?,
+                None,
+            ),
+        })
+    };
     // Block the forwarded signals and SIGCHLD before the child exists, then wait for them.
     let mut set = SigSet::empty();
     for s in FORWARDED {
@@ -218,14 +229,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
         unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }?;
     }
-    let (pid, ns_init) = match restore(&img) {
-        Ok(p) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw)),
+    let (pid, ns_init, mut filling) = match restore(&img) {
+        Ok((p, f)) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw), f),
         Err(e) => {
             old.thread_set_mask()?;
             return Err(e);
         }
     };
     drop(img);
+    // Once all its memory is in, its descriptor of the userfaultfd is closed in it: by this
+    // thread (which waits for it: a ptrace stop of that close must not be taken by another
+    // thread's wait), woken by a SIGCHLD.
+    if let Some(f) = &filling {
+        f.wake_on_done(nix::unistd::gettid().as_raw(), libc::SIGCHLD);
+    }
     // The namespace's init (if any) exits by itself once the process has ended.
     let reap_init = || {
         if let Some(i) = ns_init {
@@ -233,6 +250,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
     };
     loop {
+        if filling.as_ref().is_some_and(|f| f.is_done()) {
+            let (filled, ended) = filling.take().expect("just seen").finish_reaping();
+            tracing::debug!("its memory is all in: {filled:?}");
+            match ended {
+                Some(mosix_ckpt::sys::Stop::Exited(code)) => {
+                    reap_init();
+                    return Ok(code);
+                }
+                Some(mosix_ckpt::sys::Stop::Signaled(sig)) => {
+                    reap_init();
+                    die_by(Signal::try_from(sig).unwrap_or(Signal::SIGKILL))
+                }
+                _ => {}
+            }
+        }
         match waitpid(pid, Some(WaitPidFlag::WNOHANG))? {
             WaitStatus::Exited(_, code) => {
                 reap_init();
