@@ -333,13 +333,34 @@ pub(crate) fn start(
             "none of its memory could be registered with its userfaultfd".into(),
         ));
     }
+    // From here a failure leaves nothing registered: the caller then puts every page in
+    // itself, and a write into a registered page would wait for us.
+    let undo = |b: &mut Builder, registered: &[(u64, u64)], e: Error| {
+        for &(s, len) in registered {
+            let _ = sys::uffd_unregister(ours.as_raw_fd(), s, len);
+        }
+        close_there(b);
+        e
+    };
     let body = img.body();
     let parts: Vec<(u64, &[u8])> = now
         .iter()
         .map(|&(a, len, off)| (a, &body[off..off + len as usize]))
         .collect();
-    sys::write_mem_many(pid, &parts)?;
+    if let Err(e) = sys::write_mem_many(pid, &parts) {
+        return Err(undo(b, &registered, e));
+    }
     let stop = Arc::new(AtomicBool::new(false));
+    let (keep, kept) = match ours.try_clone() {
+        Ok(k) => (k, registered.clone()),
+        Err(e) => {
+            return Err(undo(
+                b,
+                &registered,
+                sys_err("duplicating its userfaultfd", e),
+            ))
+        }
+    };
     let first = Target {
         uffd: ours,
         pending,
@@ -359,7 +380,18 @@ pub(crate) fn start(
             }
             drain(&targets, &flag);
         })
-        .map_err(|e| sys_err("starting the thread that fills its memory", e))?;
+        .map_err(|e| sys_err("starting the thread that fills its memory", e));
+    let thread = match thread {
+        Ok(t) => t,
+        Err(e) => {
+            for &(s, len) in &kept {
+                let _ = sys::uffd_unregister(keep.as_raw_fd(), s, len);
+            }
+            close_there(b);
+            return Err(e);
+        }
+    };
+    drop(keep);
     Ok(Filling {
         pid,
         its_fd,
