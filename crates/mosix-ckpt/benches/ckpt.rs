@@ -473,14 +473,9 @@ fn bench_threads(img_path: &std::path::Path, mib: usize, reps: usize) {
     }
 }
 
-/// Restart of a process whose memory asked for transparent huge pages (MADV_HUGEPAGE,
-/// kept in the image since format 3.2 and given back before its pages are put in) vs the
-/// same process without, alternating; medians of the ratios.
-/// Restart with the memory put in while the process runs (`mosix restart`'s way,
-/// [`mosix_ckpt::restore_lazy`]) against one that puts it all in first, alternating: the
-/// time until it runs, and until all its memory is in; medians of the ratios.
-fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
-    let (mut child, pid) = toucher(mib);
+/// Checkpoints toucher `t` (ending it) into `img_path`.
+fn image_into(t: (std::process::Child, i32), img_path: &std::path::Path) {
+    let (mut child, pid) = t;
     let opts = DumpOptions {
         leave_running: false,
         compression: Compression::None,
@@ -488,16 +483,29 @@ fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
     let (image, _) = checkpoint(pid, Vec::new(), opts, &mut |_, _| {}).expect("checkpoint");
     let _ = child.wait();
     std::fs::write(img_path, &image).expect("image file");
-    drop(image);
+}
+
+/// Restarts `img_path` as `mosix restart --detach` does (all memory in first), then ends
+/// it: the seconds the restart took.
+fn restart_from(img_path: &std::path::Path) -> f64 {
+    let t = Instant::now();
+    let img = read_image_file(img_path).expect("image reads back");
+    let new = restore(&img, RestoreOptions::default()).expect("restore");
+    let rs = t.elapsed().as_secs_f64();
+    drop(img);
+    reap(new.pid);
+    rs
+}
+
+/// Restart with the memory put in while the process runs (`mosix restart`'s way,
+/// [`mosix_ckpt::restore_lazy`]) against one that puts it all in first, alternating: the
+/// time until it runs, and until all its memory is in; medians of the ratios.
+fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
+    image_into(toucher(mib), img_path);
     let (mut eager, mut running, mut all_in) = (vec![], vec![], vec![]);
     let (mut r_running, mut r_all_in) = (vec![], vec![]);
     for _ in 0..reps {
-        let t = Instant::now();
-        let img = read_image_file(img_path).expect("image reads back");
-        let new = restore(&img, RestoreOptions::default()).expect("restore");
-        let e = t.elapsed().as_secs_f64();
-        drop(img);
-        reap(new.pid);
+        let e = restart_from(img_path);
         let t = Instant::now();
         let img = std::sync::Arc::new(read_image_file(img_path).expect("image reads back"));
         let (new, filling) = mosix_ckpt::restore_lazy(
@@ -532,24 +540,13 @@ fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
     println!("BENCH restart_eager_{mib}MiB {:.1} ms", median(eager) * 1e3);
 }
 
+/// Restart of a process whose memory asked for transparent huge pages (MADV_HUGEPAGE,
+/// kept in the image since format 3.2 and given back before its pages are put in) vs the
+/// same process without, alternating; medians of the ratios.
 fn bench_thp(img_path: &std::path::Path, mib: usize, reps: usize) {
     let restart_of = |thp: bool| -> f64 {
-        let (mut child, pid) = toucher_thp(mib, 1, thp);
-        let opts = DumpOptions {
-            leave_running: false,
-            compression: Compression::None,
-        };
-        let (image, _) = checkpoint(pid, Vec::new(), opts, &mut |_, _| {}).expect("checkpoint");
-        let _ = child.wait();
-        std::fs::write(img_path, &image).expect("image file");
-        drop(image);
-        let t = Instant::now();
-        let img = read_image_file(img_path).expect("image reads back");
-        let new = restore(&img, RestoreOptions::default()).expect("restore");
-        let rs = t.elapsed().as_secs_f64();
-        drop(img);
-        reap(new.pid);
-        rs
+        image_into(toucher_thp(mib, 1, thp), img_path);
+        restart_from(img_path)
     };
     let (mut with, mut ratio) = (vec![], vec![]);
     for _ in 0..reps {
