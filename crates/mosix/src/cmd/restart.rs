@@ -194,22 +194,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     drop(file);
     tracing::debug!("image read and verified in {:?}", t0.elapsed());
-    if a.detach {
-        // We do not stay with it: all its memory is put in before it runs.
-        let new = match &img {
-            Some(img) => mosix_ckpt::restore_with(img, opts, &creds)?,
-            None => mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
-                .context("the image on standard input")?,
-        };
-        println!("{}", new.pid);
-        return Ok(0);
-    }
-    // We stay with it: its private memory is put in while it runs (by a thread of ours),
-    // so that it runs without waiting for a copy of all of it (docs/checkpoint.md, "Memory
-    // put in while it runs").
+    // Staying with it (not --detach), its private memory is put in while it runs (by a
+    // thread of ours), so that it runs without waiting for a copy of all of it
+    // (docs/checkpoint.md, "Memory put in while it runs"); detached, all of it first.
+    let stay = !a.detach;
     let restore = |img: &Option<std::sync::Arc<mosix_ckpt::LoadedImage>>| -> anyhow::Result<(mosix_ckpt::Restored, Option<mosix_ckpt::lazy::Filling>)> {
         Ok(match img {
-            Some(img) => mosix_ckpt::restore_lazy(img, opts, &creds)?,
+            Some(img) if stay => mosix_ckpt::restore_lazy(img, opts, &creds)?,
+            Some(img) => (mosix_ckpt::restore_with(img, opts, &creds)?, None),
             None => (
                 mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
                     .context("the image on standard input")?,
@@ -217,6 +209,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             ),
         })
     };
+    if a.detach {
+        let (new, _) = restore(&img)?;
+        println!("{}", new.pid);
+        return Ok(0);
+    }
     // Block the forwarded signals and SIGCHLD before the child exists, then wait for them.
     let mut set = SigSet::empty();
     for s in FORWARDED {

@@ -82,10 +82,10 @@ impl Waiter for std::sync::mpsc::Sender<MoveResult> {
     }
 }
 
-/// An event of a job.
 /// A `migrate` kept for later: to, reason, offer, who waits for its answer.
 type Queued = (u32, String, Option<String>, Box<dyn Waiter + Send>);
 
+/// An event of a job.
 pub enum Ev<D, H> {
     /// `migrate` (or the balancer): move it to `to` (this node: home).
     Migrate {
@@ -104,13 +104,12 @@ pub enum Ev<D, H> {
         to: u32,
         err: MoveError,
     },
-    /// It was rebuilt at home and runs here again (a move home committed); `filling`:
-    /// its memory is still being put in ([`Ev::Filled`] says when it is all in).
+    /// It was rebuilt at home and runs here again (a move home committed).
     CameHome {
         moved: super::Moved,
-        filling: bool,
     },
-    /// Its memory is being put in (it was rebuilt here from a checkpoint).
+    /// It is being rebuilt here (coming home, or from a checkpoint) and its memory put in
+    /// while it runs: moves wait until [`Ev::Filled`].
     Filling,
     /// Its memory is all in since it came home: it may move again.
     Filled,
@@ -496,8 +495,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     return acts;
                 }
                 let busy = matches!(self.place, Where::Leaving { .. } | Where::Recovering { .. })
-                    || (matches!(self.place, Where::Away { .. }) && self.host.is_none())
-                    || self.filling;
+                    || (matches!(self.place, Where::Away { .. }) && self.host.is_none());
                 // Here under a supervisor (recovered here), it may still come home for real.
                 let supervised_here = self.place
                     == Where::Away {
@@ -563,8 +561,7 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
                     acts.extend(self.handle_one(ev, now));
                 }
             }
-            Ev::CameHome { moved, filling } => {
-                self.filling = filling;
+            Ev::CameHome { moved } => {
                 let moved = self.home_figures.take().unwrap_or(moved);
                 self.doubt = None;
                 // Its deputy, which held its marks, is the process again.
@@ -1200,7 +1197,6 @@ mod tests {
                     memory_bytes: 0,
                     rounds: Vec::new(),
                 },
-                filling: false,
             };
             let (a, b) = if left_first {
                 (left, came)
@@ -1230,13 +1226,10 @@ mod tests {
         let t = Instant::now();
         let mut j = J::new(1, 100, 0, "x".into(), t);
         away(&mut j, t, 2);
-        j.handle(
-            Ev::CameHome {
-                moved: moved(1),
-                filling,
-            },
-            t,
-        );
+        if filling {
+            j.handle(Ev::Filling, t);
+        }
+        j.handle(Ev::CameHome { moved: moved(1) }, t);
         (j, t)
     }
 

@@ -396,15 +396,7 @@ impl Procs {
             Ok(FromSup::Running) => {}
             other => warn!(pid, "its restorer did not confirm: {other:?}"),
         }
-        std::thread::spawn(move || {
-            let _ = sup.set_read_timeout(Some(super::transfer::FILL_TIMEOUT));
-            if !matches!(supervisor::recv::<FromSup>(&mut sup), Ok(FromSup::Filled)) {
-                warn!(pid, "no word that its memory is all in");
-            }
-            if let Some(h) = home {
-                h.send(super::job::Ev::Filled);
-            }
-        });
+        std::thread::spawn(move || super::transfer::await_filled(sup, pid, home));
         info!(pid, uid = peer.uid, "restored from {}", req.file);
         Ok(pid)
     }

@@ -33,7 +33,7 @@ const ENV_TEST_STALL: &str = "MOSIXD_TEST_STALL_RECEIVE";
 const RESTORE_MARGIN: u64 = 16 << 20;
 /// How long a process come home may take to get all its memory before it may move again
 /// all the same.
-pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(300);
+const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A move of a process from its home.
 pub struct HomeMove {
@@ -59,6 +59,24 @@ pub struct LeftHome {
     pub moved: Moved,
     pub signals: Vec<i32>,
     pub ckpt: Option<TeeCkpt>,
+}
+
+/// Waits until the supervisor `sup` of process `pid`, rebuilt here, says its memory is all
+/// in (or is gone, or [`FILL_TIMEOUT`] passed), then tells its job (`home`), which had
+/// [`super::job::Ev::Filling`]: it may move again.
+pub(super) fn await_filled(
+    mut sup: std::os::unix::net::UnixStream,
+    pid: i32,
+    home: Option<super::home::Handle>,
+) {
+    let _ = sup.set_read_timeout(Some(FILL_TIMEOUT));
+    match supervisor::recv(&mut sup) {
+        Ok(FromSup::Filled) => {}
+        other => warn!(pid, "no word that its memory is all in: {other:?}"),
+    }
+    if let Some(home) = home {
+        home.send(super::job::Ev::Filled);
+    }
 }
 
 /// The working directory of process `pid` (None: gone, or not nameable).
@@ -788,6 +806,7 @@ impl Procs {
             SupMode::Into { .. } => {
                 let home = super::lock(&self.homes).get(&h.home_pid).cloned();
                 if let Some(home) = &home {
+                    home.send(super::job::Ev::Filling);
                     home.send(super::job::Ev::CameHome {
                         // Stopped from its freeze at the source until it ran here.
                         moved: Moved {
@@ -796,22 +815,9 @@ impl Procs {
                             memory_bytes: figures.memory_bytes,
                             rounds: figures.rounds,
                         },
-                        filling: true,
                     });
                 }
-                // Its memory is put in while it runs; it moves again once it is all in
-                // (or its supervisor is gone).
-                let _ = sup.set_read_timeout(Some(FILL_TIMEOUT));
-                match supervisor::recv(&mut sup) {
-                    Ok(FromSup::Filled) => {}
-                    other => warn!(
-                        pid = h.home_pid,
-                        "no word that its memory is all in: {other:?}"
-                    ),
-                }
-                if let Some(home) = home {
-                    home.send(super::job::Ev::Filled);
-                }
+                await_filled(sup, h.home_pid, home);
                 Ok(())
             }
         }
