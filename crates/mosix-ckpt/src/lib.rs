@@ -36,6 +36,7 @@ mod shmem;
 mod stage;
 mod stream;
 pub use shmem::PLACEHOLDER;
+pub mod sum;
 pub mod sys;
 mod threads;
 

@@ -4,14 +4,14 @@
 
 use std::io::Read;
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::sum::xxh3_64;
 
 use crate::error::{bad, Error, Result};
 use crate::image::Pages;
 use crate::image::{
-    Compression, Fd, PendingSignal, ProcessImage, SigAction, ThreadImage, Vma, FORMAT_MAJOR,
-    FORMAT_MINOR, HEADER_LEN, MAGIC, MAX_RECORD, PAGES_RECORD_MAX, TAG_END, TAG_META, TAG_PAGES,
-    TAG_SHMEM,
+    Compression, Fd, PendingSignal, ProcessImage, SigAction, ThreadImage, Vma, CHAINED,
+    FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN, MAGIC, MAX_RECORD, PAGES_RECORD_MAX, TAG_END, TAG_META,
+    TAG_PAGES, TAG_SHMEM,
 };
 use crate::limits::ReadLimits;
 use crate::parse::Event;
@@ -233,27 +233,32 @@ pub fn read_image_streamed<R: Read>(mut r: R, limits: &ReadLimits) -> Result<Loa
     if compression == Compression::Zstd {
         return read_whole(head.to_vec(), r, limits);
     }
+    // Before 3.3 every byte is hashed as it comes; from 3.3 the records' chain is
+    // checked at the end.
     let mut held = HoldBack {
         inner: &mut r,
         buf: vec![0u8; 1 << 20],
         start: 0,
         end: 0,
         eof: false,
-        hash: xxhash_rust::xxh3::Xxh3::new(),
+        hash: (minor < CHAINED).then(crate::sum::Xxh3::new),
     };
-    held.hash.update(&head);
+    if let Some(h) = &mut held.hash {
+        h.update(&head);
+    }
     // Record by record (each checked as it comes), decompressed or as it is.
     let body = if compression == Compression::Lz4 {
         decompress(lz4_flex::frame::FrameDecoder::new(&mut held), minor, limits)?
     } else {
         decompress(&mut held, minor, limits)?
     };
-    let sum = held.hash.digest();
-    let trailer = held.trailer()?;
-    if u64::from_le_bytes(trailer) != sum {
-        return Err(bad("image checksum mismatch (damaged or truncated image)"));
+    let hashed = held.hash.as_ref().map(|h| h.digest());
+    let trailer = u64::from_le_bytes(held.trailer()?);
+    if hashed.is_some_and(|h| h != trailer) {
+        return Err(bad(CHECKSUM_MISMATCH));
     }
     let (meta, runs, shmem_runs) = parse_body(&body, minor, limits, true)?;
+    check_chain(&head, &body, minor, trailer)?;
     Ok(LoadedImage {
         meta,
         compression,
@@ -264,15 +269,26 @@ pub fn read_image_streamed<R: Read>(mut r: R, limits: &ReadLimits) -> Result<Loa
     })
 }
 
+pub(crate) const CHECKSUM_MISMATCH: &str = "image checksum mismatch (damaged or truncated image)";
+
+/// From format 3.3: the image's checksum `sum` is the chain of the records of `body` (its
+/// records checked already, one after the other).
+pub(crate) fn check_chain(head: &[u8], body: &[u8], v: Version, sum: u64) -> Result<()> {
+    if v >= CHAINED && crate::image::chain_of(head, body) != Some(sum) {
+        return Err(bad(CHECKSUM_MISMATCH));
+    }
+    Ok(())
+}
+
 /// Reads through all but the last 8 bytes of `inner` (the image's checksum), hashing
-/// what it gives.
+/// what it gives (before format 3.3).
 struct HoldBack<R: Read> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
     end: usize,
     eof: bool,
-    hash: xxhash_rust::xxh3::Xxh3,
+    hash: Option<crate::sum::Xxh3>,
 }
 
 impl<R: Read> HoldBack<R> {
@@ -309,7 +325,9 @@ impl<R: Read> Read for HoldBack<R> {
         self.fill()?;
         let n = (self.end - self.start).saturating_sub(8).min(out.len());
         out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.hash.update(&out[..n]);
+        if let Some(h) = &mut self.hash {
+            h.update(&out[..n]);
+        }
         self.start += n;
         Ok(n)
     }
@@ -350,18 +368,21 @@ pub fn read_image_file_with(path: &std::path::Path, limits: &ReadLimits) -> Resu
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 
 fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
-    let (compression, minor, n, decompressed) = {
+    let mut head = [0u8; HEADER_LEN];
+    let (compression, minor, n, sum, decompressed) = {
         let bytes = &store[..];
         let (compression, minor) = read_header(bytes)?;
         // (`minor` is the whole version from here on.)
-        // The whole-file checksum first: it covers the compressed bytes too.
         if bytes.len() < HEADER_LEN + 8 {
             return Err(bad("truncated: the image checksum is missing"));
         }
+        head.copy_from_slice(&bytes[..HEADER_LEN]);
         let n = bytes.len() - 8;
         let sum = u64::from_le_bytes(bytes[n..].try_into().expect("8 bytes"));
-        if xxh3_64(&bytes[..n]) != sum {
-            return Err(bad("image checksum mismatch (damaged or truncated image)"));
+        // Before 3.3 the whole-file checksum first: it covers the compressed bytes too.
+        // From 3.3 it is the chain of the records, checked once they are.
+        if minor < CHAINED && xxh3_64(&bytes[..n]) != sum {
+            return Err(bad(CHECKSUM_MISMATCH));
         }
         let stored = &bytes[HEADER_LEN..n];
         let body = match compression {
@@ -377,7 +398,7 @@ fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
                 Some(decompress(d, minor, limits)?)
             }
         };
-        (compression, minor, n, body)
+        (compression, minor, n, sum, body)
     };
     let (store, body_at, end) = match decompressed {
         None => (store, HEADER_LEN, n),
@@ -387,7 +408,9 @@ fn load(store: Storage, limits: &ReadLimits) -> Result<LoadedImage> {
         }
     };
     let checked = compression != Compression::None;
-    let (meta, runs, shmem_runs) = parse_body(&store[body_at..end], minor, limits, checked)?;
+    let body = &store[body_at..end];
+    let (meta, runs, shmem_runs) = parse_body(body, minor, limits, checked)?;
+    check_chain(&head, body, minor, sum)?;
     Ok(LoadedImage {
         meta,
         compression,

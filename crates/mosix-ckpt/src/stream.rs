@@ -8,13 +8,14 @@
 use std::io::Read;
 use std::os::fd::OwnedFd;
 
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use crate::sum::{xxh3_64, Xxh3};
 
 use crate::away::Away;
 use crate::creds::CredOptions;
 use crate::error::{bad, Error, Result};
 use crate::image::{
-    Compression, ProcessImage, HEADER_LEN, PAGES_RECORD_MAX, TAG_END, TAG_PAGES, TAG_SHMEM,
+    Chain, Compression, ProcessImage, CHAINED, HEADER_LEN, PAGES_RECORD_MAX, TAG_END, TAG_PAGES,
+    TAG_SHMEM,
 };
 use crate::limits::ReadLimits;
 use crate::parse::{Event, Parser};
@@ -22,16 +23,19 @@ use crate::read::{read_header, MAX_META};
 use crate::restore::{Mode, RestoreOptions, Restored};
 use crate::stage::Site;
 
-/// Passes bytes through while hashing them.
+/// Passes bytes through while hashing them (images before format 3.3, whose checksum is
+/// of all their bytes).
 struct HashRead<R: Read> {
     inner: R,
-    h: Xxh3,
+    h: Option<Xxh3>,
 }
 
 impl<R: Read> Read for HashRead<R> {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(b)?;
-        self.h.update(&b[..n]);
+        if let Some(h) = &mut self.h {
+            h.update(&b[..n]);
+        }
         Ok(n)
     }
 }
@@ -106,7 +110,7 @@ pub fn receive<R: Read>(
     };
     let mut hr = HashRead {
         inner: r,
-        h: Xxh3::new(),
+        h: Some(Xxh3::new()),
     };
     let mut head = [0u8; HEADER_LEN];
     hr.read_exact(&mut head).map_err(|e| {
@@ -117,6 +121,11 @@ pub fn receive<R: Read>(
         }
     })?;
     let (compression, v) = read_header(&head)?;
+    // From 3.3 the image's checksum is the chain of its records, made as they come.
+    let mut chain = (v >= CHAINED).then(|| {
+        hr.h = None;
+        Chain::new(&head)
+    });
     let incoming = match compression {
         Compression::Zstd => {
             // Read whole: its decoder reads ahead, into the checksum that follows.
@@ -134,10 +143,10 @@ pub fn receive<R: Read>(
                 meta: img.meta,
             });
         }
-        Compression::None => records(&mut hr, v, opts, creds, mode, limits, admit)?,
+        Compression::None => records(&mut hr, v, opts, creds, mode, limits, admit, &mut chain)?,
         Compression::Lz4 => {
             let mut d = lz4_flex::frame::FrameDecoder::new(&mut hr);
-            let inc = records(&mut d, v, opts, creds, mode, limits, admit)?;
+            let inc = records(&mut d, v, opts, creds, mode, limits, admit, &mut chain)?;
             // The frame ends with the end record (its end mark and checksum read now).
             let mut more = [0u8; 1];
             match d.read(&mut more) {
@@ -148,18 +157,23 @@ pub fn receive<R: Read>(
             inc
         }
     };
-    let sum = hr.h.digest();
+    let sum = chain
+        .as_ref()
+        .map(Chain::digest)
+        .or(hr.h.as_ref().map(Xxh3::digest));
     let mut trailer = [0u8; 8];
     hr.inner
         .read_exact(&mut trailer)
         .map_err(|_| bad("truncated: the image checksum is missing"))?;
-    if u64::from_le_bytes(trailer) != sum {
-        return Err(bad("image checksum mismatch (damaged or truncated image)"));
+    if Some(u64::from_le_bytes(trailer)) != sum {
+        return Err(bad(crate::read::CHECKSUM_MISMATCH));
     }
     Ok(incoming)
 }
 
-/// Reads the records of a body from `r` and restores them as they come.
+/// Reads the records of a body from `r` and restores them as they come (each record's
+/// head and checksum into `chain`, if any).
+#[allow(clippy::too_many_arguments)]
 fn records<R: Read>(
     r: &mut R,
     v: crate::read::Version,
@@ -168,6 +182,7 @@ fn records<R: Read>(
     mode: Mode,
     limits: ReadLimits,
     admit: &mut dyn FnMut(u64) -> Result<()>,
+    chain: &mut Option<Chain>,
 ) -> Result<Incoming> {
     let mut parser = Parser::new(v, limits);
     let mut buf: Vec<u8> = Vec::new();
@@ -192,15 +207,22 @@ fn records<R: Read>(
             )));
         }
         let len = len as usize;
-        buf.clear();
-        buf.extend_from_slice(&head);
-        buf.resize(9 + len + 8, 0);
-        r.read_exact(&mut buf[9..]).map_err(eof)?;
+        // (The buffer keeps its largest size: it is not zeroed again for each record.)
+        let whole = 9 + len + 8;
+        if buf.len() < whole {
+            buf.resize(whole, 0);
+        }
+        buf[..9].copy_from_slice(&head);
+        r.read_exact(&mut buf[9..whole]).map_err(eof)?;
+        let buf = &buf[..whole];
         let sum = u64::from_le_bytes(buf[9 + len..].try_into().expect("8 bytes"));
         if xxh3_64(&buf[..9 + len]) != sum {
             return Err(bad(format!(
                 "checksum mismatch in record {n} (damaged image)"
             )));
+        }
+        if let Some(c) = chain {
+            c.record(&head, sum);
         }
         n += 1;
         let payload = &buf[9..9 + len];

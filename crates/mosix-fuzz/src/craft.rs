@@ -3,7 +3,7 @@
 
 use mosix_ckpt::image::{ProcessImage, HEADER_LEN, MAGIC};
 use mosix_ckpt::records::ProcessImageV1;
-use xxhash_rust::xxh3::xxh3_64;
+use mosix_ckpt::sum::xxh3_64;
 
 pub const TAG_META: u8 = 1;
 pub const TAG_PAGES: u8 = 2;
@@ -59,7 +59,7 @@ pub fn end_record(count: u64, payload_total: u64) -> Vec<u8> {
 }
 
 /// A whole image around `stored` (the body as stored, compressed as `compression` says):
-/// header, body, whole-file checksum.
+/// header, body, the image's checksum.
 pub fn image(compression: u8, minor: u16, stored: &[u8]) -> Vec<u8> {
     image_of(compression, (1, minor), stored)
 }
@@ -68,12 +68,34 @@ pub fn image(compression: u8, minor: u16, stored: &[u8]) -> Vec<u8> {
 pub fn image_of(compression: u8, version: (u16, u16), stored: &[u8]) -> Vec<u8> {
     let mut b = header_of(compression, version.0, version.1).to_vec();
     b.extend_from_slice(stored);
-    let sum = xxh3_64(&b);
+    let sum = image_sum(&b);
     b.extend_from_slice(&sum.to_le_bytes());
     b
 }
 
-/// Recomputes the header checksum and the whole-file checksum of an image in place (what
+/// The image checksum of `b` (header and body as stored, without the checksum): before
+/// format 3.3 of all its bytes, from 3.3 the chain of its records (of the body as
+/// decompressed, up to 64 MiB; 0 if it is not one).
+pub fn image_sum(b: &[u8]) -> u64 {
+    if b.len() < HEADER_LEN {
+        return xxh3_64(b);
+    }
+    let version = (
+        u16::from_le_bytes([b[8], b[9]]),
+        u16::from_le_bytes([b[10], b[11]]),
+    );
+    if version < mosix_ckpt::image::CHAINED {
+        return xxh3_64(b);
+    }
+    // (body_of takes a whole image: with a checksum place after the body.)
+    let mut whole = b.to_vec();
+    whole.extend_from_slice(&[0; 8]);
+    body_of(&whole)
+        .and_then(|(_, body)| mosix_ckpt::image::chain_of(&b[..HEADER_LEN], &body))
+        .unwrap_or(0)
+}
+
+/// Recomputes the header checksum and the image checksum of an image in place (what
 /// anyone can do: the checksums are not keyed).
 pub fn fix_sums(b: &mut [u8]) {
     if b.len() >= HEADER_LEN {
@@ -82,7 +104,7 @@ pub fn fix_sums(b: &mut [u8]) {
     }
     if b.len() >= HEADER_LEN + 8 {
         let n = b.len() - 8;
-        let sum = xxh3_64(&b[..n]);
+        let sum = image_sum(&b[..n]);
         b[n..].copy_from_slice(&sum.to_le_bytes());
     }
 }
@@ -232,7 +254,7 @@ pub fn valid_records_bomb(estimate: u64, copies: u64) -> Vec<u8> {
     let mut head = vec![TAG_PAGES];
     head.extend_from_slice(&(data + 8).to_le_bytes());
     head.extend_from_slice(&0x1000u64.to_le_bytes());
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = mosix_ckpt::sum::Xxh3::new();
     h.update(&head);
     let zeros = vec![0u8; 1 << 16];
     for _ in 0..(data >> 16) {

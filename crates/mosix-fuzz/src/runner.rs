@@ -304,5 +304,5 @@ pub fn run_for(
 }
 
 fn class_of_bytes(b: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(b)
+    mosix_ckpt::sum::xxh3_64(b)
 }

@@ -124,7 +124,7 @@ pub fn by_name(name: &str) -> Option<Target> {
 /// The class of an outcome: a hash of its text without digits (so "byte 12" and
 /// "byte 13" are one class).
 pub fn class(s: &str) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = mosix_ckpt::sum::Xxh3::new();
     for b in s.bytes().filter(|b| !b.is_ascii_digit()) {
         h.update(&[b]);
     }

@@ -248,8 +248,12 @@ pub fn read_large<R: Read>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
         let at = body.len();
         let to = n.min(step.max(at));
         if to > at {
-            body.resize(to, 0);
-            r.read_exact(&mut body[at..])?;
+            // Read into the new room as it is: not zeroed first (where `r` reads into
+            // room not yet written, as sockets and files do).
+            body.reserve_exact(to - at);
+            if r.by_ref().take((to - at) as u64).read_to_end(&mut body)? != to - at {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
     }
     Ok(body)

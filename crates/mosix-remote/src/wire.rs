@@ -481,13 +481,16 @@ pub fn recv_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
         return Err(FrameError::TooLong(n));
     }
     if n > SMALL {
-        // Memory grows with what arrives: in at most two steps.
+        // Memory grows with what arrives: in at most two steps. (Read into the new room
+        // as it is, not zeroed first, where `r` can: sockets.)
         let first = n.min((1 << 20) + (64 << 10));
-        let mut body = vec![0u8; first];
-        r.read_exact(&mut body)?;
-        if n > first {
-            body.resize(n, 0);
-            r.read_exact(&mut body[first..])?;
+        let mut body = Vec::with_capacity(first);
+        for to in [first, n] {
+            let more = to - body.len();
+            body.reserve_exact(more);
+            if r.by_ref().take(more as u64).read_to_end(&mut body)? != more {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
         }
         return Ok(Some(body));
     }

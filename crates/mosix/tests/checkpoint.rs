@@ -576,7 +576,7 @@ fn damaged_images_are_refused_and_nothing_starts() {
     let mut newer = good.clone();
     newer[8] = 9;
     newer[10..12].copy_from_slice(&0u16.to_le_bytes());
-    let sum = xxhash_rust::xxh3::xxh3_64(&newer[..24]);
+    let sum = mosix_ckpt::sum::xxh3_64(&newer[..24]);
     newer[24..32].copy_from_slice(&sum.to_le_bytes());
     try_restart(&newer, "image format 9.0 is not supported");
     let missing = mosix(&["restart", "/nonexistent/x.img"]);
