@@ -157,10 +157,18 @@ pub(crate) struct Frozen {
     pub(crate) done: bool,
     /// Its memory that stays at home (a move's checkpoint; see crate::homemem).
     pub(crate) home_memory: Vec<crate::homemem::Area>,
+    /// Its threads and we on one CPU while it is frozen (see crate::cpu).
+    one_cpu: Option<crate::cpu::OneCpu>,
 }
 
 pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
     let tasks = threads::freeze_all(pid)?;
+    let mut one_cpu = crate::cpu::OneCpu::here();
+    if let Some(one) = &mut one_cpu {
+        for t in &tasks {
+            one.add(t.tid);
+        }
+    }
     Ok(Frozen {
         pid,
         own: tasks[0].own,
@@ -169,6 +177,7 @@ pub(crate) fn freeze(pid: i32) -> Result<Frozen> {
         scratch: None,
         home_memory: Vec::new(),
         done: false,
+        one_cpu,
     })
 }
 
@@ -204,6 +213,8 @@ impl Frozen {
         if let Some((addr, orig)) = self.scratch.take() {
             sys::write_mem(self.pid, addr, &orig)?;
         }
+        // Its CPUs back before it runs.
+        self.one_cpu = None;
         threads::detach_tasks(&self.tasks)?;
         self.done = true;
         Ok(())
@@ -211,6 +222,7 @@ impl Frozen {
 
     pub(crate) fn kill(&mut self) -> Result<()> {
         threads::kill_all(&self.tasks)?;
+        self.one_cpu = None;
         self.done = true;
         Ok(())
     }

@@ -14,6 +14,7 @@
 
 mod away;
 pub mod check;
+mod cpu;
 mod creds;
 pub mod dirty;
 mod dump;

@@ -84,6 +84,8 @@ pub(crate) struct Site {
     done: bool,
     /// Its memory being put in while it is built and runs (`RestoreOptions::lazy`).
     pub(crate) filling: Option<crate::lazy::Filling>,
+    /// It and we on one CPU while it is built (see crate::cpu).
+    one_cpu: Option<crate::cpu::OneCpu>,
 }
 
 fn dummy_remote() -> Remote {
@@ -117,6 +119,8 @@ impl Site {
         let t = Instant::now();
         preflight_meta(spec)?;
         let plan = creds::plan(&spec.creds, spec.caps, creds, &Restorer::current())?;
+        // (The child starts on our CPU.)
+        let one_cpu = crate::cpu::OneCpu::here();
         let (pid, ns_init) = if opts.keep_pid || opts.time_ns {
             let set_tid = if opts.keep_pid {
                 if spec.pid <= 1 {
@@ -153,7 +157,7 @@ impl Site {
         };
         tracing::debug!("preflight and fork in {:?}", t.elapsed());
         let own = if opts.keep_pid { spec.pid } else { pid };
-        Site::lay_out(pid, own, ns_init, spec, opts, plan, mode, true)
+        Site::lay_out(pid, own, ns_init, spec, opts, plan, mode, true, one_cpu)
     }
 
     /// Takes stopped tracee `pid` (a deputy after its exec of the image's executable) and
@@ -165,7 +169,11 @@ impl Site {
         plan: Plan,
         mode: Mode,
     ) -> Result<Site> {
-        Site::lay_out(pid, pid, None, spec, opts, plan, mode, false)
+        let mut one_cpu = crate::cpu::OneCpu::here();
+        if let Some(one) = &mut one_cpu {
+            one.add(pid);
+        }
+        Site::lay_out(pid, pid, None, spec, opts, plan, mode, false, one_cpu)
     }
 
     /// The site of tracee `pid` (`own` in its PID namespace; `made` here, or a deputy
@@ -180,6 +188,7 @@ impl Site {
         plan: Plan,
         mode: Mode,
         made: bool,
+        one_cpu: Option<crate::cpu::OneCpu>,
     ) -> Result<Site> {
         let mut site = Site {
             pid,
@@ -210,6 +219,7 @@ impl Site {
             made,
             done: false,
             filling: None,
+            one_cpu,
         };
         site.setup(spec)?;
         Ok(site)
@@ -658,6 +668,11 @@ impl Site {
             "process {pid} completed in {built:?} ({:?} with its clocks)",
             t0.elapsed()
         );
+        // Its CPUs (ours, or its own inside its deputy) before it runs.
+        if let Some(one) = self.one_cpu.take() {
+            let init = self.ns_init.unwrap_or(pid);
+            one.finish(&[pid, init]);
+        }
         if !opts.hold {
             crate::restore::resume(pid)?;
         }
