@@ -763,16 +763,18 @@ fn read_at(fd: i32, off: u64, len: u32) -> (i64, Vec<u8>) {
     if is_private(fd as u64) {
         return (-(libc::EBADF as i64), Vec::new());
     }
-    let mut data = vec![0u8; len.min(crate::spec::MAX_IO) as usize];
-    // SAFETY: pread into a buffer of ours of the length we give.
-    let n = unsafe { libc::pread(fd, data.as_mut_ptr().cast(), data.len(), off as libc::off_t) };
+    let len = len.min(crate::spec::MAX_IO) as usize;
+    let mut data: Vec<u8> = Vec::with_capacity(len);
+    // SAFETY: pread of at most `len` bytes into the buffer's room (not zeroed first).
+    let n = unsafe { libc::pread(fd, data.as_mut_ptr().cast(), len, off as libc::off_t) };
     if n < 0 {
         let e = std::io::Error::last_os_error()
             .raw_os_error()
             .unwrap_or(libc::EIO);
         return (-(e as i64), Vec::new());
     }
-    data.truncate(n as usize);
+    // SAFETY: pread wrote `n` <= `len` bytes there.
+    unsafe { data.set_len(n as usize) };
     (n as i64, data)
 }
 

@@ -10,6 +10,12 @@ use nix::errno::Errno;
 pub trait Mem {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno>;
+    /// `len` bytes at `addr`, in a buffer of their own.
+    fn read_vec(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let mut v = vec![0u8; len];
+        self.read(addr, &mut v)?;
+        Ok(v)
+    }
 }
 
 /// The memory of process `pid`, through process_vm_readv/writev.
@@ -36,6 +42,27 @@ impl Mem for ProcessMem {
         } else {
             Err(Errno::EFAULT)
         }
+    }
+    /// (Read into the buffer's room as it is: a large one is not zeroed first.)
+    fn read_vec(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let mut v: Vec<u8> = Vec::with_capacity(len);
+        let local = [libc::iovec {
+            iov_base: v.as_mut_ptr().cast(),
+            iov_len: len,
+        }];
+        let remote = [libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        }];
+        // SAFETY: `local` describes the buffer's `len` bytes of room, which we own for
+        // the whole call; the kernel checks the remote range itself.
+        let n = unsafe { libc::process_vm_readv(self.0, local.as_ptr(), 1, remote.as_ptr(), 1, 0) };
+        if n != len as isize {
+            return Err(Errno::EFAULT);
+        }
+        // SAFETY: the call wrote all `len` bytes.
+        unsafe { v.set_len(len) };
+        Ok(v)
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         if data.is_empty() {

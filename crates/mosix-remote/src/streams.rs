@@ -308,10 +308,10 @@ impl Streams {
             });
             return Verdict::Parked;
         }
-        let mut data = vec![0u8; len as usize];
-        if let Err(e) = mem.read(buf, &mut data) {
-            return Verdict::Answer(-(e as i64), Commit::Nothing);
-        }
+        let data = match mem.read_vec(buf, len as usize) {
+            Ok(d) => d,
+            Err(e) => return Verdict::Answer(-(e as i64), Commit::Nothing),
+        };
         let behind = ToDeputy::Behind {
             stream: sid,
             n: w.next_n,
