@@ -20,6 +20,9 @@ pub struct Live {
 impl Live {
     pub fn new(notify: NotifyFd, pid: i32) -> std::io::Result<Live> {
         let p = placeholder()?;
+        if !notify.sync_wake_up() {
+            tracing::debug!(pid, "no synchronous wake-ups of its seccomp listener here");
+        }
         Ok(Live {
             notify,
             pid,
