@@ -81,12 +81,18 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
         drop(frozen);
         return Err(e);
     }
+    let t_frozen = t0.elapsed();
     for (tid, ret) in on_frozen()? {
         if let Some(t) = frozen.tasks.iter_mut().find(|t| t.tid == tid) {
             t.regs.rax = ret as u64;
             sys::set_regs(tid, &t.regs)?;
         }
     }
+    tracing::debug!(
+        pid,
+        "frozen in {t_frozen:?}, its calls settled after {:?}",
+        t0.elapsed()
+    );
     let opts = dump::DumpOptions {
         leave_running: true,
         compression,
@@ -101,6 +107,7 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
     };
     let (w, mut stats) = dump::dump_frozen_for(&mut frozen, out, opts, moving, progress)?;
     stats.frozen = t0.elapsed();
+    tracing::debug!(pid, "saved {:?} after it was frozen", stats.frozen);
     Ok((w, stats, Held { frozen }))
 }
 

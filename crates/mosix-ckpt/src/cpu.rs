@@ -33,6 +33,25 @@ fn only(cpu: usize) -> Option<Mask> {
     Some(m)
 }
 
+thread_local! {
+    /// The CPUs this thread had before it was kept on one (None: it is not).
+    static HAD: std::cell::Cell<Option<Mask>> = const { std::cell::Cell::new(None) };
+}
+
+/// The CPUs the calling thread had before it was kept on one CPU, if it is: a thread it
+/// spawns meanwhile (which would start on that one CPU) takes them with [`free`].
+pub(crate) fn original() -> Option<Mask> {
+    HAD.with(|h| h.get())
+}
+
+/// First thing in a thread spawned by a thread kept on one CPU (`cpus`: its
+/// [`original`]): it works beside its tracer, not on the same CPU.
+pub(crate) fn free(cpus: Option<Mask>) {
+    if let Some(m) = cpus {
+        set(tid(), &m);
+    }
+}
+
 /// The tracer thread (and the tracee threads added) kept on one CPU until dropped or
 /// [`OneCpu::finish`]ed.
 pub(crate) struct OneCpu {
@@ -41,6 +60,8 @@ pub(crate) struct OneCpu {
     tracer: (i32, Mask),
     /// Tracee threads taken over and the CPUs they had.
     saved: Vec<(i32, Mask)>,
+    /// This one set the thread's [`original`] (not one inside another).
+    outer: bool,
 }
 
 impl OneCpu {
@@ -50,10 +71,18 @@ impl OneCpu {
         let cpu = only(sched_getcpu().ok()?)?;
         let me = tid();
         let had = get(me)?;
-        set(me, &cpu).then_some(OneCpu {
+        if !set(me, &cpu) {
+            return None;
+        }
+        let outer = original().is_none();
+        if outer {
+            HAD.with(|h| h.set(Some(had)));
+        }
+        Some(OneCpu {
             cpu,
             tracer: (me, had),
             saved: Vec::new(),
+            outer,
         })
     }
 
@@ -99,6 +128,9 @@ impl Drop for OneCpu {
             set(t, &m);
         }
         set(self.tracer.0, &self.tracer.1);
+        if self.outer && self.tracer.0 == tid() {
+            HAD.with(|h| h.set(None));
+        }
     }
 }
 
@@ -132,7 +164,26 @@ mod tests {
             assert_eq!(get(t).unwrap(), now);
         }
         assert_eq!(get(tid()).unwrap(), before);
+        assert!(original().is_none());
         done_tx.send(()).unwrap();
         assert_eq!(other.join().unwrap(), other_before);
+    }
+
+    /// A thread spawned while its spawner is kept on one CPU gets the spawner's CPUs.
+    #[test]
+    fn a_thread_spawned_meanwhile_is_free() {
+        let before = get(tid()).unwrap();
+        let Some(_one) = OneCpu::here() else {
+            return;
+        };
+        assert_eq!(original(), Some(before));
+        let cpus = original();
+        let theirs = std::thread::spawn(move || {
+            free(cpus);
+            get(tid()).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(theirs, before);
     }
 }

@@ -370,9 +370,11 @@ pub(crate) fn start(
     let (tell, done) = std::sync::mpsc::channel();
     let wake = Arc::new(std::sync::Mutex::new(None::<(i32, i32)>));
     let waker = wake.clone();
+    let cpus = crate::cpu::original();
     let thread = std::thread::Builder::new()
         .name("mosix-fill".into())
         .spawn(move || {
+            crate::cpu::free(cpus);
             let targets = fill(&img, pid, first, &flag, &tell);
             if let Some((tid, sig)) = waker.lock().ok().and_then(|w| *w) {
                 // SAFETY: tgkill takes numbers only.

@@ -59,9 +59,11 @@ fn dump_parallel<W: Write + Send + 'static>(
     let (tx, rx) = sync_channel::<Msg>(BUFFERS - 1);
     let (back_tx, back_rx) = channel::<Vec<u8>>();
     let compression = opts.compression;
+    let cpus = crate::cpu::original();
     let writer = std::thread::Builder::new()
         .name("ckpt-writer".into())
         .spawn(move || -> Result<(W, u64)> {
+            crate::cpu::free(cpus);
             let mut w = ImageWriter::new(out, compression, &meta)?;
             let mut ended = false;
             for msg in rx {
