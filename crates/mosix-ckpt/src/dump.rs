@@ -214,15 +214,20 @@ impl Frozen {
             sys::write_mem(self.pid, addr, &orig)?;
         }
         // Its CPUs back before it runs.
-        self.one_cpu = None;
+        self.free_cpus();
         threads::detach_tasks(&self.tasks)?;
         self.done = true;
         Ok(())
     }
 
+    /// Gives its threads (and us) their CPUs back, before it runs again.
+    pub(crate) fn free_cpus(&mut self) {
+        self.one_cpu = None;
+    }
+
     pub(crate) fn kill(&mut self) -> Result<()> {
         threads::kill_all(&self.tasks)?;
-        self.one_cpu = None;
+        self.free_cpus();
         self.done = true;
         Ok(())
     }
