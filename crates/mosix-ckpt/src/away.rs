@@ -108,7 +108,7 @@ pub fn checkpoint_moving_with<W: Write + 'static>(
     let (w, mut stats) = dump::dump_frozen_for(&mut frozen, out, opts, moving, progress)?;
     stats.frozen = t0.elapsed();
     tracing::debug!(pid, "saved {:?} after it was frozen", stats.frozen);
-    Ok((w, stats, Held { frozen }))
+    Ok((w, stats, Held::of(frozen)))
 }
 
 /// A tracker of the pages `pid` writes, for [`checkpoint_moving_live`], made before
@@ -181,7 +181,7 @@ pub fn checkpoint_moving_live<W: Write + 'static>(
         on_round,
         progress,
     )?;
-    Ok((w, stats, Held { frozen }))
+    Ok((w, stats, Held::of(frozen)))
 }
 
 /// Writes what the frozen process wrote into shared mappings of files (of shared paths:

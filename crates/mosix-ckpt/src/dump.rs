@@ -98,6 +98,13 @@ pub struct Held {
 }
 
 impl Held {
+    /// Holds `frozen` for as long as its holder decides (a move's commit may be seconds
+    /// away): its threads and the tracer get their CPUs back meanwhile (see crate::cpu),
+    /// so that a holder that dies leaves it on the CPUs it had.
+    pub(crate) fn of(mut frozen: Frozen) -> Held {
+        frozen.free_cpus();
+        Held { frozen }
+    }
     /// The held process's PID.
     pub fn pid(&self) -> i32 {
         self.frozen.pid
@@ -117,9 +124,7 @@ impl Held {
 /// (a ptrace stop is not a job-control stop). Must be called, and the `Held` used, from
 /// one thread (the ptrace tracer).
 pub fn freeze_held(pid: i32) -> Result<Held> {
-    Ok(Held {
-        frozen: freeze(pid)?,
-    })
+    Ok(Held::of(freeze(pid)?))
 }
 
 /// Checkpoints `pid` into `out` and keeps it frozen: the caller decides with
@@ -140,7 +145,7 @@ pub fn checkpoint_held<W: Write + 'static>(
     };
     let (w, mut stats) = dump_frozen(&mut frozen, out, opts, progress)?;
     stats.frozen = t0.elapsed();
-    Ok((w, stats, Held { frozen }))
+    Ok((w, stats, Held::of(frozen)))
 }
 
 /// A process held in a ptrace stop, every thread of it.
