@@ -37,7 +37,9 @@ pub const FLAG_LEAVING: u32 = 2;
 /// 1.6: a move's tail carries the working directory at home (`Tail.cwd`); typed reasons
 /// of failed checkpoints and marks (`CkptError`, `mosix_remote::wire::MarkError`); moves
 /// carry image format 3.2 (madvise advice).
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
+/// 1.7: moves carry image format 3.3 (the image's checksum is the chain of its records'),
+/// which a 1.6 node cannot read.
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 7 };
 
 /// Default UDP port of the gossip transport.
 pub const DEFAULT_PORT: u16 = 5400;
