@@ -502,6 +502,18 @@ pub fn recv_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     Ok(Some(body))
 }
 
+/// Room for whole frames in a local socket (4 MiB it sends before its reader takes them;
+/// the default is about 200 KiB): a forwarded 1 MiB write or read, or an image chunk,
+/// goes in with one call instead of five or six, each waking the reader and then the
+/// writer again. Root takes it whatever `net.core.wmem_max` says; others up to it.
+pub fn roomy<F: std::os::fd::AsFd>(s: &F) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    const ROOM: usize = 4 << 20;
+    if setsockopt(s, sockopt::SndBufForce, &ROOM).is_err() {
+        let _ = setsockopt(s, sockopt::SndBuf, &ROOM);
+    }
+}
+
 /// Reads one message; None at a clean end of stream.
 pub fn recv<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Option<T>, FrameError> {
     match recv_bytes(r)? {

@@ -62,6 +62,7 @@ fn parse(v: &str) -> Conf {
 /// descriptor numbers.
 fn connect(c: &Conf, path: &str) -> std::io::Result<UnixStream> {
     let s = UnixStream::connect(path)?;
+    mosix_remote::wire::roomy(&s);
     let fd = deputy::move_high(s.into_raw_fd())?;
     // SAFETY: `fd` is the connection we just moved; we own it.
     let mut s = unsafe { UnixStream::from_raw_fd(fd) };

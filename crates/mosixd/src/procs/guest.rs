@@ -99,6 +99,8 @@ impl Procs {
         reason: String,
         readopted: bool,
     ) -> Result<()> {
+        // Room for whole frames of its calls' data (see mosix_remote::wire::roomy).
+        mosix_remote::wire::roomy(&sup);
         let (tx, rx) = mpsc::channel();
         let info = Arc::new(Mutex::new(Snapshot {
             pid: host_pid,

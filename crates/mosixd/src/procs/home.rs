@@ -663,6 +663,7 @@ impl Procs {
         if peer.pid != Some(home_pid) || *h.token != token {
             bail!("that is not the deputy of process {home_pid}");
         }
+        mosix_remote::wire::roomy(&stream);
         let mut w = stream.try_clone()?;
         w.write_all(b"{\"type\":\"deputy_ok\"}\n")?;
         let tx = h.tx.clone();

@@ -676,6 +676,11 @@ impl Supervision {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         let chld = sigchld_fd()?;
+        // Room for whole frames of its calls' data (not before: an image through a deep
+        // buffer would reach its end later, and the process is frozen for that end).
+        if let Some(c) = &self.conn {
+            mosix_remote::wire::roomy(c);
+        }
         let mut reader = self
             .conn
             .as_ref()
@@ -805,6 +810,7 @@ impl Supervision {
             }
             if fds[3].revents & libc::POLLIN != 0 {
                 if let Ok((c, _)) = listener.accept() {
+                    mosix_remote::wire::roomy(&c);
                     reader = Some(BufReader::new(c.try_clone()?));
                     self.lost();
                     let backlog = std::mem::take(&mut self.backlog);
