@@ -26,7 +26,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 pub use crate::streams::WINDOW;
 /// Bytes read ahead per message.
-const CHUNK: u64 = 512 << 10;
+pub(crate) const CHUNK: u64 = 512 << 10;
 /// Free space (and quota) that must remain beyond what may be written behind.
 const MARGIN: u64 = 1 << 30;
 /// Streams followed at once.

@@ -280,6 +280,48 @@ impl Link {
         }
         l.flush();
     }
+    /// [`Link::send_ahead`] of the `n` bytes of `p` that `sp` holds (spliced from the
+    /// file): written from the pipe into the connection when nothing waits before them;
+    /// else (or if the connection fails) read again and kept for the next connection.
+    fn send_ahead_spliced(
+        &self,
+        p: &crate::ahead::Piece,
+        n: usize,
+        eof: bool,
+        sp: &mut crate::splice::Splicer,
+    ) {
+        let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.before(&mut l);
+        if let crate::ahead::Send::Yes = self.ahead.sending(p.stream, p.off, n as u64, eof) {
+            l.flush();
+            if l.backlog.is_empty() {
+                if let Some(c) = &l.conn {
+                    let (head, tail) =
+                        wire::ahead_frame(p.stream, p.fd, p.kind, p.file, p.off, n, eof);
+                    if sp.send(c, &head, &tail).is_ok() {
+                        return;
+                    }
+                    l.conn = None;
+                }
+            }
+            sp.drop_held();
+            let (got, data) = read_at(p.fd, p.off, n as u32);
+            if got >= 0 {
+                l.backlog.push(FromDeputy::Ahead {
+                    stream: p.stream,
+                    fd: p.fd,
+                    kind: p.kind,
+                    file: p.file,
+                    off: p.off,
+                    eof: eof || data.len() < n,
+                    data,
+                });
+            }
+        } else {
+            sp.drop_held();
+        }
+        l.flush();
+    }
     /// Sends `m` (written from where it is when nothing waits before it).
     fn send_ref(&self, m: &FromDeputy) {
         let mut l = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -663,15 +705,23 @@ fn aux_main(rx: Receiver<Aux>, out: Arc<Link>) {
 fn read_ahead_main(out: Arc<Link>) {
     block_all_but(&[]);
     let ahead = out.ahead.clone();
-    while let Some(crate::ahead::Piece {
-        stream,
-        fd,
-        kind,
-        file,
-        off,
-        len,
-    }) = ahead.next_read()
-    {
+    // Pieces go from the file into the connection through a pipe where they can.
+    let mut splicer = crate::splice::Splicer::new(crate::ahead::CHUNK as usize);
+    while let Some(piece) = ahead.next_read() {
+        if let Some(sp) = splicer.as_mut() {
+            if let Some((n, eof)) = sp.fill(piece.fd, piece.off, piece.len as usize) {
+                out.send_ahead_spliced(&piece, n, eof, sp);
+                continue;
+            }
+        }
+        let crate::ahead::Piece {
+            stream,
+            fd,
+            kind,
+            file,
+            off,
+            len,
+        } = piece;
         let mut data: Vec<u8> = Vec::with_capacity(len as usize);
         // SAFETY: pread of at most `len` bytes into the buffer's spare room, from the
         // process's descriptor (a call that could close it ends the stream first; a read

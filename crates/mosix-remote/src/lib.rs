@@ -28,6 +28,7 @@ pub mod local;
 pub mod marks;
 pub mod notify;
 pub mod spec;
+pub mod splice;
 pub mod streams;
 pub mod wire;
 

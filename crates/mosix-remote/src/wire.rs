@@ -468,6 +468,45 @@ pub fn send<W: Write, T: Serialize>(w: &mut W, m: &T) -> std::io::Result<()> {
     w.flush()
 }
 
+/// The frame of [`FromDeputy::Ahead`] around `n` bytes of data that are written into the
+/// stream by other means (spliced from the file): what goes before them (the frame's
+/// length and every field before the data, its length included) and the one byte after
+/// them (`eof`). Together with the data, exactly what [`send`] writes for the message.
+pub fn ahead_frame(
+    stream: u64,
+    fd: i32,
+    kind: Kind,
+    file: (u64, u64),
+    off: u64,
+    n: usize,
+    eof: bool,
+) -> (Vec<u8>, [u8; 1]) {
+    let empty = encode(&FromDeputy::Ahead {
+        stream,
+        fd,
+        kind,
+        file,
+        off,
+        data: Vec::new(),
+        eof: false,
+    });
+    // (It ends with the empty data's length, 0, and `eof`, false.)
+    let fields = &empty[..empty.len() - 2];
+    let mut len = Vec::with_capacity(10);
+    let mut v = n as u64;
+    while v >= 0x80 {
+        len.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    len.push(v as u8);
+    let body = fields.len() + len.len() + n + 1;
+    let mut head = Vec::with_capacity(4 + fields.len() + len.len());
+    head.extend_from_slice(&(body as u32).to_le_bytes());
+    head.extend_from_slice(fields);
+    head.extend_from_slice(&len);
+    (head, [eof as u8])
+}
+
 /// Reads one frame's bytes; None at a clean end of stream.
 pub fn recv_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
@@ -535,6 +574,36 @@ pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parts of a read-ahead frame around its data are what `send` writes.
+    #[test]
+    fn an_ahead_frame_around_its_data_is_the_message() {
+        for n in [0usize, 1, 127, 128, 16_383, 16_384, 300_000, 524_288] {
+            for eof in [false, true] {
+                let data: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
+                let (stream, fd, file, off) = (77u64, 5, (0xfe01, 1 << 40), 1u64 << 33);
+                let mut sent = Vec::new();
+                send(
+                    &mut sent,
+                    &FromDeputy::Ahead {
+                        stream,
+                        fd,
+                        kind: Kind::Pread,
+                        file,
+                        off,
+                        data: data.clone(),
+                        eof,
+                    },
+                )
+                .unwrap();
+                let (head, tail) = ahead_frame(stream, fd, Kind::Pread, file, off, n, eof);
+                let mut made = head;
+                made.extend_from_slice(&data);
+                made.extend_from_slice(&tail);
+                assert_eq!(made, sent, "{n} bytes, eof {eof}");
+            }
+        }
+    }
 
     #[test]
     fn frames_round_trip_and_bad_ones_are_errors() {
