@@ -376,7 +376,6 @@ impl Held {
                     );
                 }
                 self.frozen.done = true;
-                self.frozen.free_cpus();
                 if let Err(e) = sys::detach(pid, 0) {
                     tracing::warn!("detaching {pid} after its exec: {e}");
                 }

@@ -551,12 +551,19 @@ fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Ve
     }
 }
 
+/// Whether record `rec` (its head, payload and checksum, nothing more) holds the
+/// checksum of the rest of it.
+pub(crate) fn record_sum_ok(rec: &[u8]) -> bool {
+    let Some(sum_at) = rec.len().checked_sub(8) else {
+        return false;
+    };
+    rec[sum_at..] == xxh3_64(&rec[..sum_at]).to_le_bytes()
+}
+
 /// Checks the checksum of the record at `at` of `body` (its payload `len` bytes long),
 /// as it is read: [`parse_body`] then need not.
 fn check_record(body: &[u8], at: usize, len: usize) -> Result<()> {
-    let sum_at = at + 9 + len;
-    let sum = u64::from_le_bytes(body[sum_at..sum_at + 8].try_into().expect("8 bytes"));
-    if xxh3_64(&body[at..sum_at]) != sum {
+    if !record_sum_ok(&body[at..at + 9 + len + 8]) {
         return Err(bad(format!(
             "checksum mismatch in the record at byte {at} of the body (damaged image)"
         )));
@@ -787,8 +794,7 @@ fn parse_body(
         let len = len as usize;
         let payload_at = pos + 9;
         let sum_at = payload_at + len;
-        let sum = u64::from_le_bytes(body[sum_at..sum_at + 8].try_into().expect("8 bytes"));
-        if !checked && xxh3_64(&body[pos..sum_at]) != sum {
+        if !checked && !record_sum_ok(&body[pos..sum_at + 8]) {
             return Err(bad(format!(
                 "checksum mismatch in record {n} at byte {pos} of the body (damaged image)"
             )));

@@ -233,7 +233,6 @@ pub(crate) fn restore_loaded(
     Ok(r)
 }
 
-/// Puts the memory of a whole image in place and takes its final state.
 /// As [`build_loaded`], its private anonymous memory put in while it runs: a thread of
 /// ours fills it from the moment its layout is made (anything that touches that memory
 /// from then on, the restore included, waits for its pages). Without a userfaultfd (no
@@ -264,16 +263,18 @@ pub(crate) fn build_loaded_lazy(site: &mut Site, img: &std::sync::Arc<LoadedImag
     }
     site.pages(&parts)?;
     site.filling = filling;
-    site.final_state(&img.meta)?;
-    for p in img.shmem_pages() {
-        site.shmem_data(p.ino, p.offset, p.data)?;
-    }
-    Ok(())
+    final_part(site, img)
 }
 
+/// Puts the memory of a whole image in place and takes its final state.
 pub(crate) fn build_loaded(site: &mut Site, img: &LoadedImage) -> Result<()> {
     let parts: Vec<(u64, &[u8])> = img.pages().map(|p| (p.vaddr, p.data)).collect();
     site.pages(&parts)?;
+    final_part(site, img)
+}
+
+/// After its private memory: the final state of `img`, and its shared memory.
+fn final_part(site: &mut Site, img: &LoadedImage) -> Result<()> {
     site.final_state(&img.meta)?;
     for p in img.shmem_pages() {
         site.shmem_data(p.ino, p.offset, p.data)?;

@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::os::fd::OwnedFd;
 
-use crate::sum::{xxh3_64, Xxh3};
+use crate::sum::Xxh3;
 
 use crate::away::Away;
 use crate::creds::CredOptions;
@@ -215,14 +215,16 @@ fn records<R: Read>(
         buf[..9].copy_from_slice(&head);
         r.read_exact(&mut buf[9..whole]).map_err(eof)?;
         let buf = &buf[..whole];
-        let sum = u64::from_le_bytes(buf[9 + len..].try_into().expect("8 bytes"));
-        if xxh3_64(&buf[..9 + len]) != sum {
+        if !crate::read::record_sum_ok(buf) {
             return Err(bad(format!(
                 "checksum mismatch in record {n} (damaged image)"
             )));
         }
         if let Some(c) = chain {
-            c.record(&head, sum);
+            c.record(
+                &head,
+                u64::from_le_bytes(buf[9 + len..].try_into().expect("8 bytes")),
+            );
         }
         n += 1;
         let payload = &buf[9..9 + len];

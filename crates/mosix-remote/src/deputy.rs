@@ -722,27 +722,11 @@ fn read_ahead_main(out: Arc<Link>) {
             off,
             len,
         } = piece;
-        let mut data: Vec<u8> = Vec::with_capacity(len as usize);
-        // SAFETY: pread of at most `len` bytes into the buffer's spare room, from the
-        // process's descriptor (a call that could close it ends the stream first; a read
-        // of what it became meanwhile is dropped by `sending`); only what it wrote is
-        // then taken as the buffer's contents.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                data.as_mut_ptr().cast(),
-                len as usize,
-                off as libc::off_t,
-            )
-        };
-        let eof = if n < 0 {
-            // Not readable ahead: the stream ends; the process's reads go home.
-            true
-        } else {
-            // SAFETY: pread wrote `n` <= `len` bytes there.
-            unsafe { data.set_len(n as usize) };
-            (n as u64) < len
-        };
+        // (A call that could close the descriptor ends the stream first; a read of what
+        // it became meanwhile is dropped by `sending`.) Not readable ahead: the stream
+        // ends; the process's reads go home.
+        let (n, data) = read_at(fd, off, len as u32);
+        let eof = n < 0 || (data.len() as u64) < len;
         let got = data.len() as u64;
         let m = FromDeputy::Ahead {
             stream,

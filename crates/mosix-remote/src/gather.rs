@@ -21,46 +21,41 @@ pub trait Mem {
 /// The memory of process `pid`, through process_vm_readv/writev.
 pub struct ProcessMem(pub i32);
 
-impl Mem for ProcessMem {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        if buf.is_empty() {
-            return Ok(());
-        }
+impl ProcessMem {
+    /// Reads `len` bytes at `addr` of the process into `local`, which has room for them
+    /// (written or not): all of them, or EFAULT.
+    fn read_into(&self, addr: u64, local: *mut u8, len: usize) -> Result<(), Errno> {
         let local = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
+            iov_base: local.cast(),
+            iov_len: len,
         }];
         let remote = [libc::iovec {
             iov_base: addr as *mut libc::c_void,
-            iov_len: buf.len(),
+            iov_len: len,
         }];
-        // SAFETY: `local` describes `buf`, which we own for the whole call; the kernel
-        // checks the remote range itself.
+        // SAFETY: `local` describes `len` bytes of room the caller owns for the whole
+        // call; the kernel checks the remote range itself.
         let n = unsafe { libc::process_vm_readv(self.0, local.as_ptr(), 1, remote.as_ptr(), 1, 0) };
-        if n == buf.len() as isize {
+        if n == len as isize {
             Ok(())
         } else {
             Err(Errno::EFAULT)
         }
     }
+}
+
+impl Mem for ProcessMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.read_into(addr, buf.as_mut_ptr(), buf.len())
+    }
     /// (Read into the buffer's room as it is: a large one is not zeroed first.)
     fn read_vec(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let mut v: Vec<u8> = Vec::with_capacity(len);
-        let local = [libc::iovec {
-            iov_base: v.as_mut_ptr().cast(),
-            iov_len: len,
-        }];
-        let remote = [libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: len,
-        }];
-        // SAFETY: `local` describes the buffer's `len` bytes of room, which we own for
-        // the whole call; the kernel checks the remote range itself.
-        let n = unsafe { libc::process_vm_readv(self.0, local.as_ptr(), 1, remote.as_ptr(), 1, 0) };
-        if n != len as isize {
-            return Err(Errno::EFAULT);
-        }
-        // SAFETY: the call wrote all `len` bytes.
+        self.read_into(addr, v.as_mut_ptr(), len)?;
+        // SAFETY: the read wrote all `len` bytes.
         unsafe { v.set_len(len) };
         Ok(v)
     }
