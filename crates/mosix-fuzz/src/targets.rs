@@ -447,9 +447,16 @@ fn drain<T: serde::de::DeserializeOwned>(r: &mut &[u8]) -> u64 {
 }
 
 /// Frames of the supervisor/deputy protocol (mosix-remote's own framing).
-fn drain_remote<T: serde::de::DeserializeOwned>(r: &mut &[u8]) -> u64 {
+/// Frames read and decoded as the deputy and the supervisor do (from the frame kept:
+/// `decode_shared`).
+fn drain_remote<T>(
+    r: &mut &[u8],
+    decode: impl Fn(mosix_remote::wire::Bytes) -> Result<T, mosix_remote::wire::FrameError>,
+) -> u64 {
     for _ in 0..10_000 {
-        match mosix_remote::wire::recv::<_, T>(r) {
+        match mosix_remote::wire::recv_bytes(r)
+            .and_then(|f| f.map(|f| decode(f.into())).transpose())
+        {
             Ok(Some(m)) => {
                 std::hint::black_box(&m);
             }
@@ -470,8 +477,8 @@ fn wire_frames(d: &[u8]) -> u64 {
         0 => drain::<wire::Hello>(&mut r),
         1 => drain::<wire::ToHome>(&mut r),
         2 => drain::<wire::ToHost>(&mut r),
-        3 => drain_remote::<mosix_remote::wire::ToDeputy>(&mut r),
-        4 => drain_remote::<mosix_remote::wire::FromDeputy>(&mut r),
+        3 => drain_remote(&mut r, mosix_remote::wire::ToDeputy::decode_shared),
+        4 => drain_remote(&mut r, mosix_remote::wire::FromDeputy::decode_shared),
         5 => drain::<wire::Verdict>(&mut r),
         6 => drain::<wire::Decision>(&mut r),
         7 => drain::<wire::Tail>(&mut r),
@@ -641,7 +648,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     stream: 4,
                     n: 0,
                     off: Some(7),
-                    data: b"behind".to_vec(),
+                    data: b"behind".to_vec().into(),
                 },
                 mosix_remote::wire::ToDeputy::Sync {
                     seq: 5,
@@ -683,7 +690,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     kind: mosix_remote::wire::Kind::Pread,
                     file: (1, 2),
                     off: 5,
-                    data: b"ahead".to_vec(),
+                    data: b"ahead".to_vec().into(),
                     eof: true,
                 },
                 mosix_remote::wire::FromDeputy::Stale { streams: vec![1] },

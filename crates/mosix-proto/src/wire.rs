@@ -58,6 +58,10 @@ impl Frame {
         let start = start.min(buf.len());
         Frame { buf, start }
     }
+    /// Its buffer, and where its bytes start in it.
+    pub fn into_parts(self) -> (Vec<u8>, usize) {
+        (self.buf, self.start)
+    }
     pub fn into_vec(mut self) -> Vec<u8> {
         if self.start > 0 {
             self.buf.drain(..self.start);

@@ -19,7 +19,7 @@
 //!   write, fsync or close of its descriptor (as Linux reports a failed write-back).
 
 use crate::spec::{self, Arg};
-use crate::wire::{Begin, Call, FromDeputy, Kind, Took};
+use crate::wire::{Begin, Bytes, Call, FromDeputy, Kind, Took};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -163,7 +163,7 @@ struct Pending {
     stream: u64,
     n: u64,
     off: Option<u64>,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 #[derive(Default)]
@@ -566,7 +566,7 @@ impl Ahead {
     }
 
     /// Main thread: a write sent behind, to be made in order.
-    pub fn behind(&self, stream: u64, n: u64, off: Option<u64>, data: Vec<u8>) {
+    pub fn behind(&self, stream: u64, n: u64, off: Option<u64>, data: Bytes) {
         let mut st = self.lock();
         st.enqueued += 1;
         st.queue.push_back(Pending {
@@ -878,10 +878,10 @@ mod tests {
                 let _ = tx.lock().unwrap().send(m);
             })
         });
-        a.behind(2, 0, None, b"hello ".to_vec());
-        a.behind(2, 1, Some(100), b"far".to_vec());
+        a.behind(2, 0, None, b"hello ".to_vec().into());
+        a.behind(2, 1, Some(100), b"far".to_vec().into());
         // A duplicate (sent again after a broken link) is made once.
-        a.behind(2, 0, None, b"hello ".to_vec());
+        a.behind(2, 0, None, b"hello ".to_vec().into());
         a.wait_writes(3);
         let got = std::fs::read(d.path().join("f")).unwrap();
         assert_eq!(&got[..6], b"hello ");
@@ -891,7 +891,7 @@ mod tests {
         let ro = std::fs::File::open(d.path().join("f")).unwrap();
         // SAFETY: dup2 of our own descriptors.
         assert_eq!(unsafe { libc::dup2(ro.as_raw_fd(), fd) }, fd);
-        a.behind(2, 2, None, b"lost".to_vec());
+        a.behind(2, 2, None, b"lost".to_vec().into());
         loop {
             match rx.recv().unwrap() {
                 FromDeputy::Revoke { stream: 2 } => break,
@@ -902,7 +902,7 @@ mod tests {
         assert_eq!(a.deferred(&write_call(fd)), Some(libc::EBADF));
         assert_eq!(a.deferred(&write_call(fd)), None);
         // What comes for it after the failure is dropped.
-        a.behind(2, 3, None, b"more".to_vec());
+        a.behind(2, 3, None, b"more".to_vec().into());
         a.finish();
         t.join().unwrap();
         assert_eq!(a.lock().applied, 5);

@@ -314,7 +314,7 @@ impl Link {
                     file: p.file,
                     off: p.off,
                     eof: eof || data.len() < n,
-                    data,
+                    data: data.into(),
                 });
             }
         } else {
@@ -734,7 +734,7 @@ fn read_ahead_main(out: Arc<Link>) {
             kind,
             file,
             off,
-            data,
+            data: data.into(),
             eof,
         };
         out.send_ahead(stream, off, got, eof, m);
@@ -966,9 +966,17 @@ impl Deputy {
             if !buffered && fds[0].revents == 0 {
                 continue;
             }
-            let msg: ToDeputy = match wire::recv(&mut reader) {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => {
+            // (Decoded from the frame it arrived in: a write's data is not copied.)
+            let msg = match wire::recv_bytes(&mut reader) {
+                Ok(Some(f)) => ToDeputy::decode_shared(f.into()),
+                Ok(None) => Err(wire::FrameError::Io(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                )),
+                Err(e) => Err(e),
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(_) => {
                     self.out.detach();
                     return;
                 }

@@ -67,6 +67,10 @@ impl Mem for GuardedMem {
         self.check(addr, buf.len())?;
         self.mem.read(addr, buf)
     }
+    fn read_vec(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        self.check(addr, len)?;
+        self.mem.read_vec(addr, len)
+    }
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         self.check(addr, data.len())?;
         self.mem.write(addr, data)

@@ -22,7 +22,7 @@
 use crate::gather::Mem;
 use crate::notify::Notif;
 use crate::spec::MAX_IO;
-use crate::wire::{Begin, FromDeputy, Kind, ToDeputy, Took};
+use crate::wire::{Begin, Bytes, FromDeputy, Kind, ToDeputy, Took};
 use nix::errno::Errno;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -71,7 +71,7 @@ struct ReadStream {
     /// Read kind: the descriptor's offset as the process sees it.
     pos: u64,
     /// Bytes read at home, by offset, contiguous from the first.
-    chunks: BTreeMap<u64, Vec<u8>>,
+    chunks: BTreeMap<u64, Bytes>,
     /// Where the data received so far ends.
     end: u64,
     /// The file ends at `end` (as read at home).
@@ -316,7 +316,7 @@ impl Streams {
             stream: sid,
             n: w.next_n,
             off,
-            data,
+            data: data.into(),
         };
         Verdict::Answer(
             len as i64,
@@ -732,7 +732,7 @@ impl Streams {
         kind: Kind,
         file: (u64, u64),
         off: u64,
-        data: Vec<u8>,
+        data: Bytes,
         eof: bool,
     ) {
         // Only streams this host took (a stream of a past residence, or one ended here,
@@ -829,7 +829,7 @@ mod tests {
             kind: Kind::Read,
             file: (1, 2),
             off,
-            data: data.to_vec(),
+            data: Bytes::copy_from_slice(data),
             eof,
         }
     }
@@ -967,7 +967,7 @@ mod tests {
             kind: Kind::Pread,
             file: (1, 2),
             off: 100,
-            data: b"0123456789".to_vec(),
+            data: b"0123456789".to_vec().into(),
             eof: false,
         });
         let p = |id, off, len| notif(id, libc::SYS_pread64, [5, BASE, len, off, 0, 0]);
@@ -997,7 +997,7 @@ mod tests {
                     stream: 20,
                     n: 0,
                     off: None,
-                    data: b"hello".to_vec()
+                    data: b"hello".to_vec().into()
                 }]
             )
         );

@@ -6,6 +6,7 @@
 //! [`MAX_FRAME`] bytes; a reader's memory grows with the bytes that arrive (a large frame
 //! in at most two steps).
 
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
@@ -245,8 +246,7 @@ pub enum ToDeputy {
         stream: u64,
         n: u64,
         off: Option<u64>,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: Bytes,
     },
     /// Apply these positions and say so ([`FromDeputy::Synced`]): nothing of what the
     /// process did on its host is left to be done at home once the answer comes.
@@ -387,8 +387,7 @@ pub enum FromDeputy {
         kind: Kind,
         file: (u64, u64),
         off: u64,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: Bytes,
         eof: bool,
     },
     /// These streams' files changed at home (written by anyone): what was read ahead of
@@ -487,7 +486,7 @@ pub fn ahead_frame(
         kind,
         file,
         off,
-        data: Vec::new(),
+        data: Bytes::new(),
         eof: false,
     });
     // (It ends with the empty data's length, 0, and `eof`, false.)
@@ -566,6 +565,73 @@ pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, FrameError> {
     Ok(postcard::from_bytes(b)?)
 }
 
+/// Where `part` (a slice of `frame`) starts in it.
+fn offset_in(frame: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - frame.as_ptr() as usize
+}
+
+impl ToDeputy {
+    /// The variant index of [`ToDeputy::Behind`] (postcard's first byte of its frames).
+    const BEHIND: u8 = 14;
+
+    /// Decodes a frame it keeps: a write behind's data is the part of `frame` it was
+    /// in, not a copy (the message is otherwise what [`decode`] gives).
+    pub fn decode_shared(frame: Bytes) -> Result<ToDeputy, FrameError> {
+        if frame.first() != Some(&Self::BEHIND) {
+            return decode(&frame);
+        }
+        #[derive(Deserialize)]
+        struct Behind<'a> {
+            stream: u64,
+            n: u64,
+            off: Option<u64>,
+            data: &'a [u8],
+        }
+        let (b, _) = postcard::take_from_bytes::<Behind>(&frame[1..])?;
+        let at = offset_in(&frame, b.data);
+        Ok(ToDeputy::Behind {
+            stream: b.stream,
+            n: b.n,
+            off: b.off,
+            data: frame.slice(at..at + b.data.len()),
+        })
+    }
+}
+
+impl FromDeputy {
+    /// The variant index of [`FromDeputy::Ahead`].
+    const AHEAD: u8 = 6;
+
+    /// Decodes a frame it keeps: read-ahead data is the part of `frame` it was in, not
+    /// a copy (the message is otherwise what [`decode`] gives).
+    pub fn decode_shared(frame: Bytes) -> Result<FromDeputy, FrameError> {
+        if frame.first() != Some(&Self::AHEAD) {
+            return decode(&frame);
+        }
+        #[derive(Deserialize)]
+        struct Ahead<'a> {
+            stream: u64,
+            fd: i32,
+            kind: Kind,
+            file: (u64, u64),
+            off: u64,
+            data: &'a [u8],
+            eof: bool,
+        }
+        let (a, _) = postcard::take_from_bytes::<Ahead>(&frame[1..])?;
+        let at = offset_in(&frame, a.data);
+        Ok(FromDeputy::Ahead {
+            stream: a.stream,
+            fd: a.fd,
+            kind: a.kind,
+            file: a.file,
+            off: a.off,
+            data: frame.slice(at..at + a.data.len()),
+            eof: a.eof,
+        })
+    }
+}
+
 /// Encodes a message as a frame's bytes (without the length).
 pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
     postcard::to_stdvec(m).expect("our messages always encode")
@@ -591,7 +657,7 @@ mod tests {
                         kind: Kind::Pread,
                         file,
                         off,
-                        data: data.clone(),
+                        data: data.clone().into(),
                         eof,
                     },
                 )
@@ -601,6 +667,80 @@ mod tests {
                 made.extend_from_slice(&data);
                 made.extend_from_slice(&tail);
                 assert_eq!(made, sent, "{n} bytes, eof {eof}");
+            }
+        }
+    }
+
+    /// A frame decoded where it is gives the message `decode` gives; a write's or a
+    /// read-ahead's data is the frame's own bytes, not a copy; anything cut short is an
+    /// error, as for `decode`.
+    #[test]
+    fn frames_decoded_where_they_are_are_the_same_messages() {
+        let behind = |n: usize, off| ToDeputy::Behind {
+            stream: 9,
+            n: 300,
+            off,
+            data: (0..n).map(|i| (i * 3) as u8).collect::<Vec<_>>().into(),
+        };
+        let ahead = |n: usize, eof| FromDeputy::Ahead {
+            stream: 1 << 40,
+            fd: 17,
+            kind: Kind::Read,
+            file: (3, 1 << 35),
+            off: 12345,
+            data: (0..n).map(|i| (i * 5) as u8).collect::<Vec<_>>().into(),
+            eof,
+        };
+        assert_eq!(encode(&behind(1, None))[0], ToDeputy::BEHIND);
+        assert_eq!(encode(&ahead(1, false))[0], FromDeputy::AHEAD);
+        let mut to = vec![ToDeputy::Cancel { seq: 4 }, ToDeputy::DropMark { id: 2 }];
+        let mut from = vec![FromDeputy::Stale { streams: vec![3] }];
+        for n in [0, 1, 200, 70_000, 1 << 20] {
+            to.push(behind(n, None));
+            to.push(behind(n, Some(1 << 50)));
+            from.push(ahead(n, false));
+            from.push(ahead(n, true));
+        }
+        fn inside(frame: &Bytes, data: &Bytes) -> bool {
+            let r = frame.as_ptr_range();
+            data.is_empty() || (r.contains(&data.as_ptr()) && data.len() <= frame.len())
+        }
+        for m in &to {
+            let frame = Bytes::from(encode(m));
+            let got = ToDeputy::decode_shared(frame.clone()).unwrap();
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{:?}", decode::<ToDeputy>(&frame).unwrap())
+            );
+            if let ToDeputy::Behind { data, .. } = &got {
+                assert!(inside(&frame, data));
+            }
+            for cut in [1, frame.len() / 2, frame.len() - 1] {
+                if cut > 0 && cut < frame.len() {
+                    assert!(
+                        ToDeputy::decode_shared(frame.slice(..cut)).is_err(),
+                        "{cut}"
+                    );
+                }
+            }
+        }
+        for m in &from {
+            let frame = Bytes::from(encode(m));
+            let got = FromDeputy::decode_shared(frame.clone()).unwrap();
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{:?}", decode::<FromDeputy>(&frame).unwrap())
+            );
+            if let FromDeputy::Ahead { data, .. } = &got {
+                assert!(inside(&frame, data));
+            }
+            for cut in [1, frame.len() / 2, frame.len() - 1] {
+                if cut > 0 && cut < frame.len() {
+                    assert!(
+                        FromDeputy::decode_shared(frame.slice(..cut)).is_err(),
+                        "{cut}"
+                    );
+                }
             }
         }
     }

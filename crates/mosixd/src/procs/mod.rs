@@ -33,6 +33,7 @@ pub mod home;
 mod homeckpt;
 pub mod job;
 pub mod mover;
+mod outbox;
 pub mod recover;
 mod rights;
 pub mod supervisor;

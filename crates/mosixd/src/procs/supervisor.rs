@@ -6,6 +6,7 @@
 //!
 //! For a process coming home it only rebuilds it inside its deputy, and exits.
 
+use super::outbox::{OutFrame, Outbox};
 use mosix_proto::wire::{self, Frame, MigrateHeader, Tail};
 use mosix_remote::dfsa::Dfsa;
 use mosix_remote::guest::{Guest, Out};
@@ -505,40 +506,8 @@ fn reap(pid: Option<i32>) {
     }
 }
 
-/// Frames for mosixd that its socket has not taken yet: written as it takes them, so that
-/// the supervisor never waits on mosixd (which may be writing to it meanwhile: both then
-/// would wait for ever); the process's calls wait instead once too much is queued.
-#[derive(Default)]
-struct Outbox {
-    frames: std::collections::VecDeque<Vec<u8>>,
-    /// Bytes of the first frame written.
-    at: usize,
-    bytes: usize,
-}
-
 /// Queued beyond this, the process's new calls wait.
 const OUTBOX_FULL: usize = 32 << 20;
-
-/// Writes what `fd` takes now (MSG_DONTWAIT): bytes written, 0 if it takes nothing now.
-fn send_now(fd: RawFd, b: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: send of a buffer of ours on our socket; it does not block.
-    let n = unsafe {
-        libc::send(
-            fd,
-            b.as_ptr().cast(),
-            b.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(0),
-        _ => Err(e),
-    }
-}
 
 struct Supervision {
     live: Live,
@@ -554,7 +523,7 @@ struct Supervision {
     /// What the connection has not taken yet.
     out: Outbox,
     /// Frames that could not be sent while mosixd was away.
-    backlog: Vec<Vec<u8>>,
+    backlog: Vec<OutFrame>,
     /// Frozen for a move: its end is not reported until the move is settled.
     moving: bool,
     moved: bool,
@@ -577,49 +546,37 @@ impl Supervision {
     fn up(&mut self, m: FromSup) {
         let mut f = Vec::new();
         if wire::send(&mut f, &m).is_ok() {
-            self.frame(f);
+            self.frame(f.into());
         }
     }
 
-    /// Sends a message for the deputy (encoded once, into its frame).
+    /// Sends a message for the deputy (encoded once, into its frame; a write's data
+    /// stays where it is).
     fn for_deputy(&mut self, m: &ToDeputy) {
-        let mut f = Vec::new();
-        if wire::send_wrapped(&mut f, FromSup::DEPUTY, m).is_ok() {
+        let shared = match m {
+            ToDeputy::Behind { data, .. } => Some(data),
+            _ => None,
+        };
+        if let Ok(f) = OutFrame::encode(shared, |p| wire::send_wrapped(p, FromSup::DEPUTY, m)) {
             self.frame(f);
         }
     }
 
     /// Queues a frame for mosixd (kept for its next connection when there is none).
-    fn frame(&mut self, f: Vec<u8>) {
+    fn frame(&mut self, f: OutFrame) {
         if self.conn.is_none() {
             self.backlog.push(f);
             return;
         }
-        self.out.bytes += f.len();
-        self.out.frames.push_back(f);
+        self.out.push(f);
         self.pump();
     }
 
     /// Writes what the connection takes now.
     fn pump(&mut self) {
         let Some(c) = &self.conn else { return };
-        let fd = c.as_raw_fd();
-        while let Some(f) = self.out.frames.front() {
-            match send_now(fd, &f[self.out.at..]) {
-                Ok(0) => return,
-                Ok(n) => {
-                    self.out.at += n;
-                    if self.out.at == f.len() {
-                        self.out.bytes -= f.len();
-                        self.out.at = 0;
-                        self.out.frames.pop_front();
-                    }
-                }
-                Err(_) => {
-                    self.lost();
-                    return;
-                }
-            }
+        if self.out.pump(c.as_raw_fd()).is_err() {
+            self.lost();
         }
     }
 
@@ -627,10 +584,9 @@ impl Supervision {
     /// next one (a frame cut short went to a reader that is gone too).
     fn lost(&mut self) {
         self.conn = None;
-        let mut back: Vec<Vec<u8>> = self.out.frames.drain(..).collect();
+        let mut back = self.out.take_all();
         back.append(&mut self.backlog);
         self.backlog = back;
-        self.out = Outbox::default();
     }
 
     fn outs(&mut self, outs: Vec<Out>) {
@@ -696,8 +652,8 @@ impl Supervision {
                 .unwrap_or(-1);
             let alive = reaped.is_none();
             // Too much waits for mosixd: the process's new calls wait.
-            let taking = alive && self.out.bytes < OUTBOX_FULL;
-            let writing = if self.out.frames.is_empty() {
+            let taking = alive && self.out.bytes() < OUTBOX_FULL;
+            let writing = if self.out.is_empty() {
                 0
             } else {
                 libc::POLLOUT
@@ -885,7 +841,7 @@ impl Supervision {
     /// sends meanwhile is read (and dropped: the process is gone), for at most 30 s.
     fn drain(&mut self, reader: &mut Option<BufReader<UnixStream>>) {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !self.out.frames.is_empty() && std::time::Instant::now() < end {
+        while !self.out.is_empty() && std::time::Instant::now() < end {
             let Some(fd) = self.conn.as_ref().map(|c| c.as_raw_fd()) else {
                 return;
             };
@@ -930,7 +886,11 @@ impl Supervision {
 
     fn on_mosixd(&mut self, m: ToSup) {
         match m {
-            ToSup::Deputy(f) => match mosix_remote::wire::decode::<FromDeputy>(&f) {
+            ToSup::Deputy(f) => match FromDeputy::decode_shared({
+                // (Read-ahead data stays in the frame it came in.)
+                let (buf, start) = f.into_parts();
+                mosix_remote::wire::Bytes::from(buf).slice(start..)
+            }) {
                 Ok(FromDeputy::Signal { sig }) => {
                     let _ = mosix_ckpt::sys::kill(self.live.pid, sig);
                 }
