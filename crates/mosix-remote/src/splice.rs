@@ -1,9 +1,17 @@
-//! Read-ahead bytes from a file into the deputy's connection without passing them through
-//! the deputy: spliced from the file into a pipe of its own (references to the file's
-//! pages), then from the pipe into the socket, where Linux (6.5 on) attaches the pages
-//! to the message instead of copying them. Two copies of every byte fewer than a pread
-//! into a buffer and a write of it; mosixd's read of the message is the only copy left
-//! at home before the link.
+//! Bytes passed on through pipes by reference instead of copied.
+//!
+//! - [`Splicer`]: read-ahead bytes from a file into the deputy's connection without
+//!   passing them through the deputy: spliced from the file into a pipe of its own
+//!   (references to the file's pages), then from the pipe into the socket, where Linux
+//!   (6.5 on) attaches the pages to the message instead of copying them. Two copies of
+//!   every byte fewer than a pread into a buffer and a write of it; mosixd's read of the
+//!   message is the only copy left at home before the link.
+//! - [`RingWriter`]: a stream into a pipe whose pages are those of a ring of the writer's
+//!   (vmsplice), for a stream of many MiB from one local process to another (a mover's
+//!   image to mosixd). A write into a socket or a pipe copies every byte into pages the
+//!   kernel takes for it; on these VMs, pages given back to the host and taken again,
+//!   which made such writes 1.5 to 8 times as costly as the copy into the ring (measured:
+//!   docs/migration.md).
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -139,10 +147,167 @@ impl Splicer {
     }
 }
 
+/// A byte stream into a pipe, given the pages of a ring of its own instead of having
+/// them copied into new pipe pages: each write is copied into the ring (memory touched
+/// once, then again and again), and every [`RingWriter::BATCH`] bytes the ring's part
+/// is handed to the pipe with vmsplice. The reader's read copies from the ring's pages.
+///
+/// The ring's bytes are written again only once the pipe cannot hold them any more: a
+/// pipe holds at most its size (`F_GETPIPE_SZ`, at most a quarter of the ring here), and
+/// between a byte's splice and its overwriting more than that was spliced after it (the
+/// ring, less a write, less a batch, less a write). `flush` hands everything written to
+/// the pipe; so does dropping it (best effort).
+///
+/// The ring is a mapping of its own, unmapped when the writer is dropped: pages still in
+/// the pipe then belong to the pipe alone. (From malloc, freed memory would be handed
+/// out again and written over before the reader read it: seen as a move's image that
+/// began with the mover's heap pointers.)
+pub struct RingWriter {
+    pipe: OwnedFd,
+    ring: memmap2::MmapMut,
+    /// The ring's bytes written and not yet spliced: `start..end`.
+    start: usize,
+    end: usize,
+}
+
+impl RingWriter {
+    /// Bytes of the ring.
+    pub const RING: usize = 4 << 20;
+    /// Bytes spliced at once (at least).
+    pub const BATCH: usize = 256 << 10;
+    /// The pipe's size.
+    const PIPE: usize = 1 << 20;
+
+    /// A writer into the pipe `pipe` (its write end), which it makes 1 MiB large; an error
+    /// if it is no pipe or is made larger than a quarter of the ring.
+    pub fn new(pipe: OwnedFd) -> std::io::Result<RingWriter> {
+        use nix::fcntl::{fcntl, FcntlArg};
+        let _ = fcntl(&pipe, FcntlArg::F_SETPIPE_SZ(Self::PIPE as libc::c_int));
+        let size = fcntl(&pipe, FcntlArg::F_GETPIPE_SZ)? as usize;
+        if size > Self::RING / 4 {
+            return Err(std::io::Error::other(format!(
+                "a pipe of {size} bytes is too large for a ring of {}",
+                Self::RING
+            )));
+        }
+        Ok(RingWriter {
+            pipe,
+            ring: memmap2::MmapMut::map_anon(Self::RING)?,
+            start: 0,
+            end: 0,
+        })
+    }
+
+    /// Hands what was written and not spliced yet to the pipe.
+    fn splice_out(&mut self) -> std::io::Result<()> {
+        use nix::fcntl::{vmsplice, SpliceFFlags};
+        while self.start < self.end {
+            let iov = [std::io::IoSlice::new(&self.ring[self.start..self.end])];
+            match vmsplice(&self.pipe, &iov, SpliceFFlags::empty()) {
+                Ok(n) => self.start += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Write for RingWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min(Self::BATCH);
+        if self.end + n > self.ring.len() {
+            // Round the ring: what is left is on its way first.
+            self.splice_out()?;
+            self.start = 0;
+            self.end = 0;
+        }
+        self.ring[self.end..self.end + n].copy_from_slice(&b[..n]);
+        self.end += n;
+        if self.end - self.start >= Self::BATCH {
+            self.splice_out()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.splice_out()
+    }
+}
+
+impl Drop for RingWriter {
+    fn drop(&mut self) {
+        let _ = self.splice_out();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read;
+
+    /// What is written comes out of the pipe as written, whatever the sizes of the
+    /// writes and of the reads, while the ring goes round many times, the reader slower
+    /// than the writer (it reads in small pieces).
+    #[test]
+    fn a_ring_writer_streams_what_was_written() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let mut rw = RingWriter::new(w).unwrap();
+        let total = 6 * RingWriter::RING + 12_345;
+        let reader = std::thread::spawn(move || {
+            let mut f = std::fs::File::from(r);
+            let mut got = Vec::with_capacity(total);
+            let mut b = vec![0u8; 3000];
+            loop {
+                let n = f.read(&mut b).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&b[..n]);
+            }
+            got
+        });
+        let data: Vec<u8> = (0..total as u64)
+            .map(|i| (i * 31 + i / 4096) as u8)
+            .collect();
+        let sizes = [1, 4, 100, 4096, 70_000, 300_000, 1 << 20, 5];
+        let mut at = 0;
+        let mut k = 0;
+        while at < total {
+            let n = sizes[k % sizes.len()].min(total - at);
+            rw.write_all(&data[at..at + n]).unwrap();
+            at += n;
+            k += 1;
+            if k % 7 == 0 {
+                rw.flush().unwrap();
+            }
+        }
+        drop(rw);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the bytes differ");
+    }
+
+    /// What was written and not read yet when the writer is dropped still comes out as
+    /// written, whatever the process does with its memory meanwhile (a ring taken from
+    /// malloc and freed was written over by the next allocation: the pipe still referred
+    /// to its pages).
+    #[test]
+    fn a_dropped_ring_writer_leaves_its_bytes_intact() {
+        // Freed, a large allocation makes glibc's next ones of its size come from its
+        // heap (where freed memory is handed out again), not from mmap.
+        drop(std::hint::black_box(vec![1u8; 16 << 20]));
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let mut rw = RingWriter::new(w).unwrap();
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i * 7 + i / 999) as u8).collect();
+        rw.write_all(&data).unwrap();
+        drop(rw);
+        for _ in 0..4 {
+            std::hint::black_box(vec![0xaau8; RingWriter::RING]);
+        }
+        let mut got = Vec::new();
+        std::fs::File::from(r).read_to_end(&mut got).unwrap();
+        assert!(got == data, "the bytes differ");
+    }
 
     /// A piece of a file goes through the pipe into a socket between its head and tail,
     /// as written; the end of the file is told; an unspliceable source says so.

@@ -177,6 +177,8 @@ pub enum FromMover {
 /// Our end of a mover.
 pub struct Mover {
     conn: UnixStream,
+    /// The pipe its image comes through (taken at the dump), if any.
+    image: Option<std::fs::File>,
 }
 
 fn engine(e: impl std::fmt::Display) -> super::MoveError {
@@ -194,7 +196,7 @@ impl Mover {
     pub fn spawn() -> Result<Mover, super::MoveError> {
         let conn = super::supervisor::spawn_helper("move")
             .map_err(|e| engine(format!("no mover: {e}")))?;
-        Ok(Mover { conn })
+        Ok(Mover { conn, image: None })
     }
 
     /// Tells a spawned mover to begin: it seizes the process at once.
@@ -247,6 +249,8 @@ impl Mover {
         quiesce: &mut dyn FnMut() -> Result<Vec<(i32, i64)>, super::MoveError>,
     ) -> Result<Dumped, super::MoveError> {
         let mut frozen_at = None;
+        self.image =
+            take_pipe(&self.conn).map_err(|e| engine(format!("its mover is gone: {e}")))?;
         match self.recv()? {
             FromMover::Frozen => {
                 frozen_at = Some(std::time::Instant::now());
@@ -265,7 +269,12 @@ impl Mover {
             w: out,
             failed: false,
         };
-        let relayed = relay_chunks_marked(&mut self.conn, &mut out, &mut || {
+        let mut conn_side = &self.conn;
+        let from: &mut dyn Read = match &mut self.image {
+            Some(p) => p,
+            None => &mut conn_side,
+        };
+        let relayed = relay_chunks_marked(from, &mut out, &mut || {
             frozen_at = Some(std::time::Instant::now());
             settled = match quiesce() {
                 Ok(done) => wire::send_flush(&mut ctl, &ToMover::Quiesced(done))
@@ -369,7 +378,7 @@ pub fn relay_chunks<R: Read, W: Write>(from: &mut R, to: &mut W) -> std::io::Res
 
 /// [`relay_chunks`] of a mover's stream: at its [`FROZEN`] mark (not passed on)
 /// `frozen` is called, and the relay goes on if it says so (else: aborted).
-fn relay_chunks_marked<R: Read, W: Write>(
+fn relay_chunks_marked<R: Read + ?Sized, W: Write>(
     from: &mut R,
     to: &mut W,
     frozen: &mut dyn FnMut() -> std::io::Result<bool>,
@@ -425,6 +434,107 @@ impl<W: Write> Write for WriteSide<'_, W> {
         self.failed |= r.is_err();
         r
     }
+}
+
+/// Where a mover writes its image: a pipe given the pages of a ring
+/// ([`mosix_remote::splice::RingWriter`]), or its connection to mosixd.
+enum ImageSink {
+    Ring(mosix_remote::splice::RingWriter),
+    Conn(UnixStream),
+}
+
+impl Write for ImageSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ImageSink::Ring(w) => w.write(b),
+            ImageSink::Conn(c) => c.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ImageSink::Ring(w) => w.flush(),
+            ImageSink::Conn(c) => c.flush(),
+        }
+    }
+}
+
+/// Where the marks of an image stream go (the same stream, another handle).
+enum MarkSink {
+    Pipe(std::fs::File),
+    Conn(UnixStream),
+}
+
+impl Write for MarkSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            MarkSink::Pipe(f) => f.write(b),
+            MarkSink::Conn(c) => c.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The first thing a mover sends once it has its `Start`: one byte, 1 with the read end
+/// of a pipe its image will go through (SCM_RIGHTS), or 0 if it has none (then the image
+/// comes on the connection). The pipe's write end, if it was sent.
+fn offer_pipe(conn: &UnixStream) -> Option<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let made = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok();
+    let fds: Vec<i32> = made.iter().map(|(r, _)| r.as_raw_fd()).collect();
+    let byte = [u8::from(made.is_some())];
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    let sent = sendmsg::<()>(
+        conn.as_raw_fd(),
+        &[std::io::IoSlice::new(&byte)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    );
+    match (made, sent) {
+        (Some((_, w)), Ok(_)) => Some(w),
+        _ => None,
+    }
+}
+
+/// mosixd's end of [`offer_pipe`]: the pipe the image comes through, or None (it comes
+/// on the connection).
+fn take_pipe(conn: &UnixStream) -> std::io::Result<Option<std::fs::File>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut fds = Vec::new();
+    let n = {
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(got) = c {
+                fds.extend(got);
+            }
+        }
+        msg.bytes
+    };
+    // SAFETY: descriptors just received, ours alone.
+    let mut fds: Vec<OwnedFd> = fds
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(match (byte[0], fds.len()) {
+        (1, 1) => fds.pop().map(std::fs::File::from),
+        _ => None,
+    })
 }
 
 /// The mover process's main.
@@ -495,13 +605,28 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         other => anyhow::bail!("expected a start, got {other:?}"),
     };
     let pid = start.pid;
+    // The image goes through a pipe of ours when mosixd takes it (else on `conn`).
+    let image = offer_pipe(&conn);
     let leaving = mosix_ckpt::Leaving {
         away: start.away,
         no_new_privs: start.no_new_privs,
         shared: start.shared.clone(),
     };
     let mut ctl = conn.try_clone()?;
-    let data = conn.try_clone()?;
+    // Where the image goes, and its marks (after what was written before them).
+    let (data, mut mark) = match image {
+        Some(w) => {
+            let mark = std::fs::File::from(w.try_clone()?);
+            (
+                ImageSink::Ring(mosix_remote::splice::RingWriter::new(w)?),
+                MarkSink::Pipe(mark),
+            )
+        }
+        None => (
+            ImageSink::Conn(conn.try_clone()?),
+            MarkSink::Conn(conn.try_clone()?),
+        ),
+    };
     // Pre-copy needs a tracker of its writes, made (or taken from its supervisor and
     // checked) before the rounds are announced: without one it moves frozen.
     let tracker = if start.precopy {
@@ -527,7 +652,6 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     let r = if let Some(tracker) = tracker {
         wire::send_flush(&mut conn, &FromMover::Rounds)?;
         streaming.set(true);
-        let mut mark = conn.try_clone()?;
         let opts = mosix_ckpt::LiveOptions {
             compression: start.compression,
             ..Default::default()
@@ -581,7 +705,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         Err(e) => {
             // It goes on where it was (the engine let it go).
             if streaming.get() {
-                let _ = conn.write_all(&ABORTED.to_le_bytes());
+                let _ = mark.write_all(&ABORTED.to_le_bytes());
             }
             let _ = wire::send_flush(&mut conn, &FromMover::Failed(e.to_string()));
             return Ok(());
