@@ -437,42 +437,29 @@ impl<W: Write> Write for WriteSide<'_, W> {
 }
 
 /// Where a mover writes its image: a pipe given the pages of a ring
-/// ([`mosix_remote::splice::RingWriter`]), or its connection to mosixd.
-enum ImageSink {
+/// ([`mosix_remote::splice::RingWriter`]) or its connection to mosixd; and where it
+/// writes the image's marks (the same stream, another handle: the pipe, or the
+/// connection).
+enum Sink {
     Ring(mosix_remote::splice::RingWriter),
-    Conn(UnixStream),
-}
-
-impl Write for ImageSink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            ImageSink::Ring(w) => w.write(b),
-            ImageSink::Conn(c) => c.write(b),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            ImageSink::Ring(w) => w.flush(),
-            ImageSink::Conn(c) => c.flush(),
-        }
-    }
-}
-
-/// Where the marks of an image stream go (the same stream, another handle).
-enum MarkSink {
     Pipe(std::fs::File),
     Conn(UnixStream),
 }
 
-impl Write for MarkSink {
+impl Write for Sink {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         match self {
-            MarkSink::Pipe(f) => f.write(b),
-            MarkSink::Conn(c) => c.write(b),
+            Sink::Ring(w) => w.write(b),
+            Sink::Pipe(f) => f.write(b),
+            Sink::Conn(c) => c.write(b),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        match self {
+            Sink::Ring(w) => w.flush(),
+            Sink::Pipe(f) => f.flush(),
+            Sink::Conn(c) => c.flush(),
+        }
     }
 }
 
@@ -618,14 +605,11 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         Some(w) => {
             let mark = std::fs::File::from(w.try_clone()?);
             (
-                ImageSink::Ring(mosix_remote::splice::RingWriter::new(w)?),
-                MarkSink::Pipe(mark),
+                Sink::Ring(mosix_remote::splice::RingWriter::new(w)?),
+                Sink::Pipe(mark),
             )
         }
-        None => (
-            ImageSink::Conn(conn.try_clone()?),
-            MarkSink::Conn(conn.try_clone()?),
-        ),
+        None => (Sink::Conn(conn.try_clone()?), Sink::Conn(conn.try_clone()?)),
     };
     // Pre-copy needs a tracker of its writes, made (or taken from its supervisor and
     // checked) before the rounds are announced: without one it moves frozen.
