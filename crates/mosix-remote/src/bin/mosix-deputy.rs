@@ -75,17 +75,49 @@ fn connect(c: &Conf, path: &str) -> std::io::Result<UnixStream> {
     // Read the answer byte by byte: nothing of the frames after it may be taken.
     let mut r = BufReader::with_capacity(1, &s);
     r.read_line(&mut line)?;
-    if line.contains(deputy::NOT_YET) {
-        // mosixd, restarted, is still finding its process again: later.
-        return Err(std::io::Error::other(line.trim().to_string()));
+    match Answer::of(&line) {
+        Answer::Taken => Ok(s),
+        Answer::Later(why) => Err(std::io::Error::other(why)),
+        Answer::Refused(why) => Err(std::io::Error::other(Refused(why))),
     }
-    if !line.contains("\"deputy_ok\"") {
-        return Err(std::io::Error::other(format!(
-            "mosixd did not take this deputy: {}",
-            line.trim()
-        )));
+}
+
+/// mosixd's refusal of this deputy (as the error [`connect`] returns).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
-    Ok(s)
+}
+
+impl std::error::Error for Refused {}
+
+/// What mosixd answered a deputy's hello.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Taken,
+    /// Try again: mosixd, restarted, is still finding its process again, or it went away
+    /// before it answered (killed, or restarting: the connection ended with no answer).
+    Later(String),
+    /// It will not take this deputy (it is not the process's, or the process is not
+    /// known there): the process ends.
+    Refused(String),
+}
+
+impl Answer {
+    fn of(line: &str) -> Answer {
+        if line.contains("\"deputy_ok\"") {
+            Answer::Taken
+        } else if line.contains(deputy::NOT_YET) {
+            Answer::Later(line.trim().to_string())
+        } else if line.trim().is_empty() {
+            Answer::Later("mosixd went away before it answered".into())
+        } else {
+            Answer::Refused(format!("mosixd did not take this deputy: {}", line.trim()))
+        }
+    }
 }
 
 fn main() {
@@ -142,7 +174,7 @@ fn main() {
                 deputy::remove_private(fd);
             }
             Err(e) => {
-                if e.to_string().contains("did not take") {
+                if e.get_ref().is_some_and(|i| i.is::<Refused>()) {
                     eprintln!("mosix-deputy: {e}");
                     deputy::end_as(mosix_remote::wire::ExitStatus::Signal(libc::SIGKILL));
                 }
@@ -150,5 +182,26 @@ fn main() {
         }
         // mosixd is restarting: the process waits in its call meanwhile.
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a real refusal ends the process; a daemon that went away before it answered
+    /// (seen in a fault run: its mosixd was killed as the deputy said hello) is tried
+    /// again, as one that is restarting.
+    #[test]
+    fn only_a_refusal_ends_the_deputy() {
+        assert_eq!(Answer::of("{\"type\":\"deputy_ok\"}\n"), Answer::Taken);
+        assert!(matches!(Answer::of(""), Answer::Later(_)));
+        assert!(matches!(Answer::of("\n"), Answer::Later(_)));
+        let not_yet = format!("{{\"error\":\"process 7 is {}\"}}\n", deputy::NOT_YET);
+        assert!(matches!(Answer::of(&not_yet), Answer::Later(_)));
+        assert!(matches!(
+            Answer::of("{\"error\":\"that is not the deputy of process 7\"}\n"),
+            Answer::Refused(_)
+        ));
     }
 }
