@@ -31,6 +31,7 @@ mod gate;
 pub mod guest;
 pub mod home;
 mod homeckpt;
+mod imagepipe;
 pub mod job;
 pub mod mover;
 mod outbox;

@@ -12,6 +12,7 @@
 //! sent just before the destination is told to commit), it completes the move.
 
 use super::home::DeputyExec;
+use super::imagepipe::{offer_pipe, take_pipe, Sink};
 use mosix_proto::wire::{self, ChunkWriter};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -434,94 +435,6 @@ impl<W: Write> Write for WriteSide<'_, W> {
         self.failed |= r.is_err();
         r
     }
-}
-
-/// Where a mover writes its image: a pipe given the pages of a ring
-/// ([`mosix_remote::splice::RingWriter`]) or its connection to mosixd; and where it
-/// writes the image's marks (the same stream, another handle: the pipe, or the
-/// connection).
-enum Sink {
-    Ring(mosix_remote::splice::RingWriter),
-    Pipe(std::fs::File),
-    Conn(UnixStream),
-}
-
-impl Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sink::Ring(w) => w.write(b),
-            Sink::Pipe(f) => f.write(b),
-            Sink::Conn(c) => c.write(b),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Sink::Ring(w) => w.flush(),
-            Sink::Pipe(f) => f.flush(),
-            Sink::Conn(c) => c.flush(),
-        }
-    }
-}
-
-/// The first thing a mover sends once it has its `Start`: one byte, 1 with the read end
-/// of a pipe its image will go through (SCM_RIGHTS), or 0 if it has none (then the image
-/// comes on the connection). The pipe's write end, if it was sent.
-fn offer_pipe(conn: &UnixStream) -> Option<std::os::fd::OwnedFd> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    use std::os::fd::AsRawFd;
-    let made = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok();
-    let fds: Vec<i32> = made.iter().map(|(r, _)| r.as_raw_fd()).collect();
-    let byte = [u8::from(made.is_some())];
-    let rights = [ControlMessage::ScmRights(&fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-    let sent = sendmsg::<()>(
-        conn.as_raw_fd(),
-        &[std::io::IoSlice::new(&byte)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    );
-    match (made, sent) {
-        (Some((_, w)), Ok(_)) => Some(w),
-        _ => None,
-    }
-}
-
-/// mosixd's end of [`offer_pipe`]: the pipe the image comes through, or None (it comes
-/// on the connection).
-fn take_pipe(conn: &UnixStream) -> std::io::Result<Option<std::fs::File>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::{AsRawFd, OwnedFd};
-    let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let mut fds = Vec::new();
-    let n = {
-        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-        let msg = recvmsg::<()>(
-            conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(got) = c {
-                fds.extend(got);
-            }
-        }
-        msg.bytes
-    };
-    // SAFETY: descriptors just received, ours alone.
-    let mut fds: Vec<OwnedFd> = fds
-        .into_iter()
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
-    if n == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(match (byte[0], fds.len()) {
-        (1, 1) => fds.pop().map(std::fs::File::from),
-        _ => None,
-    })
 }
 
 /// The mover process's main.
