@@ -967,16 +967,11 @@ impl Deputy {
                 continue;
             }
             // (Decoded from the frame it arrived in: a write's data is not copied.)
-            let msg = match wire::recv_bytes(&mut reader) {
-                Ok(Some(f)) => ToDeputy::decode_shared(f.into()),
-                Ok(None) => Err(wire::FrameError::Io(
-                    std::io::ErrorKind::UnexpectedEof.into(),
-                )),
-                Err(e) => Err(e),
-            };
+            let msg = wire::recv_bytes(&mut reader)
+                .and_then(|f| f.map(|f| ToDeputy::decode_shared(f.into())).transpose());
             let msg = match msg {
-                Ok(m) => m,
-                Err(_) => {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => {
                     self.out.detach();
                     return;
                 }

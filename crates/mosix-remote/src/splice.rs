@@ -67,9 +67,10 @@ impl Splicer {
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) };
         // A piece that does not start on a page takes one page of the pipe more.
         let want = room + 4096;
-        // SAFETY: F_SETPIPE_SZ takes an int; the size it gives is at least the one asked.
-        let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
-        (got >= 0 && got as usize >= want).then_some(Splicer { r, w, held: 0 })
+        // (The size it gives is at least the one asked.)
+        let got = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(want as libc::c_int));
+        got.is_ok_and(|g| g as usize >= want)
+            .then_some(Splicer { r, w, held: 0 })
     }
 
     /// Up to `len` bytes (at most the pipe's room) of `fd` from `off` into the pipe,
@@ -129,6 +130,10 @@ impl Splicer {
 
     /// Empties the pipe (its bytes dropped).
     pub fn drop_held(&mut self) {
+        if self.held == 0 {
+            // (After every piece sent whole: no buffer to make.)
+            return;
+        }
         let mut b = vec![0u8; 64 << 10];
         while self.held > 0 {
             let want = self.held.min(b.len());

@@ -491,13 +491,8 @@ pub fn ahead_frame(
     });
     // (It ends with the empty data's length, 0, and `eof`, false.)
     let fields = &empty[..empty.len() - 2];
-    let mut len = Vec::with_capacity(10);
-    let mut v = n as u64;
-    while v >= 0x80 {
-        len.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    len.push(v as u8);
+    // The data's length as postcard writes a byte string's (a varint).
+    let len = encode(&(n as u64));
     let body = fields.len() + len.len() + n + 1;
     let mut head = Vec::with_capacity(4 + fields.len() + len.len());
     head.extend_from_slice(&(body as u32).to_le_bytes());

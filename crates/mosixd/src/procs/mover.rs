@@ -178,8 +178,6 @@ pub enum FromMover {
 /// Our end of a mover.
 pub struct Mover {
     conn: UnixStream,
-    /// The pipe its image comes through (taken at the dump), if any.
-    image: Option<std::fs::File>,
 }
 
 fn engine(e: impl std::fmt::Display) -> super::MoveError {
@@ -197,7 +195,7 @@ impl Mover {
     pub fn spawn() -> Result<Mover, super::MoveError> {
         let conn = super::supervisor::spawn_helper("move")
             .map_err(|e| engine(format!("no mover: {e}")))?;
-        Ok(Mover { conn, image: None })
+        Ok(Mover { conn })
     }
 
     /// Tells a spawned mover to begin: it seizes the process at once.
@@ -250,7 +248,8 @@ impl Mover {
         quiesce: &mut dyn FnMut() -> Result<Vec<(i32, i64)>, super::MoveError>,
     ) -> Result<Dumped, super::MoveError> {
         let mut frozen_at = None;
-        self.image =
+        // The pipe its image comes through, if any (else the connection).
+        let mut image =
             take_pipe(&self.conn).map_err(|e| engine(format!("its mover is gone: {e}")))?;
         match self.recv()? {
             FromMover::Frozen => {
@@ -271,7 +270,7 @@ impl Mover {
             failed: false,
         };
         let mut conn_side = &self.conn;
-        let from: &mut dyn Read = match &mut self.image {
+        let from: &mut dyn Read = match &mut image {
             Some(p) => p,
             None => &mut conn_side,
         };
