@@ -630,7 +630,13 @@ pub struct Deputy {
     marks: Arc<Mutex<Marks>>,
     /// The highest call sequence number seen.
     max_seq: u64,
+    /// Calls cancelled while their worker was making them, until the worker is done with
+    /// them: signalled again (see [`Deputy::recancel`]).
+    cancelling: Vec<u64>,
 }
+
+/// How often the signal of a cancel is sent again while its call goes on.
+const RECANCEL_MS: i32 = 5;
 
 /// Work of the deputy's sending thread. `writes`: the writes behind made before it.
 enum Aux {
@@ -851,6 +857,7 @@ impl Deputy {
             wake_r: r,
             marks: Arc::new(Mutex::new(Marks::default())),
             max_seq: 0,
+            cancelling: Vec::new(),
         })
     }
 
@@ -954,9 +961,15 @@ impl Deputy {
                 },
             ];
             if !buffered {
+                let wait = if self.cancelling.is_empty() {
+                    -1
+                } else {
+                    RECANCEL_MS
+                };
                 // SAFETY: poll on two descriptors we own.
-                unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
             }
+            self.recancel();
             if fds[1].revents != 0 || PENDING.load(Ordering::SeqCst) != 0 {
                 let mut b = [0u8; 64];
                 // SAFETY: draining our own non-blocking pipe.
@@ -1108,18 +1121,51 @@ impl Deputy {
         let mut s = lock(&w.state);
         s.cancelled.insert(seq);
         if s.current == seq && s.tid != 0 {
-            for c in &CANCELLING {
-                if c.compare_exchange(0, s.tid, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    break;
-                }
-            }
-            // SAFETY: a signal to a live worker thread of this process (it only exits
-            // with the process).
-            unsafe {
-                libc::syscall(libc::SYS_tgkill, libc::getpid(), s.tid, SIG_CANCEL);
+            interrupt(s.tid);
+            if !self.cancelling.contains(&seq) {
+                self.cancelling.push(seq);
             }
         }
+    }
+
+    /// Cancelled calls their workers are still making are interrupted again. A worker
+    /// looks for its call's cancel last just before the call begins: a signal that came
+    /// after that look and before the kernel blocked the call was spent on nothing, and
+    /// the call (a read of an idle terminal, say) would wait for ever. Sent again only
+    /// once the last one was taken, so signals never pile up on a call that cannot be
+    /// interrupted.
+    fn recancel(&mut self) {
+        let (calls, workers) = (&self.calls, &self.workers);
+        self.cancelling.retain(|seq| {
+            let Some(w) = calls.get(seq).and_then(|t| workers.get(t)) else {
+                return false;
+            };
+            let s = lock(&w.state);
+            if s.current != *seq || !s.cancelled.contains(seq) {
+                return false;
+            }
+            if !CANCELLING.iter().any(|c| c.load(Ordering::SeqCst) == s.tid) {
+                interrupt(s.tid);
+            }
+            true
+        });
+    }
+}
+
+/// Interrupts the call of worker thread `tid` with [`SIG_CANCEL`], marked as ours (not
+/// the process's) for its handler. Called with the worker's state locked, so that it is
+/// still in the call cancelled.
+fn interrupt(tid: i32) {
+    for c in &CANCELLING {
+        if c.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            break;
+        }
+    }
+    // SAFETY: a signal to a live worker thread of this process (it only exits with the
+    // process).
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, SIG_CANCEL);
     }
 }

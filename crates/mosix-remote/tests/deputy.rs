@@ -204,3 +204,35 @@ fn a_call_queued_before_a_rewind_is_not_made_after_it() {
     assert_eq!(deputy.wait().unwrap().code(), Some(0));
     assert_eq!(got, "fresh\n");
 }
+
+/// A cancel that reaches the deputy just as its worker begins the call (after the worker
+/// looked for a cancel, before the kernel blocks it in the read) still ends that call.
+/// The worker's signal came before the read began and was spent on nothing: the read of
+/// an idle stdin then waited for ever, and so did the move or checkpoint that asked for
+/// the cancel (seen in CI as a periodic checkpoint that never came).
+#[test]
+fn a_cancel_as_the_call_begins_ends_it() {
+    const ROUNDS: u64 = 2000;
+    let (mut sup, mut deputy) = spawn_deputy(Stdio::null());
+    let _input = deputy.stdin.take().unwrap();
+    let mut reader = reader(&sup);
+    let mut next_reply = || loop {
+        if let FromDeputy::Reply(r) = next(&mut reader) {
+            return r;
+        }
+    };
+    for seq in 1..=ROUNDS {
+        wire::send(&mut sup, &read_stdin(seq)).unwrap();
+        // The cancel follows after 0 to 100 µs, round after round: one of them lands
+        // between the worker's look and the read (not a wait for an event: a sweep).
+        let gap = Duration::from_nanos((seq % 101) * 1000);
+        let t = std::time::Instant::now();
+        while t.elapsed() < gap {
+            std::hint::spin_loop();
+        }
+        wire::send(&mut sup, &ToDeputy::Cancel { seq }).unwrap();
+        assert_eq!(next_reply(), Reply::Cancelled { seq }, "round {seq}");
+    }
+    wire::send(&mut sup, &ToDeputy::Exited(wire::ExitStatus::Code(0))).unwrap();
+    assert_eq!(deputy.wait().unwrap().code(), Some(0));
+}

@@ -65,6 +65,9 @@ print("end", flush=True)
 sys.exit(3)
 "#;
 
+/// Checkpoint numbers looked at for the first periodic one (one every 1.2 s: 60 s hold 50).
+const CKPT_NUMBERS: u32 = 60;
+
 /// The input of JOB: numbers 1..=n, one a line.
 fn numbers(from: u32, to: u32) -> String {
     (from..=to).map(|i| format!("{i}\n")).collect()
@@ -273,9 +276,10 @@ fn survives(tb: &Testbed, work: &Path, death: Death) {
     });
     let old = guest_pid(tb, 2, pid).expect("it runs on node 2");
     // A checkpoint taken there (the first is the image of its move), and output since.
-    let second = PathBuf::from(format!("{}.2", base.display()));
+    // (A periodic checkpoint that fails, say while its forwarded read is settled, is
+    // tried again at the next period under the next number: any number after the first.)
     wait_for("a checkpoint of it taken on node 2", DEADLINE, || {
-        second.exists()
+        (2..=CKPT_NUMBERS).any(|n| PathBuf::from(format!("{}.{n}", base.display())).exists())
     });
     let l = r.job.line();
     assert!(!l.starts_with("end"), "{l}");

@@ -10,6 +10,8 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
+/// Lines of each node's log a failing test prints.
+const LOG_TAIL: usize = 40;
 
 /// The exit status of child `c` once it ends, if it does within `limit`.
 pub fn wait_child(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -312,6 +314,21 @@ impl Drop for Testbed {
             for n in 1..=4 {
                 let log = self.dir.path().join(format!("n{n}/mosixd.log"));
                 let _ = std::fs::copy(&log, keep.join(format!("n{n}.log")));
+            }
+        }
+        // A failing test shows what the daemons said last (CI keeps only the output).
+        if std::thread::panicking() {
+            for n in 1..=4 {
+                let log = self.dir.path().join(format!("n{n}/mosixd.log"));
+                let Ok(text) = std::fs::read_to_string(&log) else {
+                    continue;
+                };
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+                eprintln!("----- node {n}: last {} lines of mosixd.log", tail.len());
+                for l in tail {
+                    eprintln!("{l}");
+                }
             }
         }
         let _ = self.testbed(&["down"], &[]);
