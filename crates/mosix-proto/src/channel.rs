@@ -33,10 +33,8 @@ const PATTERN: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 const KEYED_PATTERN: &str = "Noise_XXpsk0_25519_AESGCM_BLAKE2s";
 /// Hashed into the keyed handshake (domain separation from any other use of the keys).
 const KEYED_PROLOGUE: &[u8] = b"mosix node channel v2";
-const MAX_FRAME: usize = 65535;
-const TAG: usize = 16;
-/// Largest plaintext in one frame.
-pub const MAX_PLAIN: usize = MAX_FRAME - TAG;
+pub use crate::transport::MAX_PLAIN;
+use crate::transport::{Cipher, Filling, RecvLend, SendKey, MAX_FRAME, TAG};
 /// Length of an X25519 key, private or public.
 pub const KEY_LEN: usize = 32;
 
@@ -368,13 +366,22 @@ fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Bytes of the stream read at once: a few whole frames.
+const RAW_READ: usize = 4 * (2 + MAX_FRAME);
+
 /// An established channel over the stream `S`.
 pub struct Channel<S: Read + Write> {
     stream: S,
-    /// Shared by the two halves of a split channel (each direction has its own nonce).
-    noise: Arc<Mutex<snow::TransportState>>,
-    /// Plaintext waiting to be sent (up to MAX_PLAIN).
-    out: Vec<u8>,
+    /// Each direction's cipher (transport.rs), shared by the two halves of a split
+    /// channel.
+    send: Arc<Mutex<Cipher>>,
+    recv: Arc<Mutex<Cipher>>,
+    /// The frame being filled with what is written (sealed where it lies).
+    out: Filling,
+    /// The sending direction is lent ([`Channel::lend_sender`]): nothing is sent.
+    lent: bool,
+    /// The receiving direction is lent ([`Channel::lend_receiver`]): nothing is read.
+    lent_recv: bool,
     /// Decrypted plaintext not yet read, from `in_pos`.
     inbuf: Vec<u8>,
     in_pos: usize,
@@ -383,8 +390,6 @@ pub struct Channel<S: Read + Write> {
     raw: Vec<u8>,
     raw_at: usize,
     raw_end: usize,
-    /// A frame as it is written: its length, then the ciphertext.
-    cipher: Vec<u8>,
     peer_finished: bool,
     /// The authenticated peer node (None: shared-secret-only channel).
     peer: Option<u32>,
@@ -455,11 +460,7 @@ impl<S: Read + Write> Channel<S> {
                     .map_err(|_| ChannelError::Handshake)?;
             }
         }
-        Ok(Self::with(
-            stream,
-            Arc::new(Mutex::new(hs.into_transport_mode().map_err(noise_err)?)),
-            None,
-        ))
+        Ok(Self::with(stream, &mut hs, None))
     }
 
     /// XXpsk0: `-> psk, e` / `<- e, ee, s, es` / `-> s, se`. The responder checks the
@@ -526,51 +527,72 @@ impl<S: Read + Write> Channel<S> {
         if !hs.is_handshake_finished() || peer.is_none() {
             return Err(ChannelError::Handshake);
         }
-        Ok(Self::with(
-            stream,
-            Arc::new(Mutex::new(hs.into_transport_mode().map_err(noise_err)?)),
-            peer,
-        ))
+        Ok(Self::with(stream, &mut hs, peer))
     }
 
-    fn with(stream: S, noise: Arc<Mutex<snow::TransportState>>, peer: Option<u32>) -> Self {
+    /// The channel of finished handshake `hs`: Noise's transport, ciphers of ours
+    /// (transport.rs), from the keys the handshake split into.
+    fn with(stream: S, hs: &mut snow::HandshakeState, peer: Option<u32>) -> Self {
+        let (initiator_key, responder_key) = hs.dangerously_get_raw_split();
+        let (send, recv) = if hs.is_initiator() {
+            (initiator_key, responder_key)
+        } else {
+            (responder_key, initiator_key)
+        };
+        let send = Arc::new(Mutex::new(Cipher::new(send, 0)));
+        let recv = Arc::new(Mutex::new(Cipher::new(recv, 0)));
+        Self::of(stream, send, recv, peer)
+    }
+
+    fn of(
+        stream: S,
+        send: Arc<Mutex<Cipher>>,
+        recv: Arc<Mutex<Cipher>>,
+        peer: Option<u32>,
+    ) -> Self {
         Channel {
             stream,
-            noise,
-            out: Vec::with_capacity(MAX_PLAIN),
+            send,
+            recv,
+            out: Filling::default(),
+            lent: false,
+            lent_recv: false,
             inbuf: Vec::new(),
             in_pos: 0,
             raw: Vec::new(),
             raw_at: 0,
             raw_end: 0,
-            cipher: Vec::new(),
             peer_finished: false,
             peer,
         }
     }
 
-    fn send_frame(&mut self, plain: &[u8]) -> io::Result<()> {
-        if self.cipher.is_empty() {
-            self.cipher = vec![0u8; 2 + MAX_FRAME];
+    fn not_lent(&self) -> io::Result<()> {
+        if self.lent {
+            return Err(io::Error::other(
+                "the channel's sending side is lent to another process",
+            ));
         }
-        let n = self
-            .noise
+        Ok(())
+    }
+
+    /// Seals and sends the frame filled (nothing: the end frame).
+    fn send_filled(&mut self) -> io::Result<()> {
+        self.not_lent()?;
+        let mut c = self
+            .send
             .lock()
-            .map_err(|_| io::Error::other("channel state poisoned"))?
-            .write_message(plain, &mut self.cipher[2..])
-            .map_err(io::Error::other)?;
-        let len = u16::try_from(n).map_err(|_| io::Error::other("frame too large"))?;
-        self.cipher[..2].copy_from_slice(&len.to_be_bytes());
-        // Length and frame in one write.
-        self.stream.write_all(&self.cipher[..2 + n])
+            .map_err(|_| io::Error::other("channel state poisoned"))?;
+        let frame = self.out.seal(&mut c)?;
+        // Length, frame and tag in one write.
+        self.stream.write_all(frame)
     }
 
     /// Makes sure `need` bytes are buffered from `raw_at`, reading as much as comes.
     /// Ok(false): the stream ended cleanly with nothing buffered.
     fn fill(&mut self, need: usize) -> io::Result<bool> {
-        const RAW: usize = 4 * (2 + MAX_FRAME);
         if self.raw.is_empty() {
-            self.raw = vec![0u8; RAW];
+            self.raw = vec![0u8; RAW_READ];
         }
         if self.raw_end - self.raw_at >= need {
             return Ok(true);
@@ -618,17 +640,12 @@ impl<S: Read + Write> Channel<S> {
             self.inbuf.resize(len, 0);
         }
         let out: &mut [u8] = if direct { dest } else { &mut self.inbuf };
+        out[..len].copy_from_slice(frame);
         let n = self
-            .noise
+            .recv
             .lock()
             .map_err(|_| io::Error::other("channel state poisoned"))?
-            .read_message(frame, out)
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "channel frame failed authentication",
-                )
-            })?;
+            .open(&mut out[..len])?;
         self.raw_at += 2 + len;
         if self.raw_at == self.raw_end {
             self.raw_at = 0;
@@ -645,10 +662,7 @@ impl<S: Read + Write> Channel<S> {
 
     fn flush_out(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            let out = std::mem::take(&mut self.out);
-            self.send_frame(&out)?;
-            self.out = out;
-            self.out.clear();
+            self.send_filled()?;
         }
         Ok(())
     }
@@ -656,8 +670,81 @@ impl<S: Read + Write> Channel<S> {
     /// Sends everything written so far and marks a clean end of what this side sends.
     pub fn finish(&mut self) -> io::Result<()> {
         self.flush_out()?;
-        self.send_frame(&[])?;
+        self.send_filled()?;
         self.stream.flush()
+    }
+
+    /// Lends the sending side: everything written so far is sent, and the key and the
+    /// number of the next frame are returned, for a [`crate::transport::FrameWriter`]
+    /// into (a duplicate of) the same stream, elsewhere. Nothing is sent on this channel
+    /// until [`Channel::take_back_sender`].
+    pub fn lend_sender(&mut self) -> io::Result<SendKey> {
+        self.flush()?;
+        self.lent = true;
+        Ok(self
+            .send
+            .lock()
+            .map_err(|_| io::Error::other("channel state poisoned"))?
+            .lend())
+    }
+
+    /// Lends the receiving side: its key, the number of the next frame, and what was
+    /// read and not yet given out, for a [`crate::transport::FrameReader`] of (a
+    /// duplicate of) the same stream, elsewhere. Nothing is read on this channel until
+    /// [`Channel::take_back_receiver`].
+    pub fn lend_receiver(&mut self) -> io::Result<RecvLend> {
+        let key = self
+            .recv
+            .lock()
+            .map_err(|_| io::Error::other("channel state poisoned"))?
+            .lend();
+        if self.peer_finished {
+            return Err(io::Error::other("the peer has finished sending"));
+        }
+        self.lent_recv = true;
+        let lend = RecvLend {
+            key: key.key,
+            nonce: key.nonce,
+            plain: self.inbuf[self.in_pos..].to_vec(),
+            raw: self.raw[self.raw_at..self.raw_end].to_vec(),
+        };
+        self.inbuf.clear();
+        self.in_pos = 0;
+        self.raw_at = 0;
+        self.raw_end = 0;
+        Ok(lend)
+    }
+
+    /// The receiving side is back: its borrower opened frames up to number `nonce`
+    /// (excluded), and read `plain` and `raw` beyond what it took (see
+    /// [`crate::transport::FrameReader::give_back`]): read first.
+    pub fn take_back_receiver(&mut self, nonce: u64, plain: Vec<u8>, raw: &[u8]) -> io::Result<()> {
+        self.recv
+            .lock()
+            .map_err(|_| io::Error::other("channel state poisoned"))?
+            .resume(nonce)?;
+        self.inbuf = plain;
+        self.in_pos = 0;
+        let room = RAW_READ.max(raw.len());
+        if self.raw.len() < room {
+            self.raw = vec![0u8; room];
+        }
+        self.raw[..raw.len()].copy_from_slice(raw);
+        self.raw_at = 0;
+        self.raw_end = raw.len();
+        self.lent_recv = false;
+        Ok(())
+    }
+
+    /// The sending side is back, its borrower having sent frames up to number `nonce`
+    /// (excluded).
+    pub fn take_back_sender(&mut self, nonce: u64) -> io::Result<()> {
+        self.send
+            .lock()
+            .map_err(|_| io::Error::other("channel state poisoned"))?
+            .resume(nonce)?;
+        self.lent = false;
+        Ok(())
     }
 
     /// Splits the channel into a half to read from (over `self`'s stream) and a half to
@@ -665,7 +752,7 @@ impl<S: Read + Write> Channel<S> {
     /// so that two threads can use the directions independently.
     pub fn split(mut self, other: S) -> io::Result<(Channel<S>, Channel<S>)> {
         self.flush_out()?;
-        let writer = Self::with(other, self.noise.clone(), self.peer);
+        let writer = Self::of(other, self.send.clone(), self.recv.clone(), self.peer);
         Ok((self, writer))
     }
 
@@ -677,14 +764,10 @@ impl<S: Read + Write> Channel<S> {
 
 impl<S: Read + Write> Write for Channel<S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.out.is_empty() && data.len() >= MAX_PLAIN {
-            self.send_frame(&data[..MAX_PLAIN])?;
-            return Ok(MAX_PLAIN);
-        }
-        let n = data.len().min(MAX_PLAIN - self.out.len());
-        self.out.extend_from_slice(&data[..n]);
-        if self.out.len() == MAX_PLAIN {
-            self.flush_out()?;
+        self.not_lent()?;
+        let n = self.out.put(data);
+        if self.out.is_full() {
+            self.send_filled()?;
         }
         Ok(n)
     }
@@ -697,6 +780,11 @@ impl<S: Read + Write> Write for Channel<S> {
 impl<S: Read + Write> Read for Channel<S> {
     /// Ok(0) only after the peer's `finish`; a stream that ends without it is an error.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.lent_recv {
+            return Err(io::Error::other(
+                "the channel's receiving side is lent to another process",
+            ));
+        }
         while self.in_pos == self.inbuf.len() {
             if self.peer_finished {
                 return Ok(0);
@@ -760,6 +848,127 @@ mod tests {
         // Whichever side fails drops its stream, so the other is never left waiting.
         let c = Channel::connect(a, &dialer, dial);
         (c, t.join().unwrap())
+    }
+
+    /// The bytes on the wire are snow's transport's: a peer using snow's transport after
+    /// the same handshake (a node of the version before ours took the cipher over) reads
+    /// what we send and is read by us.
+    #[test]
+    fn the_wire_is_snows_transport() {
+        let psk = derive_psk(b"the secret");
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut hs = snow::Builder::new(PATTERN.parse().unwrap())
+                .psk(0, &psk)
+                .build_responder()
+                .unwrap();
+            let mut msg = Vec::new();
+            let mut buf = vec![0u8; MAX_FRAME];
+            assert!(read_frame(&mut b, &mut msg).unwrap());
+            hs.read_message(&msg, &mut buf).unwrap();
+            let n = hs.write_message(&[], &mut buf).unwrap();
+            write_frame(&mut b, &buf[..n]).unwrap();
+            let mut ts = hs.into_transport_mode().unwrap();
+            // What we sent: two frames, then the end.
+            let mut got = Vec::new();
+            loop {
+                assert!(read_frame(&mut b, &mut msg).unwrap());
+                let n = ts.read_message(&msg, &mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            // Answered by snow.
+            for piece in got.chunks(MAX_PLAIN) {
+                let n = ts.write_message(piece, &mut buf).unwrap();
+                write_frame(&mut b, &buf[..n]).unwrap();
+            }
+            let n = ts.write_message(&[], &mut buf).unwrap();
+            write_frame(&mut b, &buf[..n]).unwrap();
+            got
+        });
+        let mut c = Channel::connect(a, &plain(b"the secret"), 2).unwrap();
+        let sent = data(MAX_PLAIN + 1000);
+        c.write_all(&sent).unwrap();
+        c.finish().unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(t.join().unwrap(), sent);
+        assert_eq!(back, sent);
+    }
+
+    /// A sending side lent to a writer elsewhere, which writes into the same stream,
+    /// and taken back: the peer reads one stream, in order.
+    #[test]
+    fn a_lent_sender_writes_into_the_same_stream() {
+        let (keys, ring) = cluster(2);
+        let (a, b) = UnixStream::pair().unwrap();
+        let listener = node(b"s", &keys, &ring, 2);
+        let t = std::thread::spawn(move || {
+            let mut c = Channel::accept(b, &listener).unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut c = Channel::connect(a, &node(b"s", &keys, &ring, 1), 2).unwrap();
+        let want = data(5 * MAX_PLAIN);
+        c.write_all(&want[..1000]).unwrap();
+        let key = c.lend_sender().unwrap();
+        assert!(
+            c.write_all(b"x").is_err(),
+            "nothing is sent while it is lent"
+        );
+        let mut w = crate::transport::FrameWriter::new(c.get_ref().try_clone().unwrap(), &key);
+        for piece in want[1000..4 * MAX_PLAIN].chunks(7000) {
+            w.write_all(piece).unwrap();
+        }
+        let (_, nonce) = w.finish().unwrap();
+        assert!(c.take_back_sender(key.nonce - 1).is_err(), "never back");
+        c.take_back_sender(nonce).unwrap();
+        c.write_all(&want[4 * MAX_PLAIN..]).unwrap();
+        c.finish().unwrap();
+        assert_eq!(t.join().unwrap(), want);
+    }
+
+    /// A receiving side lent mid-stream (with bytes the channel had read and not given
+    /// out) to a reader elsewhere on the same stream, which takes part of it, and taken
+    /// back with what that reader read beyond: the stream reads on, whole and in order.
+    #[test]
+    fn a_lent_receiver_reads_part_of_the_same_stream() {
+        let (keys, ring) = cluster(2);
+        let (a, b) = UnixStream::pair().unwrap();
+        let dialer = node(b"s", &keys, &ring, 1);
+        let want = data(6 * MAX_PLAIN + 77);
+        let sent = want.clone();
+        let t = std::thread::spawn(move || {
+            let mut c = Channel::connect(a, &dialer, 2).unwrap();
+            // In pieces of odd sizes, flushed now and then.
+            for (i, piece) in sent.chunks(10_000).enumerate() {
+                c.write_all(piece).unwrap();
+                if i % 7 == 0 {
+                    c.flush().unwrap();
+                }
+            }
+            c.finish().unwrap();
+        });
+        let mut c = Channel::accept(b, &node(b"s", &keys, &ring, 2)).unwrap();
+        let mut got = vec![0u8; 1000];
+        c.read_exact(&mut got).unwrap();
+        let lend = c.lend_receiver().unwrap();
+        assert!(
+            c.read(&mut [0u8; 1]).is_err(),
+            "nothing is read while it is lent"
+        );
+        let mut r = crate::transport::FrameReader::new(c.get_ref().try_clone().unwrap(), lend);
+        let mut part = vec![0u8; 3 * MAX_PLAIN + 4321];
+        r.read_exact(&mut part).unwrap();
+        got.extend_from_slice(&part);
+        let (nonce, plain, raw) = r.give_back();
+        c.take_back_receiver(nonce, plain, &raw).unwrap();
+        c.read_to_end(&mut got).unwrap();
+        t.join().unwrap();
+        assert_eq!(got, want);
     }
 
     #[test]

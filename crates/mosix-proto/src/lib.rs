@@ -9,6 +9,7 @@ pub mod channel;
 pub mod control;
 pub mod gossip;
 pub mod seal;
+pub mod transport;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

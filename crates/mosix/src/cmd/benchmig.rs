@@ -164,8 +164,8 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                 .context("toucher did not start")?
                 .parse()?;
             // Per kind: (total s, frozen ms, rounds, ratio to the link, ratio to the
-            // optimum).
-            let mut got: Vec<Vec<[f64; 5]>> = vec![vec![]; KINDS.len()];
+            // optimum, CPU ms of the source node, of the destination node).
+            let mut got: Vec<Vec<[f64; 7]>> = vec![vec![]; KINDS.len()];
             for _ in 0..a.repeat {
                 // The references first, alternating with the moves: the link, and a copy
                 // into fresh memory (what the destination must do at least: on these VMs
@@ -175,6 +175,11 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                 let fresh = fresh_copy_secs(mib);
                 let optimum = ((mib << 20) as f64 / bw).max(fresh);
                 for (k, &(_, to)) in KINDS.iter().enumerate() {
+                    // The moves go round 1 -> 2 -> 3 -> 1 (0: home, node 1).
+                    let from = if k == 0 { 1 } else { KINDS[k - 1].1 };
+                    let nodes = [from, if to == 0 { 1 } else { to }];
+                    let cpu = || nodes.map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
+                    let cpu0 = cpu();
                     // (A move just answered may still be finishing at its source.)
                     let mut tries = 0;
                     let (r, secs) = loop {
@@ -199,6 +204,8 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                     else {
                         bail!("unexpected answer {r:?}");
                     };
+                    let cpu1 = cpu();
+                    let ms = |i: usize| cpu1[i].saturating_sub(cpu0[i]) as f64 / 1e6;
                     let ideal = (mib << 20) as f64 / bw;
                     got[k].push([
                         secs,
@@ -206,6 +213,8 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                         rounds.len() as f64,
                         ideal / secs,
                         optimum / secs,
+                        ms(0),
+                        ms(1),
                     ]);
                 }
             }
@@ -228,6 +237,19 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                     median(col(4))
                 );
                 println!("BENCH {tag}_{kind}_rounds {:.0} rounds", median(col(2)));
+                // CPU of each end's node during the move (its cgroup: mosixd, helpers, the
+                // process), against the move's time: which end the move waits for.
+                let share = |i: usize| median(got[k].iter().map(|x| x[i] / (x[0] * 1e3)).collect());
+                println!(
+                    "BENCH {tag}_{kind}_source_cpu {:.0} ms vs total={:.2}",
+                    median(col(5)),
+                    share(5)
+                );
+                println!(
+                    "BENCH {tag}_{kind}_destination_cpu {:.0} ms vs total={:.2}",
+                    median(col(6)),
+                    share(6)
+                );
             }
         }
     }

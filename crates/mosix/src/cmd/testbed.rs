@@ -536,6 +536,22 @@ pub(crate) fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// CPU time used so far by everything in node `n`'s cgroup (its mosixd, the processes it
+/// hosts, its helpers), in nanoseconds: for benchmarks.
+pub(crate) fn node_cpu_ns(dir: &Path, n: u32) -> Option<u64> {
+    let tb = load(dir).ok()?;
+    cgroup_dirs(tb.cgroup, n).ok()?.iter().find_map(|c| {
+        if let Ok(v) = std::fs::read_to_string(c.join("cpuacct.usage")) {
+            return v.trim().parse().ok();
+        }
+        let stat = std::fs::read_to_string(c.join("cpu.stat")).ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|us| us * 1000)
+    })
+}
+
 /// Every testbed cgroup directory that exists, in every hierarchy.
 fn all_testbed_cgroups() -> Vec<PathBuf> {
     let mut out = Vec::new();

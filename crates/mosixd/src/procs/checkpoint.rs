@@ -129,6 +129,20 @@ impl<W: Write> Write for Spill<'_, W> {
     }
 }
 
+/// Straight into the link (no buffer): the mover may write into it itself.
+impl<W: super::imagepipe::ImageOut> super::imagepipe::ImageOut for Spill<'_, W> {
+    fn lend(&mut self) -> Option<(std::os::fd::OwnedFd, mosix_proto::transport::SendKey)> {
+        if self.spilled && self.buf.is_empty() {
+            self.link.lend()
+        } else {
+            None
+        }
+    }
+    fn take_back(&mut self, nonce: u64) -> std::io::Result<()> {
+        self.link.take_back(nonce)
+    }
+}
+
 /// The length of the whole chunks at the start of chunk stream `b`.
 fn whole_chunks(b: &[u8]) -> usize {
     let mut at = 0;
@@ -618,6 +632,20 @@ impl<'a, A: Write, F: Write> Tee<'a, A, F> {
             Some(mut u) => self.ok && u.flush().is_ok() && u.ended(),
             None => false,
         }
+    }
+}
+
+/// Without a copy to keep, the mover may write into the link itself.
+impl<A: super::imagepipe::ImageOut, F: Write> super::imagepipe::ImageOut for Tee<'_, A, F> {
+    fn lend(&mut self) -> Option<(std::os::fd::OwnedFd, mosix_proto::transport::SendKey)> {
+        if self.b.is_none() {
+            self.a.lend()
+        } else {
+            None
+        }
+    }
+    fn take_back(&mut self, nonce: u64) -> std::io::Result<()> {
+        self.a.take_back(nonce)
     }
 }
 

@@ -414,6 +414,7 @@ impl GuestDriver {
                     }
                     FromSup::Hello { .. } | FromSup::Ready { .. } | FromSup::Refused(_) => {}
                     FromSup::Running | FromSup::Filled => {}
+                    FromSup::ImageRead { .. } | FromSup::LinkLost(_) => {}
                 },
                 GuestEv::SupGone => {
                     if self.moving {

@@ -1,20 +1,31 @@
-//! How a mover's image reaches mosixd: through a pipe given the pages of a ring of the
-//! mover's ([`mosix_remote::splice::RingWriter`]: no copy into pages the kernel takes for
-//! a socket message), whose read end the mover passes to mosixd when it starts; or, if it
-//! has none, on its connection as before. See docs/migration.md ("The mover's image
-//! through a pipe of pages").
+//! How a mover's image reaches the node it goes to. Either relayed by mosixd: through a
+//! pipe given the pages of a ring of the mover's ([`mosix_remote::splice::RingWriter`]:
+//! no copy into pages the kernel takes for a socket message), whose read end the mover
+//! passes to mosixd when it starts, or, if it has none, on its connection; or written by
+//! the mover straight into the link to the destination, whose socket and sending side
+//! mosixd lends it for the image ([`Way::Link`]; mosixd takes the sending side back,
+//! at the count of frames the mover reached). See docs/migration.md ("The mover's image
+//! through a pipe of pages", "The mover writes into the link").
 
-use std::io::Write;
+use super::mover::{FromMover, ABORTED, FROZEN};
+use mosix_proto::transport::{FrameWriter, SendKey};
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::rc::Rc;
 
 /// Where a mover writes its image: a pipe given the pages of a ring
-/// ([`mosix_remote::splice::RingWriter`]) or its connection to mosixd; and where it
-/// writes the image's marks (the same stream, another handle: the pipe, or the
-/// connection).
+/// ([`mosix_remote::splice::RingWriter`]), its connection to mosixd, or the link; and
+/// where it writes the image's marks when mosixd relays it (the same stream, another
+/// handle: the pipe, or the connection).
 pub(super) enum Sink {
     Ring(mosix_remote::splice::RingWriter),
     Pipe(std::fs::File),
     Conn(UnixStream),
+    /// The link, and whether writing into it failed.
+    Link(Box<FrameWriter<TcpStream>>, Rc<Cell<bool>>),
 }
 
 impl Write for Sink {
@@ -23,6 +34,7 @@ impl Write for Sink {
             Sink::Ring(w) => w.write(b),
             Sink::Pipe(f) => f.write(b),
             Sink::Conn(c) => c.write(b),
+            Sink::Link(l, failed) => l.write(b).inspect_err(|_| failed.set(true)),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -30,8 +42,213 @@ impl Write for Sink {
             Sink::Ring(w) => w.flush(),
             Sink::Pipe(f) => f.flush(),
             Sink::Conn(c) => c.flush(),
+            Sink::Link(l, failed) => l.flush().inspect_err(|_| failed.set(true)),
         }
     }
+}
+
+impl Sink {
+    /// Everything written is sent; for the link, the number of its next frame (what
+    /// mosixd goes on from).
+    pub(super) fn finish(self) -> std::io::Result<Option<u64>> {
+        match self {
+            Sink::Link(l, failed) => {
+                // The mover's handle on the socket closes here; mosixd's stays.
+                let (_, nonce) = l.finish().inspect_err(|_| failed.set(true))?;
+                Ok(Some(nonce))
+            }
+            mut other => other.flush().map(|()| None),
+        }
+    }
+}
+
+/// Where a mover puts the marks of its image (frozen now; aborted): into the stream
+/// mosixd relays, after what was written before them, or, when it writes into the link
+/// itself, on its connection to mosixd (as messages).
+pub(super) enum Marks {
+    InBand(Sink),
+    Told,
+}
+
+impl Marks {
+    /// It is frozen (what was saved before is on its way).
+    pub(super) fn frozen(&mut self, conn: &mut UnixStream) -> std::io::Result<()> {
+        match self {
+            Marks::InBand(s) => {
+                s.write_all(&FROZEN.to_le_bytes())?;
+                s.flush()
+            }
+            Marks::Told => mosix_proto::wire::send_flush(conn, &FromMover::Frozen)
+                .map_err(std::io::Error::other),
+        }
+    }
+
+    /// The image ends here, unfinished (a `Failed` follows on the connection).
+    pub(super) fn aborted(&mut self) {
+        if let Marks::InBand(s) = self {
+            let _ = s.write_all(&ABORTED.to_le_bytes());
+        }
+    }
+}
+
+/// Where mosixd has a mover's image go: what it writes is relayed there; a link may be
+/// lent to the mover to write into itself.
+pub trait ImageOut: Write {
+    /// A duplicate of the link's socket and its sending side, lent to the mover (nothing
+    /// is sent on the link until [`ImageOut::take_back`]). None: relayed (a file; a
+    /// copy also kept here).
+    fn lend(&mut self) -> Option<(OwnedFd, SendKey)> {
+        None
+    }
+    /// The sending side back, at frame number `nonce`.
+    fn take_back(&mut self, _nonce: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("nothing was lent"))
+    }
+}
+
+impl ImageOut for mosix_proto::channel::Channel<TcpStream> {
+    fn lend(&mut self) -> Option<(OwnedFd, SendKey)> {
+        let fd = self.get_ref().try_clone().ok()?;
+        let key = self.lend_sender().ok()?;
+        Some((OwnedFd::from(fd), key))
+    }
+    fn take_back(&mut self, nonce: u64) -> std::io::Result<()> {
+        self.take_back_sender(nonce)
+    }
+}
+
+impl<W: Write> ImageOut for mosix_proto::wire::Unchunk<W> {}
+
+/// mosixd's answer to [`offer_pipe`]: how it takes the image.
+pub(super) enum Way {
+    /// It relays the image (from the pipe, or the connection).
+    Relay,
+    /// The mover writes it into the link: its socket (a duplicate) and sending side.
+    Link(OwnedFd, SendKey),
+}
+
+/// Bytes of a [`Way`] on the connection: 1 (the link) or 0, the key, the nonce (LE).
+const WAY_LEN: usize = 1 + 32 + 8;
+
+/// Tells the mover how its image is taken (after [`take_pipe`]; the link's socket goes
+/// with SCM_RIGHTS).
+pub(super) fn give_way(conn: &UnixStream, way: &Way) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let mut msg = [0u8; WAY_LEN];
+    let mut fds = Vec::new();
+    if let Way::Link(fd, key) = way {
+        msg[0] = 1;
+        msg[1..33].copy_from_slice(&key.key);
+        msg[33..].copy_from_slice(&key.nonce.to_le_bytes());
+        fds.push(fd.as_raw_fd());
+    }
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    let mut sent = 0;
+    while sent < WAY_LEN {
+        // The descriptor goes with the first byte.
+        let c = if sent == 0 { cmsgs } else { &[] };
+        match sendmsg::<()>(
+            conn.as_raw_fd(),
+            &[std::io::IoSlice::new(&msg[sent..])],
+            c,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The mover's end of [`give_way`].
+pub(super) fn take_way(conn: &UnixStream) -> std::io::Result<Way> {
+    let mut msg = [0u8; WAY_LEN];
+    let mut fds = recv_with_fds(conn, &mut msg[..1])?;
+    (&*conn).read_exact(&mut msg[1..])?;
+    match (msg[0], fds.pop()) {
+        (0, None) => Ok(Way::Relay),
+        (1, Some(fd)) if fds.is_empty() => {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&msg[1..33]);
+            let nonce = u64::from_le_bytes(msg[33..].try_into().expect("8 bytes"));
+            Ok(Way::Link(fd, SendKey { key, nonce }))
+        }
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "mosixd's answer about the image is not one",
+        )),
+    }
+}
+
+/// Sends descriptor `fd` on `conn` (with one byte).
+pub(super) fn send_fd(conn: &UnixStream, fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    loop {
+        match sendmsg::<()>(
+            conn.as_raw_fd(),
+            &[std::io::IoSlice::new(&[1])],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The descriptor [`send_fd`] sent.
+pub(crate) fn recv_fd(conn: &UnixStream) -> std::io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut fds = recv_with_fds(conn, &mut byte)?;
+    match (byte[0], fds.pop()) {
+        (1, Some(fd)) if fds.is_empty() => Ok(fd),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "expected one descriptor",
+        )),
+    }
+}
+
+/// Reads `byte` (one byte) from `conn` with the descriptors that came with it.
+fn recv_with_fds(conn: &UnixStream, byte: &mut [u8]) -> std::io::Result<Vec<OwnedFd>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut fds = Vec::new();
+    let n = {
+        let mut iov = [std::io::IoSliceMut::new(byte)];
+        let msg = loop {
+            match recvmsg::<()>(
+                conn.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break r?,
+            }
+        };
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(got) = c {
+                fds.extend(got);
+            }
+        }
+        msg.bytes
+    };
+    // SAFETY: descriptors just received, ours alone.
+    let fds = fds
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(fds)
 }
 
 /// The first thing a mover sends once it has its `Start`: one byte, 1 with the read end
@@ -39,7 +256,6 @@ impl Write for Sink {
 /// comes on the connection). The pipe's write end, if it was sent.
 pub(super) fn offer_pipe(conn: &UnixStream) -> Option<std::os::fd::OwnedFd> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    use std::os::fd::AsRawFd;
     let made = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok();
     let fds: Vec<i32> = made.iter().map(|(r, _)| r.as_raw_fd()).collect();
     let byte = [u8::from(made.is_some())];
@@ -61,39 +277,8 @@ pub(super) fn offer_pipe(conn: &UnixStream) -> Option<std::os::fd::OwnedFd> {
 /// mosixd's end of [`offer_pipe`]: the pipe the image comes through, or None (it comes
 /// on the connection).
 pub(super) fn take_pipe(conn: &UnixStream) -> std::io::Result<Option<std::fs::File>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let mut fds = Vec::new();
-    let n = {
-        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-        let msg = loop {
-            match recvmsg::<()>(
-                conn.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                r => break r?,
-            }
-        };
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(got) = c {
-                fds.extend(got);
-            }
-        }
-        msg.bytes
-    };
-    // SAFETY: descriptors just received, ours alone.
-    let mut fds: Vec<OwnedFd> = fds
-        .into_iter()
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
-    if n == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
+    let mut fds = recv_with_fds(conn, &mut byte)?;
     Ok(match (byte[0], fds.len()) {
         (1, 1) => fds.pop().map(std::fs::File::from),
         _ => None,
@@ -125,5 +310,53 @@ mod tests {
         let (mover, daemon) = UnixStream::pair().unwrap();
         drop(mover);
         assert!(take_pipe(&daemon).is_err());
+    }
+
+    /// The link's socket and key given are the ones taken; a relay is a relay; an
+    /// answer cut short, or that is not one, is an error.
+    #[test]
+    fn the_way_given_is_the_way_taken() {
+        let (mover, daemon) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let key = SendKey {
+            key: [7u8; 32],
+            nonce: 1 << 40,
+        };
+        give_way(&daemon, &Way::Link(OwnedFd::from(sock), key.clone())).unwrap();
+        match take_way(&mover).unwrap() {
+            Way::Link(fd, got) => {
+                assert_eq!(got, key);
+                let s = TcpStream::from(fd);
+                assert_eq!(s.local_addr().unwrap().ip().to_string(), "127.0.0.1");
+            }
+            Way::Relay => panic!("a relay"),
+        }
+        give_way(&daemon, &Way::Relay).unwrap();
+        assert!(matches!(take_way(&mover).unwrap(), Way::Relay));
+
+        let (mover, mut daemon) = UnixStream::pair().unwrap();
+        daemon.write_all(&[1; WAY_LEN]).unwrap();
+        assert!(take_way(&mover).is_err(), "a link without its socket");
+        let (mover, mut daemon) = UnixStream::pair().unwrap();
+        daemon.write_all(&[0; 5]).unwrap();
+        drop(daemon);
+        assert!(take_way(&mover).is_err());
+    }
+
+    /// The descriptor sent is the one received; a byte without one is refused.
+    #[test]
+    fn a_descriptor_sent_is_received() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        send_fd(&a, &r).unwrap();
+        let got = recv_fd(&b).unwrap();
+        std::fs::File::from(w).write_all(b"x").unwrap();
+        let mut buf = [0u8; 1];
+        std::fs::File::from(got).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"x");
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[1]).unwrap();
+        assert!(recv_fd(&b).is_err());
     }
 }

@@ -12,7 +12,7 @@
 //! sent just before the destination is told to commit), it completes the move.
 
 use super::home::DeputyExec;
-use super::imagepipe::{offer_pipe, take_pipe, Sink};
+use super::imagepipe::{give_way, offer_pipe, take_pipe, take_way, ImageOut, Marks, Sink, Way};
 use mosix_proto::wire::{self, ChunkWriter};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -21,11 +21,11 @@ use std::os::unix::net::UnixStream;
 use tracing::{info, warn};
 
 /// A chunk length that no image has: the dump failed, a [`FromMover::Failed`] follows.
-const ABORTED: u32 = u32::MAX;
+pub(super) const ABORTED: u32 = u32::MAX;
 /// A chunk length that no image has, in a pre-copy stream: the process is frozen now for
 /// its final state; mosixd settles its calls and answers [`ToMover::Quiesced`], then the
 /// rest of the image follows.
-const FROZEN: u32 = u32::MAX - 1;
+pub(super) const FROZEN: u32 = u32::MAX - 1;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MoverStart {
@@ -149,7 +149,8 @@ impl InDoubt {
 }
 
 /// Mover to mosixd. After `Frozen` come the image's chunks, then `Dumped` (or the
-/// [`ABORTED`] mark and `Failed`).
+/// [`ABORTED`] mark and `Failed`). When the mover writes the image into the link itself,
+/// its marks come here instead (`Frozen`; `Failed` or `LinkLost`).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromMover {
     /// It is frozen: settle its calls at home (answer `Quiesced`).
@@ -162,9 +163,15 @@ pub enum FromMover {
         /// Bytes saved in each pre-copy round, the final (frozen) one last; empty for a
         /// move without pre-copy.
         rounds: Vec<u64>,
+        /// With the link lent: the number of the link's next frame (mosixd goes on
+        /// from it).
+        sent: Option<u64>,
     },
     /// It could not be frozen or saved, and goes on where it was.
     Failed(String),
+    /// Writing its image into the link failed (the link lent), and it goes on where it
+    /// was.
+    LinkLost(String),
     /// Finished: the signals that reached it meanwhile (to pass on, for a deputy).
     Done { signals: Vec<i32> },
     /// The exec into its deputy failed: it goes on here as it was.
@@ -242,15 +249,28 @@ impl Mover {
     /// Freezes and saves it into `out` (chunks, not yet ended by the tail); `quiesce` is
     /// called once it is frozen. Returns the bytes of memory saved, those of each
     /// pre-copy round, and when it was frozen. On failure it goes on where it was.
-    pub fn dump<W: Write>(
+    pub fn dump<W: ImageOut>(
         &mut self,
         out: &mut W,
         quiesce: &mut dyn FnMut() -> Result<Vec<(i32, i64)>, super::MoveError>,
     ) -> Result<Dumped, super::MoveError> {
         let mut frozen_at = None;
+        let gone = |e: std::io::Error| engine(format!("its mover is gone: {e}"));
         // The pipe its image comes through, if any (else the connection).
-        let mut image =
-            take_pipe(&self.conn).map_err(|e| engine(format!("its mover is gone: {e}")))?;
+        let mut image = take_pipe(&self.conn).map_err(gone)?;
+        // Or the mover writes it into the link itself.
+        let lent = out.lend();
+        let to_link = lent.is_some();
+        let way = match lent {
+            Some((fd, key)) => Way::Link(fd, key),
+            None => Way::Relay,
+        };
+        give_way(&self.conn, &way).map_err(gone)?;
+        drop(way);
+        if to_link {
+            drop(image.take());
+            return self.dump_lent(out, quiesce);
+        }
         match self.recv()? {
             FromMover::Frozen => {
                 frozen_at = Some(std::time::Instant::now());
@@ -304,6 +324,7 @@ impl Mover {
             FromMover::Dumped {
                 memory_bytes,
                 rounds,
+                sent: None,
             } => Ok(Dumped {
                 memory_bytes,
                 rounds,
@@ -311,6 +332,42 @@ impl Mover {
             }),
             FromMover::Failed(e) => Err(super::MoveError::Engine(e)),
             other => Err(engine(format!("its mover said {other:?}"))),
+        }
+    }
+
+    /// [`Mover::dump`] with the link lent to the mover: its marks come on its connection,
+    /// and the link is taken back where the mover left it. On failure the link is not
+    /// taken back (a frame may be half written): it can only be dropped.
+    fn dump_lent<W: ImageOut>(
+        &mut self,
+        out: &mut W,
+        quiesce: &mut dyn FnMut() -> Result<Vec<(i32, i64)>, super::MoveError>,
+    ) -> Result<Dumped, super::MoveError> {
+        let mut frozen_at = None;
+        loop {
+            match self.recv()? {
+                FromMover::Rounds => {}
+                FromMover::Frozen => {
+                    frozen_at = Some(std::time::Instant::now());
+                    self.settle(quiesce)?;
+                }
+                FromMover::Dumped {
+                    memory_bytes,
+                    rounds,
+                    sent: Some(nonce),
+                } => {
+                    out.take_back(nonce)
+                        .map_err(|e| super::MoveError::LinkLost(e.to_string()))?;
+                    return Ok(Dumped {
+                        memory_bytes,
+                        rounds,
+                        frozen_at: frozen_at.unwrap_or_else(std::time::Instant::now),
+                    });
+                }
+                FromMover::Failed(e) => return Err(super::MoveError::Engine(e)),
+                FromMover::LinkLost(e) => return Err(super::MoveError::LinkLost(e)),
+                other => return Err(engine(format!("its mover said {other:?}"))),
+            }
         }
     }
 
@@ -504,8 +561,10 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         other => anyhow::bail!("expected a start, got {other:?}"),
     };
     let pid = start.pid;
-    // The image goes through a pipe of ours when mosixd takes it (else on `conn`).
+    // The image goes through a pipe of ours when mosixd takes it (else on `conn`), or
+    // into the link, if mosixd lends it.
     let image = offer_pipe(&conn);
+    let way = take_way(&conn)?;
     let leaving = mosix_ckpt::Leaving {
         away: start.away,
         no_new_privs: start.no_new_privs,
@@ -513,15 +572,29 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
     };
     let mut ctl = conn.try_clone()?;
     // Where the image goes, and its marks (after what was written before them).
-    let (data, mut mark) = match image {
-        Some(w) => {
+    let link_failed = std::rc::Rc::new(std::cell::Cell::new(false));
+    let (data, mut marks) = match (way, image) {
+        (Way::Link(fd, key), _) => (
+            Sink::Link(
+                Box::new(mosix_proto::transport::FrameWriter::new(
+                    std::net::TcpStream::from(fd),
+                    &key,
+                )),
+                link_failed.clone(),
+            ),
+            Marks::Told,
+        ),
+        (Way::Relay, Some(w)) => {
             let mark = std::fs::File::from(w.try_clone()?);
             (
                 Sink::Ring(mosix_remote::splice::RingWriter::new(w)?),
-                Sink::Pipe(mark),
+                Marks::InBand(Sink::Pipe(mark)),
             )
         }
-        None => (Sink::Conn(conn.try_clone()?), Sink::Conn(conn.try_clone()?)),
+        (Way::Relay, None) => (
+            Sink::Conn(conn.try_clone()?),
+            Marks::InBand(Sink::Conn(conn.try_clone()?)),
+        ),
     };
     // Pre-copy needs a tracker of its writes, made (or taken from its supervisor and
     // checked) before the rounds are announced: without one it moves frozen.
@@ -559,8 +632,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             &opts,
             tracker,
             &mut || {
-                mark.write_all(&FROZEN.to_le_bytes())?;
-                mark.flush()?;
+                marks.frozen(&mut ctl)?;
                 match wire::expect::<_, ToMover>(&mut ctl) {
                     Ok(ToMover::Quiesced(done)) => Ok(done),
                     _ => Err(mosix_ckpt::Error::Unrestorable(
@@ -601,21 +673,34 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         Err(e) => {
             // It goes on where it was (the engine let it go).
             if streaming.get() {
-                let _ = mark.write_all(&ABORTED.to_le_bytes());
+                marks.aborted();
             }
-            let _ = wire::send_flush(&mut conn, &FromMover::Failed(e.to_string()));
+            let failed = if link_failed.get() {
+                FromMover::LinkLost(e.to_string())
+            } else {
+                FromMover::Failed(e.to_string())
+            };
+            let _ = wire::send_flush(&mut conn, &failed);
             return Ok(());
         }
     };
-    if let Err(e) = cw.finish() {
-        held.release()?;
-        anyhow::bail!("the image could not be sent: {e}");
-    }
+    let sent = match cw.finish().and_then(Sink::finish) {
+        Ok(sent) => sent,
+        Err(e) => {
+            held.release()?;
+            if link_failed.get() {
+                let _ = wire::send_flush(&mut conn, &FromMover::LinkLost(e.to_string()));
+                return Ok(());
+            }
+            anyhow::bail!("the image could not be sent: {e}");
+        }
+    };
     wire::send_flush(
         &mut conn,
         &FromMover::Dumped {
             memory_bytes,
             rounds,
+            sent,
         },
     )?;
     // The announced commit: the deputy's exec (if any), and how to ask if mosixd goes.

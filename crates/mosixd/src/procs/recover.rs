@@ -328,6 +328,7 @@ impl Procs {
             },
             limit,
             shared_paths: self.cfg.shared_paths.clone(),
+            link: None,
             socket: self
                 .cfg
                 .state_dir

@@ -55,6 +55,10 @@ pub struct SupStart {
     pub socket: PathBuf,
     /// This node's shared paths (DFSA: with the home's, where files are used here).
     pub shared_paths: Vec<PathBuf>,
+    /// The link's receiving side, lent: the image is read from the link itself, whose
+    /// socket follows `Start` (SCM_RIGHTS), not relayed by mosixd; what was read beyond
+    /// it is given back ([`FromSup::ImageRead`]) before the tail.
+    pub link: Option<mosix_proto::transport::RecvLend>,
 }
 
 /// mosixd to supervisor. After `Start` come the image's chunks and its [`Tail`].
@@ -113,6 +117,15 @@ pub enum FromSup {
         header: MigrateHeader,
         host_pid: i32,
     },
+    /// The image was read from the lent link: the number of the link's next frame, and
+    /// what was read beyond the image (plaintext, then bytes of frames not opened).
+    ImageRead {
+        nonce: u64,
+        plain: Vec<u8>,
+        raw: Vec<u8>,
+    },
+    /// Reading the image from the lent link failed: the link can only be dropped.
+    LinkLost(String),
 }
 
 impl ToSup {
@@ -165,6 +178,39 @@ pub fn send<T: Serialize>(s: &mut UnixStream, m: &T) -> std::io::Result<()> {
 
 pub fn recv<T: for<'de> Deserialize<'de>>(s: &mut UnixStream) -> std::io::Result<T> {
     wire::expect(s)
+}
+
+/// Reads an image with `read`, from the link itself if it is lent (`link_in`), else from
+/// mosixd; then reads past what is left of it (so that an answer is heard), and gives
+/// the link back to mosixd where the image ended. Also whether the image was read to its
+/// end (if not, mosixd or the link is gone).
+fn read_image<T>(
+    conn: &mut UnixStream,
+    link_in: Option<mosix_proto::transport::FrameReader<std::net::TcpStream>>,
+    read: impl FnOnce(&mut wire::ChunkReader<&mut dyn std::io::Read>) -> T,
+) -> anyhow::Result<(T, bool)> {
+    let mut link_in = link_in;
+    let (got, whole) = {
+        let from: &mut dyn std::io::Read = match &mut link_in {
+            Some(r) => r,
+            None => &mut *conn,
+        };
+        let mut chunks = wire::ChunkReader::new(from);
+        let got = read(&mut chunks);
+        let whole = chunks.ended() || chunks.drain().is_ok();
+        (got, whole)
+    };
+    if let Some(r) = link_in {
+        if !whole {
+            let why = "the link broke in the middle of the image".to_string();
+            let _ = send(conn, &FromSup::LinkLost(why.clone()));
+            anyhow::bail!("{why}");
+        }
+        // (Its handle on the socket closes here; mosixd's stays.)
+        let (nonce, plain, raw) = r.give_back();
+        send(conn, &FromSup::ImageRead { nonce, plain, raw })?;
+    }
+    Ok((got, whole))
 }
 
 /// Starts a supervisor (see [`spawn_helper`]).
@@ -233,9 +279,20 @@ fn refuse(conn: &mut UnixStream, why: String) -> anyhow::Result<()> {
 }
 
 fn run(mut conn: UnixStream) -> anyhow::Result<()> {
-    let start = match recv::<ToSup>(&mut conn)? {
+    let mut start = match recv::<ToSup>(&mut conn)? {
         ToSup::Start(s) => *s,
         other => anyhow::bail!("expected a start, got {other:?}"),
+    };
+    // The image from the link itself, if it is lent.
+    let mut link_in = match start.link.take() {
+        Some(lend) => {
+            let sock = super::imagepipe::recv_fd(&conn)?;
+            Some(mosix_proto::transport::FrameReader::new(
+                std::net::TcpStream::from(sock),
+                lend,
+            ))
+        }
+        None => None,
     };
     let h = start.header.clone();
     // No credential its owner (as its home says) could not have here: root's processes
@@ -255,12 +312,10 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             // there: the image is read whole first (checked and decompressed as it
             // comes: pre-copy rounds arrive while the process still runs at its host).
             let t0 = std::time::Instant::now();
-            let mut chunks = wire::ChunkReader::new(&mut conn);
             let limits = mosix_ckpt::image::ReadLimits::bytes(start.limit);
-            let read = mosix_ckpt::image::read_image_streamed(&mut chunks, &limits);
-            if read.is_err() {
-                let _ = chunks.drain();
-            }
+            let (read, _) = read_image(&mut conn, link_in.take(), |chunks| {
+                mosix_ckpt::image::read_image_streamed(chunks, &limits)
+            })?;
             let t_read = t0.elapsed();
             let tail = recv::<Tail>(&mut conn);
             let t_tail = t0.elapsed();
@@ -360,32 +415,34 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 lazy: false,
             };
             // Restored while its image arrives (its memory in place as it comes).
-            let mut chunks = wire::ChunkReader::new(&mut conn);
-            let incoming = match creds {
-                Ok(creds) => mosix_ckpt::receive(
-                    &mut chunks,
-                    opts,
-                    &creds,
-                    Some(&away),
-                    mosix_ckpt::image::ReadLimits::system(),
-                    &mut |need| admit(need, start.limit).map_err(mosix_ckpt::Error::Unrestorable),
-                ),
-                Err(e) => Err(e),
-            };
-            let incoming = match incoming {
-                Ok(i) if !chunks.ended() && chunks.drain().is_ok_and(|n| n > 0) => {
-                    drop(i);
-                    Err(mosix_ckpt::Error::BadImage(
-                        "trailing data after the image".into(),
-                    ))
+            let (incoming, whole) = read_image(&mut conn, link_in.take(), |chunks| {
+                let incoming = match creds {
+                    Ok(creds) => mosix_ckpt::receive(
+                        &mut *chunks,
+                        opts,
+                        &creds,
+                        Some(&away),
+                        mosix_ckpt::image::ReadLimits::system(),
+                        &mut |need| {
+                            admit(need, start.limit).map_err(mosix_ckpt::Error::Unrestorable)
+                        },
+                    ),
+                    Err(e) => Err(e),
+                };
+                match incoming {
+                    Ok(i) if !chunks.ended() && chunks.drain().is_ok_and(|n| n > 0) => {
+                        drop(i);
+                        Err(mosix_ckpt::Error::BadImage(
+                            "trailing data after the image".into(),
+                        ))
+                    }
+                    other => other,
                 }
-                other => other,
-            };
+            })?;
             let mut incoming = match incoming {
                 Ok(i) => i,
                 Err(e) => {
-                    // Read past the rest of the image, so that the answer is heard.
-                    if !chunks.ended() && chunks.drain().is_err() {
+                    if !whole {
                         anyhow::bail!("lost mosixd in the middle of an image: {e}");
                     }
                     let _ = recv::<Tail>(&mut conn);

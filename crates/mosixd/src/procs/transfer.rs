@@ -227,6 +227,27 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(10);
 /// before the destination is told (the window doubt.rs closes).
 const ENV_TEST_DIE_AT_COMMIT: &str = "MOSIXD_TEST_DIE_AT_COMMIT";
 
+/// The link's socket (a duplicate) and its receiving side, lent to a supervisor.
+fn lend_receiver(
+    ch: &mut Link,
+) -> Option<(std::os::fd::OwnedFd, mosix_proto::transport::RecvLend)> {
+    let sock = ch.get_ref().try_clone().ok()?;
+    let lend = ch.lend_receiver().ok()?;
+    Some((sock.into(), lend))
+}
+
+/// The receiving side back from supervisor `sup`, where the image it read ended.
+fn take_back_receiver(ch: &mut Link, sup: &mut std::os::unix::net::UnixStream) -> Result<()> {
+    match FromSup::recv(sup) {
+        Ok(FromSup::ImageRead { nonce, plain, raw }) => {
+            Ok(ch.take_back_receiver(nonce, plain, &raw)?)
+        }
+        Ok(FromSup::LinkLost(why)) => bail!("the image was cut short: {why}"),
+        Ok(other) => bail!("supervisor answered {other:?}"),
+        Err(e) => bail!("lost the supervisor during the image: {e}"),
+    }
+}
+
 impl Procs {
     /// A mover whose mosixd died after the commit was announced asks, through this
     /// (restarted) daemon, that destination `to` run its held copy: whether it runs there.
@@ -697,19 +718,28 @@ impl Procs {
             Ok(s) => s,
             Err(e) => return refuse(&mut ch, format!("node {}: no supervisor: {e:#}", self.me())),
         };
+        // The supervisor reads the image from the link itself (its receiving side lent),
+        // not relayed here.
+        let lent = lend_receiver(&mut ch);
         let start = SupStart {
             header: h.clone(),
             mode: mode.clone(),
             limit,
             socket: sock,
             shared_paths: self.cfg.shared_paths.clone(),
+            link: lent.as_ref().map(|(_, l)| l.clone()),
         };
         supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
         // The image, chunk by chunk, then the tail.
-        let relayed = match super::mover::relay_chunks(&mut ch, &mut sup) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(anyhow!("the image was cut short")),
-            Err(e) => Err(e.into()),
+        let relayed = match lent {
+            Some((sock, _)) => super::imagepipe::send_fd(&sup, &sock)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| take_back_receiver(&mut ch, &mut sup)),
+            None => match super::mover::relay_chunks(&mut ch, &mut sup) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow!("the image was cut short")),
+                Err(e) => Err(e.into()),
+            },
         };
         let tail = relayed.and_then(|_| Ok(wire::expect::<_, Tail>(&mut ch)?));
         let mut tail = match tail {
