@@ -34,7 +34,7 @@ const KEYED_PATTERN: &str = "Noise_XXpsk0_25519_AESGCM_BLAKE2s";
 /// Hashed into the keyed handshake (domain separation from any other use of the keys).
 const KEYED_PROLOGUE: &[u8] = b"mosix node channel v2";
 pub use crate::transport::MAX_PLAIN;
-use crate::transport::{Cipher, Filling, RecvLend, SendKey, MAX_FRAME, TAG};
+use crate::transport::{Cipher, Filling, RecvLend, SendKey, Unread, MAX_FRAME, TAG};
 /// Length of an X25519 key, private or public.
 pub const KEY_LEN: usize = 32;
 
@@ -366,9 +366,6 @@ fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Bytes of the stream read at once: a few whole frames.
-const RAW_READ: usize = 4 * (2 + MAX_FRAME);
-
 /// An established channel over the stream `S`.
 pub struct Channel<S: Read + Write> {
     stream: S,
@@ -385,11 +382,8 @@ pub struct Channel<S: Read + Write> {
     /// Decrypted plaintext not yet read, from `in_pos`.
     inbuf: Vec<u8>,
     in_pos: usize,
-    /// Bytes read from the stream and not yet taken as frames: `raw[raw_at..raw_end]`
-    /// (several frames are read with one call).
-    raw: Vec<u8>,
-    raw_at: usize,
-    raw_end: usize,
+    /// Bytes read from the stream and not yet taken as frames.
+    raw: Unread,
     peer_finished: bool,
     /// The authenticated peer node (None: shared-secret-only channel).
     peer: Option<u32>,
@@ -559,9 +553,7 @@ impl<S: Read + Write> Channel<S> {
             lent_recv: false,
             inbuf: Vec::new(),
             in_pos: 0,
-            raw: Vec::new(),
-            raw_at: 0,
-            raw_end: 0,
+            raw: Unread::default(),
             peer_finished: false,
             peer,
         }
@@ -588,51 +580,21 @@ impl<S: Read + Write> Channel<S> {
         self.stream.write_all(frame)
     }
 
-    /// Makes sure `need` bytes are buffered from `raw_at`, reading as much as comes.
-    /// Ok(false): the stream ended cleanly with nothing buffered.
-    fn fill(&mut self, need: usize) -> io::Result<bool> {
-        if self.raw.is_empty() {
-            self.raw = vec![0u8; RAW_READ];
-        }
-        if self.raw_end - self.raw_at >= need {
-            return Ok(true);
-        }
-        if self.raw_at + need > self.raw.len() {
-            self.raw.copy_within(self.raw_at..self.raw_end, 0);
-            self.raw_end -= self.raw_at;
-            self.raw_at = 0;
-        }
-        while self.raw_end - self.raw_at < need {
-            let n = match self.stream.read(&mut self.raw[self.raw_end..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                if self.raw_end == self.raw_at {
-                    return Ok(false);
-                }
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            self.raw_end += n;
-        }
-        Ok(true)
-    }
-
     /// Reads the next frame and decrypts it into `dest` if it has room (Some(plaintext
     /// length)), else into `inbuf` (None). Err(UnexpectedEof) when the stream ends.
     fn next_frame(&mut self, dest: &mut [u8]) -> io::Result<Option<usize>> {
-        if !self.fill(2)? {
+        if !self.raw.fill(&mut self.stream, 2)? {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the peer closed the channel in the middle of a transfer",
             ));
         }
-        let len = u16::from_be_bytes([self.raw[self.raw_at], self.raw[self.raw_at + 1]]) as usize;
-        if !self.fill(2 + len)? {
+        let head = self.raw.pending();
+        let len = u16::from_be_bytes([head[0], head[1]]) as usize;
+        if !self.raw.fill(&mut self.stream, 2 + len)? {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let frame = &self.raw[self.raw_at + 2..self.raw_at + 2 + len];
+        let frame = &self.raw.pending()[2..2 + len];
         let plain = len.saturating_sub(TAG);
         // Room for the ciphertext (it is opened in place there).
         let direct = dest.len() >= len && plain > 0;
@@ -646,11 +608,7 @@ impl<S: Read + Write> Channel<S> {
             .lock()
             .map_err(|_| io::Error::other("channel state poisoned"))?
             .open(&mut out[..len])?;
-        self.raw_at += 2 + len;
-        if self.raw_at == self.raw_end {
-            self.raw_at = 0;
-            self.raw_end = 0;
-        }
+        self.raw.take(2 + len);
         if direct {
             Ok(Some(n))
         } else {
@@ -706,12 +664,11 @@ impl<S: Read + Write> Channel<S> {
             key: key.key,
             nonce: key.nonce,
             plain: self.inbuf[self.in_pos..].to_vec(),
-            raw: self.raw[self.raw_at..self.raw_end].to_vec(),
+            raw: self.raw.pending().to_vec(),
         };
         self.inbuf.clear();
         self.in_pos = 0;
-        self.raw_at = 0;
-        self.raw_end = 0;
+        self.raw = Unread::default();
         Ok(lend)
     }
 
@@ -725,13 +682,7 @@ impl<S: Read + Write> Channel<S> {
             .resume(nonce)?;
         self.inbuf = plain;
         self.in_pos = 0;
-        let room = RAW_READ.max(raw.len());
-        if self.raw.len() < room {
-            self.raw = vec![0u8; room];
-        }
-        self.raw[..raw.len()].copy_from_slice(raw);
-        self.raw_at = 0;
-        self.raw_end = raw.len();
+        self.raw = Unread::of(raw);
         self.lent_recv = false;
         Ok(())
     }

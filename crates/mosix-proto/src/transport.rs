@@ -238,8 +238,75 @@ impl std::fmt::Debug for RecvLend {
     }
 }
 
-/// Bytes of frames read at once: a few whole frames.
+/// Bytes of a stream read at once: a few whole frames.
 const RAW: usize = 4 * (2 + MAX_FRAME);
+
+/// Bytes read from a stream and not yet taken: `buf[at..end]` (several frames are read
+/// with one call).
+#[derive(Default)]
+pub struct Unread {
+    pub buf: Vec<u8>,
+    pub at: usize,
+    pub end: usize,
+}
+
+impl Unread {
+    /// `bytes`, not yet taken.
+    pub fn of(bytes: &[u8]) -> Unread {
+        let mut buf = vec![0u8; RAW.max(bytes.len())];
+        buf[..bytes.len()].copy_from_slice(bytes);
+        Unread {
+            buf,
+            at: 0,
+            end: bytes.len(),
+        }
+    }
+
+    /// The bytes not yet taken.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.at..self.end]
+    }
+
+    /// Takes `n` bytes.
+    pub fn take(&mut self, n: usize) {
+        self.at += n;
+        if self.at == self.end {
+            self.at = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Makes sure `need` bytes are not yet taken, reading from `r` as much as comes (what
+    /// was taken may be moved over). Ok(false): the stream ended with none.
+    pub fn fill<R: Read + ?Sized>(&mut self, r: &mut R, need: usize) -> io::Result<bool> {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; RAW];
+        }
+        if self.end - self.at >= need {
+            return Ok(true);
+        }
+        if self.at + need > self.buf.len() {
+            self.buf.copy_within(self.at..self.end, 0);
+            self.end -= self.at;
+            self.at = 0;
+        }
+        while self.end - self.at < need {
+            let n = match r.read(&mut self.buf[self.end..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                if self.end == self.at {
+                    return Ok(false);
+                }
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.end += n;
+        }
+        Ok(true)
+    }
+}
 
 /// Reads one channel direction's frames from `r`, opening each where it was read (no
 /// copy of its ciphertext), for a borrower of it ([`RecvLend`]); [`FrameReader::give_back`]
@@ -250,61 +317,27 @@ pub struct FrameReader<R: Read> {
     /// Plaintext handed over with the lend, given out first.
     plain: Vec<u8>,
     plain_at: usize,
-    /// Bytes read: `buf[open_at..open_end]` is the opened frame's plaintext not yet
-    /// given out; `buf[raw_at..raw_end]` bytes of frames not yet opened.
-    buf: Vec<u8>,
+    /// Bytes read: those of frames not yet opened, and before them the opened frame,
+    /// whose plaintext not yet given out is `raw.buf[open_at..open_end]`.
+    raw: Unread,
     open_at: usize,
     open_end: usize,
-    raw_at: usize,
-    raw_end: usize,
     /// The sender's end frame was read.
     ended: bool,
 }
 
 impl<R: Read> FrameReader<R> {
     pub fn new(r: R, lend: RecvLend) -> FrameReader<R> {
-        let mut buf = vec![0u8; RAW.max(lend.raw.len())];
-        buf[..lend.raw.len()].copy_from_slice(&lend.raw);
         FrameReader {
             r,
             cipher: Cipher::new(lend.key, lend.nonce),
             plain: lend.plain,
             plain_at: 0,
+            raw: Unread::of(&lend.raw),
             open_at: 0,
             open_end: 0,
-            raw_at: 0,
-            raw_end: lend.raw.len(),
-            buf,
             ended: false,
         }
-    }
-
-    /// Makes sure `need` unopened bytes are in the buffer. Ok(false): the stream ended
-    /// with none.
-    fn fill(&mut self, need: usize) -> io::Result<bool> {
-        if self.raw_end - self.raw_at >= need {
-            return Ok(true);
-        }
-        if self.raw_at + need > self.buf.len() {
-            self.buf.copy_within(self.raw_at..self.raw_end, 0);
-            self.raw_end -= self.raw_at;
-            self.raw_at = 0;
-        }
-        while self.raw_end - self.raw_at < need {
-            let n = match self.r.read(&mut self.buf[self.raw_end..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                if self.raw_end == self.raw_at {
-                    return Ok(false);
-                }
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            self.raw_end += n;
-        }
-        Ok(true)
     }
 
     /// Opens the next frame in place.
@@ -315,16 +348,19 @@ impl<R: Read> FrameReader<R> {
                 "the peer closed the channel in the middle of a transfer",
             )
         };
-        if !self.fill(2)? {
+        // (The opened frame's plaintext was all given out: it may be moved over.)
+        if !self.raw.fill(&mut self.r, 2)? {
             return Err(cut());
         }
-        let len = u16::from_be_bytes([self.buf[self.raw_at], self.buf[self.raw_at + 1]]) as usize;
-        if !self.fill(2 + len)? {
+        let head = self.raw.pending();
+        let len = u16::from_be_bytes([head[0], head[1]]) as usize;
+        if !self.raw.fill(&mut self.r, 2 + len)? {
             return Err(cut());
         }
-        let at = self.raw_at + 2;
-        let n = self.cipher.open(&mut self.buf[at..at + len])?;
-        self.raw_at = at + len;
+        let at = self.raw.at + 2;
+        let n = self.cipher.open(&mut self.raw.buf[at..at + len])?;
+        // Taken without `take`: the plaintext stays where it is until given out.
+        self.raw.at = at + len;
         if n == 0 {
             self.ended = true;
         }
@@ -337,12 +373,8 @@ impl<R: Read> FrameReader<R> {
     /// plaintext not taken, the bytes of frames not opened.
     pub fn give_back(self) -> (u64, Vec<u8>, Vec<u8>) {
         let mut plain = self.plain[self.plain_at..].to_vec();
-        plain.extend_from_slice(&self.buf[self.open_at..self.open_end]);
-        (
-            self.cipher.nonce(),
-            plain,
-            self.buf[self.raw_at..self.raw_end].to_vec(),
-        )
+        plain.extend_from_slice(&self.raw.buf[self.open_at..self.open_end]);
+        (self.cipher.nonce(), plain, self.raw.pending().to_vec())
     }
 }
 
@@ -362,7 +394,7 @@ impl<R: Read> Read for FrameReader<R> {
             self.open_next()?;
         }
         let n = out.len().min(self.open_end - self.open_at);
-        out[..n].copy_from_slice(&self.buf[self.open_at..self.open_at + n]);
+        out[..n].copy_from_slice(&self.raw.buf[self.open_at..self.open_at + n]);
         self.open_at += n;
         Ok(n)
     }
