@@ -12,7 +12,10 @@
 //! sent just before the destination is told to commit), it completes the move.
 
 use super::home::DeputyExec;
-use super::imagepipe::{give_way, offer_pipe, take_pipe, take_way, ImageOut, Marks, Sink, Way};
+use super::imagepipe::{
+    give_way, offer_pipe, relay_chunks_marked, take_pipe, take_way, ImageOut, Marks, Sink, Way,
+    WriteSide,
+};
 use mosix_proto::wire::{self, ChunkWriter};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -185,6 +188,9 @@ pub enum FromMover {
 /// Our end of a mover.
 pub struct Mover {
     conn: UnixStream,
+    /// Whether it was told how its image is taken ([`Mover::dump`]): until then it waits
+    /// for that, and touches nothing.
+    way_given: bool,
 }
 
 fn engine(e: impl std::fmt::Display) -> super::MoveError {
@@ -202,7 +208,10 @@ impl Mover {
     pub fn spawn() -> Result<Mover, super::MoveError> {
         let conn = super::supervisor::spawn_helper("move")
             .map_err(|e| engine(format!("no mover: {e}")))?;
-        Ok(Mover { conn })
+        Ok(Mover {
+            conn,
+            way_given: false,
+        })
     }
 
     /// Tells a spawned mover to begin: it seizes the process at once.
@@ -266,6 +275,7 @@ impl Mover {
             None => Way::Relay,
         };
         give_way(&self.conn, &way).map_err(gone)?;
+        self.way_given = true;
         drop(way);
         if to_link {
             drop(image.take());
@@ -386,6 +396,11 @@ impl Mover {
 
     /// Lets it go on here.
     pub fn release(mut self) {
+        if !self.way_given {
+            // Still waiting to hear how its image is taken: it ends when its connection
+            // closes, having touched nothing.
+            return;
+        }
         if self.send(&ToMover::Release).is_ok() {
             let _ = self.recv();
         }
@@ -420,77 +435,6 @@ pub struct Dumped {
     pub rounds: Vec<u64>,
     /// When it was frozen for the last time.
     pub frozen_at: std::time::Instant,
-}
-
-/// Copies a chunk stream (an image) from `from` to `to` as it is, through its end (a
-/// zero-length chunk, written and flushed). False if `from` marked it aborted.
-pub fn relay_chunks<R: Read, W: Write>(from: &mut R, to: &mut W) -> std::io::Result<bool> {
-    relay_chunks_marked(from, to, &mut || {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "a frozen mark out of place",
-        ))
-    })
-}
-
-/// [`relay_chunks`] of a mover's stream: at its [`FROZEN`] mark (not passed on)
-/// `frozen` is called, and the relay goes on if it says so (else: aborted).
-fn relay_chunks_marked<R: Read + ?Sized, W: Write>(
-    from: &mut R,
-    to: &mut W,
-    frozen: &mut dyn FnMut() -> std::io::Result<bool>,
-) -> std::io::Result<bool> {
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let mut len = [0u8; 4];
-        from.read_exact(&mut len)?;
-        let n = u32::from_le_bytes(len);
-        if n == ABORTED {
-            return Ok(false);
-        }
-        if n == FROZEN {
-            // What came before is on its way while its calls are settled.
-            to.flush()?;
-            if !frozen()? {
-                return Ok(false);
-            }
-            continue;
-        }
-        to.write_all(&len)?;
-        if n == 0 {
-            to.flush()?;
-            return Ok(true);
-        }
-        let n = n as usize;
-        if n > buf.len() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "image chunk larger than the limit",
-            ));
-        }
-        from.read_exact(&mut buf[..n])?;
-        to.write_all(&buf[..n])?;
-    }
-}
-
-/// The side the image goes to, remembering whether writing to it failed (the link, not
-/// the mover).
-struct WriteSide<'a, W: Write> {
-    w: &'a mut W,
-    failed: bool,
-}
-
-impl<W: Write> Write for WriteSide<'_, W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let r = self.w.write(b);
-        self.failed |= r.is_err();
-        r
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        let r = self.w.flush();
-        self.failed |= r.is_err();
-        r
-    }
 }
 
 /// The mover process's main.
@@ -778,99 +722,4 @@ fn supervisor_uffd(sup: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
             super::supervisor::UFFD_FD
         )
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chunk(data: &[u8]) -> Vec<u8> {
-        let mut v = (data.len() as u32).to_le_bytes().to_vec();
-        v.extend_from_slice(data);
-        v
-    }
-
-    /// A writer that fails once `room` bytes were written.
-    struct Full {
-        room: usize,
-    }
-
-    impl Write for Full {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            if self.room == 0 {
-                return Err(std::io::ErrorKind::ConnectionReset.into());
-            }
-            let n = b.len().min(self.room);
-            self.room -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn chunks_pass_and_the_frozen_mark_is_called_not_passed() {
-        let mut stream = chunk(b"abc");
-        stream.extend_from_slice(&FROZEN.to_le_bytes());
-        stream.extend_from_slice(&chunk(b"de"));
-        stream.extend_from_slice(&0u32.to_le_bytes());
-        let mut out = Vec::new();
-        let mut marks = 0;
-        let done = relay_chunks_marked(&mut &stream[..], &mut out, &mut || {
-            marks += 1;
-            Ok(true)
-        })
-        .unwrap();
-        assert!(done);
-        assert_eq!(marks, 1);
-        let mut want = chunk(b"abc");
-        want.extend_from_slice(&chunk(b"de"));
-        want.extend_from_slice(&0u32.to_le_bytes());
-        assert_eq!(out, want);
-    }
-
-    #[test]
-    fn an_abort_after_the_mark_or_a_refused_mark_ends_the_relay() {
-        let mut stream = chunk(b"abc");
-        stream.extend_from_slice(&ABORTED.to_le_bytes());
-        let mut out = Vec::new();
-        assert!(!relay_chunks_marked(&mut &stream[..], &mut out, &mut || Ok(true)).unwrap());
-        let mut stream = chunk(b"abc");
-        stream.extend_from_slice(&FROZEN.to_le_bytes());
-        stream.extend_from_slice(&chunk(b"never"));
-        let mut out = Vec::new();
-        assert!(!relay_chunks_marked(&mut &stream[..], &mut out, &mut || Ok(false)).unwrap());
-        assert_eq!(out, chunk(b"abc"));
-        // A mark where none may be (a plain relay) is an error.
-        let stream = FROZEN.to_le_bytes();
-        assert!(relay_chunks(&mut &stream[..], &mut Vec::new()).is_err());
-    }
-
-    #[test]
-    fn an_oversized_chunk_is_refused() {
-        let stream = (1u32 << 30).to_le_bytes();
-        let e = relay_chunks(&mut &stream[..], &mut Vec::new()).unwrap_err();
-        assert!(e.to_string().contains("larger than the limit"), "{e}");
-    }
-
-    #[test]
-    fn a_failure_of_the_side_written_is_told_from_one_of_the_side_read() {
-        let stream = chunk(&[7u8; 100]);
-        let mut link = Full { room: 10 };
-        let mut side = WriteSide {
-            w: &mut link,
-            failed: false,
-        };
-        assert!(relay_chunks(&mut &stream[..], &mut side).is_err());
-        assert!(side.failed);
-        // The mover's stream ends early: a read failure, the link is fine.
-        let mut out = Vec::new();
-        let mut side = WriteSide {
-            w: &mut out,
-            failed: false,
-        };
-        assert!(relay_chunks(&mut &stream[..50], &mut side).is_err());
-        assert!(!side.failed);
-    }
 }

@@ -735,7 +735,7 @@ impl Procs {
             Some((sock, _)) => super::imagepipe::send_fd(&sup, &sock)
                 .map_err(anyhow::Error::from)
                 .and_then(|()| take_back_receiver(&mut ch, &mut sup)),
-            None => match super::mover::relay_chunks(&mut ch, &mut sup) {
+            None => match super::imagepipe::relay_chunks(&mut ch, &mut sup) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(anyhow!("the image was cut short")),
                 Err(e) => Err(e.into()),
