@@ -82,6 +82,14 @@ pub fn all() -> Vec<Target> {
             alloc_bound: |n| (1 << 20) + 8 * n as u64,
         },
         Target {
+            name: "lent_frames",
+            about: "a channel's receiving side lent to a supervisor: FrameReader over the stream, with bytes the lender had read, then what it gives back",
+            seeds: lent_seeds,
+            run: lent_frames,
+            max_len: 1 << 20,
+            alloc_bound: |n| (2 << 20) + 8 * n as u64,
+        },
+        Target {
             name: "control",
             about: "control Request and Response parsing from JSON lines",
             seeds: control_seeds,
@@ -843,6 +851,64 @@ fn channel(d: &[u8]) -> u64 {
             c
         }
     }
+}
+
+/// The key of the lent receiving side in [`lent_frames`].
+const LENT_KEY: [u8; 32] = [0x42; 32];
+
+/// First two bytes: how many of the rest the lender had read (BE, at most the rest); the
+/// rest: the stream. Read to its end frame (or an error), then given back.
+fn lent_frames(d: &[u8]) -> u64 {
+    use mosix_proto::transport::{FrameReader, RecvLend};
+    if d.len() < 2 {
+        return class("short");
+    }
+    let rest = &d[2..];
+    let k = (u16::from_be_bytes([d[0], d[1]]) as usize).min(rest.len());
+    let lend = RecvLend {
+        key: LENT_KEY,
+        nonce: 0,
+        plain: Vec::new(),
+        raw: rest[..k].to_vec(),
+    };
+    let mut r = FrameReader::new(&rest[k..], lend);
+    let mut out = Vec::new();
+    let got = r.read_to_end(&mut out);
+    let (_, plain, raw) = r.give_back();
+    match got {
+        Ok(_) => class(&format!(
+            "read, back {} {}",
+            plain.is_empty(),
+            raw.is_empty()
+        )),
+        Err(e) => class(&format!("{:?} {e}", e.kind())),
+    }
+}
+
+fn lent_seeds() -> Vec<Vec<u8>> {
+    use mosix_proto::transport::{FrameWriter, SendKey};
+    let mut out = Vec::new();
+    for (n, split) in [(10usize, 0u16), (70_000, 7), (200_000, 65_000)] {
+        let mut w = FrameWriter::new(
+            Vec::new(),
+            &SendKey {
+                key: LENT_KEY,
+                nonce: 0,
+            },
+        );
+        let _ = w.write_all(&vec![0x5a; n]);
+        let Ok((mut wire, nonce)) = w.finish() else {
+            continue;
+        };
+        // The end frame (empty), then bytes beyond it.
+        let mut c = mosix_proto::transport::Cipher::new(LENT_KEY, nonce);
+        if let Ok(e) = mosix_proto::transport::Filling::default().seal(&mut c) {
+            wire.extend_from_slice(e);
+        }
+        wire.extend_from_slice(&[0, 20, 1, 2, 3]);
+        out.push([&split.to_be_bytes()[..], &wire].concat());
+    }
+    out
 }
 
 fn channel_seeds() -> Vec<Vec<u8>> {

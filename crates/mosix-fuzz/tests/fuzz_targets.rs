@@ -104,6 +104,7 @@ fuzz_target!(image_sums, "image_sums", 1000, 2048);
 fuzz_target!(image_body, "image_body", 500, 2048);
 fuzz_target!(wire, "wire", 2000, 2048);
 fuzz_target!(channel, "channel", 300, 512);
+fuzz_target!(lent_frames, "lent_frames", 500, 512);
 fuzz_target!(control, "control", 1000, 1024);
 fuzz_target!(control_client, "control_client", 300, 1024);
 fuzz_target!(gossip_open, "gossip_open", 1000, 1024);
