@@ -859,15 +859,17 @@ const LENT_KEY: [u8; 32] = [0x42; 32];
 /// First two bytes: how many of the rest the lender had read (BE, at most the rest); the
 /// rest: the stream. Read to its end frame (or an error), then given back.
 fn lent_frames(d: &[u8]) -> u64 {
-    use mosix_proto::transport::{FrameReader, RecvLend};
+    use mosix_proto::transport::{FrameReader, LentKey, RecvLend};
     if d.len() < 2 {
         return class("short");
     }
     let rest = &d[2..];
     let k = (u16::from_be_bytes([d[0], d[1]]) as usize).min(rest.len());
     let lend = RecvLend {
-        key: LENT_KEY,
-        nonce: 0,
+        key: LentKey {
+            key: LENT_KEY,
+            nonce: 0,
+        },
         plain: Vec::new(),
         raw: rest[..k].to_vec(),
     };
@@ -886,12 +888,12 @@ fn lent_frames(d: &[u8]) -> u64 {
 }
 
 fn lent_seeds() -> Vec<Vec<u8>> {
-    use mosix_proto::transport::{FrameWriter, SendKey};
+    use mosix_proto::transport::{FrameWriter, LentKey};
     let mut out = Vec::new();
     for (n, split) in [(10usize, 0u16), (70_000, 7), (200_000, 65_000)] {
         let mut w = FrameWriter::new(
             Vec::new(),
-            &SendKey {
+            &LentKey {
                 key: LENT_KEY,
                 nonce: 0,
             },

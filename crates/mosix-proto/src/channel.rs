@@ -34,7 +34,7 @@ const KEYED_PATTERN: &str = "Noise_XXpsk0_25519_AESGCM_BLAKE2s";
 /// Hashed into the keyed handshake (domain separation from any other use of the keys).
 const KEYED_PROLOGUE: &[u8] = b"mosix node channel v2";
 pub use crate::transport::MAX_PLAIN;
-use crate::transport::{Cipher, Filling, RecvLend, SendKey, Unread, MAX_FRAME, TAG};
+use crate::transport::{Cipher, Filling, LentKey, RecvLend, Unread, MAX_FRAME, TAG};
 /// Length of an X25519 key, private or public.
 pub const KEY_LEN: usize = 32;
 
@@ -366,6 +366,12 @@ fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<bool> {
     Ok(true)
 }
 
+/// One direction's cipher, for a moment.
+fn locked(c: &Mutex<Cipher>) -> io::Result<std::sync::MutexGuard<'_, Cipher>> {
+    c.lock()
+        .map_err(|_| io::Error::other("channel state poisoned"))
+}
+
 /// An established channel over the stream `S`.
 pub struct Channel<S: Read + Write> {
     stream: S,
@@ -571,10 +577,7 @@ impl<S: Read + Write> Channel<S> {
     /// Seals and sends the frame filled (nothing: the end frame).
     fn send_filled(&mut self) -> io::Result<()> {
         self.not_lent()?;
-        let mut c = self
-            .send
-            .lock()
-            .map_err(|_| io::Error::other("channel state poisoned"))?;
+        let mut c = locked(&self.send)?;
         let frame = self.out.seal(&mut c)?;
         // Length, frame and tag in one write.
         self.stream.write_all(frame)
@@ -603,11 +606,7 @@ impl<S: Read + Write> Channel<S> {
         }
         let out: &mut [u8] = if direct { dest } else { &mut self.inbuf };
         out[..len].copy_from_slice(frame);
-        let n = self
-            .recv
-            .lock()
-            .map_err(|_| io::Error::other("channel state poisoned"))?
-            .open(&mut out[..len])?;
+        let n = locked(&self.recv)?.open(&mut out[..len])?;
         self.raw.take(2 + len);
         if direct {
             Ok(Some(n))
@@ -636,14 +635,10 @@ impl<S: Read + Write> Channel<S> {
     /// number of the next frame are returned, for a [`crate::transport::FrameWriter`]
     /// into (a duplicate of) the same stream, elsewhere. Nothing is sent on this channel
     /// until [`Channel::take_back_sender`].
-    pub fn lend_sender(&mut self) -> io::Result<SendKey> {
+    pub fn lend_sender(&mut self) -> io::Result<LentKey> {
         self.flush()?;
         self.lent = true;
-        Ok(self
-            .send
-            .lock()
-            .map_err(|_| io::Error::other("channel state poisoned"))?
-            .lend())
+        Ok(locked(&self.send)?.lend())
     }
 
     /// Lends the receiving side: its key, the number of the next frame, and what was
@@ -651,18 +646,13 @@ impl<S: Read + Write> Channel<S> {
     /// duplicate of) the same stream, elsewhere. Nothing is read on this channel until
     /// [`Channel::take_back_receiver`].
     pub fn lend_receiver(&mut self) -> io::Result<RecvLend> {
-        let key = self
-            .recv
-            .lock()
-            .map_err(|_| io::Error::other("channel state poisoned"))?
-            .lend();
+        let key = locked(&self.recv)?.lend();
         if self.peer_finished {
             return Err(io::Error::other("the peer has finished sending"));
         }
         self.lent_recv = true;
         let lend = RecvLend {
-            key: key.key,
-            nonce: key.nonce,
+            key,
             plain: self.inbuf[self.in_pos..].to_vec(),
             raw: self.raw.pending().to_vec(),
         };
@@ -676,10 +666,7 @@ impl<S: Read + Write> Channel<S> {
     /// (excluded), and read `plain` and `raw` beyond what it took (see
     /// [`crate::transport::FrameReader::give_back`]): read first.
     pub fn take_back_receiver(&mut self, nonce: u64, plain: Vec<u8>, raw: &[u8]) -> io::Result<()> {
-        self.recv
-            .lock()
-            .map_err(|_| io::Error::other("channel state poisoned"))?
-            .resume(nonce)?;
+        locked(&self.recv)?.resume(nonce)?;
         self.inbuf = plain;
         self.in_pos = 0;
         self.raw = Unread::of(raw);
@@ -690,10 +677,7 @@ impl<S: Read + Write> Channel<S> {
     /// The sending side is back, its borrower having sent frames up to number `nonce`
     /// (excluded).
     pub fn take_back_sender(&mut self, nonce: u64) -> io::Result<()> {
-        self.send
-            .lock()
-            .map_err(|_| io::Error::other("channel state poisoned"))?
-            .resume(nonce)?;
+        locked(&self.send)?.resume(nonce)?;
         self.lent = false;
         Ok(())
     }

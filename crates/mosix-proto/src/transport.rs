@@ -4,10 +4,10 @@
 //! what snow's transport would send (a test holds them to it); we keep the cipher
 //! ourselves for two things snow's transport does not do:
 //! - a frame is sealed where its plaintext was written, with no copy of it;
-//! - the sending direction can be lent to another process for a while ([`SendKey`]: the
-//!   key and the count), which writes its frames into the same stream (a mover writing
-//!   a process's image straight into the link; see docs/migration.md), and handed back
-//!   with the count it reached.
+//! - either direction can be lent to another process for a while ([`LentKey`]: the key
+//!   and the count), which writes its frames into the same stream, or reads them from it
+//!   (a mover writing a process's image straight into the link, a supervisor reading it
+//!   from there; see docs/migration.md), and handed back with the count it reached.
 //!
 //! Frames: `len u16 BE | ciphertext | tag`, at most [`MAX_FRAME`] bytes after the length.
 
@@ -88,9 +88,10 @@ impl Cipher {
         Ok(plain.len())
     }
 
-    /// The key and the next frame's number, for [`FrameWriter`] elsewhere.
-    pub fn lend(&self) -> SendKey {
-        SendKey {
+    /// The key and the next frame's number, for a [`FrameWriter`] or [`FrameReader`]
+    /// elsewhere.
+    pub fn lend(&self) -> LentKey {
+        LentKey {
             key: self.raw,
             nonce: self.nonce,
         }
@@ -114,18 +115,18 @@ impl Cipher {
     }
 }
 
-/// The sending direction of a channel, lent: its key and the number of its next frame.
-/// Passed only between mosixd and its own helpers, over a local socket.
+/// A direction of a channel, lent: its key and the number of its next frame. Passed only
+/// between mosixd and its own helpers, over a local socket.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SendKey {
+pub struct LentKey {
     pub key: [u8; 32],
     pub nonce: u64,
 }
 
-impl std::fmt::Debug for SendKey {
+impl std::fmt::Debug for LentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        write!(f, "SendKey {{ nonce: {} }}", self.nonce)
+        write!(f, "LentKey {{ nonce: {} }}", self.nonce)
     }
 }
 
@@ -140,13 +141,18 @@ pub struct Filling {
 impl Filling {
     /// Copies into the frame what fits of `data`: how much.
     pub fn put(&mut self, data: &[u8]) -> usize {
-        if self.frame.is_empty() {
-            self.frame = vec![0u8; 2 + MAX_FRAME];
-        }
+        self.room();
         let n = data.len().min(MAX_PLAIN - self.len);
         self.frame[2 + self.len..2 + self.len + n].copy_from_slice(&data[..n]);
         self.len += n;
         n
+    }
+
+    /// Room for a whole frame, made at the first use.
+    fn room(&mut self) {
+        if self.frame.is_empty() {
+            self.frame = vec![0u8; 2 + MAX_FRAME];
+        }
     }
 
     pub fn is_full(&self) -> bool {
@@ -161,9 +167,7 @@ impl Filling {
     /// next frame is filled from empty, even if that write fails (a frame half written
     /// ends the stream anyway).
     pub fn seal(&mut self, c: &mut Cipher) -> io::Result<&[u8]> {
-        if self.frame.is_empty() {
-            self.frame = vec![0u8; 2 + MAX_FRAME];
-        }
+        self.room();
         let n = std::mem::take(&mut self.len);
         let total = c.seal_frame(&mut self.frame, n)?;
         Ok(&self.frame[..total])
@@ -179,7 +183,7 @@ pub struct FrameWriter<W: Write> {
 }
 
 impl<W: Write> FrameWriter<W> {
-    pub fn new(w: W, key: &SendKey) -> FrameWriter<W> {
+    pub fn new(w: W, key: &LentKey) -> FrameWriter<W> {
         FrameWriter {
             w,
             cipher: Cipher::new(key.key, key.nonce),
@@ -215,12 +219,11 @@ impl<W: Write> Write for FrameWriter<W> {
 }
 
 /// The receiving direction of a channel, lent ([`crate::channel::Channel::lend_receiver`]):
-/// its key, the number of its next frame, and what the channel had read and not yet
+/// its key and the number of its next frame, and what the channel had read and not yet
 /// given out: plaintext of a frame opened, then bytes of frames not yet opened.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RecvLend {
-    pub key: [u8; 32],
-    pub nonce: u64,
+    pub key: LentKey,
     pub plain: Vec<u8>,
     pub raw: Vec<u8>,
 }
@@ -231,7 +234,7 @@ impl std::fmt::Debug for RecvLend {
         write!(
             f,
             "RecvLend {{ nonce: {}, plain: {} bytes, raw: {} bytes }}",
-            self.nonce,
+            self.key.nonce,
             self.plain.len(),
             self.raw.len()
         )
@@ -330,7 +333,7 @@ impl<R: Read> FrameReader<R> {
     pub fn new(r: R, lend: RecvLend) -> FrameReader<R> {
         FrameReader {
             r,
-            cipher: Cipher::new(lend.key, lend.nonce),
+            cipher: Cipher::new(lend.key.key, lend.key.nonce),
             plain: lend.plain,
             plain_at: 0,
             raw: Unread::of(&lend.raw),
@@ -413,7 +416,7 @@ mod tests {
     #[test]
     fn frames_written_open_in_order_only() {
         let key = [9u8; 32];
-        let mut w = FrameWriter::new(Vec::new(), &SendKey { key, nonce: 5 });
+        let mut w = FrameWriter::new(Vec::new(), &LentKey { key, nonce: 5 });
         let want = data(3 * MAX_PLAIN + 100);
         for piece in want.chunks(1000) {
             w.write_all(piece).unwrap();
@@ -451,7 +454,7 @@ mod tests {
     #[test]
     fn a_frame_reader_reads_on_and_gives_back_the_rest() {
         let key = [3u8; 32];
-        let mut w = FrameWriter::new(Vec::new(), &SendKey { key, nonce: 0 });
+        let mut w = FrameWriter::new(Vec::new(), &LentKey { key, nonce: 0 });
         let want = data(3 * MAX_PLAIN + 5000);
         w.write_all(&want).unwrap();
         let (wire, _) = w.finish().unwrap();
@@ -462,8 +465,7 @@ mod tests {
         let mut c = Cipher::new(key, 0);
         let n0 = c.open(&mut f0).unwrap();
         let lend = RecvLend {
-            key,
-            nonce: 1,
+            key: LentKey { key, nonce: 1 },
             plain: f0[100..n0].to_vec(),
             raw: wire[2 + len0..2 + len0 + 10].to_vec(),
         };
@@ -486,6 +488,6 @@ mod tests {
         assert!(c.resume(9).is_err());
         c.resume(12).unwrap();
         assert_eq!(c.nonce(), 12);
-        assert_eq!(format!("{:?}", c.lend()), "SendKey { nonce: 12 }");
+        assert_eq!(format!("{:?}", c.lend()), "LentKey { nonce: 12 }");
     }
 }

@@ -710,6 +710,7 @@ mod tests {
                 assert_eq!(format!("{got:?}"), format!("{want:?}"));
                 if let Some(data) = data_of(&got).filter(|d| !d.is_empty()) {
                     assert!(frame.as_ptr_range().contains(&data.as_ptr()));
+                    assert!(data.len() <= frame.len());
                 }
                 for cut in [1, frame.len() / 2, frame.len() - 1] {
                     if cut > 0 && cut < frame.len() {

@@ -131,7 +131,7 @@ impl<W: Write> Write for Spill<'_, W> {
 
 /// Straight into the link (no buffer): the mover may write into it itself.
 impl<W: super::imagepipe::ImageOut> super::imagepipe::ImageOut for Spill<'_, W> {
-    fn lend(&mut self) -> Option<(std::os::fd::OwnedFd, mosix_proto::transport::SendKey)> {
+    fn lend(&mut self) -> Option<(std::os::fd::OwnedFd, mosix_proto::transport::LentKey)> {
         if self.spilled && self.buf.is_empty() {
             self.link.lend()
         } else {
@@ -637,7 +637,7 @@ impl<'a, A: Write, F: Write> Tee<'a, A, F> {
 
 /// Without a copy to keep, the mover may write into the link itself.
 impl<A: super::imagepipe::ImageOut, F: Write> super::imagepipe::ImageOut for Tee<'_, A, F> {
-    fn lend(&mut self) -> Option<(std::os::fd::OwnedFd, mosix_proto::transport::SendKey)> {
+    fn lend(&mut self) -> Option<(std::os::fd::OwnedFd, mosix_proto::transport::LentKey)> {
         if self.b.is_none() {
             self.a.lend()
         } else {

@@ -8,11 +8,11 @@
 //! through a pipe of pages", "The mover writes into the link").
 
 use super::mover::{FromMover, ABORTED, FROZEN};
-use mosix_proto::transport::{FrameWriter, SendKey};
+use mosix_proto::transport::{FrameWriter, LentKey};
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 
@@ -97,7 +97,7 @@ pub trait ImageOut: Write {
     /// A duplicate of the link's socket and its sending side, lent to the mover (nothing
     /// is sent on the link until [`ImageOut::take_back`]). None: relayed (a file; a
     /// copy also kept here).
-    fn lend(&mut self) -> Option<(OwnedFd, SendKey)> {
+    fn lend(&mut self) -> Option<(OwnedFd, LentKey)> {
         None
     }
     /// The sending side back, at frame number `nonce`.
@@ -107,7 +107,7 @@ pub trait ImageOut: Write {
 }
 
 impl ImageOut for mosix_proto::channel::Channel<TcpStream> {
-    fn lend(&mut self) -> Option<(OwnedFd, SendKey)> {
+    fn lend(&mut self) -> Option<(OwnedFd, LentKey)> {
         let fd = self.get_ref().try_clone().ok()?;
         let key = self.lend_sender().ok()?;
         Some((OwnedFd::from(fd), key))
@@ -124,7 +124,7 @@ pub(super) enum Way {
     /// It relays the image (from the pipe, or the connection).
     Relay,
     /// The mover writes it into the link: its socket (a duplicate) and sending side.
-    Link(OwnedFd, SendKey),
+    Link(OwnedFd, LentKey),
 }
 
 /// Bytes of a [`Way`] on the connection: 1 (the link) or 0, the key, the nonce (LE).
@@ -133,25 +133,33 @@ const WAY_LEN: usize = 1 + 32 + 8;
 /// Tells the mover how its image is taken (after [`take_pipe`]; the link's socket goes
 /// with SCM_RIGHTS).
 pub(super) fn give_way(conn: &UnixStream, way: &Way) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let mut msg = [0u8; WAY_LEN];
-    let mut fds = Vec::new();
-    if let Way::Link(fd, key) = way {
+    let mut fd = None;
+    if let Way::Link(sock, key) = way {
         msg[0] = 1;
         msg[1..33].copy_from_slice(&key.key);
         msg[33..].copy_from_slice(&key.nonce.to_le_bytes());
-        fds.push(fd.as_raw_fd());
+        fd = Some(sock.as_raw_fd());
     }
+    send_with_fd(conn, &msg, fd)
+}
+
+/// Sends `msg` on `conn`, with descriptor `fd` (if any) on its first byte.
+fn send_with_fd(conn: &UnixStream, msg: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds: Vec<RawFd> = fd.into_iter().collect();
     let rights = [ControlMessage::ScmRights(&fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     let mut sent = 0;
-    while sent < WAY_LEN {
-        // The descriptor goes with the first byte.
-        let c = if sent == 0 { cmsgs } else { &[] };
+    while sent < msg.len() {
+        let cmsgs: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
+            &rights
+        } else {
+            &[]
+        };
         match sendmsg::<()>(
             conn.as_raw_fd(),
             &[std::io::IoSlice::new(&msg[sent..])],
-            c,
+            cmsgs,
             MsgFlags::MSG_NOSIGNAL,
             None,
         ) {
@@ -174,7 +182,7 @@ pub(super) fn take_way(conn: &UnixStream) -> std::io::Result<Way> {
             let mut key = [0u8; 32];
             key.copy_from_slice(&msg[1..33]);
             let nonce = u64::from_le_bytes(msg[33..].try_into().expect("8 bytes"));
-            Ok(Way::Link(fd, SendKey { key, nonce }))
+            Ok(Way::Link(fd, LentKey { key, nonce }))
         }
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -185,21 +193,7 @@ pub(super) fn take_way(conn: &UnixStream) -> std::io::Result<Way> {
 
 /// Sends descriptor `fd` on `conn` (with one byte).
 pub(super) fn send_fd(conn: &UnixStream, fd: &OwnedFd) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let fds = [fd.as_raw_fd()];
-    loop {
-        match sendmsg::<()>(
-            conn.as_raw_fd(),
-            &[std::io::IoSlice::new(&[1])],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    send_with_fd(conn, &[1], Some(fd.as_raw_fd()))
 }
 
 /// The descriptor [`send_fd`] sent.
@@ -255,21 +249,11 @@ fn recv_with_fds(conn: &UnixStream, byte: &mut [u8]) -> std::io::Result<Vec<Owne
 /// of a pipe its image will go through (SCM_RIGHTS), or 0 if it has none (then the image
 /// comes on the connection). The pipe's write end, if it was sent.
 pub(super) fn offer_pipe(conn: &UnixStream) -> Option<std::os::fd::OwnedFd> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let made = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok();
-    let fds: Vec<i32> = made.iter().map(|(r, _)| r.as_raw_fd()).collect();
     let byte = [u8::from(made.is_some())];
-    let rights = [ControlMessage::ScmRights(&fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-    let sent = sendmsg::<()>(
-        conn.as_raw_fd(),
-        &[std::io::IoSlice::new(&byte)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    );
+    let sent = send_with_fd(conn, &byte, made.as_ref().map(|(r, _)| r.as_raw_fd()));
     match (made, sent) {
-        (Some((_, w)), Ok(_)) => Some(w),
+        (Some((_, w)), Ok(())) => Some(w),
         _ => None,
     }
 }
@@ -390,7 +374,7 @@ mod tests {
         let (mover, daemon) = UnixStream::pair().unwrap();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let key = SendKey {
+        let key = LentKey {
             key: [7u8; 32],
             nonce: 1 << 40,
         };

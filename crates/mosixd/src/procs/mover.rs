@@ -612,6 +612,14 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         )
         .map(|(w, st, held)| (w, st.memory_bytes, Vec::new(), held))
     };
+    // How its failure is told: the link's, or its own.
+    let failure = |why: String| {
+        if link_failed.get() {
+            FromMover::LinkLost(why)
+        } else {
+            FromMover::Failed(why)
+        }
+    };
     let (cw, memory_bytes, rounds, held) = match r {
         Ok(x) => x,
         Err(e) => {
@@ -619,12 +627,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
             if streaming.get() {
                 marks.aborted();
             }
-            let failed = if link_failed.get() {
-                FromMover::LinkLost(e.to_string())
-            } else {
-                FromMover::Failed(e.to_string())
-            };
-            let _ = wire::send_flush(&mut conn, &failed);
+            let _ = wire::send_flush(&mut conn, &failure(e.to_string()));
             return Ok(());
         }
     };
@@ -633,7 +636,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
         Err(e) => {
             held.release()?;
             if link_failed.get() {
-                let _ = wire::send_flush(&mut conn, &FromMover::LinkLost(e.to_string()));
+                let _ = wire::send_flush(&mut conn, &failure(e.to_string()));
                 return Ok(());
             }
             anyhow::bail!("the image could not be sent: {e}");

@@ -720,19 +720,19 @@ impl Procs {
         };
         // The supervisor reads the image from the link itself (its receiving side lent),
         // not relayed here.
-        let lent = lend_receiver(&mut ch);
+        let (link_sock, link) = lend_receiver(&mut ch).unzip();
         let start = SupStart {
             header: h.clone(),
             mode: mode.clone(),
             limit,
             socket: sock,
             shared_paths: self.cfg.shared_paths.clone(),
-            link: lent.as_ref().map(|(_, l)| l.clone()),
+            link,
         };
         supervisor::send(&mut sup, &ToSup::Start(Box::new(start)))?;
         // The image, chunk by chunk, then the tail.
-        let relayed = match lent {
-            Some((sock, _)) => super::imagepipe::send_fd(&sup, &sock)
+        let relayed = match link_sock {
+            Some(fd) => super::imagepipe::send_fd(&sup, &fd)
                 .map_err(anyhow::Error::from)
                 .and_then(|()| take_back_receiver(&mut ch, &mut sup)),
             None => match super::imagepipe::relay_chunks(&mut ch, &mut sup) {
