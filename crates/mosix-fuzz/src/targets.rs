@@ -904,8 +904,9 @@ fn lent_seeds() -> Vec<Vec<u8>> {
         };
         // The end frame (empty), then bytes beyond it.
         let mut c = mosix_proto::transport::Cipher::new(LENT_KEY, nonce);
-        if let Ok(e) = mosix_proto::transport::Filling::default().seal(&mut c) {
-            wire.extend_from_slice(e);
+        let mut end = mosix_proto::transport::Filling::default();
+        if end.seal(&mut c).is_ok() {
+            wire.extend_from_slice(end.take_sealed());
         }
         wire.extend_from_slice(&[0, 20, 1, 2, 3]);
         out.push([&split.to_be_bytes()[..], &wire].concat());

@@ -379,7 +379,8 @@ pub struct Channel<S: Read + Write> {
     /// channel.
     send: Arc<Mutex<Cipher>>,
     recv: Arc<Mutex<Cipher>>,
-    /// The frame being filled with what is written (sealed where it lies).
+    /// The frame being filled with what is written (sealed where it lies), and frames
+    /// sealed and not yet written (written together: a batch, or at a flush).
     out: Filling,
     /// The sending direction is lent ([`Channel::lend_sender`]): nothing is sent.
     lent: bool,
@@ -574,13 +575,16 @@ impl<S: Read + Write> Channel<S> {
         Ok(())
     }
 
-    /// Seals and sends the frame filled (nothing: the end frame).
-    fn send_filled(&mut self) -> io::Result<()> {
+    /// Seals the frame filled (nothing: the end frame) and, if the batch is full or
+    /// `now`, sends what was sealed.
+    fn send_filled(&mut self, now: bool) -> io::Result<()> {
         self.not_lent()?;
-        let mut c = locked(&self.send)?;
-        let frame = self.out.seal(&mut c)?;
-        // Length, frame and tag in one write.
-        self.stream.write_all(frame)
+        self.out.seal(&mut *locked(&self.send)?)?;
+        if now || self.out.batch_full() {
+            // Frames, each with its length and tag, in one write.
+            self.stream.write_all(self.out.take_sealed())?;
+        }
+        Ok(())
     }
 
     /// Reads the next frame and decrypts it into `dest` if it has room (Some(plaintext
@@ -617,9 +621,67 @@ impl<S: Read + Write> Channel<S> {
         }
     }
 
+    /// Appends exactly `n` bytes of what is read to `out`: each frame is opened where it
+    /// was read and copied once into `out`'s room, which is not zeroed first (as
+    /// `read_to_end` would, for a reader like this one). The part of a frame beyond `n`
+    /// is kept for the next read.
+    pub fn read_append(&mut self, out: &mut Vec<u8>, mut n: usize) -> io::Result<()> {
+        if self.lent_recv {
+            return Err(io::Error::other(
+                "the channel's receiving side is lent to another process",
+            ));
+        }
+        while n > 0 {
+            if self.in_pos < self.inbuf.len() {
+                let k = n.min(self.inbuf.len() - self.in_pos);
+                out.extend_from_slice(&self.inbuf[self.in_pos..self.in_pos + k]);
+                self.in_pos += k;
+                n -= k;
+                continue;
+            }
+            if self.peer_finished || !self.raw.fill(&mut self.stream, 2)? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let head = self.raw.pending();
+            let len = u16::from_be_bytes([head[0], head[1]]) as usize;
+            if !self.raw.fill(&mut self.stream, 2 + len)? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let frame = &mut self.raw.pending_mut()[2..2 + len];
+            let plain = locked(&self.recv)?.open(frame)?;
+            if plain == 0 {
+                // The peer's end, in the middle of what is read.
+                self.raw.take(2 + len);
+                self.peer_finished = true;
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let k = n.min(plain);
+            out.extend_from_slice(&frame[..k]);
+            if k < plain {
+                self.inbuf.clear();
+                self.inbuf.extend_from_slice(&frame[k..plain]);
+                self.in_pos = 0;
+            }
+            self.raw.take(2 + len);
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// A message body of `n` bytes, read as [`crate::wire::read_large`] does (memory
+    /// grows with what arrives) but with [`Channel::read_append`]: for
+    /// [`crate::wire::recv_framed_by`].
+    pub fn read_large(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        crate::wire::read_in_steps(n, |body, k| self.read_append(body, k))
+    }
+
+    /// Sends what was written (sealed frames and the one being filled).
     fn flush_out(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            self.send_filled()?;
+            self.send_filled(true)?;
+        } else if self.out.has_sealed() {
+            self.not_lent()?;
+            self.stream.write_all(self.out.take_sealed())?;
         }
         Ok(())
     }
@@ -627,7 +689,7 @@ impl<S: Read + Write> Channel<S> {
     /// Sends everything written so far and marks a clean end of what this side sends.
     pub fn finish(&mut self) -> io::Result<()> {
         self.flush_out()?;
-        self.send_filled()?;
+        self.send_filled(true)?;
         self.stream.flush()
     }
 
@@ -702,7 +764,7 @@ impl<S: Read + Write> Write for Channel<S> {
         self.not_lent()?;
         let n = self.out.put(data);
         if self.out.is_full() {
-            self.send_filled()?;
+            self.send_filled(false)?;
         }
         Ok(n)
     }
@@ -904,6 +966,111 @@ mod tests {
         c.read_to_end(&mut got).unwrap();
         t.join().unwrap();
         assert_eq!(got, want);
+    }
+
+    /// A stream that counts the bytes written into it.
+    struct Counted(UnixStream, Arc<std::sync::atomic::AtomicUsize>);
+    impl Read for Counted {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl Write for Counted {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let n = self.0.write(b)?;
+            self.1.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Two ends of a channel (no handshake: keys of the test's own), the first one's
+    /// bytes written counted.
+    fn counted_pair() -> (
+        Channel<Counted>,
+        Channel<UnixStream>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let (x, y) = UnixStream::pair().unwrap();
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = |k: u8| Arc::new(Mutex::new(Cipher::new([k; 32], 0)));
+        let a = Channel::of(Counted(x, sent.clone()), c(1), c(2), None);
+        let b = Channel::of(y, c(2), c(1), None);
+        (a, b, sent)
+    }
+
+    #[test]
+    fn frames_go_out_together_at_a_flush_or_a_full_batch() {
+        let (mut a, mut b, sent) = counted_pair();
+        let sent = || sent.load(std::sync::atomic::Ordering::SeqCst);
+        // Three full frames and a part: nothing is sent before the flush.
+        let three = data(3 * MAX_PLAIN + 1000);
+        a.write_all(&three).unwrap();
+        assert_eq!(sent(), 0, "frames sent before the flush");
+        a.flush().unwrap();
+        assert_eq!(sent(), 4 * 2 + three.len() + 4 * TAG);
+        let mut got = vec![0u8; three.len()];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, three);
+        // A batch's worth goes out without a flush; the frame begun after it does not.
+        let per_batch = crate::transport::BATCH / (2 + MAX_FRAME);
+        let many = data(per_batch * MAX_PLAIN + 10);
+        let t = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        let before = sent();
+        a.write_all(&many).unwrap();
+        assert_eq!(sent() - before, per_batch * (2 + MAX_FRAME));
+        a.finish().unwrap();
+        assert_eq!(t.join().unwrap(), many);
+    }
+
+    #[test]
+    fn bodies_are_read_across_frames_and_what_follows_is_kept() {
+        let (a, b) = pair(plain(b"s"), 1, plain(b"s"));
+        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        // Messages that end inside frames, in the middle of what the reader has read.
+        let all = data(5 * MAX_PLAIN + 777);
+        let t = std::thread::spawn(move || {
+            for piece in all.chunks(40_000) {
+                a.write_all(piece).unwrap();
+            }
+            a.finish().unwrap();
+            all
+        });
+        let mut got = Vec::new();
+        for n in [1, 3 * MAX_PLAIN, 5, MAX_PLAIN - 3, 700] {
+            b.read_append(&mut got, n).unwrap();
+        }
+        let all = t.join().unwrap();
+        // The rest, by the plain reads, from where the appends stopped.
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).unwrap();
+        got.extend_from_slice(&rest);
+        assert_eq!(got, all);
+        // Past the end: an error, not a short body.
+        assert_eq!(
+            b.read_append(&mut Vec::new(), 1).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        // A large body the way the link's readers take it.
+        let (a, b) = pair(plain(b"s"), 1, plain(b"s"));
+        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        let body = data(crate::wire::FIRST_STEP + 3 * MAX_PLAIN);
+        let b2 = body.clone();
+        let t = std::thread::spawn(move || {
+            a.write_all(&b2).unwrap();
+            a.flush().unwrap();
+            a
+        });
+        assert_eq!(b.read_large(body.len()).unwrap(), body);
+        drop(t.join().unwrap());
+        // Cut short: the stream ends in the middle of a body.
+        assert!(b.read_large(10).is_err());
     }
 
     #[test]

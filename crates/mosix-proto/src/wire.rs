@@ -184,7 +184,19 @@ pub fn recv_framed<R: Read, T: DeserializeOwned>(
     variant: u32,
     wrap: impl FnOnce(Frame) -> T,
 ) -> io::Result<Option<T>> {
-    let Some(body) = recv_body(r)? else {
+    recv_framed_by(r, variant, wrap, read_large)
+}
+
+/// [`recv_framed`], a large body being read by `large` (as [`read_large`] does; e.g.
+/// [`crate::channel::Channel::read_large`], which decrypts into it without zeroing it
+/// first).
+pub fn recv_framed_by<R: Read, T: DeserializeOwned>(
+    r: &mut R,
+    variant: u32,
+    wrap: impl FnOnce(Frame) -> T,
+    large: impl FnOnce(&mut R, usize) -> io::Result<Vec<u8>>,
+) -> io::Result<Option<T>> {
+    let Some(body) = recv_body(r, large)? else {
         return Ok(None);
     };
     if let Some((tag, a)) = get_varint(&body) {
@@ -201,8 +213,12 @@ pub fn recv_framed<R: Read, T: DeserializeOwned>(
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
 }
 
-/// One frame's body; Ok(None) on a clean end of stream before its first byte.
-fn recv_body<R: Read>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+/// One frame's body, a large one read by `large`; Ok(None) on a clean end of stream
+/// before its first byte.
+fn recv_body<R: Read>(
+    r: &mut R,
+    large: impl FnOnce(&mut R, usize) -> io::Result<Vec<u8>>,
+) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -225,7 +241,7 @@ fn recv_body<R: Read>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
     // small body as it comes, a large one in at most two steps (a forwarded call's 1 MiB
     // and its headers in one, read in one pass).
     if n > SMALL {
-        return read_large(r, n).map(Some);
+        return large(r, n).map(Some);
     }
     let mut body = Vec::new();
     if r.by_ref().take(n as u64).read_to_end(&mut body)? != n {
@@ -247,17 +263,29 @@ pub const FIRST_STEP: usize = (1 << 20) + (64 << 10);
 /// then up to [`FIRST_STEP`], then the rest (a peer that claims much and sends little
 /// costs at most 16 KiB).
 pub fn read_large<R: Read>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
+    read_in_steps(n, |body, k| {
+        // Read into the new room as it is: not zeroed first (where `r` reads into
+        // room not yet written, as sockets and files do).
+        if r.by_ref().take(k as u64).read_to_end(body)? != k {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    })
+}
+
+/// A body of `n` bytes in the steps of [`read_large`], each appended by `append(body,
+/// k)` (exactly `k` bytes) once `body` has room for them.
+pub fn read_in_steps(
+    n: usize,
+    mut append: impl FnMut(&mut Vec<u8>, usize) -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     for step in [16 << 10, FIRST_STEP, n] {
         let at = body.len();
         let to = n.min(step.max(at));
         if to > at {
-            // Read into the new room as it is: not zeroed first (where `r` reads into
-            // room not yet written, as sockets and files do).
             body.reserve_exact(to - at);
-            if r.by_ref().take((to - at) as u64).read_to_end(&mut body)? != to - at {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
+            append(&mut body, to - at)?;
         }
     }
     Ok(body)
@@ -265,7 +293,7 @@ pub fn read_large<R: Read>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
 
 /// Reads one message; Ok(None) on a clean end of stream before its first byte.
 pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
-    let Some(body) = recv_body(r)? else {
+    let Some(body) = recv_body(r, read_large)? else {
         return Ok(None);
     };
     postcard::from_bytes(&body)

@@ -649,7 +649,12 @@ impl GuestDriver {
                 let _ = std::thread::Builder::new()
                     .name(format!("link-{}", self.h.home_pid))
                     .spawn(move || loop {
-                        match wire::recv_framed(&mut rd, ToHost::DEPUTY, ToHost::Deputy) {
+                        match wire::recv_framed_by(
+                            &mut rd,
+                            ToHost::DEPUTY,
+                            ToHost::Deputy,
+                            mosix_proto::channel::Channel::read_large,
+                        ) {
                             // The deputy's frames go to the supervisor from here.
                             Ok(Some(ToHost::Deputy(f))) => ways.sup(&ToSup::Deputy(f)),
                             Ok(Some(m)) => {

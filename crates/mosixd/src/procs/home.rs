@@ -729,7 +729,12 @@ impl Procs {
             "host linked"
         );
         loop {
-            match wire::recv_framed(&mut r, ToHome::DEPUTY, ToHome::Deputy) {
+            match wire::recv_framed_by(
+                &mut r,
+                ToHome::DEPUTY,
+                ToHome::Deputy,
+                mosix_proto::channel::Channel::read_large,
+            ) {
                 Ok(Some(msg)) => {
                     let last = matches!(msg, ToHome::Left { .. });
                     if !h.send(Ev::FromHost { id, msg }) || last {
