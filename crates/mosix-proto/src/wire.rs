@@ -159,21 +159,32 @@ pub fn send_wrapped<W: Write, T: Serialize>(w: &mut W, variant: u32, inner: &T) 
 /// a byte-string field): as `send` would, with the frame's bytes written from where they
 /// are.
 pub fn send_frame<W: Write>(w: &mut W, variant: u32, frame: &[u8]) -> io::Result<()> {
+    send_frame_parts(w, variant, &[frame])
+}
+
+/// [`send_frame`] of the frame made of `parts`, each written from where it is.
+pub fn send_frame_parts<W: Write>(w: &mut W, variant: u32, parts: &[&[u8]]) -> io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut head = Vec::with_capacity(24);
     head.extend_from_slice(&[0; 4]);
     put_varint(&mut head, variant as u64);
-    put_varint(&mut head, frame.len() as u64);
-    let total = head.len() - 4 + frame.len();
+    put_varint(&mut head, len as u64);
+    let total = head.len() - 4 + len;
     if total > MAX_MSG {
         return Err(io::Error::other("message too large"));
     }
     head[..4].copy_from_slice(&(total as u32).to_le_bytes());
     if total <= SMALL {
-        head.extend_from_slice(frame);
+        for p in parts {
+            head.extend_from_slice(p);
+        }
         return w.write_all(&head);
     }
     w.write_all(&head)?;
-    w.write_all(frame)
+    for p in parts {
+        w.write_all(p)?;
+    }
+    Ok(())
 }
 
 /// Reads one message, like [`recv`]; but a message of variant index `variant`, whose only

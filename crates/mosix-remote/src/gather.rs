@@ -16,6 +16,11 @@ pub trait Mem {
         self.read(addr, &mut v)?;
         Ok(v)
     }
+    /// `len` bytes at `addr`, to keep and pass on (a write's data): where the memory
+    /// puts them (its supervisor's arena, for a process on its host).
+    fn read_bytes(&self, addr: u64, len: usize) -> Result<crate::wire::Bytes, Errno> {
+        self.read_vec(addr, len).map(Into::into)
+    }
 }
 
 /// The memory of process `pid`, through process_vm_readv/writev.
@@ -24,7 +29,7 @@ pub struct ProcessMem(pub i32);
 impl ProcessMem {
     /// Reads `len` bytes at `addr` of the process into `local`, which has room for them
     /// (written or not): all of them, or EFAULT.
-    fn read_into(&self, addr: u64, local: *mut u8, len: usize) -> Result<(), Errno> {
+    pub(crate) fn read_into(&self, addr: u64, local: *mut u8, len: usize) -> Result<(), Errno> {
         let local = [libc::iovec {
             iov_base: local.cast(),
             iov_len: len,

@@ -1,12 +1,14 @@
 //! The real [`Kernel`] of a process on its host: its memory through process_vm_*, its
 //! notification descriptor, its signal state from /proc.
 
+use crate::arena::Arena;
 use crate::gather::{Mem, ProcessMem};
 use crate::guest::{Disposition, Kernel};
 use crate::notify::NotifyFd;
-use crate::wire::FileId;
+use crate::wire::{Bytes, FileId};
 use nix::errno::Errno;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 /// A process under our filter, `pid` as the supervisor sees it.
 pub struct Live {
@@ -29,6 +31,7 @@ impl Live {
             mem: GuardedMem {
                 mem: ProcessMem(pid),
                 off_limits: Vec::new(),
+                arena: None,
             },
             placeholder: p,
         })
@@ -40,12 +43,23 @@ impl Live {
         self.mem.off_limits = ranges;
         self
     }
+
+    /// With the bytes of its writes behind read into `arena` (while it has room).
+    pub fn with_arena(mut self, arena: Arc<Arena>) -> Live {
+        self.mem.arena = Some(arena);
+        self
+    }
 }
+
+/// Writes of at least this size have their bytes in the arena (smaller ones are not
+/// worth a piece: they are copied into their frame).
+const IN_ARENA: usize = 64 << 10;
 
 /// The process's memory, but for ranges that are not on this host.
 struct GuardedMem {
     mem: ProcessMem,
     off_limits: Vec<(u64, u64)>,
+    arena: Option<Arc<Arena>>,
 }
 
 impl GuardedMem {
@@ -70,6 +84,17 @@ impl Mem for GuardedMem {
     fn read_vec(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
         self.check(addr, len)?;
         self.mem.read_vec(addr, len)
+    }
+    fn read_bytes(&self, addr: u64, len: usize) -> Result<Bytes, Errno> {
+        self.check(addr, len)?;
+        let piece = self.arena.as_ref().filter(|_| len >= IN_ARENA);
+        match piece.and_then(|a| a.alloc(len)) {
+            Some(mut b) => {
+                self.mem.read_into(addr, b.as_mut_ptr(), len)?;
+                Ok(Bytes::from_owner(b))
+            }
+            None => self.mem.read_vec(addr, len).map(Into::into),
+        }
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         self.check(addr, data.len())?;

@@ -12,11 +12,13 @@
 //!   [`host`], the real process it acts on;
 //! - [`deputy`]: the deputy's side, and [`marks`], what it keeps at checkpoints so that
 //!   its process can be brought back to one after the death of its host;
-//! - [`streams`] (host) and [`ahead`] (home): reading ahead and writing behind.
+//! - [`streams`] (host) and [`ahead`] (home): reading ahead and writing behind, and
+//!   [`arena`], where the supervisor keeps the bytes of its writes behind for mosixd.
 //!
 //! See docs/transparency.md.
 
 pub mod ahead;
+pub mod arena;
 pub mod deputy;
 pub mod dfsa;
 pub mod exec;

@@ -308,7 +308,7 @@ impl Streams {
             });
             return Verdict::Parked;
         }
-        let data = match mem.read_vec(buf, len as usize) {
+        let data = match mem.read_bytes(buf, len as usize) {
             Ok(d) => d,
             Err(e) => return Verdict::Answer(-(e as i64), Commit::Nothing),
         };
@@ -316,7 +316,7 @@ impl Streams {
             stream: sid,
             n: w.next_n,
             off,
-            data: data.into(),
+            data,
         };
         Verdict::Answer(
             len as i64,

@@ -632,6 +632,13 @@ pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
     postcard::to_stdvec(m).expect("our messages always encode")
 }
 
+/// [`encode`], into `w` (the same bytes).
+pub fn encode_into<W: std::io::Write, T: Serialize>(w: W, m: &T) -> std::io::Result<()> {
+    postcard::to_io(m, w)
+        .map(drop)
+        .map_err(std::io::Error::other)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use super::supervisor::{self, FromSup, ToSup};
 use super::{lock, proc_id, Link, MoveError, Moved, Procs, Snapshot};
 use anyhow::Result;
 use mosix_proto::wire::{self, CkptError, Hello, LinkHello, MigrateHeader, ToHome, ToHost};
+use mosix_remote::arena::ArenaView;
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -142,17 +143,51 @@ impl Procs {
         let w2 = ways.clone();
         std::thread::Builder::new()
             .name(format!("sup-{}", h.home_pid))
-            .spawn(move || loop {
-                match FromSup::recv(&mut r) {
-                    Ok(FromSup::Deputy(f)) => w2.home(ToHome::Deputy(f)),
-                    Ok(m) => {
-                        if stx.send(GuestEv::FromSup(m)).is_err() {
+            .spawn(move || {
+                // The supervisor's arena, once it told of it.
+                let mut arena = None;
+                loop {
+                    match FromSup::recv(&mut r) {
+                        Ok(FromSup::Deputy(f)) => w2.home(ToHome::Deputy(f)),
+                        Ok(FromSup::Arena {
+                            pid,
+                            fd,
+                            cap,
+                            token,
+                        }) => {
+                            arena = open_arena(pid, fd, cap, token);
+                            if arena.is_some() {
+                                w2.sup(&ToSup::ArenaTaken);
+                            }
+                        }
+                        Ok(FromSup::DeputyInArena {
+                            seq,
+                            head,
+                            at,
+                            len,
+                            tail,
+                        }) => {
+                            let Some((a, data)) = arena
+                                .as_ref()
+                                .and_then(|a: &ArenaView| Some((a, a.slice(at, len)?)))
+                            else {
+                                // Never sent before we said we mapped it, always within it.
+                                warn!("a write's data outside the supervisor's arena: dropping it");
+                                let _ = stx.send(GuestEv::SupGone);
+                                return;
+                            };
+                            w2.home_parts(&[&head, data, &tail]);
+                            a.taken(seq);
+                        }
+                        Ok(m) => {
+                            if stx.send(GuestEv::FromSup(m)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => {
+                            let _ = stx.send(GuestEv::SupGone);
                             return;
                         }
-                    }
-                    Err(_) => {
-                        let _ = stx.send(GuestEv::SupGone);
-                        return;
                     }
                 }
             })?;
@@ -276,7 +311,35 @@ struct HomeWay {
     relink: bool,
 }
 
+/// The arena of supervisor `pid` (its descriptor `fd`), which we started: it is in our
+/// PID namespace. Its token makes sure it is the arena told of.
+fn open_arena(pid: i32, fd: i32, cap: u64, token: u64) -> Option<ArenaView> {
+    ArenaView::open(pid, fd, cap, token)
+        .inspect_err(|e| warn!(pid, "the supervisor's arena cannot be used: {e}"))
+        .ok()
+}
+
 impl Ways {
+    /// The deputy's frame made of `parts` (a write's data in the supervisor's arena
+    /// between its other bytes), sent home: copied once, into the link's frames (or, when
+    /// the link is down, into a frame that waits for it).
+    fn home_parts(&self, parts: &[&[u8]]) {
+        let mut w = lock(&self.home);
+        if w.to_home.is_empty() {
+            if let Some(l) = &mut w.link {
+                let sent = wire::send_frame_parts(l, ToHome::DEPUTY, parts)
+                    .and_then(|()| std::io::Write::flush(l));
+                if sent.is_ok() {
+                    return;
+                }
+                w.link = None;
+                w.relink = true;
+            }
+        }
+        drop(w);
+        self.home(ToHome::Deputy(parts.concat().into()));
+    }
+
     fn home(&self, m: ToHome) {
         let mut w = lock(&self.home);
         if w.to_home.is_empty() {
@@ -374,6 +437,8 @@ impl GuestDriver {
             match ev {
                 GuestEv::FromSup(m) => match m {
                     FromSup::Deputy(f) => self.home(ToHome::Deputy(f)),
+                    // (Taken by the supervisor's reading thread.)
+                    FromSup::Arena { .. } | FromSup::DeputyInArena { .. } => {}
                     FromSup::GoHome { why } => {
                         self.home_wanted = Some(why);
                         self.retry_home();

@@ -73,6 +73,16 @@ impl OutFrame {
         v
     }
 
+    /// Its bytes before and after its piece `shared` (None: `shared` is not one of its
+    /// pieces).
+    pub fn around(&self, shared: &Bytes) -> Option<(Vec<u8>, Vec<u8>)> {
+        let i = self
+            .pieces
+            .iter()
+            .position(|p| p.as_ptr() == shared.as_ptr() && p.len() == shared.len())?;
+        Some((self.pieces[..i].concat(), self.pieces[i + 1..].concat()))
+    }
+
     #[cfg(test)]
     fn bytes(&self) -> Vec<u8> {
         self.pieces.concat()
@@ -208,6 +218,53 @@ mod tests {
             },
             data,
         )
+    }
+
+    /// A write whose data the supervisor left in its arena reaches home as the same
+    /// frame, byte for byte, as one whose data crossed the socket: its bytes before the
+    /// data, the data read by mosixd from the arena, its bytes after.
+    #[test]
+    fn a_write_left_in_the_arena_is_the_same_frame_home() {
+        use mosix_proto::wire::{send, send_frame_parts, ToHome};
+        use mosix_remote::arena::{Arena, ArenaView};
+        let a = Arena::new(4 << 20).unwrap();
+        let mut piece = a.alloc(1 << 20).unwrap();
+        let (_, heap) = behind(1 << 20);
+        // SAFETY: the piece's own room, 1 MiB.
+        unsafe { std::ptr::copy_nonoverlapping(heap.as_ptr(), piece.as_mut_ptr(), 1 << 20) };
+        let data = Bytes::from_owner(piece);
+        let m = ToDeputy::Behind {
+            stream: 4,
+            n: 8,
+            off: Some(99),
+            data: data.clone(),
+        };
+        let f = OutFrame::encode(Some(&data), |p| mosix_remote::wire::encode_into(p, &m)).unwrap();
+        let (head, tail) = f.around(&data).unwrap();
+        assert!(
+            head.len() < 32 && tail.is_empty(),
+            "{} {}",
+            head.len(),
+            tail.len()
+        );
+        let view = ArenaView::open(std::process::id() as i32, a.fd(), 4 << 20, a.token()).unwrap();
+        let (at, len) = a.locate(&data).unwrap();
+        let mut relayed = Vec::new();
+        send_frame_parts(
+            &mut relayed,
+            ToHome::DEPUTY,
+            &[&head, view.slice(at, len).unwrap(), &tail],
+        )
+        .unwrap();
+        let mut whole = Vec::new();
+        send(
+            &mut whole,
+            &ToHome::Deputy(mosix_remote::wire::encode(&m).into()),
+        )
+        .unwrap();
+        assert!(relayed == whole);
+        // Data not in the arena is not one of its pieces.
+        assert!(f.around(&heap).is_none());
     }
 
     /// A frame in pieces is, byte for byte, the frame encoded whole; the data of a large

@@ -79,6 +79,9 @@ pub enum ToSup {
     Kill,
     /// The way home was broken and is back: send the waiting calls again.
     Relinked,
+    /// mosixd mapped the arena ([`FromSup::Arena`]): data of writes behind may be left
+    /// there from now on.
+    ArenaTaken,
 }
 
 /// Supervisor to mosixd.
@@ -126,6 +129,24 @@ pub enum FromSup {
     },
     /// Reading the image from the lent link failed: the link can only be dropped.
     LinkLost(String),
+    /// Its arena (mosix_remote::arena): descriptor `fd` of the supervisor (process
+    /// `pid`), `cap` bytes of data, `token` in its header. Sent first on each connection.
+    Arena {
+        pid: i32,
+        fd: i32,
+        cap: u64,
+        token: u64,
+    },
+    /// A frame for the deputy whose data is in the arena: `head`, the `len` bytes at
+    /// offset `at` of the arena, then `tail`. Message number `seq` of this kind (mosixd
+    /// tells the arena it took it once it copied them out).
+    DeputyInArena {
+        seq: u64,
+        head: Vec<u8>,
+        at: u64,
+        len: u64,
+        tail: Vec<u8>,
+    },
 }
 
 impl ToSup {
@@ -511,8 +532,18 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
+            let arena = mosix_remote::arena::Arena::new(ARENA)
+                .inspect_err(|e| warn!(pid, "no arena for writes behind: {e}"))
+                .ok();
+            let mut live = Live::new(NotifyFd(listener), pid)?.with_off_limits(home_ranges.clone());
+            if let Some(a) = &arena {
+                live = live.with_arena(a.clone());
+            }
             let mut s = Supervision {
-                live: Live::new(NotifyFd(listener), pid)?.with_off_limits(home_ranges.clone()),
+                live,
+                arena,
+                arena_ok: false,
+                arena_seq: 0,
                 home_memory,
                 home_ranges,
                 touched_home: false,
@@ -534,6 +565,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                 killed: false,
                 doubtful: false,
             };
+            s.announce_arena();
             s.serve(&start.socket)
         }
     }
@@ -566,7 +598,17 @@ fn reap(pid: Option<i32>) {
 /// Queued beyond this, the process's new calls wait.
 const OUTBOX_FULL: usize = 32 << 20;
 
+/// The arena's size (data of writes behind kept until home made them; a write that
+/// finds it full keeps its data in the heap).
+const ARENA: usize = 16 << 20;
+
 struct Supervision {
+    /// Where the data of its writes behind are kept (mosix_remote::arena), and whether
+    /// the mosixd of the current connection has mapped it; the number of the next
+    /// message that leaves data there.
+    arena: Option<std::sync::Arc<mosix_remote::arena::Arena>>,
+    arena_ok: bool,
+    arena_seq: u64,
     live: Live,
     /// The userfaultfd that sees it touch memory it shares at home (then it goes home).
     home_memory: Option<OwnedFd>,
@@ -607,9 +649,50 @@ impl Supervision {
         }
     }
 
+    /// Tells mosixd of its arena (first on each connection); it is used once mosixd
+    /// says it mapped it.
+    fn announce_arena(&mut self) {
+        self.arena_ok = false;
+        if let Some(a) = &self.arena {
+            let m = FromSup::Arena {
+                pid: std::process::id() as i32,
+                fd: a.fd(),
+                cap: a.cap() as u64,
+                token: a.token(),
+            };
+            self.up(m);
+        }
+    }
+
+    /// A write's data left in the arena, if it is there and mosixd reads it there: the
+    /// message that tells mosixd where.
+    fn in_arena(&mut self, m: &ToDeputy) -> Option<FromSup> {
+        let ToDeputy::Behind { data, .. } = m else {
+            return None;
+        };
+        let a = self.arena.as_ref().filter(|_| self.arena_ok)?;
+        let (at, len) = a.locate(data)?;
+        let f = OutFrame::encode(Some(data), |p| mosix_remote::wire::encode_into(p, m)).ok()?;
+        let (head, tail) = f.around(data)?;
+        let seq = self.arena_seq;
+        self.arena_seq += 1;
+        a.sent(at, seq);
+        Some(FromSup::DeputyInArena {
+            seq,
+            head,
+            at,
+            len,
+            tail,
+        })
+    }
+
     /// Sends a message for the deputy (encoded once, into its frame; a write's data
-    /// stays where it is).
+    /// stays where it is: in the arena, or a piece of the frame).
     fn for_deputy(&mut self, m: &ToDeputy) {
+        if let Some(up) = self.in_arena(m) {
+            self.up(up);
+            return;
+        }
         let shared = match m {
             ToDeputy::Behind { data, .. } => Some(data),
             _ => None,
@@ -832,6 +915,7 @@ impl Supervision {
                         header: self.header.clone(),
                         host_pid: pid,
                     });
+                    self.announce_arena();
                     for f in backlog {
                         self.frame(f);
                     }
@@ -979,6 +1063,7 @@ impl Supervision {
                 let o = self.g.resend(&mut self.live);
                 self.outs(o);
             }
+            ToSup::ArenaTaken => self.arena_ok = true,
             ToSup::Start(_) | ToSup::Commit | ToSup::Abort => {}
         }
     }

@@ -1,0 +1,355 @@
+//! Memory a supervisor shares with its mosixd for the data of its writes behind
+//! (streams.rs): the supervisor reads a write's bytes from the process straight into it,
+//! keeps them there until home made the write, and tells mosixd where they are; mosixd
+//! copies them from there into the link's frame. Before, each megabyte crossed the socket
+//! between them: a copy into the socket and one out of it, on a host whose CPU is what
+//! bounds forwarded writes (docs/transparency.md).
+//!
+//! A memfd (`mosix-arena`), mapped by the supervisor (read and write) and by mosixd (the
+//! data read-only; its first page, the header, read and write). Space is a ring of
+//! positions that only grow; a piece is given back when its bytes are no longer kept
+//! ([`Arena::alloc`]'s buffer dropped) **and** mosixd has taken them if they were sent to
+//! it: mosixd writes into the header the number after the last message of this kind it
+//! took ([`ArenaView::taken`]), and each piece sent knows the number of its last message
+//! ([`Arena::sent`]). A piece is never written again before mosixd copied it, whatever
+//! happens to the write it carried.
+//!
+//! Both processes are root and ours; the data mosixd reads are bytes it passes on, and
+//! every position it is told is checked against the arena's size.
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The header: the page before the data (the count of messages mosixd took, then the
+/// arena's token).
+pub const HEADER: usize = 4096;
+/// The name of the memfd (in /proc/PID/fd of the supervisor).
+pub const NAME: &str = "mosix-arena";
+
+/// One piece handed out, by position.
+#[derive(Debug)]
+struct Piece {
+    pos: u64,
+    len: usize,
+    /// Its buffer was dropped.
+    freed: bool,
+    /// The number of the last message that told mosixd of it.
+    sent: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    /// The position of the next piece (positions grow; `pos % cap` is the offset).
+    tail: u64,
+    pieces: VecDeque<Piece>,
+}
+
+/// The supervisor's side.
+pub struct Arena {
+    file: File,
+    /// The whole memfd, header first.
+    map: memmap2::MmapRaw,
+    cap: usize,
+    /// A random number in its header, which mosixd checks: the arena it opened is the
+    /// one it was told of.
+    token: u64,
+    ring: Mutex<Ring>,
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Arena({} bytes)", self.cap)
+    }
+}
+
+impl Arena {
+    /// A new arena of `cap` bytes of data.
+    pub fn new(cap: usize) -> io::Result<Arc<Arena>> {
+        let fd = memfd_create(c"mosix-arena", MFdFlags::MFD_CLOEXEC)?;
+        let file = File::from(fd);
+        file.set_len((HEADER + cap) as u64)?;
+        let map = memmap2::MmapOptions::new()
+            .len(HEADER + cap)
+            .map_raw(&file)?;
+        use std::hash::BuildHasher;
+        let token = std::collections::hash_map::RandomState::new()
+            .hash_one((std::process::id(), std::time::SystemTime::now()));
+        // SAFETY: bytes 8..16 of the header, within the map, aligned; no one else
+        // writes them (mosixd only reads the token).
+        unsafe { (map.as_mut_ptr().add(8) as *mut u64).write(token) };
+        Ok(Arc::new(Arena {
+            file,
+            map,
+            cap,
+            token,
+            ring: Mutex::new(Ring::default()),
+        }))
+    }
+
+    /// The number mosixd checks in the header it mapped.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The descriptor mosixd opens (through /proc/PID/fd) and the size of its data.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    fn taken(&self) -> u64 {
+        // SAFETY: the header's first 8 bytes are an aligned u64 (the map is page
+        // aligned) that lives as long as `self.map`; mosixd only stores to it atomically.
+        let a = unsafe { &*(self.map.as_mut_ptr() as *const AtomicU64) };
+        a.load(Ordering::Acquire)
+    }
+
+    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Room for `len` bytes, or None (full: the caller keeps them elsewhere). Never
+    /// split at the end of the ring: a piece is contiguous.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Option<ArenaBuf> {
+        if len == 0 || len > self.cap {
+            return None;
+        }
+        let taken = self.taken();
+        let mut r = self.ring();
+        while let Some(p) = r.pieces.front() {
+            if p.freed && p.sent.is_none_or(|s| s < taken) {
+                r.pieces.pop_front();
+            } else {
+                break;
+            }
+        }
+        let cap = self.cap as u64;
+        let mut pos = r.tail;
+        if pos % cap + len as u64 > cap {
+            pos = pos.next_multiple_of(cap);
+        }
+        let head = r.pieces.front().map_or(pos, |p| p.pos);
+        if pos + len as u64 - head > cap {
+            return None;
+        }
+        r.tail = pos + len as u64;
+        r.pieces.push_back(Piece {
+            pos,
+            len,
+            freed: false,
+            sent: None,
+        });
+        let at = HEADER + (pos % cap) as usize;
+        Some(ArenaBuf {
+            arena: self.clone(),
+            pos,
+            // SAFETY: at + len <= HEADER + cap, within the map.
+            ptr: unsafe { self.map.as_mut_ptr().add(at) },
+            len,
+        })
+    }
+
+    /// Where `data` lies in the arena's data (offset, length), if it does.
+    pub fn locate(&self, data: &[u8]) -> Option<(u64, u64)> {
+        let base = self.map.as_ptr() as usize + HEADER;
+        let p = data.as_ptr() as usize;
+        if data.is_empty() || p < base || p + data.len() > base + self.cap {
+            return None;
+        }
+        Some(((p - base) as u64, data.len() as u64))
+    }
+
+    /// Message number `seq` tells mosixd of the bytes at offset `at`: their piece is
+    /// kept until mosixd took it.
+    pub fn sent(&self, at: u64, seq: u64) {
+        let cap = self.cap as u64;
+        let mut r = self.ring();
+        if let Some(p) = r
+            .pieces
+            .iter_mut()
+            .find(|p| (p.pos % cap..p.pos % cap + p.len as u64).contains(&at))
+        {
+            p.sent = Some(p.sent.map_or(seq, |s| s.max(seq)));
+        }
+    }
+
+    fn free(&self, pos: u64) {
+        let mut r = self.ring();
+        if let Some(p) = r.pieces.iter_mut().find(|p| p.pos == pos) {
+            p.freed = true;
+        }
+    }
+
+    /// Pieces handed out and not yet given back (for tests and figures).
+    pub fn pieces(&self) -> usize {
+        self.ring().pieces.len()
+    }
+}
+
+/// A piece of the arena, the supervisor's alone until dropped (then kept until mosixd
+/// took it, if it was sent).
+pub struct ArenaBuf {
+    arena: Arc<Arena>,
+    pos: u64,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the piece is memory of the arena's map, which its Arc keeps mapped; no other
+// ArenaBuf covers it, and the only other process reading it (mosixd) never writes it.
+unsafe impl Send for ArenaBuf {}
+// SAFETY: as for Send; shared use is read-only.
+unsafe impl Sync for ArenaBuf {}
+
+impl ArenaBuf {
+    /// The piece's room, to fill (before it is shared).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl AsRef<[u8]> for ArenaBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` bytes of the map at `ptr` are this piece's alone (see Send).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for ArenaBuf {
+    fn drop(&mut self) {
+        self.arena.free(self.pos);
+    }
+}
+
+/// mosixd's side: the supervisor's arena, mapped from its descriptor.
+pub struct ArenaView {
+    header: memmap2::MmapRaw,
+    data: memmap2::Mmap,
+}
+
+impl ArenaView {
+    /// The arena the supervisor `pid` has at descriptor `fd`, of `cap` bytes of data:
+    /// opened through /proc (it must be an arena memfd, of that size, whose header holds
+    /// `token`).
+    pub fn open(pid: i32, fd: i32, cap: u64, token: u64) -> io::Result<ArenaView> {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let link = std::fs::read_link(&path)?;
+        if !link
+            .to_string_lossy()
+            .starts_with(&format!("/memfd:{NAME} "))
+        {
+            return Err(io::Error::other(format!(
+                "{path} is {}, not an arena",
+                link.display()
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let len = file.metadata()?.len();
+        if cap == 0 || len != HEADER as u64 + cap {
+            return Err(io::Error::other("the arena's size is not the one told"));
+        }
+        let header = memmap2::MmapOptions::new().len(HEADER).map_raw(&file)?;
+        // SAFETY: a shared map of the memfd; its bytes may change under us only where
+        // the supervisor fills pieces not yet told (which we do not read), and we copy
+        // what we read out at once.
+        let data = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(HEADER as u64)
+                .len(cap as usize)
+                .map(&file)?
+        };
+        // SAFETY: bytes 8..16 of the header map, aligned, written once by the
+        // supervisor before it told of the arena.
+        if unsafe { (header.as_ptr().add(8) as *const u64).read() } != token {
+            return Err(io::Error::other("the arena's token is not the one told"));
+        }
+        Ok(ArenaView { header, data })
+    }
+
+    /// The `len` bytes at offset `at`, if within the arena.
+    pub fn slice(&self, at: u64, len: u64) -> Option<&[u8]> {
+        let end = at.checked_add(len)?;
+        self.data.get(at as usize..usize::try_from(end).ok()?)
+    }
+
+    /// The message number `seq` was taken (its bytes copied out): its piece, and those
+    /// of earlier messages, may be written again.
+    pub fn taken(&self, seq: u64) {
+        // SAFETY: as in Arena::taken: an aligned u64 at the start of the header map,
+        // which lives as long as `self`.
+        let a = unsafe { &*(self.header.as_mut_ptr() as *const AtomicU64) };
+        a.fetch_max(seq + 1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(b: &mut ArenaBuf, v: u8) {
+        // SAFETY: the piece's own room, len bytes.
+        unsafe { std::ptr::write_bytes(b.as_mut_ptr(), v, b.len) };
+    }
+
+    #[test]
+    fn pieces_are_reused_only_once_dropped_and_taken() {
+        let a = Arena::new(1 << 20).unwrap();
+        let view = ArenaView::open(std::process::id() as i32, a.fd(), 1 << 20, a.token()).unwrap();
+        let mut x = a.alloc(600 << 10).unwrap();
+        fill(&mut x, 7);
+        let x: bytes::Bytes = bytes::Bytes::from_owner(x);
+        let (at, len) = a.locate(&x).unwrap();
+        assert_eq!((at, len), (0, 600 << 10));
+        assert_eq!(view.slice(at, len).unwrap(), &x[..]);
+        a.sent(at, 0);
+        // No room for another 600 KiB while the first is kept.
+        assert!(a.alloc(600 << 10).is_none());
+        drop(x);
+        // Dropped, but mosixd has not taken it: still kept.
+        assert!(a.alloc(600 << 10).is_none());
+        view.taken(0);
+        let mut y = a.alloc(600 << 10).unwrap();
+        fill(&mut y, 9);
+        // Not split at the end: it starts over at the beginning.
+        assert_eq!(a.locate(y.as_ref()).unwrap().0, 0);
+        // A piece never sent is given back when dropped.
+        let z = a.alloc(300 << 10).unwrap();
+        let zpos = a.locate(z.as_ref()).unwrap().0;
+        assert_eq!(zpos, 600 << 10);
+        drop(y);
+        drop(z);
+        assert!(a.alloc(1 << 20).is_some());
+        assert_eq!(a.pieces(), 1);
+    }
+
+    #[test]
+    fn bytes_elsewhere_are_not_located_and_views_are_checked() {
+        let a = Arena::new(64 << 10).unwrap();
+        assert!(a.locate(&[1, 2, 3]).is_none());
+        assert!(a.alloc(0).is_none());
+        assert!(a.alloc((64 << 10) + 1).is_none());
+        let pid = std::process::id() as i32;
+        let t = a.token();
+        let view = ArenaView::open(pid, a.fd(), 64 << 10, t).unwrap();
+        assert!(view.slice(60 << 10, 8 << 10).is_none());
+        assert!(view.slice(u64::MAX, 2).is_none());
+        // The wrong size or token, another arena, a descriptor that is not an arena.
+        assert!(ArenaView::open(pid, a.fd(), 4096, t).is_err());
+        assert!(ArenaView::open(pid, a.fd(), 64 << 10, t ^ 1).is_err());
+        let b = Arena::new(64 << 10).unwrap();
+        assert!(ArenaView::open(pid, b.fd(), 64 << 10, t).is_err());
+        let f = tempfile::tempfile().unwrap();
+        assert!(ArenaView::open(pid, f.as_raw_fd(), 64 << 10, t).is_err());
+    }
+}
