@@ -141,6 +141,7 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     // Only the moves asked for here.
     mosctl_all(me, dir, 3, "stay")?;
     let mut link = vec![];
+    let mut link_cpu: [Vec<f64>; 2] = [vec![], vec![]];
     for &mib in &a.sizes {
         for &rate in a.dirty.iter().filter(|&&r| r == 0.0 || mib >= 64) {
             let mut job = on_node(me, dir, 1)
@@ -170,7 +171,15 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                 // The references first, alternating with the moves: the link, and a copy
                 // into fresh memory (what the destination must do at least: on these VMs
                 // it can be slower than the link).
+                let cpu_before = [1, 2].map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
                 let bw = link_bandwidth(me, dir, mib.max(64))?;
+                let cpu_after = [1, 2].map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
+                // CPU the link's own TCP took at each end, per GiB sent (what a move's
+                // bytes cost there before anything of ours).
+                let gib = (mib.max(64) as f64) / 1024.0;
+                for i in 0..2 {
+                    link_cpu[i].push(cpu_after[i].saturating_sub(cpu_before[i]) as f64 / 1e6 / gib);
+                }
                 link.push(bw);
                 let fresh = fresh_copy_secs(mib);
                 let optimum = ((mib << 20) as f64 / bw).max(fresh);
@@ -254,6 +263,14 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
         }
     }
     println!("BENCH veth_tcp_bandwidth {:.3} GB/s", median(link) / 1e9);
+    // The CPU the link's own TCP takes per GiB at each end: with a node's CPU quota it
+    // bounds what a move can reach (docs/migration.md, "Why not 0.8 of the link").
+    for (i, side) in ["sender", "receiver"].iter().enumerate() {
+        println!(
+            "BENCH veth_tcp_{side}_cpu {:.0} ms/GiB",
+            median(link_cpu[i].clone())
+        );
+    }
     Ok(())
 }
 
