@@ -7,37 +7,10 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-/// `GET /metrics` of node `n` (its mosixd serves them at its testbed address).
-fn scrape(n: u32) -> String {
-    let addr = format!("{}.{n}:9464", tb_subnet());
-    let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("metrics of node {n} at {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
-}
-
-/// The value of one series (name with its labels, exactly as exposed).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 /// The `mosix fs` of node 1, unmounted when dropped.
 struct Mount {

@@ -387,6 +387,13 @@ fn streams(tb: &Testbed) {
         std::fs::read(&dst).unwrap() == want,
         "the file written behind"
     );
+    // Its 64 KiB writes made away went home from its supervisors' arenas (the bytes
+    // copied once on each host, not through the supervisor's socket).
+    let arena: f64 = [2, 3]
+        .iter()
+        .map(|&n| metric(&scrape(n), "mosix_forwarded_write_arena_bytes_total"))
+        .sum();
+    assert!(arena >= (4 << 20) as f64, "arena bytes {arena}");
 }
 
 const RESTART_PY: &str = r#"

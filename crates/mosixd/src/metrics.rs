@@ -189,6 +189,7 @@ struct Counters {
     frozen_ms: Histogram<12>,
     bytes: Histogram<10>,
     incoming_refused: AtomicU64,
+    arena_bytes: AtomicU64,
 }
 
 static COUNTERS: Counters = Counters {
@@ -196,6 +197,7 @@ static COUNTERS: Counters = Counters {
     frozen_ms: Histogram::new(FROZEN_MS),
     bytes: Histogram::new(BYTES),
     incoming_refused: AtomicU64::new(0),
+    arena_bytes: AtomicU64::new(0),
 };
 
 /// Counts a migration this node tried to send, by why and how it ended, and passes its
@@ -222,6 +224,11 @@ pub fn migration_moved(frozen_ms: u64, bytes: u64) {
 /// This node refused a process another node offered it.
 pub fn incoming_refused() {
     COUNTERS.incoming_refused.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A guest's write behind of `n` bytes went home from its supervisor's arena.
+pub fn arena_bytes(n: u64) {
+    COUNTERS.arena_bytes.fetch_add(n, Ordering::Relaxed);
 }
 
 /// A text exposition being written.
@@ -380,6 +387,12 @@ pub fn render(s: &Snapshot) -> String {
         "Processes offered by other nodes that this node refused.",
         "counter",
         COUNTERS.incoming_refused.load(Ordering::Relaxed) as f64,
+    );
+    o.single(
+        "mosix_forwarded_write_arena_bytes_total",
+        "Bytes of guests' writes behind sent home from their supervisors' arenas.",
+        "counter",
+        COUNTERS.arena_bytes.load(Ordering::Relaxed) as f64,
     );
     COUNTERS.frozen_ms.write(
         &mut o,

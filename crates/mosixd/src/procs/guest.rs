@@ -178,6 +178,7 @@ impl Procs {
                             };
                             w2.home_parts(&[&head, data, &tail]);
                             a.taken(seq);
+                            crate::metrics::arena_bytes(len);
                         }
                         Ok(m) => {
                             if stx.send(GuestEv::FromSup(m)).is_err() {
