@@ -17,6 +17,7 @@
 //! Both processes are root and ours; the data mosixd reads are bytes it passes on, and
 //! every position it is told is checked against the arena's size.
 
+use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -24,6 +25,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The header: the page before the data (the count of messages mosixd took, then the
 /// arena's token).
@@ -47,6 +49,24 @@ struct Ring {
     /// The position of the next piece (positions grow; `pos % cap` is the offset).
     tail: u64,
     pieces: VecDeque<Piece>,
+    /// `tail` when the arena's memory was last given back (nothing handed out since).
+    trimmed_at: Option<u64>,
+    /// When a piece was last handed out.
+    last_alloc: Option<Instant>,
+}
+
+impl Ring {
+    /// Forgets the pieces at the front that may be written again: given back, and taken
+    /// by mosixd (message number below `taken`) if they were sent.
+    fn reclaim(&mut self, taken: u64) {
+        while let Some(p) = self.pieces.front() {
+            if p.freed && p.sent.is_none_or(|s| s < taken) {
+                self.pieces.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
 }
 
 /// The supervisor's side.
@@ -124,13 +144,7 @@ impl Arena {
         }
         let taken = self.taken();
         let mut r = self.ring();
-        while let Some(p) = r.pieces.front() {
-            if p.freed && p.sent.is_none_or(|s| s < taken) {
-                r.pieces.pop_front();
-            } else {
-                break;
-            }
-        }
+        r.reclaim(taken);
         let cap = self.cap as u64;
         let mut pos = r.tail;
         if pos % cap + len as u64 > cap {
@@ -141,6 +155,7 @@ impl Arena {
             return None;
         }
         r.tail = pos + len as u64;
+        r.last_alloc = Some(Instant::now());
         r.pieces.push_back(Piece {
             pos,
             len,
@@ -186,6 +201,27 @@ impl Arena {
         if let Some(p) = r.pieces.iter_mut().find(|p| p.pos == pos) {
             p.freed = true;
         }
+    }
+
+    /// Gives the arena's memory back to the system (its pages read as zeros again) when
+    /// no piece is held and none was handed out for `quiet`: a process that stopped
+    /// writing does not keep its supervisor's pages. Whether it did.
+    pub fn trim(&self, quiet: Duration) -> bool {
+        let taken = self.taken();
+        let mut r = self.ring();
+        r.reclaim(taken);
+        if !r.pieces.is_empty()
+            || r.trimmed_at == Some(r.tail)
+            || r.last_alloc.is_some_and(|t| t.elapsed() < quiet)
+        {
+            return false;
+        }
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        if fallocate(&self.file, punch, HEADER as i64, self.cap as i64).is_err() {
+            return false;
+        }
+        r.trimmed_at = Some(r.tail);
+        true
     }
 
     /// Pieces handed out and not yet given back (for tests and figures).
@@ -331,6 +367,34 @@ mod tests {
         drop(z);
         assert!(a.alloc(1 << 20).is_some());
         assert_eq!(a.pieces(), 1);
+    }
+
+    /// Blocks of the arena's memfd in use (512-byte units).
+    fn blocks(a: &Arena) -> i64 {
+        nix::sys::stat::fstat(&a.file).unwrap().st_blocks
+    }
+
+    #[test]
+    fn an_idle_arena_gives_its_memory_back() {
+        let a = Arena::new(4 << 20).unwrap();
+        let mut x = a.alloc(1 << 20).unwrap();
+        fill(&mut x, 5);
+        let before = blocks(&a);
+        assert!(before >= 2048, "{before}");
+        // Held: kept.
+        assert!(!a.trim(Duration::ZERO));
+        drop(x);
+        // Given back, but handed out a moment ago.
+        assert!(!a.trim(Duration::from_secs(3600)));
+        assert!(a.trim(Duration::ZERO));
+        assert!(blocks(&a) < before, "{} {before}", blocks(&a));
+        // Nothing handed out since: not again.
+        assert!(!a.trim(Duration::ZERO));
+        // It is used as before, from zeros.
+        let mut y = a.alloc(1 << 20).unwrap();
+        assert!(y.as_ref().iter().all(|&b| b == 0));
+        fill(&mut y, 6);
+        assert!(y.as_ref().iter().all(|&b| b == 6));
     }
 
     #[test]

@@ -601,6 +601,8 @@ const OUTBOX_FULL: usize = 32 << 20;
 /// The arena's size (data of writes behind kept until home made them; a write that
 /// finds it full keeps its data in the heap).
 const ARENA: usize = 16 << 20;
+/// An arena unused this long gives its memory back.
+const ARENA_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Supervision {
     /// Where the data of its writes behind are kept (mosix_remote::arena), and whether
@@ -843,6 +845,10 @@ impl Supervision {
                     // Quiet: home hears how far the process read its streams.
                     let o = self.g.idle();
                     self.outs(o);
+                    // And the arena's pages go back once it stopped writing.
+                    if let Some(a) = &self.arena {
+                        a.trim(ARENA_QUIET);
+                    }
                 }
             }
             if fds[0].revents & libc::POLLIN != 0 {
