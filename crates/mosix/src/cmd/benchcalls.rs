@@ -76,18 +76,34 @@ struct Side {
     read64: f64,
     /// Seconds to read the file of the shared directory (1 MiB preads), opened then.
     dread: f64,
+    /// Away: the CPU each node used during read, write and read64 (node 1, home; node 2,
+    /// host), in CPUs (CPU time over the phase's time).
+    cpu: [[f64; 2]; 3],
 }
 
-fn side(job: &mut Job, calls: u64) -> Result<Side> {
-    Ok(Side {
+fn side(job: &mut Job, calls: u64, dir: &Path) -> Result<Side> {
+    let cpu = || [1, 2].map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
+    let mut s = Side {
         pread: job.ask(&format!("lat {calls}"))?,
         stat: job.ask(&format!("stat {calls}"))?,
         open: job.ask(&format!("open {}", calls / 2))?,
-        read: job.ask("read")?,
-        write: job.ask("write")?,
-        read64: job.ask("read64")?,
-        dread: job.ask("dread")?,
-    })
+        ..Side::default()
+    };
+    for (i, cmd) in ["read", "write", "read64"].into_iter().enumerate() {
+        let c0 = cpu();
+        let secs = job.ask(cmd)?;
+        let c1 = cpu();
+        for n in 0..2 {
+            s.cpu[i][n] = c1[n].saturating_sub(c0[n]) as f64 / 1e9 / secs;
+        }
+        match i {
+            0 => s.read = secs,
+            1 => s.write = secs,
+            _ => s.read64 = secs,
+        }
+    }
+    s.dread = job.ask("dread")?;
+    Ok(s)
 }
 
 fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
@@ -121,10 +137,10 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     let mut link = Vec::new();
     let r = (|| -> Result<()> {
         for _ in 0..a.repeat {
-            homes.push(side(&mut job, a.calls * 10)?);
+            homes.push(side(&mut job, a.calls * 10, dir)?);
             link.push(link_bandwidth(me, dir, a.mib.max(64))?);
             migrate(&sock, job.pid, 2)?;
-            aways.push(side(&mut job, a.calls)?);
+            aways.push(side(&mut job, a.calls, dir)?);
             migrate(&sock, job.pid, 0)?;
         }
         Ok(())
@@ -163,16 +179,27 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
     }
     let gbs = |secs: f64| bytes / secs / 1e9;
     let mib = a.mib;
-    for (name, f) in [
+    for (i, (name, f)) in [
         ("read", &(|s: &Side| s.read) as &dyn Fn(&Side) -> f64),
         ("write", &|s: &Side| s.write),
         ("read64k", &|s: &Side| s.read64),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         println!(
             "BENCH forwarded_{name}_{mib}MiB {:.3} GB/s vs veth_tcp={:.3}",
             gbs(med(f, &aways)),
             ratio(&|_, w, l| gbs(f(w)) * 1e9 / l)
         );
+        // Which node the stream waits for: the one whose CPU is at its quota (1 CPU
+        // each on this testbed).
+        for (n, node) in ["home", "host"].iter().enumerate() {
+            println!(
+                "BENCH forwarded_{name}_{mib}MiB_{node}_cpu {:.2} CPUs",
+                med(&|s: &Side| s.cpu[i][n], &aways)
+            );
+        }
         println!(
             "BENCH local_{name}_{mib}MiB {:.3} GB/s",
             gbs(med(f, &homes))
