@@ -4,10 +4,10 @@
 //! balancer, or by the guest itself when it makes a call that needs home).
 
 use super::supervisor::{self, FromSup, ToSup};
+use super::ways::{read_supervisor, HomeWay, Ways};
 use super::{lock, proc_id, Link, MoveError, Moved, Procs, Snapshot};
 use anyhow::Result;
 use mosix_proto::wire::{self, CkptError, Hello, LinkHello, MigrateHeader, ToHome, ToHost};
-use mosix_remote::arena::ArenaView;
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -138,60 +138,11 @@ impl Procs {
         });
         // The supervisor's messages come in on a thread of their own, which passes the
         // deputy's frames home itself.
-        let mut r = sup.try_clone()?;
-        let stx = tx.clone();
-        let w2 = ways.clone();
+        let r = sup.try_clone()?;
+        let (stx, w2) = (tx.clone(), ways.clone());
         std::thread::Builder::new()
             .name(format!("sup-{}", h.home_pid))
-            .spawn(move || {
-                // The supervisor's arena, once it told of it.
-                let mut arena = None;
-                loop {
-                    match FromSup::recv(&mut r) {
-                        Ok(FromSup::Deputy(f)) => w2.home(ToHome::Deputy(f)),
-                        Ok(FromSup::Arena {
-                            pid,
-                            fd,
-                            cap,
-                            token,
-                        }) => {
-                            arena = open_arena(pid, fd, cap, token);
-                            if arena.is_some() {
-                                w2.sup(&ToSup::ArenaTaken);
-                            }
-                        }
-                        Ok(FromSup::DeputyInArena {
-                            seq,
-                            head,
-                            at,
-                            len,
-                            tail,
-                        }) => {
-                            let Some((a, data)) = arena
-                                .as_ref()
-                                .and_then(|a: &ArenaView| Some((a, a.slice(at, len)?)))
-                            else {
-                                // Never sent before we said we mapped it, always within it.
-                                warn!("a write's data outside the supervisor's arena: dropping it");
-                                let _ = stx.send(GuestEv::SupGone);
-                                return;
-                            };
-                            w2.home_parts(&[&head, data, &tail]);
-                            a.taken(seq);
-                            crate::metrics::arena_bytes(len);
-                        }
-                        Ok(m) => {
-                            if stx.send(GuestEv::FromSup(m)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => {
-                            let _ = stx.send(GuestEv::SupGone);
-                            return;
-                        }
-                    }
-                }
-            })?;
+            .spawn(move || read_supervisor(r, &w2, &stx))?;
         let me = self.clone();
         std::thread::Builder::new()
             .name(format!("guest-{}", h.home_pid))
@@ -290,99 +241,6 @@ impl Procs {
             _ => {
                 warn!("{} did not introduce itself (yet)", p.display());
                 false
-            }
-        }
-    }
-}
-
-/// The two ways of a guest's messages, each used by the thread that reads the other end
-/// (a frame between the process's supervisor and its deputy crosses no other thread) and
-/// by the driver. Each has its own lock: a way waits only for its own reader, and the
-/// supervisor never waits to read (see supervisor.rs, Outbox).
-struct Ways {
-    home: Mutex<HomeWay>,
-    sup: Mutex<UnixStream>,
-}
-
-/// The link to its home, and what waits for it.
-struct HomeWay {
-    link: Option<Link>,
-    to_home: VecDeque<ToHome>,
-    /// The link was down (or mosixd restarted): the supervisor resends once it is up.
-    relink: bool,
-}
-
-/// The arena of supervisor `pid` (its descriptor `fd`), which we started: it is in our
-/// PID namespace. Its token makes sure it is the arena told of.
-fn open_arena(pid: i32, fd: i32, cap: u64, token: u64) -> Option<ArenaView> {
-    ArenaView::open(pid, fd, cap, token)
-        .inspect_err(|e| warn!(pid, "the supervisor's arena cannot be used: {e}"))
-        .ok()
-}
-
-impl Ways {
-    /// The deputy's frame made of `parts` (a write's data in the supervisor's arena
-    /// between its other bytes), sent home: copied once, into the link's frames (or, when
-    /// the link is down, into a frame that waits for it).
-    fn home_parts(&self, parts: &[&[u8]]) {
-        let mut w = lock(&self.home);
-        if w.to_home.is_empty() {
-            if let Some(l) = &mut w.link {
-                let sent = wire::send_frame_parts(l, ToHome::DEPUTY, parts)
-                    .and_then(|()| std::io::Write::flush(l));
-                if sent.is_ok() {
-                    return;
-                }
-                w.link = None;
-                w.relink = true;
-            }
-        }
-        drop(w);
-        self.home(ToHome::Deputy(parts.concat().into()));
-    }
-
-    fn home(&self, m: ToHome) {
-        let mut w = lock(&self.home);
-        if w.to_home.is_empty() {
-            if let Some(l) = &mut w.link {
-                if wire::send_flush(l, &m).is_ok() {
-                    return;
-                }
-                w.link = None;
-                w.relink = true;
-            }
-        }
-        w.to_home.push_back(m);
-        if w.to_home.len() > 4096 {
-            w.to_home.pop_front();
-        }
-        w.flush();
-    }
-
-    fn sup(&self, m: &ToSup) {
-        let mut s = lock(&self.sup);
-        let r = match m {
-            ToSup::Deputy(f) => wire::send_frame(&mut *s, ToSup::DEPUTY, f),
-            m => supervisor::send(&mut s, m),
-        };
-        if let Err(e) = r {
-            debug!("to the supervisor: {e}");
-        }
-    }
-}
-
-impl HomeWay {
-    fn flush(&mut self) {
-        while let Some(m) = self.to_home.pop_front() {
-            let Some(l) = &mut self.link else {
-                self.to_home.push_front(m);
-                return;
-            };
-            if wire::send_flush(l, &m).is_err() {
-                self.link = None;
-                self.relink = true;
-                self.to_home.push_front(m);
-                return;
             }
         }
     }

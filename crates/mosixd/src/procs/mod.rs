@@ -38,7 +38,9 @@ mod outbox;
 pub mod recover;
 mod rights;
 pub mod supervisor;
+mod supmsg;
 pub mod transfer;
+mod ways;
 
 /// What `ps`, `where` and the balancer read of a process, kept by its driver.
 #[derive(Clone, Debug)]
