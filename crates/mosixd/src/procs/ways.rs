@@ -39,11 +39,17 @@ pub(super) fn read_supervisor(mut r: UnixStream, ways: &Ways, tx: &Sender<GuestE
                 len,
                 tail,
             }) => {
-                let Some((a, data)) = arena
-                    .as_ref()
-                    .and_then(|a: &ArenaView| Some((a, a.slice(at, len)?)))
-                else {
-                    // Never sent before we said we mapped it, always within it.
+                let Some(a) = arena.as_ref() else {
+                    // Sent to the mosixd before us (we restarted), and our mapping of the
+                    // arena failed: the supervisor sends its waiting calls and writes
+                    // again (home makes each once, by its number), through its socket,
+                    // since we never said we mapped the arena.
+                    warn!("a write's data in an arena we could not map: asking for it again");
+                    ways.sup(&ToSup::Relinked);
+                    continue;
+                };
+                let Some(data) = a.slice(at, len) else {
+                    // Never told of bytes outside it: the supervisor is not ours.
                     warn!("a write's data outside the supervisor's arena: dropping it");
                     let _ = tx.send(GuestEv::SupGone);
                     return;
