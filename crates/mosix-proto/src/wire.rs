@@ -180,9 +180,28 @@ pub fn send_frame_parts<W: Write>(w: &mut W, variant: u32, parts: &[&[u8]]) -> i
         }
         return w.write_all(&head);
     }
-    w.write_all(&head)?;
-    for p in parts {
-        w.write_all(p)?;
+    let mut bufs: Vec<io::IoSlice<'_>> = std::iter::once(&head[..])
+        .chain(parts.iter().copied())
+        .map(io::IoSlice::new)
+        .collect();
+    write_all_vectored(w, &mut bufs)
+}
+
+/// Writes all of `bufs`, with as few calls as `w` takes them in (one `writev` for a
+/// socket: a reader waiting for a message then wakes once, not once for its head and
+/// again for its body).
+pub fn write_all_vectored<W: Write + ?Sized>(
+    w: &mut W,
+    mut bufs: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -921,6 +940,59 @@ fn drain_chunks<R: Read>(r: &mut R, pending: usize) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that takes at most `bite` bytes of the first buffers per call, and
+    /// counts its calls.
+    struct Bites {
+        got: Vec<u8>,
+        bite: usize,
+        calls: usize,
+    }
+    impl Write for Bites {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[io::IoSlice::new(b)])
+        }
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.bite - n);
+                self.got.extend_from_slice(&b[..k]);
+                n += k;
+                if n == self.bite {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_large_frame_is_written_with_as_few_calls_as_the_writer_takes() {
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let parts: [&[u8]; 3] = [b"head", &payload, b"tail"];
+        let mut whole = Vec::new();
+        send_frame(&mut whole, ToHost::DEPUTY, &parts.concat()).unwrap();
+        // A socket takes it all: one call, the head and the parts together.
+        let mut all = Bites {
+            got: Vec::new(),
+            bite: usize::MAX,
+            calls: 0,
+        };
+        send_frame_parts(&mut all, ToHost::DEPUTY, &parts).unwrap();
+        assert_eq!((all.got == whole, all.calls), (true, 1));
+        // One that takes a few bytes at a time gets them all, in order.
+        let mut bites = Bites {
+            got: Vec::new(),
+            bite: 7,
+            calls: 0,
+        };
+        send_frame_parts(&mut bites, ToHost::DEPUTY, &parts).unwrap();
+        assert!(bites.got == whole);
+    }
 
     #[test]
     fn messages_round_trip_and_garbage_is_an_error() {

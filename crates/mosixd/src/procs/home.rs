@@ -31,7 +31,8 @@ impl job::ToDeputySink for DeputyConn {
             b.extend_from_slice(frame);
             return self.0.write_all(&b).is_ok();
         }
-        self.0.write_all(&len).is_ok() && self.0.write_all(frame).is_ok()
+        let mut bufs = [std::io::IoSlice::new(&len), std::io::IoSlice::new(frame)];
+        wire::write_all_vectored(&mut self.0, &mut bufs).is_ok()
     }
 }
 
