@@ -575,6 +575,32 @@ impl<S: Read + Write> Channel<S> {
         Ok(())
     }
 
+    fn not_lent_recv(&self) -> io::Result<()> {
+        if self.lent_recv {
+            return Err(io::Error::other(
+                "the channel's receiving side is lent to another process",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes sure the next whole frame is in `raw`, after its 2-byte length: its length.
+    /// Err(UnexpectedEof) when the stream ends first.
+    fn frame_in_raw(&mut self) -> io::Result<usize> {
+        if !self.raw.fill(&mut self.stream, 2)? {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the channel in the middle of a transfer",
+            ));
+        }
+        let head = self.raw.pending();
+        let len = u16::from_be_bytes([head[0], head[1]]) as usize;
+        if !self.raw.fill(&mut self.stream, 2 + len)? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(len)
+    }
+
     /// Seals the frame filled (nothing: the end frame) and, if the batch is full or
     /// `now`, sends what was sealed.
     fn send_filled(&mut self, now: bool) -> io::Result<()> {
@@ -590,17 +616,7 @@ impl<S: Read + Write> Channel<S> {
     /// Reads the next frame and decrypts it into `dest` if it has room (Some(plaintext
     /// length)), else into `inbuf` (None). Err(UnexpectedEof) when the stream ends.
     fn next_frame(&mut self, dest: &mut [u8]) -> io::Result<Option<usize>> {
-        if !self.raw.fill(&mut self.stream, 2)? {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the peer closed the channel in the middle of a transfer",
-            ));
-        }
-        let head = self.raw.pending();
-        let len = u16::from_be_bytes([head[0], head[1]]) as usize;
-        if !self.raw.fill(&mut self.stream, 2 + len)? {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
+        let len = self.frame_in_raw()?;
         let frame = &self.raw.pending()[2..2 + len];
         let plain = len.saturating_sub(TAG);
         // Room for the ciphertext (it is opened in place there).
@@ -626,11 +642,7 @@ impl<S: Read + Write> Channel<S> {
     /// `read_to_end` would, for a reader like this one). The part of a frame beyond `n`
     /// is kept for the next read.
     pub fn read_append(&mut self, out: &mut Vec<u8>, mut n: usize) -> io::Result<()> {
-        if self.lent_recv {
-            return Err(io::Error::other(
-                "the channel's receiving side is lent to another process",
-            ));
-        }
+        self.not_lent_recv()?;
         while n > 0 {
             if self.in_pos < self.inbuf.len() {
                 let k = n.min(self.inbuf.len() - self.in_pos);
@@ -639,14 +651,10 @@ impl<S: Read + Write> Channel<S> {
                 n -= k;
                 continue;
             }
-            if self.peer_finished || !self.raw.fill(&mut self.stream, 2)? {
+            if self.peer_finished {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            let head = self.raw.pending();
-            let len = u16::from_be_bytes([head[0], head[1]]) as usize;
-            if !self.raw.fill(&mut self.stream, 2 + len)? {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
+            let len = self.frame_in_raw()?;
             let frame = &mut self.raw.pending_mut()[2..2 + len];
             let plain = locked(&self.recv)?.open(frame)?;
             if plain == 0 {
@@ -777,11 +785,7 @@ impl<S: Read + Write> Write for Channel<S> {
 impl<S: Read + Write> Read for Channel<S> {
     /// Ok(0) only after the peer's `finish`; a stream that ends without it is an error.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.lent_recv {
-            return Err(io::Error::other(
-                "the channel's receiving side is lent to another process",
-            ));
-        }
+        self.not_lent_recv()?;
         while self.in_pos == self.inbuf.len() {
             if self.peer_finished {
                 return Ok(0);

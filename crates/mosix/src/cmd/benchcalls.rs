@@ -82,7 +82,7 @@ struct Side {
 }
 
 fn side(job: &mut Job, calls: u64, dir: &Path) -> Result<Side> {
-    let cpu = || [1, 2].map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
+    let cpu = || super::testbed::nodes_cpu_ns(dir, [1, 2]);
     let mut s = Side {
         pread: job.ask(&format!("lat {calls}"))?,
         stat: job.ask(&format!("stat {calls}"))?,

@@ -171,9 +171,9 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                 // The references first, alternating with the moves: the link, and a copy
                 // into fresh memory (what the destination must do at least: on these VMs
                 // it can be slower than the link).
-                let cpu_before = [1, 2].map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
+                let cpu_before = super::testbed::nodes_cpu_ns(dir, [1, 2]);
                 let bw = link_bandwidth(me, dir, mib.max(64))?;
-                let cpu_after = [1, 2].map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
+                let cpu_after = super::testbed::nodes_cpu_ns(dir, [1, 2]);
                 // CPU the link's own TCP took at each end, per GiB sent (what a move's
                 // bytes cost there before anything of ours).
                 let gib = (mib.max(64) as f64) / 1024.0;
@@ -187,7 +187,7 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
                     // The moves go round 1 -> 2 -> 3 -> 1 (0: home, node 1).
                     let from = if k == 0 { 1 } else { KINDS[k - 1].1 };
                     let nodes = [from, if to == 0 { 1 } else { to }];
-                    let cpu = || nodes.map(|n| super::testbed::node_cpu_ns(dir, n).unwrap_or(0));
+                    let cpu = || super::testbed::nodes_cpu_ns(dir, nodes);
                     let cpu0 = cpu();
                     // (A move just answered may still be finishing at its source.)
                     let mut tries = 0;

@@ -536,19 +536,27 @@ pub(crate) fn cgroup_dirs(mode: CgroupMode, n: u32) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// CPU time used so far by everything in node `n`'s cgroup (its mosixd, the processes it
-/// hosts, its helpers), in nanoseconds: for benchmarks.
-pub(crate) fn node_cpu_ns(dir: &Path, n: u32) -> Option<u64> {
-    let tb = load(dir).ok()?;
-    cgroup_dirs(tb.cgroup, n).ok()?.iter().find_map(|c| {
-        if let Ok(v) = std::fs::read_to_string(c.join("cpuacct.usage")) {
-            return v.trim().parse().ok();
-        }
-        let stat = std::fs::read_to_string(c.join("cpu.stat")).ok()?;
-        stat.lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|us| us * 1000)
+/// CPU time used so far by everything in each of `nodes`' cgroups (its mosixd, the
+/// processes it hosts, its helpers), in nanoseconds (0 where it cannot be read): for
+/// benchmarks. The testbed's state is read once for all of them.
+pub(crate) fn nodes_cpu_ns<const N: usize>(dir: &Path, nodes: [u32; N]) -> [u64; N] {
+    let Ok(tb) = load(dir) else {
+        return [0; N];
+    };
+    nodes.map(|n| {
+        let dirs = cgroup_dirs(tb.cgroup, n).unwrap_or_default();
+        dirs.iter()
+            .find_map(|c| {
+                if let Ok(v) = std::fs::read_to_string(c.join("cpuacct.usage")) {
+                    return v.trim().parse().ok();
+                }
+                let stat = std::fs::read_to_string(c.join("cpu.stat")).ok()?;
+                stat.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|us| us * 1000)
+            })
+            .unwrap_or(0)
     })
 }
 

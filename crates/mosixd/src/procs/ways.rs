@@ -102,37 +102,19 @@ impl Ways {
     /// the link is down, into a frame that waits for it).
     fn home_parts(&self, parts: &[&[u8]]) {
         let mut w = lock(&self.home);
-        if w.to_home.is_empty() {
-            if let Some(l) = &mut w.link {
-                let sent = wire::send_frame_parts(l, ToHome::DEPUTY, parts)
-                    .and_then(|()| std::io::Write::flush(l));
-                if sent.is_ok() {
-                    return;
-                }
-                w.link = None;
-                w.relink = true;
-            }
+        let sent = w.send_now(|l| {
+            wire::send_frame_parts(l, ToHome::DEPUTY, parts).and_then(|()| std::io::Write::flush(l))
+        });
+        if !sent {
+            w.queue(ToHome::Deputy(parts.concat().into()));
         }
-        drop(w);
-        self.home(ToHome::Deputy(parts.concat().into()));
     }
 
     pub(super) fn home(&self, m: ToHome) {
         let mut w = lock(&self.home);
-        if w.to_home.is_empty() {
-            if let Some(l) = &mut w.link {
-                if wire::send_flush(l, &m).is_ok() {
-                    return;
-                }
-                w.link = None;
-                w.relink = true;
-            }
+        if !w.send_now(|l| wire::send_flush(l, &m)) {
+            w.queue(m);
         }
-        w.to_home.push_back(m);
-        if w.to_home.len() > 4096 {
-            w.to_home.pop_front();
-        }
-        w.flush();
     }
 
     pub(super) fn sup(&self, m: &ToSup) {
@@ -148,6 +130,33 @@ impl Ways {
 }
 
 impl HomeWay {
+    /// Sends at once with `send` when nothing waits and the link is up: whether it went
+    /// (a link that fails is dropped, to be made again).
+    fn send_now(&mut self, send: impl FnOnce(&mut Link) -> std::io::Result<()>) -> bool {
+        if !self.to_home.is_empty() {
+            return false;
+        }
+        let Some(l) = &mut self.link else {
+            return false;
+        };
+        if send(l).is_ok() {
+            return true;
+        }
+        self.link = None;
+        self.relink = true;
+        false
+    }
+
+    /// Keeps `m` for the link (at most 4096 wait: the oldest goes), and sends what it
+    /// can.
+    fn queue(&mut self, m: ToHome) {
+        self.to_home.push_back(m);
+        if self.to_home.len() > 4096 {
+            self.to_home.pop_front();
+        }
+        self.flush();
+    }
+
     pub(super) fn flush(&mut self) {
         while let Some(m) = self.to_home.pop_front() {
             let Some(l) = &mut self.link else {
