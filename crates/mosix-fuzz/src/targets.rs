@@ -994,6 +994,7 @@ fn requests() -> Vec<Request> {
         Request::Deputy {
             home_pid: 42,
             token: "00ff".into(),
+            arena: true,
         },
     ]
 }

@@ -34,7 +34,14 @@ pub enum Request {
     /// A deputy (`mosix-deputy`, what a process away from home is at home) introduces
     /// itself; answered with [`Response::DeputyOk`], then the connection carries
     /// `mosix_remote::wire` frames.
-    Deputy { home_pid: i32, token: String },
+    /// `arena`: it can take an arena for the data of writes behind (the answer then
+    /// carries a memfd, mosix_remote::arena).
+    Deputy {
+        home_pid: i32,
+        token: String,
+        #[serde(default)]
+        arena: bool,
+    },
     /// Change this node's balancing mode (root only), as MOSIX's mosctl: `stay`,
     /// `nostay`, `lstay`, `nolstay`, `block`, `noblock`, `expel`, `noexpel`; `show` only
     /// reports. Answered with [`Response::Mode`].

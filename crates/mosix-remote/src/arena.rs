@@ -32,6 +32,14 @@ use std::time::{Duration, Instant};
 pub const HEADER: usize = 4096;
 /// The name of the memfd (in /proc/PID/fd of the supervisor).
 pub const NAME: &str = "mosix-arena";
+/// The size of an arena's data: two streams' windows of writes behind
+/// (streams::WINDOW); a write that finds it full goes as before (in the heap, through
+/// the socket).
+pub const SIZE: usize = 16 << 20;
+/// An arena unused this long gives its memory back ([`Arena::trim`]).
+pub const QUIET: Duration = Duration::from_secs(2);
+/// Writes smaller than this go through the socket: the arena saves copies of large ones.
+pub const MIN_PIECE: usize = 64 << 10;
 
 /// One piece handed out, by position.
 #[derive(Debug)]
@@ -90,9 +98,22 @@ impl std::fmt::Debug for Arena {
 impl Arena {
     /// A new arena of `cap` bytes of data.
     pub fn new(cap: usize) -> io::Result<Arc<Arena>> {
-        let fd = memfd_create(c"mosix-arena", MFdFlags::MFD_CLOEXEC)?;
+        let fd = memfd_create(
+            c"mosix-arena",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
         let file = File::from(fd);
         file.set_len((HEADER + cap) as u64)?;
+        // Its size is fixed for good: whoever else holds it (the deputy at home, a user's
+        // process) cannot shrink it under our map (a SIGBUS here) nor seal it further.
+        nix::fcntl::fcntl(
+            &file,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(
+                nix::fcntl::SealFlag::F_SEAL_SHRINK
+                    | nix::fcntl::SealFlag::F_SEAL_GROW
+                    | nix::fcntl::SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
         let map = memmap2::MmapOptions::new()
             .len(HEADER + cap)
             .map_raw(&file)?;
@@ -228,6 +249,24 @@ impl Arena {
     pub fn pieces(&self) -> usize {
         self.ring().pieces.len()
     }
+
+    /// mosixd at home: a copy of `data` in a piece that message `seq` tells the deputy
+    /// of (its offset), kept until the deputy says it is done with it
+    /// ([`ArenaMap`]); None when the arena is full.
+    pub fn put(self: &Arc<Self>, data: &[u8], seq: u64) -> Option<u64> {
+        let mut b = self.alloc(data.len())?;
+        // SAFETY: the piece's own room, `data.len()` bytes, which no one else reads yet.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.as_mut_ptr(), data.len()) };
+        let (at, _) = self.locate(b.as_ref())?;
+        self.sent(at, seq);
+        Some(at)
+    }
+
+    /// A descriptor of the arena, to hand to the process that reads it.
+    pub fn share(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.file.as_fd().try_clone_to_owned()
+    }
 }
 
 /// A piece of the arena, the supervisor's alone until dropped (then kept until mosixd
@@ -329,6 +368,171 @@ impl ArenaView {
     }
 }
 
+/// The deputy's side of the arena its mosixd at home keeps for it: the data of a write
+/// behind arrives there ([`crate::wire::ToDeputy::BehindInArena`]) instead of through
+/// the socket, and the deputy writes it to the file from there. Each piece is held until
+/// its write is made (its [`bytes::Bytes`] dropped); the header then says how far every
+/// piece is done, which is when mosixd may write that room again.
+///
+/// The deputy is the user's process: it could write into the arena (only data of its own
+/// writes is there) or store any number in the header, which only makes mosixd reuse
+/// room of this arena sooner or later. The memfd's size is sealed, so it cannot make
+/// mosixd's map fault.
+pub struct ArenaMap {
+    map: memmap2::MmapRaw,
+    cap: usize,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Pieces arrived and not yet done, by message number.
+    pieces: std::collections::BTreeSet<u64>,
+    /// The number after the last piece that arrived.
+    next: u64,
+}
+
+impl ArenaMap {
+    /// Maps the arena given as `fd` (the descriptor may be closed after).
+    pub fn open(fd: &std::os::fd::OwnedFd) -> io::Result<Arc<ArenaMap>> {
+        let len = nix::sys::stat::fstat(fd)?.st_size;
+        let len = usize::try_from(len).unwrap_or(0);
+        if len <= HEADER {
+            return Err(io::Error::other("the arena is too small"));
+        }
+        let map = memmap2::MmapOptions::new().len(len).map_raw(fd)?;
+        Ok(Arc::new(ArenaMap {
+            map,
+            cap: len - HEADER,
+            held: Mutex::new(Held::default()),
+        }))
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `len` bytes at offset `at` that message `seq` told of, held until the last
+    /// of their `Bytes` is dropped; None if they are not within the arena.
+    pub fn piece(self: &Arc<Self>, at: u64, len: u64, seq: u64) -> Option<bytes::Bytes> {
+        let end = at.checked_add(len)?;
+        if len == 0 || end > self.cap as u64 {
+            return None;
+        }
+        let mut h = self.held();
+        h.pieces.insert(seq);
+        h.next = h.next.max(seq + 1);
+        drop(h);
+        Some(bytes::Bytes::from_owner(MapPiece {
+            map: self.clone(),
+            // SAFETY: HEADER + end <= the map's length (checked above).
+            ptr: unsafe { self.map.as_ptr().add(HEADER + at as usize) },
+            len: len as usize,
+            seq,
+        }))
+    }
+
+    fn done(&self, seq: u64) {
+        let mut h = self.held();
+        h.pieces.remove(&seq);
+        let upto = h.pieces.first().copied().unwrap_or(h.next);
+        // SAFETY: the header's first 8 bytes, an aligned u64 of the map, which lives as
+        // long as `self`; mosixd only loads it.
+        let a = unsafe { &*(self.map.as_mut_ptr() as *const AtomicU64) };
+        a.fetch_max(upto, Ordering::Release);
+    }
+}
+
+/// A piece of the arena the deputy holds.
+struct MapPiece {
+    map: Arc<ArenaMap>,
+    ptr: *const u8,
+    len: usize,
+    seq: u64,
+}
+
+// SAFETY: memory of the map, which the Arc keeps mapped; mosixd does not write it again
+// before the piece is dropped (see ArenaMap), and we only read it.
+unsafe impl Send for MapPiece {}
+// SAFETY: as for Send; read-only.
+unsafe impl Sync for MapPiece {}
+
+impl AsRef<[u8]> for MapPiece {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` bytes of the map at `ptr`, kept as long as this piece (see Send).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for MapPiece {
+    fn drop(&mut self) {
+        self.map.done(self.seq);
+    }
+}
+
+/// Writes `line` on `sock` with `fd` attached (mosixd's answer to a deputy's hello that
+/// gives it its arena).
+pub fn send_line_with_fd(
+    sock: &std::os::unix::net::UnixStream,
+    line: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [io::IoSlice::new(line)];
+    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
+    // The descriptor went with the first bytes; the rest, if any, as usual.
+    io::Write::write_all(&mut &*sock, &line[n..])
+}
+
+/// Reads one line from `sock` byte by byte (nothing after it is taken), with the
+/// descriptor that came with it, if any (close-on-exec). An empty line: the other end
+/// closed first.
+pub fn recv_line_with_fd(
+    sock: &std::os::unix::net::UnixStream,
+) -> io::Result<(String, Option<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut line = Vec::new();
+    let mut got: Option<std::os::fd::OwnedFd> = None;
+    loop {
+        let mut b = [0u8; 1];
+        let mut cspace = nix::cmsg_space!([RawFd; 2]);
+        let (n, fds) = {
+            let mut iov = [io::IoSliceMut::new(&mut b)];
+            let m = recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cspace),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )?;
+            let mut fds = Vec::new();
+            for c in m.cmsgs()? {
+                if let ControlMessageOwned::ScmRights(v) = c {
+                    fds.extend(v);
+                }
+            }
+            (m.bytes, fds)
+        };
+        for fd in fds {
+            // SAFETY: a descriptor the kernel just installed for us; we own it.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            if got.is_none() {
+                got = Some(fd);
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        line.push(b[0]);
+        if b[0] == b'\n' || line.len() > 64 << 10 {
+            break;
+        }
+    }
+    Ok((String::from_utf8_lossy(&line).into_owned(), got))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +571,66 @@ mod tests {
         drop(z);
         assert!(a.alloc(1 << 20).is_some());
         assert_eq!(a.pieces(), 1);
+    }
+
+    #[test]
+    fn a_deputys_pieces_are_written_again_only_when_it_is_done_with_them() {
+        let a = Arena::new(1 << 20).unwrap();
+        let map = ArenaMap::open(&a.share().unwrap()).unwrap();
+        let one = vec![1u8; 400 << 10];
+        let two = vec![2u8; 400 << 10];
+        let at1 = a.put(&one, 0).unwrap();
+        let at2 = a.put(&two, 1).unwrap();
+        let p1 = map.piece(at1, one.len() as u64, 0).unwrap();
+        let p2 = map.piece(at2, two.len() as u64, 1).unwrap();
+        assert_eq!(&p1[..], &one[..]);
+        assert_eq!(&p2[..], &two[..]);
+        // Full until a piece is done; the second done first frees nothing.
+        assert!(a.put(&one, 2).is_none());
+        drop(p2);
+        assert!(a.put(&one, 2).is_none());
+        assert_eq!(&p1[..], &one[..]);
+        drop(p1);
+        let at3 = a.put(&[3u8; 400 << 10], 2).unwrap();
+        assert_eq!(at3, 0);
+        let p3 = map.piece(at3, 400 << 10, 2).unwrap();
+        assert!(p3.iter().all(|&b| b == 3));
+        // Out of the arena: refused.
+        assert!(map.piece(1 << 20, 1, 3).is_none());
+        assert!(map.piece(u64::MAX, 2, 3).is_none());
+        assert!(map.piece(0, 0, 3).is_none());
+        // The size cannot change under mosixd's map.
+        let f = File::from(a.share().unwrap());
+        assert!(f.set_len(4096).is_err());
+        assert!(f.set_len(4 << 20).is_err());
+    }
+
+    #[test]
+    fn the_arena_goes_with_the_line_and_nothing_after_it_is_taken() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let arena = Arena::new(64 << 10).unwrap();
+        let fd = arena.share().unwrap();
+        send_line_with_fd(
+            &a,
+            b"{\"type\":\"deputy_ok\"}\n",
+            std::os::fd::AsFd::as_fd(&fd),
+        )
+        .unwrap();
+        io::Write::write_all(&mut &a, b"after").unwrap();
+        let (line, got) = recv_line_with_fd(&b).unwrap();
+        assert_eq!(line, "{\"type\":\"deputy_ok\"}\n");
+        let map = ArenaMap::open(&got.unwrap()).unwrap();
+        let at = arena.put(b"seen", 0).unwrap();
+        assert_eq!(&map.piece(at, 4, 0).unwrap()[..], b"seen");
+        let mut rest = [0u8; 5];
+        io::Read::read_exact(&mut &b, &mut rest).unwrap();
+        assert_eq!(&rest, b"after");
+        // A line without a descriptor, then the end.
+        io::Write::write_all(&mut &a, b"no\n").unwrap();
+        drop(a);
+        let (line, got) = recv_line_with_fd(&b).unwrap();
+        assert_eq!((line.as_str(), got.is_none()), ("no\n", true));
+        assert_eq!(recv_line_with_fd(&b).unwrap().0, "");
     }
 
     /// Blocks of the arena's memfd in use (512-byte units).

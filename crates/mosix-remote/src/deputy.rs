@@ -633,6 +633,8 @@ pub struct Deputy {
     /// Calls cancelled while their worker was making them, until the worker is done with
     /// them: signalled again (see [`Deputy::recancel`]).
     cancelling: Vec<u64>,
+    /// The arena its mosixd gave it on this connection, if any (crate::arena::ArenaMap).
+    arena: Option<Arc<crate::arena::ArenaMap>>,
 }
 
 /// How often the signal of a cancel is sent again while its call goes on.
@@ -858,6 +860,7 @@ impl Deputy {
             marks: Arc::new(Mutex::new(Marks::default())),
             max_seq: 0,
             cancelling: Vec::new(),
+            arena: None,
         })
     }
 
@@ -936,7 +939,9 @@ impl Deputy {
 
     /// Serves the supervisor over `conn` until the process ends (the deputy then exits as
     /// it did) or the connection closes (returns: connect again and serve once more).
-    pub fn serve(&mut self, conn: UnixStream) {
+    /// `arena`: where its mosixd puts the data of writes behind on this connection.
+    pub fn serve(&mut self, conn: UnixStream, arena: Option<Arc<crate::arena::ArenaMap>>) {
+        self.arena = arena;
         // A second handle for writing, at a number of ours too.
         let Ok(w) = dup_high(conn.as_raw_fd()) else {
             return;
@@ -983,14 +988,42 @@ impl Deputy {
             let msg = wire::recv_bytes(&mut reader)
                 .and_then(|f| f.map(|f| ToDeputy::decode_shared(f.into())).transpose());
             let msg = match msg {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => {
-                    self.out.detach();
-                    return;
-                }
+                Ok(Some(m)) => self.with_arena_data(m),
+                Ok(None) | Err(_) => None,
+            };
+            let Some(msg) = msg else {
+                self.out.detach();
+                return;
             };
             self.handle(msg);
         }
+    }
+
+    /// A write behind whose data is in the arena, as one whose data came with it; None
+    /// if it is not within the arena (not from our mosixd, which checks what it puts
+    /// there: the connection is not to be trusted).
+    fn with_arena_data(&self, msg: ToDeputy) -> Option<ToDeputy> {
+        let ToDeputy::BehindInArena {
+            stream,
+            n,
+            off,
+            at,
+            len,
+            piece,
+        } = msg
+        else {
+            return Some(msg);
+        };
+        let data = self.arena.as_ref().and_then(|a| a.piece(at, len, piece));
+        if data.is_none() {
+            tracing::warn!("a write behind outside the arena ({at}+{len})");
+        }
+        Some(ToDeputy::Behind {
+            stream,
+            n,
+            off,
+            data: data?,
+        })
     }
 
     fn handle(&mut self, msg: ToDeputy) {
@@ -1023,6 +1056,8 @@ impl Deputy {
                 off,
                 data,
             } => self.out.ahead.behind(stream, n, off, data),
+            // Made a Behind as it arrived (serve).
+            ToDeputy::BehindInArena { .. } => {}
             ToDeputy::Adopt {
                 seq,
                 fd,

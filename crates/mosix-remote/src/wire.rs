@@ -267,6 +267,17 @@ pub enum ToDeputy {
         offset: u64,
         cloexec: bool,
     },
+    /// A [`ToDeputy::Behind`] whose `len` bytes of data are at offset `at` of the arena
+    /// its mosixd gave the deputy at its hello (crate::arena::ArenaMap), told as piece
+    /// `piece`: the same write, not copied through the socket.
+    BehindInArena {
+        stream: u64,
+        n: u64,
+        off: Option<u64>,
+        at: u64,
+        len: u64,
+        piece: u64,
+    },
 }
 
 /// What a descriptor is, as a checkpoint records it.
@@ -565,15 +576,22 @@ fn offset_in(frame: &[u8], part: &[u8]) -> usize {
     part.as_ptr() as usize - frame.as_ptr() as usize
 }
 
+/// A write behind as it lies in its frame (see [`ToDeputy::behind_in`]).
+pub struct BehindRef<'a> {
+    pub stream: u64,
+    pub n: u64,
+    pub off: Option<u64>,
+    pub data: &'a [u8],
+}
+
 impl ToDeputy {
     /// The variant index of [`ToDeputy::Behind`] (postcard's first byte of its frames).
     const BEHIND: u8 = 14;
 
-    /// Decodes a frame it keeps: a write behind's data is the part of `frame` it was
-    /// in, not a copy (the message is otherwise what [`decode`] gives).
-    pub fn decode_shared(frame: Bytes) -> Result<ToDeputy, FrameError> {
+    /// The write behind `frame` carries, if it is one, read where it lies.
+    pub fn behind_in(frame: &[u8]) -> Option<BehindRef<'_>> {
         if frame.first() != Some(&Self::BEHIND) {
-            return decode(&frame);
+            return None;
         }
         #[derive(Deserialize)]
         struct Behind<'a> {
@@ -582,7 +600,21 @@ impl ToDeputy {
             off: Option<u64>,
             data: &'a [u8],
         }
-        let (b, _) = postcard::take_from_bytes::<Behind>(&frame[1..])?;
+        let (b, _) = postcard::take_from_bytes::<Behind>(&frame[1..]).ok()?;
+        Some(BehindRef {
+            stream: b.stream,
+            n: b.n,
+            off: b.off,
+            data: b.data,
+        })
+    }
+
+    /// Decodes a frame it keeps: a write behind's data is the part of `frame` it was
+    /// in, not a copy (the message is otherwise what [`decode`] gives).
+    pub fn decode_shared(frame: Bytes) -> Result<ToDeputy, FrameError> {
+        let Some(b) = Self::behind_in(&frame) else {
+            return decode(&frame);
+        };
         let at = offset_in(&frame, b.data);
         Ok(ToDeputy::Behind {
             stream: b.stream,

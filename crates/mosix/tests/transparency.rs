@@ -394,6 +394,10 @@ fn streams(tb: &Testbed) {
         .map(|&n| metric(&scrape(n), "mosix_forwarded_write_arena_bytes_total"))
         .sum();
     assert!(arena >= (4 << 20) as f64, "arena bytes {arena}");
+    // And at home they went to its deputy through the deputy's arena (copied once,
+    // not through the deputy's socket): the same bytes, made into the same file.
+    let home = metric(&scrape(1), "mosix_deputy_arena_bytes_total");
+    assert!(home >= (4 << 20) as f64, "deputy arena bytes {home}");
 }
 
 const RESTART_PY: &str = r#"

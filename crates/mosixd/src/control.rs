@@ -198,7 +198,11 @@ async fn connection(
                         message: format!("internal error: {e}"),
                     })
                 }
-                Ok(Request::Deputy { home_pid, token }) => {
+                Ok(Request::Deputy {
+                    home_pid,
+                    token,
+                    arena,
+                }) => {
                     if !r.buffer().is_empty() {
                         bail!("a deputy sent data before its answer");
                     }
@@ -211,7 +215,7 @@ async fn connection(
                         match s
                             .try_clone()
                             .map_err(anyhow::Error::from)
-                            .and_then(|c| pr.deputy_hello(c, &peer, home_pid, &token))
+                            .and_then(|c| pr.deputy_hello(c, &peer, home_pid, &token, arena))
                         {
                             Ok(()) => Ok(()),
                             Err(e) => write_line(

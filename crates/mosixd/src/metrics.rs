@@ -190,6 +190,7 @@ struct Counters {
     bytes: Histogram<10>,
     incoming_refused: AtomicU64,
     arena_bytes: AtomicU64,
+    deputy_arena_bytes: AtomicU64,
 }
 
 static COUNTERS: Counters = Counters {
@@ -198,6 +199,7 @@ static COUNTERS: Counters = Counters {
     bytes: Histogram::new(BYTES),
     incoming_refused: AtomicU64::new(0),
     arena_bytes: AtomicU64::new(0),
+    deputy_arena_bytes: AtomicU64::new(0),
 };
 
 /// Counts a migration this node tried to send, by why and how it ended, and passes its
@@ -229,6 +231,12 @@ pub fn incoming_refused() {
 /// A guest's write behind of `n` bytes went home from its supervisor's arena.
 pub fn arena_bytes(n: u64) {
     COUNTERS.arena_bytes.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A write behind of `n` bytes of a process of this home went to its deputy through the
+/// deputy's arena.
+pub fn deputy_arena_bytes(n: u64) {
+    COUNTERS.deputy_arena_bytes.fetch_add(n, Ordering::Relaxed);
 }
 
 /// A text exposition being written.
@@ -393,6 +401,12 @@ pub fn render(s: &Snapshot) -> String {
         "Bytes of guests' writes behind sent home from their supervisors' arenas.",
         "counter",
         COUNTERS.arena_bytes.load(Ordering::Relaxed) as f64,
+    );
+    o.single(
+        "mosix_deputy_arena_bytes_total",
+        "Bytes of writes behind of processes of this home given to their deputies in their arenas.",
+        "counter",
+        COUNTERS.deputy_arena_bytes.load(Ordering::Relaxed) as f64,
     );
     COUNTERS.frozen_ms.write(
         &mut o,

@@ -16,7 +16,7 @@
 //! is away (never the process's own descriptors: its calls cannot touch them).
 
 use mosix_remote::deputy::{self, Deputy};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -59,8 +59,10 @@ fn parse(v: &str) -> Conf {
 }
 
 /// Connects to mosixd and introduces itself; the connection, moved out of the process's
-/// descriptor numbers.
-fn connect(c: &Conf, path: &str) -> std::io::Result<UnixStream> {
+/// descriptor numbers, and the arena mosixd gave it for the data of writes behind (asked
+/// for while `*arena_ok`; if it cannot be mapped, not asked for again: this connection
+/// is dropped and the next one goes without).
+fn connect(c: &Conf, path: &str, arena_ok: &mut bool) -> std::io::Result<Connected> {
     let s = UnixStream::connect(path)?;
     mosix_remote::wire::roomy(&s);
     let fd = deputy::move_high(s.into_raw_fd())?;
@@ -68,19 +70,31 @@ fn connect(c: &Conf, path: &str) -> std::io::Result<UnixStream> {
     let mut s = unsafe { UnixStream::from_raw_fd(fd) };
     writeln!(
         s,
-        "{{\"op\":\"deputy\",\"home_pid\":{},\"token\":\"{}\"}}",
-        c.pid, c.token
+        "{{\"op\":\"deputy\",\"home_pid\":{},\"token\":\"{}\",\"arena\":{}}}",
+        c.pid, c.token, arena_ok
     )?;
-    let mut line = String::new();
     // Read the answer byte by byte: nothing of the frames after it may be taken.
-    let mut r = BufReader::with_capacity(1, &s);
-    r.read_line(&mut line)?;
+    let (line, fd) = mosix_remote::arena::recv_line_with_fd(&s)?;
     match Answer::of(&line) {
-        Answer::Taken => Ok(s),
-        Answer::Later(why) => Err(std::io::Error::other(why)),
-        Answer::Refused(why) => Err(std::io::Error::other(Refused(why))),
+        Answer::Taken => {}
+        Answer::Later(why) => return Err(std::io::Error::other(why)),
+        Answer::Refused(why) => return Err(std::io::Error::other(Refused(why))),
     }
+    let arena = match fd.map(|fd| mosix_remote::arena::ArenaMap::open(&fd)) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => {
+            *arena_ok = false;
+            return Err(std::io::Error::other(format!("cannot map the arena: {e}")));
+        }
+    };
+    Ok((s, arena))
 }
+
+type Connected = (
+    UnixStream,
+    Option<std::sync::Arc<mosix_remote::arena::ArenaMap>>,
+);
 
 /// mosixd's refusal of this deputy (as the error [`connect`] returns).
 #[derive(Debug)]
@@ -158,7 +172,7 @@ fn main() {
         deputy::add_private(fd);
         // SAFETY: the harness gave us this connected socket as descriptor `fd`.
         let s = unsafe { UnixStream::from_raw_fd(fd) };
-        d.serve(s);
+        d.serve(s, None);
         // The supervisor is gone, and so is the process.
         deputy::end_as(mosix_remote::wire::ExitStatus::Signal(libc::SIGKILL));
     }
@@ -166,11 +180,12 @@ fn main() {
         eprintln!("mosix-deputy: MOSIX_DEPUTY names no socket");
         std::process::exit(2);
     };
+    let mut arena_ok = true;
     loop {
-        match connect(&c, &path) {
-            Ok(s) => {
+        match connect(&c, &path, &mut arena_ok) {
+            Ok((s, arena)) => {
                 let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-                d.serve(s);
+                d.serve(s, arena);
                 deputy::remove_private(fd);
             }
             Err(e) => {

@@ -10,6 +10,8 @@ use crate::peer::{Peer, PeerPidfd};
 use anyhow::{anyhow, bail, Result};
 use mosix_proto::control::{After, CheckpointSpec, RegisterRequest};
 use mosix_proto::wire::{self, CkptError, LinkHello, ToHome, ToHost};
+use mosix_remote::arena::{self, Arena};
+use mosix_remote::wire::ToDeputy;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -19,20 +21,70 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
+/// Arenas a deputy is given at most by one mosixd. A deputy connects again only when
+/// its mosixd restarted, so it needs one; but the pages of an arena are this daemon's
+/// (charged to its cgroup) and a deputy that keeps its map of an old one keeps them:
+/// the user's process, taken over, must not make it hold more and more of them. Past
+/// this, its writes behind go through the socket, as before.
+const ARENAS: u32 = 4;
+
 /// The deputy's end, as the job writes to it: mosix-remote frames on its connection.
-pub struct DeputyConn(UnixStream);
+pub struct DeputyConn {
+    sock: UnixStream,
+    /// The arena the deputy was given at its hello for the data of large writes behind
+    /// (mosix_remote::arena: a copy into it instead of two through the socket), and the
+    /// number of the next piece put there.
+    arena: Option<(Arc<Arena>, u64)>,
+}
+
+impl DeputyConn {
+    /// A write behind of `frame`, with its data put in the arena: the frame that tells
+    /// the deputy where. None (sent as it is) if it is not a large write behind, there is
+    /// no arena or it is full.
+    fn in_arena(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
+        let (arena, next) = self.arena.as_mut()?;
+        let b = ToDeputy::behind_in(frame).filter(|b| b.data.len() >= arena::MIN_PIECE)?;
+        let at = arena.put(b.data, *next)?;
+        let m = ToDeputy::BehindInArena {
+            stream: b.stream,
+            n: b.n,
+            off: b.off,
+            at,
+            len: b.data.len() as u64,
+            piece: *next,
+        };
+        *next += 1;
+        crate::metrics::deputy_arena_bytes(b.data.len() as u64);
+        Some(mosix_remote::wire::encode(&m))
+    }
+
+    /// Its arena's pages go back once it stopped writing.
+    pub(super) fn trim(&self) {
+        if let Some((a, _)) = &self.arena {
+            a.trim(arena::QUIET);
+        }
+    }
+}
 
 impl job::ToDeputySink for DeputyConn {
     fn send(&mut self, frame: &[u8]) -> bool {
+        let small;
+        let frame = match self.in_arena(frame) {
+            Some(f) => {
+                small = f;
+                &small[..]
+            }
+            None => frame,
+        };
         let len = (frame.len() as u32).to_le_bytes();
         if frame.len() <= 64 << 10 {
             let mut b = Vec::with_capacity(frame.len() + 4);
             b.extend_from_slice(&len);
             b.extend_from_slice(frame);
-            return self.0.write_all(&b).is_ok();
+            return self.sock.write_all(&b).is_ok();
         }
         let mut bufs = [std::io::IoSlice::new(&len), std::io::IoSlice::new(frame)];
-        wire::write_all_vectored(&mut self.0, &mut bufs).is_ok()
+        wire::write_all_vectored(&mut self.sock, &mut bufs).is_ok()
     }
 }
 
@@ -92,6 +144,8 @@ pub struct Handle {
     tx: Sender<HomeEv>,
     pub info: Arc<Mutex<Snapshot>>,
     token: Arc<String>,
+    /// Arenas its deputy was given (see [`ARENAS`]).
+    arenas: Arc<std::sync::atomic::AtomicU32>,
     answers: Answers,
     /// Its owner, as the socket of its registration said (for its children's files).
     owner: Option<Owner>,
@@ -527,6 +581,7 @@ impl Procs {
             tx: tx.clone(),
             info: info.clone(),
             token: Arc::new(token),
+            arenas: Arc::default(),
             answers: answers.clone(),
             owner: rec.owner.clone(),
         };
@@ -652,6 +707,7 @@ impl Procs {
         peer: &Peer,
         home_pid: i32,
         token: &str,
+        arena: bool,
     ) -> Result<()> {
         let h = lock(&self.homes).get(&home_pid).cloned();
         let Some(h) = h else {
@@ -666,7 +722,16 @@ impl Procs {
         }
         mosix_remote::wire::roomy(&stream);
         let mut w = stream.try_clone()?;
-        w.write_all(b"{\"type\":\"deputy_ok\"}\n")?;
+        // An arena if it can take one (a new one on each connection: what the deputy
+        // holds of an earlier one is its own).
+        let arena = (arena && h.arenas.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ARENAS)
+            .then(|| Arena::new(arena::SIZE))
+            .and_then(|a| a.inspect_err(|e| warn!("no arena for a deputy: {e}")).ok());
+        let ok = b"{\"type\":\"deputy_ok\"}\n";
+        match &arena {
+            Some(a) => arena::send_line_with_fd(&w, ok, a.share()?.as_fd())?,
+            None => w.write_all(ok)?,
+        }
         let tx = h.tx.clone();
         std::thread::Builder::new()
             .name(format!("deputy-{home_pid}"))
@@ -686,7 +751,10 @@ impl Procs {
                     }
                 }
             })?;
-        h.send(Ev::DeputyConnected(DeputyConn(w)));
+        h.send(Ev::DeputyConnected(DeputyConn {
+            sock: w,
+            arena: arena.map(|a| (a, 0)),
+        }));
         debug!(pid = home_pid, "deputy connected");
         Ok(())
     }
@@ -983,7 +1051,12 @@ impl Driver {
                     self.on_ckpt_ev(other);
                     Vec::new()
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(d) = self.job.deputy() {
+                        d.trim();
+                    }
+                    Vec::new()
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
 
@@ -1187,5 +1260,67 @@ mod tests {
         assert_eq!(super::ppid_of(c.id() as i32), Some(me));
         let _ = c.kill();
         let _ = c.wait();
+    }
+
+    /// A large write behind goes to the deputy as a piece of its arena (the same bytes,
+    /// told where), a small one and anything else as it came; a full arena, too.
+    #[test]
+    fn large_writes_behind_go_to_the_deputy_through_its_arena() {
+        use super::job::ToDeputySink;
+        use super::{arena, Arena, DeputyConn};
+        use mosix_remote::wire::ToDeputy;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let arena = Arena::new(1 << 20).unwrap();
+        let map = arena::ArenaMap::open(&arena.share().unwrap()).unwrap();
+        let mut conn = DeputyConn {
+            sock: a,
+            arena: Some((arena, 0)),
+        };
+        let behind = |len: usize, v: u8| {
+            mosix_remote::wire::encode(&ToDeputy::Behind {
+                stream: 3,
+                n: 9,
+                off: Some(5),
+                data: vec![v; len].into(),
+            })
+        };
+        // (Read by a thread of its own: a write as it came may not fit in the socket.)
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(b);
+            while let Ok(Some(f)) = mosix_remote::wire::recv_bytes(&mut r) {
+                let _ = tx.send(ToDeputy::decode_shared(f.into()).unwrap());
+            }
+        });
+        let next = || rx.recv().unwrap();
+        // Large: in the arena.
+        assert!(conn.send(&behind(600 << 10, 7)));
+        let ToDeputy::BehindInArena {
+            stream: 3,
+            n: 9,
+            off: Some(5),
+            at,
+            len,
+            piece: 0,
+        } = next()
+        else {
+            panic!("not in the arena");
+        };
+        let p = map.piece(at, len, 0).unwrap();
+        assert!(p.len() == 600 << 10 && p.iter().all(|&x| x == 7));
+        // Small, or no room left while the first is held: as it came.
+        for (len, v) in [(100, 1), (600 << 10, 8)] {
+            assert!(conn.send(&behind(len, v)));
+            let ToDeputy::Behind { data, .. } = next() else {
+                panic!("not as it came");
+            };
+            assert!(data.len() == len && data.iter().all(|&x| x == v));
+        }
+        // Done with the first: room again.
+        drop(p);
+        assert!(conn.send(&behind(600 << 10, 9)));
+        assert!(matches!(next(), ToDeputy::BehindInArena { piece: 1, .. }));
+        assert!(conn.send(&mosix_remote::wire::encode(&ToDeputy::Cancel { seq: 4 })));
+        assert!(matches!(next(), ToDeputy::Cancel { seq: 4 }));
     }
 }

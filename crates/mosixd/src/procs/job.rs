@@ -344,6 +344,11 @@ impl<D: ToDeputySink, H: ToHostSink> Job<D, H> {
         self.to_host.push_back(m);
     }
 
+    /// Its deputy's connection, if it is connected.
+    pub(crate) fn deputy(&self) -> Option<&D> {
+        self.deputy.as_ref()
+    }
+
     /// Sends frame `f` to its deputy (queued while it is not connected).
     pub(crate) fn send_deputy(&mut self, f: Frame) {
         if let Some(d) = &mut self.deputy {

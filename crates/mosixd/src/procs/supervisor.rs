@@ -369,7 +369,7 @@ fn run(mut conn: UnixStream) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
-            let arena = mosix_remote::arena::Arena::new(ARENA)
+            let arena = mosix_remote::arena::Arena::new(mosix_remote::arena::SIZE)
                 .inspect_err(|e| warn!(pid, "no arena for writes behind: {e}"))
                 .ok();
             let mut live = Live::new(NotifyFd(listener), pid)?.with_off_limits(home_ranges.clone());
@@ -434,12 +434,6 @@ fn reap(pid: Option<i32>) {
 
 /// Queued beyond this, the process's new calls wait.
 const OUTBOX_FULL: usize = 32 << 20;
-
-/// The arena's size (data of writes behind kept until home made them; a write that
-/// finds it full keeps its data in the heap).
-const ARENA: usize = 16 << 20;
-/// An arena unused this long gives its memory back.
-const ARENA_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Supervision {
     /// Where the data of its writes behind are kept (mosix_remote::arena), and whether
@@ -684,7 +678,7 @@ impl Supervision {
                     self.outs(o);
                     // And the arena's pages go back once it stopped writing.
                     if let Some(a) = &self.arena {
-                        a.trim(ARENA_QUIET);
+                        a.trim(mosix_remote::arena::QUIET);
                     }
                 }
             }
