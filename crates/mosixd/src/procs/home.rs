@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
-/// Arenas a deputy is given at most by one mosixd. A deputy connects again only when
-/// its mosixd restarted, so it needs one; but the pages of an arena are this daemon's
+/// Arenas a deputy is given at most by one mosixd (counted again from 0 for each new
+/// deputy, each time the process leaves home). A deputy connects again only when its
+/// mosixd restarted, so it needs one; but the pages of an arena are this daemon's
 /// (charged to its cgroup) and a deputy that keeps its map of an old one keeps them:
 /// the user's process, taken over, must not make it hold more and more of them. Past
 /// this, its writes behind go through the socket, as before.
@@ -898,6 +899,10 @@ impl Procs {
     /// (read while it is frozen) and `token`; `mark`: its image is checkpoint N (the
     /// deputy marks it at once).
     pub(crate) fn deputy_exec(&self, pid: i32, token: &str, mark: Option<u64>) -> DeputyExec {
+        // A new deputy: the maps of arenas an earlier one had are gone with its memory.
+        if let Some(h) = lock(&self.homes).get(&pid) {
+            h.arenas.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut argv = argv_of(pid);
         argv.truncate(64);
         if argv.is_empty() {
