@@ -221,7 +221,7 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
 /// `__calls FILE SHARED`: with FILE open, answer commands on stdin, one line each:
 /// `lat N` (N one-byte preads, nanoseconds per call), `stat N` (N stats of FILE), `open N`
 /// (N opens and closes of FILE), `read` / `write` (the whole file in 1 MiB preads /
-/// pwrites, then fdatasync, seconds), `read64` (the whole file from its start in 64 KiB reads), `dread`
+/// pwrites, seconds; then an fdatasync, not timed), `read64` (the whole file from its start in 64 KiB reads), `dread`
 /// (SHARED opened then and read whole in 1 MiB preads), `q`.
 pub fn calls(file: &Path, shared: &Path) -> Result<i32> {
     let f = std::fs::OpenOptions::new()
@@ -287,10 +287,11 @@ pub fn calls(file: &Path, shared: &Path) -> Result<i32> {
                     f.write_all_at(&buf[..n], off)?;
                     off += n as u64;
                 }
-                // Until home made them (writes behind are answered on the host first):
-                // the last of them are not left to the phase after.
+                let secs = t.elapsed().as_secs_f64();
+                // Not timed: home makes the last writes behind (at most a window of
+                // them) and the file's pages go to its disk now, not in the phase after.
                 f.sync_data()?;
-                t.elapsed().as_secs_f64()
+                secs
             }
             (Some("read64"), None) => {
                 use std::io::{Read, Seek};
