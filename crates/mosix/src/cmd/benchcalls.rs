@@ -221,8 +221,9 @@ fn measure(me: &Path, dir: &Path, a: &Args) -> Result<()> {
 /// `__calls FILE SHARED`: with FILE open, answer commands on stdin, one line each:
 /// `lat N` (N one-byte preads, nanoseconds per call), `stat N` (N stats of FILE), `open N`
 /// (N opens and closes of FILE), `read` / `write` (the whole file in 1 MiB preads /
-/// pwrites, seconds; then an fdatasync, not timed), `read64` (the whole file from its start in 64 KiB reads), `dread`
-/// (SHARED opened then and read whole in 1 MiB preads), `q`.
+/// pwrites, seconds; then an fdatasync, not timed), `read64` (the whole file from its
+/// start in 64 KiB reads), `dread` (SHARED opened then and read whole in 1 MiB preads),
+/// `q`.
 pub fn calls(file: &Path, shared: &Path) -> Result<i32> {
     let f = std::fs::OpenOptions::new()
         .read(true)
