@@ -31,23 +31,45 @@ fn read_stdin(seq: u64) -> ToDeputy {
     })
 }
 
+/// Where it finds its arena, if it is given one (`arena=N`).
+const ARENA_FD: i32 = 99;
+
 /// A `mosix-deputy` serving the returned connection, with a pipe as its stdin and
 /// `stdout` as its stdout.
 fn spawn_deputy(stdout: Stdio) -> (UnixStream, std::process::Child) {
+    spawn_deputy_with(stdout, None)
+}
+
+/// The same, given `arena` as its arena.
+fn spawn_deputy_with(
+    stdout: Stdio,
+    arena: Option<&mosix_remote::arena::Arena>,
+) -> (UnixStream, std::process::Child) {
     let (sup, dep) = UnixStream::pair().unwrap();
     let dep_fd = dep.as_raw_fd();
+    let shared = arena.map(|a| a.share().unwrap());
+    let arena_fd = shared.as_ref().map(|f| f.as_raw_fd());
+    let mut conf = format!("conn={CONN_FD}");
+    if arena_fd.is_some() {
+        conf.push_str(&format!(";arena={ARENA_FD}"));
+    }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mosix-deputy"));
     cmd.stdin(Stdio::piped())
         .stdout(stdout)
         .stderr(Stdio::inherit())
-        .env("MOSIX_DEPUTY", format!("conn={CONN_FD}"));
+        .env("MOSIX_DEPUTY", conf);
     // SAFETY: dup2 and close_range in the forked child, no allocation.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(dep_fd, CONN_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            libc::syscall(libc::SYS_close_range, 3u32, (CONN_FD - 1) as u32, 0u32);
+            if let Some(a) = arena_fd {
+                if libc::dup2(a, ARENA_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, (ARENA_FD - 1) as u32, 0u32);
             Ok(())
         });
     }
@@ -235,4 +257,50 @@ fn a_cancel_as_the_call_begins_ends_it() {
     }
     wire::send(&mut sup, &ToDeputy::Exited(wire::ExitStatus::Code(0))).unwrap();
     assert_eq!(deputy.wait().unwrap().code(), Some(0));
+}
+
+/// A write behind said to be in the arena but outside it (or sent to a deputy given no
+/// arena) is not from our mosixd: the deputy drops the connection instead of reading
+/// memory it was not given (here, with no mosixd to connect to again, the process ends
+/// as killed); calls before it were answered.
+#[test]
+fn a_write_behind_outside_the_arena_drops_the_connection() {
+    let arena = mosix_remote::arena::Arena::new(1 << 20).unwrap();
+    for given in [Some(&*arena), None] {
+        let (mut sup, mut deputy) = spawn_deputy_with(Stdio::null(), given);
+        let mut input = deputy.stdin.take().unwrap();
+        let mut reader = reader(&sup);
+        wire::send(&mut sup, &read_stdin(1)).unwrap();
+        input.write_all(b"first\n").unwrap();
+        loop {
+            if let FromDeputy::Reply(Reply::Done { seq: 1, ret, .. }) = next(&mut reader) {
+                assert_eq!(ret, 6);
+                break;
+            }
+        }
+        wire::send(
+            &mut sup,
+            &ToDeputy::BehindInArena {
+                stream: 1,
+                n: 0,
+                off: None,
+                at: (1 << 20) - 10,
+                len: 64 << 10,
+                piece: 0,
+            },
+        )
+        .unwrap();
+        // The connection ends (a deputy that went on would leave this read to its
+        // 60 s guard: an error, not the end).
+        let end = loop {
+            match wire::recv::<_, FromDeputy>(&mut reader) {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert!(matches!(end, Ok(None)), "{given:?}: {end:?}");
+        let st = deputy.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL), "{given:?}: {st:?}");
+    }
 }

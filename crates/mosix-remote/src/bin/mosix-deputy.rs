@@ -4,7 +4,8 @@
 //!
 //! - `sock=PATH;pid=PID;token=T`: connect to the local mosixd's control socket and say so
 //!   (reconnecting whenever the connection breaks);
-//! - `conn=FD`: the connection is descriptor FD already (tests);
+//! - `conn=FD`: the connection is descriptor FD already (tests); `arena=FD` with it: the
+//!   arena is descriptor FD (tests);
 //! - `cloexec=A,B,..`: the process's descriptors that were close-on-exec (cleared for
 //!   this exec, set again here);
 //! - `closed=A,..`: standard descriptors the process did not have open (the runtime may
@@ -26,6 +27,7 @@ struct Conf {
     pid: i32,
     token: String,
     conn: Option<i32>,
+    arena: Option<i32>,
     cloexec: Vec<i32>,
     closed: Vec<i32>,
     mark: Option<u64>,
@@ -37,6 +39,7 @@ fn parse(v: &str) -> Conf {
         pid: 0,
         token: String::new(),
         conn: None,
+        arena: None,
         cloexec: Vec::new(),
         closed: Vec::new(),
         mark: None,
@@ -49,6 +52,7 @@ fn parse(v: &str) -> Conf {
             "pid" => c.pid = val.parse().unwrap_or(0),
             "token" => c.token = val.to_string(),
             "conn" => c.conn = val.parse().ok(),
+            "arena" => c.arena = val.parse().ok(),
             "cloexec" => c.cloexec = list(val),
             "closed" => c.closed = list(val),
             "mark" => c.mark = val.parse().ok(),
@@ -172,7 +176,12 @@ fn main() {
         deputy::add_private(fd);
         // SAFETY: the harness gave us this connected socket as descriptor `fd`.
         let s = unsafe { UnixStream::from_raw_fd(fd) };
-        d.serve(s, None);
+        let arena = c.arena.and_then(|fd| {
+            // SAFETY: the harness gave us the arena as descriptor `fd`; we own it.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            mosix_remote::arena::ArenaMap::open(&fd).ok()
+        });
+        d.serve(s, arena);
         // The supervisor is gone, and so is the process.
         deputy::end_as(mosix_remote::wire::ExitStatus::Signal(libc::SIGKILL));
     }
