@@ -64,6 +64,10 @@ pub(crate) fn freeze_all(pid: i32) -> Result<Vec<Task>> {
                     Err(e) if e.raw_os_error() == Some(libc::EPERM) && traced_by_us(t) => {
                         waiting.push_back(t)
                     }
+                    // Ending: the kernel refuses to attach a thread whose exit has begun
+                    // (EPERM, not ESRCH) while /proc still lists it. Seen in CI with a
+                    // program that starts and ends threads all the time.
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) && t != pid && ending(t) => {}
                     Err(e) => return Err(sys_err(format!("attaching to thread {t}"), e)),
                 }
             }
@@ -104,6 +108,14 @@ pub(crate) fn freeze_all(pid: i32) -> Result<Vec<Task>> {
             Err(e)
         }
     }
+}
+
+/// Whether thread `t` has ended or is ending (a zombie or dead thread, or gone).
+fn ending(t: i32) -> bool {
+    procfs::status(t).map_or(true, |s| {
+        s.get("State")
+            .is_some_and(|st| st.starts_with('Z') || st.starts_with('X'))
+    })
 }
 
 /// Whether thread `t` is traced by this process (one of its threads).
