@@ -29,6 +29,20 @@ use tracing::{debug, info, warn};
 /// this, its writes behind go through the socket, as before.
 const ARENAS: u32 = 4;
 
+/// How long a `migrate` refused because the process is between two moves is asked again.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a move was refused because the process is in the middle of a move (here, or
+/// as its host said).
+fn is_busy(e: &super::MoveError) -> bool {
+    use super::MoveError;
+    match e {
+        MoveError::Busy => true,
+        MoveError::Failed { reason } => *reason == MoveError::Busy.to_string(),
+        _ => false,
+    }
+}
+
 /// The deputy's end, as the job writes to it: mosix-remote frames on its connection.
 pub struct DeputyConn {
     sock: UnixStream,
@@ -884,14 +898,23 @@ impl Procs {
         }
         let to = if to == 0 { self.me() } else { to };
         self.check_destination(to).map_err(|e| anyhow!("{e}"))?;
-        let (tx, rx) = mpsc::channel();
-        if !h.migrate(to, "asked for by migrate".into(), None, Some(tx)) {
-            bail!("process {pid} has just ended");
-        }
-        match rx.recv_timeout(super::PEER_TIMEOUT * 2) {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(e)) => Err(anyhow!("process {pid} was not moved: {e}")),
-            Err(_) => Err(anyhow!("no answer about the move of process {pid}")),
+        // A move asked for just after another (its new host's link to us not up yet, or
+        // the guest there still settling) is refused as busy for a moment: asked again
+        // here, for a while, rather than handed to the user as "try again".
+        let until = Instant::now() + BUSY_WAIT;
+        loop {
+            let (tx, rx) = mpsc::channel();
+            if !h.migrate(to, "asked for by migrate".into(), None, Some(tx)) {
+                bail!("process {pid} has just ended");
+            }
+            match rx.recv_timeout(super::PEER_TIMEOUT * 2) {
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(e)) if is_busy(&e) && Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(Err(e)) => return Err(anyhow!("process {pid} was not moved: {e}")),
+                Err(_) => return Err(anyhow!("no answer about the move of process {pid}")),
+            }
         }
     }
 
@@ -1327,5 +1350,18 @@ mod tests {
         assert!(matches!(next(), ToDeputy::BehindInArena { piece: 1, .. }));
         assert!(conn.send(&mosix_remote::wire::encode(&ToDeputy::Cancel { seq: 4 })));
         assert!(matches!(next(), ToDeputy::Cancel { seq: 4 }));
+    }
+
+    #[test]
+    fn a_move_refused_as_busy_here_or_by_its_host_is_asked_again() {
+        use super::super::MoveError;
+        assert!(super::is_busy(&MoveError::Busy));
+        assert!(super::is_busy(&MoveError::Failed {
+            reason: MoveError::Busy.to_string()
+        }));
+        assert!(!super::is_busy(&MoveError::Failed {
+            reason: "no room there".into()
+        }));
+        assert!(!super::is_busy(&MoveError::Frozen));
     }
 }
