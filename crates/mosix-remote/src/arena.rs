@@ -41,6 +41,15 @@ pub const QUIET: Duration = Duration::from_secs(2);
 /// Writes smaller than this go through the socket: the arena saves copies of large ones.
 pub const MIN_PIECE: usize = 64 << 10;
 
+/// The header's counter (its first 8 bytes): how far the reader of the arena is done,
+/// which only the reader stores to, atomically, and the writer loads.
+fn counter(map: &memmap2::MmapRaw) -> &AtomicU64 {
+    // SAFETY: every map of an arena starts at its header (page aligned, at least 8 bytes
+    // long), so its first 8 bytes are an aligned u64 that lives as long as `map`; both
+    // processes touch it only atomically.
+    unsafe { &*(map.as_mut_ptr() as *const AtomicU64) }
+}
+
 /// One piece handed out, by position.
 #[derive(Debug)]
 struct Piece {
@@ -147,10 +156,7 @@ impl Arena {
     }
 
     fn taken(&self) -> u64 {
-        // SAFETY: the header's first 8 bytes are an aligned u64 (the map is page
-        // aligned) that lives as long as `self.map`; mosixd only stores to it atomically.
-        let a = unsafe { &*(self.map.as_mut_ptr() as *const AtomicU64) };
-        a.load(Ordering::Acquire)
+        counter(&self.map).load(Ordering::Acquire)
     }
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
@@ -361,10 +367,7 @@ impl ArenaView {
     /// The message number `seq` was taken (its bytes copied out): its piece, and those
     /// of earlier messages, may be written again.
     pub fn taken(&self, seq: u64) {
-        // SAFETY: as in Arena::taken: an aligned u64 at the start of the header map,
-        // which lives as long as `self`.
-        let a = unsafe { &*(self.header.as_mut_ptr() as *const AtomicU64) };
-        a.fetch_max(seq + 1, Ordering::Release);
+        counter(&self.header).fetch_max(seq + 1, Ordering::Release);
     }
 }
 
@@ -436,10 +439,7 @@ impl ArenaMap {
         let mut h = self.held();
         h.pieces.remove(&seq);
         let upto = h.pieces.first().copied().unwrap_or(h.next);
-        // SAFETY: the header's first 8 bytes, an aligned u64 of the map, which lives as
-        // long as `self`; mosixd only loads it.
-        let a = unsafe { &*(self.map.as_mut_ptr() as *const AtomicU64) };
-        a.fetch_max(upto, Ordering::Release);
+        counter(&self.map).fetch_max(upto, Ordering::Release);
     }
 }
 
