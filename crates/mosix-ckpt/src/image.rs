@@ -32,10 +32,13 @@ pub const MAGIC: &[u8; 8] = b"MOSXIMG\0";
 /// Image format version. A reader accepts its own major version with any minor version
 /// it knows of; a newer major (or newer minor) is refused with a clear message.
 pub const FORMAT_MAJOR: u16 = 3;
-pub const FORMAT_MINOR: u16 = 3;
+pub const FORMAT_MINOR: u16 = 4;
 /// From this version the image's own checksum is a [`Chain`] of its records' checksums
 /// (before it, one of all its bytes).
 pub const CHAINED: (u16, u16) = (3, 3);
+/// From this version an image may say where its private anonymous memory begins
+/// ([`crate::records::TAG_LAZY`]).
+pub const LAZY_MARK: (u16, u16) = (3, 4);
 pub const HEADER_LEN: usize = 32;
 
 pub(crate) const TAG_META: u8 = 1;
@@ -582,6 +585,20 @@ impl<W: Write + 'static> ImageWriter<W> {
     /// Bytes of memory contents the current part may still hold.
     pub fn room(&self) -> u64 {
         self.estimate.saturating_sub(self.page_bytes)
+    }
+
+    /// Says that the memory records from here on are all of the process's private
+    /// anonymous memory, and nothing but memory records follow them (see
+    /// [`records::TAG_LAZY`]): a reader may let the process run from here.
+    /// `coming`: the (address, length) ranges whose pages may follow (see there).
+    pub(crate) fn lazy_from_here(&mut self, coming: &[(u64, u64)]) -> Result<()> {
+        let b = drops_payload(coming)?;
+        self.record(records::TAG_LAZY, &[&b])
+    }
+
+    /// After the lazy mark: these pages of its private anonymous memory are zero.
+    pub(crate) fn zeros(&mut self, zeros: &[(u64, u64)]) -> Result<()> {
+        self.drops(zeros)
     }
 
     fn drops(&mut self, drops: &[(u64, u64)]) -> Result<()> {

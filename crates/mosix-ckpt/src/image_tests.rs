@@ -670,3 +670,69 @@ fn streamed_read_equals_whole_read_and_detects_damage() {
         }
     }
 }
+
+/// Format 3.4's lazy mark: the ranges memory may still come for, then only memory and
+/// drop records (pages that are zero) and the end. Read whole, the image holds the same
+/// memory as without the mark; a second mark, or a mark in an image of 3.3, is refused.
+#[test]
+fn the_lazy_mark_says_what_may_come_and_only_memory_follows_it() {
+    let meta = ProcessImage {
+        vmas: vec![anon(0x10000, 0x20000)],
+        memory_estimate: 5 << 12,
+        ..Default::default()
+    };
+    let image = |marks: usize| {
+        let mut w = ImageWriter::new(Vec::new(), Compression::None, &meta).unwrap();
+        for _ in 0..marks {
+            w.lazy_from_here(&[(0x10000, 0x3000)]).unwrap();
+        }
+        w.pages(0x10000, &[7u8; 4096]).unwrap();
+        w.zeros(&[(0x11000, 4096)]).unwrap();
+        w.pages(0x12000, &[8u8; 4096]).unwrap();
+        w.finish().unwrap()
+    };
+    let img = read_image(&image(1)[..]).unwrap();
+    let want: std::collections::BTreeMap<u64, u8> = [(0x10000, 7), (0x12000, 8)].into();
+    assert_eq!(page_bytes(&img), want);
+    let mut events = Vec::new();
+    let mut p = crate::parse::Parser::new((3, 4), crate::limits::ReadLimits::system());
+    let b = image(1);
+    let body = &b[HEADER_LEN..b.len() - 8];
+    let mut pos = 0;
+    while pos < body.len() {
+        let tag = body[pos];
+        let len = u64::from_le_bytes(body[pos + 1..pos + 9].try_into().unwrap()) as usize;
+        p.record(tag, &body[pos + 9..pos + 9 + len], pos + 9, &mut |ev| {
+            events.push(match ev {
+                crate::parse::Event::Lazy(c) => format!("lazy {c:x?}"),
+                crate::parse::Event::Drops(d) => format!("zeros {d:x?}"),
+                crate::parse::Event::Pages { vaddr, .. } => format!("pages {vaddr:x}"),
+                crate::parse::Event::Final(_) => "final".into(),
+                _ => "other".into(),
+            });
+            Ok(())
+        })
+        .unwrap();
+        pos += 9 + len + 8;
+    }
+    assert_eq!(
+        events,
+        [
+            "final",
+            "lazy [(10000, 3000)]",
+            "pages 10000",
+            "zeros [(11000, 1000)]",
+            "pages 12000"
+        ]
+    );
+    let e = read_image(&image(2)[..]).err().unwrap().to_string();
+    assert!(e.contains("after the lazy mark"), "{e}");
+    // The same records in a 3.3 image: its reader does not know the mark.
+    let mut old = image(1);
+    old.truncate(old.len() - 8);
+    old[10..12].copy_from_slice(&3u16.to_le_bytes());
+    let sum = xxh3_64(&old[..24]);
+    old[24..32].copy_from_slice(&sum.to_le_bytes());
+    let e = read_image(&seal(old)[..]).err().unwrap().to_string();
+    assert!(e.contains("unknown record type 10"), "{e}");
+}

@@ -83,6 +83,33 @@ impl Pending {
         out
     }
 
+    /// Takes out the pieces whose bytes are at offsets [start, end) (wherever they are
+    /// now): (address, length, offset), by address.
+    pub(crate) fn take_offsets(&mut self, start: usize, end: usize) -> Vec<(u64, u64, usize)> {
+        let hit: Vec<(u64, u64, usize)> = self
+            .runs
+            .iter()
+            .filter(|(_, &(len, off))| off < end && start < off + len as usize)
+            .map(|(&a, &(len, off))| (a, len, off))
+            .collect();
+        let mut out = Vec::with_capacity(hit.len());
+        for (a, len, off) in hit {
+            let (lo, hi) = (off.max(start), (off + len as usize).min(end));
+            let from = a + (lo - off) as u64;
+            out.extend(self.take(from, from + (hi - lo) as u64));
+        }
+        out
+    }
+
+    /// Whether the page at `addr` is pending.
+    pub(crate) fn contains(&self, addr: u64) -> bool {
+        let page = addr & !(PAGE - 1);
+        self.runs
+            .range(..=page)
+            .next_back()
+            .is_some_and(|(&s, &(len, _))| page < s + len)
+    }
+
     /// The first `max` bytes of the first run.
     pub(crate) fn next(&mut self, max: u64) -> Option<(u64, u64, usize)> {
         let (&s, &(len, _)) = self.runs.iter().next()?;
@@ -263,15 +290,11 @@ impl Drop for Filling {
     }
 }
 
-/// Starts filling process `b.pid` (stopped, its memory laid out as its image says):
-/// `pending` in `areas`, from `img`'s body. Pages of areas that cannot be registered are
-/// put in now. Err: nothing was registered (the caller puts everything in itself).
-pub(crate) fn start(
-    b: &mut Builder,
-    img: Arc<LoadedImage>,
-    mut pending: Pending,
-    areas: &[(u64, u64)],
-) -> Result<Filling> {
+/// Makes a userfaultfd inside process `b.pid` (from /dev/userfaultfd, opened here and
+/// handed over, so that the kernel's faults on its behalf are seen too, whoever it runs
+/// as), with the events a fill follows: ours, and its number in the process (out of the
+/// way of its own descriptors). On failure nothing is left in it.
+pub(crate) fn make_uffd(b: &mut Builder) -> Result<(OwnedFd, i32)> {
     let pid = b.pid;
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -316,6 +339,23 @@ pub(crate) fn start(
         close_there(b);
         return Err(sys_err("setting its userfaultfd up", e));
     }
+    Ok((ours, its_fd))
+}
+
+/// Starts filling process `b.pid` (stopped, its memory laid out as its image says):
+/// `pending` in `areas`, from `img`'s body. Pages of areas that cannot be registered are
+/// put in now. Err: nothing was registered (the caller puts everything in itself).
+pub(crate) fn start(
+    b: &mut Builder,
+    img: Arc<LoadedImage>,
+    mut pending: Pending,
+    areas: &[(u64, u64)],
+) -> Result<Filling> {
+    let pid = b.pid;
+    let (ours, its_fd) = make_uffd(b)?;
+    let close_there = |b: &mut Builder| {
+        let _ = b.r.raw(libc::SYS_close, &[its_fd as u64]);
+    };
     let mut registered = Vec::new();
     let mut now: Vec<(u64, u64, usize)> = Vec::new();
     for &(s, e) in areas {
@@ -408,10 +448,10 @@ pub(crate) fn start(
 /// One process being filled: our descriptor of its userfaultfd, what is still to come,
 /// and what is registered (unregistered at the end: the process may hold the userfaultfd
 /// longer than we do).
-struct Target {
-    uffd: OwnedFd,
-    pending: Pending,
-    registered: Vec<(u64, u64)>,
+pub(crate) struct Target {
+    pub(crate) uffd: OwnedFd,
+    pub(crate) pending: Pending,
+    pub(crate) registered: Vec<(u64, u64)>,
 }
 
 /// Puts everything in, then unregisters it; its figures go to `tell`. The targets, for
@@ -477,7 +517,7 @@ fn fill(
         }
         if let Some(t) = targets.iter_mut().find(|t| !t.pending.is_empty()) {
             if let Some(piece) = t.pending.next(BATCH) {
-                put(t, piece, body, &mut f);
+                put(t, piece, body, 0, &mut f);
             }
         }
     }
@@ -495,7 +535,7 @@ fn fill(
 /// process that came before its areas were unregistered wait for a reader (and it cannot
 /// be stopped while one waits). A child's userfaultfd, given with a fork, is closed (all
 /// its memory is in: it had what its parent had).
-fn drain(targets: &[Target], stop: &AtomicBool) {
+pub(crate) fn drain(targets: &[Target], stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let mut fds: Vec<libc::pollfd> = targets
             .iter()
@@ -534,15 +574,11 @@ fn event(t: &mut Target, m: sys::UffdMsg, body: &[u8], f: &mut Filled, born: &mu
             f.faults += 1;
             let addr = m.arg[1];
             match t.pending.at(addr, AROUND) {
-                Some(piece) => put(t, piece, body, f),
-                None => {
-                    // Not in the image (never written), given back, or put in already.
-                    let page = addr & !(PAGE - 1);
-                    let fd = t.uffd.as_raw_fd();
-                    if sys::uffd_zeropage(fd, page, PAGE).is_err() {
-                        let _ = sys::uffd_wake(fd, page, PAGE);
-                    }
+                Some(piece) => {
+                    put(t, piece, body, 0, f);
                 }
+                // Not in the image (never written), given back, or put in already.
+                None => zero_or_wake(t.uffd.as_raw_fd(), addr),
             }
         }
         sys::UFFD_EVENT_FORK => {
@@ -569,28 +605,47 @@ fn event(t: &mut Target, m: sys::UffdMsg, body: &[u8], f: &mut Filled, born: &mu
     }
 }
 
-/// Puts `piece` (address, length, offset in `body`) into `t`'s memory.
-fn put(t: &mut Target, piece: (u64, u64, usize), body: &[u8], f: &mut Filled) {
+/// Answers a fault at `addr` with a page of zeros, or, if a page is there already, by
+/// waking who waits for it.
+pub(crate) fn zero_or_wake(fd: RawFd, addr: u64) {
+    let page = addr & !(PAGE - 1);
+    if sys::uffd_zeropage(fd, page, PAGE).is_err() {
+        let _ = sys::uffd_wake(fd, page, PAGE);
+    }
+}
+
+/// Puts `piece` (address, length, offset) into `t`'s memory, its bytes at `body[offset -
+/// base..]`. True if part of it is pending again (its memory was changing: an event waits
+/// to be read first).
+pub(crate) fn put(
+    t: &mut Target,
+    piece: (u64, u64, usize),
+    body: &[u8],
+    base: usize,
+    f: &mut Filled,
+) -> bool {
     let (a, len, off) = piece;
     let fd = t.uffd.as_raw_fd();
-    match sys::uffd_copy(fd, a, &body[off..off + len as usize]) {
+    let at = off - base;
+    match sys::uffd_copy(fd, a, &body[at..at + len as usize]) {
         Ok(()) => f.bytes += len,
         // Its memory is changing (an event waits to be read): the rest comes after it.
         Err((libc::EAGAIN, done)) => {
             f.bytes += done;
             t.pending.insert(a + done, len - done, off + done as usize);
+            return true;
         }
         // A page of it is there already: the others one by one.
         Err((libc::EEXIST, done)) => {
             f.bytes += done;
             let mut p = a + done;
             while p < a + len {
-                let o = off + (p - a) as usize;
+                let o = at + (p - a) as usize;
                 match sys::uffd_copy(fd, p, &body[o..o + PAGE as usize]) {
                     Ok(()) => f.bytes += PAGE,
                     Err((libc::EAGAIN, _)) => {
-                        t.pending.insert(p, a + len - p, o);
-                        return;
+                        t.pending.insert(p, a + len - p, base + o);
+                        return true;
                     }
                     Err(_) => {}
                 }
@@ -609,13 +664,14 @@ fn put(t: &mut Target, piece: (u64, u64, usize), body: &[u8], f: &mut Filled) {
             f.dropped += len - done;
         }
     }
+    false
 }
 
 /// Closes descriptor `fd` (its userfaultfd) in running process `pid`: stopped a moment
 /// (its main thread), the close made by it, its registers put back, let go. A signal that
 /// arrives meanwhile is delivered. How it ended if it did meanwhile (SIGKILL): its wait
 /// status was taken here.
-fn close_in(pid: i32, fd: i32) -> Result<Option<sys::Stop>> {
+pub(crate) fn close_in(pid: i32, fd: i32) -> Result<Option<sys::Stop>> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
     if link.as_os_str() != "anon_inode:[userfaultfd]" {
         // It ended, exec'd (the descriptor is close-on-exec), or closed it itself.

@@ -26,6 +26,7 @@ pub mod lazy;
 mod limits;
 mod parse;
 mod pipeline;
+mod postcopy;
 mod precopy;
 pub mod procfs;
 mod read;
@@ -57,4 +58,4 @@ pub use precopy::{checkpoint_live, LiveOptions, LiveStats, RoundStat};
 pub use restore::{
     preflight, restore, restore_lazy, restore_with, resume, Built, RestoreOptions, Restored,
 };
-pub use stream::{receive, restore_stream, Incoming};
+pub use stream::{receive, restore_stream, restore_stream_running, Incoming, RanEarly};

@@ -6,19 +6,20 @@
 //! Order: format 1: metadata, memory, end. Format 2: index, process record, its thread
 //! records, memory and shared memory, end. Format 3: as 2, or first a pre-copy record
 //! and rounds (a layout record, at most one drop record, memory) before the index; after
-//! the thread records at most one drop record, then memory, shared memory, end.
+//! the thread records at most one drop record, then memory, shared memory, end. Format
+//! 3.4: before the end, at most one lazy mark, after which only memory records come.
 
 use crate::error::{bad, Result};
 use crate::image::{
-    ProcessImage, ShmemObject, ThreadImage, PAGES_RECORD_MAX, TAG_END, TAG_META, TAG_PAGES,
-    TAG_SHMEM,
+    ProcessImage, ShmemObject, ThreadImage, LAZY_MARK, PAGES_RECORD_MAX, TAG_END, TAG_META,
+    TAG_PAGES, TAG_SHMEM,
 };
 use crate::limits::ReadLimits;
 use crate::read::{
     decode2, decode_index, decode_meta_v1, first_name, meta_decode_need, too_big, Version, MAX_META,
 };
 use crate::records::{
-    self, Index, Layout, PreCopy, ProcRecord, TAG_DROPS, TAG_INDEX, TAG_LAYOUT, TAG_PRECOPY,
+    self, Index, Layout, PreCopy, ProcRecord, TAG_DROPS, TAG_INDEX, TAG_LAYOUT, TAG_LAZY, TAG_PRECOPY,
     TAG_PROCESS, TAG_THREAD,
 };
 
@@ -40,6 +41,10 @@ pub(crate) enum Event<'a> {
         data: &'a [u8],
         at: usize,
     },
+    /// Only private anonymous memory follows, then the end (format 3.4): the process
+    /// may run from here while it comes. The ranges its pages may come for (others are
+    /// zero); drop records after it name pages that are zero.
+    Lazy(Vec<(u64, u64)>),
     /// Data of shared memory object `ino` at `offset`.
     Shmem {
         ino: u64,
@@ -157,6 +162,8 @@ pub(crate) struct Parser {
     page_bytes: u64,
     /// A drop record may come next.
     drops_ok: bool,
+    /// The lazy mark was read: only memory records and the end may follow.
+    lazy: bool,
     ended: bool,
 }
 
@@ -174,6 +181,7 @@ impl Parser {
             estimate: None,
             page_bytes: 0,
             drops_ok: false,
+            lazy: false,
             ended: false,
         }
     }
@@ -235,6 +243,9 @@ impl Parser {
             return Err(bad(format!("{} record out of place", first_name(v))));
         }
         let drops_ok = std::mem::replace(&mut self.drops_ok, false);
+        if self.lazy && tag != TAG_PAGES && tag != TAG_DROPS && tag != TAG_END {
+            return Err(bad("a record other than memory after the lazy mark"));
+        }
         match tag {
             TAG_META if v.0 == 1 => {
                 if len as u64 > MAX_META {
@@ -286,12 +297,13 @@ impl Parser {
                 sink(Event::Layout(Box::new(l)))?;
             }
             TAG_DROPS if v.0 >= 3 => {
-                // Right after a layout, or after the final part's thread records.
+                // Right after a layout, or after the final part's thread records, or
+                // (pages that are zero) after the lazy mark.
                 let after_threads = self.prefix.is_none()
                     && self.body2.index.is_some()
                     && !self.final_out
                     && self.body2.current.is_some();
-                if !(drops_ok || after_threads) {
+                if !(drops_ok || after_threads || self.lazy) {
                     return Err(bad("drop record out of place"));
                 }
                 if after_threads {
@@ -301,15 +313,7 @@ impl Parser {
                     return Err(bad("drop record of odd size"));
                 }
                 self.count(len as u64)?;
-                let mut d = Vec::with_capacity(len / 16);
-                for c in payload.chunks_exact(16) {
-                    let a = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
-                    let n = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
-                    if a % PAGE != 0 || n % PAGE != 0 || n == 0 || a.checked_add(n).is_none() {
-                        return Err(bad("memory given back that is not whole pages"));
-                    }
-                    d.push((a, n));
-                }
+                let d = ranges(payload, "memory given back that is not whole pages")?;
                 sink(Event::Drops(d))?;
             }
             TAG_INDEX | TAG_PROCESS | TAG_THREAD if v.0 >= 2 => {
@@ -398,6 +402,22 @@ impl Parser {
                     at: at + 8,
                 })?;
             }
+            TAG_LAZY if v >= LAZY_MARK => {
+                if self.prefix.is_some() || self.lazy {
+                    return Err(bad("lazy mark out of place"));
+                }
+                if len as u64 > MAX_META || !len.is_multiple_of(16) {
+                    return Err(bad("lazy mark of odd size"));
+                }
+                if !self.final_out {
+                    if self.body2.current.is_none() {
+                        return Err(bad("lazy mark out of place"));
+                    }
+                    self.final_now(sink)?;
+                }
+                self.lazy = true;
+                sink(Event::Lazy(ranges(payload, "lazy mark of memory not whole pages")?))?;
+            }
             TAG_END => {
                 if len != 16 {
                     return Err(bad("end record of wrong size"));
@@ -422,4 +442,18 @@ impl Parser {
         }
         Ok(())
     }
+}
+
+/// (address, length) pairs of whole pages, 16 bytes each; `what` if one is not.
+fn ranges(payload: &[u8], what: &str) -> Result<Vec<(u64, u64)>> {
+    let mut d = Vec::with_capacity(payload.len() / 16);
+    for c in payload.chunks_exact(16) {
+        let a = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+        let n = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
+        if a % PAGE != 0 || n % PAGE != 0 || n == 0 || a.checked_add(n).is_none() {
+            return Err(bad(what));
+        }
+        d.push((a, n));
+    }
+    Ok(d)
 }

@@ -20,9 +20,74 @@ enum Msg {
     /// Memory read at `base` into the buffer, and the (offset, length) parts of it to
     /// write (its zero pages left out).
     Pages(u64, Vec<u8>, Vec<(usize, usize)>),
+    /// Private anonymous memory follows, at most in these ranges: the shared memory goes
+    /// in before it, then the lazy mark ([`crate::records::TAG_LAZY`]).
+    Lazy(Vec<(u64, u64)>),
+    /// After the lazy mark: these pages are zero.
+    Zeros(Vec<(u64, u64)>),
     /// All of it was read: the image may be finished (without this, the reader failed
     /// and no end is written).
     End,
+}
+
+/// The ranges of `runs` (address, pages), joined where they touch: (address, length).
+fn coming(runs: &[(u64, u64, bool)]) -> Vec<(u64, u64)> {
+    let mut sorted: Vec<(u64, u64)> = runs.iter().map(|r| (r.0, r.1 * PAGE)).collect();
+    sorted.sort();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (a, len) in sorted {
+        match out.last_mut() {
+            Some((s, l)) if *s + *l == a => *l += len,
+            _ => out.push((a, len)),
+        }
+    }
+    out
+}
+
+/// The order memory is written in, for a reader that lets the process run before all of
+/// it arrived (format 3.4, [`crate::postcopy`]): everything that must be in place first
+/// (pages of private file mappings), then its private anonymous memory, the areas of its
+/// threads' stacks and TLS first (what it touches at once), the rest by address. Returns
+/// the runs so ordered and the index of the first anonymous one.
+pub(crate) fn lazy_order(
+    mut runs: Vec<(u64, u64, bool)>,
+    meta: &crate::image::ProcessImage,
+) -> (Vec<(u64, u64, bool)>, usize) {
+    // rsp and fs_base in `struct user_regs_struct`.
+    const RSP: usize = 19 * 8;
+    const FS_BASE: usize = 21 * 8;
+    let word = |regs: &[u8], at: usize| {
+        regs.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    // Each thread's stack, TLS and what the kernel reads there as it is made again.
+    let of = |regs: &[u8], rseq: &Option<crate::image::Rseq>, robust: u64, tid_at: u64| {
+        let r = [word(regs, RSP), word(regs, FS_BASE), rseq.as_ref().map(|r| r.addr)];
+        r.into_iter().flatten().chain([robust, tid_at]).filter(|&a| a != 0)
+    };
+    let hot: Vec<u64> = of(
+        &meta.regs,
+        &meta.rseq,
+        meta.robust_list.0,
+        meta.clear_child_tid,
+    )
+    .chain(
+        meta.threads
+            .iter()
+            .flat_map(|t| of(&t.regs, &t.rseq, t.robust_list.0, t.clear_child_tid)),
+    )
+    .collect();
+    let hot_areas: Vec<(u64, u64)> = meta
+        .vmas
+        .iter()
+        .filter(|v| hot.iter().any(|&a| v.start <= a && a < v.end))
+        .map(|v| (v.start, v.end))
+        .collect();
+    tracing::debug!("sent first: {hot:x?} in {hot_areas:x?}");
+    let is_hot = |a: u64| hot_areas.iter().any(|&(s, e)| s <= a && a < e);
+    runs.sort_by_key(|&(start, _, anon)| (anon, !is_hot(start), start));
+    let first = runs.iter().position(|r| r.2).unwrap_or(runs.len());
+    (runs, first)
 }
 
 /// Checkpoints `pid` into `out` as [`crate::checkpoint`] does, reading its memory while
@@ -52,7 +117,7 @@ fn dump_parallel<W: Write + Send + 'static>(
         shmem_runs,
         ..
     } = dump::capture(f, Moving::default())?;
-    let runs = dump::page_runs(pid, &meta.vmas)?;
+    let (runs, first_lazy) = lazy_order(dump::page_runs(pid, &meta.vmas)?, &meta);
     let estimate: u64 =
         runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
     meta.memory_estimate = estimate;
@@ -66,6 +131,7 @@ fn dump_parallel<W: Write + Send + 'static>(
             crate::cpu::free(cpus);
             let mut w = ImageWriter::new(out, compression, &meta)?;
             let mut ended = false;
+            let mut shm = None;
             for msg in rx {
                 match msg {
                     Msg::Pages(base, buf, parts) => {
@@ -75,6 +141,11 @@ fn dump_parallel<W: Write + Send + 'static>(
                         // The reader may have ended meanwhile.
                         let _ = back_tx.send(buf);
                     }
+                    Msg::Lazy(coming) => {
+                        shm = Some(crate::shmem::write_contents(&objs, &shmem_runs, &mut w)?);
+                        w.lazy_from_here(&coming)?;
+                    }
+                    Msg::Zeros(z) => w.zeros(&z)?,
                     Msg::End => ended = true,
                 }
             }
@@ -83,7 +154,10 @@ fn dump_parallel<W: Write + Send + 'static>(
                     "reading the memory failed",
                 )));
             }
-            let shm = crate::shmem::write_contents(&objs, &shmem_runs, &mut w)?;
+            let shm = match shm {
+                Some(n) => n,
+                None => crate::shmem::write_contents(&objs, &shmem_runs, &mut w)?,
+            };
             Ok((w.finish()?, shm))
         })
         .map_err(|e| crate::error::sys_err("starting the image writer", e))?;
@@ -91,7 +165,10 @@ fn dump_parallel<W: Write + Send + 'static>(
     let mut made = 0usize;
     let mut done = 0u64;
     let read = (|| -> Result<()> {
-        for &(start, n, anon) in &runs {
+        for (i, &(start, n, anon)) in runs.iter().enumerate() {
+            if i == first_lazy && tx.send(Msg::Lazy(coming(&runs[i..]))).is_err() {
+                return Ok(());
+            }
             let len = (n * PAGE) as usize;
             let mut buf = match back_rx.try_recv() {
                 Ok(b) => b,
@@ -124,6 +201,19 @@ fn dump_parallel<W: Write + Send + 'static>(
                     }
                     parts.push((s * PAGE as usize, (i - s) * PAGE as usize));
                 }
+                // After the lazy mark, a reader that runs the process meanwhile must know
+                // which of them will not come.
+                let mut zeros = Vec::new();
+                let mut at = 0usize;
+                for &(off, n) in parts.iter().chain([(len, 0)].iter()) {
+                    if off > at {
+                        zeros.push((start + at as u64, (off - at) as u64));
+                    }
+                    at = off + n;
+                }
+                if !zeros.is_empty() && tx.send(Msg::Zeros(zeros)).is_err() {
+                    return Ok(());
+                }
             } else {
                 parts.push((0, len));
             }
@@ -146,4 +236,68 @@ fn dump_parallel<W: Write + Send + 'static>(
     let (out, shm) = written?;
     stats.memory_bytes += shm;
     Ok((out, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{ProcessImage, Vma, VmaKind};
+
+    fn vma(start: u64, end: u64) -> Vma {
+        Vma {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            growsdown: false,
+            kind: VmaKind::Anon,
+            anon_name: None,
+        }
+    }
+
+    #[test]
+    fn file_pages_first_then_the_stack_and_tls_then_the_rest_by_address() {
+        let mut regs = vec![0u8; 27 * 8];
+        regs[19 * 8..20 * 8].copy_from_slice(&0x7000_1800u64.to_le_bytes());
+        regs[21 * 8..22 * 8].copy_from_slice(&0x5000_0100u64.to_le_bytes());
+        let meta = ProcessImage {
+            vmas: vec![
+                vma(0x1000_0000, 0x2000_0000),
+                vma(0x5000_0000, 0x5000_3000),
+                vma(0x7000_0000, 0x7000_2000),
+            ],
+            regs,
+            ..Default::default()
+        };
+        let runs = vec![
+            (0x1000_0000, 2, true),
+            (0x3000_0000, 1, false),
+            (0x5000_0000, 1, true),
+            (0x5000_2000, 1, true),
+            (0x7000_0000, 2, true),
+        ];
+        let (order, first) = lazy_order(runs.clone(), &meta);
+        assert_eq!(
+            order,
+            vec![
+                (0x3000_0000, 1, false),
+                (0x5000_0000, 1, true),
+                (0x5000_2000, 1, true),
+                (0x7000_0000, 2, true),
+                (0x1000_0000, 2, true),
+            ]
+        );
+        assert_eq!(first, 1);
+        assert_eq!(
+            coming(&order[first..]),
+            vec![
+                (0x1000_0000, 0x2000),
+                (0x5000_0000, 0x1000),
+                (0x5000_2000, 0x1000),
+                (0x7000_0000, 0x2000)
+            ]
+        );
+        let (none, first) = lazy_order(vec![(0x3000_0000, 1, false)], &meta);
+        assert_eq!((none.len(), first), (1, 1), "no anonymous memory: no mark");
+    }
 }

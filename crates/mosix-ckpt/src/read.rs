@@ -838,6 +838,8 @@ fn parse_body(
                     data,
                     at,
                 } => shmem_runs.push((ino, offset, at, data.len())),
+                // Read whole, the image is restored with all of it at hand.
+                Event::Lazy(_) => {}
             }
             Ok(())
         })?;

@@ -31,6 +31,14 @@ pub const TAG_LAYOUT: u8 = 7;
 /// or after the last thread record): (address u64, length u64) pairs, whole pages. The
 /// pages there are as in a fresh mapping again (zero, or the file's).
 pub const TAG_DROPS: u8 = 8;
+/// Format 3.4: the records after this one are all of the process's private anonymous
+/// memory: memory records, and drop records naming its pages that are zero. A reader
+/// that restores while the image arrives may let the process run from here and put them
+/// in as they come (`crate::postcopy`). Its payload: (address u64, length u64) pairs,
+/// whole pages, of the memory that may still come (pages outside them are zero, or
+/// never touched). At most one, after the final part's thread records and its other
+/// memory; only memory records, drop records and the end follow it.
+pub const TAG_LAZY: u8 = 10;
 
 /// The pre-copy record (format 3): bounds of the rounds that follow it, up to the index.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -31,6 +31,7 @@ fn progs() -> &'static Path {
             ("pidclock", &[]),
             ("memwriter", &[]),
             ("advice", &[]),
+            ("postcopy", &[]),
         ];
         for (name, flags) in builds {
             let st = Command::new("cc")
@@ -616,6 +617,182 @@ fn damaged_images_are_refused_and_nothing_starts() {
         assert!(err.contains("bad image"), "flip at {p}: {err:?}");
         assert_eq!(err.lines().count(), 1, "one line: {err:?}");
     }
+}
+
+/// The postcopy program, checkpointed after its first line: the lines it printed before,
+/// and the image.
+fn postcopy_image(ticks: &str) -> (Output, String, Vec<u8>) {
+    let make = || {
+        let mut c = prog("postcopy");
+        c.args(["64", ticks]);
+        c
+    };
+    let want = reference(make());
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("job.img");
+    let mut job = Job::start(make());
+    job.line();
+    let pid = job.pid().to_string();
+    assert_ok(
+        &mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]),
+        "checkpoint",
+    );
+    assert_eq!(job.wait().signal(), Some(libc::SIGKILL));
+    (want, job.rest(), std::fs::read(&img).unwrap())
+}
+
+/// `mosix restart --lazy -` on `first`, then on `rest` once `go` says so: the lines it
+/// printed, as they came, and how it ended (and what it said).
+struct LazyRestart {
+    child: Child,
+    input: Option<std::process::ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl LazyRestart {
+    fn start(first: &[u8]) -> LazyRestart {
+        use std::io::Write;
+        let mut child = Command::new(MOSIX)
+            .args(["restart", "--lazy", "--trust-image", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut input = child.stdin.take();
+        // (It may stop reading at a damaged record.)
+        let _ = input.as_mut().unwrap().write_all(first);
+        LazyRestart {
+            child,
+            input,
+            lines,
+        }
+    }
+
+    fn rest(mut self, rest: &[u8]) -> (String, ExitStatus, String) {
+        use std::io::{Read, Write};
+        let mut input = self.input.take().unwrap();
+        let _ = input.write_all(rest);
+        drop(input);
+        // Until its stdout closes: the process is gone.
+        let mut out = String::new();
+        while let Ok(l) = self.lines.recv_timeout(PATIENCE) {
+            out.push_str(&l);
+            out.push('\n');
+        }
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+        (out, status, err)
+    }
+}
+
+/// Post-copy from a stream: the restarted process runs before its private memory has
+/// arrived. The image's last 4 MiB (the end of the program's 64 MiB buffer, which it
+/// reads only at its end) are held back until it has printed a line; then it gets them,
+/// reads its buffer, and ends as an uninterrupted run does.
+#[test]
+fn lazy_restart_runs_before_its_memory_arrived() {
+    let (want, before, image) = postcopy_image("150");
+    let cut = image.len() - (4 << 20);
+    let r = LazyRestart::start(&image[..cut]);
+    let first = r
+        .lines
+        .recv_timeout(PATIENCE)
+        .expect("the restarted process printed before the rest of its image came");
+    let (rest, status, err) = r.rest(&image[cut..]);
+    let got = format!("{before}{first}\n{rest}");
+    assert_eq!(
+        got,
+        String::from_utf8_lossy(&want.stdout),
+        "output differs from an uninterrupted run; stderr: {err}"
+    );
+    assert!(same_status(status, want.status), "{status}: {err}");
+}
+
+/// Real programs through `restart --lazy -` (the image piped in whole): awk, python (as
+/// a user without rights) and the 256 MiB heap job, which dies by a signal, end as their
+/// uninterrupted runs do.
+#[test]
+fn lazy_restart_of_real_programs() {
+    let py = || {
+        let mut c = Command::new("python3");
+        c.args(["-c", PY]).current_dir("/tmp").uid(65534).gid(65534);
+        c
+    };
+    let heap = || {
+        let mut c = prog("heap");
+        c.arg("256");
+        c
+    };
+    let jobs: [(&str, &dyn Fn() -> Command, usize); 3] =
+        [("awk", &awk_loop, 1), ("python", &py, 1), ("heap", &heap, 2)];
+    for (what, make, lines) in jobs {
+        let want = reference(make());
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("job.img");
+        let mut job = Job::start(make());
+        for _ in 0..lines {
+            job.line();
+        }
+        let pid = job.pid().to_string();
+        assert_ok(
+            &mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]),
+            "checkpoint",
+        );
+        assert_eq!(job.wait().signal(), Some(libc::SIGKILL));
+        let before = job.rest();
+        // (Python runs as nobody: its image is restored as that user.)
+        let whose = if what == "python" {
+            ["--as-user", "nobody"].as_slice()
+        } else {
+            ["--trust-image"].as_slice()
+        };
+        let after = Command::new(MOSIX)
+            .args(["restart", "--lazy"])
+            .args(whose)
+            .arg("-")
+            .stdin(std::fs::File::open(&img).unwrap())
+            .output()
+            .unwrap();
+        let got = before + &String::from_utf8_lossy(&after.stdout);
+        assert_eq!(
+            got,
+            String::from_utf8_lossy(&want.stdout),
+            "{what}: output differs; stderr: {}",
+            String::from_utf8_lossy(&after.stderr)
+        );
+        assert!(
+            same_status(after.status, want.status),
+            "{what}: {} against {}",
+            after.status,
+            want.status
+        );
+    }
+}
+
+/// A stream damaged after the process started: the restart says so in one line and fails,
+/// and the process (which ran meanwhile) is gone.
+#[test]
+fn lazy_restart_of_a_stream_damaged_late_ends_the_process() {
+    let (_, _, mut image) = postcopy_image("150");
+    let at = image.len() - 100;
+    image[at] ^= 0x10;
+    let (first, rest) = image.split_at(image.len() - (1 << 20));
+    let (_, status, err) = LazyRestart::start(first).rest(rest);
+    assert!(!status.success(), "restarted from a damaged image");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("bad image"), "{err:?}");
 }
 
 #[test]

@@ -60,6 +60,16 @@ pub struct Args {
     /// image's groups those USER has.
     #[arg(long, value_name = "USER")]
     pub as_user: Option<String>,
+    /// With an image on standard input (`-`): let the process run as soon as everything
+    /// but its private memory has arrived, and put that in as it comes (post-copy: a
+    /// page it touches before it arrived waits for it; `mosix checkpoint` sends the
+    /// stacks first). The price: the image's last records and its checksum are read
+    /// after the process started, so a stream that breaks or turns out damaged then ends
+    /// a process that already ran (its output and files written meanwhile stay). Without
+    /// it, nothing runs until the whole image arrived and checked out. An image from an
+    /// older mosix (no mark of where its private memory begins) is restored whole first.
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 /// Opens the image file without following it into a FIFO, socket or device (O_PATH:
@@ -151,6 +161,11 @@ const FORWARDED: [Signal; 4] = [
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let t0 = std::time::Instant::now();
     let stdin = a.image.as_os_str() == "-";
+    if a.lazy && !stdin {
+        anyhow::bail!(
+            "--lazy is for an image on standard input (`-`): from a file, the process already runs before all its memory is in (unless --detach)"
+        );
+    }
     if stdin && a.as_image_owner {
         anyhow::bail!("an image from standard input has no owner: give --as-user USER");
     }
@@ -198,19 +213,35 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // thread of ours), so that it runs without waiting for a copy of all of it
     // (docs/checkpoint.md, "Memory put in while it runs"); detached, all of it first.
     let stay = !a.detach;
-    let restore = |img: &Option<std::sync::Arc<mosix_ckpt::LoadedImage>>| -> anyhow::Result<(mosix_ckpt::Restored, Option<mosix_ckpt::lazy::Filling>)> {
+    type Restore = (
+        mosix_ckpt::Restored,
+        Option<mosix_ckpt::lazy::Filling>,
+        Option<mosix_ckpt::sys::Stop>,
+    );
+    let restore = |img: &Option<std::sync::Arc<mosix_ckpt::LoadedImage>>| -> anyhow::Result<Restore> {
         Ok(match img {
-            Some(img) if stay => mosix_ckpt::restore_lazy(img, opts, &creds)?,
-            Some(img) => (mosix_ckpt::restore_with(img, opts, &creds)?, None),
+            Some(img) if stay => {
+                let (r, f) = mosix_ckpt::restore_lazy(img, opts, &creds)?;
+                (r, f, None)
+            }
+            Some(img) => (mosix_ckpt::restore_with(img, opts, &creds)?, None, None),
+            None if a.lazy => {
+                let input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin());
+                let ran = mosix_ckpt::restore_stream_running(input, opts, &creds)
+                    .context("the image on standard input")?;
+                tracing::debug!("its memory is all in: {:?}", ran.filled);
+                (ran.restored, None, ran.ended)
+            }
             None => (
                 mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
                     .context("the image on standard input")?,
+                None,
                 None,
             ),
         })
     };
     if a.detach {
-        let (new, _) = restore(&img)?;
+        let (new, _, _) = restore(&img)?;
         println!("{}", new.pid);
         return Ok(0);
     }
@@ -226,8 +257,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
         unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) }?;
     }
-    let (pid, ns_init, mut filling) = match restore(&img) {
-        Ok((p, f)) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw), f),
+    let (pid, ns_init, mut filling, ended) = match restore(&img) {
+        Ok((p, f, e)) => (Pid::from_raw(p.pid), p.ns_init.map(Pid::from_raw), f, e),
         Err(e) => {
             old.thread_set_mask()?;
             return Err(e);
@@ -246,6 +277,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             let _ = waitpid(i, None);
         }
     };
+    // It ended while it was stopped for the end of its fill (its status was taken then).
+    match ended {
+        Some(mosix_ckpt::sys::Stop::Exited(code)) => {
+            reap_init();
+            return Ok(code);
+        }
+        Some(mosix_ckpt::sys::Stop::Signaled(sig)) => {
+            reap_init();
+            die_by(Signal::try_from(sig).unwrap_or(Signal::SIGKILL))
+        }
+        _ => {}
+    }
     loop {
         if filling.as_ref().is_some_and(|f| f.is_done()) {
             let (filled, ended) = filling.take().expect("just seen").finish_reaping();
