@@ -19,8 +19,8 @@ use crate::read::{
     decode2, decode_index, decode_meta_v1, first_name, meta_decode_need, too_big, Version, MAX_META,
 };
 use crate::records::{
-    self, Index, Layout, PreCopy, ProcRecord, TAG_DROPS, TAG_INDEX, TAG_LAYOUT, TAG_LAZY, TAG_PRECOPY,
-    TAG_PROCESS, TAG_THREAD,
+    self, Index, Layout, PreCopy, ProcRecord, TAG_DROPS, TAG_INDEX, TAG_LAYOUT, TAG_LAZY,
+    TAG_PRECOPY, TAG_PROCESS, TAG_THREAD,
 };
 
 const PAGE: u64 = 4096;
@@ -416,7 +416,10 @@ impl Parser {
                     self.final_now(sink)?;
                 }
                 self.lazy = true;
-                sink(Event::Lazy(ranges(payload, "lazy mark of memory not whole pages")?))?;
+                sink(Event::Lazy(ranges(
+                    payload,
+                    "lazy mark of memory not whole pages",
+                )?))?;
             }
             TAG_END => {
                 if len != 16 {

@@ -62,8 +62,15 @@ pub(crate) fn lazy_order(
     };
     // Each thread's stack, TLS and what the kernel reads there as it is made again.
     let of = |regs: &[u8], rseq: &Option<crate::image::Rseq>, robust: u64, tid_at: u64| {
-        let r = [word(regs, RSP), word(regs, FS_BASE), rseq.as_ref().map(|r| r.addr)];
-        r.into_iter().flatten().chain([robust, tid_at]).filter(|&a| a != 0)
+        let r = [
+            word(regs, RSP),
+            word(regs, FS_BASE),
+            rseq.as_ref().map(|r| r.addr),
+        ];
+        r.into_iter()
+            .flatten()
+            .chain([robust, tid_at])
+            .filter(|&a| a != 0)
     };
     let hot: Vec<u64> = of(
         &meta.regs,

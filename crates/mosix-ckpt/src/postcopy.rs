@@ -36,11 +36,16 @@ pub(crate) type Ranges = Vec<(u64, u64)>;
 pub(crate) fn areas(m: &ProcessImage) -> (Ranges, Ranges) {
     let mut all = Vec::new();
     let mut not_kept = Vec::new();
-    for v in m.vmas.iter().filter(|v| v.kind == VmaKind::Anon && !v.shared) {
+    for v in m
+        .vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::Anon && !v.shared)
+    {
         all.push((v.start, v.end));
-        let forked_apart = m.advice.iter().any(|&(a, bits)| {
-            a == v.start && bits & (ADVICE_DONTFORK | ADVICE_WIPEONFORK) != 0
-        });
+        let forked_apart = m
+            .advice
+            .iter()
+            .any(|&(a, bits)| a == v.start && bits & (ADVICE_DONTFORK | ADVICE_WIPEONFORK) != 0);
         if forked_apart {
             not_kept.push((v.start, v.end));
         }
@@ -267,10 +272,9 @@ impl Arrivals {
         loop {
             let mut again = false;
             {
-                let mut st = self
-                    .state
-                    .lock()
-                    .map_err(|_| Error::Unrestorable("the thread following its memory failed".into()))?;
+                let mut st = self.state.lock().map_err(|_| {
+                    Error::Unrestorable("the thread following its memory failed".into())
+                })?;
                 let State { targets, f, .. } = &mut *st;
                 for t in targets.iter_mut() {
                     for piece in t.pending.take_offsets(start, end) {
@@ -396,7 +400,10 @@ mod tests {
         assert!(p.is_empty());
         // Part of a run: the rest stays, at its address.
         p.insert(0x20000, 0x3000, 0x20000);
-        assert_eq!(p.take_offsets(0x21000, 0x22000), vec![(0x21000, 0x1000, 0x21000)]);
+        assert_eq!(
+            p.take_offsets(0x21000, 0x22000),
+            vec![(0x21000, 0x1000, 0x21000)]
+        );
         assert!(p.contains(0x20fff) && !p.contains(0x21000) && p.contains(0x22000));
     }
 }

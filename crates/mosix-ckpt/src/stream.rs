@@ -487,7 +487,9 @@ pub fn restore_stream_running<R: Read + Send>(
     let mode = Mode::Plain;
     let mut recs = Records::new(v, limits, &mut chain);
     let mut b = Build::new();
-    let early = records(&mut hr, &mut recs, &mut b, opts, creds, mode, &mut admit, true)?;
+    let early = records(
+        &mut hr, &mut recs, &mut b, opts, creds, mode, &mut admit, true,
+    )?;
     let ran = if early {
         run_early(&mut hr, &mut recs, b, opts, creds, mode, &mut admit)?
     } else {

@@ -218,28 +218,29 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         Option<mosix_ckpt::lazy::Filling>,
         Option<mosix_ckpt::sys::Stop>,
     );
-    let restore = |img: &Option<std::sync::Arc<mosix_ckpt::LoadedImage>>| -> anyhow::Result<Restore> {
-        Ok(match img {
-            Some(img) if stay => {
-                let (r, f) = mosix_ckpt::restore_lazy(img, opts, &creds)?;
-                (r, f, None)
-            }
-            Some(img) => (mosix_ckpt::restore_with(img, opts, &creds)?, None, None),
-            None if a.lazy => {
-                let input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin());
-                let ran = mosix_ckpt::restore_stream_running(input, opts, &creds)
-                    .context("the image on standard input")?;
-                tracing::debug!("its memory is all in: {:?}", ran.filled);
-                (ran.restored, None, ran.ended)
-            }
-            None => (
-                mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
-                    .context("the image on standard input")?,
-                None,
-                None,
-            ),
-        })
-    };
+    let restore =
+        |img: &Option<std::sync::Arc<mosix_ckpt::LoadedImage>>| -> anyhow::Result<Restore> {
+            Ok(match img {
+                Some(img) if stay => {
+                    let (r, f) = mosix_ckpt::restore_lazy(img, opts, &creds)?;
+                    (r, f, None)
+                }
+                Some(img) => (mosix_ckpt::restore_with(img, opts, &creds)?, None, None),
+                None if a.lazy => {
+                    let input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin());
+                    let ran = mosix_ckpt::restore_stream_running(input, opts, &creds)
+                        .context("the image on standard input")?;
+                    tracing::debug!("its memory is all in: {:?}", ran.filled);
+                    (ran.restored, None, ran.ended)
+                }
+                None => (
+                    mosix_ckpt::restore_stream(std::io::stdin().lock(), opts, &creds)
+                        .context("the image on standard input")?,
+                    None,
+                    None,
+                ),
+            })
+        };
     if a.detach {
         let (new, _, _) = restore(&img)?;
         println!("{}", new.pid);

@@ -2,7 +2,9 @@
  * touches nothing but its stack and writes through raw system calls (no libc state).
  * Restarted with `mosix restart --lazy -`, it runs on before the buffer's memory has
  * arrived. Prints "tick N" lines, then the buffer's sum and the loop's result.
- * Usage: postcopy [MiB] [ticks] */
+ * With "fork", after each tick from the 10th a child (made and ended by raw system
+ * calls) prints a sum of the buffer, and the parent waits for it.
+ * Usage: postcopy [MiB] [ticks] [fork] */
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -13,6 +15,17 @@ static long raw_write(long fd, const void *b, unsigned long n)
 	__asm__ volatile("syscall"
 			 : "=a"(r)
 			 : "a"(1L), "D"(fd), "S"(b), "d"(n)
+			 : "rcx", "r11", "memory");
+	return r;
+}
+
+static long raw3(long nr, long a, long b, long c)
+{
+	long r;
+	register long r10 __asm__("r10") = 0;
+	__asm__ volatile("syscall"
+			 : "=a"(r)
+			 : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10)
 			 : "rcx", "r11", "memory");
 	return r;
 }
@@ -48,13 +61,25 @@ int main(int argc, char **argv)
 		return 1;
 	for (uint64_t i = 0; i < n; i++)
 		big[i] = (i + 1) * 0x9E3779B97F4A7C15ull;
+	int forks = argc > 3;
 	volatile uint64_t acc = 1;
+	uint64_t sum = 0;
 	for (uint64_t t = 1; t <= ticks; t++) {
 		for (long k = 0; k < 20000000; k++)
 			acc = acc * 6364136223846793005ull + 1442695040888963407ull;
 		say("tick", t, 0);
+		if (forks && t >= 10) {
+			long child = raw3(57 /* fork */, 0, 0, 0);
+			if (child == 0) {
+				for (uint64_t i = 0; i < n; i++)
+					sum = sum * 31 + big[i] * t;
+				say("child", sum, 1);
+				raw3(60 /* exit */, 0, 0, 0);
+			}
+			int st = 0;
+			raw3(61 /* wait4 */, child, (long)&st, 0);
+		}
 	}
-	uint64_t sum = 0;
 	for (uint64_t i = 0; i < n; i++)
 		sum = sum * 31 + big[i];
 	say("sum", sum, 1);
