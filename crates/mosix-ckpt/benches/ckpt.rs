@@ -8,8 +8,9 @@
 //! a file against `dd` into the same directory ($MOSIX_BENCH_DIR, else /var/tmp) and into
 //! a pipe against memcpy, the freeze of a checkpoint with --leave-running, 1 MiB
 //! checkpoint plus restart; restart with the memory put in while the process runs (lazy)
-//! against one that puts it in first. $MOSIX_BENCH_ONLY=file,live,lazy,... runs only those
-//! sections.
+//! against one that puts it in first; a checkpoint piped into a restart (`mosix checkpoint
+//! PID - | mosix restart -`), the restart post-copy (`--lazy`) against one that waits for
+//! the whole image. $MOSIX_BENCH_ONLY=file,live,lazy,stream,... runs only those sections.
 
 use std::time::Instant;
 
@@ -237,6 +238,9 @@ fn main() {
     }
     if only("file") {
         bench_file_and_pipe(512, REPS);
+    }
+    if only("stream") {
+        bench_stream(512, REPS);
     }
     if only("live") {
         bench_live(512, REPS);
@@ -538,6 +542,71 @@ fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
         median(r_all_in)
     );
     println!("BENCH restart_eager_{mib}MiB {:.1} ms", median(eager) * 1e3);
+}
+
+/// A 512 MiB process checkpointed into a pipe that a restart reads (`mosix checkpoint PID
+/// - | mosix restart [--lazy] -`), eager and post-copy alternating: from the start of the
+/// checkpoint until the process runs again (what the pipe costs it in stopped time), and
+/// until the restart has all of it; medians, and medians of the ratios to eager.
+fn bench_stream(mib: usize, reps: usize) {
+    let (mut eager, mut running, mut all_in) = (vec![], vec![], vec![]);
+    let (mut r_running, mut r_all_in) = (vec![], vec![]);
+    let opts = DumpOptions {
+        leave_running: false,
+        compression: Compression::None,
+    };
+    let creds = mosix_ckpt::CredOptions::from_image();
+    let once = |lazy: bool| -> (f64, f64) {
+        let (mut child, pid) = toucher(mib);
+        let (r, w) = std::io::pipe().expect("pipe");
+        let t = Instant::now();
+        let writer = std::thread::spawn(move || {
+            let w = std::io::BufWriter::with_capacity(1 << 20, w);
+            let (w, _) = checkpoint_to(pid, w, opts, &mut |_, _| {}).expect("checkpoint");
+            drop(w);
+        });
+        let r = std::io::BufReader::with_capacity(1 << 20, r);
+        let called = t.elapsed().as_secs_f64();
+        let (new, run) = if lazy {
+            let ran = mosix_ckpt::restore_stream_running(r, RestoreOptions::default(), &creds)
+                .expect("restore");
+            assert!(ran.filled.is_some(), "it ran before all of it was in");
+            (ran.restored, Some(called + ran.running_after.as_secs_f64()))
+        } else {
+            let new =
+                mosix_ckpt::restore_stream(r, RestoreOptions::default(), &creds).expect("restore");
+            (new, None)
+        };
+        let all = t.elapsed().as_secs_f64();
+        writer.join().unwrap();
+        let _ = child.wait();
+        reap(new.pid);
+        // (Eager: it runs once all of it is in.)
+        (run.unwrap_or(all), all)
+    };
+    for _ in 0..reps {
+        let (e, _) = once(false);
+        let (run, all) = once(true);
+        eager.push(e);
+        running.push(run);
+        all_in.push(all);
+        r_running.push(run / e);
+        r_all_in.push(all / e);
+    }
+    println!(
+        "BENCH pipe_restart_lazy_{mib}MiB_running {:.1} ms vs eager={:.3}",
+        median(running) * 1e3,
+        median(r_running)
+    );
+    println!(
+        "BENCH pipe_restart_lazy_{mib}MiB_all_in {:.1} ms vs eager={:.3}",
+        median(all_in) * 1e3,
+        median(r_all_in)
+    );
+    println!(
+        "BENCH pipe_restart_eager_{mib}MiB {:.1} ms",
+        median(eager) * 1e3
+    );
 }
 
 /// Restart of a process whose memory asked for transparent huge pages (MADV_HUGEPAGE,

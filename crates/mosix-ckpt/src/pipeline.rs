@@ -46,9 +46,11 @@ fn coming(runs: &[(u64, u64, bool)]) -> Vec<(u64, u64)> {
 
 /// The order memory is written in, for a reader that lets the process run before all of
 /// it arrived (format 3.4, [`crate::postcopy`]): everything that must be in place first
-/// (pages of private file mappings), then its private anonymous memory, the areas of its
-/// threads' stacks and TLS first (what it touches at once), the rest by address. Returns
-/// the runs so ordered and the index of the first anonymous one.
+/// (pages of private file mappings), then its private anonymous memory: first what it
+/// touches at once (each thread's stack in use, from a little below its stack pointer to
+/// the top of its area, and what lies around its TLS, rseq area, robust list and TID
+/// address: a run of up to 1 MiB that meets one of these goes whole), the rest by
+/// address. Returns the runs so ordered and the index of the first anonymous one.
 pub(crate) fn lazy_order(
     mut runs: Vec<(u64, u64, bool)>,
     meta: &crate::image::ProcessImage,
@@ -56,43 +58,44 @@ pub(crate) fn lazy_order(
     // rsp and fs_base in `struct user_regs_struct`.
     const RSP: usize = 19 * 8;
     const FS_BASE: usize = 21 * 8;
+    const AROUND: u64 = 64 << 10;
     let word = |regs: &[u8], at: usize| {
         regs.get(at..at + 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
-    // Each thread's stack, TLS and what the kernel reads there as it is made again.
-    let of = |regs: &[u8], rseq: &Option<crate::image::Rseq>, robust: u64, tid_at: u64| {
-        let r = [
-            word(regs, RSP),
-            word(regs, FS_BASE),
-            rseq.as_ref().map(|r| r.addr),
-        ];
-        r.into_iter()
-            .flatten()
-            .chain([robust, tid_at])
-            .filter(|&a| a != 0)
+    let end_of_area = |a: u64| {
+        meta.vmas
+            .iter()
+            .find(|v| v.start <= a && a < v.end)
+            .map_or(a.saturating_add(AROUND), |v| v.end)
     };
-    let hot: Vec<u64> = of(
+    let mut hot: Vec<(u64, u64)> = Vec::new();
+    let mut of = |regs: &[u8], rseq: &Option<crate::image::Rseq>, robust: u64, tid_at: u64| {
+        if let Some(sp) = word(regs, RSP).filter(|&a| a != 0) {
+            hot.push((sp.saturating_sub(AROUND), end_of_area(sp)));
+        }
+        let r = [word(regs, FS_BASE), rseq.as_ref().map(|r| r.addr)];
+        for a in r.into_iter().flatten().chain([robust, tid_at]) {
+            if a != 0 {
+                hot.push((a.saturating_sub(AROUND), a.saturating_add(AROUND)));
+            }
+        }
+    };
+    of(
         &meta.regs,
         &meta.rseq,
         meta.robust_list.0,
         meta.clear_child_tid,
-    )
-    .chain(
-        meta.threads
-            .iter()
-            .flat_map(|t| of(&t.regs, &t.rseq, t.robust_list.0, t.clear_child_tid)),
-    )
-    .collect();
-    let hot_areas: Vec<(u64, u64)> = meta
-        .vmas
-        .iter()
-        .filter(|v| hot.iter().any(|&a| v.start <= a && a < v.end))
-        .map(|v| (v.start, v.end))
-        .collect();
-    tracing::debug!("sent first: {hot:x?} in {hot_areas:x?}");
-    let is_hot = |a: u64| hot_areas.iter().any(|&(s, e)| s <= a && a < e);
-    runs.sort_by_key(|&(start, _, anon)| (anon, !is_hot(start), start));
+    );
+    for t in &meta.threads {
+        of(&t.regs, &t.rseq, t.robust_list.0, t.clear_child_tid);
+    }
+    tracing::debug!("sent first: {hot:x?}");
+    let is_hot = |start: u64, pages: u64| {
+        let end = start + pages * PAGE;
+        hot.iter().any(|&(s, e)| start < e && s < end)
+    };
+    runs.sort_by_key(|&(start, n, anon)| (anon, !is_hot(start, n), start));
     let first = runs.iter().position(|r| r.2).unwrap_or(runs.len());
     (runs, first)
 }
@@ -266,32 +269,31 @@ mod tests {
     fn file_pages_first_then_the_stack_and_tls_then_the_rest_by_address() {
         let mut regs = vec![0u8; 27 * 8];
         regs[19 * 8..20 * 8].copy_from_slice(&0x7000_1800u64.to_le_bytes());
-        regs[21 * 8..22 * 8].copy_from_slice(&0x5000_0100u64.to_le_bytes());
+        // Its TLS at the top of a large area (glibc's, which a large mapping joined).
+        regs[21 * 8..22 * 8].copy_from_slice(&0x1fff_f100u64.to_le_bytes());
         let meta = ProcessImage {
-            vmas: vec![
-                vma(0x1000_0000, 0x2000_0000),
-                vma(0x5000_0000, 0x5000_3000),
-                vma(0x7000_0000, 0x7000_2000),
-            ],
+            vmas: vec![vma(0x1000_0000, 0x2000_0000), vma(0x7000_0000, 0x7000_4000)],
             regs,
             ..Default::default()
         };
         let runs = vec![
             (0x1000_0000, 2, true),
+            (0x1800_0000, 1, true),
+            (0x1fff_e000, 2, true),
             (0x3000_0000, 1, false),
-            (0x5000_0000, 1, true),
-            (0x5000_2000, 1, true),
-            (0x7000_0000, 2, true),
+            (0x7000_0000, 1, true),
+            (0x7000_3000, 1, true),
         ];
-        let (order, first) = lazy_order(runs.clone(), &meta);
+        let (order, first) = lazy_order(runs, &meta);
         assert_eq!(
             order,
             vec![
                 (0x3000_0000, 1, false),
-                (0x5000_0000, 1, true),
-                (0x5000_2000, 1, true),
-                (0x7000_0000, 2, true),
+                (0x1fff_e000, 2, true),
+                (0x7000_0000, 1, true),
+                (0x7000_3000, 1, true),
                 (0x1000_0000, 2, true),
+                (0x1800_0000, 1, true),
             ]
         );
         assert_eq!(first, 1);
@@ -299,9 +301,10 @@ mod tests {
             coming(&order[first..]),
             vec![
                 (0x1000_0000, 0x2000),
-                (0x5000_0000, 0x1000),
-                (0x5000_2000, 0x1000),
-                (0x7000_0000, 0x2000)
+                (0x1800_0000, 0x1000),
+                (0x1fff_e000, 0x2000),
+                (0x7000_0000, 0x1000),
+                (0x7000_3000, 0x1000)
             ]
         );
         let (none, first) = lazy_order(vec![(0x3000_0000, 1, false)], &meta);

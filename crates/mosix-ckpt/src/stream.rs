@@ -446,6 +446,8 @@ pub struct RanEarly {
     /// How it ended, if it did while it was stopped a moment at the end of the fill (its
     /// wait status was taken then).
     pub ended: Option<crate::sys::Stop>,
+    /// From the call until it ran (with `filled` None: until the call returned).
+    pub running_after: std::time::Duration,
 }
 
 /// As [`restore_stream`], but the process runs as soon as everything except its private
@@ -463,6 +465,7 @@ pub fn restore_stream_running<R: Read + Send>(
     opts: RestoreOptions,
     creds: &CredOptions,
 ) -> Result<RanEarly> {
+    let t_call = std::time::Instant::now();
     let limits = ReadLimits::system();
     let mut admit = |need: u64| {
         if need > limits.max_memory {
@@ -482,6 +485,7 @@ pub fn restore_stream_running<R: Read + Send>(
             restored,
             filled: None,
             ended: None,
+            running_after: t_call.elapsed(),
         });
     }
     let mode = Mode::Plain;
@@ -504,9 +508,10 @@ pub fn restore_stream_running<R: Read + Send>(
                 restored: inc.complete(None, false)?.0,
                 filled: None,
                 ended: None,
+                running_after: t_call.elapsed(),
             })
         }
-        Early::Yes(restored, arrivals) => {
+        Early::Yes(restored, arrivals, ran) => {
             if let Err(e) = checked {
                 drop(arrivals);
                 end(&restored);
@@ -518,6 +523,7 @@ pub fn restore_stream_running<R: Read + Send>(
                 restored,
                 filled: Some(filled),
                 ended,
+                running_after: ran - t_call,
             })
         }
     }
@@ -548,8 +554,8 @@ fn end(r: &Restored) {
 enum Early {
     /// Held, all of it in.
     No(Box<Incoming>),
-    /// Running, its private memory still arriving.
-    Yes(Restored, crate::postcopy::Arrivals),
+    /// Running (since the instant), its private memory still arriving.
+    Yes(Restored, crate::postcopy::Arrivals, std::time::Instant),
 }
 
 /// At the lazy mark: the process is made whole but for its private anonymous memory and
@@ -581,8 +587,11 @@ fn run_early<R: Read + Send>(
         }
     };
     let t0 = std::time::Instant::now();
+    // (This thread is kept on one CPU while it makes the process: see crate::cpu.)
+    let cpus = crate::cpu::original();
     let (made, read) = std::thread::scope(|sc| {
         let reader = sc.spawn(|| -> Result<u64> {
+            crate::cpu::free(cpus);
             let mut bytes = 0u64;
             while !recs.ended() {
                 recs.next(r, &mut |_, _| Ok(()), &mut |ev| match ev {
@@ -605,23 +614,24 @@ fn run_early<R: Read + Send>(
         });
         // Meanwhile (what it touches now may wait for the records above): the rest of it.
         let made = site.complete(&meta, false);
+        let ran = std::time::Instant::now();
         tracing::debug!(pid = arrivals_pid(&made), "runs after {:?}", t0.elapsed());
         let read = reader
             .join()
             .unwrap_or_else(|_| Err(Error::Unrestorable("the image reader failed".into())));
-        (made, read)
+        (made.map(|m| (m, ran)), read)
     });
     match (made, read) {
-        (Ok((restored, _, _)), Ok(bytes)) => {
+        (Ok(((restored, _, _), ran)), Ok(bytes)) => {
             tracing::debug!(
                 pid = restored.pid,
                 mib = (b.memory_bytes + bytes) >> 20,
                 "all of its image arrived after {:?}",
                 t0.elapsed()
             );
-            Ok(Early::Yes(restored, arrivals))
+            Ok(Early::Yes(restored, arrivals, ran))
         }
-        (Ok((restored, _, _)), Err(e)) => {
+        (Ok(((restored, _, _), _)), Err(e)) => {
             drop(arrivals);
             end(&restored);
             Err(e)
