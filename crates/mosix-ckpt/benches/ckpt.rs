@@ -544,10 +544,11 @@ fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
     println!("BENCH restart_eager_{mib}MiB {:.1} ms", median(eager) * 1e3);
 }
 
-/// A 512 MiB process checkpointed into a pipe that a restart reads (`mosix checkpoint PID
-/// - | mosix restart [--lazy] -`), eager and post-copy alternating: from the start of the
-/// checkpoint until the process runs again (what the pipe costs it in stopped time), and
-/// until the restart has all of it; medians, and medians of the ratios to eager.
+/// A 512 MiB process checkpointed into a pipe that a restart reads (`mosix checkpoint
+/// PID -o - | mosix restart [--lazy] -`), eager and post-copy alternating: from the start
+/// of the checkpoint until the process runs again (what the pipe costs it in stopped
+/// time), and until the restart has all of it; medians, and medians of the ratios to
+/// eager.
 fn bench_stream(mib: usize, reps: usize) {
     let (mut eager, mut running, mut all_in) = (vec![], vec![], vec![]);
     let (mut r_running, mut r_all_in) = (vec![], vec![]);
