@@ -188,13 +188,7 @@ pub fn receive<R: Read>(
             let mut b = Build::new();
             records(&mut d, &mut recs, &mut b, opts, creds, mode, admit, false)?;
             let inc = b.done()?;
-            // The frame ends with the end record (its end mark and checksum read now).
-            let mut more = [0u8; 1];
-            match d.read(&mut more) {
-                Ok(0) => {}
-                Ok(_) => return Err(bad("trailing data after the end record")),
-                Err(e) => return Err(bad(format!("damaged compressed data: {e}"))),
-            }
+            frame_end(&mut d)?;
             inc
         }
     };
@@ -227,7 +221,7 @@ impl<'c> Records<'c> {
 
     /// Reads the next record from `r`: its tag and payload go to `pre`, then what it
     /// means to `sink`.
-    fn next<R: Read>(
+    fn next<R: Read + ?Sized>(
         &mut self,
         r: &mut R,
         pre: &mut dyn FnMut(u8, &[u8]) -> Result<()>,
@@ -312,7 +306,7 @@ impl Build {
 /// Reads records from `r` and restores them as they come, until the body ends, or, with
 /// `to_lazy`, until its lazy mark (true then).
 #[allow(clippy::too_many_arguments)]
-fn records<R: Read>(
+fn records<R: Read + ?Sized>(
     r: &mut R,
     recs: &mut Records,
     b: &mut Build,
@@ -478,7 +472,7 @@ pub fn restore_stream_running<R: Read + Send>(
         Ok(())
     };
     let (mut hr, head, compression, v, mut chain) = open(r)?;
-    if compression != Compression::None || v < crate::image::LAZY_MARK {
+    if compression == Compression::Zstd || v < crate::image::LAZY_MARK {
         let back = std::io::Cursor::new(head).chain(hr.inner);
         let restored = restore_stream(back, opts, creds)?;
         return Ok(RanEarly {
@@ -488,19 +482,26 @@ pub fn restore_stream_running<R: Read + Send>(
             running_after: t_call.elapsed(),
         });
     }
-    let mode = Mode::Plain;
-    let mut recs = Records::new(v, limits, &mut chain);
-    let mut b = Build::new();
-    let early = records(
-        &mut hr, &mut recs, &mut b, opts, creds, mode, &mut admit, true,
-    )?;
-    let ran = if early {
-        run_early(&mut hr, &mut recs, b, opts, creds, mode, &mut admit)?
-    } else {
-        Early::No(Box::new(b.done()?))
+    let mut body = |r: &mut dyn ReadSend| -> Result<Early> {
+        let mode = Mode::Plain;
+        let mut recs = Records::new(v, limits, &mut chain);
+        let mut b = Build::new();
+        if records(r, &mut recs, &mut b, opts, creds, mode, &mut admit, true)? {
+            run_early(r, &mut recs, b, opts, creds, mode, &mut admit)
+        } else {
+            Ok(Early::No(Box::new(b.done()?)))
+        }
     };
-    drop(recs);
-    let checked = check_sum(&mut hr, &chain).and_then(|()| no_more(&mut hr.inner));
+    let (ran, frame) = if compression == Compression::Lz4 {
+        let mut d = lz4_flex::frame::FrameDecoder::new(&mut hr);
+        let ran = body(&mut d)?;
+        (ran, frame_end(&mut d))
+    } else {
+        (body(&mut hr)?, Ok(()))
+    };
+    let checked = frame
+        .and_then(|()| check_sum(&mut hr, &chain))
+        .and_then(|()| no_more(&mut hr.inner));
     match ran {
         Early::No(inc) => {
             checked?;
@@ -526,6 +527,20 @@ pub fn restore_stream_running<R: Read + Send>(
                 running_after: ran - t_call,
             })
         }
+    }
+}
+
+/// A reader that may be handed to another thread.
+trait ReadSend: Read + Send {}
+impl<T: Read + Send> ReadSend for T {}
+
+/// An lz4 frame ends with the end record (its end mark and checksum are read now).
+fn frame_end<R: Read>(d: &mut R) -> Result<()> {
+    let mut more = [0u8; 1];
+    match d.read(&mut more) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(bad("trailing data after the end record")),
+        Err(e) => Err(bad(format!("damaged compressed data: {e}"))),
     }
 }
 
@@ -563,7 +578,7 @@ enum Early {
 /// they come, up to the end record. If its memory cannot be followed (no userfaultfd
 /// here, say), the records are put in first and it is made at the end, as without a mark.
 #[allow(clippy::too_many_arguments)]
-fn run_early<R: Read + Send>(
+fn run_early<R: Read + Send + ?Sized>(
     r: &mut R,
     recs: &mut Records,
     mut b: Build,

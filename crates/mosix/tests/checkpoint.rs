@@ -624,7 +624,7 @@ fn damaged_images_are_refused_and_nothing_starts() {
 
 /// The postcopy program, checkpointed after its first line: an uninterrupted run, the
 /// lines it printed before, and the image.
-fn postcopy_image(args: &[&str]) -> (Output, String, Vec<u8>) {
+fn postcopy_image(args: &[&str], ckpt_args: &[&str]) -> (Output, String, Vec<u8>) {
     let make = || {
         let mut c = prog("postcopy");
         c.args(args);
@@ -638,10 +638,9 @@ fn postcopy_image(args: &[&str]) -> (Output, String, Vec<u8>) {
     let pid = job.pid().to_string();
     // (With "fork" it has a child from its 10th line on, and cannot be checkpointed then:
     // it is, long before, unless this machine is very slow; then the test says so.)
-    assert_ok(
-        &mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]),
-        "checkpoint",
-    );
+    let mut ckpt = vec!["checkpoint", &pid, "-o", img.to_str().unwrap()];
+    ckpt.extend_from_slice(ckpt_args);
+    assert_ok(&mosix(&ckpt), "checkpoint");
     assert_eq!(job.wait().signal(), Some(libc::SIGKILL));
     (want, job.rest(), std::fs::read(&img).unwrap())
 }
@@ -707,15 +706,17 @@ impl LazyRestart {
 /// reads only at its end) are held back until it has printed `until`; then it gets them,
 /// reads its buffer, and ends as an uninterrupted run does. With "fork", its children
 /// (from its 10th line on) are made while its memory is still coming, and read the
-/// whole buffer: they get the pages that arrive after they were made.
+/// whole buffer: they get the pages that arrive after they were made. An lz4 image too.
 #[test]
 fn lazy_restart_runs_before_its_memory_arrived() {
-    for (args, until) in [
-        (&["64", "150"][..], None),
-        (&["64", "40", "fork"][..], Some("tick 10")),
+    let lz4 = ["--compress", "lz4"];
+    for (args, until, ckpt) in [
+        (&["64", "150"][..], None, &[][..]),
+        (&["64", "40", "fork"][..], Some("tick 10"), &[][..]),
+        (&["64", "150"][..], None, &lz4[..]),
     ] {
-        let (want, before, image) = postcopy_image(args);
-        let cut = image.len() - (4 << 20);
+        let (want, before, image) = postcopy_image(args, ckpt);
+        let cut = image.len() - (4 << 20).min(image.len() / 4);
         let r = LazyRestart::start(&image[..cut]);
         let mut seen = String::new();
         loop {
@@ -807,7 +808,7 @@ fn lazy_restart_of_real_programs() {
 /// and the process (which ran meanwhile) is gone.
 #[test]
 fn lazy_restart_of_a_stream_damaged_late_ends_the_process() {
-    let (_, _, mut image) = postcopy_image(&["64", "150"]);
+    let (_, _, mut image) = postcopy_image(&["64", "150"], &[]);
     let at = image.len() - 100;
     image[at] ^= 0x10;
     let (first, rest) = image.split_at(image.len() - (1 << 20));
