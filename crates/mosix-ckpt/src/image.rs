@@ -590,9 +590,11 @@ impl<W: Write + 'static> ImageWriter<W> {
     /// Says that the memory records from here on are all of the process's private
     /// anonymous memory, and nothing but memory records follow them (see
     /// [`records::TAG_LAZY`]): a reader may let the process run from here.
-    /// `coming`: the (address, length) ranges whose pages may follow (see there).
+    /// `coming`: the (address, length) ranges whose pages may follow (see there); its 16
+    /// bytes per range count against the memory estimate, as a drop record's do.
     pub(crate) fn lazy_from_here(&mut self, coming: &[(u64, u64)]) -> Result<()> {
         let b = drops_payload(coming)?;
+        self.count(b.len() as u64)?;
         self.record(records::TAG_LAZY, &[&b])
     }
 

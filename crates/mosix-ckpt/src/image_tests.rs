@@ -681,8 +681,8 @@ fn the_lazy_mark_says_what_may_come_and_only_memory_follows_it() {
         memory_estimate: 5 << 12,
         ..Default::default()
     };
-    let image = |marks: usize| {
-        let mut w = ImageWriter::new(Vec::new(), Compression::None, &meta).unwrap();
+    let image_c = |marks: usize, c: Compression| {
+        let mut w = ImageWriter::new(Vec::new(), c, &meta).unwrap();
         for _ in 0..marks {
             w.lazy_from_here(&[(0x10000, 0x3000)]).unwrap();
         }
@@ -691,9 +691,12 @@ fn the_lazy_mark_says_what_may_come_and_only_memory_follows_it() {
         w.pages(0x12000, &[8u8; 4096]).unwrap();
         w.finish().unwrap()
     };
-    let img = read_image(&image(1)[..]).unwrap();
+    let image = |marks: usize| image_c(marks, Compression::None);
     let want: std::collections::BTreeMap<u64, u8> = [(0x10000, 7), (0x12000, 8)].into();
-    assert_eq!(page_bytes(&img), want);
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let img = read_image(&image_c(1, c)[..]).unwrap();
+        assert_eq!(page_bytes(&img), want, "{c:?}");
+    }
     let mut events = Vec::new();
     let mut p = crate::parse::Parser::new((3, 4), crate::limits::ReadLimits::system());
     let b = image(1);

@@ -409,6 +409,7 @@ impl Parser {
                 if len as u64 > MAX_META || !len.is_multiple_of(16) {
                     return Err(bad("lazy mark of odd size"));
                 }
+                self.count(len as u64)?;
                 if !self.final_out {
                     if self.body2.current.is_none() {
                         return Err(bad("lazy mark out of place"));

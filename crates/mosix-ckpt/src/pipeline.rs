@@ -128,8 +128,15 @@ fn dump_parallel<W: Write + Send + 'static>(
         ..
     } = dump::capture(f, Moving::default())?;
     let (runs, first_lazy) = lazy_order(dump::page_runs(pid, &meta.vmas)?, &meta);
-    let estimate: u64 =
-        runs.iter().map(|r| r.1 * PAGE).sum::<u64>() + shmem_runs.iter().map(|r| r.2).sum::<u64>();
+    // (The lazy mark's ranges count as a drop record's do.)
+    let mark = if first_lazy < runs.len() {
+        16 * coming(&runs[first_lazy..]).len() as u64
+    } else {
+        0
+    };
+    let estimate: u64 = runs.iter().map(|r| r.1 * PAGE).sum::<u64>()
+        + shmem_runs.iter().map(|r| r.2).sum::<u64>()
+        + mark;
     meta.memory_estimate = estimate;
     let (tx, rx) = sync_channel::<Msg>(BUFFERS - 1);
     let (back_tx, back_rx) = channel::<Vec<u8>>();

@@ -524,6 +524,7 @@ fn decompress<D: Read>(mut dec: D, v: Version, limits: &ReadLimits) -> Result<Ve
             TAG_SHMEM if v.0 >= 2 && (16 + PAGE..=16 + PAGES_RECORD_MAX as u64).contains(&len) => {}
             TAG_LAYOUT if prefix.as_ref().is_some_and(|p| len <= p.layouts_bytes) => {}
             TAG_DROPS if v.0 >= 3 && len <= MAX_META => {}
+            records::TAG_LAZY if v >= crate::image::LAZY_MARK && len <= MAX_META => {}
             TAG_END if len == 16 => {}
             TAG_END => return Err(bad("end record of wrong size")),
             TAG_META => return Err(bad("metadata record out of place")),
