@@ -49,8 +49,10 @@ fn coming(runs: &[(u64, u64, bool)]) -> Vec<(u64, u64)> {
 /// (pages of private file mappings), then its private anonymous memory: first what it
 /// touches at once (each thread's stack in use, from a little below its stack pointer to
 /// the top of its area, and what lies around its TLS, rseq area, robust list and TID
-/// address: a run of up to 1 MiB that meets one of these goes whole), the rest by
-/// address. Returns the runs so ordered and the index of the first anonymous one.
+/// address: a run of up to 1 MiB that meets one of these goes whole), then the rest,
+/// smaller areas first (the state libraries keep in their small .bss areas is touched
+/// often; a large heap or buffer less densely), by address within an area. Returns the
+/// runs so ordered and the index of the first anonymous one.
 pub(crate) fn lazy_order(
     mut runs: Vec<(u64, u64, bool)>,
     meta: &crate::image::ProcessImage,
@@ -95,7 +97,13 @@ pub(crate) fn lazy_order(
         let end = start + pages * PAGE;
         hot.iter().any(|&(s, e)| start < e && s < end)
     };
-    runs.sort_by_key(|&(start, n, anon)| (anon, !is_hot(start, n), start));
+    let area_len = |a: u64| {
+        meta.vmas
+            .iter()
+            .find(|v| v.start <= a && a < v.end)
+            .map_or(0, |v| v.end - v.start)
+    };
+    runs.sort_by_key(|&(start, n, anon)| (anon, !is_hot(start, n), area_len(start), start));
     let first = runs.iter().position(|r| r.2).unwrap_or(runs.len());
     (runs, first)
 }
@@ -273,13 +281,17 @@ mod tests {
     }
 
     #[test]
-    fn file_pages_first_then_the_stack_and_tls_then_the_rest_by_address() {
+    fn file_pages_first_then_the_stack_and_tls_then_small_areas_then_large_ones() {
         let mut regs = vec![0u8; 27 * 8];
         regs[19 * 8..20 * 8].copy_from_slice(&0x7000_1800u64.to_le_bytes());
         // Its TLS at the top of a large area (glibc's, which a large mapping joined).
         regs[21 * 8..22 * 8].copy_from_slice(&0x1fff_f100u64.to_le_bytes());
         let meta = ProcessImage {
-            vmas: vec![vma(0x1000_0000, 0x2000_0000), vma(0x7000_0000, 0x7000_4000)],
+            vmas: vec![
+                vma(0x1000_0000, 0x2000_0000),
+                vma(0x4000_0000, 0x4000_2000),
+                vma(0x7000_0000, 0x7000_4000),
+            ],
             regs,
             ..Default::default()
         };
@@ -288,6 +300,7 @@ mod tests {
             (0x1800_0000, 1, true),
             (0x1fff_e000, 2, true),
             (0x3000_0000, 1, false),
+            (0x4000_0000, 1, true),
             (0x7000_0000, 1, true),
             (0x7000_3000, 1, true),
         ];
@@ -296,9 +309,10 @@ mod tests {
             order,
             vec![
                 (0x3000_0000, 1, false),
-                (0x1fff_e000, 2, true),
                 (0x7000_0000, 1, true),
                 (0x7000_3000, 1, true),
+                (0x1fff_e000, 2, true),
+                (0x4000_0000, 1, true),
                 (0x1000_0000, 2, true),
                 (0x1800_0000, 1, true),
             ]
@@ -310,6 +324,7 @@ mod tests {
                 (0x1000_0000, 0x2000),
                 (0x1800_0000, 0x1000),
                 (0x1fff_e000, 0x2000),
+                (0x4000_0000, 0x1000),
                 (0x7000_0000, 0x1000),
                 (0x7000_3000, 0x1000)
             ]
