@@ -408,16 +408,7 @@ pub fn restore_stream<R: Read>(
 ) -> Result<Restored> {
     let limits = ReadLimits::system();
     let mut r = r;
-    let inc = receive(&mut r, opts, creds, None, limits, &mut |need| {
-        if need > limits.max_memory {
-            return Err(Error::Unrestorable(format!(
-                "the image declares {} MiB of memory contents, more than the {} MiB available here",
-                need >> 20,
-                limits.max_memory >> 20
-            )));
-        }
-        Ok(())
-    })?;
+    let inc = receive(&mut r, opts, creds, None, limits, &mut within(limits))?;
     let mut more = [0u8; 1];
     loop {
         match r.read(&mut more) {
@@ -461,16 +452,7 @@ pub fn restore_stream_running<R: Read + Send>(
 ) -> Result<RanEarly> {
     let t_call = std::time::Instant::now();
     let limits = ReadLimits::system();
-    let mut admit = |need: u64| {
-        if need > limits.max_memory {
-            return Err(Error::Unrestorable(format!(
-                "the image declares {} MiB of memory contents, more than the {} MiB available here",
-                need >> 20,
-                limits.max_memory >> 20
-            )));
-        }
-        Ok(())
-    };
+    let mut admit = within(limits);
     let (mut hr, head, compression, v, mut chain) = open(r)?;
     if compression == Compression::Zstd || v < crate::image::LAZY_MARK {
         let back = std::io::Cursor::new(head).chain(hr.inner);
@@ -527,6 +509,20 @@ pub fn restore_stream_running<R: Read + Send>(
                 running_after: ran - t_call,
             })
         }
+    }
+}
+
+/// Admits a process whose memory fits `limits` (a restore of this machine's own).
+fn within(limits: ReadLimits) -> impl FnMut(u64) -> Result<()> {
+    move |need: u64| {
+        if need > limits.max_memory {
+            return Err(Error::Unrestorable(format!(
+                "the image declares {} MiB of memory contents, more than the {} MiB available here",
+                need >> 20,
+                limits.max_memory >> 20
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -13,28 +13,6 @@ use std::process::{Command, Stdio};
 mod common;
 
 const PROG: &str = r#"
-#define _GNU_SOURCE
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-#include <sys/wait.h>
-#include <unistd.h>
-#define LEN (24UL << 20)
-#define WORDS (LEN / 8)
-static uint64_t word(uint64_t seed, size_t i) { return seed * 0x9E3779B97F4A7C15ULL ^ i; }
-static uint64_t *area(uint64_t seed) {
-    uint64_t *p = mmap(0, LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) exit(2);
-    for (size_t i = 0; i < WORDS; i++) p[i] = word(seed, i);
-    return p;
-}
-/* The first word in [from, to) of p that is not what seed made, or -1. */
-static long bad(uint64_t *p, size_t from, size_t to, uint64_t seed) {
-    for (size_t i = from; i < to; i++)
-        if (p[i] != word(seed, i)) return (long)i;
-    return -1;
-}
 int main(void) {
     uint64_t *a = area(1), *b = area(2), *c = area(3);
     printf("ready\n");
@@ -74,7 +52,7 @@ fn a_process_run_from_a_quarter_of_its_image_moves_and_gives_memory_back() {
         eprintln!("skipped: needs root");
         return;
     }
-    let bin = common::build_c("postcopy_prog", PROG);
+    let bin = common::build_c("postcopy_prog", &format!("{}{PROG}", common::AREAS_C));
     let mut cmd = Command::new(&bin);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     // SAFETY: close_range is async-signal-safe and touches no memory.

@@ -72,6 +72,20 @@ fn reference(mut cmd: Command) -> Output {
         .expect("program runs")
 }
 
+/// The lines read from `out`, as they come, until it ends.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A running program whose stdout lines arrive on a channel.
 struct Job {
     child: Child,
@@ -90,19 +104,10 @@ impl Job {
             .process_group(0)
             .spawn()
             .expect("program starts");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines_of(child.stdout.take().unwrap());
         Job {
             child,
-            lines: rx,
+            lines,
             seen: String::new(),
         }
     }
@@ -663,16 +668,7 @@ impl LazyRestart {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines_of(child.stdout.take().unwrap());
         let mut input = child.stdin.take();
         // (It may stop reading at a damaged record.)
         let _ = input.as_mut().unwrap().write_all(first);

@@ -21,3 +21,30 @@ pub fn build_c(name: &str, src: &str) -> PathBuf {
     assert!(st.success(), "building {name}");
     bin
 }
+
+/// The start of the C programs of the fill tests: three areas of 24 MiB, each word made
+/// from a seed and its index (`area`), and `bad`, which finds a word that is not.
+#[allow(dead_code)]
+pub const AREAS_C: &str = r#"#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#define LEN (24UL << 20)
+#define WORDS (LEN / 8)
+static uint64_t word(uint64_t seed, size_t i) { return seed * 0x9E3779B97F4A7C15ULL ^ i; }
+static uint64_t *area(uint64_t seed) {
+    uint64_t *p = mmap(0, LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) exit(2);
+    for (size_t i = 0; i < WORDS; i++) p[i] = word(seed, i);
+    return p;
+}
+/* The first word in [from, to) of p that is not what seed made, or -1. */
+static long bad(uint64_t *p, size_t from, size_t to, uint64_t seed) {
+    for (size_t i = from; i < to; i++)
+        if (p[i] != word(seed, i)) return (long)i;
+    return -1;
+}
+"#;

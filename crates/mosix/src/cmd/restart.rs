@@ -278,32 +278,28 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             let _ = waitpid(i, None);
         }
     };
-    // It ended while it was stopped for the end of its fill (its status was taken then).
-    match ended {
+    // It ended while it was stopped for the end of its fill (its status was taken then):
+    // its exit code, or this command dies by its signal.
+    let ended_so = |ended: Option<mosix_ckpt::sys::Stop>| match ended {
         Some(mosix_ckpt::sys::Stop::Exited(code)) => {
             reap_init();
-            return Ok(code);
+            Some(code)
         }
         Some(mosix_ckpt::sys::Stop::Signaled(sig)) => {
             reap_init();
             die_by(Signal::try_from(sig).unwrap_or(Signal::SIGKILL))
         }
-        _ => {}
+        _ => None,
+    };
+    if let Some(code) = ended_so(ended) {
+        return Ok(code);
     }
     loop {
         if filling.as_ref().is_some_and(|f| f.is_done()) {
             let (filled, ended) = filling.take().expect("just seen").finish_reaping();
             tracing::debug!("its memory is all in: {filled:?}");
-            match ended {
-                Some(mosix_ckpt::sys::Stop::Exited(code)) => {
-                    reap_init();
-                    return Ok(code);
-                }
-                Some(mosix_ckpt::sys::Stop::Signaled(sig)) => {
-                    reap_init();
-                    die_by(Signal::try_from(sig).unwrap_or(Signal::SIGKILL))
-                }
-                _ => {}
+            if let Some(code) = ended_so(ended) {
+                return Ok(code);
             }
         }
         match waitpid(pid, Some(WaitPidFlag::WNOHANG))? {
