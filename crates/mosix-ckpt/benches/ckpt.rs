@@ -506,8 +506,7 @@ fn restart_from(img_path: &std::path::Path) -> f64 {
 /// time until it runs, and until all its memory is in; medians of the ratios.
 fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
     image_into(toucher(mib), img_path);
-    let (mut eager, mut running, mut all_in) = (vec![], vec![], vec![]);
-    let (mut r_running, mut r_all_in) = (vec![], vec![]);
+    let mut fig = Early::default();
     for _ in 0..reps {
         let e = restart_from(img_path);
         let t = Instant::now();
@@ -525,23 +524,48 @@ fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
         let all = t.elapsed().as_secs_f64();
         drop(img);
         reap(new.pid);
-        eager.push(e);
-        running.push(run);
-        all_in.push(all);
-        r_running.push(run / e);
-        r_all_in.push(all / e);
+        fig.push(e, run, all);
     }
-    println!(
-        "BENCH restart_lazy_{mib}MiB_running {:.1} ms vs eager={:.3}",
-        median(running) * 1e3,
-        median(r_running)
+    fig.print(
+        &format!("restart_lazy_{mib}MiB"),
+        &format!("restart_eager_{mib}MiB"),
     );
-    println!(
-        "BENCH restart_lazy_{mib}MiB_all_in {:.1} ms vs eager={:.3}",
-        median(all_in) * 1e3,
-        median(r_all_in)
-    );
-    println!("BENCH restart_eager_{mib}MiB {:.1} ms", median(eager) * 1e3);
+}
+
+/// Times of a restart that lets the process run early against one that puts all of it
+/// in first (eager), in pairs: until it runs, until all of it is in, and the eager time.
+#[derive(Default)]
+struct Early {
+    eager: Vec<f64>,
+    running: Vec<f64>,
+    all_in: Vec<f64>,
+    r_running: Vec<f64>,
+    r_all_in: Vec<f64>,
+}
+
+impl Early {
+    fn push(&mut self, eager: f64, running: f64, all_in: f64) {
+        self.eager.push(eager);
+        self.running.push(running);
+        self.all_in.push(all_in);
+        self.r_running.push(running / eager);
+        self.r_all_in.push(all_in / eager);
+    }
+
+    /// Medians, and medians of the ratios to eager.
+    fn print(self, early: &str, eager: &str) {
+        println!(
+            "BENCH {early}_running {:.1} ms vs eager={:.3}",
+            median(self.running) * 1e3,
+            median(self.r_running)
+        );
+        println!(
+            "BENCH {early}_all_in {:.1} ms vs eager={:.3}",
+            median(self.all_in) * 1e3,
+            median(self.r_all_in)
+        );
+        println!("BENCH {eager} {:.1} ms", median(self.eager) * 1e3);
+    }
 }
 
 /// A 512 MiB process checkpointed into a pipe that a restart reads (`mosix checkpoint
@@ -550,8 +574,6 @@ fn bench_lazy(img_path: &std::path::Path, mib: usize, reps: usize) {
 /// time), and until the restart has all of it; medians, and medians of the ratios to
 /// eager.
 fn bench_stream(mib: usize, reps: usize) {
-    let (mut eager, mut running, mut all_in) = (vec![], vec![], vec![]);
-    let (mut r_running, mut r_all_in) = (vec![], vec![]);
     let opts = DumpOptions {
         leave_running: false,
         compression: Compression::None,
@@ -585,28 +607,15 @@ fn bench_stream(mib: usize, reps: usize) {
         // (Eager: it runs once all of it is in.)
         (run.unwrap_or(all), all)
     };
+    let mut fig = Early::default();
     for _ in 0..reps {
         let (e, _) = once(false);
         let (run, all) = once(true);
-        eager.push(e);
-        running.push(run);
-        all_in.push(all);
-        r_running.push(run / e);
-        r_all_in.push(all / e);
+        fig.push(e, run, all);
     }
-    println!(
-        "BENCH pipe_restart_lazy_{mib}MiB_running {:.1} ms vs eager={:.3}",
-        median(running) * 1e3,
-        median(r_running)
-    );
-    println!(
-        "BENCH pipe_restart_lazy_{mib}MiB_all_in {:.1} ms vs eager={:.3}",
-        median(all_in) * 1e3,
-        median(r_all_in)
-    );
-    println!(
-        "BENCH pipe_restart_eager_{mib}MiB {:.1} ms",
-        median(eager) * 1e3
+    fig.print(
+        &format!("pipe_restart_lazy_{mib}MiB"),
+        &format!("pipe_restart_eager_{mib}MiB"),
     );
 }
 

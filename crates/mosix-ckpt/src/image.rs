@@ -758,4 +758,4 @@ pub use crate::read::{
 
 #[cfg(test)]
 #[path = "image_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -456,7 +456,8 @@ fn newer_version_is_refused_clearly() {
     assert!(e.contains("not a mosix process image"), "{e}");
 }
 
-fn anon(start: u64, end: u64) -> Vma {
+/// A private anonymous area (also for other modules' tests).
+pub(crate) fn anon(start: u64, end: u64) -> Vma {
     Vma {
         start,
         end,

@@ -403,7 +403,8 @@ impl Parser {
                 })?;
             }
             TAG_LAZY if v >= LAZY_MARK => {
-                if self.prefix.is_some() || self.lazy {
+                // (A second one is refused above: only memory follows the first.)
+                if self.prefix.is_some() {
                     return Err(bad("lazy mark out of place"));
                 }
                 if len as u64 > MAX_META || !len.is_multiple_of(16) {

@@ -65,16 +65,12 @@ pub(crate) fn lazy_order(
         regs.get(at..at + 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
-    let end_of_area = |a: u64| {
-        meta.vmas
-            .iter()
-            .find(|v| v.start <= a && a < v.end)
-            .map_or(a.saturating_add(AROUND), |v| v.end)
-    };
+    let area_of = |a: u64| meta.vmas.iter().find(|v| v.start <= a && a < v.end);
     let mut hot: Vec<(u64, u64)> = Vec::new();
     let mut of = |regs: &[u8], rseq: &Option<crate::image::Rseq>, robust: u64, tid_at: u64| {
         if let Some(sp) = word(regs, RSP).filter(|&a| a != 0) {
-            hot.push((sp.saturating_sub(AROUND), end_of_area(sp)));
+            let top = area_of(sp).map_or(sp.saturating_add(AROUND), |v| v.end);
+            hot.push((sp.saturating_sub(AROUND), top));
         }
         let r = [word(regs, FS_BASE), rseq.as_ref().map(|r| r.addr)];
         for a in r.into_iter().flatten().chain([robust, tid_at]) {
@@ -97,13 +93,8 @@ pub(crate) fn lazy_order(
         let end = start + pages * PAGE;
         hot.iter().any(|&(s, e)| start < e && s < end)
     };
-    let area_len = |a: u64| {
-        meta.vmas
-            .iter()
-            .find(|v| v.start <= a && a < v.end)
-            .map_or(0, |v| v.end - v.start)
-    };
-    runs.sort_by_key(|&(start, n, anon)| (anon, !is_hot(start, n), area_len(start), start));
+    let area_len = |a: u64| area_of(a).map_or(0, |v| v.end - v.start);
+    runs.sort_by_cached_key(|&(start, n, anon)| (anon, !is_hot(start, n), area_len(start), start));
     let first = runs.iter().position(|r| r.2).unwrap_or(runs.len());
     (runs, first)
 }
@@ -136,15 +127,12 @@ fn dump_parallel<W: Write + Send + 'static>(
         ..
     } = dump::capture(f, Moving::default())?;
     let (runs, first_lazy) = lazy_order(dump::page_runs(pid, &meta.vmas)?, &meta);
-    // (The lazy mark's ranges count as a drop record's do.)
-    let mark = if first_lazy < runs.len() {
-        16 * coming(&runs[first_lazy..]).len() as u64
-    } else {
-        0
-    };
+    // The lazy mark's ranges (none without anonymous memory), which count as a drop
+    // record's do.
+    let mut mark = (first_lazy < runs.len()).then(|| coming(&runs[first_lazy..]));
     let estimate: u64 = runs.iter().map(|r| r.1 * PAGE).sum::<u64>()
         + shmem_runs.iter().map(|r| r.2).sum::<u64>()
-        + mark;
+        + mark.as_ref().map_or(0, |c| 16 * c.len() as u64);
     meta.memory_estimate = estimate;
     let (tx, rx) = sync_channel::<Msg>(BUFFERS - 1);
     let (back_tx, back_rx) = channel::<Vec<u8>>();
@@ -191,8 +179,12 @@ fn dump_parallel<W: Write + Send + 'static>(
     let mut done = 0u64;
     let read = (|| -> Result<()> {
         for (i, &(start, n, anon)) in runs.iter().enumerate() {
-            if i == first_lazy && tx.send(Msg::Lazy(coming(&runs[i..]))).is_err() {
-                return Ok(());
+            if i == first_lazy {
+                if let Some(c) = mark.take() {
+                    if tx.send(Msg::Lazy(c)).is_err() {
+                        return Ok(());
+                    }
+                }
             }
             let len = (n * PAGE) as usize;
             let mut buf = match back_rx.try_recv() {
@@ -266,19 +258,8 @@ fn dump_parallel<W: Write + Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{ProcessImage, Vma, VmaKind};
-
-    fn vma(start: u64, end: u64) -> Vma {
-        Vma {
-            start,
-            end,
-            prot: 3,
-            shared: false,
-            growsdown: false,
-            kind: VmaKind::Anon,
-            anon_name: None,
-        }
-    }
+    use crate::image::tests::anon as vma;
+    use crate::image::ProcessImage;
 
     #[test]
     fn file_pages_first_then_the_stack_and_tls_then_small_areas_then_large_ones() {

@@ -143,7 +143,8 @@ pub(crate) struct Arrivals {
 
 /// Registers the private anonymous areas of process `b.pid` (stopped, laid out and in
 /// its final state as `m` says, none of that memory put in yet) and starts following
-/// them; their pages in `coming` (address, length) are to come, the others are zero. Err: nothing is registered (the caller then puts the memory in before it runs).
+/// them; their pages in `coming` (address, length) are to come, the others are zero.
+/// Err: nothing is registered (the caller then puts the memory in before it runs).
 pub(crate) fn start(b: &mut Builder, m: &ProcessImage, coming: &[(u64, u64)]) -> Result<Arrivals> {
     let pid = b.pid;
     let (areas, not_kept) = areas(m);
@@ -153,18 +154,20 @@ pub(crate) fn start(b: &mut Builder, m: &ProcessImage, coming: &[(u64, u64)]) ->
         ));
     }
     let (ours, its_fd) = lazy::make_uffd(b)?;
+    // On failure: nothing registered, and no userfaultfd left in the process.
+    let undo = |b: &mut Builder, uffd: RawFd, registered: &[(u64, u64)], e: Error| {
+        for &(s, len) in registered {
+            let _ = sys::uffd_unregister(uffd, s, len);
+        }
+        let _ = b.r.raw(libc::SYS_close, &[its_fd as u64]);
+        e
+    };
     let mut registered = Vec::new();
     let mut pending = Pending::default();
     for &(s, e) in &areas {
         if let Err(err) = sys::uffd_register_missing(ours.as_raw_fd(), s, e - s) {
-            for &(s, len) in &registered {
-                let _ = sys::uffd_unregister(ours.as_raw_fd(), s, len);
-            }
-            let _ = b.r.raw(libc::SYS_close, &[its_fd as u64]);
-            return Err(sys_err(
-                format!("registering its memory at {s:#x}-{e:#x}"),
-                err,
-            ));
+            let why = sys_err(format!("registering its memory at {s:#x}-{e:#x}"), err);
+            return Err(undo(b, ours.as_raw_fd(), &registered, why));
         }
         registered.push((s, e - s));
     }
@@ -200,14 +203,10 @@ pub(crate) fn start(b: &mut Builder, m: &ProcessImage, coming: &[(u64, u64)]) ->
     let thread = match thread {
         Ok(t) => t,
         Err(e) => {
-            if let Ok(st) = state.lock() {
-                let t = &st.targets[0];
-                for &(s, len) in &t.registered {
-                    let _ = sys::uffd_unregister(t.uffd.as_raw_fd(), s, len);
-                }
-            }
-            let _ = b.r.raw(libc::SYS_close, &[its_fd as u64]);
-            return Err(sys_err("starting the thread that follows its memory", e));
+            let why = sys_err("starting the thread that follows its memory", e);
+            let st = state.lock().map_err(|_| lost())?;
+            let t = &st.targets[0];
+            return Err(undo(b, t.uffd.as_raw_fd(), &t.registered, why));
         }
     };
     Ok(Arrivals {
@@ -219,6 +218,11 @@ pub(crate) fn start(b: &mut Builder, m: &ProcessImage, coming: &[(u64, u64)]) ->
         thread: Some(thread),
         t0: Instant::now(),
     })
+}
+
+/// The lock between the two threads was poisoned: one of them panicked.
+fn lost() -> Error {
+    Error::Unrestorable("the thread following its memory failed".into())
 }
 
 /// Reads what the userfaultfds say until `stop`.
@@ -272,9 +276,7 @@ impl Arrivals {
         loop {
             let mut again = false;
             {
-                let mut st = self.state.lock().map_err(|_| {
-                    Error::Unrestorable("the thread following its memory failed".into())
-                })?;
+                let mut st = self.state.lock().map_err(|_| lost())?;
                 let State { targets, f, .. } = &mut *st;
                 for t in targets.iter_mut() {
                     for piece in t.pending.take_offsets(start, end) {
@@ -293,10 +295,7 @@ impl Arrivals {
     /// The image says these pages are zero: they get zeros (in every process that still
     /// waits for them), and who waited for them is woken.
     pub(crate) fn zeros(&self, ranges: &[(u64, u64)]) -> Result<()> {
-        let mut st = self
-            .state
-            .lock()
-            .map_err(|_| Error::Unrestorable("the thread following its memory failed".into()))?;
+        let mut st = self.state.lock().map_err(|_| lost())?;
         for &(a, len) in ranges {
             let (start, end) = (a as usize, (a + len) as usize);
             for t in st.targets.iter_mut() {

@@ -409,15 +409,7 @@ pub fn restore_stream<R: Read>(
     let limits = ReadLimits::system();
     let mut r = r;
     let inc = receive(&mut r, opts, creds, None, limits, &mut within(limits))?;
-    let mut more = [0u8; 1];
-    loop {
-        match r.read(&mut more) {
-            Ok(0) => break,
-            Ok(_) => return Err(bad("trailing data after the image")),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Io(e)),
-        }
-    }
+    no_more(&mut r)?;
     Ok(inc.complete(None, false)?.0)
 }
 
@@ -626,7 +618,6 @@ fn run_early<R: Read + Send + ?Sized>(
         // Meanwhile (what it touches now may wait for the records above): the rest of it.
         let made = site.complete(&meta, false);
         let ran = std::time::Instant::now();
-        tracing::debug!(pid = arrivals_pid(&made), "runs after {:?}", t0.elapsed());
         let read = reader
             .join()
             .unwrap_or_else(|_| Err(Error::Unrestorable("the image reader failed".into())));
@@ -637,7 +628,8 @@ fn run_early<R: Read + Send + ?Sized>(
             tracing::debug!(
                 pid = restored.pid,
                 mib = (b.memory_bytes + bytes) >> 20,
-                "all of its image arrived after {:?}",
+                "ran after {:?}; all of its image arrived after {:?}",
+                ran - t0,
                 t0.elapsed()
             );
             Ok(Early::Yes(restored, arrivals, ran))
@@ -649,8 +641,4 @@ fn run_early<R: Read + Send + ?Sized>(
         }
         (Err(e), _) => Err(e),
     }
-}
-
-fn arrivals_pid<T>(made: &Result<(Restored, T, Option<OwnedFd>)>) -> i32 {
-    made.as_ref().map_or(0, |m| m.0.pid)
 }

@@ -5,9 +5,9 @@
 //! Once with pages put in only when touched (every one of those happens during the fill),
 //! once with the fill in the background as well.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
+
 use std::sync::Arc;
 
 mod common;
@@ -49,21 +49,7 @@ fn build() -> std::path::PathBuf {
 /// in while it runs, tells it to go on: what it printed, its exit status, the fill's
 /// figures.
 fn round(bin: &std::path::Path) -> (String, i32, mosix_ckpt::lazy::Filled) {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(bin);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut l = String::new();
-    out.read_line(&mut l).unwrap();
-    assert_eq!(l, "ready\n");
+    let (mut child, _out) = common::start_ready(bin);
     let opts = mosix_ckpt::DumpOptions {
         leave_running: false,
         compression: mosix_ckpt::Compression::None,

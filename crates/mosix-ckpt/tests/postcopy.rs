@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
 
 mod common;
 
@@ -47,26 +46,12 @@ int main(void) {
 
 #[test]
 fn a_process_run_from_a_quarter_of_its_image_moves_and_gives_memory_back() {
-    use std::os::unix::process::CommandExt;
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root");
         return;
     }
     let bin = common::build_c("postcopy_prog", &format!("{}{PROG}", common::AREAS_C));
-    let mut cmd = Command::new(&bin);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut l = String::new();
-    out.read_line(&mut l).unwrap();
-    assert_eq!(l, "ready\n");
+    let (mut child, _out) = common::start_ready(&bin);
     let opts = mosix_ckpt::DumpOptions {
         leave_running: false,
         compression: mosix_ckpt::Compression::None,

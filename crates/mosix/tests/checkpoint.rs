@@ -135,6 +135,20 @@ impl Job {
     fn wait(&mut self) -> ExitStatus {
         self.child.wait().unwrap()
     }
+    /// Checkpoints it into `img` (with `args` besides), which ends it by SIGKILL: what
+    /// it printed up to then.
+    fn checkpoint_into(&mut self, img: &Path, args: &[&str]) -> String {
+        let pid = self.pid().to_string();
+        let mut ckpt = vec!["checkpoint", &pid, "-o", img.to_str().unwrap()];
+        ckpt.extend_from_slice(args);
+        assert_ok(&mosix(&ckpt), "checkpoint");
+        assert_eq!(
+            self.wait().signal(),
+            Some(libc::SIGKILL),
+            "checkpoint kills the original"
+        );
+        self.rest()
+    }
 }
 
 impl Drop for Job {
@@ -176,16 +190,7 @@ fn round_trip(make: impl Fn() -> Command, lines: usize, ckpt_args: &[&str]) -> P
     for _ in 0..lines {
         job.line();
     }
-    let pid = job.pid().to_string();
-    let mut args = vec!["checkpoint", &pid, "-o", img.to_str().unwrap()];
-    args.extend_from_slice(ckpt_args);
-    assert_ok(&mosix(&args), "checkpoint");
-    assert_eq!(
-        job.wait().signal(),
-        Some(libc::SIGKILL),
-        "checkpoint kills the original"
-    );
-    let before = job.rest();
+    let before = job.checkpoint_into(&img, ckpt_args);
     let after = mosix(&["restart", img.to_str().unwrap()]);
     let got = before + &String::from_utf8_lossy(&after.stdout);
     assert_eq!(
@@ -317,13 +322,7 @@ fn madvise_advice_survives_restart() {
     let mut job = Job::start(make());
     assert_eq!(job.line(), "ready");
     let img = dir.path().join("advice.img");
-    let pid = job.pid().to_string();
-    assert_ok(
-        &mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]),
-        "checkpoint",
-    );
-    assert_eq!(job.wait().signal(), Some(libc::SIGKILL));
-    let before = job.rest();
+    let before = job.checkpoint_into(&img, &[]);
     std::fs::write(&go, "").unwrap();
     let after = mosix(&["restart", img.to_str().unwrap()]);
     assert_ok(&after, "restart");
@@ -640,14 +639,10 @@ fn postcopy_image(args: &[&str], ckpt_args: &[&str]) -> (Output, String, Vec<u8>
     let img = dir.path().join("job.img");
     let mut job = Job::start(make());
     job.line();
-    let pid = job.pid().to_string();
     // (With "fork" it has a child from its 10th line on, and cannot be checkpointed then:
     // it is, long before, unless this machine is very slow; then the test says so.)
-    let mut ckpt = vec!["checkpoint", &pid, "-o", img.to_str().unwrap()];
-    ckpt.extend_from_slice(ckpt_args);
-    assert_ok(&mosix(&ckpt), "checkpoint");
-    assert_eq!(job.wait().signal(), Some(libc::SIGKILL));
-    (want, job.rest(), std::fs::read(&img).unwrap())
+    let before = job.checkpoint_into(&img, ckpt_args);
+    (want, before, std::fs::read(&img).unwrap())
 }
 
 /// `mosix restart --lazy -` on `first`, then on `rest` once `go` says so: the lines it
@@ -764,13 +759,7 @@ fn lazy_restart_of_real_programs() {
         for _ in 0..lines {
             job.line();
         }
-        let pid = job.pid().to_string();
-        assert_ok(
-            &mosix(&["checkpoint", &pid, "-o", img.to_str().unwrap()]),
-            "checkpoint",
-        );
-        assert_eq!(job.wait().signal(), Some(libc::SIGKILL));
-        let before = job.rest();
+        let before = job.checkpoint_into(&img, &[]);
         // (Python runs as nobody: its image is restored as that user.)
         let whose = if what == "python" {
             ["--as-user", "nobody"].as_slice()

@@ -48,3 +48,33 @@ static long bad(uint64_t *p, size_t from, size_t to, uint64_t seed) {
     return -1;
 }
 "#;
+
+/// Starts `bin` with only descriptors 0, 1 and 2 (stdin and stdout piped: a stray
+/// descriptor would change what a checkpoint takes), and waits for its "ready" line; the
+/// child and its stdout.
+#[allow(dead_code)]
+pub fn start_ready(
+    bin: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l, "ready\n");
+    (child, out)
+}
